@@ -1,0 +1,53 @@
+//! The admin listener (plain HTTP): `/healthz`, `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::http::{full, Body};
+use crate::Gate;
+
+/// Serve the admin endpoints until the process exits. The admin listener stays up while
+/// draining, so that `/readyz` can say 503.
+pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(gate.clone(), req));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (status, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "ok\n"),
+        "/readyz" if gate.shutdown.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => (StatusCode::OK, "ready\n"),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(full(Bytes::from_static(body.as_bytes())))
+        .unwrap_or_default())
+}

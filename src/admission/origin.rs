@@ -1,0 +1,86 @@
+//! Origin checks: exact origins and `scheme://*.domain[:port]` patterns.
+
+use crate::policy::{OriginPattern, OriginRules};
+
+/// Whether a request with this `Origin` header (or none) may upgrade.
+pub fn allowed(rules: &OriginRules, origin: Option<&str>) -> bool {
+    let Some(origin) = origin else {
+        return rules.allow_missing;
+    };
+    let origin = origin.trim().to_ascii_lowercase();
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false; // includes the opaque origin "null"
+    };
+    let (host, port) = split_port(rest);
+    let default_port = match scheme {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    };
+    let port = port.filter(|p| Some(*p) != default_port);
+    rules.allow.iter().any(|pattern| match pattern {
+        OriginPattern::Exact(exact) => {
+            let normal = match port {
+                Some(p) => format!("{scheme}://{host}:{p}"),
+                None => format!("{scheme}://{host}"),
+            };
+            *exact == normal
+        }
+        OriginPattern::Subdomains {
+            scheme: s,
+            domain,
+            port: p,
+        } => {
+            s == scheme
+                && *p == port
+                && host.len() > domain.len() + 1
+                && host.ends_with(domain.as_str())
+                && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+        }
+    })
+}
+
+fn split_port(rest: &str) -> (&str, Option<u16>) {
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !port.contains(']') => match port.parse() {
+            Ok(p) => (host, Some(p)),
+            Err(_) => (rest, None),
+        },
+        _ => (rest, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file::Origin;
+
+    fn rules(allow: &[&str]) -> OriginRules {
+        let _ = Origin {
+            allow: None,
+            allow_missing: None,
+        };
+        OriginRules {
+            allow: allow
+                .iter()
+                .map(|a| crate::config::parse_origin_pattern(a).unwrap())
+                .collect(),
+            allow_missing: false,
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        let r = rules(&["https://app.example.com", "https://*.example.com"]);
+        assert!(allowed(&r, Some("https://app.example.com")));
+        assert!(allowed(&r, Some("HTTPS://APP.example.com:443")));
+        assert!(allowed(&r, Some("https://a.b.example.com")));
+        assert!(!allowed(&r, Some("https://example.com")));
+        assert!(!allowed(&r, Some("https://example.com.evil.com")));
+        assert!(!allowed(&r, Some("https://evilexample.com")));
+        assert!(!allowed(&r, Some("http://app.example.com")));
+        assert!(!allowed(&r, Some("https://app.example.com:8443")));
+        assert!(!allowed(&r, Some("null")));
+        assert!(!allowed(&r, None));
+    }
+}

@@ -1,0 +1,151 @@
+//! Every way an upgrade can be refused, as one enum: its status, its JSON `error` reason,
+//! its human message and its extra headers all come from here (SPEC §3's table).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE};
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::http::{full, Body};
+
+/// Why an upgrade was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("{0}")]
+    NotWebsocket(&'static str),
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("no route for this path")]
+    NoRoute,
+    #[error("client address is not allowed")]
+    IpDenied,
+    #[error("too many upgrade requests; retry later")]
+    RateLimited { retry_after: Duration },
+    #[error("too many open connections for this {0}")]
+    TooManyConnections(&'static str, Duration),
+    #[error("the gate is at its connection limit")]
+    ServerFull,
+    #[error("the gate is shutting down")]
+    Draining,
+    #[error("origin is not allowed")]
+    OriginNotAllowed,
+    #[error("a token is required")]
+    MissingToken,
+    #[error("the token is not valid")]
+    InvalidToken,
+    #[error("the token has expired")]
+    TokenExpired,
+    #[error("signing keys are not available yet")]
+    KeysUnavailable { retry_after: Duration },
+    #[error("the token's claims do not allow this route")]
+    ClaimsDenied,
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream answered the upgrade with another status: relayed as it came.
+    #[error("the upstream refused the upgrade with {}", .0.status)]
+    UpstreamStatus(Box<UpstreamRefusal>),
+}
+
+/// An upstream's non-101 answer to the upgrade, relayed to the client.
+#[derive(Debug)]
+pub struct UpstreamRefusal {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// At most `upstream::MAX_RELAYED_BODY` bytes of the upstream's body.
+    pub body: Bytes,
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::NotWebsocket(_) => StatusCode::UPGRADE_REQUIRED,
+            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::IpDenied | Rejection::OriginNotAllowed | Rejection::ClaimsDenied => {
+                StatusCode::FORBIDDEN
+            }
+            Rejection::RateLimited { .. } | Rejection::TooManyConnections(..) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Rejection::ServerFull | Rejection::Draining | Rejection::KeysUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Rejection::MissingToken | Rejection::InvalidToken | Rejection::TokenExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::UpstreamStatus(refusal) => refusal.status,
+        }
+    }
+
+    /// The JSON `error` value, also the `result` label of `wsgate_upgrades_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::NotWebsocket(_) => "not_websocket",
+            Rejection::BadRequest(_) => "bad_request",
+            Rejection::NoRoute => "no_route",
+            Rejection::IpDenied => "ip_denied",
+            Rejection::RateLimited { .. } => "rate_limited",
+            Rejection::TooManyConnections(..) => "too_many_connections",
+            Rejection::ServerFull => "server_full",
+            Rejection::Draining => "draining",
+            Rejection::OriginNotAllowed => "origin_not_allowed",
+            Rejection::MissingToken => "missing_token",
+            Rejection::InvalidToken => "invalid_token",
+            Rejection::TokenExpired => "token_expired",
+            Rejection::KeysUnavailable { .. } => "keys_unavailable",
+            Rejection::ClaimsDenied => "claims_denied",
+            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::UpstreamTimeout => "upstream_timeout",
+            Rejection::UpstreamStatus(_) => "upstream_status",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut builder = Response::builder().status(status);
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        let retry = |d: &Duration| HeaderValue::from(d.as_secs().max(1));
+        match &self {
+            Rejection::NotWebsocket(_) => {
+                headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            Rejection::RateLimited { retry_after }
+            | Rejection::TooManyConnections(_, retry_after)
+            | Rejection::KeysUnavailable { retry_after } => {
+                headers.insert(RETRY_AFTER, retry(retry_after));
+            }
+            Rejection::MissingToken => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Rejection::InvalidToken | Rejection::TokenExpired => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            _ => {}
+        }
+        if let Rejection::UpstreamStatus(refusal) = self {
+            for name in [http::header::CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE] {
+                for value in refusal.headers.get_all(&name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+            return builder.body(full(refusal.body)).unwrap_or_default();
+        }
+        let json = serde_json::json!({ "error": self.reason(), "message": self.to_string() });
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        builder
+            .body(full(Bytes::from(json.to_string())))
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,178 @@
+//! Bearer tokens: where a request carries one (`token_sources`), and whether it is valid
+//! (jsonwebtoken, with the policy's explicit algorithms and keys).
+
+use std::collections::HashSet;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{decode, decode_header, Validation};
+use serde_json::{Map, Value};
+
+use super::Rejection;
+use crate::policy::{Auth, KeyFamily, TokenSource};
+
+/// Tokens longer than this are rejected without being parsed.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// A token found in a request, and where, so it can be kept from the upstream.
+#[derive(Debug)]
+pub struct Found<'a> {
+    pub token: &'a str,
+    pub source: &'a TokenSource,
+    /// For a subprotocol token: the whole `Sec-WebSocket-Protocol` entry.
+    pub entry: Option<&'a str>,
+}
+
+/// The first token found in `sources` order.
+pub fn extract<'a>(
+    sources: &'a [TokenSource],
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    protocols: &[&'a str],
+) -> Option<Found<'a>> {
+    for source in sources {
+        let found = match source {
+            TokenSource::Header => headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    let (scheme, token) = v.trim().split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                })
+                .map(|token| (token, None)),
+            TokenSource::Query(name) => query.and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| (v, None))
+            }),
+            TokenSource::Cookie(name) => headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k.trim() == name)
+                .map(|(_, v)| (v.trim(), None)),
+            TokenSource::Subprotocol(prefix) => protocols
+                .iter()
+                .find_map(|p| p.strip_prefix(prefix.as_str()).map(|t| (t, Some(*p)))),
+        };
+        if let Some((token, entry)) = found.filter(|(t, _)| !t.is_empty()) {
+            return Some(Found {
+                token,
+                source,
+                entry,
+            });
+        }
+    }
+    None
+}
+
+/// A verified token's claims.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub map: Map<String, Value>,
+    /// `exp`, seconds since the epoch.
+    pub exp: u64,
+}
+
+/// Verify signature, algorithm, `exp`, `nbf`, `iss` and `aud` against the route's policy.
+pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Rejection::InvalidToken);
+    }
+    let header = decode_header(token).map_err(|_| Rejection::InvalidToken)?;
+    if !auth.algorithms.contains(&header.alg) {
+        return Err(Rejection::InvalidToken);
+    }
+    let family = KeyFamily::of(header.alg);
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = auth.leeway_seconds;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required: HashSet<String> = HashSet::from(["exp".to_owned()]);
+    if auth.issuer.is_empty() {
+        validation.iss = None;
+    } else {
+        validation.set_issuer(&auth.issuer);
+        required.insert("iss".to_owned());
+    }
+    if auth.audience.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&auth.audience);
+        required.insert("aud".to_owned());
+    }
+    validation.required_spec_claims = required;
+
+    let candidates = auth.keys.iter().filter(|k| {
+        k.family == family
+            && k.alg.is_none_or(|a| a == header.alg)
+            && match (&header.kid, &k.kid) {
+                (Some(wanted), Some(have)) => wanted == have,
+                // A token naming a key may only use that key.
+                (Some(_), None) => false,
+                (None, _) => true,
+            }
+    });
+    let mut expired = false;
+    for key in candidates {
+        match decode::<Map<String, Value>>(token, &key.decoding, &validation) {
+            Ok(data) => {
+                let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+                return Ok(Claims {
+                    map: data.claims,
+                    exp,
+                });
+            }
+            Err(e) => match e.kind() {
+                ErrorKind::ExpiredSignature => expired = true,
+                ErrorKind::InvalidSignature => continue,
+                _ => return Err(Rejection::InvalidToken),
+            },
+        }
+    }
+    Err(if expired {
+        Rejection::TokenExpired
+    } else {
+        Rejection::InvalidToken
+    })
+}
+
+/// Every `require_claims` entry must match: a string claim equal to one of the values, or
+/// an array claim with any element equal to one of them.
+pub fn claims_allowed(claims: &Claims, auth: &Auth) -> bool {
+    auth.require_claims.iter().all(|(name, accepted)| {
+        let matches = |v: &Value| {
+            accepted
+                .iter()
+                .any(|a| scalar_text(v).as_deref() == Some(a))
+        };
+        match claims.map.get(name) {
+            Some(Value::Array(items)) => items.iter().any(matches),
+            Some(v) => matches(v),
+            None => false,
+        }
+    })
+}
+
+/// The `forward_claims` headers for these claims (scalar claims only).
+pub fn claim_headers(claims: &Claims, auth: &Auth) -> Vec<(HeaderName, HeaderValue)> {
+    auth.forward_claims
+        .iter()
+        .filter_map(|(claim, header)| {
+            let text = scalar_text(claims.map.get(claim)?)?;
+            Some((header.clone(), HeaderValue::from_str(&text).ok()?))
+        })
+        .collect()
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,208 @@
+//! The YAML shape of a policy file: serde structs that mirror SPEC §2 field for field.
+//!
+//! Every struct denies unknown fields, so a typo is an error instead of a silently weaker
+//! policy. Every field is optional here; `validate` fills in the documented defaults and
+//! resolves each route's fields against `defaults`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A whole policy file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub version: u32,
+    pub mode: Option<Mode>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub max_connections: Option<u64>,
+    pub defaults: Option<RouteFields>,
+    pub routes: Option<Vec<RouteFile>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Report,
+}
+
+/// What plain (non-upgrade) HTTP requests on a route get.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    Reject,
+    Pass,
+}
+
+/// The per-route settings that `defaults` provides and a route may override.
+///
+/// serde cannot combine `flatten` with `deny_unknown_fields`, so `RouteFile` repeats these.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFields {
+    pub upstream: Option<String>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub auth: Option<Auth>,
+    pub origin: Option<Origin>,
+    pub ip: Option<Ip>,
+    pub rate: Option<Rate>,
+    pub messages: Option<Messages>,
+    pub timeouts: Option<Timeouts>,
+    pub heartbeat: Option<Heartbeat>,
+    pub http: Option<HttpMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub path: String,
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub auth: Option<Auth>,
+    pub origin: Option<Origin>,
+    pub ip: Option<Ip>,
+    pub rate: Option<Rate>,
+    pub messages: Option<Messages>,
+    pub timeouts: Option<Timeouts>,
+    pub heartbeat: Option<Heartbeat>,
+    pub http: Option<HttpMode>,
+}
+
+impl RouteFile {
+    /// The overridable part of the route, in the same shape as `defaults`.
+    pub fn fields(&self) -> RouteFieldsRef<'_> {
+        RouteFieldsRef {
+            upstream: self.upstream.as_ref(),
+            upstream_tls: self.upstream_tls.as_ref(),
+            auth: self.auth.as_ref(),
+            origin: self.origin.as_ref(),
+            ip: self.ip.as_ref(),
+            rate: self.rate.as_ref(),
+            messages: self.messages.as_ref(),
+            timeouts: self.timeouts.as_ref(),
+            heartbeat: self.heartbeat.as_ref(),
+            http: self.http,
+        }
+    }
+}
+
+impl RouteFields {
+    pub fn as_ref(&self) -> RouteFieldsRef<'_> {
+        RouteFieldsRef {
+            upstream: self.upstream.as_ref(),
+            upstream_tls: self.upstream_tls.as_ref(),
+            auth: self.auth.as_ref(),
+            origin: self.origin.as_ref(),
+            ip: self.ip.as_ref(),
+            rate: self.rate.as_ref(),
+            messages: self.messages.as_ref(),
+            timeouts: self.timeouts.as_ref(),
+            heartbeat: self.heartbeat.as_ref(),
+            http: self.http,
+        }
+    }
+}
+
+/// Borrowed view of route settings, so `defaults` and a route resolve the same way.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteFieldsRef<'a> {
+    pub upstream: Option<&'a String>,
+    pub upstream_tls: Option<&'a UpstreamTls>,
+    pub auth: Option<&'a Auth>,
+    pub origin: Option<&'a Origin>,
+    pub ip: Option<&'a Ip>,
+    pub rate: Option<&'a Rate>,
+    pub messages: Option<&'a Messages>,
+    pub timeouts: Option<&'a Timeouts>,
+    pub heartbeat: Option<&'a Heartbeat>,
+    pub http: Option<HttpMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub required: Option<bool>,
+    pub token_sources: Option<Vec<String>>,
+    pub algorithms: Option<Vec<String>>,
+    pub keys: Option<Vec<KeyFile>>,
+    pub issuer: Option<Vec<String>>,
+    pub audience: Option<Vec<String>>,
+    pub leeway_seconds: Option<u64>,
+    pub require_claims: Option<BTreeMap<String, Vec<String>>>,
+    pub forward_claims: Option<BTreeMap<String, String>>,
+    pub close_on_expiry: Option<bool>,
+}
+
+/// One entry of `auth.keys`: exactly one source field must be set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub hmac_secret_env: Option<String>,
+    pub hmac_secret_file: Option<String>,
+    pub public_key_file: Option<String>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub refresh_seconds: Option<u64>,
+    /// Names a single (non-JWKS) key, so tokens carrying a `kid` can select it.
+    pub kid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub allow: Option<Vec<String>>,
+    pub allow_missing: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ip {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub upgrades_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+    pub max_connections_per_subject: Option<u32>,
+    pub ipv6_prefix: Option<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Messages {
+    pub max_frame_bytes: Option<u64>,
+    pub max_message_bytes: Option<u64>,
+    pub per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub types: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub handshake_seconds: Option<f64>,
+    pub upstream_connect_seconds: Option<f64>,
+    pub idle_seconds: Option<f64>,
+    pub max_lifetime_seconds: Option<f64>,
+    pub write_seconds: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub interval_seconds: Option<f64>,
+    pub timeout_seconds: Option<f64>,
+}

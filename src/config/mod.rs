@@ -1,0 +1,163 @@
+//! Policy files: read → parse (YAML shape, `file`) → validate (into `policy::Policy`).
+//!
+//! Errors name where they are: `file:line:column` for what the YAML parser rejects, and
+//! the field path (`routes[1].auth.keys[0].jwks_file`) for semantic errors. Validation
+//! collects every semantic error instead of stopping at the first.
+
+pub mod file;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::policy::Loaded;
+
+pub use validate::{parse_cidr, parse_origin_pattern, validate};
+
+// Built-in defaults: what a field is when neither the route nor `defaults` sets it.
+// Chosen for safety; README "Policy reference" documents each.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+pub const DEFAULT_UPSTREAM: &str = "ws://127.0.0.1:8080";
+pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
+    "header",
+    "query:access_token",
+    "cookie:access_token",
+    "subprotocol:bearer.",
+];
+pub const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256"];
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
+pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 300;
+pub const DEFAULT_UPGRADES_PER_SECOND: f64 = 2.0;
+pub const DEFAULT_UPGRADE_BURST: u32 = 5;
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
+pub const DEFAULT_MAX_CONNECTIONS_PER_SUBJECT: u32 = 10;
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_MESSAGES_PER_SECOND: f64 = 100.0;
+pub const DEFAULT_MESSAGE_BURST: u32 = 200;
+pub const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
+pub const DEFAULT_UPSTREAM_CONNECT: Duration = Duration::from_secs(5);
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+pub const DEFAULT_WRITE: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame or message a policy may allow (tungstenite's own default ceiling).
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Why a policy file was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all (`wsgate check` exits 2).
+    #[error("{path}: cannot read policy: {source}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML parser (or the schema, for unknown fields and wrong types) rejected it.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// Parsed, but the YAML gave no location for the error.
+    #[error("{path}: {message}")]
+    SyntaxNoLocation { path: PathBuf, message: String },
+    /// Well-formed YAML that does not make a valid policy; every problem found is listed.
+    #[error("{}", FieldErrors { path, errors })]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
+}
+
+impl ConfigError {
+    /// `wsgate check`'s exit code: 2 unreadable, 1 invalid.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConfigError::Unreadable { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A semantic error at a field path such as `routes[1].ip.deny[0]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+struct FieldErrors<'a> {
+    path: &'a Path,
+    errors: &'a [FieldError],
+}
+
+impl fmt::Display for FieldErrors<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.path.display(), e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Read, parse and fully validate the policy at `path` (key and JWKS files included).
+///
+/// Blocking: call it from `spawn_blocking` inside the runtime.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_bytes(path, &bytes)
+}
+
+/// Parse and validate policy bytes that were read from `path` (relative key paths are
+/// resolved against its directory).
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
+    let parsed: file::PolicyFile =
+        serde_yaml::from_slice(bytes).map_err(|e| match e.location() {
+            Some(loc) => ConfigError::Syntax {
+                path: path.to_owned(),
+                line: loc.line(),
+                column: loc.column(),
+                message: strip_location(&e.to_string()),
+            },
+            None => ConfigError::SyntaxNoLocation {
+                path: path.to_owned(),
+                message: e.to_string(),
+            },
+        })?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let policy = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
+        path: path.to_owned(),
+        errors,
+    })?;
+    Ok(Loaded {
+        policy,
+        sha256: sha256_hex(bytes),
+        loaded_at: SystemTime::now(),
+        source: path.to_owned(),
+    })
+}
+
+/// serde_yaml appends " at line L column C" to its messages; we print the location first.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

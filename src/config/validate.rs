@@ -1,0 +1,1005 @@
+//! `PolicyFile` → `Policy`: resolve each route against `defaults` and the built-in
+//! defaults, check every value, load every key, and name the field path of each error.
+//!
+//! Merging is per field: a route inherits each leaf field (`auth.algorithms`,
+//! `timeouts.idle_seconds`, …) from `defaults` unless it sets it; a list or map it sets
+//! replaces the inherited one whole.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Uri};
+use ipnet::IpNet;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use super::file::{self, HttpMode, Mode, PolicyFile, RouteFieldsRef};
+use super::*;
+use crate::policy::{
+    Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages, OriginPattern, OriginRules,
+    Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
+};
+
+/// Smallest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash.
+const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+/// Validate a parsed policy file; relative file paths are resolved against `base`.
+pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError>> {
+    let mut v = Validator {
+        errors: Vec::new(),
+        base,
+    };
+    if file.version != 1 {
+        v.err(
+            "version",
+            format!("unsupported version {}; expected 1", file.version),
+        );
+    }
+    let mode = file.mode.unwrap_or(Mode::Enforce);
+    let trusted_proxies = v.cidrs("trusted_proxies", file.trusted_proxies.as_deref());
+    let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        v.err("max_connections", "must be at least 1");
+    }
+
+    let defaults = file
+        .defaults
+        .as_ref()
+        .map(|d| d.as_ref())
+        .unwrap_or_default();
+    let mut routes = Vec::new();
+    let mut paths = HashSet::new();
+    let mut names = HashSet::new();
+    match file.routes.as_deref() {
+        None | Some([]) => v.err("routes", "at least one route is required"),
+        Some(list) => {
+            for (i, r) in list.iter().enumerate() {
+                let at = format!("routes[{i}]");
+                if !paths.insert(r.path.clone()) {
+                    v.err(
+                        format!("{at}.path"),
+                        format!("duplicate route path {:?}", r.path),
+                    );
+                }
+                let name = r.name.clone().unwrap_or_else(|| r.path.clone());
+                if !names.insert(name.clone()) {
+                    v.err(
+                        format!("{at}.name"),
+                        format!("duplicate route name {name:?}"),
+                    );
+                }
+                if let Some(route) = v.route(&at, r, name, r.fields(), defaults) {
+                    routes.push(Arc::new(route));
+                }
+            }
+        }
+    }
+
+    if !v.errors.is_empty() {
+        // A default that is wrong is reported once, not once per route that inherits it.
+        let mut seen = HashSet::new();
+        v.errors.retain(|e| seen.insert(e.clone()));
+        return Err(v.errors);
+    }
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+    Ok(Policy {
+        mode,
+        trusted_proxies,
+        max_connections: max_connections as usize,
+        routes,
+    })
+}
+
+struct Validator<'a> {
+    errors: Vec<FieldError>,
+    base: &'a Path,
+}
+
+/// Picks a leaf field from the route, else from `defaults`, remembering which one it was
+/// so that errors name the line the operator must edit.
+struct Pick<'a> {
+    route: RouteFieldsRef<'a>,
+    defaults: RouteFieldsRef<'a>,
+    at: &'a str,
+}
+
+impl<'a> Pick<'a> {
+    fn get<S, T: ?Sized>(
+        &self,
+        section: fn(&RouteFieldsRef<'a>) -> Option<&'a S>,
+        leaf: fn(&'a S) -> Option<&'a T>,
+        name: &str,
+    ) -> Option<(&'a T, String)> {
+        if let Some(value) = section(&self.route).and_then(leaf) {
+            return Some((value, format!("{}.{name}", self.at)));
+        }
+        section(&self.defaults)
+            .and_then(leaf)
+            .map(|value| (value, format!("defaults.{name}")))
+    }
+
+    /// Where an error about an unset (built-in default) field is reported.
+    fn path(&self, name: &str) -> String {
+        format!("{}.{name}", self.at)
+    }
+}
+
+macro_rules! pick {
+    ($p:expr, $section:ident . $leaf:ident) => {
+        $p.get(
+            |r| r.$section,
+            |s| s.$leaf.as_ref(),
+            concat!(stringify!($section), ".", stringify!($leaf)),
+        )
+    };
+}
+
+impl Validator<'_> {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn route(
+        &mut self,
+        at: &str,
+        r: &file::RouteFile,
+        name: String,
+        route: RouteFieldsRef<'_>,
+        defaults: RouteFieldsRef<'_>,
+    ) -> Option<Route> {
+        let errors_before = self.errors.len();
+        if !r.path.starts_with('/') {
+            self.err(format!("{at}.path"), "must start with '/'");
+        } else if r.path.len() > 1 && r.path.ends_with('/') {
+            self.err(
+                format!("{at}.path"),
+                "must not end with '/' (prefixes match whole segments)",
+            );
+        }
+        if name.is_empty() {
+            self.err(format!("{at}.name"), "must not be empty");
+        }
+        let p = Pick {
+            route,
+            defaults,
+            at,
+        };
+
+        let upstream = self.upstream(&p);
+        let auth = self.auth(&p);
+        let origin = self.origin(&p);
+        let ip = IpRules {
+            allow: pick!(p, ip.allow)
+                .map(|(l, f)| self.cidrs(&f, Some(l)))
+                .unwrap_or_default(),
+            deny: pick!(p, ip.deny)
+                .map(|(l, f)| self.cidrs(&f, Some(l)))
+                .unwrap_or_default(),
+        };
+        let rate = self.rate(&p);
+        let messages = self.messages(&p);
+        let timeouts = self.timeouts(&p);
+        let heartbeat = Heartbeat {
+            interval: self.seconds(
+                pick!(p, heartbeat.interval_seconds),
+                DEFAULT_HEARTBEAT_INTERVAL,
+                false,
+            ),
+            timeout: self.seconds(
+                pick!(p, heartbeat.timeout_seconds),
+                DEFAULT_HEARTBEAT_TIMEOUT,
+                false,
+            ),
+        };
+        let http = p.route.http.or(p.defaults.http).unwrap_or(HttpMode::Reject);
+
+        if self.errors.len() != errors_before {
+            return None;
+        }
+        Some(Route {
+            path: r.path.clone(),
+            name,
+            upstream: upstream?,
+            auth,
+            origin,
+            ip,
+            rate,
+            messages,
+            timeouts,
+            heartbeat,
+            http,
+            pass_client: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn upstream(&mut self, p: &Pick<'_>) -> Option<Upstream> {
+        let (url, field): (&str, String) = match (p.route.upstream, p.defaults.upstream) {
+            (Some(u), _) => (u, format!("{}.upstream", p.at)),
+            (None, Some(u)) => (u, "defaults.upstream".to_owned()),
+            (None, None) => (DEFAULT_UPSTREAM, p.path("upstream")),
+        };
+        let tls_file = p
+            .route
+            .upstream_tls
+            .map(|t| (t, format!("{}.upstream_tls", p.at)))
+            .or_else(|| {
+                p.defaults
+                    .upstream_tls
+                    .map(|t| (t, "defaults.upstream_tls".to_owned()))
+            });
+
+        let uri = match Uri::from_str(url) {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.err(field, format!("not a URL: {e}"));
+                return None;
+            }
+        };
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => {
+                self.err(field, format!("{url:?} must be a ws:// or wss:// URL"));
+                return None;
+            }
+        };
+        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+            self.err(field, format!("{url:?} has no host"));
+            return None;
+        };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.err(
+                field,
+                format!("{url:?} must not have a path or query: the client's path is forwarded"),
+            );
+            return None;
+        }
+        let default_port = if secure { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
+        let authority = format!("{host}:{port}");
+        let host_header = if port == default_port {
+            host.to_owned()
+        } else {
+            authority.clone()
+        };
+
+        let tls = match (secure, tls_file) {
+            (false, Some((_, tls_field))) => {
+                self.err(tls_field, "upstream_tls is only for wss:// upstreams");
+                return None;
+            }
+            (false, None) => None,
+            (true, file) => {
+                let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+                Some(self.upstream_tls(file, bare_host)?)
+            }
+        };
+        Some(Upstream {
+            authority,
+            host_header,
+            tls,
+            url: url.to_owned(),
+        })
+    }
+
+    fn upstream_tls(
+        &mut self,
+        file: Option<(&file::UpstreamTls, String)>,
+        host: &str,
+    ) -> Option<UpstreamTls> {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut name = host.to_owned();
+        let mut field = "upstream_tls".to_owned();
+        match file {
+            Some((tls, at)) => {
+                if let Some(server_name) = &tls.server_name {
+                    name = server_name.clone();
+                }
+                field = at;
+                match &tls.ca_file {
+                    Some(ca) => {
+                        let ca_field = format!("{field}.ca_file");
+                        let certs = match crate::tls::read_certs(&self.resolve(ca)) {
+                            Ok(certs) => certs,
+                            Err(e) => {
+                                self.err(ca_field, e.to_string());
+                                return None;
+                            }
+                        };
+                        for cert in certs {
+                            if let Err(e) = roots.add(cert) {
+                                self.err(&ca_field, format!("bad CA certificate: {e}"));
+                                return None;
+                            }
+                        }
+                    }
+                    None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let server_name = match rustls_pki_types::ServerName::try_from(name.clone()) {
+            Ok(n) => n,
+            Err(_) => {
+                self.err(
+                    format!("{field}.server_name"),
+                    format!("{name:?} is not a DNS name or IP"),
+                );
+                return None;
+            }
+        };
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(UpstreamTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+
+    fn auth(&mut self, p: &Pick<'_>) -> Auth {
+        let required = pick!(p, auth.required).map(|(b, _)| *b).unwrap_or(true);
+
+        let token_sources = match pick!(p, auth.token_sources) {
+            Some((list, field)) => self.token_sources(&field, list),
+            None => DEFAULT_TOKEN_SOURCES
+                .iter()
+                .filter_map(|s| parse_token_source(s).ok())
+                .collect(),
+        };
+        if required && token_sources.is_empty() {
+            self.err(
+                p.path("auth.token_sources"),
+                "auth is required but no token source is listed",
+            );
+        }
+
+        let (algorithms, alg_field) = match pick!(p, auth.algorithms) {
+            Some((list, field)) => (self.algorithms(&field, list), field),
+            None => (
+                DEFAULT_ALGORITHMS
+                    .iter()
+                    .filter_map(|a| Algorithm::from_str(a).ok())
+                    .collect(),
+                p.path("auth.algorithms"),
+            ),
+        };
+        let families: HashSet<KeyFamily> = algorithms.iter().map(|a| KeyFamily::of(*a)).collect();
+        if families.contains(&KeyFamily::Hmac) && families.len() > 1 {
+            self.err(
+                &alg_field,
+                "HMAC (HS*) and public-key algorithms may not be mixed on one route: \
+                 a public key could then be used as an HMAC secret (key confusion)",
+            );
+        }
+
+        let mut keys = Vec::new();
+        let mut jwks_urls = Vec::new();
+        let keys_field = pick!(p, auth.keys).map(|(list, field)| {
+            for (i, k) in list.iter().enumerate() {
+                self.key(
+                    &format!("{field}[{i}]"),
+                    k,
+                    &families,
+                    &mut keys,
+                    &mut jwks_urls,
+                );
+            }
+            field
+        });
+        if required && keys.is_empty() && jwks_urls.is_empty() {
+            self.err(
+                keys_field.unwrap_or_else(|| p.path("auth.keys")),
+                "auth is required but no keys are configured",
+            );
+        }
+
+        let issuer = pick!(p, auth.issuer)
+            .map(|(l, _)| l.clone())
+            .unwrap_or_default();
+        let audience = pick!(p, auth.audience)
+            .map(|(l, _)| l.clone())
+            .unwrap_or_default();
+        let leeway_seconds = pick!(p, auth.leeway_seconds)
+            .map(|(n, _)| *n)
+            .unwrap_or(DEFAULT_LEEWAY_SECONDS);
+        if leeway_seconds > 3600 {
+            self.err(p.path("auth.leeway_seconds"), "must be at most 3600");
+        }
+
+        let mut require_claims = Vec::new();
+        if let Some((map, field)) = pick!(p, auth.require_claims) {
+            for (claim, values) in map {
+                if values.is_empty() {
+                    self.err(
+                        format!("{field}.{claim}"),
+                        "needs at least one accepted value",
+                    );
+                }
+                require_claims.push((claim.clone(), values.clone()));
+            }
+        }
+        let mut forward_claims = Vec::new();
+        if let Some((map, field)) = pick!(p, auth.forward_claims) {
+            for (claim, header) in map {
+                match HeaderName::from_str(header) {
+                    Ok(h) if !crate::upstream::is_reserved_header(&h) => {
+                        forward_claims.push((claim.clone(), h))
+                    }
+                    Ok(_) => self.err(
+                        format!("{field}.{claim}"),
+                        format!("{header:?} is a header wsgate sets itself"),
+                    ),
+                    Err(_) => self.err(
+                        format!("{field}.{claim}"),
+                        format!("{header:?} is not a valid header name"),
+                    ),
+                }
+            }
+        }
+        let close_on_expiry = pick!(p, auth.close_on_expiry)
+            .map(|(b, _)| *b)
+            .unwrap_or(true);
+
+        Auth {
+            required,
+            token_sources,
+            algorithms,
+            keys,
+            jwks_urls,
+            issuer,
+            audience,
+            leeway_seconds,
+            require_claims,
+            forward_claims,
+            close_on_expiry,
+        }
+    }
+
+    fn token_sources(&mut self, field: &str, list: &[String]) -> Vec<TokenSource> {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            match parse_token_source(s) {
+                Ok(src) => out.push(src),
+                Err(e) => self.err(format!("{field}[{i}]"), e),
+            }
+        }
+        out
+    }
+
+    fn algorithms(&mut self, field: &str, list: &[String]) -> Vec<Algorithm> {
+        let mut out = Vec::new();
+        for (i, name) in list.iter().enumerate() {
+            if name.eq_ignore_ascii_case("none") {
+                self.err(
+                    format!("{field}[{i}]"),
+                    "\"none\" is never accepted: tokens must be signed",
+                );
+                continue;
+            }
+            match Algorithm::from_str(name) {
+                Ok(a) => out.push(a),
+                Err(_) => self.err(
+                    format!("{field}[{i}]"),
+                    format!(
+                        "unknown algorithm {name:?} (known: HS256 HS384 HS512 RS256 RS384 RS512 \
+                         PS256 PS384 PS512 ES256 ES384 EdDSA)"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn key(
+        &mut self,
+        at: &str,
+        k: &file::KeyFile,
+        families: &HashSet<KeyFamily>,
+        keys: &mut Vec<Key>,
+        jwks_urls: &mut Vec<JwksUrl>,
+    ) {
+        let sources = [
+            k.hmac_secret_env.is_some(),
+            k.hmac_secret_file.is_some(),
+            k.public_key_file.is_some(),
+            k.jwks_file.is_some(),
+            k.jwks_url.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            self.err(
+                at,
+                "exactly one of hmac_secret_env, hmac_secret_file, public_key_file, jwks_file, \
+                 jwks_url must be set",
+            );
+            return;
+        }
+        if k.refresh_seconds.is_some() && k.jwks_url.is_none() {
+            self.err(format!("{at}.refresh_seconds"), "only applies to jwks_url");
+        }
+        if k.kid.is_some() && (k.jwks_file.is_some() || k.jwks_url.is_some()) {
+            self.err(format!("{at}.kid"), "a JWKS names its keys itself");
+        }
+        let mut check_family = |v: &mut Self, field: &str, family: KeyFamily| {
+            if !families.contains(&family) {
+                v.err(
+                    field,
+                    format!(
+                        "a {family:?} key, but no algorithm of that family is in auth.algorithms"
+                    ),
+                );
+                false
+            } else {
+                true
+            }
+        };
+
+        if let Some(var) = &k.hmac_secret_env {
+            let field = format!("{at}.hmac_secret_env");
+            match std::env::var(var) {
+                Ok(secret) => {
+                    self.hmac_key(&field, secret.into_bytes(), k, keys, &mut check_family)
+                }
+                Err(_) => self.err(field, format!("environment variable {var} is not set")),
+            }
+        } else if let Some(path) = &k.hmac_secret_file {
+            let field = format!("{at}.hmac_secret_file");
+            match std::fs::read(self.resolve(path)) {
+                Ok(mut secret) => {
+                    while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                        secret.pop();
+                    }
+                    self.hmac_key(&field, secret, k, keys, &mut check_family)
+                }
+                Err(e) => self.err(field, format!("cannot read {path}: {e}")),
+            }
+        } else if let Some(path) = &k.public_key_file {
+            let field = format!("{at}.public_key_file");
+            let pem = match std::fs::read(self.resolve(path)) {
+                Ok(pem) => pem,
+                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+            };
+            let parsed = DecodingKey::from_rsa_pem(&pem)
+                .map(|k| (KeyFamily::Rsa, k))
+                .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (KeyFamily::Ec, k)))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|k| (KeyFamily::Ed, k)));
+            match parsed {
+                Ok((family, decoding)) => {
+                    if check_family(self, &field, family) {
+                        keys.push(Key {
+                            kid: k.kid.clone(),
+                            family,
+                            alg: None,
+                            decoding,
+                        });
+                    }
+                }
+                Err(_) => self.err(
+                    field,
+                    format!("{path} is not an RSA, EC or Ed25519 public key PEM"),
+                ),
+            }
+        } else if let Some(path) = &k.jwks_file {
+            let field = format!("{at}.jwks_file");
+            let text = match std::fs::read(self.resolve(path)) {
+                Ok(text) => text,
+                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+            };
+            match parse_jwks(&text) {
+                Ok(found) if found.is_empty() => self.err(field, "the key set has no usable keys"),
+                Ok(found) => {
+                    for key in found {
+                        if check_family(self, &field, key.family) {
+                            keys.push(key);
+                        }
+                    }
+                }
+                Err(e) => self.err(field, e),
+            }
+        } else if let Some(url) = &k.jwks_url {
+            if !url.starts_with("https://") || Uri::from_str(url).is_err() {
+                self.err(format!("{at}.jwks_url"), "must be an https:// URL");
+            }
+            let refresh = k.refresh_seconds.unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
+            if refresh == 0 {
+                self.err(format!("{at}.refresh_seconds"), "must be at least 1");
+            }
+            jwks_urls.push(JwksUrl {
+                url: url.clone(),
+                refresh: Duration::from_secs(refresh),
+            });
+        }
+    }
+
+    fn hmac_key(
+        &mut self,
+        field: &str,
+        secret: Vec<u8>,
+        k: &file::KeyFile,
+        keys: &mut Vec<Key>,
+        check_family: &mut impl FnMut(&mut Self, &str, KeyFamily) -> bool,
+    ) {
+        if secret.len() < MIN_HMAC_SECRET_BYTES {
+            self.err(
+                field,
+                format!(
+                    "HMAC secret is {} bytes; at least {MIN_HMAC_SECRET_BYTES} are required",
+                    secret.len()
+                ),
+            );
+            return;
+        }
+        if check_family(self, field, KeyFamily::Hmac) {
+            keys.push(Key {
+                kid: k.kid.clone(),
+                family: KeyFamily::Hmac,
+                alg: None,
+                decoding: DecodingKey::from_secret(&secret),
+            });
+        }
+    }
+
+    fn origin(&mut self, p: &Pick<'_>) -> OriginRules {
+        let mut allow = Vec::new();
+        if let Some((list, field)) = pick!(p, origin.allow) {
+            for (i, s) in list.iter().enumerate() {
+                match parse_origin_pattern(s) {
+                    Ok(pattern) => allow.push(pattern),
+                    Err(e) => self.err(format!("{field}[{i}]"), e),
+                }
+            }
+        }
+        OriginRules {
+            allow,
+            allow_missing: pick!(p, origin.allow_missing)
+                .map(|(b, _)| *b)
+                .unwrap_or(false),
+        }
+    }
+
+    fn rate(&mut self, p: &Pick<'_>) -> Rate {
+        let ups = pick!(p, rate.upgrades_per_second);
+        let upgrades_per_second = ups
+            .as_ref()
+            .map(|(n, _)| **n)
+            .unwrap_or(DEFAULT_UPGRADES_PER_SECOND);
+        if !(upgrades_per_second.is_finite() && upgrades_per_second > 0.0) {
+            self.err(
+                p.path("rate.upgrades_per_second"),
+                "must be a positive number",
+            );
+        }
+        let ipv6_prefix = pick!(p, rate.ipv6_prefix)
+            .map(|(n, _)| *n)
+            .unwrap_or(DEFAULT_IPV6_PREFIX);
+        if !(1..=128).contains(&ipv6_prefix) {
+            self.err(p.path("rate.ipv6_prefix"), "must be between 1 and 128");
+        }
+        Rate {
+            upgrades_per_second,
+            burst: self.positive(pick!(p, rate.burst), DEFAULT_UPGRADE_BURST),
+            max_connections_per_ip: self.positive(
+                pick!(p, rate.max_connections_per_ip),
+                DEFAULT_MAX_CONNECTIONS_PER_IP,
+            ),
+            max_connections_per_subject: self.positive(
+                pick!(p, rate.max_connections_per_subject),
+                DEFAULT_MAX_CONNECTIONS_PER_SUBJECT,
+            ),
+            ipv6_prefix,
+        }
+    }
+
+    fn messages(&mut self, p: &Pick<'_>) -> Messages {
+        let bytes = |v: &mut Self, found: Option<(&u64, String)>, default: u64| -> usize {
+            let n = found.as_ref().map(|(n, _)| **n).unwrap_or(default);
+            if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&n) {
+                if let Some((_, field)) = found {
+                    v.err(
+                        field,
+                        format!("must be between 1 and {MAX_MESSAGE_BYTES_LIMIT}"),
+                    );
+                }
+            }
+            n.clamp(1, MAX_MESSAGE_BYTES_LIMIT) as usize
+        };
+        let frame_found = pick!(p, messages.max_frame_bytes);
+        let frame_field = frame_found.as_ref().map(|(_, f)| f.clone());
+        let max_frame_bytes = bytes(self, frame_found, DEFAULT_MAX_FRAME_BYTES);
+        let max_message_bytes = bytes(
+            self,
+            pick!(p, messages.max_message_bytes),
+            DEFAULT_MAX_MESSAGE_BYTES,
+        );
+        if max_frame_bytes > max_message_bytes {
+            self.err(
+                frame_field.unwrap_or_else(|| p.path("messages.max_frame_bytes")),
+                "must not exceed messages.max_message_bytes",
+            );
+        }
+        let per_second = pick!(p, messages.per_second)
+            .map(|(n, _)| *n)
+            .unwrap_or(DEFAULT_MESSAGES_PER_SECOND);
+        if !(per_second.is_finite() && per_second > 0.0) {
+            self.err(p.path("messages.per_second"), "must be a positive number");
+        }
+        let (mut allow_text, mut allow_binary) = (true, true);
+        if let Some((types, field)) = pick!(p, messages.types) {
+            allow_text = false;
+            allow_binary = false;
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "text" => allow_text = true,
+                    "binary" => allow_binary = true,
+                    other => self.err(
+                        format!("{field}[{i}]"),
+                        format!("unknown message type {other:?} (text or binary)"),
+                    ),
+                }
+            }
+            if types.is_empty() {
+                self.err(field, "must list at least one of text, binary");
+            }
+        }
+        Messages {
+            max_frame_bytes,
+            max_message_bytes,
+            per_second,
+            burst: self.positive(pick!(p, messages.burst), DEFAULT_MESSAGE_BURST),
+            allow_text,
+            allow_binary,
+        }
+    }
+
+    fn timeouts(&mut self, p: &Pick<'_>) -> Timeouts {
+        let lifetime = self.seconds(
+            pick!(p, timeouts.max_lifetime_seconds),
+            Duration::ZERO,
+            true,
+        );
+        Timeouts {
+            handshake: self.seconds(
+                pick!(p, timeouts.handshake_seconds),
+                DEFAULT_HANDSHAKE,
+                false,
+            ),
+            upstream_connect: self.seconds(
+                pick!(p, timeouts.upstream_connect_seconds),
+                DEFAULT_UPSTREAM_CONNECT,
+                false,
+            ),
+            idle: self.seconds(pick!(p, timeouts.idle_seconds), DEFAULT_IDLE, false),
+            max_lifetime: (!lifetime.is_zero()).then_some(lifetime),
+            write: self.seconds(pick!(p, timeouts.write_seconds), DEFAULT_WRITE, false),
+        }
+    }
+
+    fn seconds(
+        &mut self,
+        found: Option<(&f64, String)>,
+        default: Duration,
+        zero_ok: bool,
+    ) -> Duration {
+        let Some((secs, field)) = found else {
+            return default;
+        };
+        match Duration::try_from_secs_f64(*secs) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.err(field, "must be greater than 0");
+                default
+            }
+            Ok(d) if d > Duration::from_secs(30 * 24 * 3600) => {
+                self.err(field, "must be at most 30 days");
+                default
+            }
+            Ok(d) => d,
+            Err(_) => {
+                self.err(field, "must be a non-negative number of seconds");
+                default
+            }
+        }
+    }
+
+    fn positive(&mut self, found: Option<(&u32, String)>, default: u32) -> u32 {
+        match found {
+            Some((0, field)) => {
+                self.err(field, "must be at least 1");
+                default
+            }
+            Some((n, _)) => *n,
+            None => default,
+        }
+    }
+
+    fn cidrs(&mut self, field: &str, list: Option<&[String]>) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, s) in list.unwrap_or_default().iter().enumerate() {
+            match parse_cidr(s) {
+                Some(net) => out.push(net),
+                None => self.err(
+                    format!("{field}[{i}]"),
+                    format!("{s:?} is not a CIDR or IP address"),
+                ),
+            }
+        }
+        out
+    }
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    IpNet::from_str(s)
+        .map(|n| n.trunc())
+        .ok()
+        .or_else(|| std::net::IpAddr::from_str(s).ok().map(IpNet::from))
+}
+
+fn parse_token_source(s: &str) -> Result<TokenSource, String> {
+    let named = |rest: &str, kind: &str| {
+        if rest.is_empty() {
+            Err(format!(
+                "{kind}: needs a name, e.g. \"{kind}:access_token\""
+            ))
+        } else {
+            Ok(rest.to_owned())
+        }
+    };
+    if s == "header" {
+        Ok(TokenSource::Header)
+    } else if let Some(rest) = s.strip_prefix("query:") {
+        named(rest, "query").map(TokenSource::Query)
+    } else if let Some(rest) = s.strip_prefix("cookie:") {
+        named(rest, "cookie").map(TokenSource::Cookie)
+    } else if let Some(rest) = s.strip_prefix("subprotocol:") {
+        named(rest, "subprotocol").map(TokenSource::Subprotocol)
+    } else {
+        Err(format!(
+            "unknown token source {s:?} (header, query:NAME, cookie:NAME, subprotocol:PREFIX)"
+        ))
+    }
+}
+
+/// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
+pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    if lower == "*" || lower == "null" {
+        return Err(format!(
+            "{s:?} is not allowed: list the origins (a wildcard origin lets every site in)"
+        ));
+    }
+    let Some((scheme, rest)) = lower.split_once("://") else {
+        return Err(format!("{s:?} must look like https://host[:port]"));
+    };
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return Err(format!("{s:?} has an invalid scheme"));
+    }
+    if rest.contains('/') || rest.contains('?') || rest.contains('#') || rest.contains('@') {
+        return Err(format!("{s:?}: an origin has no path, query or user info"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) if !h.is_empty() => (h, Some(port)),
+            _ if rest.starts_with('[') && rest.ends_with(']') => (rest, None),
+            _ => return Err(format!("{s:?} has an invalid port")),
+        },
+        _ => (rest, None),
+    };
+    let default_port = match scheme {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    };
+    let port = port.filter(|p| Some(*p) != default_port);
+    if let Some(domain) = host.strip_prefix("*.") {
+        if domain.is_empty() || domain.contains('*') || !domain.contains('.') && domain.is_empty() {
+            return Err(format!("{s:?}: \"*.\" must be followed by a domain"));
+        }
+        return Ok(OriginPattern::Subdomains {
+            scheme: scheme.to_owned(),
+            domain: domain.to_owned(),
+            port,
+        });
+    }
+    if host.is_empty() || host.contains('*') {
+        return Err(format!("{s:?}: '*' is only allowed as a leading \"*.\""));
+    }
+    Ok(OriginPattern::Exact(match port {
+        Some(p) => format!("{scheme}://{host}:{p}"),
+        None => format!("{scheme}://{host}"),
+    }))
+}
+
+/// The usable verification keys of a JWKS document.
+pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Ed,
+            // Symmetric keys do not belong in a published key set.
+            AlgorithmParameters::OctetKey(_) => continue,
+        };
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| Algorithm::from_str(&a.to_string()).ok());
+        match DecodingKey::from_jwk(jwk) {
+            Ok(decoding) => keys.push(Key {
+                kid: jwk.common.key_id.clone(),
+                family,
+                alg,
+                decoding,
+            }),
+            Err(e) => return Err(format!("key {:?}: {e}", jwk.common.key_id)),
+        }
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_patterns() {
+        assert_eq!(
+            parse_origin_pattern("HTTPS://App.Example.com:443"),
+            Ok(OriginPattern::Exact("https://app.example.com".into()))
+        );
+        assert_eq!(
+            parse_origin_pattern("https://*.example.com:8443"),
+            Ok(OriginPattern::Subdomains {
+                scheme: "https".into(),
+                domain: "example.com".into(),
+                port: Some(8443)
+            })
+        );
+        assert!(parse_origin_pattern("*").is_err());
+        assert!(parse_origin_pattern("https://a*.example.com").is_err());
+        assert!(parse_origin_pattern("https://example.com/path").is_err());
+        assert!(parse_origin_pattern("example.com").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("10.1.2.3/8"),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    #[test]
+    fn token_sources() {
+        assert_eq!(
+            parse_token_source("query:t"),
+            Ok(TokenSource::Query("t".into()))
+        );
+        assert!(parse_token_source("query:").is_err());
+        assert!(parse_token_source("body").is_err());
+    }
+}

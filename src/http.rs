@@ -1,0 +1,346 @@
+//! One HTTP/1.1 request on the gate's listener: route it, check that it is a well-formed
+//! upgrade, admit it, open the upstream, answer 101 and hand both sockets to the relay.
+//! Plain requests on an `http: pass` route go to `proxy`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::admission::{self, Admitted, Attempt, Rejection};
+use crate::policy::{HttpMode, Route};
+use crate::upstream::{self, Forwarding};
+use crate::{relay, Gate};
+
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// What the listener knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// hyper's service function: every request gets a response, never an error.
+pub async fn handle(
+    gate: Arc<Gate>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let loaded = gate.policy.load();
+    let client_ip = admission::client_ip(&loaded.policy, conn.peer.ip(), req.headers());
+    // The path only: a query may carry a token, and tokens are never logged.
+    let path = req.uri().path().to_owned();
+    let upgrade = is_upgrade(req.headers());
+
+    let mut matched: Option<Arc<Route>> = None;
+    let result = respond(
+        &gate,
+        &loaded.policy,
+        conn,
+        &request_id,
+        client_ip,
+        req,
+        &mut matched,
+    )
+    .await;
+    let route_name = matched.as_ref().map_or("none", |r| r.name.as_str());
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let response = match result {
+        Ok(response) => {
+            if upgrade {
+                tracing::info!(
+                    request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
+                    route = route_name, path = %path, result = "accepted", latency_ms,
+                    "upgrade"
+                );
+            }
+            response
+        }
+        Err(rejection) => {
+            tracing::info!(
+                request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
+                route = route_name, path = %path, result = rejection.reason(),
+                status = rejection.status().as_u16(), latency_ms,
+                "{}", if upgrade { "upgrade refused" } else { "request refused" }
+            );
+            rejection.into_response()
+        }
+    };
+    Ok(response)
+}
+
+async fn respond(
+    gate: &Arc<Gate>,
+    policy: &crate::policy::Policy,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+    client_ip: std::net::IpAddr,
+    mut req: Request<Incoming>,
+    matched: &mut Option<Arc<Route>>,
+) -> Result<Response<Body>, Rejection> {
+    if !path_is_clean(req.uri().path()) {
+        return Err(Rejection::BadRequest(
+            "the path has dot segments or encoded separators",
+        ));
+    }
+    let route = policy
+        .route_for(req.uri().path())
+        .cloned()
+        .ok_or(Rejection::NoRoute)?;
+    *matched = Some(route.clone());
+    let peer_trusted = policy.is_trusted_proxy(admission::canonical(conn.peer.ip()));
+
+    if !is_upgrade(req.headers()) {
+        if route.http != HttpMode::Pass {
+            return Err(Rejection::NotWebsocket(
+                "this route only accepts WebSocket upgrades",
+            ));
+        }
+        if !admission::ip_allowed(&route, client_ip) {
+            return Err(Rejection::IpDenied);
+        }
+        let fwd = Forwarding {
+            peer: conn.peer.ip(),
+            peer_trusted,
+            tls: conn.tls,
+            request_id,
+            claim_headers: &[],
+            token_query: None,
+            token_cookie: None,
+            token_in_header: false,
+        };
+        let headers = upstream::forward_headers(req.headers(), &fwd);
+        *req.headers_mut() = headers;
+        return crate::proxy::forward(&route, req).await;
+    }
+
+    let key = check_upgrade(&req)?;
+    if gate.shutdown.is_draining() {
+        return Err(Rejection::Draining);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    let protocols = offered_protocols(&parts.headers);
+    let attempt = Attempt {
+        client_ip,
+        headers: &parts.headers,
+        query: parts.uri.query(),
+        protocols: &protocols,
+    };
+    let admitted = admission::admit(&gate.connections, policy, &route, &attempt)?;
+
+    let to_upstream: Vec<&str> = protocols
+        .iter()
+        .copied()
+        .filter(|p| Some(*p) != admitted.token_entry())
+        .collect();
+    let fwd = Forwarding {
+        peer: conn.peer.ip(),
+        peer_trusted,
+        tls: conn.tls,
+        request_id,
+        claim_headers: &admitted.claim_headers,
+        token_query: admitted.token_query(),
+        token_cookie: admitted.token_cookie(),
+        token_in_header: admitted.token_in_header(),
+    };
+    let headers = upstream::forward_headers(&parts.headers, &fwd);
+    let target = upstream::strip_query_param(
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/"),
+        admitted.token_query(),
+    );
+    let socket = upstream::open(&route, &target, headers, &to_upstream).await?;
+
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if let Some(protocol) = &socket.protocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+    let response = response
+        .body(full(Bytes::new()))
+        .map_err(|_| Rejection::UpstreamUnavailable)?;
+
+    let Admitted { guard, .. } = admitted;
+    let shutdown = gate.shutdown.token();
+    let request_id = request_id.clone();
+    gate.shutdown.tracker().spawn(async move {
+        let _slot = guard;
+        let client = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade did not complete");
+                return;
+            }
+        };
+        let outcome = relay::run(client, socket.io, route.clone(), shutdown).await;
+        tracing::info!(
+            request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
+            route = %route.name, reason = outcome.reason.label(),
+            duration_ms = outcome.duration.as_millis() as u64,
+            messages_in = outcome.client_to_upstream.messages,
+            bytes_in = outcome.client_to_upstream.bytes,
+            messages_out = outcome.upstream_to_client.messages,
+            bytes_out = outcome.upstream_to_client.bytes,
+            "close"
+        );
+    });
+    Ok(response)
+}
+
+/// `Upgrade: websocket` (any case, possibly among other tokens).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+}
+
+/// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
+fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
+    let headers = req.headers();
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Rejection::NotWebsocket(
+            "only Sec-WebSocket-Version 13 is supported",
+        ));
+    }
+    if req.method() != Method::GET {
+        return Err(Rejection::BadRequest("a WebSocket upgrade must be a GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(Rejection::BadRequest("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return Err(Rejection::BadRequest("Connection: Upgrade is missing"));
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if is_valid_key(key.as_bytes()) => {
+            Ok(String::from_utf8_lossy(key.as_bytes()).into_owned())
+        }
+        _ => Err(Rejection::BadRequest(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        )),
+    }
+}
+
+/// A base64 encoding of exactly 16 bytes: 22 alphabet characters (the last with its low
+/// bits zero) and `==`.
+fn is_valid_key(key: &[u8]) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    key.len() == 24
+        && key[22..] == *b"=="
+        && key[..22].iter().all(|c| ALPHABET.contains(c))
+        && b"AQgw".contains(&key[21])
+}
+
+/// The offered subprotocols, in order.
+fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Refuse paths an upstream might normalise into another route: dot segments, encoded
+/// dots or slashes, backslashes and NULs.
+fn path_is_clean(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%00")
+        || path.contains('\\')
+    {
+        return false;
+    }
+    !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// The client's `X-Request-Id` when it is sane (1–128 visible ASCII characters), or a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get("x-request-id") {
+        let b = id.as_bytes();
+        if (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
+            return id.clone();
+        }
+    }
+    let mut raw = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut raw).is_err() {
+        raw = rand_fallback();
+    }
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+fn rand_fallback() -> [u8; 16] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    nanos.to_le_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ="));
+        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZR=="));
+        assert!(!is_valid_key(b"not a key"));
+    }
+
+    #[test]
+    fn clean_paths() {
+        assert!(path_is_clean("/ws/room/1"));
+        assert!(!path_is_clean("/ws/../admin"));
+        assert!(!path_is_clean("/ws/%2e%2e/admin"));
+        assert!(!path_is_clean("/ws%2Fadmin"));
+    }
+}

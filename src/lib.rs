@@ -1,0 +1,120 @@
+//! # wsgate — a TLS-terminating WebSocket policy sidecar
+//!
+//! It decides every upgrade before the backend sees a socket (token, Origin, client IP,
+//! caps, route), then relays messages while enforcing sizes and deadlines, and takes live
+//! policy edits without dropping a connection.
+//!
+//! # Layout
+//!
+//! Data flows top to bottom:
+//!
+//! - [`listener`]: accept loop → TLS ([`tls`]) or plaintext → hyper HTTP/1.1 with upgrades
+//! - [`http`]: one request: route, upgrade checks, then admission and the upstream
+//! - [`admission`]: the checks before the 101, in SPEC order; [`admission::Rejection`]
+//! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
+//! - [`relay`]: the per-connection `select!` loop and [`relay::CloseReason`]
+//! - [`proxy`]: plain HTTP on `http: pass` routes
+//!
+//! Policy flows [`config`] (YAML → validated [`policy::Policy`]) → [`policy::PolicyHandle`]
+//! ← [`reload`]. The stop signal fans out from [`shutdown`]. [`admin`] serves health and
+//! readiness; [`mint`] and [`demo`] serve the CLI's `token` and `demo` commands.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admission;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod mint;
+pub mod policy;
+pub mod proxy;
+pub mod relay;
+pub mod reload;
+pub mod shutdown;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admission::Connections;
+use crate::policy::{Loaded, PolicyHandle};
+use crate::reload::ReloadCounts;
+use crate::shutdown::Shutdown;
+
+/// State shared by every connection of one running gate.
+pub struct Gate {
+    pub policy: PolicyHandle,
+    pub shutdown: Shutdown,
+    pub connections: Arc<Connections>,
+    /// `None` with `--plaintext`.
+    pub tls: Option<tls::Acceptor>,
+    pub reloads: Arc<ReloadCounts>,
+}
+
+/// How to run a gate: already bound sockets, so nothing here can fail on a port.
+pub struct Options {
+    pub policy_path: PathBuf,
+    pub listener: TcpListener,
+    pub admin: Option<TcpListener>,
+    pub tls: Option<rustls::ServerConfig>,
+    /// Reload on SIGHUP (the binary; tests reload by writing the file).
+    pub sighup: bool,
+}
+
+/// A started gate.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub gate: Arc<Gate>,
+}
+
+/// Start serving `loaded` on the sockets in `options`. Call inside a tokio runtime.
+pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
+    let addr = options.listener.local_addr()?;
+    let admin_addr = options.admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    let gate = Arc::new(Gate {
+        policy: PolicyHandle::new(loaded),
+        shutdown: Shutdown::new(),
+        connections: Arc::new(Connections::default()),
+        tls: options.tls.map(tls::Acceptor::new),
+        reloads: Arc::new(ReloadCounts::default()),
+    });
+    tokio::spawn(listener::serve(options.listener, gate.clone()));
+    if let Some(admin) = options.admin {
+        tokio::spawn(admin::serve(admin, gate.clone()));
+    }
+    tokio::spawn(reload::watch(
+        options.policy_path,
+        gate.policy.clone(),
+        gate.reloads.clone(),
+        options.sighup,
+        gate.shutdown.token(),
+    ));
+    tracing::info!(%addr, tls = gate.tls.is_some(), admin = ?admin_addr, "listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gate,
+    })
+}
+
+impl Running {
+    /// Readiness turns 503, the listener stops, every relay sends 1001 "going away".
+    pub fn begin_shutdown(&self) {
+        self.gate.shutdown.begin();
+    }
+
+    /// Wait for every connection to finish closing, at most `grace`. Returns whether all did.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, self.gate.shutdown.finished())
+            .await
+            .is_ok()
+    }
+}

@@ -1,0 +1,103 @@
+//! Accept loop → TLS (or plaintext) → hyper HTTP/1.1 with upgrades, one task per connection.
+//!
+//! The TLS handshake and the first request head must complete within `handshake_seconds`
+//! of the accept; a head over 16 KiB gets 431 from hyper. Accept errors such as EMFILE
+//! back off instead of spinning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::time::{sleep, timeout_at, Instant};
+
+use crate::http::{handle, ConnInfo};
+use crate::Gate;
+
+/// Largest request head (request line and headers) accepted; larger gets 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept connections until shutdown begins; then drop the listener.
+pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
+    let shutdown = gate.shutdown.token();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let _ = tcp.set_nodelay(true);
+                let gate = gate.clone();
+                gate.shutdown
+                    .tracker()
+                    .spawn(connection(gate.clone(), tcp, peer));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: wait for resources to come back rather than
+                // spin on a listener that stays readable.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    () = sleep(backoff) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+    tracing::info!("listener closed");
+}
+
+async fn connection(gate: Arc<Gate>, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+    let handshake = gate.policy.load().policy.handshake_timeout();
+    let deadline = Instant::now() + handshake;
+    match &gate.tls {
+        Some(acceptor) => match timeout_at(deadline, acceptor.current().accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                serve_http(gate, stream, ConnInfo { peer, tls: true }, deadline).await
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        },
+        None => serve_http(gate, tcp, ConnInfo { peer, tls: false }, deadline).await,
+    }
+}
+
+async fn serve_http<I>(gate: Arc<Gate>, io: I, info: ConnInfo, deadline: Instant)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return;
+    }
+    let shutdown = gate.shutdown.token();
+    let service_gate = gate.clone();
+    let service = service_fn(move |req| handle(service_gate.clone(), info, req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(remaining)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(peer = %info.peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The `wsgate` binary: parse the command line, set up logging, load and validate the
+//! policy *before* binding any port, start the gate, wait for SIGTERM/SIGINT, drain.
+
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use wsgate::{config, demo, mint, shutdown, tls, Options};
+
+#[derive(Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "TLS-terminating WebSocket policy sidecar"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gate.
+    Run(RunArgs),
+    /// Validate a policy file: exit 0 valid, 1 invalid, 2 unreadable.
+    Check { path: PathBuf },
+    /// Mint an HS256 token for local testing.
+    Token(TokenArgs),
+    /// The quick start: the gate on TLS with the development certificate, in front of a
+    /// built-in echo upstream that also serves a browser demo page.
+    Demo {
+        #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(ArgGroup::new("transport").required(true).args(["tls_cert", "plaintext"])))]
+struct RunArgs {
+    #[arg(long, env = "WSGATE_POLICY", default_value = "policies/default.yaml")]
+    policy: PathBuf,
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// PEM certificate chain (with --tls-key).
+    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (with --tls-cert).
+    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve ws:// without TLS (TLS done by a mesh).
+    #[arg(long, env = "WSGATE_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key"])]
+    plaintext: bool,
+    /// Admin listener address, or "off".
+    #[arg(long, env = "WSGATE_ADMIN", default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// How long open connections get to close on SIGTERM/SIGINT.
+    #[arg(long, env = "WSGATE_DRAIN_SECONDS", default_value_t = 25)]
+    drain_seconds: u64,
+    /// text on a terminal, json otherwise.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Environment variable holding the HMAC secret.
+    #[arg(long, env = "WSGATE_SECRET_ENV")]
+    secret_env: String,
+    #[arg(long, env = "WSGATE_SUB")]
+    sub: String,
+    #[arg(long, env = "WSGATE_TTL", default_value = "1h", value_parser = mint::parse_duration)]
+    ttl: Duration,
+    #[arg(long, env = "WSGATE_AUD")]
+    aud: Option<String>,
+    #[arg(long, env = "WSGATE_ISS")]
+    iss: Option<String>,
+    /// Extra claim, k=v (repeatable).
+    #[arg(long = "claim", env = "WSGATE_CLAIM", value_parser = parse_claim)]
+    claims: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not k=v"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { path } => match config::load(&path) {
+            Ok(loaded) => {
+                println!(
+                    "{}: valid ({} routes, sha256 {})",
+                    path.display(),
+                    loaded.policy.routes.len(),
+                    loaded.sha256
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Command::Token(args) => token(args),
+        Command::Run(args) => {
+            init_tracing(args.log_format);
+            runtime().block_on(run(args))
+        }
+        Command::Demo { listen } => {
+            init_tracing(None);
+            runtime().block_on(run_demo(listen))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn init_tracing(format: Option<LogFormat>) {
+    use tracing_subscriber::EnvFilter;
+    let terminal = std::io::stderr().is_terminal();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.unwrap_or(if terminal {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    }) {
+        LogFormat::Text => builder.with_ansi(terminal).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    let Ok(secret) = std::env::var(&args.secret_env) else {
+        eprintln!("environment variable {} is not set", args.secret_env);
+        return ExitCode::from(2);
+    };
+    let spec = mint::TokenSpec {
+        sub: &args.sub,
+        ttl: args.ttl,
+        audience: args.aud.as_deref(),
+        issuer: args.iss.as_deref(),
+        extra: &args.claims,
+    };
+    match mint::hs256(secret.as_bytes(), &spec) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot mint a token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    // 1. The policy, before any port is bound.
+    let policy_path = args.policy.clone();
+    let loaded = match tokio::task::spawn_blocking(move || config::load(&policy_path)).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            tracing::error!("invalid policy, not starting:\n{e}");
+            eprintln!("{e}");
+            return ExitCode::from(e.exit_code());
+        }
+        Err(e) => {
+            eprintln!("policy loader failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // 2. TLS.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match tls::server_config(cert, key) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!("TLS: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => {
+            tracing::warn!(
+                "--plaintext: serving ws:// without TLS; TLS must be done in front of wsgate"
+            );
+            None
+        }
+    };
+    // 3. Bind.
+    let admin = match args.admin.as_str() {
+        "off" => None,
+        addr => match addr.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                eprintln!("--admin: {addr:?} is not an address or \"off\"");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match admin {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("cannot listen on {addr} (admin): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // 4. Serve until SIGTERM/SIGINT, then drain.
+    let options = Options {
+        policy_path: args.policy,
+        listener,
+        admin,
+        tls,
+        sighup: true,
+    };
+    let running = match wsgate::start(loaded, options) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    shutdown::signal().await;
+    drain(&running, Duration::from_secs(args.drain_seconds)).await
+}
+
+async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
+    let open = running.gate.connections.active();
+    tracing::info!(
+        open,
+        grace_s = grace.as_secs(),
+        "shutting down: draining connections"
+    );
+    running.begin_shutdown();
+    if running.drain(grace).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            open = running.gate.connections.active(),
+            "drain deadline reached; exiting"
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run_demo(listen: SocketAddr) -> ExitCode {
+    let mut secret_bytes = [0u8; 32];
+    if aws_lc_rs::rand::fill(&mut secret_bytes).is_err() {
+        eprintln!("no randomness available");
+        return ExitCode::FAILURE;
+    }
+    let secret: String = secret_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = match mint::hs256(
+        secret.as_bytes(),
+        &mint::TokenSpec {
+            sub: "demo-user",
+            ttl: Duration::from_secs(3600),
+            audience: None,
+            issuer: None,
+            extra: &[],
+        },
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cannot mint the demo token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (upstream, listener) = match (
+        TcpListener::bind("127.0.0.1:0").await,
+        TcpListener::bind(listen).await,
+    ) {
+        (Ok(u), Ok(l)) => (u, l),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Ok(upstream_addr), Ok(gate_addr)) = (upstream.local_addr(), listener.local_addr()) else {
+        return ExitCode::FAILURE;
+    };
+    tokio::spawn(demo::echo_upstream(upstream, Arc::new(demo::page(&token))));
+    let dir = std::env::temp_dir().join(format!("wsgate-demo-{}", std::process::id()));
+    let policy_path = match demo::write_policy(&dir, gate_addr, upstream_addr, &secret) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cannot write the demo policy in {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = match config::load(&policy_path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tls = match demo_tls() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("development certificate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = Options {
+        policy_path: policy_path.clone(),
+        listener,
+        admin: None,
+        tls: Some(tls),
+        sighup: true,
+    };
+    let Ok(running) = wsgate::start(loaded, options) else {
+        return ExitCode::FAILURE;
+    };
+    let port = gate_addr.port();
+    println!(
+        "\nwsgate demo is running (development certificate: trust certs/dev-ca.pem or accept the warning)\n\n  \
+         page:    https://localhost:{port}/\n  \
+         socket:  wss://localhost:{port}/ws\n  \
+         policy:  {policy} (edit it: it reloads live)\n  \
+         token:   {token}\n\n\
+         command-line client (pip install websockets):\n  \
+         SSL_CERT_FILE=certs/dev-ca.pem python3 -m websockets \\\n    \
+         wss://localhost:{port}/ws?access_token={token}\n",
+        policy = policy_path.display()
+    );
+    shutdown::signal().await;
+    let code = drain(&running, Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
+fn demo_tls() -> Result<rustls::ServerConfig, tls::TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(demo::DEV_CERT.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(demo::DEV_KEY.as_bytes()).map_err(|_| {
+        tls::TlsError::NoKey {
+            path: "certs/localhost.key".into(),
+        }
+    })?;
+    tls::server_config_from(certs, key)
+}

@@ -1,0 +1,295 @@
+//! The validated, immutable policy and the handle through which every connection reads it.
+//!
+//! `Policy` is produced only by `config::validate`; once built it never changes. A reload
+//! builds a whole new `Policy` and swaps it into the `PolicyHandle` (arc-swap), so a reader
+//! never sees half a policy and never takes a lock. Each connection keeps the snapshot it
+//! was admitted with.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+use ipnet::IpNet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use tokio::sync::watch;
+
+pub use crate::config::file::{HttpMode, Mode};
+
+/// A whole validated policy.
+#[derive(Debug)]
+pub struct Policy {
+    pub mode: Mode,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+    /// Sorted longest path first, so the first match is the longest prefix.
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl Policy {
+    /// The route whose path is the longest whole-segment prefix of `path`.
+    ///
+    /// `/ws` matches `/ws` and `/ws/x` but not `/wsx`; `/` matches everything.
+    pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| path_has_prefix(path, &r.path))
+    }
+
+    /// The smallest handshake timeout of any route: it bounds the TLS handshake and
+    /// request head, which happen before a route is known.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.routes
+            .iter()
+            .map(|r| r.timeouts.handshake)
+            .min()
+            .unwrap_or(crate::config::DEFAULT_HANDSHAKE)
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// One route with every field resolved against `defaults` and the built-in defaults.
+#[derive(Debug)]
+pub struct Route {
+    pub path: String,
+    /// The metrics' `route` label.
+    pub name: String,
+    pub upstream: Upstream,
+    pub auth: Auth,
+    pub origin: OriginRules,
+    pub ip: IpRules,
+    pub rate: Rate,
+    pub messages: Messages,
+    pub timeouts: Timeouts,
+    pub heartbeat: Heartbeat,
+    pub http: HttpMode,
+    /// The pooled client of an `http: pass` route, made on first use.
+    pub pass_client: std::sync::OnceLock<crate::proxy::PassClient>,
+}
+
+/// Where a route's connections go.
+#[derive(Clone)]
+pub struct Upstream {
+    /// `host:port`, what the TCP connection dials.
+    pub authority: String,
+    /// The Host header sent upstream (the port is omitted when it is the scheme's default).
+    pub host_header: String,
+    /// `Some` for `wss://`.
+    pub tls: Option<UpstreamTls>,
+    /// The URL as written, for logs and `/policy`.
+    pub url: String,
+}
+
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("url", &self.url)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`
+    Header,
+    Query(String),
+    Cookie(String),
+    /// A `Sec-WebSocket-Protocol` entry starting with this prefix (browsers cannot set
+    /// headers on a WebSocket).
+    Subprotocol(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyFamily {
+    Hmac,
+    Rsa,
+    Ec,
+    Ed,
+}
+
+impl KeyFamily {
+    pub fn of(alg: Algorithm) -> KeyFamily {
+        match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => KeyFamily::Hmac,
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => KeyFamily::Rsa,
+            Algorithm::ES256 | Algorithm::ES384 => KeyFamily::Ec,
+            Algorithm::EdDSA => KeyFamily::Ed,
+        }
+    }
+}
+
+/// A verification key, loaded and checked at policy load time.
+#[derive(Clone)]
+pub struct Key {
+    pub kid: Option<String>,
+    pub family: KeyFamily,
+    /// Set when the key itself names its algorithm (a JWK's `alg`).
+    pub alg: Option<Algorithm>,
+    pub decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("family", &self.family)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A JWKS fetched over HTTPS at run time.
+#[derive(Debug, Clone)]
+pub struct JwksUrl {
+    pub url: String,
+    pub refresh: Duration,
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    pub required: bool,
+    pub token_sources: Vec<TokenSource>,
+    pub algorithms: Vec<Algorithm>,
+    pub keys: Vec<Key>,
+    pub jwks_urls: Vec<JwksUrl>,
+    pub issuer: Vec<String>,
+    pub audience: Vec<String>,
+    pub leeway_seconds: u64,
+    pub require_claims: Vec<(String, Vec<String>)>,
+    pub forward_claims: Vec<(String, HeaderName)>,
+    pub close_on_expiry: bool,
+}
+
+/// One `origin.allow` entry, lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPattern {
+    /// `scheme://host[:port]`, compared whole.
+    Exact(String),
+    /// `scheme://*.domain[:port]`: one or more labels before `.domain`, never `domain` itself.
+    Subdomains {
+        scheme: String,
+        domain: String,
+        port: Option<u16>,
+    },
+}
+
+#[derive(Debug)]
+pub struct OriginRules {
+    pub allow: Vec<OriginPattern>,
+    pub allow_missing: bool,
+}
+
+#[derive(Debug)]
+pub struct IpRules {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+#[derive(Debug)]
+pub struct Rate {
+    pub upgrades_per_second: f64,
+    pub burst: u32,
+    pub max_connections_per_ip: u32,
+    pub max_connections_per_subject: u32,
+    pub ipv6_prefix: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageType {
+    Text,
+    Binary,
+}
+
+#[derive(Debug)]
+pub struct Messages {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub per_second: f64,
+    pub burst: u32,
+    pub allow_text: bool,
+    pub allow_binary: bool,
+}
+
+#[derive(Debug)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub upstream_connect: Duration,
+    pub idle: Duration,
+    /// `None` = unlimited.
+    pub max_lifetime: Option<Duration>,
+    pub write: Duration,
+}
+
+#[derive(Debug)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// A policy as loaded: the policy plus where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub policy: Policy,
+    /// Hex sha256 of the file's bytes.
+    pub sha256: String,
+    pub loaded_at: SystemTime,
+    pub source: PathBuf,
+}
+
+/// The policy in force. Cheap to clone; reads are lock-free.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    current: Arc<ArcSwap<Loaded>>,
+    changed: watch::Sender<u64>,
+}
+
+impl PolicyHandle {
+    pub fn new(loaded: Loaded) -> PolicyHandle {
+        let (changed, _) = watch::channel(0);
+        PolicyHandle {
+            current: Arc::new(ArcSwap::from_pointee(loaded)),
+            changed,
+        }
+    }
+
+    /// The policy in force now: take it once per decision and keep the snapshot.
+    pub fn load(&self) -> Arc<Loaded> {
+        self.current.load_full()
+    }
+
+    /// Swap in a new, already validated policy and wake everyone watching for changes.
+    pub fn store(&self, loaded: Loaded) {
+        self.current.store(Arc::new(loaded));
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Notified after each swap (the open-connection re-check listens here).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}

@@ -1,0 +1,174 @@
+//! Plain HTTP on an `http: pass` route: reverse-proxied to the route's upstream with the
+//! hyper-util client (pooled, streamed bodies both ways, hop-by-hop headers removed).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::admission::Rejection;
+use crate::http::Body;
+use crate::policy::{Route, Upstream};
+use crate::upstream::{self, UpstreamStream};
+
+/// How long the upstream may take to send a response head (nginx's proxy_read_timeout).
+pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long an unused pooled upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+pub type PassClient = Client<Connector, Incoming>;
+
+pub fn client(route: &Route) -> PassClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(32)
+        .build(Connector {
+            upstream: route.upstream.clone(),
+            timeout: route.timeouts.upstream_connect,
+        })
+}
+
+/// Forward a plain HTTP request whose headers were already rewritten for the upstream.
+pub async fn forward(
+    route: &Route,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, Rejection> {
+    let scheme = if route.upstream.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let pq = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = Uri::try_from(format!("{scheme}://{}{pq}", route.upstream.authority))
+        .map_err(|_| Rejection::BadRequest("invalid request target"))?;
+    *request.uri_mut() = uri;
+    if let Ok(host) = HeaderValue::from_str(&route.upstream.host_header) {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    let client = route.pass_client.get_or_init(|| client(route));
+    let response = match tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, client.request(request)).await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = %route.upstream.url, error = %e, "pass-through request failed");
+            let timed_out = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<io::Error>())
+                .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+            return Err(if timed_out {
+                Rejection::UpstreamTimeout
+            } else {
+                Rejection::UpstreamUnavailable
+            });
+        }
+        Err(_) => return Err(Rejection::UpstreamTimeout),
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let listed: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| header::HeaderName::try_from(s.trim()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Dials the route's upstream whatever the URI says (the URI only keys the pool).
+#[derive(Clone)]
+pub struct Connector {
+    upstream: Upstream,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = PassConn;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<PassConn>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let upstream = self.upstream.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, upstream::dial(&upstream)).await {
+                Ok(stream) => Ok(PassConn(TokioIo::new(stream?))),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream connect timed out",
+                )),
+            }
+        })
+    }
+}
+
+/// A pooled pass-through connection.
+pub struct PassConn(TokioIo<UpstreamStream>);
+
+impl Connection for PassConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for PassConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PassConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,123 @@
+//! Live policy: watch the policy file's directory (so a Kubernetes ConfigMap's `..data`
+//! symlink swap is seen) and SIGHUP; on either, re-read, validate fully, and swap the new
+//! policy in. An invalid file is refused with its location and the old policy stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::policy::PolicyHandle;
+
+/// Events closer together than this are one reload (editors write files in several steps).
+pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Counts of reloads after start-up (`wsgate_policy_reloads_total`).
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    pub success: AtomicU64,
+    pub failure: AtomicU64,
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("policy loader stopped: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Watch `path` and reload on change or SIGHUP until `stop` is cancelled.
+pub async fn watch(
+    path: PathBuf,
+    policy: PolicyHandle,
+    counts: Arc<ReloadCounts>,
+    sighup: bool,
+    stop: CancellationToken,
+) {
+    // Capacity 1: a pending wake-up already means "reload"; more are redundant.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let _watcher = match start_watcher(&path, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            None
+        }
+    };
+    if sighup {
+        spawn_sighup(tx, stop.clone());
+    }
+    loop {
+        tokio::select! {
+            woke = rx.recv() => if woke.is_none() { break },
+            () = stop.cancelled() => break,
+        }
+        // Let a burst of events settle into one reload.
+        tokio::time::sleep(DEBOUNCE).await;
+        while rx.try_recv().is_ok() {}
+        match reload(&path, &policy).await {
+            Ok(()) => {
+                counts.success.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counts.failure.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+            }
+        }
+    }
+}
+
+/// Load and validate `path` (and the key files it names), then swap it in.
+pub async fn reload(path: &Path, policy: &PolicyHandle) -> Result<(), ReloadError> {
+    let owned = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || config::load(&owned)).await??;
+    tracing::info!(
+        path = %path.display(), sha256 = %loaded.sha256, routes = loaded.policy.routes.len(),
+        "policy reloaded"
+    );
+    policy.store(loaded);
+    Ok(())
+}
+
+fn start_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP");
+            return;
+        };
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() { break }
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let _ = tx.try_send(());
+                }
+                () = stop.cancelled() => break,
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (tx, stop);
+}
