@@ -31,6 +31,9 @@ pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 /// 128 KiB each way).
 pub const IO_BUFFER_BYTES: usize = 8 * 1024;
 
+/// 1014 "Bad Gateway" (RFC 6455 §7.4.1 registry): the upstream failed.
+const UPSTREAM_UNAVAILABLE: CloseCode = CloseCode::Bad(1014);
+
 /// Room for a frame header on top of a maximal message in the write buffer.
 const FRAME_OVERHEAD: usize = 14;
 
@@ -132,7 +135,8 @@ impl CloseReason {
     /// How each side is ended: (client, upstream).
     fn endings(&self) -> (Ending, Ending) {
         let going_away = || Ending::Close(Some(frame(CloseCode::Away, "")));
-        let unavailable = || Ending::Close(Some(frame(CloseCode::Again, "upstream unavailable")));
+        let unavailable =
+            || Ending::Close(Some(frame(UPSTREAM_UNAVAILABLE, "upstream unavailable")));
         match self {
             CloseReason::Closed {
                 by: Side::Client,
@@ -366,19 +370,19 @@ pub async fn run(
     }
 }
 
-/// End one side of a relay, never past `deadline`.
+/// End one side of a relay, never past `deadline`. Dropping the socket afterwards closes
+/// TCP: as the server of the client leg that is our job once the handshake is complete.
 async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
     let _ = timeout_at(deadline, async {
         match ending {
             Ending::Close(frame) => {
                 if ws.close(frame).await.is_ok() {
-                    drain(ws).await;
+                    await_close_reply(ws).await;
                 }
             }
+            // tungstenite queued the reply when it read the peer's close; send it.
             Ending::Reply => {
-                if ws.flush().await.is_ok() {
-                    drain(ws).await;
-                }
+                let _ = ws.flush().await;
             }
             Ending::CloseAndDrop(frame) => {
                 let _ = ws.close(Some(frame)).await;
@@ -389,7 +393,11 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
     .await;
 }
 
-/// Read (and discard) until the peer's close reply and the end of the stream.
-async fn drain(ws: &mut Ws) {
-    while let Some(Ok(_)) = ws.next().await {}
+/// Read (and discard messages already in flight) until the peer's close reply.
+async fn await_close_reply(ws: &mut Ws) {
+    while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_close() {
+            break;
+        }
+    }
 }

@@ -109,6 +109,8 @@ impl Rejection {
         let status = self.status();
         let mut builder = Response::builder().status(status);
         let headers = builder.headers_mut().expect("a fresh builder has headers");
+        // A refused client gets no further use of its connection.
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         let retry = |d: &Duration| HeaderValue::from(d.as_secs().max(1));
         match &self {
             Rejection::NotWebsocket(_) => {

@@ -1,0 +1,458 @@
+//! End to end through the real gate over TLS: relay, close codes, size limits, the
+//! upstream's answers, routing and malformed requests.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn echoes_text_and_binary_over_tls() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, response) = gate.connect("/ws/room?x=1").await.unwrap();
+    assert_eq!(response.status(), 101);
+    client.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("hello"));
+    client
+        .send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut client).await,
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
+    assert_eq!(upstream.last_seen().target, "/ws/room?x=1");
+}
+
+#[tokio::test]
+async fn client_close_code_and_reason_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client
+        .close(Some(CloseFrame {
+            code: CloseCode::from(4000),
+            reason: "bye now".into(),
+        }))
+        .await
+        .unwrap();
+    // The gate completes the client's close handshake...
+    let (code, reason) = next_close(&mut client).await;
+    assert_eq!((code, reason.as_str()), (4000, "bye now"));
+    // ...and relays code and reason upstream.
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(4000, "bye now".into())
+    );
+}
+
+#[tokio::test]
+async fn upstream_close_code_and_reason_reach_the_client() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client
+        .send(Message::text("close 4001 all done"))
+        .await
+        .unwrap();
+    assert_eq!(next_close(&mut client).await, (4001, "all done".into()));
+}
+
+#[tokio::test]
+async fn oversized_client_message_gets_1009_and_upstream_1001() {
+    let upstream = Upstream::start().await;
+    let extra = "    messages: {max_frame_bytes: 1024, max_message_bytes: 1024}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("small")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("small"));
+    client.send(Message::binary(vec![1u8; 2000])).await.unwrap();
+    assert_eq!(next_close(&mut client).await.0, 1009);
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+#[tokio::test]
+async fn oversized_message_split_in_small_frames_gets_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+    let upstream = Upstream::start().await;
+    let extra = "    messages: {max_frame_bytes: 512, max_message_bytes: 1024}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // Three 500-byte fragments: each frame is allowed, the message is not.
+    for (i, fin) in [(0, false), (1, false), (2, true)] {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let header = FrameHeader {
+            is_final: fin,
+            opcode,
+            ..FrameHeader::default()
+        };
+        let frame = Frame::from_payload(header, vec![3u8; 500].into());
+        if client.send(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(next_close(&mut client).await.0, 1009);
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+#[tokio::test]
+async fn oversized_upstream_message_gets_1009_and_client_1001() {
+    let upstream = Upstream::start().await;
+    let extra = "    messages: {max_frame_bytes: 1024, max_message_bytes: 4096}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("big 4000")).await.unwrap();
+    assert_eq!(next_message(&mut client).await.len(), 4000);
+    client.send(Message::text("big 5000")).await.unwrap();
+    assert_eq!(next_close(&mut client).await.0, 1001);
+    // The upstream sees 1009 for its oversized message.
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1009, _)
+    ));
+}
+
+#[tokio::test]
+async fn upstream_lost_without_close_gets_1014() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("drop")).await.unwrap();
+    // tungstenite refuses to parse 1014 (registered after its table), so read the wire.
+    assert_eq!(
+        raw_close(&mut client).await,
+        (1014, "upstream unavailable".into())
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gate = TestGate::start(&open_policy(&url, "")).await;
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(status, 502);
+    assert_eq!(body["error"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn silent_upstream_is_504() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let extra = "    timeouts: {upstream_connect_seconds: 0.5}\n";
+    let gate = TestGate::start(&open_policy(&url, extra)).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(status, 504);
+    assert_eq!(body["error"], "upstream_timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    held.abort();
+}
+
+#[tokio::test]
+async fn upstream_refusal_is_relayed_with_its_body() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        refuse: Some((403, "not for you")),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (status, headers, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(status, 403);
+    assert_eq!(body, serde_json::Value::String("not for you".into()));
+    assert_eq!(headers["content-type"], "text/plain");
+}
+
+#[tokio::test]
+async fn subprotocol_chosen_by_the_upstream_is_returned() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        protocol: Some("v2.chat"),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", header_value("v1.chat, v2.chat"));
+    let (mut client, response) = gate.connect_request(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "v2.chat");
+    assert_eq!(
+        upstream.last_seen().headers["sec-websocket-protocol"],
+        "v1.chat, v2.chat"
+    );
+    client.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("ok"));
+}
+
+#[tokio::test]
+async fn forwarded_headers_follow_the_spec() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut request = gate.request("/ws/a?b=c");
+    let h = request.headers_mut();
+    h.insert("x-forwarded-for", header_value("6.6.6.6"));
+    h.insert("x-request-id", header_value("req-42"));
+    h.insert(
+        "traceparent",
+        header_value("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    );
+    h.insert("x-custom", header_value("kept"));
+    let (_client, _) = gate.connect_request(request).await.unwrap();
+    let seen = upstream.last_seen();
+    // Not a trusted proxy: the client's X-Forwarded-For is replaced by the peer.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{}", gate.addr.port())
+    );
+    assert_eq!(seen.headers["x-request-id"], "req-42");
+    assert_eq!(
+        seen.headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(seen.headers["x-custom"], "kept");
+    assert_eq!(seen.target, "/ws/a?b=c");
+    // Without a client id, one is generated.
+    let (_c2, _) = gate.connect("/ws").await.unwrap();
+    let id = upstream.last_seen().headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 32);
+}
+
+#[tokio::test]
+async fn trusted_proxy_forwarded_for_is_extended() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "trusted_proxies: [127.0.0.1/32]\n{}",
+        open_policy(&upstream.url(), "")
+    );
+    let gate = TestGate::start(&policy).await;
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", header_value("203.0.113.7"));
+    let (_client, _) = gate.connect_request(request).await.unwrap();
+    assert_eq!(
+        upstream.last_seen().headers["x-forwarded-for"],
+        "203.0.113.7, 127.0.0.1"
+    );
+}
+
+#[tokio::test]
+async fn unknown_path_is_404_no_route() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    for path in ["/other", "/wsx", "/"] {
+        let (status, _, body) = refusal(gate.connect(path).await);
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"], "no_route");
+    }
+    assert_eq!(
+        upstream.seen_count(),
+        0,
+        "a refused client never costs the upstream a socket"
+    );
+}
+
+#[tokio::test]
+async fn longest_prefix_wins_on_whole_segments() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /ws/special\n    upstream: {}\n",
+        open_policy(&a.url(), ""),
+        b.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    gate.connect("/ws/special/x").await.unwrap();
+    assert_eq!(b.seen_count(), 1);
+    gate.connect("/ws/specialist").await.unwrap();
+    assert_eq!(a.seen_count(), 1);
+}
+
+#[tokio::test]
+async fn plain_http_on_a_reject_route_is_426() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let response = gate
+        .raw(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{response}");
+    assert!(lower.contains("sec-websocket-version: 13"), "{response}");
+    assert!(
+        response.contains("\"error\":\"not_websocket\""),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_version_8_is_426() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let response = gate
+        .raw(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\"error\":\"not_websocket\""),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_upgrades_are_400_bad_request() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let cases: [&[u8]; 5] = [
+        // no key
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        // a key that is not 16 bytes of base64
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
+        // not GET
+        b"POST /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 0\r\n\r\n",
+        // HTTP/1.0
+        b"GET /ws HTTP/1.0\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        // dot segments that an upstream could normalise into another route
+        b"GET /ws/../admin HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ];
+    for case in cases {
+        let response = gate.raw(case).await;
+        assert!(
+            response.contains(" 400 "),
+            "{}\n{response}",
+            String::from_utf8_lossy(case)
+        );
+        assert!(response.contains("\"error\":\"bad_request\""), "{response}");
+    }
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
+async fn request_head_over_16_kib_is_431() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let big = "a".repeat(17 * 1024);
+    let request = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
+    let response = gate.raw(request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+}
+
+#[tokio::test]
+async fn plain_http_is_proxied_on_a_pass_route() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /static\n    http: pass\n",
+        open_policy(&upstream.url(), "")
+    );
+    let gate = TestGate::start(&policy).await;
+    let response = gate
+        .raw(b"POST /static/page?q=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nConnection: close\r\nX-Forwarded-For: 9.9.9.9\r\n\r\nhello")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("pass POST /static/page?q=1\nhello"),
+        "{response}"
+    );
+    assert!(
+        response.to_ascii_lowercase().contains("x-upstream: yes"),
+        "{response}"
+    );
+    // Hop-by-hop headers named in the upstream's Connection header are removed.
+    assert!(
+        !response.to_ascii_lowercase().contains("x-hop"),
+        "{response}"
+    );
+    let seen = upstream.last_seen();
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    assert_eq!(admin_get(gate.admin, "/healthz").await, 200);
+    assert_eq!(admin_get(gate.admin, "/readyz").await, 200);
+    gate.running.begin_shutdown();
+    assert_eq!(admin_get(gate.admin, "/readyz").await, 503);
+    assert_eq!(admin_get(gate.admin, "/healthz").await, 200);
+}
+
+#[tokio::test]
+async fn shutdown_sends_1001_going_away_to_both_sides() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("hi"));
+    gate.running.begin_shutdown();
+    assert_eq!(next_close(&mut client).await, (1001, "going away".into()));
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, "going away".into())
+    );
+    assert!(gate.running.drain(std::time::Duration::from_secs(5)).await);
+    // The listener is closed.
+    assert!(tokio::net::TcpStream::connect(gate.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn many_messages_both_ways_keep_order() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (client, _) = gate.connect("/ws").await.unwrap();
+    let (mut tx, mut rx) = client.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..2000u32 {
+            tx.send(Message::binary(i.to_be_bytes().repeat(64)))
+                .await
+                .unwrap();
+        }
+        tx
+    });
+    for i in 0..2000u32 {
+        let m = loop {
+            match rx.next().await.unwrap().unwrap() {
+                Message::Binary(b) => break b,
+                _ => continue,
+            }
+        };
+        assert_eq!(&m[..4], &i.to_be_bytes());
+        assert_eq!(m.len(), 256);
+    }
+    drop(sender.await.unwrap());
+}

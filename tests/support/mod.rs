@@ -1,0 +1,601 @@
+//! Test support: a generated CA and localhost certificate, a real WebSocket upstream on
+//! 127.0.0.1:0 that tests can steer with text commands, and the gate itself started from
+//! the library on 127.0.0.1:0 with real TLS.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl Pki {
+    pub fn generate() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Pki {
+            ca_pem: ca.pem(),
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+            client: Arc::new(client),
+        }
+    }
+
+    pub fn server_config(&self) -> rustls::ServerConfig {
+        use rustls_pki_types::pem::PemObject;
+        let certs = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap(),
+        );
+        wsgate::tls::server_config_from(certs, key).unwrap()
+    }
+
+    pub fn write(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The upstream
+
+/// One upgrade request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+/// How a relayed connection ended, as the upstream saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    Close(u16, String),
+    CloseWithoutCode,
+    Dropped,
+}
+
+#[derive(Clone, Default)]
+pub struct UpstreamOptions {
+    /// Answer every upgrade with this status and body instead of 101.
+    pub refuse: Option<(u16, &'static str)>,
+    /// Select this subprotocol when it is offered.
+    pub protocol: Option<&'static str>,
+}
+
+/// A real WebSocket (and plain HTTP) upstream. Text commands:
+/// `close CODE REASON`, `big N` (sends N bytes), `drop` (TCP reset), anything else echoes.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub ended: Arc<Mutex<Vec<Ended>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        Upstream::start_with(UpstreamOptions::default()).await
+    }
+
+    pub async fn start_with(options: UpstreamOptions) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        let (s, e) = (seen.clone(), ended.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (s, e, o) = (s.clone(), e.clone(), options.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        upstream_service(req, s.clone(), e.clone(), o.clone())
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, ended }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn last_seen(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+
+    pub fn seen_count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Wait for the next relayed connection to end at the upstream.
+    pub async fn wait_ended(&self, index: usize) -> Ended {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(e) = self.ended.lock().unwrap().get(index) {
+                return e.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upstream connection {index} did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn upstream_service(
+    mut req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ended: Arc<Mutex<Vec<Ended>>>,
+    options: UpstreamOptions,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    seen.lock().unwrap().push(Seen {
+        target: target.clone(),
+        headers: req.headers().clone(),
+    });
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        // Plain HTTP: say what arrived, echo the body, and add a hop-by-hop header.
+        let method = req.method().to_string();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut text = format!("pass {method} {target}\n").into_bytes();
+        text.extend_from_slice(&body);
+        return Ok(Response::builder()
+            .header("x-upstream", "yes")
+            .header(header::CONNECTION, "x-hop")
+            .header("x-hop", "secret")
+            .body(Full::new(Bytes::from(text)))
+            .unwrap());
+    };
+    if let Some((status, body)) = options.refuse {
+        return Ok(Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap());
+    }
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    let protocol = options.protocol.filter(|p| offered.iter().any(|o| o == p));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let end = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    // Complete the close handshake as a well-behaved peer does.
+                    let _ = ws.flush().await;
+                    break match frame {
+                        Some(f) => Ended::Close(f.code.into(), f.reason.to_string()),
+                        None => Ended::CloseWithoutCode,
+                    };
+                }
+                Some(Ok(Message::Text(text))) => {
+                    let mut words = text.as_str().splitn(3, ' ');
+                    match words.next() {
+                        Some("close") => {
+                            let code: u16 =
+                                words.next().and_then(|c| c.parse().ok()).unwrap_or(1000);
+                            let reason = words.next().unwrap_or("").to_owned();
+                            let _ = ws
+                                .send(Message::Close(Some(CloseFrame {
+                                    code: CloseCode::from(code),
+                                    reason: reason.into(),
+                                })))
+                                .await;
+                            // Wait for the gate's close reply.
+                            while let Some(Ok(_)) = ws.next().await {}
+                            break Ended::Close(code, "initiated".into());
+                        }
+                        Some("big") => {
+                            let n: usize = words.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+                            if ws.send(Message::Binary(vec![7u8; n].into())).await.is_err() {
+                                break Ended::Dropped;
+                            }
+                        }
+                        Some("drop") => break Ended::Dropped,
+                        _ => {
+                            if ws.send(Message::Text(text)).await.is_err() {
+                                break Ended::Dropped;
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if ws.send(Message::Binary(b)).await.is_err() {
+                        break Ended::Dropped;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break Ended::Dropped,
+            }
+        };
+        ended.lock().unwrap().push(end);
+    });
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if let Some(p) = protocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    Ok(response.body(Full::new(Bytes::new())).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------
+// The gate
+
+pub struct TestGate {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub running: wsgate::Running,
+    pub dir: tempfile::TempDir,
+    pub policy_path: PathBuf,
+    pub pki: Option<Pki>,
+}
+
+pub type Client = WebSocketStream<ClientStream>;
+
+/// A client connection: TLS when the gate has TLS.
+pub enum ClientStream {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A policy with auth off and no Origin needed, in front of `upstream`, plus `extra` YAML
+/// appended under the `/ws` route.
+pub fn open_policy(upstream: &str, route_extra: &str) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {upstream}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\nroutes:\n  - path: /ws\n    name: ws\n{route_extra}"
+    )
+}
+
+impl TestGate {
+    /// The gate over TLS with `policy`.
+    pub async fn start(policy: &str) -> TestGate {
+        TestGate::start_with(policy, true).await
+    }
+
+    pub async fn start_with(policy: &str, tls: bool) -> TestGate {
+        let _ = tracing_subscriber_init();
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).unwrap();
+        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        let loaded =
+            wsgate::config::load(&policy_path).unwrap_or_else(|e| panic!("test policy: {e}"));
+        let pki = tls.then(Pki::generate);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = wsgate::start(
+            loaded,
+            wsgate::Options {
+                policy_path: policy_path.clone(),
+                listener,
+                admin: Some(admin),
+                tls: pki.as_ref().map(Pki::server_config),
+                sighup: false,
+            },
+        )
+        .unwrap();
+        TestGate {
+            addr: running.addr,
+            admin: running.admin_addr.unwrap(),
+            running,
+            dir,
+            policy_path,
+            pki,
+        }
+    }
+
+    /// Replace the policy file atomically (write + rename), as editors and kubectl do.
+    pub fn write_policy(&self, policy: &str) {
+        let tmp = self.dir.path().join(".policy.yaml.tmp");
+        std::fs::write(&tmp, policy).unwrap();
+        std::fs::rename(&tmp, &self.policy_path).unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        let scheme = if self.pki.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://localhost:{}{path}", self.addr.port())
+    }
+
+    /// A TCP (+TLS) connection to the gate.
+    pub async fn stream(&self) -> ClientStream {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        match &self.pki {
+            Some(pki) => {
+                let connector = tokio_rustls::TlsConnector::from(pki.client.clone());
+                let tls = connector
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await
+                    .unwrap();
+                ClientStream::Tls(Box::new(tls))
+            }
+            None => ClientStream::Plain(tcp),
+        }
+    }
+
+    pub fn request(&self, path: &str) -> tungstenite::handshake::client::Request {
+        self.url(path).into_client_request().unwrap()
+    }
+
+    pub async fn connect(
+        &self,
+        path: &str,
+    ) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+        self.connect_request(self.request(path)).await
+    }
+
+    pub async fn connect_request(
+        &self,
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+        let stream = self.stream().await;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        tokio::time::timeout(
+            DEADLINE,
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config)),
+        )
+        .await
+        .expect("handshake timed out")
+    }
+
+    /// Send raw bytes and read the response until the server closes or `DEADLINE`.
+    pub async fn raw(&self, bytes: &[u8]) -> String {
+        let mut stream = self.stream().await;
+        stream.write_all(bytes).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// A refused handshake's status, headers and JSON body.
+pub fn refusal(
+    result: Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error>,
+) -> (u16, HeaderMap, serde_json::Value) {
+    match result {
+        Ok(_) => panic!("expected the upgrade to be refused, but it was accepted"),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = response.body().clone().unwrap_or_default();
+            let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::String(
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+            (status, headers, json)
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
+
+/// The next data message, skipping pings and pongs; panics on anything else.
+pub async fn next_message(client: &mut Client) -> Message {
+    loop {
+        match tokio::time::timeout(DEADLINE, client.next())
+            .await
+            .expect("no message in time")
+        {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Read until the close frame arrives and send the close reply, as a well-behaved client
+/// does; returns the frame's code and reason.
+pub async fn next_close(client: &mut Client) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(DEADLINE, client.next())
+            .await
+            .expect("no close in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                let _ = client.flush().await;
+                return frame.map_or((1005, String::new()), |f| {
+                    (f.code.into(), f.reason.to_string())
+                });
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// GET on the admin listener; returns the status code.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> u16 {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap()
+}
+
+fn tracing_subscriber_init() -> Result<(), ()> {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    });
+    Ok(())
+}
+
+/// Read the next frame off the wire without tungstenite and return a close frame's code
+/// and reason. For codes tungstenite refuses to parse (1014, registered after its table).
+pub async fn raw_close(client: &mut Client) -> (u16, String) {
+    let stream = client.get_mut();
+    let read = async {
+        loop {
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.unwrap();
+            let opcode = head[0] & 0x0f;
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut l = [0u8; 2];
+                    stream.read_exact(&mut l).await.unwrap();
+                    u16::from_be_bytes(l) as usize
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    stream.read_exact(&mut l).await.unwrap();
+                    u64::from_be_bytes(l) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            stream.read_exact(&mut payload).await.unwrap();
+            if opcode == 0x8 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("no close frame in time")
+}
