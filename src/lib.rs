@@ -90,13 +90,13 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
     if let Some(admin) = options.admin {
         tokio::spawn(admin::serve(admin, gate.clone()));
     }
-    tokio::spawn(reload::watch(
+    reload::spawn(
         options.policy_path,
         gate.policy.clone(),
         gate.reloads.clone(),
         options.sighup,
         gate.shutdown.token(),
-    ));
+    );
     tracing::info!(%addr, tls = gate.tls.is_some(), admin = ?admin_addr, "listening");
     Ok(Running {
         addr,

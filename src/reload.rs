@@ -33,8 +33,9 @@ pub enum ReloadError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Watch `path` and reload on change or SIGHUP until `stop` is cancelled.
-pub async fn watch(
+/// Start watching `path` (and SIGHUP, when asked) and reload on each change until `stop`
+/// is cancelled. The watch is in place when this returns, so no later write is missed.
+pub fn spawn(
     path: PathBuf,
     policy: PolicyHandle,
     counts: Arc<ReloadCounts>,
@@ -42,8 +43,8 @@ pub async fn watch(
     stop: CancellationToken,
 ) {
     // Capacity 1: a pending wake-up already means "reload"; more are redundant.
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = match start_watcher(&path, tx.clone()) {
+    let (tx, rx) = mpsc::channel::<()>(1);
+    let watcher = match start_watcher(&path, tx.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
@@ -53,6 +54,18 @@ pub async fn watch(
     if sighup {
         spawn_sighup(tx, stop.clone());
     }
+    tokio::spawn(reload_loop(path, policy, counts, rx, stop, watcher));
+}
+
+async fn reload_loop(
+    path: PathBuf,
+    policy: PolicyHandle,
+    counts: Arc<ReloadCounts>,
+    mut rx: mpsc::Receiver<()>,
+    stop: CancellationToken,
+    // Kept alive for as long as the loop runs.
+    _watcher: Option<RecommendedWatcher>,
+) {
     loop {
         tokio::select! {
             woke = rx.recv() => if woke.is_none() { break },
@@ -101,23 +114,26 @@ fn start_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<Recommende
 
 fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{signal, SignalKind};
+        // Registered before returning, so a SIGHUP right after start-up is not lost.
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP");
             return;
         };
-        loop {
-            tokio::select! {
-                got = hup.recv() => {
-                    if got.is_none() { break }
-                    tracing::info!("SIGHUP: reloading the policy");
-                    let _ = tx.try_send(());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = hup.recv() => {
+                        if got.is_none() { break }
+                        tracing::info!("SIGHUP: reloading the policy");
+                        let _ = tx.try_send(());
+                    }
+                    () = stop.cancelled() => break,
                 }
-                () = stop.cancelled() => break,
             }
-        }
-    });
+        });
+    }
     #[cfg(not(unix))]
     let _ = (tx, stop);
 }

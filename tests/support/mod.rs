@@ -384,10 +384,15 @@ impl TestGate {
     }
 
     pub async fn start_with(policy: &str, tls: bool) -> TestGate {
-        let _ = tracing_subscriber_init();
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).unwrap();
+        TestGate::start_at(dir, policy_path, tls).await
+    }
+
+    /// The gate with the policy already at `policy_path` (inside `dir`).
+    pub async fn start_at(dir: tempfile::TempDir, policy_path: PathBuf, tls: bool) -> TestGate {
+        let _ = tracing_subscriber_init();
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
         let loaded =
             wsgate::config::load(&policy_path).unwrap_or_else(|e| panic!("test policy: {e}"));

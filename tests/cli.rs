@@ -1,0 +1,334 @@
+//! The real `wsgate` binary: `check` exit codes and messages, start-up refusal of a bad
+//! policy, SIGHUP reload and SIGTERM drain.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn check(path: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(path)
+        .env(
+            "WSGATE_JWT_SECRET",
+            "a-development-secret-that-is-long-enough",
+        )
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn every_shipped_policy_passes_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let (code, text) = check(&path);
+            assert_eq!(code, 0, "{}: {text}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 3,
+        "policies/ should hold default.yaml and worked examples"
+    );
+}
+
+#[test]
+fn check_reports_syntax_errors_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nroutes:\n  - path: /ws\n    name: [unclosed\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("{}:", path.display())), "{text}");
+    let location = text.split(':').nth(1).unwrap_or("");
+    assert!(
+        location.parse::<usize>().is_ok(),
+        "no line number in {text}"
+    );
+}
+
+#[test]
+fn check_reports_unknown_fields_with_their_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nroutes:\n  - path: /ws\n    auth: {requried: false}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("{}:4:", path.display())), "{text}");
+    assert!(text.contains("unknown field `requried`"), "{text}");
+}
+
+#[test]
+fn check_reports_every_semantic_error_with_its_field_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("semantic.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {required: false}\nroutes:\n  - path: /ws\n  - path: /b\n    upstream: http://x\n    ip: {deny: [10.0.0.0/8, not-a-cidr]}\n    auth: {algorithms: [none]}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("routes[1].ip.deny[1]"), "{text}");
+    assert!(text.contains("routes[1].upstream"), "{text}");
+    assert!(text.contains("routes[1].auth.algorithms[0]"), "{text}");
+}
+
+#[test]
+fn check_exits_2_when_unreadable() {
+    let (code, text) = check(Path::new("/nonexistent/policy.yaml"));
+    assert_eq!(code, 2, "{text}");
+}
+
+#[test]
+fn run_refuses_a_bad_policy_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "version: 1\nroutes: [{path: ws}]\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(BIN)
+        .args(["run", "--plaintext", "--admin", "off", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--policy")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("routes[0].path"), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+}
+
+#[test]
+fn run_needs_tls_or_plaintext() {
+    let out = Command::new(BIN)
+        .args(["run", "--admin", "off"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
+}
+
+/// The binary running in the background; killed when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    addr: SocketAddr,
+}
+
+impl Proc {
+    fn start(policy: &Path, extra: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args([
+                "run",
+                "--plaintext",
+                "--admin",
+                "off",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+            ])
+            .args(extra)
+            .arg("--policy")
+            .arg(policy)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Proc {
+            child,
+            lines,
+            addr: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = proc.wait_line("listening");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap();
+        proc.addr = addr.parse().unwrap();
+        proc
+    }
+
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> (i32, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "the process did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn connect(&self, path: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("ws://{}{path}", self.addr)
+            .into_client_request()
+            .unwrap();
+        tokio_tungstenite::client_async(request, ClientStream::Plain(tcp))
+            .await
+            .map(|(c, _)| c)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_policy() {
+    let upstream = Upstream::start().await;
+    // The policy path is a symlink into a directory the gate does not watch, so only the
+    // signal can make it notice the change.
+    let watched = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let real = elsewhere.path().join("policy.yaml");
+    std::fs::write(&real, open_policy(&upstream.url(), "")).unwrap();
+    let link = watched.path().join("policy.yaml");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+
+    let mut gate = Proc::start(&link, &[]);
+    let mut open = gate.connect("/ws").await.unwrap();
+    assert!(gate.connect("/v2").await.is_err());
+    std::fs::write(
+        &real,
+        format!("{}  - path: /v2\n", open_policy(&upstream.url(), "")),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gate.connect("/v2").await.is_err(),
+        "nothing watched changed: no reload yet"
+    );
+
+    gate.signal("HUP");
+    let changed = Instant::now();
+    while gate.connect("/v2").await.is_err() {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "SIGHUP did not reload within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    gate.wait_line("policy reloaded");
+    open.send(Message::text("still open")).await.unwrap();
+    assert_eq!(next_message(&mut open).await, Message::text("still open"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_with_1001_and_exits_0() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
+    let mut a = gate.connect("/ws").await.unwrap();
+    let mut b = gate.connect("/ws").await.unwrap();
+
+    gate.signal("TERM");
+    assert_eq!(next_close(&mut a).await, (1001, "going away".into()));
+    assert_eq!(next_close(&mut b).await, (1001, "going away".into()));
+    // Both clients answered: the process exits at once, well before the drain deadline.
+    let (code, took) = gate.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
+    for i in 0..2 {
+        assert_eq!(
+            upstream.wait_ended(i).await,
+            Ended::Close(1001, "going away".into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_at_the_drain_deadline_when_a_client_never_answers() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // The write/close deadline is longer than the drain: only --drain-seconds can end it.
+    std::fs::write(
+        &policy,
+        open_policy(&upstream.url(), "    timeouts: {write_seconds: 30}\n"),
+    )
+    .unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "1"]);
+    let _silent = gate.connect("/ws").await.unwrap(); // never reads, never answers the close
+    let sent = Instant::now();
+    gate.signal("TERM");
+    let (code, _) = gate.wait_exit(Duration::from_secs(4));
+    assert_eq!(code, 0);
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "exit after {took:?}"
+    );
+}

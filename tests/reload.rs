@@ -1,0 +1,157 @@
+//! Live policy: a new valid policy is in force for new upgrades within 2 s, whether the
+//! file is rewritten or a Kubernetes ConfigMap swaps its `..data` symlink; an invalid one
+//! is refused and the old stays; an open connection never notices.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Poll until `/path` upgrades (or stops upgrading), at most 2 s after the change.
+async fn within_two_seconds(gate: &TestGate, path: &str, want_ok: bool) -> Duration {
+    let changed = Instant::now();
+    loop {
+        let ok = gate.connect(path).await.is_ok();
+        if ok == want_ok {
+            return changed.elapsed();
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "{path} still {} after 2 s",
+            if want_ok { "refused" } else { "accepted" }
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn assert_still_echoes(client: &mut Client, text: &str) {
+    client.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_message(client).await, Message::text(text));
+}
+
+fn with_v2(upstream: &str) -> String {
+    format!("{}  - path: /v2\n", open_policy(upstream, ""))
+}
+
+#[tokio::test]
+async fn rewritten_file_takes_effect_and_open_connections_stay() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+    assert!(gate.connect("/v2").await.is_err());
+
+    gate.write_policy(&with_v2(&upstream.url()));
+    let took = within_two_seconds(&gate, "/v2", true).await;
+    eprintln!("file rewrite took effect after {took:?}");
+    assert_still_echoes(&mut open, "still here").await;
+    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn in_place_write_takes_effect() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    std::fs::write(&gate.policy_path, with_v2(&upstream.url())).unwrap();
+    within_two_seconds(&gate, "/v2", true).await;
+}
+
+#[tokio::test]
+async fn invalid_policy_is_refused_and_the_old_one_stays() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&with_v2(&upstream.url())).await;
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+    let before = gate.running.gate.policy.load().sha256.clone();
+
+    // A syntax error, then a semantic one (the /v2 route would be gone if either loaded).
+    gate.write_policy("version: 1\nroutes: [\n");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the invalid policy was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.write_policy(&open_policy(
+        &upstream.url(),
+        "    ip: {deny: [10.0.0.0/33]}\n",
+    ));
+    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(2),
+            "the invalid policy was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gate.running.gate.policy.load().sha256, before);
+    assert!(
+        gate.connect("/v2").await.is_ok(),
+        "the old policy must stay in force"
+    );
+    assert_still_echoes(&mut open, "unaffected").await;
+    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 0);
+}
+
+/// Lay out a directory the way kubelet mounts a ConfigMap: `policy.yaml -> ..data/policy.yaml`,
+/// `..data -> ..<timestamp>`.
+fn configmap_version(dir: &Path, version: &str, policy: &str) {
+    let real = dir.join(version);
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("policy.yaml"), policy).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    // Atomic swap, exactly as kubelet's AtomicWriter does it.
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+#[tokio::test]
+async fn configmap_data_symlink_swap_takes_effect() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    configmap_version(
+        dir.path(),
+        "..2026_11_21_15_00_00.1",
+        &open_policy(&upstream.url(), ""),
+    );
+    std::os::unix::fs::symlink("..data/policy.yaml", dir.path().join("policy.yaml")).unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    let gate = TestGate::start_at(dir, policy_path, true).await;
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+    assert!(gate.connect("/v2").await.is_err());
+
+    configmap_version(
+        gate.dir.path(),
+        "..2026_11_21_15_01_00.2",
+        &with_v2(&upstream.url()),
+    );
+    let took = within_two_seconds(&gate, "/v2", true).await;
+    eprintln!("ConfigMap swap took effect after {took:?}");
+    assert_still_echoes(&mut open, "still here").await;
+}
+
+#[tokio::test]
+async fn established_connections_keep_their_admitted_limits() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+    // A new policy with a tiny message limit: new connections get it, the open one does not.
+    gate.write_policy(&open_policy(
+        &upstream.url(),
+        "    messages: {max_frame_bytes: 100, max_message_bytes: 100}\n",
+    ));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate.running.gate.reloads.success.load(Ordering::Relaxed) < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let big = "x".repeat(1000);
+    assert_still_echoes(&mut open, &big).await;
+    let (mut fresh, _) = gate.connect("/ws").await.unwrap();
+    fresh.send(Message::text(big)).await.unwrap();
+    assert_eq!(next_close(&mut fresh).await.0, 1009);
+}
