@@ -148,7 +148,20 @@ struct Proc {
 
 impl Proc {
     fn start(policy: &Path, extra: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        Proc::start_limited(policy, extra, None)
+    }
+
+    /// Start with `ulimit -n` set to `max_files`, when given.
+    fn start_limited(policy: &Path, extra: &[&str], max_files: Option<u32>) -> Proc {
+        let mut command = match max_files {
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .args([
                 "run",
                 "--plaintext",
@@ -331,4 +344,53 @@ async fn sigterm_exits_at_the_drain_deadline_when_a_client_never_answers() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "exit after {took:?}"
     );
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_limited(&policy, &[], Some(64));
+
+    // Far more connections than the gate has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        held.push(tokio::net::TcpStream::connect(gate.addr).await.unwrap());
+    }
+    gate.wait_line("accept failed");
+    let pid = gate.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    // Clock ticks are 1/100 s: a spinning accept loop would burn ~100 in that second.
+    assert!(
+        used < 30,
+        "the accept loop used {used} ticks in 1 s while out of descriptors"
+    );
+
+    drop(held);
+    let started = Instant::now();
+    loop {
+        if let Ok(mut client) = gate.connect("/ws").await {
+            client.send(Message::text("back")).await.unwrap();
+            assert_eq!(next_message(&mut client).await, Message::text("back"));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the gate did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -456,3 +456,107 @@ async fn many_messages_both_ways_keep_order() {
     }
     drop(sender.await.unwrap());
 }
+
+#[tokio::test]
+async fn wss_upstream_is_verified_against_upstream_tls_ca_file() {
+    let upstream_pki = Pki::generate();
+    let upstream = Upstream::start_with(UpstreamOptions {
+        tls: Some(std::sync::Arc::new(upstream_pki.server_config())),
+        ..Default::default()
+    })
+    .await;
+    // Trusted through ca_file: relayed.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca, &upstream_pki.ca_pem).unwrap();
+    let extra = format!("    upstream_tls: {{ca_file: {}}}\n", ca.display());
+    let gate = TestGate::start(&open_policy(&upstream.wss_url(), &extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("over wss")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("over wss"));
+
+    // Without the CA the upstream's certificate is not trusted: 502.
+    let untrusted = TestGate::start(&open_policy(&upstream.wss_url(), "")).await;
+    let (status, _, body) = refusal(untrusted.connect("/ws").await);
+    assert_eq!(status, 502);
+    assert_eq!(body["error"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn handshake_deadline_covers_tls_and_the_request_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  timeouts: {{handshake_seconds: 0.5}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let closed_within = |started: std::time::Instant| {
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "not dropped in time: {took:?}"
+        );
+    };
+    // No ClientHello at all.
+    let started = std::time::Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    closed_within(started);
+    // TLS completes, then a request head that never finishes (slowloris).
+    let started = std::time::Instant::now();
+    let mut stream = gate.stream().await;
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    closed_within(started);
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_dropped_after_write_seconds() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {write_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // 64 MiB of messages: far more than socket buffers hold, so the gate must stop reading
+    // the upstream (backpressure) and then give up on the client.
+    client
+        .send(Message::text("flood 1024 65536"))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ended = upstream.wait_ended(0).await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900),
+        "dropped too early: {took:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "not dropped in time: {took:?}"
+    );
+    assert!(
+        matches!(ended, Ended::Close(1001, _) | Ended::Dropped),
+        "{ended:?}"
+    );
+    // The client's connection is gone: draining what the kernel buffered ends in an error
+    // or end of stream, never a clean close frame.
+    let drained = tokio::time::timeout(DEADLINE, async {
+        while let Some(Ok(m)) = client.next().await {
+            assert!(!m.is_close(), "a stalled client gets no close frame");
+        }
+    })
+    .await;
+    assert!(drained.is_ok());
+}

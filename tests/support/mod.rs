@@ -108,10 +108,13 @@ pub struct UpstreamOptions {
     pub refuse: Option<(u16, &'static str)>,
     /// Select this subprotocol when it is offered.
     pub protocol: Option<&'static str>,
+    /// Serve wss:// with this certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-/// A real WebSocket (and plain HTTP) upstream. Text commands:
-/// `close CODE REASON`, `big N` (sends N bytes), `drop` (TCP reset), anything else echoes.
+/// A real WebSocket (and plain HTTP) upstream. Text commands: `close CODE REASON`,
+/// `big N` (sends N bytes), `flood N SIZE` (sends N messages as fast as the gate takes
+/// them), `drop` (TCP reset); anything else echoes.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -133,13 +136,25 @@ impl Upstream {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (s, e, o) = (s.clone(), e.clone(), options.clone());
                 tokio::spawn(async move {
+                    let tls = o.tls.clone();
                     let service = service_fn(move |req| {
                         upstream_service(req, s.clone(), e.clone(), o.clone())
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
+                    let builder = http1::Builder::new();
+                    match tls {
+                        Some(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                            let Ok(stream) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let io = TokioIo::new(stream);
+                            let _ = builder.serve_connection(io, service).with_upgrades().await;
+                        }
+                        None => {
+                            let io = TokioIo::new(tcp);
+                            let _ = builder.serve_connection(io, service).with_upgrades().await;
+                        }
+                    }
                 });
             }
         });
@@ -148,6 +163,11 @@ impl Upstream {
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
+    }
+
+    /// `wss://localhost:PORT`, for an upstream started with `tls`.
+    pub fn wss_url(&self) -> String {
+        format!("wss://localhost:{}", self.addr.port())
     }
 
     pub fn last_seen(&self) -> Seen {
@@ -269,6 +289,22 @@ async fn upstream_service(
                         Some("big") => {
                             let n: usize = words.next().and_then(|c| c.parse().ok()).unwrap_or(0);
                             if ws.send(Message::Binary(vec![7u8; n].into())).await.is_err() {
+                                break Ended::Dropped;
+                            }
+                        }
+                        Some("flood") => {
+                            let n: usize = words.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+                            let size: usize =
+                                words.next().and_then(|c| c.parse().ok()).unwrap_or(1024);
+                            let payload = Bytes::from(vec![9u8; size]);
+                            let mut failed = false;
+                            for _ in 0..n {
+                                if ws.send(Message::Binary(payload.clone())).await.is_err() {
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                            if failed {
                                 break Ended::Dropped;
                             }
                         }
