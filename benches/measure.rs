@@ -49,7 +49,10 @@ fn main() {
 async fn run(scale: Scale) {
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
-    tokio::spawn(wsgate::demo::echo_upstream(upstream, Arc::new(String::new())));
+    tokio::spawn(wsgate::demo::echo_upstream(
+        upstream,
+        Arc::new(String::new()),
+    ));
 
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
@@ -61,7 +64,10 @@ async fn run(scale: Scale) {
     )
     .unwrap();
     let mut gate = Gate::start(&policy);
-    println!("wsgate measurement ({} idle connections, echo {:?}, C={})", scale.idle, scale.echo_for, scale.concurrency);
+    println!(
+        "wsgate measurement ({} idle connections, echo {:?}, C={})",
+        scale.idle, scale.echo_for, scale.concurrency
+    );
 
     // Idle memory: RSS before and after opening the connections, through the gate.
     let before = rss_kib(gate.child.id());
@@ -94,7 +100,10 @@ async fn connect(addr: SocketAddr) -> tokio_tungstenite::WebSocketStream<TcpStre
     let tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let request = format!("ws://{addr}/ws").into_client_request().unwrap();
-    tokio_tungstenite::client_async(request, tcp).await.unwrap().0
+    tokio_tungstenite::client_async(request, tcp)
+        .await
+        .unwrap()
+        .0
 }
 
 /// Closed-loop echo on `c` connections for `duration`; messages per second.
@@ -146,7 +155,16 @@ struct Gate {
 impl Gate {
     fn start(policy: &std::path::Path) -> Gate {
         let mut child = Command::new(BIN)
-            .args(["run", "--plaintext", "--admin", "off", "--listen", "127.0.0.1:0", "--log-format", "text"])
+            .args([
+                "run",
+                "--plaintext",
+                "--admin",
+                "off",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+            ])
             .arg("--policy")
             .arg(policy)
             .env("RUST_LOG", "warn,wsgate=info,wsgate::http=warn")

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use wsgate::{config, demo, mint, shutdown, tls, Options};
 
@@ -42,7 +42,6 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-#[command(group(ArgGroup::new("transport").required(true).args(["tls_cert", "plaintext"])))]
 struct RunArgs {
     #[arg(long, env = "WSGATE_POLICY", default_value = "policies/default.yaml")]
     policy: PathBuf,
@@ -55,7 +54,7 @@ struct RunArgs {
     #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Serve ws:// without TLS (TLS done by a mesh).
-    #[arg(long, env = "WSGATE_PLAINTEXT", conflicts_with_all = ["tls_cert", "tls_key"])]
+    #[arg(long, env = "WSGATE_PLAINTEXT")]
     plaintext: bool,
     /// Admin listener address, or "off".
     #[arg(long, env = "WSGATE_ADMIN", default_value = "127.0.0.1:9901")]
@@ -177,6 +176,19 @@ fn token(args: TokenArgs) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    // Checked here rather than with a clap group: WSGATE_PLAINTEXT=false must not count
+    // as choosing plaintext.
+    match (args.plaintext, args.tls_cert.is_some()) {
+        (false, false) => {
+            eprintln!("either --tls-cert and --tls-key, or --plaintext, is required");
+            return ExitCode::from(2);
+        }
+        (true, true) => {
+            eprintln!("--plaintext and --tls-cert/--tls-key exclude each other");
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
     // 1. The policy, before any port is bound.
     let policy_path = args.policy.clone();
     let loaded = match tokio::task::spawn_blocking(move || config::load(&policy_path)).await {

@@ -94,6 +94,9 @@ pub struct Forwarding<'a> {
     pub request_id: &'a HeaderValue,
     /// Headers derived from the token's claims (`forward_claims`).
     pub claim_headers: &'a [(HeaderName, HeaderValue)],
+    /// Every header the route's `forward_claims` may set: a client's copy is always
+    /// dropped, whether or not the token carries that claim, so it cannot be spoofed.
+    pub claim_header_names: &'a [(String, HeaderName)],
     /// Query parameter carrying the token, removed from what goes upstream.
     pub token_query: Option<&'a str>,
     /// Cookie carrying the token, removed from what goes upstream.
@@ -141,7 +144,7 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     for (name, value) in client {
         if is_reserved_header(name)
             || connection_listed.iter().any(|c| c == name.as_str())
-            || fwd.claim_headers.iter().any(|(h, _)| h == name)
+            || fwd.claim_header_names.iter().any(|(_, h)| h == name)
             || (fwd.token_in_header && name == header::AUTHORIZATION)
         {
             continue;
@@ -377,17 +380,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("x-auth-subject", HeaderValue::from_static("spoofed"));
+        h.insert("x-auth-role", HeaderValue::from_static("admin"));
         let id = HeaderValue::from_static("req-1");
         let claims = [(
             HeaderName::from_static("x-auth-subject"),
             HeaderValue::from_static("alice"),
         )];
+        let names = [
+            ("sub".to_owned(), HeaderName::from_static("x-auth-subject")),
+            ("role".to_owned(), HeaderName::from_static("x-auth-role")),
+        ];
         let mut fwd = Forwarding {
             peer: "10.0.0.1".parse().unwrap(),
             peer_trusted: false,
             tls: true,
             request_id: &id,
             claim_headers: &claims,
+            claim_header_names: &names,
             token_query: None,
             token_cookie: None,
             token_in_header: false,
@@ -396,6 +405,8 @@ mod tests {
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");
         assert_eq!(out["x-auth-subject"], "alice");
         assert_eq!(out.get_all("x-auth-subject").iter().count(), 1);
+        // No role claim in the token: the client's copy is dropped all the same.
+        assert!(out.get("x-auth-role").is_none());
         fwd.peer_trusted = true;
         assert_eq!(
             forward_headers(&h, &fwd)["x-forwarded-for"],

@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 use super::Rejection;
 use crate::policy::{Auth, KeyFamily, TokenSource};
 
+/// `Retry-After` while a `jwks_url` key set is not available.
+pub const KEYS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Tokens longer than this are rejected without being parsed.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -133,11 +136,16 @@ pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
             },
         }
     }
-    Err(if expired {
-        Rejection::TokenExpired
-    } else {
-        Rejection::InvalidToken
-    })
+    if expired {
+        return Err(Rejection::TokenExpired);
+    }
+    if !auth.jwks_urls.is_empty() {
+        // The key may be in a key set that has not been fetched (yet).
+        return Err(Rejection::KeysUnavailable {
+            retry_after: KEYS_RETRY_AFTER,
+        });
+    }
+    Err(Rejection::InvalidToken)
 }
 
 /// Every `require_claims` entry must match: a string claim equal to one of the values, or

@@ -233,15 +233,11 @@ impl Validator<'_> {
             (None, Some(u)) => (u, "defaults.upstream".to_owned()),
             (None, None) => (DEFAULT_UPSTREAM, p.path("upstream")),
         };
-        let tls_file = p
-            .route
-            .upstream_tls
-            .map(|t| (t, format!("{}.upstream_tls", p.at)))
-            .or_else(|| {
-                p.defaults
-                    .upstream_tls
-                    .map(|t| (t, "defaults.upstream_tls".to_owned()))
-            });
+        let tls_section = match (p.route.upstream_tls, p.defaults.upstream_tls) {
+            (Some(_), _) => Some(format!("{}.upstream_tls", p.at)),
+            (None, Some(_)) => Some("defaults.upstream_tls".to_owned()),
+            (None, None) => None,
+        };
 
         let uri = match Uri::from_str(url) {
             Ok(uri) => uri,
@@ -278,15 +274,15 @@ impl Validator<'_> {
             authority.clone()
         };
 
-        let tls = match (secure, tls_file) {
-            (false, Some((_, tls_field))) => {
+        let tls = match (secure, tls_section) {
+            (false, Some(tls_field)) => {
                 self.err(tls_field, "upstream_tls is only for wss:// upstreams");
                 return None;
             }
             (false, None) => None,
-            (true, file) => {
+            (true, _) => {
                 let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-                Some(self.upstream_tls(file, bare_host)?)
+                Some(self.upstream_tls(p, bare_host)?)
             }
         };
         Some(Upstream {
@@ -297,49 +293,36 @@ impl Validator<'_> {
         })
     }
 
-    fn upstream_tls(
-        &mut self,
-        file: Option<(&file::UpstreamTls, String)>,
-        host: &str,
-    ) -> Option<UpstreamTls> {
+    /// The TLS client config for a `wss://` upstream; `ca_file` and `server_name` are
+    /// picked per field like everything else.
+    fn upstream_tls(&mut self, p: &Pick<'_>, host: &str) -> Option<UpstreamTls> {
         let mut roots = rustls::RootCertStore::empty();
-        let mut name = host.to_owned();
-        let mut field = "upstream_tls".to_owned();
-        match file {
-            Some((tls, at)) => {
-                if let Some(server_name) = &tls.server_name {
-                    name = server_name.clone();
-                }
-                field = at;
-                match &tls.ca_file {
-                    Some(ca) => {
-                        let ca_field = format!("{field}.ca_file");
-                        let certs = match crate::tls::read_certs(&self.resolve(ca)) {
-                            Ok(certs) => certs,
-                            Err(e) => {
-                                self.err(ca_field, e.to_string());
-                                return None;
-                            }
-                        };
-                        for cert in certs {
-                            if let Err(e) = roots.add(cert) {
-                                self.err(&ca_field, format!("bad CA certificate: {e}"));
-                                return None;
-                            }
-                        }
+        match pick!(p, upstream_tls.ca_file) {
+            Some((ca, ca_field)) => {
+                let certs = match crate::tls::read_certs(&self.resolve(ca)) {
+                    Ok(certs) => certs,
+                    Err(e) => {
+                        self.err(ca_field, e.to_string());
+                        return None;
                     }
-                    None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+                };
+                for cert in certs {
+                    if let Err(e) = roots.add(cert) {
+                        self.err(&ca_field, format!("bad CA certificate: {e}"));
+                        return None;
+                    }
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
+        let (name, field) = match pick!(p, upstream_tls.server_name) {
+            Some((name, field)) => (name.clone(), field),
+            None => (host.to_owned(), p.path("upstream")),
+        };
         let server_name = match rustls_pki_types::ServerName::try_from(name.clone()) {
             Ok(n) => n,
             Err(_) => {
-                self.err(
-                    format!("{field}.server_name"),
-                    format!("{name:?} is not a DNS name or IP"),
-                );
+                self.err(field, format!("{name:?} is not a DNS name or IP"));
                 return None;
             }
         };
