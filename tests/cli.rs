@@ -394,3 +394,112 @@ async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut port = None;
+    let mut token = None;
+    let deadline = Instant::now() + DEADLINE;
+    while port.is_none() || token.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("demo printed no URL and token");
+        if let Some(rest) = line.trim().strip_prefix("socket:") {
+            port = rest
+                .trim()
+                .trim_end_matches("/ws")
+                .rsplit(':')
+                .next()
+                .map(|p| p.parse::<u16>().unwrap());
+        }
+        if let Some(rest) = line.trim().strip_prefix("token:") {
+            token = Some(rest.trim().to_owned());
+        }
+    }
+    let (port, token) = (port.unwrap(), token.unwrap());
+    let _guard = KillOnDrop(child);
+
+    // The development CA from certs/ verifies the demo's certificate.
+    let ca = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    use rustls_pki_types::pem::PemObject;
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tls = |c: tokio_rustls::TlsConnector| async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+    };
+
+    // The page comes through the gate from the demo upstream (an `http: pass` route).
+    let mut page = tls(connector.clone()).await;
+    page.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    page.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("wsgate demo"), "{body}");
+
+    // A browser passes its token as a subprotocol; the gate keeps it from the upstream
+    // and returns the real subprotocol the upstream chose.
+    let mut request = format!("wss://localhost:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        header_value(&format!("bearer.{token}, echo")),
+    );
+    let stream = tls(connector.clone()).await;
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "echo");
+    ws.send(Message::text("hello demo")).await.unwrap();
+    assert_eq!(next_message_any(&mut ws).await, Message::text("hello demo"));
+
+    // Without the token: 401.
+    let stream = tls(connector).await;
+    let refused =
+        tokio_tungstenite::client_async(format!("wss://localhost:{port}/ws"), stream).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

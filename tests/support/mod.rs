@@ -640,3 +640,20 @@ pub async fn raw_close(client: &mut Client) -> (u16, String) {
         .await
         .expect("no close frame in time")
 }
+
+/// The next data message on any WebSocket stream, skipping pings and pongs.
+pub async fn next_message_any<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("no message in time")
+        {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
