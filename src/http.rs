@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::admission::{self, Admitted, Attempt, Rejection};
+use crate::admission::{self, Admitted, Attempt, Rejection, Standing};
 use crate::policy::{HttpMode, Route};
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
@@ -114,7 +114,7 @@ async fn respond(
                 "this route only accepts WebSocket upgrades",
             ));
         }
-        if !admission::ip_allowed(&route, client_ip) {
+        if !admission::ip::allowed(&route, client_ip) {
             return Err(Rejection::IpDenied);
         }
         let fwd = Forwarding {
@@ -146,7 +146,9 @@ async fn respond(
         query: parts.uri.query(),
         protocols: &protocols,
     };
-    let admitted = admission::admit(&gate.connections, policy, &route, &attempt)?;
+    // Subscribed before the upstream handshake, so a reload during it is not missed.
+    let policy_changes = gate.policy.subscribe();
+    let admitted = admission::admit(&gate.admission, policy, &route, &attempt).await?;
 
     let to_upstream: Vec<&str> = protocols
         .iter()
@@ -190,11 +192,26 @@ async fn respond(
         .body(full(Bytes::new()))
         .map_err(|_| Rejection::UpstreamUnavailable)?;
 
-    let Admitted { guard, .. } = admitted;
+    let standing = Standing {
+        path: parts.uri.path().to_owned(),
+        client_ip,
+        origin: parts
+            .headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_owned),
+        claims: admitted.claims.clone(),
+    };
+    let Admitted { slots, .. } = admitted;
+    let recheck = relay::Recheck {
+        policy: gate.policy.clone(),
+        changes: policy_changes,
+        standing,
+    };
     let shutdown = gate.shutdown.token();
     let request_id = request_id.clone();
     gate.shutdown.tracker().spawn(async move {
-        let _slot = guard;
+        let _slots = slots;
         let client = match on_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
@@ -202,7 +219,7 @@ async fn respond(
                 return;
             }
         };
-        let outcome = relay::run(client, socket.io, route.clone(), shutdown).await;
+        let outcome = relay::run(client, socket.io, route.clone(), shutdown, recheck).await;
         tracing::info!(
             request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
             route = %route.name, reason = outcome.reason.label(),

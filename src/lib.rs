@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::admission::Connections;
 use crate::policy::{Loaded, PolicyHandle};
 use crate::reload::ReloadCounts;
 use crate::shutdown::Shutdown;
@@ -52,7 +51,7 @@ use crate::shutdown::Shutdown;
 pub struct Gate {
     pub policy: PolicyHandle,
     pub shutdown: Shutdown,
-    pub connections: Arc<Connections>,
+    pub admission: admission::State,
     /// `None` with `--plaintext`.
     pub tls: Option<tls::Acceptor>,
     pub reloads: Arc<ReloadCounts>,
@@ -66,6 +65,8 @@ pub struct Options {
     pub tls: Option<rustls::ServerConfig>,
     /// Reload on SIGHUP (the binary; tests reload by writing the file).
     pub sighup: bool,
+    /// Extra CA certificates trusted for `jwks_url` fetches (besides the Mozilla roots).
+    pub jwks_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// A started gate.
@@ -82,10 +83,12 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
     let gate = Arc::new(Gate {
         policy: PolicyHandle::new(loaded),
         shutdown: Shutdown::new(),
-        connections: Arc::new(Connections::default()),
+        admission: admission::State::new(options.jwks_roots),
         tls: options.tls.map(tls::Acceptor::new),
         reloads: Arc::new(ReloadCounts::default()),
     });
+    gate.admission.jwks.sync(&gate.policy.load().policy);
+    tokio::spawn(maintain(Arc::downgrade(&gate)));
     tokio::spawn(listener::serve(options.listener, gate.clone()));
     if let Some(admin) = options.admin {
         tokio::spawn(admin::serve(admin, gate.clone()));
@@ -103,6 +106,32 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         admin_addr,
         gate,
     })
+}
+
+/// How often idle rate-limiter entries are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Keep admission state in step with the policy: start and stop JWKS fetchers on reload,
+/// and sweep idle limiter keys. Ends with the gate.
+async fn maintain(gate: std::sync::Weak<Gate>) {
+    let (mut changes, stop) = match gate.upgrade() {
+        Some(g) => (g.policy.subscribe(), g.shutdown.token()),
+        None => return,
+    };
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        let changed = tokio::select! {
+            changed = changes.changed() => changed.is_ok(),
+            _ = sweep.tick() => false,
+            () = stop.cancelled() => return,
+        };
+        let Some(gate) = gate.upgrade() else { return };
+        let loaded = gate.policy.load();
+        if changed {
+            gate.admission.jwks.sync(&loaded.policy);
+        }
+        gate.admission.limiters.sweep(&loaded.policy.routes);
+    }
 }
 
 impl Running {

@@ -254,6 +254,7 @@ async fn run(args: RunArgs) -> ExitCode {
         admin,
         tls,
         sighup: true,
+        jwks_roots: extra_roots(),
     };
     let running = match wsgate::start(loaded, options) {
         Ok(r) => r,
@@ -267,7 +268,7 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
-    let open = running.gate.connections.active();
+    let open = running.gate.admission.connections.active();
     tracing::info!(
         open,
         grace_s = grace.as_secs(),
@@ -278,7 +279,7 @@ async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
         tracing::info!("drained; exiting");
     } else {
         tracing::warn!(
-            open = running.gate.connections.active(),
+            open = running.gate.admission.connections.active(),
             "drain deadline reached; exiting"
         );
     }
@@ -350,6 +351,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         admin: None,
         tls: Some(tls),
         sighup: true,
+        jwks_roots: Vec::new(),
     };
     let Ok(running) = wsgate::start(loaded, options) else {
         return ExitCode::FAILURE;
@@ -370,6 +372,21 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
     let code = drain(&running, Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(&dir);
     code
+}
+
+/// CA certificates in `SSL_CERT_FILE`, trusted for `jwks_url` fetches besides the
+/// Mozilla roots (for an issuer behind a private CA).
+fn extra_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
+        return Vec::new();
+    };
+    match tls::read_certs(std::path::Path::new(&path)) {
+        Ok(certs) => certs,
+        Err(e) => {
+            tracing::warn!(error = %e, "SSL_CERT_FILE not used");
+            Vec::new()
+        }
+    }
 }
 
 fn demo_tls() -> Result<rustls::ServerConfig, tls::TlsError> {

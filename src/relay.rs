@@ -22,7 +22,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::{Messages, Route};
+use tokio::sync::watch;
+
+use crate::admission::{self, Standing};
+use crate::policy::{Messages, Mode, PolicyHandle, Route};
 
 pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -86,6 +89,8 @@ pub enum CloseReason {
     Lost(Side),
     /// The side accepted no bytes for `write_seconds`; it is dropped.
     Stalled(Side),
+    /// A reloaded policy no longer admits the connection (IP, Origin or claims).
+    PolicyChanged,
     /// The gate is shutting down.
     Shutdown,
 }
@@ -128,6 +133,7 @@ impl CloseReason {
             CloseReason::Lost(Side::Upstream) => "upstream_lost",
             CloseReason::Stalled(Side::Client) => "client_write_timeout",
             CloseReason::Stalled(Side::Upstream) => "upstream_write_timeout",
+            CloseReason::PolicyChanged => "policy_changed",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -166,6 +172,10 @@ impl CloseReason {
             CloseReason::Lost(Side::Upstream) => (unavailable(), Ending::Drop),
             CloseReason::Stalled(Side::Client) => (Ending::Drop, going_away()),
             CloseReason::Stalled(Side::Upstream) => (unavailable(), Ending::Drop),
+            CloseReason::PolicyChanged => (
+                Ending::Close(Some(frame(CloseCode::Policy, "policy changed"))),
+                going_away(),
+            ),
             CloseReason::Shutdown => (
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
@@ -296,12 +306,20 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
+/// What the relay needs to apply a reloaded policy to its connection.
+pub struct Recheck {
+    pub policy: PolicyHandle,
+    pub changes: watch::Receiver<u64>,
+    pub standing: Standing,
+}
+
 /// Relay between the two legs until one ends, then close both as SPEC §4 says.
 pub async fn run(
     client: TokioIo<Upgraded>,
     upstream: TokioIo<Upgraded>,
     route: Arc<Route>,
     shutdown: CancellationToken,
+    mut recheck: Recheck,
 ) -> Outcome {
     let started = Instant::now();
     let mut client = WebSocketStream::from_raw_socket(
@@ -323,6 +341,7 @@ pub async fn run(
     let write_deadline = sleep_until(started + write_timeout);
     tokio::pin!(write_deadline);
 
+    let mut watching_policy = true;
     let reason = loop {
         let stalled = c2u.stalled_since.is_some() || u2c.stalled_since.is_some();
         tokio::select! {
@@ -351,6 +370,21 @@ pub async fn run(
                 }
                 let oldest = [c2u.stalled_since, u2c.stalled_since].into_iter().flatten().min();
                 write_deadline.as_mut().reset(oldest.unwrap_or(now) + write_timeout);
+            },
+            changed = recheck.changes.changed(), if watching_policy => {
+                if changed.is_err() {
+                    watching_policy = false;
+                    continue;
+                }
+                let loaded = recheck.policy.load();
+                if let Err(why) = admission::recheck(&loaded.policy, &recheck.standing) {
+                    if loaded.policy.mode == Mode::Report {
+                        tracing::warn!(reason = why.reason(), "report mode: the new policy would close this connection");
+                    } else {
+                        tracing::info!(reason = why.reason(), "the new policy no longer admits this connection");
+                        break CloseReason::PolicyChanged;
+                    }
+                }
             },
             () = shutdown.cancelled() => break CloseReason::Shutdown,
         }

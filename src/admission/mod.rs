@@ -2,67 +2,53 @@
 //! route → IP allow/deny → global cap → per-IP upgrade rate → per-IP connection cap →
 //! Origin → token → required claims → per-subject connection cap → upstream handshake.
 //!
-//! The route is matched by `http`, the upstream handshake is `upstream`; the checks in
-//! between live here. Each failure is a `Rejection`.
+//! The route is matched by `http` and the upstream handshake is `upstream`; the checks in
+//! between live here, one module each. Every failure is a [`Rejection`]. In `mode: report`
+//! a failure is logged and the upgrade goes on, except `server_full` and `draining`.
+//! [`recheck`] applies a new policy's IP, Origin and claims rules to an open connection.
 
+pub mod ip;
+pub mod jwks;
 mod origin;
+pub mod rate;
 mod rejection;
 pub mod token;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use ipnet::IpNet;
+use rustls_pki_types::CertificateDer;
 
+pub use ip::{canonical, client_ip};
 pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
-use crate::policy::{Policy, Route, TokenSource};
+use crate::policy::{Mode, Policy, Route, TokenSource};
+use rate::{CapSlot, Caps, Limiters, CAP_RETRY_AFTER};
 
-/// The client's address: the TCP peer, unless the peer is a trusted proxy; then the
-/// right-most X-Forwarded-For address that is not itself a trusted proxy.
-pub fn client_ip(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let peer = canonical(peer);
-    if !policy.is_trusted_proxy(peer) {
-        return peer;
-    }
-    let mut client = peer;
-    let hops = headers
-        .get_all(HeaderName::from_static("x-forwarded-for"))
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect::<Vec<_>>();
-    for hop in hops.iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) => {
-                client = canonical(ip);
-                if !policy.is_trusted_proxy(client) {
-                    break;
-                }
-            }
-            // An unparseable hop ends the trusted chain: what lies left of it is unknown.
-            Err(_) => break,
+/// Admission state shared by every connection of a gate: counters, limiters, key sets.
+pub struct State {
+    pub connections: Arc<Connections>,
+    pub limiters: Limiters,
+    pub caps: Arc<Caps>,
+    pub jwks: jwks::JwksCache,
+    /// Violations let through in report mode.
+    pub report_violations: AtomicU64,
+}
+
+impl State {
+    /// `jwks_roots`: extra CA certificates trusted for `jwks_url` fetches.
+    pub fn new(jwks_roots: Vec<CertificateDer<'static>>) -> State {
+        State {
+            connections: Arc::new(Connections::default()),
+            limiters: Limiters::default(),
+            caps: Arc::new(Caps::default()),
+            jwks: jwks::JwksCache::new(jwks_roots),
+            report_violations: AtomicU64::new(0),
         }
     }
-    client
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are their IPv4 address, so IPv4 CIDRs
-/// match them.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-/// Deny wins over allow; an empty allow list allows everyone.
-pub fn ip_allowed(route: &Route, ip: IpAddr) -> bool {
-    let within = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip));
-    !within(&route.ip.deny) && (route.ip.allow.is_empty() || within(&route.ip.allow))
 }
 
 /// Open WebSocket connections, for the global `max_connections` cap.
@@ -106,10 +92,18 @@ pub struct Attempt<'a> {
     pub protocols: &'a [&'a str],
 }
 
+/// The caps an admitted connection holds; dropping it frees them.
+#[derive(Debug)]
+pub struct Slots {
+    _global: ConnectionGuard,
+    _ip: Option<CapSlot>,
+    _subject: Option<CapSlot>,
+}
+
 /// An admitted upgrade: what the upstream request and the relay need from admission.
 #[derive(Debug)]
 pub struct Admitted<'a> {
-    pub guard: ConnectionGuard,
+    pub slots: Slots,
     pub claims: Option<Claims>,
     pub claim_headers: Vec<(HeaderName, HeaderValue)>,
     pub token: Option<token::Found<'a>>,
@@ -139,25 +133,64 @@ impl Admitted<'_> {
     }
 }
 
+/// Enforces a failed check, or in report mode logs and counts it and lets the upgrade on.
+struct Verdicts<'a> {
+    state: &'a State,
+    report: bool,
+    route: &'a Route,
+    client_ip: IpAddr,
+}
+
+impl Verdicts<'_> {
+    fn fail(&self, rejection: Rejection) -> Result<(), Rejection> {
+        if !self.report {
+            return Err(rejection);
+        }
+        self.state.report_violations.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            route = %self.route.name, client_ip = %self.client_ip, reason = rejection.reason(),
+            "report mode: this upgrade would have been refused"
+        );
+        Ok(())
+    }
+}
+
 /// Run the checks between route and upstream, in order, stopping at the first failure.
-pub fn admit<'a>(
-    connections: &Arc<Connections>,
+pub async fn admit<'a>(
+    state: &State,
     policy: &Policy,
     route: &'a Route,
     attempt: &Attempt<'a>,
 ) -> Result<Admitted<'a>, Rejection> {
-    if !ip_allowed(route, attempt.client_ip) {
-        return Err(Rejection::IpDenied);
+    let v = Verdicts {
+        state,
+        report: policy.mode == Mode::Report,
+        route,
+        client_ip: attempt.client_ip,
+    };
+    if !ip::allowed(route, attempt.client_ip) {
+        v.fail(Rejection::IpDenied)?;
     }
-    let guard = connections
+    let global = state
+        .connections
         .try_acquire(policy.max_connections)
         .ok_or(Rejection::ServerFull)?;
+    let key = ip::client_key(attempt.client_ip, route.rate.ipv6_prefix);
+    if let Err(retry_after) = state.limiters.check(route, key) {
+        v.fail(Rejection::RateLimited { retry_after })?;
+    }
+    let ip_slot = state
+        .caps
+        .try_ip(&route.name, key, route.rate.max_connections_per_ip);
+    if ip_slot.is_none() {
+        v.fail(Rejection::TooManyConnections("address", CAP_RETRY_AFTER))?;
+    }
     let origin = attempt
         .headers
         .get(http::header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
+        .map(|o| o.to_str().unwrap_or("\u{0}"));
     if !origin::allowed(&route.origin, origin) {
-        return Err(Rejection::OriginNotAllowed);
+        v.fail(Rejection::OriginNotAllowed)?;
     }
 
     let auth = &route.auth;
@@ -167,22 +200,81 @@ pub fn admit<'a>(
         attempt.query,
         attempt.protocols,
     );
-    let (claims, claim_headers) = match (&found, auth.required) {
-        (None, true) => return Err(Rejection::MissingToken),
-        (None, false) => (None, Vec::new()),
-        (Some(found), _) => {
-            let claims = token::verify(found.token, auth)?;
-            if !token::claims_allowed(&claims, auth) {
-                return Err(Rejection::ClaimsDenied);
+    let claims = match &found {
+        None => {
+            if auth.required {
+                v.fail(Rejection::MissingToken)?;
             }
-            let headers = token::claim_headers(&claims, auth);
-            (Some(claims), headers)
+            None
         }
+        Some(found) => match token::verify(found.token, auth, &state.jwks).await {
+            Ok(claims) => Some(claims),
+            Err(rejection) => {
+                v.fail(rejection)?;
+                None
+            }
+        },
     };
+    if let Some(c) = &claims {
+        if !token::claims_allowed(c, auth) {
+            v.fail(Rejection::ClaimsDenied)?;
+        }
+    }
+    let subject = claims
+        .as_ref()
+        .and_then(|c| c.map.get("sub"))
+        .and_then(|s| s.as_str());
+    let subject_slot = match subject {
+        Some(sub) => {
+            let slot =
+                state
+                    .caps
+                    .try_subject(&route.name, sub, route.rate.max_connections_per_subject);
+            if slot.is_none() {
+                v.fail(Rejection::TooManyConnections("subject", CAP_RETRY_AFTER))?;
+            }
+            slot
+        }
+        None => None,
+    };
+    let claim_headers = claims
+        .as_ref()
+        .map(|c| token::claim_headers(c, auth))
+        .unwrap_or_default();
     Ok(Admitted {
-        guard,
+        slots: Slots {
+            _global: global,
+            _ip: ip_slot,
+            _subject: subject_slot,
+        },
         claims,
         claim_headers,
         token: found,
     })
+}
+
+/// What an open connection was admitted with, so a new policy can be applied to it.
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub path: String,
+    pub client_ip: IpAddr,
+    pub origin: Option<String>,
+    pub claims: Option<Claims>,
+}
+
+/// Whether an open connection still passes `policy`'s route, IP, Origin and claims rules
+/// (rates and caps are not re-applied).
+pub fn recheck(policy: &Policy, standing: &Standing) -> Result<(), Rejection> {
+    let route = policy.route_for(&standing.path).ok_or(Rejection::NoRoute)?;
+    if !ip::allowed(route, standing.client_ip) {
+        return Err(Rejection::IpDenied);
+    }
+    if !origin::allowed(&route.origin, standing.origin.as_deref()) {
+        return Err(Rejection::OriginNotAllowed);
+    }
+    match &standing.claims {
+        None if route.auth.required => Err(Rejection::MissingToken),
+        Some(claims) if !token::claims_allowed(claims, &route.auth) => Err(Rejection::ClaimsDenied),
+        _ => Ok(()),
+    }
 }

@@ -8,8 +8,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{decode, decode_header, Validation};
 use serde_json::{Map, Value};
 
+use super::jwks::JwksCache;
 use super::Rejection;
-use crate::policy::{Auth, KeyFamily, TokenSource};
+use crate::policy::{Auth, Key, KeyFamily, TokenSource};
+use std::sync::Arc;
 
 /// `Retry-After` while a `jwks_url` key set is not available.
 pub const KEYS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
@@ -81,7 +83,9 @@ pub struct Claims {
 }
 
 /// Verify signature, algorithm, `exp`, `nbf`, `iss` and `aud` against the route's policy.
-pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
+/// Keys are the route's own plus its fetched JWKS; a `kid` none of them has triggers at
+/// most one refetch.
+pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims, Rejection> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(Rejection::InvalidToken);
     }
@@ -89,8 +93,47 @@ pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
     if !auth.algorithms.contains(&header.alg) {
         return Err(Rejection::InvalidToken);
     }
-    let family = KeyFamily::of(header.alg);
-    let mut validation = Validation::new(header.alg);
+    let validation = validation(header.alg, auth);
+    let mut refetched = false;
+    loop {
+        let fetched: Vec<Arc<Vec<Key>>> = auth
+            .jwks_urls
+            .iter()
+            .filter_map(|u| jwks.keys(&u.url))
+            .collect();
+        let never_fetched = fetched.len() < auth.jwks_urls.len();
+        let keys = auth
+            .keys
+            .iter()
+            .chain(fetched.iter().flat_map(|set| set.iter()));
+        match try_keys(token, &header, &validation, keys) {
+            Ok(claims) => return Ok(claims),
+            Err(Failure::Expired) => return Err(Rejection::TokenExpired),
+            Err(Failure::Invalid) => return Err(Rejection::InvalidToken),
+            Err(Failure::NoKey) => {
+                if header.kid.is_some() && !refetched && !auth.jwks_urls.is_empty() {
+                    refetched = true;
+                    let mut any = false;
+                    for source in &auth.jwks_urls {
+                        any |= jwks.refetch(&source.url).await;
+                    }
+                    if any {
+                        continue;
+                    }
+                }
+                if never_fetched {
+                    return Err(Rejection::KeysUnavailable {
+                        retry_after: KEYS_RETRY_AFTER,
+                    });
+                }
+                return Err(Rejection::InvalidToken);
+            }
+        }
+    }
+}
+
+fn validation(alg: jsonwebtoken::Algorithm, auth: &Auth) -> Validation {
+    let mut validation = Validation::new(alg);
     validation.leeway = auth.leeway_seconds;
     validation.validate_exp = true;
     validation.validate_nbf = true;
@@ -108,8 +151,26 @@ pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
         required.insert("aud".to_owned());
     }
     validation.required_spec_claims = required;
+    validation
+}
 
-    let candidates = auth.keys.iter().filter(|k| {
+enum Failure {
+    /// No key matched the token's `kid`/algorithm, or none verified its signature.
+    NoKey,
+    /// A key verified the signature but the token has expired.
+    Expired,
+    /// A key verified the signature but the claims are wrong (iss, aud, nbf, missing exp).
+    Invalid,
+}
+
+fn try_keys<'k>(
+    token: &str,
+    header: &jsonwebtoken::Header,
+    validation: &Validation,
+    keys: impl Iterator<Item = &'k Key>,
+) -> Result<Claims, Failure> {
+    let family = KeyFamily::of(header.alg);
+    let candidates = keys.filter(|k| {
         k.family == family
             && k.alg.is_none_or(|a| a == header.alg)
             && match (&header.kid, &k.kid) {
@@ -119,9 +180,8 @@ pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
                 (None, _) => true,
             }
     });
-    let mut expired = false;
     for key in candidates {
-        match decode::<Map<String, Value>>(token, &key.decoding, &validation) {
+        match decode::<Map<String, Value>>(token, &key.decoding, validation) {
             Ok(data) => {
                 let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
                 return Ok(Claims {
@@ -130,22 +190,17 @@ pub fn verify(token: &str, auth: &Auth) -> Result<Claims, Rejection> {
                 });
             }
             Err(e) => match e.kind() {
-                ErrorKind::ExpiredSignature => expired = true,
-                ErrorKind::InvalidSignature => continue,
-                _ => return Err(Rejection::InvalidToken),
+                ErrorKind::ExpiredSignature => return Err(Failure::Expired),
+                ErrorKind::InvalidSignature
+                | ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidKeyFormat
+                | ErrorKind::InvalidEcdsaKey
+                | ErrorKind::InvalidRsaKey(_) => continue,
+                _ => return Err(Failure::Invalid),
             },
         }
     }
-    if expired {
-        return Err(Rejection::TokenExpired);
-    }
-    if !auth.jwks_urls.is_empty() {
-        // The key may be in a key set that has not been fetched (yet).
-        return Err(Rejection::KeysUnavailable {
-            retry_after: KEYS_RETRY_AFTER,
-        });
-    }
-    Err(Rejection::InvalidToken)
+    Err(Failure::NoKey)
 }
 
 /// Every `require_claims` entry must match: a string claim equal to one of the values, or

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::policy::Loaded;
 
-pub use validate::{parse_cidr, parse_origin_pattern, validate};
+pub use validate::{parse_cidr, parse_jwks, parse_origin_pattern, validate};
 
 // Built-in defaults: what a field is when neither the route nor `defaults` sets it.
 // Chosen for safety; README "Policy reference" documents each.

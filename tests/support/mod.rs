@@ -35,6 +35,7 @@ pub const SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 // Certificates
 
 pub struct Pki {
+    pub ca_der: CertificateDer<'static>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
@@ -59,6 +60,7 @@ impl Pki {
             .with_no_client_auth();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         Pki {
+            ca_der: ca.der().clone(),
             ca_pem: ca.pem(),
             cert_pem: leaf.pem(),
             key_pem: leaf_key.serialize_pem(),
@@ -443,6 +445,7 @@ impl TestGate {
                 admin: Some(admin),
                 tls: pki.as_ref().map(Pki::server_config),
                 sighup: false,
+                jwks_roots: jwks_roots(),
             },
         )
         .unwrap();
@@ -656,4 +659,14 @@ where
             other => panic!("expected a message, got {other:?}"),
         }
     }
+}
+
+/// The certificate authority of the test JWKS servers, trusted by every test gate.
+pub fn jwks_pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(Pki::generate)
+}
+
+fn jwks_roots() -> Vec<CertificateDer<'static>> {
+    vec![jwks_pki().ca_der.clone()]
 }

@@ -1,0 +1,106 @@
+//! The client's address, its rate/cap key, and the route's allow/deny lists.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::policy::{Policy, Route};
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy; then the
+/// right-most X-Forwarded-For address that is not itself a trusted proxy.
+pub fn client_ip(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let peer = canonical(peer);
+    if !policy.is_trusted_proxy(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all(HeaderName::from_static("x-forwarded-for"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match parse_hop(hop) {
+            Some(ip) => {
+                client = canonical(ip);
+                if !policy.is_trusted_proxy(client) {
+                    break;
+                }
+            }
+            // An unparseable hop ends the trusted chain: what lies left of it is unknown.
+            None => break,
+        }
+    }
+    client
+}
+
+/// One X-Forwarded-For entry: an address, possibly `[v6]:port` or `v4:port`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    hop.rsplit_once(':')?
+        .0
+        .parse::<std::net::Ipv4Addr>()
+        .ok()
+        .map(IpAddr::V4)
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are their IPv4 address, so IPv4 CIDRs
+/// match them.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Deny wins over allow; an empty allow list allows everyone.
+pub fn allowed(route: &Route, ip: IpAddr) -> bool {
+    let within = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip));
+    !within(&route.ip.deny) && (route.ip.allow.is_empty() || within(&route.ip.allow))
+}
+
+/// What rates and caps count by: the IPv4 address, or the IPv6 address's `/prefix`
+/// network (one host usually holds a whole /64).
+pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpNet {
+    match ip {
+        IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),
+        IpAddr::V6(v6) => Ipv6Net::new(v6, ipv6_prefix.min(128))
+            .map(|n| IpNet::V6(n.trunc()))
+            .unwrap_or(IpNet::V6(Ipv6Net::from(v6))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops() {
+        assert_eq!(parse_hop(" 10.0.0.1 "), "10.0.0.1".parse().ok());
+        assert_eq!(parse_hop("10.0.0.1:443"), "10.0.0.1".parse().ok());
+        assert_eq!(parse_hop("[2001:db8::1]:443"), "2001:db8::1".parse().ok());
+        assert_eq!(parse_hop("2001:db8::1"), "2001:db8::1".parse().ok());
+        assert_eq!(parse_hop("unknown"), None);
+    }
+
+    #[test]
+    fn keys() {
+        let a = client_key("2001:db8::1".parse().unwrap(), 64);
+        let b = client_key("2001:db8::ffff".parse().unwrap(), 64);
+        let c = client_key("2001:db8:0:1::1".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            canonical("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! Key sets fetched from `jwks_url`s over HTTPS: cached across reloads, refreshed every
+//! `refresh_seconds`, refetched at most once per 30 s when a token names an unknown `kid`.
+//! A failed refresh keeps the last good set; until the first fetch succeeds the route's
+//! tokens get 503 `keys_unavailable` and the fetch is retried with backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::parse_jwks;
+use crate::policy::{Key, Policy};
+
+/// Whole fetch: connect, TLS, request, body.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest key set accepted.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// An unknown `kid` triggers at most one refetch per URL in this period.
+pub const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("invalid URL")]
+    Url,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("HTTP status {0}")]
+    Status(StatusCode),
+    #[error("body larger than {MAX_JWKS_BYTES} bytes or unreadable")]
+    Body,
+    #[error("{0}")]
+    Parse(String),
+}
+
+struct Entry {
+    url: String,
+    keys: ArcSwapOption<Vec<Key>>,
+    refresh: Mutex<Duration>,
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    stop: CancellationToken,
+}
+
+/// All key sets the policy in force refers to.
+pub struct JwksCache {
+    tls: Arc<rustls::ClientConfig>,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl JwksCache {
+    /// Server certificates are checked against the Mozilla roots plus `extra_roots`.
+    pub fn new(extra_roots: Vec<CertificateDer<'static>>) -> JwksCache {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in extra_roots {
+            if let Err(e) = roots.add(cert) {
+                tracing::warn!(error = %e, "ignoring an extra root certificate for JWKS fetches");
+            }
+        }
+        let mut tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        JwksCache {
+            tls: Arc::new(tls),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Start fetching every URL `policy` names and stop fetching the ones it no longer does.
+    pub fn sync(&self, policy: &Policy) {
+        let mut wanted: HashMap<&str, Duration> = HashMap::new();
+        for route in &policy.routes {
+            for source in &route.auth.jwks_urls {
+                let refresh = wanted.entry(&source.url).or_insert(source.refresh);
+                *refresh = (*refresh).min(source.refresh);
+            }
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|url, entry| {
+            let keep = wanted.contains_key(url.as_str());
+            if !keep {
+                entry.stop.cancel();
+            }
+            keep
+        });
+        for (url, refresh) in wanted {
+            if let Some(entry) = entries.get(url) {
+                *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner) = refresh;
+                continue;
+            }
+            let entry = Arc::new(Entry {
+                url: url.to_owned(),
+                keys: ArcSwapOption::empty(),
+                refresh: Mutex::new(refresh),
+                last_refetch: tokio::sync::Mutex::new(None),
+                stop: CancellationToken::new(),
+            });
+            entries.insert(url.to_owned(), entry.clone());
+            tokio::spawn(refresher(entry, self.tls.clone()));
+        }
+    }
+
+    /// The last good key set of `url`; `None` until a fetch has succeeded.
+    pub fn keys(&self, url: &str) -> Option<Arc<Vec<Key>>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get(url)?.keys.load_full()
+    }
+
+    /// Refetch `url` now because a token named a key it does not have, unless that was
+    /// done less than 30 s ago. Returns whether a fetch happened and succeeded.
+    pub async fn refetch(&self, url: &str) -> bool {
+        let entry = {
+            let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            match entries.get(url) {
+                Some(e) => e.clone(),
+                None => return false,
+            }
+        };
+        // Concurrent requests with the same unknown kid wait for one fetch.
+        let mut last = entry.last_refetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFETCH) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match fetch(&entry.url, &self.tls).await {
+            Ok(keys) => {
+                tracing::info!(url = %entry.url, keys = keys.len(), "JWKS refetched for an unknown kid");
+                entry.keys.store(Some(Arc::new(keys)));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(url = %entry.url, error = %e, "JWKS refetch failed; keeping the last good key set");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for JwksCache {
+    fn drop(&mut self) {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        for entry in entries.values() {
+            entry.stop.cancel();
+        }
+    }
+}
+
+async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let wait = match fetch(&entry.url, &tls).await {
+            Ok(keys) => {
+                tracing::info!(url = %entry.url, keys = keys.len(), "JWKS fetched");
+                entry.keys.store(Some(Arc::new(keys)));
+                backoff = RETRY_MIN;
+                *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner)
+            }
+            Err(e) => {
+                let have = entry.keys.load().is_some();
+                tracing::warn!(
+                    url = %entry.url, error = %e, retry_s = backoff.as_secs(), keeping_last_good = have,
+                    "JWKS fetch failed"
+                );
+                let wait = backoff;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = entry.stop.cancelled() => break,
+        }
+    }
+}
+
+/// GET a JWKS over HTTPS, all within `FETCH_TIMEOUT`.
+pub async fn fetch(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<Key>, FetchError> {
+    match timeout(FETCH_TIMEOUT, fetch_inner(url, tls)).await {
+        Ok(result) => result,
+        Err(_) => Err(FetchError::Timeout(FETCH_TIMEOUT)),
+    }
+}
+
+async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<Key>, FetchError> {
+    let uri: Uri = url.parse().map_err(|_| FetchError::Url)?;
+    let host = uri.host().ok_or(FetchError::Url)?;
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let name = ServerName::try_from(bare_host.to_owned()).map_err(|_| FetchError::Url)?;
+    let tcp = TcpStream::connect((bare_host, port)).await?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
+    let request = Request::get(target)
+        .header(header::HOST, authority)
+        .header(header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| FetchError::Url)?;
+    let response = sender.send_request(request).await?;
+    if !response.status().is_success() {
+        conn.abort();
+        return Err(FetchError::Status(response.status()));
+    }
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|_| FetchError::Body)?
+        .to_bytes();
+    conn.abort();
+    parse_jwks(&body).map_err(FetchError::Parse)
+}

@@ -1,0 +1,186 @@
+//! Upgrade rates (a token bucket per route and client key, governor) and connection caps
+//! (per client key and per token subject, RAII slots). Both tables are bounded: limiter
+//! entries are evicted once their bucket is full again, cap entries when their count
+//! drops to zero, so a flood of distinct addresses cannot grow them without limit.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use ipnet::IpNet;
+
+use crate::policy::Route;
+
+/// A limiter tracking more keys than this sweeps out its idle ones before counting a new one.
+pub const MAX_TRACKED_KEYS: usize = 65_536;
+
+/// `Retry-After` for a refused connection over a cap.
+pub const CAP_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct LimiterId {
+    route: String,
+    period_nanos: u128,
+    burst: u32,
+}
+
+/// Upgrade-rate limiters by route. A limiter survives a reload that keeps its route's
+/// quota, so reloading never hands a client a fresh bucket.
+#[derive(Default)]
+pub struct Limiters {
+    by_route: Mutex<HashMap<LimiterId, Arc<DefaultKeyedRateLimiter<IpNet>>>>,
+}
+
+impl Limiters {
+    /// Count an upgrade from `key` on `route`; `Err` carries how long until one is allowed.
+    pub fn check(&self, route: &Route, key: IpNet) -> Result<(), Duration> {
+        let limiter = self.limiter(route);
+        if limiter.len() >= MAX_TRACKED_KEYS {
+            limiter.retain_recent();
+        }
+        limiter
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    fn limiter(&self, route: &Route) -> Arc<DefaultKeyedRateLimiter<IpNet>> {
+        let period = Duration::from_secs_f64(1.0 / route.rate.upgrades_per_second);
+        let id = LimiterId {
+            route: route.name.clone(),
+            period_nanos: period.as_nanos(),
+            burst: route.rate.burst,
+        };
+        let mut map = self.by_route.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(id)
+            .or_insert_with(|| {
+                let burst = NonZeroU32::new(route.rate.burst).unwrap_or(NonZeroU32::MIN);
+                let quota = Quota::with_period(period)
+                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+                    .allow_burst(burst);
+                Arc::new(DefaultKeyedRateLimiter::dashmap(quota))
+            })
+            .clone()
+    }
+
+    /// Drop idle keys everywhere, and limiters of routes the policy no longer has.
+    pub fn sweep(&self, routes: &[Arc<Route>]) {
+        let mut map = self.by_route.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|id, _| routes.iter().any(|r| r.name == id.route));
+        for limiter in map.values() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// Keys tracked across all limiters (for tests and the flood measurement).
+    pub fn tracked_keys(&self) -> usize {
+        let map = self.by_route.lock().unwrap_or_else(PoisonError::into_inner);
+        map.values().map(|l| l.len()).sum()
+    }
+}
+
+/// Open connections per (route, client key) and per (route, subject).
+#[derive(Default)]
+pub struct Caps {
+    per_ip: Mutex<HashMap<(String, IpNet), u32>>,
+    per_subject: Mutex<HashMap<(String, String), u32>>,
+}
+
+impl Caps {
+    pub fn try_ip(self: &Arc<Self>, route: &str, key: IpNet, max: u32) -> Option<CapSlot> {
+        acquire(&self.per_ip, (route.to_owned(), key), max).then(|| CapSlot {
+            caps: self.clone(),
+            key: CapKey::Ip(route.to_owned(), key),
+        })
+    }
+
+    pub fn try_subject(self: &Arc<Self>, route: &str, subject: &str, max: u32) -> Option<CapSlot> {
+        let key = (route.to_owned(), subject.to_owned());
+        acquire(&self.per_subject, key, max).then(|| CapSlot {
+            caps: self.clone(),
+            key: CapKey::Subject(route.to_owned(), subject.to_owned()),
+        })
+    }
+
+    /// Entries in both tables (each is a key with at least one open connection).
+    pub fn tracked_keys(&self) -> usize {
+        self.per_ip
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            + self
+                .per_subject
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+    }
+}
+
+fn acquire<K: Hash + Eq>(table: &Mutex<HashMap<K, u32>>, key: K, max: u32) -> bool {
+    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+    if table.get(&key).copied().unwrap_or(0) >= max {
+        return false;
+    }
+    *table.entry(key).or_insert(0) += 1;
+    true
+}
+
+fn release<K: Hash + Eq>(table: &Mutex<HashMap<K, u32>>, key: &K) {
+    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(count) = table.get_mut(key) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            table.remove(key);
+        }
+    }
+}
+
+enum CapKey {
+    Ip(String, IpNet),
+    Subject(String, String),
+}
+
+/// One connection's place under a cap, released however the connection ends.
+pub struct CapSlot {
+    caps: Arc<Caps>,
+    key: CapKey,
+}
+
+impl std::fmt::Debug for CapSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CapSlot")
+    }
+}
+
+impl Drop for CapSlot {
+    fn drop(&mut self) {
+        match &self.key {
+            CapKey::Ip(route, ip) => release(&self.caps.per_ip, &(route.clone(), *ip)),
+            CapKey::Subject(route, sub) => {
+                release(&self.caps.per_subject, &(route.clone(), sub.clone()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_release_and_evict() {
+        let caps = Arc::new(Caps::default());
+        let key: IpNet = "10.0.0.1/32".parse().unwrap();
+        let a = caps.try_ip("r", key, 2).unwrap();
+        let b = caps.try_ip("r", key, 2).unwrap();
+        assert!(caps.try_ip("r", key, 2).is_none());
+        drop(a);
+        let c = caps.try_ip("r", key, 2).unwrap();
+        drop((b, c));
+        assert_eq!(caps.tracked_keys(), 0);
+    }
+}
