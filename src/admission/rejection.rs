@@ -151,3 +151,98 @@ impl Rejection {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn parts(r: Rejection) -> (u16, HeaderMap, serde_json::Value) {
+        let response = r.into_response();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&body).unwrap_or_default(),
+        )
+    }
+
+    /// SPEC §3's table, row by row (the integration tests drive each reachable row over
+    /// real sockets; `draining` is only reachable in a race with shutdown there).
+    #[tokio::test]
+    async fn every_row_of_the_table() {
+        let d = Duration::from_secs(3);
+        let rows: Vec<(Rejection, u16, &str)> = vec![
+            (Rejection::NotWebsocket("x"), 426, "not_websocket"),
+            (Rejection::BadRequest("x"), 400, "bad_request"),
+            (Rejection::NoRoute, 404, "no_route"),
+            (Rejection::IpDenied, 403, "ip_denied"),
+            (
+                Rejection::RateLimited { retry_after: d },
+                429,
+                "rate_limited",
+            ),
+            (
+                Rejection::TooManyConnections("address", d),
+                429,
+                "too_many_connections",
+            ),
+            (Rejection::ServerFull, 503, "server_full"),
+            (Rejection::Draining, 503, "draining"),
+            (Rejection::OriginNotAllowed, 403, "origin_not_allowed"),
+            (Rejection::MissingToken, 401, "missing_token"),
+            (Rejection::InvalidToken, 401, "invalid_token"),
+            (Rejection::TokenExpired, 401, "token_expired"),
+            (
+                Rejection::KeysUnavailable { retry_after: d },
+                503,
+                "keys_unavailable",
+            ),
+            (Rejection::ClaimsDenied, 403, "claims_denied"),
+            (Rejection::UpstreamUnavailable, 502, "upstream_unavailable"),
+            (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (rejection, status, reason) in rows {
+            let extra = match reason {
+                "rate_limited" | "too_many_connections" | "keys_unavailable" => {
+                    Some(("retry-after", "3"))
+                }
+                "missing_token" => Some(("www-authenticate", "Bearer")),
+                "invalid_token" | "token_expired" => {
+                    Some(("www-authenticate", "Bearer error=\"invalid_token\""))
+                }
+                "not_websocket" => Some(("sec-websocket-version", "13")),
+                _ => None,
+            };
+            let (got, headers, body) = parts(rejection).await;
+            assert_eq!(got, status, "{reason}");
+            assert_eq!(body["error"], reason);
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+            if let Some((name, value)) = extra {
+                assert_eq!(headers[name], value, "{reason}");
+            }
+            assert_eq!(headers["connection"], "close");
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_refusal_is_relayed_as_is() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        headers.insert("set-cookie", HeaderValue::from_static("internal=1"));
+        let response = Rejection::UpstreamStatus(Box::new(UpstreamRefusal {
+            status: StatusCode::FORBIDDEN,
+            headers,
+            body: Bytes::from_static(b"no"),
+        }))
+        .into_response();
+        assert_eq!(response.status(), 403);
+        assert_eq!(response.headers()["content-type"], "text/plain");
+        assert!(response.headers().get("set-cookie").is_none());
+    }
+}

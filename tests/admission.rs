@@ -1,0 +1,491 @@
+//! Admission over real TLS: each refusal of SPEC §3 with its status, JSON reason and
+//! headers; the order of the checks; client IP trust; rates and caps and their release;
+//! report mode; and the live cut-off of an open connection on reload.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// `open_policy` with `top` prepended (top-level fields) and `extra` under the route.
+fn policy(upstream: &Upstream, top: &str, extra: &str) -> String {
+    format!("{top}{}", open_policy(&upstream.url(), extra))
+}
+
+fn with_xff(
+    gate: &TestGate,
+    xff: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", header_value(xff));
+    request
+}
+
+fn with_origin(
+    gate: &TestGate,
+    origin: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = gate.request("/ws");
+    request.headers_mut().insert("origin", header_value(origin));
+    request
+}
+
+const TRUSTED: &str = "trusted_proxies: [127.0.0.1/32]\n";
+
+#[tokio::test]
+async fn denied_ip_is_403_ip_denied() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, "", "    ip: {deny: [127.0.0.0/8]}\n")).await;
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_denied")));
+    assert!(body["message"].is_string());
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
+async fn allow_list_admits_only_listed_networks() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {allow: [10.0.0.0/8]}\n",
+    ))
+    .await;
+    assert!(gate
+        .connect_request(with_xff(&gate, "10.1.2.3"))
+        .await
+        .is_ok());
+    let (status, _, body) = refusal(gate.connect_request(with_xff(&gate, "192.0.2.1")).await);
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_denied")));
+    // Deny wins over allow.
+    let gate = TestGate::start(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {allow: [10.0.0.0/8], deny: [10.9.0.0/16]}\n",
+    ))
+    .await;
+    assert_eq!(
+        refusal(gate.connect_request(with_xff(&gate, "10.9.1.1")).await).0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn ipv4_mapped_ipv6_client_matches_ipv4_cidrs() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {deny: [10.0.0.0/8]}\n",
+    ))
+    .await;
+    let (status, _, body) = refusal(
+        gate.connect_request(with_xff(&gate, "::ffff:10.1.2.3"))
+            .await,
+    );
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_denied")));
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let upstream = Upstream::start().await;
+    let deny = "    ip: {deny: [203.0.113.0/24]}\n";
+    // Untrusted peer: its X-Forwarded-For is ignored, the peer (127.0.0.1) is the client.
+    let untrusted = TestGate::start(&policy(&upstream, "", deny)).await;
+    assert!(untrusted
+        .connect_request(with_xff(&untrusted, "203.0.113.9"))
+        .await
+        .is_ok());
+    // Trusted peer: the right-most untrusted hop is the client.
+    let trusted = TestGate::start(&policy(
+        &upstream,
+        "trusted_proxies: [127.0.0.1/32, 10.0.0.0/8]\n",
+        deny,
+    ))
+    .await;
+    let (status, _, _) = refusal(
+        trusted
+            .connect_request(with_xff(&trusted, "203.0.113.9"))
+            .await,
+    );
+    assert_eq!(status, 403);
+    let (status, _, _) = refusal(
+        trusted
+            .connect_request(with_xff(&trusted, "198.51.100.1, 203.0.113.9, 10.1.1.1"))
+            .await,
+    );
+    assert_eq!(status, 403, "trusted hops are skipped from the right");
+    // A client cannot hide behind an address it writes further left.
+    assert!(trusted
+        .connect_request(with_xff(&trusted, "203.0.113.9, 198.51.100.1"))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn over_the_upgrade_rate_is_429_rate_limited_with_retry_after() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {upgrades_per_second: 0.5, burst: 2}\n",
+    ))
+    .await;
+    let _a = gate.connect("/ws").await.unwrap();
+    let _b = gate.connect("/ws").await.unwrap();
+    let (status, headers, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert_eq!(upstream.seen_count(), 2);
+}
+
+#[tokio::test]
+async fn ipv6_clients_share_a_bucket_per_prefix() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        TRUSTED,
+        "    rate: {upgrades_per_second: 0.1, burst: 1, ipv6_prefix: 64}\n",
+    ))
+    .await;
+    assert!(gate
+        .connect_request(with_xff(&gate, "2001:db8::1"))
+        .await
+        .is_ok());
+    // Same /64: same bucket, already empty.
+    let (status, _, body) = refusal(
+        gate.connect_request(with_xff(&gate, "2001:db8::ffff"))
+            .await,
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    // Another /64: its own bucket.
+    assert!(gate
+        .connect_request(with_xff(&gate, "2001:db8:0:1::1"))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_capped_and_released_on_close() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {max_connections_per_ip: 2, burst: 100}\n",
+    ))
+    .await;
+    let (mut a, _) = gate.connect("/ws").await.unwrap();
+    let (mut b, _) = gate.connect("/ws").await.unwrap();
+    let (status, headers, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    // A clean close frees the slot...
+    a.close(None).await.unwrap();
+    upstream.wait_ended(0).await;
+    wait_until_admitted(&gate).await;
+    // ...and so does an upstream that vanishes.
+    b.send(Message::text("drop")).await.unwrap();
+    assert_eq!(raw_close(&mut b).await.0, 1014);
+    drop(b);
+    let _c = wait_until_admitted(&gate).await;
+    let _d = wait_until_admitted(&gate).await;
+    assert_eq!(refusal(gate.connect("/ws").await).0, 429);
+}
+
+/// The slot is freed when the relay task ends, just after the close: allow a moment.
+async fn wait_until_admitted(gate: &TestGate) -> Client {
+    let started = Instant::now();
+    loop {
+        match gate.connect("/ws").await {
+            Ok((client, _)) => return client,
+            Err(_) if started.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("slot not released: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_per_subject_are_capped_across_addresses() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let upstream = Upstream::start().await;
+    let top = TRUSTED;
+    let policy = format!(
+        "{top}version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  rate: {{max_connections_per_subject: 1}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let request = |ip: &str| {
+        let mut r = with_xff(&gate, ip);
+        r.headers_mut()
+            .insert("authorization", header_value(&format!("Bearer {token}")));
+        r
+    };
+    let (mut first, _) = gate.connect_request(request("192.0.2.1")).await.unwrap();
+    let (status, headers, body) = refusal(gate.connect_request(request("192.0.2.2")).await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    first.close(None).await.unwrap();
+    let started = Instant::now();
+    while gate.connect_request(request("192.0.2.2")).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "subject slot not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn global_cap_is_503_server_full() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, "max_connections: 1\n", "")).await;
+    let (mut a, _) = gate.connect("/ws").await.unwrap();
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!((status, body["error"].as_str()), (503, Some("server_full")));
+    a.close(None).await.unwrap();
+    wait_until_admitted(&gate).await;
+}
+
+#[tokio::test]
+async fn origin_patterns_and_look_alikes() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  rate: {{burst: 100}}\n  origin: {{allow: [\"https://app.example.com\", \"https://*.example.com\"]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    for ok in [
+        "https://app.example.com",
+        "https://a.b.example.com",
+        "HTTPS://APP.EXAMPLE.COM:443",
+    ] {
+        assert!(
+            gate.connect_request(with_origin(&gate, ok)).await.is_ok(),
+            "{ok}"
+        );
+    }
+    for bad in [
+        "https://example.com",
+        "https://example.com.evil.com",
+        "https://evilexample.com",
+        "https://app.example.com:8443",
+        "http://app.example.com",
+        "null",
+    ] {
+        let (status, _, body) = refusal(gate.connect_request(with_origin(&gate, bad)).await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("origin_not_allowed")),
+            "{bad}"
+        );
+    }
+    // No Origin and allow_missing false (the default).
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("origin_not_allowed"))
+    );
+}
+
+#[tokio::test]
+async fn checks_run_in_order_and_stop_at_the_first_failure() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  origin: {{allow: [\"https://ok.example\"]}}\n  rate: {{upgrades_per_second: 0.1, burst: 1}}\nroutes:\n  - path: /ws\n  - path: /denied\n    ip: {{deny: [0.0.0.0/0]}}\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    // Denied IP, bad Origin, no token: the IP check comes first.
+    let mut r = gate.request("/denied");
+    r.headers_mut()
+        .insert("origin", header_value("https://bad.example"));
+    assert_eq!(
+        refusal(gate.connect_request(r).await).2["error"],
+        "ip_denied"
+    );
+    // Bad Origin and no token: Origin before token (this uses the bucket's one token).
+    assert_eq!(
+        refusal(
+            gate.connect_request(with_origin(&gate, "https://bad.example"))
+                .await
+        )
+        .2["error"],
+        "origin_not_allowed"
+    );
+    // Rate before Origin: the bucket is empty now.
+    assert_eq!(
+        refusal(
+            gate.connect_request(with_origin(&gate, "https://bad.example"))
+                .await
+        )
+        .2["error"],
+        "rate_limited"
+    );
+    // Good Origin, no token, fresh route bucket is per route: use another gate.
+    let gate = TestGate::start(&policy).await;
+    let (status, headers, body) = refusal(
+        gate.connect_request(with_origin(&gate, "https://ok.example"))
+            .await,
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("missing_token"))
+    );
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(
+        upstream.seen_count(),
+        0,
+        "no refused client costs the upstream a socket"
+    );
+}
+
+#[tokio::test]
+async fn report_mode_lets_violations_through_but_not_caps() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\nmode: report\nmax_connections: 2\ndefaults:\n  upstream: {}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  origin: {{allow: [\"https://ok.example\"]}}\n  ip: {{deny: [127.0.0.0/8]}}\n  rate: {{upgrades_per_second: 0.1, burst: 1}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    // Denied IP, no Origin, no token: all logged, all let through.
+    let (mut a, _) = gate.connect("/ws").await.unwrap();
+    a.send(Message::text("reported")).await.unwrap();
+    assert_eq!(next_message(&mut a).await, Message::text("reported"));
+    // Second: also over the upgrade rate; still through.
+    let (_b, _) = gate.connect("/ws").await.unwrap();
+    let violations = gate
+        .running
+        .gate
+        .admission
+        .report_violations
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(violations >= 7, "violations counted: {violations}");
+    // The global cap is enforced even in report mode.
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!((status, body["error"].as_str()), (503, Some("server_full")));
+}
+
+#[tokio::test]
+async fn reload_cuts_off_a_newly_denied_client_and_keeps_the_others() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, TRUSTED, "")).await;
+    let (mut doomed, _) = gate
+        .connect_request(with_xff(&gate, "203.0.113.5"))
+        .await
+        .unwrap();
+    let (mut kept, _) = gate
+        .connect_request(with_xff(&gate, "198.51.100.7"))
+        .await
+        .unwrap();
+
+    gate.write_policy(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {deny: [203.0.113.0/24]}\n",
+    ));
+    let started = Instant::now();
+    assert_eq!(
+        next_close(&mut doomed).await,
+        (1008, "policy changed".into())
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+    kept.send(Message::text("still welcome")).await.unwrap();
+    assert_eq!(
+        next_message(&mut kept).await,
+        Message::text("still welcome")
+    );
+    // New upgrades from the denied network are refused too.
+    assert_eq!(
+        refusal(gate.connect_request(with_xff(&gate, "203.0.113.6")).await).0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_nothing_for_a_client_keeps_it() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, "", "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    gate.write_policy(&format!("{}  - path: /other\n", policy(&upstream, "", "")));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate
+        .running
+        .gate
+        .reloads
+        .success
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.send(Message::text("unaffected")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("unaffected"));
+}
+
+#[tokio::test]
+async fn limiter_keys_from_an_address_flood_are_evicted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    // Every attempt passes the rate check (a fresh key) and is refused at Origin, so no
+    // upstream socket is used; rate 10/s and burst 1 make a key idle again after 0.1 s.
+    let policy = format!(
+        "{TRUSTED}version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow: [\"https://only.example\"]}}\n  rate: {{upgrades_per_second: 10, burst: 1}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let flood = 3000u32;
+    for i in 0..flood {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: {ip}\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        tcp.read_to_end(&mut response).await.unwrap();
+        assert!(response.starts_with(b"HTTP/1.1 403"));
+    }
+    let tracked = gate.running.gate.admission.limiters.tracked_keys();
+    assert!(tracked <= flood as usize);
+    // The sweep runs every second; keys idle for 0.1 s go.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gate.running.gate.admission.limiters.tracked_keys() > 0 {
+        assert!(Instant::now() < deadline, "limiter keys not evicted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gate.running.gate.admission.caps.tracked_keys(), 0);
+}
