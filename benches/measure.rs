@@ -21,6 +21,8 @@ struct Scale {
     idle: usize,
     echo_for: Duration,
     concurrency: usize,
+    connect_for: Duration,
+    flood: u32,
 }
 
 fn main() {
@@ -30,12 +32,16 @@ fn main() {
             idle: 1000,
             echo_for: Duration::from_secs(5),
             concurrency: 16,
+            connect_for: Duration::from_secs(5),
+            flood: 200_000,
         }
     } else {
         Scale {
             idle: 20,
             echo_for: Duration::from_millis(300),
             concurrency: 2,
+            connect_for: Duration::from_millis(300),
+            flood: 500,
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -56,10 +62,12 @@ async fn run(scale: Scale) {
 
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
     std::fs::write(
         &policy,
         format!(
-            "version: 1\nmax_connections: 100000\ndefaults:\n  upstream: ws://{upstream_addr}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\nroutes:\n  - path: /ws\n"
+            "version: 1\nmax_connections: 100000\ntrusted_proxies: [127.0.0.0/8]\ndefaults:\n  upstream: ws://{upstream_addr}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  rate: {{upgrades_per_second: 1000000, burst: 1000000, max_connections_per_ip: 100000, max_connections_per_subject: 100000}}\nroutes:\n  - path: /ws\n  - path: /hs256\n    auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  - path: /es256\n    auth: {{algorithms: [ES256], keys: [{{public_key_file: {keys}/ec.pub.pem}}]}}\n  - path: /flood\n    origin: {{allow: [\"https://only.example\"], allow_missing: false}}\n    rate: {{upgrades_per_second: 2, burst: 5}}\n"
         ),
     )
     .unwrap();
@@ -93,7 +101,170 @@ async fn run(scale: Scale) {
             );
         }
     }
+
+    // Upgrades per second: connect, upgrade, one echo, close; C workers.
+    let hs = token_hs256();
+    let es = token_es256(keys);
+    let direct = connects(
+        upstream_addr,
+        "/ws",
+        None,
+        scale.concurrency,
+        scale.connect_for,
+    )
+    .await;
+    let open = connects(gate.addr, "/ws", None, scale.concurrency, scale.connect_for).await;
+    let with_hs = connects(
+        gate.addr,
+        "/hs256",
+        Some(&hs),
+        scale.concurrency,
+        scale.connect_for,
+    )
+    .await;
+    let with_es = connects(
+        gate.addr,
+        "/es256",
+        Some(&es),
+        scale.concurrency,
+        scale.connect_for,
+    )
+    .await;
+    println!(
+        "connect C={}: direct {direct:.0}/s; wsgate no auth {open:.0}/s ({:.2} of direct); HS256 {with_hs:.0}/s ({:.2} of no auth); ES256 {with_es:.0}/s ({:.2} of no auth)",
+        scale.concurrency,
+        open / direct,
+        with_hs / open,
+        with_es / open
+    );
+
+    // Address flood: distinct X-Forwarded-For addresses through a trusted peer, each
+    // refused at Origin after the rate check, so each leaves a limiter key behind.
+    let before = rss_kib(gate.child.id());
+    let started = Instant::now();
+    flood(gate.addr, scale.flood).await;
+    let took = started.elapsed();
+    let after = rss_kib(gate.child.id());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let settled = rss_kib(gate.child.id());
+    println!(
+        "address flood: {} distinct addresses in {:.1} s; gate RSS {before} KiB before, {after} KiB right after, {settled} KiB 4 s later",
+        scale.flood,
+        took.as_secs_f64()
+    );
     gate.stop();
+}
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
+
+fn exp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600
+}
+
+fn token_hs256() -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let claims = serde_json::json!({"sub": "bench", "exp": exp()});
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token_es256(keys: &str) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let pem = std::fs::read(format!("{keys}/ec.key")).unwrap();
+    let claims = serde_json::json!({"sub": "bench", "exp": exp()});
+    encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Closed-loop upgrades on `c` workers for `duration`: connect, upgrade, one echo, close.
+async fn connects(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    c: usize,
+    duration: Duration,
+) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let path = path.to_owned();
+        let token = token.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let mut count = 0u64;
+            while started.elapsed() < duration {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+                if let Some(t) = &token {
+                    request
+                        .headers_mut()
+                        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                }
+                let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+                ws.send(Message::text("x")).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() {
+                        break;
+                    }
+                }
+                let _ = ws.close(None).await;
+                while let Some(Ok(_)) = ws.next().await {}
+                count += 1;
+            }
+            count
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `n` upgrade attempts, each from its own X-Forwarded-For address, spread over 64
+/// loopback source addresses and 16 concurrent workers.
+async fn flood(addr: SocketAddr, n: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let workers = 16u32;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        tasks.push(tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut i = w;
+            while i < n {
+                let source = std::net::Ipv4Addr::new(127, 0, 1, (i % 64) as u8 + 1);
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
+                let mut tcp = socket.connect(addr).await.unwrap();
+                let client = std::net::Ipv4Addr::from(0x0b00_0000u32 + i);
+                let request = format!(
+                    "GET /flood HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: {client}\r\n\r\n"
+                );
+                tcp.write_all(request.as_bytes()).await.unwrap();
+                buf.clear();
+                if tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await.is_err() {
+                    panic!("flood attempt {i} from {source}: no answer in 5 s; got {:?}", String::from_utf8_lossy(&buf));
+                }
+                assert!(buf.starts_with(b"HTTP/1.1 403"), "{}", String::from_utf8_lossy(&buf));
+                i += workers;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
 
 async fn connect(addr: SocketAddr) -> tokio_tungstenite::WebSocketStream<TcpStream> {

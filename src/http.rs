@@ -124,9 +124,9 @@ async fn respond(
             request_id,
             claim_headers: &[],
             claim_header_names: &route.auth.forward_claims,
-            token_query: None,
-            token_cookie: None,
-            token_in_header: false,
+            // Plain requests are the upstream app's own business: only spoofable
+            // identity headers are removed.
+            token_sources: &[],
         };
         let headers = upstream::forward_headers(req.headers(), &fwd);
         *req.headers_mut() = headers;
@@ -150,11 +150,7 @@ async fn respond(
     let policy_changes = gate.policy.subscribe();
     let admitted = admission::admit(&gate.admission, policy, &route, &attempt).await?;
 
-    let to_upstream: Vec<&str> = protocols
-        .iter()
-        .copied()
-        .filter(|p| Some(*p) != admitted.token_entry())
-        .collect();
+    let to_upstream = upstream::strip_token_protocols(&protocols, &route.auth.token_sources);
     let fwd = Forwarding {
         peer: conn.peer.ip(),
         peer_trusted,
@@ -162,18 +158,16 @@ async fn respond(
         request_id,
         claim_headers: &admitted.claim_headers,
         claim_header_names: &route.auth.forward_claims,
-        token_query: admitted.token_query(),
-        token_cookie: admitted.token_cookie(),
-        token_in_header: admitted.token_in_header(),
+        token_sources: &route.auth.token_sources,
     };
     let headers = upstream::forward_headers(&parts.headers, &fwd);
-    let target = upstream::strip_query_param(
+    let target = upstream::strip_token_params(
         parts
             .uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/"),
-        admitted.token_query(),
+        &route.auth.token_sources,
     );
     let socket = upstream::open(&route, &target, headers, &to_upstream).await?;
 

@@ -26,6 +26,8 @@ pub struct Policy {
     pub max_connections: usize,
     /// Sorted longest path first, so the first match is the longest prefix.
     pub routes: Vec<Arc<Route>>,
+    /// Every key, JWKS and CA file the policy read: a change to one of them reloads it.
+    pub files: Vec<PathBuf>,
 }
 
 impl Policy {

@@ -44,7 +44,7 @@ pub fn spawn(
 ) {
     // Capacity 1: a pending wake-up already means "reload"; more are redundant.
     let (tx, rx) = mpsc::channel::<()>(1);
-    let watcher = match start_watcher(&path, tx.clone()) {
+    let watcher = match start_watcher(&path, policy.clone(), tx.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
@@ -98,18 +98,51 @@ pub async fn reload(path: &Path, policy: &PolicyHandle) -> Result<(), ReloadErro
     Ok(())
 }
 
-fn start_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
+fn start_watcher(
+    path: &Path,
+    policy: PolicyHandle,
+    tx: mpsc::Sender<()>,
+) -> notify::Result<RecommendedWatcher> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
+    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+        let Ok(event) = event else { return };
+        if !event.kind.is_access() && concerns_policy(&event.paths, &name, &policy) {
             let _ = tx.try_send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)
+}
+
+/// Whether a change in the watched directory can change the policy: the policy file
+/// itself, Kubernetes' atomic-writer entries (`..data`, `..2026_…`), or a key, JWKS or CA
+/// file the policy in force names. Anything else in the directory (a log file, say) is
+/// not a reason to reload.
+fn concerns_policy(
+    paths: &[PathBuf],
+    policy_name: &std::ffi::OsStr,
+    policy: &PolicyHandle,
+) -> bool {
+    if paths.is_empty() {
+        return true;
+    }
+    let loaded = policy.load();
+    paths.iter().any(|p| {
+        let Some(name) = p.file_name() else {
+            return true;
+        };
+        name == policy_name
+            || name.to_string_lossy().starts_with("..")
+            || loaded
+                .policy
+                .files
+                .iter()
+                .any(|f| f.file_name() == Some(name))
+    })
 }
 
 fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {

@@ -21,7 +21,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
 use crate::admission::{Rejection, UpstreamRefusal};
-use crate::policy::{Route, Upstream};
+use crate::policy::{Route, TokenSource, Upstream};
 
 /// Largest upstream error body relayed to the client.
 pub const MAX_RELAYED_BODY: usize = 64 * 1024;
@@ -97,12 +97,9 @@ pub struct Forwarding<'a> {
     /// Every header the route's `forward_claims` may set: a client's copy is always
     /// dropped, whether or not the token carries that claim, so it cannot be spoofed.
     pub claim_header_names: &'a [(String, HeaderName)],
-    /// Query parameter carrying the token, removed from what goes upstream.
-    pub token_query: Option<&'a str>,
-    /// Cookie carrying the token, removed from what goes upstream.
-    pub token_cookie: Option<&'a str>,
-    /// Whether the token came in `Authorization` (then it is not forwarded).
-    pub token_in_header: bool,
+    /// The route's token sources: every carrier they name (bearer header, query
+    /// parameter, cookie) is kept from the upstream, whichever one held the token.
+    pub token_sources: &'a [TokenSource],
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -145,17 +142,17 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
         if is_reserved_header(name)
             || connection_listed.iter().any(|c| c == name.as_str())
             || fwd.claim_header_names.iter().any(|(_, h)| h == name)
-            || (fwd.token_in_header && name == header::AUTHORIZATION)
+            || (name == header::AUTHORIZATION
+                && is_bearer(value)
+                && fwd.token_sources.contains(&TokenSource::Header))
         {
             continue;
         }
         if name == header::COOKIE {
-            if let Some(cookie) = fwd.token_cookie {
-                if let Some(v) = strip_cookie(value, cookie) {
-                    out.append(name, v);
-                }
-                continue;
+            if let Some(v) = strip_cookies(value, fwd.token_sources) {
+                out.append(name, v);
             }
+            continue;
         }
         out.append(name, value.clone());
     }
@@ -188,13 +185,27 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     out
 }
 
-/// The Cookie header without the named cookie; `None` if nothing is left.
-fn strip_cookie(value: &HeaderValue, name: &str) -> Option<HeaderValue> {
-    let s = value.to_str().ok()?;
+fn is_bearer(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+}
+
+/// The Cookie header without the token cookies; `None` if nothing is left.
+fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderValue> {
+    let is_token = |name: &str| {
+        sources
+            .iter()
+            .any(|s| matches!(s, TokenSource::Cookie(c) if c == name))
+    };
+    let Ok(s) = value.to_str() else {
+        return Some(value.clone());
+    };
     let kept: Vec<&str> = s
         .split(';')
         .map(str::trim)
-        .filter(|c| !c.is_empty() && c.split('=').next().map(str::trim) != Some(name))
+        .filter(|c| !c.is_empty() && !is_token(c.split('=').next().unwrap_or("").trim()))
         .collect();
     if kept.is_empty() {
         None
@@ -203,20 +214,38 @@ fn strip_cookie(value: &HeaderValue, name: &str) -> Option<HeaderValue> {
     }
 }
 
-/// The path and query without the named query parameter.
-pub fn strip_query_param(path_and_query: &str, name: Option<&str>) -> String {
-    let (Some(name), Some((path, query))) = (name, path_and_query.split_once('?')) else {
+/// The path and query without the token query parameters.
+pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
+    };
+    let is_token = |name: &str| {
+        sources
+            .iter()
+            .any(|s| matches!(s, TokenSource::Query(q) if q == name))
     };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(name))
+        .filter(|kv| !kv.is_empty() && !is_token(kv.split('=').next().unwrap_or("")))
         .collect();
     if kept.is_empty() {
         path.to_owned()
     } else {
         format!("{path}?{}", kept.join("&"))
     }
+}
+
+/// The offered subprotocols without token entries (`subprotocol:` prefixes).
+pub fn strip_token_protocols<'p>(protocols: &[&'p str], sources: &[TokenSource]) -> Vec<&'p str> {
+    protocols
+        .iter()
+        .copied()
+        .filter(|p| {
+            !sources.iter().any(
+                |s| matches!(s, TokenSource::Subprotocol(prefix) if p.starts_with(prefix.as_str())),
+            )
+        })
+        .collect()
 }
 
 /// An upstream WebSocket, handshake completed.
@@ -354,25 +383,28 @@ async fn relay_refusal(response: Response<Incoming>, deadline: Instant) -> Rejec
 mod tests {
     use super::*;
 
-    #[test]
-    fn query_param_removed() {
-        assert_eq!(
-            strip_query_param("/ws?access_token=x&a=1", Some("access_token")),
-            "/ws?a=1"
-        );
-        assert_eq!(
-            strip_query_param("/ws?access_token=x", Some("access_token")),
-            "/ws"
-        );
-        assert_eq!(strip_query_param("/ws?a=1", None), "/ws?a=1");
+    fn sources() -> Vec<TokenSource> {
+        vec![
+            TokenSource::Header,
+            TokenSource::Query("access_token".into()),
+            TokenSource::Cookie("access_token".into()),
+            TokenSource::Subprotocol("bearer.".into()),
+        ]
     }
 
     #[test]
-    fn cookie_removed() {
+    fn token_carriers_removed() {
+        let s = sources();
+        assert_eq!(strip_token_params("/ws?access_token=x&a=1", &s), "/ws?a=1");
+        assert_eq!(strip_token_params("/ws?access_token=x", &s), "/ws");
+        assert_eq!(strip_token_params("/ws?a=1", &[]), "/ws?a=1");
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
-        assert_eq!(strip_cookie(&v, "access_token").unwrap(), "a=1; b=2");
-        let only = HeaderValue::from_static("access_token=x");
-        assert!(strip_cookie(&only, "access_token").is_none());
+        assert_eq!(strip_cookies(&v, &s).unwrap(), "a=1; b=2");
+        assert!(strip_cookies(&HeaderValue::from_static("access_token=x"), &s).is_none());
+        assert_eq!(
+            strip_token_protocols(&["bearer.abc", "chat"], &s),
+            vec!["chat"]
+        );
     }
 
     #[test]
@@ -397,9 +429,7 @@ mod tests {
             request_id: &id,
             claim_headers: &claims,
             claim_header_names: &names,
-            token_query: None,
-            token_cookie: None,
-            token_in_header: false,
+            token_sources: &[],
         };
         let out = forward_headers(&h, &fwd);
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");

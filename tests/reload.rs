@@ -155,3 +155,67 @@ async fn established_connections_keep_their_admitted_limits() {
     fresh.send(Message::text(big)).await.unwrap();
     assert_eq!(next_close(&mut fresh).await.0, 1009);
 }
+
+#[tokio::test]
+async fn unrelated_files_in_the_directory_do_not_reload() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let log = gate.dir.path().join("wsgate.log");
+    for i in 0..20 {
+        std::fs::write(&log, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reloads = gate.running.gate.reloads.success.load(Ordering::Relaxed)
+        + gate.running.gate.reloads.failure.load(Ordering::Relaxed);
+    assert_eq!(reloads, 0);
+}
+
+#[tokio::test]
+async fn a_changed_key_file_reloads_the_policy() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = |secret: &str| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"sub": "k", "exp": exp}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let request = |t: &str| {
+        let mut r = gate.request("/ws");
+        r.headers_mut()
+            .insert("authorization", header_value(&format!("Bearer {t}")));
+        r
+    };
+    assert!(gate.connect_request(request(&token(SECRET))).await.is_ok());
+    let rotated = "a-rotated-secret-that-is-also-long-enough-123";
+    std::fs::write(gate.dir.path().join("secret"), rotated).unwrap();
+    let changed = Instant::now();
+    while gate
+        .connect_request(request(&token(rotated)))
+        .await
+        .is_err()
+    {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "the new secret is not in force after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        gate.connect_request(request(&token(SECRET))).await.is_err(),
+        "the old secret must be out"
+    );
+}

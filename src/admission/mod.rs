@@ -25,7 +25,7 @@ pub use ip::{canonical, client_ip};
 pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
-use crate::policy::{Mode, Policy, Route, TokenSource};
+use crate::policy::{Mode, Policy, Route};
 use rate::{CapSlot, Caps, Limiters, CAP_RETRY_AFTER};
 
 /// Admission state shared by every connection of a gate: counters, limiters, key sets.
@@ -102,35 +102,10 @@ pub struct Slots {
 
 /// An admitted upgrade: what the upstream request and the relay need from admission.
 #[derive(Debug)]
-pub struct Admitted<'a> {
+pub struct Admitted {
     pub slots: Slots,
     pub claims: Option<Claims>,
     pub claim_headers: Vec<(HeaderName, HeaderValue)>,
-    pub token: Option<token::Found<'a>>,
-}
-
-impl Admitted<'_> {
-    pub fn token_query(&self) -> Option<&str> {
-        match self.token.as_ref()?.source {
-            TokenSource::Query(name) => Some(name),
-            _ => None,
-        }
-    }
-    pub fn token_cookie(&self) -> Option<&str> {
-        match self.token.as_ref()?.source {
-            TokenSource::Cookie(name) => Some(name),
-            _ => None,
-        }
-    }
-    pub fn token_in_header(&self) -> bool {
-        matches!(
-            self.token.as_ref().map(|t| t.source),
-            Some(TokenSource::Header)
-        )
-    }
-    pub fn token_entry(&self) -> Option<&str> {
-        self.token.as_ref()?.entry
-    }
 }
 
 /// Enforces a failed check, or in report mode logs and counts it and lets the upgrade on.
@@ -161,7 +136,7 @@ pub async fn admit<'a>(
     policy: &Policy,
     route: &'a Route,
     attempt: &Attempt<'a>,
-) -> Result<Admitted<'a>, Rejection> {
+) -> Result<Admitted, Rejection> {
     let v = Verdicts {
         state,
         report: policy.mode == Mode::Report,
@@ -249,7 +224,6 @@ pub async fn admit<'a>(
         },
         claims,
         claim_headers,
-        token: found,
     })
 }
 

@@ -31,6 +31,7 @@ pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError
     let mut v = Validator {
         errors: Vec::new(),
         base,
+        files: Vec::new(),
     };
     if file.version != 1 {
         v.err(
@@ -85,17 +86,22 @@ pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError
         return Err(v.errors);
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+    v.files.sort();
+    v.files.dedup();
     Ok(Policy {
         mode,
         trusted_proxies,
         max_connections: max_connections as usize,
         routes,
+        files: v.files,
     })
 }
 
 struct Validator<'a> {
     errors: Vec<FieldError>,
     base: &'a Path,
+    /// Files read while validating.
+    files: Vec<PathBuf>,
 }
 
 /// Picks a leaf field from the route, else from `defaults`, remembering which one it was
@@ -145,13 +151,17 @@ impl Validator<'_> {
         });
     }
 
-    fn resolve(&self, path: &str) -> PathBuf {
+    /// The path of a file the policy names (relative to the policy's directory), noted
+    /// so that a change to it reloads the policy.
+    fn resolve(&mut self, path: &str) -> PathBuf {
         let p = Path::new(path);
-        if p.is_absolute() {
+        let resolved = if p.is_absolute() {
             p.to_owned()
         } else {
             self.base.join(p)
-        }
+        };
+        self.files.push(resolved.clone());
+        resolved
     }
 
     fn route(
