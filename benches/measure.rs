@@ -67,7 +67,7 @@ async fn run(scale: Scale) {
     std::fs::write(
         &policy,
         format!(
-            "version: 1\nmax_connections: 100000\ntrusted_proxies: [127.0.0.0/8]\ndefaults:\n  upstream: ws://{upstream_addr}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  rate: {{upgrades_per_second: 1000000, burst: 1000000, max_connections_per_ip: 100000, max_connections_per_subject: 100000}}\nroutes:\n  - path: /ws\n  - path: /hs256\n    auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  - path: /es256\n    auth: {{algorithms: [ES256], keys: [{{public_key_file: {keys}/ec.pub.pem}}]}}\n  - path: /flood\n    origin: {{allow: [\"https://only.example\"], allow_missing: false}}\n    rate: {{upgrades_per_second: 2, burst: 5}}\n"
+            "version: 1\nmax_connections: 100000\ntrusted_proxies: [127.0.0.0/8]\ndefaults:\n  upstream: ws://{upstream_addr}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 10000000, burst: 10000000, max_message_bytes: 2097152}}\n  rate: {{upgrades_per_second: 1000000, burst: 1000000, max_connections_per_ip: 100000, max_connections_per_subject: 100000}}\nroutes:\n  - path: /ws\n  - path: /hs256\n    auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n  - path: /es256\n    auth: {{algorithms: [ES256], keys: [{{public_key_file: {keys}/ec.pub.pem}}]}}\n  - path: /flood\n    origin: {{allow: [\"https://only.example\"], allow_missing: false}}\n    rate: {{upgrades_per_second: 2, burst: 5}}\n"
         ),
     )
     .unwrap();

@@ -197,10 +197,17 @@ async fn respond(
         claims: admitted.claims.clone(),
     };
     let Admitted { slots, .. } = admitted;
-    let recheck = relay::Recheck {
+    let expires_at = admitted
+        .claims
+        .as_ref()
+        .filter(|c| route.auth.close_on_expiry && c.exp > 0)
+        .map(|c| expiry_instant(c.exp + route.auth.leeway_seconds));
+    let connection = relay::Connection {
         policy: gate.policy.clone(),
         changes: policy_changes,
         standing,
+        expires_at,
+        report: policy.mode == crate::policy::Mode::Report,
     };
     let shutdown = gate.shutdown.token();
     let request_id = request_id.clone();
@@ -213,7 +220,7 @@ async fn respond(
                 return;
             }
         };
-        let outcome = relay::run(client, socket.io, route.clone(), shutdown, recheck).await;
+        let outcome = relay::run(client, socket.io, route.clone(), shutdown, connection).await;
         tracing::info!(
             request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
             route = %route.name, reason = outcome.reason.label(),
@@ -226,6 +233,15 @@ async fn respond(
         );
     });
     Ok(response)
+}
+
+/// The monotonic instant of a Unix time in seconds (now, if it has passed).
+fn expiry_instant(unix_seconds: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now);
+    Instant::now() + left
 }
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).

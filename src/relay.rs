@@ -91,6 +91,18 @@ pub enum CloseReason {
     Stalled(Side),
     /// A reloaded policy no longer admits the connection (IP, Origin or claims).
     PolicyChanged,
+    /// The client answered no heartbeat ping (nor sent anything) within the timeout.
+    HeartbeatTimeout,
+    /// No text or binary message either way for `idle_seconds`.
+    IdleTimeout,
+    /// `max_lifetime_seconds` reached.
+    MaxLifetime,
+    /// The token's `exp` (plus leeway) passed, with `close_on_expiry`.
+    TokenExpired,
+    /// The client sent messages faster than `messages.per_second`/`burst` allow.
+    RateExceeded,
+    /// The client sent a message type the route does not allow.
+    TypeNotAllowed,
     /// The gate is shutting down.
     Shutdown,
 }
@@ -134,6 +146,12 @@ impl CloseReason {
             CloseReason::Stalled(Side::Client) => "client_write_timeout",
             CloseReason::Stalled(Side::Upstream) => "upstream_write_timeout",
             CloseReason::PolicyChanged => "policy_changed",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateExceeded => "message_rate_exceeded",
+            CloseReason::TypeNotAllowed => "message_type_not_allowed",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -176,6 +194,31 @@ impl CloseReason {
                 Ending::Close(Some(frame(CloseCode::Policy, "policy changed"))),
                 going_away(),
             ),
+            // A dead client gets its close without waiting for an answer.
+            CloseReason::HeartbeatTimeout => (
+                Ending::CloseAndDrop(frame(CloseCode::Away, "heartbeat timeout")),
+                going_away(),
+            ),
+            CloseReason::IdleTimeout => (
+                Ending::Close(Some(frame(CloseCode::Away, "idle timeout"))),
+                Ending::Close(Some(frame(CloseCode::Away, "idle timeout"))),
+            ),
+            CloseReason::MaxLifetime => (
+                Ending::Close(Some(frame(CloseCode::Away, "max lifetime"))),
+                Ending::Close(Some(frame(CloseCode::Away, "max lifetime"))),
+            ),
+            CloseReason::TokenExpired => (
+                Ending::Close(Some(frame(CloseCode::Policy, "token expired"))),
+                going_away(),
+            ),
+            CloseReason::RateExceeded => (
+                Ending::Close(Some(frame(CloseCode::Policy, "message rate exceeded"))),
+                going_away(),
+            ),
+            CloseReason::TypeNotAllowed => (
+                Ending::Close(Some(frame(CloseCode::Policy, "message type not allowed"))),
+                going_away(),
+            ),
             CloseReason::Shutdown => (
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
@@ -206,15 +249,80 @@ pub struct Counts {
     pub bytes: u64,
 }
 
+/// What the client may send (client → upstream only): message types and a token bucket.
+struct Inbound {
+    allow_text: bool,
+    allow_binary: bool,
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+    /// In report mode violations are counted and the message is relayed.
+    report: bool,
+    violations: u64,
+}
+
+impl Inbound {
+    fn new(m: &Messages, report: bool, now: Instant) -> Inbound {
+        Inbound {
+            allow_text: m.allow_text,
+            allow_binary: m.allow_binary,
+            rate: m.per_second,
+            burst: f64::from(m.burst),
+            tokens: f64::from(m.burst),
+            refilled: now,
+            report,
+            violations: 0,
+        }
+    }
+
+    /// `None` when the message may go on (or report mode lets it), else why not.
+    fn check(&mut self, msg: &Message, now: Instant) -> Option<CloseReason> {
+        let allowed = match msg {
+            Message::Text(_) => self.allow_text,
+            _ => self.allow_binary,
+        };
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let violation = if !allowed {
+            Some(CloseReason::TypeNotAllowed)
+        } else if self.tokens < 1.0 {
+            Some(CloseReason::RateExceeded)
+        } else {
+            self.tokens -= 1.0;
+            None
+        };
+        let violation = violation?;
+        if !self.report {
+            return Some(violation);
+        }
+        self.violations += 1;
+        if self.violations == 1 {
+            // Once per connection: a flood in report mode must not flood the log.
+            tracing::warn!(
+                reason = violation.label(),
+                "report mode: this message would have closed the connection"
+            );
+        }
+        None
+    }
+}
+
 /// One direction of the relay: a message read from the source, waiting for the
 /// destination to accept it, and whether the destination needs a flush.
-#[derive(Default)]
 struct Direction {
     pending: Option<Message>,
     needs_flush: bool,
     /// When the destination last refused bytes and has not caught up since.
     stalled_since: Option<Instant>,
     counts: Counts,
+    /// Frames of any kind read from the source (heartbeat liveness).
+    frames: u64,
+    /// When the last text or binary message was read from the source (idle timeout).
+    last_data: Instant,
+    /// The client's message policy, on the client → upstream direction only.
+    inbound: Option<Inbound>,
 }
 
 enum Event {
@@ -224,6 +332,18 @@ enum Event {
 }
 
 impl Direction {
+    fn new(now: Instant, inbound: Option<Inbound>) -> Direction {
+        Direction {
+            pending: None,
+            needs_flush: false,
+            stalled_since: None,
+            counts: Counts::default(),
+            frames: 0,
+            last_data: now,
+            inbound,
+        }
+    }
+
     /// Move messages from `src` to `dst` until one of them would block.
     fn poll(
         &mut self,
@@ -252,18 +372,31 @@ impl Direction {
                 }
             }
             match Pin::new(&mut *src).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => match msg {
-                    Message::Text(_) | Message::Binary(_) => {
-                        self.counts.messages += 1;
-                        self.counts.bytes += msg.len() as u64;
-                        self.pending = Some(msg);
+                Poll::Ready(Some(Ok(msg))) => {
+                    self.frames += 1;
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) => {
+                            let now = Instant::now();
+                            if let Some(inbound) = &mut self.inbound {
+                                if let Some(reason) = inbound.check(&msg, now) {
+                                    return Poll::Ready(Event::End(reason));
+                                }
+                            }
+                            self.last_data = now;
+                            self.counts.messages += 1;
+                            self.counts.bytes += msg.len() as u64;
+                            self.pending = Some(msg);
+                        }
+                        Message::Close(frame) => {
+                            return Poll::Ready(Event::End(CloseReason::Closed {
+                                by: from,
+                                frame,
+                            }));
+                        }
+                        // Pings are answered by tungstenite itself; pongs end here.
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     }
-                    Message::Close(frame) => {
-                        return Poll::Ready(Event::End(CloseReason::Closed { by: from, frame }));
-                    }
-                    // Pings are answered by tungstenite itself; pongs end here.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                },
+                }
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Event::End(CloseReason::from_error(from, &e)))
                 }
@@ -297,6 +430,103 @@ impl Direction {
     }
 }
 
+/// The heartbeat towards the client.
+#[derive(Debug, Clone, Copy)]
+enum Heartbeat {
+    /// Send the next ping at this time.
+    PingAt(Instant),
+    /// A ping went out at `sent`; `frames` client frames had been read by then.
+    Awaiting { sent: Instant, frames: u64 },
+}
+
+/// Every deadline a connection has; one `Sleep` is set to the earliest of them.
+struct Deadlines {
+    write: Duration,
+    idle: Duration,
+    lifetime_end: Option<Instant>,
+    expires_at: Option<Instant>,
+    heartbeat: Heartbeat,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+}
+
+impl Deadlines {
+    fn next(&self, c2u: &Direction, u2c: &Direction) -> Instant {
+        let mut next = c2u.last_data.max(u2c.last_data) + self.idle;
+        for t in [self.lifetime_end, self.expires_at].into_iter().flatten() {
+            next = next.min(t);
+        }
+        next = next.min(match self.heartbeat {
+            Heartbeat::PingAt(t) => t,
+            Heartbeat::Awaiting { sent, .. } => sent + self.heartbeat_timeout,
+        });
+        for since in [c2u.stalled_since, u2c.stalled_since].into_iter().flatten() {
+            next = next.min(since + self.write);
+        }
+        next
+    }
+
+    /// What is due at `now`: a reason to close, or `None` (maybe after sending a ping).
+    fn due(
+        &mut self,
+        now: Instant,
+        client: &mut Ws,
+        c2u: &Direction,
+        u2c: &mut Direction,
+    ) -> Option<CloseReason> {
+        let expired = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + self.write);
+        if expired(c2u) {
+            return Some(CloseReason::Stalled(Side::Upstream));
+        }
+        if expired(u2c) {
+            return Some(CloseReason::Stalled(Side::Client));
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return Some(CloseReason::TokenExpired);
+        }
+        if self.lifetime_end.is_some_and(|t| now >= t) {
+            return Some(CloseReason::MaxLifetime);
+        }
+        if now >= c2u.last_data.max(u2c.last_data) + self.idle {
+            return Some(CloseReason::IdleTimeout);
+        }
+        match self.heartbeat {
+            Heartbeat::Awaiting { sent, frames } if now >= sent + self.heartbeat_timeout => {
+                if c2u.frames == frames {
+                    return Some(CloseReason::HeartbeatTimeout);
+                }
+                self.heartbeat = Heartbeat::PingAt((sent + self.heartbeat_interval).max(now));
+            }
+            Heartbeat::PingAt(t) if now >= t => {
+                // Queue the ping only if the client takes bytes now; a client that does
+                // not is the write deadline's to drop.
+                let ready = Pin::new(&mut *client).poll_ready(&mut Context::from_waker(
+                    futures_util::task::noop_waker_ref(),
+                ));
+                match ready {
+                    Poll::Ready(Ok(())) => {
+                        if Pin::new(&mut *client)
+                            .start_send(Message::Ping(Default::default()))
+                            .is_err()
+                        {
+                            return Some(CloseReason::Lost(Side::Client));
+                        }
+                        u2c.needs_flush = true;
+                    }
+                    Poll::Ready(Err(_)) => return Some(CloseReason::Lost(Side::Client)),
+                    Poll::Pending => {}
+                }
+                self.heartbeat = Heartbeat::Awaiting {
+                    sent: now,
+                    frames: c2u.frames,
+                };
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
 /// The outcome of one relayed connection, for the close log line and metrics.
 #[derive(Debug)]
 pub struct Outcome {
@@ -304,13 +534,21 @@ pub struct Outcome {
     pub client_to_upstream: Counts,
     pub upstream_to_client: Counts,
     pub duration: Duration,
+    /// Client messages let through in report mode that would otherwise have closed it.
+    pub report_violations: u64,
 }
 
-/// What the relay needs to apply a reloaded policy to its connection.
-pub struct Recheck {
+/// What the relay knows about its connection beyond the route.
+pub struct Connection {
     pub policy: PolicyHandle,
+    /// Wakes the relay when a new policy is swapped in.
     pub changes: watch::Receiver<u64>,
+    /// What it was admitted with, re-checked against each new policy.
     pub standing: Standing,
+    /// When the token expires (`exp` + leeway), if the route closes on expiry.
+    pub expires_at: Option<Instant>,
+    /// `mode: report` when it was admitted.
+    pub report: bool,
 }
 
 /// Relay between the two legs until one ends, then close both as SPEC §4 says.
@@ -319,7 +557,7 @@ pub async fn run(
     upstream: TokioIo<Upgraded>,
     route: Arc<Route>,
     shutdown: CancellationToken,
-    mut recheck: Recheck,
+    mut conn: Connection,
 ) -> Outcome {
     let started = Instant::now();
     let mut client = WebSocketStream::from_raw_socket(
@@ -334,16 +572,27 @@ pub async fn run(
         Some(upstream_config(&route.messages)),
     )
     .await;
-    let write_timeout = route.timeouts.write;
-
-    let mut c2u = Direction::default();
-    let mut u2c = Direction::default();
-    let write_deadline = sleep_until(started + write_timeout);
-    tokio::pin!(write_deadline);
+    let t = &route.timeouts;
+    let mut c2u = Direction::new(
+        started,
+        Some(Inbound::new(&route.messages, conn.report, started)),
+    );
+    let mut u2c = Direction::new(started, None);
+    let mut deadlines = Deadlines {
+        write: t.write,
+        idle: t.idle,
+        lifetime_end: t.max_lifetime.map(|l| started + l),
+        expires_at: conn.expires_at,
+        heartbeat: Heartbeat::PingAt(started + route.heartbeat.interval),
+        heartbeat_interval: route.heartbeat.interval,
+        heartbeat_timeout: route.heartbeat.timeout,
+    };
+    // The one timer of this connection, always set to the earliest deadline.
+    let timer = sleep_until(deadlines.next(&c2u, &u2c));
+    tokio::pin!(timer);
 
     let mut watching_policy = true;
     let reason = loop {
-        let stalled = c2u.stalled_since.is_some() || u2c.stalled_since.is_some();
         tokio::select! {
             event = poll_fn(|cx| {
                 if let Poll::Ready(e) = c2u.poll(&mut client, &mut upstream, Side::Client, Side::Upstream, cx) {
@@ -352,32 +601,21 @@ pub async fn run(
                 u2c.poll(&mut upstream, &mut client, Side::Upstream, Side::Client, cx)
             }) => match event {
                 Event::End(reason) => break reason,
-                Event::Stalled => {
-                    let oldest = [c2u.stalled_since, u2c.stalled_since].into_iter().flatten().min();
-                    if let Some(since) = oldest {
-                        write_deadline.as_mut().reset(since + write_timeout);
-                    }
-                }
+                Event::Stalled => timer.as_mut().reset(deadlines.next(&c2u, &u2c)),
             },
-            () = &mut write_deadline, if stalled => {
-                let now = Instant::now();
-                let expired = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + write_timeout);
-                if expired(&c2u) {
-                    break CloseReason::Stalled(Side::Upstream);
+            () = &mut timer => {
+                if let Some(reason) = deadlines.due(Instant::now(), &mut client, &c2u, &mut u2c) {
+                    break reason;
                 }
-                if expired(&u2c) {
-                    break CloseReason::Stalled(Side::Client);
-                }
-                let oldest = [c2u.stalled_since, u2c.stalled_since].into_iter().flatten().min();
-                write_deadline.as_mut().reset(oldest.unwrap_or(now) + write_timeout);
+                timer.as_mut().reset(deadlines.next(&c2u, &u2c));
             },
-            changed = recheck.changes.changed(), if watching_policy => {
+            changed = conn.changes.changed(), if watching_policy => {
                 if changed.is_err() {
                     watching_policy = false;
                     continue;
                 }
-                let loaded = recheck.policy.load();
-                if let Err(why) = admission::recheck(&loaded.policy, &recheck.standing) {
+                let loaded = conn.policy.load();
+                if let Err(why) = admission::recheck(&loaded.policy, &conn.standing) {
                     if loaded.policy.mode == Mode::Report {
                         tracing::warn!(reason = why.reason(), "report mode: the new policy would close this connection");
                     } else {
@@ -391,7 +629,7 @@ pub async fn run(
     };
 
     let (to_client, to_upstream) = reason.endings();
-    let deadline = Instant::now() + write_timeout;
+    let deadline = Instant::now() + t.write;
     tokio::join!(
         end(&mut client, to_client, deadline),
         end(&mut upstream, to_upstream, deadline)
@@ -401,9 +639,9 @@ pub async fn run(
         client_to_upstream: c2u.counts,
         upstream_to_client: u2c.counts,
         duration: started.elapsed(),
+        report_violations: c2u.inbound.map_or(0, |i| i.violations),
     }
 }
-
 /// End one side of a relay, never past `deadline`. Dropping the socket afterwards closes
 /// TCP: as the server of the client leg that is our job once the handshake is complete.
 async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {

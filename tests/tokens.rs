@@ -1053,7 +1053,6 @@ async fn token_copies_in_other_sources_are_not_forwarded() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: close_on_expiry is parsed but never enforced: nothing in src/relay.rs closes a connection with 1008 \"token expired\" at exp + leeway (SPEC §2, §4)"]
 async fn token_expiry_closes_the_connection_with_1008() {
     let upstream = Upstream::start().await;
     let gate = hmac_gate(&upstream, "leeway_seconds: 2, close_on_expiry: true").await;

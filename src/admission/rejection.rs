@@ -111,7 +111,8 @@ impl Rejection {
         let headers = builder.headers_mut().expect("a fresh builder has headers");
         // A refused client gets no further use of its connection.
         headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        let retry = |d: &Duration| HeaderValue::from(d.as_secs().max(1));
+        // Rounded up: a client that waits exactly this long must not be refused again.
+        let retry = |d: &Duration| HeaderValue::from(d.as_secs_f64().ceil().max(1.0) as u64);
         match &self {
             Rejection::NotWebsocket(_) => {
                 headers.insert(UPGRADE, HeaderValue::from_static("websocket"));

@@ -116,7 +116,7 @@ pub struct UpstreamOptions {
 
 /// A real WebSocket (and plain HTTP) upstream. Text commands: `close CODE REASON`,
 /// `big N` (sends N bytes), `flood N SIZE` (sends N messages as fast as the gate takes
-/// them), `drop` (TCP reset); anything else echoes.
+/// them), `drop` (TCP reset), `stall` (never reads again); anything else echoes.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -311,6 +311,11 @@ async fn upstream_service(
                             }
                         }
                         Some("drop") => break Ended::Dropped,
+                        // Stop reading (and answering) altogether, holding the socket.
+                        Some("stall") => {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            break Ended::Dropped;
+                        }
                         _ => {
                             if ws.send(Message::Text(text)).await.is_err() {
                                 break Ended::Dropped;
@@ -407,11 +412,11 @@ impl tokio::io::AsyncWrite for ClientStream {
     }
 }
 
-/// A policy with auth off and no Origin needed, in front of `upstream`, plus `extra` YAML
-/// appended under the `/ws` route.
+/// A policy with auth off, no Origin needed and no practical message-rate limit, in front
+/// of `upstream`, plus `extra` YAML appended under the `/ws` route.
 pub fn open_policy(upstream: &str, route_extra: &str) -> String {
     format!(
-        "version: 1\ndefaults:\n  upstream: {upstream}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\nroutes:\n  - path: /ws\n    name: ws\n{route_extra}"
+        "version: 1\ndefaults:\n  upstream: {upstream}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 100000, burst: 100000}}\nroutes:\n  - path: /ws\n    name: ws\n{route_extra}"
     )
 }
 

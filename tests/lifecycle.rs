@@ -1,0 +1,274 @@
+//! After the upgrade: heartbeats, idle and lifetime limits, token expiry, the message
+//! policy and slow peers, each closing with SPEC §4's codes. Short real deadlines.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_dropped() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.3, timeout_seconds: 0.3}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let started = Instant::now();
+    // The client reads nothing, so it never answers the gate's ping.
+    let ended = upstream.wait_ended(0).await;
+    let took = started.elapsed();
+    assert_eq!(ended, Ended::Close(1001, String::new()));
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(3),
+        "dropped after {}",
+        secs(took)
+    );
+    // On the wire: the ping, then the close, sent without waiting for an answer.
+    assert_eq!(
+        raw_close(&mut client).await,
+        (1001, "heartbeat timeout".into())
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_survives_many_intervals() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.1, timeout_seconds: 0.1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // Reading lets tungstenite answer each ping; 15 intervals pass.
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        if let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_millis(50), client.next()).await
+        {
+            assert!(m.is_ping(), "unexpected {m:?}");
+            pings += 1;
+        }
+    }
+    assert!(pings >= 5, "only {pings} pings in 1.5 s");
+    client.send(Message::text("alive")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("alive"));
+    assert!(upstream.ended.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_gates_pongs_and_pings_are_not_forwarded() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client
+        .send(Message::Ping(b"hello?".to_vec().into()))
+        .await
+        .unwrap();
+    // The gate answers the client's ping itself.
+    match tokio::time::timeout(DEADLINE, client.next()).await.unwrap() {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hello?"),
+        other => panic!("expected the gate's pong, got {other:?}"),
+    }
+    client.send(Message::text("after")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("after"));
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_chatty_ones_stay() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {idle_seconds: 1}\n    heartbeat: {interval_seconds: 0.2, timeout_seconds: 0.5}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut quiet, _) = gate.connect("/ws").await.unwrap();
+    let (mut chatty, _) = gate.connect("/ws").await.unwrap();
+    let started = Instant::now();
+    let talker = tokio::spawn(async move {
+        for i in 0..8 {
+            chatty.send(Message::text(format!("m{i}"))).await.unwrap();
+            assert_eq!(
+                next_message(&mut chatty).await,
+                Message::text(format!("m{i}"))
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        chatty
+    });
+    // Pings and pongs flow on the quiet one (next_close answers them) but do not count.
+    assert_eq!(next_close(&mut quiet).await, (1001, "idle timeout".into()));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(2500),
+        "idle close after {}",
+        secs(took)
+    );
+    let mut chatty = talker.await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the chatty one outlived the idle timeout"
+    );
+    chatty.send(Message::text("still")).await.unwrap();
+    assert_eq!(next_message(&mut chatty).await, Message::text("still"));
+    assert!(matches!(upstream.wait_ended(0).await, Ended::Close(1001, r) if r == "idle timeout"));
+}
+
+#[tokio::test]
+async fn max_lifetime_closes_both_sides() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {max_lifetime_seconds: 0.8}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let started = Instant::now();
+    client.send(Message::text("busy")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("busy"));
+    assert_eq!(next_close(&mut client).await, (1001, "max lifetime".into()));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(2),
+        "after {}",
+        secs(took)
+    );
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, "max lifetime".into())
+    );
+}
+
+#[tokio::test]
+async fn an_expiring_token_closes_with_1008_without_traffic() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}], leeway_seconds: 0}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let exp = now.as_secs() + 3;
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"sub": "soon", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    let (mut client, _) = gate.connect_request(request).await.unwrap();
+    let until_exp = Duration::from_secs(exp) - now;
+    let started = Instant::now();
+    assert_eq!(
+        next_close(&mut client).await,
+        (1008, "token expired".into())
+    );
+    let took = started.elapsed();
+    assert!(
+        took + Duration::from_millis(200) >= until_exp && took < until_exp + Duration::from_secs(1),
+        "closed after {} s; the token had {} s left",
+        secs(took),
+        secs(until_exp)
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+fn rate_policy(upstream: &Upstream, mode: &str) -> String {
+    format!(
+        "version: 1\nmode: {mode}\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 1, burst: 3, types: [text]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn message_rate_over_the_burst_is_1008() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&rate_policy(&upstream, "enforce")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    for i in 0..3 {
+        client.send(Message::text(format!("{i}"))).await.unwrap();
+        assert_eq!(
+            next_message(&mut client).await,
+            Message::text(format!("{i}"))
+        );
+    }
+    client.send(Message::text("one too many")).await.unwrap();
+    assert_eq!(
+        next_close(&mut client).await,
+        (1008, "message rate exceeded".into())
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+#[tokio::test]
+async fn a_disallowed_message_type_is_1008() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&rate_policy(&upstream, "enforce")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        next_close(&mut client).await,
+        (1008, "message type not allowed".into())
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+#[tokio::test]
+async fn report_mode_relays_rate_and_type_violations() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&rate_policy(&upstream, "report")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    for i in 0..10 {
+        client.send(Message::text(format!("{i}"))).await.unwrap();
+        assert_eq!(
+            next_message(&mut client).await,
+            Message::text(format!("{i}"))
+        );
+    }
+    client.send(Message::binary(vec![9u8])).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::binary(vec![9u8]));
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_gets_the_client_closed_with_1014() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {write_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("stall")).await.unwrap();
+    // Flood until the gate, whose upstream no longer reads, stops reading us too.
+    let chunk = Message::binary(vec![5u8; 64 * 1024]);
+    let started = Instant::now();
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_millis(300), client.send(chunk.clone())).await
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the gate never pushed back"
+        );
+    }
+    let pushed_back = Instant::now();
+    // tungstenite refuses to parse 1014, so read the wire.
+    assert_eq!(
+        raw_close(&mut client).await,
+        (1014, "upstream unavailable".into())
+    );
+    let took = pushed_back.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "closed {} s after the push-back",
+        secs(took)
+    );
+}
