@@ -19,6 +19,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
 struct Scale {
     idle: usize,
+    /// Idle connections held (with heartbeats) for the CPU measurement, and for how long.
+    held: usize,
+    held_for: Duration,
     echo_for: Duration,
     concurrency: usize,
     connect_for: Duration,
@@ -30,6 +33,8 @@ fn main() {
     let scale = if full {
         Scale {
             idle: 1000,
+            held: 9000,
+            held_for: Duration::from_secs(60),
             echo_for: Duration::from_secs(5),
             concurrency: 16,
             connect_for: Duration::from_secs(5),
@@ -38,6 +43,8 @@ fn main() {
     } else {
         Scale {
             idle: 20,
+            held: 50,
+            held_for: Duration::from_secs(2),
             echo_for: Duration::from_millis(300),
             concurrency: 2,
             connect_for: Duration::from_millis(300),
@@ -89,6 +96,38 @@ async fn run(scale: Scale) {
     println!("idle: gate RSS {before} KiB -> {after} KiB with {} connections: {per_conn:.1} KiB per connection (both legs)", scale.idle);
     drop(idle);
     tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Many idle connections with heartbeats running: RSS per connection, and the gate's
+    // CPU time on them. Each client reads, so it answers the gate's pings.
+    let before = rss_kib(gate.child.id());
+    let mut readers = Vec::with_capacity(scale.held);
+    for i in 0..scale.held {
+        let source = std::net::Ipv4Addr::new(127, 0, 2, (i % 200) as u8 + 1);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
+        let tcp = socket.connect(gate.addr).await.unwrap();
+        let request = format!("ws://{}/ws", gate.addr).into_client_request().unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+        readers.push(tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(gate.child.id());
+    let cpu_before = cpu_ticks(gate.child.id());
+    tokio::time::sleep(scale.held_for).await;
+    let cpu = cpu_ticks(gate.child.id()) - cpu_before;
+    let alive = readers.iter().filter(|r| !r.is_finished()).count();
+    let per_minute_ms = cpu as f64 * 10.0 * 60.0 / scale.held_for.as_secs_f64();
+    println!(
+        "held: {} connections with heartbeats (20 s interval): RSS {before} KiB -> {after} KiB = {:.1} KiB per connection; gate CPU {per_minute_ms:.0} ms per minute ({:.2}% of a core); {alive} still open after {:?}",
+        scale.held,
+        after.saturating_sub(before) as f64 / scale.held as f64,
+        per_minute_ms / 600.0,
+        scale.held_for
+    );
+    for r in readers {
+        r.abort();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Echo round trips, direct then through the gate, same upstream, same client.
     for size in [64usize, 16 * 1024] {
@@ -306,6 +345,15 @@ async fn echo(addr: SocketAddr, c: usize, size: usize, duration: Duration) -> f6
         total += t.await.unwrap();
     }
     total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(end) = stat.rfind(')') else { return 0 };
+    let fields: Vec<&str> = stat[end + 2..].split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 fn rss_kib(pid: u32) -> u64 {
