@@ -106,9 +106,13 @@ async fn run(scale: Scale) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
         let tcp = socket.connect(gate.addr).await.unwrap();
-        let request = format!("ws://{}/ws", gate.addr).into_client_request().unwrap();
+        let request = format!("ws://{}/ws", gate.addr)
+            .into_client_request()
+            .unwrap();
         let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
-        readers.push(tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} }));
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(gate.child.id());
@@ -352,7 +356,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let Some(end) = stat.rfind(')') else { return 0 };
     let fields: Vec<&str> = stat[end + 2..].split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     field(11) + field(12)
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,7 +28,45 @@ use tokio::sync::watch;
 use crate::admission::{self, Standing};
 use crate::policy::{Messages, Mode, PolicyHandle, Route};
 
-pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
+
+/// A leg's socket, counting the bytes the peer has accepted, so that the write deadline
+/// measures "accepts no bytes" and not "has not caught up".
+pub struct Counted<T> {
+    io: T,
+    written: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            this.written += n as u64;
+        }
+        result
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
 
 /// Bytes read from a socket per read call, and the write buffer target: small, because a
 /// sidecar holds tens of thousands of mostly idle connections (tungstenite's default is
@@ -260,10 +299,14 @@ struct Inbound {
     /// In report mode violations are counted and the message is relayed.
     report: bool,
     violations: u64,
+    /// For the report-mode log line.
+    route: Arc<Route>,
+    client_ip: std::net::IpAddr,
 }
 
 impl Inbound {
-    fn new(m: &Messages, report: bool, now: Instant) -> Inbound {
+    fn new(route: Arc<Route>, client_ip: std::net::IpAddr, report: bool, now: Instant) -> Inbound {
+        let m = &route.messages;
         Inbound {
             allow_text: m.allow_text,
             allow_binary: m.allow_binary,
@@ -273,6 +316,8 @@ impl Inbound {
             refilled: now,
             report,
             violations: 0,
+            route: route.clone(),
+            client_ip,
         }
     }
 
@@ -301,6 +346,8 @@ impl Inbound {
         if self.violations == 1 {
             // Once per connection: a flood in report mode must not flood the log.
             tracing::warn!(
+                route = %self.route.name,
+                client_ip = %self.client_ip,
                 reason = violation.label(),
                 "report mode: this message would have closed the connection"
             );
@@ -314,8 +361,10 @@ impl Inbound {
 struct Direction {
     pending: Option<Message>,
     needs_flush: bool,
-    /// When the destination last refused bytes and has not caught up since.
+    /// When the destination last refused bytes and has accepted none since.
     stalled_since: Option<Instant>,
+    /// The destination's byte count when the stall began (or last made progress).
+    stall_written: u64,
     counts: Counts,
     /// Frames of any kind read from the source (heartbeat liveness).
     frames: u64,
@@ -337,6 +386,7 @@ impl Direction {
             pending: None,
             needs_flush: false,
             stalled_since: None,
+            stall_written: 0,
             counts: Counts::default(),
             frames: 0,
             last_data: now,
@@ -367,7 +417,7 @@ impl Direction {
                     }
                     Poll::Pending => {
                         self.pending = Some(msg);
-                        return self.stall();
+                        return self.stall(dst);
                     }
                 }
             }
@@ -413,7 +463,7 @@ impl Direction {
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Event::End(CloseReason::from_error(to, &e)))
                 }
-                Poll::Pending => return self.stall(),
+                Poll::Pending => return self.stall(dst),
             }
         } else if self.pending.is_none() {
             self.stalled_since = None;
@@ -421,12 +471,22 @@ impl Direction {
         Poll::Pending
     }
 
-    fn stall(&mut self) -> Poll<Event> {
+    fn stall(&mut self, dst: &Ws) -> Poll<Event> {
         if self.stalled_since.is_none() {
             self.stalled_since = Some(Instant::now());
+            self.stall_written = dst.get_ref().written;
             return Poll::Ready(Event::Stalled);
         }
         Poll::Pending
+    }
+
+    /// A stalled destination that accepted some bytes since is not stalled for long: its
+    /// write deadline starts again from `now`.
+    fn note_progress(&mut self, dst: &Ws, now: Instant) {
+        if self.stalled_since.is_some() && dst.get_ref().written != self.stall_written {
+            self.stall_written = dst.get_ref().written;
+            self.stalled_since = Some(now);
+        }
     }
 }
 
@@ -471,9 +531,12 @@ impl Deadlines {
         &mut self,
         now: Instant,
         client: &mut Ws,
-        c2u: &Direction,
+        upstream: &Ws,
+        c2u: &mut Direction,
         u2c: &mut Direction,
     ) -> Option<CloseReason> {
+        c2u.note_progress(upstream, now);
+        u2c.note_progress(client, now);
         let expired = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + self.write);
         if expired(c2u) {
             return Some(CloseReason::Stalled(Side::Upstream));
@@ -492,7 +555,9 @@ impl Deadlines {
         }
         match self.heartbeat {
             Heartbeat::Awaiting { sent, frames } if now >= sent + self.heartbeat_timeout => {
-                if c2u.frames == frames {
+                // While the upstream takes nothing the gate reads nothing from the client,
+                // so its pong may be waiting unread: the write deadline judges that case.
+                if c2u.frames == frames && c2u.stalled_since.is_none() {
                     return Some(CloseReason::HeartbeatTimeout);
                 }
                 self.heartbeat = Heartbeat::PingAt((sent + self.heartbeat_interval).max(now));
@@ -561,13 +626,19 @@ pub async fn run(
 ) -> Outcome {
     let started = Instant::now();
     let mut client = WebSocketStream::from_raw_socket(
-        client,
+        Counted {
+            io: client,
+            written: 0,
+        },
         Role::Server,
         Some(client_config(&route.messages)),
     )
     .await;
     let mut upstream = WebSocketStream::from_raw_socket(
-        upstream,
+        Counted {
+            io: upstream,
+            written: 0,
+        },
         Role::Client,
         Some(upstream_config(&route.messages)),
     )
@@ -575,7 +646,12 @@ pub async fn run(
     let t = &route.timeouts;
     let mut c2u = Direction::new(
         started,
-        Some(Inbound::new(&route.messages, conn.report, started)),
+        Some(Inbound::new(
+            route.clone(),
+            conn.standing.client_ip,
+            conn.report,
+            started,
+        )),
     );
     let mut u2c = Direction::new(started, None);
     let mut deadlines = Deadlines {
@@ -604,7 +680,7 @@ pub async fn run(
                 Event::Stalled => timer.as_mut().reset(deadlines.next(&c2u, &u2c)),
             },
             () = &mut timer => {
-                if let Some(reason) = deadlines.due(Instant::now(), &mut client, &c2u, &mut u2c) {
+                if let Some(reason) = deadlines.due(Instant::now(), &mut client, &upstream, &mut c2u, &mut u2c) {
                     break reason;
                 }
                 timer.as_mut().reset(deadlines.next(&c2u, &u2c));
@@ -616,10 +692,11 @@ pub async fn run(
                 }
                 let loaded = conn.policy.load();
                 if let Err(why) = admission::recheck(&loaded.policy, &conn.standing) {
+                    let (route, ip) = (&route.name, conn.standing.client_ip);
                     if loaded.policy.mode == Mode::Report {
-                        tracing::warn!(reason = why.reason(), "report mode: the new policy would close this connection");
+                        tracing::warn!(route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
                     } else {
-                        tracing::info!(reason = why.reason(), "the new policy no longer admits this connection");
+                        tracing::info!(route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
                         break CloseReason::PolicyChanged;
                     }
                 }

@@ -503,3 +503,54 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_stays_bounded_while_a_client_that_reads_nothing_is_flooded() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        open_policy(&upstream.url(), "    timeouts: {write_seconds: 3}\n"),
+    )
+    .unwrap();
+    let gate = Proc::start(&policy, &[]);
+    let pid = gate.child.id();
+    let mut client = gate.connect("/ws").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = rss_kib(pid);
+    // 256 MiB in 64 KiB messages towards a client that never reads.
+    client
+        .send(Message::text("flood 4096 65536"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut peak = baseline;
+    while started.elapsed() < Duration::from_millis(2500) {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("gate RSS {baseline} KiB, peak {peak} KiB while flooding a stalled client");
+    assert!(
+        growth < 8 * 1024,
+        "the gate grew by {growth} KiB: it is buffering for a stalled client"
+    );
+    // And after write_seconds the stalled client is dropped and the upstream closed.
+    let ended = upstream.wait_ended(0).await;
+    assert!(
+        matches!(ended, Ended::Close(1001, _) | Ended::Dropped),
+        "{ended:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+}

@@ -272,3 +272,53 @@ async fn an_upstream_that_stops_reading_gets_the_client_closed_with_1014() {
         secs(took)
     );
 }
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_taking_bytes_is_not_dropped() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {write_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // 64 MiB towards a client that reads one message every 20 ms (about 3 MB/s): always
+    // behind the flood, but taking bytes, so write_seconds must not drop it. (Much slower
+    // readers free too little of loopback's multi-megabyte socket buffers for the kernel
+    // to take any bytes from the gate for a whole second, which is a real stall.)
+    client
+        .send(Message::text("flood 1024 65536"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        match next_message(&mut client).await {
+            Message::Binary(b) => assert_eq!(b.len(), 65536),
+            other => panic!("unexpected {other:?}"),
+        }
+        got += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(got >= 50, "read only {got} messages");
+    assert!(
+        upstream.ended.lock().unwrap().is_empty(),
+        "the slow reader was dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_is_not_blamed_on_the_clients_heartbeat() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {write_seconds: 2}\n    heartbeat: {interval_seconds: 0.3, timeout_seconds: 0.3}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("stall")).await.unwrap();
+    let chunk = Message::binary(vec![5u8; 64 * 1024]);
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_millis(300), client.send(chunk.clone())).await
+    {}
+    // The client's pongs wait unread behind the stalled upstream: the verdict must be the
+    // upstream's (1014 after write_seconds), not a heartbeat timeout.
+    assert_eq!(
+        raw_close(&mut client).await,
+        (1014, "upstream unavailable".into())
+    );
+}
