@@ -181,8 +181,12 @@ async fn run(scale: Scale) {
         with_es / open
     );
 
-    // Address flood: distinct X-Forwarded-For addresses through a trusted peer, each
-    // refused at Origin after the rate check, so each leaves a limiter key behind.
+    // Address flood, on a fresh gate so that heap freed by the phases above does not hide
+    // growth: distinct X-Forwarded-For addresses through a trusted peer, each refused at
+    // Origin after the rate check, so each leaves a limiter key behind.
+    gate.stop();
+    let mut gate = Gate::start(&policy);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(gate.child.id());
     let started = Instant::now();
     flood(gate.addr, scale.flood).await;
