@@ -1,4 +1,4 @@
-//! The admin listener (plain HTTP): `/healthz`, `/readyz`.
+//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `/policy`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -39,6 +39,25 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
 }
 
 async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    match req.uri().path() {
+        "/metrics" => {
+            return Ok(Response::builder()
+                .header(
+                    http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(full(Bytes::from(gate.metrics.encode())))
+                .unwrap_or_default())
+        }
+        "/policy" => {
+            let described = gate.policy.load().describe();
+            return Ok(Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(full(Bytes::from(described.to_string())))
+                .unwrap_or_default());
+        }
+        _ => {}
+    }
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if gate.shutdown.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),

@@ -123,8 +123,11 @@ routes:
     Ok(path)
 }
 
-/// The demo page: connects with `wss://`, passing the token as a subprotocol (browsers
-/// cannot set headers on a WebSocket), and shows messages, closes and refusals.
+/// The demo page: connects with `wss://` to the gate that served it (or, with
+/// `?gate=HOST:PORT`, to a gate on another loopback origin), passing the token as a
+/// subprotocol beside a real `echo` one (browsers cannot set headers on a WebSocket). On
+/// open it sends one greeting. `#log` holds one machine-readable line per event (`open`,
+/// `sent: …`, `received: …`, `error`, `closed: code N …`) and `#state` the latest state.
 pub fn page(token: &str) -> String {
     format!(
         r#"<!doctype html>
@@ -132,19 +135,31 @@ pub fn page(token: &str) -> String {
 <style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}#log{{white-space:pre-wrap;border:1px solid #ccc;padding:.5em;min-height:10em}}</style>
 </head><body>
 <h1>wsgate demo</h1>
-<p>This page talks to an echo server through wsgate at <code>wss://HOST/ws</code>, with its token as the <code>bearer.</code> subprotocol.</p>
+<p>This page talks to an echo server through wsgate at <code id="url"></code>, with its token as the <code>bearer.</code> subprotocol. State: <b id="state">connecting</b></p>
 <input id="msg" value="hello through the gate"> <button id="send">Send</button> <button id="close">Close</button>
-<div id="log"></div>
+<pre id="log"></pre>
 <script>
+"use strict";
 const token = "{token}";
-const log = (s) => document.getElementById('log').textContent += s + "\n";
-const ws = new WebSocket(`wss://${{location.host}}/ws`, ["bearer." + token, "echo"]);
-ws.onopen = () => log("open (subprotocol: " + ws.protocol + ")");
+const $ = (id) => document.getElementById(id);
+const log = (line) => {{ $("log").textContent += line + "\n"; }};
+const state = (s) => {{ $("state").textContent = s; }};
+// ?gate=HOST:PORT connects to another gate, loopback only: the page holds a token.
+const gate = new URLSearchParams(location.search).get("gate");
+const loopback = /^(localhost|127\.0\.0\.1|\[::1\]):[0-9]{{1,5}}$/;
+const host = gate && loopback.test(gate) ? gate : location.host;
+if (gate && host !== gate) log("ignored gate: " + gate + " (loopback HOST:PORT only)");
+const url = `wss://${{host}}/ws`;
+$("url").textContent = url;
+log("connecting: " + url);
+const ws = new WebSocket(url, ["bearer." + token, "echo"]);
+const send = (text) => {{ ws.send(text); log("sent: " + text); }};
+ws.onopen = () => {{ state("open"); log("open"); log("subprotocol: " + ws.protocol); send("hello from the browser"); }};
 ws.onmessage = (e) => log("received: " + e.data);
-ws.onclose = (e) => log("closed: code " + e.code + (e.reason ? " " + e.reason : ""));
-ws.onerror = () => log("error: the gate refused the connection");
-document.getElementById('send').onclick = () => ws.send(document.getElementById('msg').value);
-document.getElementById('close').onclick = () => ws.close(1000, "bye");
+ws.onerror = () => {{ state("error"); log("error"); log("(the gate refused the connection or it failed; the browser hides the HTTP status: see the gate's log)"); }};
+ws.onclose = (e) => {{ state("closed"); log("closed: code " + e.code + (e.reason ? " " + e.reason : "")); }};
+$("send").onclick = () => send($("msg").value);
+$("close").onclick = () => ws.close(1000, "bye");
 </script>
 </body></html>
 "#

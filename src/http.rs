@@ -34,6 +34,8 @@ pub fn full(bytes: Bytes) -> Body {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// When the TCP connection was accepted (`wsgate_upgrade_duration_seconds` starts here).
+    pub accepted: Instant,
 }
 
 /// hyper's service function: every request gets a response, never an error.
@@ -61,11 +63,16 @@ pub async fn handle(
         &mut matched,
     )
     .await;
-    let route_name = matched.as_ref().map_or("none", |r| r.name.as_str());
+    let route_name = matched
+        .as_ref()
+        .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let response = match result {
         Ok(response) => {
             if upgrade {
+                gate.metrics.upgrade(route_name, "accepted");
+                let since_accept = conn.accepted.elapsed().as_secs_f64();
+                gate.metrics.upgrade_duration.observe(since_accept);
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
@@ -75,6 +82,7 @@ pub async fn handle(
             response
         }
         Err(rejection) => {
+            gate.metrics.upgrade(route_name, rejection.reason());
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                 route = route_name, path = %path, result = rejection.reason(),
@@ -203,6 +211,8 @@ async fn respond(
         .filter(|c| route.auth.close_on_expiry && c.exp > 0)
         .map(|c| expiry_instant(c.exp + route.auth.leeway_seconds));
     let connection = relay::Connection {
+        metrics: gate.metrics.connection(&route.name),
+        registry: gate.metrics.clone(),
         policy: gate.policy.clone(),
         changes: policy_changes,
         standing,

@@ -27,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod mint;
 pub mod policy;
 pub mod proxy;
@@ -55,6 +56,7 @@ pub struct Gate {
     /// `None` with `--plaintext`.
     pub tls: Option<tls::Acceptor>,
     pub reloads: Arc<ReloadCounts>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// How to run a gate: already bound sockets, so nothing here can fail on a port.
@@ -65,6 +67,9 @@ pub struct Options {
     pub tls: Option<rustls::ServerConfig>,
     /// Reload on SIGHUP (the binary; tests reload by writing the file).
     pub sighup: bool,
+    /// The certificate and key files behind `tls`, watched for rotation (`None`: the
+    /// certificate never changes, as in the demo).
+    pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Extra CA certificates trusted for `jwks_url` fetches (besides the Mozilla roots).
     pub jwks_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
@@ -80,13 +85,24 @@ pub struct Running {
 pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
     let addr = options.listener.local_addr()?;
     let admin_addr = options.admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics = Arc::new(metrics::Metrics::new());
     let gate = Arc::new(Gate {
         policy: PolicyHandle::new(loaded),
         shutdown: Shutdown::new(),
-        admission: admission::State::new(options.jwks_roots),
+        admission: admission::State::new(options.jwks_roots, metrics.clone()),
         tls: options.tls.map(tls::Acceptor::new),
         reloads: Arc::new(ReloadCounts::default()),
+        metrics,
     });
+    if let (Some(acceptor), Some((cert, key))) = (&gate.tls, options.tls_files) {
+        tls::watch(
+            cert,
+            key,
+            acceptor.clone(),
+            gate.metrics.clone(),
+            gate.shutdown.token(),
+        );
+    }
     gate.admission.jwks.sync(&gate.policy.load().policy);
     tokio::spawn(maintain(Arc::downgrade(&gate)));
     tokio::spawn(listener::serve(options.listener, gate.clone()));
@@ -97,6 +113,7 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         options.policy_path,
         gate.policy.clone(),
         gate.reloads.clone(),
+        gate.metrics.clone(),
         options.sighup,
         gate.shutdown.token(),
     );

@@ -58,16 +58,29 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
 
 async fn connection(gate: Arc<Gate>, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
     let handshake = gate.policy.load().policy.handshake_timeout();
-    let deadline = Instant::now() + handshake;
+    let accepted = Instant::now();
+    let deadline = accepted + handshake;
     match &gate.tls {
         Some(acceptor) => match timeout_at(deadline, acceptor.current().accept(tcp)).await {
             Ok(Ok(stream)) => {
-                serve_http(gate, stream, ConnInfo { peer, tls: true }, deadline).await
+                let info = ConnInfo {
+                    peer,
+                    tls: true,
+                    accepted,
+                };
+                serve_http(gate, stream, info, deadline).await
             }
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
         },
-        None => serve_http(gate, tcp, ConnInfo { peer, tls: false }, deadline).await,
+        None => {
+            let info = ConnInfo {
+                peer,
+                tls: false,
+                accepted,
+            };
+            serve_http(gate, tcp, info, deadline).await
+        }
     }
 }
 

@@ -254,6 +254,7 @@ async fn run(args: RunArgs) -> ExitCode {
         admin,
         tls,
         sighup: true,
+        tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         jwks_roots: extra_roots(),
     };
     let running = match wsgate::start(loaded, options) {
@@ -351,6 +352,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         admin: None,
         tls: Some(tls),
         sighup: true,
+        tls_files: None,
         jwks_roots: Vec::new(),
     };
     let Ok(running) = wsgate::start(loaded, options) else {

@@ -257,10 +257,99 @@ pub struct Heartbeat {
 #[derive(Debug)]
 pub struct Loaded {
     pub policy: Policy,
+    /// The file as loaded, as JSON (it holds names of secrets, never secrets).
+    pub document: serde_json::Value,
     /// Hex sha256 of the file's bytes.
     pub sha256: String,
     pub loaded_at: SystemTime,
     pub source: PathBuf,
+}
+
+impl Loaded {
+    /// What `GET /policy` shows: the file as loaded, each route as resolved, the file's
+    /// sha256 and the load time. Key material is never included: keys are described by
+    /// kind and `kid` only.
+    pub fn describe(&self) -> serde_json::Value {
+        use serde_json::json;
+        let loaded_at = self
+            .loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let routes: Vec<_> = self
+            .policy
+            .routes
+            .iter()
+            .map(|r| {
+                let keys: Vec<_> = r
+                    .auth
+                    .keys
+                    .iter()
+                    .map(|k| json!({"family": format!("{:?}", k.family), "kid": k.kid}))
+                    .collect();
+                json!({
+                    "name": r.name,
+                    "path": r.path,
+                    "upstream": r.upstream.url,
+                    "http": r.http,
+                    "auth": {
+                        "required": r.auth.required,
+                        "algorithms": r.auth.algorithms.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
+                        "keys": keys,
+                        "jwks_urls": r.auth.jwks_urls.iter().map(|j| json!({"url": j.url, "refresh_seconds": j.refresh.as_secs()})).collect::<Vec<_>>(),
+                        "issuer": r.auth.issuer,
+                        "audience": r.auth.audience,
+                        "leeway_seconds": r.auth.leeway_seconds,
+                        "close_on_expiry": r.auth.close_on_expiry,
+                    },
+                    "origin": {
+                        "allow": r.origin.allow.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),
+                        "allow_missing": r.origin.allow_missing,
+                    },
+                    "ip": {
+                        "allow": r.ip.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                        "deny": r.ip.deny.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                    },
+                    "rate": {
+                        "upgrades_per_second": r.rate.upgrades_per_second,
+                        "burst": r.rate.burst,
+                        "max_connections_per_ip": r.rate.max_connections_per_ip,
+                        "max_connections_per_subject": r.rate.max_connections_per_subject,
+                        "ipv6_prefix": r.rate.ipv6_prefix,
+                    },
+                    "messages": {
+                        "max_frame_bytes": r.messages.max_frame_bytes,
+                        "max_message_bytes": r.messages.max_message_bytes,
+                        "per_second": r.messages.per_second,
+                        "burst": r.messages.burst,
+                        "text": r.messages.allow_text,
+                        "binary": r.messages.allow_binary,
+                    },
+                    "timeouts": {
+                        "handshake_seconds": r.timeouts.handshake.as_secs_f64(),
+                        "upstream_connect_seconds": r.timeouts.upstream_connect.as_secs_f64(),
+                        "idle_seconds": r.timeouts.idle.as_secs_f64(),
+                        "max_lifetime_seconds": r.timeouts.max_lifetime.map_or(0.0, |d| d.as_secs_f64()),
+                        "write_seconds": r.timeouts.write.as_secs_f64(),
+                    },
+                    "heartbeat": {
+                        "interval_seconds": r.heartbeat.interval.as_secs_f64(),
+                        "timeout_seconds": r.heartbeat.timeout.as_secs_f64(),
+                    },
+                })
+            })
+            .collect();
+        json!({
+            "sha256": self.sha256,
+            "loaded_at_unix": loaded_at,
+            "source": self.source.display().to_string(),
+            "mode": self.policy.mode,
+            "trusted_proxies": self.policy.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "max_connections": self.policy.max_connections,
+            "routes": routes,
+            "file": self.document,
+        })
+    }
 }
 
 /// The policy in force. Cheap to clone; reads are lock-free.

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::watch;
 
 use crate::admission::{self, Standing};
+use crate::metrics::{ConnectionMetrics, MessageCounters, Metrics};
 use crate::policy::{Messages, Mode, PolicyHandle, Route};
 
 pub type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
@@ -299,13 +300,20 @@ struct Inbound {
     /// In report mode violations are counted and the message is relayed.
     report: bool,
     violations: u64,
-    /// For the report-mode log line.
+    /// For the report-mode log line and counter.
     route: Arc<Route>,
+    metrics: Arc<Metrics>,
     client_ip: std::net::IpAddr,
 }
 
 impl Inbound {
-    fn new(route: Arc<Route>, client_ip: std::net::IpAddr, report: bool, now: Instant) -> Inbound {
+    fn new(
+        route: Arc<Route>,
+        metrics: Arc<Metrics>,
+        client_ip: std::net::IpAddr,
+        report: bool,
+        now: Instant,
+    ) -> Inbound {
         let m = &route.messages;
         Inbound {
             allow_text: m.allow_text,
@@ -317,6 +325,7 @@ impl Inbound {
             report,
             violations: 0,
             route: route.clone(),
+            metrics,
             client_ip,
         }
     }
@@ -343,6 +352,8 @@ impl Inbound {
             return Some(violation);
         }
         self.violations += 1;
+        self.metrics
+            .report_violation(&self.route.name, violation.label());
         if self.violations == 1 {
             // Once per connection: a flood in report mode must not flood the log.
             tracing::warn!(
@@ -372,6 +383,9 @@ struct Direction {
     last_data: Instant,
     /// The client's message policy, on the client → upstream direction only.
     inbound: Option<Inbound>,
+    /// When the source last sent a pong (heartbeat round trip).
+    last_pong: Option<Instant>,
+    metrics: MessageCounters,
 }
 
 enum Event {
@@ -381,7 +395,7 @@ enum Event {
 }
 
 impl Direction {
-    fn new(now: Instant, inbound: Option<Inbound>) -> Direction {
+    fn new(now: Instant, inbound: Option<Inbound>, metrics: MessageCounters) -> Direction {
         Direction {
             pending: None,
             needs_flush: false,
@@ -391,6 +405,8 @@ impl Direction {
             frames: 0,
             last_data: now,
             inbound,
+            last_pong: None,
+            metrics,
         }
     }
 
@@ -435,6 +451,7 @@ impl Direction {
                             self.last_data = now;
                             self.counts.messages += 1;
                             self.counts.bytes += msg.len() as u64;
+                            self.metrics.count(msg.len());
                             self.pending = Some(msg);
                         }
                         Message::Close(frame) => {
@@ -443,8 +460,9 @@ impl Direction {
                                 frame,
                             }));
                         }
-                        // Pings are answered by tungstenite itself; pongs end here.
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Pong(_) => self.last_pong = Some(Instant::now()),
+                        // Pings are answered by tungstenite itself.
+                        Message::Ping(_) | Message::Frame(_) => {}
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -508,6 +526,7 @@ struct Deadlines {
     heartbeat: Heartbeat,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
+    ping_rtt: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Deadlines {
@@ -560,6 +579,9 @@ impl Deadlines {
                 if c2u.frames == frames && c2u.stalled_since.is_none() {
                     return Some(CloseReason::HeartbeatTimeout);
                 }
+                if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {
+                    self.ping_rtt.observe(rtt.as_secs_f64());
+                }
                 self.heartbeat = Heartbeat::PingAt((sent + self.heartbeat_interval).max(now));
             }
             Heartbeat::PingAt(t) if now >= t => {
@@ -605,6 +627,9 @@ pub struct Outcome {
 
 /// What the relay knows about its connection beyond the route.
 pub struct Connection {
+    /// This connection's counters (resolved once; then only atomics per message).
+    pub metrics: ConnectionMetrics,
+    pub registry: Arc<Metrics>,
     pub policy: PolicyHandle,
     /// Wakes the relay when a new policy is swapped in.
     pub changes: watch::Receiver<u64>,
@@ -644,16 +669,19 @@ pub async fn run(
     )
     .await;
     let t = &route.timeouts;
+    let inbound = Inbound::new(
+        route.clone(),
+        conn.registry.clone(),
+        conn.standing.client_ip,
+        conn.report,
+        started,
+    );
     let mut c2u = Direction::new(
         started,
-        Some(Inbound::new(
-            route.clone(),
-            conn.standing.client_ip,
-            conn.report,
-            started,
-        )),
+        Some(inbound),
+        conn.metrics.client_to_upstream.clone(),
     );
-    let mut u2c = Direction::new(started, None);
+    let mut u2c = Direction::new(started, None, conn.metrics.upstream_to_client.clone());
     let mut deadlines = Deadlines {
         write: t.write,
         idle: t.idle,
@@ -662,6 +690,7 @@ pub async fn run(
         heartbeat: Heartbeat::PingAt(started + route.heartbeat.interval),
         heartbeat_interval: route.heartbeat.interval,
         heartbeat_timeout: route.heartbeat.timeout,
+        ping_rtt: conn.metrics.ping_rtt.clone(),
     };
     // The one timer of this connection, always set to the earliest deadline.
     let timer = sleep_until(deadlines.next(&c2u, &u2c));
@@ -711,11 +740,13 @@ pub async fn run(
         end(&mut client, to_client, deadline),
         end(&mut upstream, to_upstream, deadline)
     );
+    let duration = started.elapsed();
+    conn.metrics.closed(reason.label(), duration.as_secs_f64());
     Outcome {
         reason,
         client_to_upstream: c2u.counts,
         upstream_to_client: u2c.counts,
-        duration: started.elapsed(),
+        duration,
         report_violations: c2u.inbound.map_or(0, |i| i.violations),
     }
 }

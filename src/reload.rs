@@ -39,6 +39,7 @@ pub fn spawn(
     path: PathBuf,
     policy: PolicyHandle,
     counts: Arc<ReloadCounts>,
+    metrics: Arc<crate::metrics::Metrics>,
     sighup: bool,
     stop: CancellationToken,
 ) {
@@ -54,13 +55,16 @@ pub fn spawn(
     if sighup {
         spawn_sighup(tx, stop.clone());
     }
-    tokio::spawn(reload_loop(path, policy, counts, rx, stop, watcher));
+    tokio::spawn(reload_loop(
+        path, policy, counts, metrics, rx, stop, watcher,
+    ));
 }
 
 async fn reload_loop(
     path: PathBuf,
     policy: PolicyHandle,
     counts: Arc<ReloadCounts>,
+    metrics: Arc<crate::metrics::Metrics>,
     mut rx: mpsc::Receiver<()>,
     stop: CancellationToken,
     // Kept alive for as long as the loop runs.
@@ -74,7 +78,13 @@ async fn reload_loop(
         // Let a burst of events settle into one reload.
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
-        match reload(&path, &policy).await {
+        let result = reload(&path, &policy).await;
+        let label = if result.is_ok() { "success" } else { "failure" };
+        metrics
+            .policy_reloads
+            .get_or_create_owned(&crate::metrics::ResultLabel { result: label })
+            .inc();
+        match result {
             Ok(()) => {
                 counts.success.fetch_add(1, Ordering::Relaxed);
             }

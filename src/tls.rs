@@ -94,3 +94,100 @@ impl Acceptor {
         self.config.store(Arc::new(config));
     }
 }
+
+/// Watch the certificate and key files (their directories, so a Kubernetes Secret's
+/// `..data` swap is seen) and SIGHUP; on a change load the pair and use it for new
+/// handshakes. An unusable pair is logged and counted, and the old one stays. The watch is
+/// in place when this returns.
+pub fn watch(
+    cert: PathBuf,
+    key: PathBuf,
+    acceptor: Acceptor,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let names: Vec<std::ffi::OsString> = [&cert, &key]
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
+    let event_tx = tx.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = !event.kind.is_access()
+            && event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    names.iter().any(|name| name == n) || n.to_string_lossy().starts_with("..")
+                })
+            });
+        if relevant {
+            let _ = event_tx.try_send(());
+        }
+    });
+    let watcher = watcher.and_then(|mut w| {
+        let mut dirs: Vec<PathBuf> = [&cert, &key]
+            .iter()
+            .map(|p| match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        dirs.dedup();
+        for dir in &dirs {
+            w.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(w)
+    });
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the certificate files; reload them with SIGHUP");
+            None
+        }
+    };
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = hup.recv() => if got.is_none() { break } else { let _ = tx.try_send(()); },
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                woke = rx.recv() => if woke.is_none() { break },
+                () = stop.cancelled() => break,
+            }
+            tokio::time::sleep(crate::reload::DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            let (c, k) = (cert.clone(), key.clone());
+            let loaded = tokio::task::spawn_blocking(move || server_config(&c, &k)).await;
+            let result = match loaded {
+                Ok(Ok(config)) => {
+                    acceptor.store(config);
+                    tracing::info!(cert = %cert.display(), "certificate reloaded: new handshakes use it");
+                    "success"
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "certificate reload refused; the previous certificate stays in use");
+                    "failure"
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate loader failed");
+                    "failure"
+                }
+            };
+            metrics
+                .tls_reloads
+                .get_or_create_owned(&crate::metrics::ResultLabel { result })
+                .inc();
+        }
+    });
+}

@@ -36,17 +36,22 @@ pub struct State {
     pub jwks: jwks::JwksCache,
     /// Violations let through in report mode.
     pub report_violations: AtomicU64,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl State {
     /// `jwks_roots`: extra CA certificates trusted for `jwks_url` fetches.
-    pub fn new(jwks_roots: Vec<CertificateDer<'static>>) -> State {
+    pub fn new(
+        jwks_roots: Vec<CertificateDer<'static>>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> State {
         State {
             connections: Arc::new(Connections::default()),
             limiters: Limiters::default(),
             caps: Arc::new(Caps::default()),
             jwks: jwks::JwksCache::new(jwks_roots),
             report_violations: AtomicU64::new(0),
+            metrics,
         }
     }
 }
@@ -122,6 +127,9 @@ impl Verdicts<'_> {
             return Err(rejection);
         }
         self.state.report_violations.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .metrics
+            .report_violation(&self.route.name, rejection.reason());
         tracing::warn!(
             route = %self.route.name, client_ip = %self.client_ip, reason = rejection.reason(),
             "report mode: this upgrade would have been refused"

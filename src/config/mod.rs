@@ -141,8 +141,13 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
         path: path.to_owned(),
         errors,
     })?;
+    let document = serde_yaml::from_slice::<serde_yaml::Value>(bytes)
+        .ok()
+        .and_then(|v| serde_json::to_value(v).ok())
+        .unwrap_or_default();
     Ok(Loaded {
         policy,
+        document,
         sha256: sha256_hex(bytes),
         loaded_at: SystemTime::now(),
         source: path.to_owned(),

@@ -440,6 +440,8 @@ impl TestGate {
         let loaded =
             wsgate::config::load(&policy_path).unwrap_or_else(|e| panic!("test policy: {e}"));
         let pki = tls.then(Pki::generate);
+        // The certificate is served from files beside the policy, watched for rotation.
+        let tls_files = pki.as_ref().map(|p| p.write(dir.path()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = wsgate::start(
@@ -450,6 +452,7 @@ impl TestGate {
                 admin: Some(admin),
                 tls: pki.as_ref().map(Pki::server_config),
                 sighup: false,
+                tls_files,
                 jwks_roots: jwks_roots(),
             },
         )

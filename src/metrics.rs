@@ -1,0 +1,280 @@
+//! Prometheus metrics (prometheus-client): the names of SPEC §5 plus ping round-trip
+//! time, connection duration and certificate reloads.
+//!
+//! Labels are bounded: route names come from the policy, reasons and results from fixed
+//! enums; nothing a client sends becomes a label. The per-message path takes no lock: a
+//! connection resolves its counters once when it opens and then only adds to atomics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The `route` label before a route is chosen.
+pub const NO_ROUTE: &str = "none";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub route: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub route: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 s .. ~9 h
+    Histogram::new(exponential_buckets(1.0, 3.0, 11))
+}
+
+/// Every metric the gate exposes.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: Family<RouteLabel, Gauge>,
+    pub upgrades: Family<UpgradeLabels, Counter>,
+    pub messages: Family<DirectionLabels, Counter>,
+    pub message_bytes: Family<DirectionLabels, Counter>,
+    pub closes: Family<ReasonLabels, Counter>,
+    pub policy_reloads: Family<ResultLabel, Counter>,
+    pub report_violations: Family<ReasonLabels, Counter>,
+    pub upgrade_duration: Histogram,
+    pub ping_rtt: HistogramFamily<RouteLabel>,
+    pub connection_duration: HistogramFamily<RouteLabel>,
+    pub tls_reloads: Family<ResultLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections_active: Family::default(),
+            upgrades: Family::default(),
+            messages: Family::default(),
+            message_bytes: Family::default(),
+            closes: Family::default(),
+            policy_reloads: Family::default(),
+            report_violations: Family::default(),
+            upgrade_duration: latency_histogram(),
+            ping_rtt: Family::new_with_constructor(latency_histogram),
+            connection_duration: Family::new_with_constructor(duration_histogram),
+            tls_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters itself.
+        registry.register(
+            "wsgate_connections_active",
+            "Open WebSocket connections",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "wsgate_upgrades",
+            "Upgrade requests by result: accepted or the refusal reason",
+            m.upgrades.clone(),
+        );
+        registry.register(
+            "wsgate_messages",
+            "Relayed text and binary messages",
+            m.messages.clone(),
+        );
+        registry.register(
+            "wsgate_message_bytes",
+            "Payload bytes of relayed messages",
+            m.message_bytes.clone(),
+        );
+        registry.register(
+            "wsgate_closes",
+            "Relayed connections closed, by reason",
+            m.closes.clone(),
+        );
+        registry.register(
+            "wsgate_policy_reloads",
+            "Policy reloads after start-up",
+            m.policy_reloads.clone(),
+        );
+        registry.register(
+            "wsgate_report_violations",
+            "Violations let through in report mode",
+            m.report_violations.clone(),
+        );
+        registry.register(
+            "wsgate_upgrade_duration_seconds",
+            "Accept to 101",
+            m.upgrade_duration.clone(),
+        );
+        registry.register(
+            "wsgate_ping_rtt_seconds",
+            "Heartbeat ping to pong round trip",
+            m.ping_rtt.clone(),
+        );
+        registry.register(
+            "wsgate_connection_duration_seconds",
+            "Lifetime of relayed connections",
+            m.connection_duration.clone(),
+        );
+        registry.register(
+            "wsgate_tls_reloads",
+            "Certificate reloads after start-up",
+            m.tls_reloads.clone(),
+        );
+        // Reload series exist from the start at 0, so a first failure shows in increase().
+        for result in ["success", "failure"] {
+            m.policy_reloads
+                .get_or_create_owned(&ResultLabel { result });
+            m.tls_reloads.get_or_create_owned(&ResultLabel { result });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition (OpenMetrics) of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn upgrade(&self, route: &str, result: &'static str) {
+        self.upgrades
+            .get_or_create_owned(&UpgradeLabels {
+                route: route.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn report_violation(&self, route: &str, reason: &'static str) {
+        self.report_violations
+            .get_or_create_owned(&ReasonLabels {
+                route: route.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The counters one connection updates, resolved once when it opens.
+    pub fn connection(self: &Arc<Self>, route: &str) -> ConnectionMetrics {
+        let direction = |d| DirectionLabels {
+            route: route.to_owned(),
+            direction: d,
+        };
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        // `get_or_create` hands out a read guard on the family; two of them alive in one
+        // statement deadlock when the second must insert. Owned lookups hold no guard.
+        let active = self.connections_active.get_or_create_owned(&label);
+        active.inc();
+        ConnectionMetrics {
+            client_to_upstream: MessageCounters {
+                messages: self
+                    .messages
+                    .get_or_create_owned(&direction("client_to_upstream")),
+                bytes: self
+                    .message_bytes
+                    .get_or_create_owned(&direction("client_to_upstream")),
+            },
+            upstream_to_client: MessageCounters {
+                messages: self
+                    .messages
+                    .get_or_create_owned(&direction("upstream_to_client")),
+                bytes: self
+                    .message_bytes
+                    .get_or_create_owned(&direction("upstream_to_client")),
+            },
+            ping_rtt: self.ping_rtt.get_or_create_owned(&label),
+            active,
+            route: route.to_owned(),
+            metrics: self.clone(),
+        }
+    }
+}
+
+/// Messages and bytes in one direction.
+#[derive(Clone, Debug)]
+pub struct MessageCounters {
+    pub messages: Counter,
+    pub bytes: Counter,
+}
+
+impl MessageCounters {
+    pub fn count(&self, bytes: usize) {
+        self.messages.inc();
+        self.bytes.inc_by(bytes as u64);
+    }
+}
+
+/// One open connection's metrics; dropping it takes it out of `wsgate_connections_active`.
+pub struct ConnectionMetrics {
+    pub client_to_upstream: MessageCounters,
+    pub upstream_to_client: MessageCounters,
+    pub ping_rtt: Histogram,
+    active: Gauge,
+    route: String,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionMetrics {
+    /// Count the close and the connection's lifetime.
+    pub fn closed(&self, reason: &'static str, seconds: f64) {
+        self.metrics
+            .closes
+            .get_or_create_owned(&ReasonLabels {
+                route: self.route.clone(),
+                reason,
+            })
+            .inc();
+        self.metrics
+            .connection_duration
+            .get_or_create_owned(&RouteLabel {
+                route: self.route.clone(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn report_violation(&self, reason: &'static str) {
+        self.metrics.report_violation(&self.route, reason);
+    }
+}
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}

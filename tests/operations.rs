@@ -1,0 +1,551 @@
+//! What an operator sees: `/metrics` after real traffic, `/policy`, logs that never hold a
+//! token, and `wsgate token`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the first sample line starting with `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn hs256(sub: &str) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    encode(
+        &Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_carry_every_spec_name_after_traffic() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.1, timeout_seconds: 0.5}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    for _ in 0..3 {
+        client.send(Message::text("12345")).await.unwrap();
+        assert_eq!(next_message(&mut client).await, Message::text("12345"));
+    }
+    // Let a heartbeat round trip complete (reading answers the ping).
+    let until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < until {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            futures_util::StreamExt::next(&mut client),
+        )
+        .await;
+    }
+    let (_, live) = get(gate.admin, "/metrics").await;
+    assert_eq!(
+        sample(&live, "wsgate_connections_active{route=\"ws\"}"),
+        Some(1.0),
+        "{live}"
+    );
+    client.close(None).await.unwrap();
+    upstream.wait_ended(0).await;
+    assert_eq!(refusal(gate.connect("/nope").await).0, 404);
+    gate.write_policy(&format!(
+        "{}  - path: /v2\n",
+        open_policy(&upstream.url(), extra)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, m) = get(gate.admin, "/metrics").await;
+        if sample(&m, "wsgate_policy_reloads_total{result=\"success\"}") == Some(1.0)
+            && sample(
+                &m,
+                "wsgate_closes_total{route=\"ws\",reason=\"client_closed\"}",
+            ) == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reload or close not counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (status, m) = get(gate.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let expect = [
+        ("wsgate_connections_active{route=\"ws\"}", 0.0),
+        (
+            "wsgate_upgrades_total{route=\"ws\",result=\"accepted\"}",
+            1.0,
+        ),
+        (
+            "wsgate_upgrades_total{route=\"none\",result=\"no_route\"}",
+            1.0,
+        ),
+        (
+            "wsgate_messages_total{route=\"ws\",direction=\"client_to_upstream\"}",
+            3.0,
+        ),
+        (
+            "wsgate_messages_total{route=\"ws\",direction=\"upstream_to_client\"}",
+            3.0,
+        ),
+        (
+            "wsgate_message_bytes_total{route=\"ws\",direction=\"client_to_upstream\"}",
+            15.0,
+        ),
+        (
+            "wsgate_message_bytes_total{route=\"ws\",direction=\"upstream_to_client\"}",
+            15.0,
+        ),
+        (
+            "wsgate_closes_total{route=\"ws\",reason=\"client_closed\"}",
+            1.0,
+        ),
+        ("wsgate_policy_reloads_total{result=\"success\"}", 1.0),
+        ("wsgate_upgrade_duration_seconds_count", 1.0),
+        (
+            "wsgate_connection_duration_seconds_count{route=\"ws\"}",
+            1.0,
+        ),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&m, series), Some(value), "{series}\n{m}");
+    }
+    assert!(
+        sample(&m, "wsgate_ping_rtt_seconds_count{route=\"ws\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    // Families without a series yet (no report-mode violation here) are not exposed;
+    // report_violations_are_counted_by_route_and_reason covers that one.
+    assert!(m.trim_end().ends_with("# EOF"));
+}
+
+#[tokio::test]
+async fn report_violations_are_counted_by_route_and_reason() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\nmode: report\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow: [\"https://ok.example\"]}}\nroutes:\n  - path: /ws\n    name: chat\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let _c = gate.connect("/ws").await.unwrap();
+    let (_, m) = get(gate.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &m,
+            "wsgate_report_violations_total{route=\"chat\",reason=\"origin_not_allowed\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn policy_endpoint_shows_the_policy_and_no_secret() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow: [\"https://app.example.com\"]}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret, kid: k1}}]}}\nroutes:\n  - path: /ws\n    name: chat\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let (status, body) = get(gate.admin, "/policy").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let file_sha = wsgate::config::sha256_hex(policy.as_bytes());
+    assert_eq!(json["sha256"], file_sha);
+    assert!(json["loaded_at_unix"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(json["routes"][0]["name"], "chat");
+    assert_eq!(json["routes"][0]["auth"]["keys"][0]["kid"], "k1");
+    assert_eq!(json["file"]["routes"][0]["path"], "/ws");
+    assert!(
+        !body.contains(SECRET),
+        "the HMAC secret leaked into /policy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_reach_the_logs() {
+    // The token subprotocol is never selected, so the client offers a real one beside it.
+    let upstream = Upstream::start_with(UpstreamOptions {
+        protocol: Some("chat"),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+            upstream.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--plaintext",
+            "--admin",
+            "off",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--policy",
+        ])
+        .arg(&policy)
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = rx.recv_timeout(DEADLINE).expect("no listening line");
+        log.push(line.clone());
+        if line.contains("listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let tokens: Vec<String> = (0..5).map(|i| hs256(&format!("user{i}"))).collect();
+    let bad = format!("{}x", tokens[4]);
+    let connect =
+        |mutate: Box<dyn Fn(&mut tokio_tungstenite::tungstenite::handshake::client::Request)>,
+         path: String| async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+            mutate(&mut request);
+            tokio_tungstenite::client_async(request, tcp)
+                .await
+                .map(|(c, _)| c)
+        };
+    let t = tokens.clone();
+    let mut c1 = connect(
+        Box::new(move |r| {
+            r.headers_mut()
+                .insert("authorization", header_value(&format!("Bearer {}", t[0])));
+        }),
+        "/ws".into(),
+    )
+    .await
+    .unwrap();
+    let mut c2 = connect(
+        Box::new(|_| {}),
+        format!("/ws?access_token={}&room=1", tokens[1]),
+    )
+    .await
+    .unwrap();
+    let t = tokens.clone();
+    let mut c3 = connect(
+        Box::new(move |r| {
+            r.headers_mut().insert(
+                "cookie",
+                header_value(&format!("a=b; access_token={}", t[2])),
+            );
+        }),
+        "/ws".into(),
+    )
+    .await
+    .unwrap();
+    let t = tokens.clone();
+    let mut c4 = connect(
+        Box::new(move |r| {
+            r.headers_mut().insert(
+                "sec-websocket-protocol",
+                header_value(&format!("bearer.{}, chat", t[3])),
+            );
+        }),
+        "/ws".into(),
+    )
+    .await
+    .unwrap();
+    let b = bad.clone();
+    assert!(connect(
+        Box::new(move |r| {
+            r.headers_mut()
+                .insert("authorization", header_value(&format!("Bearer {b}")));
+        }),
+        "/ws".into()
+    )
+    .await
+    .is_err());
+    for c in [&mut c1, &mut c2, &mut c3, &mut c4] {
+        c.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next_message_any(c).await, Message::text("hi"));
+        c.close(None).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        log.push(line);
+    }
+    let all = log.join("\n");
+    assert!(
+        all.contains("\"result\":\"accepted\""),
+        "expected upgrade decisions in the log:\n{all}"
+    );
+    assert!(
+        all.contains("\"message\":\"close\"") || all.contains("close"),
+        "{all}"
+    );
+    for (i, token) in tokens.iter().enumerate().take(4) {
+        assert!(
+            !all.contains(token.as_str()),
+            "token {i} appears in the log"
+        );
+        // Not even its signature part.
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(
+            !all.contains(signature),
+            "token {i}'s signature appears in the log"
+        );
+    }
+    assert!(!all.contains(&bad), "the refused token appears in the log");
+    assert!(!all.contains(SECRET), "the HMAC secret appears in the log");
+    assert!(
+        !all.contains("access_token="),
+        "a token query string appears in the log"
+    );
+}
+
+#[tokio::test]
+async fn wsgate_token_mints_a_token_the_gate_accepts() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}], audience: [chat], issuer: [wsgate-dev], require_claims: {{role: [tester]}}}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "--secret-env",
+            "TEST_SECRET",
+            "--sub",
+            "alice",
+            "--ttl",
+            "10m",
+            "--aud",
+            "chat",
+            "--iss",
+            "wsgate-dev",
+            "--claim",
+            "role=tester",
+        ])
+        .env("TEST_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    let (mut client, _) = gate.connect_request(request).await.unwrap();
+    client.send(Message::text("minted")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("minted"));
+    assert_eq!(
+        upstream
+            .last_seen()
+            .headers
+            .get("x-auth-subject")
+            .map(|v| v.to_str().unwrap()),
+        None
+    );
+    // A missing secret variable is a clear error, not a token.
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "--secret-env",
+            "NOT_SET_ANYWHERE_XYZ",
+            "--sub",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_SET_ANYWHERE_XYZ"));
+}
+
+async fn handshake_with(
+    addr: std::net::SocketAddr,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let connector = tokio_rustls::TlsConnector::from(client.clone());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.is_ok()
+}
+
+fn write_atomically(path: &std::path::Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_for_certificate(
+    addr: std::net::SocketAddr,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+) -> Duration {
+    let started = Instant::now();
+    while !handshake_with(addr, client).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the new certificate is not served after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_used_for_new_handshakes() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let old = gate.pki.as_ref().unwrap();
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+
+    let new = Pki::generate();
+    write_atomically(&gate.dir.path().join("key.pem"), &new.key_pem);
+    write_atomically(&gate.dir.path().join("cert.pem"), &new.cert_pem);
+    let took = wait_for_certificate(gate.addr, &new.client).await;
+    eprintln!("rotated certificate served after {took:?}");
+    assert!(
+        !handshake_with(gate.addr, &old.client).await,
+        "the old certificate is still served"
+    );
+    open.send(Message::text("same connection")).await.unwrap();
+    assert_eq!(
+        next_message(&mut open).await,
+        Message::text("same connection")
+    );
+
+    // A broken pair is refused, counted, and the working one stays.
+    write_atomically(
+        &gate.dir.path().join("cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, m) = get(gate.admin, "/metrics").await;
+        if sample(&m, "wsgate_tls_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 1.0 {
+            assert!(
+                sample(&m, "wsgate_tls_reloads_total{result=\"success\"}").unwrap_or(0.0) >= 1.0,
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken certificate was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        handshake_with(gate.addr, &new.client).await,
+        "the working certificate was dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_kubernetes_secret_swap_rotates_the_certificate() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(&policy_path, open_policy(&upstream.url(), "")).unwrap();
+    // kubelet's layout: tls.crt -> ..data/tls.crt, ..data -> ..<timestamp>/
+    let secret = dir.path().join("tls");
+    std::fs::create_dir(&secret).unwrap();
+    let version = |name: &str, pki: &Pki| {
+        let real = secret.join(name);
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("tls.crt"), &pki.cert_pem).unwrap();
+        std::fs::write(real.join("tls.key"), &pki.key_pem).unwrap();
+        let tmp = secret.join("..data_tmp");
+        std::os::unix::fs::symlink(name, &tmp).unwrap();
+        std::fs::rename(&tmp, secret.join("..data")).unwrap();
+    };
+    let first = Pki::generate();
+    version("..2026_11_21_16_00_00.1", &first);
+    std::os::unix::fs::symlink("..data/tls.crt", secret.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", secret.join("tls.key")).unwrap();
+    let (cert, key) = (secret.join("tls.crt"), secret.join("tls.key"));
+    let running = wsgate::start(
+        wsgate::config::load(&policy_path).unwrap(),
+        wsgate::Options {
+            policy_path: policy_path.clone(),
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: None,
+            tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
+            sighup: false,
+            tls_files: Some((cert, key)),
+            jwks_roots: Vec::new(),
+        },
+    )
+    .unwrap();
+    assert!(handshake_with(running.addr, &first.client).await);
+    let second = Pki::generate();
+    version("..2026_11_21_16_05_00.2", &second);
+    wait_for_certificate(running.addr, &second.client).await;
+    running.begin_shutdown();
+}
