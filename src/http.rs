@@ -231,9 +231,11 @@ async fn respond(
             }
         };
         let outcome = relay::run(client, socket.io, route.clone(), shutdown, connection).await;
+        let (client_code, upstream_code) = outcome.reason.codes();
         tracing::info!(
             request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-            route = %route.name, reason = outcome.reason.label(),
+            route = %route.name, reason = outcome.reason.label(), side = outcome.reason.side(),
+            client_code, upstream_code,
             duration_ms = outcome.duration.as_millis() as u64,
             messages_in = outcome.client_to_upstream.messages,
             bytes_in = outcome.client_to_upstream.bytes,

@@ -196,6 +196,48 @@ impl CloseReason {
         }
     }
 
+    /// The close codes sent to (client, upstream); `None` where that side is dropped
+    /// without a close frame (or, for a relayed close without a code, gets none).
+    pub fn codes(&self) -> (Option<u16>, Option<u16>) {
+        let code = |e: Ending| match e {
+            Ending::Close(frame) => frame.map(|f| u16::from(f.code)),
+            Ending::CloseAndDrop(f) => Some(u16::from(f.code)),
+            Ending::Reply | Ending::Drop => None,
+        };
+        let (client, upstream) = self.endings();
+        let relayed = |by| match self {
+            CloseReason::Closed { by: b, frame } if *b == by => {
+                frame.as_ref().map(|f| u16::from(f.code))
+            }
+            _ => None,
+        };
+        // A side that closed first gets its own code echoed in the reply.
+        (
+            code(client).or(relayed(Side::Client)),
+            code(upstream).or(relayed(Side::Upstream)),
+        )
+    }
+
+    /// Which side caused the end: `client`, `upstream`, or `gate` (timers, policy,
+    /// shutdown).
+    pub fn side(&self) -> &'static str {
+        match self {
+            CloseReason::Closed { by, .. }
+            | CloseReason::TooBig(by)
+            | CloseReason::Protocol(by, _)
+            | CloseReason::Lost(by)
+            | CloseReason::Stalled(by) => by.as_str(),
+            CloseReason::HeartbeatTimeout
+            | CloseReason::RateExceeded
+            | CloseReason::TypeNotAllowed => "client",
+            CloseReason::IdleTimeout
+            | CloseReason::MaxLifetime
+            | CloseReason::TokenExpired
+            | CloseReason::PolicyChanged
+            | CloseReason::Shutdown => "gate",
+        }
+    }
+
     /// How each side is ended: (client, upstream).
     fn endings(&self) -> (Ending, Ending) {
         let going_away = || Ending::Close(Some(frame(CloseCode::Away, "")));
@@ -778,6 +820,67 @@ async fn await_close_reply(ws: &mut Ws) {
     while let Some(Ok(msg)) = ws.next().await {
         if msg.is_close() {
             break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(code: u16, reason: &'static str) -> Option<CloseFrame> {
+        Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        })
+    }
+
+    /// SPEC §4's close table: the codes each side gets, and who caused it.
+    #[test]
+    fn close_table() {
+        use CloseReason::*;
+        type Codes = (Option<u16>, Option<u16>);
+        let rows: Vec<(CloseReason, Codes, &str)> = vec![
+            (
+                Closed {
+                    by: Side::Client,
+                    frame: close(4000, "bye"),
+                },
+                (Some(4000), Some(4000)),
+                "client",
+            ),
+            (
+                Closed {
+                    by: Side::Upstream,
+                    frame: close(4001, "done"),
+                },
+                (Some(4001), Some(4001)),
+                "upstream",
+            ),
+            (TooBig(Side::Client), (Some(1009), Some(1001)), "client"),
+            (TooBig(Side::Upstream), (Some(1001), Some(1009)), "upstream"),
+            (
+                Protocol(Side::Client, CloseCode::Invalid),
+                (Some(1007), Some(1001)),
+                "client",
+            ),
+            (Lost(Side::Upstream), (Some(1014), None), "upstream"),
+            (Lost(Side::Client), (None, Some(1001)), "client"),
+            (Stalled(Side::Upstream), (Some(1014), None), "upstream"),
+            (Stalled(Side::Client), (None, Some(1001)), "client"),
+            (RateExceeded, (Some(1008), Some(1001)), "client"),
+            (TypeNotAllowed, (Some(1008), Some(1001)), "client"),
+            (TokenExpired, (Some(1008), Some(1001)), "gate"),
+            (IdleTimeout, (Some(1001), Some(1001)), "gate"),
+            (MaxLifetime, (Some(1001), Some(1001)), "gate"),
+            (HeartbeatTimeout, (Some(1001), Some(1001)), "client"),
+            (PolicyChanged, (Some(1008), Some(1001)), "gate"),
+            (Shutdown, (Some(1001), Some(1001)), "gate"),
+        ];
+        for (reason, codes, side) in rows {
+            assert_eq!(reason.codes(), codes, "{reason:?}");
+            assert_eq!(reason.side(), side, "{reason:?}");
+            assert!(!reason.label().is_empty());
         }
     }
 }
