@@ -113,6 +113,9 @@ async fn metrics_carry_every_spec_name_after_traffic() {
 
     let (status, m) = get(gate.admin, "/metrics").await;
     assert_eq!(status, 200);
+    if std::env::var_os("WSGATE_SHOW_METRICS").is_some() {
+        eprintln!("{m}");
+    }
     let expect = [
         ("wsgate_connections_active{route=\"ws\"}", 0.0),
         (
