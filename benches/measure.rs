@@ -133,15 +133,40 @@ async fn run(scale: Scale) {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // Echo round trips, direct then through the gate, same upstream, same client.
+    // The established proxies in front of the same upstream, when installed (Debian's
+    // nginx and haproxy), run in the foreground with configs written here.
+    let proxies: Vec<Proxy> = [
+        Proxy::nginx(upstream_addr, dir.path()),
+        Proxy::haproxy(upstream_addr, dir.path()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if proxies.is_empty() {
+        println!("(nginx and haproxy not installed: comparing with a direct connection only)");
+    }
+
+    // Echo round trips, direct, through each proxy and through the gate: same upstream,
+    // same client, same run.
     for size in [64usize, 16 * 1024] {
         for c in [1, scale.concurrency] {
             let direct = echo(upstream_addr, c, size, scale.echo_for).await;
+            let mut line = format!("echo {size:>5} B, C={c:>2}: direct {direct:>7.0}");
+            let mut best = 0f64;
+            for proxy in &proxies {
+                let r = echo(proxy.addr, c, size, scale.echo_for).await;
+                best = best.max(r);
+                line += &format!(", {} {r:>7.0}", proxy.name);
+            }
             let through = echo(gate.addr, c, size, scale.echo_for).await;
-            println!(
-                "echo {size:>5} B, C={c:>2}: direct {direct:>8.0} msg/s, through wsgate {through:>8.0} msg/s, ratio {:.2}",
+            line += &format!(
+                ", wsgate {through:>7.0} msg/s; wsgate/direct {:.2}",
                 through / direct
             );
+            if best > 0.0 {
+                line += &format!(", wsgate/best proxy {:.2}", through / best);
+            }
+            println!("{line}");
         }
     }
 
@@ -156,6 +181,22 @@ async fn run(scale: Scale) {
         scale.connect_for,
     )
     .await;
+    for proxy in &proxies {
+        let r = connects(
+            proxy.addr,
+            "/ws",
+            None,
+            scale.concurrency,
+            scale.connect_for,
+        )
+        .await;
+        println!(
+            "connect C={}: {} {r:.0}/s ({:.2} of direct)",
+            scale.concurrency,
+            proxy.name,
+            r / direct
+        );
+    }
     let open = connects(gate.addr, "/ws", None, scale.concurrency, scale.connect_for).await;
     let with_hs = connects(
         gate.addr,
@@ -200,6 +241,125 @@ async fn run(scale: Scale) {
         took.as_secs_f64()
     );
     gate.stop();
+}
+
+/// nginx or HAProxy as a WebSocket reverse proxy in front of the same upstream.
+struct Proxy {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Proxy {
+    fn free_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+    }
+
+    fn find(candidates: &[&'static str]) -> Option<&'static str> {
+        candidates
+            .iter()
+            .copied()
+            .find(|p| std::path::Path::new(p).exists())
+    }
+
+    fn nginx(upstream: SocketAddr, dir: &std::path::Path) -> Option<Proxy> {
+        let bin = Proxy::find(&["/usr/sbin/nginx", "/usr/bin/nginx"])?;
+        let addr = Proxy::free_port();
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("logs")).ok()?;
+        let conf = prefix.join("nginx.conf");
+        let p = prefix.display();
+        let config = format!(
+            "worker_processes 1;
+daemon off;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
+  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  server {{
+    listen {addr};
+    location / {{
+      proxy_pass http://{upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 3600s;
+    }}
+  }}
+}}
+"
+        );
+        std::fs::write(&conf, config).ok()?;
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Proxy::ready("nginx", addr, child)
+    }
+
+    fn haproxy(upstream: SocketAddr, dir: &std::path::Path) -> Option<Proxy> {
+        let bin = Proxy::find(&["/usr/sbin/haproxy", "/usr/bin/haproxy"])?;
+        let addr = Proxy::free_port();
+        let conf = dir.join("haproxy.cfg");
+        let config = format!(
+            "global
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind {addr}
+  default_backend be
+backend be
+  server s1 {upstream}
+"
+        );
+        std::fs::write(&conf, config).ok()?;
+        let child = Command::new(bin)
+            .arg("-f")
+            .arg(&conf)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Proxy::ready("haproxy", addr, child)
+    }
+
+    /// Wait (bounded) until it accepts connections.
+    fn ready(name: &'static str, addr: SocketAddr, mut child: Child) -> Option<Proxy> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Proxy { name, addr, child })
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
