@@ -264,6 +264,8 @@ impl Proxy {
             .find(|p| std::path::Path::new(p).exists())
     }
 
+    /// nginx as a single process (`master_process off`), so that killing it leaves no
+    /// orphaned worker behind.
     fn nginx(upstream: SocketAddr, dir: &std::path::Path) -> Option<Proxy> {
         let bin = Proxy::find(&["/usr/sbin/nginx", "/usr/bin/nginx"])?;
         let addr = Proxy::free_port();
@@ -274,6 +276,7 @@ impl Proxy {
         let config = format!(
             "worker_processes 1;
 daemon off;
+master_process off;
 pid {p}/nginx.pid;
 error_log {p}/logs/error.log warn;
 events {{ worker_connections 20000; }}

@@ -245,6 +245,9 @@ async fn tokens_never_reach_the_logs() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let pid = child.id();
+    // Stops the gate even if an assertion below fails first.
+    let mut child = KillOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -330,9 +333,9 @@ async fn tokens_never_reach_the_logs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(pid.to_string())
         .status();
-    let _ = child.wait();
+    let _ = child.0.wait();
     while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
         log.push(line);
     }
@@ -551,4 +554,14 @@ async fn a_kubernetes_secret_swap_rotates_the_certificate() {
     version("..2026_11_21_16_05_00.2", &second);
     wait_for_certificate(running.addr, &second.client).await;
     running.begin_shutdown();
+}
+
+/// Kills the child process when dropped, so a failing test leaves nothing running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
