@@ -187,6 +187,15 @@ pub struct Auth {
     pub close_on_expiry: bool,
 }
 
+/// The port a browser leaves out of an Origin for this scheme.
+pub fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "https" | "wss" => Some(443),
+        "http" | "ws" => Some(80),
+        _ => None,
+    }
+}
+
 /// One `origin.allow` entry, lower-cased.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OriginPattern {

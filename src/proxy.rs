@@ -83,26 +83,10 @@ pub async fn forward(
 
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let listed: Vec<header::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| header::HeaderName::try_from(s.trim()).ok())
-        .collect();
-    for name in listed {
+    for name in upstream::connection_listed(headers) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::HeaderName::from_static("keep-alive"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in upstream::HOP_BY_HOP {
         headers.remove(name);
     }
 }

@@ -102,7 +102,8 @@ pub struct Forwarding<'a> {
     pub token_sources: &'a [TokenSource],
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded either way.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -112,6 +113,17 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Headers named in the `Connection` header: hop-by-hop too (RFC 9110 §7.6.1).
+pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| HeaderName::try_from(s.trim()).ok())
+        .collect()
+}
 
 /// Headers only wsgate sets upstream; a client's copy is dropped and `forward_claims`
 /// may not name them.
@@ -130,17 +142,10 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
 /// spoofable or carrying the token, plus X-Forwarded-*, X-Request-Id and claim headers.
 pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 6);
-    // Headers the client named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
-    let connection_listed: Vec<String> = client
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
+    let connection_listed = connection_listed(client);
     for (name, value) in client {
         if is_reserved_header(name)
-            || connection_listed.iter().any(|c| c == name.as_str())
+            || connection_listed.contains(name)
             || fwd.claim_header_names.iter().any(|(_, h)| h == name)
             || (name == header::AUTHORIZATION
                 && is_bearer(value)

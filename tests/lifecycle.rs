@@ -138,7 +138,6 @@ async fn max_lifetime_closes_both_sides() {
 
 #[tokio::test]
 async fn an_expiring_token_closes_with_1008_without_traffic() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     let upstream = Upstream::start().await;
     let policy = format!(
         "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}], leeway_seconds: 0}}\nroutes:\n  - path: /ws\n",
@@ -149,12 +148,7 @@ async fn an_expiring_token_closes_with_1008_without_traffic() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let exp = now.as_secs() + 3;
-    let token = encode(
-        &Header::default(),
-        &serde_json::json!({"sub": "soon", "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = hs256_with(SECRET, serde_json::json!({"sub": "soon", "exp": exp}));
     let mut request = gate.request("/ws");
     request
         .headers_mut()

@@ -45,21 +45,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn hs256(sub: &str) -> String {
-    use jsonwebtoken::{encode, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 300;
-    encode(
-        &Header::default(),
-        &serde_json::json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 #[tokio::test]
 async fn metrics_carry_every_spec_name_after_traffic() {
     let upstream = Upstream::start().await;

@@ -173,26 +173,14 @@ async fn unrelated_files_in_the_directory_do_not_reload() {
 
 #[tokio::test]
 async fn a_changed_key_file_reloads_the_policy() {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     let upstream = Upstream::start().await;
     let policy = format!(
         "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
         upstream.url()
     );
     let gate = TestGate::start(&policy).await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 300;
-    let token = |secret: &str| {
-        encode(
-            &Header::default(),
-            &serde_json::json!({"sub": "k", "exp": exp}),
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap()
-    };
+    let exp = unix_now() + 300;
+    let token = |secret: &str| hs256_with(secret, serde_json::json!({"sub": "k", "exp": exp}));
     let request = |t: &str| {
         let mut r = gate.request("/ws");
         r.headers_mut()

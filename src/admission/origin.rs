@@ -12,12 +12,7 @@ pub fn allowed(rules: &OriginRules, origin: Option<&str>) -> bool {
         return false; // includes the opaque origin "null"
     };
     let (host, port) = split_port(rest);
-    let default_port = match scheme {
-        "https" | "wss" => Some(443),
-        "http" | "ws" => Some(80),
-        _ => None,
-    };
-    let port = port.filter(|p| Some(*p) != default_port);
+    let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
     rules.allow.iter().any(|pattern| match pattern {
         OriginPattern::Exact(exact) => {
             let normal = match port {

@@ -92,17 +92,18 @@ pub struct Caps {
 
 impl Caps {
     pub fn try_ip(self: &Arc<Self>, route: &str, key: IpNet, max: u32) -> Option<CapSlot> {
-        acquire(&self.per_ip, (route.to_owned(), key), max).then(|| CapSlot {
+        let key = (route.to_owned(), key);
+        acquire(&self.per_ip, &key, max).then(|| CapSlot {
             caps: self.clone(),
-            key: CapKey::Ip(route.to_owned(), key),
+            key: CapKey::Ip(key),
         })
     }
 
     pub fn try_subject(self: &Arc<Self>, route: &str, subject: &str, max: u32) -> Option<CapSlot> {
         let key = (route.to_owned(), subject.to_owned());
-        acquire(&self.per_subject, key, max).then(|| CapSlot {
+        acquire(&self.per_subject, &key, max).then(|| CapSlot {
             caps: self.clone(),
-            key: CapKey::Subject(route.to_owned(), subject.to_owned()),
+            key: CapKey::Subject(key),
         })
     }
 
@@ -120,13 +121,20 @@ impl Caps {
     }
 }
 
-fn acquire<K: Hash + Eq>(table: &Mutex<HashMap<K, u32>>, key: K, max: u32) -> bool {
+fn acquire<K: Hash + Eq + Clone>(table: &Mutex<HashMap<K, u32>>, key: &K, max: u32) -> bool {
     let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
-    if table.get(&key).copied().unwrap_or(0) >= max {
-        return false;
+    match table.get_mut(key) {
+        Some(count) if *count >= max => false,
+        Some(count) => {
+            *count += 1;
+            true
+        }
+        None if max == 0 => false,
+        None => {
+            table.insert(key.clone(), 1);
+            true
+        }
     }
-    *table.entry(key).or_insert(0) += 1;
-    true
 }
 
 fn release<K: Hash + Eq>(table: &Mutex<HashMap<K, u32>>, key: &K) {
@@ -140,8 +148,8 @@ fn release<K: Hash + Eq>(table: &Mutex<HashMap<K, u32>>, key: &K) {
 }
 
 enum CapKey {
-    Ip(String, IpNet),
-    Subject(String, String),
+    Ip((String, IpNet)),
+    Subject((String, String)),
 }
 
 /// One connection's place under a cap, released however the connection ends.
@@ -159,10 +167,8 @@ impl std::fmt::Debug for CapSlot {
 impl Drop for CapSlot {
     fn drop(&mut self) {
         match &self.key {
-            CapKey::Ip(route, ip) => release(&self.caps.per_ip, &(route.clone(), *ip)),
-            CapKey::Subject(route, sub) => {
-                release(&self.caps.per_subject, &(route.clone(), sub.clone()))
-            }
+            CapKey::Ip(key) => release(&self.caps.per_ip, key),
+            CapKey::Subject(key) => release(&self.caps.per_subject, key),
         }
     }
 }

@@ -898,14 +898,9 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         },
         _ => (rest, None),
     };
-    let default_port = match scheme {
-        "https" | "wss" => Some(443),
-        "http" | "ws" => Some(80),
-        _ => None,
-    };
-    let port = port.filter(|p| Some(*p) != default_port);
+    let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
     if let Some(domain) = host.strip_prefix("*.") {
-        if domain.is_empty() || domain.contains('*') || !domain.contains('.') && domain.is_empty() {
+        if domain.is_empty() || domain.contains('*') {
             return Err(format!("{s:?}: \"*.\" must be followed by a domain"));
         }
         return Ok(OriginPattern::Subdomains {

@@ -678,3 +678,30 @@ pub fn jwks_pki() -> &'static Pki {
 fn jwks_roots() -> Vec<CertificateDer<'static>> {
     vec![jwks_pki().ca_der.clone()]
 }
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token over `claims`, signed with `secret`.
+pub fn hs256_with(secret: &str, claims: serde_json::Value) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// An HS256 token for `sub`, valid for 5 minutes, signed with the test `SECRET`.
+pub fn hs256(sub: &str) -> String {
+    hs256_with(
+        SECRET,
+        serde_json::json!({"sub": sub, "exp": unix_now() + 300}),
+    )
+}
