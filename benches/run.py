@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""wsgate's benchmark harness: wsgate against a direct connection, nginx and HAProxy.
+
+One run measures every target in front of the same echo upstream (`wsload serve`),
+round-robin over the repetitions, servers pinned to CPU 0 and the load to CPU 1 with
+taskset. It prints the medians, the ratios to direct and wsgate's ratio to the best of
+nginx and HAProxy, and writes a markdown report and a JSON file.
+
+    python3 benches/run.py                 # the full run (3 repetitions, ~15 minutes)
+    python3 benches/run.py --smoke         # 1 short repetition, small N (seconds; CI)
+
+Only the standard library; nginx and HAProxy come from Debian's packages (skipped, and
+said so, when missing). Every process started here is stopped before it returns.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+SECRET = "bench-secret-bench-secret-bench-secret-0123"
+ORIGIN = "https://app.example"
+
+# test name -> (load mode, arguments, targets, headline metric)
+ECHO_TARGETS = ["direct", "nginx", "haproxy", "wsgate"]
+PROXIES = ["nginx", "haproxy"]
+
+
+def tests(smoke):
+    d = ["-d", "0.5", "--warmup", "0.2"] if smoke else ["-d", "5", "--warmup", "1"]
+    n_hold = "200" if smoke else "9000"
+    hold_s = "1" if smoke else "30"
+    return [
+        # Hold first in every repetition: each repetition starts fresh servers, so the
+        # RSS per connection is measured on a process that has not yet grown for load.
+        ("hold", "hold", ["-n", n_hold, "-d", hold_s], ECHO_TARGETS, "kib_per_connection"),
+        ("hold TLS", "hold", ["-n", n_hold, "-d", hold_s], ["nginx-tls", "wsgate-tls"],
+         "kib_per_connection"),
+        ("echo 64 B C=50", "echo", ["-c", "50", "-s", "64"] + d, ECHO_TARGETS, "messages_per_s"),
+        ("echo 16 KiB C=50", "echo", ["-c", "50", "-s", "16384"] + d, ECHO_TARGETS, "mb_per_s"),
+        ("echo 1 MiB C=10", "echo", ["-c", "10", "-s", "1048576"] + d, ECHO_TARGETS, "mb_per_s"),
+        ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + ["wsgate-auth"],
+         "upgrades_per_s"),
+        ("TLS connect C=16", "connect", ["-c", "16"] + d, ["nginx-tls", "wsgate-tls"],
+         "upgrades_per_s"),
+    ]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Servers:
+    """The upstream and every proxy, started together and stopped together."""
+
+    def __init__(self, work, taskset, have):
+        self.work = work
+        self.taskset = taskset
+        self.have = have
+        self.procs = {}
+        self.ports = {}
+
+    def spawn(self, name, cmd, port, log):
+        out = open(self.work / f"{name}.log", "ab") if log else subprocess.DEVNULL
+        proc = subprocess.Popen(self.taskset + cmd, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        if not wait_port(port, proc):
+            self.stop()
+            sys.exit(f"bench: {name} did not start (see {self.work / (name + '.log')})")
+        self.procs[name] = proc
+        self.ports[name] = port
+
+    def start(self):
+        w = self.work
+        up = free_port()
+        self.spawn("upstream", [str(RELEASE / "wsload"), "serve", "--listen",
+                                f"127.0.0.1:{up}"], up, False)
+        (w / "secret").write_text(SECRET)
+        (w / "policy.yaml").write_text(f"""version: 1
+max_connections: 100000
+defaults:
+  upstream: ws://127.0.0.1:{up}
+  auth: {{required: false}}
+  origin: {{allow_missing: true}}
+  messages: {{per_second: 100000000, burst: 100000000, max_frame_bytes: 2097152, max_message_bytes: 2097152}}
+  rate: {{upgrades_per_second: 1000000, burst: 1000000, max_connections_per_ip: 100000, max_connections_per_subject: 100000}}
+routes:
+  - path: /ws
+  - path: /auth
+    auth: {{required: true, algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}
+    origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
+""")
+        gate = [str(RELEASE / "wsgate"), "run", "--policy", str(w / "policy.yaml"),
+                "--admin", "off", "--log-format", "json"]
+        port = free_port()
+        self.spawn("wsgate", gate + ["--plaintext", "--listen", f"127.0.0.1:{port}"], port, True)
+        port = free_port()
+        self.spawn("wsgate-tls", gate + ["--listen", f"127.0.0.1:{port}",
+                                         "--tls-cert", str(ROOT / "certs/localhost.pem"),
+                                         "--tls-key", str(ROOT / "certs/localhost.key")],
+                   port, True)
+        if "nginx" in self.have:
+            plain, tls = free_port(), free_port()
+            p = w / "nginx"
+            (p / "logs").mkdir(parents=True, exist_ok=True)
+            (p / "nginx.conf").write_text(f"""worker_processes 1;
+daemon off;
+master_process off;
+worker_rlimit_nofile 20000;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 19500; }}
+http {{
+  access_log {p}/logs/access.log;
+  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy; fastcgi_temp_path {p}/fcgi;
+  uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  upstream echo {{ server 127.0.0.1:{up}; }}
+  server {{
+    listen 127.0.0.1:{plain};
+    listen 127.0.0.1:{tls} ssl;
+    ssl_certificate {ROOT}/certs/localhost.pem;
+    ssl_certificate_key {ROOT}/certs/localhost.key;
+    location / {{
+      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }}
+  }}
+}}
+""")
+            self.spawn("nginx", [self.have["nginx"], "-p", str(p), "-c", str(p / "nginx.conf")],
+                       plain, True)
+            self.ports["nginx-tls"] = tls
+            self.procs["nginx-tls"] = self.procs["nginx"]
+        if "haproxy" in self.have:
+            port = free_port()
+            (w / "haproxy.cfg").write_text(f"""global
+  maxconn 9300
+defaults
+  mode http
+  log stdout format raw local0
+  option httplog
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{up}
+""")
+            self.spawn("haproxy", [self.have["haproxy"], "-f", str(w / "haproxy.cfg"), "-db"],
+                       port, True)
+        self.procs["direct"] = self.procs["upstream"]
+        self.ports["direct"] = up
+        self.procs["wsgate-auth"] = self.procs["wsgate"]
+        self.ports["wsgate-auth"] = self.ports["wsgate"]
+
+    def stop(self):
+        for proc in {id(p): p for p in self.procs.values()}.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        self.procs.clear()
+        self.ports.clear()
+
+
+def token():
+    out = subprocess.run([str(RELEASE / "wsgate"), "token", "--secret-env", "BENCH_SECRET",
+                          "--sub", "bench", "--ttl", "2h"], capture_output=True, text=True,
+                         env={**os.environ, "BENCH_SECRET": SECRET}, check=True)
+    return out.stdout.strip()
+
+
+def load(servers, taskset_load, mode, args, target, bearer):
+    port = servers.ports[target]
+    tls = target.endswith("-tls")
+    path = "/auth" if target == "wsgate-auth" else "/ws"
+    cmd = taskset_load + [str(RELEASE / "wsload"), mode,
+                          "--url", f"{'wss' if tls else 'ws'}://{'localhost' if tls else '127.0.0.1'}:{port}{path}"]
+    if tls:
+        cmd += ["--ca", str(ROOT / "certs/dev-ca.pem")]
+    if target == "wsgate-auth":
+        cmd += ["--header", f"Authorization: Bearer {bearer}", "--header", f"Origin: {ORIGIN}"]
+    if mode == "hold":
+        cmd += ["--pid", str(servers.procs[target].pid)]
+    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        return {"failed": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def metric(result, name):
+    value = result.get(name)
+    return value if isinstance(value, (int, float)) else None
+
+
+def p99(result):
+    return (result.get("latency") or {}).get("p99_ms")
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="1 short repetition, small N")
+    ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
+    ap.add_argument("--only", help="run only tests whose name contains this")
+    ap.add_argument("--no-build", action="store_true")
+    opts = ap.parse_args()
+    reps = 1 if opts.smoke else opts.reps
+
+    if not opts.no_build:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "wsgate", "-p", "wsload"],
+                       cwd=ROOT, check=True)
+    have = {}
+    for name in ("nginx", "haproxy"):
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+        if path:
+            have[name] = path
+        else:
+            print(f"bench: {name} not installed; its rows are skipped")
+    taskset = shutil.which("taskset") and os.cpu_count() and os.cpu_count() >= 2
+    pin_servers = ["taskset", "-c", "0"] if taskset else []
+    pin_load = ["taskset", "-c", "1"] if taskset else []
+    if not taskset:
+        print("bench: taskset or a second CPU missing; nothing is pinned")
+
+    plan = [t for t in tests(opts.smoke) if not opts.only or opts.only in t[0]]
+    results = {name: {} for name, *_ in plan}
+    bearer = token()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="wsgate-bench-") as tmp:
+        work = Path(tmp)
+        for rep in range(reps):
+            servers = Servers(work, pin_servers, have)
+            try:
+                servers.start()
+                for name, mode, args, targets, _ in plan:
+                    for target in targets:
+                        if target not in servers.ports:
+                            continue
+                        r = load(servers, pin_load, mode, args, target, bearer)
+                        results[name].setdefault(target, []).append(r)
+                        brief = r.get("failed") or {k: r.get(k) for k in (
+                            "messages_per_s", "mb_per_s", "upgrades_per_s",
+                            "kib_per_connection", "alive", "cpu_percent_of_core") if k in r}
+                        print(f"[{rep + 1}/{reps}] {name:18} {target:12} {brief}", flush=True)
+                        time.sleep(0.2 if opts.smoke else 1)
+            finally:
+                servers.stop()
+
+    report = summarize(plan, results, reps, bool(taskset), time.time() - started)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (out / f"bench-{stamp}.md").write_text(md)
+    print(md)
+    print(f"bench: wrote {out}/bench-{stamp}.md and .json")
+
+
+def summarize(plan, results, reps, pinned, seconds):
+    rows = []
+    for name, mode, args, targets, key in plan:
+        med = {}
+        for target, runs in results[name].items():
+            med[target] = {
+                "value": median(metric(r, key) for r in runs),
+                "p99_ms": median(p99(r) for r in runs),
+                "alive": median(metric(r, "alive") for r in runs),
+                "cpu_percent_of_core": median(metric(r, "cpu_percent_of_core") for r in runs),
+                "failed": [r["failed"] for r in runs if "failed" in r],
+                "errors": [r.get("errors") for r in runs if r.get("errors")],
+            }
+        lower_is_better = key == "kib_per_connection"
+        direct = (med.get("direct") or {}).get("value")
+        proxies = [med[p]["value"] for p in med if p.split("-")[0] in PROXIES
+                   and med[p]["value"] is not None and not p.endswith("-auth")]
+        best = (min(proxies) if lower_is_better else max(proxies)) if proxies else None
+        for target, m in med.items():
+            v = m["value"]
+            m["ratio_to_direct"] = v / direct if v is not None and direct else None
+            if target.startswith("wsgate") and best:
+                m["ratio_to_best_proxy"] = v / best if v is not None else None
+        if "wsgate-auth" in med and med.get("wsgate", {}).get("value"):
+            a = med["wsgate-auth"]["value"]
+            med["wsgate-auth"]["ratio_to_wsgate"] = a / med["wsgate"]["value"] if a else None
+        rows.append({"test": name, "mode": mode, "args": args, "metric": key,
+                     "lower_is_better": lower_is_better, "best_proxy": best, "targets": med,
+                     "runs": results[name]})
+    return {"reps": reps, "pinned": pinned, "seconds": round(seconds),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "tests": rows}
+
+
+def markdown(report):
+    lines = [f"# wsgate benchmark — {report['date']}", "",
+             f"Medians of {report['reps']} round-robin repetition(s); "
+             f"{'servers on CPU 0, load on CPU 1' if report['pinned'] else 'not pinned'}; "
+             f"{report['seconds']} s in all. Ratios are within this run.", "",
+             "| test | metric | target | median | p99 ms | ratio to direct | wsgate / best proxy | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["tests"]:
+        for target, m in row["targets"].items():
+            notes = []
+            if m.get("ratio_to_wsgate") is not None:
+                notes.append(f"{m['ratio_to_wsgate']:.2f}× of wsgate without auth")
+            if row["mode"] == "hold":
+                if m["alive"] is not None:
+                    notes.append(f"{m['alive']:.0f} alive")
+                if m["cpu_percent_of_core"] is not None:
+                    notes.append(f"CPU {m['cpu_percent_of_core']:.2f}% of a core")
+            if m["failed"]:
+                notes.append(f"failed: {m['failed'][0][:80]}")
+            if m["errors"]:
+                notes.append(f"errors: {m['errors'][0]}")
+            ratio = m.get("ratio_to_best_proxy")
+            lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                row["test"], row["metric"], target, fmt(m["value"], 2),
+                fmt(m["p99_ms"], 2) if row["mode"] != "hold" else "",
+                fmt(m["ratio_to_direct"], 2) if m.get("ratio_to_direct") is not None else "",
+                f"**{ratio:.2f}×**" if ratio is not None else "", "; ".join(notes)))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
