@@ -127,8 +127,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// One worker per CPU the process may use (affinity and cgroup quota, as std sees them);
+/// on a single CPU, tokio's current-thread scheduler: no work-stealing bookkeeping and no
+/// cross-thread wake-ups on the per-message path.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cpus);
+        b
+    };
+    builder
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")
