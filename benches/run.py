@@ -86,12 +86,15 @@ class Servers:
         self.ports = {}
 
     def spawn(self, name, cmd, port, log):
-        out = open(self.work / f"{name}.log", "ab") if log else subprocess.DEVNULL
+        # Logs go beside, not into, the directory wsgate watches for policy changes.
+        logs = self.work / "logs"
+        logs.mkdir(exist_ok=True)
+        out = open(logs / f"{name}.log", "ab") if log else subprocess.DEVNULL
         proc = subprocess.Popen(self.taskset + cmd, stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         if not wait_port(port, proc):
             self.stop()
-            sys.exit(f"bench: {name} did not start (see {self.work / (name + '.log')})")
+            sys.exit(f"bench: {name} did not start (see {logs / (name + '.log')})")
         self.procs[name] = proc
         self.ports[name] = port
 
@@ -100,8 +103,10 @@ class Servers:
         up = free_port()
         self.spawn("upstream", [str(RELEASE / "wsload"), "serve", "--listen",
                                 f"127.0.0.1:{up}"], up, False)
-        (w / "secret").write_text(SECRET)
-        (w / "policy.yaml").write_text(f"""version: 1
+        pol = w / "policy"
+        pol.mkdir(exist_ok=True)
+        (pol / "secret").write_text(SECRET)
+        (pol / "policy.yaml").write_text(f"""version: 1
 max_connections: 100000
 defaults:
   upstream: ws://127.0.0.1:{up}
@@ -115,7 +120,7 @@ routes:
     auth: {{required: true, algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}
     origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
 """)
-        gate = [str(RELEASE / "wsgate"), "run", "--policy", str(w / "policy.yaml"),
+        gate = [str(RELEASE / "wsgate"), "run", "--policy", str(pol / "policy.yaml"),
                 "--admin", "off", "--log-format", "json"]
         port = free_port()
         self.spawn("wsgate", gate + ["--plaintext", "--listen", f"127.0.0.1:{port}"], port, True)

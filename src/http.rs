@@ -353,8 +353,13 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     if aws_lc_rs::rand::fill(&mut raw).is_err() {
         raw = rand_fallback();
     }
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (i, b) in raw.iter().enumerate() {
+        hex[2 * i] = HEX[usize::from(b >> 4)];
+        hex[2 * i + 1] = HEX[usize::from(b & 0xf)];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 fn rand_fallback() -> [u8; 16] {

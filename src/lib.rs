@@ -27,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listener;
+pub mod logbuf;
 pub mod metrics;
 pub mod mint;
 pub mod policy;

@@ -118,11 +118,15 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Run(args) => {
             init_tracing(args.log_format);
-            runtime().block_on(run(args))
+            let code = runtime().block_on(run(args));
+            wsgate::logbuf::Batched::stderr().flush();
+            code
         }
         Command::Demo { listen } => {
             init_tracing(None);
-            runtime().block_on(run_demo(listen))
+            let code = runtime().block_on(run_demo(listen));
+            wsgate::logbuf::Batched::stderr().flush();
+            code
         }
     }
 }
@@ -151,7 +155,7 @@ fn init_tracing(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(wsgate::logbuf::Batched::stderr());
     match format.unwrap_or(if terminal {
         LogFormat::Text
     } else {
