@@ -98,6 +98,10 @@ struct Target {
     /// Let TLS clients resume sessions (tickets); by default every handshake is full.
     #[arg(long)]
     resume: bool,
+    /// Do not verify the server's certificate or handshake signature: the load generator
+    /// then spends its CPU on the key exchange only, so the server is what is measured.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 fn main() {
@@ -309,20 +313,26 @@ fn tls_connector(
     String,
 > {
     use rustls_pki_types::pem::PemObject;
-    let ca = target.ca.as_ref().ok_or("wss:// needs --ca")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
-        .map_err(|e| format!("{}: {e}", ca.display()))?
-    {
-        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
-        roots.add(cert).map_err(|e| e.to_string())?;
-    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| e.to_string())?;
+    let mut config = if target.no_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let ca = target.ca.as_ref().ok_or("wss:// needs --ca (or --no-verify)")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("{}: {e}", ca.display()))?
+        {
+            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots.add(cert).map_err(|e| e.to_string())?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
     if !target.resume {
         config.resumption = rustls::client::Resumption::disabled();
     }
@@ -334,6 +344,47 @@ fn tls_connector(
     )
     .map_err(|e| e.to_string())?;
     Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
+/// Accepts any certificate and signature (`--no-verify`, for load generation only).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 async fn timed<F: std::future::Future>(f: F) -> Option<F::Output> {
