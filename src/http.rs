@@ -230,7 +230,7 @@ async fn respond(
                 return;
             }
         };
-        let outcome = relay::run(client, socket.io, route.clone(), shutdown, connection).await;
+        let outcome = relay::run(client, socket, route.clone(), shutdown, connection).await;
         let (client_code, upstream_code) = outcome.reason.codes();
         tracing::info!(
             request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,

@@ -28,8 +28,54 @@ use tokio::sync::watch;
 use crate::admission::{self, Standing};
 use crate::metrics::{ConnectionMetrics, MessageCounters, Metrics};
 use crate::policy::{Messages, Mode, PolicyHandle, Route};
+use crate::upstream::{UpstreamSocket, UpstreamStream};
 
-pub type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
+pub type Ws = WebSocketStream<Counted<Leg>>;
+
+/// The socket under a leg: the client's, handed over by hyper after the 101, or the
+/// upstream's, whose handshake the gate did itself.
+pub enum Leg {
+    Client(TokioIo<Upgraded>),
+    Upstream(UpstreamStream),
+}
+
+impl AsyncRead for Leg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Leg::Client(io) => Pin::new(io).poll_read(cx, buf),
+            Leg::Upstream(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Leg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Leg::Client(io) => Pin::new(io).poll_write(cx, buf),
+            Leg::Upstream(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Leg::Client(io) => Pin::new(io).poll_flush(cx),
+            Leg::Upstream(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Leg::Client(io) => Pin::new(io).poll_shutdown(cx),
+            Leg::Upstream(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
 
 /// A leg's socket, counting the bytes the peer has accepted, so that the write deadline
 /// measures "accepts no bytes" and not "has not caught up".
@@ -691,7 +737,7 @@ pub struct Connection {
 /// Relay between the two legs until one ends, then close both as SPEC §4 says.
 pub async fn run(
     client: TokioIo<Upgraded>,
-    upstream: TokioIo<Upgraded>,
+    upstream: UpstreamSocket,
     route: Arc<Route>,
     shutdown: CancellationToken,
     mut conn: Connection,
@@ -699,18 +745,19 @@ pub async fn run(
     let started = Instant::now();
     let mut client = WebSocketStream::from_raw_socket(
         Counted {
-            io: client,
+            io: Leg::Client(client),
             written: 0,
         },
         Role::Server,
         Some(client_config(&route.messages)),
     )
     .await;
-    let mut upstream = WebSocketStream::from_raw_socket(
+    let mut upstream = WebSocketStream::from_partially_read(
         Counted {
-            io: upstream,
+            io: Leg::Upstream(upstream.io),
             written: 0,
         },
+        upstream.read_ahead,
         Role::Client,
         Some(upstream_config(&route.messages)),
     )

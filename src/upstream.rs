@@ -10,12 +10,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use http::{StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
@@ -25,6 +21,9 @@ use crate::policy::{Route, TokenSource, Upstream};
 
 /// Largest upstream error body relayed to the client.
 pub const MAX_RELAYED_BODY: usize = 64 * 1024;
+
+/// Largest upstream response head (the client's is capped at 16 KiB the same way).
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// A connection to an upstream, plain or TLS.
 pub enum UpstreamStream {
@@ -255,7 +254,9 @@ pub fn strip_token_protocols<'p>(protocols: &[&'p str], sources: &[TokenSource])
 
 /// An upstream WebSocket, handshake completed.
 pub struct UpstreamSocket {
-    pub io: TokioIo<Upgraded>,
+    pub io: UpstreamStream,
+    /// Bytes that arrived after the 101's head: the start of the first frames.
+    pub read_ahead: Vec<u8>,
     /// The subprotocol the upstream selected, returned to the client.
     pub protocol: Option<HeaderValue>,
 }
@@ -291,12 +292,6 @@ async fn handshake(
         tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream connect failed");
         Rejection::UpstreamUnavailable
     })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| Rejection::UpstreamUnavailable)?;
-    // Ends by itself once the connection upgrades or closes.
-    tokio::spawn(conn.with_upgrades());
-
     let key = generate_key();
     let h = &mut headers;
     h.insert(header::HOST, header_value(&route.upstream.host_header)?);
@@ -315,32 +310,40 @@ async fn handshake(
     }
     let uri = Uri::from_str(path_and_query)
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
-    let mut request = Request::get(uri)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|_| Rejection::BadRequest("invalid request"))?;
-    *request.headers_mut() = headers;
-
-    let response = sender.send_request(request).await.map_err(|e| {
+    let mut stream = stream;
+    let head = request_head(&uri, &headers);
+    let sent = async {
+        stream.write_all(&head).await?;
+        stream.flush().await
+    };
+    sent.await.map_err(|e| {
         tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream handshake failed");
         Rejection::UpstreamUnavailable
     })?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Err(relay_refusal(response, deadline).await);
+    let (response, rest) = read_head(&mut stream).await.map_err(|e| {
+        tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream handshake failed");
+        Rejection::UpstreamUnavailable
+    })?;
+    if response.status != StatusCode::SWITCHING_PROTOCOLS {
+        if response.status.is_informational() {
+            return Err(Rejection::UpstreamUnavailable);
+        }
+        return Err(relay_refusal(stream, response, rest, deadline).await);
     }
-    let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    let accept = response.headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
         tracing::warn!(upstream = %route.upstream.url, "upstream 101 with a wrong Sec-WebSocket-Accept");
         return Err(Rejection::UpstreamUnavailable);
     }
     if response
-        .headers()
+        .headers
         .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
     {
         tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension it was not offered");
         return Err(Rejection::UpstreamUnavailable);
     }
     let protocol = response
-        .headers()
+        .headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .cloned();
     if let Some(p) = &protocol {
@@ -349,39 +352,150 @@ async fn handshake(
             return Err(Rejection::UpstreamUnavailable);
         }
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|_| Rejection::UpstreamUnavailable)?;
     Ok(UpstreamSocket {
-        io: TokioIo::new(upgraded),
+        io: stream,
+        read_ahead: rest.to_vec(),
         protocol,
     })
+}
+
+/// The request head, written as it goes on the wire. Header values cannot hold CR or LF
+/// (`HeaderValue` refuses them), and the target is a parsed origin-form URI.
+fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(64 + target.len() + headers.len() * 48);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The upstream's response head.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+/// Reads and parses a response head of at most `MAX_RESPONSE_HEAD` bytes (and 64 header
+/// fields); returns it with whatever arrived after it.
+async fn read_head(stream: &mut UpstreamStream) -> io::Result<(Head, BytesMut)> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        buf.reserve(1024);
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut slots);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = response
+                    .code
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or_else(|| invalid("bad status"))?;
+                let mut headers = HeaderMap::with_capacity(response.headers.len());
+                for field in response.headers.iter() {
+                    let name = HeaderName::from_bytes(field.name.as_bytes())
+                        .map_err(|_| invalid("bad header name"))?;
+                    let value = HeaderValue::from_bytes(field.value)
+                        .map_err(|_| invalid("bad header value"))?;
+                    headers.append(name, value);
+                }
+                let rest = buf.split_off(len);
+                return Ok((Head { status, headers }, rest));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(invalid("response head too large")),
+            Err(e) => return Err(invalid(&e.to_string())),
+        }
+    }
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, Rejection> {
     HeaderValue::from_str(s).map_err(|_| Rejection::BadRequest("invalid header value"))
 }
 
-/// The upstream's own answer, with at most `MAX_RELAYED_BODY` of its body.
-async fn relay_refusal(response: Response<Incoming>, deadline: Instant) -> Rejection {
-    let (parts, mut body) = response.into_parts();
-    let mut collected = BytesMut::new();
-    while collected.len() < MAX_RELAYED_BODY {
-        match timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    let room = MAX_RELAYED_BODY - collected.len();
-                    collected.extend_from_slice(&data[..data.len().min(room)]);
-                }
-            }
+/// The upstream's own answer, with at most `MAX_RELAYED_BODY` of its body (by
+/// Content-Length, chunked, or up to EOF), read within the upstream deadline.
+async fn relay_refusal(
+    mut stream: UpstreamStream,
+    head: Head,
+    mut raw: BytesMut,
+    deadline: Instant,
+) -> Rejection {
+    let chunked = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| v.as_bytes().to_ascii_lowercase().ends_with(b"chunked"));
+    let length = head
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let bodiless = head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED;
+    // Chunk framing comes on top of the data: read a little past the cap.
+    let want = match (bodiless, chunked, length) {
+        (true, _, _) => 0,
+        (false, true, _) => MAX_RELAYED_BODY + 4096,
+        (false, false, Some(n)) => n.min(MAX_RELAYED_BODY),
+        (false, false, None) => MAX_RELAYED_BODY,
+    };
+    while raw.len() < want && !(chunked && dechunk(&raw).1) {
+        raw.reserve((want - raw.len()).min(16 * 1024));
+        match timeout_at(deadline, stream.read_buf(&mut raw)).await {
+            Ok(Ok(n)) if n > 0 => {}
             _ => break,
         }
     }
+    let body = if chunked {
+        Bytes::from(dechunk(&raw).0)
+    } else {
+        raw.truncate(want);
+        raw.freeze()
+    };
     Rejection::UpstreamStatus(Box::new(UpstreamRefusal {
-        status: parts.status,
-        headers: parts.headers,
-        body: collected.freeze(),
+        status: head.status,
+        headers: head.headers,
+        body,
     }))
+}
+
+/// Decodes a chunked body as far as it goes: the data (at most `MAX_RELAYED_BODY`) and
+/// whether the last chunk was seen.
+fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    while out.len() < MAX_RELAYED_BODY {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return (out, false);
+        };
+        let size = std::str::from_utf8(&raw[..eol])
+            .ok()
+            .and_then(|line| line.split(';').next())
+            .and_then(|hex| usize::from_str_radix(hex.trim(), 16).ok());
+        let Some(size) = size else {
+            return (out, true);
+        };
+        if size == 0 {
+            return (out, true);
+        }
+        raw = &raw[eol + 2..];
+        let take = size.min(raw.len()).min(MAX_RELAYED_BODY - out.len());
+        out.extend_from_slice(&raw[..take]);
+        if raw.len() < size + 2 {
+            return (out, false);
+        }
+        raw = &raw[size + 2..];
+    }
+    (out, true)
 }
 
 #[cfg(test)]
@@ -395,6 +509,34 @@ mod tests {
             TokenSource::Cookie("access_token".into()),
             TokenSource::Subprotocol("bearer.".into()),
         ]
+    }
+
+    #[test]
+    fn chunked_bodies_decoded_and_capped() {
+        assert_eq!(
+            dechunk(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"),
+            (b"hello world".to_vec(), true)
+        );
+        // Incomplete: what has arrived so far, not finished.
+        assert_eq!(dechunk(b"5\r\nhel"), (b"hel".to_vec(), false));
+        assert_eq!(dechunk(b"5\r\nhello\r\n"), (b"hello".to_vec(), false));
+        // Garbage size line: stop there.
+        assert_eq!(dechunk(b"zz\r\nhello\r\n"), (Vec::new(), true));
+        let big = format!(
+            "{:x}\r\n{}\r\n",
+            MAX_RELAYED_BODY * 2,
+            "x".repeat(MAX_RELAYED_BODY * 2)
+        );
+        let (body, done) = dechunk(big.as_bytes());
+        assert_eq!((body.len(), done), (MAX_RELAYED_BODY, true));
+    }
+
+    #[test]
+    fn request_head_is_origin_form() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("up:8080"));
+        let head = request_head(&Uri::from_static("/ws?a=1"), &h);
+        assert_eq!(head, b"GET /ws?a=1 HTTP/1.1\r\nhost: up:8080\r\n\r\n");
     }
 
     #[test]

@@ -323,7 +323,10 @@ fn tls_connector(
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth()
     } else {
-        let ca = target.ca.as_ref().ok_or("wss:// needs --ca (or --no-verify)")?;
+        let ca = target
+            .ca
+            .as_ref()
+            .ok_or("wss:// needs --ca (or --no-verify)")?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
             .map_err(|e| format!("{}: {e}", ca.display()))?
@@ -381,9 +384,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
