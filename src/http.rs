@@ -12,7 +12,6 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -224,7 +223,7 @@ async fn respond(
     gate.shutdown.tracker().spawn(async move {
         let _slots = slots;
         let client = match on_upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
+            Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(error = %e, "client upgrade did not complete");
                 return;

@@ -15,6 +15,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -32,11 +33,32 @@ use crate::upstream::{UpstreamSocket, UpstreamStream};
 
 pub type Ws = WebSocketStream<Counted<Leg>>;
 
-/// The socket under a leg: the client's, handed over by hyper after the 101, or the
-/// upstream's, whose handshake the gate did itself.
+/// The socket under a leg. hyper hands the client's socket over after the 101 as a boxed
+/// `Upgraded`; it is taken back out (`downcast`) so that every read and write on the
+/// client leg is a direct call, not two layers of dynamic dispatch.
 pub enum Leg {
-    Client(TokioIo<Upgraded>),
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A stream of another type (none today): left as hyper gave it.
+    Upgraded(TokioIo<Upgraded>),
     Upstream(UpstreamStream),
+}
+
+impl Leg {
+    /// The client's socket and the bytes hyper read past the request head.
+    fn client(upgraded: Upgraded) -> (Leg, Vec<u8>) {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return (Leg::Tcp(parts.io.into_inner()), parts.read_buf.to_vec()),
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(parts) => (
+                Leg::Tls(Box::new(parts.io.into_inner())),
+                parts.read_buf.to_vec(),
+            ),
+            Err(upgraded) => (Leg::Upgraded(TokioIo::new(upgraded)), Vec::new()),
+        }
+    }
 }
 
 impl AsyncRead for Leg {
@@ -46,7 +68,9 @@ impl AsyncRead for Leg {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Leg::Client(io) => Pin::new(io).poll_read(cx, buf),
+            Leg::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Leg::Tls(io) => Pin::new(io).poll_read(cx, buf),
+            Leg::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
             Leg::Upstream(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
@@ -59,19 +83,25 @@ impl AsyncWrite for Leg {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Leg::Client(io) => Pin::new(io).poll_write(cx, buf),
+            Leg::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Leg::Tls(io) => Pin::new(io).poll_write(cx, buf),
+            Leg::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
             Leg::Upstream(io) => Pin::new(io).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Leg::Client(io) => Pin::new(io).poll_flush(cx),
+            Leg::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Leg::Tls(io) => Pin::new(io).poll_flush(cx),
+            Leg::Upgraded(io) => Pin::new(io).poll_flush(cx),
             Leg::Upstream(io) => Pin::new(io).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Leg::Client(io) => Pin::new(io).poll_shutdown(cx),
+            Leg::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Leg::Tls(io) => Pin::new(io).poll_shutdown(cx),
+            Leg::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
             Leg::Upstream(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
@@ -736,18 +766,20 @@ pub struct Connection {
 
 /// Relay between the two legs until one ends, then close both as SPEC §4 says.
 pub async fn run(
-    client: TokioIo<Upgraded>,
+    client: Upgraded,
     upstream: UpstreamSocket,
     route: Arc<Route>,
     shutdown: CancellationToken,
-    mut conn: Connection,
+    conn: Connection,
 ) -> Outcome {
     let started = Instant::now();
-    let mut client = WebSocketStream::from_raw_socket(
+    let (client, read_ahead) = Leg::client(client);
+    let mut client = WebSocketStream::from_partially_read(
         Counted {
-            io: Leg::Client(client),
+            io: client,
             written: 0,
         },
+        read_ahead,
         Role::Server,
         Some(client_config(&route.messages)),
     )
@@ -790,6 +822,11 @@ pub async fn run(
     let timer = sleep_until(deadlines.next(&c2u, &u2c));
     tokio::pin!(timer);
 
+    // Both waits live as long as the loop: re-creating them per message would register
+    // and unregister a waiter (under the channel's and the token's locks) every time.
+    let mut policy_change = Box::pin(next_change(conn.changes.clone()));
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let mut watching_policy = true;
     let reason = loop {
         tokio::select! {
@@ -808,11 +845,12 @@ pub async fn run(
                 }
                 timer.as_mut().reset(deadlines.next(&c2u, &u2c));
             },
-            changed = conn.changes.changed(), if watching_policy => {
+            (changed, changes) = &mut policy_change, if watching_policy => {
                 if changed.is_err() {
                     watching_policy = false;
                     continue;
                 }
+                policy_change.set(next_change(changes));
                 let loaded = conn.policy.load();
                 if let Err(why) = admission::recheck(&loaded.policy, &conn.standing) {
                     let (route, ip) = (&route.name, conn.standing.client_ip);
@@ -824,7 +862,7 @@ pub async fn run(
                     }
                 }
             },
-            () = shutdown.cancelled() => break CloseReason::Shutdown,
+            () = &mut cancelled => break CloseReason::Shutdown,
         }
     };
 
@@ -844,6 +882,15 @@ pub async fn run(
         report_violations: c2u.inbound.map_or(0, |i| i.violations),
     }
 }
+/// The next policy change, owning its receiver so that the wait can outlive one turn of
+/// the relay loop; the receiver comes back for the wait after.
+async fn next_change(
+    mut changes: watch::Receiver<u64>,
+) -> (Result<(), watch::error::RecvError>, watch::Receiver<u64>) {
+    let changed = changes.changed().await;
+    (changed, changes)
+}
+
 /// End one side of a relay, never past `deadline`. Dropping the socket afterwards closes
 /// TCP: as the server of the client leg that is our job once the handshake is complete.
 async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
