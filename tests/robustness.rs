@@ -1,6 +1,7 @@
-//! Hostile frames over a raw socket (a first part of the robustness catalogue): the gate
-//! answers each protocol violation with the close code RFC 6455 gives it, rather than
-//! just dropping TCP, and the upstream is told 1001.
+//! Rows of the hostile-input catalogue over raw sockets: protocol violations get the close
+//! code RFC 6455 gives them (not just a TCP drop) and the upstream is told; bad close
+//! frames, pong and ping floods, a close without a TCP close; hostile upgrade requests and
+//! plain HTTP on the TLS port. Other connections keep working.
 
 mod support;
 
@@ -101,10 +102,11 @@ async fn assert_closed_with(bytes: Vec<u8>, expected: &[u16]) {
         expected.contains(&code),
         "got close {code}, expected one of {expected:?}"
     );
-    assert!(matches!(
-        upstream.wait_ended(0).await,
-        Ended::Close(1001, _)
-    ));
+    let ended = upstream.wait_ended(0).await;
+    assert!(
+        matches!(ended, Ended::Close(1001, _)),
+        "upstream: {ended:?}"
+    );
 }
 
 #[tokio::test]
@@ -175,6 +177,172 @@ async fn other_connections_are_unaffected_by_a_violation() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut bad).await, 1002);
+    good.send(Message::text("fine")).await.unwrap();
+    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+}
+
+// ----- close frames -------------------------------------------------------------------
+
+#[tokio::test]
+async fn close_with_a_one_byte_payload_is_1002() {
+    assert_closed_with(frame(0x88, &[0x03], true), &[1002]).await;
+}
+
+#[tokio::test]
+async fn close_codes_a_peer_may_not_send_are_1002() {
+    // 1005, 1006 and 1015 are for APIs only; 999 and 5000 are outside every range.
+    // tungstenite turns such a close into the peer's "1002 Protocol violation" close, so
+    // the gate relays 1002 upstream as the client's close (SPEC §4, first row).
+    for code in [999u16, 1005, 1006, 1015, 5000] {
+        let (_gate, upstream, mut tcp) = upgraded().await;
+        tcp.write_all(&frame(0x88, &code.to_be_bytes(), true))
+            .await
+            .unwrap();
+        assert_eq!(close_code(&mut tcp).await, 1002, "close code {code}");
+        let ended = upstream.wait_ended(0).await;
+        assert!(
+            matches!(ended, Ended::Close(1002, _)),
+            "close code {code}: upstream {ended:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn close_reason_that_is_not_utf8_is_1007() {
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0xff, 0xfe]);
+    assert_closed_with(frame(0x88, &payload, true), &[1007, 1002]).await;
+}
+
+/// Reads server frames until a data frame arrives; returns (pongs seen, its payload).
+async fn next_data(tcp: &mut TcpStream) -> (usize, Vec<u8>) {
+    let read = async {
+        let mut pongs = 0;
+        loop {
+            let mut h = [0u8; 2];
+            tcp.read_exact(&mut h).await.expect("the gate closed TCP");
+            let len = match h[1] & 0x7f {
+                126 => {
+                    let mut l = [0u8; 2];
+                    tcp.read_exact(&mut l).await.unwrap();
+                    u16::from_be_bytes(l) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            match h[0] & 0x0f {
+                0xA => pongs += 1,
+                0x1 | 0x2 => return (pongs, payload),
+                0x8 => panic!("closed with {:?}", &payload[..2.min(payload.len())]),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no data frame in time")
+}
+
+#[tokio::test]
+async fn unsolicited_pong_is_ignored() {
+    let (_gate, _upstream, mut tcp) = upgraded().await;
+    tcp.write_all(&frame(0x8A, b"nobody asked", true))
+        .await
+        .unwrap();
+    tcp.write_all(&frame(0x81, b"still here", true))
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut tcp).await.1, b"still here");
+}
+
+#[tokio::test]
+async fn ping_flood_is_answered_and_the_connection_keeps_working() {
+    let (gate, _upstream, mut tcp) = upgraded().await;
+    let mut flood = Vec::new();
+    for i in 0..2000u32 {
+        flood.extend_from_slice(&frame(0x89, &i.to_be_bytes(), true));
+    }
+    flood.extend_from_slice(&frame(0x81, b"after the flood", true));
+    tcp.write_all(&flood).await.unwrap();
+    let (pongs, data) = next_data(&mut tcp).await;
+    assert_eq!(data, b"after the flood");
+    assert!(pongs > 0, "no ping was answered");
+    // Another client is served meanwhile.
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut good, _) = gate.connect("/ws").await.unwrap();
+    good.send(Message::text("fine")).await.unwrap();
+    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+}
+
+#[tokio::test]
+async fn close_frame_without_tcp_close_is_answered_and_tcp_closed() {
+    let (_gate, upstream, mut tcp) = upgraded().await;
+    tcp.write_all(&frame(0x88, &1000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut tcp).await, 1000);
+    // The client keeps its socket open; the gate, as the server, closes TCP.
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        eof.is_ok(),
+        "the gate kept TCP open after the close handshake"
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1000, _)
+    ));
+}
+
+// ----- upgrade requests ---------------------------------------------------------------
+
+#[tokio::test]
+async fn permessage_deflate_offered_gets_a_101_without_it() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let response = gate
+        .raw(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert!(
+        !response
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn more_than_100_header_fields_are_431() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let mut request = String::from("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+    for i in 0..120 {
+        request.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+    }
+    request.push_str("\r\n");
+    let response = gate.raw(request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    assert_eq!(upstream.seen_count(), 0, "the upstream saw the request");
+}
+
+#[tokio::test]
+async fn plain_http_to_the_tls_port_is_dropped_and_the_gate_serves_on() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), true).await;
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(ended.is_ok(), "the gate kept a non-TLS connection open");
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 101"));
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut good, _) = gate.connect("/ws").await.unwrap();
     good.send(Message::text("fine")).await.unwrap();
     assert_eq!(next_message(&mut good).await, Message::text("fine"));
 }
