@@ -1,7 +1,8 @@
 //! Rows of the hostile-input catalogue over raw sockets: protocol violations get the close
 //! code RFC 6455 gives them (not just a TCP drop) and the upstream is told; bad close
 //! frames, pong and ping floods, a close without a TCP close; hostile upgrade requests and
-//! plain HTTP on the TLS port. Other connections keep working.
+//! plain HTTP on the TLS port; upstreams that answer the handshake wrongly or break the
+//! protocol. Other connections keep working.
 
 mod support;
 
@@ -345,4 +346,152 @@ async fn plain_http_to_the_tls_port_is_dropped_and_the_gate_serves_on() {
     let (mut good, _) = gate.connect("/ws").await.unwrap();
     good.send(Message::text("fine")).await.unwrap();
     assert_eq!(next_message(&mut good).await, Message::text("fine"));
+}
+
+// ----- hostile upstreams --------------------------------------------------------------
+
+/// A raw upstream: reads one request head and answers with what `answer` makes of the
+/// request's Sec-WebSocket-Accept value, then keeps the socket open for a while.
+async fn raw_upstream(answer: fn(&str) -> Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    if tcp.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| value.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let _ = tcp.write_all(&answer(&accept)).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    format!("ws://{addr}")
+}
+
+async fn upgrade_through(upstream: &str) -> (u16, serde_json::Value, String) {
+    let gate = TestGate::start_with(&open_policy(upstream, ""), false).await;
+    let (status, headers, body) = refusal(gate.connect("/ws").await);
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, body, content_type)
+}
+
+#[tokio::test]
+async fn upstream_101_with_a_wrong_accept_is_502() {
+    let up = raw_upstream(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n".to_vec()
+    })
+    .await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn upstream_101_with_an_unoffered_extension_is_502() {
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n").into_bytes()
+    })
+    .await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn upstream_101_with_an_unoffered_subprotocol_is_502() {
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\n\r\n").into_bytes()
+    })
+    .await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn upstream_garbage_instead_of_a_response_is_502() {
+    let up = raw_upstream(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+}
+
+#[tokio::test]
+async fn upstream_chunked_refusal_is_relayed_decoded() {
+    let up = raw_upstream(|_| {
+        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nnot yo\r\n2\r\nu!\r\n0\r\n\r\n".to_vec()
+    })
+    .await;
+    let (status, body, content_type) = upgrade_through(&up).await;
+    assert_eq!(status, 403);
+    assert_eq!(body, serde_json::Value::String("not you!".into()));
+    assert_eq!(content_type, "text/plain");
+}
+
+#[tokio::test]
+async fn upstream_302_is_relayed() {
+    let up = raw_upstream(|_| {
+        b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let (status, _, _) = upgrade_through(&up).await;
+    assert_eq!(status, 302);
+}
+
+#[tokio::test]
+async fn upstream_masked_frame_closes_the_client_with_1014() {
+    let up = raw_upstream(|accept| {
+        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        // A masked text frame: servers must not mask.
+        out.extend_from_slice(&frame(0x81, b"masked", true));
+        out
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let code = close_code(&mut tcp).await;
+    // The upstream broke the protocol: the client is told 1014 "upstream unavailable".
+    assert_eq!(code, 1014);
 }
