@@ -495,3 +495,80 @@ async fn upstream_masked_frame_closes_the_client_with_1014() {
     // The upstream broke the protocol: the client is told 1014 "upstream unavailable".
     assert_eq!(code, 1014);
 }
+
+// ----- TLS ----------------------------------------------------------------------------
+
+/// A TLS 1.0 ClientHello offering only TLS_RSA_WITH_AES_128_CBC_SHA and no extensions.
+fn tls10_client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x01]; // client_version TLS 1.0
+    body.extend_from_slice(&[0x5a; 32]); // random
+    body.push(0); // session id
+    body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // one cipher suite
+    body.extend_from_slice(&[0x01, 0x00]); // null compression
+    let mut handshake = vec![0x01, 0, (body.len() >> 8) as u8, body.len() as u8];
+    handshake.extend_from_slice(&body);
+    let mut record = vec![
+        0x16,
+        0x03,
+        0x01,
+        (handshake.len() >> 8) as u8,
+        handshake.len() as u8,
+    ];
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[tokio::test]
+async fn tls_1_0_only_client_is_refused_and_the_gate_serves_on() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), true).await;
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(&tls10_client_hello()).await.unwrap();
+    let mut out = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(ended.is_ok(), "the gate kept a TLS 1.0 connection open");
+    // Nothing but (at most) an alert record: no ServerHello.
+    assert!(out.is_empty() || out[0] == 0x15, "{out:02x?}");
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut good, _) = gate.connect("/ws").await.unwrap();
+    good.send(Message::text("fine")).await.unwrap();
+    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+}
+
+#[tokio::test]
+async fn trickled_client_hello_is_cut_at_the_handshake_deadline() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(&upstream.url(), "").replace(
+        "defaults:\n",
+        "defaults:\n  timeouts: {handshake_seconds: 1}\n",
+    );
+    let gate = TestGate::start_with(&policy, true).await;
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let hello = tls10_client_hello();
+    let started = std::time::Instant::now();
+    // One byte every 200 ms: each read makes progress, but the deadline is for the whole
+    // handshake (TLS and the request head), so the gate must still cut it at ~1 s.
+    let mut closed = false;
+    for byte in hello.iter().take(40) {
+        if tcp.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        closed,
+        "the gate waited for a trickled ClientHello for {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "cut only after {took:?}");
+    assert_eq!(upstream.seen_count(), 0);
+}
