@@ -824,7 +824,7 @@ pub async fn run(
 
     // Both waits live as long as the loop: re-creating them per message would register
     // and unregister a waiter (under the channel's and the token's locks) every time.
-    let mut policy_change = Box::pin(next_change(conn.changes.clone()));
+    let mut policy_change = Box::pin(next_change(conn.changes));
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut watching_policy = true;

@@ -16,25 +16,41 @@ use tokio::net::TcpStream;
 async fn upgraded() -> (TestGate, Upstream, TcpStream) {
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let tcp = upgrade_raw(&gate).await;
+    (gate, upstream, tcp)
+}
+
+/// A raw socket upgraded through `gate` on /ws.
+async fn upgrade_raw(gate: &TestGate) -> TcpStream {
     let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     .await
     .unwrap();
-    // Read the response head byte by byte, so no frame bytes are consumed with it.
+    let head = read_head(&mut tcp).await.expect("no response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// An HTTP head read byte by byte, so that no bytes after it are consumed.
+async fn read_head(tcp: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
-        tcp.read_exact(&mut b).await.unwrap();
+        tcp.read_exact(&mut b).await.ok()?;
         head.push(b[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    (gate, upstream, tcp)
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Another client still gets its messages echoed through `gate`.
+async fn assert_still_serving(gate: &TestGate) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut good, _) = gate.connect("/ws").await.unwrap();
+    good.send(Message::text("fine")).await.unwrap();
+    assert_eq!(next_message(&mut good).await, Message::text("fine"));
 }
 
 /// One client frame: `first` is FIN/RSV/opcode; masked unless `masked` is false.
@@ -62,30 +78,35 @@ fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     out
 }
 
-/// The next close frame the gate sends (unmasked, server to client).
+/// The next frame the gate sends (unmasked, server to client): opcode and payload.
+async fn server_frame(tcp: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h)
+        .await
+        .expect("the gate dropped TCP without a close frame");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            tcp.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+/// The code of the next close frame the gate sends.
 async fn close_code(tcp: &mut TcpStream) -> u16 {
     let read = async {
         loop {
-            let mut h = [0u8; 2];
-            tcp.read_exact(&mut h)
-                .await
-                .expect("the gate dropped TCP without a close frame");
-            let len = match h[1] & 0x7f {
-                126 => {
-                    let mut l = [0u8; 2];
-                    tcp.read_exact(&mut l).await.unwrap();
-                    u16::from_be_bytes(l) as usize
-                }
-                127 => {
-                    let mut l = [0u8; 8];
-                    tcp.read_exact(&mut l).await.unwrap();
-                    u64::from_be_bytes(l) as usize
-                }
-                n => n as usize,
-            };
-            let mut payload = vec![0u8; len];
-            tcp.read_exact(&mut payload).await.unwrap();
-            if h[0] & 0x0f == 0x8 {
+            if let (0x8, payload) = server_frame(tcp).await {
                 return u16::from_be_bytes([payload[0], payload[1]]);
             }
         }
@@ -220,22 +241,10 @@ async fn next_data(tcp: &mut TcpStream) -> (usize, Vec<u8>) {
     let read = async {
         let mut pongs = 0;
         loop {
-            let mut h = [0u8; 2];
-            tcp.read_exact(&mut h).await.expect("the gate closed TCP");
-            let len = match h[1] & 0x7f {
-                126 => {
-                    let mut l = [0u8; 2];
-                    tcp.read_exact(&mut l).await.unwrap();
-                    u16::from_be_bytes(l) as usize
-                }
-                n => n as usize,
-            };
-            let mut payload = vec![0u8; len];
-            tcp.read_exact(&mut payload).await.unwrap();
-            match h[0] & 0x0f {
-                0xA => pongs += 1,
-                0x1 | 0x2 => return (pongs, payload),
-                0x8 => panic!("closed with {:?}", &payload[..2.min(payload.len())]),
+            match server_frame(tcp).await {
+                (0xA, _) => pongs += 1,
+                (0x1 | 0x2, payload) => return (pongs, payload),
+                (0x8, payload) => panic!("closed with {:?}", &payload[..2.min(payload.len())]),
                 _ => {}
             }
         }
@@ -270,11 +279,7 @@ async fn ping_flood_is_answered_and_the_connection_keeps_working() {
     assert_eq!(data, b"after the flood");
     assert!(pongs > 0, "no ping was answered");
     // Another client is served meanwhile.
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let (mut good, _) = gate.connect("/ws").await.unwrap();
-    good.send(Message::text("fine")).await.unwrap();
-    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+    assert_still_serving(&gate).await;
 }
 
 #[tokio::test]
@@ -341,11 +346,7 @@ async fn plain_http_to_the_tls_port_is_dropped_and_the_gate_serves_on() {
     let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
     assert!(ended.is_ok(), "the gate kept a non-TLS connection open");
     assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 101"));
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let (mut good, _) = gate.connect("/ws").await.unwrap();
-    good.send(Message::text("fine")).await.unwrap();
-    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+    assert_still_serving(&gate).await;
 }
 
 // ----- hostile upstreams --------------------------------------------------------------
@@ -358,15 +359,9 @@ async fn raw_upstream(answer: fn(&str) -> Vec<u8>) -> String {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    let mut b = [0u8; 1];
-                    if tcp.read_exact(&mut b).await.is_err() {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut tcp).await else {
+                    return;
+                };
                 let key = head
                     .lines()
                     .find_map(|l| {
@@ -385,6 +380,15 @@ async fn raw_upstream(answer: fn(&str) -> Vec<u8>) -> String {
     format!("ws://{addr}")
 }
 
+/// The upgrade through an upstream that answers with `answer` is 502 upstream_unavailable.
+async fn assert_upstream_unavailable(answer: fn(&str) -> Vec<u8>) {
+    let (status, body, _) = upgrade_through(&raw_upstream(answer).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+}
+
 async fn upgrade_through(upstream: &str) -> (u16, serde_json::Value, String) {
     let gate = TestGate::start_with(&open_policy(upstream, ""), false).await;
     let (status, headers, body) = refusal(gate.connect("/ws").await);
@@ -398,51 +402,31 @@ async fn upgrade_through(upstream: &str) -> (u16, serde_json::Value, String) {
 
 #[tokio::test]
 async fn upstream_101_with_a_wrong_accept_is_502() {
-    let up = raw_upstream(|_| {
+    assert_upstream_unavailable(|_| {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n".to_vec()
     })
     .await;
-    let (status, body, _) = upgrade_through(&up).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("upstream_unavailable"))
-    );
 }
 
 #[tokio::test]
 async fn upstream_101_with_an_unoffered_extension_is_502() {
-    let up = raw_upstream(|accept| {
+    assert_upstream_unavailable(|accept| {
         format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n").into_bytes()
     })
     .await;
-    let (status, body, _) = upgrade_through(&up).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("upstream_unavailable"))
-    );
 }
 
 #[tokio::test]
 async fn upstream_101_with_an_unoffered_subprotocol_is_502() {
-    let up = raw_upstream(|accept| {
+    assert_upstream_unavailable(|accept| {
         format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\n\r\n").into_bytes()
     })
     .await;
-    let (status, body, _) = upgrade_through(&up).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("upstream_unavailable"))
-    );
 }
 
 #[tokio::test]
 async fn upstream_garbage_instead_of_a_response_is_502() {
-    let up = raw_upstream(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
-    let (status, body, _) = upgrade_through(&up).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("upstream_unavailable"))
-    );
+    assert_upstream_unavailable(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
 }
 
 #[tokio::test]
@@ -478,19 +462,7 @@ async fn upstream_masked_frame_closes_the_client_with_1014() {
     })
     .await;
     let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
-    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
-    tcp.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tcp.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut tcp = upgrade_raw(&gate).await;
     let code = close_code(&mut tcp).await;
     // The upstream broke the protocol: the client is told 1014 "upstream unavailable".
     assert_eq!(code, 1014);
@@ -529,11 +501,7 @@ async fn tls_1_0_only_client_is_refused_and_the_gate_serves_on() {
     assert!(ended.is_ok(), "the gate kept a TLS 1.0 connection open");
     // Nothing but (at most) an alert record: no ServerHello.
     assert!(out.is_empty() || out[0] == 0x15, "{out:02x?}");
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let (mut good, _) = gate.connect("/ws").await.unwrap();
-    good.send(Message::text("fine")).await.unwrap();
-    assert_eq!(next_message(&mut good).await, Message::text("fine"));
+    assert_still_serving(&gate).await;
 }
 
 #[tokio::test]
