@@ -239,6 +239,8 @@ enum Ending {
     CloseAndDrop(CloseFrame),
     /// Drop the TCP connection at once.
     Drop,
+    /// Our close frame is already sent: wait for the peer's close reply.
+    AwaitReply,
 }
 
 fn frame(code: CloseCode, reason: &'static str) -> CloseFrame {
@@ -283,7 +285,7 @@ impl CloseReason {
         let code = |e: Ending| match e {
             Ending::Close(frame) => frame.map(|f| u16::from(f.code)),
             Ending::CloseAndDrop(f) => Some(u16::from(f.code)),
-            Ending::Reply | Ending::Drop => None,
+            Ending::Reply | Ending::Drop | Ending::AwaitReply => None,
         };
         let (client, upstream) = self.endings();
         let relayed = |by| match self {
@@ -386,6 +388,14 @@ impl CloseReason {
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
                 Ending::Close(Some(frame(CloseCode::Away, "going away"))),
             ),
+        }
+    }
+
+    /// The side that broke the protocol or a size limit, if that is why the relay ended.
+    fn violator(&self) -> Option<Side> {
+        match self {
+            CloseReason::Protocol(side, _) | CloseReason::TooBig(side) => Some(*side),
+            _ => None,
         }
     }
 
@@ -866,8 +876,40 @@ pub async fn run(
         }
     };
 
-    let (to_client, to_upstream) = reason.endings();
+    let (mut to_client, mut to_upstream) = reason.endings();
     let deadline = Instant::now() + t.write;
+    // A violator's peer is closed first, and what it had already sent is still delivered
+    // to the violator: the messages it sent before the bad frame arrived get their answers
+    // (as from an endpoint that had answered them before reading the bad frame).
+    match reason.violator() {
+        Some(Side::Client) => {
+            let unsent = c2u.pending.take();
+            to_upstream = drain(
+                &mut upstream,
+                &mut client,
+                &mut u2c,
+                to_upstream,
+                unsent,
+                Side::Upstream,
+                deadline,
+            )
+            .await;
+        }
+        Some(Side::Upstream) => {
+            let unsent = u2c.pending.take();
+            to_client = drain(
+                &mut client,
+                &mut upstream,
+                &mut c2u,
+                to_client,
+                unsent,
+                Side::Client,
+                deadline,
+            )
+            .await;
+        }
+        None => {}
+    }
     tokio::join!(
         end(&mut client, to_client, deadline),
         end(&mut upstream, to_upstream, deadline)
@@ -891,6 +933,51 @@ async fn next_change(
     (changed, changes)
 }
 
+/// How long a violator's peer gets to answer our close before the violator is failed.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Close `peer` (the side that did nothing wrong) with `ending`, relaying what it still
+/// sends to `violator` (through `direction`, with every check) until its close reply,
+/// for at most [`DRAIN`]. Returns what is left to do with `peer`.
+async fn drain(
+    peer: &mut Ws,
+    violator: &mut Ws,
+    direction: &mut Direction,
+    ending: Ending,
+    unsent: Option<Message>,
+    from: Side,
+    deadline: Instant,
+) -> Ending {
+    let Ending::Close(frame) = ending else {
+        return ending;
+    };
+    let to = match from {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    let mut sent = false;
+    let replied = timeout_at(deadline.min(Instant::now() + DRAIN), async {
+        if let Some(msg) = unsent {
+            peer.feed(msg).await.ok()?;
+        }
+        peer.close(frame.clone()).await.ok()?;
+        sent = true;
+        loop {
+            match poll_fn(|cx| direction.poll(peer, violator, from, to, cx)).await {
+                Event::Stalled => continue,
+                Event::End(CloseReason::Closed { by, .. }) if by == from => return Some(()),
+                Event::End(_) => return None,
+            }
+        }
+    })
+    .await;
+    match (sent, replied) {
+        (false, _) => Ending::Close(frame),
+        (true, Ok(Some(()))) => Ending::Reply,
+        (true, _) => Ending::AwaitReply,
+    }
+}
+
 /// End one side of a relay, never past `deadline`. Dropping the socket afterwards closes
 /// TCP: as the server of the client leg that is our job once the handshake is complete.
 async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
@@ -908,6 +995,7 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
             Ending::CloseAndDrop(frame) => {
                 let _ = ws.close(Some(frame)).await;
             }
+            Ending::AwaitReply => await_close_reply(ws).await,
             Ending::Drop => {}
         }
     })

@@ -468,6 +468,94 @@ async fn upstream_masked_frame_closes_the_client_with_1014() {
     assert_eq!(code, 1014);
 }
 
+#[tokio::test]
+async fn answers_in_flight_reach_a_client_before_its_1002() {
+    // Autobahn 3.2 and 5.15, strict: the echo of a message sent before the bad frame is
+    // delivered first, as from an endpoint that answered it before reading the bad frame.
+    let (_gate, upstream, mut tcp) = upgraded().await;
+    let mut bytes = frame(0x81, b"before", true);
+    bytes.extend(frame(0xA1, b"rsv", true));
+    tcp.write_all(&bytes).await.unwrap();
+    assert_eq!(next_data(&mut tcp).await.1, b"before");
+    assert_eq!(close_code(&mut tcp).await, 1002);
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+}
+
+/// The next frame a client (the gate, on its upstream leg) sends, unmasked.
+async fn client_frame(tcp: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).await.unwrap();
+    assert_ne!(h[1] & 0x80, 0, "a client frame must be masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut key = [0u8; 4];
+    tcp.read_exact(&mut key).await.unwrap();
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    payload
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b ^= key[i % 4]);
+    (h[0] & 0x0f, payload)
+}
+
+#[tokio::test]
+async fn answers_in_flight_reach_an_upstream_before_its_1002() {
+    // The upstream sends a message, then a bad frame: the client's answer to the message
+    // still reaches the upstream, then the upstream gets 1002 and the client 1014.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("ws://{}", listener.local_addr().unwrap());
+    let upstream = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut tcp).await.unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sec-websocket-key: ")
+                    .or(l.strip_prefix("Sec-WebSocket-Key: "))
+            })
+            .unwrap()
+            .trim()
+            .to_owned();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        out.extend_from_slice(&frame(0x81, b"question", false));
+        out.extend_from_slice(&frame(0xA1, b"rsv", false));
+        tcp.write_all(&out).await.unwrap();
+        let mut frames = Vec::new();
+        loop {
+            let (op, payload) = client_frame(&mut tcp).await;
+            frames.push((op, payload.clone()));
+            if op == 0x8 {
+                return frames;
+            }
+        }
+    });
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    assert_eq!(next_data(&mut tcp).await.1, b"question");
+    // The answer is sent after the bad frame reached the gate: it is in flight.
+    tcp.write_all(&frame(0x81, b"answer", true)).await.unwrap();
+    assert_eq!(close_code(&mut tcp).await, 1014);
+    tcp.write_all(&frame(0x88, &1014u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    let frames = tokio::time::timeout(Duration::from_secs(5), upstream)
+        .await
+        .expect("the upstream got no close")
+        .unwrap();
+    assert_eq!(frames[0], (0x1, b"answer".to_vec()), "{frames:?}");
+    let (op, payload) = frames.last().unwrap();
+    assert_eq!((*op, &payload[..2]), (0x8, &1002u16.to_be_bytes()[..]));
+}
+
 // ----- TLS ----------------------------------------------------------------------------
 
 /// A TLS 1.0 ClientHello offering only TLS_RSA_WITH_AES_128_CBC_SHA and no extensions.
