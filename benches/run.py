@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
-SECRET = "bench-secret-bench-secret-bench-secret-0123"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RELEASE, ROOT, SECRET, Procs, build, free_port, gate_command, token  # noqa: E402
+
 ORIGIN = "https://app.example"
 
 # test name -> (load mode, arguments, targets, headline metric)
@@ -56,47 +54,19 @@ def tests(smoke):
     ]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, seconds=10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 class Servers:
     """The upstream and every proxy, started together and stopped together."""
 
     def __init__(self, work, taskset, have):
         self.work = work
-        self.taskset = taskset
         self.have = have
-        self.procs = {}
-        self.ports = {}
+        # Logs go beside, not into, the directory wsgate watches for policy changes.
+        self.p = Procs(work / "logs", taskset)
+        self.procs = self.p.procs
+        self.ports = self.p.ports
 
     def spawn(self, name, cmd, port, log):
-        # Logs go beside, not into, the directory wsgate watches for policy changes.
-        logs = self.work / "logs"
-        logs.mkdir(exist_ok=True)
-        out = open(logs / f"{name}.log", "ab") if log else subprocess.DEVNULL
-        proc = subprocess.Popen(self.taskset + cmd, stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        if not wait_port(port, proc):
-            self.stop()
-            sys.exit(f"bench: {name} did not start (see {logs / (name + '.log')})")
-        self.procs[name] = proc
-        self.ports[name] = port
+        self.p.spawn(name, cmd, port, log)
 
     def start(self):
         w = self.work
@@ -123,7 +93,7 @@ routes:
         gate = [str(RELEASE / "wsgate"), "run", "--policy", str(pol / "policy.yaml"),
                 "--admin", "off", "--log-format", "json"]
         port = free_port()
-        self.spawn("wsgate", gate + ["--plaintext", "--listen", f"127.0.0.1:{port}"], port, True)
+        self.spawn("wsgate", gate_command(pol / "policy.yaml", port), port, True)
         port = free_port()
         self.spawn("wsgate-tls", gate + ["--listen", f"127.0.0.1:{port}",
                                          "--tls-cert", str(ROOT / "certs/localhost.pem"),
@@ -186,25 +156,11 @@ backend be
 """)
             self.spawn("haproxy", [self.have["haproxy"], "-f", str(w / "haproxy.cfg"), "-db"],
                        port, True)
-        self.procs["direct"] = self.procs["upstream"]
-        self.ports["direct"] = up
-        self.procs["wsgate-auth"] = self.procs["wsgate"]
-        self.ports["wsgate-auth"] = self.ports["wsgate"]
+        self.p.alias("direct", "upstream")
+        self.p.alias("wsgate-auth", "wsgate")
 
     def stop(self):
-        for proc in {id(p): p for p in self.procs.values()}.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        self.procs.clear()
-        self.ports.clear()
-
-
-def token():
-    out = subprocess.run([str(RELEASE / "wsgate"), "token", "--secret-env", "BENCH_SECRET",
-                          "--sub", "bench", "--ttl", "2h"], capture_output=True, text=True,
-                         env={**os.environ, "BENCH_SECRET": SECRET}, check=True)
-    return out.stdout.strip()
+        self.p.stop()
 
 
 def load(servers, taskset_load, mode, args, target, bearer):
@@ -258,8 +214,7 @@ def main():
     reps = 1 if opts.smoke else opts.reps
 
     if not opts.no_build:
-        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "wsgate", "-p", "wsload"],
-                       cwd=ROOT, check=True)
+        build()
     have = {}
     for name in ("nginx", "haproxy"):
         path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")

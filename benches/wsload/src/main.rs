@@ -79,6 +79,15 @@ enum Mode {
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// The Autobahn testee client: runs every case of a `wstest -m fuzzingserver` at
+    /// --url (its base, reached directly or through a gate), echoing each message.
+    Autobahn {
+        #[command(flatten)]
+        target: Target,
+        /// The agent name the report files the results under.
+        #[arg(long, default_value = "wsload")]
+        agent: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -135,6 +144,7 @@ fn main() {
                 seconds,
                 pid,
             } => hold(target, connections, secs(seconds), pid).await,
+            Mode::Autobahn { target, agent } => autobahn(target, &agent).await,
         }
     });
     match report {
@@ -176,16 +186,14 @@ async fn serve(listen: SocketAddr) -> Result<Value, String> {
             else {
                 return;
             };
+            // After a close frame, the next read sends tungstenite's queued reply and ends
+            // the stream; a protocol error ends it without a close frame (tungstenite's
+            // default, which Autobahn's direct baseline shows).
             while let Some(Ok(message)) = ws.next().await {
-                if message.is_close() {
-                    break;
-                }
                 if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
                     return;
                 }
             }
-            // Finish the close handshake (tungstenite queued the reply) and close TCP.
-            let _ = ws.close(None).await;
         });
     }
 }
@@ -693,4 +701,55 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+// ----- autobahn ----------------------------------------------------------------------
+
+/// Autobahn's fuzzing server sends up to 16 MiB messages and counts on the testee to
+/// echo them as they come; each case gets this long.
+const CASE: Duration = Duration::from_secs(60);
+
+async fn autobahn(target: Target, agent: &str) -> Result<Value, String> {
+    let base = target.url.trim_end_matches('/').to_owned();
+    let at = |path: String| Target {
+        url: format!("{base}{path}"),
+        ..target.clone()
+    };
+    let mut count_ws = Dialer::new(&at("/getCaseCount".into()), 64 * 1024)?
+        .open(0)
+        .await
+        .map_err(|e| format!("getCaseCount: {e}"))?;
+    let cases: u32 = match timed(count_ws.next()).await {
+        Some(Some(Ok(Message::Text(n)))) => {
+            n.trim().parse().map_err(|_| format!("case count {n:?}"))?
+        }
+        other => return Err(format!("getCaseCount answered {other:?}")),
+    };
+    close(count_ws).await;
+    let mut errors = BTreeMap::new();
+    for case in 1..=cases {
+        let url = at(format!("/runCase?case={case}&agent={agent}"));
+        let mut ws = match Dialer::new(&url, 64 * 1024)?.open(0).await {
+            Ok(ws) => ws,
+            Err(kind) => {
+                count(&mut errors, kind);
+                continue;
+            }
+        };
+        let _ = tokio::time::timeout(CASE, async {
+            while let Some(Ok(message)) = ws.next().await {
+                if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let _ = timed(ws.close(None)).await;
+    }
+    let report = Dialer::new(&at(format!("/updateReports?agent={agent}")), 64 * 1024)?
+        .open(0)
+        .await
+        .map_err(|e| format!("updateReports: {e}"))?;
+    close(report).await;
+    Ok(json!({ "cases": cases, "errors": errors }))
 }
