@@ -103,6 +103,7 @@ async fn respond(
     mut req: Request<Incoming>,
     matched: &mut Option<Arc<Route>>,
 ) -> Result<Response<Body>, Rejection> {
+    check_head(&req)?;
     if !path_is_clean(req.uri().path()) {
         return Err(Rejection::BadRequest(
             "the path has dot segments or encoded separators",
@@ -265,6 +266,29 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
 }
 
+/// Longest request line accepted (nginx's default `large_client_header_buffers` size);
+/// longer gets 414.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
+/// What hyper lets through but a front proxy must refuse, on every request: a request
+/// line over 8 KiB (414) and more than one Host (400, RFC 9112 §3.2). (With both
+/// Content-Length and Transfer-Encoding, hyper drops the Content-Length, RFC 9112 §6.3,
+/// so a request is only ever framed one way; an upgrade with either is refused below.)
+fn check_head<B>(req: &Request<B>) -> Result<(), Rejection> {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + 3);
+    // "GET " + target + " HTTP/1.1"
+    if req.method().as_str().len() + 1 + target + 9 > MAX_REQUEST_LINE {
+        return Err(Rejection::UriTooLong);
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Rejection::BadRequest("more than one Host header"));
+    }
+    Ok(())
+}
+
 /// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
 fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
     let headers = req.headers();
@@ -282,6 +306,14 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
     }
     if req.version() != Version::HTTP_11 {
         return Err(Rejection::BadRequest("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    // Bytes after the head belong to the WebSocket: a body would be read as frames.
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(Rejection::BadRequest("a WebSocket upgrade has no body"));
     }
     let connection_upgrade = headers
         .get_all(header::CONNECTION)

@@ -628,3 +628,69 @@ async fn trickled_client_hello_is_cut_at_the_handshake_deadline() {
     assert!(took < Duration::from_secs(3), "cut only after {took:?}");
     assert_eq!(upstream.seen_count(), 0);
 }
+
+// ----- hostile upgrade heads ------------------------------------------------------------
+
+const UPGRADE_HEADERS: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// Sends `head` (and what follows it) to a fresh gate; the upstream must not see it.
+async fn refused_head(request: String, status: u16, message: &str) {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let response = gate.raw(request.as_bytes()).await;
+    assert!(
+        response.starts_with(&format!("HTTP/1.1 {status}")),
+        "{response}"
+    );
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body).expect(body);
+    assert_eq!(json["error"], "bad_request");
+    assert!(
+        json["message"].as_str().unwrap().contains(message),
+        "{json}"
+    );
+    assert_eq!(upstream.seen_count(), 0, "the upstream saw the request");
+    assert_still_serving(&gate).await;
+}
+
+#[tokio::test]
+async fn request_line_over_8_kib_is_414() {
+    let target = format!("/ws?pad={}", "a".repeat(8 * 1024));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE_HEADERS}\r\n");
+    refused_head(request, 414, "8 KiB").await;
+}
+
+#[tokio::test]
+async fn request_line_just_under_8_kib_is_served() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    // "GET " + target + " HTTP/1.1" is exactly 8 KiB.
+    let target = format!("/ws?pad={}", "a".repeat(8 * 1024 - 4 - 9 - 8));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE_HEADERS}\r\n");
+    let response = gate.raw(request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+}
+
+#[tokio::test]
+async fn duplicate_host_is_400() {
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n{UPGRADE_HEADERS}\r\n"
+    );
+    refused_head(request, 400, "Host").await;
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_400() {
+    let request = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n{UPGRADE_HEADERS}\r\n0\r\n\r\n");
+    // hyper keeps only the Transfer-Encoding (RFC 9112 §6.3); an upgrade has no body.
+    refused_head(request, 400, "no body").await;
+}
+
+#[tokio::test]
+async fn upgrade_with_a_body_is_400() {
+    // The body's bytes would otherwise be read as the client's first WebSocket frames.
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n{UPGRADE_HEADERS}\r\nhello!"
+    );
+    refused_head(request, 400, "no body").await;
+}

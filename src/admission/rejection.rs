@@ -16,6 +16,9 @@ pub enum Rejection {
     NotWebsocket(&'static str),
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A request line over 8 KiB: 414, with the JSON reason `bad_request`.
+    #[error("the request line is longer than 8 KiB")]
+    UriTooLong,
     #[error("no route for this path")]
     NoRoute,
     #[error("client address is not allowed")]
@@ -63,6 +66,7 @@ impl Rejection {
         match self {
             Rejection::NotWebsocket(_) => StatusCode::UPGRADE_REQUIRED,
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::IpDenied | Rejection::OriginNotAllowed | Rejection::ClaimsDenied => {
                 StatusCode::FORBIDDEN
@@ -86,7 +90,7 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotWebsocket(_) => "not_websocket",
-            Rejection::BadRequest(_) => "bad_request",
+            Rejection::BadRequest(_) | Rejection::UriTooLong => "bad_request",
             Rejection::NoRoute => "no_route",
             Rejection::IpDenied => "ip_denied",
             Rejection::RateLimited { .. } => "rate_limited",
@@ -178,6 +182,7 @@ mod tests {
         let rows: Vec<(Rejection, u16, &str)> = vec![
             (Rejection::NotWebsocket("x"), 426, "not_websocket"),
             (Rejection::BadRequest("x"), 400, "bad_request"),
+            (Rejection::UriTooLong, 414, "bad_request"),
             (Rejection::NoRoute, 404, "no_route"),
             (Rejection::IpDenied, 403, "ip_denied"),
             (
