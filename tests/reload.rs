@@ -207,3 +207,122 @@ async fn a_changed_key_file_reloads_the_policy() {
         "the old secret must be out"
     );
 }
+
+// ----- hostile policy files (issue 7's catalogue) -------------------------------------
+
+#[tokio::test]
+async fn a_policy_replaced_100_times_a_second_under_traffic_fails_nothing() {
+    let upstream = Upstream::start().await;
+    let fast = "    rate: {upgrades_per_second: 1000, burst: 1000}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), fast)).await;
+    let (mut chatty, _) = gate.connect("/ws").await.unwrap();
+    // Before: the round-trip time of one echo, over 50 messages.
+    let mut before = Duration::ZERO;
+    for i in 0..50 {
+        let t = Instant::now();
+        assert_still_echoes(&mut chatty, &format!("warm {i}")).await;
+        before = before.max(t.elapsed());
+    }
+    // 200 rewrites in 2 s, alternating two valid policies (a harmless field differs).
+    let writer = {
+        let dir = gate.dir.path().to_owned();
+        let path = gate.policy_path.clone();
+        let a = open_policy(&upstream.url(), fast);
+        let b = format!("{a}    timeouts: {{idle_seconds: 301}}\n");
+        tokio::task::spawn_blocking(move || {
+            for i in 0..200 {
+                let tmp = dir.join(".policy.yaml.tmp");
+                std::fs::write(&tmp, if i % 2 == 0 { &b } else { &a }).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let mut during = Duration::ZERO;
+    let (mut upgrades, mut messages) = (0, 0);
+    while !writer.is_finished() {
+        let t = Instant::now();
+        assert_still_echoes(&mut chatty, &format!("during {messages}")).await;
+        during = during.max(t.elapsed());
+        messages += 1;
+        if messages % 10 == 0 {
+            let (mut fresh, _) = gate.connect("/ws").await.expect("an upgrade failed");
+            assert_still_echoes(&mut fresh, "fresh").await;
+            upgrades += 1;
+        }
+    }
+    writer.await.unwrap();
+    eprintln!(
+        "{messages} echoes and {upgrades} upgrades during 200 rewrites; worst echo {during:?} (before: {before:?}); {} reloads",
+        gate.running.gate.reloads.success.load(Ordering::Relaxed)
+    );
+    assert!(upgrades > 0 && messages > 50, "too little traffic to tell");
+    // No latency spike: a reload is an atomic pointer swap, off the relay's path. The
+    // bound is loose because the machine is shared; a blocking reload would take longer.
+    assert!(
+        during < before.max(Duration::from_millis(5)) * 20,
+        "worst echo {during:?} during the rewrites, {before:?} before"
+    );
+    assert_eq!(gate.running.gate.reloads.failure.load(Ordering::Relaxed), 0);
+    // Rewrites close together are coalesced, never lost: the last one is in force.
+    gate.write_policy(&format!(
+        "{}  - path: /v2\n",
+        open_policy(&upstream.url(), fast)
+    ));
+    within_two_seconds(&gate, "/v2", true).await;
+}
+
+#[tokio::test]
+async fn a_deleted_policy_file_keeps_the_policy_and_its_return_takes_effect() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut open, _) = gate.connect("/ws").await.unwrap();
+    std::fs::remove_file(&gate.policy_path).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Still the old policy: open connections and new upgrades both work.
+    assert_still_echoes(&mut open, "after delete").await;
+    assert!(gate.connect("/ws").await.is_ok());
+    assert!(gate.connect("/v2").await.is_err());
+    std::fs::write(&gate.policy_path, with_v2(&upstream.url())).unwrap();
+    within_two_seconds(&gate, "/v2", true).await;
+    assert_still_echoes(&mut open, "after re-create").await;
+}
+
+#[tokio::test]
+async fn a_key_file_gone_keeps_the_old_keys_until_it_returns() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let exp = unix_now() + 300;
+    let token = hs256_with(SECRET, serde_json::json!({"sub": "k", "exp": exp}));
+    let request = || {
+        let mut r = gate.request("/ws");
+        r.headers_mut()
+            .insert("authorization", header_value(&format!("Bearer {token}")));
+        r
+    };
+    let (mut open, _) = gate.connect_request(request()).await.unwrap();
+    std::fs::remove_file(gate.dir.path().join("secret")).unwrap();
+    let failures = &gate.running.gate.reloads.failure;
+    let gone = Instant::now();
+    while failures.load(Ordering::Relaxed) == 0 {
+        assert!(gone.elapsed() < Duration::from_secs(2), "no reload attempt");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The reload failed (unreadable key file): the old policy, with its key, stays.
+    assert!(gate.connect_request(request()).await.is_ok());
+    assert_still_echoes(&mut open, "key file gone").await;
+    std::fs::write(gate.dir.path().join("secret"), SECRET).unwrap();
+    let back = Instant::now();
+    while gate.running.gate.reloads.success.load(Ordering::Relaxed) == 0 {
+        assert!(
+            back.elapsed() < Duration::from_secs(2),
+            "no reload once it returned"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gate.connect_request(request()).await.is_ok());
+}

@@ -556,6 +556,84 @@ async fn answers_in_flight_reach_an_upstream_before_its_1002() {
     assert_eq!((*op, &payload[..2]), (0x8, &1002u16.to_be_bytes()[..]));
 }
 
+// ----- tokens and addresses ------------------------------------------------------------
+
+#[tokio::test]
+async fn one_mib_token_is_refused_after_16_kib_and_the_gate_serves_on() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(
+        &open_policy(
+            &upstream.url(),
+            "    auth: {required: true, algorithms: [HS256], keys: [{hmac_secret_file: secret}]}\n",
+        ),
+        false,
+    )
+    .await;
+    let token = "A".repeat(1 << 20);
+    for (request, status) in [
+        (format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n{UPGRADE_HEADERS}\r\n"), 431),
+        (format!("GET /ws?access_token={token} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE_HEADERS}\r\n"), 431),
+    ] {
+        let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+        // The gate answers and closes long before the megabyte is sent: ignore the reset.
+        let (mut rx, mut tx) = tcp.split();
+        let (_, head) = tokio::join!(tx.write_all(request.as_bytes()), async {
+            let mut buf = vec![0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), rx.read(&mut buf))
+                .await
+                .expect("no answer in time")
+                .unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head:?}");
+    }
+    assert_eq!(upstream.seen_count(), 0);
+    let (mut good, _) = gate
+        .connect_request({
+            let mut req = gate.request("/ws");
+            req.headers_mut().insert(
+                "authorization",
+                header_value(&format!("Bearer {}", hs256("ok"))),
+            );
+            req
+        })
+        .await
+        .unwrap();
+    use futures_util::SinkExt;
+    good.send(tokio_tungstenite::tungstenite::Message::text("fine"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn ipv4_mapped_peer_on_a_dual_stack_listener_matches_a_denied_ipv4_cidr() {
+    let upstream = Upstream::start().await;
+    let listener = match tokio::net::TcpListener::bind("[::]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("no IPv6 here ({e}); skipped");
+            return;
+        }
+    };
+    let gate = TestGate::start_listening(
+        &open_policy(&upstream.url(), "    ip: {deny: [127.0.0.0/8]}\n"),
+        listener,
+    )
+    .await;
+    // Connecting to 127.0.0.1 on a [::] listener: the peer is ::ffff:127.0.0.1.
+    let mut tcp = TcpStream::connect(("127.0.0.1", gate.addr.port()))
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{UPGRADE_HEADERS}\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tcp).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(upstream.seen_count(), 0);
+}
+
 // ----- TLS ----------------------------------------------------------------------------
 
 /// A TLS 1.0 ClientHello offering only TLS_RSA_WITH_AES_128_CBC_SHA and no extensions.

@@ -435,6 +435,24 @@ impl TestGate {
 
     /// The gate with the policy already at `policy_path` (inside `dir`).
     pub async fn start_at(dir: tempfile::TempDir, policy_path: PathBuf, tls: bool) -> TestGate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestGate::start_on(dir, policy_path, tls, listener).await
+    }
+
+    /// A plaintext gate with `policy`, serving on `listener` (e.g. a dual-stack `[::]:0`).
+    pub async fn start_listening(policy: &str, listener: TcpListener) -> TestGate {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).unwrap();
+        TestGate::start_on(dir, policy_path, false, listener).await
+    }
+
+    async fn start_on(
+        dir: tempfile::TempDir,
+        policy_path: PathBuf,
+        tls: bool,
+        listener: TcpListener,
+    ) -> TestGate {
         let _ = tracing_subscriber_init();
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
         let loaded =
@@ -442,7 +460,6 @@ impl TestGate {
         let pki = tls.then(Pki::generate);
         // The certificate is served from files beside the policy, watched for rotation.
         let tls_files = pki.as_ref().map(|p| p.write(dir.path()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = wsgate::start(
             loaded,
