@@ -8,6 +8,7 @@ mod support;
 
 use std::time::Duration;
 
+use support::process::{rss_kib, Proc};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,7 +23,11 @@ async fn upgraded() -> (TestGate, Upstream, TcpStream) {
 
 /// A raw socket upgraded through `gate` on /ws.
 async fn upgrade_raw(gate: &TestGate) -> TcpStream {
-    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    upgrade_raw_at(gate.addr).await
+}
+
+async fn upgrade_raw_at(addr: std::net::SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
@@ -632,6 +637,80 @@ async fn ipv4_mapped_peer_on_a_dual_stack_listener_matches_a_denied_ipv4_cidr() 
     let head = read_head(&mut tcp).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
+async fn upstream_reserved_opcode_closes_the_client_with_1014() {
+    let up = raw_upstream(|accept| {
+        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        out.extend_from_slice(&frame(0x83, b"reserved", false));
+        out
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    assert_eq!(close_code(&mut tcp).await, 1014);
+    assert_still_serving_elsewhere().await;
+}
+
+/// A fresh gate and upstream still relay: nothing global was harmed.
+async fn assert_still_serving_elsewhere() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    assert_still_serving(&gate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_frames_whose_payload_never_comes_cost_little_and_close_at_idle() {
+    // Each connection declares a 64,000-byte binary frame (under max_frame_bytes 65536)
+    // and sends 10 bytes of it. tungstenite reserves the declared length (address space,
+    // bounded by max_frame_bytes), but only bytes that arrive are ever written, so the
+    // resident memory is what the attackers actually sent. The idle deadline closes all.
+    // The gate runs as its own process, so that its memory is measured alone.
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let limits = "    rate: {upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 2000}\n    timeouts: {idle_seconds: 2}\n";
+    std::fs::write(&policy, open_policy(&upstream.url(), limits)).unwrap();
+    let gate = Proc::start(&policy, &[]);
+    let pid = gate.child.id();
+    let mut declared = vec![0x82u8, 0x80 | 126];
+    declared.extend_from_slice(&64_000u16.to_be_bytes());
+    declared.extend_from_slice(&[1, 2, 3, 4]); // mask
+    declared.extend_from_slice(&[0u8; 10]);
+    let before = rss_kib(pid);
+    let started = std::time::Instant::now();
+    let mut sockets = Vec::new();
+    for _ in 0..1000 {
+        let mut tcp = upgrade_raw_at(gate.addr).await;
+        tcp.write_all(&declared).await.unwrap();
+        sockets.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!("1,000 connections with a pending 64,000-byte frame: the gate grew {grown} KiB");
+    // About 25 MiB measured (a debug build); touching the declared payloads would add
+    // 62.5 MiB.
+    assert!(grown < 48 * 1024, "the gate grew {grown} KiB");
+    let closes = sockets
+        .into_iter()
+        .map(|mut tcp| tokio::spawn(async move { close_code(&mut tcp).await }));
+    let codes = futures_util::future::join_all(closes).await;
+    let waited = started.elapsed();
+    assert!(
+        codes.iter().all(|c| matches!(c, Ok(1001))),
+        "not all closed with 1001"
+    );
+    assert!(waited < Duration::from_secs(10), "closing took {waited:?}");
+    let mut good = gate.connect("/ws").await.unwrap();
+    use futures_util::SinkExt;
+    good.send(tokio_tungstenite::tungstenite::Message::text("fine"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut good).await,
+        tokio_tungstenite::tungstenite::Message::text("fine")
+    );
 }
 
 // ----- TLS ----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 //! the library on 127.0.0.1:0 with real TLS.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,147 @@
+//! The real `wsgate` binary as a child process, for what only a process shows: exit
+//! codes, signals, open-file limits and its own memory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use super::{Client, ClientStream, DEADLINE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// A `wsgate run --plaintext` child on 127.0.0.1:0; its stderr lines are collected.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub addr: SocketAddr,
+}
+
+impl Proc {
+    pub fn start(policy: &Path, extra: &[&str]) -> Proc {
+        Proc::start_limited(policy, extra, None)
+    }
+
+    /// Start with `ulimit -n` set to `max_files`, when given.
+    pub fn start_limited(policy: &Path, extra: &[&str], max_files: Option<u32>) -> Proc {
+        let mut command = match max_files {
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
+            .args([
+                "run",
+                "--plaintext",
+                "--admin",
+                "off",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+            ])
+            .args(extra)
+            .arg("--policy")
+            .arg(policy)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Proc {
+            child,
+            lines,
+            addr: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = proc.wait_line("listening");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap();
+        proc.addr = addr.parse().unwrap();
+        proc
+    }
+
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> (i32, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "the process did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        path: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("ws://{}{path}", self.addr)
+            .into_client_request()
+            .unwrap();
+        tokio_tungstenite::client_async(request, ClientStream::Plain(tcp))
+            .await
+            .map(|(c, _)| c)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The resident set of process `pid`, in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
