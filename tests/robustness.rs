@@ -195,6 +195,23 @@ async fn a_64_bit_length_with_the_top_bit_set_is_refused_before_allocation() {
 }
 
 #[tokio::test]
+async fn one_byte_fragments_past_the_message_limit_are_1009() {
+    let upstream = Upstream::start().await;
+    let limits = "    messages: {max_frame_bytes: 512, max_message_bytes: 1024}\n";
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), limits), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    let mut bytes = frame(0x02, b"x", true); // binary, not final
+    for _ in 0..1100 {
+        bytes.extend(frame(0x00, b"x", true)); // continuation, not final
+    }
+    // The gate may close before reading them all: a failed write is fine.
+    let _ = tcp.write_all(&bytes).await;
+    assert_eq!(close_code(&mut tcp).await, 1009);
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+}
+
+#[tokio::test]
 async fn other_connections_are_unaffected_by_a_violation() {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
@@ -455,6 +472,23 @@ async fn upstream_302_is_relayed() {
     .await;
     let (status, _, _) = upgrade_through(&up).await;
     assert_eq!(status, 302);
+}
+
+#[tokio::test]
+async fn upstream_200_and_500_are_relayed_as_they_came() {
+    let up = raw_upstream(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".to_vec()
+    })
+    .await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!((status, body), (200, serde_json::json!("hello")));
+    let up = raw_upstream(|_| {
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\noops"
+            .to_vec()
+    })
+    .await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!((status, body), (500, serde_json::json!("oops")));
 }
 
 #[tokio::test]
