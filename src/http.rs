@@ -292,11 +292,15 @@ fn check_head<B>(req: &Request<B>) -> Result<(), Rejection> {
 /// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
 fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
     let headers = req.headers();
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
+    // RFC 6455 §11.3.5: at most once in a request.
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    let version = versions.next();
+    if versions.next().is_some() {
+        return Err(Rejection::BadRequest(
+            "Sec-WebSocket-Version must appear once",
+        ));
+    }
+    if version.map(|v| v.as_bytes()) != Some(b"13") {
         return Err(Rejection::NotWebsocket(
             "only Sec-WebSocket-Version 13 is supported",
         ));
@@ -306,6 +310,10 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
     }
     if req.version() != Version::HTTP_11 {
         return Err(Rejection::BadRequest("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    // RFC 6455 §4.2.1 item 2, RFC 9112 §3.2 (a second Host is refused in `check_head`).
+    if !headers.contains_key(header::HOST) {
+        return Err(Rejection::BadRequest("the Host header is missing"));
     }
     // Bytes after the head belong to the WebSocket: a body would be read as frames.
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)

@@ -18,7 +18,8 @@ pub fn client_ip(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let hops = headers
         .get_all(HeaderName::from_static("x-forwarded-for"))
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        // A line that is not text is one entry that does not parse: it stops the walk.
+        .map(|v| v.to_str().unwrap_or(""))
         .flat_map(|v| v.split(','))
         .collect::<Vec<_>>();
     for hop in hops.iter().rev() {
@@ -36,20 +37,26 @@ pub fn client_ip(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     client
 }
 
-/// One X-Forwarded-For entry: an address, possibly `[v6]:port` or `v4:port`.
+/// One X-Forwarded-For entry: an address, `v4:port`, `[v6]` or `[v6]:port`; anything
+/// else (`[::1`, `10.0.0.1:x`) is not an address.
 fn parse_hop(hop: &str) -> Option<IpAddr> {
     let hop = hop.trim();
     if let Ok(ip) = hop.parse() {
         return Some(ip);
     }
+    let port = |p: &str| p.parse::<u16>().is_ok();
     if let Some(rest) = hop.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
+        let (v6, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port)) {
+            return None;
+        }
+        return v6.parse().ok().map(IpAddr::V6);
     }
-    hop.rsplit_once(':')?
-        .0
-        .parse::<std::net::Ipv4Addr>()
-        .ok()
-        .map(IpAddr::V4)
+    let (v4, p) = hop.rsplit_once(':')?;
+    if !port(p) {
+        return None;
+    }
+    v4.parse().ok().map(IpAddr::V4)
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are their IPv4 address, so IPv4 CIDRs
@@ -89,6 +96,10 @@ mod tests {
         assert_eq!(parse_hop("[2001:db8::1]:443"), "2001:db8::1".parse().ok());
         assert_eq!(parse_hop("2001:db8::1"), "2001:db8::1".parse().ok());
         assert_eq!(parse_hop("unknown"), None);
+        assert_eq!(parse_hop("[::1"), None);
+        assert_eq!(parse_hop("[::1]x"), None);
+        assert_eq!(parse_hop("[10.0.0.1]"), None);
+        assert_eq!(parse_hop("10.0.0.1:port"), None);
     }
 
     #[test]

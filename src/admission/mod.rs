@@ -9,7 +9,7 @@
 
 pub mod ip;
 pub mod jwks;
-mod origin;
+pub mod origin;
 pub mod rate;
 mod rejection;
 pub mod token;

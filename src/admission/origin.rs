@@ -26,12 +26,23 @@ pub fn allowed(rules: &OriginRules, origin: Option<&str>) -> bool {
             domain,
             port: p,
         } => {
-            s == scheme
-                && *p == port
-                && host.len() > domain.len() + 1
-                && host.ends_with(domain.as_str())
-                && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+            // Only DNS labels may precede ".domain": `https://evil/.example.com` is no
+            // subdomain of example.com.
+            let labels = host
+                .strip_suffix(domain.as_str())
+                .and_then(|h| h.strip_suffix('.'));
+            s == scheme && *p == port && labels.is_some_and(is_dns_labels)
         }
+    })
+}
+
+/// `a`, `a.b-c`: non-empty labels of letters, digits, '-' and '_'.
+fn is_dns_labels(labels: &str) -> bool {
+    labels.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
 }
 
@@ -73,6 +84,7 @@ mod tests {
         assert!(!allowed(&r, Some("https://example.com")));
         assert!(!allowed(&r, Some("https://example.com.evil.com")));
         assert!(!allowed(&r, Some("https://evilexample.com")));
+        assert!(!allowed(&r, Some("https://evil.com/.example.com")));
         assert!(!allowed(&r, Some("http://app.example.com")));
         assert!(!allowed(&r, Some("https://app.example.com:8443")));
         assert!(!allowed(&r, Some("null")));

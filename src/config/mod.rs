@@ -123,28 +123,28 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parse and validate policy bytes that were read from `path` (relative key paths are
 /// resolved against its directory).
 pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
-    let parsed: file::PolicyFile =
-        serde_yaml::from_slice(bytes).map_err(|e| match e.location() {
-            Some(loc) => ConfigError::Syntax {
-                path: path.to_owned(),
-                line: loc.line(),
-                column: loc.column(),
-                message: strip_location(&e.to_string()),
-            },
-            None => ConfigError::SyntaxNoLocation {
-                path: path.to_owned(),
-                message: e.to_string(),
-            },
-        })?;
+    let syntax = |e: serde_yaml::Error| match e.location() {
+        Some(loc) => ConfigError::Syntax {
+            path: path.to_owned(),
+            line: loc.line(),
+            column: loc.column(),
+            message: strip_location(&e.to_string()),
+        },
+        None => ConfigError::SyntaxNoLocation {
+            path: path.to_owned(),
+            message: e.to_string(),
+        },
+    };
+    // Plain YAML first: it refuses a key repeated in a map (`require_claims`,
+    // `forward_claims`), which the typed parse would let replace the earlier one silently.
+    let document: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(syntax)?;
+    let parsed: file::PolicyFile = serde_yaml::from_slice(bytes).map_err(syntax)?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let policy = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
         path: path.to_owned(),
         errors,
     })?;
-    let document = serde_yaml::from_slice::<serde_yaml::Value>(bytes)
-        .ok()
-        .and_then(|v| serde_json::to_value(v).ok())
-        .unwrap_or_default();
+    let document = serde_json::to_value(document).unwrap_or_default();
     Ok(Loaded {
         policy,
         document,
