@@ -171,14 +171,18 @@ async fn unrelated_files_in_the_directory_do_not_reload() {
     assert_eq!(reloads, 0);
 }
 
+/// HS256 with the key in the file `secret` beside the policy.
+fn secret_file_policy(upstream: &Upstream) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    )
+}
+
 #[tokio::test]
 async fn a_changed_key_file_reloads_the_policy() {
     let upstream = Upstream::start().await;
-    let policy = format!(
-        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
-        upstream.url()
-    );
-    let gate = TestGate::start(&policy).await;
+    let gate = TestGate::start(&secret_file_policy(&upstream)).await;
     let exp = unix_now() + 300;
     let token = |secret: &str| hs256_with(secret, serde_json::json!({"sub": "k", "exp": exp}));
     let request = |t: &str| {
@@ -291,11 +295,7 @@ async fn a_deleted_policy_file_keeps_the_policy_and_its_return_takes_effect() {
 #[tokio::test]
 async fn a_key_file_gone_keeps_the_old_keys_until_it_returns() {
     let upstream = Upstream::start().await;
-    let policy = format!(
-        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
-        upstream.url()
-    );
-    let gate = TestGate::start(&policy).await;
+    let gate = TestGate::start(&secret_file_policy(&upstream)).await;
     let exp = unix_now() + 300;
     let token = hs256_with(SECRET, serde_json::json!({"sub": "k", "exp": exp}));
     let request = || {
