@@ -93,6 +93,7 @@ class Run:
         self.work = work
         self.args = args
         self.failures = []
+        self.slow = []
         self.results = {}
         self.upstream = None
         self.ping_flood = self.n("ping_flood") if args.ping_flood is None else args.ping_flood
@@ -104,6 +105,16 @@ class Run:
         if not ok:
             self.failures.append(f"{scenario}: {what}")
         return ok
+
+    def timed(self, scenario, ok, what):
+        """A check on a time: a failure in the full run, only reported with --short (CI),
+        because a shared machine's noise must not fail a build."""
+        if self.short:
+            if not ok:
+                self.slow.append(f"{scenario}: {what}")
+                print(f"  SLOW (reported, not failed with --short) {scenario}: {what}", flush=True)
+            return ok
+        return self.check(scenario, ok, what)
 
 
 # ----- the gate ------------------------------------------------------------------------
@@ -404,11 +415,12 @@ def scenario_attack(run):
               f"{healthy_r['opened']}/{healthy} healthy sessions opened ({healthy_r['open_errors']})")
     run.check(name, healthy_r["dropped"] == 0,
               f"{healthy_r['dropped']} healthy sessions dropped ({healthy_r['errors']})")
-    run.check(name, p99_attack <= limit,
+    run.timed(name, p99_attack <= limit,
               f"healthy p99 under attack {p99_attack:.2f} ms > {limit:.2f} ms "
               f"(2 x max(p99 alone {p99_alone:.2f} ms, {LATENCY_FLOOR_MS} ms))")
     run.check(name, peak < RSS_CAP_MIB, f"gate RSS peak {peak:.1f} MiB >= cap {RSS_CAP_MIB} MiB")
-    run.check(name, slow["cut"] > 0 and slow["cut_after_s"]["p99"] <= HANDSHAKE_S + 1.5,
+    run.check(name, slow["cut"] > 0, "no slowloris socket was cut")
+    run.timed(name, slow["cut"] > 0 and slow["cut_after_s"]["p99"] <= HANDSHAKE_S + 1.5,
               f"slowloris not cut at the {HANDSHAKE_S} s handshake deadline: {slow}")
     run.check(name, stalled["cut"] > 0,
               f"no stalled-frame connection was cut (heartbeat {HEARTBEAT}): {stalled}")
@@ -486,7 +498,7 @@ def scenario_storm(run):
               f"one address: errors {cold['errors']} (cold), {one['errors']} (warm)")
     run.check(name, limited >= attempts - allowed and set(st) <= {"101", "429"},
               f"one address: {st} (expected 429 beyond about {allowed:.0f} upgrades)")
-    run.check(name, p99_429 is not None and p99_429 <= STORM_429_P99_MS,
+    run.timed(name, p99_429 is not None and p99_429 <= STORM_429_P99_MS,
               f"one address: 429 p99 {p99_429} ms > {STORM_429_P99_MS} ms")
     for i, r in enumerate(rounds):
         s = r["statuses"]
@@ -528,11 +540,14 @@ def scenario_fds(run):
         gate = Gate(procs, run, "gate-fds", policy(run.upstream), nofile=LOW_NOFILE)
         time.sleep(0.3)
         baseline = gate.fds()
+        sampler = Sampler(gate, 0.1)
+        sampler.start()
         cpu0, t0 = gate.cpu_s(), time.monotonic()
         result = wsload(procs, "exhaust", [
             "exhaust", "--url", gate.url(), "-n", str(n), "--timeout", "3", "-d", "3",
             "--recover-within", "30"], timeout=120)
         cpu = (gate.cpu_s() - cpu0) / (time.monotonic() - t0) * 100
+        sampler.stop()
         status, echoed = probe(gate.port)
         deadline = time.monotonic() + 10
         while gate.fds() > baseline and time.monotonic() < deadline:
@@ -547,12 +562,14 @@ def scenario_fds(run):
     recovered = result["recovered_after_s"]
     run.check(name, result["opened"] < n,
               f"all {n} connections were accepted: the limit of {LOW_NOFILE} was never reached")
-    run.check(name, recovered is not None and recovered <= RECOVERY_S,
+    run.check(name, recovered is not None, "upgrades never succeeded again")
+    run.timed(name, recovered is not None and recovered <= RECOVERY_S,
               f"upgrades did not succeed again within {RECOVERY_S} s (recovered: {recovered})")
     run.check(name, status == 101 and echoed,
               f"a normal upgrade after recovery: status {status}, echoed {echoed}")
     run.check(name, after <= baseline, f"descriptors {after} after the drain, baseline {baseline}")
     figures = {"result": result, "fds_baseline": baseline, "fds_after": after,
+               "fds_peak": sampler.peak_fds(),
                "gate_cpu_percent": round(cpu, 1), "accept_failed_log_lines": accept_failures,
                "probe": {"status": status, "echoed": echoed}}
     tail = finish(run, name, end, figures, started)
@@ -562,7 +579,8 @@ def scenario_fds(run):
             f"'accept failed' log lines; gate CPU {cpu:.0f} % of a core meanwhile; recovered "
             f"{'never' if recovered is None else f'after {recovered:.2f} s'} "
             f"({result['probes']} probes); normal upgrade after: {status}"
-            f"{' echoed' if echoed else ''}; fds {baseline} -> {after}; {tail}")
+            f"{' echoed' if echoed else ''}; fds {baseline} -> peak {sampler.peak_fds()} -> "
+            f"{after}; {tail}")
 
 
 # ----- 4. soak ---------------------------------------------------------------------------------
@@ -741,6 +759,7 @@ def main():
         wall = time.monotonic() - began
         run.results["wall_s"] = round(wall, 1)
         run.results["failures"] = run.failures
+        run.results["slow_reported"] = run.slow
         run.results["short"] = args.short
         out = args.json or ROOT / "benches" / "results" / time.strftime("soak-%Y%m%d-%H%M%S.json")
         out.parent.mkdir(parents=True, exist_ok=True)
