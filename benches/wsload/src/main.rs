@@ -1396,24 +1396,31 @@ async fn stalled_frame(
     let request = dialer.raw_request(&[], "");
     let header = client_frame(0x82, &[], Some(frame_bytes), true);
     while Instant::now() < end {
-        let mut tcp = match dialer.raw_upgrade(i, &request, STEP).await {
-            Ok((101, tcp)) => tcp,
-            Ok((status, _)) => {
-                lock(&stats).error(format!("status_{status}"));
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-            Err(kind) => {
-                lock(&stats).error(kind);
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
+        let Some(mut tcp) = hostile_upgrade(&dialer, i, &request, &stats).await else {
+            continue;
         };
         let opened = Instant::now();
         lock(&stats).opened += 1;
         let cut = write_all(&mut tcp, &header).await.is_err() || wait_closed(&mut tcp, end).await;
         lock(&stats).ended(cut, opened);
     }
+}
+
+/// A hostile client's next upgrade; a refusal or error is counted and backed off from.
+async fn hostile_upgrade(
+    dialer: &Dialer,
+    i: usize,
+    request: &[u8],
+    stats: &Mutex<Hostile>,
+) -> Option<tokio::net::TcpStream> {
+    let error = match dialer.raw_upgrade(i, request, STEP).await {
+        Ok((101, tcp)) => return Some(tcp),
+        Ok((status, _)) => format!("status_{status}"),
+        Err(kind) => kind.into(),
+    };
+    lock(stats).error(error);
+    tokio::time::sleep(RETRY).await;
+    None
 }
 
 /// Pings written as fast as the target takes them, pongs read and counted.
@@ -1434,18 +1441,8 @@ async fn ping_flood(
             .collect(),
     );
     while Instant::now() < end {
-        let tcp = match dialer.raw_upgrade(i, &request, STEP).await {
-            Ok((101, tcp)) => tcp,
-            Ok((status, _)) => {
-                lock(&stats).error(format!("status_{status}"));
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-            Err(kind) => {
-                lock(&stats).error(kind);
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
+        let Some(tcp) = hostile_upgrade(&dialer, i, &request, &stats).await else {
+            continue;
         };
         let opened = Instant::now();
         lock(&stats).opened += 1;
