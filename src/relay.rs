@@ -220,7 +220,8 @@ pub enum CloseReason {
     MaxLifetime,
     /// The token's `exp` (plus leeway) passed, with `close_on_expiry`.
     TokenExpired,
-    /// The client sent messages faster than `messages.per_second`/`burst` allow.
+    /// The client sent messages (pings and pongs included) faster than
+    /// `messages.per_second`/`burst` allow.
     RateExceeded,
     /// The client sent a message type the route does not allow.
     TypeNotAllowed,
@@ -467,7 +468,11 @@ impl Inbound {
     fn check(&mut self, msg: &Message, now: Instant) -> Option<CloseReason> {
         let allowed = match msg {
             Message::Text(_) => self.allow_text,
-            _ => self.allow_binary,
+            Message::Binary(_) => self.allow_binary,
+            // Control frames are always allowed, but each takes a token: a ping costs
+            // the gate a pong, and an unmetered flood of them starves every other
+            // connection on the same thread.
+            _ => true,
         };
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
@@ -543,6 +548,11 @@ impl Direction {
         }
     }
 
+    /// The client's message policy applied to one message (always `None` upstream).
+    fn admit(&mut self, msg: &Message, now: Instant) -> Option<CloseReason> {
+        self.inbound.as_mut()?.check(msg, now)
+    }
+
     /// Move messages from `src` to `dst` until one of them would block.
     fn poll(
         &mut self,
@@ -576,10 +586,8 @@ impl Direction {
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
                             let now = Instant::now();
-                            if let Some(inbound) = &mut self.inbound {
-                                if let Some(reason) = inbound.check(&msg, now) {
-                                    return Poll::Ready(Event::End(reason));
-                                }
+                            if let Some(reason) = self.admit(&msg, now) {
+                                return Poll::Ready(Event::End(reason));
                             }
                             self.last_data = now;
                             self.counts.messages += 1;
@@ -593,9 +601,18 @@ impl Direction {
                                 frame,
                             }));
                         }
-                        Message::Pong(_) => self.last_pong = Some(Instant::now()),
-                        // Pings are answered by tungstenite itself.
-                        Message::Ping(_) | Message::Frame(_) => {}
+                        // Pings are answered by tungstenite itself (it keeps at most one
+                        // pong queued); the client's count against its message rate.
+                        Message::Ping(_) | Message::Pong(_) => {
+                            let now = Instant::now();
+                            if let Some(reason) = self.admit(&msg, now) {
+                                return Poll::Ready(Event::End(reason));
+                            }
+                            if msg.is_pong() {
+                                self.last_pong = Some(now);
+                            }
+                        }
+                        Message::Frame(_) => {}
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {

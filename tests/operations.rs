@@ -9,41 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the first sample line starting with `series` (name and labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[tokio::test]
 async fn metrics_carry_every_spec_name_after_traffic() {
@@ -65,9 +34,9 @@ async fn metrics_carry_every_spec_name_after_traffic() {
         )
         .await;
     }
-    let (_, live) = get(gate.admin, "/metrics").await;
+    let (_, live) = admin_fetch(gate.admin, "/metrics").await;
     assert_eq!(
-        sample(&live, "wsgate_connections_active{route=\"ws\"}"),
+        metric_sample(&live, "wsgate_connections_active{route=\"ws\"}"),
         Some(1.0),
         "{live}"
     );
@@ -80,9 +49,9 @@ async fn metrics_carry_every_spec_name_after_traffic() {
     ));
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let (_, m) = get(gate.admin, "/metrics").await;
-        if sample(&m, "wsgate_policy_reloads_total{result=\"success\"}") == Some(1.0)
-            && sample(
+        let (_, m) = admin_fetch(gate.admin, "/metrics").await;
+        if metric_sample(&m, "wsgate_policy_reloads_total{result=\"success\"}") == Some(1.0)
+            && metric_sample(
                 &m,
                 "wsgate_closes_total{route=\"ws\",reason=\"client_closed\"}",
             ) == Some(1.0)
@@ -96,7 +65,7 @@ async fn metrics_carry_every_spec_name_after_traffic() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let (status, m) = get(gate.admin, "/metrics").await;
+    let (status, m) = admin_fetch(gate.admin, "/metrics").await;
     assert_eq!(status, 200);
     if std::env::var_os("WSGATE_SHOW_METRICS").is_some() {
         eprintln!("{m}");
@@ -139,10 +108,10 @@ async fn metrics_carry_every_spec_name_after_traffic() {
         ),
     ];
     for (series, value) in expect {
-        assert_eq!(sample(&m, series), Some(value), "{series}\n{m}");
+        assert_eq!(metric_sample(&m, series), Some(value), "{series}\n{m}");
     }
     assert!(
-        sample(&m, "wsgate_ping_rtt_seconds_count{route=\"ws\"}").unwrap_or(0.0) >= 1.0,
+        metric_sample(&m, "wsgate_ping_rtt_seconds_count{route=\"ws\"}").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
     // Families without a series yet (no report-mode violation here) are not exposed;
@@ -159,9 +128,9 @@ async fn report_violations_are_counted_by_route_and_reason() {
     );
     let gate = TestGate::start(&policy).await;
     let _c = gate.connect("/ws").await.unwrap();
-    let (_, m) = get(gate.admin, "/metrics").await;
+    let (_, m) = admin_fetch(gate.admin, "/metrics").await;
     assert_eq!(
-        sample(
+        metric_sample(
             &m,
             "wsgate_report_violations_total{route=\"chat\",reason=\"origin_not_allowed\"}"
         ),
@@ -178,7 +147,7 @@ async fn policy_endpoint_shows_the_policy_and_no_secret() {
         upstream.url()
     );
     let gate = TestGate::start(&policy).await;
-    let (status, body) = get(gate.admin, "/policy").await;
+    let (status, body) = admin_fetch(gate.admin, "/policy").await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     let file_sha = wsgate::config::sha256_hex(policy.as_bytes());
@@ -478,10 +447,11 @@ async fn a_rotated_certificate_is_used_for_new_handshakes() {
     );
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let (_, m) = get(gate.admin, "/metrics").await;
-        if sample(&m, "wsgate_tls_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 1.0 {
+        let (_, m) = admin_fetch(gate.admin, "/metrics").await;
+        if metric_sample(&m, "wsgate_tls_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 1.0 {
             assert!(
-                sample(&m, "wsgate_tls_reloads_total{result=\"success\"}").unwrap_or(0.0) >= 1.0,
+                metric_sample(&m, "wsgate_tls_reloads_total{result=\"success\"}").unwrap_or(0.0)
+                    >= 1.0,
                 "{m}"
             );
             break;

@@ -304,6 +304,106 @@ async fn ping_flood_is_answered_and_the_connection_keeps_working() {
     assert_still_serving(&gate).await;
 }
 
+/// Reads server frames until a close; returns (pongs seen, close code, close reason).
+async fn pongs_until_close(tcp: &mut TcpStream) -> (usize, u16, String) {
+    let read = async {
+        let mut pongs = 0;
+        loop {
+            match server_frame(tcp).await {
+                (0xA, _) => pongs += 1,
+                (0x8, payload) => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                    return (pongs, code, reason);
+                }
+                (op, _) => panic!("unexpected opcode {op:#x}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no close frame in time")
+}
+
+/// A policy whose route allows 10 messages a second with a burst of 20.
+fn metered(upstream: &Upstream, mode: &str) -> String {
+    open_policy(
+        &upstream.url(),
+        "    messages: {per_second: 10, burst: 20}\n",
+    )
+    .replacen("version: 1\n", &format!("version: 1\nmode: {mode}\n"), 1)
+}
+
+#[tokio::test]
+async fn ping_and_pong_floods_past_the_message_rate_are_1008() {
+    // Each ping costs the gate a pong: unmetered, 10 flooding connections starved every
+    // other connection (benches/soak.py's attack). Pings and pongs take a message token.
+    for opcode in [0x89u8, 0x8A] {
+        let upstream = Upstream::start().await;
+        let gate = TestGate::start_with(&metered(&upstream, "enforce"), false).await;
+        let mut tcp = upgrade_raw(&gate).await;
+        let mut flood = Vec::new();
+        for i in 0..2000u32 {
+            flood.extend_from_slice(&frame(opcode, &i.to_be_bytes(), true));
+        }
+        // The gate may close before reading them all: a failed write is fine.
+        let _ = tcp.write_all(&flood).await;
+        let (pongs, code, reason) = pongs_until_close(&mut tcp).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1008, "message rate exceeded"),
+            "opcode {opcode:#x}"
+        );
+        assert!(
+            pongs <= 20,
+            "opcode {opcode:#x}: {pongs} pongs past a burst of 20"
+        );
+        let ended = upstream.wait_ended(0).await;
+        assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+        assert_still_serving(&gate).await;
+    }
+}
+
+#[tokio::test]
+async fn pings_within_the_message_rate_are_answered() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&metered(&upstream, "enforce"), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    for i in 0..10u32 {
+        tcp.write_all(&frame(0x89, &i.to_be_bytes(), true))
+            .await
+            .unwrap();
+        assert_eq!(
+            server_frame(&mut tcp).await,
+            (0xA, i.to_be_bytes().to_vec())
+        );
+    }
+    tcp.write_all(&frame(0x81, b"after ten pings", true))
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut tcp).await.1, b"after ten pings");
+}
+
+#[tokio::test]
+async fn report_mode_answers_a_ping_flood_and_counts_it() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&metered(&upstream, "report"), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    let mut flood = Vec::new();
+    for i in 0..200u32 {
+        flood.extend_from_slice(&frame(0x89, &i.to_be_bytes(), true));
+    }
+    flood.extend_from_slice(&frame(0x81, b"after the flood", true));
+    tcp.write_all(&flood).await.unwrap();
+    let (pongs, data) = next_data(&mut tcp).await;
+    assert_eq!(data, b"after the flood");
+    assert!(pongs > 0, "no ping was answered");
+    let (_, metrics) = admin_fetch(gate.admin, "/metrics").await;
+    let series = "wsgate_report_violations_total{route=\"ws\",reason=\"message_rate_exceeded\"}";
+    let counted = metric_sample(&metrics, series).unwrap_or(0.0);
+    assert!(counted >= 180.0, "{counted} violations counted:\n{metrics}");
+}
+
 #[tokio::test]
 async fn close_frame_without_tcp_close_is_answered_and_tcp_closed() {
     let (_gate, upstream, mut tcp) = upgraded().await;

@@ -604,8 +604,8 @@ pub async fn next_close(client: &mut Client) -> (u16, String) {
     }
 }
 
-/// GET on the admin listener; returns the status code.
-pub async fn admin_get(addr: SocketAddr, path: &str) -> u16 {
+/// GET on the admin listener; returns the status code and the body.
+pub async fn admin_fetch(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -614,10 +614,30 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> u16 {
     .unwrap();
     let mut out = String::new();
     tcp.read_to_string(&mut out).await.unwrap();
-    out.split(' ')
+    let status = out
+        .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// GET on the admin listener; returns the status code.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> u16 {
+    admin_fetch(addr, path).await.0
+}
+
+/// The value of the first sample line starting with `series` (name and labels).
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 pub fn header_value(s: &str) -> HeaderValue {
