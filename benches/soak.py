@@ -370,6 +370,13 @@ def failed_load(run, name, result, what):
 
 # ----- 1. attack under load -------------------------------------------------------------
 
+# Per-address upgrade rate and burst in the attack: the default rate (2/s) with a burst of
+# 10. Every client spreads over 127.0.0.1-200 (wsload's --sources), so an address holds 5
+# healthy sessions, one stalled frame and at most one ping flood; a flooder cut off by the
+# message rate reconnects as fast as this lets it, as it would in a deployment. Without a
+# per-address rate (100,000/s) the ten flooders become an upgrade storm of ~700/s.
+ATTACK_RATE = (2, 10)
+
 
 def scenario_attack(run):
     name = "attack"
@@ -377,7 +384,8 @@ def scenario_attack(run):
     procs = Procs(run.work / "logs")
     try:
         gate = Gate(procs, run, "gate-attack",
-                    policy(run.upstream, handshake=HANDSHAKE_S, heartbeat=HEARTBEAT))
+                    policy(run.upstream, handshake=HANDSHAKE_S, heartbeat=HEARTBEAT,
+                           rate=ATTACK_RATE))
         sampler = Sampler(gate, 0.25)
         sampler.start()
         alone, ramp, attack_s = run.n("alone_s"), run.n("ramp_s"), run.n("attack_s")

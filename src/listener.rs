@@ -4,6 +4,7 @@
 //! of the accept; a head over 16 KiB gets 431 from hyper. Accept errors such as EMFILE
 //! back off instead of spinning.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{sleep, timeout_at, Instant};
 
 use crate::http::{handle, ConnInfo};
@@ -22,6 +23,22 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The accept queue's length. tokio's `TcpListener::bind` asks for 128, which a burst of
+/// upgrades overflows (a dropped SYN costs the client a 1 s retransmit); nginx and Envoy
+/// ask for 511 and 1024 or more. The kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: u32 = 1024;
+
+/// Listen on `addr` (address reuse on, like `TcpListener::bind`) with [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// Accept connections until shutdown begins; then drop the listener.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {

@@ -245,7 +245,7 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match wsgate::listener::bind(args.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot listen on {}: {e}", args.listen);
@@ -327,7 +327,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
     };
     let (upstream, listener) = match (
         TcpListener::bind("127.0.0.1:0").await,
-        TcpListener::bind(listen).await,
+        wsgate::listener::bind(listen),
     ) {
         (Ok(u), Ok(l)) => (u, l),
         (Err(e), _) | (_, Err(e)) => {

@@ -377,12 +377,15 @@ impl CloseReason {
                 Ending::Close(Some(frame(CloseCode::Policy, "token expired"))),
                 going_away(),
             ),
+            // A client that broke the message policy, like one that broke the protocol,
+            // is not waited on: a flooder would keep the gate reading its flood until the
+            // write deadline (a ping flood at 12 M frames/s did, in soak.py's attack).
             CloseReason::RateExceeded => (
-                Ending::Close(Some(frame(CloseCode::Policy, "message rate exceeded"))),
+                Ending::CloseAndDrop(frame(CloseCode::Policy, "message rate exceeded")),
                 going_away(),
             ),
             CloseReason::TypeNotAllowed => (
-                Ending::Close(Some(frame(CloseCode::Policy, "message type not allowed"))),
+                Ending::CloseAndDrop(frame(CloseCode::Policy, "message type not allowed")),
                 going_away(),
             ),
             CloseReason::Shutdown => (
@@ -1019,10 +1022,18 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
     .await;
 }
 
-/// Read (and discard messages already in flight) until the peer's close reply.
+/// Frames read (and discarded) while waiting for a close reply before the gate gives up
+/// and drops the connection: a peer still flooding after our close is not worth the
+/// CPU. A well-behaved peer's in-flight messages fit many times over.
+const CLOSE_WAIT_FRAMES: usize = 1024;
+
+/// Read (and discard messages already in flight) until the peer's close reply, for at
+/// most [`CLOSE_WAIT_FRAMES`] frames.
 async fn await_close_reply(ws: &mut Ws) {
+    let mut frames = 0;
     while let Some(Ok(msg)) = ws.next().await {
-        if msg.is_close() {
+        frames += 1;
+        if msg.is_close() || frames >= CLOSE_WAIT_FRAMES {
             break;
         }
     }
