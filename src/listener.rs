@@ -131,3 +131,30 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 600 connections wait in the accept queue at once: with tokio's 128 the rest would
+    /// have their SYNs dropped and retry after a second.
+    #[tokio::test]
+    async fn the_accept_queue_holds_more_than_128() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut pending = tokio::task::JoinSet::new();
+        for _ in 0..600 {
+            pending.spawn(tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            ));
+        }
+        let mut connected = Vec::new();
+        while let Some(done) = pending.join_next().await {
+            if let Ok(Ok(Ok(tcp))) = done {
+                connected.push(tcp);
+            }
+        }
+        assert_eq!(connected.len(), 600);
+    }
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::process::{rss_kib, Proc};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A plaintext gate, an upgraded raw socket to it, and the upstream behind it.
@@ -84,7 +84,7 @@ fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
 }
 
 /// The next frame the gate sends (unmasked, server to client): opcode and payload.
-async fn server_frame(tcp: &mut TcpStream) -> (u8, Vec<u8>) {
+async fn server_frame<R: AsyncRead + Unpin>(tcp: &mut R) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
     tcp.read_exact(&mut h)
         .await
@@ -305,7 +305,7 @@ async fn ping_flood_is_answered_and_the_connection_keeps_working() {
 }
 
 /// Reads server frames until a close; returns (pongs seen, close code, close reason).
-async fn pongs_until_close(tcp: &mut TcpStream) -> (usize, u16, String) {
+async fn pongs_until_close<R: AsyncRead + Unpin>(tcp: &mut R) -> (usize, u16, String) {
     let read = async {
         let mut pongs = 0;
         loop {
@@ -362,6 +362,59 @@ async fn ping_and_pong_floods_past_the_message_rate_are_1008() {
         assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
         assert_still_serving(&gate).await;
     }
+}
+
+/// Writes `frames` pings, `batch` at a time with `pause` between batches, until the gate
+/// stops taking them; meanwhile reads until the gate's close frame. Returns the close code
+/// and how long the gate kept the connection open after it (to EOF or a reset).
+async fn flood_past_a_close(tcp: &mut TcpStream, batch: u32, pause: Duration) -> (u16, Duration) {
+    let (mut rd, mut wr) = tcp.split();
+    let pings: Vec<u8> = (0..batch)
+        .flat_map(|i| frame(0x89, &i.to_be_bytes(), true))
+        .collect();
+    let flood = async {
+        while wr.write_all(&pings).await.is_ok() {
+            tokio::time::sleep(pause).await;
+        }
+    };
+    let read = async {
+        let (_, code, _) = pongs_until_close(&mut rd).await;
+        let closed = std::time::Instant::now();
+        let mut sink = vec![0u8; 64 * 1024];
+        while let Ok(1..) = rd.read(&mut sink).await {}
+        (code, closed.elapsed())
+    };
+    let both = async { tokio::join!(flood, read).1 };
+    tokio::time::timeout(Duration::from_secs(8), both)
+        .await
+        .expect("the gate kept a flooding connection open")
+}
+
+#[tokio::test]
+async fn a_flooder_cut_off_by_the_message_rate_is_dropped_without_a_wait() {
+    // Waiting for its close reply while it floods kept the gate reading 12 M frames/s
+    // until write_seconds (10 s here).
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&metered(&upstream, "enforce"), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    let (code, open_after) = flood_past_a_close(&mut tcp, 1000, Duration::ZERO).await;
+    assert_eq!(code, 1008);
+    assert!(open_after < Duration::from_secs(1), "{open_after:?}");
+    assert_still_serving(&gate).await;
+}
+
+#[tokio::test]
+async fn a_close_reply_is_awaited_for_at_most_1024_frames() {
+    // The idle timeout closes with a handshake; a client that keeps pinging (10,000 a
+    // second, under the rate; pings are not activity) never sends its reply.
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {idle_seconds: 1, write_seconds: 10}\n";
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), extra), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    let pause = Duration::from_millis(10);
+    let (code, open_after) = flood_past_a_close(&mut tcp, 100, pause).await;
+    assert_eq!(code, 1001);
+    assert!(open_after < Duration::from_secs(2), "{open_after:?}");
 }
 
 #[tokio::test]
