@@ -380,6 +380,12 @@ fn path_is_clean(path: &str) -> bool {
     !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
+/// Seed the generator behind [`request_id`] before serving: aws-lc's first draw takes
+/// tens of milliseconds, which would otherwise land on the first upgrade.
+pub fn warm_up() {
+    let _ = aws_lc_rs::rand::fill(&mut [0u8; 16]);
+}
+
 /// The client's `X-Request-Id` when it is sane (1–128 visible ASCII characters), or a new one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get("x-request-id") {

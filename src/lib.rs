@@ -86,6 +86,7 @@ pub struct Running {
 pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
     let addr = options.listener.local_addr()?;
     let admin_addr = options.admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    http::warm_up();
     let metrics = Arc::new(metrics::Metrics::new());
     let gate = Arc::new(Gate {
         policy: PolicyHandle::new(loaded),
