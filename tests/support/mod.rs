@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

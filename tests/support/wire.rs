@@ -1,0 +1,121 @@
+//! WebSocket on the wire, for tests that must send what no client library would: client
+//! frames built byte by byte (masked or not, any opcode and length), the gate's frames
+//! read back raw, and upgrades over bare TCP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw socket upgraded on /ws at `addr` (no token, no Origin).
+pub async fn upgrade_raw_at(addr: SocketAddr) -> TcpStream {
+    upgrade_raw_path(addr, "/ws").await
+}
+
+/// A raw socket upgraded on `path` at `addr` (no token, no Origin).
+pub async fn upgrade_raw_path(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut tcp).await.expect("no response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// An HTTP head read byte by byte, so that no bytes after it are consumed.
+pub async fn read_head(tcp: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.ok()?;
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// One client frame: `first` is FIN/RSV/opcode; masked unless `masked` is false.
+pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12u8, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// The next frame the gate sends (unmasked, server to client): opcode and payload.
+pub async fn server_frame<R: AsyncRead + Unpin>(tcp: &mut R) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h)
+        .await
+        .expect("the gate dropped TCP without a close frame");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            tcp.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+/// The code of the next close frame the gate sends.
+pub async fn close_code(tcp: &mut TcpStream) -> u16 {
+    let read = async {
+        loop {
+            if let (0x8, payload) = server_frame(tcp).await {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no close frame in time")
+}
+
+/// Reads server frames until a close; returns (pongs seen, close code, close reason).
+pub async fn pongs_until_close<R: AsyncRead + Unpin>(tcp: &mut R) -> (usize, u16, String) {
+    let read = async {
+        let mut pongs = 0;
+        loop {
+            match server_frame(tcp).await {
+                (0xA, _) => pongs += 1,
+                (0x8, payload) => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                    return (pongs, code, reason);
+                }
+                (op, _) => panic!("unexpected opcode {op:#x}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("no close frame in time")
+}
