@@ -54,9 +54,6 @@ fn frame_rows() -> Vec<FrameRow> {
     intruder.extend(frame(0x81, b"intruder", true));
     let mut bad_reason = 1000u16.to_be_bytes().to_vec();
     bad_reason.extend_from_slice(&[0xff, 0xfe]);
-    let pings: Vec<u8> = (0..200u32)
-        .flat_map(|i| frame(0x89, &i.to_be_bytes(), true))
-        .collect();
     vec![
         row("unmasked", frame(0x81, b"hello", false), &[1002]),
         row(
@@ -99,7 +96,7 @@ fn frame_rows() -> Vec<FrameRow> {
         FrameRow {
             name: "ping flood past the rate",
             path: "/metered",
-            bytes: pings,
+            bytes: control_frames(0x89, 200),
             codes: &[1008],
         },
         FrameRow {

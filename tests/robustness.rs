@@ -203,18 +203,21 @@ async fn unsolicited_pong_is_ignored() {
     assert_eq!(next_data(&mut tcp).await.1, b"still here");
 }
 
+/// `n` pings and a text message in one write: some pings are answered, and the message is
+/// echoed after them.
+async fn assert_flood_answered(tcp: &mut TcpStream, n: u32) {
+    let mut flood = control_frames(0x89, n);
+    flood.extend_from_slice(&frame(0x81, b"after the flood", true));
+    tcp.write_all(&flood).await.unwrap();
+    let (pongs, data) = next_data(tcp).await;
+    assert_eq!(data, b"after the flood");
+    assert!(pongs > 0, "no ping was answered");
+}
+
 #[tokio::test]
 async fn ping_flood_is_answered_and_the_connection_keeps_working() {
     let (gate, _upstream, mut tcp) = upgraded().await;
-    let mut flood = Vec::new();
-    for i in 0..2000u32 {
-        flood.extend_from_slice(&frame(0x89, &i.to_be_bytes(), true));
-    }
-    flood.extend_from_slice(&frame(0x81, b"after the flood", true));
-    tcp.write_all(&flood).await.unwrap();
-    let (pongs, data) = next_data(&mut tcp).await;
-    assert_eq!(data, b"after the flood");
-    assert!(pongs > 0, "no ping was answered");
+    assert_flood_answered(&mut tcp, 2000).await;
     // Another client is served meanwhile.
     assert_still_serving(&gate).await;
 }
@@ -236,10 +239,7 @@ async fn ping_and_pong_floods_past_the_message_rate_are_1008() {
         let upstream = Upstream::start().await;
         let gate = TestGate::start_with(&metered(&upstream, "enforce"), false).await;
         let mut tcp = upgrade_raw(&gate).await;
-        let mut flood = Vec::new();
-        for i in 0..2000u32 {
-            flood.extend_from_slice(&frame(opcode, &i.to_be_bytes(), true));
-        }
+        let flood = control_frames(opcode, 2000);
         // The gate may close before reading them all: a failed write is fine.
         let _ = tcp.write_all(&flood).await;
         let (pongs, code, reason) = pongs_until_close(&mut tcp).await;
@@ -263,9 +263,7 @@ async fn ping_and_pong_floods_past_the_message_rate_are_1008() {
 /// and how long the gate kept the connection open after it (to EOF or a reset).
 async fn flood_past_a_close(tcp: &mut TcpStream, batch: u32, pause: Duration) -> (u16, Duration) {
     let (mut rd, mut wr) = tcp.split();
-    let pings: Vec<u8> = (0..batch)
-        .flat_map(|i| frame(0x89, &i.to_be_bytes(), true))
-        .collect();
+    let pings = control_frames(0x89, batch);
     let flood = async {
         while wr.write_all(&pings).await.is_ok() {
             tokio::time::sleep(pause).await;
@@ -336,15 +334,7 @@ async fn report_mode_answers_a_ping_flood_and_counts_it() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(&metered(&upstream, "report"), false).await;
     let mut tcp = upgrade_raw(&gate).await;
-    let mut flood = Vec::new();
-    for i in 0..200u32 {
-        flood.extend_from_slice(&frame(0x89, &i.to_be_bytes(), true));
-    }
-    flood.extend_from_slice(&frame(0x81, b"after the flood", true));
-    tcp.write_all(&flood).await.unwrap();
-    let (pongs, data) = next_data(&mut tcp).await;
-    assert_eq!(data, b"after the flood");
-    assert!(pongs > 0, "no ping was answered");
+    assert_flood_answered(&mut tcp, 200).await;
     let (_, metrics) = admin_fetch(gate.admin, "/metrics").await;
     let series = "wsgate_report_violations_total{route=\"ws\",reason=\"message_rate_exceeded\"}";
     let counted = metric_sample(&metrics, series).unwrap_or(0.0);

@@ -663,25 +663,7 @@ pub async fn raw_close(client: &mut Client) -> (u16, String) {
     let stream = client.get_mut();
     let read = async {
         loop {
-            let mut head = [0u8; 2];
-            stream.read_exact(&mut head).await.unwrap();
-            let opcode = head[0] & 0x0f;
-            let len = match head[1] & 0x7f {
-                126 => {
-                    let mut l = [0u8; 2];
-                    stream.read_exact(&mut l).await.unwrap();
-                    u16::from_be_bytes(l) as usize
-                }
-                127 => {
-                    let mut l = [0u8; 8];
-                    stream.read_exact(&mut l).await.unwrap();
-                    u64::from_be_bytes(l) as usize
-                }
-                n => n as usize,
-            };
-            let mut payload = vec![0u8; len];
-            stream.read_exact(&mut payload).await.unwrap();
-            if opcode == 0x8 {
+            if let (0x8, payload) = wire::server_frame(stream).await {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
                 return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
             }

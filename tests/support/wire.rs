@@ -61,6 +61,13 @@ pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     out
 }
 
+/// `n` masked control frames with `opcode` (0x89 ping, 0x8A pong), numbered payloads.
+pub fn control_frames(opcode: u8, n: u32) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| frame(opcode, &i.to_be_bytes(), true))
+        .collect()
+}
+
 /// The next frame the gate sends (unmasked, server to client): opcode and payload.
 pub async fn server_frame<R: AsyncRead + Unpin>(tcp: &mut R) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
