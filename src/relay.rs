@@ -472,7 +472,7 @@ impl Inbound {
         let allowed = match msg {
             Message::Text(_) => self.allow_text,
             Message::Binary(_) => self.allow_binary,
-            // Control frames are always allowed, but each takes a token: a ping costs
+            // Pings and pongs are always allowed, but each takes a token: a ping costs
             // the gate a pong, and an unmetered flood of them starves every other
             // connection on the same thread.
             _ => true,
@@ -586,36 +586,27 @@ impl Direction {
             match Pin::new(&mut *src).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     self.frames += 1;
+                    if let Message::Close(frame) = msg {
+                        return Poll::Ready(Event::End(CloseReason::Closed { by: from, frame }));
+                    }
+                    // Everything else the client sends, pings and pongs included, takes a
+                    // token from its message rate.
+                    let now = Instant::now();
+                    if let Some(reason) = self.admit(&msg, now) {
+                        return Poll::Ready(Event::End(reason));
+                    }
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
-                            let now = Instant::now();
-                            if let Some(reason) = self.admit(&msg, now) {
-                                return Poll::Ready(Event::End(reason));
-                            }
                             self.last_data = now;
                             self.counts.messages += 1;
                             self.counts.bytes += msg.len() as u64;
                             self.metrics.count(msg.len());
                             self.pending = Some(msg);
                         }
-                        Message::Close(frame) => {
-                            return Poll::Ready(Event::End(CloseReason::Closed {
-                                by: from,
-                                frame,
-                            }));
-                        }
+                        Message::Pong(_) => self.last_pong = Some(now),
                         // Pings are answered by tungstenite itself (it keeps at most one
-                        // pong queued); the client's count against its message rate.
-                        Message::Ping(_) | Message::Pong(_) => {
-                            let now = Instant::now();
-                            if let Some(reason) = self.admit(&msg, now) {
-                                return Poll::Ready(Event::End(reason));
-                            }
-                            if msg.is_pong() {
-                                self.last_pong = Some(now);
-                            }
-                        }
-                        Message::Frame(_) => {}
+                        // pong queued).
+                        Message::Ping(_) | Message::Frame(_) | Message::Close(_) => {}
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {

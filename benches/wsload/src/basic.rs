@@ -78,6 +78,15 @@ impl Tally {
             *self.errors.entry(kind).or_default() += n;
         }
     }
+
+    /// The tallies of `tasks`, merged once each has finished.
+    async fn sum(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Result<Tally, String> {
+        let mut total = Tally::new();
+        for task in tasks {
+            total.merge(task.await.map_err(|e| e.to_string())?);
+        }
+        Ok(total)
+    }
 }
 
 pub(crate) async fn echo(
@@ -123,10 +132,7 @@ pub(crate) async fn echo(
             tally
         }));
     }
-    let mut total = Tally::new();
-    for task in tasks {
-        total.merge(task.await.map_err(|e| e.to_string())?);
-    }
+    let total = Tally::sum(tasks).await?;
     let s = seconds.as_secs_f64();
     Ok(json!({
         "mode": "echo",
@@ -195,10 +201,7 @@ pub(crate) async fn connect(
             tally
         }));
     }
-    let mut total = Tally::new();
-    for task in tasks {
-        total.merge(task.await.map_err(|e| e.to_string())?);
-    }
+    let total = Tally::sum(tasks).await?;
     let s = seconds.as_secs_f64();
     Ok(json!({
         "mode": "connect",
