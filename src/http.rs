@@ -208,8 +208,8 @@ async fn respond(
     let expires_at = admitted
         .claims
         .as_ref()
-        .filter(|c| route.auth.close_on_expiry && c.exp > 0)
-        .map(|c| expiry_instant(c.exp + route.auth.leeway_seconds));
+        .filter(|_| route.auth.close_on_expiry)
+        .and_then(|c| c.expires_at(route.auth.leeway_seconds));
     let connection = relay::Connection {
         metrics: gate.metrics.connection(&route.name),
         registry: gate.metrics.clone(),
@@ -222,7 +222,7 @@ async fn respond(
     let shutdown = gate.shutdown.token();
     let request_id = request_id.clone();
     gate.shutdown.tracker().spawn(async move {
-        let _slots = slots;
+        let slots = slots;
         let client = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -230,7 +230,8 @@ async fn respond(
                 return;
             }
         };
-        let outcome = relay::run(client, socket, route.clone(), shutdown, connection).await;
+        let (outcome, ended) =
+            relay::run(client, socket, route.clone(), shutdown, connection).await;
         let (client_code, upstream_code) = outcome.reason.codes();
         tracing::info!(
             request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
@@ -243,17 +244,11 @@ async fn respond(
             bytes_out = outcome.upstream_to_client.bytes,
             "close"
         );
+        // The connection's slots go as it is logged closed; its sockets linger a while.
+        drop(slots);
+        ended.linger().await;
     });
     Ok(response)
-}
-
-/// The monotonic instant of a Unix time in seconds (now, if it has passed).
-fn expiry_instant(unix_seconds: u64) -> Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let left = std::time::Duration::from_secs(unix_seconds).saturating_sub(now);
-    Instant::now() + left
 }
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).
@@ -283,10 +278,81 @@ fn check_head<B>(req: &Request<B>) -> Result<(), Rejection> {
     if req.method().as_str().len() + 1 + target + 9 > MAX_REQUEST_LINE {
         return Err(Rejection::UriTooLong);
     }
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        return Err(Rejection::BadRequest("more than one Host header"));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(Rejection::BadRequest("more than one Host header"));
+        }
+        // It is copied into X-Forwarded-Host: a value that is no authority is refused.
+        if !is_valid_host(host.as_bytes()) {
+            return Err(Rejection::BadRequest("the Host header is not a valid host"));
+        }
+    }
+    // RFC 6454 §7.3: a user agent sends one Origin; with two, which one was checked?
+    if req
+        .headers()
+        .get_all(header::ORIGIN)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(Rejection::BadRequest("more than one Origin header"));
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2 / RFC 3986 §3.2.2: `uri-host [ ":" port ]`, where the host is an IP
+/// literal in brackets or a reg-name (unreserved, percent-encoded or sub-delims), and the
+/// port is at most five digits. No userinfo, path, query or whitespace; not empty.
+pub fn is_valid_host(host: &[u8]) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix(b"[") {
+        let Some(close) = rest.iter().position(|&c| c == b']') else {
+            return false;
+        };
+        let literal = &rest[..close];
+        let valid_literal = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'));
+        if !valid_literal {
+            return false;
+        }
+        match &rest[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&b"x"[..], port),
+            _ => return false,
+        }
+    } else {
+        match host.iter().rposition(|&c| c == b':') {
+            Some(colon) => (&host[..colon], &host[colon + 1..]),
+            None => (host, &b""[..]),
+        }
+    };
+    let reg_name = |c: &u8| {
+        c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    };
+    !name.is_empty()
+        && name.iter().all(reg_name)
+        && port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
 }
 
 /// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
@@ -425,6 +491,37 @@ mod tests {
         assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ="));
         assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZR=="));
         assert!(!is_valid_key(b"not a key"));
+    }
+
+    #[test]
+    fn hosts() {
+        for good in [
+            "example.com",
+            "example.com:8443",
+            "localhost:",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:443",
+            "a-b_c.d~e",
+        ] {
+            assert!(is_valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "evil/x?y",
+            "u@host",
+            "host:http",
+            "host:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "ex\tample",
+            "host#frag",
+            ":80",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //!
 //! Data flows top to bottom:
 //!
-//! - [`listener`]: accept loop → TLS ([`tls`]) or plaintext → hyper HTTP/1.1 with upgrades
+//! - [`listener`]: accept loop → TLS ([`tls`]) or plaintext → the first head read and
+//!   checked ([`head`]) → hyper HTTP/1.1 with upgrades
 //! - [`http`]: one request: route, upgrade checks, then admission and the upstream
 //! - [`admission`]: the checks before the 101, in SPEC order; [`admission::Rejection`]
 //! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
-//! - [`relay`]: the per-connection `select!` loop and [`relay::CloseReason`]
+//! - [`relay`]: the per-connection `select!` loop and [`relay::CloseReason`]; every socket
+//!   the gate closes ends with [`linger`]'s lingering close
 //! - [`proxy`]: plain HTTP on `http: pass` routes
 //!
 //! Policy flows [`config`] (YAML → validated [`policy::Policy`]) → [`policy::PolicyHandle`]
@@ -25,7 +27,9 @@ pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod demo;
+pub mod head;
 pub mod http;
+pub mod linger;
 pub mod listener;
 pub mod logbuf;
 pub mod metrics;

@@ -1,7 +1,8 @@
 //! Accept loop → TLS (or plaintext) → hyper HTTP/1.1 with upgrades, one task per connection.
 //!
 //! The TLS handshake and the first request head must complete within `handshake_seconds`
-//! of the accept; a head over 16 KiB gets 431 from hyper. Accept errors such as EMFILE
+//! of the accept; the first head is read and checked by [`head`] (a head over 16 KiB
+//! gets 431), then hyper serves the connection. Accept errors such as EMFILE
 //! back off instead of spinning.
 
 use std::net::SocketAddr;
@@ -15,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{sleep, timeout_at, Instant};
 
+use crate::head::{self, Head, Prefixed};
 use crate::http::{handle, ConnInfo};
-use crate::Gate;
+use crate::{linger, Gate};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -105,6 +107,26 @@ async fn serve_http<I>(gate: Arc<Gate>, io: I, info: ConnInfo, deadline: Instant
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut io = io;
+    let head = match timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES)).await {
+        Ok(Ok(Head::Complete(head))) => head,
+        Ok(Ok(Head::Refused(rejection))) => {
+            gate.metrics
+                .upgrade(crate::metrics::NO_ROUTE, rejection.reason());
+            tracing::info!(
+                client_ip = %info.peer.ip(), route = crate::metrics::NO_ROUTE,
+                result = rejection.reason(), status = rejection.status().as_u16(),
+                "request refused"
+            );
+            if head::refuse(&mut io, rejection).await.is_ok() {
+                linger::close(&mut io, deadline.max(Instant::now() + linger::LINGER_TIME)).await;
+            }
+            return;
+        }
+        // Closed, failed or too slow (slowloris): dropped without an answer.
+        Ok(Ok(Head::Closed)) | Ok(Err(_)) | Err(_) => return,
+    };
+    let io = Prefixed::new(head, io);
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
         return;

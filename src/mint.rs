@@ -23,7 +23,7 @@ pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, jsonwebtoken
     let mut claims = Map::new();
     claims.insert("sub".into(), spec.sub.into());
     claims.insert("iat".into(), now.into());
-    claims.insert("exp".into(), (now + spec.ttl.as_secs()).into());
+    claims.insert("exp".into(), now.saturating_add(spec.ttl.as_secs()).into());
     if let Some(aud) = spec.audience {
         claims.insert("aud".into(), aud.into());
     }
@@ -50,14 +50,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 30m or 1h"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let unit_secs: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h, d)")),
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long a duration"))
 }
 
 #[cfg(test)]
@@ -68,6 +70,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("18446744073709551615d").is_err());
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
     }

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::watch;
 
 use crate::admission::{self, Standing};
+use crate::head::Prefixed;
+use crate::linger;
 use crate::metrics::{ConnectionMetrics, MessageCounters, Metrics};
 use crate::policy::{Messages, Mode, PolicyHandle, Route};
 use crate::upstream::{UpstreamSocket, UpstreamStream};
@@ -45,17 +47,23 @@ pub enum Leg {
 }
 
 impl Leg {
-    /// The client's socket and the bytes hyper read past the request head.
+    /// The client's socket and the bytes read past the request head (by hyper, and any
+    /// the listener's head reader read that hyper did not take).
     fn client(upgraded: Upgraded) -> (Leg, Vec<u8>) {
-        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => return (Leg::Tcp(parts.io.into_inner()), parts.read_buf.to_vec()),
+        let read_ahead = |read_buf: &[u8], unread: &[u8]| [read_buf, unread].concat();
+        let upgraded = match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+            Ok(parts) => {
+                let (unread, io) = parts.io.into_inner().into_parts();
+                return (Leg::Tcp(io), read_ahead(&parts.read_buf, &unread));
+            }
             Err(upgraded) => upgraded,
         };
-        match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-            Ok(parts) => (
-                Leg::Tls(Box::new(parts.io.into_inner())),
-                parts.read_buf.to_vec(),
-            ),
+        type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+        match upgraded.downcast::<TokioIo<Prefixed<Tls>>>() {
+            Ok(parts) => {
+                let (unread, io) = parts.io.into_inner().into_parts();
+                (Leg::Tls(Box::new(io)), read_ahead(&parts.read_buf, &unread))
+            }
             Err(upgraded) => (Leg::Upgraded(TokioIo::new(upgraded)), Vec::new()),
         }
     }
@@ -157,6 +165,10 @@ pub const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// 1014 "Bad Gateway" (RFC 6455 §7.4.1 registry): the upstream failed.
 const UPSTREAM_UNAVAILABLE: CloseCode = CloseCode::Bad(1014);
+
+/// The close frame tungstenite substitutes (and replies with) for a close code that may
+/// not be sent.
+const INVALID_CODE_REPLY: &str = "Protocol violation";
 
 /// Room for a frame header on top of a maximal message in the write buffer.
 const FRAME_OVERHEAD: usize = 14;
@@ -403,6 +415,20 @@ impl CloseReason {
         }
     }
 
+    /// A close frame read from `by`. One with a code that may not be sent (RFC 6455
+    /// §7.4.1/§7.4.2: below 1000, 1004-1006, 1014-2999 as tungstenite reads the registry)
+    /// reaches us as tungstenite's substitute, 1002 "Protocol violation", which it has
+    /// already queued as its reply: that is the side's protocol error, not a close to
+    /// relay (the other side gets 1001 or 1014, not a 1002 that would blame it).
+    fn closed(by: Side, frame: Option<CloseFrame>) -> CloseReason {
+        match &frame {
+            Some(f) if f.code == CloseCode::Protocol && f.reason.as_str() == INVALID_CODE_REPLY => {
+                CloseReason::Protocol(by, CloseCode::Protocol)
+            }
+            _ => CloseReason::Closed { by, frame },
+        }
+    }
+
     /// Classify an error read from (or written to) `side`.
     fn from_error(side: Side, error: &WsError) -> CloseReason {
         match error {
@@ -587,7 +613,7 @@ impl Direction {
                 Poll::Ready(Some(Ok(msg))) => {
                     self.frames += 1;
                     if let Message::Close(frame) = msg {
-                        return Poll::Ready(Event::End(CloseReason::Closed { by: from, frame }));
+                        return Poll::Ready(Event::End(CloseReason::closed(from, frame)));
                     }
                     // Everything else the client sends, pings and pongs included, takes a
                     // token from its message rate.
@@ -785,14 +811,15 @@ pub struct Connection {
     pub report: bool,
 }
 
-/// Relay between the two legs until one ends, then close both as SPEC §4 says.
+/// Relay between the two legs until one ends, then close both as SPEC §4 says. The legs
+/// come back for their lingering close, which the caller awaits after logging the close.
 pub async fn run(
     client: Upgraded,
     upstream: UpstreamSocket,
     route: Arc<Route>,
     shutdown: CancellationToken,
     conn: Connection,
-) -> Outcome {
+) -> (Outcome, Ended) {
     let started = Instant::now();
     let (client, read_ahead) = Leg::client(client);
     let mut client = WebSocketStream::from_partially_read(
@@ -921,18 +948,44 @@ pub async fn run(
         }
         None => {}
     }
-    tokio::join!(
+    let (linger_client, linger_upstream) = tokio::join!(
         end(&mut client, to_client, deadline),
         end(&mut upstream, to_upstream, deadline)
     );
     let duration = started.elapsed();
     conn.metrics.closed(reason.label(), duration.as_secs_f64());
-    Outcome {
+    let outcome = Outcome {
         reason,
         client_to_upstream: c2u.counts,
         upstream_to_client: u2c.counts,
         duration,
         report_violations: c2u.inbound.map_or(0, |i| i.violations),
+    };
+    let ended = Ended {
+        client: linger_client.then_some(client),
+        upstream: linger_upstream.then_some(upstream),
+    };
+    (outcome, ended)
+}
+
+/// The two legs of a relay that has ended, waiting for their lingering close
+/// ([`linger::close`]): a side dropped without a close frame (lost, stalled) is `None`.
+pub struct Ended {
+    client: Option<Ws>,
+    upstream: Option<Ws>,
+}
+
+impl Ended {
+    /// Shut both legs (TLS close_notify, FIN) and discard what their peers still send
+    /// until they close, within the linger bounds; then the sockets are dropped.
+    pub async fn linger(self) {
+        let deadline = Instant::now() + linger::LINGER_TIME;
+        let side = |ws: Option<Ws>| async move {
+            if let Some(mut ws) = ws {
+                linger::close(ws.get_mut(), deadline).await;
+            }
+        };
+        tokio::join!(side(self.client), side(self.upstream));
     }
 }
 /// The next policy change, owning its receiver so that the wait can outlive one turn of
@@ -989,9 +1042,12 @@ async fn drain(
     }
 }
 
-/// End one side of a relay, never past `deadline`. Dropping the socket afterwards closes
-/// TCP: as the server of the client leg that is our job once the handshake is complete.
-async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
+/// End one side of a relay, never past `deadline`. Returns whether its socket gets a
+/// lingering close (every side the gate sent or answered a close frame); the others are
+/// dropped at once. Closing TCP is our job afterwards: as the server of the client leg,
+/// once the handshake is complete.
+async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) -> bool {
+    let linger = !matches!(ending, Ending::Drop);
     let _ = timeout_at(deadline, async {
         match ending {
             Ending::Close(frame) => {
@@ -1004,13 +1060,18 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) {
                 let _ = ws.flush().await;
             }
             Ending::CloseAndDrop(frame) => {
-                let _ = ws.close(Some(frame)).await;
+                // A side whose close frame broke the protocol already has tungstenite's
+                // 1002 reply queued (and may not be sent another close): flush that.
+                if ws.close(Some(frame)).await.is_err() {
+                    let _ = ws.flush().await;
+                }
             }
             Ending::AwaitReply => await_close_reply(ws).await,
             Ending::Drop => {}
         }
     })
     .await;
+    linger
 }
 
 /// Frames read (and discarded) while waiting for a close reply before the gate gives up

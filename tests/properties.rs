@@ -687,6 +687,94 @@ fn tokens_over_8_kib_are_refused() {
     });
 }
 
+/// A JSON number anywhere in its range, and the edges by name.
+fn json_number() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        select(vec![
+            serde_json::json!(-1),
+            serde_json::json!(0),
+            serde_json::json!(0.5),
+            serde_json::json!(1u64 << 53),
+            serde_json::json!(1u64 << 63),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1.8446744073709552e19),
+        ]),
+        (0u64..100_000).prop_map(|d| serde_json::json!(support::unix_now() + d)),
+    ]
+}
+
+/// `exp`, `nbf` and `iat` anywhere in the range of JSON numbers: verification answers
+/// (admitted, invalid or expired) without a panic, and an admitted token's close deadline
+/// saturates instead of overflowing: a far-future `exp` is never "already expired".
+#[test]
+fn numeric_claims_never_panic_or_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), support::SECRET).unwrap();
+    let policy = "version: 1\ndefaults:\n  auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret}], leeway_seconds: 3600}\nroutes:\n  - path: /ws\n";
+    let path = dir.path().join("policy.yaml");
+    let loaded = config::load_bytes(&path, policy.as_bytes()).unwrap();
+    let route = loaded.policy.routes[0].clone();
+    let jwks = JwksCache::new(Vec::new());
+    let claims = (
+        json_number(),
+        proptest::option::of(json_number()),
+        proptest::option::of(json_number()),
+    );
+    check("numeric claims", claims, |(exp, nbf, iat)| {
+        let mut claims = serde_json::json!({"sub": "p", "exp": exp});
+        if let Some(nbf) = nbf {
+            claims["nbf"] = nbf;
+        }
+        if let Some(iat) = iat {
+            claims["iat"] = iat;
+        }
+        let token = support::hs256_with(support::SECRET, claims);
+        match runtime().block_on(token::verify(&token, &route.auth, &jwks)) {
+            Ok(verified) => {
+                let deadline = verified.expires_at(route.auth.leeway_seconds);
+                let left =
+                    deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                let far = verified.exp >= support::unix_now() + 1_000_000;
+                prop_assert!(
+                    !far || left.is_none_or(|l| l > Duration::from_secs(900_000)),
+                    "exp {} closes in {left:?}",
+                    verified.exp
+                );
+            }
+            Err(Rejection::InvalidToken | Rejection::TokenExpired) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+        Ok(())
+    });
+    // The deadline arithmetic alone, over every u64 and leeway.
+    let now = tokio::time::Instant::now();
+    let unix_now = Duration::from_secs(support::unix_now());
+    check(
+        "expiry deadline",
+        (any::<u64>(), 0u64..=3600),
+        |(exp, leeway)| {
+            let deadline = token::deadline(exp, leeway, unix_now, now);
+            if exp.saturating_add(leeway) <= unix_now.as_secs() {
+                prop_assert!(
+                    exp == 0 || deadline == Some(now),
+                    "{exp} + {leeway}: {deadline:?}"
+                );
+            } else {
+                prop_assert!(
+                    deadline.is_none_or(|d| d > now),
+                    "{exp} + {leeway}: {deadline:?}"
+                );
+            }
+            Ok(())
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Origin matching
 

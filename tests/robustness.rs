@@ -148,22 +148,66 @@ async fn close_with_a_one_byte_payload_is_1002() {
 }
 
 #[tokio::test]
-async fn close_codes_a_peer_may_not_send_are_1002() {
-    // 1005, 1006 and 1015 are for APIs only; 999 and 5000 are outside every range.
-    // tungstenite turns such a close into the peer's "1002 Protocol violation" close, so
-    // the gate relays 1002 upstream as the client's close (SPEC §4, first row).
-    for code in [999u16, 1005, 1006, 1015, 5000] {
-        let (_gate, upstream, mut tcp) = upgraded().await;
+async fn close_codes_a_peer_may_not_send_are_its_protocol_error() {
+    // 1005, 1006 and 1015 are for APIs only; 999 and 5000 are outside every range; 1004
+    // and 1016-2999 are reserved. Such a close is the client's protocol error: it gets
+    // 1002, and the upstream, which did nothing wrong, 1001 (not a 1002 blaming it).
+    for code in [999u16, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+        let (gate, upstream, mut tcp) = upgraded().await;
         tcp.write_all(&frame(0x88, &code.to_be_bytes(), true))
             .await
             .unwrap();
         assert_eq!(close_code(&mut tcp).await, 1002, "close code {code}");
         let ended = upstream.wait_ended(0).await;
         assert!(
-            matches!(ended, Ended::Close(1002, _)),
+            matches!(ended, Ended::Close(1001, _)),
             "close code {code}: upstream {ended:?}"
         );
+        let series = "wsgate_closes_total{route=\"ws\",reason=\"client_protocol_error\"}";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (_, metrics) = admin_fetch(gate.admin, "/metrics").await;
+            if metric_sample(&metrics, series) == Some(1.0) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "close code {code}: {metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
+}
+
+#[tokio::test]
+async fn upstream_close_codes_it_may_not_send_are_1014_to_the_client() {
+    // An upstream's invalid close code is the upstream's failure: the client is told
+    // 1014 "upstream unavailable", not a 1002 that blames it. (1014 itself is a code only
+    // a gateway sends, and tungstenite reads it as one a peer may not send.)
+    for code in [999u16, 1004, 1014, 2999] {
+        let up = raw_upstream(match code {
+            999 => |a: &str| upstream_close(a, 999),
+            1004 => |a: &str| upstream_close(a, 1004),
+            1014 => |a: &str| upstream_close(a, 1014),
+            _ => |a: &str| upstream_close(a, 2999),
+        })
+        .await;
+        let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+        let mut tcp = upgrade_raw(&gate).await;
+        assert_eq!(
+            close_code(&mut tcp).await,
+            1014,
+            "upstream close code {code}"
+        );
+    }
+}
+
+/// A 101, then at once a close frame with `code`.
+fn upstream_close(accept: &str, code: u16) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+    out.extend_from_slice(&[0x88, 0x02]);
+    out.extend_from_slice(&code.to_be_bytes());
+    out
 }
 
 #[tokio::test]

@@ -1083,3 +1083,105 @@ async fn close_on_expiry_false_keeps_the_connection_open() {
         tungstenite::Message::text("still here")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Numeric claims across their whole range
+
+/// `exp`, `nbf` and `iat` at the edges of JSON numbers: every upgrade gets its answer (an
+/// HTTP status, never a dropped socket), and a far-future `exp` neither panics nor wraps
+/// into "already expired": the connection stays open.
+#[tokio::test]
+async fn numeric_claims_at_the_edges_get_an_answer_and_never_wrap() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "close_on_expiry: true, leeway_seconds: 3600").await;
+    let now = now();
+    let far = [
+        json!(1u64 << 53),
+        json!(1u64 << 63),
+        json!(u64::MAX),
+        json!(u64::MAX - 3599),
+    ];
+    for exp in far {
+        let token = hs256(&json!({"sub": "far", "exp": exp}));
+        let mut client = admitted(&gate, &token).await;
+        // Not closed at once as "token expired" (a wrapped exp + leeway would be).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client
+            .send(tungstenite::Message::text("still here"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_message(&mut client).await,
+            tungstenite::Message::text("still here"),
+            "exp {exp}"
+        );
+    }
+    // Negative, past u64 or not a number: invalid_token.
+    for exp in [
+        json!(-1),
+        json!(1.8446744073709552e19),
+        json!(1e300),
+        json!("soon"),
+    ] {
+        invalid(&gate, &hs256(&json!({"sub": "odd", "exp": exp}))).await;
+    }
+    // In the past (0 is the epoch, 0.5 rounds to 1): token_expired.
+    for exp in [json!(0), json!(0.5)] {
+        refused(
+            &gate,
+            &hs256(&json!({"sub": "old", "exp": exp})),
+            401,
+            "token_expired",
+        )
+        .await;
+    }
+    // A fractional NumericDate (RFC 7519 allows them) is admitted.
+    admitted(
+        &gate,
+        &hs256(&json!({"sub": "frac", "exp": now as f64 + 300.5})),
+    )
+    .await;
+    // nbf far in the future: not yet valid; iat is not checked.
+    for nbf in [json!(u64::MAX), json!(1u64 << 63), json!(-1)] {
+        invalid(
+            &gate,
+            &hs256(&json!({"sub": "nbf", "exp": now + 300, "nbf": nbf})),
+        )
+        .await;
+    }
+    for iat in [
+        json!(-1),
+        json!(0),
+        json!(0.5),
+        json!(u64::MAX),
+        json!(1e300),
+    ] {
+        admitted(
+            &gate,
+            &hs256(&json!({"sub": "iat", "exp": now + 300, "iat": iat})),
+        )
+        .await;
+    }
+    for nbf in [json!(0), json!(0.5)] {
+        admitted(
+            &gate,
+            &hs256(&json!({"sub": "nbf0", "exp": now + 300, "nbf": nbf})),
+        )
+        .await;
+    }
+}
+
+/// A fractional `exp` is a deadline like any other: the connection closes at it.
+#[tokio::test]
+async fn a_fractional_exp_closes_the_connection_at_expiry() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "close_on_expiry: true, leeway_seconds: 0").await;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 1.5;
+    let mut client = admitted(&gate, &hs256(&json!({"sub": "frac", "exp": exp}))).await;
+    let (code, reason) = next_close(&mut client).await;
+    assert_eq!((code, reason.as_str()), (1008, "token expired"));
+}

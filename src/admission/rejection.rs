@@ -19,6 +19,10 @@ pub enum Rejection {
     /// A request line over 8 KiB: 414, with the JSON reason `bad_request`.
     #[error("the request line is longer than 8 KiB")]
     UriTooLong,
+    /// A request head over 16 KiB or with more than 100 fields: 431, with the JSON
+    /// reason `bad_request`.
+    #[error("the request head is larger than 16 KiB or has more than 100 fields")]
+    HeadTooLarge,
     #[error("no route for this path")]
     NoRoute,
     #[error("client address is not allowed")]
@@ -67,6 +71,7 @@ impl Rejection {
             Rejection::NotWebsocket(_) => StatusCode::UPGRADE_REQUIRED,
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
+            Rejection::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::IpDenied | Rejection::OriginNotAllowed | Rejection::ClaimsDenied => {
                 StatusCode::FORBIDDEN
@@ -90,7 +95,9 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotWebsocket(_) => "not_websocket",
-            Rejection::BadRequest(_) | Rejection::UriTooLong => "bad_request",
+            Rejection::BadRequest(_) | Rejection::UriTooLong | Rejection::HeadTooLarge => {
+                "bad_request"
+            }
             Rejection::NoRoute => "no_route",
             Rejection::IpDenied => "ip_denied",
             Rejection::RateLimited { .. } => "rate_limited",
@@ -183,6 +190,7 @@ mod tests {
             (Rejection::NotWebsocket("x"), 426, "not_websocket"),
             (Rejection::BadRequest("x"), 400, "bad_request"),
             (Rejection::UriTooLong, 414, "bad_request"),
+            (Rejection::HeadTooLarge, 431, "bad_request"),
             (Rejection::NoRoute, 404, "no_route"),
             (Rejection::IpDenied, 403, "ip_denied"),
             (

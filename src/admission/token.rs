@@ -78,8 +78,41 @@ pub fn extract<'a>(
 #[derive(Debug, Clone)]
 pub struct Claims {
     pub map: Map<String, Value>,
-    /// `exp`, seconds since the epoch.
+    /// `exp`, seconds since the epoch (a fraction rounded).
     pub exp: u64,
+}
+
+impl Claims {
+    /// When a connection admitted with this token must close: `exp` plus `leeway`, as a
+    /// monotonic instant (now, if that has passed). `None` when the token has no `exp` or
+    /// the time is beyond what the clock can represent (never, in practice). Every step
+    /// saturates: `exp` is the client's number, up to 2^64 - 1.
+    pub fn expires_at(&self, leeway_seconds: u64) -> Option<tokio::time::Instant> {
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        deadline(
+            self.exp,
+            leeway_seconds,
+            unix_now,
+            tokio::time::Instant::now(),
+        )
+    }
+}
+
+/// `exp + leeway` (Unix seconds) as an instant on the clock that reads `now` at
+/// `unix_now`; see [`Claims::expires_at`].
+pub fn deadline(
+    exp: u64,
+    leeway_seconds: u64,
+    unix_now: std::time::Duration,
+    now: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    if exp == 0 {
+        return None;
+    }
+    let at = std::time::Duration::from_secs(exp.saturating_add(leeway_seconds));
+    now.checked_add(at.saturating_sub(unix_now))
 }
 
 /// Verify signature, algorithm, `exp`, `nbf`, `iss` and `aud` against the route's policy.
@@ -183,7 +216,7 @@ fn try_keys<'k>(
     for key in candidates {
         match decode::<Map<String, Value>>(token, &key.decoding, validation) {
             Ok(data) => {
-                let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+                let exp = data.claims.get("exp").map_or(0, numeric_date);
                 return Ok(Claims {
                     map: data.claims,
                     exp,
@@ -201,6 +234,18 @@ fn try_keys<'k>(
         }
     }
     Err(Failure::NoKey)
+}
+
+/// A NumericDate claim in whole seconds, read as jsonwebtoken validated it: an integer,
+/// or a fraction rounded (RFC 7519 §2 allows them); 0 for anything else.
+fn numeric_date(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .or_else(|| {
+            let f = value.as_f64()?;
+            (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
+        })
+        .unwrap_or(0)
 }
 
 /// Every `require_claims` entry must match: a string claim equal to one of the values, or

@@ -1,0 +1,212 @@
+//! The first request head of a connection, read and checked before hyper sees it, so that
+//! a head hyper's parser would refuse with a bare 400 or 431 gets the same JSON answer as
+//! every other refusal. The bytes read are handed to hyper in front of the socket
+//! ([`Prefixed`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::admission::Rejection;
+
+/// Most header fields in a request head (hyper's limit too); more gets 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// The first read's room: a typical upgrade head (300–800 bytes) fits in one read.
+const FIRST_READ: usize = 2 * 1024;
+
+/// What the first bytes of a connection were.
+pub enum Head {
+    /// A complete, parseable head (and whatever followed it in the same reads).
+    Complete(Bytes),
+    /// The peer closed before sending a complete head.
+    Closed,
+    /// A head to refuse with this answer.
+    Refused(Rejection),
+}
+
+/// Read until the first request head is complete (at most `max_bytes`), and check that
+/// it parses as hyper will parse it: refuse what hyper would refuse, with a JSON body.
+pub async fn read_first<I: AsyncRead + Unpin>(io: &mut I, max_bytes: usize) -> io::Result<Head> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        if buf.len() == buf.capacity() {
+            // Doubling; the loop ends once more than `max_bytes` are held.
+            buf.reserve(buf.len());
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            return Ok(Head::Closed);
+        }
+        match check(&buf, max_bytes) {
+            Ok(true) => return Ok(Head::Complete(buf.freeze())),
+            Ok(false) if buf.len() > max_bytes => {
+                return Ok(Head::Refused(Rejection::HeadTooLarge))
+            }
+            Ok(false) => {}
+            Err(rejection) => return Ok(Head::Refused(rejection)),
+        }
+    }
+}
+
+/// Whether `buf` starts with a complete head of at most `max_bytes` (`Ok(false)`: not
+/// yet), or why it is refused.
+fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > max_bytes => {
+            return Err(Rejection::HeadTooLarge)
+        }
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Ok(false),
+        Err(httparse::Error::TooManyHeaders) => return Err(Rejection::HeadTooLarge),
+        Err(_) => return Err(Rejection::BadRequest("the request head is malformed")),
+    }
+    let target = request.path.unwrap_or("");
+    if http::Uri::try_from(target).is_err() {
+        return Err(Rejection::BadRequest("the request target is malformed"));
+    }
+    let mut content_length = false;
+    for field in request.headers.iter() {
+        if field.name.eq_ignore_ascii_case("content-length") {
+            // One plain number, once: a list ("0, 0") or a repeat is refused, as nginx
+            // refuses it, rather than reconciled.
+            if content_length
+                || field.value.is_empty()
+                || !field.value.iter().all(u8::is_ascii_digit)
+            {
+                return Err(Rejection::BadRequest(
+                    "the Content-Length header is malformed",
+                ));
+            }
+            content_length = true;
+        }
+    }
+    Ok(true)
+}
+
+/// Write `rejection` as a complete HTTP/1.1 response (for a head hyper never saw).
+pub async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, rejection: Rejection) -> io::Result<()> {
+    let (parts, body) = rejection.into_response().into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&body);
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
+/// A socket with bytes already read from it in front: hyper reads `prefix` first.
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: Bytes, io: T) -> Prefixed<T> {
+        Prefixed { prefix, io }
+    }
+
+    /// The bytes hyper has not read yet, and the socket.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.io)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(head: &str) -> Option<&'static str> {
+        check(head.as_bytes(), 16 * 1024).err().map(|r| r.reason())
+    }
+
+    #[test]
+    fn heads_hyper_would_refuse_are_refused_here() {
+        let ok = "GET /ws HTTP/1.1\r\nHost: h\r\n\r\n";
+        assert!(matches!(check(ok.as_bytes(), 16 * 1024), Ok(true)));
+        assert!(matches!(
+            check(b"GET /ws HTTP/1.1\r\nHost: h\r\n", 16 * 1024),
+            Ok(false)
+        ));
+        for bad in [
+            "GET /ws HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n  folded\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 0, 0\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+            "GET /ws HTTP/2.0\r\nHost: h\r\n\r\n",
+            "hello\r\n\r\n",
+        ] {
+            assert_eq!(reason(bad), Some("bad_request"), "{bad:?}");
+        }
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        let head = format!("GET /ws HTTP/1.1\r\nHost: h\r\n{many}\r\n");
+        assert!(matches!(
+            check(head.as_bytes(), 16 * 1024),
+            Err(Rejection::HeadTooLarge)
+        ));
+    }
+}

@@ -1,0 +1,144 @@
+//! Request heads the gate refuses before anything else looks at them: every refusal is a
+//! complete HTTP response with the JSON body (`error`, `message`), also for the heads the
+//! HTTP parser itself cannot read; an invalid Host and a second Origin are refused.
+
+mod support;
+
+use support::*;
+
+const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// Status and JSON body of the gate's answer to `head`.
+async fn answer(gate: &TestGate, head: &str) -> (u16, serde_json::Value) {
+    let response = gate.raw(head.as_bytes()).await;
+    let status = response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP response to {head:?}: {response:?}"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body)
+        .unwrap_or_else(|_| panic!("no JSON body in the answer to {head:?}: {response:?}"));
+    (status, json)
+}
+
+async fn gate() -> (TestGate, Upstream) {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    (gate, upstream)
+}
+
+/// Heads the HTTP parser refuses still get 400 with `bad_request` in JSON, not a bare 400.
+#[tokio::test]
+async fn unparseable_heads_get_the_json_400() {
+    let (gate, upstream) = gate().await;
+    for head in [
+        // obs-fold (RFC 9112 §5.2: a server must refuse or unfold it)
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Folded: a\r\n  b\r\n{UPGRADE}\r\n"),
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nthis line has no colon\r\n{UPGRADE}\r\n"),
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0, 0\r\n{UPGRADE}\r\n"),
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: 0\r\n{UPGRADE}\r\n"),
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: x\r\n\r\n".to_owned(),
+        "GET /ws HTTP/2.0\r\nHost: localhost\r\n\r\n".to_owned(),
+        "not http at all\r\n\r\n".to_owned(),
+    ] {
+        let (status, body) = answer(&gate, &head).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")), "{head:?}");
+        assert!(body["message"].is_string(), "{head:?}: {body}");
+    }
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// Over 16 KiB, or over 100 fields: 431 with `bad_request` in JSON.
+#[tokio::test]
+async fn oversized_heads_get_the_json_431() {
+    let (gate, _upstream) = gate().await;
+    let big = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n{UPGRADE}\r\n",
+        "a".repeat(17 * 1024)
+    );
+    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+    let many = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{many}{UPGRADE}\r\n");
+    for head in [big, many] {
+        let (status, body) = answer(&gate, &head).await;
+        assert_eq!((status, body["error"].as_str()), (431, Some("bad_request")));
+    }
+}
+
+/// A Host that is no `host[:port]` is refused, never copied into X-Forwarded-Host.
+#[tokio::test]
+async fn an_invalid_host_is_400() {
+    let (gate, upstream) = gate().await;
+    for host in ["a b", "evil/x?y", "user@evil", "host:port", "[::1", ""] {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\n{UPGRADE}\r\n");
+        let (status, body) = answer(&gate, &head).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "Host: {host:?}"
+        );
+    }
+    assert_eq!(upstream.seen_count(), 0);
+    // Valid spellings still pass, and the upstream sees the Host as sent.
+    for host in [
+        "localhost",
+        "localhost:8443",
+        "127.0.0.1",
+        "[::1]:8443",
+        "gate.example.com",
+    ] {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\n{UPGRADE}\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+            .await
+            .unwrap();
+        let response = wire::read_head(&mut tcp).await.unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 101"),
+            "Host: {host}: {response}"
+        );
+        let seen = upstream.last_seen();
+        assert_eq!(seen.headers["x-forwarded-host"], host);
+    }
+}
+
+/// Two Origin headers: which one would be checked? Refused.
+#[tokio::test]
+async fn two_origin_headers_are_400() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    origin: {allow: [\"https://app.example.com\"]}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let head = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nOrigin: https://app.example.com\r\nOrigin: https://evil.example.org\r\n{UPGRADE}\r\n");
+    let (status, body) = answer(&gate, &head).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(upstream.seen_count(), 0);
+    // One allowed Origin is still admitted.
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nOrigin: https://app.example.com\r\n{UPGRADE}\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    let response = wire::read_head(&mut tcp).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+}
+
+/// Bytes a client sends right behind its head (its first frame) still reach the relay.
+#[tokio::test]
+async fn a_frame_sent_with_the_head_is_relayed() {
+    let (gate, _upstream) = gate().await;
+    let mut bytes = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n").into_bytes();
+    bytes.extend(wire::frame(0x81, b"early", true));
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &bytes)
+        .await
+        .unwrap();
+    let response = wire::read_head(&mut tcp).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    let (opcode, payload) = wire::server_frame(&mut tcp).await;
+    assert_eq!((opcode, payload.as_slice()), (0x1, &b"early"[..]));
+}

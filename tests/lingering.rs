@@ -1,0 +1,164 @@
+//! Every close the gate promises reaches a client that is still sending (the lingering
+//! close), and over TLS every connection ends with a close_notify, so that strict clients
+//! see a clean end instead of a truncation. Driven with tokio-tungstenite and rustls as
+//! the client library, the way an application uses them.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Send `messages` as fast as the socket takes them, then read: the close code the client
+/// gets, or what stood in its way. A write that meets a reset counts as a failure: most
+/// client libraries (Python's asyncio streams, browsers) abort on it with the close frame
+/// unread, which tungstenite happens not to do.
+async fn flood_then_read(client: &mut Client, messages: Vec<Message>) -> Result<u16, String> {
+    for message in messages {
+        if let Err(e) = client.feed(message).await {
+            return Err(format!("a write failed: {e}"));
+        }
+    }
+    if let Err(e) = client.flush().await {
+        return Err(format!("a write failed: {e}"));
+    }
+    let read = async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(frame.map_or(1005, |f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(format!("{e}")),
+                None => return Err("the stream ended without a close frame".into()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| Err("no close frame within 10 s".into()))
+}
+
+/// After the close handshake the stream must end cleanly: for TLS, with close_notify
+/// (rustls reports a TCP close without one as an `UnexpectedEof` error).
+async fn assert_clean_end(client: &mut Client) {
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match client.next().await {
+                None => return Ok(()),
+                Some(Ok(_)) => continue,
+                Some(Err(WsError::ConnectionClosed)) => return Ok(()),
+                Some(Err(e)) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the gate did not end the connection");
+    ended.expect("the connection did not end cleanly");
+    // Below tungstenite: the TLS stream itself reports a clean EOF.
+    let mut rest = Vec::new();
+    let eof = client.get_mut().read_to_end(&mut rest).await;
+    assert!(eof.is_ok(), "raw stream after the close: {eof:?}");
+}
+
+fn texts(n: usize, size: usize) -> Vec<Message> {
+    (0..n).map(|_| Message::text("x".repeat(size))).collect()
+}
+
+/// A client flooding past its message rate reads its 1008, every time: the gate's close
+/// is not destroyed by a reset answering the rest of the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_reads_its_1008_every_time() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    messages: {per_second: 10, burst: 20}\n    rate: {upgrades_per_second: 100000, burst: 100000}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let mut failures = Vec::new();
+    for run in 0..200 {
+        let (mut client, _) = gate.connect("/ws").await.unwrap();
+        match flood_then_read(&mut client, texts(300, 4096)).await {
+            Ok(1008) => {}
+            other => failures.push((run, other)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 200: {failures:?}",
+        failures.len()
+    );
+}
+
+/// A message refused at its header (over `max_frame_bytes`) while the client is still
+/// sending more: the client reads its 1009.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_an_oversized_message_reads_its_1009_every_time() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(&upstream.url(), "    messages: {max_frame_bytes: 65536}\n    rate: {upgrades_per_second: 100000, burst: 100000}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let mut failures = Vec::new();
+    for run in 0..30 {
+        let (mut client, _) = gate.connect("/ws").await.unwrap();
+        // Message 10 is over the frame limit; the client goes on sending after it.
+        let mut messages = texts(300, 4096);
+        messages[10] = Message::binary(vec![7u8; 100 * 1024]);
+        match flood_then_read(&mut client, messages).await {
+            Ok(1009) => {}
+            other => failures.push((run, other)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 30: {failures:?}",
+        failures.len()
+    );
+}
+
+/// The same over TLS, where the connection must also end with close_notify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_flooding_client_reads_its_1008_and_a_clean_end() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    messages: {per_second: 10, burst: 20}\n    rate: {upgrades_per_second: 100000, burst: 100000}\n",
+    );
+    let gate = TestGate::start(&policy).await;
+    for run in 0..50 {
+        let (mut client, _) = gate.connect("/ws").await.unwrap();
+        let code = flood_then_read(&mut client, texts(300, 4096)).await;
+        assert_eq!(code, Ok(1008), "run {run}");
+        assert_clean_end(&mut client).await;
+    }
+}
+
+/// A client-initiated close over TLS: the gate answers it, sends close_notify, then FIN.
+#[tokio::test]
+async fn a_clean_close_over_tls_ends_with_close_notify() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("hello"));
+    client.close(None).await.unwrap();
+    assert_clean_end(&mut client).await;
+}
+
+/// A gate-initiated close (the idle timeout) over TLS ends the same way.
+#[tokio::test]
+async fn a_gate_initiated_close_over_tls_ends_with_close_notify() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(&upstream.url(), "    timeouts: {idle_seconds: 0.3}\n");
+    let gate = TestGate::start(&policy).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let (code, reason) = next_close(&mut client).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (u16::from(CloseCode::Away), "idle timeout")
+    );
+    assert_clean_end(&mut client).await;
+}
