@@ -963,6 +963,34 @@ async fn forward_claims_set_headers_that_cannot_be_spoofed() {
     );
 }
 
+#[tokio::test]
+async fn underscored_spellings_of_identity_headers_are_dropped() {
+    // CGI, WSGI and Rack read X_Auth_Subject as X-Auth-Subject (CVE-2015-0219).
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "forward_claims: {sub: X-Auth-Subject}").await;
+    let token = hs256(&claims(json!({"sub": "user-42"})));
+    let mut req = bearer(&gate, "/ws", &token);
+    req.headers_mut()
+        .append("x_auth_subject", header_value("admin"));
+    req.headers_mut()
+        .append("x_forwarded_for", header_value("6.6.6.6"));
+    req.headers_mut().append("x-other", header_value("kept"));
+    let (_client, response) = gate.connect_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let seen = upstream.last_seen();
+    assert!(
+        seen.headers.keys().all(|name| !name.as_str().contains('_')),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(
+        header_values(&seen.headers, "x-auth-subject"),
+        vec!["user-42".to_owned()]
+    );
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-other"], "kept");
+}
+
 // ---------------------------------------------------------------------------------------
 // More: periodic JWKS refresh, a failed refresh, tokens in a second source, expiry close
 
