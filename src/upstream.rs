@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
+use crate::admission::token::query_name_is;
 use crate::admission::{Rejection, UpstreamRefusal};
 use crate::policy::{Route, TokenSource, Upstream};
 
@@ -228,7 +229,8 @@ fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderV
     }
 }
 
-/// The path and query without the token query parameters.
+/// The path and query without the token query parameters, however their names are
+/// escaped (`access%5Ftoken` is `access_token` to the upstream).
 pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
@@ -236,7 +238,7 @@ pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> Stri
     let is_token = |name: &str| {
         sources
             .iter()
-            .any(|s| matches!(s, TokenSource::Query(q) if q == name))
+            .any(|s| matches!(s, TokenSource::Query(q) if query_name_is(name, q)))
     };
     let kept: Vec<&str> = query
         .split('&')
@@ -555,6 +557,10 @@ mod tests {
         assert_eq!(strip_token_params("/ws?access_token=x&a=1", &s), "/ws?a=1");
         assert_eq!(strip_token_params("/ws?access_token=x", &s), "/ws");
         assert_eq!(strip_token_params("/ws?a=1", &[]), "/ws?a=1");
+        assert_eq!(
+            strip_token_params("/ws?access%5Ftoken=x&a=1&access%5ftoken=y", &s),
+            "/ws?a=1"
+        );
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
         assert_eq!(strip_cookies(&v, &s).unwrap(), "a=1; b=2");
         assert!(strip_cookies(&HeaderValue::from_static("access_token=x"), &s).is_none());
