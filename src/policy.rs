@@ -5,6 +5,7 @@
 //! never sees half a policy and never takes a lock. Each connection keeps the snapshot it
 //! was admitted with.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ pub struct Upstream {
     pub host_header: String,
     /// `Some` for `wss://`.
     pub tls: Option<UpstreamTls>,
-    /// The URL as written, for logs and `/policy`.
+    /// The URL as written, for logs and `/policy`, passed through [`redact_userinfo`].
     pub url: String,
 }
 
@@ -168,6 +169,7 @@ impl std::fmt::Debug for Key {
 /// A JWKS fetched over HTTPS at run time.
 #[derive(Debug, Clone)]
 pub struct JwksUrl {
+    /// The URL fetched; logs and `/policy` show it through [`redact_userinfo`].
     pub url: String,
     pub refresh: Duration,
 }
@@ -274,11 +276,47 @@ pub struct Loaded {
     pub source: PathBuf,
 }
 
+/// `url` with any user information replaced by `***` (`https://***@host/…`): the form in
+/// which a URL may reach a log line or `/policy`. Validation refuses credentials in the
+/// policy's URLs; this keeps them out of sight should one ever get through.
+pub fn redact_userinfo(url: &str) -> Cow<'_, str> {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return Cow::Borrowed(url);
+    };
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***{}", &url[..start], &rest[at..])),
+        None => Cow::Borrowed(url),
+    }
+}
+
+/// Every string in `value` through [`redact_userinfo`].
+fn redact_strings(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            if let Cow::Owned(redacted) = redact_userinfo(s) {
+                *s = redacted;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        Value::Object(map) => map.values_mut().for_each(redact_strings),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
 impl Loaded {
     /// What `GET /policy` shows: the file as loaded, each route as resolved, the file's
     /// sha256 and the load time. Key material is never included: keys are described by
-    /// kind and `kid` only.
+    /// kind and `kid` only; user information in any URL is redacted.
     pub fn describe(&self) -> serde_json::Value {
+        let mut described = self.describe_raw();
+        redact_strings(&mut described);
+        described
+    }
+
+    fn describe_raw(&self) -> serde_json::Value {
         use serde_json::json;
         let loaded_at = self
             .loaded_at
@@ -391,5 +429,49 @@ impl PolicyHandle {
     /// Notified after each swap (the open-connection re-check listens here).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(
+            redact_userinfo("https://u:pass@keys.example/jwks.json?a=b@c"),
+            "https://***@keys.example/jwks.json?a=b@c"
+        );
+        assert_eq!(redact_userinfo("ws://svc:pass@up:8080"), "ws://***@up:8080");
+        assert_eq!(redact_userinfo("ws://user@up"), "ws://***@up");
+        assert_eq!(redact_userinfo("ws://a@b:p@ss@up/x"), "ws://***@up/x");
+        assert_eq!(redact_userinfo("ws://@up"), "ws://***@up");
+        // Nothing to redact: borrowed, untouched.
+        for url in [
+            "ws://up:8080",
+            "https://keys.example/a@b",
+            "https://keys.example?x=@",
+            "https://keys.example#@",
+            "alice@example.com",
+            "",
+            "://",
+        ] {
+            assert!(
+                matches!(redact_userinfo(url), Cow::Borrowed(u) if u == url),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_description_redacts_userinfo() {
+        let yaml = b"version: 1\ndefaults:\n  auth: {required: false}\nroutes:\n  - path: /ws\n";
+        let mut loaded =
+            crate::config::load_bytes(std::path::Path::new("policy.yaml"), yaml).unwrap();
+        // Validation refuses credentials in URLs; were one ever to get through:
+        loaded.document["defaults"]["upstream"] = "ws://svc:hunter2@up:8080".into();
+        let described = loaded.describe().to_string();
+        assert!(!described.contains("hunter2"), "{described}");
+        assert!(described.contains("ws://***@up:8080"), "{described}");
     }
 }

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
+use crate::admission::token::query_name_is;
 use crate::admission::{Rejection, UpstreamRefusal};
 use crate::policy::{Route, TokenSource, Upstream};
 
@@ -137,13 +138,23 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
         || n == "x-request-id"
 }
 
+/// A header name with an underscore. CGI, WSGI and Rack turn `-` into `_` when they make
+/// a header into a variable, so `X_Auth_Subject` would reach the app as `X-Auth-Subject`
+/// does (CVE-2015-0219): a client's copy is dropped, like nginx's `underscores_in_headers
+/// off`.
+fn has_underscore(name: &HeaderName) -> bool {
+    name.as_str().as_bytes().contains(&b'_')
+}
+
 /// The headers that go upstream: the client's end-to-end headers minus anything reserved,
-/// spoofable or carrying the token, plus X-Forwarded-*, X-Request-Id and claim headers.
+/// spoofable (underscored names included) or carrying the token, plus X-Forwarded-*,
+/// X-Request-Id and claim headers.
 pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 6);
     let connection_listed = connection_listed(client);
     for (name, value) in client {
         if is_reserved_header(name)
+            || has_underscore(name)
             || connection_listed.contains(name)
             || fwd.claim_header_names.iter().any(|(_, h)| h == name)
             || (name == header::AUTHORIZATION
@@ -218,7 +229,8 @@ fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderV
     }
 }
 
-/// The path and query without the token query parameters.
+/// The path and query without the token query parameters, however their names are
+/// escaped (`access%5Ftoken` is `access_token` to the upstream).
 pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
@@ -226,7 +238,7 @@ pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> Stri
     let is_token = |name: &str| {
         sources
             .iter()
-            .any(|s| matches!(s, TokenSource::Query(q) if q == name))
+            .any(|s| matches!(s, TokenSource::Query(q) if query_name_is(name, q)))
     };
     let kept: Vec<&str> = query
         .split('&')
@@ -545,6 +557,10 @@ mod tests {
         assert_eq!(strip_token_params("/ws?access_token=x&a=1", &s), "/ws?a=1");
         assert_eq!(strip_token_params("/ws?access_token=x", &s), "/ws");
         assert_eq!(strip_token_params("/ws?a=1", &[]), "/ws?a=1");
+        assert_eq!(
+            strip_token_params("/ws?access%5Ftoken=x&a=1&access%5ftoken=y", &s),
+            "/ws?a=1"
+        );
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
         assert_eq!(strip_cookies(&v, &s).unwrap(), "a=1; b=2");
         assert!(strip_cookies(&HeaderValue::from_static("access_token=x"), &s).is_none());
@@ -589,5 +605,36 @@ mod tests {
             forward_headers(&h, &fwd)["x-forwarded-for"],
             "1.2.3.4, 10.0.0.1"
         );
+    }
+
+    #[test]
+    fn underscored_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x_auth_subject", HeaderValue::from_static("admin"));
+        h.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        let id = HeaderValue::from_static("req-1");
+        let claims = [(
+            HeaderName::from_static("x-auth-subject"),
+            HeaderValue::from_static("alice"),
+        )];
+        let names = [("sub".to_owned(), HeaderName::from_static("x-auth-subject"))];
+        let fwd = Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            peer_trusted: true,
+            tls: true,
+            request_id: &id,
+            claim_headers: &claims,
+            claim_header_names: &names,
+            token_sources: &[],
+        };
+        let out = forward_headers(&h, &fwd);
+        assert!(
+            out.keys().all(|name| !name.as_str().contains('_')),
+            "{out:?}"
+        );
+        assert_eq!(out["x-auth-subject"], "alice");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(out["x-other"], "kept");
     }
 }

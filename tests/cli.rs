@@ -101,6 +101,35 @@ fn check_reports_every_semantic_error_with_its_field_path() {
 }
 
 #[test]
+fn check_refuses_credentials_in_urls_without_printing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("credentials.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         defaults:\n  \
+           auth: {keys: [{jwks_url: \"https://u:hunter2@keys.example/jwks.json\"}]}\n\
+         routes:\n  \
+           - path: /ws\n    \
+             upstream: ws://svc:hunter2@127.0.0.1:8080\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    for field in ["routes[0].upstream", "defaults.auth.keys[0].jwks_url"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!(": {field}: ")))
+            .unwrap_or_else(|| panic!("no error at {field}: {text}"));
+        assert!(
+            line.contains("credentials in a URL are not supported"),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
 fn check_exits_2_when_unreadable() {
     let (code, text) = check(Path::new("/nonexistent/policy.yaml"));
     assert_eq!(code, 2, "{text}");

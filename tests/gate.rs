@@ -402,6 +402,30 @@ async fn plain_http_is_proxied_on_a_pass_route() {
 }
 
 #[tokio::test]
+async fn underscored_headers_are_dropped_on_a_pass_route() {
+    // CGI, WSGI and Rack read X_Auth_Subject as X-Auth-Subject (CVE-2015-0219).
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /static\n    http: pass\n    auth: {{forward_claims: {{sub: X-Auth-Subject}}}}\n",
+        open_policy(&upstream.url(), "")
+    );
+    let gate = TestGate::start(&policy).await;
+    let response = gate
+        .raw(b"GET /static/page HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX_Auth_Subject: admin\r\nX_Forwarded_For: 6.6.6.6\r\nX-Other: kept\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last_seen();
+    assert!(
+        seen.headers.keys().all(|name| !name.as_str().contains('_')),
+        "{:?}",
+        seen.headers
+    );
+    assert!(seen.headers.get("x-auth-subject").is_none());
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-other"], "kept");
+}
+
+#[tokio::test]
 async fn health_and_readiness() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;

@@ -97,6 +97,31 @@ async fn invalid_policy_is_refused_and_the_old_one_stays() {
     assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 0);
 }
 
+#[tokio::test]
+async fn a_policy_with_credentials_in_a_url_is_refused_and_the_old_one_stays() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let before = gate.running.gate.policy.load().sha256.clone();
+
+    // The same upstream, with credentials, and a new /v2 route that would show it loaded.
+    let with_credentials = format!("ws://svc:hunter2@{}", upstream.addr);
+    gate.write_policy(&with_v2(&with_credentials));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the policy with credentials was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gate.running.gate.policy.load().sha256, before);
+    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 0);
+    assert!(gate.connect("/v2").await.is_err(), "the new policy loaded");
+    assert!(gate.connect("/ws").await.is_ok());
+    let (_, described) = admin_fetch(gate.admin, "/policy").await;
+    assert!(!described.contains("hunter2"), "{described}");
+}
+
 /// Lay out a directory the way kubelet mounts a ConfigMap: `policy.yaml -> ..data/policy.yaml`,
 /// `..data -> ..<timestamp>`.
 fn configmap_version(dir: &Path, version: &str, policy: &str) {

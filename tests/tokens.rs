@@ -378,6 +378,50 @@ async fn query_token_alone_leaves_no_empty_query() {
 }
 
 #[tokio::test]
+async fn escaped_token_parameter_names_are_removed_beside_a_header_token() {
+    // The upstream's query parser reads access%5Ftoken as access_token.
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    let path = "/ws?access%5Ftoken=second-copy&a=1&access%5ftoken=third&%61ccess_token=4th";
+    let (_client, response) = gate
+        .connect_request(bearer(&gate, path, &token))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(upstream.last_seen().target, "/ws?a=1");
+}
+
+#[tokio::test]
+async fn escaped_token_parameter_names_carry_the_token() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    for name in ["access%5Ftoken", "access%5ftoken"] {
+        let (_client, response) = gate
+            .connect(&format!("/ws?{name}={token}&b=2"))
+            .await
+            .unwrap_or_else(|e| panic!("?{name}=<token>: {e}"));
+        assert_eq!(response.status(), 101);
+        assert_eq!(upstream.last_seen().target, "/ws?b=2");
+    }
+}
+
+#[tokio::test]
+async fn a_percent_encoded_query_token_is_not_decoded() {
+    // A JWT is base64url and dots: it never needs escaping, and an escaped one is refused.
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let escaped = hs256(&claims(json!({}))).replace('.', "%2E");
+    let (status, _, body) = refusal(gate.connect(&format!("/ws?access_token={escaped}")).await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
 async fn cookie_token_is_accepted_and_only_that_cookie_is_removed() {
     let upstream = Upstream::start().await;
     let gate = hmac_gate(&upstream, "").await;
@@ -961,6 +1005,34 @@ async fn forward_claims_set_headers_that_cannot_be_spoofed() {
         "{:?}",
         seen.headers
     );
+}
+
+#[tokio::test]
+async fn underscored_spellings_of_identity_headers_are_dropped() {
+    // CGI, WSGI and Rack read X_Auth_Subject as X-Auth-Subject (CVE-2015-0219).
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "forward_claims: {sub: X-Auth-Subject}").await;
+    let token = hs256(&claims(json!({"sub": "user-42"})));
+    let mut req = bearer(&gate, "/ws", &token);
+    req.headers_mut()
+        .append("x_auth_subject", header_value("admin"));
+    req.headers_mut()
+        .append("x_forwarded_for", header_value("6.6.6.6"));
+    req.headers_mut().append("x-other", header_value("kept"));
+    let (_client, response) = gate.connect_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let seen = upstream.last_seen();
+    assert!(
+        seen.headers.keys().all(|name| !name.as_str().contains('_')),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(
+        header_values(&seen.headers, "x-auth-subject"),
+        vec!["user-42".to_owned()]
+    );
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-other"], "kept");
 }
 
 // ---------------------------------------------------------------------------------------

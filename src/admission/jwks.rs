@@ -18,7 +18,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::parse_jwks;
-use crate::policy::{Key, Policy};
+use crate::policy::{redact_userinfo, Key, Policy};
 
 /// Whole fetch: connect, TLS, request, body.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,12 +139,12 @@ impl JwksCache {
         *last = Some(Instant::now());
         match fetch(&entry.url, &self.tls).await {
             Ok(keys) => {
-                tracing::info!(url = %entry.url, keys = keys.len(), "JWKS refetched for an unknown kid");
+                tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS refetched for an unknown kid");
                 entry.keys.store(Some(Arc::new(keys)));
                 true
             }
             Err(e) => {
-                tracing::warn!(url = %entry.url, error = %e, "JWKS refetch failed; keeping the last good key set");
+                tracing::warn!(url = %redact_userinfo(&entry.url), error = %e, "JWKS refetch failed; keeping the last good key set");
                 false
             }
         }
@@ -165,7 +165,7 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
     loop {
         let wait = match fetch(&entry.url, &tls).await {
             Ok(keys) => {
-                tracing::info!(url = %entry.url, keys = keys.len(), "JWKS fetched");
+                tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS fetched");
                 entry.keys.store(Some(Arc::new(keys)));
                 backoff = RETRY_MIN;
                 *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner)
@@ -173,7 +173,7 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
             Err(e) => {
                 let have = entry.keys.load().is_some();
                 tracing::warn!(
-                    url = %entry.url, error = %e, retry_s = backoff.as_secs(), keeping_last_good = have,
+                    url = %redact_userinfo(&entry.url), error = %e, retry_s = backoff.as_secs(), keeping_last_good = have,
                     "JWKS fetch failed"
                 );
                 let wait = backoff;

@@ -48,7 +48,7 @@ pub fn extract<'a>(
             TokenSource::Query(name) => query.and_then(|q| {
                 q.split('&')
                     .filter_map(|kv| kv.split_once('='))
-                    .find(|(k, _)| k == name)
+                    .find(|(k, _)| query_name_is(k, name))
                     .map(|(_, v)| (v, None))
             }),
             TokenSource::Cookie(name) => headers
@@ -72,6 +72,38 @@ pub fn extract<'a>(
         }
     }
     None
+}
+
+/// Whether a query parameter name, as sent, is `name`: as it is, or once form-decoded
+/// (`%XX` escapes in either case, `+` as a space), which is how the upstream's query parser
+/// reads it, so `access%5Ftoken` is `access_token`. Decoded once, as an upstream does; an
+/// escape that is not two hex digits stays as it is. Allocates nothing.
+pub fn query_name_is(raw: &str, name: &str) -> bool {
+    fn hex(b: Option<&u8>) -> Option<u8> {
+        b.and_then(|b| char::from(*b).to_digit(16))
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    if raw == name {
+        return true;
+    }
+    let raw = raw.as_bytes();
+    let mut want = name.as_bytes().iter().copied();
+    let mut i = 0;
+    while i < raw.len() {
+        let (byte, len) = match raw[i] {
+            b'+' => (b' ', 1),
+            b'%' => match (hex(raw.get(i + 1)), hex(raw.get(i + 2))) {
+                (Some(high), Some(low)) => ((high << 4) | low, 3),
+                _ => (b'%', 1),
+            },
+            b => (b, 1),
+        };
+        if want.next() != Some(byte) {
+            return false;
+        }
+        i += len;
+    }
+    want.next().is_none()
 }
 
 /// A verified token's claims.
@@ -282,5 +314,52 @@ fn scalar_text(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_names_match_once_form_decoded() {
+        for raw in [
+            "access_token",
+            "access%5Ftoken",
+            "access%5ftoken",
+            "%61ccess%5F%74oken",
+        ] {
+            assert!(query_name_is(raw, "access_token"), "{raw}");
+        }
+        assert!(query_name_is("a+b", "a b"));
+        assert!(query_name_is("a%20b", "a b"));
+        // A name as configured matches as sent too.
+        assert!(query_name_is("a+b", "a+b"));
+        assert!(query_name_is("a%2Bb", "a+b"));
+        for raw in [
+            "access_tokens",
+            "access_toke",
+            "access%5",
+            "access%5Gtoken",
+            "access%255Ftoken",
+            "access%",
+            "%",
+            "",
+            "accèss_token",
+        ] {
+            assert!(!query_name_is(raw, "access_token"), "{raw}");
+        }
+        assert!(query_name_is("100%", "100%"));
+        assert!(query_name_is("%zz", "%zz"));
+        assert!(!query_name_is("%C3", "é"));
+        assert!(query_name_is("%C3%A9", "é"));
+    }
+
+    #[test]
+    fn escaped_query_names_carry_the_token() {
+        let sources = [TokenSource::Query("access_token".into())];
+        let headers = HeaderMap::new();
+        let found = extract(&sources, &headers, Some("a=1&access%5ftoken=t.k.n"), &[]);
+        assert_eq!(found.map(|f| f.token), Some("t.k.n"));
     }
 }

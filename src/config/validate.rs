@@ -19,12 +19,22 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use super::file::{self, HttpMode, Mode, PolicyFile, RouteFieldsRef};
 use super::*;
 use crate::policy::{
-    Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages, OriginPattern, OriginRules,
-    Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
+    redact_userinfo, Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages, OriginPattern,
+    OriginRules, Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
 };
 
 /// Smallest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash.
 const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+/// Whether a URL carries user information (`user:password@host`). wsgate never sends it
+/// (no Basic auth to an upstream or a key server), and URLs are logged and shown by
+/// `/policy`.
+fn has_userinfo(uri: &Uri) -> bool {
+    uri.authority().is_some_and(|a| a.as_str().contains('@'))
+}
+
+const NO_CREDENTIALS: &str = "credentials in a URL are not supported (wsgate never sends them, \
+                              and URLs appear in logs and /policy): remove the user:password@ part";
 
 /// Validate a parsed policy file; relative file paths are resolved against `base`.
 pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError>> {
@@ -256,6 +266,12 @@ impl Validator<'_> {
                 return None;
             }
         };
+        if has_userinfo(&uri) {
+            self.err(field, NO_CREDENTIALS);
+            return None;
+        }
+        // The form the messages below, the logs and /policy show.
+        let url = redact_userinfo(url);
         let secure = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
@@ -299,7 +315,7 @@ impl Validator<'_> {
             authority,
             host_header,
             tls,
-            url: url.to_owned(),
+            url: url.into_owned(),
         })
     }
 
@@ -606,8 +622,10 @@ impl Validator<'_> {
                 Err(e) => self.err(field, e),
             }
         } else if let Some(url) = &k.jwks_url {
-            if !url.starts_with("https://") || Uri::from_str(url).is_err() {
-                self.err(format!("{at}.jwks_url"), "must be an https:// URL");
+            match Uri::from_str(url) {
+                Ok(uri) if has_userinfo(&uri) => self.err(format!("{at}.jwks_url"), NO_CREDENTIALS),
+                Ok(_) if url.starts_with("https://") => {}
+                _ => self.err(format!("{at}.jwks_url"), "must be an https:// URL"),
             }
             let refresh = k.refresh_seconds.unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
             if refresh == 0 {
