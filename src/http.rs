@@ -104,15 +104,11 @@ async fn respond(
     matched: &mut Option<Arc<Route>>,
 ) -> Result<Response<Body>, Rejection> {
     check_head(&req)?;
-    if !path_is_clean(req.uri().path()) {
-        return Err(Rejection::BadRequest(
-            "the path has dot segments or encoded separators",
-        ));
-    }
-    let route = policy
-        .route_for(req.uri().path())
-        .cloned()
-        .ok_or(Rejection::NoRoute)?;
+    // Routed, re-checked on reload and sent upstream: always this form, never the raw one.
+    let path = crate::path::normalize(req.uri().path())
+        .map_err(Rejection::BadRequest)?
+        .into_owned();
+    let route = policy.route_for(&path).cloned().ok_or(Rejection::NoRoute)?;
     *matched = Some(route.clone());
     let peer_trusted = policy.is_trusted_proxy(admission::canonical(conn.peer.ip()));
 
@@ -138,7 +134,7 @@ async fn respond(
         };
         let headers = upstream::forward_headers(req.headers(), &fwd);
         *req.headers_mut() = headers;
-        return crate::proxy::forward(&route, req).await;
+        return crate::proxy::forward(&route, &path, req).await;
     }
 
     let key = check_upgrade(&req)?;
@@ -170,11 +166,7 @@ async fn respond(
     };
     let headers = upstream::forward_headers(&parts.headers, &fwd);
     let target = upstream::strip_token_params(
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/"),
+        &crate::path::with_query(&path, parts.uri.query()),
         &route.auth.token_sources,
     );
     let socket = upstream::open(&route, &target, headers, &to_upstream).await?;
@@ -195,7 +187,7 @@ async fn respond(
         .map_err(|_| Rejection::UpstreamUnavailable)?;
 
     let standing = Standing {
-        path: parts.uri.path().to_owned(),
+        path,
         client_ip,
         origin: parts
             .headers
@@ -431,21 +423,6 @@ fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
-/// Refuse paths an upstream might normalise into another route: dot segments, encoded
-/// dots or slashes, backslashes and NULs.
-fn path_is_clean(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%00")
-        || path.contains('\\')
-    {
-        return false;
-    }
-    !path.split('/').any(|seg| seg == "." || seg == "..")
-}
-
 /// Seed the generator behind [`request_id`] before serving: aws-lc's first draw takes
 /// tens of milliseconds, which would otherwise land on the first upgrade.
 pub fn warm_up() {
@@ -524,11 +501,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn clean_paths() {
-        assert!(path_is_clean("/ws/room/1"));
-        assert!(!path_is_clean("/ws/../admin"));
-        assert!(!path_is_clean("/ws/%2e%2e/admin"));
-        assert!(!path_is_clean("/ws%2Fadmin"));
-    }
 }

@@ -11,6 +11,7 @@
 //! - [`listener`]: accept loop → TLS ([`tls`]) or plaintext → the first head read and
 //!   checked ([`head`]) → hyper HTTP/1.1 with upgrades
 //! - [`http`]: one request: route, upgrade checks, then admission and the upstream
+//! - [`path`]: the request path's normal form, which is routed and sent upstream
 //! - [`admission`]: the checks before the 101, in SPEC order; [`admission::Rejection`]
 //! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
 //! - [`relay`]: the per-connection `select!` loop and [`relay::CloseReason`]; every socket
@@ -34,6 +35,7 @@ pub mod listener;
 pub mod logbuf;
 pub mod metrics;
 pub mod mint;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod relay;

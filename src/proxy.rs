@@ -38,9 +38,11 @@ pub fn client(route: &Route) -> PassClient {
         })
 }
 
-/// Forward a plain HTTP request whose headers were already rewritten for the upstream.
+/// Forward a plain HTTP request whose headers were already rewritten for the upstream, to
+/// `path` (the routed form of its path; see `crate::path`) and its query.
 pub async fn forward(
     route: &Route,
+    path: &str,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
     let scheme = if route.upstream.tls.is_some() {
@@ -48,12 +50,8 @@ pub async fn forward(
     } else {
         "http"
     };
-    let pq = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = Uri::try_from(format!("{scheme}://{}{pq}", route.upstream.authority))
+    let target = crate::path::with_query(path, request.uri().query());
+    let uri = Uri::try_from(format!("{scheme}://{}{target}", route.upstream.authority))
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
     *request.uri_mut() = uri;
     if let Ok(host) = HeaderValue::from_str(&route.upstream.host_header) {

@@ -478,3 +478,106 @@ async fn limiter_keys_from_an_address_flood_are_evicted() {
     }
     assert_eq!(gate.running.gate.admission.caps.tracked_keys(), 0);
 }
+
+// ----- routing on the normalised path ------------------------------------------------
+
+/// `/api` is open, `/api/admin` needs a token with `role: admin` (plus `admin_extra`),
+/// `/files` proxies plain HTTP.
+fn split_policy(upstream: &Upstream, admin_extra: &str) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /api\n    auth: {{required: false}}\n  - path: /api/admin\n    auth: {{require_claims: {{role: [admin]}}}}\n{admin_extra}  - path: /files\n    http: pass\n",
+        upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn other_spellings_of_a_protected_path_are_routed_to_its_route() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&split_policy(&upstream, "")).await;
+    for path in [
+        "/api/admin",
+        "/api//admin",
+        "/api/%61dmin",
+        "//api/admin",
+        "/api/%61%64min/x",
+        "/api///admin//x",
+    ] {
+        let (status, _, body) = refusal(gate.connect(path).await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("missing_token")),
+            "{path}"
+        );
+    }
+    assert_eq!(upstream.seen_count(), 0);
+    // The open route still admits without a token.
+    assert!(gate.connect("/api/x").await.is_ok());
+}
+
+#[tokio::test]
+async fn the_upstream_gets_the_path_that_was_routed() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&split_policy(&upstream, "")).await;
+    let (_client, _) = gate.connect("/api//x/%7euser/%c3%a9?a=1").await.unwrap();
+    assert_eq!(upstream.last_seen().target, "/api/x/~user/%C3%A9?a=1");
+    // Plain HTTP on a pass route too.
+    let response = gate
+        .raw(b"GET /files//a/%62%2a?q=1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(
+        response.contains("pass GET /files/a/b%2A?q=1\n"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_rechecks_the_route_that_was_routed() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&split_policy(&upstream, "")).await;
+    let token = hs256_with(
+        SECRET,
+        serde_json::json!({"sub": "a", "role": "admin", "exp": unix_now() + 300}),
+    );
+    let mut request = gate.request("/api//admin");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    let (mut client, _) = gate.connect_request(request).await.unwrap();
+    assert_eq!(upstream.last_seen().target, "/api/admin");
+    // Denying the client on /api/admin cuts it off, though `/api//admin` has `/api` as a
+    // prefix.
+    gate.write_policy(&split_policy(&upstream, "    ip: {deny: [127.0.0.0/8]}\n"));
+    assert_eq!(
+        next_close(&mut client).await,
+        (1008, "policy changed".into())
+    );
+}
+
+#[tokio::test]
+async fn path_parameters_and_malformed_escapes_are_400() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&split_policy(&upstream, "")).await;
+    for path in [
+        "/api/x;y",
+        "/api/admin;x",
+        "/api;x/admin",
+        "/api/%3Badmin",
+        "/api/%zz",
+        "/api/x%4",
+        "/api/%2e%2e/admin",
+        "/api/x/%2E",
+    ] {
+        let (status, _, body) = refusal(gate.connect(path).await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "{path}"
+        );
+    }
+    let response = gate
+        .raw(b"GET /files/a;jsessionid=1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("\"error\":\"bad_request\""), "{response}");
+    assert_eq!(upstream.seen_count(), 0, "the upstream saw a refused path");
+}

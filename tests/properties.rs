@@ -1,5 +1,6 @@
 //! Property-based tests (proptest) of the code that reads untrusted or hand-edited input:
-//! policy files, the token carriers, Origin, X-Forwarded-For and the upgrade request.
+//! policy files, the token carriers, Origin, X-Forwarded-For, the upgrade request and the
+//! request path's normal form.
 //!
 //! Every property runs proptest's case count: 256, or `PROPTEST_CASES` (proptest reads the
 //! variable itself, and `PROPTEST_RNG_SEED` too). The upgrade property speaks to a real
@@ -1547,6 +1548,307 @@ fn base64_helpers_agree_with_rfc_4648() {
             Ok(())
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Request paths: the normal form that is routed and sent upstream
+
+/// Routes whose prefixes nest and hold unreserved punctuation that can be percent-encoded.
+const PATH_ROUTES: &[&str] = &[
+    "/api",
+    "/api/admin",
+    "/api/admin-x",
+    "/ws",
+    "/ws/v1.2",
+    "/a~b/c_d",
+];
+
+fn path_policy() -> &'static Policy {
+    static LOADED: OnceLock<wsgate::policy::Loaded> = OnceLock::new();
+    &LOADED
+        .get_or_init(|| {
+            let mut yaml = "version: 1\ndefaults: {auth: {required: false}}\nroutes:\n".to_owned();
+            for route in PATH_ROUTES {
+                yaml.push_str(&format!("  - path: {route}\n"));
+            }
+            config::load_bytes(Path::new("policy.yaml"), yaml.as_bytes()).unwrap()
+        })
+        .policy
+}
+
+fn route_name(path: &str) -> Option<String> {
+    path_policy().route_for(path).map(|r| r.name.clone())
+}
+
+/// `word` with the characters whose bit is set in `encode` percent-encoded, in lowercase
+/// hex where `lower` has the bit set.
+fn encoded(word: &str, encode: u16, lower: u16) -> String {
+    let mut out = String::new();
+    for (i, c) in word.chars().enumerate() {
+        if encode >> i & 1 == 1 {
+            let hex = format!("%{:02X}", c as u32);
+            out.push_str(&if lower >> i & 1 == 1 {
+                hex.to_ascii_lowercase()
+            } else {
+                hex
+            });
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A word of a route prefix (or a near miss), about a quarter of its characters
+/// percent-encoded.
+fn encoded_word() -> impl Strategy<Value = String> {
+    let words = select(
+        &[
+            "api", "admin", "admin-x", "ws", "v1.2", "a~b", "c_d", "API", "x", "",
+        ][..],
+    );
+    (words, any::<[u16; 3]>()).prop_map(|(word, [a, b, lower])| encoded(word, a & b, lower))
+}
+
+/// Segments that a server or framework might read differently from the gate.
+#[rustfmt::skip]
+const TRICKY_SEGMENTS: &[&str] = &[
+    ".", "..", "%2e", "%2E%2e", ".%2e", ";x", "x;y", "%3B", "%3bx", "%2f", "%2F", "%5C", "\\",
+    "%00", "%zz", "%4", "%", "%+1", "%25", "%2561", "%2561dmin", "%C3%A9", "%c3%a9", "é",
+    "%20", "%3A", "%3a", "%7E", "%2D",
+];
+
+fn separator() -> impl Strategy<Value = &'static str> {
+    select(&["/", "/", "/", "//", "///"][..])
+}
+
+/// A `;` parameter (or its encoding), now and then.
+fn param() -> impl Strategy<Value = &'static str> {
+    select(&["", "", "", "", "", "", "", "", ";p", ";", "%3Bp"][..])
+}
+
+/// Mostly a route's prefix spelled some other way, then more segments: encodings, repeated
+/// slashes, `;` parameters and the tricky segments.
+fn request_path() -> impl Strategy<Value = String> {
+    let prefix = (
+        select(PATH_ROUTES),
+        prop::collection::vec((separator(), any::<[u16; 3]>(), param()), 2),
+    )
+        .prop_map(|(route, words)| {
+            let mut out = String::new();
+            for (word, (sep, [a, b, lower], param)) in route.split('/').skip(1).zip(words) {
+                out.push_str(sep);
+                out.push_str(&encoded(word, a & b, lower));
+                out.push_str(param);
+            }
+            out
+        });
+    let segment = (
+        prop_oneof![4 => encoded_word(), 1 => select(TRICKY_SEGMENTS).prop_map(str::to_owned)],
+        param(),
+    )
+        .prop_map(|(s, param)| format!("{s}{param}"));
+    (
+        prop_oneof![4 => prefix, 1 => Just(String::new())],
+        prop::collection::vec((separator(), segment), 0..4),
+        select(&["", "", "/", "//"][..]),
+    )
+        .prop_map(|(prefix, parts, end)| {
+            let mut path = prefix;
+            for (sep, seg) in parts {
+                path.push_str(sep);
+                path.push_str(&seg);
+            }
+            path.push_str(end);
+            if !path.starts_with('/') {
+                path.insert(0, '/');
+            }
+            path
+        })
+}
+
+fn percent_decode(path: &str, only_unreserved: bool) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(hex_byte)
+            .filter(|b| !only_unreserved || b.is_ascii_alphanumeric() || b"-._~".contains(b));
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The byte two hex digits spell (`from_str_radix` alone would take `+1`).
+fn hex_byte(hex: &str) -> Option<u8> {
+    if hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u8::from_str_radix(hex, 16).ok()
+    } else {
+        None
+    }
+}
+
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::new();
+    for c in path.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What servlet containers do with `;params`: cut from each segment.
+fn drop_params(path: &str) -> String {
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|s| s.split(';').next().unwrap_or(""))
+        .collect();
+    segments.join("/")
+}
+
+/// RFC 3986 §5.2.4, on a path.
+fn resolve_dots(path: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." && !kept.is_empty() {
+                    kept.pop();
+                }
+                if i == last {
+                    kept.push("");
+                }
+            }
+            other => kept.push(other),
+        }
+    }
+    format!("/{}", kept.join("/"))
+}
+
+/// Every reading of `path` that a server or framework behind the gate might route on: each
+/// rule alone, and in the orders frameworks apply them.
+fn readings(path: &str) -> Vec<(&'static str, String)> {
+    let decoded = percent_decode(path, false);
+    let mut all = vec![
+        ("decode unreserved", percent_decode(path, true)),
+        ("merge slashes", merge_slashes(path)),
+        ("drop ;params", drop_params(path)),
+        ("percent-decode", decoded.clone()),
+        ("resolve dots", resolve_dots(path)),
+    ];
+    all.extend(framework_readings(path));
+    all
+}
+
+fn framework_readings(path: &str) -> Vec<(&'static str, String)> {
+    let decoded = percent_decode(path, false);
+    vec![
+        (
+            "params, decode, merge, dots (servlet)",
+            resolve_dots(&merge_slashes(&percent_decode(&drop_params(path), false))),
+        ),
+        (
+            "decode, params, merge, dots",
+            resolve_dots(&merge_slashes(&drop_params(&decoded))),
+        ),
+    ]
+}
+
+/// The test's own model of the normal form: unreserved escapes decoded, slashes merged,
+/// other escapes in uppercase.
+fn modelled_normal(raw: &str) -> String {
+    let merged = merge_slashes(&percent_decode(raw, true));
+    let mut out = String::new();
+    let mut rest = merged.as_str();
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3).unwrap_or(&rest[at..]);
+        out.push_str(&escape.to_ascii_uppercase());
+        rest = &rest[at + escape.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What the gate admits it routes as every reading of what it sends upstream would be, and
+/// as a framework reading the client's own spelling would: no spelling reaches one route's
+/// upstream under another route's policy. The normal form is a fixed point.
+#[test]
+fn a_path_is_routed_as_every_reading_of_it_would_be() {
+    check("path readings", request_path(), |raw| {
+        let Ok(normal) = wsgate::path::normalize(&raw) else {
+            return Ok(());
+        };
+        prop_assert_eq!(&*normal, modelled_normal(&raw), "from {:?}", raw);
+        let again = wsgate::path::normalize(&normal);
+        prop_assert!(
+            matches!(&again, Ok(std::borrow::Cow::Borrowed(p)) if *p == normal),
+            "{raw:?} -> {normal:?} -> {again:?}"
+        );
+        let routed = route_name(&normal);
+        let sent = readings(&normal).into_iter().map(|r| ("sent", r));
+        let asked = framework_readings(&raw).into_iter().map(|r| ("asked", r));
+        for (whose, (how, reading)) in sent.chain(asked) {
+            prop_assert_eq!(
+                &route_name(&reading),
+                &routed,
+                "{:?} -> {:?} is routed under {:?}, but {} of the {} path reads {:?}",
+                raw,
+                normal,
+                routed,
+                how,
+                whose,
+                reading
+            );
+        }
+        Ok(())
+    });
+}
+
+/// On any input, normalize refuses or answers a path in normal form: one `/` at a time, no
+/// `;`, `\` or dot segment, and every `%` starting an uppercase escape of a reserved byte.
+#[test]
+fn normalize_answers_normal_paths_or_refuses() {
+    let input = prop_oneof!["/[a-zA-Z0-9%/;.~_\\-\\\\]{0,24}", "\\PC{0,24}",];
+    check("normal form", input, |raw| {
+        let Ok(normal) = wsgate::path::normalize(&raw) else {
+            return Ok(());
+        };
+        prop_assert!(normal.starts_with('/'), "{raw:?} -> {normal:?}");
+        prop_assert!(
+            !normal.contains("//") && !normal.contains([';', '\\']),
+            "{raw:?} -> {normal:?}"
+        );
+        prop_assert!(
+            !normal.split('/').any(|s| s == "." || s == ".."),
+            "{raw:?} -> {normal:?}"
+        );
+        for (i, _) in normal.match_indices('%') {
+            let hex = normal.get(i + 1..i + 3).unwrap_or("");
+            let byte = hex_byte(hex);
+            prop_assert!(
+                hex.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+                    && byte.is_some_and(|b| !(b.is_ascii_alphanumeric() || b"-._~;/\\\0".contains(&b))),
+                "{raw:?} -> {normal:?}"
+            );
+        }
+        Ok(())
+    });
 }
 
 // ---------------------------------------------------------------------------------------

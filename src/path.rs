@@ -1,0 +1,196 @@
+//! The request path as routed and as sent upstream: normalised once, or refused.
+//!
+//! Routing on the raw path would let a client reach one route's upstream with a spelling
+//! that the upstream reads as another route's path (`/api//admin`, `/api/%61dmin`), past
+//! that route's policy. So the gate routes on a normal form, sends upstream exactly that
+//! form, and refuses what it cannot make unambiguous:
+//!
+//! - a percent-encoded unreserved character (`A-Z a-z 0-9 - _ ~`) is decoded, RFC 3986
+//!   §6.2.2.2; any other percent-encoding is kept, with uppercase hex (§6.2.2.1);
+//! - runs of `/` are merged into one, as nginx's `merge_slashes` does;
+//! - refused: a malformed percent-encoding (`%zz`, `%4` at the end); an encoded `.`, `/`,
+//!   `\`, `;` or NUL (`%2E`, `%2F`, `%5C`, `%3B`, `%00`, either case); a literal `\` or
+//!   `;`; a `.` or `..` segment; a target that does not start with `/` (`*`).
+//!
+//! `;` is refused rather than kept because servlet containers and Spring cut `;params`
+//! out of each segment before routing (`/admin;x` is `/admin` there). They cut before
+//! decoding, so `%3B` is a literal `;` to them, but other stacks decode first: `%3B` is
+//! refused too.
+
+use std::borrow::Cow;
+
+/// The path in normal form (borrowed when it already is), or why it is refused (400).
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err("the request target is not a path");
+    }
+    // `None` while the output equals the input so far; the rewritten prefix after that.
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let (Some(hi), Some(lo)) = (hex_digit(bytes, i + 1), hex_digit(bytes, i + 2))
+                else {
+                    return Err("the path has a malformed percent-encoding");
+                };
+                let byte = hi << 4 | lo;
+                if matches!(byte, b'.' | b'/' | b'\\' | b';' | 0) {
+                    return Err("the path has an encoded '.', '/', '\\', ';' or NUL");
+                }
+                if is_unreserved(byte) {
+                    rewrite(&mut out, bytes, i).push(byte);
+                } else {
+                    let upper = [b'%', HEX[usize::from(hi)], HEX[usize::from(lo)]];
+                    if bytes[i..i + 3] != upper {
+                        rewrite(&mut out, bytes, i).extend_from_slice(&upper);
+                    } else if let Some(out) = &mut out {
+                        out.extend_from_slice(&upper);
+                    }
+                }
+                i += 3;
+            }
+            b'/' => {
+                let after_slash = match &out {
+                    Some(out) => out.last() == Some(&b'/'),
+                    None => i > 0 && bytes[i - 1] == b'/',
+                };
+                if after_slash {
+                    rewrite(&mut out, bytes, i);
+                } else if let Some(out) = &mut out {
+                    out.push(b'/');
+                }
+                i += 1;
+            }
+            b';' => return Err("the path has a ';' parameter"),
+            b'\\' => return Err("the path has a backslash"),
+            other => {
+                if let Some(out) = &mut out {
+                    out.push(other);
+                }
+                i += 1;
+            }
+        }
+    }
+    let normal = match out {
+        None => Cow::Borrowed(path),
+        // Only whole UTF-8 sequences are copied and only ASCII is added: this never fails.
+        Some(out) => {
+            Cow::Owned(String::from_utf8(out).map_err(|_| "the path is not UTF-8 after decoding")?)
+        }
+    };
+    if normal.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("the path has dot segments");
+    }
+    Ok(normal)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// The value of the hex digit at `bytes[at]`, if there is one.
+fn hex_digit(bytes: &[u8], at: usize) -> Option<u8> {
+    let c = *bytes.get(at)?;
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
+}
+
+/// RFC 3986 §2.3.
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The output buffer, started with the input's first `at` bytes if it was not yet.
+fn rewrite<'o>(out: &'o mut Option<Vec<u8>>, bytes: &[u8], at: usize) -> &'o mut Vec<u8> {
+    out.get_or_insert_with(|| {
+        let mut started = Vec::with_capacity(bytes.len());
+        started.extend_from_slice(&bytes[..at]);
+        started
+    })
+}
+
+/// `path?query`, or `path` when there is no query.
+pub fn with_query<'p>(path: &'p str, query: Option<&str>) -> Cow<'p, str> {
+    match query {
+        Some(query) => Cow::Owned(format!("{path}?{query}")),
+        None => Cow::Borrowed(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normal(path: &str) -> String {
+        normalize(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .into_owned()
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for path in ["/", "/ws/room/1", "/a/%C3%A9/b", "/a-b_c~d.e/", "/x..y/.z"] {
+            assert!(
+                matches!(normalize(path), Ok(Cow::Borrowed(p)) if p == path),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_slashes_merged() {
+        assert_eq!(normal("/api/%61dmin"), "/api/admin");
+        assert_eq!(normal("/api//admin"), "/api/admin");
+        assert_eq!(normal("//api///admin//"), "/api/admin/");
+        assert_eq!(normal("/%7e%7E%2d%5F%30"), "/~~-_0");
+        assert_eq!(normal("/a/%c3%a9%3a%20"), "/a/%C3%A9%3A%20");
+        assert_eq!(normal("/a/%25%2561"), "/a/%25%2561");
+        assert_eq!(normal("/é//x"), "/é/x");
+    }
+
+    #[test]
+    fn suspicious_paths_are_refused() {
+        for path in [
+            "/ws/../admin",
+            "/ws/./admin",
+            "/ws/..",
+            "/ws/%2e%2e/admin",
+            "/ws/%2E/admin",
+            "/ws/.%2e/admin",
+            "/ws%2Fadmin",
+            "/ws%2fadmin",
+            "/ws%5cadmin",
+            "/ws\\admin",
+            "/ws%00",
+            "/ws/admin;x",
+            "/ws;x/admin",
+            "/ws/%3Bx",
+            "/ws/%3b",
+            "/ws/%zz",
+            "/ws/%4",
+            "/ws/%",
+            "/ws/%g1",
+            "/ws/%+1",
+            "*",
+            "",
+        ] {
+            assert!(normalize(path).is_err(), "{path} was not refused");
+        }
+    }
+
+    #[test]
+    fn normalizing_is_idempotent() {
+        for path in ["/api//%61dmin/", "/%c3%a9", "//", "/a/%25"] {
+            let once = normal(path);
+            assert!(matches!(normalize(&once), Ok(Cow::Borrowed(p)) if p == once));
+        }
+    }
+
+    #[test]
+    fn queries_are_appended() {
+        assert_eq!(with_query("/ws", Some("a=1")), "/ws?a=1");
+        assert_eq!(with_query("/ws", Some("")), "/ws?");
+        assert_eq!(with_query("/ws", None), "/ws");
+    }
+}
