@@ -500,5 +500,4 @@ mod tests {
             assert!(!is_valid_host(bad.as_bytes()), "{bad}");
         }
     }
-
 }
