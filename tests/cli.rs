@@ -130,6 +130,46 @@ fn check_refuses_credentials_in_urls_without_printing_them() {
 }
 
 #[test]
+fn check_refuses_route_paths_no_request_could_match() {
+    // Requests are routed on their normal form, so a route spelled otherwise never matches.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("paths.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         defaults: {auth: {required: false}, origin: {allow_missing: true}}\n\
+         routes:\n  \
+           - path: /a//b\n  \
+           - path: /%61pi\n  \
+           - path: /x;y\n  \
+           - path: /ok/%c3%a9\n  \
+           - path: /fine/%C3%A9\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    for (field, says) in [
+        ("routes[0].path", "must be written in normal form: \"/a/b\""),
+        ("routes[1].path", "must be written in normal form: \"/api\""),
+        (
+            "routes[2].path",
+            "is not a path a request could be routed to",
+        ),
+        (
+            "routes[3].path",
+            "must be written in normal form: \"/ok/%C3%A9\"",
+        ),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!(": {field}: ")))
+            .unwrap_or_else(|| panic!("no error at {field}: {text}"));
+        assert!(line.contains(says), "{field}: {line}");
+    }
+    assert!(!text.contains("routes[4]"), "{text}");
+}
+
+#[test]
 fn check_exits_2_when_unreadable() {
     let (code, text) = check(Path::new("/nonexistent/policy.yaml"));
     assert_eq!(code, 2, "{text}");

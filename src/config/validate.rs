@@ -190,6 +190,20 @@ impl Validator<'_> {
                 format!("{at}.path"),
                 "must not end with '/' (prefixes match whole segments)",
             );
+        } else {
+            // Requests are routed on their normal form: a route in any other spelling
+            // could never match.
+            match crate::path::normalize(&r.path) {
+                Ok(normal) if normal != r.path.as_str() => self.err(
+                    format!("{at}.path"),
+                    format!("must be written in normal form: {normal:?}"),
+                ),
+                Ok(_) => {}
+                Err(why) => self.err(
+                    format!("{at}.path"),
+                    format!("is not a path a request could be routed to: {why}"),
+                ),
+            }
         }
         if name.is_empty() {
             self.err(format!("{at}.name"), "must not be empty");
