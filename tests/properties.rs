@@ -1324,6 +1324,34 @@ fn is_websocket_key(text: &str) -> bool {
     unbase64(text).is_some_and(|b| b.len() == 16 && base64(&b) == text)
 }
 
+/// RFC 3986 §3.2.2 `host [ ":" port ]` as a Host header carries it: a bracketed IP
+/// literal or a reg-name (unreserved, `%`, sub-delims), and a port of at most 5 digits.
+fn is_host(text: &str) -> bool {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((literal, tail)) => {
+                let literal_ok = !literal.is_empty()
+                    && literal
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+                match (literal_ok, tail) {
+                    (false, _) => return false,
+                    (true, "") => return true,
+                    (true, tail) => ("x", tail.strip_prefix(':').unwrap_or("?")),
+                }
+            }
+            None => return false,
+        },
+        None => text.rsplit_once(':').unwrap_or((text, "")),
+    };
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=".contains(c))
+        && port.len() <= 5
+        && port.chars().all(|c| c.is_ascii_digit())
+}
+
 /// A comma-separated header containing this token, in any case.
 fn lists(values: &[String], token: &str) -> bool {
     values
@@ -1395,7 +1423,9 @@ impl Handshake {
             (self.ws_version.len() > 1, 400),
             (self.method != "GET", 400),
             (self.version != "HTTP/1.1", 400),
-            (self.host.len() != 1, 400),
+            (!one(&self.host, &is_host), 400),
+            // RFC 6454 §7.3: one Origin.
+            (self.origin.len() > 1, 400),
             (!lists(&self.connection, "upgrade"), 400),
             (!one(&self.key, &is_websocket_key), 400),
             (self.origin.iter().any(|o| o != ALLOWED_ORIGIN), 403),
@@ -1446,10 +1476,16 @@ fn handshake() -> impl Strategy<Value = Handshake> {
     let method = prop_oneof![6 => Just("GET"), 1 => select(&["POST", "HEAD", "PUT"][..])];
     let version = prop_oneof![9 => Just("HTTP/1.1"), 1 => Just("HTTP/1.0")];
     let headers = (
-        // The gate answers to any name, so only a missing or second Host is wrong.
+        // The gate answers to any name: a missing, second or malformed Host is wrong.
         header(
-            spelled(&["localhost", "127.0.0.1:8443", "gate.example.com"]),
-            spelled(&["[::1]:8443", "x"]),
+            spelled(&[
+                "localhost",
+                "127.0.0.1:8443",
+                "gate.example.com",
+                "[::1]:8443",
+                "x",
+            ]),
+            spelled(&["a b", "evil/x?y", "user@host", "host:http", "[::1", ""]),
         ),
         header(
             spelled(&["websocket", "WebSocket", "h2c, websocket"]),
