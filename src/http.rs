@@ -179,8 +179,16 @@ async fn respond(
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
         );
-    if let Some(protocol) = &socket.protocol {
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    // A browser fails a handshake whose non-empty offer got no answer: when the upstream
+    // selects nothing, the client's token entry is selected (the upstream never sees it).
+    let token_entry = || {
+        protocols
+            .iter()
+            .find(|p| !to_upstream.contains(p))
+            .and_then(|p| HeaderValue::from_str(p).ok())
+    };
+    if let Some(protocol) = socket.protocol.clone().or_else(token_entry) {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     let response = response
         .body(full(Bytes::new()))

@@ -474,6 +474,33 @@ async fn subprotocol_token_is_accepted_and_the_real_subprotocol_negotiated() {
     );
 }
 
+/// A browser's `new WebSocket(url, ['bearer.' + token])` in front of an upstream that
+/// selects no subprotocol: the 101 selects the token entry, since a client whose offer got
+/// no answer fails the handshake (tungstenite does, as browsers do). The upstream never
+/// sees the entry.
+#[tokio::test]
+async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    let entry = format!("bearer.{token}");
+    let mut req = gate.request("/ws");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", header_value(&entry));
+    let (mut client, response) = gate
+        .connect_request(req)
+        .await
+        .expect("the handshake must complete");
+    assert_eq!(response.headers()["sec-websocket-protocol"], entry.as_str());
+    client.send(tungstenite::Message::text("hi")).await.unwrap();
+    assert_eq!(
+        next_message(&mut client).await,
+        tungstenite::Message::text("hi")
+    );
+    let seen = upstream.last_seen();
+    assert!(header_values(&seen.headers, "sec-websocket-protocol").is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. No token
 
