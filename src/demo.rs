@@ -116,6 +116,7 @@ routes:
   - path: /
     name: page
     http: pass
+    auth: {{required: false}}   # the page itself is public; its WebSocket is not
 "#
     );
     let path = dir.join("policy.yaml");

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::admission::{self, Admitted, Attempt, Rejection, Standing};
+use crate::admission::{self, Admitted, Attempt, Kind, Rejection, Standing};
 use crate::policy::{HttpMode, Route};
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
@@ -118,23 +118,32 @@ async fn respond(
                 "this route only accepts WebSocket upgrades",
             ));
         }
-        if !admission::ip::allowed(&route, client_ip) {
-            return Err(Rejection::IpDenied);
-        }
+        // The same admission as an upgrade, less the upgrade rate and the caps.
+        let attempt = Attempt {
+            client_ip,
+            headers: req.headers(),
+            query: req.uri().query(),
+            protocols: &[],
+        };
+        let admitted =
+            admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
+        let strip = admitted.carriers_to_strip(&route.auth);
         let fwd = Forwarding {
             peer: conn.peer.ip(),
             peer_trusted,
             tls: conn.tls,
             request_id,
-            claim_headers: &[],
+            claim_headers: &admitted.claim_headers,
             claim_header_names: &route.auth.forward_claims,
-            // Plain requests are the upstream app's own business: only spoofable
-            // identity headers are removed.
-            token_sources: &[],
+            token_sources: &strip,
         };
         let headers = upstream::forward_headers(req.headers(), &fwd);
+        let target = upstream::strip_token_params(
+            &crate::path::with_query(&path, req.uri().query()),
+            &strip,
+        );
         *req.headers_mut() = headers;
-        return crate::proxy::forward(&route, &path, req).await;
+        return crate::proxy::forward(&route, &target, req).await;
     }
 
     let key = check_upgrade(&req)?;
@@ -152,9 +161,11 @@ async fn respond(
     };
     // Subscribed before the upstream handshake, so a reload during it is not missed.
     let policy_changes = gate.policy.subscribe();
-    let admitted = admission::admit(&gate.admission, policy, &route, &attempt).await?;
+    let admitted =
+        admission::admit(&gate.admission, policy, &route, &attempt, Kind::Upgrade).await?;
 
-    let to_upstream = upstream::strip_token_protocols(&protocols, &route.auth.token_sources);
+    let strip = admitted.carriers_to_strip(&route.auth);
+    let to_upstream = upstream::strip_token_protocols(&protocols, &strip);
     let fwd = Forwarding {
         peer: conn.peer.ip(),
         peer_trusted,
@@ -162,17 +173,20 @@ async fn respond(
         request_id,
         claim_headers: &admitted.claim_headers,
         claim_header_names: &route.auth.forward_claims,
-        token_sources: &route.auth.token_sources,
+        token_sources: &strip,
     };
     let headers = upstream::forward_headers(&parts.headers, &fwd);
-    let target = upstream::strip_token_params(
-        &crate::path::with_query(&path, parts.uri.query()),
-        &route.auth.token_sources,
-    );
-    let socket = upstream::open(&route, &target, headers, &to_upstream).await?;
+    let target =
+        upstream::strip_token_params(&crate::path::with_query(&path, parts.uri.query()), &strip);
+    let mut socket = upstream::open(&route, &target, headers, &to_upstream).await?;
 
-    let mut response = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
+    let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    if let Some(headers) = response.headers_mut() {
+        // The upstream's own 101 headers (`Set-Cookie`, …), less hop-by-hop and
+        // Sec-WebSocket-* ones: the gate's handshake headers are added below.
+        *headers = std::mem::take(&mut socket.headers);
+    }
+    let mut response = response
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(

@@ -187,6 +187,9 @@ pub struct Auth {
     pub require_claims: Vec<(String, Vec<String>)>,
     pub forward_claims: Vec<(String, HeaderName)>,
     pub close_on_expiry: bool,
+    /// Keep the carrier of the verified token on the request upstream (for upstreams that
+    /// verify it themselves); every other token carrier is still removed.
+    pub forward_token: bool,
 }
 
 /// The port a browser leaves out of an Origin for this scheme.
@@ -348,6 +351,7 @@ impl Loaded {
                         "audience": r.auth.audience,
                         "leeway_seconds": r.auth.leeway_seconds,
                         "close_on_expiry": r.auth.close_on_expiry,
+                        "forward_token": r.auth.forward_token,
                     },
                     "origin": {
                         "allow": r.origin.allow.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),

@@ -39,10 +39,11 @@ pub fn client(route: &Route) -> PassClient {
 }
 
 /// Forward a plain HTTP request whose headers were already rewritten for the upstream, to
-/// `path` (the routed form of its path; see `crate::path`) and its query.
+/// `target`: the routed form of its path (see `crate::path`) and its query without the
+/// token parameters.
 pub async fn forward(
     route: &Route,
-    path: &str,
+    target: &str,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
     let scheme = if route.upstream.tls.is_some() {
@@ -50,7 +51,6 @@ pub async fn forward(
     } else {
         "http"
     };
-    let target = crate::path::with_query(path, request.uri().query());
     let uri = Uri::try_from(format!("{scheme}://{}{target}", route.upstream.authority))
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
     *request.uri_mut() = uri;

@@ -271,6 +271,10 @@ pub struct UpstreamSocket {
     pub read_ahead: Vec<u8>,
     /// The subprotocol the upstream selected, returned to the client.
     pub protocol: Option<HeaderValue>,
+    /// The other headers of the upstream's 101 (`Set-Cookie`, affinity cookies, …), for
+    /// the client's 101: without hop-by-hop headers and the `Sec-WebSocket-*` ones the gate
+    /// sets itself.
+    pub headers: HeaderMap,
 }
 
 /// Connect to the route's upstream and complete its WebSocket handshake, all within
@@ -364,10 +368,27 @@ async fn handshake(
             return Err(Rejection::UpstreamUnavailable);
         }
     }
+    let mut passed = response.headers;
+    for name in connection_listed(&passed) {
+        passed.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        passed.remove(name);
+    }
+    passed.remove(header::CONTENT_LENGTH);
+    let own: Vec<HeaderName> = passed
+        .keys()
+        .filter(|n| n.as_str().starts_with("sec-websocket-"))
+        .cloned()
+        .collect();
+    for name in own {
+        passed.remove(name);
+    }
     Ok(UpstreamSocket {
         io: stream,
         read_ahead: rest.to_vec(),
         protocol,
+        headers: passed,
     })
 }
 

@@ -485,7 +485,7 @@ async fn limiter_keys_from_an_address_flood_are_evicted() {
 /// `/files` proxies plain HTTP.
 fn split_policy(upstream: &Upstream, admin_extra: &str) -> String {
     format!(
-        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /api\n    auth: {{required: false}}\n  - path: /api/admin\n    auth: {{require_claims: {{role: [admin]}}}}\n{admin_extra}  - path: /files\n    http: pass\n",
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {{burst: 100}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /api\n    auth: {{required: false}}\n  - path: /api/admin\n    auth: {{require_claims: {{role: [admin]}}}}\n{admin_extra}  - path: /files\n    http: pass\n    auth: {{required: false}}\n",
         upstream.url()
     )
 }

@@ -14,6 +14,7 @@ pub mod rate;
 mod rejection;
 pub mod token;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub use ip::{canonical, client_ip};
 pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
-use crate::policy::{Mode, Policy, Route};
+use crate::policy::{Auth, Mode, Policy, Route, TokenSource};
 use rate::{CapSlot, Caps, Limiters, CAP_RETRY_AFTER};
 
 /// Admission state shared by every connection of a gate: counters, limiters, key sets.
@@ -97,10 +98,20 @@ pub struct Attempt<'a> {
     pub protocols: &'a [&'a str],
 }
 
-/// The caps an admitted connection holds; dropping it frees them.
+/// What is being admitted: an upgrade, or a plain request on an `http: pass` route, which
+/// goes through the same checks except the upgrade rate and the connection caps (a page
+/// load is dozens of requests, and none of them is a connection to cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Upgrade,
+    Plain,
+}
+
+/// The caps an admitted connection holds; dropping it frees them (none for a plain
+/// request).
 #[derive(Debug)]
 pub struct Slots {
-    _global: ConnectionGuard,
+    _global: Option<ConnectionGuard>,
     _ip: Option<CapSlot>,
     _subject: Option<CapSlot>,
 }
@@ -111,6 +122,25 @@ pub struct Admitted {
     pub slots: Slots,
     pub claims: Option<Claims>,
     pub claim_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The carrier of the token that was verified (`None` without a valid token).
+    pub verified_source: Option<TokenSource>,
+}
+
+impl Admitted {
+    /// The token carriers to remove from what goes upstream: every one the route names,
+    /// except the verified token's own when the route forwards it (`forward_token`).
+    pub fn carriers_to_strip<'r>(&self, auth: &'r Auth) -> Cow<'r, [TokenSource]> {
+        match &self.verified_source {
+            Some(kept) if auth.forward_token => Cow::Owned(
+                auth.token_sources
+                    .iter()
+                    .filter(|s| *s != kept)
+                    .cloned()
+                    .collect(),
+            ),
+            _ => Cow::Borrowed(&auth.token_sources),
+        }
+    }
 }
 
 /// Enforces a failed check, or in report mode logs and counts it and lets the upgrade on.
@@ -139,12 +169,16 @@ impl Verdicts<'_> {
 }
 
 /// Run the checks between route and upstream, in order, stopping at the first failure.
+/// A plain request (`Kind::Plain`) skips the global cap, the upgrade rate and the
+/// connection caps, and is only asked for a token when the route requires one.
 pub async fn admit<'a>(
     state: &State,
     policy: &Policy,
     route: &'a Route,
     attempt: &Attempt<'a>,
+    kind: Kind,
 ) -> Result<Admitted, Rejection> {
+    let upgrade = kind == Kind::Upgrade;
     let v = Verdicts {
         state,
         report: policy.mode == Mode::Report,
@@ -154,29 +188,50 @@ pub async fn admit<'a>(
     if !ip::allowed(route, attempt.client_ip) {
         v.fail(Rejection::IpDenied)?;
     }
-    let global = state
-        .connections
-        .try_acquire(policy.max_connections)
-        .ok_or(Rejection::ServerFull)?;
-    let key = ip::client_key(attempt.client_ip, route.rate.ipv6_prefix);
-    if let Err(retry_after) = state.limiters.check(route, key) {
-        v.fail(Rejection::RateLimited { retry_after })?;
-    }
-    let ip_slot = state
-        .caps
-        .try_ip(&route.name, key, route.rate.max_connections_per_ip);
-    if ip_slot.is_none() {
-        v.fail(Rejection::TooManyConnections("address", CAP_RETRY_AFTER))?;
+    let mut global = None;
+    let mut ip_slot = None;
+    if upgrade {
+        global = Some(
+            state
+                .connections
+                .try_acquire(policy.max_connections)
+                .ok_or(Rejection::ServerFull)?,
+        );
+        let key = ip::client_key(attempt.client_ip, route.rate.ipv6_prefix);
+        if let Err(retry_after) = state.limiters.check(route, key) {
+            v.fail(Rejection::RateLimited { retry_after })?;
+        }
+        ip_slot = state
+            .caps
+            .try_ip(&route.name, key, route.rate.max_connections_per_ip);
+        if ip_slot.is_none() {
+            v.fail(Rejection::TooManyConnections("address", CAP_RETRY_AFTER))?;
+        }
     }
     let origin = attempt
         .headers
         .get(http::header::ORIGIN)
         .map(|o| o.to_str().unwrap_or("\u{0}"));
-    if !origin::allowed(&route.origin, origin) {
+    // A browser sends no Origin on a navigation or a same-origin GET: a plain request is
+    // checked only when it has one.
+    let origin_checked = upgrade || origin.is_some();
+    if origin_checked && !origin::allowed(&route.origin, origin) {
         v.fail(Rejection::OriginNotAllowed)?;
     }
 
     let auth = &route.auth;
+    if !upgrade && !auth.required {
+        return Ok(Admitted {
+            slots: Slots {
+                _global: None,
+                _ip: None,
+                _subject: None,
+            },
+            claims: None,
+            claim_headers: Vec::new(),
+            verified_source: None,
+        });
+    }
     let found = token::extract(
         &auth.token_sources,
         attempt.headers,
@@ -207,7 +262,7 @@ pub async fn admit<'a>(
         .as_ref()
         .and_then(|c| c.map.get("sub"))
         .and_then(|s| s.as_str());
-    let subject_slot = match subject {
+    let subject_slot = match subject.filter(|_| upgrade) {
         Some(sub) => {
             let slot =
                 state
@@ -230,6 +285,10 @@ pub async fn admit<'a>(
             _ip: ip_slot,
             _subject: subject_slot,
         },
+        verified_source: claims
+            .as_ref()
+            .and(found.as_ref())
+            .map(|f| f.source.clone()),
         claims,
         claim_headers,
     })

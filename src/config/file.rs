@@ -140,6 +140,7 @@ pub struct Auth {
     pub require_claims: Option<BTreeMap<String, Vec<String>>>,
     pub forward_claims: Option<BTreeMap<String, String>>,
     pub close_on_expiry: Option<bool>,
+    pub forward_token: Option<bool>,
 }
 
 /// One entry of `auth.keys`: exactly one source field must be set.

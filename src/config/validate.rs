@@ -479,6 +479,9 @@ impl Validator<'_> {
         let close_on_expiry = pick!(p, auth.close_on_expiry)
             .map(|(b, _)| *b)
             .unwrap_or(true);
+        let forward_token = pick!(p, auth.forward_token)
+            .map(|(b, _)| *b)
+            .unwrap_or(false);
 
         Auth {
             required,
@@ -492,6 +495,7 @@ impl Validator<'_> {
             require_claims,
             forward_claims,
             close_on_expiry,
+            forward_token,
         }
     }
 

@@ -337,14 +337,21 @@ async fn upstream_service(
         };
         ended.lock().unwrap().push(end);
     });
+    // Besides the handshake: two cookies (an app session and an affinity cookie), an
+    // end-to-end header, and hop-by-hop ones the gate must not pass on.
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
+        .header(header::CONNECTION, "Upgrade, x-hop")
         .header(header::UPGRADE, "websocket")
         .header(
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
-        );
+        )
+        .header(header::SET_COOKIE, "io=abc123; Path=/; HttpOnly")
+        .header(header::SET_COOKIE, "affinity=pod-7; Path=/")
+        .header("x-upstream", "yes")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=5");
     if let Some(p) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }

@@ -1,0 +1,196 @@
+//! Plain HTTP on `http: pass` routes goes through the same admission as an upgrade (IP,
+//! Origin when sent, token and claims when the route requires them), without the upgrade
+//! rate or the caps; token carriers are removed on the way, unless `forward_token` keeps
+//! the verified one. And the upstream's 101 headers reach the client.
+
+mod support;
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A pass route `/app` requiring an HS256 token (the `secret` file TestGate writes), with
+/// an Origin allowlist and `forward_claims`; `auth_extra` is added to its auth.
+fn pass_policy(upstream: &Upstream, auth_extra: &str) -> String {
+    format!(
+        "version: 1\n\
+         defaults:\n  \
+           upstream: {}\n  \
+           rate: {{upgrades_per_second: 1, burst: 1, max_connections_per_ip: 1}}\n\
+         routes:\n  \
+           - path: /app\n    \
+             http: pass\n    \
+             origin: {{allow: [\"https://app.example.com\"]}}\n    \
+             auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}], forward_claims: {{sub: X-Auth-Subject}}{auth_extra}}}\n  \
+           - path: /public\n    \
+             http: pass\n    \
+             auth: {{required: false}}\n",
+        upstream.url()
+    )
+}
+
+/// Status line and the JSON `error` (if the body is JSON) of a raw request's answer.
+async fn send(gate: &TestGate, head: &str) -> (u16, Option<String>, String) {
+    let response = gate.raw(head.as_bytes()).await;
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no answer to {head:?}: {response:?}"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let error = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned));
+    (status, error, response)
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n")
+}
+
+#[tokio::test]
+async fn a_plain_request_without_a_token_is_401_and_never_reaches_the_app() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let (status, error, response) =
+        send(&gate, &get("/app/socket.io/?EIO=4&transport=polling", "")).await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (401, Some("missing_token")),
+        "{response}"
+    );
+    assert!(
+        response.contains("WWW-Authenticate: Bearer")
+            || response.contains("www-authenticate: Bearer"),
+        "{response}"
+    );
+    let bad = hs256_with(
+        "another-secret-another-secret-another-secret",
+        serde_json::json!({"sub": "x", "exp": unix_now() + 60}),
+    );
+    let (status, error, _) = send(
+        &gate,
+        &get("/app/x", &format!("Authorization: Bearer {bad}\r\n")),
+    )
+    .await;
+    assert_eq!((status, error.as_deref()), (401, Some("invalid_token")));
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+#[tokio::test]
+async fn a_plain_request_with_a_token_reaches_the_app_with_the_identity_not_the_token() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let token = hs256("alice");
+    let head = get(
+        &format!("/app/page?access_token={token}&x=1"),
+        &format!("Authorization: Bearer {token}\r\nCookie: access_token={token}; theme=dark\r\nX-Auth-Subject: mallory\r\n"),
+    );
+    let (status, _, response) = send(&gate, &head).await;
+    assert_eq!(status, 200, "{response}");
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/app/page?x=1");
+    assert_eq!(seen.headers["x-auth-subject"], "alice");
+    assert!(seen.headers.get("authorization").is_none());
+    assert_eq!(seen.headers["cookie"], "theme=dark");
+}
+
+#[tokio::test]
+async fn forward_token_keeps_the_verified_carrier_only() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, ", forward_token: true")).await;
+    let token = hs256("alice");
+    let head = get(
+        &format!("/app/page?access_token=stale&x=1"),
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    let (status, _, response) = send(&gate, &head).await;
+    assert_eq!(status, 200, "{response}");
+    let seen = upstream.last_seen();
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {token}").as_str()
+    );
+    // The other carrier did not hold the verified token: removed as always.
+    assert_eq!(seen.target, "/app/page?x=1");
+
+    // On an upgrade the same: the verified query token stays, the upstream verifies it.
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}], forward_token: true}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let (mut client, _) = gate
+        .connect(&format!("/ws?access_token={token}"))
+        .await
+        .unwrap();
+    client.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("hi"));
+    assert_eq!(
+        upstream.last_seen().target,
+        format!("/ws?access_token={token}")
+    );
+}
+
+#[tokio::test]
+async fn a_plain_request_is_checked_for_origin_only_when_it_sends_one() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let auth = format!("Authorization: Bearer {}\r\n", hs256("alice"));
+    let (status, error, _) = send(
+        &gate,
+        &get(
+            "/app/x",
+            &format!("{auth}Origin: https://evil.example.org\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (403, Some("origin_not_allowed"))
+    );
+    let (status, _, _) = send(
+        &gate,
+        &get(
+            "/app/x",
+            &format!("{auth}Origin: https://app.example.com\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A navigation sends no Origin.
+    let (status, _, _) = send(&gate, &get("/app/x", &auth)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn plain_requests_are_not_held_to_the_upgrade_rate_or_the_caps() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    // A page load is dozens of requests: the upgrade rate here is 1/s with a burst of 1.
+    for _ in 0..20 {
+        let (status, _, response) = send(&gate, &get("/public/asset.js", "")).await;
+        assert_eq!(status, 200, "{response}");
+    }
+}
+
+#[tokio::test]
+async fn the_upstreams_101_headers_reach_the_client() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, response) = gate.connect("/ws").await.unwrap();
+    let headers = response.headers();
+    let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+    assert_eq!(
+        cookies,
+        ["io=abc123; Path=/; HttpOnly", "affinity=pod-7; Path=/"]
+    );
+    assert_eq!(headers["x-upstream"], "yes");
+    // Hop-by-hop ones do not, and the handshake headers are the gate's own, once.
+    assert!(headers.get("x-hop").is_none(), "{headers:?}");
+    assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+    assert_eq!(headers.get_all("sec-websocket-accept").iter().count(), 1);
+    assert_eq!(headers.get_all("connection").iter().count(), 1);
+    client.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("ok"));
+}
