@@ -100,7 +100,7 @@ async fn forward_token_keeps_the_verified_carrier_only() {
     let gate = TestGate::start(&pass_policy(&upstream, ", forward_token: true")).await;
     let token = hs256("alice");
     let head = get(
-        &format!("/app/page?access_token=stale&x=1"),
+        "/app/page?access_token=stale&x=1",
         &format!("Authorization: Bearer {token}\r\n"),
     );
     let (status, _, response) = send(&gate, &head).await;
