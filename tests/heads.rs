@@ -142,3 +142,40 @@ async fn a_frame_sent_with_the_head_is_relayed() {
     let (opcode, payload) = wire::server_frame(&mut tcp).await;
     assert_eq!((opcode, payload.as_slice()), (0x1, &b"early"[..]));
 }
+
+/// Refusals over TLS end with close_notify too, whether hyper wrote them or the head
+/// reader did: a strict client reads the whole answer and a clean end.
+#[tokio::test]
+async fn refusals_over_tls_end_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    for head in [
+        "GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n".to_owned(),
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nX: a\r\n  b\r\n\r\n".to_owned(),
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(17 * 1024)
+        ),
+    ] {
+        let mut stream = gate.stream().await;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read_to_end(&mut out),
+        )
+        .await
+        .expect("the gate kept the connection open");
+        assert!(
+            read.is_ok(),
+            "{read:?} after {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(
+            out.starts_with(b"HTTP/1.1 4"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
