@@ -7,6 +7,9 @@
 //! WebSocket handshake in view but not the round trip after it, so the dump sometimes
 //! comes before `received:`.)
 //!
+//! A page of its own opens `new WebSocket(url, ['bearer.' + token])` through the gate in
+//! front of an upstream that selects no subprotocol: the handshake must answer the offer.
+//!
 //! Without Chromium the tests are skipped, except under `CI=true`, where `.ci/run`
 //! installs it and its absence is a failure.
 
@@ -23,6 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+mod support;
+use support::{TestGate, Upstream, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 /// Bound on one Chromium run, from launch to the page's last expected line.
@@ -97,6 +103,67 @@ async fn demo_page_on_a_disallowed_origin_is_refused_with_403() {
     assert_eq!(refused["result"], "origin_not_allowed", "{refused}");
     assert_eq!(refused["status"], 403, "{refused}");
     assert_eq!(refused["route"], "echo", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_only_subprotocol_offer_opens_when_the_upstream_selects_none() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    // The upstream selects no subprotocol; the browser offers only its token entry.
+    let upstream = Upstream::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = listener.local_addr().unwrap().port();
+    let policy = format!(
+        "version: 1\n\
+         defaults:\n  \
+           upstream: {}\n  \
+           origin: {{allow: [\"http://127.0.0.1:{page_port}\"]}}\n  \
+           auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n\
+         routes:\n  \
+           - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let token = support::hs256_with(
+        SECRET,
+        json!({"sub": "browser", "exp": support::unix_now() + 300}),
+    );
+    let entry = format!("bearer.{token}");
+    let html = format!(
+        r#"<!doctype html><pre id="log"></pre><script>
+const log = (l) => {{ document.getElementById("log").textContent += l + "\n"; }};
+const ws = new WebSocket("wss://localhost:{port}/ws", ["{entry}"]);
+ws.onopen = () => {{ log("open"); log("protocol: " + ws.protocol); ws.send("one"); }};
+ws.onmessage = (e) => log("received: " + e.data);
+ws.onerror = () => log("error");
+ws.onclose = (e) => log("closed: code " + e.code);
+</script>"#,
+        port = gate.addr.port()
+    );
+    serve_page_on(listener, html);
+
+    let url = format!("http://127.0.0.1:{page_port}/");
+    let log = page_log(&chromium, &url, |lines| {
+        lines.contains(&"received: one") || lines.iter().any(|l| l.starts_with("closed:"))
+    })
+    .await;
+
+    let lines = lines(&log);
+    assert!(lines.contains(&"open"), "the socket did not open:\n{log}");
+    assert!(
+        lines.contains(&format!("protocol: {entry}").as_str()),
+        "ws.protocol is not the token entry:\n{log}"
+    );
+    assert!(lines.contains(&"received: one"), "no echo:\n{log}");
+    assert!(!lines.contains(&"error"), "{log}");
+    // The upstream never saw the token entry.
+    let seen = upstream.last_seen();
+    assert!(
+        seen.headers.get("sec-websocket-protocol").is_none(),
+        "{:?}",
+        seen.headers
+    );
 }
 
 fn lines(log: &str) -> Vec<&str> {
@@ -411,6 +478,12 @@ impl Drop for Demo {
 async fn serve_page(html: String) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    serve_page_on(listener, html);
+    port
+}
+
+/// Serve `html` at `/` over plain HTTP on `listener` (404 elsewhere).
+fn serve_page_on(listener: TcpListener, html: String) {
     let html = Arc::new(html);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
@@ -443,5 +516,4 @@ async fn serve_page(html: String) -> u16 {
             });
         }
     });
-    port
 }
