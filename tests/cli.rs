@@ -494,6 +494,20 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     }
     assert_ne!(fresh[0], fresh[1], "the same token twice");
     assert_ne!(fresh[0], token);
+    // Not for a name other than a loopback one (a page on a rebound DNS name).
+    let mut get = tls(connector.clone()).await;
+    get.write_all(
+        b"GET /demo/token HTTP/1.1\r\nHost: rebound.example:8443\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    get.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("answer only requests for localhost"),
+        "{answer}"
+    );
 
     // Without the token: 401.
     let stream = tls(connector).await;

@@ -144,7 +144,16 @@ async fn respond(req: &Request<Incoming>, demo: &Demo) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if path.starts_with("/demo/") && !for_loopback_name(req) {
+        // A page on a rebound DNS name reaches a loopback gate as same-origin; it must
+        // not read a token.
+        return text(
+            StatusCode::FORBIDDEN,
+            "the demo's helpers answer only requests for localhost, 127.0.0.1 or [::1]\n",
+        );
+    }
+    match path {
         "/" => Response::builder()
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(full(Bytes::from_static(PAGE.as_bytes())))
@@ -165,6 +174,26 @@ async fn respond(req: &Request<Incoming>, demo: &Demo) -> Response<Body> {
         "/demo/try/foreign-origin" => json_response(replay(demo, "/partner", true).await),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether the client asked for a loopback name (the gate forwards its `Host` as
+/// `X-Forwarded-Host`).
+fn for_loopback_name(req: &Request<Incoming>) -> bool {
+    let Some(host) = req
+        .headers()
+        .get("x-forwarded-host")
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "localhost" | "127.0.0.1" | "[::1]"
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
