@@ -309,22 +309,6 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let secret: String = secret_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let token = match mint::hs256(
-        secret.as_bytes(),
-        &mint::TokenSpec {
-            sub: "demo-user",
-            ttl: Duration::from_secs(3600),
-            audience: None,
-            issuer: None,
-            extra: &[],
-        },
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("cannot mint the demo token: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let (upstream, listener) = match (
         TcpListener::bind("127.0.0.1:0").await,
         wsgate::listener::bind(listen),
@@ -338,7 +322,15 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
     let (Ok(upstream_addr), Ok(gate_addr)) = (upstream.local_addr(), listener.local_addr()) else {
         return ExitCode::FAILURE;
     };
-    tokio::spawn(demo::echo_upstream(upstream, Arc::new(demo::page(&token))));
+    let server = Arc::new(demo::Demo::new(secret.clone(), gate_addr));
+    let token = match server.mint(demo::PRINTED_TOKEN_TTL) {
+        Ok((token, _)) => token,
+        Err(e) => {
+            eprintln!("cannot mint the demo token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(demo::serve(upstream, server.clone()));
     let dir = std::env::temp_dir().join(format!("wsgate-demo-{}", std::process::id()));
     let policy_path = match demo::write_policy(&dir, gate_addr, upstream_addr, &secret) {
         Ok(p) => p,
@@ -373,18 +365,8 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
     let Ok(running) = wsgate::start(loaded, options) else {
         return ExitCode::FAILURE;
     };
-    let port = gate_addr.port();
-    println!(
-        "\nwsgate demo is running (development certificate: trust certs/dev-ca.pem or accept the warning)\n\n  \
-         page:    https://localhost:{port}/\n  \
-         socket:  wss://localhost:{port}/ws\n  \
-         policy:  {policy} (edit it: it reloads live)\n  \
-         token:   {token}\n\n\
-         command-line client (pip install websockets):\n  \
-         SSL_CERT_FILE=certs/dev-ca.pem python3 -m websockets \\\n    \
-         wss://localhost:{port}/ws?access_token={token}\n",
-        policy = policy_path.display()
-    );
+    server.set_gate(running.gate.clone());
+    println!("{}", demo::banner(gate_addr.port(), &policy_path, &token));
     shutdown::signal().await;
     let code = drain(&running, Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(&dir);

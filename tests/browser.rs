@@ -1,11 +1,16 @@
 //! End-to-end: `wsgate demo`'s page in headless Chromium. On an allowed origin it
-//! exchanges messages through the gate; the same page served from a disallowed origin is
-//! refused with 403.
+//! exchanges messages through the gate, sends on Enter, fetches a fresh token for each
+//! connect, and shows the gate's answer to each refused try (401, 403, close 1009, close
+//! 1008) beside the gate's counters; the same page served from a disallowed origin is
+//! refused with 403. `WSGATE_DEMO_SCREENSHOT=PATH` saves the page after the tries.
 //!
 //! Chromium is driven over the DevTools protocol and the page's `#log` is polled in real
 //! time. (`--dump-dom --virtual-time-budget` races the echo: virtual time keeps the
 //! WebSocket handshake in view but not the round trip after it, so the dump sometimes
 //! comes before `received:`.)
+//!
+//! A page of its own opens `new WebSocket(url, ['bearer.' + token])` through the gate in
+//! front of an upstream that selects no subprotocol: the handshake must answer the offer.
 //!
 //! Without Chromium the tests are skipped, except under `CI=true`, where `.ci/run`
 //! installs it and its absence is a failure.
@@ -23,6 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+mod support;
+use support::{TestGate, Upstream, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 /// Bound on one Chromium run, from launch to the page's last expected line.
@@ -69,7 +77,9 @@ async fn demo_page_on_a_disallowed_origin_is_refused_with_403() {
     let demo = Demo::start();
     // The same page, with a valid token, served over plain HTTP from another origin
     // (http://127.0.0.1:OTHER), pointed at the gate with ?gate=.
-    let other = serve_page(wsgate::demo::page(&demo.token)).await;
+    // Its /demo/token hands out the demo's printed token.
+    let token = json!({ "token": demo.token, "id": "printed", "expires_in": 3600 });
+    let other = serve_page(wsgate::demo::PAGE.to_owned(), Some(token.to_string())).await;
     let url = format!("http://127.0.0.1:{other}/?gate=localhost:{}", demo.port);
 
     let log = page_log(&chromium, &url, |lines| {
@@ -97,6 +107,186 @@ async fn demo_page_on_a_disallowed_origin_is_refused_with_403() {
     assert_eq!(refused["result"], "origin_not_allowed", "{refused}");
     assert_eq!(refused["status"], 403, "{refused}");
     assert_eq!(refused["route"], "echo", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_sends_on_enter_and_reconnects_with_a_fresh_token() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    let demo = Demo::start();
+    let mut page = Page::open(&chromium, &format!("https://localhost:{}/", demo.port)).await;
+    let received = format!("received: {GREETING}");
+    let log = page
+        .wait_text("log", |log| lines(log).contains(&received.as_str()))
+        .await;
+    assert!(lines(&log).contains(&received.as_str()), "no echo:\n{log}");
+
+    // Enter in the message box sends it.
+    page.type_and_enter("msg", "typed, then Enter").await;
+    let log = page
+        .wait_text("log", |log| {
+            lines(log).contains(&"received: typed, then Enter")
+        })
+        .await;
+    assert!(lines(&log).contains(&"sent: typed, then Enter"), "{log}");
+    assert!(
+        lines(&log).contains(&"received: typed, then Enter"),
+        "{log}"
+    );
+
+    // Close, connect again: a second token, fetched for the new connection.
+    page.click("close").await;
+    page.wait_text("log", |log| lines(log).contains(&"closed: code 1000 bye"))
+        .await;
+    page.click("connect").await;
+    let opened = |log: &str| lines(log).iter().filter(|l| **l == "open").count();
+    let log = page.wait_text("log", |log| opened(log) == 2).await;
+    assert_eq!(opened(&log), 2, "no second open:\n{log}");
+    let ids: Vec<&str> = lines(&log)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("token: fresh (id "))
+        .filter_map(|rest| rest.split(',').next())
+        .collect();
+    assert_eq!(ids.len(), 2, "{log}");
+    assert_ne!(ids[0], ids[1], "the reconnect reused the token:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_tries_show_the_gates_answers_beside_its_counters() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    let demo = Demo::start();
+    let mut page = Page::open(&chromium, &format!("https://localhost:{}/", demo.port)).await;
+    page.wait_text("log", |log| lines(log).contains(&"open"))
+        .await;
+    let upgrades = page
+        .wait_text("upgrades", |t| lines(t).contains(&"accepted 1"))
+        .await;
+    assert!(lines(&upgrades).contains(&"accepted 1"), "{upgrades}");
+
+    let tries = [
+        ("missing-token", "HTTP 401 missing_token: "),
+        ("foreign-origin", "HTTP 403 origin_not_allowed: "),
+        ("oversized", "close 1009 message too big"),
+        ("flood", "close 1008 message rate exceeded"),
+    ];
+    for (name, expected) in tries {
+        page.click(&format!("try-{name}")).await;
+        let answer = format!("answer-{name}");
+        let shown = page
+            .wait_text(&answer, |t| t.starts_with("HTTP") || t.starts_with("close"))
+            .await;
+        assert!(shown.starts_with(expected), "{name}: {shown}");
+    }
+
+    // The gate's own counters moved: one page connection open, two more accepted (the
+    // oversized and flood sockets), two refused, two closed by the message policy.
+    let wanted = ["accepted 3", "missing_token 1", "origin_not_allowed 1"];
+    let upgrades = page
+        .wait_text("upgrades", |t| wanted.iter().all(|w| lines(t).contains(w)))
+        .await;
+    for w in wanted {
+        assert!(lines(&upgrades).contains(&w), "{w}:\n{upgrades}");
+    }
+    let wanted = ["client_message_too_big 1", "message_rate_exceeded 1"];
+    let closes = page
+        .wait_text("closes", |t| wanted.iter().all(|w| lines(t).contains(w)))
+        .await;
+    for w in wanted {
+        assert!(lines(&closes).contains(&w), "{w}:\n{closes}");
+    }
+    let open = page.wait_text("open", |t| t == "1").await;
+    assert_eq!(open, "1", "open connections");
+    if let Some(path) = std::env::var_os("WSGATE_DEMO_SCREENSHOT") {
+        page.screenshot(Path::new(&path)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_only_subprotocol_offer_opens_when_the_upstream_selects_none() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    // The upstream selects no subprotocol; the browser offers only its token entry.
+    let upstream = Upstream::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_port = listener.local_addr().unwrap().port();
+    let policy = format!(
+        "version: 1\n\
+         defaults:\n  \
+           upstream: {}\n  \
+           origin: {{allow: [\"http://127.0.0.1:{page_port}\"]}}\n  \
+           auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n\
+         routes:\n  \
+           - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let token = support::hs256_with(
+        SECRET,
+        json!({"sub": "browser", "exp": support::unix_now() + 300}),
+    );
+    let entry = format!("bearer.{token}");
+    let html = format!(
+        r#"<!doctype html><pre id="log"></pre><script>
+const log = (l) => {{ document.getElementById("log").textContent += l + "\n"; }};
+const ws = new WebSocket("wss://localhost:{port}/ws", ["{entry}"]);
+ws.onopen = () => {{ log("open"); log("protocol: " + ws.protocol); ws.send("one"); }};
+ws.onmessage = (e) => log("received: " + e.data);
+ws.onerror = () => log("error");
+ws.onclose = (e) => log("closed: code " + e.code);
+</script>"#,
+        port = gate.addr.port()
+    );
+    serve_page_on(listener, html, None);
+
+    let url = format!("http://127.0.0.1:{page_port}/");
+    let log = page_log(&chromium, &url, |lines| {
+        lines.contains(&"received: one") || lines.iter().any(|l| l.starts_with("closed:"))
+    })
+    .await;
+
+    let lines = lines(&log);
+    assert!(lines.contains(&"open"), "the socket did not open:\n{log}");
+    assert!(
+        lines.contains(&format!("protocol: {entry}").as_str()),
+        "ws.protocol is not the token entry:\n{log}"
+    );
+    assert!(lines.contains(&"received: one"), "no echo:\n{log}");
+    assert!(!lines.contains(&"error"), "{log}");
+    // The upstream never saw the token entry.
+    let seen = upstream.last_seen();
+    assert!(
+        seen.headers.get("sec-websocket-protocol").is_none(),
+        "{:?}",
+        seen.headers
+    );
+}
+
+/// Standard base64 (DevTools' screenshots); no dependency for one test helper.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let sextets: Vec<u8> = text.bytes().filter_map(value).collect();
+    sextets
+        .chunks(4)
+        .flat_map(|c| {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, s)| n | u32::from(*s) << (18 - 6 * i));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            bytes.into_iter().take(c.len().saturating_sub(1))
+        })
+        .collect()
 }
 
 fn lines(log: &str) -> Vec<&str> {
@@ -152,6 +342,7 @@ impl Browser {
                 "--no-first-run",
                 "--ignore-certificate-errors",
                 "--remote-debugging-port=0",
+                "--window-size=1200,900",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
@@ -210,53 +401,130 @@ impl Drop for Browser {
 /// Open `url` in a fresh headless Chromium and poll the page's `#log` until `done` holds
 /// for its lines or [`CHROMIUM_DEADLINE`] passes; returns the last log read.
 async fn page_log(chromium: &Path, url: &str, done: impl Fn(&[&str]) -> bool) -> String {
-    let mut browser = Browser::launch(chromium);
-    let deadline = Instant::now() + CHROMIUM_DEADLINE;
-    let run = async {
-        let mut cdp = Cdp::connect(&browser.devtools_url().await).await;
-        let target = cdp
-            .call(None, "Target.createTarget", json!({ "url": url }))
-            .await;
-        let target_id = target["targetId"].as_str().unwrap().to_owned();
-        let attached = cdp
-            .call(
-                None,
-                "Target.attachToTarget",
-                json!({ "targetId": target_id, "flatten": true }),
-            )
-            .await;
-        let session = attached["sessionId"].as_str().unwrap().to_owned();
-        let mut log = String::new();
-        while Instant::now() < deadline {
-            let evaluated = cdp
+    let mut page = Page::open(chromium, url).await;
+    page.wait_text("log", |log| done(&lines(log))).await
+}
+
+/// One page in a fresh headless Chromium, driven over DevTools; the browser is killed on
+/// drop. Every call is bounded: a browser that stops answering fails the test.
+struct Page {
+    cdp: Cdp,
+    session: String,
+    browser: Browser,
+}
+
+impl Page {
+    async fn open(chromium: &Path, url: &str) -> Page {
+        let mut browser = Browser::launch(chromium);
+        let opened = timeout(CHROMIUM_DEADLINE, async {
+            let mut cdp = Cdp::connect(&browser.devtools_url().await).await;
+            let target = cdp
+                .call(None, "Target.createTarget", json!({ "url": url }))
+                .await;
+            let target_id = target["targetId"].as_str().unwrap().to_owned();
+            let attached = cdp
                 .call(
-                    Some(&session),
-                    "Runtime.evaluate",
-                    json!({
-                        "expression": "document.getElementById('log')?.textContent ?? ''",
-                        "returnByValue": true,
-                    }),
+                    None,
+                    "Target.attachToTarget",
+                    json!({ "targetId": target_id, "flatten": true }),
                 )
                 .await;
-            log = evaluated["result"]["value"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            if done(&lines(&log)) {
-                break;
+            let session = attached["sessionId"].as_str().unwrap().to_owned();
+            (cdp, session)
+        })
+        .await;
+        match opened {
+            Ok((cdp, session)) => Page {
+                cdp,
+                session,
+                browser,
+            },
+            Err(_) => panic!(
+                "chromium did not open the page within {CHROMIUM_DEADLINE:?}:\n{}",
+                browser.stderr.lock().unwrap()
+            ),
+        }
+    }
+
+    /// Send a DevTools command to the page's session.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        let answered = timeout(DEADLINE, self.cdp.call(Some(&self.session), method, params)).await;
+        match answered {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "chromium did not answer {method} within {DEADLINE:?}:\n{}",
+                self.browser.stderr.lock().unwrap()
+            ),
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let evaluated = self
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+            )
+            .await;
+        evaluated["result"]["value"].clone()
+    }
+
+    /// The text of the element with this id ("" while there is none).
+    async fn text(&mut self, id: &str) -> String {
+        let expression = format!("document.getElementById('{id}')?.innerText ?? ''");
+        self.eval(&expression)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Poll the element's text until `done` holds or [`CHROMIUM_DEADLINE`] passes; returns
+    /// the last text read.
+    async fn wait_text(&mut self, id: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + CHROMIUM_DEADLINE;
+        loop {
+            let text = self.text(id).await;
+            if done(&text) || Instant::now() >= deadline {
+                return text;
             }
             sleep(Duration::from_millis(100)).await;
         }
-        log
-    };
-    // The poll loop stops at the deadline; this bounds a browser that stops answering.
-    let finished = timeout(CHROMIUM_DEADLINE + Duration::from_secs(1), run).await;
-    match finished {
-        Ok(log) => log,
-        Err(_) => panic!(
-            "chromium did not answer within {CHROMIUM_DEADLINE:?}:\n{}",
-            browser.stderr.lock().unwrap()
-        ),
+    }
+
+    /// Save a PNG of the page (for a person to look at: `WSGATE_DEMO_SCREENSHOT=PATH`).
+    async fn screenshot(&mut self, path: &Path) {
+        let shot = self
+            .call("Page.captureScreenshot", json!({ "format": "png" }))
+            .await;
+        let png = base64_decode(shot["data"].as_str().unwrap_or_default());
+        std::fs::write(path, png).unwrap();
+    }
+
+    async fn click(&mut self, id: &str) {
+        self.eval(&format!("document.getElementById('{id}').click()"))
+            .await;
+    }
+
+    /// Focus the element, type `text` into it and press Enter, as a user would.
+    async fn type_and_enter(&mut self, id: &str, text: &str) {
+        self.eval(&format!(
+            "(() => {{ const e = document.getElementById('{id}'); e.value = ''; e.focus(); }})()"
+        ))
+        .await;
+        self.call("Input.insertText", json!({ "text": text })).await;
+        for kind in ["keyDown", "keyUp"] {
+            let mut event = json!({
+                "type": kind,
+                "key": "Enter",
+                "code": "Enter",
+                "windowsVirtualKeyCode": 13,
+            });
+            if kind == "keyDown" {
+                event["text"] = json!("\r");
+            }
+            self.call("Input.dispatchKeyEvent", event).await;
+        }
     }
 }
 
@@ -407,14 +675,23 @@ impl Drop for Demo {
     }
 }
 
-/// Serve `html` at `/` over plain HTTP on 127.0.0.1:0 (404 elsewhere); returns the port.
-async fn serve_page(html: String) -> u16 {
+/// Serve `html` at `/`, and `token` (JSON) at `/demo/token`, over plain HTTP on
+/// 127.0.0.1:0 (404 elsewhere); returns the port.
+async fn serve_page(html: String, token: Option<String>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    serve_page_on(listener, html, token);
+    port
+}
+
+/// Serve `html` at `/`, and `token` (JSON) at `/demo/token`, over plain HTTP on
+/// `listener` (404 elsewhere).
+fn serve_page_on(listener: TcpListener, html: String, token: Option<String>) {
     let html = Arc::new(html);
+    let token = Arc::new(token);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            let html = html.clone();
+            let (html, token) = (html.clone(), token.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut chunk = [0u8; 2048];
@@ -428,13 +705,14 @@ async fn serve_page(html: String) -> u16 {
                 }
                 let request = String::from_utf8_lossy(&head);
                 let target = request.split(' ').nth(1).unwrap_or_default();
-                let (status, body) = if target == "/" || target.starts_with("/?") {
-                    ("200 OK", html.as_str())
-                } else {
-                    ("404 Not Found", "not found\n")
+                let (status, kind, body) = match (target, token.as_deref()) {
+                    ("/", _) => ("200 OK", "text/html", html.as_str()),
+                    (t, _) if t.starts_with("/?") => ("200 OK", "text/html", html.as_str()),
+                    ("/demo/token", Some(token)) => ("200 OK", "application/json", token),
+                    _ => ("404 Not Found", "text/plain", "not found\n"),
                 };
                 let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}; charset=utf-8\r\n\
                      Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
@@ -443,5 +721,4 @@ async fn serve_page(html: String) -> u16 {
             });
         }
     });
-    port
 }

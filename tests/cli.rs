@@ -359,6 +359,7 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let _guard = KillOnDrop(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -367,11 +368,14 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     });
     let mut port = None;
     let mut token = None;
+    let mut printed = Vec::new();
     let deadline = Instant::now() + DEADLINE;
-    while port.is_none() || token.is_none() {
+    // Up to the client command's URL, the last line printed.
+    while !printed.iter().any(|l: &String| l.contains("access_token=")) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("demo printed no URL and token");
+            .expect("demo printed no URL, token and client command");
+        printed.push(line.clone());
         if let Some(rest) = line.trim().strip_prefix("socket:") {
             port = rest
                 .trim()
@@ -385,7 +389,27 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
         }
     }
     let (port, token) = (port.unwrap(), token.unwrap());
-    let _guard = KillOnDrop(child);
+
+    // The client command installs into a virtual environment (Debian 12 refuses a bare
+    // `pip install`) and quotes its URL (a `?` is a glob in zsh).
+    let printed = printed.join("\n");
+    assert!(
+        printed.contains(
+            "\n  python3 -m venv /tmp/wsgate-venv && /tmp/wsgate-venv/bin/pip install websockets\n"
+        ),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .contains("SSL_CERT_FILE=certs/dev-ca.pem /tmp/wsgate-venv/bin/python -m websockets"),
+        "{printed}"
+    );
+    assert!(
+        printed.ends_with(&format!(
+            "\n    'wss://localhost:{port}/ws?access_token={token}'"
+        )),
+        "{printed}"
+    );
 
     // The development CA from certs/ verifies the demo's certificate.
     let ca = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.pem")).unwrap();
@@ -437,6 +461,53 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     assert_eq!(response.headers()["sec-websocket-protocol"], "echo");
     ws.send(Message::text("hello demo")).await.unwrap();
     assert_eq!(next_message_any(&mut ws).await, Message::text("hello demo"));
+
+    // GET /demo/token mints a new token on each call (what the page does on each
+    // connect), and the gate accepts it.
+    let mut fresh = Vec::new();
+    for _ in 0..2 {
+        let mut get = tls(connector.clone()).await;
+        get.write_all(b"GET /demo/token HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        get.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["expires_in"], 600, "{body}");
+        let page_token = body["token"].as_str().unwrap().to_owned();
+        let mut request = format!("wss://localhost:{port}/ws")
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            header_value(&format!("bearer.{page_token}")),
+        );
+        let stream = tls(connector.clone()).await;
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .unwrap();
+        ws.send(Message::text("fresh")).await.unwrap();
+        assert_eq!(next_message_any(&mut ws).await, Message::text("fresh"));
+        fresh.push(page_token);
+    }
+    assert_ne!(fresh[0], fresh[1], "the same token twice");
+    assert_ne!(fresh[0], token);
+    // Not for a name other than a loopback one (a page on a rebound DNS name).
+    let mut get = tls(connector.clone()).await;
+    get.write_all(
+        b"GET /demo/token HTTP/1.1\r\nHost: rebound.example:8443\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    get.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("answer only requests for localhost"),
+        "{answer}"
+    );
 
     // Without the token: 401.
     let stream = tls(connector).await;

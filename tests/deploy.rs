@@ -1122,7 +1122,7 @@ fn containerfile_build_stage_copies_what_cargo_needs() {
         .to_vec();
     // cargo refuses to parse a manifest whose declared [[bench]] file is missing.
     needed.extend(declared_benches().iter().map(|b| format!("benches/{b}.rs")));
-    // src/demo.rs compiles in the development certificate.
+    // src/demo/ compiles in the development certificate and CA.
     let compiled_in = compiled_in_files();
     assert!(
         compiled_in.iter().any(|f| f.starts_with("certs/")),
