@@ -33,7 +33,9 @@ pub const DEFAULT_UPGRADE_BURST: u32 = 5;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
 pub const DEFAULT_MAX_CONNECTIONS_PER_SUBJECT: u32 = 10;
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
-pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
+/// Also the frame limit when no `max_frame_bytes` is set (in the route or `defaults`): the
+/// frame limit follows the route's resolved `max_message_bytes`. Browsers and most client
+/// libraries send every message as one frame, so a lower frame limit only breaks them.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_MESSAGES_PER_SECOND: f64 = 100.0;
 pub const DEFAULT_MESSAGE_BURST: u32 = 200;

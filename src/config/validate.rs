@@ -744,20 +744,24 @@ impl Validator<'_> {
             }
             n.clamp(1, MAX_MESSAGE_BYTES_LIMIT) as usize
         };
-        let frame_found = pick!(p, messages.max_frame_bytes);
-        let frame_field = frame_found.as_ref().map(|(_, f)| f.clone());
-        let max_frame_bytes = bytes(self, frame_found, DEFAULT_MAX_FRAME_BYTES);
         let max_message_bytes = bytes(
             self,
             pick!(p, messages.max_message_bytes),
             DEFAULT_MAX_MESSAGE_BYTES,
         );
-        if max_frame_bytes > max_message_bytes {
-            self.err(
-                frame_field.unwrap_or_else(|| p.path("messages.max_frame_bytes")),
-                "must not exceed messages.max_message_bytes",
-            );
-        }
+        // Unset in the route and in `defaults`, the frame limit is the route's resolved
+        // message limit (a route that raises only max_message_bytes raises both).
+        let max_frame_bytes = match pick!(p, messages.max_frame_bytes) {
+            Some(found) => {
+                let field = found.1.clone();
+                let n = bytes(self, Some(found), DEFAULT_MAX_MESSAGE_BYTES);
+                if n > max_message_bytes {
+                    self.err(field, "must not exceed messages.max_message_bytes");
+                }
+                n
+            }
+            None => max_message_bytes,
+        };
         let per_second = pick!(p, messages.per_second)
             .map(|(n, _)| *n)
             .unwrap_or(DEFAULT_MESSAGES_PER_SECOND);
@@ -1011,6 +1015,43 @@ mod tests {
         );
         assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
+        let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
+        let policy = validate(&file, Path::new("."))?;
+        Ok(policy
+            .routes
+            .iter()
+            .map(|r| (r.messages.max_frame_bytes, r.messages.max_message_bytes))
+            .collect())
+    }
+
+    /// Unset everywhere, the frame limit is the route's own message limit; set in
+    /// `defaults`, it is inherited like any other field.
+    #[test]
+    fn the_frame_limit_follows_the_message_limit() {
+        let head = "version: 1\ndefaults:\n  auth: {required: false}\n";
+        let routes = "routes:\n  - path: /a\n  - path: /b\n    messages: {max_message_bytes: 4194304}\n  - path: /c\n    messages: {max_frame_bytes: 1000}\n";
+        assert_eq!(
+            messages_of(&format!("{head}{routes}")),
+            Ok(vec![
+                (1 << 20, 1 << 20),
+                (4 << 20, 4 << 20),
+                (1000, 1 << 20)
+            ])
+        );
+        let defaults = "  messages: {max_frame_bytes: 65536, max_message_bytes: 2097152}\n";
+        assert_eq!(
+            messages_of(&format!("{head}{defaults}{routes}")),
+            Ok(vec![(65536, 2 << 20), (65536, 4 << 20), (1000, 2 << 20)])
+        );
+        let low = "routes:\n  - path: /a\n    messages: {max_message_bytes: 100}\n";
+        let errors = messages_of(&format!(
+            "{head}  messages: {{max_frame_bytes: 200}}\n{low}"
+        ))
+        .unwrap_err();
+        assert_eq!(errors[0].field, "defaults.messages.max_frame_bytes");
     }
 
     #[test]
