@@ -106,6 +106,15 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// Something a valid policy does that is likely a mistake (a key no algorithm of its route
+/// can use), at a field path. `wsgate check` prints it and exits 0; loading and reloading
+/// log it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldWarning {
+    pub field: String,
+    pub message: String,
+}
+
 struct FieldErrors<'a> {
     path: &'a Path,
     errors: &'a [FieldError],
@@ -123,7 +132,8 @@ impl fmt::Display for FieldErrors<'_> {
     }
 }
 
-/// Read, parse and fully validate the policy at `path` (key and JWKS files included).
+/// Read, parse and fully validate the policy at `path` (key and JWKS files included). The
+/// warnings of a valid policy are logged, and kept in [`Loaded::warnings`].
 ///
 /// Blocking: call it from `spawn_blocking` inside the runtime.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
@@ -131,7 +141,11 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    load_bytes(path, &bytes)
+    let loaded = load_bytes(path, &bytes)?;
+    for w in &loaded.warnings {
+        tracing::warn!(path = %path.display(), field = %w.field, "policy warning: {}", w.message);
+    }
+    Ok(loaded)
 }
 
 /// Parse and validate policy bytes that were read from `path` (relative key paths are
@@ -154,13 +168,14 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
     let document: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(syntax)?;
     let parsed: file::PolicyFile = serde_yaml::from_slice(bytes).map_err(syntax)?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let policy = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
+    let (policy, warnings) = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
         path: path.to_owned(),
         errors,
     })?;
     let document = serde_json::to_value(document).unwrap_or_default();
     Ok(Loaded {
         policy,
+        warnings,
         document,
         sha256: sha256_hex(bytes),
         loaded_at: SystemTime::now(),

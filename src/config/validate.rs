@@ -36,10 +36,15 @@ fn has_userinfo(uri: &Uri) -> bool {
 const NO_CREDENTIALS: &str = "credentials in a URL are not supported (wsgate never sends them, \
                               and URLs appear in logs and /policy): remove the user:password@ part";
 
-/// Validate a parsed policy file; relative file paths are resolved against `base`.
-pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError>> {
+/// Validate a parsed policy file; relative file paths are resolved against `base`. A valid
+/// policy comes with the warnings found (things that work but are likely mistakes).
+pub fn validate(
+    file: &PolicyFile,
+    base: &Path,
+) -> Result<(Policy, Vec<FieldWarning>), Vec<FieldError>> {
     let mut v = Validator {
         errors: Vec::new(),
+        warnings: Vec::new(),
         base,
         files: Vec::new(),
     };
@@ -98,17 +103,45 @@ pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError
     routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
     v.files.sort();
     v.files.dedup();
-    Ok(Policy {
+    let mut seen = HashSet::new();
+    v.warnings.retain(|w| seen.insert(w.clone()));
+    let policy = Policy {
         mode,
         trusted_proxies,
         max_connections: max_connections as usize,
         routes,
         files: v.files,
-    })
+    };
+    Ok((policy, v.warnings))
+}
+
+/// The key families a route's `auth.algorithms` names, for the keys it lists.
+struct Families<'a> {
+    names: HashSet<KeyFamily>,
+    /// Where the algorithms were set, and the route (`routes[i]`) they apply to.
+    field: String,
+    route: &'a str,
+}
+
+impl Families<'_> {
+    /// The warning for a key no algorithm of the route can use.
+    fn unused(&self, family: KeyFamily) -> String {
+        let what = match family {
+            KeyFamily::Hmac => "an HMAC secret, but no HS* algorithm",
+            KeyFamily::Rsa => "an RSA key, but no RS*/PS* algorithm",
+            KeyFamily::Ec => "an EC key, but no ES* algorithm",
+            KeyFamily::Ed => "an Ed25519 key, but no EdDSA algorithm",
+        };
+        format!(
+            "{what} is in {} (for {}): the key is never used",
+            self.field, self.route
+        )
+    }
 }
 
 struct Validator<'a> {
     errors: Vec<FieldError>,
+    warnings: Vec<FieldWarning>,
     base: &'a Path,
     /// Files read while validating.
     files: Vec<PathBuf>,
@@ -154,6 +187,13 @@ macro_rules! pick {
 }
 
 impl Validator<'_> {
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(FieldWarning {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
     fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError {
             field: field.into(),
@@ -403,20 +443,21 @@ impl Validator<'_> {
                 p.path("auth.algorithms"),
             ),
         };
-        let families: HashSet<KeyFamily> = algorithms.iter().map(|a| KeyFamily::of(*a)).collect();
-        if families.contains(&KeyFamily::Hmac) && families.len() > 1 {
-            self.err(
-                &alg_field,
-                "HMAC (HS*) and public-key algorithms may not be mixed on one route: \
-                 a public key could then be used as an HMAC secret (key confusion)",
-            );
-        }
+        // HMAC and public-key algorithms may be listed together (an issuer moving from
+        // HS256 to RS256): a token is only ever tried against keys of its `alg`'s family,
+        // so a public key never serves as an HMAC secret (admission::token::try_keys).
+        let families = Families {
+            names: algorithms.iter().map(|a| KeyFamily::of(*a)).collect(),
+            field: alg_field,
+            route: p.at,
+        };
 
         let mut keys = Vec::new();
         let mut jwks_urls = Vec::new();
+        let mut unusable = 0;
         let keys_field = pick!(p, auth.keys).map(|(list, field)| {
             for (i, k) in list.iter().enumerate() {
-                self.key(
+                unusable += self.key(
                     &format!("{field}[{i}]"),
                     k,
                     &families,
@@ -429,7 +470,11 @@ impl Validator<'_> {
         if required && keys.is_empty() && jwks_urls.is_empty() {
             self.err(
                 keys_field.unwrap_or_else(|| p.path("auth.keys")),
-                "auth is required but no keys are configured",
+                if unusable > 0 {
+                    "auth is required but no configured key is of a family auth.algorithms names"
+                } else {
+                    "auth is required but no keys are configured"
+                },
             );
         }
 
@@ -530,14 +575,16 @@ impl Validator<'_> {
         out
     }
 
+    /// Load one `auth.keys` entry into `keys` (or `jwks_urls`). Returns how many of its
+    /// keys were left out, with a warning, for being of a family no algorithm names.
     fn key(
         &mut self,
         at: &str,
         k: &file::KeyFile,
-        families: &HashSet<KeyFamily>,
+        families: &Families<'_>,
         keys: &mut Vec<Key>,
         jwks_urls: &mut Vec<JwksUrl>,
-    ) {
+    ) -> usize {
         let sources = [
             k.hmac_secret_env.is_some(),
             k.hmac_secret_file.is_some(),
@@ -551,7 +598,7 @@ impl Validator<'_> {
                 "exactly one of hmac_secret_env, hmac_secret_file, public_key_file, jwks_file, \
                  jwks_url must be set",
             );
-            return;
+            return 0;
         }
         if k.refresh_seconds.is_some() && k.jwks_url.is_none() {
             self.err(format!("{at}.refresh_seconds"), "only applies to jwks_url");
@@ -559,18 +606,14 @@ impl Validator<'_> {
         if k.kid.is_some() && (k.jwks_file.is_some() || k.jwks_url.is_some()) {
             self.err(format!("{at}.kid"), "a JWKS names its keys itself");
         }
+        let mut unusable = 0;
         let mut check_family = |v: &mut Self, field: &str, family: KeyFamily| {
-            if !families.contains(&family) {
-                v.err(
-                    field,
-                    format!(
-                        "a {family:?} key, but no algorithm of that family is in auth.algorithms"
-                    ),
-                );
-                false
-            } else {
-                true
+            let usable = families.names.contains(&family);
+            if !usable {
+                unusable += 1;
+                v.warn(field, families.unused(family));
             }
+            usable
         };
 
         if let Some(var) = &k.hmac_secret_env {
@@ -596,7 +639,10 @@ impl Validator<'_> {
             let field = format!("{at}.public_key_file");
             let pem = match std::fs::read(self.resolve(path)) {
                 Ok(pem) => pem,
-                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+                Err(e) => {
+                    self.err(field, format!("cannot read {path}: {e}"));
+                    return 0;
+                }
             };
             let parsed = DecodingKey::from_rsa_pem(&pem)
                 .map(|k| (KeyFamily::Rsa, k))
@@ -622,7 +668,10 @@ impl Validator<'_> {
             let field = format!("{at}.jwks_file");
             let text = match std::fs::read(self.resolve(path)) {
                 Ok(text) => text,
-                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+                Err(e) => {
+                    self.err(field, format!("cannot read {path}: {e}"));
+                    return 0;
+                }
             };
             match parse_jwks(&text) {
                 Ok(found) if found.is_empty() => self.err(field, "the key set has no usable keys"),
@@ -650,6 +699,7 @@ impl Validator<'_> {
                 refresh: Duration::from_secs(refresh),
             });
         }
+        unusable
     }
 
     fn hmac_key(
@@ -1019,7 +1069,7 @@ mod tests {
 
     fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
         let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
-        let policy = validate(&file, Path::new("."))?;
+        let (policy, _) = validate(&file, Path::new("."))?;
         Ok(policy
             .routes
             .iter()
