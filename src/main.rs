@@ -102,6 +102,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { path } => match config::load(&path) {
             Ok(loaded) => {
+                for w in &loaded.warnings {
+                    eprintln!("{}: {}: warning: {}", path.display(), w.field, w.message);
+                }
                 println!(
                     "{}: valid ({} routes, sha256 {})",
                     path.display(),

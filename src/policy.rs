@@ -271,6 +271,8 @@ pub struct Heartbeat {
 #[derive(Debug)]
 pub struct Loaded {
     pub policy: Policy,
+    /// What validation found likely wrong but not invalid (logged when loaded).
+    pub warnings: Vec<crate::config::FieldWarning>,
     /// The file as loaded, as JSON (it holds names of secrets, never secrets).
     pub document: serde_json::Value,
     /// Hex sha256 of the file's bytes.

@@ -543,6 +543,9 @@ struct Direction {
     stalled_since: Option<Instant>,
     /// The destination's byte count when the stall began (or last made progress).
     stall_written: u64,
+    /// How many times the destination has started refusing bytes (heartbeat liveness:
+    /// a client the gate had to wait for, and that took bytes since, is reading).
+    stalls: u64,
     counts: Counts,
     /// Frames of any kind read from the source (heartbeat liveness).
     frames: u64,
@@ -568,6 +571,7 @@ impl Direction {
             needs_flush: false,
             stalled_since: None,
             stall_written: 0,
+            stalls: 0,
             counts: Counts::default(),
             frames: 0,
             last_data: now,
@@ -663,6 +667,7 @@ impl Direction {
         if self.stalled_since.is_none() {
             self.stalled_since = Some(Instant::now());
             self.stall_written = dst.get_ref().written;
+            self.stalls += 1;
             return Poll::Ready(Event::Stalled);
         }
         Poll::Pending
@@ -683,8 +688,14 @@ impl Direction {
 enum Heartbeat {
     /// Send the next ping at this time.
     PingAt(Instant),
-    /// A ping went out at `sent`; `frames` client frames had been read by then.
-    Awaiting { sent: Instant, frames: u64 },
+    /// A ping went out (or was due, if the client was taking no bytes) at `sent`; by then
+    /// `frames` client frames had been read and writes to the client had stalled `stalls`
+    /// times.
+    Awaiting {
+        sent: Instant,
+        frames: u64,
+        stalls: u64,
+    },
 }
 
 /// Every deadline a connection has; one `Sleep` is set to the earliest of them.
@@ -743,10 +754,21 @@ impl Deadlines {
             return Some(CloseReason::IdleTimeout);
         }
         match self.heartbeat {
-            Heartbeat::Awaiting { sent, frames } if now >= sent + self.heartbeat_timeout => {
+            Heartbeat::Awaiting {
+                sent,
+                frames,
+                stalls,
+            } if now >= sent + self.heartbeat_timeout => {
                 // While the upstream takes nothing the gate reads nothing from the client,
                 // so its pong may be waiting unread: the write deadline judges that case.
-                if c2u.frames == frames && c2u.stalled_since.is_none() {
+                let upstream_behind = c2u.stalled_since.is_some();
+                // A client behind on what the gate sends it reads the ping (or gets it)
+                // only after the backlog: if writes to it stalled since the ping, it either
+                // took bytes since (it is reading, however slowly) or is stalled now, and
+                // the write deadline judges it. Bytes the kernel takes into a buffer that
+                // never filled prove nothing, so they do not count.
+                let client_behind = u2c.stalled_since.is_some() || u2c.stalls != stalls;
+                if c2u.frames == frames && !upstream_behind && !client_behind {
                     return Some(CloseReason::HeartbeatTimeout);
                 }
                 if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {
@@ -776,6 +798,7 @@ impl Deadlines {
                 self.heartbeat = Heartbeat::Awaiting {
                     sent: now,
                     frames: c2u.frames,
+                    stalls: u2c.stalls,
                 };
             }
             _ => {}

@@ -148,6 +148,51 @@ async fn over_the_upgrade_rate_is_429_rate_limited_with_retry_after() {
     assert_eq!(upstream.seen_count(), 2);
 }
 
+/// With the built-in rate and caps, a reconnect storm of 100 clients behind one address
+/// (an office NAT after a restart) gets through at once and stays connected, while the
+/// same address flooding afterwards is held to the steady rate.
+#[tokio::test]
+async fn a_reconnect_storm_behind_one_address_passes_and_a_flood_is_held_to_the_rate() {
+    const RATE: f64 = 20.0;
+    const BURST: usize = 100;
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let started = Instant::now();
+    let storm = futures_util::future::join_all((0..BURST).map(|_| gate.connect("/ws"))).await;
+    let held: Vec<_> = storm.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(held.len(), BURST, "the storm was refused in part");
+    drop(held);
+    // Then 10 concurrent loops, 400 attempts in all, as fast as the gate answers.
+    let attempts = 400;
+    let results = futures_util::future::join_all((0..10).map(|_| async {
+        let mut admitted = 0;
+        let mut refused = Vec::new();
+        for _ in 0..attempts / 10 {
+            match gate.connect("/ws").await {
+                Ok(_) => admitted += 1,
+                Err(e) => refused.push(refusal(Err(e))),
+            }
+        }
+        (admitted, refused)
+    }))
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted: usize = results.iter().map(|r| r.0).sum();
+    for (status, _, body) in results.iter().flat_map(|r| &r.1) {
+        assert_eq!(
+            (*status, body["error"].as_str()),
+            (429, Some("rate_limited"))
+        );
+    }
+    // The bucket refills at RATE from the start of the storm: nothing more gets through.
+    let allowed = (RATE * elapsed).ceil() as usize + 1;
+    assert!(
+        admitted <= allowed,
+        "{admitted} of {attempts} admitted in {elapsed:.2} s after the storm (at most {allowed})"
+    );
+    eprintln!("flood: {admitted} of {attempts} admitted, {elapsed:.2} s");
+}
+
 #[tokio::test]
 async fn ipv6_clients_share_a_bucket_per_prefix() {
     let upstream = Upstream::start().await;

@@ -46,7 +46,8 @@ fn frame_rows() -> Vec<FrameRow> {
     top_bit.extend_from_slice(&(1u64 << 63).to_be_bytes());
     top_bit.extend_from_slice(&[0, 0, 0, 0]);
     let mut oversize = vec![0x82, 0x80 | 127];
-    oversize.extend_from_slice(&70_000u64.to_be_bytes());
+    // Over the built-in frame limit (the route's 1 MiB message limit).
+    oversize.extend_from_slice(&2_000_000u64.to_be_bytes());
     oversize.extend_from_slice(&[0, 0, 0, 0]);
     let mut split_utf8 = frame(0x01, &[b'a', 0xc3], true);
     split_utf8.extend(frame(0x80, &[0x28], true));

@@ -51,6 +51,30 @@ fn every_shipped_policy_passes_check() {
 }
 
 #[test]
+fn check_warns_about_a_key_no_algorithm_uses_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let rsa = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys/rsa.pub.pem");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\ndefaults:\n  auth: {{algorithms: [RS256], keys: [{{public_key_file: \"{}\"}}]}}\nroutes:\n  - path: /ws\n    auth:\n      keys:\n        - public_key_file: \"{}\"\n        - hmac_secret_env: WSGATE_JWT_SECRET\n",
+            rsa.display(),
+            rsa.display()
+        ),
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    let expected = format!(
+        "{}: routes[0].auth.keys[1].hmac_secret_env: warning: ",
+        path.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert!(text.contains("valid (1 routes"), "{text}");
+}
+
+#[test]
 fn check_reports_syntax_errors_with_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");

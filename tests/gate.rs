@@ -78,6 +78,37 @@ async fn oversized_client_message_gets_1009_and_upstream_1001() {
     ));
 }
 
+/// Browsers and client libraries send each message as one frame: with the built-in limits
+/// a 1 MiB message in one frame goes through, and one byte more is 1009.
+#[tokio::test]
+async fn a_one_mib_message_in_one_frame_passes_with_the_built_in_limits() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let mib = vec![6u8; 1024 * 1024];
+    client.send(Message::binary(mib.clone())).await.unwrap();
+    match next_message(&mut client).await {
+        Message::Binary(b) => assert!(b == mib, "the echo differs"),
+        other => panic!(
+            "expected the echo, got a {} byte {:?}",
+            other.len(),
+            other.is_close()
+        ),
+    }
+    client
+        .send(Message::binary(vec![6u8; 1024 * 1024 + 1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_close(&mut client).await,
+        (1009, "message too big".into())
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
 #[tokio::test]
 async fn oversized_message_split_in_small_frames_gets_1009() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};

@@ -316,3 +316,100 @@ async fn a_stalled_upstream_is_not_blamed_on_the_clients_heartbeat() {
         (1014, "upstream unavailable".into())
     );
 }
+
+/// How many connections of route `ws` closed with `reason`, from the admin metrics.
+async fn closes(gate: &TestGate, reason: &str) -> f64 {
+    let (_, metrics) = admin_fetch(gate.admin, "/metrics").await;
+    let series = format!("wsgate_closes_total{{route=\"ws\",reason=\"{reason}\"}}");
+    metric_sample(&metrics, &series).unwrap_or(0.0)
+}
+
+/// A heartbeat ten times faster than the write deadline (which is generous, so that a
+/// slow reader on a busy machine still takes some bytes within it).
+const FAST_HEARTBEAT: &str =
+    "    timeouts: {write_seconds: 2}\n    heartbeat: {interval_seconds: 0.2, timeout_seconds: 0.2}\n";
+
+#[tokio::test]
+async fn a_slow_reader_outlives_many_heartbeat_timeouts() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), FAST_HEARTBEAT)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // The upstream floods; the client reads one 16 KiB message every 5 ms (about 3 MB/s),
+    // always behind, so the gate's pings wait behind the backlog (or cannot be written at
+    // all) far longer than the 0.2 s heartbeat timeout. It reads, so it is alive.
+    client
+        .send(Message::text("flood 1000000 16384"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        match tokio::time::timeout(DEADLINE, client.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => assert_eq!(b.len(), 16384),
+            Ok(Some(Ok(m))) if m.is_ping() || m.is_pong() => continue,
+            Ok(other) => panic!(
+                "closed after {:.2} s and {got} messages: {other:?}",
+                secs(started.elapsed())
+            ),
+            Err(_) => panic!("no message in time"),
+        }
+        got += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(got >= 100, "read only {got} messages");
+    assert!(
+        upstream.ended.lock().unwrap().is_empty(),
+        "the slow reader was closed"
+    );
+    assert_eq!(closes(&gate, "heartbeat_timeout").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_dropped_at_write_seconds_not_by_the_heartbeat() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), FAST_HEARTBEAT)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    client
+        .send(Message::text("flood 1000000 16384"))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        next_message(&mut client).await;
+    }
+    // Now it reads nothing more: the gate's writes stall for good.
+    let stopped = Instant::now();
+    let ended = upstream.wait_ended(0).await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(9),
+        "dropped after {} s",
+        secs(took)
+    );
+    // The upstream, busy sending its flood, may see the connection go before the 1001.
+    assert!(
+        matches!(ended, Ended::Close(1001, _) | Ended::Dropped),
+        "{ended:?}"
+    );
+    assert_eq!(closes(&gate, "client_write_timeout").await, 1.0);
+    assert_eq!(closes(&gate, "heartbeat_timeout").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_by_the_heartbeat_though_its_buffers_take_bytes() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), FAST_HEARTBEAT)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // A few small messages the kernel takes without the client reading: bytes accepted
+    // into buffers that never fill are no sign of life.
+    client.send(Message::text("flood 5 1024")).await.unwrap();
+    let started = Instant::now();
+    let ended = upstream.wait_ended(0).await;
+    let took = started.elapsed();
+    assert_eq!(ended, Ended::Close(1001, String::new()));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "closed after {} s",
+        secs(took)
+    );
+    assert_eq!(closes(&gate, "heartbeat_timeout").await, 1.0);
+}

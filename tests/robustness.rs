@@ -777,7 +777,7 @@ async fn assert_still_serving_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_frames_whose_payload_never_comes_cost_little_and_close_at_idle() {
-    // Each connection declares a 64,000-byte binary frame (under max_frame_bytes 65536)
+    // Each connection declares a 64,000-byte binary frame (under the 1 MiB max_frame_bytes)
     // and sends 10 bytes of it. tungstenite reserves the declared length (address space,
     // bounded by max_frame_bytes), but only bytes that arrive are ever written, so the
     // resident memory is what the attackers actually sent. The idle deadline closes all.

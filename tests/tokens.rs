@@ -735,35 +735,72 @@ async fn hs256_signed_with_the_rsa_public_key_is_invalid() {
     .await;
 }
 
+/// An issuer moving from HS256 to RS256: one route lists both, with a secret and a public
+/// key. Each token is verified with keys of its own algorithm's family only, so the public
+/// key never serves as an HMAC secret.
+#[tokio::test]
+async fn a_route_listing_hs256_and_rs256_accepts_both_and_keeps_the_families_apart() {
+    let upstream = Upstream::start().await;
+    let auth = format!(
+        "{{algorithms: [HS256, RS256], keys: [{{hmac_secret_file: secret}}, {{public_key_file: \"{}\"}}]}}",
+        key_path("rsa.pub.pem")
+    );
+    let gate = TestGate::start(&auth_policy(&upstream.url(), &auth)).await;
+    admitted(&gate, &hs256(&claims(json!({})))).await;
+    admitted(
+        &gate,
+        &signed(Algorithm::RS256, "rsa.key", None, &claims(json!({}))),
+    )
+    .await;
+    // Key confusion: an HS256 MAC computed with the public key's PEM as the secret.
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(json!({})),
+        &EncodingKey::from_secret(&read_key("rsa.pub.pem")),
+    )
+    .unwrap();
+    invalid(&gate, &forged).await;
+    // The same MAC under a header claiming RS256.
+    let mut parts: Vec<String> = forged.split('.').map(str::to_owned).collect();
+    parts[0] = b64url(br#"{"typ":"JWT","alg":"RS256"}"#);
+    invalid(&gate, &parts.join(".")).await;
+    assert_eq!(upstream.seen_count(), 2);
+}
+
+/// A key no algorithm of its route can use is a warning, not an error; a route left with
+/// no usable key at all is still an error.
 #[test]
-fn mixing_hmac_and_public_key_algorithms_is_refused_at_load() {
+fn a_key_of_a_family_no_algorithm_names_is_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), SECRET).unwrap();
     let policy_path = dir.path().join("policy.yaml");
     let policy = auth_policy(
         "ws://127.0.0.1:9",
         &format!(
-            "{{algorithms: [HS256, RS256], keys: [{{hmac_secret_file: secret}}, {{public_key_file: \"{}\"}}]}}",
+            "{{algorithms: [RS256], keys: [{{hmac_secret_file: secret}}, {{public_key_file: \"{}\"}}]}}",
             key_path("rsa.pub.pem")
         ),
     );
-    let err = match wsgate::config::load_bytes(&policy_path, policy.as_bytes()) {
-        Ok(_) => panic!("a policy mixing HS256 and RS256 was accepted"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("key confusion"), "{err}");
-    assert!(err.contains("auth.algorithms"), "{err}");
-
-    // Also on a route, over a safe default.
-    let policy = format!(
-        "{}    auth: {{algorithms: [RS256, HS512], keys: [{{hmac_secret_file: secret}}]}}\n",
-        auth_policy("ws://127.0.0.1:9", &hmac_auth(""))
+    let loaded = wsgate::config::load_bytes(&policy_path, policy.as_bytes())
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+    let fields: Vec<&str> = loaded.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["defaults.auth.keys[0].hmac_secret_file"]);
+    assert!(
+        loaded.warnings[0].message.contains("HS*"),
+        "{:?}",
+        loaded.warnings
     );
-    let err = match wsgate::config::load_bytes(&policy_path, policy.as_bytes()) {
-        Ok(_) => panic!("a route mixing RS256 and HS512 was accepted"),
+
+    let only_hmac = auth_policy(
+        "ws://127.0.0.1:9",
+        "{algorithms: [RS256], keys: [{hmac_secret_file: secret}]}",
+    );
+    let err = match wsgate::config::load_bytes(&policy_path, only_hmac.as_bytes()) {
+        Ok(_) => panic!("a route with no usable key was accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("key confusion"), "{err}");
+    assert!(err.contains("defaults.auth.keys"), "{err}");
+    assert!(err.contains("no configured key"), "{err}");
 }
 
 #[tokio::test]

@@ -28,12 +28,26 @@ pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
 pub const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256"];
 pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
 pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 300;
-pub const DEFAULT_UPGRADES_PER_SECOND: f64 = 2.0;
-pub const DEFAULT_UPGRADE_BURST: u32 = 5;
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
+/// Upgrades per second per client key, after the burst. One address is often many clients
+/// (an office NAT, a carrier-grade NAT, a corporate proxy), and every one of them
+/// reconnects after a restart or a network blip. 20/s keeps up with a hundred users behind
+/// one address who each reconnect every few seconds (multi-page apps reconnect on every
+/// page load), where nginx's usual per-IP `rate=10r/s burst=20` counts every page asset;
+/// a single host flooding at thousands per second still has 99% refused.
+pub const DEFAULT_UPGRADES_PER_SECOND: f64 = 20.0;
+/// The bucket: a reconnect storm of 100 clients behind one address all get through at
+/// once (Socket.IO clients come back 0.5-1.5 s after a restart, then back off up to 5 s,
+/// so the storm is about one second wide); 2/s with a burst of 5 took 30 clients 18 s
+/// and 107 refusals.
+pub const DEFAULT_UPGRADE_BURST: u32 = 100;
+/// Open connections per client key: room for the reconnect storm above with two tabs
+/// each. The per-subject cap, not this one, is what bounds one user.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 200;
 pub const DEFAULT_MAX_CONNECTIONS_PER_SUBJECT: u32 = 10;
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
-pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
+/// Also the frame limit when no `max_frame_bytes` is set (in the route or `defaults`): the
+/// frame limit follows the route's resolved `max_message_bytes`. Browsers and most client
+/// libraries send every message as one frame, so a lower frame limit only breaks them.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_MESSAGES_PER_SECOND: f64 = 100.0;
 pub const DEFAULT_MESSAGE_BURST: u32 = 200;
@@ -92,6 +106,15 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// Something a valid policy does that is likely a mistake (a key no algorithm of its route
+/// can use), at a field path. `wsgate check` prints it and exits 0; loading and reloading
+/// log it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldWarning {
+    pub field: String,
+    pub message: String,
+}
+
 struct FieldErrors<'a> {
     path: &'a Path,
     errors: &'a [FieldError],
@@ -109,7 +132,8 @@ impl fmt::Display for FieldErrors<'_> {
     }
 }
 
-/// Read, parse and fully validate the policy at `path` (key and JWKS files included).
+/// Read, parse and fully validate the policy at `path` (key and JWKS files included). The
+/// warnings of a valid policy are logged, and kept in [`Loaded::warnings`].
 ///
 /// Blocking: call it from `spawn_blocking` inside the runtime.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
@@ -117,7 +141,11 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    load_bytes(path, &bytes)
+    let loaded = load_bytes(path, &bytes)?;
+    for w in &loaded.warnings {
+        tracing::warn!(path = %path.display(), field = %w.field, "policy warning: {}", w.message);
+    }
+    Ok(loaded)
 }
 
 /// Parse and validate policy bytes that were read from `path` (relative key paths are
@@ -140,13 +168,14 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
     let document: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(syntax)?;
     let parsed: file::PolicyFile = serde_yaml::from_slice(bytes).map_err(syntax)?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let policy = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
+    let (policy, warnings) = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
         path: path.to_owned(),
         errors,
     })?;
     let document = serde_json::to_value(document).unwrap_or_default();
     Ok(Loaded {
         policy,
+        warnings,
         document,
         sha256: sha256_hex(bytes),
         loaded_at: SystemTime::now(),

@@ -36,10 +36,15 @@ fn has_userinfo(uri: &Uri) -> bool {
 const NO_CREDENTIALS: &str = "credentials in a URL are not supported (wsgate never sends them, \
                               and URLs appear in logs and /policy): remove the user:password@ part";
 
-/// Validate a parsed policy file; relative file paths are resolved against `base`.
-pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError>> {
+/// Validate a parsed policy file; relative file paths are resolved against `base`. A valid
+/// policy comes with the warnings found (things that work but are likely mistakes).
+pub fn validate(
+    file: &PolicyFile,
+    base: &Path,
+) -> Result<(Policy, Vec<FieldWarning>), Vec<FieldError>> {
     let mut v = Validator {
         errors: Vec::new(),
+        warnings: Vec::new(),
         base,
         files: Vec::new(),
     };
@@ -98,17 +103,45 @@ pub fn validate(file: &PolicyFile, base: &Path) -> Result<Policy, Vec<FieldError
     routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
     v.files.sort();
     v.files.dedup();
-    Ok(Policy {
+    let mut seen = HashSet::new();
+    v.warnings.retain(|w| seen.insert(w.clone()));
+    let policy = Policy {
         mode,
         trusted_proxies,
         max_connections: max_connections as usize,
         routes,
         files: v.files,
-    })
+    };
+    Ok((policy, v.warnings))
+}
+
+/// The key families a route's `auth.algorithms` names, for the keys it lists.
+struct Families<'a> {
+    names: HashSet<KeyFamily>,
+    /// Where the algorithms were set, and the route (`routes[i]`) they apply to.
+    field: String,
+    route: &'a str,
+}
+
+impl Families<'_> {
+    /// The warning for a key no algorithm of the route can use.
+    fn unused(&self, family: KeyFamily) -> String {
+        let what = match family {
+            KeyFamily::Hmac => "an HMAC secret, but no HS* algorithm",
+            KeyFamily::Rsa => "an RSA key, but no RS*/PS* algorithm",
+            KeyFamily::Ec => "an EC key, but no ES* algorithm",
+            KeyFamily::Ed => "an Ed25519 key, but no EdDSA algorithm",
+        };
+        format!(
+            "{what} is in {} (for {}): the key is never used",
+            self.field, self.route
+        )
+    }
 }
 
 struct Validator<'a> {
     errors: Vec<FieldError>,
+    warnings: Vec<FieldWarning>,
     base: &'a Path,
     /// Files read while validating.
     files: Vec<PathBuf>,
@@ -154,6 +187,13 @@ macro_rules! pick {
 }
 
 impl Validator<'_> {
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(FieldWarning {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
     fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError {
             field: field.into(),
@@ -403,20 +443,21 @@ impl Validator<'_> {
                 p.path("auth.algorithms"),
             ),
         };
-        let families: HashSet<KeyFamily> = algorithms.iter().map(|a| KeyFamily::of(*a)).collect();
-        if families.contains(&KeyFamily::Hmac) && families.len() > 1 {
-            self.err(
-                &alg_field,
-                "HMAC (HS*) and public-key algorithms may not be mixed on one route: \
-                 a public key could then be used as an HMAC secret (key confusion)",
-            );
-        }
+        // HMAC and public-key algorithms may be listed together (an issuer moving from
+        // HS256 to RS256): a token is only ever tried against keys of its `alg`'s family,
+        // so a public key never serves as an HMAC secret (admission::token::try_keys).
+        let families = Families {
+            names: algorithms.iter().map(|a| KeyFamily::of(*a)).collect(),
+            field: alg_field,
+            route: p.at,
+        };
 
         let mut keys = Vec::new();
         let mut jwks_urls = Vec::new();
+        let mut unusable = 0;
         let keys_field = pick!(p, auth.keys).map(|(list, field)| {
             for (i, k) in list.iter().enumerate() {
-                self.key(
+                unusable += self.key(
                     &format!("{field}[{i}]"),
                     k,
                     &families,
@@ -429,7 +470,11 @@ impl Validator<'_> {
         if required && keys.is_empty() && jwks_urls.is_empty() {
             self.err(
                 keys_field.unwrap_or_else(|| p.path("auth.keys")),
-                "auth is required but no keys are configured",
+                if unusable > 0 {
+                    "auth is required but no configured key is of a family auth.algorithms names"
+                } else {
+                    "auth is required but no keys are configured"
+                },
             );
         }
 
@@ -534,14 +579,16 @@ impl Validator<'_> {
         out
     }
 
+    /// Load one `auth.keys` entry into `keys` (or `jwks_urls`). Returns how many of its
+    /// keys were left out, with a warning, for being of a family no algorithm names.
     fn key(
         &mut self,
         at: &str,
         k: &file::KeyFile,
-        families: &HashSet<KeyFamily>,
+        families: &Families<'_>,
         keys: &mut Vec<Key>,
         jwks_urls: &mut Vec<JwksUrl>,
-    ) {
+    ) -> usize {
         let sources = [
             k.hmac_secret_env.is_some(),
             k.hmac_secret_file.is_some(),
@@ -555,7 +602,7 @@ impl Validator<'_> {
                 "exactly one of hmac_secret_env, hmac_secret_file, public_key_file, jwks_file, \
                  jwks_url must be set",
             );
-            return;
+            return 0;
         }
         if k.refresh_seconds.is_some() && k.jwks_url.is_none() {
             self.err(format!("{at}.refresh_seconds"), "only applies to jwks_url");
@@ -563,18 +610,14 @@ impl Validator<'_> {
         if k.kid.is_some() && (k.jwks_file.is_some() || k.jwks_url.is_some()) {
             self.err(format!("{at}.kid"), "a JWKS names its keys itself");
         }
+        let mut unusable = 0;
         let mut check_family = |v: &mut Self, field: &str, family: KeyFamily| {
-            if !families.contains(&family) {
-                v.err(
-                    field,
-                    format!(
-                        "a {family:?} key, but no algorithm of that family is in auth.algorithms"
-                    ),
-                );
-                false
-            } else {
-                true
+            let usable = families.names.contains(&family);
+            if !usable {
+                unusable += 1;
+                v.warn(field, families.unused(family));
             }
+            usable
         };
 
         if let Some(var) = &k.hmac_secret_env {
@@ -600,7 +643,10 @@ impl Validator<'_> {
             let field = format!("{at}.public_key_file");
             let pem = match std::fs::read(self.resolve(path)) {
                 Ok(pem) => pem,
-                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+                Err(e) => {
+                    self.err(field, format!("cannot read {path}: {e}"));
+                    return 0;
+                }
             };
             let parsed = DecodingKey::from_rsa_pem(&pem)
                 .map(|k| (KeyFamily::Rsa, k))
@@ -626,7 +672,10 @@ impl Validator<'_> {
             let field = format!("{at}.jwks_file");
             let text = match std::fs::read(self.resolve(path)) {
                 Ok(text) => text,
-                Err(e) => return self.err(field, format!("cannot read {path}: {e}")),
+                Err(e) => {
+                    self.err(field, format!("cannot read {path}: {e}"));
+                    return 0;
+                }
             };
             match parse_jwks(&text) {
                 Ok(found) if found.is_empty() => self.err(field, "the key set has no usable keys"),
@@ -654,6 +703,7 @@ impl Validator<'_> {
                 refresh: Duration::from_secs(refresh),
             });
         }
+        unusable
     }
 
     fn hmac_key(
@@ -748,20 +798,24 @@ impl Validator<'_> {
             }
             n.clamp(1, MAX_MESSAGE_BYTES_LIMIT) as usize
         };
-        let frame_found = pick!(p, messages.max_frame_bytes);
-        let frame_field = frame_found.as_ref().map(|(_, f)| f.clone());
-        let max_frame_bytes = bytes(self, frame_found, DEFAULT_MAX_FRAME_BYTES);
         let max_message_bytes = bytes(
             self,
             pick!(p, messages.max_message_bytes),
             DEFAULT_MAX_MESSAGE_BYTES,
         );
-        if max_frame_bytes > max_message_bytes {
-            self.err(
-                frame_field.unwrap_or_else(|| p.path("messages.max_frame_bytes")),
-                "must not exceed messages.max_message_bytes",
-            );
-        }
+        // Unset in the route and in `defaults`, the frame limit is the route's resolved
+        // message limit (a route that raises only max_message_bytes raises both).
+        let max_frame_bytes = match pick!(p, messages.max_frame_bytes) {
+            Some(found) => {
+                let field = found.1.clone();
+                let n = bytes(self, Some(found), DEFAULT_MAX_MESSAGE_BYTES);
+                if n > max_message_bytes {
+                    self.err(field, "must not exceed messages.max_message_bytes");
+                }
+                n
+            }
+            None => max_message_bytes,
+        };
         let per_second = pick!(p, messages.per_second)
             .map(|(n, _)| *n)
             .unwrap_or(DEFAULT_MESSAGES_PER_SECOND);
@@ -1015,6 +1069,43 @@ mod tests {
         );
         assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
+        let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
+        let (policy, _) = validate(&file, Path::new("."))?;
+        Ok(policy
+            .routes
+            .iter()
+            .map(|r| (r.messages.max_frame_bytes, r.messages.max_message_bytes))
+            .collect())
+    }
+
+    /// Unset everywhere, the frame limit is the route's own message limit; set in
+    /// `defaults`, it is inherited like any other field.
+    #[test]
+    fn the_frame_limit_follows_the_message_limit() {
+        let head = "version: 1\ndefaults:\n  auth: {required: false}\n";
+        let routes = "routes:\n  - path: /a\n  - path: /b\n    messages: {max_message_bytes: 4194304}\n  - path: /c\n    messages: {max_frame_bytes: 1000}\n";
+        assert_eq!(
+            messages_of(&format!("{head}{routes}")),
+            Ok(vec![
+                (1 << 20, 1 << 20),
+                (4 << 20, 4 << 20),
+                (1000, 1 << 20)
+            ])
+        );
+        let defaults = "  messages: {max_frame_bytes: 65536, max_message_bytes: 2097152}\n";
+        assert_eq!(
+            messages_of(&format!("{head}{defaults}{routes}")),
+            Ok(vec![(65536, 2 << 20), (65536, 4 << 20), (1000, 2 << 20)])
+        );
+        let low = "routes:\n  - path: /a\n    messages: {max_message_bytes: 100}\n";
+        let errors = messages_of(&format!(
+            "{head}  messages: {{max_frame_bytes: 200}}\n{low}"
+        ))
+        .unwrap_err();
+        assert_eq!(errors[0].field, "defaults.messages.max_frame_bytes");
     }
 
     #[test]
