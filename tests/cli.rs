@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use support::process::{rss_kib, Proc};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -496,4 +496,127 @@ async fn memory_stays_bounded_while_a_client_that_reads_nothing_is_flooded() {
         "{ended:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// `/readyz`'s status, polled until it is `want`; returns how long that took.
+async fn readyz_becomes(admin: std::net::SocketAddr, want: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if admin_get(admin, "/readyz").await == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "/readyz is not {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--shutdown-delay-seconds", "2", "--drain-seconds", "5"],
+    );
+    let admin = gate.admin.unwrap();
+    let mut open = gate.connect("/ws").await.unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await, 200);
+
+    gate.signal("TERM");
+    let sent = Instant::now();
+    let took = readyz_becomes(admin, 503, Duration::from_secs(2)).await;
+    assert!(
+        took < Duration::from_millis(200),
+        "/readyz 503 after {took:?}"
+    );
+    // A second into the delay: new upgrades are accepted and served, open ones relay.
+    tokio::time::sleep_until((sent + Duration::from_secs(1)).into()).await;
+    let mut late = gate.connect("/ws").await.expect("upgrade during the delay");
+    late.send(Message::text("late")).await.unwrap();
+    assert_eq!(next_message(&mut late).await, Message::text("late"));
+    open.send(Message::text("open")).await.unwrap();
+    assert_eq!(next_message(&mut open).await, Message::text("open"));
+    assert_eq!(admin_get(admin, "/readyz").await, 503);
+
+    // Then the drain: 1001 to both, and exit 0 once they have answered.
+    assert_eq!(next_close(&mut open).await, (1001, "going away".into()));
+    let closed = sent.elapsed();
+    assert!(
+        closed >= Duration::from_millis(1900),
+        "closed after {closed:?}"
+    );
+    assert_eq!(next_close(&mut late).await, (1001, "going away".into()));
+    drop((open, late));
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        sent.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_cuts_the_shutdown_delay_short() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--shutdown-delay-seconds", "60"],
+    );
+    gate.signal("TERM");
+    readyz_becomes(gate.admin.unwrap(), 503, Duration::from_secs(2)).await;
+    let second = Instant::now();
+    gate.signal("INT");
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    let took = second.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "exit {took:?} after the second signal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_gate_exits_promptly_on_sigterm() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    // It has served, and nothing is open now.
+    let mut client = gate.connect("/ws").await.unwrap();
+    client.close(None).await.unwrap();
+    while client.next().await.is_some() {}
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    eprintln!("idle gate exited {took:?} after SIGTERM");
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_does_not_hold_the_exit_for_its_handshake_timeout() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // handshake_seconds is 10 by default: the silent socket would hold the drain that long.
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    let _silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(12)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_millis(2500), "exit took {took:?}");
 }
