@@ -32,13 +32,18 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// ask for 511 and 1024 or more. The kernel caps it at `net.core.somaxconn`.
 pub const BACKLOG: u32 = 1024;
 
-/// Listen on `addr` (address reuse on, like `TcpListener::bind`) with [`BACKLOG`].
+/// Listen on `addr` with [`BACKLOG`], address reuse on (like `TcpListener::bind`) and, on
+/// Unix, port reuse: a replacement process can bind the same address while this one still
+/// serves or drains, and the kernel spreads new connections over both until this one
+/// closes its listener. Linux lets only sockets of the same effective user share a port.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
@@ -232,6 +237,16 @@ async fn serve_http<I>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replacement binds beside the running listener instead of failing with
+    /// `Address already in use`.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_second_listener_binds_the_same_address() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let second = bind(first.local_addr().unwrap()).unwrap();
+        assert_eq!(first.local_addr().unwrap(), second.local_addr().unwrap());
+    }
 
     /// 600 connections wait in the accept queue at once: with tokio's 128 the rest would
     /// have their SYNs dropped and retry after a second.

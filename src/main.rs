@@ -256,8 +256,10 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Port reuse on the admin listener too, so that a replacement started with the same
+    // command line can bind while this process drains.
     let admin = match admin {
-        Some(addr) => match TcpListener::bind(addr).await {
+        Some(addr) => match wsgate::listener::bind(addr) {
             Ok(l) => Some(l),
             Err(e) => {
                 eprintln!("cannot listen on {addr} (admin): {e}");
