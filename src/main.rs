@@ -122,18 +122,27 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Run(args) => {
             init_tracing(args.log_format);
-            let code = runtime().block_on(run(args));
+            let runtime = runtime();
+            let code = runtime.block_on(run(args));
+            runtime.shutdown_timeout(EXIT_WAIT);
             wsgate::logbuf::Batched::stderr().flush();
             code
         }
         Command::Demo { listen } => {
             init_tracing(None);
-            let code = runtime().block_on(run_demo(listen));
+            let runtime = runtime();
+            let code = runtime.block_on(run_demo(listen));
+            runtime.shutdown_timeout(EXIT_WAIT);
             wsgate::logbuf::Batched::stderr().flush();
             code
         }
     }
 }
+
+/// How long the exit waits for blocking work still under way once the gate has drained.
+/// Dropping the runtime would wait for it without a bound: a policy reload stuck opening a
+/// file (a FIFO, a hung network mount) or a slow DNS lookup would hold the exit forever.
+const EXIT_WAIT: Duration = Duration::from_millis(100);
 
 /// One worker per CPU the process may use (affinity and cgroup quota, as std sees them);
 /// on a single CPU, tokio's current-thread scheduler: no work-stealing bookkeeping and no

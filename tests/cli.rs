@@ -616,6 +616,28 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    // A FIFO with no writer renamed over the policy: the reload's read blocks for good.
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(&fifo, &policy).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_silent_connection_does_not_hold_the_exit_for_its_handshake_timeout() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
