@@ -4,6 +4,11 @@
 //! of the accept; the first head is read and checked by [`head`] (a head over 16 KiB
 //! gets 431), then hyper serves the connection. Accept errors such as EMFILE
 //! back off instead of spinning.
+//!
+//! Listeners share their port (`SO_REUSEPORT`) so a replacement process can bind beside a
+//! draining one. When the gate stops accepting, the listener takes what is already queued
+//! and closes; a connection still silent (TLS handshake or first head) when the drain
+//! begins is dropped rather than waited for.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
