@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use crate::http::{full, Body};
 use crate::Gate;
 
-/// Serve the admin endpoints until the process exits. The admin listener stays up while
-/// draining, so that `/readyz` can say 503.
+/// Serve the admin endpoints until the process exits. The admin listener stays up through
+/// the shutdown delay and the drain, so that `/readyz` can say 503.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     loop {
         let (tcp, _) = match listener.accept().await {
@@ -60,7 +60,7 @@ async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Bod
     }
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" if gate.shutdown.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if !gate.shutdown.is_ready() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -160,6 +160,22 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
 }
 
 impl Running {
+    /// Readiness turns 503; the gate goes on accepting and serving (the shutdown delay).
+    pub fn unready(&self) {
+        self.gate.shutdown.unready();
+    }
+
+    /// The listener takes what is already queued and closes; then this waits, at most
+    /// `within`, until every connection it accepted has had its first request answered,
+    /// so that a connection accepted before the close is served rather than refused.
+    /// Returns whether all were.
+    pub async fn stop_accepting(&self, within: Duration) -> bool {
+        self.gate.shutdown.stop_accepting();
+        tokio::time::timeout(within, self.gate.shutdown.opened())
+            .await
+            .is_ok()
+    }
+
     /// Readiness turns 503, the listener stops, every relay sends 1001 "going away".
     pub fn begin_shutdown(&self) {
         self.gate.shutdown.begin();

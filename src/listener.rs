@@ -4,6 +4,11 @@
 //! of the accept; the first head is read and checked by [`head`] (a head over 16 KiB
 //! gets 431), then hyper serves the connection. Accept errors such as EMFILE
 //! back off instead of spinning.
+//!
+//! Listeners share their port (`SO_REUSEPORT`) so a replacement process can bind beside a
+//! draining one. When the gate stops accepting, the listener takes what is already queued
+//! and closes; a connection still silent (TLS handshake or first head) when the drain
+//! begins is dropped rather than waited for.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{sleep, timeout_at, Instant};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::head::{self, Head, Prefixed};
 use crate::http::{handle, ConnInfo};
@@ -31,34 +37,39 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// ask for 511 and 1024 or more. The kernel caps it at `net.core.somaxconn`.
 pub const BACKLOG: u32 = 1024;
 
-/// Listen on `addr` (address reuse on, like `TcpListener::bind`) with [`BACKLOG`].
+/// Listen on `addr` with [`BACKLOG`], address reuse on (like `TcpListener::bind`) and, on
+/// Unix, port reuse: a replacement process can bind the same address while this one still
+/// serves or drains, and the kernel spreads new connections over both until this one
+/// closes its listener. Linux lets only sockets of the same effective user share a port.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(all(unix, not(target_os = "solaris"), not(target_os = "illumos")))]
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
 
-/// Accept connections until shutdown begins; then drop the listener.
+/// Accept connections until the gate stops accepting; then accept what the kernel has
+/// already queued, and close the listener (a connection left in a closed listener's queue
+/// is reset).
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
-    let shutdown = gate.shutdown.token();
+    let stop = gate.shutdown.accepting();
+    // Held until the listener is closed.
+    let _open = gate.shutdown.opening();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
         };
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                let _ = tcp.set_nodelay(true);
-                let gate = gate.clone();
-                gate.shutdown
-                    .tracker()
-                    .spawn(connection(gate.clone(), tcp, peer));
+                spawn_connection(&gate, tcp, peer);
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS/ENOMEM: wait for resources to come back rather than
@@ -66,51 +77,114 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::select! {
                     () = sleep(backoff) => {}
-                    () = shutdown.cancelled() => break,
+                    () = stop.cancelled() => break,
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
-    tracing::info!("listener closed");
+    let swept = match listener.into_std() {
+        Ok(std_listener) => sweep(&std_listener, &gate),
+        Err(_) => 0,
+    };
+    tracing::info!(swept, "listener closed");
 }
 
-async fn connection(gate: Arc<Gate>, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+/// Accept, without waiting, the connections already in the accept queue (at most
+/// [`BACKLOG`]); returns how many.
+fn sweep(listener: &std::net::TcpListener, gate: &Arc<Gate>) -> u32 {
+    let mut swept = 0;
+    for _ in 0..BACKLOG {
+        match listener.accept() {
+            Ok((tcp, peer)) => {
+                let tcp = tcp
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(tcp));
+                if let Ok(tcp) = tcp {
+                    spawn_connection(gate, tcp, peer);
+                    swept += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // ECONNABORTED and the like: that one is gone; try the next.
+            Err(_) => continue,
+        }
+    }
+    swept
+}
+
+fn spawn_connection(gate: &Arc<Gate>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let opening = gate.shutdown.opening();
+    gate.shutdown
+        .tracker()
+        .spawn(connection(gate.clone(), tcp, peer, opening));
+}
+
+/// One accepted connection. `opening` is held until its first request has been answered
+/// (or it ended); until then, the drain waits for it (see `Shutdown::opened`).
+async fn connection(
+    gate: Arc<Gate>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    opening: TaskTrackerToken,
+) {
     let handshake = gate.policy.load().policy.handshake_timeout();
     let accepted = Instant::now();
     let deadline = accepted + handshake;
     match &gate.tls {
-        Some(acceptor) => match timeout_at(deadline, acceptor.current().accept(tcp)).await {
-            Ok(Ok(stream)) => {
-                let info = ConnInfo {
-                    peer,
-                    tls: true,
-                    accepted,
-                };
-                serve_http(gate, stream, info, deadline).await
+        Some(acceptor) => {
+            let handshake = timeout_at(deadline, acceptor.current().accept(tcp));
+            match unless_draining(&gate, handshake).await {
+                Some(Ok(Ok(stream))) => {
+                    let info = ConnInfo {
+                        peer,
+                        tls: true,
+                        accepted,
+                    };
+                    serve_http(gate, stream, info, deadline, opening).await
+                }
+                Some(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Some(Err(_)) => tracing::debug!(%peer, "TLS handshake timed out"),
+                None => tracing::debug!(%peer, "dropped in its TLS handshake: draining"),
             }
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-        },
+        }
         None => {
             let info = ConnInfo {
                 peer,
                 tls: false,
                 accepted,
             };
-            serve_http(gate, tcp, info, deadline).await
+            serve_http(gate, tcp, info, deadline, opening).await
         }
     }
 }
 
-async fn serve_http<I>(gate: Arc<Gate>, io: I, info: ConnInfo, deadline: Instant)
-where
+/// `work`, unless the drain begins first: a connection that has not sent its request by
+/// then is dropped rather than holding the drain for its handshake timeout.
+async fn unless_draining<F: std::future::Future>(gate: &Gate, work: F) -> Option<F::Output> {
+    let draining = gate.shutdown.token();
+    tokio::select! {
+        out = work => Some(out),
+        () = draining.cancelled() => None,
+    }
+}
+
+async fn serve_http<I>(
+    gate: Arc<Gate>,
+    io: I,
+    info: ConnInfo,
+    deadline: Instant,
+    opening: TaskTrackerToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
-    let head = match timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES)).await {
-        Ok(Ok(Head::Complete(head))) => head,
-        Ok(Ok(Head::Refused(rejection))) => {
+    let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES));
+    let head = match unless_draining(&gate, first).await {
+        Some(Ok(Ok(Head::Complete(head)))) => head,
+        Some(Ok(Ok(Head::Refused(rejection)))) => {
+            drop(opening);
             gate.metrics
                 .upgrade(crate::metrics::NO_ROUTE, rejection.reason());
             tracing::info!(
@@ -123,8 +197,9 @@ where
             }
             return;
         }
-        // Closed, failed or too slow (slowloris): dropped without an answer.
-        Ok(Ok(Head::Closed)) | Ok(Err(_)) | Err(_) => return,
+        // Closed, failed, too slow (slowloris) or still silent when the drain began:
+        // dropped without an answer.
+        Some(Ok(Ok(Head::Closed))) | Some(Ok(Err(_))) | Some(Err(_)) | None => return,
     };
     let io = Prefixed::new(head, io);
     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -133,7 +208,17 @@ where
     }
     let shutdown = gate.shutdown.token();
     let service_gate = gate.clone();
-    let service = service_fn(move |req| handle(service_gate.clone(), info, req));
+    // Released once the first request has its answer.
+    let opening = std::sync::Mutex::new(Some(opening));
+    let service = service_fn(move |req| {
+        let first = opening.lock().ok().and_then(|mut o| o.take());
+        let answer = handle(service_gate.clone(), info, req);
+        async move {
+            let answered = answer.await;
+            drop(first);
+            answered
+        }
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(remaining)
@@ -157,6 +242,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replacement binds beside the running listener instead of failing with
+    /// `Address already in use`.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_second_listener_binds_the_same_address() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let second = bind(first.local_addr().unwrap()).unwrap();
+        assert_eq!(first.local_addr().unwrap(), second.local_addr().unwrap());
+    }
 
     /// 600 connections wait in the accept queue at once: with tokio's 128 the rest would
     /// have their SYNs dropped and retry after a second.

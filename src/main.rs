@@ -62,6 +62,10 @@ struct RunArgs {
     /// How long open connections get to close on SIGTERM/SIGINT.
     #[arg(long, env = "WSGATE_DRAIN_SECONDS", default_value_t = 25)]
     drain_seconds: u64,
+    /// After SIGTERM/SIGINT, how long /readyz says 503 while the gate still accepts and
+    /// serves, before it stops accepting and drains; a second signal ends it early.
+    #[arg(long, env = "WSGATE_SHUTDOWN_DELAY_SECONDS", default_value_t = 0)]
+    shutdown_delay_seconds: u64,
     /// text on a terminal, json otherwise.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -121,18 +125,27 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Run(args) => {
             init_tracing(args.log_format);
-            let code = runtime().block_on(run(args));
+            let runtime = runtime();
+            let code = runtime.block_on(run(args));
+            runtime.shutdown_timeout(EXIT_WAIT);
             wsgate::logbuf::Batched::stderr().flush();
             code
         }
         Command::Demo { listen } => {
             init_tracing(None);
-            let code = runtime().block_on(run_demo(listen));
+            let runtime = runtime();
+            let code = runtime.block_on(run_demo(listen));
+            runtime.shutdown_timeout(EXIT_WAIT);
             wsgate::logbuf::Batched::stderr().flush();
             code
         }
     }
 }
+
+/// How long the exit waits for blocking work still under way once the gate has drained.
+/// Dropping the runtime would wait for it without a bound: a policy reload stuck opening a
+/// file (a FIFO, a hung network mount) or a slow DNS lookup would hold the exit forever.
+const EXIT_WAIT: Duration = Duration::from_millis(100);
 
 /// One worker per CPU the process may use (affinity and cgroup quota, as std sees them);
 /// on a single CPU, tokio's current-thread scheduler: no work-stealing bookkeeping and no
@@ -255,8 +268,10 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Port reuse on the admin listener too, so that a replacement started with the same
+    // command line can bind while this process drains.
     let admin = match admin {
-        Some(addr) => match TcpListener::bind(addr).await {
+        Some(addr) => match wsgate::listener::bind(addr) {
             Ok(l) => Some(l),
             Err(e) => {
                 eprintln!("cannot listen on {addr} (admin): {e}");
@@ -275,6 +290,7 @@ async fn run(args: RunArgs) -> ExitCode {
         tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         jwks_roots: extra_roots(),
     };
+    let mut signals = shutdown::Signals::new();
     let running = match wsgate::start(loaded, options) {
         Ok(r) => r,
         Err(e) => {
@@ -282,19 +298,38 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown::signal().await;
+    signals.next().await;
+    running.unready();
+    let delay = Duration::from_secs(args.shutdown_delay_seconds);
+    if !delay.is_zero() {
+        tracing::info!(
+            delay_s = delay.as_secs(),
+            "shutting down: not ready, still serving until the delay ends"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = signals.next() => tracing::info!("second signal: the rest of the shutdown delay is skipped"),
+        }
+    }
     drain(&running, Duration::from_secs(args.drain_seconds)).await
 }
 
+/// Stop accepting, serve what was accepted, then close every connection with 1001 and
+/// wait for them, `grace` in all.
 async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
+    let deadline = tokio::time::Instant::now() + grace;
     let open = running.gate.admission.connections.active();
     tracing::info!(
         open,
         grace_s = grace.as_secs(),
         "shutting down: draining connections"
     );
+    running
+        .stop_accepting(shutdown::FIRST_ANSWER_WAIT.min(grace))
+        .await;
     running.begin_shutdown();
-    if running.drain(grace).await {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if running.drain(left).await {
         tracing::info!("drained; exiting");
     } else {
         tracing::warn!(

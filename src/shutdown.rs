@@ -1,19 +1,32 @@
-//! Graceful shutdown: one cancellation token fans the stop signal out to the listener and
-//! every relay; a task tracker knows when the last connection has finished closing.
+//! Graceful shutdown, in three steps: readiness turns 503 ([`Shutdown::unready`]), the
+//! listener closes ([`Shutdown::stop_accepting`]), and one cancellation token fans the
+//! drain out to every relay ([`Shutdown::begin`]). Task trackers know when the listener
+//! and the connections it accepted last have had their first answer, and when the last
+//! connection has finished closing.
 //!
 //! hyper's own graceful shutdown does not see upgraded connections, hence the tracker.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
+
+/// When the listener closes, how long connections it already accepted get for their first
+/// request to be answered before the drain begins.
+pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
     tracker: TaskTracker,
     draining: Arc<AtomicBool>,
+    unready: Arc<AtomicBool>,
+    accepting: CancellationToken,
+    /// The listener, and each connection until its first request is answered.
+    opening: TaskTracker,
 }
 
 impl Shutdown {
@@ -21,9 +34,45 @@ impl Shutdown {
         Shutdown::default()
     }
 
+    /// Readiness turns 503; everything else goes on (the shutdown delay).
+    pub fn unready(&self) {
+        self.unready.store(true, Ordering::Release);
+    }
+
+    /// Whether `/readyz` answers 200: not once shutdown has begun.
+    pub fn is_ready(&self) -> bool {
+        !self.unready.load(Ordering::Acquire)
+    }
+
+    /// The listener accepts what is already queued, then closes. Connections go on.
+    pub fn stop_accepting(&self) {
+        self.unready();
+        self.opening.close();
+        self.accepting.cancel();
+    }
+
+    /// Cancelled once the listener is to close.
+    pub fn accepting(&self) -> CancellationToken {
+        self.accepting.clone()
+    }
+
+    /// Held by the listener until it has closed, and by each connection until its first
+    /// request has been answered (or it ended).
+    pub fn opening(&self) -> TaskTrackerToken {
+        self.opening.token()
+    }
+
+    /// Resolves once the listener has closed and every connection it accepted has had its
+    /// first request answered: what the listener accepted is served before the drain.
+    pub async fn opened(&self) {
+        self.accepting.cancelled().await;
+        self.opening.wait().await;
+    }
+
     /// Start draining: readiness turns 503, the listener stops, relays send 1001.
     pub fn begin(&self) {
         self.draining.store(true, Ordering::Release);
+        self.stop_accepting();
         self.tracker.close();
         self.token.cancel();
     }
@@ -40,35 +89,62 @@ impl Shutdown {
         &self.tracker
     }
 
-    /// Resolves once `begin` was called and every tracked task has finished.
+    /// Resolves once `begin` was called, the listener has closed and every tracked task
+    /// has finished.
     pub async fn finished(&self) {
         self.token.cancelled().await;
+        self.opening.wait().await;
         self.tracker.wait().await;
+    }
+}
+
+/// SIGTERM and SIGINT, registered once: a second signal is seen however soon it follows
+/// the first.
+pub struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    /// Registers the handlers (call inside the runtime).
+    pub fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            Signals { streams }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.streams {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Signals {
+        Signals::new()
     }
 }
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    Signals::new().next().await;
 }

@@ -6,10 +6,11 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use support::process::{rss_kib, Proc};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -591,4 +592,259 @@ async fn memory_stays_bounded_while_a_client_that_reads_nothing_is_flooded() {
         "{ended:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// A port nothing listens on (for tests that need the same address twice).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `/readyz`'s status, polled until it is `want`; returns how long that took.
+async fn readyz_becomes(admin: std::net::SocketAddr, want: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if admin_get(admin, "/readyz").await == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "/readyz is not {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--shutdown-delay-seconds", "2", "--drain-seconds", "5"],
+    );
+    let admin = gate.admin.unwrap();
+    let mut open = gate.connect("/ws").await.unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await, 200);
+
+    gate.signal("TERM");
+    let sent = Instant::now();
+    let took = readyz_becomes(admin, 503, Duration::from_secs(2)).await;
+    assert!(
+        took < Duration::from_millis(200),
+        "/readyz 503 after {took:?}"
+    );
+    // A second into the delay: new upgrades are accepted and served, open ones relay.
+    tokio::time::sleep_until((sent + Duration::from_secs(1)).into()).await;
+    let mut late = gate.connect("/ws").await.expect("upgrade during the delay");
+    late.send(Message::text("late")).await.unwrap();
+    assert_eq!(next_message(&mut late).await, Message::text("late"));
+    open.send(Message::text("open")).await.unwrap();
+    assert_eq!(next_message(&mut open).await, Message::text("open"));
+    assert_eq!(admin_get(admin, "/readyz").await, 503);
+
+    // Then the drain: 1001 to both, and exit 0 once they have answered.
+    assert_eq!(next_close(&mut open).await, (1001, "going away".into()));
+    let closed = sent.elapsed();
+    assert!(
+        closed >= Duration::from_millis(1900),
+        "closed after {closed:?}"
+    );
+    assert_eq!(next_close(&mut late).await, (1001, "going away".into()));
+    drop((open, late));
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        sent.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_cuts_the_shutdown_delay_short() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--shutdown-delay-seconds", "60"],
+    );
+    gate.signal("TERM");
+    readyz_becomes(gate.admin.unwrap(), 503, Duration::from_secs(2)).await;
+    let second = Instant::now();
+    gate.signal("INT");
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    let took = second.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "exit {took:?} after the second signal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_gate_exits_promptly_on_sigterm() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    // It has served, and nothing is open now.
+    let mut client = gate.connect("/ws").await.unwrap();
+    client.close(None).await.unwrap();
+    while client.next().await.is_some() {}
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    eprintln!("idle gate exited {took:?} after SIGTERM");
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    // A FIFO with no writer renamed over the policy: the reload's read blocks for good.
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(&fifo, &policy).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_does_not_hold_the_exit_for_its_handshake_timeout() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // handshake_seconds is 10 by default: the silent socket would hold the drain that long.
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    let _silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(12)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_millis(2500), "exit took {took:?}");
+}
+
+/// One upgrade, one echo and a close through `addr`. An upgrade answered 101 that is then
+/// closed 1001 "going away" (its gate began to drain) counts as served.
+async fn one_upgrade(addr: std::net::SocketAddr, n: u32) -> Result<(), String> {
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .map_err(|e| format!("upgrade: {e}"))?;
+        let text = format!("n{n}");
+        ws.send(Message::text(text.clone()))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == text => break,
+                Some(Ok(Message::Close(Some(f)))) if u16::from(f.code) == 1001 => break,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return Err(format!("echo: {other:?}")),
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replacement_binds_beside_a_draining_gate_and_no_client_is_refused() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // The held connection never answers the close: only --drain-seconds ends A's drain.
+    std::fs::write(
+        &policy,
+        open_policy(
+            &upstream.url(),
+            "    timeouts: {write_seconds: 30}\n    rate: {upgrades_per_second: 1000, burst: 1000}\n",
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let args = ["--shutdown-delay-seconds", "1", "--drain-seconds", "2"];
+    let mut a = Proc::start_at(&policy, &listen, &admin, &args);
+    let addr = a.addr;
+    let _held = a.connect("/ws").await.unwrap();
+
+    // A new upgrade every 20 ms for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let next = tokio::time::Instant::now() + Duration::from_millis(20);
+                n += 1;
+                match one_upgrade(addr, n).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(format!("#{n}: {e}")),
+                }
+                tokio::time::sleep_until(next).await;
+            }
+            (ok, failed)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    a.signal("TERM");
+    // The replacement, same command line, while A is in its delay and then draining.
+    let b = Proc::start_at(&policy, &listen, &admin, &[]);
+    let (code, took) = a.exited(Duration::from_secs(8)).await;
+    assert_eq!(code, 0);
+    assert!(took > Duration::from_secs(2), "A exited after {took:?}");
+    // B alone serves.
+    let before = upstream.seen_count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = clients.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} upgrades failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(ok > 50, "only {ok} upgrades");
+    assert!(
+        upstream.seen_count() > before,
+        "B served nothing after A exited"
+    );
+    let mut last = b.connect("/ws").await.unwrap();
+    last.send(Message::text("b")).await.unwrap();
+    assert_eq!(next_message(&mut last).await, Message::text("b"));
 }

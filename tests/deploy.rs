@@ -610,12 +610,24 @@ fn shutdown_and_security_settings() {
     let drain: u64 = flag_or_default(&s.args, &entries, "--drain-seconds")
         .parse()
         .unwrap();
+    let delay: u64 = flag_or_default(&s.args, &entries, "--shutdown-delay-seconds")
+        .parse()
+        .unwrap();
+    assert!(
+        delay > 0,
+        "without a shutdown delay, clients routed to the pod before the endpoints update are refused"
+    );
     let grace = s.pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds is set explicitly");
     assert!(
-        grace > drain,
-        "grace period {grace} s must exceed --drain-seconds {drain}"
+        grace > delay + drain,
+        "grace period {grace} s must exceed --shutdown-delay-seconds {delay} + --drain-seconds {drain}"
+    );
+    // The delay replaces a preStop sleep (the image has no shell to run one).
+    assert!(
+        s.container["lifecycle"]["preStop"].is_null(),
+        "a preStop hook besides --shutdown-delay-seconds"
     );
 
     let sc = &s.container["securityContext"];
@@ -816,15 +828,33 @@ fn sidecar_starts_with_the_manifest_args_and_answers_its_probes() {
         );
     }
 
-    // SIGTERM, as kubelet sends it: with no open connections it exits 0 well within the
-    // grace period.
+    // SIGTERM, as kubelet sends it: readiness turns 503 at once, the listener goes on
+    // accepting through the shutdown delay, and with no open connections the process exits
+    // 0 right after it, well within the grace period.
+    let delay = Duration::from_secs(
+        flag_value(&s.args, "--shutdown-delay-seconds")
+            .map_or(0, |d| d.parse().expect("--shutdown-delay-seconds")),
+    );
     let pid = gate.0.id().to_string();
     if Command::new("kill")
         .args(["-s", "TERM", &pid])
         .status()
         .is_ok_and(|s| s.success())
     {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let sent = Instant::now();
+        while http_status(admin, readiness) != Some(503) {
+            assert!(
+                sent.elapsed() < Duration::from_secs(1),
+                "{readiness} not 503 after SIGTERM:\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if delay >= Duration::from_secs(1) {
+            TcpStream::connect_timeout(&listen, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("the listener during the shutdown delay: {e}"));
+        }
+        let deadline = sent + delay + Duration::from_secs(3);
         let status = loop {
             if let Some(status) = gate.0.try_wait().unwrap() {
                 break status;
@@ -836,6 +866,11 @@ fn sidecar_starts_with_the_manifest_args_and_answers_its_probes() {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
+        assert!(
+            sent.elapsed() + Duration::from_millis(100) >= delay,
+            "exit {:?} after SIGTERM, before the end of the delay",
+            sent.elapsed()
+        );
         assert!(status.success(), "exit {status} after SIGTERM:\n{}", logs());
     }
 }

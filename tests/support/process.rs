@@ -19,6 +19,8 @@ pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
     pub addr: SocketAddr,
+    /// The admin listener's address, when it has one.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -28,6 +30,21 @@ impl Proc {
 
     /// Start with `ulimit -n` set to `max_files`, when given.
     pub fn start_limited(policy: &Path, extra: &[&str], max_files: Option<u32>) -> Proc {
+        Proc::spawn(policy, "127.0.0.1:0", "off", extra, max_files)
+    }
+
+    /// Start listening on `listen`, with the admin listener on `admin` (or "off").
+    pub fn start_at(policy: &Path, listen: &str, admin: &str, extra: &[&str]) -> Proc {
+        Proc::spawn(policy, listen, admin, extra, None)
+    }
+
+    fn spawn(
+        policy: &Path,
+        listen: &str,
+        admin: &str,
+        extra: &[&str],
+        max_files: Option<u32>,
+    ) -> Proc {
         let mut command = match max_files {
             Some(n) => {
                 let mut c = Command::new("bash");
@@ -41,9 +58,9 @@ impl Proc {
                 "run",
                 "--plaintext",
                 "--admin",
-                "off",
+                admin,
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--log-format",
                 "text",
             ])
@@ -68,6 +85,7 @@ impl Proc {
             child,
             lines,
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
         };
         let line = proc.wait_line("listening");
         let addr = line
@@ -76,6 +94,11 @@ impl Proc {
             .and_then(|s| s.split_whitespace().next())
             .unwrap();
         proc.addr = addr.parse().unwrap();
+        proc.admin = line
+            .split("admin=Some(")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(|s| s.parse().ok());
         proc
     }
 
@@ -111,6 +134,21 @@ impl Proc {
                 "the process did not exit within {within:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `wait_exit` without blocking the runtime's thread.
+    pub async fn exited(&mut self, within: Duration) -> (i32, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "the process did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
