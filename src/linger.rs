@@ -38,6 +38,12 @@ where
     let _ = timeout_at(deadline, discard(io)).await;
 }
 
+/// End `io` after a completed close handshake, when the peer sends nothing more: flush
+/// and shut the write side (TLS close_notify, then FIN), never past `deadline`.
+pub async fn shutdown<S: AsyncWrite + Unpin>(io: &mut S, deadline: Instant) {
+    let _ = timeout_at(deadline.min(Instant::now() + LINGER_TIME), io.shutdown()).await;
+}
+
 /// Read and drop input until EOF, an error or [`LINGER_BYTES`].
 async fn discard<S: AsyncRead + Unpin>(io: &mut S) {
     let mut scratch = vec![0u8; LINGER_READ];

@@ -985,27 +985,41 @@ pub async fn run(
         report_violations: c2u.inbound.map_or(0, |i| i.violations),
     };
     let ended = Ended {
-        client: linger_client.then_some(client),
-        upstream: linger_upstream.then_some(upstream),
+        client: (client, linger_client),
+        upstream: (upstream, linger_upstream),
     };
     (outcome, ended)
 }
 
-/// The two legs of a relay that has ended, waiting for their lingering close
-/// ([`linger::close`]): a side dropped without a close frame (lost, stalled) is `None`.
+/// How a leg's socket is let go once its close frames are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    /// Lost or stalled: dropped at once, without a close frame.
+    Drop,
+    /// The close handshake completed, so the peer sends nothing more: TLS close_notify
+    /// and FIN, then the socket goes.
+    Shutdown,
+    /// Our close frame may still be unread behind the peer's input: close_notify and FIN,
+    /// then input is discarded until the peer closes ([`linger::close`]).
+    Linger,
+}
+
+/// The two legs of a relay that has ended, each with how it is let go.
 pub struct Ended {
-    client: Option<Ws>,
-    upstream: Option<Ws>,
+    client: (Ws, Finish),
+    upstream: (Ws, Finish),
 }
 
 impl Ended {
-    /// Shut both legs (TLS close_notify, FIN) and discard what their peers still send
-    /// until they close, within the linger bounds; then the sockets are dropped.
+    /// Let both legs go (see [`Finish`]), within the linger bounds; the sockets are
+    /// dropped afterwards.
     pub async fn linger(self) {
         let deadline = Instant::now() + linger::LINGER_TIME;
-        let side = |ws: Option<Ws>| async move {
-            if let Some(mut ws) = ws {
-                linger::close(ws.get_mut(), deadline).await;
+        let side = |(mut ws, finish): (Ws, Finish)| async move {
+            match finish {
+                Finish::Drop => {}
+                Finish::Shutdown => linger::shutdown(ws.get_mut(), deadline).await,
+                Finish::Linger => linger::close(ws.get_mut(), deadline).await,
             }
         };
         tokio::join!(side(self.client), side(self.upstream));
@@ -1065,22 +1079,22 @@ async fn drain(
     }
 }
 
-/// End one side of a relay, never past `deadline`. Returns whether its socket gets a
-/// lingering close (every side the gate sent or answered a close frame); the others are
-/// dropped at once. Closing TCP is our job afterwards: as the server of the client leg,
-/// once the handshake is complete.
-async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) -> bool {
-    let linger = !matches!(ending, Ending::Drop);
-    let _ = timeout_at(deadline, async {
+/// End one side of a relay, never past `deadline`; returns how its socket is let go.
+/// Closing TCP is our job afterwards: as the server of the client leg, once the
+/// handshake is complete.
+async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) -> Finish {
+    let finished = timeout_at(deadline, async {
         match ending {
             Ending::Close(frame) => {
-                if ws.close(frame).await.is_ok() {
-                    await_close_reply(ws).await;
+                if ws.close(frame).await.is_ok() && await_close_reply(ws).await {
+                    return Finish::Shutdown;
                 }
+                Finish::Linger
             }
             // tungstenite queued the reply when it read the peer's close; send it.
             Ending::Reply => {
                 let _ = ws.flush().await;
+                Finish::Shutdown
             }
             Ending::CloseAndDrop(frame) => {
                 // A side whose close frame broke the protocol already has tungstenite's
@@ -1088,13 +1102,15 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) -> bool {
                 if ws.close(Some(frame)).await.is_err() {
                     let _ = ws.flush().await;
                 }
+                Finish::Linger
             }
-            Ending::AwaitReply => await_close_reply(ws).await,
-            Ending::Drop => {}
+            Ending::AwaitReply if await_close_reply(ws).await => Finish::Shutdown,
+            Ending::AwaitReply => Finish::Linger,
+            Ending::Drop => Finish::Drop,
         }
     })
     .await;
-    linger
+    finished.unwrap_or(Finish::Linger)
 }
 
 /// Frames read (and discarded) while waiting for a close reply before the gate gives up
@@ -1103,15 +1119,19 @@ async fn end(ws: &mut Ws, ending: Ending, deadline: Instant) -> bool {
 const CLOSE_WAIT_FRAMES: usize = 1024;
 
 /// Read (and discard messages already in flight) until the peer's close reply, for at
-/// most [`CLOSE_WAIT_FRAMES`] frames.
-async fn await_close_reply(ws: &mut Ws) {
+/// most [`CLOSE_WAIT_FRAMES`] frames. Returns whether the reply came.
+async fn await_close_reply(ws: &mut Ws) -> bool {
     let mut frames = 0;
     while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_close() {
+            return true;
+        }
         frames += 1;
-        if msg.is_close() || frames >= CLOSE_WAIT_FRAMES {
+        if frames >= CLOSE_WAIT_FRAMES {
             break;
         }
     }
+    false
 }
 
 #[cfg(test)]

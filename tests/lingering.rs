@@ -162,3 +162,23 @@ async fn a_gate_initiated_close_over_tls_ends_with_close_notify() {
     );
     assert_clean_end(&mut client).await;
 }
+
+/// A completed close handshake needs no linger: the drain ends once every client has
+/// answered its 1001, even one that keeps its TCP connection open afterwards.
+#[tokio::test]
+async fn the_drain_ends_with_the_close_handshakes_not_the_linger() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    gate.running.begin_shutdown();
+    let (code, reason) = next_close(&mut client).await;
+    assert_eq!((code, reason.as_str()), (1001, "going away"));
+    let started = tokio::time::Instant::now();
+    assert!(gate.running.drain(Duration::from_secs(5)).await);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "the drain took {took:?}"
+    );
+    drop(client);
+}
