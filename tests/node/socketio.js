@@ -1,4 +1,4 @@
-// Socket.IO 4 on both ends of the gate, for tests/socketio.rs.
+// Socket.IO 4 on both ends of the gate, for tests/node_clients.rs.
 //
 //   node socketio.js server
 //       A Socket.IO server on 127.0.0.1:0 (path /socket.io). Prints {"port": N}, then one

@@ -1,6 +1,8 @@
-//! Socket.IO 4 (the npm `socket.io` server and `socket.io-client`) through the gate on an
-//! `http: pass` route, in both transports: long-polling is plain HTTP, so it must be held
-//! to the same policy as the WebSocket, and the app must get the forwarded identity.
+//! Node's client libraries against the gate. Socket.IO 4 (the npm `socket.io` server and
+//! `socket.io-client`) on an `http: pass` route, in both transports: long-polling is plain
+//! HTTP, so it must be held to the same policy as the WebSocket, and the app must get the
+//! forwarded identity. And `ws`, offering only its `bearer.` token entry as a browser page
+//! does, in front of a `ws` server that selects no subprotocol.
 //!
 //! The packages come from `tests/node/package.json` (`.ci/run` installs them with npm).
 //! Without Node or the packages the tests are skipped, except under `CI=true`.
@@ -42,9 +44,10 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Server {
+    /// `script`'s server mode (`socketio.js` or `ws.js`).
+    fn start(script: &str) -> Server {
         let mut child = Command::new("node")
-            .arg(node_dir().join("socketio.js"))
+            .arg(node_dir().join(script))
             .arg("server")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -96,11 +99,22 @@ fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
 
 /// One Socket.IO client run (it gives up by itself after 8 s); its result line.
 async fn client(url: &str, transports: &str, token: Option<&str>, carrier: &str) -> Value {
+    let mut args = vec!["client".to_owned(), url.to_owned(), transports.to_owned()];
+    args.extend(
+        token
+            .map(|t| [t.to_owned(), carrier.to_owned()])
+            .into_iter()
+            .flatten(),
+    );
+    node_client("socketio.js", args).await
+}
+
+/// `script`'s client mode with `args` (each client gives up by itself after 8 s).
+async fn node_client(script: &str, args: Vec<String>) -> Value {
     let mut command = Command::new("node");
     command
-        .arg(node_dir().join("socketio.js"))
-        .args(["client", url, transports])
-        .args(token.map(|t| [t, carrier]).into_iter().flatten())
+        .arg(node_dir().join(script))
+        .args(args)
         .stdout(Stdio::piped());
     let run = tokio::task::spawn_blocking(move || command.output());
     let output = tokio::time::timeout(Duration::from_secs(20), run)
@@ -132,7 +146,7 @@ async fn socket_io_without_a_token_gets_no_session_in_either_transport() {
     if !available() {
         return;
     }
-    let server = Server::start();
+    let server = Server::start("socketio.js");
     let gate = TestGate::start_with(&policy(server.port), false).await;
     let url = format!("http://127.0.0.1:{}", gate.addr.port());
     for transports in ["polling,websocket", "polling", "websocket"] {
@@ -155,7 +169,7 @@ async fn socket_io_with_a_token_connects_upgrades_and_the_app_sees_the_subject()
     if !available() {
         return;
     }
-    let server = Server::start();
+    let server = Server::start("socketio.js");
     let gate = TestGate::start_with(&policy(server.port), false).await;
     let url = format!("http://127.0.0.1:{}", gate.addr.port());
     let token = hs256("alice");
@@ -182,4 +196,32 @@ async fn socket_io_with_a_token_connects_upgrades_and_the_app_sees_the_subject()
             "{seen}"
         );
     }
+}
+
+/// `new WebSocket(url, ['bearer.' + token])` with Node's `ws` in front of a `ws` server that
+/// selects no subprotocol: the handshake completes (the 101 selects the token entry; `ws`
+/// fails a handshake whose offer got no answer, as browsers do), and the server never
+/// sees the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_offering_only_its_token_entry_connects_to_a_server_that_selects_none() {
+    if !available() {
+        return;
+    }
+    let server = Server::start("ws.js");
+    let gate = TestGate::start_with(
+        &format!(
+            "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:{}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+            server.port
+        ),
+        false,
+    )
+    .await;
+    let url = format!("ws://127.0.0.1:{}/ws", gate.addr.port());
+    let token = hs256("alice");
+    let result = node_client("ws.js", vec!["client".into(), url, token.clone()]).await;
+    assert_eq!(result["open"], true, "{result}");
+    assert_eq!(result["protocol"], format!("bearer.{token}").as_str());
+    assert_eq!(result["echo"], "hello from ws");
+    let seen = server.connection();
+    assert_eq!(seen["protocol"], Value::Null, "{seen}");
 }
