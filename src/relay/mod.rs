@@ -5,6 +5,8 @@
 //! so at most one message plus the (small) write buffer is held per direction. Size limits
 //! are tungstenite's, enforced on the frame header before the payload is allocated.
 
+pub mod frame;
+
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,434 @@
+//! The WebSocket frame codec (RFC 6455 §5) as plain functions over byte slices: parse a
+//! frame header, write one, mask or unmask a payload in chunks, validate UTF-8 across chunks
+//! and fragments, and read a close payload. No I/O and no allocation: the relay's engine
+//! (the cut-through relay of the streaming issue) drives these over its own buffers.
+//!
+//! Not wired into the relay yet; it is proven on its own by the unit tests here and the
+//! properties in `tests/properties.rs`.
+
+/// The longest frame header: 2 bytes, an 8-byte length and a 4-byte mask key.
+pub const MAX_HEADER: usize = 14;
+
+/// Control frames carry at most this many payload bytes (RFC 6455 §5.5).
+pub const MAX_CONTROL_PAYLOAD: u64 = 125;
+
+/// A frame's opcode (RFC 6455 §5.2); the reserved ones are a parse error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpCode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OpCode {
+    fn from_bits(bits: u8) -> Option<OpCode> {
+        Some(match bits {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    pub fn bits(self) -> u8 {
+        match self {
+            OpCode::Continuation => 0x0,
+            OpCode::Text => 0x1,
+            OpCode::Binary => 0x2,
+            OpCode::Close => 0x8,
+            OpCode::Ping => 0x9,
+            OpCode::Pong => 0xA,
+        }
+    }
+
+    pub fn is_control(self) -> bool {
+        matches!(self, OpCode::Close | OpCode::Ping | OpCode::Pong)
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: OpCode,
+    /// The masking key, present exactly on client-to-server frames.
+    pub mask: Option<[u8; 4]>,
+    /// The payload length as declared (checked against the limits before any payload is
+    /// read).
+    pub len: u64,
+}
+
+/// Why a frame header is refused; every one is a protocol error (1002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("a reserved bit is set (no extension was negotiated)")]
+    ReservedBits,
+    #[error("reserved opcode {0:#x}")]
+    ReservedOpcode(u8),
+    #[error("a control frame is fragmented")]
+    FragmentedControl,
+    #[error("a control frame carries more than 125 bytes")]
+    ControlTooLong,
+    #[error("the 64-bit length has its most significant bit set")]
+    LengthTooLarge,
+    #[error("a client frame is not masked")]
+    Unmasked,
+    #[error("a server frame is masked")]
+    Masked,
+}
+
+/// Which side's frames are being read: a server reads masked frames, a client unmasked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// Frames from a client (the gate is their server): must be masked.
+    Client,
+    /// Frames from a server (the gate is its client): must not be masked.
+    Server,
+}
+
+/// Parse the header at the start of `buf`: `Ok(None)` while it is incomplete, else the
+/// header and its length in bytes. Never reads past the header.
+pub fn parse_header(buf: &[u8], from: From) -> Result<Option<(Header, usize)>, HeaderError> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(HeaderError::ReservedBits);
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(HeaderError::ReservedOpcode(b0 & 0x0F))?;
+    let masked = b1 & 0x80 != 0;
+    match (from, masked) {
+        (From::Client, false) => return Err(HeaderError::Unmasked),
+        (From::Server, true) => return Err(HeaderError::Masked),
+        _ => {}
+    }
+    let (len, mut at) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut be = [0u8; 8];
+                be.copy_from_slice(b);
+                let len = u64::from_be_bytes(be);
+                if len >> 63 != 0 {
+                    return Err(HeaderError::LengthTooLarge);
+                }
+                (len, 10)
+            }
+            None => return Ok(None),
+        },
+        short => (u64::from(short), 2),
+    };
+    if opcode.is_control() {
+        if !fin {
+            return Err(HeaderError::FragmentedControl);
+        }
+        if len > MAX_CONTROL_PAYLOAD {
+            return Err(HeaderError::ControlTooLong);
+        }
+    }
+    let mask = if masked {
+        let Some(key) = buf.get(at..at + 4) else {
+            return Ok(None);
+        };
+        at += 4;
+        Some([key[0], key[1], key[2], key[3]])
+    } else {
+        None
+    };
+    Ok(Some((
+        Header {
+            fin,
+            opcode,
+            mask,
+            len,
+        },
+        at,
+    )))
+}
+
+/// Write `header` into `out` with the shortest length encoding; returns its length.
+pub fn write_header(header: &Header, out: &mut [u8; MAX_HEADER]) -> usize {
+    out[0] = u8::from(header.fin) << 7 | header.opcode.bits();
+    let mask_bit = if header.mask.is_some() { 0x80 } else { 0 };
+    let mut at = match header.len {
+        len @ 0..=125 => {
+            out[1] = mask_bit | len as u8;
+            2
+        }
+        len @ 126..=0xFFFF => {
+            out[1] = mask_bit | 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        len => {
+            out[1] = mask_bit | 127;
+            out[2..10].copy_from_slice(&len.to_be_bytes());
+            10
+        }
+    };
+    if let Some(key) = header.mask {
+        out[at..at + 4].copy_from_slice(&key);
+        at += 4;
+    }
+    at
+}
+
+/// XOR `data` with the mask `key`, where `data` starts `offset` bytes into the payload
+/// (so a payload can be (un)masked chunk by chunk as it arrives). Masking and unmasking
+/// are the same operation. Eight bytes at a time, without `unsafe`.
+pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: u64) {
+    let shift = (offset % 4) as usize;
+    let rotated = [
+        key[shift],
+        key[(shift + 1) % 4],
+        key[(shift + 2) % 4],
+        key[(shift + 3) % 4],
+    ];
+    let wide = u64::from_ne_bytes([
+        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
+        rotated[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= rotated[i % 4];
+    }
+}
+
+/// UTF-8 validated incrementally, across the chunks and fragments of one text message: at
+/// most three bytes of an unfinished character are carried between calls.
+#[derive(Debug, Default, Clone)]
+pub struct Utf8 {
+    pending: [u8; 4],
+    pending_len: usize,
+}
+
+/// Invalid UTF-8 (1007).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the text is not valid UTF-8")]
+pub struct InvalidUtf8;
+
+impl Utf8 {
+    /// Check the next `chunk`. Fails as soon as the text so far cannot be the start of
+    /// valid UTF-8, without waiting for the end of the message.
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), InvalidUtf8> {
+        // First complete the character carried over from the last chunk.
+        while self.pending_len > 0 && !chunk.is_empty() {
+            self.pending[self.pending_len] = chunk[0];
+            self.pending_len += 1;
+            chunk = &chunk[1..];
+            match std::str::from_utf8(&self.pending[..self.pending_len]) {
+                Ok(_) => self.pending_len = 0,
+                Err(e) if e.error_len().is_some() => return Err(InvalidUtf8),
+                Err(_) => {}
+            }
+        }
+        match std::str::from_utf8(chunk) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(InvalidUtf8),
+            Err(e) => {
+                // An incomplete character at the end (at most 3 bytes): carry it.
+                let rest = &chunk[e.valid_up_to()..];
+                self.pending[..rest.len()].copy_from_slice(rest);
+                self.pending_len = rest.len();
+                Ok(())
+            }
+        }
+    }
+
+    /// The message ended: no character may be left unfinished.
+    pub fn finish(&mut self) -> Result<(), InvalidUtf8> {
+        let unfinished = self.pending_len != 0;
+        self.pending_len = 0;
+        if unfinished {
+            Err(InvalidUtf8)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a close frame's payload says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosePayload<'a> {
+    /// No payload: no status code (1005 to the application).
+    Empty,
+    Code(u16, &'a str),
+}
+
+/// Why a close payload is refused: 1002 for the length or code, 1007 for the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CloseError {
+    #[error("a close payload of one byte")]
+    OneByte,
+    #[error("close code {0} may not be sent")]
+    Code(u16),
+    #[error("the close reason is not valid UTF-8")]
+    Reason,
+}
+
+impl CloseError {
+    /// The close code the sender of such a payload gets.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseError::OneByte | CloseError::Code(_) => 1002,
+            CloseError::Reason => 1007,
+        }
+    }
+}
+
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4.1–7.4.2 and the IANA
+/// registry): 1000–1003, 1007–1013 and 3000–4999, as the relay reads codes today. 1014
+/// ("Bad Gateway") is for gateways such as this one to send, not to receive.
+pub fn code_may_be_sent(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+}
+
+/// Read an (unmasked) close payload.
+pub fn parse_close(payload: &[u8]) -> Result<ClosePayload<'_>, CloseError> {
+    match payload {
+        [] => Ok(ClosePayload::Empty),
+        [_] => Err(CloseError::OneByte),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !code_may_be_sent(code) {
+                return Err(CloseError::Code(code));
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| CloseError::Reason)?;
+            Ok(ClosePayload::Code(code, reason))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, len: u64) -> Header {
+        Header {
+            fin,
+            opcode,
+            mask,
+            len,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_at_every_length_encoding() {
+        for len in [0, 1, 125, 126, 127, 0xFFFF, 0x1_0000, u64::MAX >> 1] {
+            for mask in [None, Some([1, 2, 3, 4])] {
+                let h = header(true, OpCode::Binary, mask, len);
+                let mut out = [0u8; MAX_HEADER];
+                let n = write_header(&h, &mut out);
+                let from = if mask.is_some() {
+                    From::Client
+                } else {
+                    From::Server
+                };
+                assert_eq!(parse_header(&out[..n], from), Ok(Some((h, n))), "{len}");
+                // Every strict prefix is incomplete, never an error.
+                for cut in 0..n {
+                    assert_eq!(parse_header(&out[..cut], from), Ok(None), "{len} cut {cut}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn what_rfc_6455_refuses_is_refused() {
+        let client = |bytes: &[u8]| parse_header(bytes, From::Client);
+        assert_eq!(
+            client(&[0xC1, 0x80, 0, 0, 0, 0]),
+            Err(HeaderError::ReservedBits)
+        );
+        assert_eq!(
+            client(&[0x83, 0x80, 0, 0, 0, 0]),
+            Err(HeaderError::ReservedOpcode(3))
+        );
+        assert_eq!(
+            client(&[0x09, 0x80, 0, 0, 0, 0]),
+            Err(HeaderError::FragmentedControl)
+        );
+        assert_eq!(
+            client(&[0x89, 0xFE, 0, 126]),
+            Err(HeaderError::ControlTooLong)
+        );
+        assert_eq!(client(&[0x81, 0x05]), Err(HeaderError::Unmasked));
+        assert_eq!(
+            parse_header(&[0x81, 0x85], From::Server),
+            Err(HeaderError::Masked)
+        );
+        let mut huge = vec![0x82, 0xFF];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(client(&huge), Err(HeaderError::LengthTooLarge));
+    }
+
+    #[test]
+    fn masking_in_chunks_equals_masking_at_once() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let mut whole = data.clone();
+        apply_mask(&mut whole, key, 0);
+        for (i, b) in whole.iter().enumerate() {
+            assert_eq!(*b, data[i] ^ key[i % 4]);
+        }
+        for split in [1, 3, 7, 8, 9, 500, 999] {
+            let mut parts = data.clone();
+            let (a, b) = parts.split_at_mut(split);
+            apply_mask(a, key, 0);
+            apply_mask(b, key, split as u64);
+            assert_eq!(parts, whole, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn utf8_across_chunks() {
+        let text = "héllo wörld ✓ 🚀".as_bytes();
+        for split in 0..=text.len() {
+            let mut v = Utf8::default();
+            assert!(v.feed(&text[..split]).is_ok(), "{split}");
+            assert!(v.feed(&text[split..]).is_ok(), "{split}");
+            assert!(v.finish().is_ok(), "{split}");
+        }
+        let mut v = Utf8::default();
+        assert!(v.feed(&[0xF0, 0x9F]).is_ok());
+        assert_eq!(v.finish(), Err(InvalidUtf8));
+        let mut v = Utf8::default();
+        assert_eq!(
+            v.feed(&[0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xED, 0xA0]),
+            Err(InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn close_payloads() {
+        assert_eq!(parse_close(&[]), Ok(ClosePayload::Empty));
+        assert_eq!(parse_close(&[3]), Err(CloseError::OneByte));
+        assert_eq!(
+            parse_close(&[0x03, 0xE8, b'o', b'k']),
+            Ok(ClosePayload::Code(1000, "ok"))
+        );
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(
+                parse_close(&code.to_be_bytes()),
+                Err(CloseError::Code(code))
+            );
+        }
+        assert_eq!(parse_close(&[0x03, 0xE8, 0xFF]), Err(CloseError::Reason));
+        assert_eq!(CloseError::Reason.code(), 1007);
+    }
+}

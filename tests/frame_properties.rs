@@ -1,0 +1,181 @@
+//! Properties of the relay's own frame codec (`wsgate::relay::frame`): it never panics on
+//! any bytes, a header parses the same however its bytes arrive, headers round-trip,
+//! masking in chunks equals masking at once, and incremental UTF-8 validation agrees with
+//! validating the whole message, however it is split. `.ci/run` runs these at 5,000 cases.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseResult, TestRunner};
+use wsgate::relay::frame::{
+    apply_mask, code_may_be_sent, parse_close, parse_header, write_header, From, Header, OpCode,
+    Utf8, MAX_HEADER,
+};
+
+fn check<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value) -> TestCaseResult) {
+    let config = Config {
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if let Err(e) = TestRunner::new(config).run(&strategy, property) {
+        panic!("property {name:?} failed: {e}");
+    }
+}
+
+fn from() -> impl Strategy<Value = From> {
+    prop_oneof![Just(From::Client), Just(From::Server)]
+}
+
+fn opcode() -> impl Strategy<Value = OpCode> {
+    prop_oneof![
+        Just(OpCode::Continuation),
+        Just(OpCode::Text),
+        Just(OpCode::Binary),
+        Just(OpCode::Close),
+        Just(OpCode::Ping),
+        Just(OpCode::Pong),
+    ]
+}
+
+fn length() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..=130, 65_530u64..=65_540, 0u64..=(u64::MAX >> 1)]
+}
+
+/// Any bytes: parsing never panics, and a prefix gives either "not yet" or exactly what
+/// the whole gives (the header is decided by its own bytes, not by how they arrive).
+#[test]
+fn a_header_parses_the_same_however_its_bytes_arrive() {
+    let bytes = prop::collection::vec(any::<u8>(), 0..20);
+    check("header prefixes", (bytes, from()), |(bytes, from)| {
+        let whole = parse_header(&bytes, from);
+        for cut in 0..=bytes.len() {
+            let part = parse_header(&bytes[..cut], from);
+            prop_assert!(
+                part == Ok(None) || part == whole,
+                "cut {cut}: {part:?} vs {whole:?}"
+            );
+        }
+        if let Ok(Some((header, len))) = whole {
+            prop_assert!(len <= MAX_HEADER && len <= bytes.len());
+            prop_assert_eq!(header.mask.is_some(), from == From::Client);
+            prop_assert!(header.len >> 63 == 0);
+            if header.opcode.is_control() {
+                prop_assert!(header.fin && header.len <= 125);
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Every valid header written is read back as itself, and its bytes are exactly consumed.
+#[test]
+fn headers_round_trip() {
+    let headers = (any::<bool>(), opcode(), any::<Option<[u8; 4]>>(), length());
+    check("header round trip", headers, |(fin, opcode, mask, len)| {
+        let (fin, len) = if opcode.is_control() {
+            (true, len % 126)
+        } else {
+            (fin, len)
+        };
+        let header = Header {
+            fin,
+            opcode,
+            mask,
+            len,
+        };
+        let mut out = [0u8; MAX_HEADER];
+        let n = write_header(&header, &mut out);
+        let from = if mask.is_some() {
+            From::Client
+        } else {
+            From::Server
+        };
+        let mut with_payload = out[..n].to_vec();
+        with_payload.extend_from_slice(b"payload bytes after the header");
+        prop_assert_eq!(parse_header(&with_payload, from), Ok(Some((header, n))));
+        Ok(())
+    });
+}
+
+/// Masking a payload in arbitrary chunks, each at its offset, equals masking it at once,
+/// which is the byte-wise XOR of RFC 6455 §5.3; masking twice restores it.
+#[test]
+fn masking_in_any_chunks_equals_masking_at_once() {
+    let input = (
+        prop::collection::vec(any::<u8>(), 0..300),
+        any::<[u8; 4]>(),
+        prop::collection::vec(0usize..300, 0..6),
+    );
+    check("masking", input, |(data, key, mut cuts)| {
+        let mut whole = data.clone();
+        apply_mask(&mut whole, key, 0);
+        for (i, b) in whole.iter().enumerate() {
+            prop_assert_eq!(*b, data[i] ^ key[i % 4]);
+        }
+        cuts.iter_mut().for_each(|c| *c = (*c).min(data.len()));
+        cuts.sort_unstable();
+        let mut chunked = data.clone();
+        let mut start = 0;
+        for end in cuts.into_iter().chain([data.len()]) {
+            apply_mask(&mut chunked[start..end], key, start as u64);
+            start = end;
+        }
+        prop_assert_eq!(&chunked, &whole);
+        apply_mask(&mut chunked, key, 0);
+        prop_assert_eq!(chunked, data);
+        Ok(())
+    });
+}
+
+/// Mostly valid UTF-8 with a few bytes changed, split anywhere: incremental validation
+/// accepts exactly what `str::from_utf8` accepts for the whole message.
+#[test]
+fn utf8_is_judged_the_same_however_the_message_is_split() {
+    let input = (
+        any::<String>(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+    );
+    check("utf-8", input, |(text, changes, cuts)| {
+        let mut bytes = text.into_bytes();
+        if !bytes.is_empty() {
+            for (at, byte) in changes {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+        }
+        let expected = std::str::from_utf8(&bytes).is_ok();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut validator = Utf8::default();
+        let mut ok = true;
+        let mut start = 0;
+        for end in points.into_iter().chain([bytes.len()]) {
+            if validator.feed(&bytes[start..end]).is_err() {
+                ok = false;
+                break;
+            }
+            start = end;
+        }
+        if ok {
+            ok = validator.finish().is_ok();
+        }
+        prop_assert_eq!(ok, expected, "{:?}", bytes);
+        Ok(())
+    });
+}
+
+/// Any close payload: no panic; a code is accepted exactly when a peer may send it.
+#[test]
+fn close_payloads_are_judged_by_code_and_reason() {
+    let payload = prop::collection::vec(any::<u8>(), 0..130);
+    check("close payloads", payload, |payload| {
+        let result = parse_close(&payload);
+        if payload.len() >= 2 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let reason_ok = std::str::from_utf8(&payload[2..]).is_ok();
+            prop_assert_eq!(result.is_ok(), code_may_be_sent(code) && reason_ok);
+        } else {
+            prop_assert_eq!(result.is_ok(), payload.is_empty());
+        }
+        Ok(())
+    });
+}
