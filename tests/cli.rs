@@ -460,29 +460,41 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
         .unwrap()
     };
 
+    // One plain request over TLS, the whole answer read.
+    let fetch = |head: String| {
+        let connecting = tls(connector.clone());
+        async move {
+            let mut stream = connecting.await;
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        }
+    };
+    // An upgrade on /ws offering `protocols` (a browser's token entry among them).
+    let upgrade = |protocols: String| {
+        let connecting = tls(connector.clone());
+        async move {
+            let mut request = format!("wss://localhost:{port}/ws")
+                .into_client_request()
+                .unwrap();
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", header_value(&protocols));
+            tokio_tungstenite::client_async(request, connecting.await)
+                .await
+                .unwrap()
+        }
+    };
+
     // The page comes through the gate from the demo upstream (an `http: pass` route).
-    let mut page = tls(connector.clone()).await;
-    page.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    page.read_to_string(&mut body).await.unwrap();
+    let body = fetch("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into()).await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("wsgate demo"), "{body}");
 
     // A browser passes its token as a subprotocol; the gate keeps it from the upstream
     // and returns the real subprotocol the upstream chose.
-    let mut request = format!("wss://localhost:{port}/ws")
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        header_value(&format!("bearer.{token}, echo")),
-    );
-    let stream = tls(connector.clone()).await;
-    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .unwrap();
+    let (mut ws, response) = upgrade(format!("bearer.{token}, echo")).await;
     assert_eq!(response.headers()["sec-websocket-protocol"], "echo");
     ws.send(Message::text("hello demo")).await.unwrap();
     assert_eq!(next_message_any(&mut ws).await, Message::text("hello demo"));
@@ -491,28 +503,16 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     // connect), and the gate accepts it.
     let mut fresh = Vec::new();
     for _ in 0..2 {
-        let mut get = tls(connector.clone()).await;
-        get.write_all(b"GET /demo/token HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        get.read_to_string(&mut answer).await.unwrap();
+        let answer = fetch(
+            "GET /demo/token HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into(),
+        )
+        .await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["expires_in"], 600, "{body}");
         let page_token = body["token"].as_str().unwrap().to_owned();
-        let mut request = format!("wss://localhost:{port}/ws")
-            .into_client_request()
-            .unwrap();
-        request.headers_mut().insert(
-            "sec-websocket-protocol",
-            header_value(&format!("bearer.{page_token}")),
-        );
-        let stream = tls(connector.clone()).await;
-        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .unwrap();
+        let (mut ws, _) = upgrade(format!("bearer.{page_token}")).await;
         ws.send(Message::text("fresh")).await.unwrap();
         assert_eq!(next_message_any(&mut ws).await, Message::text("fresh"));
         fresh.push(page_token);
@@ -520,14 +520,11 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     assert_ne!(fresh[0], fresh[1], "the same token twice");
     assert_ne!(fresh[0], token);
     // Not for a name other than a loopback one (a page on a rebound DNS name).
-    let mut get = tls(connector.clone()).await;
-    get.write_all(
-        b"GET /demo/token HTTP/1.1\r\nHost: rebound.example:8443\r\nConnection: close\r\n\r\n",
+    let answer = fetch(
+        "GET /demo/token HTTP/1.1\r\nHost: rebound.example:8443\r\nConnection: close\r\n\r\n"
+            .into(),
     )
-    .await
-    .unwrap();
-    let mut answer = String::new();
-    get.read_to_string(&mut answer).await.unwrap();
+    .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(
         answer.contains("answer only requests for localhost"),

@@ -126,13 +126,9 @@ impl Proc {
     pub fn wait_exit(&mut self, within: Duration) -> (i32, Duration) {
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), started.elapsed());
+            if let Some(exit) = self.exit_by(started, within) {
+                return exit;
             }
-            assert!(
-                started.elapsed() < within,
-                "the process did not exit within {within:?}"
-            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -141,15 +137,24 @@ impl Proc {
     pub async fn exited(&mut self, within: Duration) -> (i32, Duration) {
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), started.elapsed());
+            if let Some(exit) = self.exit_by(started, within) {
+                return exit;
             }
-            assert!(
-                started.elapsed() < within,
-                "the process did not exit within {within:?}"
-            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The exit code and time since `started` if the process has exited; panics once
+    /// `within` has passed without an exit.
+    fn exit_by(&mut self, started: Instant, within: Duration) -> Option<(i32, Duration)> {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return Some((status.code().unwrap_or(-1), started.elapsed()));
+        }
+        assert!(
+            started.elapsed() < within,
+            "the process did not exit within {within:?}"
+        );
+        None
     }
 
     pub async fn connect(
