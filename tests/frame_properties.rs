@@ -1,13 +1,15 @@
 //! Properties of the relay's own frame codec (`wsgate::relay::frame`): it never panics on
 //! any bytes, a header parses the same however its bytes arrive, headers round-trip,
-//! masking in chunks equals masking at once, and incremental UTF-8 validation agrees with
-//! validating the whole message, however it is split. `.ci/run` runs these at 5,000 cases.
+//! masking in chunks equals masking at once, incremental UTF-8 validation agrees with
+//! validating the whole message however it is split, and the message rules (fragmentation,
+//! limits, UTF-8) find the same first violation fed chunk by chunk as read whole.
+//! `.ci/run` runs these at 5,000 cases.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseResult, TestRunner};
 use wsgate::relay::frame::{
-    apply_mask, code_may_be_sent, parse_close, parse_header, write_header, From, Header, OpCode,
-    Utf8, MAX_HEADER,
+    apply_mask, code_may_be_sent, parse_close, parse_header, write_header, From, Header, Messages,
+    OpCode, Utf8, Violation, MAX_HEADER,
 };
 
 fn check<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value) -> TestCaseResult) {
@@ -178,4 +180,108 @@ fn close_payloads_are_judged_by_code_and_reason() {
         }
         Ok(())
     });
+}
+
+/// One frame of a generated stream: fin, opcode, payload, and where its payload is cut
+/// into chunks as it arrives.
+type Frame = (bool, OpCode, Vec<u8>, Vec<prop::sample::Index>);
+
+fn frames() -> impl Strategy<Value = Vec<Frame>> {
+    let opcode = prop_oneof![
+        3 => Just(OpCode::Continuation),
+        2 => Just(OpCode::Text),
+        2 => Just(OpCode::Binary),
+        1 => Just(OpCode::Ping),
+    ];
+    let payload = prop_oneof![
+        any::<String>().prop_map(String::into_bytes),
+        prop::collection::vec(any::<u8>(), 0..12),
+    ];
+    let frame = (
+        any::<bool>(),
+        opcode,
+        payload,
+        prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+    );
+    prop::collection::vec(frame, 0..8)
+}
+
+/// The rules read whole: the first frame that breaks one, as the close code its sender
+/// gets (RFC 6455 §5.4 fragmentation, the two limits, UTF-8 of text).
+fn reference(frames: &[Frame], max_frame: u64, max_message: u64) -> Result<(), u16> {
+    let mut open: Option<(OpCode, Vec<u8>)> = None;
+    for (fin, opcode, payload, _) in frames {
+        if *opcode == OpCode::Ping {
+            continue;
+        }
+        if payload.len() as u64 > max_frame {
+            return Err(1009);
+        }
+        let continuation = *opcode == OpCode::Continuation;
+        if continuation != open.is_some() {
+            return Err(1002);
+        }
+        if !continuation {
+            open = Some((*opcode, Vec::new()));
+        }
+        let Some((kind, text)) = open.as_mut() else {
+            return Err(0);
+        };
+        if (text.len() + payload.len()) as u64 > max_message {
+            return Err(1009);
+        }
+        text.extend_from_slice(payload);
+        if *kind == OpCode::Text {
+            if let Err(e) = std::str::from_utf8(text) {
+                if e.error_len().is_some() || *fin {
+                    return Err(1007);
+                }
+            }
+        }
+        if *fin {
+            open = None;
+        }
+    }
+    Ok(())
+}
+
+/// Fed header by header and chunk by chunk, the message state finds exactly the first
+/// violation the whole-stream reading finds, with the same close code, and never lets a
+/// frame or message past its limit.
+#[test]
+fn message_rules_hold_however_payloads_arrive() {
+    let input = (frames(), 0u64..16, 0u64..40);
+    check(
+        "message rules",
+        input,
+        |(frames, max_frame, max_message)| {
+            let expected = reference(&frames, max_frame, max_message);
+            let mut state = Messages::default();
+            let mut run = || -> Result<(), Violation> {
+                for (fin, opcode, payload, cuts) in &frames {
+                    let fin = *fin || opcode.is_control();
+                    let header = Header {
+                        fin,
+                        opcode: *opcode,
+                        mask: Some([1, 2, 3, 4]),
+                        len: payload.len() as u64,
+                    };
+                    state.header(&header, max_frame, max_message)?;
+                    let mut points: Vec<usize> =
+                        cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+                    points.sort_unstable();
+                    let mut start = 0;
+                    for end in points.into_iter().chain([payload.len()]) {
+                        state.payload(&payload[start..end])?;
+                        start = end;
+                    }
+                    state.frame_end(fin)?;
+                }
+                Ok(())
+            };
+            let got = run().map_err(Violation::code);
+            prop_assert_eq!(got, expected);
+            Ok(())
+        },
+    );
 }

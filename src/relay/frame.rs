@@ -262,6 +262,119 @@ impl Utf8 {
     }
 }
 
+/// Why a stream of frames is refused at the message level, with the close code its
+/// sender gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// 1002: a continuation with no message to continue, or a new data frame while a
+    /// fragmented message is still open.
+    #[error("{0}")]
+    Protocol(&'static str),
+    /// 1009: a frame over the frame limit, or a message that would grow past the message
+    /// limit (decided from the header, before any of its payload is passed on).
+    #[error("the frame or message is too big")]
+    TooBig,
+    /// 1007: text that is not UTF-8.
+    #[error("the text is not valid UTF-8")]
+    InvalidUtf8,
+}
+
+impl Violation {
+    pub fn code(self) -> u16 {
+        match self {
+            Violation::Protocol(_) => 1002,
+            Violation::TooBig => 1009,
+            Violation::InvalidUtf8 => 1007,
+        }
+    }
+}
+
+/// One direction's message state, fed frame by frame and chunk by chunk as bytes pass
+/// through: fragmentation rules, the frame and message limits, and UTF-8 of text. Holds
+/// no payload; control frames (already checked by [`parse_header`]) may come between the
+/// fragments of a message and do not touch it.
+#[derive(Debug, Default, Clone)]
+pub struct Messages {
+    /// The data message in progress: its type and the bytes it has declared so far.
+    open: Option<(OpCode, u64)>,
+    /// Whether the current frame belongs to that message (not a control frame).
+    in_data_frame: bool,
+    utf8: Utf8,
+}
+
+impl Messages {
+    /// A frame header arrived: may the frame go on?
+    pub fn header(
+        &mut self,
+        header: &Header,
+        max_frame: u64,
+        max_message: u64,
+    ) -> Result<(), Violation> {
+        if header.opcode.is_control() {
+            self.in_data_frame = false;
+            return Ok(());
+        }
+        if header.len > max_frame {
+            return Err(Violation::TooBig);
+        }
+        let so_far = match (header.opcode, self.open) {
+            (OpCode::Continuation, None) => {
+                return Err(Violation::Protocol(
+                    "a continuation frame with no message to continue",
+                ))
+            }
+            (OpCode::Continuation, Some((_, so_far))) => so_far,
+            (_, Some(_)) => {
+                return Err(Violation::Protocol(
+                    "a new message began inside a fragmented one",
+                ))
+            }
+            (opcode, None) => {
+                self.open = Some((opcode, 0));
+                self.utf8 = Utf8::default();
+                0
+            }
+        };
+        let total = so_far.saturating_add(header.len);
+        if total > max_message {
+            return Err(Violation::TooBig);
+        }
+        if let Some((_, declared)) = &mut self.open {
+            *declared = total;
+        }
+        self.in_data_frame = true;
+        Ok(())
+    }
+
+    /// Unmasked payload bytes of the current frame, in order.
+    pub fn payload(&mut self, chunk: &[u8]) -> Result<(), Violation> {
+        match self.open {
+            Some((OpCode::Text, _)) if self.in_data_frame => {
+                self.utf8.feed(chunk).map_err(|_| Violation::InvalidUtf8)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The current frame's payload is complete. For the last frame of a data message
+    /// (`fin`), the message ends: its text must be complete UTF-8.
+    pub fn frame_end(&mut self, fin: bool) -> Result<(), Violation> {
+        if !std::mem::take(&mut self.in_data_frame) || !fin {
+            return Ok(());
+        }
+        let ended = self.open.take();
+        if matches!(ended, Some((OpCode::Text, _))) {
+            return self.utf8.finish().map_err(|_| Violation::InvalidUtf8);
+        }
+        Ok(())
+    }
+
+    /// Whether a fragmented message is open (its next data frame must be a continuation).
+    pub fn in_message(&self) -> bool {
+        self.open.is_some()
+    }
+}
+
 /// What a close frame's payload says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClosePayload<'a> {
@@ -412,6 +525,66 @@ mod tests {
             v.feed(&[0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xED, 0xA0]),
             Err(InvalidUtf8)
         );
+    }
+
+    fn frame(fin: bool, opcode: OpCode, len: u64) -> Header {
+        header(fin, opcode, Some([0; 4]), len)
+    }
+
+    #[test]
+    fn fragmentation_and_limits() {
+        let mut m = Messages::default();
+        // A fragmented text message with a ping between its fragments.
+        assert_eq!(m.header(&frame(false, OpCode::Text, 3), 10, 20), Ok(()));
+        assert_eq!(m.payload("hé".as_bytes()), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(m.header(&frame(true, OpCode::Ping, 2), 10, 20), Ok(()));
+        assert_eq!(m.payload(b"pi"), Ok(()));
+        assert_eq!(m.frame_end(true), Ok(()));
+        assert!(m.in_message());
+        assert_eq!(
+            m.header(&frame(false, OpCode::Binary, 1), 10, 20),
+            Err(Violation::Protocol(
+                "a new message began inside a fragmented one"
+            ))
+        );
+        let mut m = Messages::default();
+        assert_eq!(m.header(&frame(false, OpCode::Text, 10), 10, 20), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(
+            m.header(&frame(true, OpCode::Continuation, 10), 10, 20),
+            Ok(())
+        );
+        assert_eq!(m.frame_end(true), Ok(()));
+        assert!(!m.in_message());
+        // Limits, from the header alone.
+        assert_eq!(
+            m.header(&frame(true, OpCode::Binary, 11), 10, 20),
+            Err(Violation::TooBig)
+        );
+        let mut m = Messages::default();
+        assert_eq!(m.header(&frame(false, OpCode::Binary, 10), 10, 15), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(
+            m.header(&frame(true, OpCode::Continuation, 6), 10, 15),
+            Err(Violation::TooBig)
+        );
+        let mut m = Messages::default();
+        assert_eq!(
+            m.header(&frame(true, OpCode::Continuation, 1), 10, 20)
+                .map_err(Violation::code),
+            Err(1002)
+        );
+        // Text split inside a character is fine; ending inside one is 1007.
+        let mut m = Messages::default();
+        assert_eq!(m.header(&frame(false, OpCode::Text, 1), 10, 20), Ok(()));
+        assert_eq!(m.payload(&[0xC3]), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(
+            m.header(&frame(true, OpCode::Continuation, 0), 10, 20),
+            Ok(())
+        );
+        assert_eq!(m.frame_end(true).map_err(Violation::code), Err(1007));
     }
 
     #[test]
