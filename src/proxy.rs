@@ -75,18 +75,8 @@ pub async fn forward(
         Err(_) => return Err(Rejection::UpstreamTimeout),
     };
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    upstream::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
-}
-
-/// Remove hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    for name in upstream::connection_listed(headers) {
-        headers.remove(name);
-    }
-    for name in upstream::HOP_BY_HOP {
-        headers.remove(name);
-    }
 }
 
 /// Dials the route's upstream whatever the URI says (the URI only keys the pool).

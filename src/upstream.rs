@@ -125,6 +125,16 @@ pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
 /// Headers only wsgate sets upstream; a client's copy is dropped and `forward_claims`
 /// may not name them.
 pub fn is_reserved_header(name: &HeaderName) -> bool {
@@ -369,12 +379,7 @@ async fn handshake(
         }
     }
     let mut passed = response.headers;
-    for name in connection_listed(&passed) {
-        passed.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        passed.remove(name);
-    }
+    strip_hop_by_hop(&mut passed);
     passed.remove(header::CONTENT_LENGTH);
     let own: Vec<HeaderName> = passed
         .keys()

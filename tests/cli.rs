@@ -278,9 +278,7 @@ async fn sighup_reloads_the_policy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_with_1001_and_exits_0() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
     let mut a = gate.connect("/ws").await.unwrap();
     let mut b = gate.connect("/ws").await.unwrap();
@@ -336,9 +334,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start_limited(&policy, &[], Some(64));
 
     // Far more connections than the gate has descriptors for.
@@ -615,9 +611,7 @@ async fn readyz_becomes(admin: std::net::SocketAddr, want: u16, within: Duration
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start_at(
         &policy,
         "127.0.0.1:0",
@@ -665,9 +659,7 @@ async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_cuts_the_shutdown_delay_short() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start_at(
         &policy,
         "127.0.0.1:0",
@@ -690,9 +682,7 @@ async fn a_second_signal_cuts_the_shutdown_delay_short() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_gate_exits_promptly_on_sigterm() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
     // It has served, and nothing is open now.
     let mut client = gate.connect("/ws").await.unwrap();
@@ -710,9 +700,7 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start(&policy, &[]);
     // A FIFO with no writer renamed over the policy: the reload's read blocks for good.
     let fifo = dir.path().join("fifo");
@@ -844,4 +832,13 @@ async fn a_replacement_binds_beside_a_draining_gate_and_no_client_is_refused() {
     let mut last = b.connect("/ws").await.unwrap();
     last.send(Message::text("b")).await.unwrap();
     assert_eq!(next_message(&mut last).await, Message::text("b"));
+}
+
+/// `open_policy` in front of `upstream`, written to a fresh directory (kept alive by the
+/// returned guard).
+fn open_policy_file(upstream: &Upstream) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    (dir, policy)
 }

@@ -220,24 +220,17 @@ pub async fn admit<'a>(
     }
 
     let auth = &route.auth;
-    if !upgrade && !auth.required {
-        return Ok(Admitted {
-            slots: Slots {
-                _global: None,
-                _ip: None,
-                _subject: None,
-            },
-            claims: None,
-            claim_headers: Vec::new(),
-            verified_source: None,
-        });
-    }
-    let found = token::extract(
-        &auth.token_sources,
-        attempt.headers,
-        attempt.query,
-        attempt.protocols,
-    );
+    // A plain request on a public route is not asked for a token, nor is one read.
+    let found = (upgrade || auth.required)
+        .then(|| {
+            token::extract(
+                &auth.token_sources,
+                attempt.headers,
+                attempt.query,
+                attempt.protocols,
+            )
+        })
+        .flatten();
     let claims = match &found {
         None => {
             if auth.required {
