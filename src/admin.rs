@@ -11,7 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::http::{full, Body};
+use crate::body::{full, Body};
 use crate::Gate;
 
 /// Serve the admin endpoints until the process exits. The admin listener stays up through

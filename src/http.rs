@@ -9,24 +9,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::admission::{self, Admitted, Attempt, Kind, Rejection, Standing};
+use crate::body::{full, Body};
 use crate::policy::{HttpMode, Route};
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
-
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
-
-pub fn full(bytes: Bytes) -> Body {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod head;

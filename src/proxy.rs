@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::admission::Rejection;
-use crate::http::Body;
+use crate::body::Body;
 use crate::policy::{Route, Upstream};
 use crate::upstream::{self, UpstreamStream};
 

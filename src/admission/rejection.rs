@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_VERSION, UPGRADE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::http::{full, Body};
+use crate::body::{full, Body};
 
 /// Why an upgrade was refused.
 #[derive(Debug, thiserror::Error)]

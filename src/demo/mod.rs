@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::http::{full, Body};
+use crate::body::{full, Body};
 use crate::{mint, Gate};
 
 /// The development certificate and key (certs/), for the quick start only.
