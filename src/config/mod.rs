@@ -16,7 +16,7 @@ use crate::policy::Loaded;
 pub use validate::{parse_cidr, parse_jwks, parse_origin_pattern, validate};
 
 // Built-in defaults: what a field is when neither the route nor `defaults` sets it.
-// Chosen for safety; README "Policy reference" documents each.
+// Chosen for safety; docs/policy.md ("Policy reference") documents each.
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 pub const DEFAULT_UPSTREAM: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
