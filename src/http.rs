@@ -19,6 +19,10 @@ use crate::policy::{HttpMode, Route};
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
 
+/// The `protocol` field of the upgrade and close log lines (`h2` once the listener
+/// speaks HTTP/2).
+const PROTOCOL: &str = "http/1.1";
+
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -66,7 +70,7 @@ pub async fn handle(
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
-                    "upgrade"
+                    protocol = PROTOCOL, "upgrade"
                 );
             }
             response
@@ -76,7 +80,7 @@ pub async fn handle(
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                 route = route_name, path = %path, result = rejection.reason(),
-                status = rejection.status().as_u16(), latency_ms,
+                status = rejection.status().as_u16(), latency_ms, protocol = PROTOCOL,
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
             rejection.into_response()
@@ -247,7 +251,7 @@ async fn respond(
             bytes_in = outcome.client_to_upstream.bytes,
             messages_out = outcome.upstream_to_client.messages,
             bytes_out = outcome.upstream_to_client.bytes,
-            "close"
+            protocol = PROTOCOL, "close"
         );
         // The connection's slots go as it is logged closed; its sockets linger a while.
         drop(slots);

@@ -302,6 +302,21 @@ async fn tokens_never_reach_the_logs() {
         all.contains("\"message\":\"close\"") || all.contains("close"),
         "{all}"
     );
+    // The upgrade and close lines say which HTTP version carried the WebSocket.
+    for message in ["upgrade", "close"] {
+        let line = log
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == message || v["message"] == message)
+            .unwrap_or_else(|| panic!("no {message} line:\n{all}"));
+        let protocol = &line["fields"]["protocol"];
+        let protocol = if protocol.is_null() {
+            &line["protocol"]
+        } else {
+            protocol
+        };
+        assert_eq!(protocol, "http/1.1", "{line}");
+    }
     for (i, token) in tokens.iter().enumerate().take(4) {
         assert!(
             !all.contains(token.as_str()),
