@@ -1,10 +1,10 @@
 //! The WebSocket frame codec (RFC 6455 §5) as plain functions over byte slices: parse a
 //! frame header, write one, mask or unmask a payload in chunks, validate UTF-8 across chunks
-//! and fragments, and read a close payload. No I/O and no allocation: the relay's engine
-//! (the cut-through relay of the streaming issue) drives these over its own buffers.
+//! and fragments, and read a close payload. No I/O and no allocation: the relay's legs
+//! (`leg.rs`) drive these over the bytes of each read as they pass through.
 //!
-//! Not wired into the relay yet; it is proven on its own by the unit tests here and the
-//! properties in `tests/properties.rs`.
+//! Proven on its own by the unit tests here and the properties in
+//! `tests/frame_properties.rs`.
 
 /// The longest frame header: 2 bytes, an 8-byte length and a 4-byte mask key.
 pub const MAX_HEADER: usize = 14;
@@ -279,6 +279,12 @@ pub enum Violation {
     InvalidUtf8,
 }
 
+impl std::convert::From<HeaderError> for Violation {
+    fn from(_: HeaderError) -> Violation {
+        Violation::Protocol("a frame header RFC 6455 does not allow")
+    }
+}
+
 impl Violation {
     pub fn code(self) -> u16 {
         match self {
@@ -367,6 +373,12 @@ impl Messages {
             return self.utf8.finish().map_err(|_| Violation::InvalidUtf8);
         }
         Ok(())
+    }
+
+    /// Whether the current frame's payload is checked (it is text): a binary payload need
+    /// not be unmasked at all.
+    pub fn checks_payload(&self) -> bool {
+        self.in_data_frame && matches!(self.open, Some((OpCode::Text, _)))
     }
 
     /// Whether a fragmented message is open (its next data frame must be a continuation).

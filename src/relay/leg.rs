@@ -1,0 +1,543 @@
+//! One leg of a relay: its socket, what the gate still owes it, and where the frames read
+//! from it stand.
+//!
+//! A leg holds no buffer while its connection is idle. Reads go into the worker thread's
+//! scratch buffer ([`with_scratch`]); what a destination does not take at once is kept in
+//! the leg's `backlog` until it does (the only allocation on the relay's path, made under
+//! backpressure and freed once the backlog drains); partial headers (≤ 13 bytes) and
+//! control frames (≤ 125 bytes) are carried inline.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::close::CloseFrame;
+use super::frame::{
+    apply_mask, parse_header, write_header, From as Sender, Header, Messages, OpCode, Violation,
+    MAX_CONTROL_PAYLOAD, MAX_HEADER,
+};
+use crate::head::Prefixed;
+use crate::upstream::UpstreamStream;
+
+/// The most one read takes: a 1 MiB message passes in 16 reads, and a worker thread holds
+/// one such buffer for all its connections.
+pub const READ_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// The worker thread's read buffer, with [`MAX_HEADER`] bytes in front for a header
+    /// carried over from the last read (so that header and payload leave together).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_HEADER + READ_BYTES].into());
+}
+
+/// Run `f` over the thread's scratch buffer (or, if it is somehow in use, a fresh one).
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut vec![0; MAX_HEADER + READ_BYTES]),
+    })
+}
+
+/// The socket under a leg. hyper hands the client's socket over after the 101 as a boxed
+/// `Upgraded`; it is taken back out (`downcast`) so that every read and write on the
+/// client leg is a direct call, not two layers of dynamic dispatch.
+pub enum Io {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A stream of another type (none today): left as hyper gave it.
+    Upgraded(TokioIo<Upgraded>),
+    Upstream(UpstreamStream),
+}
+
+impl Io {
+    /// The client's socket and the bytes read past the request head (by hyper, and any
+    /// the listener's head reader read that hyper did not take).
+    pub(super) fn client(upgraded: Upgraded) -> (Io, Vec<u8>) {
+        let read_ahead = |read_buf: &[u8], unread: &[u8]| [read_buf, unread].concat();
+        let upgraded = match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+            Ok(parts) => {
+                let (unread, io) = parts.io.into_inner().into_parts();
+                return (Io::Tcp(io), read_ahead(&parts.read_buf, &unread));
+            }
+            Err(upgraded) => upgraded,
+        };
+        type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+        match upgraded.downcast::<TokioIo<Prefixed<Tls>>>() {
+            Ok(parts) => {
+                let (unread, io) = parts.io.into_inner().into_parts();
+                (Io::Tls(Box::new(io)), read_ahead(&parts.read_buf, &unread))
+            }
+            Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Vec::new()),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Upstream(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Upstream(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(io).poll_flush(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
+            Io::Upstream(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Upstream(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A control frame's opcode and (unmasked) payload, held inline.
+#[derive(Clone, Copy)]
+pub(super) struct Control {
+    pub opcode: OpCode,
+    len: u8,
+    payload: [u8; MAX_CONTROL_PAYLOAD as usize],
+}
+
+impl Control {
+    fn new(opcode: OpCode) -> Control {
+        Control {
+            opcode,
+            len: 0,
+            payload: [0; MAX_CONTROL_PAYLOAD as usize],
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.payload[..usize::from(self.len)]
+    }
+
+    /// A close frame of the gate's own (the reason cut to fit at a character boundary).
+    fn close(frame: Option<&CloseFrame>) -> Control {
+        let mut c = Control::new(OpCode::Close);
+        if let Some(f) = frame {
+            let mut reason = &f.reason[..];
+            while reason.len() > MAX_CONTROL_PAYLOAD as usize - 2 {
+                let mut cut = reason.len() - 1;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason = &reason[..cut];
+            }
+            c.payload[..2].copy_from_slice(&f.code.to_be_bytes());
+            c.payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
+            c.len = (2 + reason.len()) as u8;
+        }
+        c
+    }
+
+    fn with_payload(opcode: OpCode, payload: &[u8]) -> Control {
+        let mut c = Control::new(opcode);
+        let len = payload.len().min(MAX_CONTROL_PAYLOAD as usize);
+        c.payload[..len].copy_from_slice(&payload[..len]);
+        c.len = len as u8;
+        c
+    }
+}
+
+/// What one step of reading a leg's bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// The bytes left are an incomplete header (or a data frame's header with none of its
+    /// payload yet): carry them to the next read.
+    Incomplete,
+    /// A data frame's header of `len` bytes, to forward; `starts` a new message.
+    DataHeader {
+        len: usize,
+        header: Header,
+        starts: bool,
+    },
+    /// This many payload bytes of the current data frame, checked, to forward.
+    Payload(usize),
+    /// This many bytes of a control frame, consumed; the frame once it is complete.
+    Control(usize),
+}
+
+/// A frame whose payload is still arriving.
+#[derive(Clone, Copy)]
+struct Current {
+    header: Header,
+    remaining: u64,
+    /// Payload bytes already seen (the mask key's phase).
+    offset: u64,
+}
+
+/// Where the frames read from a leg stand: the header bytes carried from the last read,
+/// the frame in progress, the message rules, and the control frame being collected.
+pub(super) struct Reader {
+    from: Sender,
+    max_frame: u64,
+    max_message: u64,
+    carry: [u8; MAX_HEADER],
+    carry_len: u8,
+    current: Option<Current>,
+    messages: Messages,
+    control: Option<Control>,
+}
+
+impl Reader {
+    pub fn new(from: Sender, max_frame: u64, max_message: u64) -> Reader {
+        Reader {
+            from,
+            max_frame,
+            max_message,
+            carry: [0; MAX_HEADER],
+            carry_len: 0,
+            current: None,
+            messages: Messages::default(),
+            control: None,
+        }
+    }
+
+    /// Whether the destination's byte stream stops inside a data frame (its header was
+    /// forwarded, some of its payload was not): no frame of the gate's may go there now.
+    pub fn in_data_frame(&self) -> bool {
+        self.current.is_some_and(|c| !c.header.opcode.is_control())
+    }
+
+    /// The control frame just completed by a [`Step::Control`], if it completed one.
+    pub fn take_control(&mut self) -> Option<Control> {
+        if self.current.is_some() {
+            return None;
+        }
+        self.control.take()
+    }
+
+    /// Read the next step from `data`, the unread bytes of this read.
+    pub fn next(&mut self, data: &[u8]) -> Result<Step, Violation> {
+        if let Some(current) = &mut self.current {
+            let n = current.remaining.min(data.len() as u64) as usize;
+            let chunk = &data[..n];
+            let key = current.header.mask;
+            let offset = current.offset;
+            current.remaining -= n as u64;
+            current.offset += n as u64;
+            let done = current.remaining == 0;
+            let header = current.header;
+            if header.opcode.is_control() {
+                if let Some(control) = &mut self.control {
+                    let at = usize::from(control.len);
+                    let into = &mut control.payload[at..at + n];
+                    into.copy_from_slice(chunk);
+                    if let Some(key) = key {
+                        apply_mask(into, key, offset);
+                    }
+                    control.len += n as u8;
+                }
+                if done {
+                    self.current = None;
+                }
+                return Ok(Step::Control(n));
+            }
+            if self.messages.checks_payload() {
+                match key {
+                    Some(key) => check_masked(&mut self.messages, chunk, key, offset)?,
+                    None => self.messages.payload(chunk)?,
+                }
+            }
+            if done {
+                self.current = None;
+                self.messages.frame_end(header.fin)?;
+            }
+            return Ok(Step::Payload(n));
+        }
+        let Some((header, len)) = parse_header(data, self.from)? else {
+            return Ok(Step::Incomplete);
+        };
+        let current = Current {
+            header,
+            remaining: header.len,
+            offset: 0,
+        };
+        if header.opcode.is_control() {
+            self.control = Some(Control::new(header.opcode));
+            if header.len > 0 {
+                self.current = Some(current);
+            }
+            return Ok(Step::Control(len));
+        }
+        // The limits are checked on the header alone; a header whose payload has not
+        // begun to arrive waits for it, so that header and payload leave together.
+        let mut messages = self.messages.clone();
+        messages.header(&header, self.max_frame, self.max_message)?;
+        if header.len > 0 && data.len() == len {
+            return Ok(Step::Incomplete);
+        }
+        self.messages = messages;
+        if header.len == 0 {
+            self.messages.frame_end(header.fin)?;
+        } else {
+            self.current = Some(current);
+        }
+        let starts = header.opcode != OpCode::Continuation;
+        Ok(Step::DataHeader {
+            len,
+            header,
+            starts,
+        })
+    }
+
+    /// Keep the unread `rest` of this read (an incomplete header) for the next one.
+    pub fn carry(&mut self, rest: &[u8]) {
+        let n = rest.len().min(MAX_HEADER);
+        self.carry[..n].copy_from_slice(&rest[..n]);
+        self.carry_len = n as u8;
+    }
+
+    /// Put the carried bytes just before `buf[MAX_HEADER..]`; returns where they start.
+    pub fn uncarry(&mut self, buf: &mut [u8]) -> usize {
+        let n = usize::from(std::mem::take(&mut self.carry_len));
+        let start = MAX_HEADER - n;
+        buf[start..MAX_HEADER].copy_from_slice(&self.carry[..n]);
+        start
+    }
+}
+
+/// Feed a masked text chunk to the UTF-8 check, unmasking a copy a piece at a time: the
+/// bytes themselves go on masked, as they came.
+fn check_masked(
+    messages: &mut Messages,
+    chunk: &[u8],
+    key: [u8; 4],
+    offset: u64,
+) -> Result<(), Violation> {
+    const PIECE: usize = 1024;
+    let mut plain = [0u8; PIECE];
+    for (i, piece) in chunk.chunks(PIECE).enumerate() {
+        let plain = &mut plain[..piece.len()];
+        plain.copy_from_slice(piece);
+        apply_mask(plain, key, offset + (i * PIECE) as u64);
+        messages.payload(plain)?;
+    }
+    Ok(())
+}
+
+/// The gate's own frames waiting for a frame boundary on a leg.
+#[derive(Default)]
+struct Owed {
+    /// The answer to the latest ping (as RFC 6455 §5.5.3 allows, only the latest).
+    pong: Option<Control>,
+    /// A heartbeat ping.
+    ping: bool,
+    /// A close frame (the inner `None`: one without a status code).
+    close: Option<Option<CloseFrame>>,
+}
+
+/// One side of a relay: its socket, what is owed to it, and the frames read from it.
+pub struct Leg {
+    pub(super) io: Io,
+    /// Frames the gate writes here are masked (this leg is the upstream, we its client).
+    mask_writes: bool,
+    /// Bytes the socket has accepted, so that the write deadline measures "accepts no
+    /// bytes" and not "has not caught up".
+    pub(super) written: u64,
+    /// Relayed bytes the socket has not taken yet; empty (no allocation) unless the peer
+    /// is behind.
+    backlog: Vec<u8>,
+    backlog_at: usize,
+    /// The relayed byte stream stops inside a frame.
+    pub(super) mid_frame: bool,
+    owed: Owed,
+    /// Our close frame is written; nothing more is.
+    pub(super) close_sent: bool,
+    needs_flush: bool,
+    /// Bytes that arrived before the relay began (after the handshake's head).
+    read_ahead: Vec<u8>,
+    pub(super) reader: Reader,
+}
+
+impl Leg {
+    pub fn new(io: Io, read_ahead: Vec<u8>, reader: Reader) -> Leg {
+        Leg {
+            mask_writes: matches!(io, Io::Upstream(_)),
+            io,
+            written: 0,
+            backlog: Vec::new(),
+            backlog_at: 0,
+            mid_frame: false,
+            owed: Owed::default(),
+            close_sent: false,
+            needs_flush: false,
+            read_ahead,
+            reader,
+        }
+    }
+
+    /// Whether the socket has taken everything relayed to it.
+    pub fn caught_up(&self) -> bool {
+        self.backlog_at == self.backlog.len()
+    }
+
+    pub fn queue_pong(&mut self, ping: &[u8]) {
+        self.owed.pong = Some(Control::with_payload(OpCode::Pong, ping));
+    }
+
+    pub fn queue_ping(&mut self) {
+        self.owed.ping = true;
+    }
+
+    pub fn queue_close(&mut self, frame: Option<CloseFrame>) {
+        self.owed.close = Some(frame);
+    }
+
+    /// Read into `buf[MAX_HEADER..]`: the bytes that came with the handshake first, then
+    /// the socket. `Ok(0)` is the end of the stream.
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let room = &mut buf[MAX_HEADER..];
+        if !self.read_ahead.is_empty() {
+            let n = self.read_ahead.len().min(room.len());
+            room[..n].copy_from_slice(&self.read_ahead[..n]);
+            self.read_ahead.drain(..n);
+            if self.read_ahead.is_empty() {
+                self.read_ahead = Vec::new();
+            }
+            return Poll::Ready(Ok(n));
+        }
+        let mut read = ReadBuf::new(room);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().len()))
+    }
+
+    /// Write `bytes` (relayed, or a frame of the gate's) as far as the socket takes them
+    /// now; the rest goes to the backlog. Call only when caught up.
+    pub fn write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < bytes.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &bytes[at..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    at += n;
+                    self.written += n as u64;
+                    self.needs_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if at < bytes.len() {
+            self.backlog.extend_from_slice(&bytes[at..]);
+        }
+        Ok(())
+    }
+
+    /// Write what is owed: the backlog, then (at a frame boundary) the gate's own frames.
+    /// Ready once the socket has taken all of it that may go now.
+    pub fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while self.backlog_at < self.backlog.len() {
+                let n = ready!(
+                    Pin::new(&mut self.io).poll_write(cx, &self.backlog[self.backlog_at..])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.backlog_at += n;
+                self.written += n as u64;
+                self.needs_flush = true;
+            }
+            if !self.backlog.is_empty() {
+                self.backlog = Vec::new();
+                self.backlog_at = 0;
+            }
+            if self.mid_frame || self.close_sent {
+                return Poll::Ready(Ok(()));
+            }
+            let control = if let Some(pong) = self.owed.pong.take() {
+                pong
+            } else if std::mem::take(&mut self.owed.ping) {
+                Control::new(OpCode::Ping)
+            } else if let Some(close) = self.owed.close.take() {
+                self.close_sent = true;
+                Control::close(close.as_ref())
+            } else {
+                return Poll::Ready(Ok(()));
+            };
+            let mut wire = [0u8; MAX_HEADER + MAX_CONTROL_PAYLOAD as usize];
+            let len = self.encode(&control, &mut wire);
+            self.write(cx, &wire[..len])?;
+        }
+    }
+
+    /// A frame of the gate's, masked toward an upstream.
+    fn encode(
+        &self,
+        control: &Control,
+        wire: &mut [u8; MAX_HEADER + MAX_CONTROL_PAYLOAD as usize],
+    ) -> usize {
+        let mask = self.mask_writes.then(mask_key);
+        let header = Header {
+            fin: true,
+            opcode: control.opcode,
+            mask,
+            len: u64::from(control.len),
+        };
+        let mut head = [0u8; MAX_HEADER];
+        let at = write_header(&header, &mut head);
+        wire[..at].copy_from_slice(&head[..at]);
+        let payload = &mut wire[at..at + usize::from(control.len)];
+        payload.copy_from_slice(control.payload());
+        if let Some(key) = mask {
+            apply_mask(payload, key, 0);
+        }
+        at + payload.len()
+    }
+
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.needs_flush {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.needs_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A masking key for the gate's own frames toward an upstream (RFC 6455 §5.3: from a
+/// strong source of entropy).
+fn mask_key() -> [u8; 4] {
+    let mut key = [0u8; 4];
+    if aws_lc_rs::rand::fill(&mut key).is_err() {
+        key = [0x5a, 0x17, 0xc3, 0x9e];
+    }
+    key
+}
