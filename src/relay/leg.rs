@@ -405,8 +405,16 @@ impl Leg {
         self.backlog_at == self.backlog.len()
     }
 
-    pub fn queue_pong(&mut self, ping: &[u8]) {
-        self.owed.pong = Some(Control::with_payload(OpCode::Pong, ping));
+    /// Answer a ping read from this leg: at once if the socket is free for a frame of
+    /// ours, else once it is (as RFC 6455 §5.5.3 allows, only the latest ping is
+    /// answered then).
+    pub fn answer_ping(&mut self, cx: &mut Context<'_>, ping: &[u8]) -> io::Result<()> {
+        let pong = Control::with_payload(OpCode::Pong, ping);
+        if self.owed.pong.is_some() || !self.caught_up() || self.mid_frame || self.close_sent {
+            self.owed.pong = Some(pong);
+            return Ok(());
+        }
+        self.write_control(cx, &pong)
     }
 
     pub fn queue_ping(&mut self) {
@@ -493,18 +501,14 @@ impl Leg {
             } else {
                 return Poll::Ready(Ok(()));
             };
-            let mut wire = [0u8; MAX_HEADER + MAX_CONTROL_PAYLOAD as usize];
-            let len = self.encode(&control, &mut wire);
-            self.write(cx, &wire[..len])?;
+            self.write_control(cx, &control)?;
         }
     }
 
-    /// A frame of the gate's, masked toward an upstream.
-    fn encode(
-        &self,
-        control: &Control,
-        wire: &mut [u8; MAX_HEADER + MAX_CONTROL_PAYLOAD as usize],
-    ) -> usize {
+    /// Write a frame of the gate's, masked toward an upstream. Call only when caught up
+    /// and at a frame boundary.
+    fn write_control(&mut self, cx: &mut Context<'_>, control: &Control) -> io::Result<()> {
+        let mut wire = [0u8; MAX_HEADER + MAX_CONTROL_PAYLOAD as usize];
         let mask = self.mask_writes.then(mask_key);
         let header = Header {
             fin: true,
@@ -520,7 +524,8 @@ impl Leg {
         if let Some(key) = mask {
             apply_mask(payload, key, 0);
         }
-        at + payload.len()
+        let len = at + payload.len();
+        self.write(cx, &wire[..len])
     }
 
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -42,7 +42,7 @@ use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
 use frame::{parse_close, ClosePayload, OpCode, MAX_HEADER};
 use inbound::{Inbound, Kind};
-use leg::{with_scratch, Io, Leg, Reader, Step};
+use leg::{with_scratch, Control, Io, Leg, Reader, Step};
 
 /// Messages and bytes relayed in one direction.
 #[derive(Debug, Default, Clone, Copy)]
@@ -204,9 +204,7 @@ impl Direction {
                     r += len;
                     if let Some(control) = src.reader.take_control() {
                         self.frames += 1;
-                        if let Some(reason) =
-                            self.control(src, control.opcode, control.payload(), now)
-                        {
+                        if let Some(reason) = self.control(src, &control, now, cx) {
                             ended = Some(reason);
                             break;
                         }
@@ -235,10 +233,11 @@ impl Direction {
     fn control(
         &mut self,
         src: &mut Leg,
-        opcode: OpCode,
-        payload: &[u8],
+        control: &Control,
         now: Instant,
+        cx: &mut Context<'_>,
     ) -> Option<CloseReason> {
+        let (opcode, payload) = (control.opcode, control.payload());
         match opcode {
             OpCode::Close => Some(match parse_close(payload) {
                 Ok(ClosePayload::Empty) => CloseReason::Closed {
@@ -259,7 +258,9 @@ impl Direction {
                     return Some(reason);
                 }
                 if opcode == OpCode::Ping {
-                    src.queue_pong(payload);
+                    if src.answer_ping(cx, payload).is_err() {
+                        return Some(CloseReason::Lost(self.from));
+                    }
                 } else {
                     self.last_pong = Some(now);
                 }
