@@ -633,19 +633,8 @@ async fn answers_in_flight_reach_an_upstream_before_its_1002() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = format!("ws://{}", listener.local_addr().unwrap());
     let upstream = tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let head = read_head(&mut tcp).await.unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("sec-websocket-key: ")
-                    .or(l.strip_prefix("Sec-WebSocket-Key: "))
-            })
-            .unwrap()
-            .trim()
-            .to_owned();
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        let mut tcp = accept_upgrade(&listener).await;
+        let mut out = Vec::new();
         out.extend_from_slice(&frame(0x81, b"question", false));
         out.extend_from_slice(&frame(0xA1, b"rsv", false));
         tcp.write_all(&out).await.unwrap();

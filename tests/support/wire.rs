@@ -126,3 +126,69 @@ pub async fn pongs_until_close<R: AsyncRead + Unpin>(tcp: &mut R) -> (usize, u16
         .await
         .expect("no close frame in time")
 }
+
+/// Accept one upgrade on `listener` as a raw upstream: answer its handshake with a 101
+/// and return the socket, at the first frame.
+pub async fn accept_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
+    let (mut tcp, _) = listener.accept().await.unwrap();
+    let head = read_head(&mut tcp).await.unwrap();
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim().to_owned())
+        })
+        .expect("no Sec-WebSocket-Key");
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp
+}
+
+/// A frame as read off the wire, its payload unmasked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub masked: bool,
+    pub payload: Vec<u8>,
+}
+
+/// The next frame on `tcp`, from either side; `None` at the end of the stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(tcp: &mut R) -> Option<WireFrame> {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).await.ok()?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.ok()?;
+            u64::from(u16::from_be_bytes(l))
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            tcp.read_exact(&mut l).await.ok()?;
+            u64::from_be_bytes(l)
+        }
+        n => u64::from(n),
+    };
+    let masked = h[1] & 0x80 != 0;
+    let mut key = [0u8; 4];
+    if masked {
+        tcp.read_exact(&mut key).await.ok()?;
+    }
+    let mut payload = vec![0u8; len as usize];
+    tcp.read_exact(&mut payload).await.ok()?;
+    if masked {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b ^= key[i % 4]);
+    }
+    Some(WireFrame {
+        fin: h[0] & 0x80 != 0,
+        opcode: h[0] & 0x0f,
+        masked,
+        payload,
+    })
+}

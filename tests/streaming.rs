@@ -1,0 +1,204 @@
+//! The relay streams: frames go on as they arrive (a large frame's payload before the rest
+//! of it has come), fragments and their boundaries reach the other side as they were sent,
+//! control frames between fragments are answered at once, and the frame and message
+//! limits stop a message before a byte past them leaves the gate. Raw sockets on both
+//! legs, so that what crosses the gate is seen frame by frame and byte by byte.
+
+mod support;
+
+use std::time::Duration;
+
+use support::wire::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+/// A plaintext gate in front of a raw upstream, with `route_extra` in its /ws route: the
+/// test gets the gate, the client's raw socket and the upstream's.
+async fn through_gate(route_extra: &str) -> (TestGate, TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("ws://{}", listener.local_addr().unwrap());
+    let gate = TestGate::start_with(&open_policy(&up, route_extra), false).await;
+    let (client, upstream) = tokio::join!(upgrade_raw_at(gate.addr), accept_upgrade(&listener));
+    (gate, client, upstream)
+}
+
+async fn next_frame(tcp: &mut TcpStream) -> WireFrame {
+    timeout(Duration::from_secs(5), read_frame(tcp))
+        .await
+        .expect("no frame in time")
+        .expect("the connection ended")
+}
+
+fn data(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> WireFrame {
+    WireFrame {
+        fin,
+        opcode,
+        masked,
+        payload: payload.to_vec(),
+    }
+}
+
+fn close_code_of(frame: &WireFrame) -> u16 {
+    assert_eq!(frame.opcode, 0x8, "{frame:?}");
+    u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+}
+
+#[tokio::test]
+async fn client_fragments_reach_the_upstream_byte_for_byte() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    // A text message in three fragments, split inside a character.
+    let mut sent = frame(0x01, "hé".as_bytes(), true);
+    sent.extend(frame(0x00, b"", true));
+    sent.extend(frame(0x80, " wörld".as_bytes(), true));
+    client.write_all(&sent).await.unwrap();
+    // The frames go on as the client sent them, masked with the client's own keys.
+    let mut got = vec![0u8; sent.len()];
+    timeout(Duration::from_secs(5), upstream.read_exact(&mut got))
+        .await
+        .expect("the message did not arrive")
+        .unwrap();
+    assert_eq!(got, sent);
+}
+
+#[tokio::test]
+async fn upstream_fragments_reach_the_client_as_sent() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    let mut sent = frame(0x02, &[1, 2, 3], false);
+    sent.extend(frame(0x00, &[4], false));
+    sent.extend(frame(0x80, &[5, 6], false));
+    upstream.write_all(&sent).await.unwrap();
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(false, 0x2, &[1, 2, 3], false)
+    );
+    assert_eq!(next_frame(&mut client).await, data(false, 0x0, &[4], false));
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(true, 0x0, &[5, 6], false)
+    );
+}
+
+#[tokio::test]
+async fn a_ping_between_fragments_is_answered_before_the_message_ends() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    let mut sent = frame(0x01, b"first ", true);
+    sent.extend(frame(0x89, b"are you there", true));
+    client.write_all(&sent).await.unwrap();
+    // The pong comes while the message is still open; the ping is the gate's to answer.
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(true, 0xA, b"are you there", false)
+    );
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(false, 0x1, b"first ", true)
+    );
+    client.write_all(&frame(0x80, b"last", true)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(true, 0x0, b"last", true)
+    );
+
+    // And the other way: the upstream's ping between its fragments gets a (masked) pong.
+    let mut sent = frame(0x02, b"one", false);
+    sent.extend(frame(0x89, b"up?", false));
+    upstream.write_all(&sent).await.unwrap();
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(true, 0xA, b"up?", true)
+    );
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(false, 0x2, b"one", false)
+    );
+    upstream
+        .write_all(&frame(0x80, b"two", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(true, 0x0, b"two", false)
+    );
+}
+
+#[tokio::test]
+async fn a_large_frame_is_forwarded_before_all_of_it_has_arrived() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    let payload: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let bytes = frame(0x82, &payload, true);
+    // Header (2 + 8 + 4 bytes) and the first quarter of the payload, then nothing.
+    let first = 14 + payload.len() / 4;
+    client.write_all(&bytes[..first]).await.unwrap();
+    let mut got = vec![0u8; first];
+    timeout(Duration::from_secs(5), upstream.read_exact(&mut got))
+        .await
+        .expect("the gate held the frame back until all of it had come")
+        .unwrap();
+    assert_eq!(got, bytes[..first]);
+    client.write_all(&bytes[first..]).await.unwrap();
+    let mut rest = vec![0u8; bytes.len() - first];
+    timeout(Duration::from_secs(5), upstream.read_exact(&mut rest))
+        .await
+        .expect("the rest did not arrive")
+        .unwrap();
+    assert_eq!(rest, bytes[first..]);
+}
+
+const LIMITS: &str = "    messages: {max_frame_bytes: 1000, max_message_bytes: 1500, per_second: 100000, burst: 100000}\n";
+
+#[tokio::test]
+async fn the_message_limit_stops_a_fragmented_message_before_a_byte_past_it_leaves() {
+    let (_gate, mut client, mut upstream) = through_gate(LIMITS).await;
+    client
+        .write_all(&frame(0x02, &[7; 1000], true))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(false, 0x2, &[7; 1000], true)
+    );
+    // 1000 + 501 > 1500: refused on its header.
+    client
+        .write_all(&frame(0x80, &[8; 501], true))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut client).await, 1009);
+    // The upstream's next frame is its 1001, not a byte of the refused fragment.
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1001);
+}
+
+#[tokio::test]
+async fn the_frame_limit_refuses_a_frame_on_its_header_alone() {
+    let (_gate, mut client, mut upstream) = through_gate(LIMITS).await;
+    // Only the header of a 1001-byte frame: the payload never needs to come.
+    let bytes = frame(0x82, &[0; 1001], true);
+    client.write_all(&bytes[..8]).await.unwrap();
+    assert_eq!(close_code(&mut client).await, 1009);
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1001);
+}
+
+#[tokio::test]
+async fn invalid_utf8_after_a_valid_chunk_is_never_forwarded() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    // Valid text, then (in the same frame, a later read) a byte that cannot be UTF-8.
+    let mut payload = vec![b'a'; 600];
+    payload.push(0xFF);
+    let bytes = frame(0x81, &payload, true);
+    client.write_all(&bytes[..300]).await.unwrap();
+    let mut head = vec![0u8; 300];
+    timeout(Duration::from_secs(5), upstream.read_exact(&mut head))
+        .await
+        .expect("the valid start was not forwarded")
+        .unwrap();
+    client.write_all(&bytes[300..]).await.unwrap();
+    assert_eq!(close_code(&mut client).await, 1007);
+    // The upstream's message was cut inside a frame: it gets no close frame it would read
+    // as payload, and never the bad byte; its connection is closed.
+    let mut rest = Vec::new();
+    let read = timeout(Duration::from_secs(5), upstream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the upstream connection was not closed");
+    // (0xFF masked with the key's first byte, 0x12, at payload offset 600.)
+    assert!(!rest.contains(&(0xFF ^ 0x12)), "{rest:?}");
+}
