@@ -2,14 +2,16 @@
 //! any bytes, a header parses the same however its bytes arrive, headers round-trip,
 //! masking in chunks equals masking at once, incremental UTF-8 validation agrees with
 //! validating the whole message however it is split, and the message rules (fragmentation,
-//! limits, UTF-8) find the same first violation fed chunk by chunk as read whole.
+//! limits, UTF-8) find the same first violation fed chunk by chunk as read whole; and the
+//! relay's reader passes on the same frames, and stops at the same violation, however a
+//! stream is cut into reads.
 //! `.ci/run` runs these at 5,000 cases.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseResult, TestRunner};
 use wsgate::relay::frame::{
     apply_mask, code_may_be_sent, parse_close, parse_header, write_header, From, Header, Messages,
-    OpCode, Utf8, Violation, MAX_HEADER,
+    OpCode, Reader, Step, Utf8, Violation, MAX_HEADER,
 };
 
 fn check<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value) -> TestCaseResult) {
@@ -281,6 +283,135 @@ fn message_rules_hold_however_payloads_arrive() {
             };
             let got = run().map_err(Violation::code);
             prop_assert_eq!(got, expected);
+            Ok(())
+        },
+    );
+}
+
+/// A generated stream on the wire: each frame's header and payload (masked when it is a
+/// client's), control payloads cut to the 125 bytes a control frame may carry. Returns the
+/// frames as encoded and the wire bytes of the data frames alone.
+fn encode(frames: &[Frame], from: From) -> (Vec<Frame>, Vec<u8>, Vec<u8>) {
+    let (mut wire, mut data, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+    for (fin, opcode, payload, cuts) in frames {
+        let mut payload = payload.clone();
+        if opcode.is_control() {
+            payload.truncate(125);
+        }
+        let fin = *fin || opcode.is_control();
+        let mask = (from == From::Client).then_some([0x37, 0xfa, 0x21, 0x3d]);
+        let header = Header {
+            fin,
+            opcode: *opcode,
+            mask,
+            len: payload.len() as u64,
+        };
+        let mut bytes = [0u8; MAX_HEADER];
+        let n = write_header(&header, &mut bytes);
+        let mut frame = bytes[..n].to_vec();
+        let mut body = payload.clone();
+        if let Some(key) = mask {
+            apply_mask(&mut body, key, 0);
+        }
+        frame.extend_from_slice(&body);
+        if !opcode.is_control() {
+            data.extend_from_slice(&frame);
+        }
+        wire.extend_from_slice(&frame);
+        sent.push((fin, *opcode, payload, cuts.clone()));
+    }
+    (sent, wire, data)
+}
+
+/// The bytes passed on, the control frames, and the first violation's close code.
+type Relayed = (Vec<u8>, Vec<(OpCode, Vec<u8>)>, Option<u16>);
+
+/// What the relay does with the bytes of each read, over a [`Reader`]: data frames passed
+/// on as they are, control frames collected; the first violation ends it.
+fn relay(reader: &mut Reader, reads: &[&[u8]]) -> Relayed {
+    let (mut passed, mut controls) = (Vec::new(), Vec::new());
+    for read in reads {
+        let mut buf = vec![0u8; MAX_HEADER + read.len()];
+        buf[MAX_HEADER..].copy_from_slice(read);
+        let mut at = reader.uncarry(&mut buf);
+        while at < buf.len() {
+            match reader.next(&buf[at..]) {
+                Err(v) => return (passed, controls, Some(v.code())),
+                Ok(Step::Incomplete) => {
+                    reader.carry(&buf[at..]);
+                    break;
+                }
+                Ok(Step::DataHeader { len, .. } | Step::Payload(len)) => {
+                    passed.extend_from_slice(&buf[at..at + len]);
+                    at += len;
+                }
+                Ok(Step::Control(len)) => {
+                    at += len;
+                    if let Some(c) = reader.take_control() {
+                        controls.push((c.opcode, c.payload().to_vec()));
+                    }
+                }
+            }
+        }
+    }
+    (passed, controls, None)
+}
+
+/// The relay's reader over a generated stream cut into reads anywhere: it finds the same
+/// first violation as the whole-stream reading whatever the cuts; without one it passes on
+/// exactly the data frames' bytes (as they came, masked or not) and every control frame;
+/// with one it has passed on a prefix of them, and no frame or message past a limit.
+#[test]
+fn the_reader_relays_the_same_stream_however_it_is_read() {
+    let input = (
+        frames(),
+        from(),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        0u64..16,
+        0u64..40,
+    );
+    check(
+        "reader",
+        input,
+        |(frames, from, cuts, max_frame, max_message)| {
+            let (frames, wire, data) = encode(&frames, from);
+            let expected = reference(&frames, max_frame, max_message).err();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+            points.sort_unstable();
+            let mut reads = Vec::new();
+            let mut start = 0;
+            for end in points.into_iter().chain([wire.len()]) {
+                reads.push(&wire[start..end]);
+                start = end;
+            }
+            let mut reader = Reader::new(from, max_frame, max_message);
+            let (passed, controls, violation) = relay(&mut reader, &reads);
+            prop_assert_eq!(violation, expected);
+            prop_assert!(data.starts_with(&passed));
+            if violation.is_none() {
+                prop_assert_eq!(&passed, &data);
+                let pings: Vec<_> = frames
+                    .iter()
+                    .filter(|f| f.1.is_control())
+                    .map(|f| (f.1, f.2.clone()))
+                    .collect();
+                prop_assert_eq!(controls, pings);
+            }
+            // What was passed on never declares a frame or message past the limits.
+            let (mut at, mut message) = (0, 0u64);
+            while let Ok(Some((header, n))) = parse_header(&passed[at..], from) {
+                prop_assert!(header.len <= max_frame);
+                message = if header.opcode == OpCode::Continuation {
+                    message
+                } else {
+                    0
+                } + header.len;
+                prop_assert!(message <= max_message);
+                at += n + header.len as usize;
+                if at >= passed.len() {
+                    break;
+                }
+            }
             Ok(())
         },
     );

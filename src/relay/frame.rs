@@ -1,7 +1,8 @@
 //! The WebSocket frame codec (RFC 6455 §5) as plain functions over byte slices: parse a
 //! frame header, write one, mask or unmask a payload in chunks, validate UTF-8 across chunks
-//! and fragments, and read a close payload. No I/O and no allocation: the relay's legs
-//! (`leg.rs`) drive these over the bytes of each read as they pass through.
+//! and fragments, read a close payload, and ([`Reader`]) walk a stream of frames read by
+//! read, saying which bytes pass on and which control frames arrived. No I/O and no
+//! allocation: the relay drives these over the bytes of each read as they pass through.
 //!
 //! Proven on its own by the unit tests here and the properties in
 //! `tests/frame_properties.rs`.
@@ -437,6 +438,213 @@ pub fn parse_close(payload: &[u8]) -> Result<ClosePayload<'_>, CloseError> {
             Ok(ClosePayload::Code(code, reason))
         }
     }
+}
+
+/// A control frame's opcode and (unmasked) payload, held inline.
+#[derive(Clone, Copy)]
+pub struct Control {
+    pub opcode: OpCode,
+    len: u8,
+    payload: [u8; MAX_CONTROL_PAYLOAD as usize],
+}
+
+impl Control {
+    fn new(opcode: OpCode) -> Control {
+        Control {
+            opcode,
+            len: 0,
+            payload: [0; MAX_CONTROL_PAYLOAD as usize],
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.payload[..usize::from(self.len)]
+    }
+
+    pub fn with_payload(opcode: OpCode, payload: &[u8]) -> Control {
+        let mut c = Control::new(opcode);
+        let len = payload.len().min(MAX_CONTROL_PAYLOAD as usize);
+        c.payload[..len].copy_from_slice(&payload[..len]);
+        c.len = len as u8;
+        c
+    }
+}
+
+/// What one step of reading a leg's bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The bytes left are an incomplete header (or a data frame's header with none of its
+    /// payload yet): carry them to the next read.
+    Incomplete,
+    /// A data frame's header of `len` bytes, to forward; `starts` a new message.
+    DataHeader {
+        len: usize,
+        header: Header,
+        starts: bool,
+    },
+    /// This many payload bytes of the current data frame, checked, to forward.
+    Payload(usize),
+    /// This many bytes of a control frame, consumed; the frame once it is complete.
+    Control(usize),
+}
+
+/// A frame whose payload is still arriving.
+#[derive(Clone, Copy)]
+struct Current {
+    header: Header,
+    remaining: u64,
+    /// Payload bytes already seen (the mask key's phase).
+    offset: u64,
+}
+
+/// Where the frames read from a leg stand: the header bytes carried from the last read,
+/// the frame in progress, the message rules, and the control frame being collected.
+pub struct Reader {
+    from: From,
+    max_frame: u64,
+    max_message: u64,
+    carry: [u8; MAX_HEADER],
+    carry_len: u8,
+    current: Option<Current>,
+    messages: Messages,
+    control: Option<Control>,
+}
+
+impl Reader {
+    pub fn new(from: From, max_frame: u64, max_message: u64) -> Reader {
+        Reader {
+            from,
+            max_frame,
+            max_message,
+            carry: [0; MAX_HEADER],
+            carry_len: 0,
+            current: None,
+            messages: Messages::default(),
+            control: None,
+        }
+    }
+
+    /// Whether the destination's byte stream stops inside a data frame (its header was
+    /// forwarded, some of its payload was not): no frame of the gate's may go there now.
+    pub fn in_data_frame(&self) -> bool {
+        self.current.is_some_and(|c| !c.header.opcode.is_control())
+    }
+
+    /// The control frame just completed by a [`Step::Control`], if it completed one.
+    pub fn take_control(&mut self) -> Option<Control> {
+        if self.current.is_some() {
+            return None;
+        }
+        self.control.take()
+    }
+
+    /// Read the next step from `data`, the unread bytes of this read.
+    pub fn next(&mut self, data: &[u8]) -> Result<Step, Violation> {
+        if let Some(current) = &mut self.current {
+            let n = current.remaining.min(data.len() as u64) as usize;
+            let chunk = &data[..n];
+            let key = current.header.mask;
+            let offset = current.offset;
+            current.remaining -= n as u64;
+            current.offset += n as u64;
+            let done = current.remaining == 0;
+            let header = current.header;
+            if header.opcode.is_control() {
+                if let Some(control) = &mut self.control {
+                    let at = usize::from(control.len);
+                    let into = &mut control.payload[at..at + n];
+                    into.copy_from_slice(chunk);
+                    if let Some(key) = key {
+                        apply_mask(into, key, offset);
+                    }
+                    control.len += n as u8;
+                }
+                if done {
+                    self.current = None;
+                }
+                return Ok(Step::Control(n));
+            }
+            if self.messages.checks_payload() {
+                match key {
+                    Some(key) => check_masked(&mut self.messages, chunk, key, offset)?,
+                    None => self.messages.payload(chunk)?,
+                }
+            }
+            if done {
+                self.current = None;
+                self.messages.frame_end(header.fin)?;
+            }
+            return Ok(Step::Payload(n));
+        }
+        let Some((header, len)) = parse_header(data, self.from)? else {
+            return Ok(Step::Incomplete);
+        };
+        let current = Current {
+            header,
+            remaining: header.len,
+            offset: 0,
+        };
+        if header.opcode.is_control() {
+            self.control = Some(Control::new(header.opcode));
+            if header.len > 0 {
+                self.current = Some(current);
+            }
+            return Ok(Step::Control(len));
+        }
+        // The limits are checked on the header alone; a header whose payload has not
+        // begun to arrive waits for it, so that header and payload leave together.
+        let mut messages = self.messages.clone();
+        messages.header(&header, self.max_frame, self.max_message)?;
+        if header.len > 0 && data.len() == len {
+            return Ok(Step::Incomplete);
+        }
+        self.messages = messages;
+        if header.len == 0 {
+            self.messages.frame_end(header.fin)?;
+        } else {
+            self.current = Some(current);
+        }
+        let starts = header.opcode != OpCode::Continuation;
+        Ok(Step::DataHeader {
+            len,
+            header,
+            starts,
+        })
+    }
+
+    /// Keep the unread `rest` of this read (an incomplete header) for the next one.
+    pub fn carry(&mut self, rest: &[u8]) {
+        let n = rest.len().min(MAX_HEADER);
+        self.carry[..n].copy_from_slice(&rest[..n]);
+        self.carry_len = n as u8;
+    }
+
+    /// Put the carried bytes just before `buf[MAX_HEADER..]`; returns where they start.
+    pub fn uncarry(&mut self, buf: &mut [u8]) -> usize {
+        let n = usize::from(std::mem::take(&mut self.carry_len));
+        let start = MAX_HEADER - n;
+        buf[start..MAX_HEADER].copy_from_slice(&self.carry[..n]);
+        start
+    }
+}
+
+/// Feed a masked text chunk to the UTF-8 check, unmasking a copy a piece at a time: the
+/// bytes themselves go on masked, as they came.
+fn check_masked(
+    messages: &mut Messages,
+    chunk: &[u8],
+    key: [u8; 4],
+    offset: u64,
+) -> Result<(), Violation> {
+    const PIECE: usize = 1024;
+    let mut plain = [0u8; PIECE];
+    for (i, piece) in chunk.chunks(PIECE).enumerate() {
+        let plain = &mut plain[..piece.len()];
+        plain.copy_from_slice(piece);
+        apply_mask(plain, key, offset + (i * PIECE) as u64);
+        messages.payload(plain)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

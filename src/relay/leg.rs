@@ -19,8 +19,7 @@ use tokio::net::TcpStream;
 
 use super::close::CloseFrame;
 use super::frame::{
-    apply_mask, parse_header, write_header, From as Sender, Header, Messages, OpCode, Violation,
-    MAX_CONTROL_PAYLOAD, MAX_HEADER,
+    apply_mask, write_header, Control, Header, OpCode, Reader, MAX_CONTROL_PAYLOAD, MAX_HEADER,
 };
 use crate::head::Prefixed;
 use crate::upstream::UpstreamStream;
@@ -121,232 +120,6 @@ impl AsyncWrite for Io {
             Io::Upstream(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
-}
-
-/// A control frame's opcode and (unmasked) payload, held inline.
-#[derive(Clone, Copy)]
-pub(super) struct Control {
-    pub opcode: OpCode,
-    len: u8,
-    payload: [u8; MAX_CONTROL_PAYLOAD as usize],
-}
-
-impl Control {
-    fn new(opcode: OpCode) -> Control {
-        Control {
-            opcode,
-            len: 0,
-            payload: [0; MAX_CONTROL_PAYLOAD as usize],
-        }
-    }
-
-    pub fn payload(&self) -> &[u8] {
-        &self.payload[..usize::from(self.len)]
-    }
-
-    /// A close frame of the gate's own (the reason cut to fit at a character boundary).
-    fn close(frame: Option<&CloseFrame>) -> Control {
-        let mut c = Control::new(OpCode::Close);
-        if let Some(f) = frame {
-            let mut reason = &f.reason[..];
-            while reason.len() > MAX_CONTROL_PAYLOAD as usize - 2 {
-                let mut cut = reason.len() - 1;
-                while !reason.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                reason = &reason[..cut];
-            }
-            c.payload[..2].copy_from_slice(&f.code.to_be_bytes());
-            c.payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
-            c.len = (2 + reason.len()) as u8;
-        }
-        c
-    }
-
-    fn with_payload(opcode: OpCode, payload: &[u8]) -> Control {
-        let mut c = Control::new(opcode);
-        let len = payload.len().min(MAX_CONTROL_PAYLOAD as usize);
-        c.payload[..len].copy_from_slice(&payload[..len]);
-        c.len = len as u8;
-        c
-    }
-}
-
-/// What one step of reading a leg's bytes found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Step {
-    /// The bytes left are an incomplete header (or a data frame's header with none of its
-    /// payload yet): carry them to the next read.
-    Incomplete,
-    /// A data frame's header of `len` bytes, to forward; `starts` a new message.
-    DataHeader {
-        len: usize,
-        header: Header,
-        starts: bool,
-    },
-    /// This many payload bytes of the current data frame, checked, to forward.
-    Payload(usize),
-    /// This many bytes of a control frame, consumed; the frame once it is complete.
-    Control(usize),
-}
-
-/// A frame whose payload is still arriving.
-#[derive(Clone, Copy)]
-struct Current {
-    header: Header,
-    remaining: u64,
-    /// Payload bytes already seen (the mask key's phase).
-    offset: u64,
-}
-
-/// Where the frames read from a leg stand: the header bytes carried from the last read,
-/// the frame in progress, the message rules, and the control frame being collected.
-pub(super) struct Reader {
-    from: Sender,
-    max_frame: u64,
-    max_message: u64,
-    carry: [u8; MAX_HEADER],
-    carry_len: u8,
-    current: Option<Current>,
-    messages: Messages,
-    control: Option<Control>,
-}
-
-impl Reader {
-    pub fn new(from: Sender, max_frame: u64, max_message: u64) -> Reader {
-        Reader {
-            from,
-            max_frame,
-            max_message,
-            carry: [0; MAX_HEADER],
-            carry_len: 0,
-            current: None,
-            messages: Messages::default(),
-            control: None,
-        }
-    }
-
-    /// Whether the destination's byte stream stops inside a data frame (its header was
-    /// forwarded, some of its payload was not): no frame of the gate's may go there now.
-    pub fn in_data_frame(&self) -> bool {
-        self.current.is_some_and(|c| !c.header.opcode.is_control())
-    }
-
-    /// The control frame just completed by a [`Step::Control`], if it completed one.
-    pub fn take_control(&mut self) -> Option<Control> {
-        if self.current.is_some() {
-            return None;
-        }
-        self.control.take()
-    }
-
-    /// Read the next step from `data`, the unread bytes of this read.
-    pub fn next(&mut self, data: &[u8]) -> Result<Step, Violation> {
-        if let Some(current) = &mut self.current {
-            let n = current.remaining.min(data.len() as u64) as usize;
-            let chunk = &data[..n];
-            let key = current.header.mask;
-            let offset = current.offset;
-            current.remaining -= n as u64;
-            current.offset += n as u64;
-            let done = current.remaining == 0;
-            let header = current.header;
-            if header.opcode.is_control() {
-                if let Some(control) = &mut self.control {
-                    let at = usize::from(control.len);
-                    let into = &mut control.payload[at..at + n];
-                    into.copy_from_slice(chunk);
-                    if let Some(key) = key {
-                        apply_mask(into, key, offset);
-                    }
-                    control.len += n as u8;
-                }
-                if done {
-                    self.current = None;
-                }
-                return Ok(Step::Control(n));
-            }
-            if self.messages.checks_payload() {
-                match key {
-                    Some(key) => check_masked(&mut self.messages, chunk, key, offset)?,
-                    None => self.messages.payload(chunk)?,
-                }
-            }
-            if done {
-                self.current = None;
-                self.messages.frame_end(header.fin)?;
-            }
-            return Ok(Step::Payload(n));
-        }
-        let Some((header, len)) = parse_header(data, self.from)? else {
-            return Ok(Step::Incomplete);
-        };
-        let current = Current {
-            header,
-            remaining: header.len,
-            offset: 0,
-        };
-        if header.opcode.is_control() {
-            self.control = Some(Control::new(header.opcode));
-            if header.len > 0 {
-                self.current = Some(current);
-            }
-            return Ok(Step::Control(len));
-        }
-        // The limits are checked on the header alone; a header whose payload has not
-        // begun to arrive waits for it, so that header and payload leave together.
-        let mut messages = self.messages.clone();
-        messages.header(&header, self.max_frame, self.max_message)?;
-        if header.len > 0 && data.len() == len {
-            return Ok(Step::Incomplete);
-        }
-        self.messages = messages;
-        if header.len == 0 {
-            self.messages.frame_end(header.fin)?;
-        } else {
-            self.current = Some(current);
-        }
-        let starts = header.opcode != OpCode::Continuation;
-        Ok(Step::DataHeader {
-            len,
-            header,
-            starts,
-        })
-    }
-
-    /// Keep the unread `rest` of this read (an incomplete header) for the next one.
-    pub fn carry(&mut self, rest: &[u8]) {
-        let n = rest.len().min(MAX_HEADER);
-        self.carry[..n].copy_from_slice(&rest[..n]);
-        self.carry_len = n as u8;
-    }
-
-    /// Put the carried bytes just before `buf[MAX_HEADER..]`; returns where they start.
-    pub fn uncarry(&mut self, buf: &mut [u8]) -> usize {
-        let n = usize::from(std::mem::take(&mut self.carry_len));
-        let start = MAX_HEADER - n;
-        buf[start..MAX_HEADER].copy_from_slice(&self.carry[..n]);
-        start
-    }
-}
-
-/// Feed a masked text chunk to the UTF-8 check, unmasking a copy a piece at a time: the
-/// bytes themselves go on masked, as they came.
-fn check_masked(
-    messages: &mut Messages,
-    chunk: &[u8],
-    key: [u8; 4],
-    offset: u64,
-) -> Result<(), Violation> {
-    const PIECE: usize = 1024;
-    let mut plain = [0u8; PIECE];
-    for (i, piece) in chunk.chunks(PIECE).enumerate() {
-        let plain = &mut plain[..piece.len()];
-        plain.copy_from_slice(piece);
-        apply_mask(plain, key, offset + (i * PIECE) as u64);
-        messages.payload(plain)?;
-    }
-    Ok(())
 }
 
 /// The gate's own frames waiting for a frame boundary on a leg.
@@ -494,10 +267,10 @@ impl Leg {
             let control = if let Some(pong) = self.owed.pong.take() {
                 pong
             } else if std::mem::take(&mut self.owed.ping) {
-                Control::new(OpCode::Ping)
+                Control::with_payload(OpCode::Ping, &[])
             } else if let Some(close) = self.owed.close.take() {
                 self.close_sent = true;
-                Control::close(close.as_ref())
+                close_control(close.as_ref())
             } else {
                 return Poll::Ready(Ok(()));
             };
@@ -514,12 +287,12 @@ impl Leg {
             fin: true,
             opcode: control.opcode,
             mask,
-            len: u64::from(control.len),
+            len: control.payload().len() as u64,
         };
         let mut head = [0u8; MAX_HEADER];
         let at = write_header(&header, &mut head);
         wire[..at].copy_from_slice(&head[..at]);
-        let payload = &mut wire[at..at + usize::from(control.len)];
+        let payload = &mut wire[at..at + control.payload().len()];
         payload.copy_from_slice(control.payload());
         if let Some(key) = mask {
             apply_mask(payload, key, 0);
@@ -535,6 +308,21 @@ impl Leg {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// A close frame of the gate's own (the reason cut to fit at a character boundary).
+fn close_control(frame: Option<&CloseFrame>) -> Control {
+    let Some(f) = frame else {
+        return Control::with_payload(OpCode::Close, &[]);
+    };
+    let mut cut = f.reason.len().min(MAX_CONTROL_PAYLOAD as usize - 2);
+    while !f.reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = [0u8; MAX_CONTROL_PAYLOAD as usize];
+    payload[..2].copy_from_slice(&f.code.to_be_bytes());
+    payload[2..2 + cut].copy_from_slice(&f.reason.as_bytes()[..cut]);
+    Control::with_payload(OpCode::Close, &payload[..2 + cut])
 }
 
 /// A masking key for the gate's own frames toward an upstream (RFC 6455 §5.3: from a

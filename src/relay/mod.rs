@@ -40,9 +40,9 @@ use crate::policy::{Mode, PolicyHandle, Route};
 use crate::upstream::UpstreamSocket;
 use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
-use frame::{parse_close, ClosePayload, OpCode, MAX_HEADER};
+use frame::{parse_close, ClosePayload, Control, OpCode, Reader, Step, MAX_HEADER};
 use inbound::{Inbound, Kind};
-use leg::{with_scratch, Control, Io, Leg, Reader, Step};
+use leg::{with_scratch, Io, Leg};
 
 /// Messages and bytes relayed in one direction.
 #[derive(Debug, Default, Clone, Copy)]
