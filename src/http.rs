@@ -229,9 +229,10 @@ async fn respond(
         report: policy.mode == crate::policy::Mode::Report,
     };
     let shutdown = gate.shutdown.token();
-    let request_id = request_id.clone();
+    // What the task needs, in one allocation: the task itself then stays small for the
+    // connection's whole life (its captures are kept beside every later state).
+    let held = Box::new((socket, connection, slots, request_id.clone()));
     gate.shutdown.tracker().spawn(async move {
-        let slots = slots;
         let client = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -239,6 +240,7 @@ async fn respond(
                 return;
             }
         };
+        let (socket, connection, slots, request_id) = *held;
         let (outcome, ended) =
             relay::run(client, socket, route.clone(), shutdown, connection).await;
         let (client_code, upstream_code) = outcome.reason.codes();

@@ -345,9 +345,9 @@ fn relay(reader: &mut Reader, reads: &[&[u8]]) -> Relayed {
                     passed.extend_from_slice(&buf[at..at + len]);
                     at += len;
                 }
-                Ok(Step::Control(len)) => {
+                Ok(Step::Control(len, control)) => {
                     at += len;
-                    if let Some(c) = reader.take_control() {
+                    if let Some(c) = control {
                         controls.push((c.opcode, c.payload().to_vec()));
                     }
                 }

@@ -441,7 +441,7 @@ pub fn parse_close(payload: &[u8]) -> Result<ClosePayload<'_>, CloseError> {
 }
 
 /// A control frame's opcode and (unmasked) payload, held inline.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Control {
     pub opcode: OpCode,
     len: u8,
@@ -459,6 +459,19 @@ impl Control {
 
     pub fn payload(&self) -> &[u8] {
         &self.payload[..usize::from(self.len)]
+    }
+
+    /// Append payload bytes, unmasking them (`offset` is their place in the payload).
+    fn extend(&mut self, bytes: &[u8], key: Option<[u8; 4]>, offset: u64) {
+        let at = usize::from(self.len);
+        let Some(into) = self.payload.get_mut(at..at + bytes.len()) else {
+            return;
+        };
+        into.copy_from_slice(bytes);
+        if let Some(key) = key {
+            apply_mask(into, key, offset);
+        }
+        self.len += bytes.len() as u8;
     }
 
     pub fn with_payload(opcode: OpCode, payload: &[u8]) -> Control {
@@ -485,7 +498,7 @@ pub enum Step {
     /// This many payload bytes of the current data frame, checked, to forward.
     Payload(usize),
     /// This many bytes of a control frame, consumed; the frame once it is complete.
-    Control(usize),
+    Control(usize, Option<Control>),
 }
 
 /// A frame whose payload is still arriving.
@@ -498,7 +511,8 @@ struct Current {
 }
 
 /// Where the frames read from a leg stand: the header bytes carried from the last read,
-/// the frame in progress, the message rules, and the control frame being collected.
+/// the frame in progress, the message rules, and a control frame whose payload is split
+/// across reads (held on the heap only then: most arrive whole and are read in place).
 pub struct Reader {
     from: From,
     max_frame: u64,
@@ -507,7 +521,7 @@ pub struct Reader {
     carry_len: u8,
     current: Option<Current>,
     messages: Messages,
-    control: Option<Control>,
+    partial: Option<Box<Control>>,
 }
 
 impl Reader {
@@ -520,7 +534,7 @@ impl Reader {
             carry_len: 0,
             current: None,
             messages: Messages::default(),
-            control: None,
+            partial: None,
         }
     }
 
@@ -528,14 +542,6 @@ impl Reader {
     /// forwarded, some of its payload was not): no frame of the gate's may go there now.
     pub fn in_data_frame(&self) -> bool {
         self.current.is_some_and(|c| !c.header.opcode.is_control())
-    }
-
-    /// The control frame just completed by a [`Step::Control`], if it completed one.
-    pub fn take_control(&mut self) -> Option<Control> {
-        if self.current.is_some() {
-            return None;
-        }
-        self.control.take()
     }
 
     /// Read the next step from `data`, the unread bytes of this read.
@@ -550,19 +556,15 @@ impl Reader {
             let done = current.remaining == 0;
             let header = current.header;
             if header.opcode.is_control() {
-                if let Some(control) = &mut self.control {
-                    let at = usize::from(control.len);
-                    let into = &mut control.payload[at..at + n];
-                    into.copy_from_slice(chunk);
-                    if let Some(key) = key {
-                        apply_mask(into, key, offset);
-                    }
-                    control.len += n as u8;
+                let control = self
+                    .partial
+                    .get_or_insert_with(|| Box::new(Control::new(header.opcode)));
+                control.extend(chunk, key, offset);
+                if !done {
+                    return Ok(Step::Control(n, None));
                 }
-                if done {
-                    self.current = None;
-                }
-                return Ok(Step::Control(n));
+                self.current = None;
+                return Ok(Step::Control(n, self.partial.take().map(|c| *c)));
             }
             if self.messages.checks_payload() {
                 match key {
@@ -585,11 +587,15 @@ impl Reader {
             offset: 0,
         };
         if header.opcode.is_control() {
-            self.control = Some(Control::new(header.opcode));
-            if header.len > 0 {
-                self.current = Some(current);
+            // A control frame that arrived whole is read where it lies.
+            let whole = len + header.len as usize;
+            if let Some(payload) = data.get(len..whole) {
+                let mut control = Control::new(header.opcode);
+                control.extend(payload, header.mask, 0);
+                return Ok(Step::Control(whole, Some(control)));
             }
-            return Ok(Step::Control(len));
+            self.current = Some(current);
+            return Ok(Step::Control(len, None));
         }
         // The limits are checked on the header alone; a header whose payload has not
         // begun to arrive waits for it, so that header and payload leave together.

@@ -125,8 +125,9 @@ impl AsyncWrite for Io {
 /// The gate's own frames waiting for a frame boundary on a leg.
 #[derive(Default)]
 struct Owed {
-    /// The answer to the latest ping (as RFC 6455 §5.5.3 allows, only the latest).
-    pong: Option<Control>,
+    /// The answer to the latest ping (as RFC 6455 §5.5.3 allows, only the latest), when it
+    /// could not go at once (on the heap: rare, and an idle leg holds none).
+    pong: Option<Box<Control>>,
     /// A heartbeat ping.
     ping: bool,
     /// A close frame (the inner `None`: one without a status code).
@@ -184,7 +185,10 @@ impl Leg {
     pub fn answer_ping(&mut self, cx: &mut Context<'_>, ping: &[u8]) -> io::Result<()> {
         let pong = Control::with_payload(OpCode::Pong, ping);
         if self.owed.pong.is_some() || !self.caught_up() || self.mid_frame || self.close_sent {
-            self.owed.pong = Some(pong);
+            match &mut self.owed.pong {
+                Some(owed) => **owed = pong,
+                None => self.owed.pong = Some(Box::new(pong)),
+            }
             return Ok(());
         }
         self.write_control(cx, &pong)
@@ -265,7 +269,7 @@ impl Leg {
                 return Poll::Ready(Ok(()));
             }
             let control = if let Some(pong) = self.owed.pong.take() {
-                pong
+                *pong
             } else if std::mem::take(&mut self.owed.ping) {
                 Control::with_payload(OpCode::Ping, &[])
             } else if let Some(close) = self.owed.close.take() {

@@ -200,9 +200,9 @@ impl Direction {
                     }
                     len
                 }
-                Step::Control(len) => {
+                Step::Control(len, control) => {
                     r += len;
-                    if let Some(control) = src.reader.take_control() {
+                    if let Some(control) = control {
                         self.frames += 1;
                         if let Some(reason) = self.control(src, &control, now, cx) {
                             ended = Some(reason);
@@ -322,32 +322,48 @@ pub struct Connection {
     pub report: bool,
 }
 
+/// Everything a relayed connection holds, in one allocation made at the upgrade: the
+/// legs, both directions and the deadlines. The future that drives it holds only this box
+/// and its waits.
+struct Relay {
+    client: Leg,
+    upstream: Leg,
+    c2u: Direction,
+    u2c: Direction,
+    deadlines: Deadlines,
+    started: Instant,
+    route: Arc<Route>,
+    policy: PolicyHandle,
+    standing: Standing,
+    metrics: ConnectionMetrics,
+    shutdown: CancellationToken,
+}
+
 /// Relay between the two legs until one ends, then close both as the close table says.
 /// The legs come back for their lingering close, which the caller awaits after logging
 /// the close.
-pub async fn run(
+pub fn run(
     client: Upgraded,
     upstream: UpstreamSocket,
     route: Arc<Route>,
     shutdown: CancellationToken,
     conn: Connection,
-) -> (Outcome, Ended) {
+) -> impl std::future::Future<Output = (Outcome, Ended)> + Send {
     let started = Instant::now();
     let m = &route.messages;
     let (max_frame, max_message) = (m.max_frame_bytes as u64, m.max_message_bytes as u64);
     let (client_io, read_ahead) = Io::client(client);
-    let mut client = Leg::new(
+    let client = Leg::new(
         client_io,
         read_ahead,
         Reader::new(frame::From::Client, max_frame, max_message),
     );
     // `max_message_bytes` applies both ways; `max_frame_bytes` is for client frames only.
-    let mut upstream = Leg::new(
+    let upstream = Leg::new(
         Io::Upstream(upstream.io),
         upstream.read_ahead,
         Reader::new(frame::From::Server, max_message, max_message),
     );
-    let t = &route.timeouts;
     let inbound = Inbound::new(
         route.clone(),
         conn.registry.clone(),
@@ -355,19 +371,20 @@ pub async fn run(
         conn.report,
         started,
     );
-    let mut c2u = Direction::new(
+    let c2u = Direction::new(
         Side::Client,
         started,
         Some(inbound),
         conn.metrics.client_to_upstream.clone(),
     );
-    let mut u2c = Direction::new(
+    let u2c = Direction::new(
         Side::Upstream,
         started,
         None,
         conn.metrics.upstream_to_client.clone(),
     );
-    let mut deadlines = Deadlines {
+    let t = &route.timeouts;
+    let deadlines = Deadlines {
         write: t.write,
         idle: t.idle,
         lifetime_end: t.max_lifetime.map(|l| started + l),
@@ -377,86 +394,125 @@ pub async fn run(
         heartbeat_timeout: route.heartbeat.timeout,
         ping_rtt: conn.metrics.ping_rtt.clone(),
     };
-    // The one timer of this connection, always set to the earliest deadline.
-    let timer = sleep_until(deadlines.next(&c2u, &u2c));
-    tokio::pin!(timer);
+    let relay = Box::new(Relay {
+        client,
+        upstream,
+        c2u,
+        u2c,
+        deadlines,
+        started,
+        route,
+        policy: conn.policy,
+        standing: conn.standing,
+        metrics: conn.metrics,
+        shutdown,
+    });
+    relay.run(conn.changes)
+}
 
-    // Both waits live as long as the loop: re-creating them per message would register
-    // and unregister a waiter (under the channel's and the token's locks) every time.
-    let mut policy_change = Box::pin(next_change(conn.changes));
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let mut watching_policy = true;
-    let reason = loop {
-        tokio::select! {
-            event = poll_fn(|cx| {
-                if let Poll::Ready(e) = c2u.poll(&mut client, &mut upstream, cx) {
-                    return Poll::Ready(e);
-                }
-                u2c.poll(&mut upstream, &mut client, cx)
-            }) => match event {
-                Event::End(reason) => break reason,
-                Event::Stalled => timer.as_mut().reset(deadlines.next(&c2u, &u2c)),
-            },
-            () = &mut timer => {
-                if let Some(reason) = deadlines.due(Instant::now(), &mut client, &upstream, &mut c2u, &mut u2c) {
-                    break reason;
-                }
-                timer.as_mut().reset(deadlines.next(&c2u, &u2c));
-            },
-            (changed, changes) = &mut policy_change, if watching_policy => {
-                if changed.is_err() {
-                    watching_policy = false;
-                    continue;
-                }
-                policy_change.set(next_change(changes));
-                let loaded = conn.policy.load();
-                if let Err(why) = admission::recheck(&loaded.policy, &conn.standing) {
-                    let (route, ip) = (&route.name, conn.standing.client_ip);
-                    if loaded.policy.mode == Mode::Report {
-                        tracing::warn!(route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
-                    } else {
-                        tracing::info!(route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
-                        break CloseReason::PolicyChanged;
-                    }
-                }
-            },
-            () = &mut cancelled => break CloseReason::Shutdown,
-        }
-    };
-
-    let (mut to_client, mut to_upstream) = reason.endings();
-    let deadline = Instant::now() + t.write;
-    // A violator's peer is closed first, and what it had already sent is still delivered
-    // to the violator: the messages it sent before the bad frame arrived get their answers
-    // (as from an endpoint that had answered them before reading the bad frame).
-    match reason.violator() {
-        Some(Side::Client) => {
-            to_upstream = drain(&mut upstream, &mut client, &mut u2c, to_upstream, deadline).await;
-        }
-        Some(Side::Upstream) => {
-            to_client = drain(&mut client, &mut upstream, &mut c2u, to_client, deadline).await;
-        }
-        None => {}
+impl Relay {
+    async fn run(mut self: Box<Self>, changes: watch::Receiver<u64>) -> (Outcome, Ended) {
+        let (reason, linger_client, linger_upstream) = self.relay(changes).await;
+        let duration = self.started.elapsed();
+        self.metrics.closed(reason.label(), duration.as_secs_f64());
+        let outcome = Outcome {
+            reason,
+            client_to_upstream: self.c2u.counts,
+            upstream_to_client: self.u2c.counts,
+            duration,
+            report_violations: self.c2u.inbound.as_ref().map_or(0, |i| i.violations),
+        };
+        let ended = Ended {
+            relay: self,
+            client: linger_client,
+            upstream: linger_upstream,
+        };
+        (outcome, ended)
     }
-    let (linger_client, linger_upstream) = tokio::join!(
-        end(&mut client, to_client, deadline),
-        end(&mut upstream, to_upstream, deadline)
-    );
-    let duration = started.elapsed();
-    conn.metrics.closed(reason.label(), duration.as_secs_f64());
-    let outcome = Outcome {
-        reason,
-        client_to_upstream: c2u.counts,
-        upstream_to_client: u2c.counts,
-        duration,
-        report_violations: c2u.inbound.map_or(0, |i| i.violations),
-    };
-    let ended = Ended {
-        client: (client, linger_client),
-        upstream: (upstream, linger_upstream),
-    };
-    (outcome, ended)
+
+    /// The relay loop, then the close of both sides: why it ended, and how each leg is let
+    /// go.
+    async fn relay(&mut self, changes: watch::Receiver<u64>) -> (CloseReason, Finish, Finish) {
+        let Relay {
+            client,
+            upstream,
+            c2u,
+            u2c,
+            deadlines,
+            route,
+            policy,
+            standing,
+            shutdown,
+            ..
+        } = &mut *self;
+        // The one timer of this connection, always set to the earliest deadline.
+        let timer = sleep_until(deadlines.next(c2u, u2c));
+        tokio::pin!(timer);
+
+        // Both waits live as long as the loop: re-creating them per message would register
+        // and unregister a waiter (under the channel's and the token's locks) every time.
+        let mut policy_change = Box::pin(next_change(changes));
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut watching_policy = true;
+        let reason = loop {
+            tokio::select! {
+                event = poll_fn(|cx| {
+                    if let Poll::Ready(e) = c2u.poll(client, upstream, cx) {
+                        return Poll::Ready(e);
+                    }
+                    u2c.poll(upstream, client, cx)
+                }) => match event {
+                    Event::End(reason) => break reason,
+                    Event::Stalled => timer.as_mut().reset(deadlines.next(c2u, u2c)),
+                },
+                () = &mut timer => {
+                    if let Some(reason) = deadlines.due(Instant::now(), client, upstream, c2u, u2c) {
+                        break reason;
+                    }
+                    timer.as_mut().reset(deadlines.next(c2u, u2c));
+                },
+                (changed, changes) = &mut policy_change, if watching_policy => {
+                    if changed.is_err() {
+                        watching_policy = false;
+                        continue;
+                    }
+                    policy_change.set(next_change(changes));
+                    let loaded = policy.load();
+                    if let Err(why) = admission::recheck(&loaded.policy, standing) {
+                        let (route, ip) = (&route.name, standing.client_ip);
+                        if loaded.policy.mode == Mode::Report {
+                            tracing::warn!(route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
+                        } else {
+                            tracing::info!(route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
+                            break CloseReason::PolicyChanged;
+                        }
+                    }
+                },
+                () = &mut cancelled => break CloseReason::Shutdown,
+            }
+        };
+
+        let (mut to_client, mut to_upstream) = reason.endings();
+        let deadline = Instant::now() + deadlines.write;
+        // A violator's peer is closed first, and what it had already sent is still
+        // delivered to the violator: the messages it sent before the bad frame arrived get
+        // their answers (as from an endpoint that had answered them before reading it).
+        match reason.violator() {
+            Some(Side::Client) => {
+                to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await
+            }
+            Some(Side::Upstream) => {
+                to_client = drain(client, upstream, c2u, to_client, deadline).await
+            }
+            None => {}
+        }
+        let (linger_client, linger_upstream) = tokio::join!(
+            end(client, to_client, deadline),
+            end(upstream, to_upstream, deadline)
+        );
+        (reason, linger_client, linger_upstream)
+    }
 }
 
 /// How a leg's socket is let go once its close frames are done.
@@ -474,23 +530,29 @@ enum Finish {
 
 /// The two legs of a relay that has ended, each with how it is let go.
 pub struct Ended {
-    client: (Leg, Finish),
-    upstream: (Leg, Finish),
+    relay: Box<Relay>,
+    client: Finish,
+    upstream: Finish,
 }
 
 impl Ended {
     /// Let both legs go (see [`Finish`]), within the linger bounds; the sockets are
     /// dropped afterwards.
-    pub async fn linger(self) {
+    pub async fn linger(mut self) {
         let deadline = Instant::now() + linger::LINGER_TIME;
-        let side = |(mut leg, finish): (Leg, Finish)| async move {
-            match finish {
-                Finish::Drop => {}
-                Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
-                Finish::Linger => linger::close(&mut leg.io, deadline).await,
-            }
-        };
-        tokio::join!(side(self.client), side(self.upstream));
+        let relay = &mut *self.relay;
+        tokio::join!(
+            let_go(&mut relay.client, self.client, deadline),
+            let_go(&mut relay.upstream, self.upstream, deadline)
+        );
+    }
+}
+
+async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
+    match finish {
+        Finish::Drop => {}
+        Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
+        Finish::Linger => linger::close(&mut leg.io, deadline).await,
     }
 }
 
@@ -623,9 +685,9 @@ async fn await_close_reply(leg: &mut Leg) -> bool {
                         r += len;
                     }
                     Ok(Step::Payload(len)) => r += len,
-                    Ok(Step::Control(len)) => {
+                    Ok(Step::Control(len, control)) => {
                         r += len;
-                        if let Some(control) = leg.reader.take_control() {
+                        if let Some(control) = control {
                             frames += 1;
                             if control.opcode == OpCode::Close {
                                 return Poll::Ready(Some(true));
