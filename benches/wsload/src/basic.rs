@@ -1,5 +1,5 @@
-//! The echo upstream (`serve`) and the simple loads: `echo`, `connect` and `hold` of
-//! `benches/run.py`, and the Autobahn testee client.
+//! The echo upstream (`serve`) and the simple loads: `echo`, `connect`, `hold` and `big`
+//! of `benches/run.py`, and the Autobahn testee client.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::dial::{ws_config, Dialer};
 use crate::measure::{
-    close, count, cpu_ticks, histogram, latency, record, round_trip, rss_kib, timed,
+    close, count, cpu_ticks, histogram, latency, record, round_trip, rss_kib, timed, RssPeak,
 };
 use crate::Target;
 
@@ -290,6 +290,68 @@ pub(crate) async fn hold(
         "kib_per_connection": per_conn,
         "cpu_ms": cpu_ms,
         "cpu_percent_of_core": cpu_ms.map(|ms| ms / 10.0 / s),
+        "errors": errors,
+    }))
+}
+
+// ----- big -------------------------------------------------------------------------
+
+/// One connection sends `messages` messages of `size` bytes, one at a time, each timed
+/// until its echo is read; the RSS of --pid is sampled during each round trip. A proxy
+/// that streams frames grows by its buffers; one that holds whole messages grows by the
+/// message once for every buffer that holds it.
+pub(crate) async fn big(
+    target: Target,
+    size: usize,
+    messages: usize,
+    pid: Option<u32>,
+) -> Result<Value, String> {
+    let dialer = Dialer::new(&target, 256 * 1024)?;
+    let mut ws = dialer
+        .open(0)
+        .await
+        .map_err(|kind| format!("big: {kind}"))?;
+    let payload = Bytes::from(vec![b'x'; size]);
+    let mut errors = BTreeMap::new();
+    let mut growth = Vec::with_capacity(messages);
+    let mut round_trips = Vec::with_capacity(messages);
+    let mut rss_before = None;
+    for _ in 0..messages {
+        // The target settles after the upgrade or the previous echo (its writes drain,
+        // its buffers are freed) before its RSS is taken as this message's baseline.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = pid.and_then(rss_kib);
+        rss_before = rss_before.or(before);
+        let peak = pid.map(RssPeak::start);
+        let t = Instant::now();
+        let outcome = round_trip(&mut ws, &payload).await;
+        let elapsed = t.elapsed();
+        let peak = peak.and_then(RssPeak::stop);
+        if let Err(kind) = outcome {
+            count(&mut errors, kind);
+            break;
+        }
+        round_trips.push(elapsed.as_secs_f64());
+        if let (Some(b), Some(p)) = (before, peak) {
+            growth.push(p.saturating_sub(b));
+        }
+    }
+    if errors.is_empty() {
+        close(ws).await;
+    }
+    let seconds: f64 = round_trips.iter().sum();
+    Ok(json!({
+        "mode": "big",
+        "size": size,
+        "messages": round_trips.len(),
+        "round_trip_ms": round_trips.iter().map(|s| s * 1000.0).collect::<Vec<_>>(),
+        // Message bytes (one way) over the time of their round trips.
+        "mb_per_s": (seconds > 0.0).then(|| round_trips.len() as f64 * size as f64 / seconds / 1e6),
+        "rss_before_kib": rss_before,
+        "rss_growth_per_message_kib": growth,
+        // The first message usually costs the most: what a target allocates for it, its
+        // allocator may keep for the next.
+        "rss_growth_kib": growth.iter().max(),
         "errors": errors,
     }))
 }

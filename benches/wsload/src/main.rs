@@ -1,7 +1,7 @@
 //! wsload: the load generator (and echo upstream) of wsgate's benchmark harness.
 //!
-//! `serve` is the echo upstream every target fronts; `echo`, `connect` and `hold` are the
-//! three loads of `benches/run.py`; `sessions`, `attack`, `storm`, `exhaust` and `soak` are
+//! `serve` is the echo upstream every target fronts; `echo`, `connect`, `hold` and `big` are
+//! the four loads of `benches/run.py`; `sessions`, `attack`, `storm`, `exhaust` and `soak` are
 //! the healthy traffic and the hostile clients of `benches/soak.py`. Each load prints one
 //! JSON object on stdout (progress, if any, goes to stderr). It runs on a current-thread
 //! runtime: the harness pins it to one CPU.
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use basic::{autobahn, connect, echo, hold, serve};
+use basic::{autobahn, big, connect, echo, hold, serve};
 use hostile::{attack, exhaust, sessions, storm, AttackPlan};
 use soak::{soak, SoakPlan};
 
@@ -72,6 +72,19 @@ enum Mode {
         #[arg(short = 'd', long, default_value_t = 30.0)]
         seconds: f64,
         /// The process whose RSS and CPU are measured (the proxy).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// One connection sends N messages of S bytes, one at a time, reading each echo; each
+    /// round trip is timed, and the RSS of --pid sampled while it is under way.
+    Big {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short = 's', long, default_value_t = 16 << 20)]
+        size: usize,
+        #[arg(short = 'n', long, default_value_t = 3)]
+        messages: usize,
+        /// The process whose RSS is sampled (the proxy).
         #[arg(long)]
         pid: Option<u32>,
     },
@@ -238,6 +251,12 @@ fn main() {
                 seconds,
                 pid,
             } => hold(target, connections, secs(seconds), pid).await,
+            Mode::Big {
+                target,
+                size,
+                messages,
+                pid,
+            } => big(target, size, messages, pid).await,
             Mode::Autobahn { target, agent } => autobahn(target, &agent).await,
             Mode::Sessions {
                 target,

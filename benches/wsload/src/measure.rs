@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -75,9 +76,61 @@ pub(crate) fn count(errors: &mut BTreeMap<&'static str, u64>, kind: &'static str
 }
 
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` field given in kB, such as "VmRSS:".
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The peak RSS of a process over a window: sampled every 2 ms on a thread of its own,
+/// because the load's one runtime thread can be busy with a large message for longer
+/// than that.
+pub(crate) struct RssPeak {
+    pid: u32,
+    hwm_before: Option<u64>,
+    stop: Arc<AtomicBool>,
+    sampler: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl RssPeak {
+    pub(crate) fn start(pid: u32) -> RssPeak {
+        let hwm_before = status_kib(pid, "VmHWM:");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = rss_kib(pid);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(2));
+                    peak = peak.max(rss_kib(pid));
+                }
+                peak
+            })
+        };
+        RssPeak {
+            pid,
+            hwm_before,
+            stop,
+            sampler,
+        }
+    }
+
+    /// Ends the window. VmHWM is the process's lifetime peak, so it says nothing about
+    /// the window unless it rose during it; then it also catches a peak shorter than the
+    /// sampling period.
+    pub(crate) fn stop(self) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sampled = self.sampler.join().ok().flatten();
+        let hwm_after = status_kib(self.pid, "VmHWM:");
+        match (self.hwm_before, hwm_after) {
+            (Some(before), Some(after)) if after > before => sampled.max(Some(after)),
+            _ => sampled,
+        }
+    }
 }
 
 pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
