@@ -493,26 +493,42 @@ impl Relay {
             }
         };
 
-        let (mut to_client, mut to_upstream) = reason.endings();
         let deadline = Instant::now() + deadlines.write;
-        // A violator's peer is closed first, and what it had already sent is still
-        // delivered to the violator: the messages it sent before the bad frame arrived get
-        // their answers (as from an endpoint that had answered them before reading it).
-        match reason.violator() {
-            Some(Side::Client) => {
-                to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await
-            }
-            Some(Side::Upstream) => {
-                to_client = drain(client, upstream, c2u, to_client, deadline).await
-            }
-            None => {}
-        }
-        let (linger_client, linger_upstream) = tokio::join!(
-            end(client, to_client, deadline),
-            end(upstream, to_upstream, deadline)
-        );
-        (reason, linger_client, linger_upstream)
+        // Boxed: the closing futures (the drain and both ends) would otherwise be part of
+        // every connection's task for all its life.
+        let (client_finish, upstream_finish) =
+            Box::pin(close_both(client, upstream, c2u, u2c, &reason, deadline)).await;
+        (reason, client_finish, upstream_finish)
     }
+}
+
+/// Close both sides as the close table says for `reason`, never past `deadline`; returns
+/// how each leg is then let go.
+async fn close_both(
+    client: &mut Leg,
+    upstream: &mut Leg,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    reason: &CloseReason,
+    deadline: Instant,
+) -> (Finish, Finish) {
+    let (mut to_client, mut to_upstream) = reason.endings();
+    // A violator's peer is closed first, and what it had already sent is still delivered
+    // to the violator: the messages it sent before the bad frame arrived get their answers
+    // (as from an endpoint that had answered them before reading it).
+    match reason.violator() {
+        Some(Side::Client) => {
+            to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await;
+        }
+        Some(Side::Upstream) => {
+            to_client = drain(client, upstream, c2u, to_client, deadline).await;
+        }
+        None => {}
+    }
+    tokio::join!(
+        end(client, to_client, deadline),
+        end(upstream, to_upstream, deadline)
+    )
 }
 
 /// How a leg's socket is let go once its close frames are done.
