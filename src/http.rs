@@ -231,7 +231,12 @@ async fn respond(
     let shutdown = gate.shutdown.token();
     // What the task needs, in one allocation: the task itself then stays small for the
     // connection's whole life (its captures are kept beside every later state).
-    let held = Box::new((socket, connection, slots, request_id.clone()));
+    let held = Box::new(Held {
+        socket,
+        connection,
+        slots,
+        request_id: request_id.clone(),
+    });
     gate.shutdown.tracker().spawn(async move {
         let client = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -240,12 +245,17 @@ async fn respond(
                 return;
             }
         };
-        let (socket, connection, slots, request_id) = *held;
-        let (outcome, ended) =
-            relay::run(client, socket, route.clone(), shutdown, connection).await;
+        let (outcome, ended) = relay::run(
+            client,
+            held.socket,
+            route.clone(),
+            shutdown,
+            held.connection,
+        )
+        .await;
         let (client_code, upstream_code) = outcome.reason.codes();
         tracing::info!(
-            request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
+            request_id = %held.request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
             route = %route.name, reason = outcome.reason.label(), side = outcome.reason.side(),
             client_code, upstream_code,
             duration_ms = outcome.duration.as_millis() as u64,
@@ -255,11 +265,21 @@ async fn respond(
             bytes_out = outcome.upstream_to_client.bytes,
             protocol = PROTOCOL, "close"
         );
-        // The connection's slots go as it is logged closed; its sockets linger a while.
-        drop(slots);
-        ended.linger().await;
+        // The connection's slots go as it is logged closed; its sockets linger a while
+        // (boxed, as the relay's closing is: for a few seconds, not the connection's life).
+        drop(held.slots);
+        Box::pin(ended.linger()).await;
     });
     Ok(response)
+}
+
+/// What an upgraded connection's task holds until its close line: the parts the relay
+/// takes, and what the close line and the caps still need.
+struct Held {
+    socket: crate::upstream::UpstreamSocket,
+    connection: relay::Connection,
+    slots: crate::admission::Slots,
+    request_id: HeaderValue,
 }
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).

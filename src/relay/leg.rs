@@ -130,8 +130,6 @@ struct Owed {
     pong: Option<Box<Control>>,
     /// A heartbeat ping.
     ping: bool,
-    /// A close frame (the inner `None`: one without a status code).
-    close: Option<Option<CloseFrame>>,
 }
 
 /// One side of a relay: its socket, what is owed to it, and the frames read from it.
@@ -198,8 +196,15 @@ impl Leg {
         self.owed.ping = true;
     }
 
-    pub fn queue_close(&mut self, frame: Option<CloseFrame>) {
-        self.owed.close = Some(frame);
+    /// Write our close frame (`None`: one without a status code), after which nothing
+    /// more is written. Call only when caught up and at a frame boundary.
+    pub fn write_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        frame: Option<&CloseFrame>,
+    ) -> io::Result<()> {
+        self.close_sent = true;
+        self.write_control(cx, &close_control(frame))
     }
 
     /// Read into `buf[MAX_HEADER..]`: the bytes that came with the handshake first, then
@@ -272,9 +277,6 @@ impl Leg {
                 *pong
             } else if std::mem::take(&mut self.owed.ping) {
                 Control::with_payload(OpCode::Ping, &[])
-            } else if let Some(close) = self.owed.close.take() {
-                self.close_sent = true;
-                close_control(close.as_ref())
             } else {
                 return Poll::Ready(Ok(()));
             };

@@ -662,13 +662,20 @@ async fn send_close(leg: &mut Leg, frame: Option<CloseFrame>) -> bool {
     if leg.close_sent || leg.mid_frame {
         return false;
     }
-    leg.queue_close(frame);
+    let mut close = Some(frame);
     let written = poll_fn(|cx| {
-        std::task::ready!(leg.poll_owed(cx))?;
+        // What is owed goes first; the close frame once the leg has caught up.
+        loop {
+            std::task::ready!(leg.poll_owed(cx))?;
+            match close.take() {
+                Some(frame) => leg.write_close(cx, frame.as_ref())?,
+                None => break,
+            }
+        }
         leg.poll_flush(cx)
     })
     .await;
-    written.is_ok() && leg.close_sent
+    written.is_ok()
 }
 
 /// Frames read (and discarded) while waiting for a close reply before the gate gives up
