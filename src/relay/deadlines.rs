@@ -1,6 +1,7 @@
 //! Every deadline of a relayed connection — write, idle, lifetime, token expiry and the
 //! heartbeat — behind one timer set to the earliest of them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -8,6 +9,7 @@ use tokio::time::Instant;
 use super::close::{CloseReason, Side};
 use super::leg::Leg;
 use super::Direction;
+use crate::policy::Route;
 
 /// The heartbeat towards the client.
 #[derive(Debug, Clone, Copy)]
@@ -25,29 +27,31 @@ pub(super) enum Heartbeat {
 }
 
 pub(super) struct Deadlines {
-    pub write: Duration,
-    pub idle: Duration,
+    /// Its timeouts and heartbeat settings (read from the route, not copied per connection).
+    pub route: Arc<Route>,
     pub lifetime_end: Option<Instant>,
     pub expires_at: Option<Instant>,
     pub heartbeat: Heartbeat,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
     pub ping_rtt: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Deadlines {
+    pub fn write(&self) -> Duration {
+        self.route.timeouts.write
+    }
+
     /// The earliest deadline.
     pub fn next(&self, c2u: &Direction, u2c: &Direction) -> Instant {
-        let mut next = c2u.last_data.max(u2c.last_data) + self.idle;
+        let mut next = c2u.last_data.max(u2c.last_data) + self.route.timeouts.idle;
         for t in [self.lifetime_end, self.expires_at].into_iter().flatten() {
             next = next.min(t);
         }
         next = next.min(match self.heartbeat {
             Heartbeat::PingAt(t) => t,
-            Heartbeat::Awaiting { sent, .. } => sent + self.heartbeat_timeout,
+            Heartbeat::Awaiting { sent, .. } => sent + self.route.heartbeat.timeout,
         });
         for since in [c2u.stalled_since, u2c.stalled_since].into_iter().flatten() {
-            next = next.min(since + self.write);
+            next = next.min(since + self.write());
         }
         next
     }
@@ -63,7 +67,8 @@ impl Deadlines {
     ) -> Option<CloseReason> {
         c2u.note_progress(upstream, now);
         u2c.note_progress(client, now);
-        let expired = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + self.write);
+        let write = self.write();
+        let expired = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + write);
         if expired(c2u) {
             return Some(CloseReason::Stalled(Side::Upstream));
         }
@@ -76,7 +81,7 @@ impl Deadlines {
         if self.lifetime_end.is_some_and(|t| now >= t) {
             return Some(CloseReason::MaxLifetime);
         }
-        if now >= c2u.last_data.max(u2c.last_data) + self.idle {
+        if now >= c2u.last_data.max(u2c.last_data) + self.route.timeouts.idle {
             return Some(CloseReason::IdleTimeout);
         }
         match self.heartbeat {
@@ -84,7 +89,7 @@ impl Deadlines {
                 sent,
                 frames,
                 stalls,
-            } if now >= sent + self.heartbeat_timeout => {
+            } if now >= sent + self.route.heartbeat.timeout => {
                 // While the upstream takes nothing the gate reads nothing from the client,
                 // so its pong may be waiting unread: the write deadline judges that case.
                 let upstream_behind = c2u.stalled_since.is_some();
@@ -100,7 +105,7 @@ impl Deadlines {
                 if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {
                     self.ping_rtt.observe(rtt.as_secs_f64());
                 }
-                self.heartbeat = Heartbeat::PingAt((sent + self.heartbeat_interval).max(now));
+                self.heartbeat = Heartbeat::PingAt((sent + self.route.heartbeat.interval).max(now));
             }
             Heartbeat::PingAt(t) if now >= t => {
                 // Queue the ping only if the client takes bytes now (the upstream → client

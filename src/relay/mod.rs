@@ -68,7 +68,7 @@ pub(crate) struct Direction {
     /// When text or binary bytes last passed (idle timeout).
     last_data: Instant,
     /// The client's message policy, on the client → upstream direction only.
-    inbound: Option<Inbound>,
+    inbound: Option<Box<Inbound>>,
     /// When the source last sent a pong (heartbeat round trip).
     last_pong: Option<Instant>,
     metrics: MessageCounters,
@@ -84,7 +84,7 @@ impl Direction {
     fn new(
         from: Side,
         now: Instant,
-        inbound: Option<Inbound>,
+        inbound: Option<Box<Inbound>>,
         metrics: MessageCounters,
     ) -> Direction {
         Direction {
@@ -374,7 +374,7 @@ pub fn run(
     let c2u = Direction::new(
         Side::Client,
         started,
-        Some(inbound),
+        Some(Box::new(inbound)),
         conn.metrics.client_to_upstream.clone(),
     );
     let u2c = Direction::new(
@@ -383,15 +383,11 @@ pub fn run(
         None,
         conn.metrics.upstream_to_client.clone(),
     );
-    let t = &route.timeouts;
     let deadlines = Deadlines {
-        write: t.write,
-        idle: t.idle,
-        lifetime_end: t.max_lifetime.map(|l| started + l),
+        route: route.clone(),
+        lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
         expires_at: conn.expires_at,
         heartbeat: Heartbeat::PingAt(started + route.heartbeat.interval),
-        heartbeat_interval: route.heartbeat.interval,
-        heartbeat_timeout: route.heartbeat.timeout,
         ping_rtt: conn.metrics.ping_rtt.clone(),
     };
     let relay = Box::new(Relay {
@@ -493,7 +489,7 @@ impl Relay {
             }
         };
 
-        let deadline = Instant::now() + deadlines.write;
+        let deadline = Instant::now() + deadlines.write();
         // Boxed: the closing futures (the drain and both ends) would otherwise be part of
         // every connection's task for all its life.
         let (client_finish, upstream_finish) =
