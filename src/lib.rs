@@ -1,7 +1,7 @@
 //! # wsgate — a TLS-terminating WebSocket policy sidecar
 //!
 //! It decides every upgrade before the backend sees a socket (token, Origin, client IP,
-//! caps, route), then relays messages while enforcing sizes and deadlines, and takes live
+//! caps, route), then relays frames while enforcing sizes and deadlines, and takes live
 //! policy edits without dropping a connection.
 //!
 //! # Layout
@@ -14,8 +14,9 @@
 //! - [`path`]: the request path's normal form, which is routed and sent upstream
 //! - [`admission`]: the checks before the 101, in SPEC order; [`admission::Rejection`]
 //! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
-//! - [`relay`]: the per-connection `select!` loop and [`relay::CloseReason`]; every socket
-//!   the gate closes ends with [`linger`]'s lingering close
+//! - [`relay`]: the gate's own frame engine (frames checked and forwarded as they arrive),
+//!   the per-connection `select!` loop and [`relay::CloseReason`]; every socket the gate
+//!   closes ends with [`linger`]'s lingering close
 //! - [`proxy`]: plain HTTP on `http: pass` routes
 //!
 //! Policy flows [`config`] (YAML → validated [`policy::Policy`]) → [`policy::PolicyHandle`]

@@ -57,7 +57,8 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 pub const DEFAULT_WRITE: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest frame or message a policy may allow (tungstenite's own default ceiling).
+/// Largest frame or message a policy may allow: 64 MiB, tungstenite's default ceiling,
+/// kept when the relay became the gate's own (a policy asking for more is a mistake).
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Why a policy file was not loaded.
