@@ -202,3 +202,30 @@ async fn invalid_utf8_after_a_valid_chunk_is_never_forwarded() {
     // (0xFF masked with the key's first byte, 0x12, at payload offset 600.)
     assert!(!rest.contains(&(0xFF ^ 0x12)), "{rest:?}");
 }
+
+#[tokio::test]
+async fn a_heartbeat_ping_behind_a_long_frame_is_not_a_dead_client() {
+    // The upstream trickles one 64 KiB frame for longer than a heartbeat interval and its
+    // timeout: the gate's ping waits for the frame's end, and the client, which could not
+    // have answered a ping it never got, is not closed for it.
+    let heartbeat = "    heartbeat: {interval_seconds: 1, timeout_seconds: 1}\n";
+    let (_gate, mut client, mut upstream) = through_gate(heartbeat).await;
+    let payload = vec![9u8; 64 * 1024];
+    let bytes = frame(0x82, &payload, false);
+    let reader = tokio::spawn(async move {
+        let frame = next_frame(&mut client).await;
+        (frame, next_frame(&mut client).await)
+    });
+    let chunks: Vec<&[u8]> = bytes.chunks(bytes.len() / 16 + 1).collect();
+    for chunk in chunks {
+        upstream.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(220)).await;
+    }
+    let (frame, after) = timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the client got nothing more")
+        .unwrap();
+    assert_eq!(frame, data(true, 0x2, &payload, false));
+    // Then the ping that waited, not a close.
+    assert_eq!(after.opcode, 0x9, "{after:?}");
+}

@@ -99,7 +99,10 @@ impl Deadlines {
                 // the write deadline judges it. Bytes the kernel takes into a buffer that
                 // never filled prove nothing, so they do not count.
                 let client_behind = u2c.stalled_since.is_some() || u2c.stalls != stalls;
-                if c2u.frames == frames && !upstream_behind && !client_behind {
+                // A ping still waiting behind a large frame the upstream is sending has not
+                // reached the client: nothing is owed yet.
+                let ping_unsent = client.ping_waiting();
+                if c2u.frames == frames && !upstream_behind && !client_behind && !ping_unsent {
                     return Some(CloseReason::HeartbeatTimeout);
                 }
                 if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {

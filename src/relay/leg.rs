@@ -140,8 +140,8 @@ pub struct Leg {
     /// Bytes the socket has accepted, so that the write deadline measures "accepts no
     /// bytes" and not "has not caught up".
     pub(super) written: u64,
-    /// Relayed bytes the socket has not taken yet; empty (no allocation) unless the peer
-    /// is behind.
+    /// Relayed bytes the socket has not taken yet; no allocation unless the peer fell
+    /// behind during the current burst.
     backlog: Vec<u8>,
     backlog_at: usize,
     /// The relayed byte stream stops inside a frame.
@@ -172,6 +172,15 @@ impl Leg {
         }
     }
 
+    /// The burst toward this leg is over (its source would block): give back the backlog's
+    /// room, so that an idle connection holds no buffer.
+    pub fn release(&mut self) {
+        if self.caught_up() && self.backlog.capacity() > 0 {
+            self.backlog = Vec::new();
+            self.backlog_at = 0;
+        }
+    }
+
     /// Whether the socket has taken everything relayed to it.
     pub fn caught_up(&self) -> bool {
         self.backlog_at == self.backlog.len()
@@ -194,6 +203,12 @@ impl Leg {
 
     pub fn queue_ping(&mut self) {
         self.owed.ping = true;
+    }
+
+    /// Whether a heartbeat ping is still waiting for a frame boundary (the upstream is
+    /// sending the client one large frame).
+    pub fn ping_waiting(&self) -> bool {
+        self.owed.ping
     }
 
     /// Write our close frame (`None`: one without a status code), after which nothing
@@ -266,10 +281,9 @@ impl Leg {
                 self.written += n as u64;
                 self.needs_flush = true;
             }
-            if !self.backlog.is_empty() {
-                self.backlog = Vec::new();
-                self.backlog_at = 0;
-            }
+            // Drained: its room is kept for the rest of the burst (see `release`).
+            self.backlog.clear();
+            self.backlog_at = 0;
             if self.mid_frame || self.close_sent {
                 return Poll::Ready(Ok(()));
             }
