@@ -113,7 +113,10 @@ impl Direction {
             match with_scratch(|buf| self.relay_read(src, dst, buf, cx)) {
                 Poll::Ready(Some(reason)) => return Poll::Ready(Event::End(reason)),
                 Poll::Ready(None) => {}
-                Poll::Pending => break,
+                Poll::Pending => {
+                    dst.release();
+                    break;
+                }
             }
         }
         match dst.poll_flush(cx) {
@@ -212,7 +215,10 @@ impl Direction {
                     continue;
                 }
             };
-            buf.copy_within(r..r + len, w);
+            // Bytes move only once a control frame has been cut out before them.
+            if r != w {
+                buf.copy_within(r..r + len, w);
+            }
             r += len;
             w += len;
             open = src.reader.in_data_frame();
