@@ -40,7 +40,7 @@ use crate::policy::{Mode, PolicyHandle, Route};
 use crate::upstream::UpstreamSocket;
 use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
-use frame::{parse_close, ClosePayload, Control, OpCode, Reader, Step, MAX_HEADER};
+use frame::{parse_close, ClosePayload, Control, OpCode, Reader, Step, Violation, MAX_HEADER};
 use inbound::{Inbound, Kind};
 use leg::{with_scratch, Io, Leg};
 
@@ -160,9 +160,9 @@ impl Direction {
             let step = match src.reader.next(&buf[r..end]) {
                 Ok(step) => step,
                 Err(violation) => {
-                    ended = Some(match violation.code() {
-                        1009 => CloseReason::TooBig(self.from),
-                        code => CloseReason::Protocol(self.from, code),
+                    ended = Some(match violation {
+                        Violation::TooBig => CloseReason::TooBig(self.from),
+                        other => CloseReason::Protocol(self.from, other.code()),
                     });
                     break;
                 }
