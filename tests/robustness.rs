@@ -465,17 +465,7 @@ async fn raw_upstream(answer: fn(&str) -> Vec<u8>) -> String {
                 let Some(head) = read_head(&mut tcp).await else {
                     return;
                 };
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| value.trim().to_owned())
-                    })
-                    .unwrap_or_default();
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let _ = tcp.write_all(&answer(&accept)).await;
+                let _ = tcp.write_all(&answer(&accept_value(&head))).await;
                 tokio::time::sleep(Duration::from_secs(5)).await;
             });
         }

@@ -127,11 +127,9 @@ pub async fn pongs_until_close<R: AsyncRead + Unpin>(tcp: &mut R) -> (usize, u16
         .expect("no close frame in time")
 }
 
-/// Accept one upgrade on `listener` as a raw upstream: answer its handshake with a 101
-/// and return the socket, at the first frame.
-pub async fn accept_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
-    let (mut tcp, _) = listener.accept().await.unwrap();
-    let head = read_head(&mut tcp).await.unwrap();
+/// The `Sec-WebSocket-Accept` value that answers the request `head` (its key's, or an empty
+/// key's when it has none).
+pub fn accept_value(head: &str) -> String {
     let key = head
         .lines()
         .find_map(|l| {
@@ -139,8 +137,16 @@ pub async fn accept_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
             name.eq_ignore_ascii_case("sec-websocket-key")
                 .then(|| value.trim().to_owned())
         })
-        .expect("no Sec-WebSocket-Key");
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        .unwrap_or_default();
+    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
+
+/// Accept one upgrade on `listener` as a raw upstream: answer its handshake with a 101
+/// and return the socket, at the first frame.
+pub async fn accept_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
+    let (mut tcp, _) = listener.accept().await.unwrap();
+    let head = read_head(&mut tcp).await.unwrap();
+    let accept = accept_value(&head);
     let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp
