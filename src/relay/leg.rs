@@ -24,9 +24,13 @@ use super::frame::{
 use crate::head::Prefixed;
 use crate::upstream::UpstreamStream;
 
-/// The most one read takes: a 1 MiB message passes in 16 reads, and a worker thread holds
-/// one such buffer for all its connections.
-pub const READ_BYTES: usize = 64 * 1024;
+/// The most one read takes, and a worker thread holds one such buffer for all its
+/// connections. 32 KiB, not more: a 16 KiB message and its header still pass in one read,
+/// and the buffer stays in a core's L1 data cache between the read that fills it and the
+/// write that empties it. Measured on the benchmark machine: with 64 KiB reads the 1 MiB
+/// echo ran at 0.6–0.8× HAProxy's rate, with 24–48 KiB at 1.1–1.6×, nearly all of the
+/// difference in kernel time (docs/performance.md).
+pub const READ_BYTES: usize = 32 * 1024;
 
 thread_local! {
     /// The worker thread's read buffer, with [`MAX_HEADER`] bytes in front for a header

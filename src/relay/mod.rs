@@ -12,7 +12,7 @@
 //! they came), checked on the way — limits from the header before anything of the frame
 //! leaves, UTF-8 of text chunk by chunk — and control frames are answered or acted on by
 //! the gate. Backpressure: a direction reads its source only once its destination has
-//! taken everything relayed so far, so at most one read (64 KiB) is held per direction,
+//! taken everything relayed so far, so at most one read (32 KiB) is held per direction,
 //! and only while the destination is behind.
 
 mod close;
