@@ -36,6 +36,28 @@ async fn a_client_that_never_answers_pings_is_dropped() {
     );
 }
 
+/// The next ping follows an answered one by the interval, not by the timeout: a pong ends
+/// the wait at once.
+#[tokio::test]
+async fn pings_come_every_interval_when_the_timeout_is_longer() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.2, timeout_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        if let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_millis(50), client.next()).await
+        {
+            assert!(m.is_ping(), "unexpected {m:?}");
+            pings += 1;
+        }
+    }
+    // Every 0.2 s that is about 7; waiting out the timeout after each pong would give 2.
+    assert!(pings >= 5, "only {pings} pings in 1.5 s");
+}
+
 #[tokio::test]
 async fn a_client_that_answers_pings_survives_many_intervals() {
     let upstream = Upstream::start().await;

@@ -56,6 +56,20 @@ impl Deadlines {
         next
     }
 
+    /// A pong from the client at `pong`: if it answers the ping being waited for, record
+    /// the round trip and schedule the next ping. Whether the heartbeat changed.
+    pub fn answered(&mut self, pong: Option<Instant>) -> bool {
+        match (self.heartbeat, pong) {
+            (Heartbeat::Awaiting { sent, .. }, Some(pong)) if pong >= sent => {
+                self.ping_rtt.observe((pong - sent).as_secs_f64());
+                self.heartbeat =
+                    Heartbeat::PingAt((sent + self.route.heartbeat.interval).max(pong));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// What is due at `now`: a reason to close, or `None` (maybe after queueing a ping).
     pub fn due(
         &mut self,

@@ -22,6 +22,7 @@ mod inbound;
 mod leg;
 
 use std::future::poll_fn;
+use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,6 +72,8 @@ pub(crate) struct Direction {
     inbound: Option<Box<Inbound>>,
     /// When the source last sent a pong (heartbeat round trip).
     last_pong: Option<Instant>,
+    /// A pong was read that the heartbeat has not looked at yet.
+    pong_unseen: bool,
     metrics: MessageCounters,
 }
 
@@ -78,6 +81,8 @@ enum Event {
     End(CloseReason),
     /// A destination just started refusing bytes: arm the write deadline.
     Stalled,
+    /// The client sent a pong: the heartbeat may stop waiting before its deadline.
+    Pong,
 }
 
 impl Direction {
@@ -97,6 +102,7 @@ impl Direction {
             last_data: now,
             inbound,
             last_pong: None,
+            pong_unseen: false,
             metrics,
         }
     }
@@ -269,6 +275,7 @@ impl Direction {
                     }
                 } else {
                     self.last_pong = Some(now);
+                    self.pong_unseen = true;
                 }
                 None
             }
@@ -463,10 +470,20 @@ impl Relay {
                     if let Poll::Ready(e) = c2u.poll(client, upstream, cx) {
                         return Poll::Ready(e);
                     }
-                    u2c.poll(upstream, client, cx)
+                    match u2c.poll(upstream, client, cx) {
+                        Poll::Pending if mem::take(&mut c2u.pong_unseen) => Poll::Ready(Event::Pong),
+                        polled => polled,
+                    }
                 }) => match event {
                     Event::End(reason) => break reason,
                     Event::Stalled => timer.as_mut().reset(deadlines.next(c2u, u2c)),
+                    // The answer ends the wait at once, rather than at the timeout: an idle
+                    // connection wakes once per heartbeat interval, not twice.
+                    Event::Pong => {
+                        if deadlines.answered(c2u.last_pong) {
+                            timer.as_mut().reset(deadlines.next(c2u, u2c));
+                        }
+                    }
                 },
                 () = &mut timer => {
                     if let Some(reason) = deadlines.due(Instant::now(), client, upstream, c2u, u2c) {
@@ -609,7 +626,7 @@ async fn drain(
         sent = true;
         loop {
             match poll_fn(|cx| direction.poll(peer, violator, cx)).await {
-                Event::Stalled => continue,
+                Event::Stalled | Event::Pong => continue,
                 Event::End(CloseReason::Closed { by, .. }) if by == from => return Some(()),
                 Event::End(_) => return None,
             }
