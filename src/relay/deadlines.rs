@@ -1,7 +1,7 @@
 //! Every deadline of a relayed connection — write, idle, lifetime, token expiry and the
 //! heartbeat — behind one timer set to the earliest of them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -25,6 +25,27 @@ pub(super) enum Heartbeat {
         stalls: u64,
     },
 }
+
+impl Heartbeat {
+    /// The next ping, at `t` rounded up to a grid the whole process shares (a tenth of the
+    /// interval, at most 100 ms), so that one timer wakeup sends the pings of every
+    /// connection that fell due in that slot instead of one wakeup each: 9,000 idle
+    /// connections cost a few dozen wakeups per interval, not thousands.
+    pub fn ping_at(t: Instant, interval: Duration) -> Heartbeat {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        let grid = (interval / 10).min(PING_GRID).as_nanos();
+        let since = t.saturating_duration_since(epoch).as_nanos();
+        if grid == 0 || since == 0 {
+            return Heartbeat::PingAt(t);
+        }
+        let rounded = since.div_ceil(grid) * grid;
+        Heartbeat::PingAt(epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX)))
+    }
+}
+
+/// The coarsest rounding of a ping time (see [`Heartbeat::ping_at`]).
+const PING_GRID: Duration = Duration::from_millis(100);
 
 pub(super) struct Deadlines {
     /// Its timeouts and heartbeat settings (read from the route, not copied per connection).
@@ -62,8 +83,8 @@ impl Deadlines {
         match (self.heartbeat, pong) {
             (Heartbeat::Awaiting { sent, .. }, Some(pong)) if pong >= sent => {
                 self.ping_rtt.observe((pong - sent).as_secs_f64());
-                self.heartbeat =
-                    Heartbeat::PingAt((sent + self.route.heartbeat.interval).max(pong));
+                let interval = self.route.heartbeat.interval;
+                self.heartbeat = Heartbeat::ping_at((sent + interval).max(pong), interval);
                 true
             }
             _ => false,
@@ -122,7 +143,8 @@ impl Deadlines {
                 if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {
                     self.ping_rtt.observe(rtt.as_secs_f64());
                 }
-                self.heartbeat = Heartbeat::PingAt((sent + self.route.heartbeat.interval).max(now));
+                let interval = self.route.heartbeat.interval;
+                self.heartbeat = Heartbeat::ping_at((sent + interval).max(now), interval);
             }
             Heartbeat::PingAt(t) if now >= t => {
                 // Queue the ping only if the client takes bytes now (the upstream → client
@@ -140,5 +162,48 @@ impl Deadlines {
             _ => {}
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(h: Heartbeat) -> Instant {
+        match h {
+            Heartbeat::PingAt(t) => t,
+            Heartbeat::Awaiting { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn pings_due_in_one_slot_share_a_time_and_none_is_early_or_a_slot_late() {
+        let interval = Duration::from_secs(20);
+        let base = Instant::now() + interval;
+        let times: Vec<Instant> = (0..500)
+            .map(|ms| {
+                at(Heartbeat::ping_at(
+                    base + Duration::from_millis(ms),
+                    interval,
+                ))
+            })
+            .collect();
+        for (ms, t) in times.iter().enumerate() {
+            let due = base + Duration::from_millis(ms as u64);
+            assert!(*t >= due && *t < due + PING_GRID, "{ms} ms");
+        }
+        let mut distinct = times.clone();
+        distinct.dedup();
+        assert!(distinct.len() <= 6, "{} slots for 500 ms", distinct.len());
+    }
+
+    #[test]
+    fn a_short_interval_is_rounded_by_a_tenth_of_it() {
+        let interval = Duration::from_millis(50);
+        let due = Instant::now() + Duration::from_millis(123);
+        let t = at(Heartbeat::ping_at(due, interval));
+        assert!(t >= due && t < due + interval / 10);
+        let zero = Duration::ZERO;
+        assert_eq!(at(Heartbeat::ping_at(due, zero)), due);
     }
 }

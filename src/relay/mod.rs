@@ -400,7 +400,7 @@ pub fn run(
         route: route.clone(),
         lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
         expires_at: conn.expires_at,
-        heartbeat: Heartbeat::PingAt(started + route.heartbeat.interval),
+        heartbeat: Heartbeat::ping_at(started + route.heartbeat.interval, route.heartbeat.interval),
         ping_rtt: conn.metrics.ping_rtt.clone(),
     };
     let relay = Box::new(Relay {
