@@ -12,7 +12,7 @@
 //!   checked ([`head`]) → hyper HTTP/1.1 with upgrades
 //! - [`http`]: one request: route, upgrade checks, then admission and the upstream
 //! - [`path`]: the request path's normal form, which is routed and sent upstream
-//! - [`admission`]: the checks before the 101, in SPEC order; [`admission::Rejection`]
+//! - [`admission`]: the checks before the 101, in the order of docs/admission.md; [`admission::Rejection`]
 //! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
 //! - [`relay`]: the gate's own frame engine (frames checked and forwarded as they arrive),
 //!   the per-connection `select!` loop and [`relay::CloseReason`]; every socket the gate

@@ -1,4 +1,4 @@
-//! Prometheus metrics (prometheus-client): the names of SPEC §5 plus ping round-trip
+//! Prometheus metrics (prometheus-client): the names of docs/operations.md (Metrics) plus ping round-trip
 //! time, connection duration and certificate reloads.
 //!
 //! Labels are bounded: route names come from the policy, reasons and results from fixed

@@ -1,5 +1,5 @@
 //! The upstream side: dial (TCP, then TLS for `wss://`), build the request that goes
-//! upstream (SPEC §3 "What goes upstream"), and complete the upstream's WebSocket
+//! upstream (docs/admission.md, "The request sent upstream"), and complete the upstream's WebSocket
 //! handshake before the client gets its 101.
 
 use std::io;

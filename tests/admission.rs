@@ -1,4 +1,4 @@
-//! Admission over real TLS: each refusal of SPEC §3 with its status, JSON reason and
+//! Admission over real TLS: each refusal of docs/admission.md with its status, JSON reason and
 //! headers; the order of the checks; client IP trust; rates and caps and their release;
 //! report mode; and the live cut-off of an open connection on reload.
 

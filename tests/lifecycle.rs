@@ -1,5 +1,5 @@
 //! After the upgrade: heartbeats, idle and lifetime limits, token expiry, the message
-//! policy and slow peers, each closing with SPEC §4's codes. Short real deadlines.
+//! policy and slow peers, each closing with the codes of docs/relay.md. Short real deadlines.
 
 mod support;
 

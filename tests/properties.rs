@@ -326,7 +326,7 @@ fn yaml_lines(bytes: &[u8]) -> usize {
     1 + text.chars().filter(|c| breaks.contains(c)).count()
 }
 
-/// SPEC §1: `file:line:column` from the parser, or the field path of each semantic error.
+/// `wsgate check` (docs/running.md): `file:line:column` from the parser, or the field path of each semantic error.
 fn error_is_located(e: &ConfigError, input: &PolicyBytes) -> TestCaseResult {
     let shown = e.to_string();
     let prefix = format!("{}:", input.path.display());
@@ -354,8 +354,8 @@ fn error_is_located(e: &ConfigError, input: &PolicyBytes) -> TestCaseResult {
                 prop_assert!(!fe.message.is_empty(), "{}: empty message", fe.field);
             }
         }
-        // The one error serde_yaml gives no location for (SPEC §1: "where the YAML parser
-        // gives one"), e.g. for a first line indented deeper than the next.
+        // The one error serde_yaml gives no location for (a location is given
+        // where the YAML parser gives one), e.g. for a first line indented deeper than the next.
         ConfigError::SyntaxNoLocation { message, .. }
             if message.contains("more than one document") => {}
         ConfigError::SyntaxNoLocation { .. } | ConfigError::Unreadable { .. } => {
@@ -1407,7 +1407,7 @@ impl Handshake {
         head.into_bytes()
     }
 
-    /// The statuses SPEC §3 allows for this request: 101 when RFC 6455 §4.2.1 allows it
+    /// The statuses docs/admission.md allows for this request: 101 when RFC 6455 §4.2.1 allows it
     /// (and the Origin is allowed), else the status of any check it fails.
     fn allowed_statuses(&self) -> Vec<u16> {
         let one = |values: &[String], ok: &dyn Fn(&str) -> bool| {

@@ -1,4 +1,4 @@
-//! Tokens end to end through the real gate over TLS (SPEC §2 `auth`, §3): where a token
+//! Tokens end to end through the real gate over TLS (docs/policy.md `auth`, docs/admission.md): where a token
 //! may come from and what of it reaches the upstream, every key kind (HMAC, RSA, EC,
 //! Ed25519, JWKS file, JWKS URL with rotation), the classic JWT attacks, the registered
 //! claims, `require_claims` and `forward_claims`.

@@ -1,4 +1,4 @@
-//! Admission: everything decided before the 101, in SPEC §3's order, cheapest first:
+//! Admission: everything decided before the 101, in the order of docs/admission.md, cheapest first:
 //! route → IP allow/deny → global cap → per-IP upgrade rate → per-IP connection cap →
 //! Origin → token → required claims → per-subject connection cap → upstream handshake.
 //!

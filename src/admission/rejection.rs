@@ -1,5 +1,5 @@
 //! Every way an upgrade can be refused, as one enum: its status, its JSON `error` reason,
-//! its human message and its extra headers all come from here (SPEC §3's table).
+//! its human message and its extra headers all come from here (the table in docs/admission.md).
 
 use std::time::Duration;
 
@@ -181,7 +181,7 @@ mod tests {
         )
     }
 
-    /// SPEC §3's table, row by row (the integration tests drive each reachable row over
+    /// The refusals of docs/admission.md, row by row (the integration tests drive each reachable row over
     /// real sockets; `draining` is only reachable in a race with shutdown there).
     #[tokio::test]
     async fn every_row_of_the_table() {

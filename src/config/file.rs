@@ -1,4 +1,4 @@
-//! The YAML shape of a policy file: serde structs that mirror SPEC §2 field for field.
+//! The YAML shape of a policy file: serde structs that mirror docs/policy.md field for field.
 //!
 //! Every struct denies unknown fields, so a typo is an error instead of a silently weaker
 //! policy. Every field is optional here; `validate` fills in the documented defaults and
