@@ -138,7 +138,7 @@ async fn respond(
             &strip,
         );
         *req.headers_mut() = headers;
-        return crate::proxy::forward(&route, &target, req).await;
+        return crate::proxy::forward(&gate.pass_clients, &route, &target, req).await;
     }
 
     let key = check_upgrade(&req)?;

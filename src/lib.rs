@@ -66,6 +66,8 @@ pub struct Gate {
     pub tls: Option<tls::Acceptor>,
     pub reloads: Arc<ReloadCounts>,
     pub metrics: Arc<metrics::Metrics>,
+    /// The pooled upstream clients of `http: pass` routes.
+    pub pass_clients: proxy::PassClients,
 }
 
 /// How to run a gate: already bound sockets, so nothing here can fail on a port.
@@ -103,27 +105,31 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         tls: options.tls.map(tls::Acceptor::new),
         reloads: Arc::new(ReloadCounts::default()),
         metrics,
+        pass_clients: proxy::PassClients::default(),
     });
-    if let (Some(acceptor), Some((cert, key))) = (&gate.tls, options.tls_files) {
-        tls::watch(
-            cert,
-            key,
-            acceptor.clone(),
-            gate.metrics.clone(),
-            gate.shutdown.token(),
-        );
-    }
     gate.admission.jwks.sync(&gate.policy.load().policy);
     tokio::spawn(maintain(Arc::downgrade(&gate)));
     tokio::spawn(listener::serve(options.listener, gate.clone()));
     if let Some(admin) = options.admin {
         tokio::spawn(admin::serve(admin, gate.clone()));
     }
+    let certificate = gate
+        .tls
+        .clone()
+        .zip(options.tls_files)
+        .map(|(acceptor, (cert, key))| reload::Certificate {
+            cert,
+            key,
+            acceptor,
+        });
     reload::spawn(
-        options.policy_path,
-        gate.policy.clone(),
-        gate.reloads.clone(),
-        gate.metrics.clone(),
+        reload::Reloader {
+            path: options.policy_path,
+            policy: gate.policy.clone(),
+            certificate,
+            counts: gate.reloads.clone(),
+            metrics: gate.metrics.clone(),
+        },
         options.sighup,
         gate.shutdown.token(),
     );

@@ -129,7 +129,7 @@ async fn connection(
     peer: SocketAddr,
     opening: TaskTrackerToken,
 ) {
-    let handshake = gate.policy.load().policy.handshake_timeout();
+    let handshake = gate.policy.load().policy.handshake_timeout;
     let accepted = Instant::now();
     let deadline = accepted + handshake;
     match &gate.tls {

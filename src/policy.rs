@@ -8,16 +8,32 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use ipnet::IpNet;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::sync::watch;
 
-pub use crate::config::file::{HttpMode, Mode};
+/// Whether the policy's refusals are enforced, or only logged and counted (report mode).
+#[derive(Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Report,
+}
+
+/// What plain (non-upgrade) HTTP requests on a route get.
+#[derive(Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    Reject,
+    Pass,
+}
 
 /// A whole validated policy.
 #[derive(Debug)]
@@ -29,6 +45,9 @@ pub struct Policy {
     pub routes: Vec<Arc<Route>>,
     /// Every key, JWKS and CA file the policy read: a change to one of them reloads it.
     pub files: Vec<PathBuf>,
+    /// The smallest handshake timeout of any route: it bounds the TLS handshake and
+    /// request head, which happen before a route is known.
+    pub handshake_timeout: Duration,
 }
 
 impl Policy {
@@ -37,16 +56,6 @@ impl Policy {
     /// `/ws` matches `/ws` and `/ws/x` but not `/wsx`; `/` matches everything.
     pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| path_has_prefix(path, &r.path))
-    }
-
-    /// The smallest handshake timeout of any route: it bounds the TLS handshake and
-    /// request head, which happen before a route is known.
-    pub fn handshake_timeout(&self) -> Duration {
-        self.routes
-            .iter()
-            .map(|r| r.timeouts.handshake)
-            .min()
-            .unwrap_or(crate::config::DEFAULT_HANDSHAKE)
     }
 
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
@@ -79,8 +88,6 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub heartbeat: Heartbeat,
     pub http: HttpMode,
-    /// The pooled client of an `http: pass` route, made on first use.
-    pub pass_client: std::sync::OnceLock<crate::proxy::PassClient>,
 }
 
 /// Where a route's connections go.
@@ -154,6 +161,35 @@ pub struct Key {
     /// Set when the key itself names its algorithm (a JWK's `alg`).
     pub alg: Option<Algorithm>,
     pub decoding: DecodingKey,
+}
+
+/// The usable verification keys of a JWKS document.
+pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Ed,
+            // Symmetric keys do not belong in a published key set.
+            AlgorithmParameters::OctetKey(_) => continue,
+        };
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| Algorithm::from_str(&a.to_string()).ok());
+        match DecodingKey::from_jwk(jwk) {
+            Ok(decoding) => keys.push(Key {
+                kid: jwk.common.key_id.clone(),
+                family,
+                alg,
+                decoding,
+            }),
+            Err(e) => return Err(format!("key {:?}: {e}", jwk.common.key_id)),
+        }
+    }
+    Ok(keys)
 }
 
 impl std::fmt::Debug for Key {
@@ -267,12 +303,21 @@ pub struct Heartbeat {
     pub timeout: Duration,
 }
 
+/// Something a valid policy does that is likely a mistake (a key no algorithm of its route
+/// can use), at a field path. `wsgate check` prints it and exits 0; loading and reloading
+/// log it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldWarning {
+    pub field: String,
+    pub message: String,
+}
+
 /// A policy as loaded: the policy plus where it came from.
 #[derive(Debug)]
 pub struct Loaded {
     pub policy: Policy,
     /// What validation found likely wrong but not invalid (logged when loaded).
-    pub warnings: Vec<crate::config::FieldWarning>,
+    pub warnings: Vec<FieldWarning>,
     /// The file as loaded, as JSON (it holds names of secrets, never secrets).
     pub document: serde_json::Value,
     /// Hex sha256 of the file's bytes.

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,7 +29,33 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 
 pub type PassClient = Client<Connector, Incoming>;
 
-pub fn client(route: &Route) -> PassClient {
+/// The pooled clients of the `http: pass` routes, one per route, made on first use. The
+/// gate owns them; a route replaced by a reload keeps its client while a request it
+/// admitted is in flight, and the entry is dropped on the next miss after that.
+#[derive(Default)]
+pub struct PassClients(Mutex<Vec<(Weak<Route>, PassClient)>>);
+
+impl PassClients {
+    /// The client of `route` (a reload's new routes get new clients, so an edited
+    /// upstream is dialled from the first request on).
+    fn of(&self, route: &Arc<Route>) -> PassClient {
+        let mut clients = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = clients.iter().find(|(known, _)| {
+            known
+                .upgrade()
+                .is_some_and(|known| Arc::ptr_eq(&known, route))
+        });
+        if let Some((_, client)) = found {
+            return client.clone();
+        }
+        clients.retain(|(known, _)| known.strong_count() > 0);
+        let made = client(route);
+        clients.push((Arc::downgrade(route), made.clone()));
+        made
+    }
+}
+
+fn client(route: &Route) -> PassClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(32)
@@ -42,7 +69,8 @@ pub fn client(route: &Route) -> PassClient {
 /// `target`: the routed form of its path (see `crate::path`) and its query without the
 /// token parameters.
 pub async fn forward(
-    route: &Route,
+    clients: &PassClients,
+    route: &Arc<Route>,
     target: &str,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
@@ -57,7 +85,7 @@ pub async fn forward(
     if let Ok(host) = HeaderValue::from_str(&route.upstream.host_header) {
         request.headers_mut().insert(header::HOST, host);
     }
-    let client = route.pass_client.get_or_init(|| client(route));
+    let client = clients.of(route);
     let response = match tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, client.request(request)).await
     {
         Ok(Ok(response)) => response,

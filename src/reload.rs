@@ -1,9 +1,12 @@
-//! Live policy: watch the policy file's directory (so a Kubernetes ConfigMap's `..data`
-//! symlink swap is seen) and SIGHUP; on either, re-read, validate fully, and swap the new
-//! policy in. An invalid file is refused with its location and the old policy stays.
+//! Live policy and certificate: one watcher over the policy file's directory and the
+//! certificate's (directories, so a Kubernetes ConfigMap's or Secret's `..data` symlink swap
+//! is seen), and SIGHUP. On a change, what changed is re-read, validated fully, and swapped
+//! in: the policy into the [`PolicyHandle`], the certificate pair into the TLS acceptor for
+//! new handshakes. Anything invalid is refused with its location, and the old one stays.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +15,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+use crate::metrics::{Metrics, ResultLabel};
 use crate::policy::PolicyHandle;
+use crate::tls;
 
 /// Events closer together than this are one reload (editors write files in several steps).
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -33,38 +38,44 @@ pub enum ReloadError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Start watching `path` (and SIGHUP, when asked) and reload on each change until `stop`
-/// is cancelled. The watch is in place when this returns, so no later write is missed.
-pub fn spawn(
-    path: PathBuf,
-    policy: PolicyHandle,
-    counts: Arc<ReloadCounts>,
-    metrics: Arc<crate::metrics::Metrics>,
-    sighup: bool,
-    stop: CancellationToken,
-) {
-    // Capacity 1: a pending wake-up already means "reload"; more are redundant.
+/// The server certificate kept current: its files, and the acceptor that new handshakes
+/// take it from.
+pub struct Certificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub acceptor: tls::Acceptor,
+}
+
+/// What changed since the last reload (bits, set by the watcher and SIGHUP).
+const POLICY: u8 = 1;
+const CERTIFICATE: u8 = 2;
+
+/// What the reloader keeps current.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub policy: PolicyHandle,
+    pub certificate: Option<Certificate>,
+    pub counts: Arc<ReloadCounts>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Start watching (and listening for SIGHUP, when asked) and reload on each change until
+/// `stop` is cancelled. The watches are in place when this returns, so no later write is
+/// missed.
+pub fn spawn(reloader: Reloader, sighup: bool, stop: CancellationToken) {
+    // Capacity 1: a pending wake-up already means "reload"; `changed` says what.
     let (tx, rx) = mpsc::channel::<()>(1);
-    let watcher = match start_watcher(&path, policy.clone(), tx.clone()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
-            None
-        }
-    };
+    let changed = Arc::new(AtomicU8::new(0));
+    let watcher = start_watcher(&reloader, tx.clone(), changed.clone());
     if sighup {
-        spawn_sighup(tx, stop.clone());
+        spawn_sighup(tx, changed.clone(), stop.clone());
     }
-    tokio::spawn(reload_loop(
-        path, policy, counts, metrics, rx, stop, watcher,
-    ));
+    tokio::spawn(reload_loop(reloader, changed, rx, stop, watcher));
 }
 
 async fn reload_loop(
-    path: PathBuf,
-    policy: PolicyHandle,
-    counts: Arc<ReloadCounts>,
-    metrics: Arc<crate::metrics::Metrics>,
+    reloader: Reloader,
+    changed: Arc<AtomicU8>,
     mut rx: mpsc::Receiver<()>,
     stop: CancellationToken,
     // Kept alive for as long as the loop runs.
@@ -78,20 +89,33 @@ async fn reload_loop(
         // Let a burst of events settle into one reload.
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
-        let result = reload(&path, &policy).await;
-        let label = if result.is_ok() { "success" } else { "failure" };
-        metrics
-            .policy_reloads
-            .get_or_create_owned(&crate::metrics::ResultLabel { result: label })
-            .inc();
-        match result {
-            Ok(()) => {
-                counts.success.fetch_add(1, Ordering::Relaxed);
+        let what = changed.swap(0, Ordering::AcqRel);
+        if what & POLICY != 0 {
+            reload_policy(&reloader).await;
+        }
+        if let Some(certificate) = reloader.certificate.as_ref() {
+            if what & CERTIFICATE != 0 {
+                reload_certificate(certificate, &reloader.metrics).await;
             }
-            Err(e) => {
-                counts.failure.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
-            }
+        }
+    }
+}
+
+async fn reload_policy(reloader: &Reloader) {
+    let result = reload(&reloader.path, &reloader.policy).await;
+    let label = if result.is_ok() { "success" } else { "failure" };
+    reloader
+        .metrics
+        .policy_reloads
+        .get_or_create_owned(&ResultLabel { result: label })
+        .inc();
+    match result {
+        Ok(()) => {
+            reloader.counts.success.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            reloader.counts.failure.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
         }
     }
 }
@@ -108,27 +132,99 @@ pub async fn reload(path: &Path, policy: &PolicyHandle) -> Result<(), ReloadErro
     Ok(())
 }
 
-fn start_watcher(
-    path: &Path,
-    policy: PolicyHandle,
-    tx: mpsc::Sender<()>,
-) -> notify::Result<RecommendedWatcher> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if !event.kind.is_access() && concerns_policy(&event.paths, &name, &policy) {
-            let _ = tx.try_send(());
+/// Load the certificate pair and use it for new handshakes; an unusable pair is logged
+/// and counted, and the old one stays.
+async fn reload_certificate(certificate: &Certificate, metrics: &Metrics) {
+    let (cert, key) = (certificate.cert.clone(), certificate.key.clone());
+    let loaded = tokio::task::spawn_blocking(move || tls::server_config(&cert, &key)).await;
+    let result = match loaded {
+        Ok(Ok(config)) => {
+            certificate.acceptor.store(config);
+            tracing::info!(cert = %certificate.cert.display(), "certificate reloaded: new handshakes use it");
+            "success"
         }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "certificate reload refused; the previous certificate stays in use");
+            "failure"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "certificate loader failed");
+            "failure"
+        }
+    };
+    metrics
+        .tls_reloads
+        .get_or_create_owned(&ResultLabel { result })
+        .inc();
 }
 
-/// Whether a change in the watched directory can change the policy: the policy file
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// One watcher over every directory that holds a watched file. A directory that cannot be
+/// watched is logged (its file is then reloaded by SIGHUP only); `None` if none can be.
+fn start_watcher(
+    reloader: &Reloader,
+    tx: mpsc::Sender<()>,
+    changed: Arc<AtomicU8>,
+) -> Option<RecommendedWatcher> {
+    let policy_name = reloader
+        .path
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_default();
+    let certificate_names: Vec<OsString> = reloader
+        .certificate
+        .iter()
+        .flat_map(|c| [&c.cert, &c.key])
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
+    let policy = reloader.policy.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let mut what = 0;
+        if concerns_policy(&event.paths, &policy_name, &policy) {
+            what |= POLICY;
+        }
+        if !certificate_names.is_empty() && concerns(&event.paths, &certificate_names) {
+            what |= CERTIFICATE;
+        }
+        if what != 0 {
+            changed.fetch_or(what, Ordering::AcqRel);
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch files; reload the policy and certificate with SIGHUP");
+            return None;
+        }
+    };
+    let policy_dir = parent_dir(&reloader.path);
+    if let Err(e) = watcher.watch(&policy_dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(path = %reloader.path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
+    }
+    if let Some(c) = &reloader.certificate {
+        let mut dirs = vec![parent_dir(&c.cert), parent_dir(&c.key)];
+        dirs.dedup();
+        for dir in dirs.iter().filter(|d| **d != policy_dir) {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(error = %e, "cannot watch the certificate files; reload them with SIGHUP");
+            }
+        }
+    }
+    Some(watcher)
+}
+
+/// Whether a change in a watched directory can change the policy: the policy file
 /// itself, Kubernetes' atomic-writer entries (`..data`, `..2026_…`), or a key, JWKS or CA
 /// file the policy in force names. Anything else in the directory (a log file, say) is
 /// not a reason to reload.
@@ -155,7 +251,17 @@ fn concerns_policy(
     })
 }
 
-fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {
+/// Whether a change concerns one of `names` (or Kubernetes' atomic-writer entries).
+fn concerns(paths: &[PathBuf], names: &[OsString]) -> bool {
+    paths.iter().any(|p| {
+        p.file_name().is_some_and(|n| {
+            names.iter().any(|name| name == n) || n.to_string_lossy().starts_with("..")
+        })
+    })
+}
+
+/// SIGHUP reloads the policy and the certificate.
+fn spawn_sighup(tx: mpsc::Sender<()>, changed: Arc<AtomicU8>, stop: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -169,7 +275,8 @@ fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {
                 tokio::select! {
                     got = hup.recv() => {
                         if got.is_none() { break }
-                        tracing::info!("SIGHUP: reloading the policy");
+                        tracing::info!("SIGHUP: reloading the policy and the certificate");
+                        changed.fetch_or(POLICY | CERTIFICATE, Ordering::AcqRel);
                         let _ = tx.try_send(());
                     }
                     () = stop.cancelled() => break,
@@ -178,5 +285,5 @@ fn spawn_sighup(tx: mpsc::Sender<()>, stop: CancellationToken) {
         });
     }
     #[cfg(not(unix))]
-    let _ = (tx, stop);
+    let _ = (tx, changed, stop);
 }

@@ -1088,6 +1088,7 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
         max_connections: 1,
         routes: Vec::<Arc<Route>>::new(),
         files: Vec::new(),
+        handshake_timeout: std::time::Duration::from_secs(10),
     }
 }
 

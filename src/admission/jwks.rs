@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::parse_jwks;
+use crate::policy::parse_jwks;
 use crate::policy::{redact_userinfo, Key, Policy};
 
 /// Whole fetch: connect, TLS, request, body.

@@ -20,20 +20,7 @@ pub struct PolicyFile {
     pub routes: Option<Vec<RouteFile>>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Enforce,
-    Report,
-}
-
-/// What plain (non-upgrade) HTTP requests on a route get.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HttpMode {
-    Reject,
-    Pass,
-}
+pub use crate::policy::{HttpMode, Mode};
 
 /// The per-route settings that `defaults` provides and a route may override.
 ///

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::policy::Loaded;
 
-pub use validate::{parse_cidr, parse_jwks, parse_origin_pattern, validate};
+pub use validate::{parse_cidr, parse_origin_pattern, validate};
 
 // Built-in defaults: what a field is when neither the route nor `defaults` sets it.
 // Chosen for safety; docs/policy.md ("Policy reference") documents each.
@@ -107,14 +107,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-/// Something a valid policy does that is likely a mistake (a key no algorithm of its route
-/// can use), at a field path. `wsgate check` prints it and exits 0; loading and reloading
-/// log it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FieldWarning {
-    pub field: String,
-    pub message: String,
-}
+pub use crate::policy::FieldWarning;
 
 struct FieldErrors<'a> {
     path: &'a Path,

@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use http::{HeaderName, Uri};
 use ipnet::IpNet;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::file::{self, HttpMode, Mode, PolicyFile, RouteFieldsRef};
 use super::*;
 use crate::policy::{
-    redact_userinfo, Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages, OriginPattern,
-    OriginRules, Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
+    parse_jwks, redact_userinfo, Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages,
+    OriginPattern, OriginRules, Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
 };
 
 /// Smallest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash.
@@ -105,12 +104,18 @@ pub fn validate(
     v.files.dedup();
     let mut seen = HashSet::new();
     v.warnings.retain(|w| seen.insert(w.clone()));
+    let handshake_timeout = routes
+        .iter()
+        .map(|r| r.timeouts.handshake)
+        .min()
+        .unwrap_or(DEFAULT_HANDSHAKE);
     let policy = Policy {
         mode,
         trusted_proxies,
         max_connections: max_connections as usize,
         routes,
         files: v.files,
+        handshake_timeout,
     };
     Ok((policy, v.warnings))
 }
@@ -297,7 +302,6 @@ impl Validator<'_> {
             timeouts,
             heartbeat,
             http,
-            pass_client: std::sync::OnceLock::new(),
         })
     }
 
@@ -1006,35 +1010,6 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         Some(p) => format!("{scheme}://{host}:{p}"),
         None => format!("{scheme}://{host}"),
     }))
-}
-
-/// The usable verification keys of a JWKS document.
-pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
-    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("not a JWKS: {e}"))?;
-    let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let family = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
-            AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
-            AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Ed,
-            // Symmetric keys do not belong in a published key set.
-            AlgorithmParameters::OctetKey(_) => continue,
-        };
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| Algorithm::from_str(&a.to_string()).ok());
-        match DecodingKey::from_jwk(jwk) {
-            Ok(decoding) => keys.push(Key {
-                kid: jwk.common.key_id.clone(),
-                family,
-                alg,
-                decoding,
-            }),
-            Err(e) => return Err(format!("key {:?}: {e}", jwk.common.key_id)),
-        }
-    }
-    Ok(keys)
 }
 
 #[cfg(test)]
