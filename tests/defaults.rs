@@ -1,0 +1,66 @@
+//! `policies/default.yaml` writes out every field at its built-in default, except the four
+//! its header names: resolved, it is exactly what a policy setting only those four gives.
+//! So the file, the built-in defaults in `src/config` and docs/policy.md (which the file's
+//! comments repeat) cannot drift apart unnoticed.
+
+use std::path::Path;
+
+/// The four fields the file sets away from the built-in defaults (its header says why).
+const EXCEPTIONS: &str = "\
+version: 1
+defaults:
+  auth:
+    algorithms: [HS256]
+    keys:
+      - hmac_secret_file: secret
+    forward_claims:
+      sub: X-Auth-Subject
+  origin:
+    allow: [\"https://localhost:8443\"]
+routes:
+  - path: /ws
+    name: ws
+";
+
+#[test]
+fn the_default_policy_file_resolves_to_the_built_in_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secret"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"),
+    )
+    .unwrap();
+    // The same key from a file, so that the test needs no environment variable.
+    let env_key = "hmac_secret_env: WSGATE_JWT_SECRET";
+    assert_eq!(shipped.matches(env_key).count(), 1);
+    let shipped = shipped.replace(env_key, "hmac_secret_file: secret");
+    std::fs::write(dir.path().join("default.yaml"), shipped).unwrap();
+    std::fs::write(dir.path().join("exceptions.yaml"), EXCEPTIONS).unwrap();
+
+    let load = |name: &str| wsgate::config::load(&dir.path().join(name)).unwrap().policy;
+    let (shipped, built_in) = (load("default.yaml"), load("exceptions.yaml"));
+    // Debug shows every resolved field (keys by kid and family).
+    assert_eq!(format!("{shipped:#?}"), format!("{built_in:#?}"));
+}
+
+#[test]
+fn a_changed_default_would_be_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("secret"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("a.yaml"), EXCEPTIONS).unwrap();
+    let changed = EXCEPTIONS.replace("  origin:\n", "  rate:\n    burst: 99\n  origin:\n");
+    std::fs::write(dir.path().join("b.yaml"), changed).unwrap();
+    let load = |name: &str| wsgate::config::load(&dir.path().join(name)).unwrap().policy;
+    assert_ne!(
+        format!("{:#?}", load("a.yaml")),
+        format!("{:#?}", load("b.yaml"))
+    );
+}
