@@ -14,11 +14,17 @@ use tokio::net::TcpListener;
 use crate::body::{full, Body};
 use crate::Gate;
 
-/// Serve the admin endpoints until the process exits. The admin listener stays up through
+/// Serve the admin endpoints until the gate exits. The admin listener stays up through
 /// the shutdown delay and the drain, so that `/readyz` can say 503.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
+    let tasks = gate.shutdown.tasks.clone();
+    let exit = tasks.exit();
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = exit.cancelled() => return,
+        };
+        let (tcp, _) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -27,13 +33,17 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
             }
         };
         let gate = gate.clone();
-        tokio::spawn(async move {
+        let exit = exit.clone();
+        tasks.spawn(async move {
             let service = service_fn(move |req| respond(gate.clone(), req));
-            let _ = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = connection => {}
+                () = exit.cancelled() => {}
+            }
         });
     }
 }

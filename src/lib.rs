@@ -107,11 +107,14 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         metrics,
         pass_clients: proxy::PassClients::default(),
     });
-    gate.admission.jwks.sync(&gate.policy.load().policy);
-    tokio::spawn(maintain(Arc::downgrade(&gate)));
-    tokio::spawn(listener::serve(options.listener, gate.clone()));
+    gate.admission
+        .jwks
+        .sync(&gate.policy.load().policy, &gate.shutdown.tasks);
+    let tasks = &gate.shutdown.tasks;
+    tasks.spawn(maintain(Arc::downgrade(&gate)));
+    tasks.spawn(listener::serve(options.listener, gate.clone()));
     if let Some(admin) = options.admin {
-        tokio::spawn(admin::serve(admin, gate.clone()));
+        tasks.spawn(admin::serve(admin, gate.clone()));
     }
     let certificate = gate
         .tls
@@ -131,7 +134,7 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
             metrics: gate.metrics.clone(),
         },
         options.sighup,
-        gate.shutdown.token(),
+        &gate.shutdown,
     );
     tracing::info!(%addr, tls = gate.tls.is_some(), admin = ?admin_addr, "listening");
     Ok(Running {
@@ -161,7 +164,9 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
         let Some(gate) = gate.upgrade() else { return };
         let loaded = gate.policy.load();
         if changed {
-            gate.admission.jwks.sync(&loaded.policy);
+            gate.admission
+                .jwks
+                .sync(&loaded.policy, &gate.shutdown.tasks);
         }
         gate.admission.limiters.sweep(&loaded.policy.routes);
     }
@@ -194,5 +199,12 @@ impl Running {
         tokio::time::timeout(grace, self.gate.shutdown.finished())
             .await
             .is_ok()
+    }
+
+    /// The last step, after the drain: stop the gate's own tasks (the admin listener
+    /// included) and wait for them, at most `within`. Returns whether all ended.
+    pub async fn exit(&self, within: Duration) -> bool {
+        self.gate.shutdown.begin();
+        self.gate.shutdown.tasks.end(within).await
     }
 }

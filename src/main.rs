@@ -142,6 +142,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long the exit waits for the gate's own tasks (the admin listener, the reloader,
+/// JWKS refreshers) to stop once the connections have drained.
+const TASKS_EXIT: Duration = Duration::from_secs(1);
+
 /// How long the exit waits for blocking work still under way once the gate has drained.
 /// Dropping the runtime would wait for it without a bound: a policy reload stuck opening a
 /// file (a FIFO, a hung network mount) or a slow DNS lookup would hold the exit forever.
@@ -335,6 +339,12 @@ async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
         tracing::warn!(
             open = running.gate.admission.connections.active(),
             "drain deadline reached; exiting"
+        );
+    }
+    if !running.exit(TASKS_EXIT).await {
+        tracing::warn!(
+            running = running.gate.shutdown.tasks.running(),
+            "the gate's own tasks did not all stop"
         );
     }
     ExitCode::SUCCESS

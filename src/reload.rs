@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::policy::PolicyHandle;
+use crate::shutdown::{Shutdown, Tasks};
 use crate::tls;
 
 /// Events closer together than this are one reload (editors write files in several steps).
@@ -62,15 +63,16 @@ pub struct Reloader {
 /// Start watching (and listening for SIGHUP, when asked) and reload on each change until
 /// `stop` is cancelled. The watches are in place when this returns, so no later write is
 /// missed.
-pub fn spawn(reloader: Reloader, sighup: bool, stop: CancellationToken) {
+pub fn spawn(reloader: Reloader, sighup: bool, shutdown: &Shutdown) {
+    let (tasks, stop) = (&shutdown.tasks, shutdown.token());
     // Capacity 1: a pending wake-up already means "reload"; `changed` says what.
     let (tx, rx) = mpsc::channel::<()>(1);
     let changed = Arc::new(AtomicU8::new(0));
     let watcher = start_watcher(&reloader, tx.clone(), changed.clone());
     if sighup {
-        spawn_sighup(tx, changed.clone(), stop.clone());
+        spawn_sighup(tasks, tx, changed.clone(), stop.clone());
     }
-    tokio::spawn(reload_loop(reloader, changed, rx, stop, watcher));
+    tasks.spawn(reload_loop(reloader, changed, rx, stop, watcher));
 }
 
 async fn reload_loop(
@@ -90,13 +92,21 @@ async fn reload_loop(
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
         let what = changed.swap(0, Ordering::AcqRel);
-        if what & POLICY != 0 {
-            reload_policy(&reloader).await;
-        }
-        if let Some(certificate) = reloader.certificate.as_ref() {
-            if what & CERTIFICATE != 0 {
-                reload_certificate(certificate, &reloader.metrics).await;
+        let reloads = async {
+            if what & POLICY != 0 {
+                reload_policy(&reloader).await;
             }
+            if let Some(certificate) = reloader.certificate.as_ref() {
+                if what & CERTIFICATE != 0 {
+                    reload_certificate(certificate, &reloader.metrics).await;
+                }
+            }
+        };
+        // A reload still reading when the gate stops is abandoned (a read of a FIFO, say,
+        // may never return); the exit does not wait for it.
+        tokio::select! {
+            () = reloads => {}
+            () = stop.cancelled() => break,
         }
     }
 }
@@ -261,7 +271,12 @@ fn concerns(paths: &[PathBuf], names: &[OsString]) -> bool {
 }
 
 /// SIGHUP reloads the policy and the certificate.
-fn spawn_sighup(tx: mpsc::Sender<()>, changed: Arc<AtomicU8>, stop: CancellationToken) {
+fn spawn_sighup(
+    tasks: &Tasks,
+    tx: mpsc::Sender<()>,
+    changed: Arc<AtomicU8>,
+    stop: CancellationToken,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -270,7 +285,7 @@ fn spawn_sighup(tx: mpsc::Sender<()>, changed: Arc<AtomicU8>, stop: Cancellation
             tracing::warn!("cannot listen for SIGHUP");
             return;
         };
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     got = hup.recv() => {
@@ -285,5 +300,5 @@ fn spawn_sighup(tx: mpsc::Sender<()>, changed: Arc<AtomicU8>, stop: Cancellation
         });
     }
     #[cfg(not(unix))]
-    let _ = (tx, changed, stop);
+    let _ = (tasks, tx, changed, stop);
 }

@@ -18,6 +18,44 @@ use tokio_util::task::TaskTracker;
 /// request to be answered before the drain begins.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
+/// The gate's own tasks — the listener, the admin listener and its connections, the
+/// reloader, the upkeep loop, the JWKS refreshers — on one tracker, so that at exit they
+/// are told to stop and waited for, and none outlives the gate.
+#[derive(Clone, Default)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    exit: CancellationToken,
+}
+
+impl Tasks {
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Cancelled when the gate exits: a task with no other end stops on it.
+    pub fn exit(&self) -> CancellationToken {
+        self.exit.clone()
+    }
+
+    /// Tell every task to stop and wait for them, at most `within`. Whether all ended.
+    pub async fn end(&self, within: Duration) -> bool {
+        self.exit.cancel();
+        self.tracker.close();
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// How many are still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
@@ -27,6 +65,8 @@ pub struct Shutdown {
     accepting: CancellationToken,
     /// The listener, and each connection until its first request is answered.
     opening: TaskTracker,
+    /// The gate's own tasks.
+    pub tasks: Tasks,
 }
 
 impl Shutdown {

@@ -535,3 +535,40 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Nothing outlives the gate: once the connections have drained, its own tasks (the
+/// listener, the admin listener and a kept-alive admin connection, the reloader, the
+/// upkeep loop) stop when told to, and the admin connection is closed.
+#[tokio::test]
+async fn the_gates_own_tasks_all_stop_at_exit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut admin = tokio::net::TcpStream::connect(gate.admin).await.unwrap();
+    admin
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 512];
+    let n = admin.read(&mut answer).await.unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &answer[..n]
+    );
+    let tasks = &gate.running.gate.shutdown.tasks;
+    // The listener, the admin listener and its connection, the reloader, the upkeep loop.
+    assert!(tasks.running() >= 5, "{} tasks", tasks.running());
+
+    gate.running.begin_shutdown();
+    assert!(gate.running.drain(Duration::from_secs(5)).await);
+    assert!(
+        gate.running.exit(Duration::from_secs(2)).await,
+        "{} of the gate's tasks still running",
+        tasks.running()
+    );
+    assert_eq!(tasks.running(), 0);
+    // The kept-alive admin connection was closed with them.
+    let read = tokio::time::timeout(Duration::from_secs(2), admin.read(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+}

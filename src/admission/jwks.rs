@@ -81,8 +81,9 @@ impl JwksCache {
         }
     }
 
-    /// Start fetching every URL `policy` names and stop fetching the ones it no longer does.
-    pub fn sync(&self, policy: &Policy) {
+    /// Start fetching every URL `policy` names (on `tasks`, until the gate exits) and stop
+    /// fetching the ones it no longer does.
+    pub fn sync(&self, policy: &Policy, tasks: &crate::shutdown::Tasks) {
         let mut wanted: HashMap<&str, Duration> = HashMap::new();
         for route in &policy.routes {
             for source in &route.auth.jwks_urls {
@@ -108,10 +109,10 @@ impl JwksCache {
                 keys: ArcSwapOption::empty(),
                 refresh: Mutex::new(refresh),
                 last_refetch: tokio::sync::Mutex::new(None),
-                stop: CancellationToken::new(),
+                stop: tasks.exit().child_token(),
             });
             entries.insert(url.to_owned(), entry.clone());
-            tokio::spawn(refresher(entry, self.tls.clone()));
+            tasks.spawn(refresher(entry, self.tls.clone()));
         }
     }
 
