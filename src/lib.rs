@@ -25,26 +25,28 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+// Public: what the binary (main.rs) and the integration tests use. The rest is the
+// crate's own.
+mod admin;
 pub mod admission;
-pub mod body;
+mod body;
 pub mod config;
 pub mod demo;
-pub mod head;
-pub mod http;
-pub mod linger;
+mod head;
+mod http;
+mod linger;
 pub mod listener;
 pub mod logbuf;
-pub mod metrics;
+mod metrics;
 pub mod mint;
 pub mod path;
 pub mod policy;
-pub mod proxy;
+mod proxy;
 pub mod relay;
-pub mod reload;
+mod reload;
 pub mod shutdown;
 pub mod tls;
-pub mod upstream;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,11 +65,11 @@ pub struct Gate {
     pub shutdown: Shutdown,
     pub admission: admission::State,
     /// `None` with `--plaintext`.
-    pub tls: Option<tls::Acceptor>,
+    pub(crate) tls: Option<tls::Acceptor>,
     pub reloads: Arc<ReloadCounts>,
-    pub metrics: Arc<metrics::Metrics>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
     /// The pooled upstream clients of `http: pass` routes.
-    pub pass_clients: proxy::PassClients,
+    pub(crate) pass_clients: proxy::PassClients,
 }
 
 /// How to run a gate: already bound sockets, so nothing here can fail on a port.

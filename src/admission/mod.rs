@@ -7,10 +7,10 @@
 //! a failure is logged and the upgrade goes on, except `server_full` and `draining`.
 //! [`recheck`] applies a new policy's IP, Origin and claims rules to an open connection.
 
-pub mod ip;
+pub(crate) mod ip;
 pub mod jwks;
 pub mod origin;
-pub mod rate;
+mod rate;
 mod rejection;
 pub mod token;
 

@@ -4,7 +4,7 @@
 //! the field path (`routes[1].auth.keys[0].jwks_file`) for semantic errors. Validation
 //! collects every semantic error instead of stopping at the first.
 
-pub mod file;
+pub(crate) mod file;
 mod validate;
 
 use std::fmt;
