@@ -22,89 +22,61 @@ pub struct PolicyFile {
 
 pub use crate::policy::{HttpMode, Mode};
 
-/// The per-route settings that `defaults` provides and a route may override.
-///
-/// serde cannot combine `flatten` with `deny_unknown_fields`, so `RouteFile` repeats these.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteFields {
-    pub upstream: Option<String>,
-    pub upstream_tls: Option<UpstreamTls>,
-    pub auth: Option<Auth>,
-    pub origin: Option<Origin>,
-    pub ip: Option<Ip>,
-    pub rate: Option<Rate>,
-    pub messages: Option<Messages>,
-    pub timeouts: Option<Timeouts>,
-    pub heartbeat: Option<Heartbeat>,
-    pub http: Option<HttpMode>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteFile {
-    pub path: String,
-    pub name: Option<String>,
-    pub upstream: Option<String>,
-    pub upstream_tls: Option<UpstreamTls>,
-    pub auth: Option<Auth>,
-    pub origin: Option<Origin>,
-    pub ip: Option<Ip>,
-    pub rate: Option<Rate>,
-    pub messages: Option<Messages>,
-    pub timeouts: Option<Timeouts>,
-    pub heartbeat: Option<Heartbeat>,
-    pub http: Option<HttpMode>,
-}
-
-impl RouteFile {
-    /// The overridable part of the route, in the same shape as `defaults`.
-    pub fn fields(&self) -> RouteFieldsRef<'_> {
-        RouteFieldsRef {
-            upstream: self.upstream.as_ref(),
-            upstream_tls: self.upstream_tls.as_ref(),
-            auth: self.auth.as_ref(),
-            origin: self.origin.as_ref(),
-            ip: self.ip.as_ref(),
-            rate: self.rate.as_ref(),
-            messages: self.messages.as_ref(),
-            timeouts: self.timeouts.as_ref(),
-            heartbeat: self.heartbeat.as_ref(),
-            http: self.http,
+/// The per-route fields, declared once: `defaults` ([`RouteFields`]), each route
+/// ([`RouteFile`]: its identity, then the same fields) and the borrowed view both resolve
+/// through ([`RouteFieldsRef`]) are generated from this one list. (serde cannot combine
+/// `flatten` with `deny_unknown_fields`, or `RouteFile` would embed `RouteFields`.) A new
+/// route field is one line here, its rule in `validate`, and its doc.
+macro_rules! route_fields {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty,)*) => {
+        /// The per-route settings that `defaults` provides and a route may override.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RouteFields {
+            $($(#[$doc])* pub $field: Option<$ty>,)*
         }
-    }
-}
 
-impl RouteFields {
-    pub fn as_ref(&self) -> RouteFieldsRef<'_> {
-        RouteFieldsRef {
-            upstream: self.upstream.as_ref(),
-            upstream_tls: self.upstream_tls.as_ref(),
-            auth: self.auth.as_ref(),
-            origin: self.origin.as_ref(),
-            ip: self.ip.as_ref(),
-            rate: self.rate.as_ref(),
-            messages: self.messages.as_ref(),
-            timeouts: self.timeouts.as_ref(),
-            heartbeat: self.heartbeat.as_ref(),
-            http: self.http,
+        /// One route: its path and name, then the fields it overrides.
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RouteFile {
+            pub path: String,
+            pub name: Option<String>,
+            $($(#[$doc])* pub $field: Option<$ty>,)*
         }
-    }
+
+        /// Borrowed view of route settings, so `defaults` and a route resolve the same way.
+        #[derive(Debug, Default, Clone, Copy)]
+        pub struct RouteFieldsRef<'a> {
+            $(pub $field: Option<&'a $ty>,)*
+        }
+
+        impl RouteFile {
+            /// The overridable part of the route, in the same shape as `defaults`.
+            pub fn fields(&self) -> RouteFieldsRef<'_> {
+                RouteFieldsRef { $($field: self.$field.as_ref(),)* }
+            }
+        }
+
+        impl RouteFields {
+            pub fn as_ref(&self) -> RouteFieldsRef<'_> {
+                RouteFieldsRef { $($field: self.$field.as_ref(),)* }
+            }
+        }
+    };
 }
 
-/// Borrowed view of route settings, so `defaults` and a route resolve the same way.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RouteFieldsRef<'a> {
-    pub upstream: Option<&'a String>,
-    pub upstream_tls: Option<&'a UpstreamTls>,
-    pub auth: Option<&'a Auth>,
-    pub origin: Option<&'a Origin>,
-    pub ip: Option<&'a Ip>,
-    pub rate: Option<&'a Rate>,
-    pub messages: Option<&'a Messages>,
-    pub timeouts: Option<&'a Timeouts>,
-    pub heartbeat: Option<&'a Heartbeat>,
-    pub http: Option<HttpMode>,
+route_fields! {
+    upstream: String,
+    upstream_tls: UpstreamTls,
+    auth: Auth,
+    origin: Origin,
+    ip: Ip,
+    rate: Rate,
+    messages: Messages,
+    timeouts: Timeouts,
+    heartbeat: Heartbeat,
+    http: HttpMode,
 }
 
 #[derive(Debug, Deserialize)]

@@ -285,7 +285,12 @@ impl Validator<'_> {
                 false,
             ),
         };
-        let http = p.route.http.or(p.defaults.http).unwrap_or(HttpMode::Reject);
+        let http = p
+            .route
+            .http
+            .or(p.defaults.http)
+            .copied()
+            .unwrap_or(HttpMode::Reject);
 
         if self.errors.len() != errors_before {
             return None;
