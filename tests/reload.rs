@@ -169,15 +169,27 @@ async fn established_connections_keep_their_admitted_limits() {
 #[tokio::test]
 async fn unrelated_files_in_the_directory_do_not_reload() {
     let upstream = Upstream::start().await;
-    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let policy = open_policy(&upstream.url(), "");
+    let gate = TestGate::start(&policy).await;
+    // First prove the watcher is alive: a write to the policy itself is seen.
+    gate.write_policy(&policy);
+    let dead = "the watcher did not see the policy file change";
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, dead).await;
     let log = gate.dir.path().join("wsgate.log");
     for i in 0..20 {
         std::fs::write(&log, format!("line {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Then a second policy write as a marker: events arrive in order and reloads run one
+    // at a time, so once the marker's reload is counted, any reload the log writes caused
+    // (the first of them 400 ms before the marker, beyond the debounce) is counted too.
+    gate.write_policy(&policy);
+    gate.wait_metric(SUCCESS, 2.0, TWO_SECONDS, dead).await;
     let reloads = gate.metric(SUCCESS).await + gate.metric(FAILURE).await;
-    assert_eq!(reloads, 0.0);
+    assert_eq!(
+        reloads, 2.0,
+        "only the two policy writes may reload; the log file's writes did too"
+    );
 }
 
 /// HS256 with the key in the file `secret` beside the policy.
@@ -291,7 +303,9 @@ async fn a_deleted_policy_file_keeps_the_policy_and_its_return_takes_effect() {
     let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
     let (mut open, _) = gate.connect("/ws").await.unwrap();
     std::fs::remove_file(&gate.policy_path).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The deletion is seen and the reload it starts fails (no file to read).
+    let unseen = "the deletion did not start a reload";
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, unseen).await;
     // Still the old policy: open connections and new upgrades both work.
     assert_still_echoes(&mut open, "after delete").await;
     assert!(gate.connect("/ws").await.is_ok());
