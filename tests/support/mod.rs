@@ -550,13 +550,9 @@ impl TestGate {
     }
 
     /// The value of `series` in the gate's `/metrics` (fetched over its admin listener),
-    /// 0 when it is absent. `series` is a name with its labels
-    /// (`wsgate_policy_reloads_total{result="success"}`), or a bare name, which sums the
-    /// family's samples over every label set.
+    /// 0 when it is absent; see [`metric_at`].
     pub async fn metric(&self, series: &str) -> f64 {
-        let (status, text) = admin_fetch(self.admin, "/metrics").await;
-        assert_eq!(status, 200, "GET /metrics: {text}");
-        metric_total(&text, series)
+        metric_at(self.admin, series).await
     }
 
     /// Wait until `series` is at least `at_least`, failing the test with `what` if it is
@@ -568,18 +564,7 @@ impl TestGate {
         within: Duration,
         what: &str,
     ) -> f64 {
-        let start = tokio::time::Instant::now();
-        loop {
-            let value = self.metric(series).await;
-            if value >= at_least {
-                return value;
-            }
-            assert!(
-                start.elapsed() < within,
-                "{what}: {series} is {value}, not yet {at_least}, after {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_metric_at(self.admin, series, within, what, |v| v >= at_least).await
     }
 
     /// Send raw bytes and read the response until the server closes or `DEADLINE`.
@@ -679,6 +664,38 @@ pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The value of `series` in `/metrics` on the admin listener at `admin`, 0 when it is
+/// absent. `series` is a name with its labels (`wsgate_policy_reloads_total{result="success"}`),
+/// or a bare name, which sums the family's samples over every label set.
+pub async fn metric_at(admin: SocketAddr, series: &str) -> f64 {
+    let (status, text) = admin_fetch(admin, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    metric_total(&text, series)
+}
+
+/// Poll `series` on the admin listener at `admin` until `done` holds for it, failing the
+/// test with `what` (and the last value) if it does not within `within`.
+pub async fn wait_metric_at(
+    admin: SocketAddr,
+    series: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let start = tokio::time::Instant::now();
+    loop {
+        let value = metric_at(admin, series).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: {series} is still {value} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The sum of the samples of `series` in a text exposition: the one sample with exactly
