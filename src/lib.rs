@@ -56,7 +56,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::policy::{Loaded, PolicyHandle};
-use crate::reload::ReloadCounts;
 use crate::shutdown::Shutdown;
 
 /// State shared by every connection of one running gate.
@@ -66,7 +65,6 @@ pub struct Gate {
     pub admission: admission::State,
     /// `None` with `--plaintext`.
     pub(crate) tls: Option<tls::Acceptor>,
-    pub reloads: Arc<ReloadCounts>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// The pooled upstream clients of `http: pass` routes.
     pub(crate) pass_clients: proxy::PassClients,
@@ -105,7 +103,6 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         shutdown: Shutdown::new(),
         admission: admission::State::new(options.jwks_roots, metrics.clone()),
         tls: options.tls.map(tls::Acceptor::new),
-        reloads: Arc::new(ReloadCounts::default()),
         metrics,
         pass_clients: proxy::PassClients::default(),
     });
@@ -132,7 +129,6 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
             path: options.policy_path,
             policy: gate.policy.clone(),
             certificate,
-            counts: gate.reloads.clone(),
             metrics: gate.metrics.clone(),
         },
         options.sighup,

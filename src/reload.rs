@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +22,6 @@ use crate::tls;
 
 /// Events closer together than this are one reload (editors write files in several steps).
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
-
-/// Counts of reloads after start-up (`wsgate_policy_reloads_total`).
-#[derive(Debug, Default)]
-pub struct ReloadCounts {
-    pub success: AtomicU64,
-    pub failure: AtomicU64,
-}
 
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +49,6 @@ pub struct Reloader {
     pub path: PathBuf,
     pub policy: PolicyHandle,
     pub certificate: Option<Certificate>,
-    pub counts: Arc<ReloadCounts>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -119,14 +111,8 @@ async fn reload_policy(reloader: &Reloader) {
         .policy_reloads
         .get_or_create_owned(&ResultLabel { result: label })
         .inc();
-    match result {
-        Ok(()) => {
-            reloader.counts.success.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            reloader.counts.failure.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
-        }
+    if let Err(e) = result {
+        tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
     }
 }
 

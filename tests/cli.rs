@@ -250,12 +250,19 @@ async fn sighup_reloads_the_policy() {
     let mut gate = Proc::start(&link, &[]);
     let mut open = gate.connect("/ws").await.unwrap();
     assert!(gate.connect("/v2").await.is_err());
+    // The watcher is alive: re-pointing the link (in the watched directory) at the same
+    // file is seen and reloads it, so the silence below is not a dead watcher's.
+    let relink = watched.path().join(".policy.yaml.tmp");
+    std::os::unix::fs::symlink(&real, &relink).unwrap();
+    std::fs::rename(&relink, &link).unwrap();
+    gate.wait_line("policy reloaded");
     std::fs::write(
         &real,
         format!("{}  - path: /v2\n", open_policy(&upstream.url(), "")),
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Well past the debounce (150 ms) that the watched change above was seen within.
+    gate.no_line("policy reloaded", Duration::from_millis(500));
     assert!(
         gate.connect("/v2").await.is_err(),
         "nothing watched changed: no reload yet"
@@ -559,7 +566,9 @@ async fn memory_stays_bounded_while_a_client_that_reads_nothing_is_flooded() {
     let gate = Proc::start(&policy, &[]);
     let pid = gate.child.id();
     let mut client = gate.connect("/ws").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The relay is up both ways before the baseline is taken.
+    client.send(Message::text("warm")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("warm"));
     let baseline = rss_kib(pid);
     // 256 MiB in 64 KiB messages towards a client that never reads.
     client
@@ -689,7 +698,16 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
     client.close(None).await.unwrap();
     while client.next().await.is_some() {}
     drop(client);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let series = "wsgate_connections_active{route=\"ws\"}";
+    let admin = gate.admin.unwrap();
+    wait_metric_at(
+        admin,
+        series,
+        DEADLINE,
+        "the closed connection is still open",
+        |v| v == 0.0,
+    )
+    .await;
     gate.signal("TERM");
     let (code, took) = gate.exited(Duration::from_secs(5)).await;
     assert_eq!(code, 0);
@@ -702,7 +720,8 @@ async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
     let (dir, policy) = open_policy_file(&upstream);
     let mut gate = Proc::start(&policy, &[]);
-    // A FIFO with no writer renamed over the policy: the reload's read blocks for good.
+    // A FIFO renamed over the policy: the reload blocks in it for good (opening it until a
+    // writer comes, then reading, since the writer never writes).
     let fifo = dir.path().join("fifo");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
@@ -710,7 +729,26 @@ async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
         .unwrap()
         .success());
     std::fs::rename(&fifo, &policy).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Wait until the reload has the FIFO open: only then does a non-blocking open for
+    // writing succeed (ENXIO before). The writer is held and never writes, so the reload
+    // stays blocked reading.
+    let started = Instant::now();
+    let _writer = loop {
+        use std::os::unix::fs::OpenOptionsExt;
+        const O_NONBLOCK: i32 = 0o4000; // Linux
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&policy)
+        {
+            Ok(writer) => break writer,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "no reload opened the FIFO within 2 s: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     gate.signal("TERM");
     let (code, took) = gate.exited(Duration::from_secs(5)).await;
     assert_eq!(code, 0);

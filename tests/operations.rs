@@ -284,7 +284,17 @@ async fn tokens_never_reach_the_logs() {
         assert_eq!(next_message_any(c).await, Message::text("hi"));
         c.close(None).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The gate logs one close line per connection as each relay ends.
+    let is_close = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|v| v["fields"]["message"] == "close" || v["message"] == "close")
+    };
+    while log.iter().filter(|l| is_close(l)).count() < 4 {
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("not four close lines:\n{}", log.join("\n")));
+        log.push(line);
+    }
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())

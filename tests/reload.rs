@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -34,6 +33,10 @@ async fn assert_still_echoes(client: &mut Client, text: &str) {
     assert_eq!(next_message(client).await, Message::text(text));
 }
 
+const SUCCESS: &str = "wsgate_policy_reloads_total{result=\"success\"}";
+const FAILURE: &str = "wsgate_policy_reloads_total{result=\"failure\"}";
+const TWO_SECONDS: Duration = Duration::from_secs(2);
+
 fn with_v2(upstream: &str) -> String {
     format!("{}  - path: /v2\n", open_policy(upstream, ""))
 }
@@ -49,7 +52,10 @@ async fn rewritten_file_takes_effect_and_open_connections_stay() {
     let took = within_two_seconds(&gate, "/v2", true).await;
     eprintln!("file rewrite took effect after {took:?}");
     assert_still_echoes(&mut open, "still here").await;
-    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 1);
+    // The counter is bumped just after the swap; wait for it rather than race it.
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, "the reload was not counted")
+        .await;
+    assert_eq!(gate.metric(SUCCESS).await, 1.0);
 }
 
 #[tokio::test]
@@ -69,32 +75,20 @@ async fn invalid_policy_is_refused_and_the_old_one_stays() {
 
     // A syntax error, then a semantic one (the /v2 route would be gone if either loaded).
     gate.write_policy("version: 1\nroutes: [\n");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the invalid policy was not noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let unnoticed = "the invalid policy was not noticed";
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, unnoticed).await;
     gate.write_policy(&open_policy(
         &upstream.url(),
         "    ip: {deny: [10.0.0.0/33]}\n",
     ));
-    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 2 {
-        assert!(
-            Instant::now() < deadline + Duration::from_secs(2),
-            "the invalid policy was not noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.wait_metric(FAILURE, 2.0, TWO_SECONDS, unnoticed).await;
     assert_eq!(gate.running.gate.policy.load().sha256, before);
     assert!(
         gate.connect("/v2").await.is_ok(),
         "the old policy must stay in force"
     );
     assert_still_echoes(&mut open, "unaffected").await;
-    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 0);
+    assert_eq!(gate.metric(SUCCESS).await, 0.0);
 }
 
 #[tokio::test]
@@ -106,16 +100,10 @@ async fn a_policy_with_credentials_in_a_url_is_refused_and_the_old_one_stays() {
     // The same upstream, with credentials, and a new /v2 route that would show it loaded.
     let with_credentials = format!("ws://svc:hunter2@{}", upstream.addr);
     gate.write_policy(&with_v2(&with_credentials));
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while gate.running.gate.reloads.failure.load(Ordering::Relaxed) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the policy with credentials was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let unrefused = "the policy with credentials was not refused";
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, unrefused).await;
     assert_eq!(gate.running.gate.policy.load().sha256, before);
-    assert_eq!(gate.running.gate.reloads.success.load(Ordering::Relaxed), 0);
+    assert_eq!(gate.metric(SUCCESS).await, 0.0);
     assert!(gate.connect("/v2").await.is_err(), "the new policy loaded");
     assert!(gate.connect("/ws").await.is_ok());
     let (_, described) = admin_fetch(gate.admin, "/policy").await;
@@ -169,11 +157,8 @@ async fn established_connections_keep_their_admitted_limits() {
         &upstream.url(),
         "    messages: {max_frame_bytes: 100, max_message_bytes: 100}\n",
     ));
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while gate.running.gate.reloads.success.load(Ordering::Relaxed) < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, "the new policy was not loaded")
+        .await;
     let big = "x".repeat(1000);
     assert_still_echoes(&mut open, &big).await;
     let (mut fresh, _) = gate.connect("/ws").await.unwrap();
@@ -184,16 +169,27 @@ async fn established_connections_keep_their_admitted_limits() {
 #[tokio::test]
 async fn unrelated_files_in_the_directory_do_not_reload() {
     let upstream = Upstream::start().await;
-    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let policy = open_policy(&upstream.url(), "");
+    let gate = TestGate::start(&policy).await;
+    // First prove the watcher is alive: a write to the policy itself is seen.
+    gate.write_policy(&policy);
+    let dead = "the watcher did not see the policy file change";
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, dead).await;
     let log = gate.dir.path().join("wsgate.log");
     for i in 0..20 {
         std::fs::write(&log, format!("line {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let reloads = gate.running.gate.reloads.success.load(Ordering::Relaxed)
-        + gate.running.gate.reloads.failure.load(Ordering::Relaxed);
-    assert_eq!(reloads, 0);
+    // Then a second policy write as a marker: events arrive in order and reloads run one
+    // at a time, so once the marker's reload is counted, any reload the log writes caused
+    // (the first of them 400 ms before the marker, beyond the debounce) is counted too.
+    gate.write_policy(&policy);
+    gate.wait_metric(SUCCESS, 2.0, TWO_SECONDS, dead).await;
+    let reloads = gate.metric(SUCCESS).await + gate.metric(FAILURE).await;
+    assert_eq!(
+        reloads, 2.0,
+        "only the two policy writes may reload; the log file's writes did too"
+    );
 }
 
 /// HS256 with the key in the file `secret` beside the policy.
@@ -283,7 +279,7 @@ async fn a_policy_replaced_100_times_a_second_under_traffic_fails_nothing() {
     writer.await.unwrap();
     eprintln!(
         "{messages} echoes and {upgrades} upgrades during 200 rewrites; worst echo {during:?} (before: {before:?}); {} reloads",
-        gate.running.gate.reloads.success.load(Ordering::Relaxed)
+        gate.metric(SUCCESS).await
     );
     assert!(upgrades > 0 && messages > 50, "too little traffic to tell");
     // No latency spike: a reload is an atomic pointer swap, off the relay's path. The
@@ -292,7 +288,7 @@ async fn a_policy_replaced_100_times_a_second_under_traffic_fails_nothing() {
         during < before.max(Duration::from_millis(5)) * 20,
         "worst echo {during:?} during the rewrites, {before:?} before"
     );
-    assert_eq!(gate.running.gate.reloads.failure.load(Ordering::Relaxed), 0);
+    assert_eq!(gate.metric(FAILURE).await, 0.0);
     // Rewrites close together are coalesced, never lost: the last one is in force.
     gate.write_policy(&format!(
         "{}  - path: /v2\n",
@@ -307,7 +303,9 @@ async fn a_deleted_policy_file_keeps_the_policy_and_its_return_takes_effect() {
     let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
     let (mut open, _) = gate.connect("/ws").await.unwrap();
     std::fs::remove_file(&gate.policy_path).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The deletion is seen and the reload it starts fails (no file to read).
+    let unseen = "the deletion did not start a reload";
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, unseen).await;
     // Still the old policy: open connections and new upgrades both work.
     assert_still_echoes(&mut open, "after delete").await;
     assert!(gate.connect("/ws").await.is_ok());
@@ -331,23 +329,13 @@ async fn a_key_file_gone_keeps_the_old_keys_until_it_returns() {
     };
     let (mut open, _) = gate.connect_request(request()).await.unwrap();
     std::fs::remove_file(gate.dir.path().join("secret")).unwrap();
-    let failures = &gate.running.gate.reloads.failure;
-    let gone = Instant::now();
-    while failures.load(Ordering::Relaxed) == 0 {
-        assert!(gone.elapsed() < Duration::from_secs(2), "no reload attempt");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, "no reload attempt")
+        .await;
     // The reload failed (unreadable key file): the old policy, with its key, stays.
     assert!(gate.connect_request(request()).await.is_ok());
     assert_still_echoes(&mut open, "key file gone").await;
     std::fs::write(gate.dir.path().join("secret"), SECRET).unwrap();
-    let back = Instant::now();
-    while gate.running.gate.reloads.success.load(Ordering::Relaxed) == 0 {
-        assert!(
-            back.elapsed() < Duration::from_secs(2),
-            "no reload once it returned"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let returned = "no reload once it returned";
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, returned).await;
     assert!(gate.connect_request(request()).await.is_ok());
 }

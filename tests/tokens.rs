@@ -1152,18 +1152,19 @@ async fn jwks_url_failed_refresh_keeps_the_last_good_set() {
     );
     let gate = TestGate::start(&policy).await;
     admitted_once_keys_fetched(&gate, &es256("ec.key", None)).await;
-    let before = server.requests();
     server.serve("{ this is not a key set".to_owned());
-    // Wait for a refresh to have read the broken document.
+    // Every request counted from here on is answered with the broken document.
+    let before = server.requests();
+    // Wait for a refresh to have read the broken document and then for the next request:
+    // the refresher fetches one at a time, so by then the broken one has been dealt with.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while server.requests() < before + 1 {
+    while server.requests() < before + 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no refresh within 5 s"
+            "no refresh and retry within 5 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     admitted(&gate, &es256("ec.key", Some("a"))).await;
     admitted(&gate, &es256("ec.key", None)).await;
 }
@@ -1208,8 +1209,15 @@ async fn token_expiry_closes_the_connection_with_1008() {
 async fn close_on_expiry_false_keeps_the_connection_open() {
     let upstream = Upstream::start().await;
     let gate = hmac_gate(&upstream, "leeway_seconds: 2, close_on_expiry: false").await;
-    let mut client = admitted(&gate, &hs256(&claims(json!({"exp": now() - 1})))).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The same token at a gate that does close on expiry shows when expiry has passed.
+    let strict = hmac_gate(&upstream, "leeway_seconds: 2, close_on_expiry: true").await;
+    let token = hs256(&claims(json!({"exp": now() - 1})));
+    let mut client = admitted(&gate, &token).await;
+    let mut closed = admitted(&strict, &token).await;
+    let (code, _) = tokio::time::timeout(Duration::from_secs(5), next_close(&mut closed))
+        .await
+        .expect("the close_on_expiry gate did not close within 5 s of exp + leeway");
+    assert_eq!(code, 1008);
     client
         .send(tungstenite::Message::text("still here"))
         .await

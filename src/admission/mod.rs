@@ -16,7 +16,7 @@ pub mod token;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -35,8 +35,6 @@ pub struct State {
     pub limiters: Limiters,
     pub caps: Arc<Caps>,
     pub jwks: jwks::JwksCache,
-    /// Violations let through in report mode.
-    pub report_violations: AtomicU64,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -51,7 +49,6 @@ impl State {
             limiters: Limiters::default(),
             caps: Arc::new(Caps::default()),
             jwks: jwks::JwksCache::new(jwks_roots),
-            report_violations: AtomicU64::new(0),
             metrics,
         }
     }
@@ -156,7 +153,6 @@ impl Verdicts<'_> {
         if !self.report {
             return Err(rejection);
         }
-        self.state.report_violations.fetch_add(1, Ordering::Relaxed);
         self.state
             .metrics
             .report_violation(&self.route.name, rejection.reason());

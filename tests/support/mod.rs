@@ -549,6 +549,24 @@ impl TestGate {
         .expect("handshake timed out")
     }
 
+    /// The value of `series` in the gate's `/metrics` (fetched over its admin listener),
+    /// 0 when it is absent; see [`metric_at`].
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_at(self.admin, series).await
+    }
+
+    /// Wait until `series` is at least `at_least`, failing the test with `what` if it is
+    /// not within `within`; returns the value seen.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        at_least: f64,
+        within: Duration,
+        what: &str,
+    ) -> f64 {
+        wait_metric_at(self.admin, series, within, what, |v| v >= at_least).await
+    }
+
     /// Send raw bytes and read the response until the server closes or `DEADLINE`.
     pub async fn raw(&self, bytes: &[u8]) -> String {
         let mut stream = self.stream().await;
@@ -646,6 +664,52 @@ pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The value of `series` in `/metrics` on the admin listener at `admin`, 0 when it is
+/// absent. `series` is a name with its labels (`wsgate_policy_reloads_total{result="success"}`),
+/// or a bare name, which sums the family's samples over every label set.
+pub async fn metric_at(admin: SocketAddr, series: &str) -> f64 {
+    let (status, text) = admin_fetch(admin, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    metric_total(&text, series)
+}
+
+/// Poll `series` on the admin listener at `admin` until `done` holds for it, failing the
+/// test with `what` (and the last value) if it does not within `within`.
+pub async fn wait_metric_at(
+    admin: SocketAddr,
+    series: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let start = tokio::time::Instant::now();
+    loop {
+        let value = metric_at(admin, series).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: {series} is still {value} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sum of the samples of `series` in a text exposition: the one sample with exactly
+/// that name and labels, or, for a bare name, every sample of that name; 0 if none.
+pub fn metric_total(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            *s == series || (!series.contains('{') && s.split('{').next() == Some(series))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
 }
 
 pub fn header_value(s: &str) -> HeaderValue {

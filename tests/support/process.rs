@@ -114,6 +114,22 @@ impl Proc {
         }
     }
 
+    /// Watch the log for `window` and fail if a line containing `needle` arrives in it.
+    pub fn no_line(&mut self, needle: &str, window: Duration) {
+        let end = Instant::now() + window;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => {
+                    panic!("unexpected log line containing {needle:?}: {line}")
+                }
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the process's log ended"),
+            }
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .arg(format!("-{sig}"))
