@@ -285,6 +285,16 @@ pub struct Messages {
     pub burst: u32,
     pub allow_text: bool,
     pub allow_binary: bool,
+    pub compression: Compression,
+}
+
+/// What a route does with permessage-deflate (RFC 7692). Only `off` exists so far: the
+/// client's extension offers are not passed upstream, and every message crosses both legs
+/// uncompressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Off,
 }
 
 #[derive(Debug)]
@@ -422,6 +432,7 @@ impl Loaded {
                         "burst": r.messages.burst,
                         "text": r.messages.allow_text,
                         "binary": r.messages.allow_binary,
+                        "compression": r.messages.compression,
                     },
                     "timeouts": {
                         "handshake_seconds": r.timeouts.handshake.as_secs_f64(),

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_acc
 
 use crate::admission::token::query_name_is;
 use crate::admission::{Rejection, UpstreamRefusal};
-use crate::policy::{Route, TokenSource, Upstream};
+use crate::policy::{Compression, Route, TokenSource, Upstream};
 
 /// Largest upstream error body relayed to the client.
 pub const MAX_RELAYED_BODY: usize = 64 * 1024;
@@ -361,12 +361,17 @@ async fn handshake(
         tracing::warn!(upstream = %route.upstream.url, "upstream 101 with a wrong Sec-WebSocket-Accept");
         return Err(Rejection::UpstreamUnavailable);
     }
-    if response
-        .headers
-        .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
-    {
-        tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension it was not offered");
-        return Err(Rejection::UpstreamUnavailable);
+    match route.messages.compression {
+        // No extension was offered upstream, so any it selects was not offered.
+        Compression::Off => {
+            if response
+                .headers
+                .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+            {
+                tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension it was not offered");
+                return Err(Rejection::UpstreamUnavailable);
+            }
+        }
     }
     let protocol = response
         .headers

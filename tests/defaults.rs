@@ -64,3 +64,34 @@ fn a_changed_default_would_be_caught() {
         format!("{:#?}", load("b.yaml"))
     );
 }
+
+/// `messages.compression`: `off` is the default and the only value so far; it shows in
+/// what `GET /policy` describes, and any other value is refused at its line and column.
+#[test]
+fn compression_is_off_and_nothing_else_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "version: 1\ndefaults:\n  auth: {required: false}\nroutes:\n  - path: /ws\n";
+    let write = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{head}{extra}")).unwrap();
+        path
+    };
+    let unset = wsgate::config::load(&write("unset.yaml", "")).unwrap();
+    let off =
+        wsgate::config::load(&write("off.yaml", "    messages: {compression: off}\n")).unwrap();
+    for loaded in [&unset, &off] {
+        let described = loaded.describe();
+        assert_eq!(described["routes"][0]["messages"]["compression"], "off");
+    }
+    let refused = wsgate::config::load(&write("pass.yaml", "    messages: {compression: pass}\n"));
+    match refused {
+        Err(wsgate::config::ConfigError::Syntax { line, message, .. }) => {
+            assert_eq!(line, 6, "{message}");
+            assert!(
+                message.contains("compression") || message.contains("off"),
+                "{message}"
+            );
+        }
+        other => panic!("compression: pass was not refused at its line: {other:?}"),
+    }
+}

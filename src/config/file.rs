@@ -20,7 +20,7 @@ pub struct PolicyFile {
     pub routes: Option<Vec<RouteFile>>,
 }
 
-pub use crate::policy::{HttpMode, Mode};
+pub use crate::policy::{Compression, HttpMode, Mode};
 
 /// The per-route fields, declared once: `defaults` ([`RouteFields`]), each route
 /// ([`RouteFile`]: its identity, then the same fields) and the borrowed view both resolve
@@ -148,6 +148,7 @@ pub struct Messages {
     pub per_second: Option<f64>,
     pub burst: Option<u32>,
     pub types: Option<Vec<String>>,
+    pub compression: Option<Compression>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,7 +15,7 @@ use http::{HeaderName, Uri};
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use super::file::{self, HttpMode, Mode, PolicyFile, RouteFieldsRef};
+use super::file::{self, Compression, HttpMode, Mode, PolicyFile, RouteFieldsRef};
 use super::*;
 use crate::policy::{
     parse_jwks, redact_userinfo, Auth, Heartbeat, IpRules, JwksUrl, Key, KeyFamily, Messages,
@@ -856,6 +856,7 @@ impl Validator<'_> {
             burst: self.positive(pick!(p, messages.burst), DEFAULT_MESSAGE_BURST),
             allow_text,
             allow_binary,
+            compression: pick!(p, messages.compression).map_or(Compression::Off, |(c, _)| *c),
         }
     }
 
