@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::admission::{self, Admitted, Attempt, Kind, Rejection, Standing};
+use crate::admission::{self, Attempt, Kind, Rejection};
 use crate::body::{full, Body};
 use crate::policy::{HttpMode, Route};
 use crate::upstream::{self, Forwarding};
@@ -41,22 +41,28 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let loaded = gate.policy.load();
-    let client_ip = admission::client_ip(&loaded.policy, conn.peer.ip(), req.headers());
+    let peer = admission::peer(&loaded.policy, conn.peer.ip(), req.headers());
+    let client_ip = peer.client_ip;
     // The path only: a query may carry a token, and tokens are never logged.
     let path = req.uri().path().to_owned();
     let upgrade = is_upgrade(req.headers());
 
-    let mut matched: Option<Arc<Route>> = None;
-    let result = respond(
-        &gate,
-        &loaded.policy,
-        conn,
-        &request_id,
-        client_ip,
-        req,
-        &mut matched,
-    )
-    .await;
+    let routed = route(&loaded.policy, &req);
+    let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
+    let result = match routed {
+        Ok((route, path)) => {
+            let request = Routed {
+                policy: &loaded.policy,
+                conn,
+                request_id: &request_id,
+                peer,
+                route,
+                path,
+            };
+            respond(&gate, request, req).await
+        }
+        Err(rejection) => Err(rejection),
+    };
     let route_name = matched
         .as_ref()
         .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
@@ -89,23 +95,43 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn respond(
-    gate: &Arc<Gate>,
+/// The head's sanity, then the route of the path's normal form (the form that is routed,
+/// re-checked on reload and sent upstream: never the raw one).
+fn route<B>(
     policy: &crate::policy::Policy,
-    conn: ConnInfo,
-    request_id: &HeaderValue,
-    client_ip: std::net::IpAddr,
-    mut req: Request<Incoming>,
-    matched: &mut Option<Arc<Route>>,
-) -> Result<Response<Body>, Rejection> {
-    check_head(&req)?;
-    // Routed, re-checked on reload and sent upstream: always this form, never the raw one.
+    req: &Request<B>,
+) -> Result<(Arc<Route>, String), Rejection> {
+    check_head(req)?;
     let path = crate::path::normalize(req.uri().path())
         .map_err(Rejection::BadRequest)?
         .into_owned();
     let route = policy.route_for(&path).cloned().ok_or(Rejection::NoRoute)?;
-    *matched = Some(route.clone());
-    let peer_trusted = policy.is_trusted_proxy(admission::canonical(conn.peer.ip()));
+    Ok((route, path))
+}
+
+/// A request that has a route: what the rest of its handling needs.
+struct Routed<'a> {
+    policy: &'a crate::policy::Policy,
+    conn: ConnInfo,
+    request_id: &'a HeaderValue,
+    peer: admission::Peer,
+    route: Arc<Route>,
+    path: String,
+}
+
+async fn respond(
+    gate: &Arc<Gate>,
+    routed: Routed<'_>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Rejection> {
+    let Routed {
+        policy,
+        conn,
+        request_id,
+        peer,
+        route,
+        path,
+    } = routed;
 
     if !is_upgrade(req.headers()) {
         if route.http != HttpMode::Pass {
@@ -115,20 +141,21 @@ async fn respond(
         }
         // The same admission as an upgrade, less the upgrade rate and the caps.
         let attempt = Attempt {
-            client_ip,
+            path: &path,
+            peer,
             headers: req.headers(),
             query: req.uri().query(),
             protocols: &[],
         };
-        let admitted =
+        let ticket =
             admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
-        let strip = admitted.carriers_to_strip(&route.auth);
+        let strip = ticket.carriers_to_strip();
         let fwd = Forwarding {
             peer: conn.peer.ip(),
-            peer_trusted,
+            peer_trusted: ticket.peer.trusted,
             tls: conn.tls,
             request_id,
-            claim_headers: &admitted.claim_headers,
+            claim_headers: &ticket.claim_headers,
             claim_header_names: &route.auth.forward_claims,
             token_sources: &strip,
         };
@@ -149,24 +176,25 @@ async fn respond(
     let (parts, _) = req.into_parts();
     let protocols = offered_protocols(&parts.headers);
     let attempt = Attempt {
-        client_ip,
+        path: &path,
+        peer,
         headers: &parts.headers,
         query: parts.uri.query(),
         protocols: &protocols,
     };
     // Subscribed before the upstream handshake, so a reload during it is not missed.
     let policy_changes = gate.policy.subscribe();
-    let admitted =
+    let mut ticket =
         admission::admit(&gate.admission, policy, &route, &attempt, Kind::Upgrade).await?;
 
-    let strip = admitted.carriers_to_strip(&route.auth);
+    let strip = ticket.carriers_to_strip();
     let to_upstream = upstream::strip_token_protocols(&protocols, &strip);
     let fwd = Forwarding {
         peer: conn.peer.ip(),
-        peer_trusted,
+        peer_trusted: ticket.peer.trusted,
         tls: conn.tls,
         request_id,
-        claim_headers: &admitted.claim_headers,
+        claim_headers: &ticket.claim_headers,
         claim_header_names: &route.auth.forward_claims,
         token_sources: &strip,
     };
@@ -203,30 +231,16 @@ async fn respond(
         .body(full(Bytes::new()))
         .map_err(|_| Rejection::UpstreamUnavailable)?;
 
-    let standing = Standing {
-        path,
-        client_ip,
-        origin: parts
-            .headers
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .map(str::to_owned),
-        claims: admitted.claims.clone(),
-    };
-    let Admitted { slots, .. } = admitted;
-    let expires_at = admitted
-        .claims
-        .as_ref()
-        .filter(|_| route.auth.close_on_expiry)
-        .and_then(|c| c.expires_at(route.auth.leeway_seconds));
+    // The caps stay with the task until the close line; the rest of the ticket goes to
+    // the relay.
+    let slots = std::mem::take(&mut ticket.slots);
+    let client_ip = ticket.standing.client_ip;
     let connection = relay::Connection {
         metrics: gate.metrics.connection(&route.name),
         registry: gate.metrics.clone(),
         policy: gate.policy.clone(),
         changes: policy_changes,
-        standing,
-        expires_at,
-        report: policy.mode == crate::policy::Mode::Report,
+        standing: ticket.standing,
     };
     let shutdown = gate.shutdown.token();
     // What the task needs, in one allocation: the task itself then stays small for the

@@ -7,13 +7,39 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::policy::{Policy, Route};
 
+/// Who is on the other end of a request, worked out once per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's address (see [`client_ip`]).
+    pub client_ip: IpAddr,
+    /// Whether the TCP peer is one of the policy's trusted proxies (its forwarding
+    /// headers are then extended, not replaced).
+    pub trusted: bool,
+}
+
+/// The client behind a TCP peer at `addr` that sent `headers`.
+pub fn peer(policy: &Policy, addr: IpAddr, headers: &HeaderMap) -> Peer {
+    let addr = canonical(addr);
+    let trusted = policy.is_trusted_proxy(addr);
+    Peer {
+        client_ip: if trusted {
+            forwarded_client(policy, addr, headers)
+        } else {
+            addr
+        },
+        trusted,
+    }
+}
+
 /// The client's address: the TCP peer, unless the peer is a trusted proxy; then the
 /// right-most X-Forwarded-For address that is not itself a trusted proxy.
-pub fn client_ip(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let peer = canonical(peer);
-    if !policy.is_trusted_proxy(peer) {
-        return peer;
-    }
+pub fn client_ip(policy: &Policy, peer_addr: IpAddr, headers: &HeaderMap) -> IpAddr {
+    peer(policy, peer_addr, headers).client_ip
+}
+
+/// The right-most X-Forwarded-For address that is not a trusted proxy, behind the trusted
+/// proxy `peer`.
+fn forwarded_client(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let mut client = peer;
     let hops = headers
         .get_all(HeaderName::from_static("x-forwarded-for"))

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use rustls_pki_types::CertificateDer;
 
-pub use ip::{canonical, client_ip};
+pub use ip::{canonical, client_ip, peer, Peer};
 pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
@@ -86,9 +86,13 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// What the upgrade request offers, as admission needs it.
+/// A request as admission sees it, whatever the protocol it came on: the routed path, the
+/// peer, the headers (HTTP/2's lowercase names are the same `HeaderMap`), the query and the
+/// offered subprotocols.
 pub struct Attempt<'a> {
-    pub client_ip: IpAddr,
+    /// The path's normal form (the one that was routed, re-checked and sent upstream).
+    pub path: &'a str,
+    pub peer: Peer,
     pub headers: &'a HeaderMap,
     pub query: Option<&'a str>,
     /// The offered `Sec-WebSocket-Protocol` entries, in order.
@@ -106,27 +110,35 @@ pub enum Kind {
 
 /// The caps an admitted connection holds; dropping it frees them (none for a plain
 /// request).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Slots {
     _global: Option<ConnectionGuard>,
     _ip: Option<CapSlot>,
     _subject: Option<CapSlot>,
 }
 
-/// An admitted upgrade: what the upstream request and the relay need from admission.
+/// Admission's decision for a request it let through: everything the connection needs
+/// afterwards, in one value. The HTTP/1.1 path (and any other protocol's) calls [`admit`]
+/// and takes what it needs from here: the upstream request its claim headers, peer and
+/// token carriers; the caps their slots; the relay the [`Standing`].
 #[derive(Debug)]
-pub struct Admitted {
+pub struct Ticket {
+    pub route: Arc<Route>,
+    pub peer: Peer,
+    /// The caps held for the connection's life (none for a plain request).
     pub slots: Slots,
-    pub claims: Option<Claims>,
     pub claim_headers: Vec<(HeaderName, HeaderValue)>,
     /// The carrier of the token that was verified (`None` without a valid token).
     pub verified_source: Option<TokenSource>,
+    /// What the connection was admitted with, for the relay and the re-checks.
+    pub standing: Standing,
 }
 
-impl Admitted {
+impl Ticket {
     /// The token carriers to remove from what goes upstream: every one the route names,
     /// except the verified token's own when the route forwards it (`forward_token`).
-    pub fn carriers_to_strip<'r>(&self, auth: &'r Auth) -> Cow<'r, [TokenSource]> {
+    pub fn carriers_to_strip(&self) -> Cow<'_, [TokenSource]> {
+        let auth: &Auth = &self.route.auth;
         match &self.verified_source {
             Some(kept) if auth.forward_token => Cow::Owned(
                 auth.token_sources
@@ -170,18 +182,20 @@ impl Verdicts<'_> {
 pub async fn admit<'a>(
     state: &State,
     policy: &Policy,
-    route: &'a Route,
+    route: &'a Arc<Route>,
     attempt: &Attempt<'a>,
     kind: Kind,
-) -> Result<Admitted, Rejection> {
+) -> Result<Ticket, Rejection> {
     let upgrade = kind == Kind::Upgrade;
+    let client_ip = attempt.peer.client_ip;
+    let report = policy.mode == Mode::Report;
     let v = Verdicts {
         state,
-        report: policy.mode == Mode::Report,
+        report,
         route,
-        client_ip: attempt.client_ip,
+        client_ip,
     };
-    if !ip::allowed(route, attempt.client_ip) {
+    if !ip::allowed(route, client_ip) {
         v.fail(Rejection::IpDenied)?;
     }
     let mut global = None;
@@ -193,7 +207,7 @@ pub async fn admit<'a>(
                 .try_acquire(policy.max_connections)
                 .ok_or(Rejection::ServerFull)?,
         );
-        let key = ip::client_key(attempt.client_ip, route.rate.ipv6_prefix);
+        let key = ip::client_key(client_ip, route.rate.ipv6_prefix);
         if let Err(retry_after) = state.limiters.check(route, key) {
             v.fail(Rejection::RateLimited { retry_after })?;
         }
@@ -268,7 +282,13 @@ pub async fn admit<'a>(
         .as_ref()
         .map(|c| token::claim_headers(c, auth))
         .unwrap_or_default();
-    Ok(Admitted {
+    let expires_at = claims
+        .as_ref()
+        .filter(|_| auth.close_on_expiry)
+        .and_then(|c| c.expires_at(auth.leeway_seconds));
+    Ok(Ticket {
+        route: route.clone(),
+        peer: attempt.peer,
         slots: Slots {
             _global: global,
             _ip: ip_slot,
@@ -278,8 +298,19 @@ pub async fn admit<'a>(
             .as_ref()
             .and(found.as_ref())
             .map(|f| f.source.clone()),
-        claims,
         claim_headers,
+        standing: Standing {
+            path: attempt.path.to_owned(),
+            client_ip,
+            origin: attempt
+                .headers
+                .get(http::header::ORIGIN)
+                .and_then(|o| o.to_str().ok())
+                .map(str::to_owned),
+            claims,
+            expires_at,
+            report,
+        },
     })
 }
 
@@ -290,6 +321,10 @@ pub struct Standing {
     pub client_ip: IpAddr,
     pub origin: Option<String>,
     pub claims: Option<Claims>,
+    /// When the token expires (`exp` + leeway), if the route closes on expiry.
+    pub expires_at: Option<tokio::time::Instant>,
+    /// `mode: report` when it was admitted.
+    pub report: bool,
 }
 
 /// Whether an open connection still passes `policy`'s route, IP, Origin and claims rules

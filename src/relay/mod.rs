@@ -327,12 +327,9 @@ pub struct Connection {
     pub policy: PolicyHandle,
     /// Wakes the relay when a new policy is swapped in.
     pub changes: watch::Receiver<u64>,
-    /// What it was admitted with, re-checked against each new policy.
+    /// What it was admitted with (its token's expiry and report mode among it),
+    /// re-checked against each new policy.
     pub standing: Standing,
-    /// When the token expires (`exp` + leeway), if the route closes on expiry.
-    pub expires_at: Option<Instant>,
-    /// `mode: report` when it was admitted.
-    pub report: bool,
 }
 
 /// Everything a relayed connection holds, in one allocation made at the upgrade: the
@@ -381,7 +378,7 @@ pub fn run(
         route.clone(),
         conn.registry.clone(),
         conn.standing.client_ip,
-        conn.report,
+        conn.standing.report,
         started,
     );
     let c2u = Direction::new(
@@ -399,7 +396,7 @@ pub fn run(
     let deadlines = Deadlines {
         route: route.clone(),
         lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
-        expires_at: conn.expires_at,
+        expires_at: conn.standing.expires_at,
         heartbeat: Heartbeat::ping_at(started + route.heartbeat.interval, route.heartbeat.interval),
         ping_rtt: conn.metrics.ping_rtt.clone(),
     };
