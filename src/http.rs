@@ -234,13 +234,14 @@ async fn respond(
     // The caps stay with the task until the close line; the rest of the ticket goes to
     // the relay.
     let slots = std::mem::take(&mut ticket.slots);
-    let client_ip = ticket.standing.client_ip;
     let connection = relay::Connection {
         metrics: gate.metrics.connection(&route.name),
         registry: gate.metrics.clone(),
         policy: gate.policy.clone(),
         changes: policy_changes,
         standing: ticket.standing,
+        request_id: request_id.clone(),
+        protocol: PROTOCOL,
     };
     let shutdown = gate.shutdown.token();
     // What the task needs, in one allocation: the task itself then stays small for the
@@ -249,7 +250,6 @@ async fn respond(
         socket,
         connection,
         slots,
-        request_id: request_id.clone(),
     });
     gate.shutdown.tracker().spawn(async move {
         let client = match on_upgrade.await {
@@ -259,26 +259,8 @@ async fn respond(
                 return;
             }
         };
-        let (outcome, ended) = relay::run(
-            client,
-            held.socket,
-            route.clone(),
-            shutdown,
-            held.connection,
-        )
-        .await;
-        let (client_code, upstream_code) = outcome.reason.codes();
-        tracing::info!(
-            request_id = %held.request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-            route = %route.name, reason = outcome.reason.label(), side = outcome.reason.side(),
-            client_code, upstream_code,
-            duration_ms = outcome.duration.as_millis() as u64,
-            messages_in = outcome.client_to_upstream.messages,
-            bytes_in = outcome.client_to_upstream.bytes,
-            messages_out = outcome.upstream_to_client.messages,
-            bytes_out = outcome.upstream_to_client.bytes,
-            protocol = PROTOCOL, "close"
-        );
+        // The relay counts and logs the close.
+        let (_, ended) = relay::run(client, held.socket, route, shutdown, held.connection).await;
         // The connection's slots go as it is logged closed; its sockets linger a while
         // (boxed, as the relay's closing is: for a few seconds, not the connection's life).
         drop(held.slots);
@@ -288,12 +270,11 @@ async fn respond(
 }
 
 /// What an upgraded connection's task holds until its close line: the parts the relay
-/// takes, and what the close line and the caps still need.
+/// takes, and the caps.
 struct Held {
     socket: crate::upstream::UpstreamSocket,
     connection: relay::Connection,
     slots: crate::admission::Slots,
-    request_id: HeaderValue,
 }
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).

@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::HeaderValue;
+
 use hyper::upgrade::Upgraded;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
@@ -330,6 +332,9 @@ pub struct Connection {
     /// What it was admitted with (its token's expiry and report mode among it),
     /// re-checked against each new policy.
     pub standing: Standing,
+    /// For the close log line: the request's id and the protocol it came on.
+    pub request_id: HeaderValue,
+    pub protocol: &'static str,
 }
 
 /// Everything a relayed connection holds, in one allocation made at the upgrade: the
@@ -345,6 +350,8 @@ struct Relay {
     route: Arc<Route>,
     policy: PolicyHandle,
     standing: Standing,
+    request_id: HeaderValue,
+    protocol: &'static str,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
 }
@@ -411,6 +418,8 @@ pub fn run(
         policy: conn.policy,
         standing: conn.standing,
         metrics: conn.metrics,
+        request_id: conn.request_id,
+        protocol: conn.protocol,
         shutdown,
     });
     relay.run(conn.changes)
@@ -428,6 +437,19 @@ impl Relay {
             duration,
             report_violations: self.c2u.inbound.as_ref().map_or(0, |i| i.violations),
         };
+        let (client_code, upstream_code) = outcome.reason.codes();
+        tracing::info!(
+            request_id = %self.request_id.to_str().unwrap_or("-"),
+            client_ip = %self.standing.client_ip, route = %self.route.name,
+            reason = outcome.reason.label(), side = outcome.reason.side(),
+            client_code, upstream_code,
+            duration_ms = outcome.duration.as_millis() as u64,
+            messages_in = outcome.client_to_upstream.messages,
+            bytes_in = outcome.client_to_upstream.bytes,
+            messages_out = outcome.upstream_to_client.messages,
+            bytes_out = outcome.upstream_to_client.bytes,
+            protocol = self.protocol, "close"
+        );
         let ended = Ended {
             relay: self,
             client: linger_client,
