@@ -22,14 +22,20 @@ routes:
     name: ws
 ";
 
-#[test]
-fn the_default_policy_file_resolves_to_the_built_in_defaults() {
+/// A directory holding the HMAC secret file the policies here name.
+fn dir_with_secret() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("secret"),
         "0123456789abcdef0123456789abcdef",
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn the_default_policy_file_resolves_to_the_built_in_defaults() {
+    let dir = dir_with_secret();
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"),
     )
@@ -49,12 +55,7 @@ fn the_default_policy_file_resolves_to_the_built_in_defaults() {
 
 #[test]
 fn a_changed_default_would_be_caught() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("secret"),
-        "0123456789abcdef0123456789abcdef",
-    )
-    .unwrap();
+    let dir = dir_with_secret();
     std::fs::write(dir.path().join("a.yaml"), EXCEPTIONS).unwrap();
     let changed = EXCEPTIONS.replace("  origin:\n", "  rate:\n    burst: 99\n  origin:\n");
     std::fs::write(dir.path().join("b.yaml"), changed).unwrap();

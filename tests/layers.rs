@@ -20,8 +20,8 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
             }
         }
     }
-    let mut modules = BTreeSet::new();
-    for file in &files {
+    // `src/x.rs` and everything under `src/x/` are module `x`.
+    let top = |file: &Path| {
         let rel = file.strip_prefix(&src).unwrap();
         let first = rel
             .components()
@@ -29,18 +29,12 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
             .unwrap()
             .as_os_str()
             .to_string_lossy();
-        modules.insert(first.trim_end_matches(".rs").to_string());
-    }
+        first.trim_end_matches(".rs").to_string()
+    };
+    let modules: BTreeSet<String> = files.iter().map(|f| top(f)).collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in &files {
-        let rel = file.strip_prefix(&src).unwrap();
-        let from = rel
-            .components()
-            .next()
-            .unwrap()
-            .as_os_str()
-            .to_string_lossy();
-        let from = from.trim_end_matches(".rs").to_string();
+        let from = top(file);
         if from == "lib" || from == "main" {
             continue;
         }

@@ -36,16 +36,11 @@ async fn a_client_that_never_answers_pings_is_dropped() {
     );
 }
 
-/// The next ping follows an answered one by the interval, not by the timeout: a pong ends
-/// the wait at once.
-#[tokio::test]
-async fn pings_come_every_interval_when_the_timeout_is_longer() {
-    let upstream = Upstream::start().await;
-    let extra = "    heartbeat: {interval_seconds: 0.2, timeout_seconds: 1}\n";
-    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
-    let (mut client, _) = gate.connect("/ws").await.unwrap();
+/// Read for `window` (tungstenite answers each ping as it is read); how many pings came.
+/// Anything but a ping fails the test.
+async fn pings_read_within(client: &mut Client, window: Duration) -> usize {
     let mut pings = 0;
-    let until = Instant::now() + Duration::from_millis(1500);
+    let until = Instant::now() + window;
     while Instant::now() < until {
         if let Ok(Some(Ok(m))) =
             tokio::time::timeout(Duration::from_millis(50), client.next()).await
@@ -54,6 +49,18 @@ async fn pings_come_every_interval_when_the_timeout_is_longer() {
             pings += 1;
         }
     }
+    pings
+}
+
+/// The next ping follows an answered one by the interval, not by the timeout: a pong ends
+/// the wait at once.
+#[tokio::test]
+async fn pings_come_every_interval_when_the_timeout_is_longer() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.2, timeout_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    let pings = pings_read_within(&mut client, Duration::from_millis(1500)).await;
     // Every 0.2 s that is about 7; waiting out the timeout after each pong would give 2.
     assert!(pings >= 5, "only {pings} pings in 1.5 s");
 }
@@ -65,16 +72,7 @@ async fn a_client_that_answers_pings_survives_many_intervals() {
     let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
     let (mut client, _) = gate.connect("/ws").await.unwrap();
     // Reading lets tungstenite answer each ping; 15 intervals pass.
-    let mut pings = 0;
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        if let Ok(Some(Ok(m))) =
-            tokio::time::timeout(Duration::from_millis(50), client.next()).await
-        {
-            assert!(m.is_ping(), "unexpected {m:?}");
-            pings += 1;
-        }
-    }
+    let pings = pings_read_within(&mut client, Duration::from_millis(1500)).await;
     assert!(pings >= 5, "only {pings} pings in 1.5 s");
     client.send(Message::text("alive")).await.unwrap();
     assert_eq!(next_message(&mut client).await, Message::text("alive"));
