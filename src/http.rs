@@ -21,7 +21,7 @@ use crate::{relay, Gate};
 
 /// The `protocol` field of the upgrade and close log lines (`h2` once the listener
 /// speaks HTTP/2).
-const PROTOCOL: &str = "http/1.1";
+const PROTOCOL: relay::Protocol = relay::Protocol::Http1;
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +76,7 @@ pub async fn handle(
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
-                    protocol = PROTOCOL, "upgrade"
+                    protocol = PROTOCOL.as_str(), "upgrade"
                 );
             }
             response
@@ -86,7 +86,7 @@ pub async fn handle(
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                 route = route_name, path = %path, result = rejection.reason(),
-                status = rejection.status().as_u16(), latency_ms, protocol = PROTOCOL,
+                status = rejection.status().as_u16(), latency_ms, protocol = PROTOCOL.as_str(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
             rejection.into_response()
@@ -240,6 +240,8 @@ async fn respond(
         policy: gate.policy.clone(),
         changes: policy_changes,
         standing: ticket.standing,
+        expires_at: ticket.expires_at,
+        report: ticket.report,
         request_id: request_id.clone(),
         protocol: PROTOCOL,
     };

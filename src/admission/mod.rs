@@ -132,6 +132,10 @@ pub struct Ticket {
     pub verified_source: Option<TokenSource>,
     /// What the connection was admitted with, for the relay and the re-checks.
     pub standing: Standing,
+    /// When the token expires (`exp` + leeway), if the route closes on expiry.
+    pub expires_at: Option<tokio::time::Instant>,
+    /// `mode: report` when it was admitted.
+    pub report: bool,
 }
 
 impl Ticket {
@@ -308,9 +312,9 @@ pub async fn admit<'a>(
                 .and_then(|o| o.to_str().ok())
                 .map(str::to_owned),
             claims,
-            expires_at,
-            report,
         },
+        expires_at,
+        report,
     })
 }
 
@@ -321,10 +325,6 @@ pub struct Standing {
     pub client_ip: IpAddr,
     pub origin: Option<String>,
     pub claims: Option<Claims>,
-    /// When the token expires (`exp` + leeway), if the route closes on expiry.
-    pub expires_at: Option<tokio::time::Instant>,
-    /// `mode: report` when it was admitted.
-    pub report: bool,
 }
 
 /// Whether an open connection still passes `policy`'s route, IP, Origin and claims rules

@@ -329,12 +329,29 @@ pub struct Connection {
     pub policy: PolicyHandle,
     /// Wakes the relay when a new policy is swapped in.
     pub changes: watch::Receiver<u64>,
-    /// What it was admitted with (its token's expiry and report mode among it),
-    /// re-checked against each new policy.
+    /// What it was admitted with, re-checked against each new policy.
     pub standing: Standing,
+    /// When the token expires (`exp` + leeway), if the route closes on expiry.
+    pub expires_at: Option<Instant>,
+    /// `mode: report` when it was admitted.
+    pub report: bool,
     /// For the close log line: the request's id and the protocol it came on.
     pub request_id: HeaderValue,
-    pub protocol: &'static str,
+    pub protocol: Protocol,
+}
+
+/// The protocol a relayed connection came on (the close line's `protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+        }
+    }
 }
 
 /// Everything a relayed connection holds, in one allocation made at the upgrade: the
@@ -351,7 +368,7 @@ struct Relay {
     policy: PolicyHandle,
     standing: Standing,
     request_id: HeaderValue,
-    protocol: &'static str,
+    protocol: Protocol,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
 }
@@ -385,7 +402,7 @@ pub fn run(
         route.clone(),
         conn.registry.clone(),
         conn.standing.client_ip,
-        conn.standing.report,
+        conn.report,
         started,
     );
     let c2u = Direction::new(
@@ -403,7 +420,7 @@ pub fn run(
     let deadlines = Deadlines {
         route: route.clone(),
         lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
-        expires_at: conn.standing.expires_at,
+        expires_at: conn.expires_at,
         heartbeat: Heartbeat::ping_at(started + route.heartbeat.interval, route.heartbeat.interval),
         ping_rtt: conn.metrics.ping_rtt.clone(),
     };
@@ -448,7 +465,7 @@ impl Relay {
             bytes_in = outcome.client_to_upstream.bytes,
             messages_out = outcome.upstream_to_client.messages,
             bytes_out = outcome.upstream_to_client.bytes,
-            protocol = self.protocol, "close"
+            protocol = self.protocol.as_str(), "close"
         );
         let ended = Ended {
             relay: self,
