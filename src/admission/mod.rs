@@ -165,6 +165,11 @@ struct Verdicts<'a> {
 }
 
 impl Verdicts<'_> {
+    /// A rule's verdict, enforced (or only reported).
+    fn check(&self, verdict: Result<(), Rejection>) -> Result<(), Rejection> {
+        verdict.or_else(|rejection| self.fail(rejection))
+    }
+
     fn fail(&self, rejection: Rejection) -> Result<(), Rejection> {
         if !self.report {
             return Err(rejection);
@@ -199,9 +204,7 @@ pub async fn admit<'a>(
         route,
         client_ip,
     };
-    if !ip::allowed(route, client_ip) {
-        v.fail(Rejection::IpDenied)?;
-    }
+    v.check(ip_rule(route, client_ip))?;
     let mut global = None;
     let mut ip_slot = None;
     if upgrade {
@@ -229,8 +232,8 @@ pub async fn admit<'a>(
     // A browser sends no Origin on a navigation or a same-origin GET: a plain request is
     // checked only when it has one.
     let origin_checked = upgrade || origin.is_some();
-    if origin_checked && !origin::allowed(&route.origin, origin) {
-        v.fail(Rejection::OriginNotAllowed)?;
+    if origin_checked {
+        v.check(origin_rule(route, origin))?;
     }
 
     let auth = &route.auth;
@@ -247,24 +250,20 @@ pub async fn admit<'a>(
         .flatten();
     let claims = match &found {
         None => {
-            if auth.required {
-                v.fail(Rejection::MissingToken)?;
-            }
+            v.check(claims_rule(auth, None))?;
             None
         }
         Some(found) => match token::verify(found.token, auth, &state.jwks).await {
-            Ok(claims) => Some(claims),
+            Ok(claims) => {
+                v.check(claims_rule(auth, Some(&claims)))?;
+                Some(claims)
+            }
             Err(rejection) => {
                 v.fail(rejection)?;
                 None
             }
         },
     };
-    if let Some(c) = &claims {
-        if !token::claims_allowed(c, auth) {
-            v.fail(Rejection::ClaimsDenied)?;
-        }
-    }
     let subject = claims
         .as_ref()
         .and_then(|c| c.map.get("sub"))
@@ -331,15 +330,39 @@ pub struct Standing {
 /// (rates and caps are not re-applied).
 pub fn recheck(policy: &Policy, standing: &Standing) -> Result<(), Rejection> {
     let route = policy.route_for(&standing.path).ok_or(Rejection::NoRoute)?;
-    if !ip::allowed(route, standing.client_ip) {
-        return Err(Rejection::IpDenied);
+    ip_rule(route, standing.client_ip)?;
+    origin_rule(route, standing.origin.as_deref())?;
+    claims_rule(&route.auth, standing.claims.as_ref())
+}
+
+// The rules an admitted connection must go on meeting, each written once: `admit` applies
+// them in their places (the caps and the token's verification between them), `recheck`
+// applies them to an open connection under a new policy.
+
+/// The route's IP allow and deny lists.
+fn ip_rule(route: &Route, client_ip: IpAddr) -> Result<(), Rejection> {
+    if ip::allowed(route, client_ip) {
+        Ok(())
+    } else {
+        Err(Rejection::IpDenied)
     }
-    if !origin::allowed(&route.origin, standing.origin.as_deref()) {
-        return Err(Rejection::OriginNotAllowed);
+}
+
+/// The route's Origin rules (`None`: no Origin was sent).
+fn origin_rule(route: &Route, origin: Option<&str>) -> Result<(), Rejection> {
+    if origin::allowed(&route.origin, origin) {
+        Ok(())
+    } else {
+        Err(Rejection::OriginNotAllowed)
     }
-    match &standing.claims {
-        None if route.auth.required => Err(Rejection::MissingToken),
-        Some(claims) if !token::claims_allowed(claims, &route.auth) => Err(Rejection::ClaimsDenied),
+}
+
+/// A token where the route requires one, and its claims as `require_claims` asks
+/// (`None`: no verified token).
+fn claims_rule(auth: &Auth, claims: Option<&Claims>) -> Result<(), Rejection> {
+    match claims {
+        None if auth.required => Err(Rejection::MissingToken),
+        Some(claims) if !token::claims_allowed(claims, auth) => Err(Rejection::ClaimsDenied),
         _ => Ok(()),
     }
 }
