@@ -17,6 +17,7 @@ use http::HeaderName;
 use ipnet::IpNet;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Serialize;
 use tokio::sync::watch;
 
 /// Whether the policy's refusals are enforced, or only logged and counted (report mode).
@@ -74,11 +75,14 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 /// One route with every field resolved against `defaults` and the built-in defaults.
-#[derive(Debug)]
+/// Serialized, it is what `GET /policy` shows of the route (see [`Loaded::describe`]):
+/// secrets cannot be shown, their types are not serializable and are skipped.
+#[derive(Debug, Serialize)]
 pub struct Route {
     pub path: String,
     /// The metrics' `route` label.
     pub name: String,
+    #[serde(serialize_with = "shown::upstream")]
     pub upstream: Upstream,
     pub auth: Auth,
     pub origin: OriginRules,
@@ -129,7 +133,7 @@ pub enum TokenSource {
     Subprotocol(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum KeyFamily {
     Hmac,
     Rsa,
@@ -153,13 +157,16 @@ impl KeyFamily {
     }
 }
 
-/// A verification key, loaded and checked at policy load time.
-#[derive(Clone)]
+/// A verification key, loaded and checked at policy load time. Shown by its family and
+/// `kid` only, never by its material.
+#[derive(Clone, Serialize)]
 pub struct Key {
     pub kid: Option<String>,
     pub family: KeyFamily,
     /// Set when the key itself names its algorithm (a JWK's `alg`).
+    #[serde(skip)]
     pub alg: Option<Algorithm>,
+    #[serde(skip)]
     pub decoding: DecodingKey,
 }
 
@@ -203,16 +210,18 @@ impl std::fmt::Debug for Key {
 }
 
 /// A JWKS fetched over HTTPS at run time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct JwksUrl {
     /// The URL fetched; logs and `/policy` show it through [`redact_userinfo`].
     pub url: String,
+    #[serde(rename = "refresh_seconds", serialize_with = "shown::whole_seconds")]
     pub refresh: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Auth {
     pub required: bool,
+    #[serde(skip)]
     pub token_sources: Vec<TokenSource>,
     pub algorithms: Vec<Algorithm>,
     pub keys: Vec<Key>,
@@ -220,7 +229,9 @@ pub struct Auth {
     pub issuer: Vec<String>,
     pub audience: Vec<String>,
     pub leeway_seconds: u64,
+    #[serde(skip)]
     pub require_claims: Vec<(String, Vec<String>)>,
+    #[serde(skip)]
     pub forward_claims: Vec<(String, HeaderName)>,
     pub close_on_expiry: bool,
     /// Keep the carrier of the verified token on the request upstream (for upstreams that
@@ -250,19 +261,22 @@ pub enum OriginPattern {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct OriginRules {
+    #[serde(serialize_with = "shown::debug_each")]
     pub allow: Vec<OriginPattern>,
     pub allow_missing: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct IpRules {
+    #[serde(serialize_with = "shown::display_each")]
     pub allow: Vec<IpNet>,
+    #[serde(serialize_with = "shown::display_each")]
     pub deny: Vec<IpNet>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Rate {
     pub upgrades_per_second: f64,
     pub burst: u32,
@@ -277,13 +291,15 @@ pub enum MessageType {
     Binary,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Messages {
     pub max_frame_bytes: usize,
     pub max_message_bytes: usize,
     pub per_second: f64,
     pub burst: u32,
+    #[serde(rename = "text")]
     pub allow_text: bool,
+    #[serde(rename = "binary")]
     pub allow_binary: bool,
     pub compression: Compression,
 }
@@ -297,20 +313,67 @@ pub enum Compression {
     Off,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Timeouts {
+    #[serde(rename = "handshake_seconds", serialize_with = "shown::seconds")]
     pub handshake: Duration,
+    #[serde(rename = "upstream_connect_seconds", serialize_with = "shown::seconds")]
     pub upstream_connect: Duration,
+    #[serde(rename = "idle_seconds", serialize_with = "shown::seconds")]
     pub idle: Duration,
-    /// `None` = unlimited.
+    /// `None` = unlimited (shown as 0).
+    #[serde(
+        rename = "max_lifetime_seconds",
+        serialize_with = "shown::seconds_or_zero"
+    )]
     pub max_lifetime: Option<Duration>,
+    #[serde(rename = "write_seconds", serialize_with = "shown::seconds")]
     pub write: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Heartbeat {
+    #[serde(rename = "interval_seconds", serialize_with = "shown::seconds")]
     pub interval: Duration,
+    #[serde(rename = "timeout_seconds", serialize_with = "shown::seconds")]
     pub timeout: Duration,
+}
+
+/// How `GET /policy` shows the fields whose Rust form is not their JSON form.
+mod shown {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn upstream<S: Serializer>(u: &super::Upstream, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&u.url)
+    }
+
+    pub fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn seconds_or_zero<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.map_or(0.0, |d| d.as_secs_f64()))
+    }
+
+    pub fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn display_each<S: Serializer, T: std::fmt::Display>(
+        items: &[T],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(items.iter().map(|i| i.to_string()))
+    }
+
+    pub fn debug_each<S: Serializer, T: std::fmt::Debug>(
+        items: &[T],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(items.iter().map(|i| format!("{i:?}")))
+    }
 }
 
 /// Something a valid policy does that is likely a mistake (a key no algorithm of its route
@@ -383,71 +446,6 @@ impl Loaded {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let routes: Vec<_> = self
-            .policy
-            .routes
-            .iter()
-            .map(|r| {
-                let keys: Vec<_> = r
-                    .auth
-                    .keys
-                    .iter()
-                    .map(|k| json!({"family": format!("{:?}", k.family), "kid": k.kid}))
-                    .collect();
-                json!({
-                    "name": r.name,
-                    "path": r.path,
-                    "upstream": r.upstream.url,
-                    "http": r.http,
-                    "auth": {
-                        "required": r.auth.required,
-                        "algorithms": r.auth.algorithms.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
-                        "keys": keys,
-                        "jwks_urls": r.auth.jwks_urls.iter().map(|j| json!({"url": j.url, "refresh_seconds": j.refresh.as_secs()})).collect::<Vec<_>>(),
-                        "issuer": r.auth.issuer,
-                        "audience": r.auth.audience,
-                        "leeway_seconds": r.auth.leeway_seconds,
-                        "close_on_expiry": r.auth.close_on_expiry,
-                        "forward_token": r.auth.forward_token,
-                    },
-                    "origin": {
-                        "allow": r.origin.allow.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),
-                        "allow_missing": r.origin.allow_missing,
-                    },
-                    "ip": {
-                        "allow": r.ip.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                        "deny": r.ip.deny.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                    },
-                    "rate": {
-                        "upgrades_per_second": r.rate.upgrades_per_second,
-                        "burst": r.rate.burst,
-                        "max_connections_per_ip": r.rate.max_connections_per_ip,
-                        "max_connections_per_subject": r.rate.max_connections_per_subject,
-                        "ipv6_prefix": r.rate.ipv6_prefix,
-                    },
-                    "messages": {
-                        "max_frame_bytes": r.messages.max_frame_bytes,
-                        "max_message_bytes": r.messages.max_message_bytes,
-                        "per_second": r.messages.per_second,
-                        "burst": r.messages.burst,
-                        "text": r.messages.allow_text,
-                        "binary": r.messages.allow_binary,
-                        "compression": r.messages.compression,
-                    },
-                    "timeouts": {
-                        "handshake_seconds": r.timeouts.handshake.as_secs_f64(),
-                        "upstream_connect_seconds": r.timeouts.upstream_connect.as_secs_f64(),
-                        "idle_seconds": r.timeouts.idle.as_secs_f64(),
-                        "max_lifetime_seconds": r.timeouts.max_lifetime.map_or(0.0, |d| d.as_secs_f64()),
-                        "write_seconds": r.timeouts.write.as_secs_f64(),
-                    },
-                    "heartbeat": {
-                        "interval_seconds": r.heartbeat.interval.as_secs_f64(),
-                        "timeout_seconds": r.heartbeat.timeout.as_secs_f64(),
-                    },
-                })
-            })
-            .collect();
         json!({
             "sha256": self.sha256,
             "loaded_at_unix": loaded_at,
@@ -455,7 +453,7 @@ impl Loaded {
             "mode": self.policy.mode,
             "trusted_proxies": self.policy.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             "max_connections": self.policy.max_connections,
-            "routes": routes,
+            "routes": self.policy.routes.iter().map(|r| &**r).collect::<Vec<&Route>>(),
             "file": self.document,
         })
     }

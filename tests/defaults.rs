@@ -96,3 +96,39 @@ fn compression_is_off_and_nothing_else_yet() {
         other => panic!("compression: pass was not refused at its line: {other:?}"),
     }
 }
+
+/// What `GET /policy` shows of a route is the resolved route serialized: every documented
+/// key, and each key by its family and `kid` only, never its material or algorithm.
+#[test]
+fn a_route_is_described_by_its_documented_keys_and_keys_by_family_and_kid() {
+    let dir = dir_with_secret();
+    std::fs::write(dir.path().join("p.yaml"), EXCEPTIONS).unwrap();
+    let described = wsgate::config::load(&dir.path().join("p.yaml"))
+        .unwrap()
+        .describe();
+    let route = described["routes"][0].as_object().unwrap();
+    let keys: Vec<&str> = route.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "auth",
+            "heartbeat",
+            "http",
+            "ip",
+            "messages",
+            "name",
+            "origin",
+            "path",
+            "rate",
+            "timeouts",
+            "upstream"
+        ]
+    );
+    assert_eq!(
+        route["auth"]["keys"],
+        serde_json::json!([{"family": "Hmac", "kid": null}])
+    );
+    assert_eq!(route["timeouts"]["max_lifetime_seconds"], 0.0);
+    assert_eq!(route["heartbeat"]["interval_seconds"], 20.0);
+    assert_eq!(route["upstream"], "ws://127.0.0.1:8080");
+}
