@@ -208,7 +208,6 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<K
         .connect(name, tcp)
         .await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let conn = tokio::spawn(conn);
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
     let request = Request::get(target)
@@ -216,16 +215,27 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<K
         .header(header::ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())
         .map_err(|_| FetchError::Url)?;
-    let response = sender.send_request(request).await?;
-    if !response.status().is_success() {
-        conn.abort();
-        return Err(FetchError::Status(response.status()));
-    }
-    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-        .collect()
-        .await
-        .map_err(|_| FetchError::Body)?
-        .to_bytes();
-    conn.abort();
+    let exchange = async {
+        let response = sender.send_request(request).await?;
+        if !response.status().is_success() {
+            return Err(FetchError::Status(response.status()));
+        }
+        Ok(Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|_| FetchError::Body)?
+            .to_bytes())
+    };
+    // The connection is driven here, beside the exchange, not by a task of its own: it
+    // ends with the fetch. (It ending first, the exchange fails on its closed channel.)
+    tokio::pin!(conn);
+    let mut exchange = std::pin::pin!(exchange);
+    let mut conn_ended = false;
+    let body = loop {
+        tokio::select! {
+            body = &mut exchange => break body?,
+            _ = &mut conn, if !conn_ended => conn_ended = true,
+        }
+    };
     parse_jwks(&body).map_err(FetchError::Parse)
 }
