@@ -162,6 +162,7 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
         let Some(gate) = gate.upgrade() else { return };
         let loaded = gate.policy.load();
         if changed {
+            gate.admission.verified.clear();
             gate.admission
                 .jwks
                 .sync(&loaded.policy, &gate.shutdown.tasks);

@@ -1329,3 +1329,80 @@ async fn a_fractional_exp_closes_the_connection_at_expiry() {
     let (code, reason) = next_close(&mut client).await;
     assert_eq!((code, reason.as_str()), (1008, "token expired"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Verified tokens are kept (docs/admission.md, "Verified tokens"): the same token again is
+// not verified again, but never outlives its expiry, its key or its policy.
+
+#[tokio::test]
+async fn a_kept_token_is_refused_once_it_expires() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "leeway_seconds: 0, close_on_expiry: false").await;
+    let exp = now() + 2;
+    let token = hs256(&claims(json!({ "exp": exp })));
+    admitted(&gate, &token).await;
+    // The second time from the table of verified tokens.
+    admitted(&gate, &token).await;
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    refused(&gate, &token, 401, "token_expired").await;
+}
+
+#[tokio::test]
+async fn a_kept_token_is_refused_once_its_key_leaves_the_fetched_set() {
+    let upstream = Upstream::start().await;
+    let server = KeyServer::start(ec_jwks(&[("ec.key", "a")])).await;
+    let policy = auth_policy(
+        &upstream.url(),
+        &format!(
+            "{{algorithms: [ES256], keys: [{{jwks_url: \"{}\", refresh_seconds: 1}}]}}",
+            server.url()
+        ),
+    );
+    let gate = TestGate::start(&policy).await;
+    let kept = es256("ec.key", None);
+    admitted_once_keys_fetched(&gate, &kept).await;
+    admitted(&gate, &kept).await;
+    // The issuer rotates to ec2; once the refresh has brought it in, the token signed by
+    // the key that left is refused, though it was verified (and kept) before.
+    server.serve(ec_jwks(&[("ec2.key", "b")]));
+    let rotated = es256("ec2.key", None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match gate.connect_request(bearer(&gate, "/ws", &rotated)).await {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the refreshed key set was not used: {e}"),
+        }
+    }
+    invalid(&gate, &kept).await;
+}
+
+#[tokio::test]
+async fn a_kept_token_is_refused_once_a_reload_changes_the_key() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    admitted(&gate, &token).await;
+    admitted(&gate, &token).await;
+    std::fs::write(
+        gate.dir.path().join("rotated"),
+        "another-secret-another-secret-0123456789",
+    )
+    .unwrap();
+    gate.write_policy(&auth_policy(
+        &upstream.url(),
+        "{algorithms: [HS256], keys: [{hmac_secret_file: rotated}]}",
+    ));
+    gate.wait_metric(
+        "wsgate_policy_reloads_total{result=\"success\"}",
+        1.0,
+        Duration::from_secs(5),
+        "the reload with the new secret",
+    )
+    .await;
+    invalid(&gate, &token).await;
+}

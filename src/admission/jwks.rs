@@ -4,6 +4,7 @@
 //! tokens get 503 `keys_unavailable` and the fetch is retried with backoff.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -53,12 +54,22 @@ struct Entry {
     refresh: Mutex<Duration>,
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     stop: CancellationToken,
+    /// The cache's [`JwksCache::generation`], moved on when this set is stored.
+    generation: Arc<AtomicU64>,
+}
+
+impl Entry {
+    fn store(&self, keys: Vec<Key>) {
+        self.keys.store(Some(Arc::new(keys)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// All key sets the policy in force refers to.
 pub struct JwksCache {
     tls: Arc<rustls::ClientConfig>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
+    generation: Arc<AtomicU64>,
 }
 
 impl JwksCache {
@@ -78,6 +89,7 @@ impl JwksCache {
         JwksCache {
             tls: Arc::new(tls),
             entries: Mutex::new(HashMap::new()),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -110,10 +122,17 @@ impl JwksCache {
                 refresh: Mutex::new(refresh),
                 last_refetch: tokio::sync::Mutex::new(None),
                 stop: tasks.exit().child_token(),
+                generation: self.generation.clone(),
             });
             entries.insert(url.to_owned(), entry.clone());
             tasks.spawn(refresher(entry, self.tls.clone()));
         }
+    }
+
+    /// Moved on whenever a key set is stored (every fetch and refetch, changed or not):
+    /// what was verified under an older generation is verified again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The last good key set of `url`; `None` until a fetch has succeeded.
@@ -141,7 +160,7 @@ impl JwksCache {
         match fetch(&entry.url, &self.tls).await {
             Ok(keys) => {
                 tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS refetched for an unknown kid");
-                entry.keys.store(Some(Arc::new(keys)));
+                entry.store(keys);
                 true
             }
             Err(e) => {
@@ -167,7 +186,7 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
         let wait = match fetch(&entry.url, &tls).await {
             Ok(keys) => {
                 tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS fetched");
-                entry.keys.store(Some(Arc::new(keys)));
+                entry.store(keys);
                 backoff = RETRY_MIN;
                 *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner)
             }

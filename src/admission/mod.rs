@@ -13,6 +13,7 @@ pub mod origin;
 mod rate;
 mod rejection;
 pub mod token;
+pub mod verified;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -35,6 +36,8 @@ pub struct State {
     pub limiters: Limiters,
     pub caps: Arc<Caps>,
     pub jwks: jwks::JwksCache,
+    /// Tokens already verified (cleared on reload).
+    pub verified: verified::Verified,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -49,6 +52,7 @@ impl State {
             limiters: Limiters::default(),
             caps: Arc::new(Caps::default()),
             jwks: jwks::JwksCache::new(jwks_roots),
+            verified: verified::Verified::default(),
             metrics,
         }
     }
@@ -253,16 +257,18 @@ pub async fn admit<'a>(
             v.check(claims_rule(auth, None))?;
             None
         }
-        Some(found) => match token::verify(found.token, auth, &state.jwks).await {
-            Ok(claims) => {
-                v.check(claims_rule(auth, Some(&claims)))?;
-                Some(claims)
+        Some(found) => {
+            match token::verify_cached(found.token, route, &state.jwks, &state.verified).await {
+                Ok(claims) => {
+                    v.check(claims_rule(auth, Some(&claims)))?;
+                    Some(claims)
+                }
+                Err(rejection) => {
+                    v.fail(rejection)?;
+                    None
+                }
             }
-            Err(rejection) => {
-                v.fail(rejection)?;
-                None
-            }
-        },
+        }
     };
     let subject = claims
         .as_ref()

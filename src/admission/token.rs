@@ -1,16 +1,15 @@
 //! Bearer tokens: where a request carries one (`token_sources`), and whether it is valid
 //! (jsonwebtoken, with the policy's explicit algorithms and keys).
 
-use std::collections::HashSet;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{decode, decode_header, Validation};
+use jsonwebtoken::{crypto, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::JwksCache;
+use super::verified::Verified;
 use super::Rejection;
-use crate::policy::{Auth, Key, KeyFamily, TokenSource};
+use crate::policy::{Auth, Key, KeyFamily, Route, TokenSource};
 use std::sync::Arc;
 
 /// `Retry-After` while a `jwks_url` key set is not available.
@@ -106,10 +105,10 @@ pub fn query_name_is(raw: &str, name: &str) -> bool {
     want.next().is_none()
 }
 
-/// A verified token's claims.
+/// A verified token's claims (cheap to clone: the map is shared).
 #[derive(Debug, Clone)]
 pub struct Claims {
-    pub map: Map<String, Value>,
+    pub map: Arc<Map<String, Value>>,
     /// `exp`, seconds since the epoch (a fraction rounded).
     pub exp: u64,
 }
@@ -147,9 +146,32 @@ pub fn deadline(
     now.checked_add(at.saturating_sub(unix_now))
 }
 
+/// [`verify`], answered from `verified` when this route already verified this token
+/// under the same key sets and it has not expired since (see [`super::verified`]).
+pub async fn verify_cached(
+    token: &str,
+    route: &Arc<Route>,
+    jwks: &JwksCache,
+    verified: &Verified,
+) -> Result<Claims, Rejection> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Rejection::InvalidToken);
+    }
+    // The key-set generation is read before the keys are: a change during the
+    // verification leaves an entry that the next lookup will not take.
+    let lookup = match verified.get(route, token, jwks.generation(), unix_now()) {
+        Ok(claims) => return Ok(claims),
+        Err(lookup) => lookup,
+    };
+    let claims = verify(token, &route.auth, jwks).await?;
+    verified.insert(lookup, route, &claims);
+    Ok(claims)
+}
+
 /// Verify signature, algorithm, `exp`, `nbf`, `iss` and `aud` against the route's policy.
 /// Keys are the route's own plus its fetched JWKS; a `kid` none of them has triggers at
-/// most one refetch.
+/// most one refetch. The header is decoded once, the payload once, after a signature
+/// verified.
 pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims, Rejection> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(Rejection::InvalidToken);
@@ -158,7 +180,18 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
     if !auth.algorithms.contains(&header.alg) {
         return Err(Rejection::InvalidToken);
     }
-    let validation = validation(header.alg, auth);
+    // `decode_header` split the token the same way: `header.payload.signature`.
+    let Some((message, signature)) = token.rsplit_once('.') else {
+        return Err(Rejection::InvalidToken);
+    };
+    let Some((_, payload)) = message.rsplit_once('.') else {
+        return Err(Rejection::InvalidToken);
+    };
+    let signed = Signed {
+        header: &header,
+        message,
+        signature,
+    };
     let mut refetched = false;
     loop {
         let fetched: Vec<Arc<Vec<Key>>> = auth
@@ -171,7 +204,11 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
             .keys
             .iter()
             .chain(fetched.iter().flat_map(|set| set.iter()));
-        match try_keys(token, &header, &validation, keys) {
+        let verified = match signed.verify(keys) {
+            Ok(()) => validate(payload, auth, unix_now()),
+            Err(failure) => Err(failure),
+        };
+        match verified {
             Ok(claims) => return Ok(claims),
             Err(Failure::Expired) => return Err(Rejection::TokenExpired),
             Err(Failure::Invalid) => return Err(Rejection::InvalidToken),
@@ -197,87 +234,155 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
     }
 }
 
-fn validation(alg: jsonwebtoken::Algorithm, auth: &Auth) -> Validation {
-    let mut validation = Validation::new(alg);
-    validation.leeway = auth.leeway_seconds;
-    validation.validate_exp = true;
-    validation.validate_nbf = true;
-    let mut required: HashSet<String> = HashSet::from(["exp".to_owned()]);
-    if auth.issuer.is_empty() {
-        validation.iss = None;
-    } else {
-        validation.set_issuer(&auth.issuer);
-        required.insert("iss".to_owned());
-    }
-    if auth.audience.is_empty() {
-        validation.validate_aud = false;
-    } else {
-        validation.set_audience(&auth.audience);
-        required.insert("aud".to_owned());
-    }
-    validation.required_spec_claims = required;
-    validation
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Failure {
     /// No key matched the token's `kid`/algorithm, or none verified its signature.
     NoKey,
     /// A key verified the signature but the token has expired.
     Expired,
-    /// A key verified the signature but the claims are wrong (iss, aud, nbf, missing exp).
+    /// The token is malformed, or a key verified the signature but the claims are wrong
+    /// (iss, aud, nbf, a missing or unreadable exp).
     Invalid,
 }
 
-fn try_keys<'k>(
-    token: &str,
-    header: &jsonwebtoken::Header,
-    validation: &Validation,
-    keys: impl Iterator<Item = &'k Key>,
-) -> Result<Claims, Failure> {
-    let family = KeyFamily::of(header.alg);
-    let candidates = keys.filter(|k| {
-        k.family == family
-            && k.alg.is_none_or(|a| a == header.alg)
-            && match (&header.kid, &k.kid) {
-                (Some(wanted), Some(have)) => wanted == have,
-                // A token naming a key may only use that key.
-                (Some(_), None) => false,
-                (None, _) => true,
-            }
-    });
-    for key in candidates {
-        match decode::<Map<String, Value>>(token, &key.decoding, validation) {
-            Ok(data) => {
-                let exp = data.claims.get("exp").map_or(0, numeric_date);
-                return Ok(Claims {
-                    map: data.claims,
-                    exp,
-                });
-            }
-            Err(e) => match e.kind() {
-                ErrorKind::ExpiredSignature => return Err(Failure::Expired),
-                ErrorKind::InvalidSignature
-                | ErrorKind::InvalidAlgorithm
-                | ErrorKind::InvalidKeyFormat
-                | ErrorKind::InvalidEcdsaKey
-                | ErrorKind::InvalidRsaKey(_) => continue,
-                _ => return Err(Failure::Invalid),
-            },
-        }
-    }
-    Err(Failure::NoKey)
+/// A token's signed part and signature, with its decoded header.
+struct Signed<'t> {
+    header: &'t jsonwebtoken::Header,
+    /// `header.payload`, as sent.
+    message: &'t str,
+    signature: &'t str,
 }
 
-/// A NumericDate claim in whole seconds, read as jsonwebtoken validated it: an integer,
-/// or a fraction rounded (RFC 7519 §2 allows them); 0 for anything else.
-fn numeric_date(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .or_else(|| {
-            let f = value.as_f64()?;
-            (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
-        })
-        .unwrap_or(0)
+impl Signed<'_> {
+    /// Whether one of `keys` (of the header's algorithm and, when it names one, its `kid`)
+    /// verifies the signature.
+    fn verify<'k>(&self, keys: impl Iterator<Item = &'k Key>) -> Result<(), Failure> {
+        let header = self.header;
+        let family = KeyFamily::of(header.alg);
+        let candidates = keys.filter(|k| {
+            k.family == family
+                && k.alg.is_none_or(|a| a == header.alg)
+                && match (&header.kid, &k.kid) {
+                    (Some(wanted), Some(have)) => wanted == have,
+                    // A token naming a key may only use that key.
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                }
+        });
+        for key in candidates {
+            match crypto::verify(
+                self.signature,
+                self.message.as_bytes(),
+                &key.decoding,
+                header.alg,
+            ) {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
+                Err(e) => match e.kind() {
+                    ErrorKind::InvalidSignature
+                    | ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidKeyFormat
+                    | ErrorKind::InvalidEcdsaKey
+                    | ErrorKind::InvalidRsaKey(_) => continue,
+                    // The signature is not base64url.
+                    _ => return Err(Failure::Invalid),
+                },
+            }
+        }
+        Err(Failure::NoKey)
+    }
+}
+
+/// A claim read as jsonwebtoken's validation reads it.
+enum Parsed<T> {
+    Absent,
+    Unreadable,
+    Is(T),
+}
+
+/// A NumericDate (`exp`, `nbf`): an integer, or a non-negative fraction rounded; a
+/// negative number, a string or `null` is unreadable.
+fn numeric(value: Option<&Value>) -> Parsed<u64> {
+    match value {
+        None => Parsed::Absent,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Parsed::Is(v),
+            None => match n.as_f64() {
+                Some(f) if n.is_f64() && f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => {
+                    Parsed::Is(f.round() as u64)
+                }
+                _ => Parsed::Unreadable,
+            },
+        },
+        Some(_) => Parsed::Unreadable,
+    }
+}
+
+/// `iss` or `aud`: a string, or an array of strings (`null`: absent).
+fn names(value: Option<&Value>) -> Parsed<Vec<&str>> {
+    match value {
+        None | Some(Value::Null) => Parsed::Absent,
+        Some(Value::String(s)) => Parsed::Is(vec![s.as_str()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(Value::as_str)
+            .collect::<Option<Vec<_>>>()
+            .map_or(Parsed::Unreadable, Parsed::Is),
+        Some(_) => Parsed::Unreadable,
+    }
+}
+
+/// The payload's claims, checked as jsonwebtoken's `Validation` checks them, in its order:
+/// `exp` required (and `iss`/`aud` when the route names them), `exp` and `nbf` against
+/// `now` with the leeway, then issuer and audience (any one listed value matching).
+fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| Failure::Invalid)?;
+    let map: Map<String, Value> = serde_json::from_slice(&json).map_err(|_| Failure::Invalid)?;
+    let Parsed::Is(exp) = numeric(map.get("exp")) else {
+        return Err(Failure::Invalid);
+    };
+    let iss = names(map.get("iss"));
+    let aud = names(map.get("aud"));
+    let required = |claim: &Parsed<Vec<&str>>, configured: &[String]| {
+        configured.is_empty() || matches!(claim, Parsed::Is(_))
+    };
+    if !required(&iss, &auth.issuer) || !required(&aud, &auth.audience) {
+        return Err(Failure::Invalid);
+    }
+    let nbf = numeric(map.get("nbf"));
+    if matches!(nbf, Parsed::Unreadable) {
+        return Err(Failure::Invalid);
+    }
+    if exp < now.saturating_sub(auth.leeway_seconds) {
+        return Err(Failure::Expired);
+    }
+    if matches!(nbf, Parsed::Is(nbf) if nbf > now.saturating_add(auth.leeway_seconds)) {
+        return Err(Failure::Invalid);
+    }
+    let listed = |claim: &Parsed<Vec<&str>>, configured: &[String]| match claim {
+        Parsed::Is(values) => values.iter().any(|v| configured.iter().any(|c| c == v)),
+        // Not required: the route names none.
+        _ => true,
+    };
+    if !auth.issuer.is_empty() && !listed(&iss, &auth.issuer) {
+        return Err(Failure::Invalid);
+    }
+    if !auth.audience.is_empty() && !listed(&aud, &auth.audience) {
+        return Err(Failure::Invalid);
+    }
+    Ok(Claims {
+        map: Arc::new(map),
+        exp,
+    })
 }
 
 /// Every `require_claims` entry must match: a string claim equal to one of the values, or
@@ -353,6 +458,183 @@ mod tests {
         assert!(query_name_is("%zz", "%zz"));
         assert!(!query_name_is("%C3", "é"));
         assert!(query_name_is("%C3%A9", "é"));
+    }
+
+    fn auth(issuer: &[&str], audience: &[&str], leeway_seconds: u64) -> Auth {
+        Auth {
+            required: true,
+            token_sources: vec![TokenSource::Header],
+            algorithms: vec![jsonwebtoken::Algorithm::HS256],
+            keys: Vec::new(),
+            jwks_urls: Vec::new(),
+            issuer: issuer.iter().map(|s| s.to_string()).collect(),
+            audience: audience.iter().map(|s| s.to_string()).collect(),
+            leeway_seconds,
+            require_claims: Vec::new(),
+            forward_claims: Vec::new(),
+            close_on_expiry: true,
+            forward_token: false,
+        }
+    }
+
+    /// jsonwebtoken's own validation, as the gate configured it before it checked the
+    /// claims itself.
+    fn jsonwebtoken_validation(auth: &Auth) -> jsonwebtoken::Validation {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.leeway = auth.leeway_seconds;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = std::collections::HashSet::from(["exp".to_owned()]);
+        if auth.issuer.is_empty() {
+            validation.iss = None;
+        } else {
+            validation.set_issuer(&auth.issuer);
+            required.insert("iss".to_owned());
+        }
+        if auth.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&auth.audience);
+            required.insert("aud".to_owned());
+        }
+        validation.required_spec_claims = required;
+        validation
+    }
+
+    /// The claims check reads every claim as jsonwebtoken's `Validation` did: the same
+    /// verdict (valid, expired, invalid) for every combination of good, bad, odd and
+    /// missing `exp`, `nbf`, `iss` and `aud`, under routes with and without issuer,
+    /// audience and leeway.
+    #[test]
+    fn claims_are_judged_as_jsonwebtoken_judges_them() {
+        use serde_json::json;
+        let now = jsonwebtoken::get_current_timestamp();
+        let secret = jsonwebtoken::EncodingKey::from_secret(b"s");
+        let decoding = jsonwebtoken::DecodingKey::from_secret(b"s");
+        let exps = [
+            None,
+            Some(json!(now + 100)),
+            Some(json!(now - 100)),
+            Some(json!(now - 10)),
+            Some(json!((now + 100) as f64 + 0.4)),
+            Some(json!(1.5e9)),
+            Some(json!(-5)),
+            Some(json!("123")),
+            Some(json!(null)),
+            Some(json!(1e30)),
+        ];
+        let nbfs = [
+            None,
+            Some(json!(now - 10)),
+            Some(json!(now + 100)),
+            Some(json!(now + 10)),
+            Some(json!("x")),
+            Some(json!(-1)),
+            Some(json!(null)),
+        ];
+        let names = |one: &str, other: &str| {
+            [
+                None,
+                Some(json!(one)),
+                Some(json!("z")),
+                Some(json!([one, "z"])),
+                Some(json!(["z"])),
+                Some(json!([])),
+                Some(json!(5)),
+                Some(json!(null)),
+                Some(json!([other, 3])),
+            ]
+        };
+        let routes = [
+            auth(&[], &[], 0),
+            auth(&[], &[], 30),
+            auth(&["a", "b"], &[], 0),
+            auth(&[], &["x"], 30),
+            auth(&["a"], &["x", "y"], 30),
+        ];
+        let mut compared = 0;
+        for exp in &exps {
+            for nbf in &nbfs {
+                for iss in &names("a", "b") {
+                    for aud in &names("x", "y") {
+                        let mut claims = Map::new();
+                        for (name, value) in
+                            [("exp", exp), ("nbf", nbf), ("iss", iss), ("aud", aud)]
+                        {
+                            if let Some(v) = value {
+                                claims.insert(name.to_owned(), v.clone());
+                            }
+                        }
+                        let token = jsonwebtoken::encode(
+                            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                            &claims,
+                            &secret,
+                        )
+                        .unwrap();
+                        let payload = token.split('.').nth(1).unwrap();
+                        for route in &routes {
+                            let theirs = match jsonwebtoken::decode::<Map<String, Value>>(
+                                &token,
+                                &decoding,
+                                &jsonwebtoken_validation(route),
+                            ) {
+                                Ok(_) => Ok(()),
+                                Err(e) if *e.kind() == ErrorKind::ExpiredSignature => {
+                                    Err(Failure::Expired)
+                                }
+                                Err(_) => Err(Failure::Invalid),
+                            };
+                            let ours = validate(payload, route, now).map(|_| ());
+                            assert_eq!(
+                                ours,
+                                theirs,
+                                "{claims:?} under {:?}",
+                                (&route.issuer, &route.audience, route.leeway_seconds)
+                            );
+                            compared += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(compared > 20_000);
+    }
+
+    /// The signature is checked with the header decoded once: a good token passes, a
+    /// tampered payload or signature and a wrong key do not, and a malformed signature is
+    /// invalid rather than "no key".
+    #[test]
+    fn signatures_are_checked_once_per_candidate_key() {
+        let secret = jsonwebtoken::EncodingKey::from_secret(b"right");
+        let key = |secret: &[u8]| Key {
+            kid: None,
+            family: KeyFamily::Hmac,
+            alg: None,
+            decoding: jsonwebtoken::DecodingKey::from_secret(secret),
+        };
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"exp": 4_000_000_000u64}),
+            &secret,
+        )
+        .unwrap();
+        let check = |token: &str, keys: &[Key]| {
+            let header = decode_header(token).unwrap();
+            let (message, signature) = token.rsplit_once('.').unwrap();
+            Signed {
+                header: &header,
+                message,
+                signature,
+            }
+            .verify(keys.iter())
+        };
+        assert_eq!(check(&token, &[key(b"wrong"), key(b"right")]), Ok(()));
+        assert_eq!(check(&token, &[key(b"wrong")]), Err(Failure::NoKey));
+        let (head, signature) = token.rsplit_once('.').unwrap();
+        let tampered = format!("{head}x.{signature}");
+        assert_eq!(check(&tampered, &[key(b"right")]), Err(Failure::NoKey));
+        let bad_base64 = format!("{head}.***");
+        assert_eq!(check(&bad_base64, &[key(b"right")]), Err(Failure::Invalid));
     }
 
     #[test]
