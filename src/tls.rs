@@ -55,8 +55,12 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// Sessions kept for TLS 1.2 session-ID resumption (about 200 bytes each); the oldest go
+/// first. TLS 1.3 resumes with tickets, which the gate does not store.
+pub const SESSION_CACHE: usize = 10_000;
+
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
-/// ALPN `http/1.1` (WebSocket upgrades are HTTP/1.1).
+/// ALPN `http/1.1` (WebSocket upgrades are HTTP/1.1), session resumption on.
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     server_config_from(read_certs(cert)?, read_key(key)?)
 }
@@ -65,11 +69,38 @@ pub fn server_config_from(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, TlsError> {
-    let mut config = ServerConfig::builder()
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption skips the certificate signature and the key exchange's verification on
+    // both sides: a client reconnecting within the ticket's life pays a fraction of a
+    // full handshake. Tickets (TLS 1.2 and 1.3) are sealed with keys that rotate every
+    // 6 hours and live only in this process; a certificate reload starts new ones. No
+    // early data (0-RTT): an upgrade replayed by an attacker would be admitted twice.
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     Ok(config)
+}
+
+/// aws-lc-rs, as everywhere in the gate, with the key exchange groups in the order of
+/// their cost: X25519 first (the cheapest, and what most clients offer first), then the
+/// NIST curves, then the post-quantum hybrid X25519MLKEM768. rustls takes the first group
+/// in the *client's* list that is also here, so a browser that offers the hybrid first
+/// still gets it. The cipher suites are rustls's; the client's order decides among them
+/// (one without AES hardware puts ChaCha20 first), and they do not weigh on the handshake.
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{self, kx_group};
+    rustls::crypto::CryptoProvider {
+        kx_groups: vec![
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+            kx_group::X25519MLKEM768,
+        ],
+        ..aws_lc_rs::default_provider()
+    }
 }
 
 /// The certificate in force for new handshakes.

@@ -615,3 +615,73 @@ async fn client_that_stops_reading_is_dropped_after_write_seconds() {
     .await;
     assert!(drained.is_ok());
 }
+
+/// A client that comes back resumes its TLS session (no certificate, no signature): by
+/// ticket with TLS 1.3, and with TLS 1.2 too, and its WebSocket works as on a full
+/// handshake, even after hundreds of other clients' sessions.
+#[tokio::test]
+async fn a_returning_client_resumes_its_tls_session() {
+    use rustls::HandshakeKind;
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let pki = gate.pki.as_ref().unwrap();
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut kinds = Vec::new();
+        for round in 0..2 {
+            if round == 1 {
+                // Others come and go in between: the session is in the client's ticket,
+                // not in a table on the gate that they could push it out of.
+                others(&gate, 300).await;
+            }
+            let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (mut client, response) = tokio_tungstenite::client_async(gate.url("/ws"), tls)
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 101);
+            client.send(Message::text("again")).await.unwrap();
+            assert_eq!(next_message_any(&mut client).await, Message::text("again"));
+            kinds.push(client.get_ref().get_ref().1.handshake_kind());
+            client.close(None).await.unwrap();
+            while client.next().await.is_some() {}
+        }
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)],
+            "{version:?}"
+        );
+    }
+}
+
+/// `n` clients of their own (each a full TLS handshake), one after another.
+async fn others(gate: &TestGate, n: usize) {
+    let pki = gate.pki.as_ref().unwrap();
+    for _ in 0..n {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        // The server's tickets come after the handshake: read until it closes.
+        tokio::io::AsyncWriteExt::write_all(
+            &mut tls,
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
+    }
+}
