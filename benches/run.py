@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RELEASE, ROOT, SECRET, Procs, build, free_port, gate_command, token  # noqa: E402
+from harness import RELEASE, ROOT, SECRET, Procs, build, free_port, gate_command  # noqa: E402
 
 ORIGIN = "https://app.example"
 
@@ -33,6 +33,19 @@ ORIGIN = "https://app.example"
 ECHO_TARGETS = ["direct", "nginx", "haproxy", "wsgate"]
 PROXIES = ["nginx", "haproxy"]
 LOWER_IS_BETTER = {"kib_per_connection", "rss_growth_kib"}
+
+# wsgate with a token (a pool of clients, each with its own) and an Origin check:
+# target -> (route, algorithm, pool size). "warm": 1,000 tokens, which the gate's table of
+# verified tokens (4,096) holds after their first round; "cold": 10,000, used in turn, so
+# that every upgrade pays a full verification.
+AUTH = {
+    "wsgate-auth": ("/auth", "HS256", 1000),
+    "wsgate-es256": ("/auth-es256", "ES256", 1000),
+    "wsgate-es256-cold": ("/auth-es256", "ES256", 10000),
+    "wsgate-rs256": ("/auth-rs256", "RS256", 1000),
+    "wsgate-rs256-cold": ("/auth-rs256", "RS256", 10000),
+}
+KEYS = {"ES256": ROOT / "tests/keys/ec", "RS256": ROOT / "tests/keys/rsa"}
 
 
 def tests(smoke):
@@ -49,10 +62,12 @@ def tests(smoke):
         ("echo 64 B C=50", "echo", ["-c", "50", "-s", "64"] + d, ECHO_TARGETS, "messages_per_s"),
         ("echo 16 KiB C=50", "echo", ["-c", "50", "-s", "16384"] + d, ECHO_TARGETS, "mb_per_s"),
         ("echo 1 MiB C=10", "echo", ["-c", "10", "-s", "1048576"] + d, ECHO_TARGETS, "mb_per_s"),
-        ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + ["wsgate-auth"],
+        ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + list(AUTH),
          "upgrades_per_s"),
         ("TLS connect C=16", "connect", ["-c", "16"] + d, ["nginx-tls", "wsgate-tls"],
          "upgrades_per_s"),
+        ("TLS resumed C=16", "connect", ["-c", "16", "--resume"] + d,
+         ["nginx-tls", "wsgate-tls"], "upgrades_per_s"),
         # On servers of their own (main restarts them): a heap grown by the loads before,
         # hold's 9,000 connections above all, absorbs most of the message and hides it.
         ("big message 16 MiB", "big", ["-s", str(16 << 20), "-n", n_big], ECHO_TARGETS,
@@ -96,6 +111,12 @@ routes:
     messages: {{max_frame_bytes: 33554432, max_message_bytes: 33554432}}
   - path: /auth
     auth: {{required: true, algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}
+    origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
+  - path: /auth-es256
+    auth: {{required: true, algorithms: [ES256], keys: [{{public_key_file: "{KEYS['ES256']}.pub.pem"}}]}}
+    origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
+  - path: /auth-rs256
+    auth: {{required: true, algorithms: [RS256], keys: [{{public_key_file: "{KEYS['RS256']}.pub.pem"}}]}}
     origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
 """)
         gate = [str(RELEASE / "wsgate"), "run", "--policy", str(pol / "policy.yaml"),
@@ -165,23 +186,40 @@ backend be
             self.spawn("haproxy", [self.have["haproxy"], "-f", str(w / "haproxy.cfg"), "-db"],
                        port, True)
         self.p.alias("direct", "upstream")
-        self.p.alias("wsgate-auth", "wsgate")
+        for target in AUTH:
+            self.p.alias(target, "wsgate")
 
     def stop(self):
         self.p.stop()
 
 
-def load(servers, taskset_load, mode, args, target, bearer):
+def mint(work):
+    """The token pools of AUTH, minted by `wsload tokens`: target -> file."""
+    pools = {}
+    for target, (_, alg, n) in AUTH.items():
+        path = work / f"tokens-{alg}-{n}.txt"
+        if not path.exists():
+            cmd = [str(RELEASE / "wsload"), "tokens", "--alg", alg, "-n", str(n),
+                   "--out", str(path)]
+            if alg in KEYS:
+                cmd += ["--key", f"{KEYS[alg]}.key"]
+            subprocess.run(cmd, check=True, capture_output=True,
+                           env={**os.environ, "BENCH_SECRET": SECRET})
+        pools[target] = path
+    return pools
+
+
+def load(servers, taskset_load, mode, args, target, pools):
     port = servers.ports[target]
     tls = target.endswith("-tls")
     # wsgate's /big route lets the 16 MiB message through; nginx and HAProxy proxy every path.
-    path = "/auth" if target == "wsgate-auth" else "/big" if mode == "big" else "/ws"
+    path = AUTH[target][0] if target in AUTH else "/big" if mode == "big" else "/ws"
     cmd = taskset_load + [str(RELEASE / "wsload"), mode,
                           "--url", f"{'wss' if tls else 'ws'}://{'localhost' if tls else '127.0.0.1'}:{port}{path}"]
     if tls:
         cmd += ["--no-verify"]
-    if target == "wsgate-auth":
-        cmd += ["--header", f"Authorization: Bearer {bearer}", "--header", f"Origin: {ORIGIN}"]
+    if target in AUTH:
+        cmd += ["--tokens", str(pools[target]), "--header", f"Origin: {ORIGIN}"]
     if mode in ("hold", "big"):
         cmd += ["--pid", str(servers.procs[target].pid)]
     out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900)
@@ -239,10 +277,10 @@ def main():
 
     plan = [t for t in tests(opts.smoke) if not opts.only or opts.only in t[0]]
     results = {name: {} for name, *_ in plan}
-    bearer = token()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wsgate-bench-") as tmp:
         work = Path(tmp)
+        pools = mint(work)
         for rep in range(reps):
             servers = Servers(work, pin_servers, have)
             try:
@@ -255,7 +293,7 @@ def main():
                     for target in targets:
                         if target not in servers.ports:
                             continue
-                        r = load(servers, pin_load, mode, args, target, bearer)
+                        r = load(servers, pin_load, mode, args, target, pools)
                         results[name].setdefault(target, []).append(r)
                         brief = r.get("failed") or {k: r.get(k) for k in (
                             "messages_per_s", "mb_per_s", "upgrades_per_s",
@@ -294,16 +332,18 @@ def summarize(plan, results, reps, pinned, seconds):
         lower_is_better = key in LOWER_IS_BETTER
         direct = (med.get("direct") or {}).get("value")
         proxies = [med[p]["value"] for p in med if p.split("-")[0] in PROXIES
-                   and med[p]["value"] is not None and not p.endswith("-auth")]
+                   and med[p]["value"] is not None]
         best = (min(proxies) if lower_is_better else max(proxies)) if proxies else None
         for target, m in med.items():
             v = m["value"]
             m["ratio_to_direct"] = v / direct if v is not None and direct else None
             if target.startswith("wsgate") and best:
                 m["ratio_to_best_proxy"] = v / best if v is not None else None
-        if "wsgate-auth" in med and med.get("wsgate", {}).get("value"):
-            a = med["wsgate-auth"]["value"]
-            med["wsgate-auth"]["ratio_to_wsgate"] = a / med["wsgate"]["value"] if a else None
+        plain = med.get("wsgate", {}).get("value")
+        for target in AUTH:
+            if target in med and plain:
+                a = med[target]["value"]
+                med[target]["ratio_to_wsgate"] = a / plain if a else None
         rows.append({"test": name, "mode": mode, "args": args, "metric": key,
                      "lower_is_better": lower_is_better, "best_proxy": best, "targets": med,
                      "runs": results[name]})

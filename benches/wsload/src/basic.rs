@@ -171,15 +171,18 @@ pub(crate) async fn connect(
                 if t >= end {
                     break;
                 }
+                // Timed to the 101; one message each way then proves the relay works.
                 let outcome = match dialer.open(i).await {
-                    Ok(mut ws) => match round_trip(&mut ws, &payload).await {
-                        Ok(()) => {
-                            let elapsed = t.elapsed();
-                            close(ws).await;
-                            Ok(elapsed)
+                    Ok(mut ws) => {
+                        let to_101 = t.elapsed();
+                        match round_trip(&mut ws, &payload).await {
+                            Ok(()) => {
+                                close(ws).await;
+                                Ok(to_101)
+                            }
+                            Err(kind) => Err(kind),
                         }
-                        Err(kind) => Err(kind),
-                    },
+                    }
                     Err(kind) => Err(kind),
                 };
                 i += workers;

@@ -27,6 +27,8 @@ pub(crate) struct Dialer {
     )>,
     sources: u8,
     read_buffer: usize,
+    /// `Authorization` values, one per client of the pool (`--tokens`).
+    bearers: Vec<HeaderValue>,
 }
 
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -63,12 +65,23 @@ impl Dialer {
         } else {
             None
         };
+        let bearers = match &target.tokens {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|t| HeaderValue::from_str(&format!("Bearer {}", t.trim())))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--tokens: {e}"))?,
+            None => Vec::new(),
+        };
         Ok(Arc::new(Dialer {
             addr: SocketAddr::new(ip, port),
             request,
             tls,
             sources: target.sources.max(1),
             read_buffer,
+            bearers,
         }))
     }
 
@@ -93,8 +106,15 @@ impl Dialer {
             None => Box::new(tcp),
         };
         let config = ws_config(self.read_buffer);
-        let upgrade =
-            tokio_tungstenite::client_async_with_config(self.request.clone(), stream, Some(config));
+        let mut request = self.request.clone();
+        if !self.bearers.is_empty() {
+            let bearer = self.bearers[i % self.bearers.len()].clone();
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
+                bearer,
+            );
+        }
+        let upgrade = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
         match timed(upgrade).await {
             Some(Ok((ws, _))) => Ok(ws),
             Some(Err(tokio_tungstenite::tungstenite::Error::Http(_))) => Err("upgrade_refused"),

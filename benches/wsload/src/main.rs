@@ -32,6 +32,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Mint N tokens (one per line, subjects `bench-0` …) for `--tokens`: HS256 with the
+    /// secret in $BENCH_SECRET, or ES256/RS256 with a PEM private key.
+    Tokens {
+        #[arg(long, default_value = "HS256")]
+        alg: String,
+        /// The private key (PEM) for ES256 and RS256.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 7200)]
+        ttl: u64,
+        /// Where to write them.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Echo upstream: sends every text and binary message back; prints its address.
     Serve {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -211,6 +227,10 @@ struct Target {
     /// Spread connections over 127.0.0.1 ..= 127.0.0.N as source addresses.
     #[arg(long, default_value_t = 200)]
     sources: u8,
+    /// A file of tokens, one per line: connection i sends `Authorization: Bearer` with
+    /// line i mod N (a pool of clients, each with its own token).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
     /// Let TLS clients resume sessions (tickets); by default every handshake is full.
     #[arg(long)]
     resume: bool,
@@ -218,6 +238,46 @@ struct Target {
     /// then spends its CPU on the key exchange only, so the server is what is measured.
     #[arg(long)]
     no_verify: bool,
+}
+
+/// Write `count` tokens to `out_path`, one per line, and report how many.
+fn tokens(
+    alg: &str,
+    key: Option<&std::path::Path>,
+    count: usize,
+    ttl: u64,
+    out_path: &std::path::Path,
+) -> Result<serde_json::Value, String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let alg: Algorithm = alg.parse().map_err(|e| format!("--alg {alg}: {e}"))?;
+    let pem = || {
+        let path = key.ok_or("--key is required for ES256 and RS256")?;
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let encoding = match alg {
+        Algorithm::HS256 => {
+            let secret = std::env::var("BENCH_SECRET").map_err(|_| "BENCH_SECRET is not set")?;
+            EncodingKey::from_secret(secret.as_bytes())
+        }
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem()?).map_err(|e| e.to_string())?,
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem()?).map_err(|e| e.to_string())?,
+        other => return Err(format!("--alg {other:?}: HS256, ES256 or RS256")),
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs()
+        + ttl;
+    let mut out = String::new();
+    for i in 0..count {
+        let claims = serde_json::json!({"sub": format!("bench-{i}"), "exp": exp});
+        let token = jsonwebtoken::encode(&Header::new(alg), &claims, &encoding)
+            .map_err(|e| e.to_string())?;
+        out.push_str(&token);
+        out.push('\n');
+    }
+    std::fs::write(out_path, out).map_err(|e| format!("{}: {e}", out_path.display()))?;
+    Ok(serde_json::json!({"tokens": count}))
 }
 
 fn main() {
@@ -231,6 +291,13 @@ fn main() {
     };
     let report = rt.block_on(async {
         match cli.mode {
+            Mode::Tokens {
+                alg,
+                key,
+                count,
+                ttl,
+                out,
+            } => tokens(&alg, key.as_deref(), count, ttl, &out),
             Mode::Serve { listen } => serve(listen).await,
             Mode::Echo {
                 target,
