@@ -115,6 +115,80 @@ pub async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, rejection: Rejection) -> 
     io.flush().await
 }
 
+/// A complete head (as [`read_first`] returns it) as `http` request parts, read as hyper
+/// reads a head, and its length (the bytes after it are the client's, sent early). `None`
+/// for a head hyper should see instead: it answers those as it always has.
+pub fn parts(head: &[u8]) -> Option<(http::request::Parts, usize)> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    let httparse::Status::Complete(len) = request.parse(head).ok()? else {
+        return None;
+    };
+    let version = match request.version? {
+        1 => http::Version::HTTP_11,
+        0 => http::Version::HTTP_10,
+        _ => return None,
+    };
+    let mut builder = http::Request::builder()
+        .method(http::Method::from_bytes(request.method?.as_bytes()).ok()?)
+        .uri(http::Uri::try_from(request.path?).ok()?)
+        .version(version);
+    let headers = builder.headers_mut()?;
+    headers.reserve(request.headers.len());
+    for field in request.headers.iter() {
+        headers.append(
+            http::HeaderName::from_bytes(field.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(field.value).ok()?,
+        );
+    }
+    let (parts, ()) = builder.body(()).ok()?.into_parts();
+    Some((parts, len))
+}
+
+/// Write a `101 Switching Protocols` head as hyper writes one: the status line, the
+/// headers in order, then `date` unless they have one.
+pub async fn switch<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    headers: &http::HeaderMap,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // The upstream's own `date`, when it sent one, is the answer's (hyper adds none then).
+    if !headers.contains_key(http::header::DATE) {
+        out.extend_from_slice(b"date: ");
+        http_date(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    io.write_all(&out).await?;
+    io.flush().await
+}
+
+/// Now as an HTTP date (`Wed, 02 Dec 2026 00:07:00 GMT`), formatted once a second per
+/// thread.
+fn http_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut date = cell.borrow_mut();
+        if date.0 != second {
+            *date = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(date.1.as_bytes());
+    });
+}
+
 /// A socket with bytes already read from it in front: hyper reads `prefix` first.
 pub struct Prefixed<T> {
     prefix: Bytes,
@@ -181,6 +255,48 @@ mod tests {
 
     fn reason(head: &str) -> Option<&'static str> {
         check(head.as_bytes(), 16 * 1024).err().map(|r| r.reason())
+    }
+
+    /// A head becomes the parts hyper would have made of it: names lower-cased, repeated
+    /// fields kept in order, the target as sent, the length of the head alone.
+    #[test]
+    fn heads_become_parts_as_hyper_reads_them() {
+        let head = b"GET /ws?a=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\n\r\n\x81\x00";
+        let (request, len) = parts(head).unwrap();
+        assert_eq!(len, head.len() - 2);
+        assert_eq!(request.method, http::Method::GET);
+        assert_eq!(request.uri, "/ws?a=1");
+        assert_eq!(request.version, http::Version::HTTP_11);
+        let values: Vec<_> = request.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(request.headers.len(), 3);
+        // What hyper should see instead: left to it.
+        assert!(parts(b"GET /ws HTTP/1.1\r\nHost: h\r\n").is_none());
+        assert!(parts(b"GET /ws HTTP/1.1\r\nX: \xff\x01\r\n\r\n").is_none());
+    }
+
+    /// The 101's head: the headers in order, then a `date` only when they have none.
+    #[tokio::test]
+    async fn the_101_gets_a_date_unless_it_has_one() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
+        let mut out = Vec::new();
+        switch(&mut out, &headers).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\ndate: ")
+        );
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text:?}");
+        headers.insert(
+            "date",
+            http::HeaderValue::from_static("Tue, 01 Dec 2026 00:00:00 GMT"),
+        );
+        let mut out = Vec::new();
+        switch(&mut out, &headers).await.unwrap();
+        assert_eq!(
+            out,
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\ndate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n"
+        );
     }
 
     #[test]

@@ -32,22 +32,65 @@ pub struct ConnInfo {
     pub accepted: Instant,
 }
 
-/// hyper's service function: every request gets a response, never an error.
+/// hyper's service function: every request gets a response, never an error. An upgrade's
+/// relay starts once hyper has written the 101 and handed the socket back.
 pub async fn handle(
     gate: Arc<Gate>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if !is_upgrade(req.headers()) {
+        let (response, _) = answer(&gate, conn, Asked::Plain(req)).await;
+        return Ok(response);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    let (response, admitted) = answer(&gate, conn, Asked::Upgrade(parts)).await;
+    if let Some(admitted) = admitted {
+        gate.shutdown.tracker().spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => admitted.relay(relay::Client::upgraded(upgraded)).await,
+                Err(e) => tracing::debug!(error = %e, "client upgrade did not complete"),
+            }
+        });
+    }
+    Ok(response)
+}
+
+/// A request as the listener has it: a plain one whole (its body may go upstream), an
+/// upgrade by its head.
+pub enum Asked {
+    Plain(Request<Incoming>),
+    Upgrade(http::request::Parts),
+}
+
+impl Asked {
+    fn head(&self) -> (&Method, &http::Uri, &HeaderMap) {
+        match self {
+            Asked::Plain(req) => (req.method(), req.uri(), req.headers()),
+            Asked::Upgrade(parts) => (&parts.method, &parts.uri, &parts.headers),
+        }
+    }
+}
+
+/// Route, check and admit a request, log and count the decision, and answer it: the
+/// response, and for an admitted upgrade what its relay needs once the 101 is written.
+pub async fn answer(
+    gate: &Arc<Gate>,
+    conn: ConnInfo,
+    asked: Asked,
+) -> (Response<Body>, Option<Admitted>) {
     let started = Instant::now();
-    let request_id = request_id(req.headers());
+    let (method, uri, headers) = asked.head();
+    let request_id = request_id(headers);
     let loaded = gate.policy.load();
-    let peer = admission::peer(&loaded.policy, conn.peer.ip(), req.headers());
+    let peer = admission::peer(&loaded.policy, conn.peer.ip(), headers);
     let client_ip = peer.client_ip;
     // The path only: a query may carry a token, and tokens are never logged.
-    let path = req.uri().path().to_owned();
-    let upgrade = is_upgrade(req.headers());
+    let path = uri.path().to_owned();
+    let upgrade = matches!(asked, Asked::Upgrade(_));
 
-    let routed = route(&loaded.policy, &req);
+    let routed = route(&loaded.policy, method, uri, headers);
     let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
     let result = match routed {
         Ok((route, path)) => {
@@ -59,7 +102,12 @@ pub async fn handle(
                 route,
                 path,
             };
-            respond(&gate, request, req).await
+            match asked {
+                Asked::Plain(req) => respond(gate, request, req).await.map(|r| (r, None)),
+                Asked::Upgrade(parts) => switch(gate, request, &parts)
+                    .await
+                    .map(|(r, admitted)| (r, Some(admitted))),
+            }
         }
         Err(rejection) => Err(rejection),
     };
@@ -67,8 +115,8 @@ pub async fn handle(
         .as_ref()
         .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let response = match result {
-        Ok(response) => {
+    match result {
+        Ok(answer) => {
             if upgrade {
                 gate.metrics.upgrade(route_name, "accepted");
                 let since_accept = conn.accepted.elapsed().as_secs_f64();
@@ -79,7 +127,7 @@ pub async fn handle(
                     protocol = PROTOCOL.as_str(), "upgrade"
                 );
             }
-            response
+            answer
         }
         Err(rejection) => {
             gate.metrics.upgrade(route_name, rejection.reason());
@@ -89,20 +137,21 @@ pub async fn handle(
                 status = rejection.status().as_u16(), latency_ms, protocol = PROTOCOL.as_str(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
-            rejection.into_response()
+            (rejection.into_response(), None)
         }
-    };
-    Ok(response)
+    }
 }
 
 /// The head's sanity, then the route of the path's normal form (the form that is routed,
 /// re-checked on reload and sent upstream: never the raw one).
-fn route<B>(
+fn route(
     policy: &crate::policy::Policy,
-    req: &Request<B>,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
 ) -> Result<(Arc<Route>, String), Rejection> {
-    check_head(req)?;
-    let path = crate::path::normalize(req.uri().path())
+    check_head(method, uri, headers)?;
+    let path = crate::path::normalize(uri.path())
         .map_err(Rejection::BadRequest)?
         .into_owned();
     let route = policy.route_for(&path).cloned().ok_or(Rejection::NoRoute)?;
@@ -119,6 +168,8 @@ struct Routed<'a> {
     path: String,
 }
 
+/// A plain request on an `http: pass` route: admitted as an upgrade is, less the upgrade
+/// rate and the caps, and proxied.
 async fn respond(
     gate: &Arc<Gate>,
     routed: Routed<'_>,
@@ -132,48 +183,55 @@ async fn respond(
         route,
         path,
     } = routed;
-
-    if !is_upgrade(req.headers()) {
-        if route.http != HttpMode::Pass {
-            return Err(Rejection::NotWebsocket(
-                "this route only accepts WebSocket upgrades",
-            ));
-        }
-        // The same admission as an upgrade, less the upgrade rate and the caps.
-        let attempt = Attempt {
-            path: &path,
-            peer,
-            headers: req.headers(),
-            query: req.uri().query(),
-            protocols: &[],
-        };
-        let ticket =
-            admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
-        let strip = ticket.carriers_to_strip();
-        let fwd = Forwarding {
-            peer: conn.peer.ip(),
-            peer_trusted: ticket.peer.trusted,
-            tls: conn.tls,
-            request_id,
-            claim_headers: &ticket.claim_headers,
-            claim_header_names: &route.auth.forward_claims,
-            token_sources: &strip,
-        };
-        let headers = upstream::forward_headers(req.headers(), &fwd);
-        let target = upstream::strip_token_params(
-            &crate::path::with_query(&path, req.uri().query()),
-            &strip,
-        );
-        *req.headers_mut() = headers;
-        return crate::proxy::forward(&gate.pass_clients, &route, &target, req).await;
+    if route.http != HttpMode::Pass {
+        return Err(Rejection::NotWebsocket(
+            "this route only accepts WebSocket upgrades",
+        ));
     }
+    let attempt = Attempt {
+        path: &path,
+        peer,
+        headers: req.headers(),
+        query: req.uri().query(),
+        protocols: &[],
+    };
+    let ticket = admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
+    let strip = ticket.carriers_to_strip();
+    let fwd = Forwarding {
+        peer: conn.peer.ip(),
+        peer_trusted: ticket.peer.trusted,
+        tls: conn.tls,
+        request_id,
+        claim_headers: &ticket.claim_headers,
+        claim_header_names: &route.auth.forward_claims,
+        token_sources: &strip,
+    };
+    let headers = upstream::forward_headers(req.headers(), &fwd);
+    let target =
+        upstream::strip_token_params(&crate::path::with_query(&path, req.uri().query()), &strip);
+    *req.headers_mut() = headers;
+    crate::proxy::forward(&gate.pass_clients, &route, &target, req).await
+}
 
-    let key = check_upgrade(&req)?;
+/// An upgrade: checked, admitted, the upstream's handshake done; the 101 to write and what
+/// the relay needs afterwards.
+async fn switch(
+    gate: &Arc<Gate>,
+    routed: Routed<'_>,
+    parts: &http::request::Parts,
+) -> Result<(Response<Body>, Admitted), Rejection> {
+    let Routed {
+        policy,
+        conn,
+        request_id,
+        peer,
+        route,
+        path,
+    } = routed;
+    let key = check_upgrade(parts)?;
     if gate.shutdown.is_draining() {
         return Err(Rejection::Draining);
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, _) = req.into_parts();
     let protocols = offered_protocols(&parts.headers);
     let attempt = Attempt {
         path: &path,
@@ -253,22 +311,38 @@ async fn respond(
         connection,
         slots,
     });
-    gate.shutdown.tracker().spawn(async move {
-        let client = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "client upgrade did not complete");
-                return;
-            }
-        };
-        // The relay counts and logs the close.
+    Ok((
+        response,
+        Admitted {
+            held,
+            route,
+            shutdown,
+        },
+    ))
+}
+
+/// An admitted upgrade: what its relay needs once the 101 is on its way.
+pub struct Admitted {
+    held: Box<Held>,
+    route: Arc<Route>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Admitted {
+    /// Relay between the client's socket and the upstream until the connection ends; the
+    /// relay counts and logs the close.
+    pub async fn relay(self, client: relay::Client) {
+        let Admitted {
+            held,
+            route,
+            shutdown,
+        } = self;
         let (_, ended) = relay::run(client, held.socket, route, shutdown, held.connection).await;
         // The connection's slots go as it is logged closed; its sockets linger a while
         // (boxed, as the relay's closing is: for a few seconds, not the connection's life).
         drop(held.slots);
         Box::pin(ended.linger()).await;
-    });
-    Ok(response)
+    }
 }
 
 /// What an upgraded connection's task holds until its close line: the parts the relay
@@ -297,16 +371,15 @@ const MAX_REQUEST_LINE: usize = 8 * 1024;
 /// line over 8 KiB (414) and more than one Host (400, RFC 9112 §3.2). (With both
 /// Content-Length and Transfer-Encoding, hyper drops the Content-Length, RFC 9112 §6.3,
 /// so a request is only ever framed one way; an upgrade with either is refused below.)
-fn check_head<B>(req: &Request<B>) -> Result<(), Rejection> {
-    let uri = req.uri();
+fn check_head(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Rejection> {
     let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.scheme_str().map_or(0, |s| s.len() + 3);
     // "GET " + target + " HTTP/1.1"
-    if req.method().as_str().len() + 1 + target + 9 > MAX_REQUEST_LINE {
+    if method.as_str().len() + 1 + target + 9 > MAX_REQUEST_LINE {
         return Err(Rejection::UriTooLong);
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let mut hosts = headers.get_all(header::HOST).iter();
     if let Some(host) = hosts.next() {
         if hosts.next().is_some() {
             return Err(Rejection::BadRequest("more than one Host header"));
@@ -317,13 +390,7 @@ fn check_head<B>(req: &Request<B>) -> Result<(), Rejection> {
         }
     }
     // RFC 6454 §7.3: a user agent sends one Origin; with two, which one was checked?
-    if req
-        .headers()
-        .get_all(header::ORIGIN)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+    if headers.get_all(header::ORIGIN).iter().nth(1).is_some() {
         return Err(Rejection::BadRequest("more than one Origin header"));
     }
     Ok(())
@@ -384,8 +451,8 @@ pub fn is_valid_host(host: &[u8]) -> bool {
 }
 
 /// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
-fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
-    let headers = req.headers();
+fn check_upgrade(parts: &http::request::Parts) -> Result<String, Rejection> {
+    let headers = &parts.headers;
     // RFC 6455 §11.3.5: at most once in a request.
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
     let version = versions.next();
@@ -399,10 +466,10 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<String, Rejection> {
             "only Sec-WebSocket-Version 13 is supported",
         ));
     }
-    if req.method() != Method::GET {
+    if parts.method != Method::GET {
         return Err(Rejection::BadRequest("a WebSocket upgrade must be a GET"));
     }
-    if req.version() != Version::HTTP_11 {
+    if parts.version != Version::HTTP_11 {
         return Err(Rejection::BadRequest("a WebSocket upgrade needs HTTP/1.1"));
     }
     // RFC 6455 §4.2.1 item 2, RFC 9112 §3.2 (a second Host is refused in `check_head`).

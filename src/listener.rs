@@ -2,7 +2,8 @@
 //!
 //! The TLS handshake and the first request head must complete within `handshake_seconds`
 //! of the accept; the first head is read and checked by [`head`] (a head over 16 KiB
-//! gets 431), then hyper serves the connection. Accept errors such as EMFILE
+//! gets 431). When it is an upgrade that is admitted, the 101 is written here and the
+//! socket goes to the relay; otherwise hyper serves the connection. Accept errors such as EMFILE
 //! back off instead of spinning.
 //!
 //! Listeners share their port (`SO_REUSEPORT`) so a replacement process can bind beside a
@@ -19,15 +20,19 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::time::{sleep, timeout_at, Instant};
+use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::head::{self, Head, Prefixed};
-use crate::http::{handle, ConnInfo};
-use crate::{linger, Gate};
+use crate::http::{answer, handle, is_upgrade, Asked, ConnInfo};
+use crate::{linger, relay, Gate};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The longest the gate waits to write a 101 it answered itself (a few hundred bytes into
+/// a fresh socket's buffer: only a peer that reads nothing at all could hold it up).
+const SWITCH_WRITE: Duration = Duration::from_secs(5);
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -177,7 +182,7 @@ async fn serve_http<I>(
     deadline: Instant,
     opening: TaskTrackerToken,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + Into<relay::Io> + 'static,
 {
     let mut io = io;
     let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES));
@@ -201,27 +206,55 @@ async fn serve_http<I>(
         // dropped without an answer.
         Some(Ok(Ok(Head::Closed))) | Some(Ok(Err(_))) | Some(Err(_)) | None => return,
     };
+    // An upgrade, the first request of nearly every connection, is answered here: the
+    // 101 written directly and the socket handed to the relay, without hyper's connection
+    // machinery. A refusal is left for hyper to write (its framing and `Connection: close`
+    // handling as for every other answer), and everything else is hyper's from the start.
+    let mut decided = None;
+    if let Some((parts, len)) = head::parts(&head) {
+        if is_upgrade(&parts.headers) {
+            let (response, admitted) = answer(&gate, info, Asked::Upgrade(parts)).await;
+            match admitted {
+                Some(admitted) => {
+                    let headers = response.into_parts().0.headers;
+                    let written = timeout(SWITCH_WRITE, head::switch(&mut io, &headers)).await;
+                    drop(opening);
+                    if let Ok(Ok(())) = written {
+                        let client = relay::Client::new(io, &head[len..]);
+                        gate.shutdown.tracker().spawn(admitted.relay(client));
+                    }
+                    return;
+                }
+                None => decided = Some(response),
+            }
+        }
+    }
     let io = Prefixed::new(head, io);
     let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
+    if remaining.is_zero() && decided.is_none() {
         return;
     }
     let shutdown = gate.shutdown.token();
     let service_gate = gate.clone();
     // Released once the first request has its answer.
     let opening = std::sync::Mutex::new(Some(opening));
+    let decided = std::sync::Mutex::new(decided);
     let service = service_fn(move |req| {
         let first = opening.lock().ok().and_then(|mut o| o.take());
-        let answer = handle(service_gate.clone(), info, req);
+        let decided = decided.lock().ok().and_then(|mut d| d.take());
+        let gate = service_gate.clone();
         async move {
-            let answered = answer.await;
+            let answered = match decided {
+                Some(response) => Ok(response),
+                None => handle(gate, info, req).await,
+            };
             drop(first);
             answered
         }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(remaining)
+        .header_read_timeout(remaining.max(Duration::from_millis(1)))
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -179,3 +179,35 @@ async fn refusals_over_tls_end_cleanly() {
         );
     }
 }
+
+/// The 101 is written as hyper writes every other answer: status line, then the headers
+/// (lower-case names: the upstream's own, then the handshake's), and one `date` (here the
+/// upstream's, which it sent); the key's accept value is RFC 6455's.
+#[tokio::test]
+async fn the_101_is_framed_as_every_other_answer() {
+    let (gate, _upstream) = gate().await;
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let head = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    let response = wire::read_head(&mut tcp).await.unwrap();
+    let lines: Vec<&str> = response.trim_end().split("\r\n").collect();
+    assert_eq!(lines[0], "HTTP/1.1 101 Switching Protocols");
+    assert_eq!(lines[1], "x-upstream: yes", "{response:?}");
+    let handshake = [
+        "connection: Upgrade",
+        "upgrade: websocket",
+        "sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+    ];
+    assert_eq!(lines[lines.len() - 3..], handshake, "{response:?}");
+    let dates: Vec<_> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("date: "))
+        .collect();
+    assert_eq!(dates.len(), 1, "{response:?}");
+    assert!(
+        dates[0].ends_with(" GMT") && dates[0].len() == 29,
+        "{response:?}"
+    );
+}

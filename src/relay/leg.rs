@@ -57,26 +57,63 @@ pub enum Io {
     Upstream(UpstreamStream),
 }
 
-impl Io {
-    /// The client's socket and the bytes read past the request head (by hyper, and any
-    /// the listener's head reader read that hyper did not take).
-    pub(super) fn client(upgraded: Upgraded) -> (Io, Vec<u8>) {
+/// The client's socket as the relay takes it, with the bytes already read past the request
+/// head (frames a client sent right behind its upgrade request).
+pub struct Client {
+    pub(super) io: Io,
+    pub(super) read_ahead: Vec<u8>,
+}
+
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl Client {
+    /// The socket as hyper gave it back after its 101, with whatever hyper and the
+    /// listener's head reader read that is not the request.
+    pub fn upgraded(upgraded: Upgraded) -> Client {
         let read_ahead = |read_buf: &[u8], unread: &[u8]| [read_buf, unread].concat();
         let upgraded = match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
             Ok(parts) => {
                 let (unread, io) = parts.io.into_inner().into_parts();
-                return (Io::Tcp(io), read_ahead(&parts.read_buf, &unread));
+                return Client {
+                    io: Io::Tcp(io),
+                    read_ahead: read_ahead(&parts.read_buf, &unread),
+                };
             }
             Err(upgraded) => upgraded,
         };
-        type Tls = tokio_rustls::server::TlsStream<TcpStream>;
         match upgraded.downcast::<TokioIo<Prefixed<Tls>>>() {
             Ok(parts) => {
                 let (unread, io) = parts.io.into_inner().into_parts();
-                (Io::Tls(Box::new(io)), read_ahead(&parts.read_buf, &unread))
+                Client {
+                    io: Io::Tls(Box::new(io)),
+                    read_ahead: read_ahead(&parts.read_buf, &unread),
+                }
             }
-            Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Vec::new()),
+            Err(upgraded) => Client {
+                io: Io::Upgraded(TokioIo::new(upgraded)),
+                read_ahead: Vec::new(),
+            },
         }
+    }
+
+    /// A socket the listener answered itself, and what it read past the head.
+    pub fn new(io: impl Into<Io>, read_ahead: &[u8]) -> Client {
+        Client {
+            io: io.into(),
+            read_ahead: read_ahead.to_vec(),
+        }
+    }
+}
+
+impl From<TcpStream> for Io {
+    fn from(io: TcpStream) -> Io {
+        Io::Tcp(io)
+    }
+}
+
+impl From<Tls> for Io {
+    fn from(io: Tls) -> Io {
+        Io::Tls(Box::new(io))
     }
 }
 

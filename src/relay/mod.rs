@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use hyper::upgrade::Upgraded;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +44,8 @@ use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
 use frame::{parse_close, ClosePayload, Control, OpCode, Reader, Step, Violation, MAX_HEADER};
 use inbound::{Inbound, Kind};
-use leg::{with_scratch, Io, Leg};
+use leg::{with_scratch, Leg};
+pub use leg::{Client, Io};
 
 /// Messages and bytes relayed in one direction.
 #[derive(Debug, Default, Clone, Copy)]
@@ -377,7 +377,7 @@ struct Relay {
 /// The legs come back for their lingering close, which the caller awaits after logging
 /// the close.
 pub fn run(
-    client: Upgraded,
+    client: Client,
     upstream: UpstreamSocket,
     route: Arc<Route>,
     shutdown: CancellationToken,
@@ -386,10 +386,9 @@ pub fn run(
     let started = Instant::now();
     let m = &route.messages;
     let (max_frame, max_message) = (m.max_frame_bytes as u64, m.max_message_bytes as u64);
-    let (client_io, read_ahead) = Io::client(client);
     let client = Leg::new(
-        client_io,
-        read_ahead,
+        client.io,
+        client.read_ahead,
         Reader::new(frame::From::Client, max_frame, max_message),
     );
     // `max_message_bytes` applies both ways; `max_frame_bytes` is for client frames only.
