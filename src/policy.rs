@@ -105,6 +105,46 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     /// The URL as written, for logs and `/policy`, passed through [`redact_userinfo`].
     pub url: String,
+    /// Where `authority` was last found to be (shared by the routes that share the URL's
+    /// definition; a reload starts afresh).
+    pub resolved: Arc<Resolved>,
+}
+
+/// An upstream host name's addresses, kept for [`Resolved::KEEP`] after a lookup so that
+/// each upgrade does not resolve it again (a literal IP address needs no lookup at all).
+#[derive(Default)]
+pub struct Resolved {
+    last: std::sync::Mutex<Option<(std::time::Instant, Arc<[std::net::SocketAddr]>)>>,
+}
+
+impl Resolved {
+    /// How long a lookup's answer is used: Envoy's default DNS refresh rate. A Service's
+    /// address that changes is dialled within this long.
+    pub const KEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn last(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Arc<[std::net::SocketAddr]>)>> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The addresses of a lookup made less than [`Resolved::KEEP`] ago.
+    pub fn current(&self) -> Option<Arc<[std::net::SocketAddr]>> {
+        let last = self.last();
+        let (at, addresses) = last.as_ref()?;
+        (at.elapsed() < Self::KEEP).then(|| addresses.clone())
+    }
+
+    pub fn store(&self, addresses: Arc<[std::net::SocketAddr]>) {
+        *self.last() = Some((std::time::Instant::now(), addresses));
+    }
+
+    /// Forget them (none of them answered): the next upgrade looks the name up again.
+    pub fn forget(&self) {
+        *self.last() = None;
+    }
 }
 
 #[derive(Clone)]
@@ -495,6 +535,27 @@ impl PolicyHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lookup's answer is used until it is [`Resolved::KEEP`] old or forgotten.
+    #[test]
+    fn resolved_addresses_are_kept_then_forgotten() {
+        let resolved = Resolved::default();
+        assert!(resolved.current().is_none());
+        let addresses: Arc<[std::net::SocketAddr]> =
+            Arc::from(vec!["127.0.0.1:1".parse().unwrap()]);
+        resolved.store(addresses.clone());
+        assert_eq!(resolved.current().as_deref(), Some(&addresses[..]));
+        resolved.forget();
+        assert!(resolved.current().is_none());
+        let old = std::time::Instant::now().checked_sub(Resolved::KEEP);
+        if let Some(old) = old {
+            *resolved.last() = Some((old, addresses));
+            assert!(
+                resolved.current().is_none(),
+                "an answer KEEP old is looked up again"
+            );
+        }
+    }
 
     #[test]
     fn userinfo_is_redacted() {

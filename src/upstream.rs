@@ -3,9 +3,10 @@
 //! handshake before the client gets its 101.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -34,7 +35,7 @@ pub enum UpstreamStream {
 
 /// TCP (and TLS, for `wss://`) to the route's upstream.
 pub async fn dial(upstream: &Upstream) -> io::Result<UpstreamStream> {
-    let tcp = TcpStream::connect(&upstream.authority).await?;
+    let tcp = connect(upstream).await?;
     tcp.set_nodelay(true)?;
     match &upstream.tls {
         None => Ok(UpstreamStream::Plain(tcp)),
@@ -44,6 +45,29 @@ pub async fn dial(upstream: &Upstream) -> io::Result<UpstreamStream> {
             Ok(UpstreamStream::Tls(Box::new(stream)))
         }
     }
+}
+
+/// TCP to the upstream's address: a literal IP as it is, a host name through its last
+/// lookup (see [`crate::policy::Resolved`]), each address in turn until one answers.
+async fn connect(upstream: &Upstream) -> io::Result<TcpStream> {
+    if let Ok(address) = upstream.authority.parse::<SocketAddr>() {
+        return TcpStream::connect(address).await;
+    }
+    let addresses = match upstream.resolved.current() {
+        Some(addresses) => addresses,
+        None => {
+            let found: Arc<[SocketAddr]> = tokio::net::lookup_host(&upstream.authority)
+                .await?
+                .collect();
+            upstream.resolved.store(found.clone());
+            found
+        }
+    };
+    let connected = TcpStream::connect(&addresses[..]).await;
+    if connected.is_err() {
+        upstream.resolved.forget();
+    }
+    connected
 }
 
 impl AsyncRead for UpstreamStream {

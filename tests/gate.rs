@@ -685,3 +685,19 @@ async fn others(gate: &TestGate, n: usize) {
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
     }
 }
+
+/// An upstream named by a host name (`localhost`) is dialled through its looked-up
+/// addresses, upgrade after upgrade.
+#[tokio::test]
+async fn an_upstream_host_name_is_dialled_upgrade_after_upgrade() {
+    let upstream = Upstream::start().await;
+    let url = format!("ws://localhost:{}", upstream.addr.port());
+    let gate = TestGate::start(&open_policy(&url, "")).await;
+    for i in 0..3 {
+        let (mut client, _) = gate.connect("/ws").await.unwrap();
+        let text = format!("hello {i}");
+        client.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_message(&mut client).await, Message::text(text));
+    }
+    assert_eq!(upstream.seen_count(), 3);
+}

@@ -379,6 +379,7 @@ impl Validator<'_> {
             host_header,
             tls,
             url: url.into_owned(),
+            resolved: Default::default(),
         })
     }
 
