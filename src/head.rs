@@ -118,7 +118,7 @@ pub async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, rejection: Rejection) -> 
 /// A complete head (as [`read_first`] returns it) as `http` request parts, read as hyper
 /// reads a head, and its length (the bytes after it are the client's, sent early). `None`
 /// for a head hyper should see instead: it answers those as it always has.
-pub fn parts(head: &[u8]) -> Option<(http::request::Parts, usize)> {
+pub fn parts(head: &Bytes) -> Option<(http::request::Parts, usize)> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
     let httparse::Status::Complete(len) = request.parse(head).ok()? else {
@@ -136,9 +136,10 @@ pub fn parts(head: &[u8]) -> Option<(http::request::Parts, usize)> {
     let headers = builder.headers_mut()?;
     headers.reserve(request.headers.len());
     for field in request.headers.iter() {
+        // The value shares the head's buffer, as hyper's do: no copy per header.
         headers.append(
             http::HeaderName::from_bytes(field.name.as_bytes()).ok()?,
-            http::HeaderValue::from_bytes(field.value).ok()?,
+            http::HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?,
         );
     }
     let (parts, ()) = builder.body(()).ok()?.into_parts();
@@ -261,8 +262,10 @@ mod tests {
     /// fields kept in order, the target as sent, the length of the head alone.
     #[test]
     fn heads_become_parts_as_hyper_reads_them() {
-        let head = b"GET /ws?a=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\n\r\n\x81\x00";
-        let (request, len) = parts(head).unwrap();
+        let head = Bytes::from_static(
+            b"GET /ws?a=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\n\r\n\x81\x00",
+        );
+        let (request, len) = parts(&head).unwrap();
         assert_eq!(len, head.len() - 2);
         assert_eq!(request.method, http::Method::GET);
         assert_eq!(request.uri, "/ws?a=1");
@@ -271,8 +274,11 @@ mod tests {
         assert_eq!(values, ["1", "2"]);
         assert_eq!(request.headers.len(), 3);
         // What hyper should see instead: left to it.
-        assert!(parts(b"GET /ws HTTP/1.1\r\nHost: h\r\n").is_none());
-        assert!(parts(b"GET /ws HTTP/1.1\r\nX: \xff\x01\r\n\r\n").is_none());
+        assert!(parts(&Bytes::from_static(b"GET /ws HTTP/1.1\r\nHost: h\r\n")).is_none());
+        assert!(parts(&Bytes::from_static(
+            b"GET /ws HTTP/1.1\r\nX: \xff\x01\r\n\r\n"
+        ))
+        .is_none());
     }
 
     /// The 101's head: the headers in order, then a `date` only when they have none.

@@ -300,7 +300,10 @@ async fn switch(
         standing: ticket.standing,
         expires_at: ticket.expires_at,
         report: ticket.report,
-        request_id: request_id.clone(),
+        // A copy: the client's value shares the buffer its whole request head was read
+        // into, which the connection must not keep for its life.
+        request_id: HeaderValue::from_bytes(request_id.as_bytes())
+            .unwrap_or_else(|_| request_id.clone()),
         protocol: PROTOCOL,
     };
     let shutdown = gate.shutdown.token();

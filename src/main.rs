@@ -175,6 +175,7 @@ fn init_tracing(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(wsgate::logbuf::Timestamp)
         .with_writer(wsgate::logbuf::Batched::stderr());
     match format.unwrap_or(if terminal {
         LogFormat::Text
