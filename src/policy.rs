@@ -108,6 +108,17 @@ pub struct Upstream {
     /// Where `authority` was last found to be (shared by the routes that share the URL's
     /// definition; a reload starts afresh).
     pub resolved: Arc<Resolved>,
+    /// The upstream handshake's fixed request lines (Host, Connection, Upgrade, version),
+    /// written once here rather than on every upgrade.
+    pub handshake_lines: String,
+}
+
+/// The upstream handshake's fixed request lines for an upstream whose Host header is
+/// `host` (a URI's host and port: no CR or LF).
+pub fn handshake_lines(host: &str) -> String {
+    format!(
+        "host: {host}\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+    )
 }
 
 /// An upstream host name's addresses, kept for [`Resolved::KEEP`] after a lookup so that

@@ -334,7 +334,7 @@ pub async fn open(
 async fn handshake(
     route: &Route,
     path_and_query: &str,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     protocols: &[&str],
     deadline: Instant,
 ) -> Result<UpstreamSocket, Rejection> {
@@ -343,25 +343,10 @@ async fn handshake(
         Rejection::UpstreamUnavailable
     })?;
     let key = generate_key();
-    let h = &mut headers;
-    h.insert(header::HOST, header_value(&route.upstream.host_header)?);
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    h.insert(header::SEC_WEBSOCKET_KEY, header_value(&key)?);
-    if !protocols.is_empty() {
-        h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            header_value(&protocols.join(", "))?,
-        );
-    }
     let uri = Uri::from_str(path_and_query)
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
     let mut stream = stream;
-    let head = request_head(&uri, &headers);
+    let head = request_head(&uri, &headers, &route.upstream, &key, protocols);
     let sent = async {
         stream.write_all(&head).await?;
         stream.flush().await
@@ -426,11 +411,23 @@ async fn handshake(
     })
 }
 
-/// The request head, written as it goes on the wire. Header values cannot hold CR or LF
-/// (`HeaderValue` refuses them), and the target is a parsed origin-form URI.
-fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
+/// The request head, written as it goes on the wire: the forwarded headers (which hold
+/// none of the handshake's: `forward_headers` drops them), then the upstream's fixed
+/// handshake lines (Host, Connection, Upgrade, version; made once with the policy), the
+/// key and the offered subprotocols. Header values cannot hold CR or LF (`HeaderValue`
+/// refuses them, and the subprotocols are pieces of one), and the target is a parsed
+/// origin-form URI.
+fn request_head(
+    uri: &Uri,
+    headers: &HeaderMap,
+    upstream: &Upstream,
+    key: &str,
+    protocols: &[&str],
+) -> Vec<u8> {
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = Vec::with_capacity(64 + target.len() + headers.len() * 48);
+    let mut head = Vec::with_capacity(
+        160 + target.len() + upstream.handshake_lines.len() + headers.len() * 48,
+    );
     head.extend_from_slice(b"GET ");
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
@@ -438,6 +435,21 @@ fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(upstream.handshake_lines.as_bytes());
+    head.extend_from_slice(b"sec-websocket-key: ");
+    head.extend_from_slice(key.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (i, protocol) in protocols.iter().enumerate() {
+        head.extend_from_slice(if i == 0 {
+            b"sec-websocket-protocol: "
+        } else {
+            b", "
+        });
+        head.extend_from_slice(protocol.as_bytes());
+    }
+    if !protocols.is_empty() {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
@@ -484,10 +496,6 @@ async fn read_head(stream: &mut UpstreamStream) -> io::Result<(Head, BytesMut)> 
             Err(e) => return Err(invalid(&e.to_string())),
         }
     }
-}
-
-fn header_value(s: &str) -> Result<HeaderValue, Rejection> {
-    HeaderValue::from_str(s).map_err(|_| Rejection::BadRequest("invalid header value"))
 }
 
 /// The upstream's own answer, with at most `MAX_RELAYED_BODY` of its body (by
@@ -601,9 +609,25 @@ mod tests {
     #[test]
     fn request_head_is_origin_form() {
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("up:8080"));
-        let head = request_head(&Uri::from_static("/ws?a=1"), &h);
-        assert_eq!(head, b"GET /ws?a=1 HTTP/1.1\r\nhost: up:8080\r\n\r\n");
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let upstream = Upstream {
+            authority: "up:8080".into(),
+            host_header: "up:8080".into(),
+            tls: None,
+            url: "ws://up:8080".into(),
+            resolved: Default::default(),
+            handshake_lines: crate::policy::handshake_lines("up:8080"),
+        };
+        let head = request_head(&Uri::from_static("/ws?a=1"), &h, &upstream, "k==", &[]);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET /ws?a=1 HTTP/1.1\r\nx-a: 1\r\nhost: up:8080\r\nconnection: Upgrade\r\n\
+             upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: k==\r\n\r\n"
+        );
+        let head = request_head(&Uri::from_static("/"), &h, &upstream, "k==", &["a", "b"]);
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .ends_with("sec-websocket-key: k==\r\nsec-websocket-protocol: a, b\r\n\r\n"));
     }
 
     #[test]

@@ -376,10 +376,11 @@ impl Validator<'_> {
         };
         Some(Upstream {
             authority,
-            host_header,
             tls,
             url: url.into_owned(),
             resolved: Default::default(),
+            handshake_lines: crate::policy::handshake_lines(&host_header),
+            host_header,
         })
     }
 
