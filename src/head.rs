@@ -103,12 +103,7 @@ pub async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, rejection: Rejection) -> 
     out.push(b' ');
     out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(&mut out, &parts.headers);
     out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
     out.extend_from_slice(&body);
     io.write_all(&out).await?;
@@ -154,12 +149,7 @@ pub async fn switch<I: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(&mut out, headers);
     // The upstream's own `date`, when it sent one, is the answer's (hyper adds none then).
     if !headers.contains_key(http::header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -169,6 +159,17 @@ pub async fn switch<I: AsyncWrite + Unpin>(
     out.extend_from_slice(b"\r\n");
     io.write_all(&out).await?;
     io.flush().await
+}
+
+/// Header fields as they go on the wire, `name: value` and CRLF each, in the map's order
+/// (values cannot hold CR or LF: `HeaderValue` refuses them).
+pub fn write_fields(out: &mut Vec<u8>, headers: &http::HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Now as an HTTP date (`Wed, 02 Dec 2026 00:07:00 GMT`), formatted once a second per

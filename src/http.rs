@@ -197,20 +197,42 @@ async fn respond(
     };
     let ticket = admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
     let strip = ticket.carriers_to_strip();
+    let (headers, target) = upstream_request(
+        conn,
+        request_id,
+        &ticket,
+        &strip,
+        &path,
+        req.uri(),
+        req.headers(),
+    );
+    *req.headers_mut() = headers;
+    crate::proxy::forward(&gate.pass_clients, &route, &target, req).await
+}
+
+/// What goes upstream for an admitted request: its headers (forwarded, with the gate's
+/// own) and its target, both without the token carriers in `strip`.
+fn upstream_request(
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+    ticket: &admission::Ticket,
+    strip: &[crate::policy::TokenSource],
+    path: &str,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> (HeaderMap, String) {
     let fwd = Forwarding {
         peer: conn.peer.ip(),
         peer_trusted: ticket.peer.trusted,
         tls: conn.tls,
         request_id,
         claim_headers: &ticket.claim_headers,
-        claim_header_names: &route.auth.forward_claims,
-        token_sources: &strip,
+        claim_header_names: &ticket.route.auth.forward_claims,
+        token_sources: strip,
     };
-    let headers = upstream::forward_headers(req.headers(), &fwd);
-    let target =
-        upstream::strip_token_params(&crate::path::with_query(&path, req.uri().query()), &strip);
-    *req.headers_mut() = headers;
-    crate::proxy::forward(&gate.pass_clients, &route, &target, req).await
+    let headers = upstream::forward_headers(headers, &fwd);
+    let target = upstream::strip_token_params(&crate::path::with_query(path, uri.query()), strip);
+    (headers, target)
 }
 
 /// An upgrade: checked, admitted, the upstream's handshake done; the 101 to write and what
@@ -247,18 +269,15 @@ async fn switch(
 
     let strip = ticket.carriers_to_strip();
     let to_upstream = upstream::strip_token_protocols(&protocols, &strip);
-    let fwd = Forwarding {
-        peer: conn.peer.ip(),
-        peer_trusted: ticket.peer.trusted,
-        tls: conn.tls,
+    let (headers, target) = upstream_request(
+        conn,
         request_id,
-        claim_headers: &ticket.claim_headers,
-        claim_header_names: &route.auth.forward_claims,
-        token_sources: &strip,
-    };
-    let headers = upstream::forward_headers(&parts.headers, &fwd);
-    let target =
-        upstream::strip_token_params(&crate::path::with_query(&path, parts.uri.query()), &strip);
+        &ticket,
+        &strip,
+        &path,
+        &parts.uri,
+        &parts.headers,
+    );
     let mut socket = upstream::open(&route, &target, headers, &to_upstream).await?;
 
     let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);

@@ -431,12 +431,7 @@ fn request_head(
     head.extend_from_slice(b"GET ");
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    crate::head::write_fields(&mut head, headers);
     head.extend_from_slice(upstream.handshake_lines.as_bytes());
     head.extend_from_slice(b"sec-websocket-key: ");
     head.extend_from_slice(key.as_bytes());

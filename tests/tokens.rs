@@ -240,6 +240,38 @@ async fn admitted_once_keys_fetched(gate: &TestGate, token: &str) -> Client {
     }
 }
 
+/// A gate on `/ws` whose ES256 keys come from `server`, refreshed every second.
+async fn refreshing_gate(upstream: &Upstream, server: &KeyServer) -> TestGate {
+    let policy = auth_policy(
+        &upstream.url(),
+        &format!(
+            "{{algorithms: [ES256], keys: [{{jwks_url: \"{}\", refresh_seconds: 1}}]}}",
+            server.url()
+        ),
+    );
+    TestGate::start(&policy).await
+}
+
+/// Retry the upgrade while the gate answers 401 (a refresh has not brought the token's
+/// key in yet), up to 5 s.
+async fn admitted_once_refreshed(gate: &TestGate, token: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match gate.connect_request(bearer(gate, "/ws", token)).await {
+            Ok((_, response)) => {
+                assert_eq!(response.status(), 101);
+                return;
+            }
+            Err(tungstenite::Error::Http(r))
+                if r.status() == 401 && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the refreshed key set was not used: {e}"),
+        }
+    }
+}
+
 fn header_values(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(name)
@@ -1106,36 +1138,12 @@ async fn underscored_spellings_of_identity_headers_are_dropped() {
 async fn jwks_url_is_refreshed_every_refresh_seconds() {
     let upstream = Upstream::start().await;
     let server = KeyServer::start(ec_jwks(&[("ec.key", "a")])).await;
-    let policy = auth_policy(
-        &upstream.url(),
-        &format!(
-            "{{algorithms: [ES256], keys: [{{jwks_url: \"{}\", refresh_seconds: 1}}]}}",
-            server.url()
-        ),
-    );
-    let gate = TestGate::start(&policy).await;
+    let gate = refreshing_gate(&upstream, &server).await;
     admitted_once_keys_fetched(&gate, &es256("ec.key", None)).await;
     // Rotate; a kid-less token cannot trigger a refetch, so only the refresh can let the
     // new key in.
     server.serve(ec_jwks(&[("ec2.key", "b")]));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match gate
-            .connect_request(bearer(&gate, "/ws", &es256("ec2.key", None)))
-            .await
-        {
-            Ok((_, response)) => {
-                assert_eq!(response.status(), 101);
-                break;
-            }
-            Err(tungstenite::Error::Http(r))
-                if r.status() == 401 && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the refreshed key set was not used: {e}"),
-        }
-    }
+    admitted_once_refreshed(&gate, &es256("ec2.key", None)).await;
     invalid(&gate, &es256("ec.key", None)).await;
 }
 
@@ -1143,14 +1151,7 @@ async fn jwks_url_is_refreshed_every_refresh_seconds() {
 async fn jwks_url_failed_refresh_keeps_the_last_good_set() {
     let upstream = Upstream::start().await;
     let server = KeyServer::start(ec_jwks(&[("ec.key", "a")])).await;
-    let policy = auth_policy(
-        &upstream.url(),
-        &format!(
-            "{{algorithms: [ES256], keys: [{{jwks_url: \"{}\", refresh_seconds: 1}}]}}",
-            server.url()
-        ),
-    );
-    let gate = TestGate::start(&policy).await;
+    let gate = refreshing_gate(&upstream, &server).await;
     admitted_once_keys_fetched(&gate, &es256("ec.key", None)).await;
     server.serve("{ this is not a key set".to_owned());
     // Every request counted from here on is answered with the broken document.
@@ -1353,31 +1354,14 @@ async fn a_kept_token_is_refused_once_it_expires() {
 async fn a_kept_token_is_refused_once_its_key_leaves_the_fetched_set() {
     let upstream = Upstream::start().await;
     let server = KeyServer::start(ec_jwks(&[("ec.key", "a")])).await;
-    let policy = auth_policy(
-        &upstream.url(),
-        &format!(
-            "{{algorithms: [ES256], keys: [{{jwks_url: \"{}\", refresh_seconds: 1}}]}}",
-            server.url()
-        ),
-    );
-    let gate = TestGate::start(&policy).await;
+    let gate = refreshing_gate(&upstream, &server).await;
     let kept = es256("ec.key", None);
     admitted_once_keys_fetched(&gate, &kept).await;
     admitted(&gate, &kept).await;
     // The issuer rotates to ec2; once the refresh has brought it in, the token signed by
     // the key that left is refused, though it was verified (and kept) before.
     server.serve(ec_jwks(&[("ec2.key", "b")]));
-    let rotated = es256("ec2.key", None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match gate.connect_request(bearer(&gate, "/ws", &rotated)).await {
-            Ok(_) => break,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the refreshed key set was not used: {e}"),
-        }
-    }
+    admitted_once_refreshed(&gate, &es256("ec2.key", None)).await;
     invalid(&gate, &kept).await;
 }
 
