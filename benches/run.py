@@ -6,7 +6,7 @@ round-robin over the repetitions, servers pinned to CPU 0 and the load to CPU 1 
 taskset. It prints the medians, the ratios to direct and wsgate's ratio to the best of
 nginx and HAProxy, and writes a markdown report and a JSON file.
 
-    python3 benches/run.py                 # the full run (3 repetitions, ~15 minutes)
+    python3 benches/run.py                 # the full run (3 repetitions, ~20 minutes)
     python3 benches/run.py --smoke         # 1 short repetition, small N (seconds; CI)
 
 Only the standard library; nginx and HAProxy come from Debian's packages (skipped, and
@@ -193,10 +193,12 @@ backend be
         self.p.stop()
 
 
-def mint(work):
-    """The token pools of AUTH, minted by `wsload tokens`: target -> file."""
+def mint(work, smoke=False):
+    """The token pools of AUTH, minted by `wsload tokens`: target -> file. The smoke run
+    takes 100 of each (minting 10,000 RS256 tokens takes seconds; it checks nothing)."""
     pools = {}
     for target, (_, alg, n) in AUTH.items():
+        n = min(n, 100) if smoke else n
         path = work / f"tokens-{alg}-{n}.txt"
         if not path.exists():
             cmd = [str(RELEASE / "wsload"), "tokens", "--alg", alg, "-n", str(n),
@@ -280,7 +282,7 @@ def main():
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wsgate-bench-") as tmp:
         work = Path(tmp)
-        pools = mint(work)
+        pools = mint(work, opts.smoke)
         for rep in range(reps):
             servers = Servers(work, pin_servers, have)
             try:
