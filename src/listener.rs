@@ -236,12 +236,15 @@ async fn serve_http<I>(
     }
     let shutdown = gate.shutdown.token();
     let service_gate = gate.clone();
-    // Released once the first request has its answer.
-    let opening = std::sync::Mutex::new(Some(opening));
-    let decided = std::sync::Mutex::new(decided);
+    // What the first request has: the drain's hold on the connection, released once it
+    // is answered, and the answer already decided (a refused upgrade), if any.
+    let first = std::sync::Mutex::new(Some((opening, decided)));
     let service = service_fn(move |req| {
-        let first = opening.lock().ok().and_then(|mut o| o.take());
-        let decided = decided.lock().ok().and_then(|mut d| d.take());
+        let (first, decided) = first
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .map_or((None, None), |(opening, decided)| (Some(opening), decided));
         let gate = service_gate.clone();
         async move {
             let answered = match decided {

@@ -257,18 +257,16 @@ pub async fn admit<'a>(
             v.check(claims_rule(auth, None))?;
             None
         }
-        Some(found) => {
-            match token::verify_cached(found.token, route, &state.jwks, &state.verified).await {
-                Ok(claims) => {
-                    v.check(claims_rule(auth, Some(&claims)))?;
-                    Some(claims)
-                }
-                Err(rejection) => {
-                    v.fail(rejection)?;
-                    None
-                }
+        Some(found) => match state.verified.verify(found.token, route, &state.jwks).await {
+            Ok(claims) => {
+                v.check(claims_rule(auth, Some(&claims)))?;
+                Some(claims)
             }
-        }
+            Err(rejection) => {
+                v.fail(rejection)?;
+                None
+            }
+        },
     };
     let subject = claims
         .as_ref()

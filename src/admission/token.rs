@@ -7,9 +7,8 @@ use jsonwebtoken::{crypto, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::JwksCache;
-use super::verified::Verified;
 use super::Rejection;
-use crate::policy::{Auth, Key, KeyFamily, Route, TokenSource};
+use crate::policy::{Auth, Key, KeyFamily, TokenSource};
 use std::sync::Arc;
 
 /// `Retry-After` while a `jwks_url` key set is not available.
@@ -146,28 +145,6 @@ pub fn deadline(
     now.checked_add(at.saturating_sub(unix_now))
 }
 
-/// [`verify`], answered from `verified` when this route already verified this token
-/// under the same key sets and it has not expired since (see [`super::verified`]).
-pub async fn verify_cached(
-    token: &str,
-    route: &Arc<Route>,
-    jwks: &JwksCache,
-    verified: &Verified,
-) -> Result<Claims, Rejection> {
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(Rejection::InvalidToken);
-    }
-    // The key-set generation is read before the keys are: a change during the
-    // verification leaves an entry that the next lookup will not take.
-    let lookup = match verified.get(route, token, jwks.generation(), unix_now()) {
-        Ok(claims) => return Ok(claims),
-        Err(lookup) => lookup,
-    };
-    let claims = verify(token, &route.auth, jwks).await?;
-    verified.insert(lookup, route, &claims);
-    Ok(claims)
-}
-
 /// Verify signature, algorithm, `exp`, `nbf`, `iss` and `aud` against the route's policy.
 /// Keys are the route's own plus its fetched JWKS; a `kid` none of them has triggers at
 /// most one refetch. The header is decoded once, the payload once, after a signature
@@ -234,7 +211,7 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use lru::LruCache;
 
-use super::token::Claims;
+use super::jwks::JwksCache;
+use super::token::{self, Claims, MAX_TOKEN_BYTES};
+use super::Rejection;
 use crate::policy::Route;
 
 /// Most entries kept; the least recently used goes first. A token's claims are a few
@@ -72,6 +74,28 @@ pub struct Lookup {
 }
 
 impl Verified {
+    /// [`token::verify`], answered from the table when this route already verified this
+    /// token under the same key sets and it has not expired since.
+    pub async fn verify(
+        &self,
+        token: &str,
+        route: &Arc<Route>,
+        jwks: &JwksCache,
+    ) -> Result<Claims, Rejection> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Rejection::InvalidToken);
+        }
+        // The key-set generation is read before the keys are: a change during the
+        // verification leaves an entry that the next lookup will not take.
+        let lookup = match self.get(route, token, jwks.generation(), token::unix_now()) {
+            Ok(claims) => return Ok(claims),
+            Err(lookup) => lookup,
+        };
+        let claims = token::verify(token, &route.auth, jwks).await?;
+        self.insert(lookup, route, &claims);
+        Ok(claims)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -128,15 +152,6 @@ impl Verified {
         let mut inner = self.lock();
         inner.entries.clear();
         inner.epoch += 1;
-    }
-
-    /// Entries held now.
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
