@@ -20,7 +20,9 @@ use crate::Target;
 
 // ----- the echo upstream -----------------------------------------------------------
 
-pub(crate) async fn serve(listen: SocketAddr) -> Result<Value, String> {
+/// The echo upstream: tungstenite's, or with `deflate` the reflecting one that accepts
+/// permessage-deflate (see `deflate`).
+pub(crate) async fn serve(listen: SocketAddr, deflate: bool) -> Result<Value, String> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("bind {listen}: {e}"))?;
@@ -36,6 +38,10 @@ pub(crate) async fn serve(listen: SocketAddr) -> Result<Value, String> {
             }
         };
         let _ = tcp.set_nodelay(true);
+        if deflate {
+            tokio::spawn(crate::deflate::reflector(tcp));
+            continue;
+        }
         tokio::spawn(async move {
             let config = ws_config(64 * 1024);
             let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
@@ -56,17 +62,20 @@ pub(crate) async fn serve(listen: SocketAddr) -> Result<Value, String> {
 
 // ----- echo ------------------------------------------------------------------------
 
-struct Tally {
-    histogram: Histogram<u64>,
-    done: u64,
-    errors: BTreeMap<&'static str, u64>,
+pub(crate) struct Tally {
+    pub(crate) histogram: Histogram<u64>,
+    pub(crate) done: u64,
+    /// Payload bytes on the wire, where they differ from the messages' (compressed).
+    pub(crate) wire: u64,
+    pub(crate) errors: BTreeMap<&'static str, u64>,
 }
 
 impl Tally {
-    fn new() -> Tally {
+    pub(crate) fn new() -> Tally {
         Tally {
             histogram: histogram(),
             done: 0,
+            wire: 0,
             errors: BTreeMap::new(),
         }
     }
@@ -74,13 +83,14 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         let _ = self.histogram.add(&other.histogram);
         self.done += other.done;
+        self.wire += other.wire;
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
     }
 
     /// The tallies of `tasks`, merged once each has finished.
-    async fn sum(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Result<Tally, String> {
+    pub(crate) async fn sum(tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Result<Tally, String> {
         let mut total = Tally::new();
         for task in tasks {
             total.merge(task.await.map_err(|e| e.to_string())?);
@@ -220,15 +230,20 @@ pub(crate) async fn connect(
 
 // ----- hold ------------------------------------------------------------------------
 
+/// With `deflate` (the size of a message), each connection negotiates permessage-deflate
+/// and echoes one compressed message of that size before it idles, so that whatever a
+/// target keeps per compressed connection once it has carried a message is counted.
 pub(crate) async fn hold(
     target: Target,
     connections: usize,
     seconds: Duration,
     pid: Option<u32>,
+    deflate: Option<usize>,
 ) -> Result<Value, String> {
     // Idle connections never carry more than pings: a small read buffer keeps the
     // load generator itself at a few KiB per connection.
     let dialer = Dialer::new(&target, 1024)?;
+    let messages = deflate.map(crate::deflate::messages).transpose()?;
     let settle = || tokio::time::sleep(Duration::from_secs(1));
     settle().await;
     let rss_before = pid.and_then(rss_kib);
@@ -241,7 +256,20 @@ pub(crate) async fn hold(
         tokio::spawn(async move {
             for i in 0..connections {
                 let dialer = dialer.clone();
-                let attempt = tokio::spawn(async move { dialer.open(i).await });
+                let messages = messages.clone();
+                let attempt = tokio::spawn(async move {
+                    // Reading answers the proxy's pings; returns when the connection ends.
+                    if let Some(messages) = messages {
+                        let mut c = crate::deflate::open(&dialer, i, 4096).await?;
+                        let m = &messages[i % messages.len()];
+                        crate::deflate::round_trip(&mut c, m, &mut Vec::new()).await?;
+                        return Ok(tokio::spawn(crate::deflate::idle(c)));
+                    }
+                    let mut ws = dialer.open(i).await?;
+                    Ok(tokio::spawn(async move {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }))
+                });
                 if tx.send(attempt).await.is_err() {
                     return;
                 }
@@ -251,10 +279,7 @@ pub(crate) async fn hold(
     let opening = Instant::now();
     while let Some(attempt) = rx.recv().await {
         match attempt.await {
-            Ok(Ok(mut ws)) => readers.push(tokio::spawn(async move {
-                // Reading answers the proxy's pings; returns when the connection ends.
-                while let Some(Ok(_)) = ws.next().await {}
-            })),
+            Ok(Ok(reader)) => readers.push(reader),
             Ok(Err(kind)) => count(&mut errors, kind),
             Err(_) => count(&mut errors, "panic"),
         }
@@ -283,6 +308,7 @@ pub(crate) async fn hold(
     let s = seconds.as_secs_f64();
     Ok(json!({
         "mode": "hold",
+        "deflate": deflate.is_some(),
         "connections": connections,
         "opened": opened,
         "open_seconds": open_seconds,

@@ -95,23 +95,13 @@ impl Dialer {
     }
 
     pub(crate) async fn open(&self, i: usize) -> Result<Ws, &'static str> {
-        let tcp = timed(self.tcp(i)).await.flatten().ok_or("connect")?;
-        let stream: Box<dyn Io> = match &self.tls {
-            Some((connector, name)) => Box::new(
-                timed(connector.connect(name.clone(), tcp))
-                    .await
-                    .and_then(Result::ok)
-                    .ok_or("tls")?,
-            ),
-            None => Box::new(tcp),
-        };
+        let stream = self.stream(i).await?;
         let config = ws_config(self.read_buffer);
         let mut request = self.request.clone();
-        if !self.bearers.is_empty() {
-            let bearer = self.bearers[i % self.bearers.len()].clone();
+        if let Some(bearer) = self.bearer(i) {
             request.headers_mut().insert(
                 tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
-                bearer,
+                bearer.clone(),
             );
         }
         let upgrade = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
@@ -121,6 +111,25 @@ impl Dialer {
             Some(Err(_)) => Err("upgrade"),
             None => Err("upgrade_timeout"),
         }
+    }
+
+    /// The i-th connection's byte stream, before the upgrade: TCP, and TLS for wss://.
+    pub(crate) async fn stream(&self, i: usize) -> Result<Box<dyn Io>, &'static str> {
+        let tcp = timed(self.tcp(i)).await.flatten().ok_or("connect")?;
+        Ok(match &self.tls {
+            Some((connector, name)) => Box::new(
+                timed(connector.connect(name.clone(), tcp))
+                    .await
+                    .and_then(Result::ok)
+                    .ok_or("tls")?,
+            ),
+            None => Box::new(tcp),
+        })
+    }
+
+    /// The `Authorization` value of the i-th client of the pool (`--tokens`), if any.
+    pub(crate) fn bearer(&self, i: usize) -> Option<&HeaderValue> {
+        (!self.bearers.is_empty()).then(|| &self.bearers[i % self.bearers.len()])
     }
 
     pub(crate) async fn tcp(&self, i: usize) -> Option<tokio::net::TcpStream> {

@@ -1,13 +1,15 @@
 //! wsload: the load generator (and echo upstream) of wsgate's benchmark harness.
 //!
 //! `serve` is the echo upstream every target fronts; `echo`, `connect`, `hold` and `big` are
-//! the four loads of `benches/run.py`; `sessions`, `attack`, `storm`, `exhaust` and `soak` are
+//! the four loads of `benches/run.py` (`serve`, `echo` and `hold` with `--deflate` its
+//! compressed rows); `sessions`, `attack`, `storm`, `exhaust` and `soak` are
 //! the healthy traffic and the hostile clients of `benches/soak.py`. Each load prints one
 //! JSON object on stdout (progress, if any, goes to stderr). It runs on a current-thread
 //! runtime: the harness pins it to one CPU.
 #![forbid(unsafe_code)]
 
 mod basic;
+mod deflate;
 mod dial;
 mod hostile;
 mod measure;
@@ -52,6 +54,11 @@ enum Mode {
     Serve {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Accept permessage-deflate (answering any offer it can honour with no context
+        /// takeover either way) and send every frame back as it came, RSV1 and payload
+        /// unchanged, from a raw-frame loop instead of tungstenite (which refuses RSV1).
+        #[arg(long)]
+        deflate: bool,
     },
     /// C connections in a closed loop, one message of S bytes in flight each.
     Echo {
@@ -66,6 +73,11 @@ enum Mode {
         seconds: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
+        /// Offer permessage-deflate (no context takeover) and send S-byte JSON-like text
+        /// messages compressed; fails unless every 101 accepts the extension. Reports
+        /// wire_mb_per_s (compressed) beside mb_per_s (message bytes).
+        #[arg(long)]
+        deflate: bool,
     },
     /// C workers each looping connect, [TLS], upgrade, one echo, close.
     Connect {
@@ -90,6 +102,13 @@ enum Mode {
         /// The process whose RSS and CPU are measured (the proxy).
         #[arg(long)]
         pid: Option<u32>,
+        /// Negotiate permessage-deflate and echo one compressed JSON-like message of
+        /// --size bytes on each connection before it idles.
+        #[arg(long)]
+        deflate: bool,
+        /// With --deflate, the size of that message.
+        #[arg(short = 's', long, default_value_t = 16384)]
+        size: usize,
     },
     /// One connection sends N messages of S bytes, one at a time, reading each echo; each
     /// round trip is timed, and the RSS of --pid sampled while it is under way.
@@ -298,14 +317,22 @@ fn main() {
                 ttl,
                 out,
             } => tokens(&alg, key.as_deref(), count, ttl, &out),
-            Mode::Serve { listen } => serve(listen).await,
+            Mode::Serve { listen, deflate } => serve(listen, deflate).await,
             Mode::Echo {
                 target,
                 connections,
                 size,
                 seconds,
                 warmup,
-            } => echo(target, connections, size, secs(seconds), secs(warmup)).await,
+                deflate,
+            } => {
+                let (seconds, warmup) = (secs(seconds), secs(warmup));
+                if deflate {
+                    deflate::echo(target, connections, size, seconds, warmup).await
+                } else {
+                    echo(target, connections, size, seconds, warmup).await
+                }
+            }
             Mode::Connect {
                 target,
                 connections,
@@ -317,7 +344,18 @@ fn main() {
                 connections,
                 seconds,
                 pid,
-            } => hold(target, connections, secs(seconds), pid).await,
+                deflate,
+                size,
+            } => {
+                hold(
+                    target,
+                    connections,
+                    secs(seconds),
+                    pid,
+                    deflate.then_some(size),
+                )
+                .await
+            }
             Mode::Big {
                 target,
                 size,
