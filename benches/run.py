@@ -9,6 +9,12 @@ nginx and HAProxy, and writes a markdown report and a JSON file.
     python3 benches/run.py                 # the full run (3 repetitions, ~20 minutes)
     python3 benches/run.py --smoke         # 1 short repetition, small N (seconds; CI)
 
+The compressed rows (`--deflate`) go to an upstream of their own, `wsload serve --deflate`,
+which accepts permessage-deflate and sends each frame back as it came: nginx and HAProxy
+pass the compressed frames blindly, wsgate relays them with `messages: {compression: pass}`
+(inflating a copy of each message to check it). wsgate's ratio to nginx on those rows is the
+target the issue set (TARGETS).
+
 Only the standard library; nginx and HAProxy come from Debian's packages (skipped, and
 said so, when missing). Every process started here is stopped before it returns.
 """
@@ -33,6 +39,15 @@ ORIGIN = "https://app.example"
 ECHO_TARGETS = ["direct", "nginx", "haproxy", "wsgate"]
 PROXIES = ["nginx", "haproxy"]
 LOWER_IS_BETTER = {"kib_per_connection", "rss_growth_kib"}
+# Tests on servers started for them (see tests()).
+FRESH = {"hold compressed", "big message 16 MiB"}
+# test -> (proxy, least ratio of wsgate to it): targets printed with the report (never
+# enforced: a shared machine's noise must not fail a run).
+TARGETS = {"echo 16 KiB JSON compressed C=50": ("nginx", 0.8)}
+# wsgate's compressed route, and what it needs there (`compression: pass` relays
+# permessage-deflate; a gate that does not know the field refuses the policy).
+DEFLATE_PATH = "/deflate"
+DEFLATE_MESSAGES = "{compression: pass}"
 
 # wsgate with a token (a pool of clients, each with its own) and an Origin check:
 # target -> (route, algorithm, pool size). "warm": 1,000 tokens, which the gate's table of
@@ -53,14 +68,27 @@ def tests(smoke):
     n_hold = "200" if smoke else "9000"
     hold_s = "1" if smoke else "30"
     n_big = "1" if smoke else "3"
+    # Compressed connections each carry one 16 KiB message each way, then idle: what a
+    # target keeps per compressed connection after a message. The window is short (the
+    # plain hold row measures idle CPU).
+    n_hold_z = "100" if smoke else "9000"
+    hold_z_s = "0.2" if smoke else "5"
     return [
         # Hold first in every repetition: each repetition starts fresh servers, so the
         # RSS per connection is measured on a process that has not yet grown for load.
         ("hold", "hold", ["-n", n_hold, "-d", hold_s], ECHO_TARGETS, "kib_per_connection"),
         ("hold TLS", "hold", ["-n", n_hold, "-d", hold_s], ["nginx-tls", "wsgate-tls"],
          "kib_per_connection"),
+        # On servers of their own, like hold's: the heap freed by hold's connections would
+        # absorb these.
+        ("hold compressed", "hold", ["-n", n_hold_z, "-d", hold_z_s, "--deflate"], ECHO_TARGETS,
+         "kib_per_connection"),
         ("echo 64 B C=50", "echo", ["-c", "50", "-s", "64"] + d, ECHO_TARGETS, "messages_per_s"),
         ("echo 16 KiB C=50", "echo", ["-c", "50", "-s", "16384"] + d, ECHO_TARGETS, "mb_per_s"),
+        # JSON-like text that deflate shrinks ~5x, compressed on both legs; MB/s of message
+        # (inflated) bytes, the wire's beside it.
+        ("echo 16 KiB JSON compressed C=50", "echo", ["-c", "50", "-s", "16384", "--deflate"] + d,
+         ECHO_TARGETS, "mb_per_s"),
         ("echo 1 MiB C=10", "echo", ["-c", "10", "-s", "1048576"] + d, ECHO_TARGETS, "mb_per_s"),
         ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + list(AUTH),
          "upgrades_per_s"),
@@ -76,7 +104,10 @@ def tests(smoke):
 
 
 class Servers:
-    """The upstream and every proxy, started together and stopped together."""
+    """The upstreams and every proxy, started together and stopped together."""
+
+    # Said once a run: this wsgate refuses `compression: pass`.
+    told_no_deflate = False
 
     def __init__(self, work, taskset, have):
         self.work = work
@@ -94,6 +125,9 @@ class Servers:
         up = free_port()
         self.spawn("upstream", [str(RELEASE / "wsload"), "serve", "--listen",
                                 f"127.0.0.1:{up}"], up, False)
+        upz = free_port()
+        self.spawn("upstream-deflate", [str(RELEASE / "wsload"), "serve", "--deflate",
+                                        "--listen", f"127.0.0.1:{upz}"], upz, False)
         pol = w / "policy"
         pol.mkdir(exist_ok=True)
         (pol / "secret").write_text(SECRET)
@@ -118,7 +152,10 @@ routes:
   - path: /auth-rs256
     auth: {{required: true, algorithms: [RS256], keys: [{{public_key_file: "{KEYS['RS256']}.pub.pem"}}]}}
     origin: {{allow: ["{ORIGIN}"], allow_missing: false}}
+  - path: {DEFLATE_PATH}
+    upstream: ws://127.0.0.1:{upz}
 """)
+        self.deflate_route(pol / "policy.yaml")
         gate = [str(RELEASE / "wsgate"), "run", "--policy", str(pol / "policy.yaml"),
                 "--admin", "off", "--log-format", "json"]
         port = free_port()
@@ -145,19 +182,20 @@ http {{
   uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
   map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
   upstream echo {{ server 127.0.0.1:{up}; }}
+  upstream echo_deflate {{ server 127.0.0.1:{upz}; }}
+  proxy_http_version 1.1;
+  proxy_set_header Upgrade $http_upgrade;
+  proxy_set_header Connection $connection_upgrade;
+  proxy_read_timeout 3600s;
+  proxy_send_timeout 3600s;
   server {{
     listen 127.0.0.1:{plain};
     listen 127.0.0.1:{tls} ssl;
     ssl_certificate {ROOT}/certs/localhost.pem;
     ssl_certificate_key {ROOT}/certs/localhost.key;
-    location / {{
-      proxy_pass http://echo;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header Connection $connection_upgrade;
-      proxy_read_timeout 3600s;
-      proxy_send_timeout 3600s;
-    }}
+    location / {{ proxy_pass http://echo; }}
+    # Sec-WebSocket-Extensions passes both ways, as every header nginx does not set.
+    location {DEFLATE_PATH} {{ proxy_pass http://echo_deflate; }}
   }}
 }}
 """)
@@ -179,15 +217,34 @@ defaults
   timeout tunnel 1h
 frontend fe
   bind 127.0.0.1:{port}
+  use_backend be_deflate if {{ path_beg {DEFLATE_PATH} }}
   default_backend be
 backend be
   server s1 127.0.0.1:{up}
+backend be_deflate
+  server s1 127.0.0.1:{upz}
 """)
             self.spawn("haproxy", [self.have["haproxy"], "-f", str(w / "haproxy.cfg"), "-db"],
                        port, True)
         self.p.alias("direct", "upstream")
         for target in AUTH:
             self.p.alias(target, "wsgate")
+
+    def deflate_route(self, policy):
+        """Adds `messages: {compression: pass}` to the compressed route (the policy's last)
+        if this wsgate accepts it; one that does not keeps the route without it, and its
+        compressed rows fail at the 101 (permessage-deflate not accepted), not the run."""
+        plain = policy.read_text()
+        policy.write_text(plain + f"    messages: {DEFLATE_MESSAGES}\n")
+        check = subprocess.run([str(RELEASE / "wsgate"), "check", str(policy)],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            policy.write_text(plain)
+            if not Servers.told_no_deflate:
+                Servers.told_no_deflate = True
+                why = (check.stderr or check.stdout).strip().splitlines()
+                print(f"bench: this wsgate refuses messages: {DEFLATE_MESSAGES} "
+                      f"({why[0] if why else check.returncode}); its compressed rows will fail")
 
     def stop(self):
         self.p.stop()
@@ -212,10 +269,15 @@ def mint(work, smoke=False):
 
 
 def load(servers, taskset_load, mode, args, target, pools):
-    port = servers.ports[target]
+    deflate = "--deflate" in args
+    # The compressed rows' direct target is their own upstream.
+    server = "upstream-deflate" if deflate and target == "direct" else target
+    port = servers.ports[server]
     tls = target.endswith("-tls")
-    # wsgate's /big route lets the 16 MiB message through; nginx and HAProxy proxy every path.
-    path = AUTH[target][0] if target in AUTH else "/big" if mode == "big" else "/ws"
+    # wsgate's /big route lets the 16 MiB message through; nginx and HAProxy proxy every path
+    # (DEFLATE_PATH to the compressed upstream).
+    path = (AUTH[target][0] if target in AUTH else "/big" if mode == "big"
+            else DEFLATE_PATH if deflate else "/ws")
     cmd = taskset_load + [str(RELEASE / "wsload"), mode,
                           "--url", f"{'wss' if tls else 'ws'}://{'localhost' if tls else '127.0.0.1'}:{port}{path}"]
     if tls:
@@ -223,7 +285,7 @@ def load(servers, taskset_load, mode, args, target, pools):
     if target in AUTH:
         cmd += ["--tokens", str(pools[target]), "--header", f"Origin: {ORIGIN}"]
     if mode in ("hold", "big"):
-        cmd += ["--pid", str(servers.procs[target].pid)]
+        cmd += ["--pid", str(servers.procs[server].pid)]
     out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         return {"failed": out.stderr.strip()[-300:]}
@@ -288,7 +350,7 @@ def main():
             try:
                 servers.start()
                 for i, (name, mode, args, targets, _) in enumerate(plan):
-                    if mode == "big" and i > 0:
+                    if name in FRESH and i > 0:
                         # Its own fresh servers (see tests()).
                         servers.stop()
                         servers.start()
@@ -298,7 +360,7 @@ def main():
                         r = load(servers, pin_load, mode, args, target, pools)
                         results[name].setdefault(target, []).append(r)
                         brief = r.get("failed") or {k: r.get(k) for k in (
-                            "messages_per_s", "mb_per_s", "upgrades_per_s",
+                            "messages_per_s", "mb_per_s", "wire_mb_per_s", "upgrades_per_s",
                             "kib_per_connection", "rss_growth_kib", "alive",
                             "cpu_percent_of_core") if k in r}
                         print(f"[{rep + 1}/{reps}] {name:18} {target:12} {brief}", flush=True)
@@ -314,6 +376,8 @@ def main():
     md = markdown(report)
     (out / f"bench-{stamp}.md").write_text(md)
     print(md)
+    for line in target_lines(report):
+        print(f"bench: {line}")
     print(f"bench: wrote {out}/bench-{stamp}.md and .json")
 
 
@@ -328,6 +392,7 @@ def summarize(plan, results, reps, pinned, seconds):
                 "alive": median(metric(r, "alive") for r in runs),
                 "cpu_percent_of_core": median(metric(r, "cpu_percent_of_core") for r in runs),
                 "mb_per_s": median(metric(r, "mb_per_s") for r in runs),
+                "wire_mb_per_s": median(metric(r, "wire_mb_per_s") for r in runs),
                 "failed": [r["failed"] for r in runs if "failed" in r],
                 "errors": [r.get("errors") for r in runs if r.get("errors")],
             }
@@ -346,9 +411,24 @@ def summarize(plan, results, reps, pinned, seconds):
             if target in med and plain:
                 a = med[target]["value"]
                 med[target]["ratio_to_wsgate"] = a / plain if a else None
-        rows.append({"test": name, "mode": mode, "args": args, "metric": key,
-                     "lower_is_better": lower_is_better, "best_proxy": best, "targets": med,
-                     "runs": results[name]})
+        row = {"test": name, "mode": mode, "args": args, "metric": key,
+               "lower_is_better": lower_is_better, "best_proxy": best, "targets": med,
+               "runs": results[name]}
+        if name in TARGETS:
+            proxy, least = TARGETS[name]
+            v = (med.get("wsgate") or {}).get("value")
+            p = (med.get(proxy) or {}).get("value")
+            ratio = v / p if v is not None and p else None
+            row["target"] = {"proxy": proxy, "least": least, "ratio": ratio,
+                             "met": ratio >= least if ratio is not None else None}
+        rows.append(row)
+    # The compressed hold beside the plain one: what compression adds per connection.
+    by_name = {r["test"]: r for r in rows}
+    if "hold compressed" in by_name and "hold" in by_name:
+        for target, m in by_name["hold compressed"]["targets"].items():
+            plain = (by_name["hold"]["targets"].get(target) or {}).get("value")
+            if m["value"] is not None and plain is not None:
+                m["over_plain_kib"] = m["value"] - plain
     return {"reps": reps, "pinned": pinned, "seconds": round(seconds),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "tests": rows}
 
@@ -372,6 +452,13 @@ def markdown(report):
                     notes.append(f"CPU {m['cpu_percent_of_core']:.2f}% of a core")
             if row["mode"] == "big" and m["mb_per_s"] is not None:
                 notes.append(f"{fmt(m['mb_per_s'])} MB/s")
+            if m.get("wire_mb_per_s") is not None:
+                notes.append(f"wire {fmt(m['wire_mb_per_s'])} MB/s")
+            if m.get("over_plain_kib") is not None:
+                notes.append(f"{m['over_plain_kib']:+.1f} KiB over plain hold")
+            t = row.get("target")
+            if t and target == "wsgate":
+                notes.append(target_line(row["test"], t, short=True))
             if m["failed"]:
                 notes.append(f"failed: {m['failed'][0][:80]}")
             if m["errors"]:
@@ -390,6 +477,17 @@ def markdown(report):
                 fmt(m["ratio_to_direct"], 2) if m.get("ratio_to_direct") is not None else "",
                 versus, "; ".join(notes)))
     return "\n".join(lines) + "\n"
+
+
+def target_line(test, t, short=False):
+    ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}×"
+    verdict = "no figure" if t["met"] is None else "met" if t["met"] else "NOT met"
+    head = "" if short else f"{test}: "
+    return f"{head}wsgate / {t['proxy']} {ratio} (target ≥ {t['least']}×: {verdict})"
+
+
+def target_lines(report):
+    return [target_line(row["test"], row["target"]) for row in report["tests"] if "target" in row]
 
 
 if __name__ == "__main__":
