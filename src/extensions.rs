@@ -3,13 +3,11 @@
 //! upstream in their order with their parameters; the upstream's answer must accept one
 //! of them exactly as RFC 7692 allows (anything else is a 502), and it is what the client
 //! gets. The gate adds no parameter of its own: its inflate state is bounded whatever is
-//! agreed (see [`crate::relay::inflate`]). Extensions other than permessage-deflate are
+//! agreed (see `relay/inflate.rs`). Extensions other than permessage-deflate are
 //! never offered upstream: the gate could not check their frames.
 
 use http::header::SEC_WEBSOCKET_EXTENSIONS;
 use http::{HeaderMap, HeaderValue};
-
-use crate::relay::frame::Deflate;
 
 const NAME: &str = "permessage-deflate";
 
@@ -116,6 +114,17 @@ impl Params {
             (Some(Some(limit)), Some(Some(bits))) => bits <= limit,
         }
     }
+}
+
+/// permessage-deflate as negotiated for the messages one side sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deflate {
+    /// The sender may refer back into earlier messages (no `*_no_context_takeover` was
+    /// agreed for it): the receiver's window must outlive each message.
+    pub context_takeover: bool,
+    /// The sender's LZ77 window is at most 2^`window_bits` bytes (8 to 15; 15 when no
+    /// `*_max_window_bits` was agreed).
+    pub window_bits: u8,
 }
 
 /// The client's permessage-deflate offers, as they go upstream.

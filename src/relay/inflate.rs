@@ -12,23 +12,14 @@
 
 use flate2::{Decompress, FlushDecompress, Status};
 
+pub use crate::extensions::Deflate;
+
 /// The most inflated bytes handed to the sink at once.
 pub const PIECE: usize = 8 * 1024;
 
 /// What RFC 7692 §7.2.2 has the receiver append to a message's payload before inflating
 /// its end (the sender removed it).
 const TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
-
-/// permessage-deflate as negotiated for the messages one side sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deflate {
-    /// The sender may refer back into earlier messages (no `*_no_context_takeover` was
-    /// agreed for it): the receiver's window must outlive each message.
-    pub context_takeover: bool,
-    /// The sender's LZ77 window is at most 2^`window_bits` bytes (8 to 15; 15 when no
-    /// `*_max_window_bits` was agreed).
-    pub window_bits: u8,
-}
 
 impl Deflate {
     /// The inflate window used for this sender: zlib's raw inflate takes 9 to 15 bits,
