@@ -319,7 +319,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="1 short repetition, small N")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
-    ap.add_argument("--only", help="run only tests whose name contains this")
+    ap.add_argument("--only", help="run only tests whose name contains this (or one of "
+                    "these, comma-separated)")
     ap.add_argument("--no-build", action="store_true")
     opts = ap.parse_args()
     reps = 1 if opts.smoke else opts.reps
@@ -339,7 +340,8 @@ def main():
     if not taskset:
         print("bench: taskset or a second CPU missing; nothing is pinned")
 
-    plan = [t for t in tests(opts.smoke) if not opts.only or opts.only in t[0]]
+    only = opts.only.split(",") if opts.only else None
+    plan = [t for t in tests(opts.smoke) if not only or any(o in t[0] for o in only)]
     results = {name: {} for name, *_ in plan}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wsgate-bench-") as tmp:
