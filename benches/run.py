@@ -424,10 +424,13 @@ def summarize(plan, results, reps, pinned, seconds):
             row["target"] = {"proxy": proxy, "least": least, "ratio": ratio,
                              "met": ratio >= least if ratio is not None else None}
         rows.append(row)
-    # The compressed hold beside the plain one: what compression adds per connection.
+    # The compressed hold beside the plain one: what compression adds per connection (not
+    # for direct, whose two rows measure two different upstreams).
     by_name = {r["test"]: r for r in rows}
     if "hold compressed" in by_name and "hold" in by_name:
         for target, m in by_name["hold compressed"]["targets"].items():
+            if target == "direct":
+                continue
             plain = (by_name["hold"]["targets"].get(target) or {}).get("value")
             if m["value"] is not None and plain is not None:
                 m["over_plain_kib"] = m["value"] - plain
