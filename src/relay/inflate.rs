@@ -82,16 +82,17 @@ impl Inflater {
         let mut out = [0u8; PIECE];
         loop {
             let (read, written) = (state.total_in(), state.total_out());
-            let status = state
-                .decompress(input, &mut out, FlushDecompress::None)
-                .map_err(|_| InvalidDeflate)?;
+            let result = state.decompress(input, &mut out, FlushDecompress::None);
             let consumed = (state.total_in() - read) as usize;
             let produced = (state.total_out() - written) as usize;
             input = &input[consumed..];
+            // What was inflated before bad data goes to the sink first, so that the
+            // verdict is the first rule broken in the message's order, however its bytes
+            // arrived.
             if produced > 0 {
                 sink(&out[..produced])?;
             }
-            match status {
+            match result.map_err(|_| InvalidDeflate)? {
                 Status::StreamEnd => {
                     self.ended = true;
                     return Ok(());
