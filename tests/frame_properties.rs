@@ -334,6 +334,19 @@ fn encode(frames: &[Frame], from: From) -> (Vec<Frame>, Vec<u8>, Vec<u8>) {
     (sent, wire, data)
 }
 
+/// `wire` cut into reads at the given points.
+fn cut_into_reads<'a>(wire: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+    points.sort_unstable();
+    let mut reads = Vec::new();
+    let mut start = 0;
+    for end in points.into_iter().chain([wire.len()]) {
+        reads.push(&wire[start..end]);
+        start = end;
+    }
+    reads
+}
+
 /// The bytes passed on, the control frames, and the first violation's close code.
 type Relayed = (Vec<u8>, Vec<(OpCode, Vec<u8>)>, Option<u16>);
 
@@ -387,14 +400,7 @@ fn the_reader_relays_the_same_stream_however_it_is_read() {
         |(frames, from, cuts, max_frame, max_message)| {
             let (frames, wire, data) = encode(&frames, from);
             let expected = reference(&frames, max_frame, max_message).err();
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
-            points.sort_unstable();
-            let mut reads = Vec::new();
-            let mut start = 0;
-            for end in points.into_iter().chain([wire.len()]) {
-                reads.push(&wire[start..end]);
-                start = end;
-            }
+            let reads = cut_into_reads(&wire, &cuts);
             let mut reader = Reader::new(from, max_frame, max_message);
             let (passed, controls, violation) = relay(&mut reader, &reads);
             prop_assert_eq!(violation, expected);
@@ -542,14 +548,7 @@ fn compressed_messages_are_checked_the_same_however_they_are_cut() {
                 let relayed = relay(&mut reader, &[&wire]);
                 (relayed, reader.inflated())
             };
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
-            points.sort_unstable();
-            let mut reads = Vec::new();
-            let mut start = 0;
-            for end in points.into_iter().chain([wire.len()]) {
-                reads.push(&wire[start..end]);
-                start = end;
-            }
+            let reads = cut_into_reads(&wire, &cuts);
             let mut reader = Reader::new(from, max_message, max_message).with_deflate(deflate);
             let cut = relay(&mut reader, &reads);
             prop_assert_eq!(&cut.2, &(whole.0).2);
