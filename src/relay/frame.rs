@@ -1,8 +1,10 @@
 //! The WebSocket frame codec (RFC 6455 §5) as plain functions over byte slices: parse a
 //! frame header, write one, mask or unmask a payload in chunks, validate UTF-8 across chunks
 //! and fragments, read a close payload, and ([`Reader`]) walk a stream of frames read by
-//! read, saying which bytes pass on and which control frames arrived. No I/O and no
-//! allocation: the relay drives these over the bytes of each read as they pass through.
+//! read, saying which bytes pass on and which control frames arrived; where
+//! permessage-deflate was agreed, the reader also inflates compressed messages to check
+//! them ([`super::inflate`]). No I/O, and no allocation but that inflate state: the relay
+//! drives these over the bytes of each read as they pass through.
 //!
 //! Proven on its own by the unit tests here and the properties in
 //! `tests/frame_properties.rs`.
@@ -639,11 +641,6 @@ impl Reader {
     /// Bytes inflated from compressed messages so far.
     pub fn inflated(&self) -> u64 {
         self.inflated
-    }
-
-    /// Whether an inflate state is held (with context takeover, between messages too).
-    pub fn holds_inflate_state(&self) -> bool {
-        self.inflater.as_ref().is_some_and(|i| i.holds_state())
     }
 
     /// Whether the destination's byte stream stops inside a data frame (its header was
