@@ -15,7 +15,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::admission::{self, Attempt, Kind, Rejection};
 use crate::body::{full, Body};
-use crate::policy::{HttpMode, Route};
+use crate::extensions::Offers;
+use crate::policy::{Compression, HttpMode, Route};
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
 
@@ -278,7 +279,11 @@ async fn switch(
         &parts.uri,
         &parts.headers,
     );
-    let mut socket = upstream::open(&route, &target, headers, &to_upstream).await?;
+    let offers = match route.messages.compression {
+        Compression::Pass => Offers::from_request(&parts.headers),
+        Compression::Off => Offers::default(),
+    };
+    let mut socket = upstream::open(&route, &target, headers, &to_upstream, &offers).await?;
 
     let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     if let Some(headers) = response.headers_mut() {
@@ -303,6 +308,9 @@ async fn switch(
     };
     if let Some(protocol) = socket.protocol.clone().or_else(token_entry) {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    if let Some(agreed) = &socket.deflate {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, agreed.header.clone());
     }
     let response = response
         .body(full(Bytes::new()))

@@ -32,6 +32,7 @@ pub mod admission;
 mod body;
 pub mod config;
 pub mod demo;
+mod extensions;
 mod head;
 mod http;
 mod linger;

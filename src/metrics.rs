@@ -64,6 +64,7 @@ pub struct Metrics {
     pub upgrades: Family<UpgradeLabels, Counter>,
     pub messages: Family<DirectionLabels, Counter>,
     pub message_bytes: Family<DirectionLabels, Counter>,
+    pub message_inflated_bytes: Family<DirectionLabels, Counter>,
     pub closes: Family<ReasonLabels, Counter>,
     pub policy_reloads: Family<ResultLabel, Counter>,
     pub report_violations: Family<ReasonLabels, Counter>,
@@ -87,6 +88,7 @@ impl Metrics {
             upgrades: Family::default(),
             messages: Family::default(),
             message_bytes: Family::default(),
+            message_inflated_bytes: Family::default(),
             closes: Family::default(),
             policy_reloads: Family::default(),
             report_violations: Family::default(),
@@ -116,6 +118,11 @@ impl Metrics {
             "wsgate_message_bytes",
             "Payload bytes of relayed messages",
             m.message_bytes.clone(),
+        );
+        registry.register(
+            "wsgate_message_inflated_bytes",
+            "Inflated payload bytes of relayed compressed (permessage-deflate) messages",
+            m.message_inflated_bytes.clone(),
         );
         registry.register(
             "wsgate_closes",
@@ -209,6 +216,9 @@ impl Metrics {
                 bytes: self
                     .message_bytes
                     .get_or_create_owned(&direction("client_to_upstream")),
+                inflated: self
+                    .message_inflated_bytes
+                    .get_or_create_owned(&direction("client_to_upstream")),
             },
             upstream_to_client: MessageCounters {
                 messages: self
@@ -216,6 +226,9 @@ impl Metrics {
                     .get_or_create_owned(&direction("upstream_to_client")),
                 bytes: self
                     .message_bytes
+                    .get_or_create_owned(&direction("upstream_to_client")),
+                inflated: self
+                    .message_inflated_bytes
                     .get_or_create_owned(&direction("upstream_to_client")),
             },
             ping_rtt: self.ping_rtt.get_or_create_owned(&label),
@@ -231,6 +244,8 @@ impl Metrics {
 pub struct MessageCounters {
     pub messages: Counter,
     pub bytes: Counter,
+    /// Inflated bytes of compressed messages.
+    pub inflated: Counter,
 }
 
 impl MessageCounters {

@@ -355,12 +355,16 @@ pub struct Messages {
     pub compression: Compression,
 }
 
-/// What a route does with permessage-deflate (RFC 7692). Only `off` exists so far: the
-/// client's extension offers are not passed upstream, and every message crosses both legs
-/// uncompressed.
+/// What a route does with permessage-deflate (RFC 7692).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// The client's permessage-deflate offers go upstream and the upstream's answer comes
+    /// back, so the extension is agreed end to end; compressed messages are relayed as
+    /// they are and inflated on the way only to be checked.
+    Pass,
+    /// The client's extension offers are not passed upstream: every message crosses both
+    /// legs uncompressed.
     Off,
 }
 

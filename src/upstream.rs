@@ -19,7 +19,8 @@ use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_acc
 
 use crate::admission::token::query_name_is;
 use crate::admission::{Rejection, UpstreamRefusal};
-use crate::policy::{Compression, Route, TokenSource, Upstream};
+use crate::extensions::{Agreed, Offers};
+use crate::policy::{Route, TokenSource, Upstream};
 
 /// Largest upstream error body relayed to the client.
 pub const MAX_RELAYED_BODY: usize = 64 * 1024;
@@ -309,6 +310,8 @@ pub struct UpstreamSocket {
     /// the client's 101: without hop-by-hop headers and the `Sec-WebSocket-*` ones the gate
     /// sets itself.
     pub headers: HeaderMap,
+    /// permessage-deflate, when the upstream accepted one of the client's offers.
+    pub deflate: Option<Agreed>,
 }
 
 /// Connect to the route's upstream and complete its WebSocket handshake, all within
@@ -318,11 +321,12 @@ pub async fn open(
     path_and_query: &str,
     headers: HeaderMap,
     protocols: &[&str],
+    offers: &Offers,
 ) -> Result<UpstreamSocket, Rejection> {
     let deadline = Instant::now() + route.timeouts.upstream_connect;
     match timeout_at(
         deadline,
-        handshake(route, path_and_query, headers, protocols, deadline),
+        handshake(route, path_and_query, headers, protocols, offers, deadline),
     )
     .await
     {
@@ -336,6 +340,7 @@ async fn handshake(
     path_and_query: &str,
     headers: HeaderMap,
     protocols: &[&str],
+    offers: &Offers,
     deadline: Instant,
 ) -> Result<UpstreamSocket, Rejection> {
     let stream = dial(&route.upstream).await.map_err(|e| {
@@ -346,7 +351,7 @@ async fn handshake(
     let uri = Uri::from_str(path_and_query)
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
     let mut stream = stream;
-    let head = request_head(&uri, &headers, &route.upstream, &key, protocols);
+    let head = request_head(&uri, &headers, &route.upstream, &key, protocols, offers);
     let sent = async {
         stream.write_all(&head).await?;
         stream.flush().await
@@ -370,18 +375,10 @@ async fn handshake(
         tracing::warn!(upstream = %route.upstream.url, "upstream 101 with a wrong Sec-WebSocket-Accept");
         return Err(Rejection::UpstreamUnavailable);
     }
-    match route.messages.compression {
-        // No extension was offered upstream, so any it selects was not offered.
-        Compression::Off => {
-            if response
-                .headers
-                .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
-            {
-                tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension it was not offered");
-                return Err(Rejection::UpstreamUnavailable);
-            }
-        }
-    }
+    let deflate = offers.accept(&response.headers).map_err(|_| {
+        tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension or parameter it was not offered");
+        Rejection::UpstreamUnavailable
+    })?;
     let protocol = response
         .headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -408,13 +405,14 @@ async fn handshake(
         read_ahead: rest.to_vec(),
         protocol,
         headers: passed,
+        deflate,
     })
 }
 
 /// The request head, written as it goes on the wire: the forwarded headers (which hold
 /// none of the handshake's: `forward_headers` drops them), then the upstream's fixed
 /// handshake lines (Host, Connection, Upgrade, version; made once with the policy), the
-/// key and the offered subprotocols. Header values cannot hold CR or LF (`HeaderValue`
+/// key, the offered subprotocols and extensions. Header values cannot hold CR or LF (`HeaderValue`
 /// refuses them, and the subprotocols are pieces of one), and the target is a parsed
 /// origin-form URI.
 fn request_head(
@@ -423,6 +421,7 @@ fn request_head(
     upstream: &Upstream,
     key: &str,
     protocols: &[&str],
+    offers: &Offers,
 ) -> Vec<u8> {
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::with_capacity(
@@ -445,6 +444,11 @@ fn request_head(
         head.extend_from_slice(protocol.as_bytes());
     }
     if !protocols.is_empty() {
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(offers) = offers.header_value() {
+        head.extend_from_slice(b"sec-websocket-extensions: ");
+        head.extend_from_slice(offers.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
@@ -613,13 +617,27 @@ mod tests {
             resolved: Default::default(),
             handshake_lines: crate::policy::handshake_lines("up:8080"),
         };
-        let head = request_head(&Uri::from_static("/ws?a=1"), &h, &upstream, "k==", &[]);
+        let head = request_head(
+            &Uri::from_static("/ws?a=1"),
+            &h,
+            &upstream,
+            "k==",
+            &[],
+            &Offers::default(),
+        );
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "GET /ws?a=1 HTTP/1.1\r\nx-a: 1\r\nhost: up:8080\r\nconnection: Upgrade\r\n\
              upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: k==\r\n\r\n"
         );
-        let head = request_head(&Uri::from_static("/"), &h, &upstream, "k==", &["a", "b"]);
+        let head = request_head(
+            &Uri::from_static("/"),
+            &h,
+            &upstream,
+            "k==",
+            &["a", "b"],
+            &Offers::default(),
+        );
         assert!(String::from_utf8(head)
             .unwrap()
             .ends_with("sec-websocket-key: k==\r\nsec-websocket-protocol: a, b\r\n\r\n"));

@@ -56,6 +56,14 @@ async fn demo_page_on_an_allowed_origin_exchanges_messages() {
 
     let lines = lines(&log);
     assert!(lines.contains(&"open"), "the socket did not open:\n{log}");
+    // permessage-deflate, offered by the browser, agreed by the demo's upstream through
+    // the gate.
+    assert!(
+        lines.contains(
+            &"extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ),
+        "{log}"
+    );
     assert!(
         lines.contains(&"subprotocol: echo"),
         "the upstream's subprotocol did not come back:\n{log}"

@@ -66,10 +66,10 @@ fn a_changed_default_would_be_caught() {
     );
 }
 
-/// `messages.compression`: `off` is the default and the only value so far; it shows in
+/// `messages.compression`: `pass` is the default, `off` the other value; both show in
 /// what `GET /policy` describes, and any other value is refused at its line and column.
 #[test]
-fn compression_is_off_and_nothing_else_yet() {
+fn compression_is_pass_unless_set_off() {
     let dir = tempfile::tempdir().unwrap();
     let head = "version: 1\ndefaults:\n  auth: {required: false}\nroutes:\n  - path: /ws\n";
     let write = |name: &str, extra: &str| {
@@ -77,23 +77,29 @@ fn compression_is_off_and_nothing_else_yet() {
         std::fs::write(&path, format!("{head}{extra}")).unwrap();
         path
     };
-    let unset = wsgate::config::load(&write("unset.yaml", "")).unwrap();
-    let off =
-        wsgate::config::load(&write("off.yaml", "    messages: {compression: off}\n")).unwrap();
-    for loaded in [&unset, &off] {
-        let described = loaded.describe();
-        assert_eq!(described["routes"][0]["messages"]["compression"], "off");
-    }
-    let refused = wsgate::config::load(&write("pass.yaml", "    messages: {compression: pass}\n"));
+    let described = |name: &str, extra: &str| {
+        let loaded = wsgate::config::load(&write(name, extra)).unwrap();
+        loaded.describe()["routes"][0]["messages"]["compression"].clone()
+    };
+    assert_eq!(described("unset.yaml", ""), "pass");
+    assert_eq!(
+        described("pass.yaml", "    messages: {compression: pass}\n"),
+        "pass"
+    );
+    assert_eq!(
+        described("off.yaml", "    messages: {compression: off}\n"),
+        "off"
+    );
+    let refused = wsgate::config::load(&write("gzip.yaml", "    messages: {compression: gzip}\n"));
     match refused {
         Err(wsgate::config::ConfigError::Syntax { line, message, .. }) => {
             assert_eq!(line, 6, "{message}");
             assert!(
-                message.contains("compression") || message.contains("off"),
+                message.contains("compression") || message.contains("pass"),
                 "{message}"
             );
         }
-        other => panic!("compression: pass was not refused at its line: {other:?}"),
+        other => panic!("compression: gzip was not refused at its line: {other:?}"),
     }
 }
 

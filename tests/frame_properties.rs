@@ -48,25 +48,30 @@ fn length() -> impl Strategy<Value = u64> {
 #[test]
 fn a_header_parses_the_same_however_its_bytes_arrive() {
     let bytes = prop::collection::vec(any::<u8>(), 0..20);
-    check("header prefixes", (bytes, from()), |(bytes, from)| {
-        let whole = parse_header(&bytes, from);
-        for cut in 0..=bytes.len() {
-            let part = parse_header(&bytes[..cut], from);
-            prop_assert!(
-                part == Ok(None) || part == whole,
-                "cut {cut}: {part:?} vs {whole:?}"
-            );
-        }
-        if let Ok(Some((header, len))) = whole {
-            prop_assert!(len <= MAX_HEADER && len <= bytes.len());
-            prop_assert_eq!(header.mask.is_some(), from == From::Client);
-            prop_assert!(header.len >> 63 == 0);
-            if header.opcode.is_control() {
-                prop_assert!(header.fin && header.len <= 125);
+    let deflate = any::<bool>();
+    check(
+        "header prefixes",
+        (bytes, from(), deflate),
+        |(bytes, from, deflate)| {
+            let whole = parse_header(&bytes, from, deflate);
+            for cut in 0..=bytes.len() {
+                let part = parse_header(&bytes[..cut], from, deflate);
+                prop_assert!(
+                    part == Ok(None) || part == whole,
+                    "cut {cut}: {part:?} vs {whole:?}"
+                );
             }
-        }
-        Ok(())
-    });
+            if let Ok(Some((header, len))) = whole {
+                prop_assert!(len <= MAX_HEADER && len <= bytes.len());
+                prop_assert_eq!(header.mask.is_some(), from == From::Client);
+                prop_assert!(header.len >> 63 == 0);
+                if header.opcode.is_control() {
+                    prop_assert!(header.fin && header.len <= 125);
+                }
+            }
+            Ok(())
+        },
+    );
 }
 
 /// Every valid header written is read back as itself, and its bytes are exactly consumed.
@@ -84,6 +89,7 @@ fn headers_round_trip() {
             opcode,
             mask,
             len,
+            compressed: false,
         };
         let mut out = [0u8; MAX_HEADER];
         let n = write_header(&header, &mut out);
@@ -94,7 +100,10 @@ fn headers_round_trip() {
         };
         let mut with_payload = out[..n].to_vec();
         with_payload.extend_from_slice(b"payload bytes after the header");
-        prop_assert_eq!(parse_header(&with_payload, from), Ok(Some((header, n))));
+        prop_assert_eq!(
+            parse_header(&with_payload, from, false),
+            Ok(Some((header, n)))
+        );
         Ok(())
     });
 }
@@ -267,6 +276,7 @@ fn message_rules_hold_however_payloads_arrive() {
                         opcode: *opcode,
                         mask: Some([1, 2, 3, 4]),
                         len: payload.len() as u64,
+                        compressed: false,
                     };
                     state.header(&header, max_frame, max_message)?;
                     let mut points: Vec<usize> =
@@ -305,6 +315,7 @@ fn encode(frames: &[Frame], from: From) -> (Vec<Frame>, Vec<u8>, Vec<u8>) {
             opcode: *opcode,
             mask,
             len: payload.len() as u64,
+            compressed: false,
         };
         let mut bytes = [0u8; MAX_HEADER];
         let n = write_header(&header, &mut bytes);
@@ -399,7 +410,7 @@ fn the_reader_relays_the_same_stream_however_it_is_read() {
             }
             // What was passed on never declares a frame or message past the limits.
             let (mut at, mut message) = (0, 0u64);
-            while let Ok(Some((header, n))) = parse_header(&passed[at..], from) {
+            while let Ok(Some((header, n))) = parse_header(&passed[at..], from, false) {
                 prop_assert!(header.len <= max_frame);
                 message = if header.opcode == OpCode::Continuation {
                     message

@@ -2,7 +2,8 @@
 //! `socket.io-client`) on an `http: pass` route, in both transports: long-polling is plain
 //! HTTP, so it must be held to the same policy as the WebSocket, and the app must get the
 //! forwarded identity. And `ws`, offering only its `bearer.` token entry as a browser page
-//! does, in front of a `ws` server that selects no subprotocol.
+//! does, in front of a `ws` server that selects no subprotocol; and `ws` on both legs agreeing
+//! permessage-deflate through the gate.
 //!
 //! The packages come from `tests/node/package.json` (`.ci/run` installs them with npm).
 //! Without Node or the packages the tests are skipped, except under `CI=true`.
@@ -46,9 +47,15 @@ struct Server {
 impl Server {
     /// `script`'s server mode (`socketio.js` or `ws.js`).
     fn start(script: &str) -> Server {
+        Server::start_with(script, &[])
+    }
+
+    /// `script`'s server mode with `args`.
+    fn start_with(script: &str, args: &[&str]) -> Server {
         let mut child = Command::new("node")
             .arg(node_dir().join(script))
             .arg("server")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -224,4 +231,56 @@ async fn ws_offering_only_its_token_entry_connects_to_a_server_that_selects_none
     assert_eq!(result["echo"], "hello from ws");
     let seen = server.connection();
     assert_eq!(seen["protocol"], Value::Null, "{seen}");
+}
+
+/// Node's `ws` on both legs with permessage-deflate (on by default in `ws` clients,
+/// enabled on the server): the extension is agreed end to end through the gate, the
+/// server sees the client's offer, and a 16 KiB JSON message (above `ws`'s 1 KiB
+/// compression threshold) crosses compressed both ways and comes back intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_clients_and_servers_agree_permessage_deflate_through_the_gate() {
+    if !available() {
+        return;
+    }
+    let server = Server::start_with("ws.js", &["deflate"]);
+    let gate = TestGate::start_with(
+        &format!(
+            "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:{}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n    name: ws\n",
+            server.port
+        ),
+        false,
+    )
+    .await;
+    let url = format!("ws://127.0.0.1:{}/ws", gate.addr.port());
+    let result = node_client(
+        "ws.js",
+        vec!["client".into(), url, hs256("alice"), "16384".into()],
+    )
+    .await;
+    assert_eq!(result["open"], true, "{result}");
+    assert_eq!(result["same"], true, "{result}");
+    assert!(
+        result["extensions"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("permessage-deflate")),
+        "{result}"
+    );
+    let seen = server.connection();
+    assert!(
+        seen["extensions"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("permessage-deflate")),
+        "{seen}"
+    );
+    for direction in ["client_to_upstream", "upstream_to_client"] {
+        gate.wait_metric(
+            &format!(
+                "wsgate_message_inflated_bytes_total{{route=\"ws\",direction=\"{direction}\"}}"
+            ),
+            16384.0,
+            Duration::from_secs(5),
+            "the message inflated by the gate",
+        )
+        .await;
+    }
 }

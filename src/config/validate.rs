@@ -858,7 +858,7 @@ impl Validator<'_> {
             burst: self.positive(pick!(p, messages.burst), DEFAULT_MESSAGE_BURST),
             allow_text,
             allow_binary,
-            compression: pick!(p, messages.compression).map_or(Compression::Off, |(c, _)| *c),
+            compression: pick!(p, messages.compression).map_or(Compression::Pass, |(c, _)| *c),
         }
     }
 

@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
@@ -22,11 +21,11 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::body::{full, Body};
 use crate::{mint, Gate};
+
+mod reflect;
 
 /// The development certificate and key (certs/), for the quick start only.
 pub const DEV_CERT: &str = include_str!("../../certs/localhost.pem");
@@ -213,7 +212,7 @@ fn json_response(value: Value) -> Response<Body> {
 }
 
 /// Echo text and binary messages; select the first subprotocol offered (after the gate
-/// took its token entry out).
+/// took its token entry out), and accept permessage-deflate (see [`reflect`]).
 fn echo(mut req: Request<Incoming>) -> Response<Body> {
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return text(StatusCode::BAD_REQUEST, "not an upgrade\n");
@@ -224,17 +223,16 @@ fn echo(mut req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .map(|p| p.trim().to_owned());
+    let deflate = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(reflect::deflate_offered);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        while let Some(Ok(msg)) = ws.next().await {
-            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                break;
-            }
+        if let Ok(upgraded) = on_upgrade.await {
+            reflect::echo(TokioIo::new(upgraded), deflate).await;
         }
     });
     let mut response = Response::builder()
@@ -247,6 +245,9 @@ fn echo(mut req: Request<Incoming>) -> Response<Body> {
         );
     if let Some(p) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    if deflate {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, reflect::DEFLATE_ANSWER);
     }
     response.body(full(Bytes::new())).unwrap_or_default()
 }

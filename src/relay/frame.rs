@@ -7,6 +7,9 @@
 //! Proven on its own by the unit tests here and the properties in
 //! `tests/frame_properties.rs`.
 
+pub use super::inflate::Deflate;
+use super::inflate::{Inflater, InvalidDeflate};
+
 /// The longest frame header: 2 bytes, an 8-byte length and a 4-byte mask key.
 pub const MAX_HEADER: usize = 14;
 
@@ -63,13 +66,19 @@ pub struct Header {
     /// The payload length as declared (checked against the limits before any payload is
     /// read).
     pub len: u64,
+    /// RSV1: the message this frame begins is compressed (permessage-deflate, RFC 7692).
+    /// Only ever set on the first frame of a data message, and only when the extension
+    /// was negotiated.
+    pub compressed: bool,
 }
 
 /// Why a frame header is refused; every one is a protocol error (1002).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    #[error("a reserved bit is set (no extension was negotiated)")]
+    #[error("a reserved bit is set (no extension was negotiated that defines it)")]
     ReservedBits,
+    #[error("the compressed bit (RSV1) is set on a control or continuation frame")]
+    CompressedNotFirst,
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
     #[error("a control frame is fragmented")]
@@ -94,16 +103,27 @@ pub enum From {
 }
 
 /// Parse the header at the start of `buf`: `Ok(None)` while it is incomplete, else the
-/// header and its length in bytes. Never reads past the header.
-pub fn parse_header(buf: &[u8], from: From) -> Result<Option<(Header, usize)>, HeaderError> {
+/// header and its length in bytes. Never reads past the header. `deflate`: whether
+/// permessage-deflate was negotiated, which gives RSV1 its meaning (set on the first frame
+/// of a compressed data message, never on another frame).
+pub fn parse_header(
+    buf: &[u8],
+    from: From,
+    deflate: bool,
+) -> Result<Option<(Header, usize)>, HeaderError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
+    let reserved = if deflate { 0x30 } else { 0x70 };
+    if b0 & reserved != 0 {
         return Err(HeaderError::ReservedBits);
     }
     let fin = b0 & 0x80 != 0;
     let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(HeaderError::ReservedOpcode(b0 & 0x0F))?;
+    let compressed = b0 & 0x40 != 0;
+    if compressed && (opcode == OpCode::Continuation || opcode.is_control()) {
+        return Err(HeaderError::CompressedNotFirst);
+    }
     let masked = b1 & 0x80 != 0;
     match (from, masked) {
         (From::Client, false) => return Err(HeaderError::Unmasked),
@@ -152,6 +172,7 @@ pub fn parse_header(buf: &[u8], from: From) -> Result<Option<(Header, usize)>, H
             opcode,
             mask,
             len,
+            compressed,
         },
         at,
     )))
@@ -159,7 +180,7 @@ pub fn parse_header(buf: &[u8], from: From) -> Result<Option<(Header, usize)>, H
 
 /// Write `header` into `out` with the shortest length encoding; returns its length.
 pub fn write_header(header: &Header, out: &mut [u8; MAX_HEADER]) -> usize {
-    out[0] = u8::from(header.fin) << 7 | header.opcode.bits();
+    out[0] = u8::from(header.fin) << 7 | u8::from(header.compressed) << 6 | header.opcode.bits();
     let mask_bit = if header.mask.is_some() { 0x80 } else { 0 };
     let mut at = match header.len {
         len @ 0..=125 => {
@@ -278,6 +299,16 @@ pub enum Violation {
     /// 1007: text that is not UTF-8.
     #[error("the text is not valid UTF-8")]
     InvalidUtf8,
+    /// 1007: a compressed message that is not deflate data (its payload is not what its
+    /// type and the negotiated extension say it is).
+    #[error("a compressed message is not valid deflate data")]
+    InvalidDeflate,
+}
+
+impl std::convert::From<InvalidDeflate> for Violation {
+    fn from(_: InvalidDeflate) -> Violation {
+        Violation::InvalidDeflate
+    }
 }
 
 impl std::convert::From<HeaderError> for Violation {
@@ -291,7 +322,7 @@ impl Violation {
         match self {
             Violation::Protocol(_) => 1002,
             Violation::TooBig => 1009,
-            Violation::InvalidUtf8 => 1007,
+            Violation::InvalidUtf8 | Violation::InvalidDeflate => 1007,
         }
     }
 }
@@ -302,11 +333,23 @@ impl Violation {
 /// fragments of a message and do not touch it.
 #[derive(Debug, Default, Clone)]
 pub struct Messages {
-    /// The data message in progress: its type and the bytes it has declared so far.
-    open: Option<(OpCode, u64)>,
+    /// The data message in progress.
+    open: Option<Open>,
     /// Whether the current frame belongs to that message (not a control frame).
     in_data_frame: bool,
     utf8: Utf8,
+}
+
+/// A data message whose frames are still arriving.
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    opcode: OpCode,
+    /// The payload bytes its frames have declared so far.
+    declared: u64,
+    /// Its first frame had RSV1 set (permessage-deflate).
+    compressed: bool,
+    /// For a compressed message, the bytes it has inflated to so far.
+    inflated: u64,
 }
 
 impl Messages {
@@ -330,37 +373,64 @@ impl Messages {
                     "a continuation frame with no message to continue",
                 ))
             }
-            (OpCode::Continuation, Some((_, so_far))) => so_far,
+            (OpCode::Continuation, Some(open)) => open.declared,
             (_, Some(_)) => {
                 return Err(Violation::Protocol(
                     "a new message began inside a fragmented one",
                 ))
             }
             (opcode, None) => {
-                self.open = Some((opcode, 0));
+                self.open = Some(Open {
+                    opcode,
+                    declared: 0,
+                    compressed: header.compressed,
+                    inflated: 0,
+                });
                 self.utf8 = Utf8::default();
                 0
             }
         };
+        // A compressed message is held to the limit on the wire too (its inflated size is
+        // counted as it inflates).
         let total = so_far.saturating_add(header.len);
         if total > max_message {
             return Err(Violation::TooBig);
         }
-        if let Some((_, declared)) = &mut self.open {
-            *declared = total;
+        if let Some(open) = &mut self.open {
+            open.declared = total;
         }
         self.in_data_frame = true;
         Ok(())
     }
 
-    /// Unmasked payload bytes of the current frame, in order.
+    /// Unmasked payload bytes of the current frame, in order (for a compressed message,
+    /// see [`Messages::inflated`]).
     pub fn payload(&mut self, chunk: &[u8]) -> Result<(), Violation> {
         match self.open {
-            Some((OpCode::Text, _)) if self.in_data_frame => {
-                self.utf8.feed(chunk).map_err(|_| Violation::InvalidUtf8)
-            }
+            Some(Open {
+                opcode: OpCode::Text,
+                compressed: false,
+                ..
+            }) if self.in_data_frame => self.utf8.feed(chunk).map_err(|_| Violation::InvalidUtf8),
             _ => Ok(()),
         }
+    }
+
+    /// Inflated bytes of the current compressed message, in order: counted against
+    /// `max_message` (1009 as soon as the message inflates past it) and, for text, checked
+    /// as UTF-8.
+    pub fn inflated(&mut self, piece: &[u8], max_message: u64) -> Result<(), Violation> {
+        let Some(open) = &mut self.open else {
+            return Ok(());
+        };
+        open.inflated = open.inflated.saturating_add(piece.len() as u64);
+        if open.inflated > max_message {
+            return Err(Violation::TooBig);
+        }
+        if open.opcode == OpCode::Text {
+            return self.utf8.feed(piece).map_err(|_| Violation::InvalidUtf8);
+        }
+        Ok(())
     }
 
     /// The current frame's payload is complete. For the last frame of a data message
@@ -370,16 +440,25 @@ impl Messages {
             return Ok(());
         }
         let ended = self.open.take();
-        if matches!(ended, Some((OpCode::Text, _))) {
+        if ended.is_some_and(|open| open.opcode == OpCode::Text) {
             return self.utf8.finish().map_err(|_| Violation::InvalidUtf8);
         }
         Ok(())
     }
 
-    /// Whether the current frame's payload is checked (it is text): a binary payload need
-    /// not be unmasked at all.
+    /// Whether the current frame's payload is checked as it stands (uncompressed text): a
+    /// binary payload need not be unmasked at all.
     pub fn checks_payload(&self) -> bool {
-        self.in_data_frame && matches!(self.open, Some((OpCode::Text, _)))
+        self.in_data_frame
+            && self
+                .open
+                .is_some_and(|open| open.opcode == OpCode::Text && !open.compressed)
+    }
+
+    /// Whether the current frame belongs to a compressed message (its payload is inflated
+    /// to be checked).
+    pub fn inflates_payload(&self) -> bool {
+        self.in_data_frame && self.open.is_some_and(|open| open.compressed)
     }
 
     /// Whether a fragmented message is open (its next data frame must be a continuation).
@@ -511,8 +590,10 @@ struct Current {
 }
 
 /// Where the frames read from a leg stand: the header bytes carried from the last read,
-/// the frame in progress, the message rules, and a control frame whose payload is split
-/// across reads (held on the heap only then: most arrive whole and are read in place).
+/// the frame in progress, the message rules, a control frame whose payload is split
+/// across reads (held on the heap only then: most arrive whole and are read in place),
+/// and, when permessage-deflate was negotiated, the inflate state that checks compressed
+/// messages.
 pub struct Reader {
     from: From,
     max_frame: u64,
@@ -522,6 +603,9 @@ pub struct Reader {
     current: Option<Current>,
     messages: Messages,
     partial: Option<Box<Control>>,
+    inflater: Option<Box<Inflater>>,
+    /// Bytes inflated from compressed messages so far.
+    inflated: u64,
 }
 
 impl Reader {
@@ -535,7 +619,27 @@ impl Reader {
             current: None,
             messages: Messages::default(),
             partial: None,
+            inflater: None,
+            inflated: 0,
         }
+    }
+
+    /// The sender may compress messages as `deflate` says (permessage-deflate was
+    /// negotiated): RSV1 marks a compressed message, whose payload is inflated to be
+    /// checked.
+    pub fn with_deflate(mut self, deflate: Option<Deflate>) -> Reader {
+        self.inflater = deflate.map(|d| Box::new(Inflater::new(d)));
+        self
+    }
+
+    /// Bytes inflated from compressed messages so far.
+    pub fn inflated(&self) -> u64 {
+        self.inflated
+    }
+
+    /// Whether an inflate state is held (with context takeover, between messages too).
+    pub fn holds_inflate_state(&self) -> bool {
+        self.inflater.as_ref().is_some_and(|i| i.holds_state())
     }
 
     /// Whether the destination's byte stream stops inside a data frame (its header was
@@ -567,18 +671,22 @@ impl Reader {
                 return Ok(Step::Control(n, self.partial.take().map(|c| *c)));
             }
             if self.messages.checks_payload() {
+                let messages = &mut self.messages;
                 match key {
-                    Some(key) => check_masked(&mut self.messages, chunk, key, offset)?,
-                    None => self.messages.payload(chunk)?,
+                    Some(key) => unmasked(chunk, key, offset, |plain| messages.payload(plain))?,
+                    None => messages.payload(chunk)?,
                 }
+            } else if self.messages.inflates_payload() {
+                self.inflate(chunk, key, offset)?;
             }
             if done {
                 self.current = None;
-                self.messages.frame_end(header.fin)?;
+                self.frame_end(header.fin)?;
             }
             return Ok(Step::Payload(n));
         }
-        let Some((header, len)) = parse_header(data, self.from)? else {
+        let deflate = self.inflater.is_some();
+        let Some((header, len)) = parse_header(data, self.from, deflate)? else {
             return Ok(Step::Incomplete);
         };
         let current = Current {
@@ -606,7 +714,7 @@ impl Reader {
         }
         self.messages = messages;
         if header.len == 0 {
-            self.messages.frame_end(header.fin)?;
+            self.frame_end(header.fin)?;
         } else {
             self.current = Some(current);
         }
@@ -616,6 +724,44 @@ impl Reader {
             header,
             starts,
         })
+    }
+
+    /// The current data frame's payload is complete; a compressed message that ends here
+    /// inflates its tail first.
+    fn frame_end(&mut self, fin: bool) -> Result<(), Violation> {
+        if fin && self.messages.inflates_payload() {
+            if let Some(inflater) = &mut self.inflater {
+                let (messages, max, inflated) =
+                    (&mut self.messages, self.max_message, &mut self.inflated);
+                inflater.finish(&mut |piece: &[u8]| {
+                    *inflated += piece.len() as u64;
+                    messages.inflated(piece, max)
+                })?;
+            }
+        }
+        self.messages.frame_end(fin)
+    }
+
+    /// Inflate a compressed message's payload chunk (unmasking a copy of a client's, a
+    /// piece at a time: the bytes go on as they came) and check what it inflates to.
+    fn inflate(
+        &mut self,
+        chunk: &[u8],
+        key: Option<[u8; 4]>,
+        offset: u64,
+    ) -> Result<(), Violation> {
+        let Some(inflater) = &mut self.inflater else {
+            return Ok(());
+        };
+        let (messages, max, inflated) = (&mut self.messages, self.max_message, &mut self.inflated);
+        let mut sink = |piece: &[u8]| {
+            *inflated += piece.len() as u64;
+            messages.inflated(piece, max)
+        };
+        match key {
+            Some(key) => unmasked(chunk, key, offset, |plain| inflater.feed(plain, &mut sink)),
+            None => inflater.feed(chunk, &mut sink),
+        }
     }
 
     /// Keep the unread `rest` of this read (an incomplete header) for the next one.
@@ -634,21 +780,21 @@ impl Reader {
     }
 }
 
-/// Feed a masked text chunk to the UTF-8 check, unmasking a copy a piece at a time: the
-/// bytes themselves go on masked, as they came.
-fn check_masked(
-    messages: &mut Messages,
+/// Hand `chunk`, masked with `key` from payload `offset` on, to `check` unmasked, a
+/// copied piece at a time: the bytes themselves go on masked, as they came.
+fn unmasked<E>(
     chunk: &[u8],
     key: [u8; 4],
     offset: u64,
-) -> Result<(), Violation> {
+    mut check: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
     const PIECE: usize = 1024;
     let mut plain = [0u8; PIECE];
     for (i, piece) in chunk.chunks(PIECE).enumerate() {
         let plain = &mut plain[..piece.len()];
         plain.copy_from_slice(piece);
         apply_mask(plain, key, offset + (i * PIECE) as u64);
-        messages.payload(plain)?;
+        check(plain)?;
     }
     Ok(())
 }
@@ -663,6 +809,7 @@ mod tests {
             opcode,
             mask,
             len,
+            compressed: false,
         }
     }
 
@@ -678,10 +825,18 @@ mod tests {
                 } else {
                     From::Server
                 };
-                assert_eq!(parse_header(&out[..n], from), Ok(Some((h, n))), "{len}");
+                assert_eq!(
+                    parse_header(&out[..n], from, false),
+                    Ok(Some((h, n))),
+                    "{len}"
+                );
                 // Every strict prefix is incomplete, never an error.
                 for cut in 0..n {
-                    assert_eq!(parse_header(&out[..cut], from), Ok(None), "{len} cut {cut}");
+                    assert_eq!(
+                        parse_header(&out[..cut], from, false),
+                        Ok(None),
+                        "{len} cut {cut}"
+                    );
                 }
             }
         }
@@ -689,7 +844,7 @@ mod tests {
 
     #[test]
     fn what_rfc_6455_refuses_is_refused() {
-        let client = |bytes: &[u8]| parse_header(bytes, From::Client);
+        let client = |bytes: &[u8]| parse_header(bytes, From::Client, false);
         assert_eq!(
             client(&[0xC1, 0x80, 0, 0, 0, 0]),
             Err(HeaderError::ReservedBits)
@@ -708,12 +863,43 @@ mod tests {
         );
         assert_eq!(client(&[0x81, 0x05]), Err(HeaderError::Unmasked));
         assert_eq!(
-            parse_header(&[0x81, 0x85], From::Server),
+            parse_header(&[0x81, 0x85], From::Server, false),
             Err(HeaderError::Masked)
         );
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
         assert_eq!(client(&huge), Err(HeaderError::LengthTooLarge));
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_only_where_deflate_was_negotiated() {
+        let mut h = header(true, OpCode::Text, None, 5);
+        h.compressed = true;
+        let mut out = [0u8; MAX_HEADER];
+        let n = write_header(&h, &mut out);
+        assert_eq!(out[0], 0xC1);
+        assert_eq!(
+            parse_header(&out[..n], From::Server, true),
+            Ok(Some((h, n)))
+        );
+        assert_eq!(
+            parse_header(&out[..n], From::Server, false),
+            Err(HeaderError::ReservedBits)
+        );
+        // RSV1 on a continuation or a control frame; RSV2 and RSV3 stay reserved.
+        for b0 in [0xC0, 0xC9, 0xCA, 0xC8] {
+            assert_eq!(
+                parse_header(&[b0, 0x00], From::Server, true),
+                Err(HeaderError::CompressedNotFirst),
+                "{b0:#x}"
+            );
+        }
+        for b0 in [0xA1, 0x91] {
+            assert_eq!(
+                parse_header(&[b0, 0x00], From::Server, true),
+                Err(HeaderError::ReservedBits)
+            );
+        }
     }
 
     #[test]

@@ -349,6 +349,8 @@ impl Leg {
             opcode: control.opcode,
             mask,
             len: control.payload().len() as u64,
+            // The gate's own frames are control frames: never compressed.
+            compressed: false,
         };
         let mut head = [0u8; MAX_HEADER];
         let at = write_header(&header, &mut head);

@@ -19,6 +19,7 @@ mod close;
 mod deadlines;
 pub mod frame;
 mod inbound;
+pub mod inflate;
 mod leg;
 
 use std::future::poll_fn;
@@ -52,6 +53,8 @@ pub use leg::{Client, Io};
 pub struct Counts {
     pub messages: u64,
     pub bytes: u64,
+    /// Inflated bytes of compressed messages (`bytes` counts them as they crossed).
+    pub inflated: u64,
 }
 
 /// One direction of the relay: what it has relayed, when, and whether its destination is
@@ -231,6 +234,13 @@ impl Direction {
             w += len;
             open = src.reader.in_data_frame();
         }
+        let inflated = src.reader.inflated();
+        if inflated != self.counts.inflated {
+            self.metrics
+                .inflated
+                .inc_by(inflated - self.counts.inflated);
+            self.counts.inflated = inflated;
+        }
         if let Some(at) = frame_start.filter(|_| ended.is_some()) {
             w = at;
             open = false;
@@ -386,16 +396,19 @@ pub fn run(
     let started = Instant::now();
     let m = &route.messages;
     let (max_frame, max_message) = (m.max_frame_bytes as u64, m.max_message_bytes as u64);
+    let deflate = upstream.deflate.as_ref();
     let client = Leg::new(
         client.io,
         client.read_ahead,
-        Reader::new(frame::From::Client, max_frame, max_message),
+        Reader::new(frame::From::Client, max_frame, max_message)
+            .with_deflate(deflate.map(|d| d.client)),
     );
     // `max_message_bytes` applies both ways; `max_frame_bytes` is for client frames only.
     let upstream = Leg::new(
         Io::Upstream(upstream.io),
         upstream.read_ahead,
-        Reader::new(frame::From::Server, max_message, max_message),
+        Reader::new(frame::From::Server, max_message, max_message)
+            .with_deflate(deflate.map(|d| d.upstream)),
     );
     let inbound = Inbound::new(
         route.clone(),
@@ -462,8 +475,10 @@ impl Relay {
             duration_ms = outcome.duration.as_millis() as u64,
             messages_in = outcome.client_to_upstream.messages,
             bytes_in = outcome.client_to_upstream.bytes,
+            inflated_bytes_in = outcome.client_to_upstream.inflated,
             messages_out = outcome.upstream_to_client.messages,
             bytes_out = outcome.upstream_to_client.bytes,
+            inflated_bytes_out = outcome.upstream_to_client.inflated,
             protocol = self.protocol.as_str(), "close"
         );
         let ended = Ended {

@@ -1,0 +1,500 @@
+//! permessage-deflate (RFC 7692) through the gate: agreed end to end between real peers
+//! (Python `websockets` on both legs, with and without context takeover, with window
+//! limits), compressed frames relayed byte for byte, and what the gate inflates on the
+//! way held to the route's rules: bombs (in one frame or split across fragments, either
+//! way) cut with 1009/1001 at the limit while the gate's memory stays flat, invalid
+//! deflate data 1007, RSV1 where it has no meaning 1002, and an upstream answer no offer
+//! allowed 502. `compression: off` strips the offer.
+//!
+//! The Python peers need `target/pyclients` (made by `.ci/run`); without it those tests
+//! are skipped, except under `CI=true`.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use flate2::{Compress, Compression, FlushCompress};
+use serde_json::Value;
+use support::process::{rss_kib, Proc};
+use support::wire::{accept_value, close_code, frame, read_head};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn python() -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyclients/bin/python");
+    if python.is_file() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "target/pyclients is required under CI (.ci/run makes it)"
+    );
+    eprintln!("skipped: no target/pyclients virtualenv");
+    None
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/deflate.py")
+}
+
+/// A Python `websockets` echo server with permessage-deflate `settings`; stopped (stdin
+/// closed, then killed) when dropped.
+struct PyServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    port: u16,
+}
+
+impl PyServer {
+    fn start(python: &PathBuf, settings: &str) -> PyServer {
+        let mut child = Command::new(python)
+            .arg(script())
+            .args(["server", settings])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = serde_json::from_str::<Value>(&line).expect("the server's port line")["port"]
+            .as_u64()
+            .unwrap() as u16;
+        let stdin = child.stdin.take();
+        PyServer { child, stdin, port }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.flush();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python client's JSON result, within 30 s.
+async fn py_client(python: &PathBuf, url: String, settings: &str) -> Value {
+    let mut command = Command::new(python);
+    command
+        .arg(script())
+        .args(["client", &url, settings])
+        .stdout(Stdio::piped());
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .expect("the Python client did not finish")
+    .unwrap()
+    .expect("python runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| panic!("the client said: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_peers_agree_permessage_deflate_through_the_gate() {
+    let Some(python) = python() else { return };
+    for settings in ["default", "no_context", "windows"] {
+        let server = PyServer::start(&python, settings);
+        let gate = TestGate::start_with(&open_policy(&server.url(), ""), false).await;
+        let result = py_client(&python, format!("ws://{}/ws", gate.addr), settings).await;
+        assert_eq!(result["ok"], true, "{settings}: {result}");
+        assert_eq!(result["echoed"], 20, "{settings}: {result}");
+        let upstream = &result["upstream"];
+        // The upstream saw the client's offer, and the client got the upstream's answer.
+        assert!(
+            upstream["offered"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("permessage-deflate")),
+            "{settings}: {result}"
+        );
+        assert_eq!(
+            result["answer"], upstream["answered"],
+            "{settings}: {result}"
+        );
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            let series = format!(
+                "wsgate_message_inflated_bytes_total{{route=\"ws\",direction=\"{direction}\"}}"
+            );
+            let inflated = gate
+                .wait_metric(&series, 100_000.0, Duration::from_secs(5), "inflated bytes")
+                .await;
+            let wire = gate
+                .metric(&format!(
+                    "wsgate_message_bytes_total{{route=\"ws\",direction=\"{direction}\"}}"
+                ))
+                .await;
+            // JSON compresses: the wire carried far less than what it inflated to.
+            assert!(
+                wire * 3.0 < inflated,
+                "{settings} {direction}: {wire} vs {inflated}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_off_strips_the_offer() {
+    let Some(python) = python() else { return };
+    let server = PyServer::start(&python, "default");
+    let policy = open_policy(&server.url(), "    messages: {compression: off}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let result = py_client(&python, format!("ws://{}/ws", gate.addr), "default").await;
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["answer"], Value::Null, "{result}");
+    assert_eq!(result["upstream"]["offered"], Value::Null, "{result}");
+}
+
+// ----- raw peers ---------------------------------------------------------------------
+
+/// What a permessage-deflate sender puts in a message: raw deflate, sync-flushed, its
+/// trailing 00 00 FF FF removed.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = sync_flushed(&mut Compress::new(Compression::best(), false), data);
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn sync_flushed(state: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 100 + 1024);
+    let start = state.total_in();
+    loop {
+        let consumed = (state.total_in() - start) as usize;
+        state
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
+            .unwrap();
+        if (state.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.capacity());
+    }
+}
+
+/// A message of 1 GiB of zeros, deflated to about 1 MiB: the first MiB's blocks, then the
+/// second MiB's 1,023 times (they refer back only into zeros, so they repeat validly).
+fn gigabyte_bomb() -> Vec<u8> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut state = Compress::new(Compression::best(), false);
+    let first = sync_flushed(&mut state, &zeros);
+    let next = sync_flushed(&mut state, &zeros);
+    let mut bomb = first;
+    for _ in 0..1023 {
+        bomb.extend_from_slice(&next);
+    }
+    bomb.truncate(bomb.len() - 4);
+    bomb
+}
+
+/// An upstream that answers one upgrade with `answer` as its `Sec-WebSocket-Extensions`
+/// (none when empty); returns the request head and the socket.
+async fn raw_deflate_upstream(
+    answer: &'static str,
+) -> (String, tokio::task::JoinHandle<(String, TcpStream)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut tcp).await.unwrap();
+        let accept = accept_value(&head);
+        let extension = if answer.is_empty() {
+            String::new()
+        } else {
+            format!("Sec-WebSocket-Extensions: {answer}\r\n")
+        };
+        let response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extension}\r\n");
+        tcp.write_all(response.as_bytes()).await.unwrap();
+        (head, tcp)
+    });
+    (url, task)
+}
+
+/// A raw client upgraded on /ws offering `offer`; the socket and the gate's 101 head.
+async fn raw_deflate_client(addr: SocketAddr, offer: &str) -> (TcpStream, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut tcp).await.expect("no response head");
+    (tcp, head)
+}
+
+/// Server frames (the gate's, toward the client) until a close: its code.
+async fn upstream_close_code(tcp: &mut TcpStream) -> u16 {
+    let read = async {
+        loop {
+            match support::wire::read_frame(tcp).await {
+                Some(f) if f.opcode == 0x8 => {
+                    return u16::from_be_bytes([f.payload[0], f.payload[1]])
+                }
+                Some(_) => {}
+                None => return 0,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no close frame at the upstream in time")
+}
+
+fn bomb_policy(upstream: &str, dir: &tempfile::TempDir) -> PathBuf {
+    let policy = open_policy(
+        upstream,
+        "    messages: {max_frame_bytes: 16777216, max_message_bytes: 16777216}\n",
+    );
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    path
+}
+
+/// A client's compressed message that would inflate to 1 GiB is cut at the 16 MiB limit
+/// — in one frame or split over 64 fragments — with 1009 to the client and 1001 to the
+/// upstream, and the gate's resident memory grows by less than 2 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_bomb_is_cut_at_the_limit_with_flat_memory() {
+    let bomb = gigabyte_bomb();
+    assert!(bomb.len() < 2 << 20, "{}", bomb.len());
+    for fragments in [1usize, 64] {
+        let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Proc::start(&bomb_policy(&url, &dir), &[]);
+        let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-extensions: permessage-deflate\r\n"),
+            "{head}"
+        );
+        let (request, mut up) = upstream.await.unwrap();
+        assert!(
+            request.contains("sec-websocket-extensions: permessage-deflate\r\n"),
+            "{request}"
+        );
+        let before = rss_kib(gate.child.id());
+        let piece = bomb.len().div_ceil(fragments);
+        let mut wire = Vec::with_capacity(bomb.len() + fragments * 14);
+        for (i, chunk) in bomb.chunks(piece).enumerate() {
+            let fin = if (i + 1) * piece >= bomb.len() {
+                0x80
+            } else {
+                0
+            };
+            let first = match i {
+                0 => fin | 0x40 | 0x2, // RSV1 on the first frame only
+                _ => fin,
+            };
+            wire.extend_from_slice(&frame(first, chunk, true));
+        }
+        // The gate may close while the bomb is still being written.
+        let _ = client.write_all(&wire).await;
+        assert_eq!(close_code(&mut client).await, 1009, "{fragments} fragments");
+        assert_eq!(
+            upstream_close_code(&mut up).await,
+            1001,
+            "{fragments} fragments"
+        );
+        let grown = rss_kib(gate.child.id()).saturating_sub(before);
+        assert!(
+            grown < 2048,
+            "{fragments} fragments: the gate grew by {grown} KiB"
+        );
+    }
+}
+
+/// The same from the upstream's side: its bomb toward the client gets it 1009, and the
+/// client 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_bomb_is_cut_at_the_limit() {
+    let bomb = gigabyte_bomb();
+    let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Proc::start(&bomb_policy(&url, &dir), &[]);
+    let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, mut up) = upstream.await.unwrap();
+    let before = rss_kib(gate.child.id());
+    let _ = up.write_all(&frame(0x80 | 0x40 | 0x1, &bomb, false)).await;
+    assert_eq!(upstream_close_code(&mut up).await, 1009);
+    assert_eq!(close_code(&mut client).await, 1001);
+    let grown = rss_kib(gate.child.id()).saturating_sub(before);
+    assert!(grown < 2048, "the gate grew by {grown} KiB");
+}
+
+/// Compressed frames cross the gate byte for byte, both ways; the inflated size is what
+/// the limit holds (a message inflating to exactly the limit passes, one byte more is
+/// 1009), on the wire and inflated counted in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_frames_pass_unchanged_and_the_limit_is_on_the_inflated_size() {
+    let (url, upstream) =
+        raw_deflate_upstream("permessage-deflate; client_no_context_takeover").await;
+    let policy = open_policy(&url, "    messages: {max_message_bytes: 65536}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let (mut client, head) =
+        raw_deflate_client(gate.addr, "permessage-deflate; client_max_window_bits").await;
+    assert!(
+        head.to_ascii_lowercase().contains(
+            "sec-websocket-extensions: permessage-deflate; client_no_context_takeover\r\n"
+        ),
+        "{head}"
+    );
+    let (_, mut up) = upstream.await.unwrap();
+
+    // Client to upstream: the masked frame arrives exactly as sent.
+    let text = "{\"a\":1}".repeat(65536 / 7);
+    let text = format!("{text}{}", "x".repeat(65536 - text.len()));
+    let sent = frame(0x80 | 0x40 | 0x1, &deflate(text.as_bytes()), true);
+    client.write_all(&sent).await.unwrap();
+    let mut got = vec![0u8; sent.len()];
+    up.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, sent);
+
+    // Upstream to client, unmasked as sent.
+    let sent = frame(0x80 | 0x40 | 0x2, &deflate(&[7u8; 40_000]), false);
+    up.write_all(&sent).await.unwrap();
+    let mut got = vec![0u8; sent.len()];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, sent);
+    gate.wait_metric(
+        "wsgate_message_inflated_bytes_total{route=\"ws\",direction=\"client_to_upstream\"}",
+        65536.0,
+        Duration::from_secs(5),
+        "inflated bytes in",
+    )
+    .await;
+    gate.wait_metric(
+        "wsgate_message_inflated_bytes_total{route=\"ws\",direction=\"upstream_to_client\"}",
+        40_000.0,
+        Duration::from_secs(5),
+        "inflated bytes out",
+    )
+    .await;
+
+    // One byte over the limit, inflated: 1009, though it is a few hundred bytes on the wire.
+    let over = format!("{text}y");
+    client
+        .write_all(&frame(0x80 | 0x40 | 0x1, &deflate(over.as_bytes()), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut client).await, 1009);
+    assert_eq!(upstream_close_code(&mut up).await, 1001);
+}
+
+/// What the gate cannot inflate or read: invalid deflate data 1007, compressed text that
+/// inflates to invalid UTF-8 1007, RSV1 on a control or continuation frame 1002, and RSV1
+/// where no extension was agreed 1002; the upstream gets 1001 each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_inflated_or_has_rsv1_where_it_means_nothing_is_refused() {
+    let bad_utf8 = deflate(&[b'a', 0xFF, b'b']);
+    let cases: Vec<(&str, &'static str, Vec<u8>, u16)> = vec![
+        (
+            "invalid deflate",
+            "permessage-deflate",
+            frame(0xC2, &[0xFF, 0xFF, 0xFF], true),
+            1007,
+        ),
+        (
+            "invalid UTF-8 inflated",
+            "permessage-deflate",
+            frame(0xC1, &bad_utf8, true),
+            1007,
+        ),
+        (
+            "compressed ping",
+            "permessage-deflate",
+            frame(0xC9, b"", true),
+            1002,
+        ),
+        (
+            "compressed continuation",
+            "permessage-deflate",
+            [frame(0x41, &deflate(b"ab"), true), frame(0xC0, b"", true)].concat(),
+            1002,
+        ),
+        (
+            "RSV1 without the extension",
+            "",
+            frame(0xC1, &deflate(b"hi"), true),
+            1002,
+        ),
+    ];
+    for (what, answer, bytes, code) in cases {
+        let (url, upstream) = raw_deflate_upstream(answer).await;
+        let gate = TestGate::start_with(&open_policy(&url, ""), false).await;
+        let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{what}: {head}");
+        let (_, mut up) = upstream.await.unwrap();
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(close_code(&mut client).await, code, "{what}");
+        assert_eq!(upstream_close_code(&mut up).await, 1001, "{what}");
+    }
+}
+
+/// An upstream answer that no offer allowed is a 502 `upstream_unavailable`: a parameter
+/// the client did not offer, a window wider than the client asked for, another extension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_no_offer_allowed_is_502() {
+    for (offer, answer) in [
+        (
+            "permessage-deflate",
+            "permessage-deflate; client_max_window_bits=10",
+        ),
+        (
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits=12",
+        ),
+        (
+            "permessage-deflate; server_no_context_takeover",
+            "permessage-deflate",
+        ),
+        ("permessage-deflate", "x-webkit-deflate-frame"),
+        ("x-webkit-deflate-frame", "x-webkit-deflate-frame"),
+    ] {
+        let (url, _upstream) = raw_deflate_upstream(answer).await;
+        let gate = TestGate::start_with(&open_policy(&url, ""), false).await;
+        let (mut client, head) = raw_deflate_client(gate.addr, offer).await;
+        assert!(
+            head.starts_with("HTTP/1.1 502"),
+            "{offer} / {answer}: {head}"
+        );
+        let mut body = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut body)).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("\"upstream_unavailable\""),
+            "{offer} / {answer}: {body}"
+        );
+    }
+}
+
+/// The gate's own frames are never compressed: its pings on a compressed connection have
+/// no RSV1 bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gates_own_frames_are_never_compressed() {
+    let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
+    let policy = open_policy(
+        &url,
+        "    heartbeat: {interval_seconds: 0.2, timeout_seconds: 5}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let (mut client, _) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+    let (_, _up) = upstream.await.unwrap();
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut first))
+        .await
+        .expect("a ping in time")
+        .unwrap();
+    assert_eq!(first[0], 0x89, "a ping, FIN set, no RSV bit");
+}
