@@ -25,19 +25,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn python() -> Option<PathBuf> {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyclients/bin/python");
-    if python.is_file() {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "target/pyclients is required under CI (.ci/run makes it)"
-    );
-    eprintln!("skipped: no target/pyclients virtualenv");
-    None
-}
-
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/deflate.py")
 }
@@ -270,7 +257,7 @@ async fn a_client_bomb_is_cut_at_the_limit_with_flat_memory() {
     for fragments in [1usize, 64] {
         let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
         let dir = tempfile::tempdir().unwrap();
-        let gate = Proc::start(&bomb_policy(&url, &dir), &[]);
+        let mut gate = Proc::start(&bomb_policy(&url, &dir), &[]);
         let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         assert!(
@@ -311,6 +298,19 @@ async fn a_client_bomb_is_cut_at_the_limit_with_flat_memory() {
             grown < 2048,
             "{fragments} fragments: the gate grew by {grown} KiB"
         );
+        eprintln!("{fragments} fragments: the gate grew by {grown} KiB");
+        // The close line counts what was inflated: just past the limit, no more.
+        let line = gate.wait_line("client_message_too_big");
+        let inflated: u64 = line
+            .split("inflated_bytes_in=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            (16 << 20..=(16 << 20) + 8192).contains(&inflated),
+            "{inflated}: {line}"
+        );
     }
 }
 
@@ -331,6 +331,7 @@ async fn an_upstream_bomb_is_cut_at_the_limit() {
     assert_eq!(close_code(&mut client).await, 1001);
     let grown = rss_kib(gate.child.id()).saturating_sub(before);
     assert!(grown < 2048, "the gate grew by {grown} KiB");
+    eprintln!("upstream bomb: the gate grew by {grown} KiB");
 }
 
 /// Compressed frames cross the gate byte for byte, both ways; the inflated size is what

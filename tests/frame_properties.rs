@@ -334,6 +334,19 @@ fn encode(frames: &[Frame], from: From) -> (Vec<Frame>, Vec<u8>, Vec<u8>) {
     (sent, wire, data)
 }
 
+/// `wire` cut into reads at the given points.
+fn cut_into_reads<'a>(wire: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+    points.sort_unstable();
+    let mut reads = Vec::new();
+    let mut start = 0;
+    for end in points.into_iter().chain([wire.len()]) {
+        reads.push(&wire[start..end]);
+        start = end;
+    }
+    reads
+}
+
 /// The bytes passed on, the control frames, and the first violation's close code.
 type Relayed = (Vec<u8>, Vec<(OpCode, Vec<u8>)>, Option<u16>);
 
@@ -387,14 +400,7 @@ fn the_reader_relays_the_same_stream_however_it_is_read() {
         |(frames, from, cuts, max_frame, max_message)| {
             let (frames, wire, data) = encode(&frames, from);
             let expected = reference(&frames, max_frame, max_message).err();
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
-            points.sort_unstable();
-            let mut reads = Vec::new();
-            let mut start = 0;
-            for end in points.into_iter().chain([wire.len()]) {
-                reads.push(&wire[start..end]);
-                start = end;
-            }
+            let reads = cut_into_reads(&wire, &cuts);
             let mut reader = Reader::new(from, max_frame, max_message);
             let (passed, controls, violation) = relay(&mut reader, &reads);
             prop_assert_eq!(violation, expected);
@@ -421,6 +427,144 @@ fn the_reader_relays_the_same_stream_however_it_is_read() {
                 at += n + header.len as usize;
                 if at >= passed.len() {
                     break;
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+/// A permessage-deflate sender's message: raw deflate, sync-flushed, its trailing
+/// 00 00 FF FF removed (RFC 7692 §7.2.1).
+fn deflated(state: &mut flate2::Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let start = state.total_in();
+    loop {
+        let used = (state.total_in() - start) as usize;
+        state
+            .compress_vec(&data[used..], &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        if (state.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity() + 64);
+    }
+    // zlib makes no second flush without new input: an empty message right after
+    // another is the one byte RFC 7692 §7.2.3.6 gives it (an empty stored block's first
+    // bits), as senders that flush each message write it.
+    if out.is_empty() {
+        return vec![0x00];
+    }
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Compressed messages (text or binary, context taken over or not) split into fragments
+/// anywhere, perhaps with one byte of the stream flipped, and the stream cut into reads
+/// anywhere: the reader reaches the same verdict as reading the stream in one read, and
+/// without one passes on the same bytes and inflates the same count; with nothing flipped, that
+/// verdict is the one the inflated sizes decide (1009 for the first message inflating
+/// past the limit, else every byte passed on and every inflated byte counted).
+#[test]
+fn compressed_messages_are_checked_the_same_however_they_are_cut() {
+    let message = (
+        any::<bool>(),
+        prop_oneof![
+            "[a-z{}\":, ]{0,300}".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..300),
+            (0usize..4000).prop_map(|n| vec![b'x'; n]),
+        ],
+        prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+    );
+    let input = (
+        prop::collection::vec(message, 1..5),
+        from(),
+        any::<bool>(),
+        prop::option::of((any::<prop::sample::Index>(), 1u8..=255)),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        1u64..5000,
+    );
+    check(
+        "compressed",
+        input,
+        |(messages, from, takeover, flip, cuts, max_message)| {
+            let mut sender = flate2::Compress::new(flate2::Compression::fast(), false);
+            let (mut wire, mut data) = (Vec::new(), Vec::new());
+            let mask = (from == From::Client).then_some([0x37, 0xfa, 0x21, 0x3d]);
+            // The first message that breaks a limit, on the wire or inflated.
+            let mut verdict = None;
+            for (text, plain, splits) in &messages {
+                if !takeover {
+                    sender.reset();
+                }
+                let payload = deflated(&mut sender, plain);
+                let text = *text && std::str::from_utf8(plain).is_ok();
+                if verdict.is_none()
+                    && (plain.len() as u64 > max_message || payload.len() as u64 > max_message)
+                {
+                    verdict = Some(1009);
+                }
+                let mut points: Vec<usize> =
+                    splits.iter().map(|s| s.index(payload.len() + 1)).collect();
+                points.sort_unstable();
+                points.dedup();
+                let mut start = 0;
+                let ends: Vec<usize> = points.into_iter().chain([payload.len()]).collect();
+                for (i, end) in ends.iter().enumerate() {
+                    let header = Header {
+                        fin: i + 1 == ends.len(),
+                        opcode: match (i, text) {
+                            (0, true) => OpCode::Text,
+                            (0, false) => OpCode::Binary,
+                            _ => OpCode::Continuation,
+                        },
+                        mask,
+                        len: (end - start) as u64,
+                        compressed: i == 0,
+                    };
+                    let mut head = [0u8; MAX_HEADER];
+                    let n = write_header(&header, &mut head);
+                    let mut body = payload[start..*end].to_vec();
+                    if let Some(key) = mask {
+                        apply_mask(&mut body, key, 0);
+                    }
+                    wire.extend_from_slice(&head[..n]);
+                    wire.extend_from_slice(&body);
+                    start = *end;
+                }
+                data.extend_from_slice(plain);
+            }
+            if let Some((at, bits)) = flip {
+                // A flipped byte may land in a header as well as in deflate data.
+                let at = at.index(wire.len());
+                wire[at] ^= bits;
+            }
+            let deflate = Some(wsgate::relay::frame::Deflate {
+                context_takeover: takeover,
+                window_bits: 15,
+            });
+            let whole = {
+                let mut reader = Reader::new(from, max_message, max_message).with_deflate(deflate);
+                let relayed = relay(&mut reader, &[&wire]);
+                (relayed, reader.inflated())
+            };
+            let reads = cut_into_reads(&wire, &cuts);
+            let mut reader = Reader::new(from, max_message, max_message).with_deflate(deflate);
+            let cut = relay(&mut reader, &reads);
+            prop_assert_eq!(&cut.2, &(whole.0).2);
+            // Both pass on the same stream of data-frame bytes, up to where each found the
+            // violation (a flipped byte may make a frame a control frame, which is not
+            // passed on).
+            prop_assert!((whole.0).0.starts_with(&cut.0) || cut.0.starts_with(&(whole.0).0));
+            if cut.2.is_none() {
+                prop_assert_eq!(&cut.0, &(whole.0).0);
+                prop_assert_eq!(reader.inflated(), whole.1);
+            }
+            if flip.is_none() {
+                prop_assert_eq!(cut.2, verdict);
+                if verdict.is_none() {
+                    prop_assert_eq!(&cut.0, &wire);
+                    prop_assert_eq!(reader.inflated(), data.len() as u64);
                 }
             }
             Ok(())

@@ -14,20 +14,6 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-fn python() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("target/pyclients/bin/python");
-    if python.is_file() {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "target/pyclients is required under CI (.ci/run makes it)"
-    );
-    eprintln!("skipped: no target/pyclients virtualenv (python3 -m venv target/pyclients && target/pyclients/bin/pip install -r tests/python/requirements.txt)");
-    None
-}
-
 /// Run one client mode; its JSON result line. Bounded by `limit`.
 async fn run(python: PathBuf, args: Vec<String>, limit: Duration) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/clients.py");

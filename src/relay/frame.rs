@@ -423,12 +423,16 @@ impl Messages {
         let Some(open) = &mut self.open else {
             return Ok(());
         };
+        // The bytes within the limit are checked before the limit is: the verdict is the
+        // first rule broken in the message's order, however it was inflated.
+        let room = max_message.saturating_sub(open.inflated);
+        let within = &piece[..piece.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
         open.inflated = open.inflated.saturating_add(piece.len() as u64);
-        if open.inflated > max_message {
-            return Err(Violation::TooBig);
-        }
         if open.opcode == OpCode::Text {
-            return self.utf8.feed(piece).map_err(|_| Violation::InvalidUtf8);
+            self.utf8.feed(within).map_err(|_| Violation::InvalidUtf8)?;
+        }
+        if within.len() < piece.len() {
+            return Err(Violation::TooBig);
         }
         Ok(())
     }

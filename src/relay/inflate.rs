@@ -8,7 +8,12 @@
 //! direction's first compressed message. When the sender takes its compression context
 //! over from one message to the next (RFC 7692 §7.1.1), the state and its window stay for
 //! the connection's life; when it does not (`*_no_context_takeover`), the state is freed
-//! at the end of every message, so an idle connection holds none.
+//! at the end of every message, so an idle connection holds none. A freed state with the
+//! full 15-bit window is kept, reset, as the worker thread's one spare and handed to the
+//! next message that needs one, so a connection without context takeover costs no
+//! allocation per message (and the spare is the thread's, bounded: one per worker).
+
+use std::cell::Cell;
 
 use flate2::{Decompress, FlushDecompress, Status};
 
@@ -32,6 +37,31 @@ impl Deflate {
     /// (about 7 KiB of tables and bookkeeping) plus its window, rounded up.
     pub fn memory_bound(self) -> usize {
         8 * 1024 + (1 << self.inflate_bits())
+    }
+}
+
+/// The window of the states kept as spares: the default, which most peers use and which
+/// flate2 resets without reallocating.
+const SPARE_BITS: u8 = 15;
+
+thread_local! {
+    /// This worker thread's spare inflate state (see the module's documentation).
+    static SPARE: Cell<Option<Decompress>> = const { Cell::new(None) };
+}
+
+/// A fresh inflate state: the thread's spare when it fits, else a new one.
+fn take_state(bits: u8) -> Decompress {
+    let spare = (bits == SPARE_BITS)
+        .then(|| SPARE.try_with(Cell::take).ok().flatten())
+        .flatten();
+    spare.unwrap_or_else(|| Decompress::new_with_window_bits(false, bits))
+}
+
+/// Give a state back: reset as the thread's spare when it fits, else freed.
+fn give_back(mut state: Decompress, bits: u8) {
+    if bits == SPARE_BITS {
+        state.reset(false);
+        let _ = SPARE.try_with(|spare| spare.set(Some(state)));
     }
 }
 
@@ -76,22 +106,21 @@ impl Inflater {
             return Ok(());
         }
         let bits = self.deflate.inflate_bits();
-        let state = self
-            .state
-            .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
+        let state = self.state.get_or_insert_with(|| take_state(bits));
         let mut out = [0u8; PIECE];
         loop {
             let (read, written) = (state.total_in(), state.total_out());
-            let status = state
-                .decompress(input, &mut out, FlushDecompress::None)
-                .map_err(|_| InvalidDeflate)?;
+            let result = state.decompress(input, &mut out, FlushDecompress::None);
             let consumed = (state.total_in() - read) as usize;
             let produced = (state.total_out() - written) as usize;
             input = &input[consumed..];
+            // What was inflated before bad data goes to the sink first, so that the
+            // verdict is the first rule broken in the message's order, however its bytes
+            // arrived.
             if produced > 0 {
                 sink(&out[..produced])?;
             }
-            match status {
+            match result.map_err(|_| InvalidDeflate)? {
                 Status::StreamEnd => {
                     self.ended = true;
                     return Ok(());
@@ -115,9 +144,21 @@ impl Inflater {
         let fed = self.feed(&TAIL, sink);
         if !self.deflate.context_takeover || std::mem::take(&mut self.ended) {
             // A final block ends the sender's stream; a next message starts a new one.
-            self.state = None;
+            self.release();
         }
         fed
+    }
+
+    fn release(&mut self) {
+        if let Some(state) = self.state.take() {
+            give_back(state, self.deflate.inflate_bits());
+        }
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -186,6 +227,14 @@ mod tests {
                 }
                 assert_eq!(inflate_all(&mut inflater, &payload, cut), text, "cut {cut}");
                 assert_eq!(inflater.holds_state(), takeover);
+                // A state let go waits, reset, as the thread's spare for the next message.
+                let spare = SPARE.with(|s| {
+                    let v = s.take();
+                    let held = v.is_some();
+                    s.set(v);
+                    held
+                });
+                assert_eq!(spare, !takeover);
             }
         }
     }

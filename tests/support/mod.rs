@@ -798,3 +798,18 @@ pub fn hs256(sub: &str) -> String {
         serde_json::json!({"sub": sub, "exp": unix_now() + 300}),
     )
 }
+
+/// The Python of the virtualenv `target/pyclients` (Python `websockets`, made by
+/// `.ci/run`), or `None` when it is missing, which fails the test under `CI=true`.
+pub fn python() -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyclients/bin/python");
+    if python.is_file() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "target/pyclients is required under CI (.ci/run makes it)"
+    );
+    eprintln!("skipped: no target/pyclients virtualenv (python3 -m venv target/pyclients && target/pyclients/bin/pip install -r tests/python/requirements.txt)");
+    None
+}
