@@ -27,11 +27,21 @@ pub enum Head {
     Closed,
     /// A head to refuse with this answer.
     Refused(Rejection),
+    /// The HTTP/2 connection preface (h2c with prior knowledge), and what followed it.
+    Preface(Bytes),
 }
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Read until the first request head is complete (at most `max_bytes`), and check that
 /// it parses as hyper will parse it: refuse what hyper would refuse, with a JSON body.
-pub async fn read_first<I: AsyncRead + Unpin>(io: &mut I, max_bytes: usize) -> io::Result<Head> {
+/// With `h2c`, the HTTP/2 preface is recognised instead of refused.
+pub async fn read_first<I: AsyncRead + Unpin>(
+    io: &mut I,
+    max_bytes: usize,
+    h2c: bool,
+) -> io::Result<Head> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     loop {
         if buf.len() == buf.capacity() {
@@ -40,6 +50,12 @@ pub async fn read_first<I: AsyncRead + Unpin>(io: &mut I, max_bytes: usize) -> i
         }
         if io.read_buf(&mut buf).await? == 0 {
             return Ok(Head::Closed);
+        }
+        if h2c && PREFACE.starts_with(&buf[..buf.len().min(PREFACE.len())]) {
+            if buf.len() >= PREFACE.len() {
+                return Ok(Head::Preface(buf.freeze()));
+            }
+            continue;
         }
         match check(&buf, max_bytes) {
             Ok(true) => return Ok(Head::Complete(buf.freeze())),

@@ -1,6 +1,9 @@
-//! One HTTP/1.1 request on the gate's listener: route it, check that it is a well-formed
-//! upgrade, admit it, open the upstream, answer 101 and hand both sockets to the relay.
-//! Plain requests on an `http: pass` route go to `proxy`.
+//! One request on the gate's listener, HTTP/1.1 or HTTP/2: route it, check that it is a
+//! well-formed upgrade (an HTTP/1.1 `Upgrade: websocket` or an RFC 8441 extended CONNECT),
+//! admit it, open the upstream (always over HTTP/1.1), answer 101 or 200 and hand both
+//! sockets to the relay. Plain requests on an `http: pass` route go to `proxy`. Both
+//! protocols reach the same [`answer`]: an HTTP/2 request is only made to look like the
+//! HTTP/1.1 one first (its `:authority` becomes its Host).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,35 +15,47 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::admission::{self, Attempt, Kind, Rejection};
 use crate::body::{full, Body};
 use crate::extensions::Offers;
 use crate::policy::{Compression, HttpMode, Route};
+use crate::relay::Protocol;
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
-
-/// The `protocol` field of the upgrade and close log lines (`h2` once the listener
-/// speaks HTTP/2).
-const PROTOCOL: relay::Protocol = relay::Protocol::Http1;
 
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// When the TCP connection was accepted (`wsgate_upgrade_duration_seconds` starts here).
+    /// When the TCP connection was accepted, or for an HTTP/2 stream when its request
+    /// arrived (`wsgate_upgrade_duration_seconds` starts here).
     pub accepted: Instant,
+    /// `http/1.1` or `h2`, for the upgrade and close log lines.
+    pub protocol: Protocol,
 }
 
 /// hyper's service function: every request gets a response, never an error. An upgrade's
-/// relay starts once hyper has written the 101 and handed the socket back.
+/// relay starts once hyper has written the 101 (or, on HTTP/2, the 200) and handed the
+/// stream back; `hold` (an HTTP/2 connection's count of its WebSockets) is kept until the
+/// relay ends.
 pub async fn handle(
     gate: Arc<Gate>,
     conn: ConnInfo,
     mut req: Request<Incoming>,
+    hold: Option<TaskTrackerToken>,
 ) -> Result<Response<Body>, Infallible> {
-    if !is_upgrade(req.headers()) {
+    let upgrade = match conn.protocol {
+        Protocol::Http1 => is_upgrade(req.headers()),
+        Protocol::H2 => {
+            authority_as_host(&mut req);
+            // Every CONNECT is taken for a WebSocket: `check_upgrade` refuses the others.
+            req.method() == Method::CONNECT
+        }
+    };
+    if !upgrade {
         let (response, _) = answer(&gate, conn, Asked::Plain(req)).await;
         return Ok(response);
     }
@@ -53,9 +68,23 @@ pub async fn handle(
                 Ok(upgraded) => admitted.relay(relay::Client::upgraded(upgraded)).await,
                 Err(e) => tracing::debug!(error = %e, "client upgrade did not complete"),
             }
+            drop(hold);
         });
     }
     Ok(response)
+}
+
+/// RFC 9113 §8.3.1: an HTTP/2 request names its host in `:authority`, which takes the
+/// place of Host (and wins over a Host header sent beside it). Everything after this
+/// reads the Host header, as for HTTP/1.1.
+fn authority_as_host(req: &mut Request<Incoming>) {
+    let authority = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(authority) = authority {
+        req.headers_mut().insert(header::HOST, authority);
+    }
 }
 
 /// A request as the listener has it: a plain one whole (its body may go upstream), an
@@ -125,7 +154,7 @@ pub async fn answer(
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
-                    protocol = PROTOCOL.as_str(), "upgrade"
+                    protocol = conn.protocol.as_str(), "upgrade"
                 );
             }
             answer
@@ -135,7 +164,7 @@ pub async fn answer(
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                 route = route_name, path = %path, result = rejection.reason(),
-                status = rejection.status().as_u16(), latency_ms, protocol = PROTOCOL.as_str(),
+                status = rejection.status().as_u16(), latency_ms, protocol = conn.protocol.as_str(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
             (rejection.into_response(), None)
@@ -251,7 +280,7 @@ async fn switch(
         route,
         path,
     } = routed;
-    let key = check_upgrade(parts)?;
+    let handshake = check_upgrade(parts)?;
     if gate.shutdown.is_draining() {
         return Err(Rejection::Draining);
     }
@@ -285,19 +314,24 @@ async fn switch(
     };
     let mut socket = upstream::open(&route, &target, headers, &to_upstream, &offers).await?;
 
-    let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    let mut response = Response::builder();
     if let Some(headers) = response.headers_mut() {
         // The upstream's own 101 headers (`Set-Cookie`, …), less hop-by-hop and
         // Sec-WebSocket-* ones: the gate's handshake headers are added below.
         *headers = std::mem::take(&mut socket.headers);
     }
-    let mut response = response
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(
-            header::SEC_WEBSOCKET_ACCEPT,
-            derive_accept_key(key.as_bytes()),
-        );
+    let mut response = match handshake {
+        Handshake::Http1 { key } => response
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(key.as_bytes()),
+            ),
+        // RFC 8441 §5: a 2xx accepts the extended CONNECT; there is no key to answer.
+        Handshake::H2 => response.status(StatusCode::OK),
+    };
     // A browser fails a handshake whose non-empty offer got no answer: when the upstream
     // selects nothing, the client's token entry is selected (the upstream never sees it).
     let token_entry = || {
@@ -331,7 +365,7 @@ async fn switch(
         // into, which the connection must not keep for its life.
         request_id: HeaderValue::from_bytes(request_id.as_bytes())
             .unwrap_or_else(|_| request_id.clone()),
-        protocol: PROTOCOL,
+        protocol: conn.protocol,
     };
     let shutdown = gate.shutdown.token();
     // What the task needs, in one allocation: the task itself then stays small for the
@@ -480,8 +514,17 @@ pub fn is_valid_host(host: &[u8]) -> bool {
         && port.iter().all(u8::is_ascii_digit)
 }
 
-/// RFC 6455 §4.2.1: the checks on a client's opening handshake. Returns the key.
-fn check_upgrade(parts: &http::request::Parts) -> Result<String, Rejection> {
+/// How a client asked for its WebSocket, and so how the gate answers.
+enum Handshake {
+    /// HTTP/1.1 `Upgrade: websocket`, answered 101 with the key's accept value.
+    Http1 { key: String },
+    /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441), answered 200.
+    H2,
+}
+
+/// RFC 6455 §4.2.1 (or RFC 8441 §4–5 on HTTP/2): the checks on a client's opening
+/// handshake.
+fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
     let headers = &parts.headers;
     // RFC 6455 §11.3.5: at most once in a request.
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
@@ -495,6 +538,9 @@ fn check_upgrade(parts: &http::request::Parts) -> Result<String, Rejection> {
         return Err(Rejection::NotWebsocket(
             "only Sec-WebSocket-Version 13 is supported",
         ));
+    }
+    if parts.version == Version::HTTP_2 {
+        return check_extended_connect(parts);
     }
     if parts.method != Method::GET {
         return Err(Rejection::BadRequest("a WebSocket upgrade must be a GET"));
@@ -525,13 +571,38 @@ fn check_upgrade(parts: &http::request::Parts) -> Result<String, Rejection> {
     }
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
     match (keys.next(), keys.next()) {
-        (Some(key), None) if is_valid_key(key.as_bytes()) => {
-            Ok(String::from_utf8_lossy(key.as_bytes()).into_owned())
-        }
+        (Some(key), None) if is_valid_key(key.as_bytes()) => Ok(Handshake::Http1 {
+            key: String::from_utf8_lossy(key.as_bytes()).into_owned(),
+        }),
         _ => Err(Rejection::BadRequest(
             "Sec-WebSocket-Key must be 16 bytes in base64",
         )),
     }
+}
+
+/// RFC 8441 §4–5: a CONNECT whose `:protocol` is `websocket`, with `:authority` (here,
+/// the Host it became). h2 has already refused an extended CONNECT without `:scheme` or
+/// `:path`. There is no Sec-WebSocket-Key (one sent anyway is ignored), and the stream's
+/// DATA frames are the WebSocket's bytes, not a body.
+fn check_extended_connect(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
+    if parts.method != Method::CONNECT {
+        return Err(Rejection::BadRequest(
+            "a WebSocket over HTTP/2 is an extended CONNECT",
+        ));
+    }
+    let websocket = parts
+        .extensions
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Err(Rejection::BadRequest(
+            "only an extended CONNECT with :protocol websocket is accepted",
+        ));
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        return Err(Rejection::BadRequest("the :authority is missing"));
+    }
+    Ok(Handshake::H2)
 }
 
 /// A base64 encoding of exactly 16 bytes: 22 alphabet characters (the last with its low

@@ -35,6 +35,7 @@ pub mod demo;
 mod extensions;
 mod head;
 mod http;
+mod http2;
 mod linger;
 pub mod listener;
 pub mod logbuf;

@@ -1,4 +1,5 @@
-//! Accept loop → TLS (or plaintext) → hyper HTTP/1.1 with upgrades, one task per connection.
+//! Accept loop → TLS (or plaintext) → hyper HTTP/1.1 with upgrades, or HTTP/2 (ALPN `h2`,
+//! or the h2c preface on plaintext; see [`crate::http2`]), one task per connection.
 //!
 //! The TLS handshake and the first request head must complete within `handshake_seconds`
 //! of the accept; the first head is read and checked by [`head`] (a head over 16 KiB
@@ -25,7 +26,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::head::{self, Head, Prefixed};
 use crate::http::{answer, handle, is_upgrade, Asked, ConnInfo};
-use crate::{linger, relay, Gate};
+use crate::relay::Protocol;
+use crate::{http2, linger, relay, Gate};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -134,20 +136,28 @@ async fn connection(
     peer: SocketAddr,
     opening: TaskTrackerToken,
 ) {
-    let handshake = gate.policy.load().policy.handshake_timeout;
+    let (handshake, h2) = {
+        let policy = &gate.policy.load().policy;
+        (policy.handshake_timeout, policy.http2.enabled)
+    };
     let accepted = Instant::now();
     let deadline = accepted + handshake;
     match &gate.tls {
         Some(acceptor) => {
-            let handshake = timeout_at(deadline, acceptor.current().accept(tcp));
+            let handshake = timeout_at(deadline, acceptor.current(h2).accept(tcp));
             match unless_draining(&gate, handshake).await {
                 Some(Ok(Ok(stream))) => {
                     let info = ConnInfo {
                         peer,
                         tls: true,
                         accepted,
+                        protocol: Protocol::Http1,
                     };
-                    serve_http(gate, stream, info, deadline, opening).await
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        http2::serve(gate, stream, info, deadline, opening).await
+                    } else {
+                        serve_http(gate, stream, info, deadline, opening, false).await
+                    }
                 }
                 Some(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Some(Err(_)) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -159,8 +169,9 @@ async fn connection(
                 peer,
                 tls: false,
                 accepted,
+                protocol: Protocol::Http1,
             };
-            serve_http(gate, tcp, info, deadline, opening).await
+            serve_http(gate, tcp, info, deadline, opening, h2).await
         }
     }
 }
@@ -175,19 +186,26 @@ async fn unless_draining<F: std::future::Future>(gate: &Gate, work: F) -> Option
     }
 }
 
+/// An HTTP/1.1 connection, or with `h2c`, one that may turn out to be HTTP/2 with prior
+/// knowledge.
 async fn serve_http<I>(
     gate: Arc<Gate>,
     io: I,
     info: ConnInfo,
     deadline: Instant,
     opening: TaskTrackerToken,
+    h2c: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + Into<relay::Io> + 'static,
 {
     let mut io = io;
-    let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES));
+    let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES, h2c));
     let head = match unless_draining(&gate, first).await {
         Some(Ok(Ok(Head::Complete(head)))) => head,
+        Some(Ok(Ok(Head::Preface(read)))) => {
+            let io = Prefixed::new(read, io);
+            return http2::serve(gate, io, info, deadline, opening).await;
+        }
         Some(Ok(Ok(Head::Refused(rejection)))) => {
             drop(opening);
             gate.metrics
@@ -249,7 +267,7 @@ async fn serve_http<I>(
         async move {
             let answered = match decided {
                 Some(response) => Ok(response),
-                None => handle(gate, info, req).await,
+                None => handle(gate, info, req, None).await,
             };
             drop(first);
             answered

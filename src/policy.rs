@@ -49,6 +49,16 @@ pub struct Policy {
     /// The smallest handshake timeout of any route: it bounds the TLS handshake and
     /// request head, which happen before a route is known.
     pub handshake_timeout: Duration,
+    pub http2: Http2,
+}
+
+/// The listener's HTTP/2 (RFC 8441 WebSockets on extended CONNECT streams).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Http2 {
+    /// ALPN offers `h2` on TLS, and h2c with prior knowledge is accepted on plaintext.
+    pub enabled: bool,
+    /// Streams one TCP connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
 }
 
 impl Policy {
@@ -508,6 +518,7 @@ impl Loaded {
             "mode": self.policy.mode,
             "trusted_proxies": self.policy.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             "max_connections": self.policy.max_connections,
+            "http2": self.policy.http2,
             "routes": self.policy.routes.iter().map(|r| &**r).collect::<Vec<&Route>>(),
             "file": self.document,
         })

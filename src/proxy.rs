@@ -82,6 +82,8 @@ pub async fn forward(
     let uri = Uri::try_from(format!("{scheme}://{}{target}", route.upstream.authority))
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
     *request.uri_mut() = uri;
+    // The upstream is always reached over HTTP/1.1, whatever the client spoke.
+    *request.version_mut() = http::Version::HTTP_11;
     if let Ok(host) = HeaderValue::from_str(&route.upstream.host_header) {
         request.headers_mut().insert(header::HOST, host);
     }

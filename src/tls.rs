@@ -60,7 +60,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub const SESSION_CACHE: usize = 10_000;
 
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
-/// ALPN `http/1.1` (WebSocket upgrades are HTTP/1.1), session resumption on.
+/// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
+/// session resumption on.
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     server_config_from(read_certs(cert)?, read_key(key)?)
 }
@@ -73,7 +74,7 @@ pub fn server_config_from(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Resumption skips the certificate signature and the key exchange's verification on
     // both sides: a client reconnecting within the ticket's life pays a fraction of a
     // full handshake. Tickets (TLS 1.2 and 1.3) are sealed with keys that rotate every
@@ -106,22 +107,43 @@ fn provider() -> rustls::crypto::CryptoProvider {
 /// The certificate in force for new handshakes.
 #[derive(Clone)]
 pub struct Acceptor {
-    config: Arc<ArcSwap<ServerConfig>>,
+    configs: Arc<ArcSwap<Configs>>,
+}
+
+/// One certificate's config twice: with `h2` in its ALPN list, and without (while the
+/// policy turns HTTP/2 off). Both share the session cache and ticket keys.
+struct Configs {
+    h2: Arc<ServerConfig>,
+    http1: Arc<ServerConfig>,
+}
+
+impl Configs {
+    fn new(config: ServerConfig) -> Configs {
+        let mut http1 = config.clone();
+        http1.alpn_protocols.retain(|p| p.as_slice() != b"h2");
+        Configs {
+            h2: Arc::new(config),
+            http1: Arc::new(http1),
+        }
+    }
 }
 
 impl Acceptor {
     pub fn new(config: ServerConfig) -> Acceptor {
         Acceptor {
-            config: Arc::new(ArcSwap::from_pointee(config)),
+            configs: Arc::new(ArcSwap::from_pointee(Configs::new(config))),
         }
     }
 
-    pub fn current(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+    /// The acceptor for a new handshake; `h2`: whether ALPN may choose HTTP/2.
+    pub fn current(&self, h2: bool) -> tokio_rustls::TlsAcceptor {
+        let configs = self.configs.load();
+        let config = if h2 { &configs.h2 } else { &configs.http1 };
+        tokio_rustls::TlsAcceptor::from(config.clone())
     }
 
     /// Use this config for handshakes from now on.
     pub fn store(&self, config: ServerConfig) {
-        self.config.store(Arc::new(config));
+        self.configs.store(Arc::new(Configs::new(config)));
     }
 }

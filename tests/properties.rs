@@ -1089,6 +1089,10 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
         routes: Vec::<Arc<Route>>::new(),
         files: Vec::new(),
         handshake_timeout: std::time::Duration::from_secs(10),
+        http2: wsgate::policy::Http2 {
+            enabled: true,
+            max_concurrent_streams: 100,
+        },
     }
 }
 

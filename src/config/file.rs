@@ -18,6 +18,15 @@ pub struct PolicyFile {
     pub max_connections: Option<u64>,
     pub defaults: Option<RouteFields>,
     pub routes: Option<Vec<RouteFile>>,
+    pub http2: Option<Http2>,
+}
+
+/// `http2`: the listener's HTTP/2 (top level: it is the listener's, not a route's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2 {
+    pub enabled: Option<bool>,
+    pub max_concurrent_streams: Option<u32>,
 }
 
 pub use crate::policy::{Compression, HttpMode, Mode};

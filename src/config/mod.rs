@@ -18,6 +18,9 @@ pub use validate::{parse_cidr, parse_origin_pattern, validate};
 // Built-in defaults: what a field is when neither the route nor `defaults` sets it.
 // Chosen for safety; docs/policy.md ("Policy reference") documents each.
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Streams open at once on one HTTP/2 connection (nginx's `http2_max_concurrent_streams`
+/// is 128, Envoy's is unbounded); a browser's page and its sockets fit in far fewer.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const DEFAULT_UPSTREAM: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
     "header",

@@ -59,6 +59,7 @@ pub fn validate(
     if max_connections == 0 {
         v.err("max_connections", "must be at least 1");
     }
+    let http2 = v.http2(file.http2.as_ref());
 
     let defaults = file
         .defaults
@@ -116,6 +117,7 @@ pub fn validate(
         routes,
         files: v.files,
         handshake_timeout,
+        http2,
     };
     Ok((policy, v.warnings))
 }
@@ -919,6 +921,22 @@ impl Validator<'_> {
             }
             Some((n, _)) => *n,
             None => default,
+        }
+    }
+
+    fn http2(&mut self, file: Option<&file::Http2>) -> crate::policy::Http2 {
+        let max_concurrent_streams = file
+            .and_then(|h| h.max_concurrent_streams)
+            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS);
+        if max_concurrent_streams == 0 {
+            self.err(
+                "http2.max_concurrent_streams",
+                "must be at least 1 (to turn HTTP/2 off, set http2.enabled: false)",
+            );
+        }
+        crate::policy::Http2 {
+            enabled: file.and_then(|h| h.enabled).unwrap_or(true),
+            max_concurrent_streams,
         }
     }
 

@@ -354,12 +354,15 @@ pub struct Connection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
+    /// An RFC 8441 extended CONNECT stream of an HTTP/2 connection.
+    H2,
 }
 
 impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http/1.1",
+            Protocol::H2 => "h2",
         }
     }
 }

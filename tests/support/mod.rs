@@ -3,6 +3,7 @@
 //! the library on 127.0.0.1:0 with real TLS.
 #![allow(dead_code)]
 
+pub mod h2;
 pub mod process;
 pub mod wire;
 

@@ -1,0 +1,173 @@
+//! HTTP/2 on the listener: one TCP (or TLS) connection carrying many streams, each a plain
+//! request or an RFC 8441 WebSocket (an extended CONNECT). Each stream is handled by
+//! [`crate::http::handle`] exactly as an HTTP/1.1 request is; what lives here is the
+//! connection: hyper's HTTP/2 server with the limits that keep the known attacks bounded,
+//! and the connection's own deadlines (first request, idle, drain).
+//!
+//! The limits (see `docs/http2.md`): streams open at once (`http2.max_concurrent_streams`),
+//! a 16 KiB header list (as for an HTTP/1.1 head), 20 streams reset by the client before
+//! they were answered (rapid reset, CVE-2023-44487: past that the connection is closed
+//! with ENHANCE_YOUR_CALM), 256 KiB of receive window per stream and 1 MiB per connection
+//! (what a client can make the gate hold for a stream or a connection that is not being
+//! read), 64 KiB of send buffer per stream, and keep-alive pings every 20 s that must be
+//! answered within 20 s (which also ends a connection stuck in a header block that never
+//! ends). h2 itself bounds the rest: a CONTINUATION flood counts against the header list
+//! size, and SETTINGS and PING floods against its queue of pending acknowledgements.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{handle, ConnInfo};
+use crate::relay::Protocol;
+use crate::Gate;
+
+/// The most header bytes (HPACK-decoded, as RFC 9113 counts them) in one request: the
+/// HTTP/1.1 head's limit (the listener's `MAX_HEAD_BYTES`).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Streams the client may reset before the gate has answered them, at once (hyper's
+/// default, made explicit: the rapid-reset bound).
+const MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the gate may reset because of the client's errors before it closes the
+/// connection (h2's default, made explicit).
+const MAX_ERROR_RESETS: usize = 1024;
+
+/// Receive windows: how much a client may send that the gate has not read yet, per stream
+/// and per connection.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// Data a stream may have queued for sending beyond what the client's window admits.
+const SEND_BUFFER: usize = 64 * 1024;
+
+/// Keep-alive: a ping after this long without a frame from the client, and the connection
+/// is closed if the ping is not answered within the same time.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// A connection with no stream open and none started for this long (checked at this
+/// interval, so idle for between one and two of them) is closed with GOAWAY, as nginx's
+/// `keepalive_timeout` (75 s) closes an idle HTTP/2 connection.
+const IDLE_CHECK: Duration = Duration::from_secs(60);
+
+/// How long a connection that was sent GOAWAY is given to finish before it is dropped.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
+/// hyper spawns each stream's service future (and, for a WebSocket, its send half) through
+/// this: on the gate's task tracker, so the drain waits for them as for every other task.
+#[derive(Clone)]
+struct Spawner(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Spawner
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+/// Serve one HTTP/2 connection (after its TLS handshake chose `h2`, or after its h2c
+/// preface) until it ends, is idle, or the drain closes it. `deadline`: its first request
+/// must arrive by then. `opening` is the drain's hold on a connection that has not been
+/// answered yet, released at its first request.
+pub async fn serve<I>(
+    gate: Arc<Gate>,
+    io: I,
+    info: ConnInfo,
+    deadline: Instant,
+    opening: TaskTrackerToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = gate.policy.load().policy.http2;
+    // This connection's streams that are still being answered or relayed.
+    let streams = TaskTracker::new();
+    let started = Arc::new(AtomicU64::new(0));
+    let service = {
+        let gate = gate.clone();
+        let streams = streams.clone();
+        let started = started.clone();
+        let opening = Mutex::new(Some(opening));
+        service_fn(move |req| {
+            if started.fetch_add(1, Ordering::Relaxed) == 0 {
+                drop(opening.lock().ok().and_then(|mut o| o.take()));
+            }
+            let info = ConnInfo {
+                accepted: Instant::now(),
+                protocol: Protocol::H2,
+                ..info
+            };
+            handle(gate.clone(), info, req, Some(streams.token()))
+        })
+    };
+    let conn = http2::Builder::new(Spawner(gate.shutdown.tracker().clone()))
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_ERROR_RESETS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buf_size(SEND_BUFFER)
+        .keep_alive_interval(KEEP_ALIVE)
+        .keep_alive_timeout(KEEP_ALIVE)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let shutdown = gate.shutdown.token();
+    let peer = info.peer;
+    let ended = |result: Result<(), hyper::Error>| {
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
+        }
+    };
+    let mut check = deadline;
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return ended(result),
+            () = shutdown.cancelled() => break,
+            () = sleep_until(check) => {
+                let now = started.load(Ordering::Relaxed);
+                if now == 0 {
+                    // No request within `handshake_seconds` of the accept.
+                    tracing::debug!(%peer, "HTTP/2 connection sent no request in time");
+                    return;
+                }
+                if now == seen && streams.is_empty() {
+                    conn.as_mut().graceful_shutdown();
+                    if let Ok(result) = timeout(GOAWAY_GRACE, conn.as_mut()).await {
+                        ended(result);
+                    }
+                    return;
+                }
+                seen = now;
+                check = Instant::now() + IDLE_CHECK;
+            }
+        }
+    }
+    // Draining: each WebSocket stream has been told to close (its relay watches the same
+    // token) and finishes its close handshake over this connection, which keeps being
+    // served; once they are all done, GOAWAY.
+    streams.close();
+    tokio::select! {
+        result = conn.as_mut() => return ended(result),
+        () = streams.wait() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Ok(result) = timeout(GOAWAY_GRACE, conn.as_mut()).await {
+        ended(result);
+    }
+}
