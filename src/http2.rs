@@ -102,6 +102,7 @@ pub async fn serve<I>(
         let opening = Mutex::new(Some(opening));
         service_fn(move |req| {
             if started.fetch_add(1, Ordering::Relaxed) == 0 {
+                gate.metrics.client_connection(true);
                 drop(opening.lock().ok().and_then(|mut o| o.take()));
             }
             let info = ConnInfo {

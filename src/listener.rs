@@ -200,7 +200,12 @@ async fn serve_http<I>(
 {
     let mut io = io;
     let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES, h2c));
-    let head = match unless_draining(&gate, first).await {
+    let head = unless_draining(&gate, first).await;
+    // Counted once it has sent a request (an HTTP/2 one, at its first stream).
+    if let Some(Ok(Ok(Head::Complete(_) | Head::Refused(_)))) = head {
+        gate.metrics.client_connection(false);
+    }
+    let head = match head {
         Some(Ok(Ok(Head::Complete(head)))) => head,
         Some(Ok(Ok(Head::Preface(read)))) => {
             let io = Prefixed::new(read, io);

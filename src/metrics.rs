@@ -41,6 +41,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -72,6 +77,8 @@ pub struct Metrics {
     pub ping_rtt: HistogramFamily<RouteLabel>,
     pub connection_duration: HistogramFamily<RouteLabel>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    /// `wsgate_client_connections_total{protocol}`'s two series, made once: HTTP/1.1, h2.
+    client_connections: [Counter; 2],
 }
 
 impl Default for Metrics {
@@ -83,6 +90,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let client_connections = Family::<ProtocolLabel, Counter>::default();
         let m = Metrics {
             connections_active: Family::default(),
             upgrades: Family::default(),
@@ -96,6 +104,9 @@ impl Metrics {
             ping_rtt: Family::new_with_constructor(latency_histogram),
             connection_duration: Family::new_with_constructor(duration_histogram),
             tls_reloads: Family::default(),
+            client_connections: ["http/1.1", "h2"].map(|protocol| {
+                client_connections.get_or_create_owned(&ProtocolLabel { protocol })
+            }),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters itself.
@@ -159,6 +170,11 @@ impl Metrics {
             "Certificate reloads after start-up",
             m.tls_reloads.clone(),
         );
+        registry.register(
+            "wsgate_client_connections",
+            "Client connections that sent a request, by protocol (http/1.1 or h2)",
+            client_connections,
+        );
         // Reload series exist from the start at 0, so a first failure shows in increase().
         for result in ["success", "failure"] {
             m.policy_reloads
@@ -184,6 +200,11 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// A client connection sent its first request, over HTTP/1.1 or, with `h2`, HTTP/2.
+    pub fn client_connection(&self, h2: bool) {
+        self.client_connections[usize::from(h2)].inc();
     }
 
     pub fn report_violation(&self, route: &str, reason: &'static str) {

@@ -77,6 +77,43 @@ async fn demo_page_on_an_allowed_origin_exchanges_messages() {
     assert_eq!(accepted["path"], "/ws", "{accepted}");
 }
 
+/// The page comes over HTTP/2 (ALPN h2) from the gate's `http: pass` route, and the
+/// browser opens the page's WebSocket on that same connection (RFC 8441): the gate logs
+/// the upgrade with protocol h2, and one client connection in all sent it requests, an h2
+/// one. (Chromium may also open a spare connection that never carries a request.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_over_h2_opens_its_websocket_on_the_same_connection() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    let demo = Demo::start();
+    let mut page = Page::open(&chromium, &format!("https://localhost:{}/", demo.port)).await;
+    let received = format!("received: {GREETING}");
+    let log = page
+        .wait_text("log", |log| lines(log).contains(&received.as_str()))
+        .await;
+    assert!(lines(&log).contains(&received.as_str()), "no echo:\n{log}");
+
+    let protocol = page
+        .eval("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+        .await;
+    assert_eq!(protocol, "h2", "the page did not load over HTTP/2");
+    let accepted = demo
+        .wait_log(|v| v["message"] == "upgrade" && v["result"] == "accepted")
+        .await;
+    assert_eq!(accepted["protocol"], "h2", "{accepted}");
+    // Asked from the page, so on its own connection.
+    let counters = page
+        .eval_async("fetch('/demo/metrics').then((r) => r.json())")
+        .await;
+    assert_eq!(
+        counters["connections"],
+        json!({"h2": 1, "http/1.1": 0}),
+        "{counters}"
+    );
+    assert_eq!(counters["open"], 1, "{counters}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_page_on_a_disallowed_origin_is_refused_with_403() {
     let Some(chromium) = chromium_or_skip() else {
@@ -472,6 +509,17 @@ impl Page {
             .call(
                 "Runtime.evaluate",
                 json!({ "expression": expression, "returnByValue": true }),
+            )
+            .await;
+        evaluated["result"]["value"].clone()
+    }
+
+    /// The value a JavaScript promise resolves to in the page.
+    async fn eval_async(&mut self, expression: &str) -> Value {
+        let evaluated = self
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
             )
             .await;
         evaluated["result"]["value"].clone()

@@ -359,9 +359,11 @@ fn dialable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// The counters the page shows, from the gate's OpenMetrics text: open connections, and
-/// upgrades by result and closes by reason, each summed over routes.
+/// upgrades by result and closes by reason, each summed over routes; and the client
+/// connections accepted by protocol (`http/1.1`, `h2`).
 pub fn gate_counters(metrics: &str) -> Value {
     let mut open = 0;
+    let mut connections = BTreeMap::<String, u64>::new();
     let mut upgrades = BTreeMap::<String, u64>::new();
     let mut closes = BTreeMap::<String, u64>::new();
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
@@ -385,10 +387,15 @@ pub fn gate_counters(metrics: &str) -> Value {
                     *closes.entry(reason.to_owned()).or_default() += value;
                 }
             }
+            "wsgate_client_connections_total" => {
+                if let Some(protocol) = label(labels, "protocol") {
+                    *connections.entry(protocol.to_owned()).or_default() += value;
+                }
+            }
             _ => {}
         }
     }
-    json!({ "open": open, "upgrades": upgrades, "closes": closes })
+    json!({ "open": open, "upgrades": upgrades, "closes": closes, "connections": connections })
 }
 
 /// The value of label `key` in `k="v",k2="v2"}` (the gate's values need no unescaping).
