@@ -538,6 +538,8 @@ mod tests {
             wsgate_upgrades_total{route=\"echo\",result=\"missing_token\"} 1\n\
             wsgate_closes_total{route=\"echo\",reason=\"message_rate_exceeded\"} 1\n\
             wsgate_messages_total{route=\"echo\",direction=\"client_to_upstream\"} 9\n\
+            wsgate_client_connections_total{protocol=\"http/1.1\"} 0\n\
+            wsgate_client_connections_total{protocol=\"h2\"} 2\n\
             # EOF\n";
         assert_eq!(
             gate_counters(text),
@@ -545,6 +547,7 @@ mod tests {
                 "open": 3,
                 "upgrades": {"accepted": 4, "missing_token": 1},
                 "closes": {"message_rate_exceeded": 1},
+                "connections": {"http/1.1": 0, "h2": 2},
             })
         );
     }
