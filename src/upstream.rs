@@ -187,6 +187,7 @@ fn has_underscore(name: &HeaderName) -> bool {
 pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 6);
     let connection_listed = connection_listed(client);
+    let mut cookies: Vec<HeaderValue> = Vec::new();
     for (name, value) in client {
         if is_reserved_header(name)
             || has_underscore(name)
@@ -199,12 +200,15 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
             continue;
         }
         if name == header::COOKIE {
-            if let Some(v) = strip_cookies(value, fwd.token_sources) {
-                out.append(name, v);
-            }
+            cookies.extend(strip_cookies(value, fwd.token_sources));
             continue;
         }
         out.append(name, value.clone());
+    }
+    // RFC 9113 §8.2.3: an HTTP/2 client may split its cookies over several fields, which
+    // go to the HTTP/1.1 upstream as one header (RFC 6265 §5.4), joined with "; ".
+    if let Some(joined) = join_cookies(cookies) {
+        out.insert(header::COOKIE, joined);
     }
 
     let xff_peer = fwd.peer.to_string();
@@ -240,6 +244,20 @@ fn is_bearer(value: &HeaderValue) -> bool {
         .as_bytes()
         .get(..7)
         .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+}
+
+/// Cookie header values as one value, in order, separated by "; ".
+fn join_cookies(mut values: Vec<HeaderValue>) -> Option<HeaderValue> {
+    if values.len() <= 1 {
+        return values.pop();
+    }
+    let joined = values
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    // Visible bytes joined with "; " are a valid value.
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// The Cookie header without the token cookies; `None` if nothing is left.
@@ -656,6 +674,27 @@ mod tests {
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
         assert_eq!(strip_cookies(&v, &s).unwrap(), "a=1; b=2");
         assert!(strip_cookies(&HeaderValue::from_static("access_token=x"), &s).is_none());
+        // Several Cookie fields (an HTTP/2 client's) go upstream as one.
+        let mut h = HeaderMap::new();
+        for v in ["a=1", "access_token=x", "b=2; c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(v));
+        }
+        let id = HeaderValue::from_static("req-1");
+        let fwd = Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            peer_trusted: false,
+            tls: true,
+            request_id: &id,
+            claim_headers: &[],
+            claim_header_names: &[],
+            token_sources: &s,
+        };
+        let cookies: Vec<_> = forward_headers(&h, &fwd)
+            .get_all(header::COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
         assert_eq!(
             strip_token_protocols(&["bearer.abc", "chat"], &s),
             vec!["chat"]

@@ -1,79 +1,122 @@
 //! WebSockets over HTTP/2 (RFC 8441) through the real gate: extended CONNECT over TLS
-//! (ALPN `h2`) and h2c, admitted, relayed and closed as over HTTP/1.1, several on one
-//! connection.
+//! (ALPN `h2`) and h2c, admitted, relayed and closed exactly as over HTTP/1.1, several on
+//! one connection; every refusal of docs/admission.md over h2; plain requests; the
+//! `http2` policy block; metrics, log lines and the SIGTERM drain (README "HTTP/2").
 
 mod support;
 
-use futures_util::{SinkExt, StreamExt};
-use support::h2::H2Socket;
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::h2::{close_of, close_with, echoes, raw_close_of, H2};
+use support::process::Proc;
 use support::*;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn next(ws: &mut H2Socket) -> Message {
-    next_message_any(ws).await
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+const TRUSTED: &str = "trusted_proxies: [127.0.0.1/32]\n";
+const INVALID_TOKEN_CHALLENGE: &str = "Bearer error=\"invalid_token\"";
+/// An upgrade rate no test comes near.
+const ROOMY: &str = "{upgrades_per_second: 1000, burst: 1000}";
+
+/// `Retry-After` in whole seconds.
+fn retry_after(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds")
 }
 
-/// Read until the close frame, reply, and return its code and reason.
-async fn close_of(ws: &mut H2Socket) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("no close in time")
-        {
-            Some(Ok(Message::Close(frame))) => {
-                let _ = ws.flush().await;
-                return frame.map_or((1005, String::new()), |f| {
-                    (f.code.into(), f.reason.to_string())
-                });
-            }
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
+/// `open_policy` with `top` prepended (top-level fields) and `extra` under the route.
+fn policy(upstream: &Upstream, top: &str, extra: &str) -> String {
+    format!("{top}{}", open_policy(&upstream.url(), extra))
+}
+
+/// One `/ws` route in front of `upstream` requiring an HS256 token (the `secret` file
+/// TestGate writes), with `auth_extra` in its auth and `rate` as its rate.
+fn token_policy(upstream: &Upstream, auth_extra: &str, rate: &str) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {rate}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]{auth_extra}}}\nroutes:\n  - path: /ws\n    name: ws\n",
+        upstream.url()
+    )
+}
+
+/// `Authorization` for `token`.
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// An HTTP/1.1 upgrade on `/ws` with `headers`.
+async fn http1(gate: &TestGate, headers: &[(&str, &str)]) -> Result<Client, String> {
+    let mut request = gate.request("/ws");
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, header_value(value));
+    }
+    match gate.connect_request(request).await {
+        Ok((client, _)) => Ok(client),
+        Err(e) => Err(format!("{}", refusal(Err(e)).2)),
     }
 }
 
+/// Retry an HTTP/1.1 upgrade until it is admitted (a slot is freed just after the close),
+/// at most 2 s.
+async fn admitted_soon(gate: &TestGate, headers: &[(&str, &str)]) -> Client {
+    let started = Instant::now();
+    loop {
+        match http1(gate, headers).await {
+            Ok(client) => return client,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "no slot was released: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Relay over h2 and h2c
+
+/// An extended CONNECT over TLS is relayed; the upstream is reached over HTTP/1.1.
 #[tokio::test]
 async fn echoes_over_h2_with_tls() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
     let mut h2 = gate.h2().await;
     let (mut ws, _) = h2.websocket("/ws/room?x=1", &[]).await.unwrap();
-    ws.send(Message::text("hello")).await.unwrap();
-    assert_eq!(next(&mut ws).await, Message::text("hello"));
+    echoes(&mut ws, "hello").await;
     ws.send(Message::binary(vec![0u8, 1, 2, 255]))
         .await
         .unwrap();
-    assert_eq!(next(&mut ws).await, Message::binary(vec![0u8, 1, 2, 255]));
+    assert_eq!(
+        next_message_any(&mut ws).await,
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
     // The upstream was reached over HTTP/1.1 with an ordinary upgrade.
     let seen = upstream.last_seen();
     assert_eq!(seen.target, "/ws/room?x=1");
-    assert_eq!(
-        seen.headers.get("x-forwarded-host").unwrap(),
-        &format!("localhost:{}", gate.addr.port())
-    );
-    assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(seen.headers["upgrade"], "websocket");
+    assert!(seen.headers.contains_key("sec-websocket-key"));
 }
 
+/// h2c with prior knowledge on a plaintext listener is relayed too.
 #[tokio::test]
 async fn echoes_over_h2c_prior_knowledge() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
     let mut h2 = gate.h2().await;
     let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
-    ws.send(Message::text("plain")).await.unwrap();
-    assert_eq!(next(&mut ws).await, Message::text("plain"));
-    assert_eq!(
-        upstream
-            .last_seen()
-            .headers
-            .get("x-forwarded-proto")
-            .unwrap(),
-        "http"
-    );
+    echoes(&mut ws, "plain").await;
 }
 
+/// Streams of one connection close independently, and a new one opens after a close.
 #[tokio::test]
 async fn two_websockets_on_one_connection_close_independently() {
     let upstream = Upstream::start().await;
@@ -83,46 +126,1173 @@ async fn two_websockets_on_one_connection_close_independently() {
     let (mut second, _) = h2.websocket("/ws", &[]).await.unwrap();
     first.send(Message::text("one")).await.unwrap();
     second.send(Message::text("two")).await.unwrap();
-    assert_eq!(next(&mut first).await, Message::text("one"));
-    assert_eq!(next(&mut second).await, Message::text("two"));
-    first
-        .close(Some(CloseFrame {
-            code: CloseCode::from(4000),
-            reason: "done".into(),
-        }))
-        .await
-        .unwrap();
-    assert_eq!(close_of(&mut first).await, (4000, "done".into()));
-    second.send(Message::text("still here")).await.unwrap();
-    assert_eq!(next(&mut second).await, Message::text("still here"));
+    assert_eq!(next_message_any(&mut first).await, Message::text("one"));
+    assert_eq!(next_message_any(&mut second).await, Message::text("two"));
+    close_with(first, 4000, "done").await;
+    echoes(&mut second, "still here").await;
     // A third opens on the same connection after the first closed.
     let (mut third, _) = h2.websocket("/ws", &[]).await.unwrap();
-    third.send(Message::text("three")).await.unwrap();
-    assert_eq!(next(&mut third).await, Message::text("three"));
+    echoes(&mut third, "three").await;
 }
 
+// ---------------------------------------------------------------------------------------
+// §3 refusals over an extended CONNECT
+
+/// A Sec-WebSocket-Version other than 13 (or none) is 426 `not_websocket`, naming 13.
 #[tokio::test]
-async fn a_refusal_over_h2_has_the_same_status_and_json() {
+async fn a_version_other_than_13_is_426_not_websocket() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let headers = h2
+        .refused(
+            "/ws",
+            &[("sec-websocket-version", "8")],
+            426,
+            "not_websocket",
+        )
+        .await;
+    assert_eq!(headers["sec-websocket-version"], "13");
+    // `Upgrade` is a connection-specific header, which HTTP/2 forbids (RFC 9113 §8.2.2):
+    // the answer carries none rather than a malformed one.
+    assert!(headers.get("upgrade").is_none(), "{headers:?}");
+    assert!(headers.get("connection").is_none(), "{headers:?}");
+    let headers = h2
+        .refused(
+            "/ws",
+            &[("sec-websocket-version", "")],
+            426,
+            "not_websocket",
+        )
+        .await;
+    assert_eq!(headers["sec-websocket-version"], "13");
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// An extended CONNECT for another protocol, two versions, or a dot-segment path is 400
+/// `bad_request`; the connection goes on.
+#[tokio::test]
+async fn a_malformed_extended_connect_is_400_bad_request() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (status, _, body) = h2
+        .extended_connect("/ws", "chat", &[])
+        .await
+        .expect_err(":protocol chat was admitted");
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    h2.refused(
+        "/ws",
+        &[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-version", "13"),
+        ],
+        400,
+        "bad_request",
+    )
+    .await;
+    h2.refused("/ws/../admin", &[], 400, "bad_request").await;
+    assert_eq!(upstream.seen_count(), 0);
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    echoes(&mut ws, "after the refusals").await;
+}
+
+/// A path no route matches is 404 `no_route`.
+#[tokio::test]
+async fn an_unknown_path_is_404_no_route() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    for path in ["/other", "/wsx", "/"] {
+        h2.refused(path, &[], 404, "no_route").await;
+    }
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// A denied client IP is 403 `ip_denied`, also when it comes from a trusted proxy's
+/// X-Forwarded-For.
+#[tokio::test]
+async fn a_denied_ip_is_403_ip_denied() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {deny: [203.0.113.0/24]}\n",
+    ))
+    .await;
+    let mut h2 = gate.h2().await;
+    h2.refused(
+        "/ws",
+        &[("x-forwarded-for", "203.0.113.9")],
+        403,
+        "ip_denied",
+    )
+    .await;
+    assert_eq!(upstream.seen_count(), 0);
+    // Another address on the same connection is admitted.
+    let (mut ws, _) = h2
+        .websocket("/ws", &[("x-forwarded-for", "198.51.100.1")])
+        .await
+        .unwrap();
+    echoes(&mut ws, "allowed").await;
+}
+
+/// Each stream is one upgrade for the per-IP rate: past the burst, 429 `rate_limited`
+/// with Retry-After.
+#[tokio::test]
+async fn streams_over_the_upgrade_rate_are_429_rate_limited_with_retry_after() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {upgrades_per_second: 0.5, burst: 2}\n",
+    ))
+    .await;
+    let mut h2 = gate.h2().await;
+    let _a = h2.websocket("/ws", &[]).await.unwrap();
+    let _b = h2.websocket("/ws", &[]).await.unwrap();
+    let headers = h2.refused("/ws", &[], 429, "rate_limited").await;
+    let retry = retry_after(&headers);
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert_eq!(upstream.seen_count(), 2);
+}
+
+/// The per-IP cap counts an h2 stream as one connection, like an HTTP/1.1 one: with a
+/// cap of 2, one of each fills it; closing the stream frees its slot.
+#[tokio::test]
+async fn the_per_ip_cap_counts_h2_streams_and_http1_connections_alike() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {max_connections_per_ip: 2, burst: 100}\n",
+    ))
+    .await;
+    let mut h1 = http1(&gate, &[]).await.unwrap();
+    let mut h2 = gate.h2().await;
+    let (stream, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let headers = h2.refused("/ws", &[], 429, "too_many_connections").await;
+    assert!(retry_after(&headers) >= 1);
+    let Err(refusal) = http1(&gate, &[]).await else {
+        panic!("a third connection was admitted");
+    };
+    assert!(refusal.contains("too_many_connections"), "{refusal}");
+    // The stream's close frees its slot for an HTTP/1.1 client.
+    close_with(stream, 1000, "").await;
+    let _c = admitted_soon(&gate, &[]).await;
+    h1.send(Message::text("still")).await.unwrap();
+    assert_eq!(next_message(&mut h1).await, Message::text("still"));
+}
+
+/// The per-subject cap counts h2 streams and HTTP/1.1 connections of one `sub` together.
+#[tokio::test]
+async fn the_per_subject_cap_counts_h2_streams_and_http1_connections_alike() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(
+        &upstream,
+        "",
+        "{upgrades_per_second: 1000, burst: 1000, max_connections_per_subject: 2}",
+    ))
+    .await;
+    let alice = bearer(&hs256("alice"));
+    let auth = [("authorization", alice.as_str())];
+    let _h1 = http1(&gate, &auth).await.unwrap();
+    let mut h2 = gate.h2().await;
+    let (stream, _) = h2.websocket("/ws", &auth).await.unwrap();
+    let headers = h2.refused("/ws", &auth, 429, "too_many_connections").await;
+    assert!(retry_after(&headers) >= 1);
+    // Another subject is not affected.
+    let bob = bearer(&hs256("bob"));
+    let _bob = h2
+        .websocket("/ws", &[("authorization", bob.as_str())])
+        .await
+        .unwrap();
+    close_with(stream, 1000, "").await;
+    let _again = admitted_soon(&gate, &auth).await;
+}
+
+/// The global cap counts h2 streams: past it, 503 `server_full`.
+#[tokio::test]
+async fn the_global_cap_counts_h2_streams_503_server_full() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, "max_connections: 2\n", "")).await;
+    let _h1 = http1(&gate, &[]).await.unwrap();
+    let mut h2 = gate.h2().await;
+    let (stream, _) = h2.websocket("/ws", &[]).await.unwrap();
+    h2.refused("/ws", &[], 503, "server_full").await;
+    close_with(stream, 1000, "").await;
+    let _again = admitted_soon(&gate, &[]).await;
+}
+
+/// An Origin not on the allow list, or none when `allow_missing` is false, is 403
+/// `origin_not_allowed`.
+#[tokio::test]
+async fn a_foreign_or_missing_origin_is_403_origin_not_allowed() {
     let upstream = Upstream::start().await;
     let policy = format!(
-        "version: 1\ndefaults:\n  upstream: {}\n  auth:\n    algorithms: [HS256]\n    keys: [{{hmac_secret_file: secret}}]\n  origin: {{allow_missing: true}}\nroutes:\n  - path: /ws\n",
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  rate: {{burst: 100}}\n  origin: {{allow: [\"https://app.example.com\"]}}\nroutes:\n  - path: /ws\n",
         upstream.url()
     );
     let gate = TestGate::start(&policy).await;
     let mut h2 = gate.h2().await;
-    let (status, headers, body) = h2.websocket("/ws", &[]).await.err().unwrap();
-    assert_eq!(status, 401);
-    assert_eq!(body["error"], "missing_token");
-    assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
-    let (status, _, body) = h2.websocket("/nowhere", &[]).await.err().unwrap();
-    assert_eq!((status, body["error"].as_str()), (404, Some("no_route")));
-    // The connection survives its refusals.
-    let token = hs256("alice");
-    let auth = format!("Bearer {token}");
+    h2.refused(
+        "/ws",
+        &[("origin", "https://evil.example.com")],
+        403,
+        "origin_not_allowed",
+    )
+    .await;
+    h2.refused("/ws", &[], 403, "origin_not_allowed").await;
+    assert_eq!(upstream.seen_count(), 0);
     let (mut ws, _) = h2
-        .websocket("/ws", &[("authorization", &auth)])
+        .websocket("/ws", &[("origin", "https://app.example.com")])
         .await
         .unwrap();
-    ws.send(Message::text("in")).await.unwrap();
-    assert_eq!(next(&mut ws).await, Message::text("in"));
+    echoes(&mut ws, "same origin").await;
+}
+
+/// No token is 401 `missing_token` with a bare Bearer challenge; a bad one `invalid_token`
+/// and an expired one `token_expired`, both with `error="invalid_token"`.
+#[tokio::test]
+async fn token_refusals_are_401_with_their_challenges() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, ", leeway_seconds: 0", ROOMY)).await;
+    let mut h2 = gate.h2().await;
+    let headers = h2.refused("/ws", &[], 401, "missing_token").await;
+    let challenges: Vec<_> = headers.get_all("www-authenticate").iter().collect();
+    assert_eq!(challenges, ["Bearer"]);
+
+    let forged = bearer(&hs256_with(
+        "another-secret-another-secret-another-secret",
+        serde_json::json!({"sub": "mallory", "exp": unix_now() + 300}),
+    ));
+    let headers = h2
+        .refused("/ws", &[("authorization", &forged)], 401, "invalid_token")
+        .await;
+    assert_eq!(headers["www-authenticate"], INVALID_TOKEN_CHALLENGE);
+
+    let expired = bearer(&hs256_with(
+        SECRET,
+        serde_json::json!({"sub": "alice", "exp": unix_now() - 60}),
+    ));
+    let headers = h2
+        .refused("/ws", &[("authorization", &expired)], 401, "token_expired")
+        .await;
+    assert_eq!(headers["www-authenticate"], INVALID_TOKEN_CHALLENGE);
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// A valid token without the required claim is 403 `claims_denied`.
+#[tokio::test]
+async fn a_token_without_the_required_claims_is_403_claims_denied() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(
+        &upstream,
+        ", require_claims: {role: [admin]}",
+        ROOMY,
+    ))
+    .await;
+    let mut h2 = gate.h2().await;
+    let user = bearer(&hs256_with(
+        SECRET,
+        serde_json::json!({"sub": "alice", "role": "user", "exp": unix_now() + 300}),
+    ));
+    h2.refused("/ws", &[("authorization", &user)], 403, "claims_denied")
+        .await;
+    assert_eq!(upstream.seen_count(), 0);
+    let admin = bearer(&hs256_with(
+        SECRET,
+        serde_json::json!({"sub": "root", "role": "admin", "exp": unix_now() + 300}),
+    ));
+    let (mut ws, _) = h2
+        .websocket("/ws", &[("authorization", &admin)])
+        .await
+        .unwrap();
+    echoes(&mut ws, "admin").await;
+}
+
+/// A `jwks_url` that was never fetched is 503 `keys_unavailable` with Retry-After.
+#[tokio::test]
+async fn a_jwks_url_never_fetched_is_503_keys_unavailable() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let upstream = Upstream::start().await;
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = down.local_addr().unwrap().port();
+    drop(down);
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {ROOMY}\n  auth: {{algorithms: [ES256], keys: [{{jwks_url: \"https://localhost:{port}/jwks.json\", refresh_seconds: 300}}]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let pem = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/ec.key")).unwrap();
+    let token = encode(
+        &Header::new(Algorithm::ES256),
+        &serde_json::json!({"sub": "alice", "exp": unix_now() + 300}),
+        &EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap();
+    let mut h2 = gate.h2().await;
+    let headers = h2
+        .refused(
+            "/ws",
+            &[("authorization", &bearer(&token))],
+            503,
+            "keys_unavailable",
+        )
+        .await;
+    assert!(retry_after(&headers) >= 1);
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// An upstream that refuses connections is 502 `upstream_unavailable`.
+#[tokio::test]
+async fn an_upstream_down_is_502_upstream_unavailable() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gate = TestGate::start(&open_policy(&url, "")).await;
+    let mut h2 = gate.h2().await;
+    h2.refused("/ws", &[], 502, "upstream_unavailable").await;
+}
+
+/// An upstream that accepts but never answers is 504 `upstream_timeout` at
+/// `upstream_connect_seconds`.
+#[tokio::test]
+async fn a_silent_upstream_is_504_upstream_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let extra = "    timeouts: {upstream_connect_seconds: 0.5}\n";
+    let gate = TestGate::start(&open_policy(&url, extra)).await;
+    let mut h2 = gate.h2().await;
+    let started = Instant::now();
+    h2.refused("/ws", &[], 504, "upstream_timeout").await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "504 after {took:?}"
+    );
+    held.abort();
+}
+
+/// The upstream's own non-101 answer is relayed: its status, content type and body.
+#[tokio::test]
+async fn the_upstreams_own_refusal_is_relayed_with_its_body() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        refuse: Some((403, "not for you")),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (status, headers, body) = h2.websocket("/ws", &[]).await.expect_err("admitted");
+    assert_eq!(status, 403);
+    assert_eq!(body, serde_json::Value::String("not for you".into()));
+    assert_eq!(headers["content-type"], "text/plain");
+}
+
+// ---------------------------------------------------------------------------------------
+// Subprotocols, tokens and what goes upstream
+
+/// The upstream's chosen subprotocol comes back in the 200; the upstream saw the offer.
+#[tokio::test]
+async fn the_upstreams_subprotocol_is_returned_in_the_200() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        protocol: Some("v2.chat"),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, headers) = h2
+        .websocket("/ws", &[("sec-websocket-protocol", "v1.chat, v2.chat")])
+        .await
+        .unwrap();
+    assert_eq!(headers["sec-websocket-protocol"], "v2.chat");
+    assert_eq!(
+        upstream.last_seen().headers["sec-websocket-protocol"],
+        "v1.chat, v2.chat"
+    );
+    echoes(&mut ws, "negotiated").await;
+}
+
+/// A token is taken from the query, the Authorization header or a `bearer.` subprotocol
+/// entry, and its carrier never reaches the upstream.
+#[tokio::test]
+async fn tokens_in_query_header_and_subprotocol_are_accepted_and_removed() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        protocol: Some("chat.v1"),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&token_policy(&upstream, "", ROOMY)).await;
+    let token = hs256("alice");
+    let mut h2 = gate.h2().await;
+
+    let path = format!("/ws/room?a=1&access_token={token}&b=two");
+    let (mut by_query, _) = h2.websocket(&path, &[]).await.unwrap();
+    echoes(&mut by_query, "query").await;
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/ws/room?a=1&b=two");
+    assert!(!format!("{:?}", seen.headers).contains(&token));
+
+    let (mut by_header, _) = h2
+        .websocket("/ws?x=1", &[("authorization", &bearer(&token))])
+        .await
+        .unwrap();
+    echoes(&mut by_header, "header").await;
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/ws?x=1");
+    assert!(seen.headers.get("authorization").is_none(), "{seen:?}");
+
+    let offer = format!("bearer.{token}, chat.v1");
+    let (mut by_protocol, headers) = h2
+        .websocket("/ws", &[("sec-websocket-protocol", &offer)])
+        .await
+        .unwrap();
+    echoes(&mut by_protocol, "subprotocol").await;
+    assert_eq!(headers["sec-websocket-protocol"], "chat.v1");
+    let offered: Vec<_> = upstream
+        .last_seen()
+        .headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(offered, ["chat.v1"]);
+}
+
+/// An HTTP/2 client may send its cookies as several `cookie` fields (RFC 9113 §8.2.3,
+/// as browsers do for HPACK): the token is found in any of them, and the HTTP/1.1
+/// upstream gets one Cookie header, joined with "; ", without the token cookie; on an
+/// upgrade and on an `http: pass` request alike.
+#[tokio::test]
+async fn split_cookie_fields_reach_the_upstream_as_one_cookie_header() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /static\n    http: pass\n",
+        token_policy(&upstream, "", ROOMY)
+    );
+    let gate = TestGate::start(&policy).await;
+    let token = format!("access_token={}", hs256("alice"));
+    let cookies = [
+        ("cookie", "theme=dark"),
+        ("cookie", token.as_str()),
+        ("cookie", "lang=en"),
+    ];
+    let mut h2 = gate.h2().await;
+    let (mut ws, _) = h2.websocket("/ws", &cookies).await.unwrap();
+    echoes(&mut ws, "cookies").await;
+    let sent: Vec<_> = upstream
+        .last_seen()
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(sent, ["theme=dark; lang=en"]);
+
+    let (status, _, _) = h2.get("/static/page", &cookies).await;
+    assert_eq!(status, 200);
+    let sent: Vec<_> = upstream
+        .last_seen()
+        .headers
+        .get_all("cookie")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(sent, ["theme=dark; lang=en"]);
+}
+
+/// §8 "Real clients": an upstream that selects no subprotocol gets the client's token
+/// entry selected in the 200 (the upstream never sees it).
+#[tokio::test]
+async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, "", ROOMY)).await;
+    let entry = format!("bearer.{}", hs256("alice"));
+    let mut h2 = gate.h2().await;
+    let (mut ws, headers) = h2
+        .websocket("/ws", &[("sec-websocket-protocol", &entry)])
+        .await
+        .unwrap();
+    assert_eq!(headers["sec-websocket-protocol"], entry.as_str());
+    echoes(&mut ws, "selected").await;
+    assert!(upstream
+        .last_seen()
+        .headers
+        .get("sec-websocket-protocol")
+        .is_none());
+}
+
+/// What goes upstream for an h2 stream: X-Forwarded-Host is the `:authority` (not a
+/// Host field sent beside it),
+/// X-Forwarded-Proto `https` over TLS and `http` over h2c, X-Forwarded-For the peer, the
+/// request id and traceparent kept.
+#[tokio::test]
+async fn forwarded_headers_follow_the_spec_over_h2_and_h2c() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (_ws, _) = h2
+        .websocket(
+            "/ws/a?b=c",
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-request-id", "req-42"),
+                ("traceparent", traceparent),
+                ("x-custom", "kept"),
+                // `:authority` wins over a Host field sent beside it (RFC 9113 §8.3.1).
+                ("host", "evil.example"),
+            ],
+        )
+        .await
+        .unwrap();
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/ws/a?b=c");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{}", gate.addr.port())
+    );
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-request-id"], "req-42");
+    assert_eq!(seen.headers["traceparent"], traceparent);
+    assert_eq!(seen.headers["x-custom"], "kept");
+
+    let plain = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let mut h2c = plain.h2().await;
+    let (_ws, _) = h2c.websocket("/ws", &[]).await.unwrap();
+    let seen = upstream.last_seen();
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{}", plain.addr.port())
+    );
+    assert_eq!(seen.headers["x-request-id"].len(), 32, "a generated id");
+}
+
+/// The upstream's 101 headers reach the h2 client in the 200 (Set-Cookie included), less
+/// the hop-by-hop ones and the HTTP/1.1 handshake's own.
+#[tokio::test]
+async fn the_upstreams_101_headers_reach_the_h2_client() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, headers) = h2.websocket("/ws", &[]).await.unwrap();
+    let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+    assert_eq!(
+        cookies,
+        ["io=abc123; Path=/; HttpOnly", "affinity=pod-7; Path=/"]
+    );
+    assert_eq!(headers["x-upstream"], "yes");
+    for absent in [
+        "x-hop",
+        "keep-alive",
+        "connection",
+        "upgrade",
+        "sec-websocket-accept",
+    ] {
+        assert!(headers.get(absent).is_none(), "{absent}: {headers:?}");
+    }
+    echoes(&mut ws, "ok").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// §4 close codes over h2
+
+/// The client's close code and reason reach the upstream, and the gate completes the
+/// client's close handshake.
+#[tokio::test]
+async fn the_clients_close_code_and_reason_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    close_with(ws, 4000, "bye now").await;
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(4000, "bye now".into())
+    );
+}
+
+/// The upstream's close code and reason reach the client.
+#[tokio::test]
+async fn the_upstreams_close_code_and_reason_reach_the_client() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    ws.send(Message::text("close 4001 all done")).await.unwrap();
+    assert_eq!(close_of(&mut ws).await, (4001, "all done".into()));
+}
+
+/// A client message over `max_message_bytes` is 1009 to the client and 1001 upstream;
+/// the other stream of the connection goes on.
+#[tokio::test]
+async fn an_oversized_client_message_is_1009_and_the_upstream_gets_1001() {
+    let upstream = Upstream::start().await;
+    let extra = "    messages: {max_frame_bytes: 1024, max_message_bytes: 1024}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let mut h2 = gate.h2().await;
+    let (mut big, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut small, _) = h2.websocket("/ws", &[]).await.unwrap();
+    echoes(&mut big, "small first").await;
+    big.send(Message::binary(vec![1u8; 2000])).await.unwrap();
+    assert_eq!(close_of(&mut big).await, (1009, "message too big".into()));
+    assert!(
+        matches!(upstream.wait_ended(0).await, Ended::Close(1001, _)),
+        "{:?}",
+        upstream.ended.lock().unwrap()
+    );
+    echoes(&mut small, "unaffected").await;
+}
+
+/// An upstream message over the limit is 1009 to the upstream and 1001 to the client.
+#[tokio::test]
+async fn an_oversized_upstream_message_is_1009_to_it_and_1001_to_the_client() {
+    let upstream = Upstream::start().await;
+    let extra = "    messages: {max_frame_bytes: 1024, max_message_bytes: 4096}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    ws.send(Message::text("big 4000")).await.unwrap();
+    assert_eq!(next_message_any(&mut ws).await.len(), 4000);
+    ws.send(Message::text("big 5000")).await.unwrap();
+    assert_eq!(close_of(&mut ws).await.0, 1001);
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1009, _)
+    ));
+}
+
+/// Messages over the rate's burst are 1008 "message rate exceeded"; the upstream 1001.
+#[tokio::test]
+async fn messages_over_the_rate_are_1008() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 1, burst: 3}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    for i in 0..3 {
+        echoes(&mut ws, &format!("{i}")).await;
+    }
+    ws.send(Message::text("one too many")).await.unwrap();
+    assert_eq!(
+        close_of(&mut ws).await,
+        (1008, "message rate exceeded".into())
+    );
+    assert!(matches!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, _)
+    ));
+}
+
+/// An upstream lost without a close frame is 1014 to its client; the connection's other
+/// stream is untouched.
+#[tokio::test]
+async fn an_upstream_lost_is_1014_and_the_sibling_stream_goes_on() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (mut lost, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut sibling, _) = h2.websocket("/ws", &[]).await.unwrap();
+    lost.send(Message::text("drop")).await.unwrap();
+    assert_eq!(
+        raw_close_of(&mut lost).await,
+        (1014, "upstream unavailable".into())
+    );
+    echoes(&mut sibling, "still here").await;
+}
+
+/// A stream with no message either way for `idle_seconds` is closed 1001 "idle timeout",
+/// both sides.
+#[tokio::test]
+async fn an_idle_stream_is_closed_1001_idle_timeout() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {idle_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let mut h2 = gate.h2().await;
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(close_of(&mut ws).await, (1001, "idle timeout".into()));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "idle close after {took:?}"
+    );
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, "idle timeout".into())
+    );
+}
+
+/// A stream the client resets (no close frame) ends its relay: the upstream is closed and
+/// the stream's cap slot freed, while its sibling goes on.
+#[tokio::test]
+async fn a_stream_reset_by_the_client_frees_its_slot_and_spares_its_sibling() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {max_connections_per_ip: 2, burst: 100}\n",
+    ))
+    .await;
+    let mut h2 = gate.h2().await;
+    let (mut reset, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut sibling, _) = h2.websocket("/ws", &[]).await.unwrap();
+    echoes(&mut reset, "before the reset").await;
+    h2.refused("/ws", &[], 429, "too_many_connections").await;
+    // Dropping both halves of the stream resets it (RST_STREAM CANCEL).
+    drop(reset);
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+    echoes(&mut sibling, "unaffected").await;
+    let started = Instant::now();
+    let (mut again, _) = loop {
+        match h2.websocket("/ws", &[]).await {
+            Ok(admitted) => break admitted,
+            Err(refusal) => assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "the reset stream's slot was not freed: {refusal:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    echoes(&mut again, "in its slot").await;
+}
+
+/// A stream whose client stops reading is dropped after `write_seconds` (the gate holds
+/// no more than the stream's flow-control window for it), and its sibling goes on.
+#[tokio::test]
+async fn a_stream_that_stops_reading_is_dropped_after_write_seconds() {
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {write_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let mut h2 = gate.h2().await;
+    let (mut stalled, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut sibling, _) = h2.websocket("/ws", &[]).await.unwrap();
+    // 64 MiB towards a stream that is never read again.
+    stalled
+        .send(Message::text("flood 1024 65536"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let ended = upstream.wait_ended(0).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "dropped after {took:?}"
+    );
+    assert!(
+        matches!(ended, Ended::Close(1001, _) | Ended::Dropped),
+        "{ended:?}"
+    );
+    echoes(&mut sibling, "unaffected").await;
+}
+
+/// A reload that no longer admits one stream's client closes that stream 1008 "policy
+/// changed" (its upstream 1001), while a sibling stream on the same connection, still
+/// admitted, keeps working.
+#[tokio::test]
+async fn a_reload_cuts_off_one_stream_and_keeps_its_sibling() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, TRUSTED, "")).await;
+    let mut h2 = gate.h2().await;
+    let (mut doomed, _) = h2
+        .websocket("/ws", &[("x-forwarded-for", "203.0.113.5")])
+        .await
+        .unwrap();
+    let (mut kept, _) = h2
+        .websocket("/ws", &[("x-forwarded-for", "198.51.100.7")])
+        .await
+        .unwrap();
+    echoes(&mut doomed, "before").await;
+
+    gate.write_policy(&policy(
+        &upstream,
+        TRUSTED,
+        "    ip: {deny: [203.0.113.0/24]}\n",
+    ));
+    let started = Instant::now();
+    assert_eq!(close_of(&mut doomed).await, (1008, "policy changed".into()));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+    echoes(&mut kept, "still welcome").await;
+    // New streams from the denied network are refused on the same connection.
+    h2.refused(
+        "/ws",
+        &[("x-forwarded-for", "203.0.113.6")],
+        403,
+        "ip_denied",
+    )
+    .await;
+    echoes(&mut kept, "and after").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain HTTP and the `http2` policy block
+
+/// `/ws` (reject) and `/static` (`http: pass`).
+fn pass_policy(upstream: &Upstream, top: &str) -> String {
+    format!(
+        "{top}{}  - path: /static\n    http: pass\n",
+        open_policy(&upstream.url(), "")
+    )
+}
+
+/// A GET on an `http: pass` route is proxied upstream (over HTTP/1.1) and answered over
+/// h2, hop-by-hop headers removed.
+#[tokio::test]
+async fn a_get_on_a_pass_route_is_proxied() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let mut h2 = gate.h2().await;
+    let (status, headers, body) = h2
+        .get("/static/page?q=1", &[("x-forwarded-for", "9.9.9.9")])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"pass GET /static/page?q=1\n");
+    assert_eq!(headers["x-upstream"], "yes");
+    assert!(headers.get("x-hop").is_none(), "{headers:?}");
+    let seen = upstream.last_seen();
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        format!("localhost:{}", gate.addr.port())
+    );
+    // Several on one connection, beside a WebSocket.
+    let (mut ws, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (status, _, body) = h2.get("/static/other", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"pass GET /static/other\n");
+    echoes(&mut ws, "beside").await;
+}
+
+/// A GET on a `reject` route is 426 `not_websocket`, naming version 13.
+#[tokio::test]
+async fn a_get_on_a_reject_route_is_426_not_websocket() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let mut h2 = gate.h2().await;
+    let (status, headers, body) = h2.get("/ws", &[]).await;
+    assert_eq!(status, 426);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "not_websocket");
+    assert_eq!(headers["sec-websocket-version"], "13");
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// On HTTP/1.1, `Upgrade: h2c` is not honoured: the request is served as HTTP/1.1.
+#[tokio::test]
+async fn an_h2c_upgrade_on_http1_is_served_as_http1() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&pass_policy(&upstream, ""), false).await;
+    let response = gate
+        .raw(b"GET /static/x HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("pass GET /static/x\n"), "{response}");
+    let seen = upstream.last_seen();
+    assert!(seen.headers.get("http2-settings").is_none(), "{seen:?}");
+}
+
+/// With `http2.enabled: false`, ALPN picks http/1.1 though the client offers h2 first
+/// (and picks h2 when enabled), and the WebSocket is an HTTP/1.1 upgrade.
+#[tokio::test]
+async fn with_http2_disabled_alpn_negotiates_http1() {
+    let upstream = Upstream::start().await;
+    let offer: [&[u8]; 2] = [b"h2", b"http/1.1"];
+    let enabled = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let tls = enabled.tls_offering(&offer).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    let disabled = TestGate::start(&policy(&upstream, "http2: {enabled: false}\n", "")).await;
+    let tls = disabled.tls_offering(&offer).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut ws, response) = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::client_async(disabled.url("/ws"), tls),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("http/1.1")).await.unwrap();
+    assert_eq!(next_message_any(&mut ws).await, Message::text("http/1.1"));
+}
+
+/// The HTTP/2 preface and a SETTINGS frame, as an h2c client with prior knowledge sends
+/// them.
+const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// What a plaintext gate answers to an h2c preface, until it closes or 3 s.
+async fn answer_to_preface(gate: &TestGate) -> Vec<u8> {
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(PREFACE_AND_SETTINGS).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut buf = [0u8; 4096];
+        // An HTTP/2 server answers with its SETTINGS and keeps the connection: stop at
+        // the first frame header.
+        while out.len() < 9 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        if !out.starts_with(b"HTTP/1.1") {
+            return;
+        }
+        let _ = tcp.read_to_end(&mut out).await;
+    })
+    .await;
+    out
+}
+
+/// With `http2.enabled: false`, an h2c preface gets no HTTP/2 (an HTTP/1.1 400); with it
+/// enabled, the same bytes get the server's SETTINGS frame.
+#[tokio::test]
+async fn with_http2_disabled_an_h2c_preface_gets_no_http2() {
+    let upstream = Upstream::start().await;
+    let enabled = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let answer = answer_to_preface(&enabled).await;
+    assert!(answer.len() >= 9, "{answer:?}");
+    assert_eq!(answer[3], 0x4, "not a SETTINGS frame: {answer:?}");
+
+    let disabled =
+        TestGate::start_with(&policy(&upstream, "http2: {enabled: false}\n", ""), false).await;
+    let answer = String::from_utf8_lossy(&answer_to_preface(&disabled).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.contains("\"error\":\"bad_request\""), "{answer:?}");
+}
+
+/// `http2.max_concurrent_streams: 2`: the client sees the bound, so a third stream waits
+/// until one of the two closes.
+#[tokio::test]
+async fn max_concurrent_streams_holds_a_third_stream_until_one_closes() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "http2: {max_concurrent_streams: 2}\n",
+        "",
+    ))
+    .await;
+    let mut h2 = gate.h2().await;
+    let (first, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut second, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let mut other = h2.clone();
+    let third = tokio::spawn(async move { other.websocket("/ws", &[]).await.map(|(ws, _)| ws) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third stream opened beside two");
+    assert_eq!(upstream.seen_count(), 2);
+    close_with(first, 1000, "").await;
+    let mut third = tokio::time::timeout(DEADLINE, third)
+        .await
+        .expect("the third stream did not open once the first closed")
+        .unwrap()
+        .unwrap();
+    echoes(&mut third, "third").await;
+    echoes(&mut second, "second").await;
+    assert_eq!(upstream.seen_count(), 3);
+}
+
+/// An h2 connection that sends no request within `handshake_seconds` of its accept is
+/// closed; one whose stream is open is not.
+#[tokio::test]
+async fn an_h2_connection_without_a_request_is_closed_at_handshake_seconds() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  timeouts: {{handshake_seconds: 0.5}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let started = Instant::now();
+    let silent = gate.h2().await;
+    let mut busy = gate.h2().await;
+    let (mut ws, _) = busy.websocket("/ws", &[]).await.unwrap();
+    assert!(
+        silent.ended_within(DEADLINE).await.is_some(),
+        "the silent connection was not closed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echoes(&mut ws, "past the deadline").await;
+    assert!(busy.ended_within(Duration::ZERO).await.is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics, logs and the drain
+
+/// Two streams on one connection are two active connections and two accepted upgrades,
+/// and the gauge goes back to 0 as they close (each close counted); a refused stream
+/// counts its reason.
+#[tokio::test]
+async fn two_streams_count_as_two_connections_and_two_upgrades() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let active = "wsgate_connections_active{route=\"ws\"}";
+    let accepted = "wsgate_upgrades_total{route=\"ws\",result=\"accepted\"}";
+    let mut h2 = gate.h2().await;
+    let (first, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (second, _) = h2.websocket("/ws", &[]).await.unwrap();
+    assert_eq!(gate.metric(active).await, 2.0);
+    assert_eq!(gate.metric(accepted).await, 2.0);
+    close_with(first, 1000, "").await;
+    wait_metric_at(
+        gate.admin,
+        active,
+        DEADLINE,
+        "the first is still counted",
+        |v| v == 1.0,
+    )
+    .await;
+    close_with(second, 1000, "").await;
+    wait_metric_at(
+        gate.admin,
+        active,
+        DEADLINE,
+        "the second is still counted",
+        |v| v == 0.0,
+    )
+    .await;
+    assert_eq!(gate.metric(accepted).await, 2.0);
+    let closed = "wsgate_closes_total{route=\"ws\",reason=\"client_closed\"}";
+    assert_eq!(gate.metric(closed).await, 2.0);
+    h2.refused("/nowhere", &[], 404, "no_route").await;
+    let no_route = "wsgate_upgrades_total{route=\"none\",result=\"no_route\"}";
+    assert_eq!(gate.metric(no_route).await, 1.0);
+}
+
+/// A policy file for a gate run as a process.
+fn policy_file(upstream: &Upstream) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, open_policy(&upstream.url(), "")).unwrap();
+    (dir, path)
+}
+
+/// The upgrade and close log lines of a stream say `protocol="h2"`; an HTTP/1.1
+/// connection's say `http/1.1`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upgrade_and_close_lines_say_the_protocol() {
+    let upstream = Upstream::start().await;
+    let (_dir, path) = policy_file(&upstream);
+    let mut gate = Proc::start(&path, &[]);
+    let mut h2 = H2::h2c(gate.addr).await;
+    let (ws, _) = h2
+        .websocket("/ws", &[("x-request-id", "h2-stream")])
+        .await
+        .unwrap();
+    let line = gate.wait_line("request_id=h2-stream");
+    assert!(line.contains(" upgrade "), "{line}");
+    assert!(line.contains("result=\"accepted\""), "{line}");
+    assert!(line.contains("protocol=\"h2\""), "{line}");
+    close_with(ws, 1000, "").await;
+    let line = gate.wait_line("request_id=h2-stream");
+    assert!(line.contains(" close "), "{line}");
+    assert!(line.contains("protocol=\"h2\""), "{line}");
+
+    let mut h1 = gate.connect("/ws").await.unwrap();
+    let line = gate.wait_line("result=\"accepted\"");
+    assert!(line.contains("protocol=\"http/1.1\""), "{line}");
+    h1.close(None).await.unwrap();
+}
+
+/// SIGTERM on a gate process with two streams open on one h2c connection: both get 1001
+/// "going away" (their upstreams too), a new stream meanwhile gets 503 `draining`, then
+/// the connection ends (GOAWAY) and the process exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_each_stream_1001_then_goaway_and_exit_0() {
+    let upstream = Upstream::start().await;
+    let (_dir, path) = policy_file(&upstream);
+    let mut gate = Proc::start(&path, &["--drain-seconds", "5"]);
+    let mut h2 = H2::h2c(gate.addr).await;
+    let (mut a, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let (mut b, _) = h2.websocket("/ws", &[]).await.unwrap();
+    echoes(&mut a, "a").await;
+    echoes(&mut b, "b").await;
+
+    gate.signal("TERM");
+    let sent = Instant::now();
+    assert_eq!(close_of(&mut a).await, (1001, "going away".into()));
+    // b has not answered its close yet: the connection is still served, and a new
+    // WebSocket on it is refused.
+    h2.refused("/ws", &[], 503, "draining").await;
+    assert_eq!(close_of(&mut b).await, (1001, "going away".into()));
+    drop((a, b));
+    for i in 0..2 {
+        assert_eq!(
+            upstream.wait_ended(i).await,
+            Ended::Close(1001, "going away".into())
+        );
+    }
+    let ended = h2
+        .ended_within(DEADLINE)
+        .await
+        .expect("the connection was not closed after the drain");
+    assert!(
+        ended.is_ok(),
+        "the connection ended with an error: {ended:?}"
+    );
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "exit {:?} after SIGTERM: the drain waited for its deadline",
+        sent.elapsed()
+    );
+}
+
+/// During `--shutdown-delay-seconds` the gate still serves h2: a new stream on an open
+/// connection and a new connection are admitted; the drain then counts and closes every
+/// stream, 1001 "going away", and the process exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn during_the_shutdown_delay_new_streams_are_admitted_then_drained() {
+    let upstream = Upstream::start().await;
+    let (_dir, path) = policy_file(&upstream);
+    let mut gate = Proc::start(
+        &path,
+        &["--shutdown-delay-seconds", "1", "--drain-seconds", "5"],
+    );
+    let mut h2 = H2::h2c(gate.addr).await;
+    let (mut a, _) = h2.websocket("/ws", &[]).await.unwrap();
+
+    gate.signal("TERM");
+    let sent = Instant::now();
+    gate.wait_line("still serving until the delay ends");
+    let (mut b, _) = h2.websocket("/ws", &[]).await.unwrap();
+    let mut other = H2::h2c(gate.addr).await;
+    let (mut c, _) = other.websocket("/ws", &[]).await.unwrap();
+    for ws in [&mut a, &mut b, &mut c] {
+        echoes(ws, "in the delay").await;
+    }
+    let line = gate.wait_line("draining connections");
+    assert!(line.contains("open=3"), "{line}");
+    for ws in [&mut a, &mut b, &mut c] {
+        assert_eq!(close_of(ws).await, (1001, "going away".into()));
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after SIGTERM, within the delay",
+        sent.elapsed()
+    );
+    drop((a, b, c));
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
 }

@@ -15,7 +15,12 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use super::{TestGate, DEADLINE};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{next_message_any, wire, TestGate, DEADLINE};
 
 /// A WebSocket on one stream of an HTTP/2 connection.
 pub type H2Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -23,13 +28,19 @@ pub type H2Socket = WebSocketStream<TokioIo<Upgraded>>;
 /// A refused extended CONNECT: its status, headers and JSON body.
 pub type H2Refusal = (u16, HeaderMap, serde_json::Value);
 
-/// One HTTP/2 connection to the gate.
+/// How the client's connection task ended: `Ok` for a clean end (the gate's GOAWAY and
+/// the last stream done), or hyper's error.
+pub type H2Ended = Result<(), String>;
+
+/// One HTTP/2 connection to the gate. A clone is another handle on the same connection,
+/// for opening streams from several tasks at once.
+#[derive(Clone)]
 pub struct H2 {
     send: SendRequest<Empty<Bytes>>,
     /// `https://localhost:PORT` or `http://…`: the scheme and `:authority` of requests.
     pub origin: String,
-    /// The connection task: it ends when the gate closes the connection.
-    pub conn: tokio::task::JoinHandle<()>,
+    /// Set once the connection task has ended.
+    ended: tokio::sync::watch::Receiver<Option<H2Ended>>,
 }
 
 impl TestGate {
@@ -56,6 +67,19 @@ impl TestGate {
             None => H2::handshake(tcp, format!("http://localhost:{port}")).await,
         }
     }
+
+    /// A TLS connection to the gate offering `alpn` (in order of preference).
+    pub async fn tls_offering(&self, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let pki = self.pki.as_ref().expect("a gate with TLS");
+        let mut config = (*pki.client).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
 }
 
 impl H2 {
@@ -81,30 +105,67 @@ impl H2 {
                 () = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
         }
-        let conn = tokio::spawn(async move {
-            let _ = conn.await;
+        let (done, ended) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let result = conn.await.map_err(|e| e.to_string());
+            let _ = done.send(Some(result));
         });
-        H2 { send, origin, conn }
+        H2 {
+            send,
+            origin,
+            ended,
+        }
+    }
+
+    /// An h2c (prior knowledge) connection to a plaintext gate at `addr`.
+    pub async fn h2c(addr: std::net::SocketAddr) -> H2 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        H2::handshake(tcp, format!("http://localhost:{}", addr.port())).await
+    }
+
+    /// How the connection ended, once it has; `None` if it is still open after `within`.
+    pub async fn ended_within(&self, within: Duration) -> Option<H2Ended> {
+        let mut ended = self.ended.clone();
+        tokio::time::timeout(within, ended.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|seen| seen.ok().and_then(|e| e.clone()))
     }
 
     /// An extended CONNECT for a WebSocket on `path` (with its query), with `headers`
-    /// (lowercase names, as HTTP/2 has them) and `Sec-WebSocket-Version: 13`.
+    /// (lowercase names, as HTTP/2 has them) and `Sec-WebSocket-Version: 13` unless
+    /// `headers` has a version of its own.
     pub async fn websocket(
         &mut self,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(H2Socket, HeaderMap), H2Refusal> {
+        self.extended_connect(path, "websocket", headers).await
+    }
+
+    /// An extended CONNECT with `:protocol` set to `protocol`; see [`H2::websocket`].
+    pub async fn extended_connect(
+        &mut self,
+        path: &str,
+        protocol: &'static str,
+        headers: &[(&str, &str)],
+    ) -> Result<(H2Socket, HeaderMap), H2Refusal> {
         let mut request = Request::builder()
             .method(Method::CONNECT)
-            .uri(format!("{}{path}", self.origin))
-            .header("sec-websocket-version", "13");
+            .uri(format!("{}{path}", self.origin));
+        if !headers
+            .iter()
+            .any(|(name, _)| *name == "sec-websocket-version")
+        {
+            request = request.header("sec-websocket-version", "13");
+        }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
         let mut request = request.body(Empty::new()).unwrap();
         request
             .extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
+            .insert(hyper::ext::Protocol::from_static(protocol));
         let response = self.send_request(request).await;
         if response.status() != StatusCode::OK {
             return Err(refused(response).await);
@@ -121,6 +182,28 @@ impl H2 {
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(config))
                 .await;
         Ok((socket, headers))
+    }
+
+    /// The extended CONNECT on `path` with `headers` is refused with `status` and JSON
+    /// `error` `reason` (and a human `message`); returns the response headers.
+    pub async fn refused(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        status: u16,
+        reason: &str,
+    ) -> HeaderMap {
+        let (got, response_headers, body) = match self.websocket(path, headers).await {
+            Ok(_) => panic!("{path}: expected {status} {reason}, but the stream was admitted"),
+            Err(refusal) => refusal,
+        };
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(reason)),
+            "{path}: {body}"
+        );
+        assert!(body["message"].is_string(), "{path}: {body}");
+        response_headers
     }
 
     /// A plain request on the connection: status, headers and body.
@@ -170,4 +253,61 @@ async fn refused(response: http::Response<hyper::body::Incoming>) -> H2Refusal {
         String::from_utf8_lossy(&body).into_owned(),
     ));
     (parts.status.as_u16(), parts.headers, json)
+}
+
+/// Send `text` on `ws` and expect it back.
+pub async fn echoes(ws: &mut H2Socket, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_message_any(ws).await, Message::text(text));
+}
+
+/// Read until the close frame, reply, and return its code and reason.
+pub async fn close_of(ws: &mut H2Socket) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("no close in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                let _ = ws.flush().await;
+                return frame.map_or((1005, String::new()), |f| {
+                    (f.code.into(), f.reason.to_string())
+                });
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// The next close frame read off the stream without tungstenite, which refuses to parse
+/// 1014 (registered after its table).
+pub async fn raw_close_of(ws: &mut H2Socket) -> (u16, String) {
+    let stream = ws.get_mut();
+    let read = async {
+        loop {
+            if let (0x8, payload) = wire::server_frame(stream).await {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("no close frame in time")
+}
+
+/// Close `ws` with `code` and `reason`, see the gate echo the close, and drop the stream.
+pub async fn close_with(mut ws: H2Socket, code: u16, reason: &str) {
+    // The result is not checked: once the gate has answered the close it ends the stream
+    // (END_STREAM, then RST_STREAM NO_ERROR, RFC 9113 §8.1), and hyper's client reports
+    // that reset to a flush still waiting on the close frame it already sent. The echoed
+    // close below proves the frame arrived.
+    let _ = ws
+        .close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_owned().into(),
+        }))
+        .await;
+    assert_eq!(close_of(&mut ws).await, (code, reason.to_owned()));
 }
