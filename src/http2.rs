@@ -4,7 +4,7 @@
 //! connection: hyper's HTTP/2 server with the limits that keep the known attacks bounded,
 //! and the connection's own deadlines (first request, idle, drain).
 //!
-//! The limits (see `docs/http2.md`): streams open at once (`http2.max_concurrent_streams`),
+//! The limits (see the README, "HTTP/2"): streams open at once (`http2.max_concurrent_streams`),
 //! a 16 KiB header list (as for an HTTP/1.1 head), 20 streams reset by the client before
 //! they were answered (rapid reset, CVE-2023-44487: past that the connection is closed
 //! with ENHANCE_YOUR_CALM), 256 KiB of receive window per stream and 1 MiB per connection
