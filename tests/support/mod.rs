@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod h2;
+pub mod h2raw;
 pub mod process;
 pub mod wire;
 
