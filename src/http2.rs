@@ -9,10 +9,13 @@
 //! they were answered (rapid reset, CVE-2023-44487: past that the connection is closed
 //! with ENHANCE_YOUR_CALM), 256 KiB of receive window per stream and 1 MiB per connection
 //! (what a client can make the gate hold for a stream or a connection that is not being
-//! read), 64 KiB of send buffer per stream, and keep-alive pings every 20 s that must be
-//! answered within 20 s (which also ends a connection stuck in a header block that never
-//! ends). h2 itself bounds the rest: a CONTINUATION flood counts against the header list
-//! size, and SETTINGS and PING floods against its queue of pending acknowledgements.
+//! read), 64 KiB of send buffer per stream, and keep-alive pings after 20 s without a
+//! request, data or pong, to be answered within 20 s (which also ends a connection stuck
+//! in a header block that never ends). h2 itself caps a header block at 5 CONTINUATION
+//! frames and closes a connection whose header list passes 64 KiB; SETTINGS and PING
+//! floods stall on their own acknowledgements, which h2 writes before it reads on. A
+//! rapid reset paced slower than h2 counts is an ordinary open-and-close, bounded by the
+//! per-IP upgrade rate.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

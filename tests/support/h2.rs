@@ -20,7 +20,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{next_message_any, wire, TestGate, DEADLINE};
+use std::time::Instant;
+
+use super::{
+    header_value, next_message_any, open_policy, refusal, wire, Client, TestGate, Upstream,
+    DEADLINE,
+};
 
 /// A WebSocket on one stream of an HTTP/2 connection.
 pub type H2Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -310,4 +315,71 @@ pub async fn close_with(mut ws: H2Socket, code: u16, reason: &str) {
         }))
         .await;
     assert_eq!(close_of(&mut ws).await, (code, reason.to_owned()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Policies and HTTP/1.1 companions for the HTTP/2 tests
+
+pub const TRUSTED: &str = "trusted_proxies: [127.0.0.1/32]\n";
+pub const INVALID_TOKEN_CHALLENGE: &str = "Bearer error=\"invalid_token\"";
+/// An upgrade rate no test comes near.
+pub const ROOMY: &str = "{upgrades_per_second: 1000, burst: 1000}";
+
+/// `Retry-After` in whole seconds.
+pub fn retry_after(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds")
+}
+
+/// `open_policy` with `top` prepended (top-level fields) and `extra` under the route.
+pub fn policy(upstream: &Upstream, top: &str, extra: &str) -> String {
+    format!("{top}{}", open_policy(&upstream.url(), extra))
+}
+
+/// One `/ws` route in front of `upstream` requiring an HS256 token (the `secret` file
+/// TestGate writes), with `auth_extra` in its auth and `rate` as its rate.
+pub fn token_policy(upstream: &Upstream, auth_extra: &str, rate: &str) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  rate: {rate}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]{auth_extra}}}\nroutes:\n  - path: /ws\n    name: ws\n",
+        upstream.url()
+    )
+}
+
+/// `Authorization` for `token`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// An HTTP/1.1 upgrade on `/ws` with `headers`.
+pub async fn http1(gate: &TestGate, headers: &[(&str, &str)]) -> Result<Client, String> {
+    let mut request = gate.request("/ws");
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, header_value(value));
+    }
+    match gate.connect_request(request).await {
+        Ok((client, _)) => Ok(client),
+        Err(e) => Err(format!("{}", refusal(Err(e)).2)),
+    }
+}
+
+/// Retry an HTTP/1.1 upgrade until it is admitted (a slot is freed just after the close),
+/// at most 2 s.
+pub async fn admitted_soon(gate: &TestGate, headers: &[(&str, &str)]) -> Client {
+    let started = Instant::now();
+    loop {
+        match http1(gate, headers).await {
+            Ok(client) => return client,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "no slot was released: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
