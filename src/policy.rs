@@ -292,6 +292,10 @@ pub struct Auth {
     pub leeway_seconds: u64,
     #[serde(skip)]
     pub require_claims: Vec<(String, Vec<String>)>,
+    /// Claim → values: a token with any of them is refused (the opposite of
+    /// `require_claims`, judged by the same rule).
+    #[serde(skip)]
+    pub deny_claims: Vec<(String, Vec<String>)>,
     #[serde(skip)]
     pub forward_claims: Vec<(String, HeaderName)>,
     pub close_on_expiry: bool,

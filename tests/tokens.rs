@@ -1069,6 +1069,76 @@ async fn require_claims_array_claim_matches_any_element() {
     refused(&gate, &hs256(&claims(json!({}))), 403, "claims_denied").await;
 }
 
+/// `deny_claims`: a string claim equal to a denied value, or an array claim holding one,
+/// is 403 `claims_denied`; other values and an absent claim pass.
+#[tokio::test]
+async fn deny_claims_refuse_a_matching_string_or_array_claim() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "deny_claims: {role: [banned, suspended]}").await;
+    admitted(&gate, &hs256(&claims(json!({"role": "user"})))).await;
+    admitted(&gate, &hs256(&claims(json!({})))).await;
+    let headers = refused(
+        &gate,
+        &hs256(&claims(json!({"role": "suspended"}))),
+        403,
+        "claims_denied",
+    )
+    .await;
+    assert!(headers.get("www-authenticate").is_none());
+    refused(
+        &gate,
+        &hs256(&claims(json!({"role": ["user", "banned"]}))),
+        403,
+        "claims_denied",
+    )
+    .await;
+}
+
+/// `require_claims` and `deny_claims` together: both must hold.
+#[tokio::test]
+async fn deny_claims_apply_beside_require_claims() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(
+        &upstream,
+        "require_claims: {roles: [admin]}, deny_claims: {sub: [mallory]}",
+    )
+    .await;
+    admitted(&gate, &hs256(&claims(json!({"roles": ["admin"]})))).await;
+    let mallory = json!({"sub": "mallory", "roles": ["admin"], "exp": now() + 300});
+    refused(&gate, &hs256(&mallory), 403, "claims_denied").await;
+}
+
+/// A reload that adds `deny_claims` cuts off the open connections whose token matches
+/// with 1008 "policy changed" (the upstream gets 1001), through the same re-check as
+/// `require_claims`, and leaves the others open.
+#[tokio::test]
+async fn a_reload_adding_deny_claims_cuts_off_matching_connections() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let alice = json!({"sub": "alice", "exp": now() + 300});
+    let bob = json!({"sub": "bob", "exp": now() + 300});
+    let mut doomed = admitted(&gate, &hs256(&alice)).await;
+    let mut kept = admitted(&gate, &hs256(&bob)).await;
+    gate.write_policy(&auth_policy(
+        &upstream.url(),
+        &hmac_auth("deny_claims: {sub: [alice]}"),
+    ));
+    assert_eq!(
+        next_close(&mut doomed).await,
+        (1008, "policy changed".into())
+    );
+    let ended = upstream.wait_ended(0).await;
+    assert!(matches!(ended, Ended::Close(1001, _)), "{ended:?}");
+    kept.send(tungstenite::Message::text("still here"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut kept).await,
+        tungstenite::Message::text("still here")
+    );
+    refused(&gate, &hs256(&alice), 403, "claims_denied").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. forward_claims
 

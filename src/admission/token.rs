@@ -362,21 +362,25 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     })
 }
 
-/// Every `require_claims` entry must match: a string claim equal to one of the values, or
-/// an array claim with any element equal to one of them.
+/// Every `require_claims` entry must match and no `deny_claims` entry may. An entry
+/// matches a string claim equal to one of its values, or an array claim with any element
+/// equal to one of them.
 pub fn claims_allowed(claims: &Claims, auth: &Auth) -> bool {
-    auth.require_claims.iter().all(|(name, accepted)| {
-        let matches = |v: &Value| {
-            accepted
-                .iter()
-                .any(|a| scalar_text(v).as_deref() == Some(a))
-        };
+    let has = |name: &String, values: &[String]| {
+        let matches = |v: &Value| values.iter().any(|a| scalar_text(v).as_deref() == Some(a));
         match claims.map.get(name) {
             Some(Value::Array(items)) => items.iter().any(matches),
             Some(v) => matches(v),
             None => false,
         }
-    })
+    };
+    auth.require_claims
+        .iter()
+        .all(|(name, values)| has(name, values))
+        && !auth
+            .deny_claims
+            .iter()
+            .any(|(name, values)| has(name, values))
 }
 
 /// The `forward_claims` headers for these claims (scalar claims only).
@@ -448,6 +452,7 @@ mod tests {
             audience: audience.iter().map(|s| s.to_string()).collect(),
             leeway_seconds,
             require_claims: Vec::new(),
+            deny_claims: Vec::new(),
             forward_claims: Vec::new(),
             close_on_expiry: true,
             forward_token: false,

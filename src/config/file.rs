@@ -106,6 +106,7 @@ pub struct Auth {
     pub audience: Option<Vec<String>>,
     pub leeway_seconds: Option<u64>,
     pub require_claims: Option<BTreeMap<String, Vec<String>>>,
+    pub deny_claims: Option<BTreeMap<String, Vec<String>>>,
     pub forward_claims: Option<BTreeMap<String, String>>,
     pub close_on_expiry: Option<bool>,
     pub forward_token: Option<bool>,

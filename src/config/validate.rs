@@ -5,7 +5,7 @@
 //! `timeouts.idle_seconds`, …) from `defaults` unless it sets it; a list or map it sets
 //! replaces the inherited one whole.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -504,18 +504,8 @@ impl Validator<'_> {
             self.err(p.path("auth.leeway_seconds"), "must be at most 3600");
         }
 
-        let mut require_claims = Vec::new();
-        if let Some((map, field)) = pick!(p, auth.require_claims) {
-            for (claim, values) in map {
-                if values.is_empty() {
-                    self.err(
-                        format!("{field}.{claim}"),
-                        "needs at least one accepted value",
-                    );
-                }
-                require_claims.push((claim.clone(), values.clone()));
-            }
-        }
+        let require_claims = self.claim_values(pick!(p, auth.require_claims), "accepted");
+        let deny_claims = self.claim_values(pick!(p, auth.deny_claims), "denied");
         let mut forward_claims = Vec::new();
         if let Some((map, field)) = pick!(p, auth.forward_claims) {
             for (claim, header) in map {
@@ -551,10 +541,33 @@ impl Validator<'_> {
             audience,
             leeway_seconds,
             require_claims,
+            deny_claims,
             forward_claims,
             close_on_expiry,
             forward_token,
         }
+    }
+
+    /// `require_claims` or `deny_claims`: claim → values, each with at least one value.
+    fn claim_values(
+        &mut self,
+        picked: Option<(&BTreeMap<String, Vec<String>>, String)>,
+        kind: &str,
+    ) -> Vec<(String, Vec<String>)> {
+        let Some((map, field)) = picked else {
+            return Vec::new();
+        };
+        map.iter()
+            .map(|(claim, values)| {
+                if values.is_empty() {
+                    self.err(
+                        format!("{field}.{claim}"),
+                        format!("needs at least one {kind} value"),
+                    );
+                }
+                (claim.clone(), values.clone())
+            })
+            .collect()
     }
 
     fn token_sources(&mut self, field: &str, list: &[String]) -> Vec<TokenSource> {
