@@ -174,7 +174,7 @@ pub async fn answer(
 
 /// The head's sanity, then the route of the path's normal form (the form that is routed,
 /// re-checked on reload and sent upstream: never the raw one).
-fn route(
+pub(crate) fn route(
     policy: &crate::policy::Policy,
     method: &Method,
     uri: &http::Uri,
@@ -225,7 +225,8 @@ async fn respond(
         query: req.uri().query(),
         protocols: &[],
     };
-    let ticket = admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain).await?;
+    let ticket =
+        admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain, None).await?;
     let strip = ticket.carriers_to_strip();
     let (headers, target) = upstream_request(
         conn,
@@ -294,8 +295,15 @@ async fn switch(
     };
     // Subscribed before the upstream handshake, so a reload during it is not missed.
     let policy_changes = gate.policy.subscribe();
-    let mut ticket =
-        admission::admit(&gate.admission, policy, &route, &attempt, Kind::Upgrade).await?;
+    let mut ticket = admission::admit(
+        &gate.admission,
+        policy,
+        &route,
+        &attempt,
+        Kind::Upgrade,
+        None,
+    )
+    .await?;
 
     let strip = ticket.carriers_to_strip();
     let to_upstream = upstream::strip_token_protocols(&protocols, &strip);
@@ -515,7 +523,7 @@ pub fn is_valid_host(host: &[u8]) -> bool {
 }
 
 /// How a client asked for its WebSocket, and so how the gate answers.
-enum Handshake {
+pub(crate) enum Handshake {
     /// HTTP/1.1 `Upgrade: websocket`, answered 101 with the key's accept value.
     Http1 { key: String },
     /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441), answered 200.
@@ -524,7 +532,7 @@ enum Handshake {
 
 /// RFC 6455 §4.2.1 (or RFC 8441 §4–5 on HTTP/2): the checks on a client's opening
 /// handshake.
-fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
+pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
     let headers = &parts.headers;
     // RFC 6455 §11.3.5: at most once in a request.
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
@@ -616,7 +624,7 @@ fn is_valid_key(key: &[u8]) -> bool {
 }
 
 /// The offered subprotocols, in order.
-fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
+pub(crate) fn offered_protocols(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()

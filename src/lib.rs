@@ -32,6 +32,7 @@ pub mod admission;
 mod body;
 pub mod config;
 pub mod demo;
+pub mod explain;
 mod extensions;
 mod head;
 mod http;

@@ -33,6 +33,9 @@ enum Command {
     Check { path: PathBuf },
     /// Mint an HS256 token for local testing.
     Token(TokenArgs),
+    /// Put one upgrade request through a policy's admission, step by step, without opening
+    /// a socket: exit 0 admitted, 1 refused, 2 bad input.
+    Explain(ExplainArgs),
     /// The quick start: the gate on TLS with the development certificate, in front of a
     /// built-in echo upstream that also serves a browser demo page.
     Demo {
@@ -69,6 +72,25 @@ struct RunArgs {
     /// text on a terminal, json otherwise.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    #[arg(long)]
+    policy: PathBuf,
+    /// The URL the client opens (ws://, wss://, http:// or https://).
+    #[arg(long)]
+    url: String,
+    /// A request header, 'Name: value' (repeatable); replaces the handshake header of the
+    /// same name.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// The TCP peer's address.
+    #[arg(long, default_value = "127.0.0.1")]
+    peer: std::net::IpAddr,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -123,6 +145,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Token(args) => token(args),
+        Command::Explain(args) => explain(args),
         Command::Run(args) => {
             init_tracing(args.log_format);
             let runtime = runtime();
@@ -184,6 +207,53 @@ fn init_tracing(format: Option<LogFormat>) {
     }) {
         LogFormat::Text => builder.with_ansi(terminal).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    let loaded = match config::load(&args.policy) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let request = wsgate::explain::Request {
+        url: args.url,
+        headers: args.headers,
+        peer: args.peer,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let explained = runtime.block_on(wsgate::explain::explain(&loaded.policy, &request));
+    match explained {
+        Ok(explanation) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
+                );
+            } else {
+                print!("{}", wsgate::explain::to_text(&explanation));
+            }
+            if explanation.decision.admitted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }
 

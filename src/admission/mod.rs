@@ -160,21 +160,98 @@ impl Ticket {
     }
 }
 
-/// Enforces a failed check, or in report mode logs and counts it and lets the upgrade on.
+/// How one admission step went, as `wsgate explain` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    /// Failed, and let through because the policy is in report mode.
+    Reported,
+}
+
+/// The steps of one admission in the order they ran, each with how it went and, for a
+/// failure, its reason: recorded only when asked for (by `wsgate explain`).
+#[derive(Debug, Default)]
+pub struct Trace(std::sync::Mutex<Vec<(Step, Outcome, Option<&'static str>)>>);
+
+/// The checks of [`admit`], named as docs/admission.md names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Ip,
+    GlobalCap,
+    UpgradeRate,
+    IpCap,
+    Origin,
+    Token,
+    Claims,
+    SubjectCap,
+}
+
+impl Trace {
+    fn record(&self, step: Step, outcome: Outcome, reason: Option<&'static str>) {
+        let mut steps = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        steps.push((step, outcome, reason));
+    }
+
+    /// The steps recorded so far.
+    pub fn steps(&self) -> Vec<(Step, Outcome, Option<&'static str>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Enforces a failed check, or in report mode logs and counts it and lets the upgrade on;
+/// with a [`Trace`], records every step's outcome.
 struct Verdicts<'a> {
     state: &'a State,
     report: bool,
     route: &'a Route,
     client_ip: IpAddr,
+    trace: Option<&'a Trace>,
 }
 
 impl Verdicts<'_> {
     /// A rule's verdict, enforced (or only reported).
-    fn check(&self, verdict: Result<(), Rejection>) -> Result<(), Rejection> {
-        verdict.or_else(|rejection| self.fail(rejection))
+    fn check(&self, step: Step, verdict: Result<(), Rejection>) -> Result<(), Rejection> {
+        match verdict {
+            Ok(()) => {
+                self.pass(step);
+                Ok(())
+            }
+            Err(rejection) => self.fail(step, rejection),
+        }
     }
 
-    fn fail(&self, rejection: Rejection) -> Result<(), Rejection> {
+    fn pass(&self, step: Step) {
+        if let Some(trace) = self.trace {
+            trace.record(step, Outcome::Pass, None);
+        }
+    }
+
+    /// A failure that report mode does not let through (`server_full`).
+    fn refuse(&self, step: Step, rejection: Rejection) -> Result<(), Rejection> {
+        if let Some(trace) = self.trace {
+            trace.record(step, Outcome::Fail, Some(rejection.reason()));
+        }
+        Err(rejection)
+    }
+
+    fn fail(&self, step: Step, rejection: Rejection) -> Result<(), Rejection> {
+        if let Some(trace) = self.trace {
+            let outcome = if self.report {
+                Outcome::Reported
+            } else {
+                Outcome::Fail
+            };
+            trace.record(step, outcome, Some(rejection.reason()));
+        }
         if !self.report {
             return Err(rejection);
         }
@@ -191,13 +268,15 @@ impl Verdicts<'_> {
 
 /// Run the checks between route and upstream, in order, stopping at the first failure.
 /// A plain request (`Kind::Plain`) skips the global cap, the upgrade rate and the
-/// connection caps, and is only asked for a token when the route requires one.
+/// connection caps, and is only asked for a token when the route requires one. With a
+/// `trace`, each step's outcome is recorded there (`wsgate explain`).
 pub async fn admit<'a>(
     state: &State,
     policy: &Policy,
     route: &'a Arc<Route>,
     attempt: &Attempt<'a>,
     kind: Kind,
+    trace: Option<&Trace>,
 ) -> Result<Ticket, Rejection> {
     let upgrade = kind == Kind::Upgrade;
     let client_ip = attempt.peer.client_ip;
@@ -207,27 +286,31 @@ pub async fn admit<'a>(
         report,
         route,
         client_ip,
+        trace,
     };
-    v.check(ip_rule(route, client_ip))?;
+    v.check(Step::Ip, ip_rule(route, client_ip))?;
     let mut global = None;
     let mut ip_slot = None;
     if upgrade {
-        global = Some(
-            state
-                .connections
-                .try_acquire(policy.max_connections)
-                .ok_or(Rejection::ServerFull)?,
-        );
-        let key = ip::client_key(client_ip, route.rate.ipv6_prefix);
-        if let Err(retry_after) = state.limiters.check(route, key) {
-            v.fail(Rejection::RateLimited { retry_after })?;
+        global = state.connections.try_acquire(policy.max_connections);
+        if global.is_none() {
+            v.refuse(Step::GlobalCap, Rejection::ServerFull)?;
         }
+        v.pass(Step::GlobalCap);
+        let key = ip::client_key(client_ip, route.rate.ipv6_prefix);
+        let rate = state
+            .limiters
+            .check(route, key)
+            .map_err(|retry_after| Rejection::RateLimited { retry_after });
+        v.check(Step::UpgradeRate, rate)?;
         ip_slot = state
             .caps
             .try_ip(&route.name, key, route.rate.max_connections_per_ip);
-        if ip_slot.is_none() {
-            v.fail(Rejection::TooManyConnections("address", CAP_RETRY_AFTER))?;
-        }
+        let ip_cap = match ip_slot {
+            Some(_) => Ok(()),
+            None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
+        };
+        v.check(Step::IpCap, ip_cap)?;
     }
     let origin = attempt
         .headers
@@ -237,7 +320,7 @@ pub async fn admit<'a>(
     // checked only when it has one.
     let origin_checked = upgrade || origin.is_some();
     if origin_checked {
-        v.check(origin_rule(route, origin))?;
+        v.check(Step::Origin, origin_rule(route, origin))?;
     }
 
     let auth = &route.auth;
@@ -254,16 +337,17 @@ pub async fn admit<'a>(
         .flatten();
     let claims = match &found {
         None => {
-            v.check(claims_rule(auth, None))?;
+            v.check(Step::Token, claims_rule(auth, None))?;
             None
         }
         Some(found) => match state.verified.verify(found.token, route, &state.jwks).await {
             Ok(claims) => {
-                v.check(claims_rule(auth, Some(&claims)))?;
+                v.pass(Step::Token);
+                v.check(Step::Claims, claims_rule(auth, Some(&claims)))?;
                 Some(claims)
             }
             Err(rejection) => {
-                v.fail(rejection)?;
+                v.fail(Step::Token, rejection)?;
                 None
             }
         },
@@ -278,9 +362,11 @@ pub async fn admit<'a>(
                 state
                     .caps
                     .try_subject(&route.name, sub, route.rate.max_connections_per_subject);
-            if slot.is_none() {
-                v.fail(Rejection::TooManyConnections("subject", CAP_RETRY_AFTER))?;
-            }
+            let cap = match slot {
+                Some(_) => Ok(()),
+                None => Err(Rejection::TooManyConnections("subject", CAP_RETRY_AFTER)),
+            };
+            v.check(Step::SubjectCap, cap)?;
             slot
         }
         None => None,

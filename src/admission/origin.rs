@@ -4,36 +4,52 @@ use crate::policy::{OriginPattern, OriginRules};
 
 /// Whether a request with this `Origin` header (or none) may upgrade.
 pub fn allowed(rules: &OriginRules, origin: Option<&str>) -> bool {
+    matching(rules, origin).is_some()
+}
+
+/// What lets an Origin (or its absence) through: the first `allow` pattern it matches, or
+/// `allow_missing` for a request without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed<'r> {
+    Missing,
+    Pattern(&'r OriginPattern),
+}
+
+/// The rule that admits this `Origin` header (or its absence); `None`: refused.
+pub fn matching<'r>(rules: &'r OriginRules, origin: Option<&str>) -> Option<Allowed<'r>> {
     let Some(origin) = origin else {
-        return rules.allow_missing;
+        return rules.allow_missing.then_some(Allowed::Missing);
     };
     let origin = origin.trim().to_ascii_lowercase();
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return false; // includes the opaque origin "null"
-    };
+    // No scheme: includes the opaque origin "null".
+    let (scheme, rest) = origin.split_once("://")?;
     let (host, port) = split_port(rest);
     let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
-    rules.allow.iter().any(|pattern| match pattern {
-        OriginPattern::Exact(exact) => {
-            let normal = match port {
-                Some(p) => format!("{scheme}://{host}:{p}"),
-                None => format!("{scheme}://{host}"),
-            };
-            *exact == normal
-        }
-        OriginPattern::Subdomains {
-            scheme: s,
-            domain,
-            port: p,
-        } => {
-            // Only DNS labels may precede ".domain": `https://evil/.example.com` is no
-            // subdomain of example.com.
-            let labels = host
-                .strip_suffix(domain.as_str())
-                .and_then(|h| h.strip_suffix('.'));
-            s == scheme && *p == port && labels.is_some_and(is_dns_labels)
-        }
-    })
+    rules
+        .allow
+        .iter()
+        .find(|pattern| match pattern {
+            OriginPattern::Exact(exact) => {
+                let normal = match port {
+                    Some(p) => format!("{scheme}://{host}:{p}"),
+                    None => format!("{scheme}://{host}"),
+                };
+                *exact == normal
+            }
+            OriginPattern::Subdomains {
+                scheme: s,
+                domain,
+                port: p,
+            } => {
+                // Only DNS labels may precede ".domain": `https://evil/.example.com` is no
+                // subdomain of example.com.
+                let labels = host
+                    .strip_suffix(domain.as_str())
+                    .and_then(|h| h.strip_suffix('.'));
+                s == scheme && *p == port && labels.is_some_and(is_dns_labels)
+            }
+        })
+        .map(Allowed::Pattern)
 }
 
 /// `a`, `a.b-c`: non-empty labels of letters, digits, '-' and '_'.

@@ -1,0 +1,459 @@
+//! `wsgate explain`: one upgrade request, made up from a URL, headers and a peer address,
+//! put through the gate's own admission code against a policy, with no socket opened:
+//! each step of the admission order with its outcome and the value that decided it, then
+//! the decision. The steps are the ones the gate runs (`http::route`,
+//! `http::check_upgrade`, `admission::admit` with a [`Trace`]), so the two cannot
+//! disagree; what explain cannot know is said so: it holds no open connection and no rate
+//! history (the caps and the upgrade rate pass as for a first request), and it does not
+//! contact the upstream or fetch a `jwks_url` (tokens for such a route get
+//! `keys_unavailable`, as from a gate that has not fetched its keys yet).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri, Version};
+use serde::Serialize;
+
+use crate::admission::origin::{self, Allowed};
+use crate::admission::{self, Attempt, Kind, Outcome, Rejection, Step, Trace};
+use crate::http::{check_upgrade, offered_protocols, route};
+use crate::metrics::Metrics;
+use crate::policy::{OriginPattern, Policy, Route, TokenSource};
+
+/// The request to explain, as given on the command line.
+pub struct Request {
+    /// `ws://`, `wss://`, `http://` or `https://`, with a host; path and query as sent.
+    pub url: String,
+    /// `Name: value` each, added to (or replacing) the handshake headers a client sends.
+    pub headers: Vec<String>,
+    /// The TCP peer's address (the client IP unless it is a trusted proxy).
+    pub peer: IpAddr,
+}
+
+/// Each step and the decision, as printed (`--json` prints it as it is).
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub steps: Vec<Line>,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Line {
+    pub step: &'static str,
+    /// `pass`, `fail`, `reported` (failed, let through in report mode) or `skipped`.
+    pub result: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    pub admitted: bool,
+    /// 101 when admitted, else the refusal's status.
+    pub status: u16,
+    /// `accepted`, or the refusal's reason.
+    pub reason: &'static str,
+}
+
+/// The request could not be made from the input (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(String);
+
+/// Put `request` through admission against `policy`.
+pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, BadInput> {
+    let parts = request_parts(request)?;
+    let mut lines = Vec::new();
+    let refused = |lines: Vec<Line>, rejection: Rejection| Explanation {
+        steps: lines,
+        decision: Decision {
+            admitted: false,
+            status: rejection.status().as_u16(),
+            reason: rejection.reason(),
+        },
+    };
+
+    let (route, path) = match route(policy, &parts.method, &parts.uri, &parts.headers) {
+        Ok(routed) => routed,
+        Err(rejection) => {
+            lines.push(line("route", "fail", rejection.to_string()));
+            return Ok(refused(lines, rejection));
+        }
+    };
+    lines.push(line(
+        "route",
+        "pass",
+        format!(
+            "{path} is routed to \"{}\" (prefix {})",
+            route.name, route.path
+        ),
+    ));
+    if let Err(rejection) = check_upgrade(&parts) {
+        lines.push(line("handshake", "fail", rejection.to_string()));
+        return Ok(refused(lines, rejection));
+    }
+    lines.push(line(
+        "handshake",
+        "pass",
+        "a WebSocket upgrade, version 13".to_owned(),
+    ));
+
+    let headers = &parts.headers;
+    let peer = admission::peer(policy, request.peer, headers);
+    let protocols = offered_protocols(headers);
+    let attempt = Attempt {
+        path: &path,
+        peer,
+        headers,
+        query: parts.uri.query(),
+        protocols: &protocols,
+    };
+    let state = admission::State::new(Vec::new(), Arc::new(Metrics::new()));
+    let trace = Trace::default();
+    let admitted = admission::admit(
+        &state,
+        policy,
+        &route,
+        &attempt,
+        Kind::Upgrade,
+        Some(&trace),
+    )
+    .await;
+    let context = Context {
+        policy,
+        route: &route,
+        request,
+        attempt: &attempt,
+    };
+    for (step, outcome, reason) in trace.steps() {
+        let result = match outcome {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Reported => "reported",
+        };
+        let mut detail = context.detail(step);
+        if let Some(reason) = reason {
+            let _ = write!(detail, " → {reason}");
+        }
+        lines.push(line(step_name(step), result, detail));
+    }
+    match admitted {
+        Ok(_) => {
+            lines.push(line(
+                "upstream",
+                "skipped",
+                format!(
+                    "explain opens no socket; the gate would now open the upgrade to {}",
+                    route.upstream.url
+                ),
+            ));
+            Ok(Explanation {
+                steps: lines,
+                decision: Decision {
+                    admitted: true,
+                    status: 101,
+                    reason: "accepted",
+                },
+            })
+        }
+        Err(rejection) => Ok(refused(lines, rejection)),
+    }
+}
+
+fn line(step: &'static str, result: &'static str, detail: String) -> Line {
+    Line {
+        step,
+        result,
+        detail,
+    }
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Ip => "ip",
+        Step::GlobalCap => "global_cap",
+        Step::UpgradeRate => "upgrade_rate",
+        Step::IpCap => "ip_cap",
+        Step::Origin => "origin",
+        Step::Token => "token",
+        Step::Claims => "claims",
+        Step::SubjectCap => "subject_cap",
+    }
+}
+
+/// The request a client would send for `request.url`: GET, HTTP/1.1, Host from the URL,
+/// the WebSocket handshake headers, then the given headers over them.
+fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
+    let uri: Uri = request
+        .url
+        .parse()
+        .map_err(|_| BadInput(format!("{:?} is not a URL", request.url)))?;
+    match uri.scheme_str() {
+        Some("ws" | "wss" | "http" | "https") => {}
+        _ => {
+            return Err(BadInput(format!(
+                "{:?}: the URL must start with ws://, wss://, http:// or https://",
+                request.url
+            )))
+        }
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| BadInput(format!("{:?} has no host", request.url)))?;
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut headers = HeaderMap::new();
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| BadInput(format!("{v:?}")));
+    headers.insert(header::HOST, value(authority.as_str())?);
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+    );
+    for given in &request.headers {
+        let (name, v) = given
+            .split_once(':')
+            .ok_or_else(|| BadInput(format!("{given:?} is not 'Name: value'")))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| BadInput(format!("{name:?} is not a header name")))?;
+        let v = HeaderValue::from_str(v.trim())
+            .map_err(|_| BadInput(format!("the value of {name} is not a header value")))?;
+        headers.insert(name, v);
+    }
+    let mut builder = http::Request::builder()
+        .method(Method::GET)
+        .uri(target)
+        .version(Version::HTTP_11);
+    if let Some(h) = builder.headers_mut() {
+        *h = headers;
+    }
+    let (parts, ()) = builder
+        .body(())
+        .map_err(|e| BadInput(e.to_string()))?
+        .into_parts();
+    Ok(parts)
+}
+
+/// What the details of the steps are read from.
+struct Context<'a> {
+    policy: &'a Policy,
+    route: &'a Route,
+    request: &'a Request,
+    attempt: &'a Attempt<'a>,
+}
+
+impl Context<'_> {
+    /// The values that decided `step` (never a token).
+    fn detail(&self, step: Step) -> String {
+        let route = self.route;
+        let client_ip = self.attempt.peer.client_ip;
+        let key = admission::ip::client_key(client_ip, route.rate.ipv6_prefix);
+        match step {
+            Step::Ip => {
+                let source = if self.attempt.peer.trusted {
+                    format!(
+                        "from X-Forwarded-For (the peer {} is a trusted proxy)",
+                        self.request.peer
+                    )
+                } else {
+                    "the TCP peer".to_owned()
+                };
+                format!(
+                    "client {client_ip} ({source}); allow: {}; deny: {}",
+                    list_or(&route.ip.allow, "any"),
+                    list_or(&route.ip.deny, "none")
+                )
+            }
+            Step::GlobalCap => format!(
+                "max_connections {} (explain holds no open connection)",
+                self.policy.max_connections
+            ),
+            Step::UpgradeRate => format!(
+                "client key {key}: {}/s, burst {} (explain has no rate history)",
+                route.rate.upgrades_per_second, route.rate.burst
+            ),
+            Step::IpCap => format!(
+                "client key {key}: at most {} open (explain holds none)",
+                route.rate.max_connections_per_ip
+            ),
+            Step::Origin => self.origin(),
+            Step::Token => self.token(),
+            Step::Claims => self.claims(),
+            Step::SubjectCap => format!(
+                "sub {}: at most {} open (explain holds none)",
+                self.payload()
+                    .and_then(|c| c.get("sub").cloned())
+                    .unwrap_or(serde_json::Value::Null),
+                route.rate.max_connections_per_subject
+            ),
+        }
+    }
+
+    fn origin(&self) -> String {
+        let sent = self
+            .attempt
+            .headers
+            .get(header::ORIGIN)
+            .map(|o| o.to_str().unwrap_or("(not text)"));
+        let rules = &self.route.origin;
+        match (sent, origin::matching(rules, sent)) {
+            (_, Some(Allowed::Missing)) => "no Origin header, and allow_missing is true".into(),
+            (sent, Some(Allowed::Pattern(p))) => {
+                format!("{:?} matches {}", sent.unwrap_or_default(), pattern(p))
+            }
+            (None, None) => "no Origin header, and allow_missing is false".into(),
+            (Some(sent), None) => format!(
+                "{sent:?} matches none of [{}]",
+                rules
+                    .allow
+                    .iter()
+                    .map(pattern)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    fn found(&self) -> Option<admission::token::Found<'_>> {
+        admission::token::extract(
+            &self.route.auth.token_sources,
+            self.attempt.headers,
+            self.attempt.query,
+            self.attempt.protocols,
+        )
+    }
+
+    fn token(&self) -> String {
+        let auth = &self.route.auth;
+        let Some(found) = self.found() else {
+            return if auth.required {
+                format!(
+                    "no token in any of the route's sources ({})",
+                    auth.token_sources
+                        .iter()
+                        .map(source)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                "no token, and the route does not require one".into()
+            };
+        };
+        let described = match jsonwebtoken::decode_header(found.token) {
+            Ok(h) => format!(
+                "alg {:?}, kid {}",
+                h.alg,
+                h.kid.as_deref().map_or("none".into(), |k| format!("{k:?}"))
+            ),
+            Err(_) => "not a JWT".into(),
+        };
+        let allowed = auth
+            .algorithms
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "a token from {}: {described}; the route accepts {allowed}",
+            source(found.source)
+        )
+    }
+
+    /// The token's claims (its payload, shown once its signature has been checked: the
+    /// claims step only runs after a verified token).
+    fn payload(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let found = self.found()?;
+        let payload = found.token.split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn claims(&self) -> String {
+        let auth = &self.route.auth;
+        let rules = |list: &[(String, Vec<String>)]| {
+            if list.is_empty() {
+                "none".to_owned()
+            } else {
+                list.iter()
+                    .map(|(claim, values)| format!("{claim} in [{}]", values.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        format!(
+            "claims {}; require_claims: {}; deny_claims: {}",
+            self.payload()
+                .map_or("(unreadable)".into(), |c| serde_json::Value::Object(c)
+                    .to_string()),
+            rules(&auth.require_claims),
+            rules(&auth.deny_claims)
+        )
+    }
+}
+
+fn list_or(list: &[ipnet::IpNet], empty: &str) -> String {
+    if list.is_empty() {
+        empty.to_owned()
+    } else {
+        list.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn pattern(p: &OriginPattern) -> String {
+    match p {
+        OriginPattern::Exact(exact) => exact.clone(),
+        OriginPattern::Subdomains {
+            scheme,
+            domain,
+            port,
+        } => match port {
+            Some(port) => format!("{scheme}://*.{domain}:{port}"),
+            None => format!("{scheme}://*.{domain}"),
+        },
+    }
+}
+
+fn source(s: &TokenSource) -> String {
+    match s {
+        TokenSource::Header => "header".into(),
+        TokenSource::Query(name) => format!("query:{name}"),
+        TokenSource::Cookie(name) => format!("cookie:{name}"),
+        TokenSource::Subprotocol(prefix) => format!("subprotocol:{prefix}"),
+    }
+}
+
+/// The explanation as lines of text: one per step, then the decision.
+pub fn to_text(explanation: &Explanation) -> String {
+    let mut out = String::new();
+    for l in &explanation.steps {
+        let _ = writeln!(out, "{:<13} {:<9} {}", l.step, l.result, l.detail);
+    }
+    let d = &explanation.decision;
+    let reported = explanation
+        .steps
+        .iter()
+        .filter(|l| l.result == "reported")
+        .count();
+    if d.admitted && reported > 0 {
+        let _ = writeln!(
+            out,
+            "decision: admitted, 101 (report mode: {reported} failed check(s) let through)"
+        );
+    } else if d.admitted {
+        let _ = writeln!(out, "decision: admitted, 101");
+    } else {
+        let _ = writeln!(out, "decision: refused, {} {}", d.status, d.reason);
+    }
+    out
+}

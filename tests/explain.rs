@@ -1,0 +1,350 @@
+//! `wsgate explain` against the running gate: for every refusal that depends only on the
+//! request and the policy, the same request through the gate and through `explain` (the
+//! real binary, the same policy file) reaches the same status and reason; the steps say
+//! what decided; the refusals that depend on the gate's state (rates, caps) are passed by
+//! `explain`, which says it holds no state; exit codes 0, 1 and 2; `--json`.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// `wsgate explain` on the gate's own policy file; returns the exit code and the JSON.
+fn explain(gate: &TestGate, path: &str, headers: &[(&str, &str)]) -> (i32, Value) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("explain")
+        .arg("--policy")
+        .arg(&gate.policy_path)
+        .arg("--url")
+        .arg(gate.url(path))
+        .arg("--json");
+    for (name, value) in headers {
+        command.arg("--header").arg(format!("{name}: {value}"));
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        panic!(
+            "explain printed no JSON: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// The gate's answer to the same upgrade: (status, reason), 101 "accepted" when admitted.
+async fn through_gate(gate: &TestGate, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut request = gate.request(path);
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, header_value(value));
+    }
+    match gate.connect_request(request).await {
+        Ok(_) => (101, "accepted".into()),
+        Err(e) => {
+            let (status, _, body) = refusal(Err(e));
+            (status, body["error"].as_str().unwrap_or("").to_owned())
+        }
+    }
+}
+
+/// Through the gate and through explain: the same decision, which is `expected`; returns
+/// explain's JSON.
+async fn same_decision(
+    gate: &TestGate,
+    path: &str,
+    headers: &[(&str, &str)],
+    expected: (u16, &str),
+) -> Value {
+    let by_gate = through_gate(gate, path, headers).await;
+    assert_eq!((by_gate.0, by_gate.1.as_str()), expected, "the gate");
+    let (code, explained) = explain(gate, path, headers);
+    let decision = &explained["decision"];
+    assert_eq!(
+        (
+            decision["status"].as_u64().unwrap() as u16,
+            decision["reason"].as_str().unwrap()
+        ),
+        expected,
+        "explain: {explained:#}"
+    );
+    assert_eq!(code, if expected.0 == 101 { 0 } else { 1 }, "exit code");
+    explained
+}
+
+/// The step named `step` in explain's output.
+fn step<'a>(explained: &'a Value, step: &str) -> &'a Value {
+    explained["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == step)
+        .unwrap_or_else(|| panic!("no step {step}: {explained:#}"))
+}
+
+fn token_policy(upstream: &Upstream, route_extra: &str) -> String {
+    format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow: [\"https://app.example.com\", \"https://*.example.org\"]}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n{route_extra}",
+        upstream.url()
+    )
+}
+
+const ORIGIN: (&str, &str) = ("origin", "https://app.example.com");
+
+/// A path, its headers and the decision expected for them.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, (u16, &'a str));
+
+fn auth(value: &str) -> (&str, &str) {
+    ("authorization", value)
+}
+
+#[tokio::test]
+async fn every_request_only_refusal_is_decided_alike_by_the_gate_and_explain() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(
+        &upstream,
+        "    auth: {require_claims: {role: [admin]}, deny_claims: {sub: [mallory]}}\n  - path: /closed\n    ip: {deny: [127.0.0.0/8]}\n",
+    ))
+    .await;
+    let admin = format!(
+        "Bearer {}",
+        hs256_with(
+            SECRET,
+            json!({"sub": "alice", "role": "admin", "exp": unix_now() + 300})
+        )
+    );
+    let user = format!(
+        "Bearer {}",
+        hs256_with(
+            SECRET,
+            json!({"sub": "alice", "role": "user", "exp": unix_now() + 300})
+        )
+    );
+    let mallory = format!(
+        "Bearer {}",
+        hs256_with(
+            SECRET,
+            json!({"sub": "mallory", "role": "admin", "exp": unix_now() + 300})
+        )
+    );
+    let expired = format!(
+        "Bearer {}",
+        hs256_with(
+            SECRET,
+            json!({"sub": "alice", "role": "admin", "exp": unix_now() - 300})
+        )
+    );
+
+    let cases: Vec<Case> = vec![
+        ("/ws", vec![ORIGIN, auth(&admin)], (101, "accepted")),
+        (
+            "/ws",
+            vec![ORIGIN, auth(&admin), ("sec-websocket-version", "8")],
+            (426, "not_websocket"),
+        ),
+        ("/ws/a;b", vec![ORIGIN], (400, "bad_request")),
+        ("/nowhere", vec![ORIGIN], (404, "no_route")),
+        ("/closed", vec![ORIGIN], (403, "ip_denied")),
+        (
+            "/ws",
+            vec![("origin", "https://evil.example"), auth(&admin)],
+            (403, "origin_not_allowed"),
+        ),
+        ("/ws", vec![ORIGIN], (401, "missing_token")),
+        (
+            "/ws",
+            vec![ORIGIN, auth("Bearer not.a.token")],
+            (401, "invalid_token"),
+        ),
+        ("/ws", vec![ORIGIN, auth(&expired)], (401, "token_expired")),
+        ("/ws", vec![ORIGIN, auth(&user)], (403, "claims_denied")),
+        ("/ws", vec![ORIGIN, auth(&mallory)], (403, "claims_denied")),
+    ];
+    for (path, headers, expected) in &cases {
+        same_decision(&gate, path, headers, *expected).await;
+    }
+}
+
+#[tokio::test]
+async fn a_jwks_url_not_fetched_is_keys_unavailable_for_both() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [ES256], keys: [{{jwks_url: \"https://127.0.0.1:9/jwks.json\"}}]}}\nroutes:\n  - path: /ws\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    // An ES256 header: the route has no key set yet, whatever the signature.
+    let token = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJhbGljZSJ9.c2ln";
+    let bearer = format!("Bearer {token}");
+    let explained = same_decision(
+        &gate,
+        "/ws",
+        &[("authorization", &bearer)],
+        (503, "keys_unavailable"),
+    )
+    .await;
+    let token_step = step(&explained, "token");
+    assert_eq!(token_step["result"], "fail");
+    let detail = token_step["detail"].as_str().unwrap();
+    assert!(detail.contains("alg ES256"), "{detail}");
+    assert!(detail.contains("kid \"k1\""), "{detail}");
+    assert!(!detail.contains(token), "the token was printed: {detail}");
+}
+
+/// Each step says what decided it: the matched route, the client, the Origin pattern that
+/// matched, the token's alg and claims (never the token), the claim rules.
+#[tokio::test]
+async fn the_steps_name_what_decided_and_never_the_token() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, "    name: chat\n")).await;
+    let token = hs256_with(SECRET, json!({"sub": "alice", "exp": unix_now() + 300}));
+    let bearer = format!("Bearer {token}");
+    let headers = [
+        ("origin", "https://a.example.org"),
+        ("authorization", bearer.as_str()),
+    ];
+    let explained = same_decision(&gate, "/ws/room", &headers, (101, "accepted")).await;
+    let names: Vec<&str> = explained["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "route",
+            "handshake",
+            "ip",
+            "global_cap",
+            "upgrade_rate",
+            "ip_cap",
+            "origin",
+            "token",
+            "claims",
+            "subject_cap",
+            "upstream"
+        ]
+    );
+    let detail = |name| {
+        step(&explained, name)["detail"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(detail("route").contains("\"chat\""), "{}", detail("route"));
+    assert!(
+        detail("ip").contains("client 127.0.0.1"),
+        "{}",
+        detail("ip")
+    );
+    assert!(
+        detail("origin").contains("matches https://*.example.org"),
+        "{}",
+        detail("origin")
+    );
+    assert!(detail("token").contains("alg HS256"), "{}", detail("token"));
+    assert!(
+        detail("claims").contains("\"sub\":\"alice\""),
+        "{}",
+        detail("claims")
+    );
+    assert_eq!(step(&explained, "upstream")["result"], "skipped");
+    assert!(
+        !explained.to_string().contains(&token),
+        "the token was printed"
+    );
+}
+
+/// Rates and caps depend on what the gate holds: a gate at `max_connections` refuses
+/// with 503 `server_full` where explain, which holds nothing, passes the step and says
+/// why.
+#[tokio::test]
+async fn explain_holds_no_state_and_says_so() {
+    let upstream = Upstream::start().await;
+    let policy = format!("max_connections: 1\n{}", open_policy(&upstream.url(), ""));
+    let gate = TestGate::start(&policy).await;
+    let (_held, _) = gate.connect("/ws").await.unwrap();
+    assert_eq!(
+        through_gate(&gate, "/ws", &[]).await,
+        (503, "server_full".into())
+    );
+    let (code, explained) = explain(&gate, "/ws", &[]);
+    assert_eq!(code, 0);
+    let cap = step(&explained, "global_cap");
+    assert_eq!(cap["result"], "pass");
+    assert!(
+        cap["detail"]
+            .as_str()
+            .unwrap()
+            .contains("holds no open connection"),
+        "{cap}"
+    );
+}
+
+/// Report mode: a failed check is shown as `reported` and the request admitted.
+#[tokio::test]
+async fn report_mode_shows_the_failures_it_lets_through() {
+    let upstream = Upstream::start().await;
+    let policy = format!("mode: report\n{}", token_policy(&upstream, ""));
+    let gate = TestGate::start(&policy).await;
+    let explained = same_decision(&gate, "/ws", &[ORIGIN], (101, "accepted")).await;
+    assert_eq!(step(&explained, "token")["result"], "reported");
+    let text = Command::new(BIN)
+        .args(["explain", "--policy"])
+        .arg(&gate.policy_path)
+        .args([
+            "--url",
+            &gate.url("/ws"),
+            "--header",
+            "Origin: https://app.example.com",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("decision: admitted, 101 (report mode: 1 failed check(s) let through)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults: {auth: {required: false}}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["--url", "not a url"],
+        vec!["--url", "ftp://host/ws"],
+        vec!["--url", "wss://host/ws", "--header", "no colon"],
+    ] {
+        let out = Command::new(BIN)
+            .args(["explain", "--policy"])
+            .arg(&path)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    let out = Command::new(BIN)
+        .args([
+            "explain",
+            "--policy",
+            "/nonexistent.yaml",
+            "--url",
+            "ws://h/ws",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
