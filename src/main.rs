@@ -31,6 +31,8 @@ enum Command {
     Run(RunArgs),
     /// Validate a policy file: exit 0 valid, 1 invalid, 2 unreadable.
     Check { path: PathBuf },
+    /// Print the policy file's JSON Schema (draft 2020-12), for editors and validators.
+    Schema,
     /// Mint an HS256 token for local testing.
     Token(TokenArgs),
     /// Put one upgrade request through a policy's admission, step by step, without opening
@@ -144,6 +146,17 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Schema => {
+            use std::io::Write;
+            // Not `print!`, which panics when stdout is closed early (`wsgate schema | head`).
+            match std::io::stdout().write_all(config::schema().as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cannot write the schema: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Token(args) => token(args),
         Command::Explain(args) => explain(args),
         Command::Run(args) => {

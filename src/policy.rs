@@ -20,19 +20,32 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Serialize;
 use tokio::sync::watch;
 
+// The enums the YAML shares with the validated policy derive `JsonSchema` too: their doc
+// comments are the descriptions `wsgate schema` gives editors.
+
 /// Whether the policy's refusals are enforced, or only logged and counted (report mode).
-#[derive(Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Every violation is refused or closed.
     Enforce,
+    /// Admission failures (except `server_full` and `draining`) and message-rate and
+    /// message-type violations are logged and counted, and let through.
     Report,
 }
 
 /// What plain (non-upgrade) HTTP requests on a route get.
-#[derive(Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpMode {
+    /// 426 `not_websocket`.
     Reject,
+    /// Admitted like an upgrade (IP, Origin, token and claims; not the upgrade rate or
+    /// the caps), then proxied to the upstream.
     Pass,
 }
 
@@ -370,7 +383,9 @@ pub struct Messages {
 }
 
 /// What a route does with permessage-deflate (RFC 7692).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// The client's permessage-deflate offers go upstream and the upstream's answer comes
