@@ -477,7 +477,7 @@ def summarize(plan, results, reps, pinned, seconds):
         by_name[name]["versus_http1"] = {
             "test": versus, "ratio": ratio, "least": least,
             "met": None if least is None or ratio is None else ratio >= least,
-            "per_repetition": pairs}
+            "per_repetition": pairs, "median_of_pairs": median(pairs)}
     # The compressed hold beside the plain one: what compression adds per connection (not
     # for direct, whose two rows measure two different upstreams).
     by_name = {r["test"]: r for r in rows}
@@ -555,6 +555,8 @@ def target_line(test, t, short=False):
 def versus_line(test, v, short=False):
     ratio = "—" if v["ratio"] is None else f"{v['ratio']:.2f}×"
     pairs = ", ".join("—" if p is None else f"{p:.2f}" for p in v["per_repetition"])
+    if v.get("median_of_pairs") is not None and len(v["per_repetition"]) > 1:
+        pairs += f" (median {v['median_of_pairs']:.2f})"
     goal = ("reported" if v["least"] is None else
             f"target ≥ {v['least']}×: "
             f"{'no figure' if v['met'] is None else 'met' if v['met'] else 'NOT met'}")
