@@ -321,6 +321,18 @@ def metric(result, name):
     return value if isinstance(value, (int, float)) else None
 
 
+# The unit of each rate a row's CPU is divided by (target CPU per message or per upgrade).
+PER = {"messages_per_s": "message", "upgrades_per_s": "upgrade"}
+
+
+def cpu_us(result, key):
+    """The target's CPU time per message or upgrade, in µs: its share of a core over the
+    window divided by the rate. Steadier than the rate on a shared machine, where the
+    target gets what CPU the machine's other work leaves it."""
+    cpu, rate = metric(result, "target_cpu_percent_of_core"), metric(result, key)
+    return cpu / 100 / rate * 1e6 if key in PER and cpu is not None and rate else None
+
+
 def p99(result):
     return (result.get("latency") or {}).get("p99_ms")
 
@@ -431,6 +443,7 @@ def summarize(plan, results, reps, pinned, seconds):
                 "mb_per_s": median(metric(r, "mb_per_s") for r in runs),
                 "wire_mb_per_s": median(metric(r, "wire_mb_per_s") for r in runs),
                 "target_cpu": median(metric(r, "target_cpu_percent_of_core") for r in runs),
+                "target_cpu_us": median(cpu_us(r, key) for r in runs),
                 "load_cpu": median(metric(r, "load_cpu_percent_of_core") for r in runs),
                 "failed": [r["failed"] for r in runs if "failed" in r],
                 "errors": [r.get("errors") for r in runs if r.get("errors")],
@@ -474,8 +487,11 @@ def summarize(plan, results, reps, pinned, seconds):
         pairs = [metric(a, key) / metric(b, key) if metric(a, key) is not None and metric(b, key)
                  else None for a, b in zip(results[name].get("wsgate", []),
                                            results[versus].get("wsgate", []))]
+        cpu = (by_name[name]["targets"].get("wsgate") or {}).get("target_cpu_us")
+        cpu1 = (by_name[versus]["targets"].get("wsgate") or {}).get("target_cpu_us")
         by_name[name]["versus_http1"] = {
             "test": versus, "ratio": ratio, "least": least,
+            "cpu_per_op_ratio": cpu / cpu1 if cpu is not None and cpu1 else None,
             "met": None if least is None or ratio is None else ratio >= least,
             "per_repetition": pairs, "median_of_pairs": median(pairs)}
     # The compressed hold beside the plain one: what compression adds per connection (not
@@ -520,7 +536,9 @@ def markdown(report):
                 notes.append(versus_line(row["test"], v, short=True))
             if row["mode"] in ("echo", "connect") and m.get("target_cpu") is not None:
                 load_cpu = m.get("load_cpu")
-                notes.append(f"CPU: target {m['target_cpu']:.0f} %, load "
+                per = (f" ({m['target_cpu_us']:.1f} µs per {PER[row['metric']]})"
+                       if m.get("target_cpu_us") is not None else "")
+                notes.append(f"CPU: target {m['target_cpu']:.0f} %{per}, load "
                              f"{'—' if load_cpu is None else f'{load_cpu:.0f}'} % of a core")
             t = row.get("target")
             if t and target == "wsgate":
@@ -561,8 +579,10 @@ def versus_line(test, v, short=False):
             f"target ≥ {v['least']}×: "
             f"{'no figure' if v['met'] is None else 'met' if v['met'] else 'NOT met'}")
     head = "" if short else f"{test}: "
+    cpu = ("" if v.get("cpu_per_op_ratio") is None
+           else f"; wsgate's CPU per operation {v['cpu_per_op_ratio']:.2f}× HTTP/1.1's")
     return (f"{head}{ratio} of wsgate's {v['test']} (HTTP/1.1; per repetition {pairs}; "
-            f"{goal})")
+            f"{goal}){cpu}")
 
 
 def target_lines(report):
