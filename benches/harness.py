@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+# Where `build()` puts the binaries: cargo's CARGO_TARGET_DIR if set (relative to ROOT,
+# where cargo runs), else target/.
+RELEASE = ROOT / (os.environ.get("CARGO_TARGET_DIR") or "target") / "release"
 SECRET = "bench-secret-bench-secret-bench-secret-0123"
 
 

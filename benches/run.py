@@ -15,6 +15,10 @@ pass the compressed frames blindly, wsgate relays them with `messages: {compress
 (inflating a copy of each message to check it). wsgate's ratio to nginx on those rows is the
 target the issue set (TARGETS).
 
+The HTTP/2 rows (RFC 8441: WebSockets as extended CONNECT streams, h2c with prior
+knowledge) run on wsgate alone, since nginx and HAProxy do not proxy them; each is read
+against wsgate's HTTP/1.1 row of the same run (H2_VERSUS).
+
 Only the standard library; nginx and HAProxy come from Debian's packages (skipped, and
 said so, when missing). Every process started here is stopped before it returns.
 """
@@ -44,6 +48,14 @@ FRESH = {"hold compressed", "big message 16 MiB"}
 # test -> (proxy, least ratio of wsgate to it): targets printed with the report (never
 # enforced: a shared machine's noise must not fail a run).
 TARGETS = {"echo 16 KiB JSON compressed C=50": ("nginx", 0.8)}
+# The HTTP/2 rows (RFC 8441 WebSockets on extended CONNECT streams; wsgate only: nginx and
+# HAProxy do not proxy them) -> (the HTTP/1.1 row each is read against, on wsgate in the
+# same run, and the least ratio the issue set, or None where the ratio is only reported).
+# `--only` that picks an HTTP/2 row runs its HTTP/1.1 row too (on wsgate alone if that row
+# was not picked itself).
+H2_ECHO = "echo 64 B over h2 C=50 on 5 connections"
+H2_UPGRADES = "upgrades/s over one h2 connection"
+H2_VERSUS = {H2_ECHO: ("echo 64 B C=50", 0.8), H2_UPGRADES: ("connect C=16", None)}
 # wsgate's compressed route, and what it needs there (`compression: pass` relays
 # permessage-deflate; a gate that does not know the field refuses the policy).
 DEFLATE_PATH = "/deflate"
@@ -84,6 +96,10 @@ def tests(smoke):
         ("hold compressed", "hold", ["-n", n_hold_z, "-d", hold_z_s, "--deflate"], ECHO_TARGETS,
          "kib_per_connection"),
         ("echo 64 B C=50", "echo", ["-c", "50", "-s", "64"] + d, ECHO_TARGETS, "messages_per_s"),
+        # The same 50 WebSockets as streams over 5 h2c connections (10 each), right after
+        # their HTTP/1.1 row so that the two share the machine's moment.
+        (H2_ECHO, "echo", ["-c", "50", "-s", "64", "--h2", "5"] + d, ["wsgate"],
+         "messages_per_s"),
         ("echo 16 KiB C=50", "echo", ["-c", "50", "-s", "16384"] + d, ECHO_TARGETS, "mb_per_s"),
         # JSON-like text that deflate shrinks ~5x, compressed on both legs; MB/s of message
         # (inflated) bytes, the wire's beside it.
@@ -92,6 +108,14 @@ def tests(smoke):
         ("echo 1 MiB C=10", "echo", ["-c", "10", "-s", "1048576"] + d, ECHO_TARGETS, "mb_per_s"),
         ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + list(AUTH),
          "upgrades_per_s"),
+        # 16 workers opening WebSocket streams on one h2c connection opened before the
+        # load: extended CONNECT, 200, one echo, close; beside connect C=16, which opens a
+        # TCP connection for every upgrade. Each client ends its half of the stream right
+        # behind its close frame (wsload's `--h2-end early`): with `late` (END_STREAM after
+        # the close handshake) the gate has usually reset and forgotten the stream by then,
+        # answers with STREAM_CLOSED, and closes the connection after 1,024 of those (see
+        # docs/performance.md, HTTP/2).
+        (H2_UPGRADES, "connect", ["-c", "16", "--h2", "1"] + d, ["wsgate"], "upgrades_per_s"),
         ("TLS connect C=16", "connect", ["-c", "16"] + d, ["nginx-tls", "wsgate-tls"],
          "upgrades_per_s"),
         ("TLS resumed C=16", "connect", ["-c", "16", "--resume"] + d,
@@ -284,8 +308,8 @@ def load(servers, taskset_load, mode, args, target, pools):
         cmd += ["--no-verify"]
     if target in AUTH:
         cmd += ["--tokens", str(pools[target]), "--header", f"Origin: {ORIGIN}"]
-    if mode in ("hold", "big"):
-        cmd += ["--pid", str(servers.procs[server].pid)]
+    # The target's process: hold and big measure its RSS, echo and connect its CPU.
+    cmd += ["--pid", str(servers.procs[server].pid)]
     out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         return {"failed": out.stderr.strip()[-300:]}
@@ -295,6 +319,18 @@ def load(servers, taskset_load, mode, args, target, pools):
 def metric(result, name):
     value = result.get(name)
     return value if isinstance(value, (int, float)) else None
+
+
+# The unit of each rate a row's CPU is divided by (target CPU per message or per upgrade).
+PER = {"messages_per_s": "message", "upgrades_per_s": "upgrade"}
+
+
+def cpu_us(result, key):
+    """The target's CPU time per message or upgrade, in µs: its share of a core over the
+    window divided by the rate. Steadier than the rate on a shared machine, where the
+    target gets what CPU the machine's other work leaves it."""
+    cpu, rate = metric(result, "target_cpu_percent_of_core"), metric(result, key)
+    return cpu / 100 / rate * 1e6 if key in PER and cpu is not None and rate else None
 
 
 def p99(result):
@@ -340,8 +376,7 @@ def main():
     if not taskset:
         print("bench: taskset or a second CPU missing; nothing is pinned")
 
-    only = opts.only.split(",") if opts.only else None
-    plan = [t for t in tests(opts.smoke) if not only or any(o in t[0] for o in only)]
+    plan = select(tests(opts.smoke), opts.only.split(",") if opts.only else None)
     results = {name: {} for name, *_ in plan}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wsgate-bench-") as tmp:
@@ -364,7 +399,8 @@ def main():
                         brief = r.get("failed") or {k: r.get(k) for k in (
                             "messages_per_s", "mb_per_s", "wire_mb_per_s", "upgrades_per_s",
                             "kib_per_connection", "rss_growth_kib", "alive",
-                            "cpu_percent_of_core") if k in r}
+                            "cpu_percent_of_core", "target_cpu_percent_of_core",
+                            "load_cpu_percent_of_core") if k in r}
                         print(f"[{rep + 1}/{reps}] {name:18} {target:12} {brief}", flush=True)
                         time.sleep(0.2 if opts.smoke else 1)
             finally:
@@ -383,6 +419,17 @@ def main():
     print(f"bench: wrote {out}/bench-{stamp}.md and .json")
 
 
+def select(plan, only):
+    """The tests whose name contains one of `only` (all without it), and the HTTP/1.1 row
+    of each HTTP/2 row picked, on wsgate alone unless that row was picked itself."""
+    if not only:
+        return plan
+    picked = {t[0] for t in plan if any(o in t[0] for o in only)}
+    pulled = {H2_VERSUS[name][0] for name in picked if name in H2_VERSUS} - picked
+    return [(name, mode, args, ["wsgate"] if name in pulled else targets, key)
+            for name, mode, args, targets, key in plan if name in picked | pulled]
+
+
 def summarize(plan, results, reps, pinned, seconds):
     rows = []
     for name, mode, args, targets, key in plan:
@@ -395,6 +442,9 @@ def summarize(plan, results, reps, pinned, seconds):
                 "cpu_percent_of_core": median(metric(r, "cpu_percent_of_core") for r in runs),
                 "mb_per_s": median(metric(r, "mb_per_s") for r in runs),
                 "wire_mb_per_s": median(metric(r, "wire_mb_per_s") for r in runs),
+                "target_cpu": median(metric(r, "target_cpu_percent_of_core") for r in runs),
+                "target_cpu_us": median(cpu_us(r, key) for r in runs),
+                "load_cpu": median(metric(r, "load_cpu_percent_of_core") for r in runs),
                 "failed": [r["failed"] for r in runs if "failed" in r],
                 "errors": [r.get("errors") for r in runs if r.get("errors")],
             }
@@ -424,6 +474,26 @@ def summarize(plan, results, reps, pinned, seconds):
             row["target"] = {"proxy": proxy, "least": least, "ratio": ratio,
                              "met": ratio >= least if ratio is not None else None}
         rows.append(row)
+    # Each HTTP/2 row against wsgate's HTTP/1.1 row of the same run: the ratio of the
+    # medians, and of each repetition's pair (run a few seconds apart).
+    by_name = {r["test"]: r for r in rows}
+    for name, (versus, least) in H2_VERSUS.items():
+        if name not in by_name or versus not in by_name:
+            continue
+        h2 = (by_name[name]["targets"].get("wsgate") or {}).get("value")
+        h1 = (by_name[versus]["targets"].get("wsgate") or {}).get("value")
+        ratio = h2 / h1 if h2 is not None and h1 else None
+        key = by_name[name]["metric"]
+        pairs = [metric(a, key) / metric(b, key) if metric(a, key) is not None and metric(b, key)
+                 else None for a, b in zip(results[name].get("wsgate", []),
+                                           results[versus].get("wsgate", []))]
+        cpu = (by_name[name]["targets"].get("wsgate") or {}).get("target_cpu_us")
+        cpu1 = (by_name[versus]["targets"].get("wsgate") or {}).get("target_cpu_us")
+        by_name[name]["versus_http1"] = {
+            "test": versus, "ratio": ratio, "least": least,
+            "cpu_per_op_ratio": cpu / cpu1 if cpu is not None and cpu1 else None,
+            "met": None if least is None or ratio is None else ratio >= least,
+            "per_repetition": pairs, "median_of_pairs": median(pairs)}
     # The compressed hold beside the plain one: what compression adds per connection (not
     # for direct, whose two rows measure two different upstreams).
     by_name = {r["test"]: r for r in rows}
@@ -461,6 +531,15 @@ def markdown(report):
                 notes.append(f"wire {fmt(m['wire_mb_per_s'])} MB/s")
             if m.get("over_plain_kib") is not None:
                 notes.append(f"{m['over_plain_kib']:+.1f} KiB over plain hold")
+            v = row.get("versus_http1")
+            if v and target == "wsgate":
+                notes.append(versus_line(row["test"], v, short=True))
+            if row["mode"] in ("echo", "connect") and m.get("target_cpu") is not None:
+                load_cpu = m.get("load_cpu")
+                per = (f" ({m['target_cpu_us']:.1f} µs per {PER[row['metric']]})"
+                       if m.get("target_cpu_us") is not None else "")
+                notes.append(f"CPU: target {m['target_cpu']:.0f} %{per}, load "
+                             f"{'—' if load_cpu is None else f'{load_cpu:.0f}'} % of a core")
             t = row.get("target")
             if t and target == "wsgate":
                 notes.append(target_line(row["test"], t, short=True))
@@ -491,8 +570,26 @@ def target_line(test, t, short=False):
     return f"{head}wsgate / {t['proxy']} {ratio} (target ≥ {t['least']}×: {verdict})"
 
 
+def versus_line(test, v, short=False):
+    ratio = "—" if v["ratio"] is None else f"{v['ratio']:.2f}×"
+    pairs = ", ".join("—" if p is None else f"{p:.2f}" for p in v["per_repetition"])
+    if v.get("median_of_pairs") is not None and len(v["per_repetition"]) > 1:
+        pairs += f" (median {v['median_of_pairs']:.2f})"
+    goal = ("reported" if v["least"] is None else
+            f"target ≥ {v['least']}×: "
+            f"{'no figure' if v['met'] is None else 'met' if v['met'] else 'NOT met'}")
+    head = "" if short else f"{test}: "
+    cpu = ("" if v.get("cpu_per_op_ratio") is None
+           else f"; wsgate's CPU per operation {v['cpu_per_op_ratio']:.2f}× HTTP/1.1's")
+    return (f"{head}{ratio} of wsgate's {v['test']} (HTTP/1.1; per repetition {pairs}; "
+            f"{goal}){cpu}")
+
+
 def target_lines(report):
-    return [target_line(row["test"], row["target"]) for row in report["tests"] if "target" in row]
+    return ([target_line(row["test"], row["target"]) for row in report["tests"]
+             if "target" in row]
+            + [versus_line(row["test"], row["versus_http1"]) for row in report["tests"]
+               if "versus_http1" in row])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,8 +14,10 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::dial::{ws_config, Dialer};
+use crate::h2::{H2End, Opener};
 use crate::measure::{
-    close, count, cpu_ticks, histogram, latency, record, round_trip, rss_kib, timed, RssPeak,
+    close, count, cpu_ticks, cpu_window, histogram, latency, record, round_trip, rss_kib, timed,
+    RssPeak,
 };
 use crate::Target;
 
@@ -99,19 +102,23 @@ impl Tally {
     }
 }
 
+/// With `h2` (a number of connections), the C WebSockets are streams over that many
+/// HTTP/2 connections (stream i on connection i mod N) instead of C connections.
 pub(crate) async fn echo(
     target: Target,
     connections: usize,
     size: usize,
     seconds: Duration,
     warmup: Duration,
+    h2: Option<(usize, H2End)>,
+    pid: Option<u32>,
 ) -> Result<Value, String> {
-    let dialer = Dialer::new(&target, (size + 16).clamp(4096, 256 * 1024))?;
+    let opener = Arc::new(Opener::new(&target, (size + 16).clamp(4096, 256 * 1024), h2).await?);
     let payload = Bytes::from(vec![b'x'; size]);
     let mut conns = Vec::with_capacity(connections);
     for i in 0..connections {
         conns.push(
-            dialer
+            opener
                 .open(i)
                 .await
                 .map_err(|kind| format!("echo: connection {i}: {kind}"))?,
@@ -119,9 +126,11 @@ pub(crate) async fn echo(
     }
     let start = Instant::now() + warmup;
     let end = start + seconds;
+    let cpu = cpu_window(pid, start, end);
     let mut tasks = Vec::with_capacity(connections);
     for mut ws in conns {
         let payload = payload.clone();
+        let opener = opener.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new();
             loop {
@@ -138,40 +147,50 @@ pub(crate) async fn echo(
                     tally.done += 1;
                 }
             }
-            close(ws).await;
+            opener.close(ws).await;
             tally
         }));
     }
     let total = Tally::sum(tasks).await?;
+    let cpu = cpu.await.map_err(|e| e.to_string())?;
     let s = seconds.as_secs_f64();
     Ok(json!({
         "mode": "echo",
         "connections": connections,
+        "h2_connections": opener.h2_connections(),
         "size": size,
         "seconds": s,
         "messages": total.done,
         "messages_per_s": total.done as f64 / s,
         "mb_per_s": (total.done as f64 * size as f64) / s / 1e6,
         "latency": latency(&total.histogram),
+        "load_cpu_percent_of_core": cpu["load_cpu_percent_of_core"],
+        "target_cpu_percent_of_core": cpu["target_cpu_percent_of_core"],
         "errors": total.errors,
     }))
 }
 
 // ----- connect ---------------------------------------------------------------------
 
+/// With `h2` (a number of connections, opened before the load), each upgrade is an
+/// extended CONNECT on a new stream of one of them (worker w's on connection w mod N), and
+/// the time is to its 200.
 pub(crate) async fn connect(
     target: Target,
     workers: usize,
     seconds: Duration,
     warmup: Duration,
+    h2: Option<(usize, H2End)>,
+    pid: Option<u32>,
 ) -> Result<Value, String> {
-    let dialer = Dialer::new(&target, 4096)?;
+    let opener = Arc::new(Opener::new(&target, 4096, h2).await?);
     let payload = Bytes::from_static(b"x");
     let start = Instant::now() + warmup;
     let end = start + seconds;
+    let cpu = cpu_window(pid, start, end);
     let mut tasks = Vec::with_capacity(workers);
     for w in 0..workers {
-        let dialer = dialer.clone();
+        let dialer = opener.clone();
         let payload = payload.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new();
@@ -181,13 +200,14 @@ pub(crate) async fn connect(
                 if t >= end {
                     break;
                 }
-                // Timed to the 101; one message each way then proves the relay works.
+                // Timed to the 101 (the 200 over HTTP/2); one message each way then proves
+                // the relay works.
                 let outcome = match dialer.open(i).await {
                     Ok(mut ws) => {
                         let to_101 = t.elapsed();
                         match round_trip(&mut ws, &payload).await {
                             Ok(()) => {
-                                close(ws).await;
+                                dialer.close(ws).await;
                                 Ok(to_101)
                             }
                             Err(kind) => Err(kind),
@@ -215,15 +235,19 @@ pub(crate) async fn connect(
         }));
     }
     let total = Tally::sum(tasks).await?;
+    let cpu = cpu.await.map_err(|e| e.to_string())?;
     let s = seconds.as_secs_f64();
     Ok(json!({
         "mode": "connect",
         "connections": workers,
-        "tls": dialer.tls.is_some(),
+        "h2_connections": opener.h2_connections(),
+        "tls": opener.tls(),
         "seconds": s,
         "upgrades": total.done,
         "upgrades_per_s": total.done as f64 / s,
         "latency": latency(&total.histogram),
+        "load_cpu_percent_of_core": cpu["load_cpu_percent_of_core"],
+        "target_cpu_percent_of_core": cpu["target_cpu_percent_of_core"],
         "errors": total.errors,
     }))
 }

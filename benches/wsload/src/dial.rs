@@ -26,7 +26,7 @@ pub(crate) struct Dialer {
         rustls_pki_types::ServerName<'static>,
     )>,
     sources: u8,
-    read_buffer: usize,
+    pub(crate) read_buffer: usize,
     /// `Authorization` values, one per client of the pool (`--tokens`).
     bearers: Vec<HeaderValue>,
 }
@@ -38,6 +38,15 @@ pub(crate) type Ws = WebSocketStream<Box<dyn Io>>;
 
 impl Dialer {
     pub(crate) fn new(target: &Target, read_buffer: usize) -> Result<Arc<Dialer>, String> {
+        Dialer::with_alpn(target, read_buffer, b"http/1.1")
+    }
+
+    /// A dialer whose TLS handshakes offer `alpn` (the HTTP/2 client's offer `h2`).
+    pub(crate) fn with_alpn(
+        target: &Target,
+        read_buffer: usize,
+        alpn: &[u8],
+    ) -> Result<Arc<Dialer>, String> {
         let mut request = target
             .url
             .as_str()
@@ -61,7 +70,7 @@ impl Dialer {
             .parse()
             .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST));
         let tls = if secure {
-            Some(tls_connector(target, &host)?)
+            Some(tls_connector(target, &host, alpn)?)
         } else {
             None
         };
@@ -151,6 +160,7 @@ impl Dialer {
 fn tls_connector(
     target: &Target,
     host: &str,
+    alpn: &[u8],
 ) -> Result<
     (
         tokio_rustls::TlsConnector,
@@ -185,7 +195,7 @@ fn tls_connector(
     if !target.resume {
         config.resumption = rustls::client::Resumption::disabled();
     }
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let name = rustls_pki_types::ServerName::try_from(
         host.trim_start_matches('[')
             .trim_end_matches(']')

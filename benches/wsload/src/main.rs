@@ -2,8 +2,9 @@
 //!
 //! `serve` is the echo upstream every target fronts; `echo`, `connect`, `hold` and `big` are
 //! the four loads of `benches/run.py` (`serve`, `echo` and `hold` with `--deflate` its
-//! compressed rows); `sessions`, `attack`, `storm`, `exhaust` and `soak` are
-//! the healthy traffic and the hostile clients of `benches/soak.py`. Each load prints one
+//! compressed rows; `echo` and `connect` with `--h2` its HTTP/2 rows); `sessions`,
+//! `attack`, `storm`, `exhaust` and `soak` are the healthy traffic and the hostile clients
+//! of `benches/soak.py`. Each load prints one
 //! JSON object on stdout (progress, if any, goes to stderr). It runs on a current-thread
 //! runtime: the harness pins it to one CPU.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 mod basic;
 mod deflate;
 mod dial;
+mod h2;
 mod hostile;
 mod measure;
 mod soak;
@@ -22,6 +24,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use basic::{autobahn, big, connect, echo, hold, serve};
+use h2::H2End;
 use hostile::{attack, exhaust, sessions, storm, AttackPlan};
 use soak::{soak, SoakPlan};
 
@@ -78,8 +81,20 @@ enum Mode {
         /// wire_mb_per_s (compressed) beside mb_per_s (message bytes).
         #[arg(long)]
         deflate: bool,
+        /// Open the C WebSockets as RFC 8441 streams over N HTTP/2 connections (stream i
+        /// on connection i mod N): h2c with prior knowledge for ws://, ALPN h2 for wss://.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        h2: Option<u16>,
+        /// With --h2: when a client ends its half of the stream as it closes.
+        #[arg(long, value_enum, default_value_t = H2End::Early)]
+        h2_end: H2End,
+        /// A process whose CPU over the measured window is reported (the proxy).
+        #[arg(long)]
+        pid: Option<u32>,
     },
-    /// C workers each looping connect, [TLS], upgrade, one echo, close.
+    /// C workers each looping connect, [TLS], upgrade, one echo, close; with --h2 N,
+    /// extended CONNECT on a new stream of one of N HTTP/2 connections opened beforehand,
+    /// one echo, close.
     Connect {
         #[command(flatten)]
         target: Target,
@@ -89,6 +104,16 @@ enum Mode {
         seconds: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
+        /// Upgrade over N HTTP/2 connections (worker w's on connection w mod N), opened
+        /// before the load: the rate of WebSocket streams, without TCP (or TLS) setup.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        h2: Option<u16>,
+        /// With --h2: when a client ends its half of the stream as it closes.
+        #[arg(long, value_enum, default_value_t = H2End::Early)]
+        h2_end: H2End,
+        /// A process whose CPU over the measured window is reported (the proxy).
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// N idle connections (answering pings) held for a while; RSS and CPU of --pid.
     Hold {
@@ -325,12 +350,16 @@ fn main() {
                 seconds,
                 warmup,
                 deflate,
+                h2,
+                h2_end,
+                pid,
             } => {
                 let (seconds, warmup) = (secs(seconds), secs(warmup));
-                if deflate {
-                    deflate::echo(target, connections, size, seconds, warmup).await
-                } else {
-                    echo(target, connections, size, seconds, warmup).await
+                let h2 = h2.map(|n| (usize::from(n), h2_end));
+                match (deflate, h2) {
+                    (true, Some(_)) => Err("--deflate is HTTP/1.1 only (no --h2)".into()),
+                    (true, None) => deflate::echo(target, connections, size, seconds, warmup).await,
+                    (false, _) => echo(target, connections, size, seconds, warmup, h2, pid).await,
                 }
             }
             Mode::Connect {
@@ -338,7 +367,13 @@ fn main() {
                 connections,
                 seconds,
                 warmup,
-            } => connect(target, connections, secs(seconds), secs(warmup)).await,
+                h2,
+                h2_end,
+                pid,
+            } => {
+                let h2 = h2.map(|n| (usize::from(n), h2_end));
+                connect(target, connections, secs(seconds), secs(warmup), h2, pid).await
+            }
             Mode::Hold {
                 target,
                 connections,

@@ -133,6 +133,32 @@ impl RssPeak {
     }
 }
 
+/// The CPU used over the measured window [start, end], as percentages of one core: by this
+/// load generator (a load that saturates its own CPU measures itself, not the target) and
+/// by --pid's process. Read when the returned task ends (at `end`).
+pub(crate) fn cpu_window(
+    pid: Option<u32>,
+    start: Instant,
+    end: Instant,
+) -> tokio::task::JoinHandle<Value> {
+    tokio::spawn(async move {
+        let me = std::process::id();
+        tokio::time::sleep_until(start.into()).await;
+        let before = (cpu_ticks(me), pid.and_then(cpu_ticks));
+        tokio::time::sleep_until(end.into()).await;
+        let after = (cpu_ticks(me), pid.and_then(cpu_ticks));
+        let seconds = end.saturating_duration_since(start).as_secs_f64().max(0.01);
+        // Ticks are 1/100 s (USER_HZ): ticks per second are percent of a core.
+        let percent = |b: Option<u64>, a: Option<u64>| -> Option<f64> {
+            Some(a?.saturating_sub(b?) as f64 / seconds)
+        };
+        json!({
+            "load_cpu_percent_of_core": percent(before.0, after.0),
+            "target_cpu_percent_of_core": percent(before.1, after.1),
+        })
+    })
+}
+
 pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
