@@ -609,3 +609,40 @@ async fn close_by_id_sub_ip_and_route() {
     let mut back = open(&gate, "/ws", "erin", "10.1.0.1").await;
     echoes(&mut back).await;
 }
+
+/// In report mode a revoked token is a violation like an invalid one: logged and counted,
+/// and the upgrade goes on (without its claims). The operator's close still closes.
+#[tokio::test]
+async fn report_mode_counts_a_revoked_token_and_lets_it_on() {
+    let upstream = Upstream::start().await;
+    let policy =
+        token_policy(&upstream.url()).replace("version: 1\n", "version: 1\nmode: report\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let (status, _) = operator(
+        gate.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "ivan", "ttl_seconds": 600}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut ivan = open(&gate, "/ws", "ivan", "10.0.0.1").await;
+    echoes(&mut ivan).await;
+    assert_eq!(
+        gate.metric("wsgate_report_violations_total{route=\"ws\",reason=\"token_revoked\"}")
+            .await,
+        1.0
+    );
+    // Let on as an unverified token: listed without its `sub`.
+    let listing = wait_total(&gate, "?ip=10.0.0.1", 1).await;
+    assert_eq!(listing["connections"][0]["sub"], Value::Null);
+    let (_, answer) = operator(
+        gate.admin,
+        "POST",
+        "/connections/close",
+        json!({"ip": "10.0.0.1"}),
+    )
+    .await;
+    assert_eq!(answer, json!({"closed": 1}));
+    assert_eq!(next_close(&mut ivan).await, (1008, "revoked".to_owned()));
+}
