@@ -1,4 +1,6 @@
-//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `/policy`.
+//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `/policy`, open to
+//! anyone who reaches it, and the [`operator`](crate::operator) endpoints, which require
+//! the admin token.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,15 +51,20 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
 }
 
 async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if crate::operator::is_operator_path(req.uri().path()) {
+        return Ok(crate::operator::respond(&gate.operator, req).await);
+    }
     match req.uri().path() {
         "/metrics" => {
+            // Expired revocations leave `wsgate_revocations_active` before it is read.
+            gate.operator.revocations.evict();
             return Ok(Response::builder()
                 .header(
                     http::header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )
                 .body(full(Bytes::from(gate.metrics.encode())))
-                .unwrap_or_default())
+                .unwrap_or_default());
         }
         "/policy" => {
             let described = gate.policy.load().describe();

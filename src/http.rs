@@ -21,6 +21,7 @@ use crate::admission::{self, Attempt, Kind, Rejection};
 use crate::body::{full, Body};
 use crate::extensions::Offers;
 use crate::policy::{Compression, HttpMode, Route};
+use crate::registry::Opened;
 use crate::relay::Protocol;
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
@@ -361,7 +362,34 @@ async fn switch(
     // The caps stay with the task until the close line; the rest of the ticket goes to
     // the relay.
     let slots = std::mem::take(&mut ticket.slots);
+    let claim = |name| {
+        ticket
+            .standing
+            .claims
+            .as_ref()
+            .and_then(|c| c.claim_str(name))
+            .map(str::to_owned)
+    };
+    let (sub, jti) = (claim("sub"), claim("jti"));
+    let registered = gate.operator.registry.register(Opened {
+        route: route.name.clone(),
+        client_ip: ticket.standing.client_ip,
+        sub,
+        jti,
+        protocol: conn.protocol.as_str(),
+    });
+    // A revocation made while this upgrade was being admitted: it found no entry to close,
+    // so the entry closes itself (the registry is written before revocations are read).
+    let opened = &registered.entry().opened;
+    if gate
+        .admission
+        .revocations
+        .revoked(opened.sub.as_deref(), opened.jti.as_deref())
+    {
+        registered.revoke();
+    }
     let connection = relay::Connection {
+        entry: registered.entry().clone(),
         metrics: gate.metrics.connection(&route.name),
         registry: gate.metrics.clone(),
         policy: gate.policy.clone(),
@@ -382,6 +410,7 @@ async fn switch(
         socket,
         connection,
         slots,
+        registered,
     });
     Ok((
         response,
@@ -413,6 +442,7 @@ impl Admitted {
         // The connection's slots go as it is logged closed; its sockets linger a while
         // (boxed, as the relay's closing is: for a few seconds, not the connection's life).
         drop(held.slots);
+        drop(held.registered);
         Box::pin(ended.linger()).await;
     }
 }
@@ -423,6 +453,8 @@ struct Held {
     socket: crate::upstream::UpstreamSocket,
     connection: relay::Connection,
     slots: crate::admission::Slots,
+    /// Its place in the registry of open connections, left as the close is logged.
+    registered: crate::registry::Registered,
 }
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).

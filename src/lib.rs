@@ -21,7 +21,9 @@
 //!
 //! Policy flows [`config`] (YAML → validated [`policy::Policy`]) → [`policy::PolicyHandle`]
 //! ← [`reload`]. The stop signal fans out from [`shutdown`]. [`admin`] serves health and
-//! readiness; [`mint`] and [`demo`] serve the CLI's `token` and `demo` commands.
+//! readiness, and the [`operator`] API over the [`registry`] of open connections and the
+//! [`revocations`] that admission consults; [`mint`] and [`demo`] serve the CLI's `token`
+//! and `demo` commands.
 
 #![forbid(unsafe_code)]
 
@@ -42,11 +44,14 @@ pub mod listener;
 pub mod logbuf;
 mod metrics;
 pub mod mint;
+pub mod operator;
 pub mod path;
 pub mod policy;
 mod proxy;
+pub mod registry;
 pub mod relay;
 mod reload;
+pub mod revocations;
 pub mod shutdown;
 pub mod tls;
 mod upstream;
@@ -71,6 +76,8 @@ pub struct Gate {
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// The pooled upstream clients of `http: pass` routes.
     pub(crate) pass_clients: proxy::PassClients,
+    /// The operator API: its token, the open connections, the revocations.
+    pub operator: operator::Operator,
 }
 
 /// How to run a gate: already bound sockets, so nothing here can fail on a port.
@@ -86,6 +93,9 @@ pub struct Options {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Extra CA certificates trusted for `jwks_url` fetches (besides the Mozilla roots).
     pub jwks_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The operator API's bearer token file (`--admin-token-file`); `None`: the operator
+    /// endpoints answer 403.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// A started gate.
@@ -100,14 +110,26 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
     let addr = options.listener.local_addr()?;
     let admin_addr = options.admin.as_ref().map(|l| l.local_addr()).transpose()?;
     http::warm_up();
+    let token = options
+        .admin_token_file
+        .map(operator::AdminToken::load)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     let metrics = Arc::new(metrics::Metrics::new());
+    let admission = admission::State::new(options.jwks_roots, metrics.clone());
+    let operator = operator::Operator {
+        token,
+        registry: Arc::default(),
+        revocations: admission.revocations.clone(),
+    };
     let gate = Arc::new(Gate {
         policy: PolicyHandle::new(loaded),
         shutdown: Shutdown::new(),
-        admission: admission::State::new(options.jwks_roots, metrics.clone()),
+        admission,
         tls: options.tls.map(tls::Acceptor::new),
         metrics,
         pass_clients: proxy::PassClients::default(),
+        operator,
     });
     gate.admission
         .jwks
@@ -149,7 +171,7 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Keep admission state in step with the policy: start and stop JWKS fetchers on reload,
-/// and sweep idle limiter keys. Ends with the gate.
+/// and sweep idle limiter keys and expired revocations. Ends with the gate.
 async fn maintain(gate: std::sync::Weak<Gate>) {
     let (mut changes, stop) = match gate.upgrade() {
         Some(g) => (g.policy.subscribe(), g.shutdown.token()),
@@ -171,6 +193,7 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
                 .sync(&loaded.policy, &gate.shutdown.tasks);
         }
         gate.admission.limiters.sweep(&loaded.policy.routes);
+        gate.admission.revocations.evict();
     }
 }
 

@@ -74,6 +74,10 @@ struct RunArgs {
     /// text on a terminal, json otherwise.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// File holding the bearer token of the operator API (/connections, /revocations on
+    /// the admin listener); re-read when it changes. Without it those endpoints answer 403.
+    #[arg(long, env = "WSGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -322,6 +326,13 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The operator API's token, read once now so that a bad file stops the start.
+    if let Some(path) = &args.admin_token_file {
+        if let Err(e) = wsgate::operator::AdminToken::load(path.clone()) {
+            eprintln!("--admin-token-file: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // 2. TLS.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => match tls::server_config(cert, key) {
@@ -377,6 +388,7 @@ async fn run(args: RunArgs) -> ExitCode {
         sighup: true,
         tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         jwks_roots: extra_roots(),
+        admin_token_file: args.admin_token_file.clone(),
     };
     let mut signals = shutdown::Signals::new();
     let running = match wsgate::start(loaded, options) {
@@ -493,6 +505,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         sighup: true,
         tls_files: None,
         jwks_roots: Vec::new(),
+        admin_token_file: None,
     };
     let Ok(running) = wsgate::start(loaded, options) else {
         return ExitCode::FAILURE;

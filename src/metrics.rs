@@ -77,6 +77,8 @@ pub struct Metrics {
     pub ping_rtt: HistogramFamily<RouteLabel>,
     pub connection_duration: HistogramFamily<RouteLabel>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    /// Revocations in force (the operator API).
+    pub revocations_active: Gauge,
     /// `wsgate_client_connections_total{protocol}`'s two series, made once: HTTP/1.1, h2.
     client_connections: [Counter; 2],
 }
@@ -104,6 +106,7 @@ impl Metrics {
             ping_rtt: Family::new_with_constructor(latency_histogram),
             connection_duration: Family::new_with_constructor(duration_histogram),
             tls_reloads: Family::default(),
+            revocations_active: Gauge::default(),
             client_connections: ["http/1.1", "h2"].map(|protocol| {
                 client_connections.get_or_create_owned(&ProtocolLabel { protocol })
             }),
@@ -169,6 +172,11 @@ impl Metrics {
             "wsgate_tls_reloads",
             "Certificate reloads after start-up",
             m.tls_reloads.clone(),
+        );
+        registry.register(
+            "wsgate_revocations_active",
+            "Revocations (sub or jti) in force, set through the operator API",
+            m.revocations_active.clone(),
         );
         registry.register(
             "wsgate_client_connections",

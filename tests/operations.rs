@@ -526,6 +526,7 @@ async fn a_kubernetes_secret_swap_rotates_the_certificate() {
             sighup: false,
             tls_files: Some((cert, key)),
             jwks_roots: Vec::new(),
+            admin_token_file: None,
         },
     )
     .unwrap();

@@ -28,6 +28,7 @@ pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
 use crate::policy::{Auth, Mode, Policy, Route, TokenSource};
+use crate::revocations::Revocations;
 use rate::{CapSlot, Caps, Limiters, CAP_RETRY_AFTER};
 
 /// Admission state shared by every connection of a gate: counters, limiters, key sets.
@@ -38,6 +39,8 @@ pub struct State {
     pub jwks: jwks::JwksCache,
     /// Tokens already verified (cleared on reload).
     pub verified: verified::Verified,
+    /// Revoked `sub`s and `jti`s (the operator API), refused after the token verifies.
+    pub revocations: Arc<Revocations>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -53,6 +56,7 @@ impl State {
             caps: Arc::new(Caps::default()),
             jwks: jwks::JwksCache::new(jwks_roots),
             verified: verified::Verified::default(),
+            revocations: Arc::new(Revocations::new(metrics.revocations_active.clone())),
             metrics,
         }
     }
@@ -341,6 +345,12 @@ pub async fn admit<'a>(
             None
         }
         Some(found) => match state.verified.verify(found.token, route, &state.jwks).await {
+            // A revoked token is refused as an invalid one is (and in report mode, let on
+            // as one that did not verify).
+            Ok(claims) if revoked(&state.revocations, &claims) => {
+                v.fail(Step::Token, Rejection::TokenRevoked)?;
+                None
+            }
             Ok(claims) => {
                 v.pass(Step::Token);
                 v.check(Step::Claims, claims_rule(auth, Some(&claims)))?;
@@ -405,6 +415,11 @@ pub async fn admit<'a>(
         expires_at,
         report,
     })
+}
+
+/// Whether a revocation in force names the token's `sub` or `jti`.
+fn revoked(revocations: &Revocations, claims: &Claims) -> bool {
+    revocations.revoked(claims.claim_str("sub"), claims.claim_str("jti"))
 }
 
 /// What an open connection was admitted with, so a new policy can be applied to it.

@@ -43,6 +43,9 @@ pub enum Rejection {
     InvalidToken,
     #[error("the token has expired")]
     TokenExpired,
+    /// A revocation (the operator API) names the token's `sub` or `jti`.
+    #[error("the token has been revoked")]
+    TokenRevoked,
     #[error("signing keys are not available yet")]
     KeysUnavailable { retry_after: Duration },
     #[error("the token's claims do not allow this route")]
@@ -82,9 +85,10 @@ impl Rejection {
             Rejection::ServerFull | Rejection::Draining | Rejection::KeysUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Rejection::MissingToken | Rejection::InvalidToken | Rejection::TokenExpired => {
-                StatusCode::UNAUTHORIZED
-            }
+            Rejection::MissingToken
+            | Rejection::InvalidToken
+            | Rejection::TokenExpired
+            | Rejection::TokenRevoked => StatusCode::UNAUTHORIZED,
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamStatus(refusal) => refusal.status,
@@ -108,6 +112,7 @@ impl Rejection {
             Rejection::MissingToken => "missing_token",
             Rejection::InvalidToken => "invalid_token",
             Rejection::TokenExpired => "token_expired",
+            Rejection::TokenRevoked => "token_revoked",
             Rejection::KeysUnavailable { .. } => "keys_unavailable",
             Rejection::ClaimsDenied => "claims_denied",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
@@ -137,7 +142,7 @@ impl Rejection {
             Rejection::MissingToken => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Rejection::InvalidToken | Rejection::TokenExpired => {
+            Rejection::InvalidToken | Rejection::TokenExpired | Rejection::TokenRevoked => {
                 headers.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
@@ -209,6 +214,7 @@ mod tests {
             (Rejection::MissingToken, 401, "missing_token"),
             (Rejection::InvalidToken, 401, "invalid_token"),
             (Rejection::TokenExpired, 401, "token_expired"),
+            (Rejection::TokenRevoked, 401, "token_revoked"),
             (
                 Rejection::KeysUnavailable { retry_after: d },
                 503,
@@ -224,7 +230,7 @@ mod tests {
                     Some(("retry-after", "3"))
                 }
                 "missing_token" => Some(("www-authenticate", "Bearer")),
-                "invalid_token" | "token_expired" => {
+                "invalid_token" | "token_expired" | "token_revoked" => {
                     Some(("www-authenticate", "Bearer error=\"invalid_token\""))
                 }
                 "not_websocket" => Some(("sec-websocket-version", "13")),

@@ -113,6 +113,11 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// A string claim (`sub`, `jti`, …), if the token has it as a string.
+    pub fn claim_str(&self, name: &str) -> Option<&str> {
+        self.map.get(name).and_then(Value::as_str)
+    }
+
     /// When a connection admitted with this token must close: `exp` plus `leeway`, as a
     /// monotonic instant (now, if that has passed). `None` when the token has no `exp` or
     /// the time is beyond what the clock can represent (never, in practice). Every step

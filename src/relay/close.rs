@@ -79,6 +79,8 @@ pub enum CloseReason {
     TypeNotAllowed,
     /// The gate is shutting down.
     Shutdown,
+    /// The operator closed it through the admin API (a close request or a revocation).
+    Revoked,
 }
 
 /// What to do with one side when the relay ends.
@@ -133,6 +135,7 @@ impl CloseReason {
             CloseReason::RateExceeded => "message_rate_exceeded",
             CloseReason::TypeNotAllowed => "message_type_not_allowed",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Revoked => "revoked",
         }
     }
 
@@ -159,6 +162,7 @@ impl CloseReason {
             | CloseReason::MaxLifetime
             | CloseReason::TokenExpired
             | CloseReason::PolicyChanged
+            | CloseReason::Revoked
             | CloseReason::Shutdown => "gate",
         }
     }
@@ -234,6 +238,10 @@ impl CloseReason {
                 going_away(),
             ),
             CloseReason::Shutdown => both(GOING_AWAY, "going away"),
+            CloseReason::Revoked => (
+                Ending::Close(Some(frame(POLICY_VIOLATION, "revoked"))),
+                going_away(),
+            ),
         }
     }
 }
@@ -300,6 +308,7 @@ mod tests {
             (HeartbeatTimeout, (Some(1001), Some(1001)), "client"),
             (PolicyChanged, (Some(1008), Some(1001)), "gate"),
             (Shutdown, (Some(1001), Some(1001)), "gate"),
+            (Revoked, (Some(1008), Some(1001)), "gate"),
         ];
         for (reason, codes, side) in rows {
             assert_eq!(reason.codes(), codes, "{reason:?}");

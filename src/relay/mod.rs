@@ -40,6 +40,7 @@ use crate::admission::{self, Standing};
 use crate::linger;
 use crate::metrics::{ConnectionMetrics, MessageCounters, Metrics};
 use crate::policy::{Mode, PolicyHandle, Route};
+use crate::registry::{Entry, LiveCounts};
 use crate::upstream::UpstreamSocket;
 use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
@@ -80,6 +81,8 @@ pub(crate) struct Direction {
     /// A pong was read that the heartbeat has not looked at yet.
     pong_unseen: bool,
     metrics: MessageCounters,
+    /// The connection's registry entry, where `counts` is published for the operator API.
+    entry: Arc<Entry>,
 }
 
 enum Event {
@@ -96,6 +99,7 @@ impl Direction {
         now: Instant,
         inbound: Option<Box<Inbound>>,
         metrics: MessageCounters,
+        entry: Arc<Entry>,
     ) -> Direction {
         Direction {
             from,
@@ -109,6 +113,7 @@ impl Direction {
             last_pong: None,
             pong_unseen: false,
             metrics,
+            entry,
         }
     }
 
@@ -234,6 +239,8 @@ impl Direction {
             w += len;
             open = src.reader.in_data_frame();
         }
+        // Once per read, not per message: the operator API's view of this direction.
+        self.live().publish(self.counts.messages, self.counts.bytes);
         let inflated = src.reader.inflated();
         if inflated != self.counts.inflated {
             self.metrics
@@ -295,6 +302,15 @@ impl Direction {
         }
     }
 
+    /// Where this direction's counts are published: "in" is client → upstream, "out"
+    /// upstream → client.
+    fn live(&self) -> &LiveCounts {
+        match self.from {
+            Side::Client => &self.entry.inbound,
+            Side::Upstream => &self.entry.outbound,
+        }
+    }
+
     /// The client's message policy applied to one message (always `None` upstream).
     fn admit(&mut self, kind: Kind, now: Instant) -> Option<CloseReason> {
         self.inbound.as_mut()?.check(kind, now)
@@ -348,6 +364,9 @@ pub struct Connection {
     /// For the close log line: the request's id and the protocol it came on.
     pub request_id: HeaderValue,
     pub protocol: Protocol,
+    /// Its entry in the gate's registry of open connections: the live counts, and the
+    /// operator's close request.
+    pub entry: Arc<Entry>,
 }
 
 /// The protocol a relayed connection came on (the close line's `protocol`).
@@ -425,12 +444,14 @@ pub fn run(
         started,
         Some(Box::new(inbound)),
         conn.metrics.client_to_upstream.clone(),
+        conn.entry.clone(),
     );
     let u2c = Direction::new(
         Side::Upstream,
         started,
         None,
         conn.metrics.upstream_to_client.clone(),
+        conn.entry.clone(),
     );
     let deadlines = Deadlines {
         route: route.clone(),
@@ -516,6 +537,8 @@ impl Relay {
         let mut policy_change = Box::pin(next_change(changes));
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let revoked = c2u.entry.revoked().clone().cancelled_owned();
+        tokio::pin!(revoked);
         let mut watching_policy = true;
         let reason = loop {
             tokio::select! {
@@ -562,6 +585,7 @@ impl Relay {
                     }
                 },
                 () = &mut cancelled => break CloseReason::Shutdown,
+                () = &mut revoked => break CloseReason::Revoked,
             }
         };
 

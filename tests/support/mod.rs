@@ -465,6 +465,27 @@ impl TestGate {
         tls: bool,
         listener: TcpListener,
     ) -> TestGate {
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+        TestGate::start_full(dir, policy_path, tls, listener, Some(token_file)).await
+    }
+
+    /// A plaintext gate with `policy` and no `--admin-token-file`.
+    pub async fn start_without_admin_token(policy: &str) -> TestGate {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestGate::start_full(dir, policy_path, false, listener, None).await
+    }
+
+    async fn start_full(
+        dir: tempfile::TempDir,
+        policy_path: PathBuf,
+        tls: bool,
+        listener: TcpListener,
+        admin_token_file: Option<PathBuf>,
+    ) -> TestGate {
         let _ = tracing_subscriber_init();
         std::fs::write(dir.path().join("secret"), SECRET).unwrap();
         let loaded =
@@ -483,6 +504,7 @@ impl TestGate {
                 sighup: false,
                 tls_files,
                 jwks_roots: jwks_roots(),
+                admin_token_file,
             },
         )
         .unwrap();
@@ -652,6 +674,62 @@ pub async fn admin_fetch(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The operator API's token of every [`TestGate`] (in `admin-token` beside its policy).
+pub const ADMIN_TOKEN: &str = "operator-test-token";
+
+/// A request on the admin listener with `headers` (whole lines, without the CRLF) and
+/// `body`; returns the status code, the response head and the body.
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    if !body.is_empty() || method != "GET" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The gate may answer (413) before taking the whole body.
+    let _ = tcp.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// An operator request with the right token and a JSON body (`Value::Null`: none);
+/// returns the status and the JSON answer.
+pub async fn operator(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, _, text) = admin_request(addr, method, path, &[&auth], &body).await;
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, json)
 }
 
 /// GET on the admin listener; returns the status code.

@@ -1,0 +1,505 @@
+//! The operator API on the admin listener: list the open connections, close some of them
+//! now, and revoke a token subject or id for a while. Every endpoint here requires the
+//! bearer token of `--admin-token-file` (compared in constant time; the file is re-read
+//! when it changes); without that flag they answer 403 `admin_token_not_configured`.
+//!
+//! Bodies are JSON of at most [`MAX_BODY`] bytes (413 beyond, with the reason
+//! `bad_request`); refusals have the admission refusals' JSON shape,
+//! `{"error": …, "message": …}`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::body::{full, Body};
+use crate::registry::{Filter, Registry};
+use crate::revocations::{Revocations, Revoked, MAX_REVOCATIONS, MAX_TTL_SECONDS};
+
+/// The largest request body accepted (16 KiB).
+pub const MAX_BODY: usize = 16 * 1024;
+/// `limit` of `GET /connections` when none is given, and the most it may be.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+/// The operator API's state: the token file, the registry and the revocations.
+pub struct Operator {
+    /// `None` without `--admin-token-file`: every endpoint answers 403.
+    pub token: Option<AdminToken>,
+    pub registry: Arc<Registry>,
+    pub revocations: Arc<Revocations>,
+}
+
+/// Whether `path` is one of the operator endpoints.
+pub fn is_operator_path(path: &str) -> bool {
+    matches!(path, "/connections" | "/connections/close" | "/revocations")
+}
+
+/// Why an operator request was refused.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("the operator API is off: the gate runs without --admin-token-file")]
+    NotConfigured,
+    #[error("a valid admin bearer token is required")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the body is larger than 16 KiB")]
+    TooLarge,
+    #[error("this endpoint allows {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("{MAX_REVOCATIONS} revocations are already in force")]
+    TooManyRevocations,
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NotConfigured => StatusCode::FORBIDDEN,
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::TooManyRevocations => StatusCode::INSUFFICIENT_STORAGE,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotConfigured => "admin_token_not_configured",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::BadRequest(_) | Refusal::TooLarge => "bad_request",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::TooManyRevocations => "too_many_revocations",
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let json = serde_json::json!({ "error": self.reason(), "message": self.to_string() });
+        let mut response = json_response(self.status(), &json);
+        let headers = response.headers_mut();
+        match self {
+            Refusal::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Refusal::MethodNotAllowed(allow) => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn bad(message: impl Into<String>) -> Refusal {
+    Refusal::BadRequest(message.into())
+}
+
+fn json_response(status: StatusCode, json: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(json.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Answer one request to an operator endpoint (see [`is_operator_path`]).
+pub async fn respond(operator: &Operator, req: Request<Incoming>) -> Response<Body> {
+    match serve(operator, req).await {
+        Ok(json) => json_response(StatusCode::OK, &json),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json::Value, Refusal> {
+    let token = operator.token.as_ref().ok_or(Refusal::NotConfigured)?;
+    if !token.allows(req.headers().get(AUTHORIZATION)).await {
+        return Err(Refusal::Unauthorized);
+    }
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match (path.as_str(), &method) {
+        ("/connections", &Method::GET) => list(&operator.registry, req.uri().query()),
+        ("/connections", _) => Err(Refusal::MethodNotAllowed("GET")),
+        ("/connections/close", &Method::POST) => {
+            let body: CloseBody = read_json(req).await?;
+            let filter = body.filter()?;
+            let closed = operator.registry.close(&filter);
+            tracing::info!(?filter, closed, "operator: connections closed");
+            Ok(serde_json::json!({ "closed": closed }))
+        }
+        ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),
+        ("/revocations", &Method::GET) => Ok(list_revocations(&operator.revocations)),
+        ("/revocations", &Method::POST) => {
+            let body: RevocationBody = read_json(req).await?;
+            let which = body.which()?;
+            let ttl = match body.ttl_seconds {
+                Some(t) if (1..=MAX_TTL_SECONDS).contains(&t) => Duration::from_secs(t),
+                _ => {
+                    return Err(bad(format!(
+                        "ttl_seconds must be a whole number from 1 to {MAX_TTL_SECONDS}"
+                    )))
+                }
+            };
+            let expires_at_unix = operator
+                .revocations
+                .add(which.clone(), ttl)
+                .map_err(|_| Refusal::TooManyRevocations)?;
+            let filter = match &which {
+                Revoked::Sub(s) => Filter {
+                    sub: Some(s.clone()),
+                    ..Filter::default()
+                },
+                Revoked::Jti(j) => Filter {
+                    jti: Some(j.clone()),
+                    ..Filter::default()
+                },
+            };
+            let closed = operator.registry.close(&filter);
+            let (kind, value) = which.parts();
+            tracing::info!(
+                kind,
+                value,
+                ttl_seconds = ttl.as_secs(),
+                closed,
+                "operator: token revoked"
+            );
+            Ok(serde_json::json!({ "closed": closed, "expires_at_unix": expires_at_unix }))
+        }
+        ("/revocations", &Method::DELETE) => {
+            let body: RevocationBody = read_json(req).await?;
+            let which = body.which()?;
+            let lifted = operator.revocations.lift(&which);
+            tracing::info!(
+                kind = which.parts().0,
+                value = which.parts().1,
+                lifted,
+                "operator: revocation lifted"
+            );
+            Ok(serde_json::json!({ "lifted": lifted }))
+        }
+        ("/revocations", _) => Err(Refusal::MethodNotAllowed("GET, POST, DELETE")),
+        _ => Err(bad("no such operator endpoint")),
+    }
+}
+
+/// The body as JSON of type `T`: at most [`MAX_BODY`] bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refusal> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(Refusal::TooLarge);
+    }
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(Refusal::TooLarge),
+        Err(_) => return Err(bad("the body could not be read")),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("the body is not valid JSON: {e}")))
+}
+
+/// `POST /connections/close`: exactly one of the fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    id: Option<u64>,
+    sub: Option<String>,
+    ip: Option<String>,
+    route: Option<String>,
+}
+
+impl CloseBody {
+    fn filter(self) -> Result<Filter, Refusal> {
+        let given = usize::from(self.id.is_some())
+            + usize::from(self.sub.is_some())
+            + usize::from(self.ip.is_some())
+            + usize::from(self.route.is_some());
+        if given != 1 {
+            return Err(bad("exactly one of id, sub, ip and route is required"));
+        }
+        Ok(Filter {
+            id: self.id,
+            sub: self.sub,
+            route: self.route,
+            ip: self.ip.as_deref().map(parse_net).transpose()?,
+            jti: None,
+        })
+    }
+}
+
+/// `POST` and `DELETE /revocations`: one of `sub` and `jti`, and for `POST` the TTL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevocationBody {
+    sub: Option<String>,
+    jti: Option<String>,
+    ttl_seconds: Option<u64>,
+}
+
+impl RevocationBody {
+    fn which(&self) -> Result<Revoked, Refusal> {
+        match (&self.sub, &self.jti) {
+            (Some(s), None) if !s.is_empty() => Ok(Revoked::Sub(s.clone())),
+            (None, Some(j)) if !j.is_empty() => Ok(Revoked::Jti(j.clone())),
+            _ => Err(bad("exactly one of sub and jti, not empty, is required")),
+        }
+    }
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address.
+fn parse_net(s: &str) -> Result<IpNet, Refusal> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| bad(format!("{s:?} is not an address or a CIDR block")))
+}
+
+/// `GET /connections`: the filters from the query, newest first, at most `limit`.
+fn list(registry: &Registry, query: Option<&str>) -> Result<serde_json::Value, Refusal> {
+    let mut filter = Filter::default();
+    let mut limit = DEFAULT_LIMIT;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value)
+            .ok_or_else(|| bad(format!("the query parameter {key:?} is not valid UTF-8")))?;
+        match key {
+            "route" => filter.route = Some(value),
+            "sub" => filter.sub = Some(value),
+            "ip" => filter.ip = Some(parse_net(&value)?),
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .map_err(|_| bad("limit must be a whole number"))?
+                    .min(MAX_LIMIT);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter {other:?} (route, sub, ip and limit are known)"
+                )))
+            }
+        }
+    }
+    let mut found = registry.matching(&filter);
+    let total = found.len();
+    found.sort_unstable_by_key(|e| std::cmp::Reverse(e.id));
+    let connections: Vec<serde_json::Value> =
+        found.iter().take(limit).map(|e| e.listing()).collect();
+    Ok(serde_json::json!({ "total": total, "connections": connections }))
+}
+
+fn list_revocations(revocations: &Revocations) -> serde_json::Value {
+    let listed: Vec<serde_json::Value> = revocations
+        .list()
+        .into_iter()
+        .map(|(which, expires_at_unix)| {
+            let (key, value) = which.parts();
+            let mut entry = serde_json::Map::new();
+            entry.insert(key.to_owned(), value.into());
+            entry.insert("expires_at_unix".to_owned(), expires_at_unix.into());
+            serde_json::Value::Object(entry)
+        })
+        .collect();
+    serde_json::json!({ "total": listed.len(), "revocations": listed })
+}
+
+/// A query value form-decoded (`%XX`, `+` as a space); `None` if not UTF-8 afterwards.
+fn percent_decode(s: &str) -> Option<String> {
+    let raw = s.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (hex(raw.get(i + 1)), hex(raw.get(i + 2))) {
+                (Some(h), Some(l)) => {
+                    out.push(u8::try_from(h * 16 + l).ok()?);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The operator's bearer token, read from its file and read again whenever the file's
+/// identity, size or modification time changes (checked on each request: one `stat`).
+pub struct AdminToken {
+    path: PathBuf,
+    current: Mutex<Option<Cached>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    stamp: Stamp,
+    token: Arc<[u8]>,
+}
+
+/// What tells a changed file: device, inode, size, modification time.
+#[derive(Clone, PartialEq, Eq)]
+struct Stamp(u64, u64, u64, Option<SystemTime>);
+
+/// Why the token file cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no token")]
+    Empty { path: PathBuf },
+}
+
+impl AdminToken {
+    /// Read the token file once now, so that a missing or empty file is a start-up error.
+    pub fn load(path: PathBuf) -> Result<AdminToken, TokenFileError> {
+        let cached = read_token(&path)?;
+        Ok(AdminToken {
+            path,
+            current: Mutex::new(Some(cached)),
+        })
+    }
+
+    /// The token in force: re-read if the file changed. A file that cannot be read or is
+    /// empty keeps the last good token (logged), as a bad policy edit keeps the last
+    /// good policy.
+    async fn current(&self) -> Option<Arc<[u8]>> {
+        let path = self.path.clone();
+        let stamp = tokio::task::spawn_blocking(move || stamp(&path)).await.ok();
+        let known = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let fresh = match (&known, stamp.and_then(Result::ok)) {
+            (Some(k), Some(s)) if k.stamp == s => return Some(k.token.clone()),
+            _ => {
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || read_token(&path)).await
+            }
+        };
+        match fresh {
+            Ok(Ok(cached)) => {
+                let token = cached.token.clone();
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(cached);
+                if known.is_some() {
+                    tracing::info!(path = %self.path.display(), "admin token file re-read");
+                }
+                Some(token)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "admin token file unusable; keeping the last good token");
+                known.map(|k| k.token)
+            }
+            Err(_) => known.map(|k| k.token),
+        }
+    }
+
+    /// Whether `authorization` is `Bearer <the token>`.
+    async fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(presented) = authorization
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().as_bytes().to_vec())
+        else {
+            return false;
+        };
+        let Some(expected) = self.current().await else {
+            return false;
+        };
+        // Digests first, so that not even the token's length shows in the time taken.
+        let digest = |bytes: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+        let (presented, expected) = (digest(&presented), digest(&expected));
+        aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_ref(), expected.as_ref())
+            .is_ok()
+    }
+}
+
+fn stamp(path: &std::path::Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(Stamp(m.dev(), m.ino(), m.len(), m.modified().ok()))
+}
+
+/// The file's contents without surrounding whitespace (a trailing newline is usual).
+fn read_token(path: &std::path::Path) -> Result<Cached, TokenFileError> {
+    let read = |source| TokenFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    // Stamped before reading: a write between the two is seen as a change next time.
+    let stamp = stamp(path).map_err(read)?;
+    let bytes = std::fs::read(path).map_err(read)?;
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(TokenFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Cached {
+        stamp,
+        token: Arc::from(token),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_form_decoded() {
+        assert_eq!(percent_decode("a%20b+c").as_deref(), Some("a b c"));
+        assert_eq!(
+            percent_decode("10.0.0.0%2F8").as_deref(),
+            Some("10.0.0.0/8")
+        );
+        assert_eq!(percent_decode("%zz%").as_deref(), Some("%zz%"));
+        assert_eq!(percent_decode("%ff"), None);
+    }
+
+    #[test]
+    fn networks() {
+        assert!(parse_net("10.0.0.0/8").is_ok());
+        assert!(parse_net("::1").is_ok());
+        assert!(parse_net("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_token_file_is_re_read_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let token = AdminToken::load(path.clone()).unwrap();
+        let bearer = |t: &str| HeaderValue::from_str(&format!("Bearer {t}")).unwrap();
+        assert!(token.allows(Some(&bearer("first"))).await);
+        assert!(!token.allows(Some(&bearer("firs"))).await);
+        assert!(!token.allows(None).await);
+        // Replaced the way a Secret or an editor does: a new file renamed over it.
+        let tmp = dir.path().join("token.tmp");
+        std::fs::write(&tmp, "second").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(token.allows(Some(&bearer("second"))).await);
+        assert!(!token.allows(Some(&bearer("first"))).await);
+        // Emptied: the last good token stays.
+        std::fs::write(&path, "").unwrap();
+        assert!(token.allows(Some(&bearer("second"))).await);
+        assert!(AdminToken::load(path).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The open connections of this gate, for the operator API: who holds a socket (route,
+//! client IP, `sub`, protocol, when it opened, what it has relayed), and a way to close
+//! some of them now.
+//!
+//! Nothing here is on the message path. A connection is registered once, when its upgrade
+//! is admitted, and removed once, when its relay ends (a sharded `Mutex<HashMap>`, touched
+//! only then and by the operator's requests). The relay publishes its message and byte
+//! counts into the entry's atomics once per read from a socket — plain relaxed stores of
+//! the counts it already keeps — and learns of a close request through the entry's
+//! [`CancellationToken`], one more wait in its `select!` loop, as it learns of a policy
+//! change or the shutdown.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+
+/// Shards of the registry's map: concurrent opens and closes rarely wait on each other.
+const SHARDS: usize = 16;
+
+/// Messages and bytes relayed in one direction, as last published by the relay.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl LiveCounts {
+    /// Publish the relay's running totals (relaxed: readers want a recent value, not an
+    /// ordering with anything else).
+    pub fn publish(&self, messages: u64, bytes: u64) {
+        self.messages.store(messages, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (u64, u64) {
+        (
+            self.messages.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What an open connection is, for the listing and for matching close requests.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub route: String,
+    pub client_ip: IpAddr,
+    /// The verified token's `sub`, if any.
+    pub sub: Option<String>,
+    /// The verified token's `jti`, if any (matched by revocations, never listed).
+    pub jti: Option<String>,
+    /// `http/1.1` or `h2`.
+    pub protocol: &'static str,
+}
+
+/// One open connection: what it is, its live counts, and its close request.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: u64,
+    pub opened: Opened,
+    pub opened_at_unix: u64,
+    /// Client → upstream ("in").
+    pub inbound: LiveCounts,
+    /// Upstream → client ("out").
+    pub outbound: LiveCounts,
+    revoke: CancellationToken,
+}
+
+impl Entry {
+    /// An entry in no registry (a relay nobody lists).
+    pub fn detached(opened: Opened) -> Arc<Entry> {
+        Arc::new(Entry {
+            id: 0,
+            opened,
+            opened_at_unix: unix_now(),
+            inbound: LiveCounts::default(),
+            outbound: LiveCounts::default(),
+            revoke: CancellationToken::new(),
+        })
+    }
+
+    /// Cancelled when the operator closes this connection.
+    pub fn revoked(&self) -> &CancellationToken {
+        &self.revoke
+    }
+
+    /// Ask the relay to close this connection; whether this request was the first.
+    fn revoke(&self) -> bool {
+        if self.revoke.is_cancelled() {
+            return false;
+        }
+        self.revoke.cancel();
+        true
+    }
+
+    pub fn listing(&self) -> serde_json::Value {
+        let (messages_in, bytes_in) = self.inbound.read();
+        let (messages_out, bytes_out) = self.outbound.read();
+        serde_json::json!({
+            "id": self.id,
+            "route": self.opened.route,
+            "client_ip": self.opened.client_ip.to_string(),
+            "sub": self.opened.sub,
+            "protocol": self.opened.protocol,
+            "opened_at_unix": self.opened_at_unix,
+            "messages_in": messages_in,
+            "bytes_in": bytes_in,
+            "messages_out": messages_out,
+            "bytes_out": bytes_out,
+        })
+    }
+}
+
+/// Which connections a listing or a close request is about. Every field set must match.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub id: Option<u64>,
+    pub route: Option<String>,
+    pub sub: Option<String>,
+    pub jti: Option<String>,
+    pub ip: Option<IpNet>,
+}
+
+impl Filter {
+    pub fn matches(&self, entry: &Entry) -> bool {
+        let o = &entry.opened;
+        self.id.is_none_or(|id| id == entry.id)
+            && self.route.as_ref().is_none_or(|r| *r == o.route)
+            && self.sub.as_ref().is_none_or(|s| o.sub.as_ref() == Some(s))
+            && self.jti.as_ref().is_none_or(|j| o.jti.as_ref() == Some(j))
+            && self.ip.is_none_or(|net| net.contains(&o.client_ip))
+    }
+}
+
+/// The open connections of one gate.
+#[derive(Debug)]
+pub struct Registry {
+    next_id: AtomicU64,
+    shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            next_id: AtomicU64::new(1),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl Registry {
+    fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+        // Ids are sequential: the id itself spreads them over the shards.
+        let shard = &self.shards[(id as usize) % SHARDS];
+        // A panic while holding a shard cannot leave the map half-changed (insert and
+        // remove are single calls): a poisoned shard is used as it is.
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register an open connection; it leaves the registry when the returned guard drops.
+    pub fn register(self: &Arc<Self>, opened: Opened) -> Registered {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            opened,
+            opened_at_unix: unix_now(),
+            inbound: LiveCounts::default(),
+            outbound: LiveCounts::default(),
+            revoke: CancellationToken::new(),
+        });
+        self.shard(id).insert(id, entry.clone());
+        Registered {
+            registry: self.clone(),
+            entry,
+        }
+    }
+
+    /// Every open connection matching `filter`.
+    pub fn matching(&self, filter: &Filter) -> Vec<Arc<Entry>> {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            found.extend(shard.values().filter(|e| filter.matches(e)).cloned());
+        }
+        found
+    }
+
+    /// Ask every open connection matching `filter` to close (1008 "revoked"); how many
+    /// were not already closing.
+    pub fn close(&self, filter: &Filter) -> usize {
+        self.matching(filter).iter().filter(|e| e.revoke()).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A connection's place in the registry, held for the connection's life.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    entry: Arc<Entry>,
+}
+
+impl Registered {
+    pub fn entry(&self) -> &Arc<Entry> {
+        &self.entry
+    }
+
+    /// Close this connection now (it was revoked before its relay started).
+    pub fn revoke(&self) {
+        self.entry.revoke();
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.shard(self.entry.id).remove(&self.entry.id);
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(sub: &str, ip: &str) -> Opened {
+        Opened {
+            route: "ws".into(),
+            client_ip: ip.parse().unwrap(),
+            sub: Some(sub.into()),
+            jti: None,
+            protocol: "http/1.1",
+        }
+    }
+
+    #[test]
+    fn register_match_close_and_leave() {
+        let registry = Arc::new(Registry::default());
+        let a = registry.register(opened("alice", "10.0.0.1"));
+        let b = registry.register(opened("bob", "10.0.1.1"));
+        assert_eq!(registry.len(), 2);
+        let alice = Filter {
+            sub: Some("alice".into()),
+            ..Filter::default()
+        };
+        assert_eq!(registry.matching(&alice).len(), 1);
+        let net = Filter {
+            ip: Some("10.0.0.0/24".parse().unwrap()),
+            ..Filter::default()
+        };
+        assert_eq!(registry.matching(&net)[0].id, a.entry().id);
+        assert_eq!(registry.close(&alice), 1);
+        assert_eq!(registry.close(&alice), 0, "already closing");
+        assert!(a.entry().revoked().is_cancelled());
+        assert!(!b.entry().revoked().is_cancelled());
+        drop(a);
+        assert_eq!(registry.len(), 1);
+        drop(b);
+        assert!(registry.is_empty());
+    }
+}

@@ -1,0 +1,245 @@
+//! Revoked token subjects (`sub`) and token ids (`jti`), each until its own expiry: a
+//! token matching one is refused at admission (`token_revoked`). Bounded at
+//! [`MAX_REVOCATIONS`]; expired entries are never enforced and are evicted by the gate's
+//! upkeep loop, by each new revocation that would not fit, and before each metrics scrape.
+//!
+//! Admission asks on every verified token: with none in force the answer is one atomic
+//! load; otherwise one lock and one or two hash lookups.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+
+/// At most this many revocations are in force at once.
+pub const MAX_REVOCATIONS: usize = 100_000;
+/// The longest a revocation can last: 30 days.
+pub const MAX_TTL_SECONDS: u64 = 2_592_000;
+
+/// What a revocation names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    Sub(String),
+    Jti(String),
+}
+
+impl Revoked {
+    /// The JSON key it is listed under (`sub` or `jti`) and its value.
+    pub fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Revoked::Sub(s) => ("sub", s),
+            Revoked::Jti(j) => ("jti", j),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    at: Instant,
+    unix: u64,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    subs: HashMap<String, Expiry>,
+    jtis: HashMap<String, Expiry>,
+}
+
+impl Maps {
+    fn len(&self) -> usize {
+        self.subs.len() + self.jtis.len()
+    }
+
+    fn map<'a>(&mut self, which: &'a Revoked) -> (&mut HashMap<String, Expiry>, &'a str) {
+        match which {
+            Revoked::Sub(s) => (&mut self.subs, s),
+            Revoked::Jti(j) => (&mut self.jtis, j),
+        }
+    }
+
+    fn evict(&mut self, now: Instant) {
+        self.subs.retain(|_, e| e.at > now);
+        self.jtis.retain(|_, e| e.at > now);
+    }
+}
+
+/// The revocation list was full.
+#[derive(Debug, thiserror::Error)]
+#[error("{MAX_REVOCATIONS} revocations are already in force")]
+pub struct Full;
+
+/// The revocations in force on this gate.
+#[derive(Debug)]
+pub struct Revocations {
+    maps: Mutex<Maps>,
+    /// How many entries the maps hold (expired ones included until evicted): zero lets
+    /// admission skip the lock.
+    held: AtomicUsize,
+    /// `wsgate_revocations_active`.
+    active: Gauge,
+}
+
+impl Revocations {
+    pub fn new(active: Gauge) -> Revocations {
+        Revocations {
+            maps: Mutex::new(Maps::default()),
+            held: AtomicUsize::new(0),
+            active,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        // Every change is one map call: a poisoned lock holds consistent maps.
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn counted(&self, maps: &Maps) {
+        self.held.store(maps.len(), Ordering::Release);
+        self.active.set(maps.len() as i64);
+    }
+
+    /// Revoke `which` for `ttl` from now (replacing the expiry of the same revocation if
+    /// it is already in force); returns the expiry as Unix seconds.
+    pub fn add(&self, which: Revoked, ttl: Duration) -> Result<u64, Full> {
+        let now = Instant::now();
+        let expiry = Expiry {
+            at: now + ttl,
+            // Rounded up: the revocation is in force at least until then.
+            unix: unix_now_secs_f64().add_ceil(ttl),
+        };
+        let mut maps = self.lock();
+        let present = {
+            let (map, key) = maps.map(&which);
+            map.contains_key(key)
+        };
+        if !present && maps.len() >= MAX_REVOCATIONS {
+            maps.evict(now);
+            if maps.len() >= MAX_REVOCATIONS {
+                self.counted(&maps);
+                return Err(Full);
+            }
+        }
+        let (map, _) = maps.map(&which);
+        let key = match which {
+            Revoked::Sub(s) | Revoked::Jti(s) => s,
+        };
+        map.insert(key, expiry);
+        self.counted(&maps);
+        Ok(expiry.unix)
+    }
+
+    /// Lift a revocation; whether one was in force.
+    pub fn lift(&self, which: &Revoked) -> bool {
+        let now = Instant::now();
+        let mut maps = self.lock();
+        let (map, key) = maps.map(which);
+        let lifted = map.remove(key).is_some_and(|e| e.at > now);
+        self.counted(&maps);
+        lifted
+    }
+
+    /// Whether a token with this `sub` and `jti` is revoked now.
+    pub fn revoked(&self, sub: Option<&str>, jti: Option<&str>) -> bool {
+        if self.held.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let maps = self.lock();
+        let live = |map: &HashMap<String, Expiry>, key: Option<&str>| {
+            key.and_then(|k| map.get(k)).is_some_and(|e| e.at > now)
+        };
+        live(&maps.subs, sub) || live(&maps.jtis, jti)
+    }
+
+    /// Drop expired revocations (and bring the gauge up to date).
+    pub fn evict(&self) {
+        if self.held.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut maps = self.lock();
+        maps.evict(Instant::now());
+        self.counted(&maps);
+    }
+
+    /// Those in force, soonest to expire first: (what, expiry as Unix seconds).
+    pub fn list(&self) -> Vec<(Revoked, u64)> {
+        let now = Instant::now();
+        let maps = self.lock();
+        let mut all: Vec<(Revoked, Instant, u64)> = maps
+            .subs
+            .iter()
+            .map(|(k, e)| (Revoked::Sub(k.clone()), e.at, e.unix))
+            .chain(
+                maps.jtis
+                    .iter()
+                    .map(|(k, e)| (Revoked::Jti(k.clone()), e.at, e.unix)),
+            )
+            .filter(|(_, at, _)| *at > now)
+            .collect();
+        drop(maps);
+        all.sort_by_key(|(_, at, _)| *at);
+        all.into_iter().map(|(r, _, unix)| (r, unix)).collect()
+    }
+}
+
+/// Now as fractional Unix seconds.
+struct UnixNow(f64);
+
+fn unix_now_secs_f64() -> UnixNow {
+    UnixNow(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    )
+}
+
+impl UnixNow {
+    fn add_ceil(self, ttl: Duration) -> u64 {
+        (self.0 + ttl.as_secs_f64()).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_check_lift_expire() {
+        let gauge = Gauge::default();
+        let r = Revocations::new(gauge.clone());
+        assert!(!r.revoked(Some("alice"), None));
+        r.add(Revoked::Sub("alice".into()), Duration::from_secs(60))
+            .unwrap();
+        r.add(Revoked::Jti("j1".into()), Duration::from_millis(1))
+            .unwrap();
+        assert_eq!(gauge.get(), 2);
+        assert!(r.revoked(Some("alice"), None));
+        assert!(!r.revoked(Some("bob"), Some("j2")));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!r.revoked(None, Some("j1")), "expired");
+        assert_eq!(r.list().len(), 1);
+        r.evict();
+        assert_eq!(gauge.get(), 1);
+        assert!(r.lift(&Revoked::Sub("alice".into())));
+        assert!(!r.lift(&Revoked::Sub("alice".into())));
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn bounded() {
+        let r = Revocations::new(Gauge::default());
+        for i in 0..MAX_REVOCATIONS {
+            r.add(Revoked::Jti(i.to_string()), Duration::from_secs(60))
+                .unwrap();
+        }
+        assert!(r
+            .add(Revoked::Sub("one more".into()), Duration::from_secs(60))
+            .is_err());
+        // Renewing one already in force still works.
+        assert!(r
+            .add(Revoked::Jti("7".into()), Duration::from_secs(120))
+            .is_ok());
+    }
+}
