@@ -581,3 +581,64 @@ async fn the_upstreams_101_headers_reach_the_h2_client() {
     }
     echoes(&mut ws, "ok").await;
 }
+
+/// The operator API treats a stream as a connection: listed with `protocol: "h2"`, and a
+/// revocation closes the revoked subject's stream with 1008 "revoked" (upstream 1001) while
+/// another subject's stream on the same HTTP/2 connection echoes on; the subject's next
+/// extended CONNECT is refused with 401 `token_revoked`.
+#[tokio::test]
+async fn a_revocation_closes_one_h2_stream_and_spares_its_neighbour() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, "", ROOMY)).await;
+    let alice = bearer(&hs256("alice"));
+    let bob = bearer(&hs256("bob"));
+    let mut h2 = gate.h2().await;
+    let (mut alice_ws, _) = h2
+        .websocket("/ws", &[("authorization", alice.as_str())])
+        .await
+        .unwrap();
+    let (mut bob_ws, _) = h2
+        .websocket("/ws", &[("authorization", bob.as_str())])
+        .await
+        .unwrap();
+    echoes(&mut alice_ws, "before").await;
+
+    let (status, listing) = operator(
+        gate.admin,
+        "GET",
+        "/connections?sub=alice",
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{listing}");
+    assert_eq!(listing["total"], 1, "{listing}");
+    assert_eq!(listing["connections"][0]["protocol"], "h2", "{listing}");
+    assert_eq!(listing["connections"][0]["messages_in"], 1, "{listing}");
+
+    let (status, answer) = operator(
+        gate.admin,
+        "POST",
+        "/revocations",
+        serde_json::json!({"sub": "alice", "ttl_seconds": 60}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["closed"], 1, "{answer}");
+    assert_eq!(close_of(&mut alice_ws).await, (1008, "revoked".to_owned()));
+    assert_eq!(
+        upstream.wait_ended(0).await,
+        Ended::Close(1001, String::new())
+    );
+    echoes(&mut bob_ws, "still here").await;
+    let headers = h2
+        .refused(
+            "/ws",
+            &[("authorization", alice.as_str())],
+            401,
+            "token_revoked",
+        )
+        .await;
+    assert_eq!(headers["www-authenticate"], INVALID_TOKEN_CHALLENGE);
+    echoes(&mut bob_ws, "and still").await;
+    assert!(h2.ended_within(Duration::from_millis(50)).await.is_none());
+}
