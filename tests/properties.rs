@@ -289,7 +289,8 @@ fn policy_bytes() -> impl Strategy<Value = PolicyBytes> {
 }
 
 /// `routes[1].auth.keys[0].jwks_file`: known top-level key, then `name` or `name[i]`
-/// segments; the claim names under `require_claims.` / `forward_claims.` are the file's own.
+/// segments; the claim names under `require_claims.`, `deny_claims.` and `forward_claims.`
+/// are the file's own.
 fn is_field_path(path: &str) -> bool {
     const TOP: &[&str] = &[
         "version",
@@ -298,8 +299,9 @@ fn is_field_path(path: &str) -> bool {
         "max_connections",
         "defaults",
         "routes",
+        "http2",
     ];
-    let path = ["require_claims.", "forward_claims."]
+    let path = ["require_claims.", "deny_claims.", "forward_claims."]
         .iter()
         .find_map(|map| path.find(map).map(|i| &path[..i + map.len() - 1]))
         .unwrap_or(path);
