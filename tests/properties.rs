@@ -1093,6 +1093,7 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
             enabled: true,
             max_concurrent_streams: 100,
         },
+        cluster: None,
     }
 }
 

@@ -60,6 +60,7 @@ pub fn validate(
         v.err("max_connections", "must be at least 1");
     }
     let http2 = v.http2(file.http2.as_ref());
+    let cluster = file.cluster.as_ref().and_then(|c| v.cluster(c));
 
     let defaults = file
         .defaults
@@ -118,6 +119,7 @@ pub fn validate(
         files: v.files,
         handshake_timeout,
         http2,
+        cluster,
     };
     Ok((policy, v.warnings))
 }
@@ -935,6 +937,81 @@ impl Validator<'_> {
             Some((n, _)) => *n,
             None => default,
         }
+    }
+
+    /// `cluster`: the URL is read from the named environment variable now. Unset, it is a
+    /// warning, not an error (`wsgate check` runs where the secret is not): the gate then
+    /// runs as with the store unreachable, and `on_failure` applies.
+    fn cluster(&mut self, file: &file::ClusterFile) -> Option<crate::policy::Cluster> {
+        let env = file.redis_url_env.as_str();
+        let valid_name = env
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            self.err(
+                "cluster.redis_url_env",
+                format!("{env:?} is not an environment variable name (letters, digits, _)"),
+            );
+            return None;
+        }
+        let url = match std::env::var(env) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                self.warn(
+                    "cluster.redis_url_env",
+                    format!(
+                        "{env} is not set: the cluster store is unreachable for this gate and \
+                         cluster.on_failure applies"
+                    ),
+                );
+                None
+            }
+        };
+        if let Some(url) = &url {
+            let shown = redact_userinfo(url);
+            if !url.starts_with("redis://") {
+                let why = if url.starts_with("rediss://") {
+                    "rediss:// (TLS to the store) is not supported yet"
+                } else {
+                    "must be a redis:// URL"
+                };
+                self.err("cluster.redis_url_env", format!("{env} = {shown}: {why}"));
+            } else if let Err(e) = redis::Client::open(url.as_str()) {
+                // The parser's message never repeats the URL.
+                self.err(
+                    "cluster.redis_url_env",
+                    format!("{env} = {shown} is not a valid Redis URL ({:?})", e.kind()),
+                );
+            }
+        }
+        let key_prefix = file
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER_KEY_PREFIX.to_owned());
+        if key_prefix.is_empty() || key_prefix.len() > 64 {
+            self.err("cluster.key_prefix", "must be 1 to 64 characters");
+        }
+        let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_CLUSTER_TIMEOUT_MS);
+        if !(1..=10_000).contains(&timeout_ms) {
+            self.err("cluster.timeout_ms", "must be from 1 to 10000");
+        }
+        let lease_seconds = file.lease_seconds.unwrap_or(DEFAULT_CLUSTER_LEASE_SECONDS);
+        if !(3..=3600).contains(&lease_seconds) {
+            self.err(
+                "cluster.lease_seconds",
+                "must be from 3 to 3600 (slots are renewed every third of it)",
+            );
+        }
+        Some(crate::policy::Cluster {
+            redis_url_env: env.to_owned(),
+            url: url.map(crate::policy::RedisUrl),
+            key_prefix,
+            on_failure: file.on_failure.unwrap_or(crate::policy::OnFailure::Open),
+            timeout: Duration::from_millis(timeout_ms),
+            lease: Duration::from_secs(lease_seconds),
+        })
     }
 
     fn http2(&mut self, file: Option<&file::Http2>) -> crate::policy::Http2 {
