@@ -416,6 +416,9 @@ pub async fn admit<'a>(
                     None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
                 };
                 v.check(Step::IpCap, ip_cap)?;
+                if let Some(cluster) = cluster {
+                    shared_ip = cluster.unregistered_ip(&route.name, &key.to_string());
+                }
             }
         }
     }
@@ -490,6 +493,9 @@ pub async fn admit<'a>(
                 None => {
                     let slot = state.caps.try_subject(&route.name, sub, max);
                     let ok = slot.is_some();
+                    if let Some(cluster) = cluster.filter(|_| ok) {
+                        shared_subject = cluster.unregistered_subject(&route.name, sub);
+                    }
                     (slot, ok)
                 }
             };

@@ -17,7 +17,7 @@
 //!   (logged once), renews the leases and reloads the revocations.
 
 mod fanout;
-mod scripts;
+pub mod scripts;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -449,6 +449,25 @@ impl Cluster {
             .await
             .map_err(|_| Unavailable(store.config.on_failure))?;
         Ok((leased == 1).then(|| self.leases.hold(id, key, member)))
+    }
+
+    /// A lease for a connection admitted on this process's own limits while the store was
+    /// down: held here only, so that the first renewal once the store is back registers
+    /// it and the shared caps count it. `None` without a store.
+    pub fn unregistered_ip(&self, route: &str, client: &str) -> Option<Lease> {
+        let store = self.store.load_full()?;
+        let (id, member) = self.leases.member();
+        Some(self.leases.hold(id, store.keys().ip(route, client), member))
+    }
+
+    /// As [`Cluster::unregistered_ip`], for the per-subject cap.
+    pub fn unregistered_subject(&self, route: &str, subject: &str) -> Option<Lease> {
+        let store = self.store.load_full()?;
+        let (id, member) = self.leases.member();
+        Some(
+            self.leases
+                .hold(id, store.keys().subject(route, subject), member),
+        )
     }
 
     /// Renew every lease this gate holds, in one pipeline (chunks of [`REFRESH_CHUNK`]

@@ -1,4 +1,5 @@
-//! The Lua scripts the cluster store runs: each decision is one atomic script call, with
+//! The Lua scripts the cluster store runs (public for the tests, which drive them
+//! directly in the address-flood measurement): each decision is one atomic script call, with
 //! Redis's own clock (`TIME`), so the gates' clocks never have to agree. Every key a
 //! script writes gets a TTL, so an address flood leaves nothing behind once it stops.
 
