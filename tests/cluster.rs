@@ -128,6 +128,7 @@ struct Gate {
     child: Child,
     addr: SocketAddr,
     admin: SocketAddr,
+    policy_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -212,6 +213,7 @@ impl Gate {
         Gate {
             addr: field(" addr="),
             admin: field(" admin="),
+            policy_path: policy.to_path_buf(),
             child,
             _dir: dir,
         }
@@ -261,6 +263,13 @@ impl Gate {
             assert!(Instant::now() < deadline, "wsgate_cluster_up never {want}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Replace the policy file (write + rename); the gate reloads it.
+    fn write_policy(&self, policy: &str) {
+        let tmp = self.policy_path.with_extension("tmp");
+        std::fs::write(&tmp, policy).unwrap();
+        std::fs::rename(&tmp, &self.policy_path).unwrap();
     }
 
     fn kill(&mut self) {
@@ -451,7 +460,8 @@ async fn store_down_open_falls_back_closed_refuses_and_both_recover() {
 async fn a_store_that_never_answers_is_bounded() {
     let upstream = Upstream::start().await;
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    // With a password: /policy must never show it.
+    let url = format!("redis://:hunter2@{}/", silent.local_addr().unwrap());
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = silent.accept().await {
@@ -481,6 +491,17 @@ async fn a_store_that_never_answers_is_bounded() {
     assert_eq!(open.metric("wsgate_cluster_up").await, 0.0);
     assert_eq!(admin_get(open.admin, "/readyz").await, 200);
     assert_eq!(admin_get(closed.admin, "/readyz").await, 200);
+    let (status, shown) = admin_fetch(open.admin, "/policy").await;
+    assert_eq!(status, 200);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["cluster"]["redis_url_env"], "WSGATE_REDIS_URL");
+    assert_eq!(
+        shown["cluster"]["redis_url"].as_str().unwrap(),
+        url.replace(":hunter2", "***")
+    );
+    assert_eq!(shown["cluster"]["on_failure"], "open");
+    assert_eq!(shown["cluster"]["timeout_ms"], TIMEOUT_MS);
     holder.abort();
 }
 
@@ -616,4 +637,47 @@ async fn an_address_flood_leaves_redis_memory_bounded() {
         end < before + 1024 * 1024,
         "{end} B after, {before} B before"
     );
+}
+
+/// `cluster` is hot-reloadable: a gate that starts without it shares the limits once a
+/// reload adds it, and goes back to its own when a reload removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_can_be_added_and_removed_by_a_reload() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let shared = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let alone = shared.split("cluster:").next().unwrap().to_owned()
+        + &shared[shared.find("defaults:").unwrap()..];
+    let a = Gate::start(&shared, &redis.url());
+    let b = Gate::start(&alone, &redis.url());
+    a.wait_up(true).await;
+    let _one = a.open("zed", "10.6.0.1").await;
+    let _two = a.open("zed", "10.6.0.1").await;
+    // b counts only its own.
+    let _three = b.open("zed", "10.6.0.2").await;
+    b.write_policy(&shared);
+    b.wait_up(true).await;
+    // Now b's own connection is not registered (admitted before), but a's two are.
+    let (status, _, body) = refusal(b.connect("zed", "10.6.0.2").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    b.write_policy(&alone);
+    b.wait_up(false).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, shown) = admin_fetch(b.admin, "/policy").await;
+        if shown.contains("\"cluster\":null") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload without cluster never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _four = b.open("zed", "10.6.0.2").await;
 }

@@ -1162,6 +1162,47 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
     }
 
+    /// `cluster`: defaults, range errors, the variable's name. (A variable that is set is
+    /// exercised by tests/cluster.rs, with no process-wide environment change here.)
+    #[test]
+    fn cluster_fields() {
+        let check = |cluster: &str| {
+            let yaml = format!(
+                "version: 1\ndefaults: {{auth: {{required: false}}}}\nroutes: [{{path: /ws}}]\ncluster: {cluster}\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            validate(&file, Path::new("."))
+        };
+        let (policy, warnings) = check("{redis_url_env: WSGATE_TEST_UNSET_REDIS_URL}").unwrap();
+        let cluster = policy.cluster.unwrap();
+        assert_eq!(cluster.key_prefix, "wsgate:");
+        assert_eq!(cluster.on_failure, crate::policy::OnFailure::Open);
+        assert_eq!(cluster.timeout, Duration::from_millis(50));
+        assert_eq!(cluster.lease, Duration::from_secs(30));
+        assert!(cluster.url.is_none());
+        assert_eq!(warnings.len(), 1, "an unset variable is a warning");
+        assert!(check("null").unwrap().0.cluster.is_none());
+        let errors =
+            check("{redis_url_env: 'not a name', lease_seconds: 1, timeout_ms: 0, key_prefix: ''}")
+                .unwrap_err();
+        assert_eq!(errors.len(), 1, "a bad name stops there: {errors:?}");
+        let errors = check("{redis_url_env: X, lease_seconds: 2, timeout_ms: 0, key_prefix: ''}")
+            .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "cluster.key_prefix",
+                "cluster.timeout_ms",
+                "cluster.lease_seconds"
+            ]
+        );
+        assert!(serde_yaml::from_str::<PolicyFile>(
+            "version: 1\ncluster: {redis_url_env: X, on_failure: maybe}\n"
+        )
+        .is_err());
+    }
+
     fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
         let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
         let (policy, _) = validate(&file, Path::new("."))?;
