@@ -298,6 +298,8 @@ fn is_field_path(path: &str) -> bool {
         "max_connections",
         "defaults",
         "routes",
+        "http2",
+        "cluster",
     ];
     let path = ["require_claims.", "forward_claims."]
         .iter()

@@ -152,9 +152,6 @@ impl Cluster {
             let _ = e;
             StoreError::Timeout(within)
         };
-        let back = self.health.back.notified();
-        tokio::pin!(back);
-        back.as_mut().enable();
         let mut pubsub = tokio::time::timeout(within, client.get_async_pubsub())
             .await
             .map_err(bounded)??;
@@ -163,6 +160,12 @@ impl Cluster {
             .map_err(bounded)??;
         // After subscribing: a revocation published meanwhile is both loaded and received.
         self.load(store).await?;
+        // From here on (the load's own success may have been the store's way back up): the
+        // next time the store comes back after being down, this subscription, which may
+        // have died silently with it, is replaced.
+        let back = self.health.back.notified();
+        tokio::pin!(back);
+        back.as_mut().enable();
         let mut messages = pubsub.on_message();
         loop {
             tokio::select! {

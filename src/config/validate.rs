@@ -969,21 +969,19 @@ impl Validator<'_> {
                 None
             }
         };
+        // The variable's value is never repeated (a wrong name could point at a secret).
         if let Some(url) = &url {
-            let shown = redact_userinfo(url);
-            if !url.starts_with("redis://") {
-                let why = if url.starts_with("rediss://") {
-                    "rediss:// (TLS to the store) is not supported yet"
-                } else {
-                    "must be a redis:// URL"
-                };
-                self.err("cluster.redis_url_env", format!("{env} = {shown}: {why}"));
-            } else if let Err(e) = redis::Client::open(url.as_str()) {
-                // The parser's message never repeats the URL.
-                self.err(
-                    "cluster.redis_url_env",
-                    format!("{env} = {shown} is not a valid Redis URL ({:?})", e.kind()),
-                );
+            let why = if url.starts_with("rediss://") {
+                Some("holds a rediss:// URL: TLS to the store is not supported yet")
+            } else if !url.starts_with("redis://") {
+                Some("does not hold a redis:// URL")
+            } else if redis::Client::open(url.as_str()).is_err() {
+                Some("does not hold a valid redis:// URL")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.err("cluster.redis_url_env", format!("{env} {why}"));
             }
         }
         let key_prefix = file
