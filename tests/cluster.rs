@@ -681,3 +681,59 @@ async fn cluster_can_be_added_and_removed_by_a_reload() {
     }
     let _four = b.open("zed", "10.6.0.2").await;
 }
+
+/// The renewal of 9,000 leases, as a gate holding 9,000 connections sends it every
+/// `lease_seconds / 3`: one pipeline of nine script calls. Reports what it costs Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_9000_leases_is_one_pipelined_batch() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let mut conn = redis.conn().await;
+    let script = &wsgate::cluster::scripts::REFRESH;
+    let renew = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut pipe = redis::pipe();
+        pipe.load_script(script).ignore();
+        for chunk in 0..9u32 {
+            let mut call = script.prepare_invoke();
+            call.arg(30_000u64);
+            for i in 0..1000u32 {
+                let n = chunk * 1000 + i;
+                call.key(format!("renew:sub:ws:user{n}"))
+                    .arg(format!("gate:{n}"));
+            }
+            pipe.invoke_script(&call).ignore();
+        }
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<()>(&mut conn).await }
+    };
+    renew(&mut conn).await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let rounds = 5;
+    for _ in 0..rounds {
+        renew(&mut conn).await.unwrap();
+    }
+    let took = started.elapsed() / rounds;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let evalsha = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .unwrap_or("cmdstat_evalsha: none")
+        .to_owned();
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    eprintln!(
+        "renewing 9,000 leases: {took:?} per batch (one pipeline: SCRIPT LOAD + 9 EVALSHA); \
+         {keys} lease keys; {evalsha}"
+    );
+    assert_eq!(keys, 9000);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
