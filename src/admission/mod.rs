@@ -286,6 +286,7 @@ impl Verdicts<'_> {
     /// (let through to the local limits in report mode, like any other refusal).
     fn shared<T>(
         &self,
+        step: Step,
         answer: Result<T, Unavailable>,
         limits: &mut Limits,
     ) -> Result<Option<T>, Rejection> {
@@ -297,7 +298,7 @@ impl Verdicts<'_> {
                     let refusal = Rejection::LimitsUnavailable {
                         retry_after: LIMITS_RETRY_AFTER,
                     };
-                    self.fail(Step::UpgradeRate, refusal)?;
+                    self.fail(step, refusal)?;
                 }
                 self.state.metrics.cluster_fallbacks.inc();
                 Ok(None)
@@ -382,7 +383,7 @@ pub async fn admit<'a>(
                 let answer = cluster
                     .upgrade(&route.name, &key.to_string(), limits, report)
                     .await;
-                v.shared(answer, &mut limits_used)?
+                v.shared(Step::UpgradeRate, answer, &mut limits_used)?
             }
             None => None,
         };
@@ -478,7 +479,7 @@ pub async fn admit<'a>(
             let shared = match cluster {
                 Some(cluster) => {
                     let answer = cluster.subject(&route.name, sub, max).await;
-                    v.shared(answer, &mut limits_used)?
+                    v.shared(Step::SubjectCap, answer, &mut limits_used)?
                 }
                 None => None,
             };

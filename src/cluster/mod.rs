@@ -43,6 +43,10 @@ const BACKGROUND_BOUND: Duration = Duration::from_secs(1);
 const RELEASE_QUEUE: usize = 65_536;
 /// Releases sent in one pipeline.
 const RELEASE_BATCH: usize = 1_000;
+/// How long the first release of a batch waits for others: under load, one round trip
+/// then carries many releases instead of one each; a slot is free again a few
+/// milliseconds later than its connection's end.
+const RELEASE_LINGER: Duration = Duration::from_millis(5);
 /// Leases renewed by one script call (a renewal is one pipeline of such calls).
 const REFRESH_CHUNK: usize = 1_000;
 
@@ -540,6 +544,7 @@ impl Cluster {
             tokio::select! {
                 () = stop.cancelled() => return,
                 Some(first) = releases.recv() => {
+                    tokio::time::sleep(RELEASE_LINGER).await;
                     let mut batch = vec![first];
                     while batch.len() < RELEASE_BATCH {
                         match releases.try_recv() {
