@@ -129,8 +129,12 @@ struct Gate {
     addr: SocketAddr,
     admin: SocketAddr,
     policy_path: PathBuf,
+    /// Its log lines (the last [`KEEP_LINES`]).
+    logs: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
     _dir: tempfile::TempDir,
 }
+
+const KEEP_LINES: usize = 10_000;
 
 fn policy(upstream: &str, prefix: &str, on_failure: &str, rate: &str) -> String {
     format!(
@@ -202,8 +206,18 @@ impl Gate {
                 break line;
             }
         };
-        // Drain the rest, so the gate never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        // Keep the rest (bounded), so the gate never blocks on a full pipe.
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = rx.recv() {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() == KEEP_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
         let field = |name: &str| -> SocketAddr {
             let rest = line.split(name).nth(1).unwrap();
             let rest = rest.trim_start_matches("Some(");
@@ -214,6 +228,7 @@ impl Gate {
             addr: field(" addr="),
             admin: field(" admin="),
             policy_path: policy.to_path_buf(),
+            logs,
             child,
             _dir: dir,
         }
@@ -263,6 +278,16 @@ impl Gate {
             assert!(Instant::now() < deadline, "wsgate_cluster_up never {want}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// How many of its log lines so far contain `text`.
+    fn logged(&self, text: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
     }
 
     /// Replace the policy file (write + rename); the gate reloads it.
@@ -442,11 +467,24 @@ async fn store_down_open_falls_back_closed_refuses_and_both_recover() {
         }
     );
     open.wait_up(false).await;
+    // Logged once for the change, not once per upgrade; each decision says it was local.
+    for _ in 0..5 {
+        let _more = open.open("frank", "10.3.0.9").await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open.logged("cluster store unreachable"), 1);
+    assert!(
+        open.logged("limits=\"local\"") >= 5,
+        "the upgrade line says limits=local"
+    );
 
     redis.resume().await;
     open.wait_up(true).await;
     closed.wait_up(true).await;
     let _back = closed.open("erin", "10.3.0.3").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open.logged("cluster store reachable again"), 1);
+    assert!(closed.logged("limits=\"shared\"") >= 1);
     // The open gate's connections were re-registered: dave's two count across gates again.
     let (status, _, body) = refusal(closed.connect("dave", "10.3.0.4").await);
     assert_eq!(
@@ -736,4 +774,46 @@ async fn renewing_9000_leases_is_one_pipelined_batch() {
     );
     assert_eq!(keys, 9000);
     assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+/// `wsgate check` on `cluster`: an unset variable is a warning (exit 0), a `rediss://` URL
+/// an error that does not repeat the URL.
+#[test]
+fn check_warns_about_an_unset_url_and_refuses_rediss() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults: {auth: {required: false}}\nroutes: [{path: /ws}]\n\
+         cluster: {redis_url_env: WSGATE_TEST_REDIS_URL}\n",
+    )
+    .unwrap();
+    let check = |url: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check")
+            .arg(&path)
+            .env_remove("WSGATE_TEST_REDIS_URL");
+        if let Some(url) = url {
+            cmd.env("WSGATE_TEST_REDIS_URL", url);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let (code, text) = check(None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("cluster.redis_url_env: warning: WSGATE_TEST_REDIS_URL is not set"),
+        "{text}"
+    );
+    let (code, text) = check(Some("rediss://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("not supported yet") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let (code, text) = check(Some("redis://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
 }
