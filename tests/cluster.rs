@@ -817,3 +817,58 @@ fn check_warns_about_an_unset_url_and_refuses_rediss() {
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// `wsgate explain` with `cluster` set never contacts the store (here one that would never
+/// answer) and says that the fleet's counts are not consulted.
+#[test]
+fn explain_does_not_contact_the_store() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        policy("ws://127.0.0.1:9", &prefix(), "closed", OPEN_RATE).replace(
+            "auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret}]}",
+            "auth: {required: false}",
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("explain")
+        .arg("--policy")
+        .arg(&path)
+        .arg("--url")
+        .arg("ws://gate.example/ws")
+        .env("WSGATE_REDIS_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("explain did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("explain does not contact the store"),
+        "{text}"
+    );
+    assert!(silent.accept().is_err(), "explain connected to the store");
+}
