@@ -11,16 +11,17 @@
 //!   re-registers them after the store lost them; a killed gate's leases expire.
 //! - Every call on the upgrade path is bounded by `timeout_ms`; the background ones
 //!   (renewal, release, revocations) by `timeout_ms` or one second, the longer.
-//! - Health: the first failure marks the store down (logged once, `wsgate_cluster_up` 0);
-//!   while it is down upgrades do not wait for it (`on_failure` decides at once) and the
-//!   upkeep task probes it every [`PROBE_EVERY`]; the first success marks it up again
-//!   (logged once), renews the leases and reloads the revocations.
+//! - Health: every failure sets `wsgate_cluster_up` to 0 and that call falls back;
+//!   [`DOWN_AFTER`] in a row mark the store down (logged once); while it is down upgrades
+//!   do not wait for it (`on_failure` decides at once) and the upkeep task probes it every
+//!   [`PROBE_EVERY`]; the first success marks it up again (logged once), renews the
+//!   leases and reloads the revocations.
 
 mod fanout;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -106,9 +107,16 @@ const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 
+/// Consecutive failures that mark the store down. One slow answer in a burst (an
+/// upgrade's call that missed `timeout_ms`) falls back alone; a store that is really gone
+/// fails three calls in a row within milliseconds.
+const DOWN_AFTER: u32 = 3;
+
 /// Whether the store answers, with the metrics that say so; each change is logged once.
 struct Health {
     state: AtomicU8,
+    /// Failures since the last success.
+    failures: AtomicU32,
     metrics: Arc<Metrics>,
     /// Woken on each down → up change (the subscriber reconnects and reloads).
     back: Notify,
@@ -116,6 +124,7 @@ struct Health {
 
 impl Health {
     fn ok(&self) {
+        self.failures.store(0, Ordering::Release);
         let before = self.state.swap(UP, Ordering::AcqRel);
         self.metrics.cluster_up.set(1);
         match before {
@@ -133,8 +142,12 @@ impl Health {
             .cluster_errors
             .get_or_create(&OpLabel { op })
             .inc();
-        let before = self.state.swap(DOWN, Ordering::AcqRel);
         self.metrics.cluster_up.set(0);
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures < DOWN_AFTER {
+            return;
+        }
+        let before = self.state.swap(DOWN, Ordering::AcqRel);
         if before != DOWN {
             let detail = match error {
                 StoreError::Redis(e) => e.to_string(),
@@ -154,6 +167,7 @@ impl Health {
 
     /// No store configured: neither up nor down.
     fn reset(&self) {
+        self.failures.store(0, Ordering::Release);
         self.state.store(UNKNOWN, Ordering::Release);
         self.metrics.cluster_up.set(0);
     }
@@ -279,6 +293,7 @@ impl Cluster {
             store: ArcSwapOption::empty(),
             health: Arc::new(Health {
                 state: AtomicU8::new(UNKNOWN),
+                failures: AtomicU32::new(0),
                 metrics,
                 back: Notify::new(),
             }),
