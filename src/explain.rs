@@ -6,7 +6,9 @@
 //! disagree; what explain cannot know is said so: it holds no open connection and no rate
 //! history (the caps and the upgrade rate pass as for a first request), and it does not
 //! contact the upstream or fetch a `jwks_url` (tokens for such a route get
-//! `keys_unavailable`, as from a gate that has not fetched its keys yet).
+//! `keys_unavailable`, as from a gate that has not fetched its keys yet). With `cluster`
+//! set it does not contact the store either: the rate and cap lines say that the fleet's
+//! shared counts are not consulted.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -249,6 +251,14 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// With `cluster`, the note that the fleet's shared counts are not consulted.
+    fn shared(&self) -> &'static str {
+        match self.policy.cluster {
+            Some(_) => "; with cluster set the gates count across the fleet, and explain does not contact the store",
+            None => "",
+        }
+    }
+
     /// The values that decided `step` (never a token).
     fn detail(&self, step: Step) -> String {
         let route = self.route;
@@ -275,22 +285,26 @@ impl Context<'_> {
                 self.policy.max_connections
             ),
             Step::UpgradeRate => format!(
-                "client key {key}: {}/s, burst {} (explain has no rate history)",
-                route.rate.upgrades_per_second, route.rate.burst
+                "client key {key}: {}/s, burst {} (explain has no rate history{})",
+                route.rate.upgrades_per_second,
+                route.rate.burst,
+                self.shared()
             ),
             Step::IpCap => format!(
-                "client key {key}: at most {} open (explain holds none)",
-                route.rate.max_connections_per_ip
+                "client key {key}: at most {} open (explain holds none{})",
+                route.rate.max_connections_per_ip,
+                self.shared()
             ),
             Step::Origin => self.origin(),
             Step::Token => self.token(),
             Step::Claims => self.claims(),
             Step::SubjectCap => format!(
-                "sub {}: at most {} open (explain holds none)",
+                "sub {}: at most {} open (explain holds none{})",
                 self.payload()
                     .and_then(|c| c.get("sub").cloned())
                     .unwrap_or(serde_json::Value::Null),
-                route.rate.max_connections_per_subject
+                route.rate.max_connections_per_subject,
+                self.shared()
             ),
         }
     }

@@ -152,10 +152,11 @@ pub async fn answer(
                 gate.metrics.upgrade(route_name, "accepted");
                 let since_accept = conn.accepted.elapsed().as_secs_f64();
                 gate.metrics.upgrade_duration.observe(since_accept);
+                let limits = answer.1.as_ref().map_or("process", |a| a.limits.as_str());
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
-                    protocol = conn.protocol.as_str(), "upgrade"
+                    protocol = conn.protocol.as_str(), limits, "upgrade"
                 );
             }
             answer
@@ -362,6 +363,7 @@ async fn switch(
     // The caps stay with the task until the close line; the rest of the ticket goes to
     // the relay.
     let slots = std::mem::take(&mut ticket.slots);
+    let limits = ticket.limits;
     let claim = |name| {
         ticket
             .standing
@@ -418,6 +420,7 @@ async fn switch(
             held,
             route,
             shutdown,
+            limits,
         },
     ))
 }
@@ -427,6 +430,8 @@ pub struct Admitted {
     held: Box<Held>,
     route: Arc<Route>,
     shutdown: tokio_util::sync::CancellationToken,
+    /// Whose limits admitted it (the upgrade line's `limits`).
+    limits: admission::Limits,
 }
 
 impl Admitted {
@@ -437,6 +442,7 @@ impl Admitted {
             held,
             route,
             shutdown,
+            ..
         } = self;
         let (_, ended) = relay::run(client, held.socket, route, shutdown, held.connection).await;
         // The connection's slots go as it is logged closed; its sockets linger a while

@@ -22,7 +22,8 @@
 //! Policy flows [`config`] (YAML → validated [`policy::Policy`]) → [`policy::PolicyHandle`]
 //! ← [`reload`]. The stop signal fans out from [`shutdown`]. [`admin`] serves health and
 //! readiness, and the [`operator`] API over the [`registry`] of open connections and the
-//! [`revocations`] that admission consults; [`mint`] and [`demo`] serve the CLI's `token`
+//! [`revocations`] that admission consults; [`cluster`] shares the per-IP and per-subject
+//! limits and the revocations with the other gates of a fleet through Redis; [`mint`] and [`demo`] serve the CLI's `token`
 //! and `demo` commands.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@
 mod admin;
 pub mod admission;
 mod body;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod explain;
@@ -116,11 +118,19 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         .transpose()
         .map_err(std::io::Error::other)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let admission = admission::State::new(options.jwks_roots, metrics.clone());
+    let mut admission = admission::State::new(options.jwks_roots, metrics.clone());
+    let registry: Arc<registry::Registry> = Arc::default();
+    let cluster = Arc::new(cluster::Cluster::new(
+        metrics.clone(),
+        admission.revocations.clone(),
+        registry.clone(),
+    ));
+    admission.cluster = Some(cluster.clone());
     let operator = operator::Operator {
         token,
-        registry: Arc::default(),
+        registry,
         revocations: admission.revocations.clone(),
+        cluster: cluster.clone(),
     };
     let gate = Arc::new(Gate {
         policy: PolicyHandle::new(loaded),
@@ -135,6 +145,11 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         .jwks
         .sync(&gate.policy.load().policy, &gate.shutdown.tasks);
     let tasks = &gate.shutdown.tasks;
+    cluster.sync(
+        gate.policy.load().policy.cluster.as_ref(),
+        tasks,
+        &tasks.exit(),
+    );
     tasks.spawn(maintain(Arc::downgrade(&gate)));
     tasks.spawn(listener::serve(options.listener, gate.clone()));
     if let Some(admin) = options.admin {
@@ -191,6 +206,10 @@ async fn maintain(gate: std::sync::Weak<Gate>) {
             gate.admission
                 .jwks
                 .sync(&loaded.policy, &gate.shutdown.tasks);
+            if let Some(cluster) = &gate.admission.cluster {
+                let tasks = &gate.shutdown.tasks;
+                cluster.sync(loaded.policy.cluster.as_ref(), tasks, &tasks.exit());
+            }
         }
         gate.admission.limiters.sweep(&loaded.policy.routes);
         gate.admission.revocations.evict();

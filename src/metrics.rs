@@ -46,6 +46,11 @@ pub struct ProtocolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -79,6 +84,12 @@ pub struct Metrics {
     pub tls_reloads: Family<ResultLabel, Counter>,
     /// Revocations in force (the operator API).
     pub revocations_active: Gauge,
+    /// 1 when the last cluster store operation succeeded.
+    pub cluster_up: Gauge,
+    /// Failed or timed-out cluster store operations by `op`.
+    pub cluster_errors: Family<OpLabel, Counter>,
+    /// Upgrades decided on this process's own limits because the store was unreachable.
+    pub cluster_fallbacks: Counter,
     /// `wsgate_client_connections_total{protocol}`'s two series, made once: HTTP/1.1, h2.
     client_connections: [Counter; 2],
 }
@@ -107,6 +118,9 @@ impl Metrics {
             connection_duration: Family::new_with_constructor(duration_histogram),
             tls_reloads: Family::default(),
             revocations_active: Gauge::default(),
+            cluster_up: Gauge::default(),
+            cluster_errors: Family::default(),
+            cluster_fallbacks: Counter::default(),
             client_connections: ["http/1.1", "h2"].map(|protocol| {
                 client_connections.get_or_create_owned(&ProtocolLabel { protocol })
             }),
@@ -177,6 +191,21 @@ impl Metrics {
             "wsgate_revocations_active",
             "Revocations (sub or jti) in force, set through the operator API",
             m.revocations_active.clone(),
+        );
+        registry.register(
+            "wsgate_cluster_up",
+            "1 when the last cluster store operation succeeded, else 0",
+            m.cluster_up.clone(),
+        );
+        registry.register(
+            "wsgate_cluster_errors",
+            "Cluster store operations that failed or timed out, by operation",
+            m.cluster_errors.clone(),
+        );
+        registry.register(
+            "wsgate_cluster_fallbacks",
+            "Upgrades decided on this process's own limits because the cluster store was unreachable",
+            m.cluster_fallbacks.clone(),
         );
         registry.register(
             "wsgate_client_connections",

@@ -21,6 +21,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::body::{full, Body};
+use crate::cluster::Cluster;
 use crate::registry::{Filter, Registry};
 use crate::revocations::{Revocations, Revoked, MAX_REVOCATIONS, MAX_TTL_SECONDS};
 
@@ -36,6 +37,8 @@ pub struct Operator {
     pub token: Option<AdminToken>,
     pub registry: Arc<Registry>,
     pub revocations: Arc<Revocations>,
+    /// Shares revocations with the fleet when the policy has `cluster`.
+    pub cluster: Arc<Cluster>,
 }
 
 /// Whether `path` is one of the operator endpoints.
@@ -173,7 +176,16 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
                 closed,
                 "operator: token revoked"
             );
-            Ok(serde_json::json!({ "closed": closed, "expires_at_unix": expires_at_unix }))
+            let mut answer =
+                serde_json::json!({ "closed": closed, "expires_at_unix": expires_at_unix });
+            if operator.cluster.configured() {
+                let shared = operator
+                    .cluster
+                    .share_revocation(&which, ttl, expires_at_unix)
+                    .await;
+                answer["shared"] = shared_field(shared);
+            }
+            Ok(answer)
         }
         ("/revocations", &Method::DELETE) => {
             let body: RevocationBody = read_json(req).await?;
@@ -185,10 +197,27 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
                 lifted,
                 "operator: revocation lifted"
             );
-            Ok(serde_json::json!({ "lifted": lifted }))
+            let mut answer = serde_json::json!({ "lifted": lifted });
+            if operator.cluster.configured() {
+                let shared = operator.cluster.share_lift(&which).await;
+                answer["shared"] = shared_field(shared);
+            }
+            Ok(answer)
         }
         ("/revocations", _) => Err(Refusal::MethodNotAllowed("GET, POST, DELETE")),
         _ => Err(bad("no such operator endpoint")),
+    }
+}
+
+/// The answer's `shared` field with `cluster` set: whether the other gates were told
+/// (`false`: this gate applied it, the store did not take it; it is logged and counted).
+fn shared_field(shared: Result<(), crate::cluster::StoreError>) -> serde_json::Value {
+    match shared {
+        Ok(()) => serde_json::Value::Bool(true),
+        Err(e) => {
+            tracing::warn!(error = %e, "operator: the cluster store did not take the change; other gates do not know it");
+            serde_json::Value::Bool(false)
+        }
     }
 }
 

@@ -49,6 +49,59 @@ pub enum HttpMode {
     Pass,
 }
 
+/// What an upgrade that needs the cluster store gets while the store is unreachable.
+#[derive(
+    Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Decided on this process's own limits (counted in `wsgate_cluster_fallbacks_total`).
+    Open,
+    /// Refused with 503 `limits_unavailable`.
+    Closed,
+}
+
+/// The cluster store (`cluster:`): limits shared across the gates of a fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    /// The environment variable the URL was read from.
+    pub redis_url_env: String,
+    /// The URL read from it (`None`: unset, the store is unreachable); shown with its
+    /// user information masked.
+    #[serde(rename = "redis_url")]
+    pub url: Option<RedisUrl>,
+    pub key_prefix: String,
+    pub on_failure: OnFailure,
+    #[serde(rename = "timeout_ms", serialize_with = "shown::millis")]
+    pub timeout: Duration,
+    #[serde(rename = "lease_seconds", serialize_with = "shown::whole_seconds")]
+    pub lease: Duration,
+}
+
+/// A store URL, which may carry a password: its `Debug` and serialized forms mask the
+/// user information; only [`RedisUrl::expose`] gives the URL itself (to the client).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub(crate) String);
+
+impl RedisUrl {
+    /// The URL as written, password included: for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_userinfo(&self.0))
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_userinfo(&self.0))
+    }
+}
+
 /// A whole validated policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -63,6 +116,8 @@ pub struct Policy {
     /// request head, which happen before a route is known.
     pub handshake_timeout: Duration,
     pub http2: Http2,
+    /// `None`: every limit is this process's own.
+    pub cluster: Option<Cluster>,
 }
 
 /// The listener's HTTP/2 (RFC 8441 WebSockets on extended CONNECT streams).
@@ -441,6 +496,10 @@ mod shown {
         s.serialize_f64(d.map_or(0.0, |d| d.as_secs_f64()))
     }
 
+    pub fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
     pub fn whole_seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_secs())
     }
@@ -538,6 +597,7 @@ impl Loaded {
             "trusted_proxies": self.policy.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             "max_connections": self.policy.max_connections,
             "http2": self.policy.http2,
+            "cluster": self.policy.cluster,
             "routes": self.policy.routes.iter().map(|r| &**r).collect::<Vec<&Route>>(),
             "file": self.document,
         })

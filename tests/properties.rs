@@ -300,6 +300,7 @@ fn is_field_path(path: &str) -> bool {
         "defaults",
         "routes",
         "http2",
+        "cluster",
     ];
     let path = ["require_claims.", "deny_claims.", "forward_claims."]
         .iter()
@@ -1095,6 +1096,7 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
             enabled: true,
             max_concurrent_streams: 100,
         },
+        cluster: None,
     }
 }
 

@@ -27,9 +27,13 @@ pub use ip::{canonical, client_ip, peer, Peer};
 pub use rejection::{Rejection, UpstreamRefusal};
 pub use token::Claims;
 
-use crate::policy::{Auth, Mode, Policy, Route, TokenSource};
+use crate::cluster::{Cluster, IpLimits, Lease, Unavailable};
+use crate::policy::{Auth, Mode, OnFailure, Policy, Route, TokenSource};
 use crate::revocations::Revocations;
 use rate::{CapSlot, Caps, Limiters, CAP_RETRY_AFTER};
+
+/// `Retry-After` of `limits_unavailable`: the store is probed every half second.
+const LIMITS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Admission state shared by every connection of a gate: counters, limiters, key sets.
 pub struct State {
@@ -41,6 +45,9 @@ pub struct State {
     pub verified: verified::Verified,
     /// Revoked `sub`s and `jti`s (the operator API), refused after the token verifies.
     pub revocations: Arc<Revocations>,
+    /// The cluster store, when this is a running gate (`wsgate explain` has none: it never
+    /// contacts a store, and applies this process's own limits).
+    pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -57,6 +64,7 @@ impl State {
             jwks: jwks::JwksCache::new(jwks_roots),
             verified: verified::Verified::default(),
             revocations: Arc::new(Revocations::new(metrics.revocations_active.clone())),
+            cluster: None,
             metrics,
         }
     }
@@ -123,6 +131,30 @@ pub struct Slots {
     _global: Option<ConnectionGuard>,
     _ip: Option<CapSlot>,
     _subject: Option<CapSlot>,
+    _shared_ip: Option<Lease>,
+    _shared_subject: Option<Lease>,
+}
+
+/// Whose limits decided an upgrade's rate and caps (the upgrade log line's `limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Limits {
+    /// No `cluster`: this process's own.
+    #[default]
+    Process,
+    /// The cluster store's, shared by the fleet.
+    Shared,
+    /// This process's own because the store was unreachable (`on_failure: open`).
+    Local,
+}
+
+impl Limits {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limits::Process => "process",
+            Limits::Shared => "shared",
+            Limits::Local => "local",
+        }
+    }
 }
 
 /// Admission's decision for a request it let through: everything the connection needs
@@ -144,6 +176,8 @@ pub struct Ticket {
     pub expires_at: Option<tokio::time::Instant>,
     /// `mode: report` when it was admitted.
     pub report: bool,
+    /// Whose limits decided it.
+    pub limits: Limits,
 }
 
 impl Ticket {
@@ -247,6 +281,31 @@ impl Verdicts<'_> {
         Err(rejection)
     }
 
+    /// The store's answer: `Some` to apply, `None` to fall back to this process's own
+    /// limits (`on_failure: open`, counted), or the refusal of `on_failure: closed`
+    /// (let through to the local limits in report mode, like any other refusal).
+    fn shared<T>(
+        &self,
+        step: Step,
+        answer: Result<T, Unavailable>,
+        limits: &mut Limits,
+    ) -> Result<Option<T>, Rejection> {
+        match answer {
+            Ok(value) => Ok(Some(value)),
+            Err(Unavailable(on_failure)) => {
+                *limits = Limits::Local;
+                if on_failure == OnFailure::Closed {
+                    let refusal = Rejection::LimitsUnavailable {
+                        retry_after: LIMITS_RETRY_AFTER,
+                    };
+                    self.fail(step, refusal)?;
+                }
+                self.state.metrics.cluster_fallbacks.inc();
+                Ok(None)
+            }
+        }
+    }
+
     fn fail(&self, step: Step, rejection: Rejection) -> Result<(), Rejection> {
         if let Some(trace) = self.trace {
             let outcome = if self.report {
@@ -295,6 +354,18 @@ pub async fn admit<'a>(
     v.check(Step::Ip, ip_rule(route, client_ip))?;
     let mut global = None;
     let mut ip_slot = None;
+    let mut shared_ip = None;
+    let mut shared_subject = None;
+    // The store is asked only by a running gate whose policy has `cluster`.
+    let cluster = state
+        .cluster
+        .as_ref()
+        .filter(|_| policy.cluster.is_some() && upgrade);
+    let mut limits_used = if cluster.is_some() {
+        Limits::Shared
+    } else {
+        Limits::Process
+    };
     if upgrade {
         global = state.connections.try_acquire(policy.max_connections);
         if global.is_none() {
@@ -302,19 +373,55 @@ pub async fn admit<'a>(
         }
         v.pass(Step::GlobalCap);
         let key = ip::client_key(client_ip, route.rate.ipv6_prefix);
-        let rate = state
-            .limiters
-            .check(route, key)
-            .map_err(|retry_after| Rejection::RateLimited { retry_after });
-        v.check(Step::UpgradeRate, rate)?;
-        ip_slot = state
-            .caps
-            .try_ip(&route.name, key, route.rate.max_connections_per_ip);
-        let ip_cap = match ip_slot {
-            Some(_) => Ok(()),
-            None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
+        let shared = match cluster {
+            Some(cluster) => {
+                let limits = IpLimits {
+                    upgrades_per_second: route.rate.upgrades_per_second,
+                    burst: route.rate.burst,
+                    max_connections: route.rate.max_connections_per_ip,
+                };
+                let answer = cluster
+                    .upgrade(&route.name, &key.to_string(), limits, report)
+                    .await;
+                v.shared(Step::UpgradeRate, answer, &mut limits_used)?
+            }
+            None => None,
         };
-        v.check(Step::IpCap, ip_cap)?;
+        match shared {
+            Some(verdict) => {
+                let rate = verdict
+                    .rate
+                    .map_err(|retry_after| Rejection::RateLimited { retry_after });
+                v.check(Step::UpgradeRate, rate)?;
+                let ip_cap = match verdict.lease {
+                    Some(_) => Ok(()),
+                    None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
+                };
+                v.check(Step::IpCap, ip_cap)?;
+                shared_ip = verdict.lease;
+                // Counted here too, never refused here: if the store goes down, this
+                // process's own cap knows its open connections.
+                ip_slot = state.caps.try_ip(&route.name, key, u32::MAX);
+            }
+            None => {
+                let rate = state
+                    .limiters
+                    .check(route, key)
+                    .map_err(|retry_after| Rejection::RateLimited { retry_after });
+                v.check(Step::UpgradeRate, rate)?;
+                ip_slot = state
+                    .caps
+                    .try_ip(&route.name, key, route.rate.max_connections_per_ip);
+                let ip_cap = match ip_slot {
+                    Some(_) => Ok(()),
+                    None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
+                };
+                v.check(Step::IpCap, ip_cap)?;
+                if let Some(cluster) = cluster {
+                    shared_ip = cluster.unregistered_ip(&route.name, &key.to_string());
+                }
+            }
+        }
     }
     let origin = attempt
         .headers
@@ -368,13 +475,34 @@ pub async fn admit<'a>(
         .and_then(|s| s.as_str());
     let subject_slot = match subject.filter(|_| upgrade) {
         Some(sub) => {
-            let slot =
-                state
-                    .caps
-                    .try_subject(&route.name, sub, route.rate.max_connections_per_subject);
-            let cap = match slot {
-                Some(_) => Ok(()),
-                None => Err(Rejection::TooManyConnections("subject", CAP_RETRY_AFTER)),
+            let max = route.rate.max_connections_per_subject;
+            let shared = match cluster {
+                Some(cluster) => {
+                    let answer = cluster.subject(&route.name, sub, max).await;
+                    v.shared(Step::SubjectCap, answer, &mut limits_used)?
+                }
+                None => None,
+            };
+            let (slot, cap) = match shared {
+                Some(lease) => {
+                    let full = lease.is_none();
+                    shared_subject = lease;
+                    // Counted, never refused here (as for the per-IP cap above).
+                    let slot = state.caps.try_subject(&route.name, sub, u32::MAX);
+                    (slot, !full)
+                }
+                None => {
+                    let slot = state.caps.try_subject(&route.name, sub, max);
+                    let ok = slot.is_some();
+                    if let Some(cluster) = cluster.filter(|_| ok) {
+                        shared_subject = cluster.unregistered_subject(&route.name, sub);
+                    }
+                    (slot, ok)
+                }
+            };
+            let cap = match cap {
+                true => Ok(()),
+                false => Err(Rejection::TooManyConnections("subject", CAP_RETRY_AFTER)),
             };
             v.check(Step::SubjectCap, cap)?;
             slot
@@ -396,6 +524,8 @@ pub async fn admit<'a>(
             _global: global,
             _ip: ip_slot,
             _subject: subject_slot,
+            _shared_ip: shared_ip,
+            _shared_subject: shared_subject,
         },
         verified_source: claims
             .as_ref()
@@ -414,6 +544,7 @@ pub async fn admit<'a>(
         },
         expires_at,
         report,
+        limits: limits_used,
     })
 }
 

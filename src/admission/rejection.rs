@@ -50,6 +50,9 @@ pub enum Rejection {
     KeysUnavailable { retry_after: Duration },
     #[error("the token's claims do not allow this route")]
     ClaimsDenied,
+    /// `cluster.on_failure: closed` and the cluster store unreachable.
+    #[error("the shared limits cannot be checked right now; retry later")]
+    LimitsUnavailable { retry_after: Duration },
     #[error("the upstream could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -82,9 +85,10 @@ impl Rejection {
             Rejection::RateLimited { .. } | Rejection::TooManyConnections(..) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Rejection::ServerFull | Rejection::Draining | Rejection::KeysUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Rejection::ServerFull
+            | Rejection::Draining
+            | Rejection::KeysUnavailable { .. }
+            | Rejection::LimitsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::MissingToken
             | Rejection::InvalidToken
             | Rejection::TokenExpired
@@ -115,6 +119,7 @@ impl Rejection {
             Rejection::TokenRevoked => "token_revoked",
             Rejection::KeysUnavailable { .. } => "keys_unavailable",
             Rejection::ClaimsDenied => "claims_denied",
+            Rejection::LimitsUnavailable { .. } => "limits_unavailable",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::UpstreamStatus(_) => "upstream_status",
@@ -136,7 +141,8 @@ impl Rejection {
             }
             Rejection::RateLimited { retry_after }
             | Rejection::TooManyConnections(_, retry_after)
-            | Rejection::KeysUnavailable { retry_after } => {
+            | Rejection::KeysUnavailable { retry_after }
+            | Rejection::LimitsUnavailable { retry_after } => {
                 headers.insert(RETRY_AFTER, retry(retry_after));
             }
             Rejection::MissingToken => {
@@ -221,14 +227,20 @@ mod tests {
                 "keys_unavailable",
             ),
             (Rejection::ClaimsDenied, 403, "claims_denied"),
+            (
+                Rejection::LimitsUnavailable { retry_after: d },
+                503,
+                "limits_unavailable",
+            ),
             (Rejection::UpstreamUnavailable, 502, "upstream_unavailable"),
             (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (rejection, status, reason) in rows {
             let extra = match reason {
-                "rate_limited" | "too_many_connections" | "keys_unavailable" => {
-                    Some(("retry-after", "3"))
-                }
+                "rate_limited"
+                | "too_many_connections"
+                | "keys_unavailable"
+                | "limits_unavailable" => Some(("retry-after", "3")),
                 "missing_token" => Some(("www-authenticate", "Bearer")),
                 "invalid_token" | "token_expired" | "token_revoked" => {
                     Some(("www-authenticate", "Bearer error=\"invalid_token\""))

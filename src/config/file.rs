@@ -43,6 +43,34 @@ pub struct PolicyFile {
     pub routes: Option<Vec<RouteFile>>,
     /// The listener's HTTP/2 (WebSockets over extended CONNECT, RFC 8441).
     pub http2: Option<Http2>,
+    /// Limits shared across replicas through a Redis store: the per-IP upgrade rate and
+    /// the per-IP and per-subject connection caps count across every gate with the same
+    /// store and `key_prefix`, and revocations reach every gate. Absent or null: every
+    /// limit is this process's own.
+    pub cluster: Option<ClusterFile>,
+}
+
+/// `cluster`: the store shared by the gates of one fleet (top level).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// The environment variable holding the store's `redis://` URL (required; the URL,
+    /// which may carry a password, is never written in the policy). `rediss://` is not
+    /// supported yet.
+    pub redis_url_env: String,
+    /// Prefix of every key and channel the gate uses (default `wsgate:`): gates with the
+    /// same store and prefix share their limits.
+    pub key_prefix: Option<String>,
+    /// What an upgrade that needs the store gets while the store is unreachable: `open`
+    /// (default) falls back to this process's own limits, `closed` refuses with 503
+    /// `limits_unavailable`.
+    pub on_failure: Option<OnFailure>,
+    /// The longest one store round trip may take on the upgrade path, in milliseconds
+    /// (default 50, 1 to 10000).
+    pub timeout_ms: Option<u64>,
+    /// How long a connection slot outlives the gate that held it, in seconds (default 30,
+    /// 3 to 3600): a live gate renews its slots every third of this.
+    pub lease_seconds: Option<u64>,
 }
 
 /// `http2`: the listener's HTTP/2 (top level: it is the listener's, not a route's).
@@ -57,7 +85,7 @@ pub struct Http2 {
     pub max_concurrent_streams: Option<u32>,
 }
 
-pub use crate::policy::{Compression, HttpMode, Mode};
+pub use crate::policy::{Compression, HttpMode, Mode, OnFailure};
 
 /// The per-route fields, declared once: `defaults` ([`RouteFields`]), each route
 /// ([`RouteFile`]: its identity, then the same fields) and the borrowed view both resolve

@@ -21,6 +21,13 @@ pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 /// Streams open at once on one HTTP/2 connection (nginx's `http2_max_concurrent_streams`
 /// is 128, Envoy's is unbounded); a browser's page and its sockets fit in far fewer.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// The cluster store's key and channel prefix.
+pub const DEFAULT_CLUSTER_KEY_PREFIX: &str = "wsgate:";
+/// One store round trip on the upgrade path: a loopback or in-zone Redis answers in well
+/// under a millisecond, and an upgrade waits at most this long for it.
+pub const DEFAULT_CLUSTER_TIMEOUT_MS: u64 = 50;
+/// How long a dead gate's connection slots outlive it.
+pub const DEFAULT_CLUSTER_LEASE_SECONDS: u64 = 30;
 pub const DEFAULT_UPSTREAM: &str = "ws://127.0.0.1:8080";
 pub const DEFAULT_TOKEN_SOURCES: &[&str] = &[
     "header",

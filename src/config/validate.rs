@@ -60,6 +60,7 @@ pub fn validate(
         v.err("max_connections", "must be at least 1");
     }
     let http2 = v.http2(file.http2.as_ref());
+    let cluster = file.cluster.as_ref().and_then(|c| v.cluster(c));
 
     let defaults = file
         .defaults
@@ -118,6 +119,7 @@ pub fn validate(
         files: v.files,
         handshake_timeout,
         http2,
+        cluster,
     };
     Ok((policy, v.warnings))
 }
@@ -937,6 +939,79 @@ impl Validator<'_> {
         }
     }
 
+    /// `cluster`: the URL is read from the named environment variable now. Unset, it is a
+    /// warning, not an error (`wsgate check` runs where the secret is not): the gate then
+    /// runs as with the store unreachable, and `on_failure` applies.
+    fn cluster(&mut self, file: &file::ClusterFile) -> Option<crate::policy::Cluster> {
+        let env = file.redis_url_env.as_str();
+        let valid_name = env
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            self.err(
+                "cluster.redis_url_env",
+                format!("{env:?} is not an environment variable name (letters, digits, _)"),
+            );
+            return None;
+        }
+        let url = match std::env::var(env) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                self.warn(
+                    "cluster.redis_url_env",
+                    format!(
+                        "{env} is not set: the cluster store is unreachable for this gate and \
+                         cluster.on_failure applies"
+                    ),
+                );
+                None
+            }
+        };
+        // The variable's value is never repeated (a wrong name could point at a secret).
+        if let Some(url) = &url {
+            let why = if url.starts_with("rediss://") {
+                Some("holds a rediss:// URL: TLS to the store is not supported yet")
+            } else if !url.starts_with("redis://") {
+                Some("does not hold a redis:// URL")
+            } else if redis::Client::open(url.as_str()).is_err() {
+                Some("does not hold a valid redis:// URL")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.err("cluster.redis_url_env", format!("{env} {why}"));
+            }
+        }
+        let key_prefix = file
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER_KEY_PREFIX.to_owned());
+        if key_prefix.is_empty() || key_prefix.len() > 64 {
+            self.err("cluster.key_prefix", "must be 1 to 64 characters");
+        }
+        let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_CLUSTER_TIMEOUT_MS);
+        if !(1..=10_000).contains(&timeout_ms) {
+            self.err("cluster.timeout_ms", "must be from 1 to 10000");
+        }
+        let lease_seconds = file.lease_seconds.unwrap_or(DEFAULT_CLUSTER_LEASE_SECONDS);
+        if !(3..=3600).contains(&lease_seconds) {
+            self.err(
+                "cluster.lease_seconds",
+                "must be from 3 to 3600 (slots are renewed every third of it)",
+            );
+        }
+        Some(crate::policy::Cluster {
+            redis_url_env: env.to_owned(),
+            url: url.map(crate::policy::RedisUrl),
+            key_prefix,
+            on_failure: file.on_failure.unwrap_or(crate::policy::OnFailure::Open),
+            timeout: Duration::from_millis(timeout_ms),
+            lease: Duration::from_secs(lease_seconds),
+        })
+    }
+
     fn http2(&mut self, file: Option<&file::Http2>) -> crate::policy::Http2 {
         let max_concurrent_streams = file
             .and_then(|h| h.max_concurrent_streams)
@@ -1083,6 +1158,47 @@ mod tests {
         );
         assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    /// `cluster`: defaults, range errors, the variable's name. (A variable that is set is
+    /// exercised by tests/cluster.rs, with no process-wide environment change here.)
+    #[test]
+    fn cluster_fields() {
+        let check = |cluster: &str| {
+            let yaml = format!(
+                "version: 1\ndefaults: {{auth: {{required: false}}}}\nroutes: [{{path: /ws}}]\ncluster: {cluster}\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            validate(&file, Path::new("."))
+        };
+        let (policy, warnings) = check("{redis_url_env: WSGATE_TEST_UNSET_REDIS_URL}").unwrap();
+        let cluster = policy.cluster.unwrap();
+        assert_eq!(cluster.key_prefix, "wsgate:");
+        assert_eq!(cluster.on_failure, crate::policy::OnFailure::Open);
+        assert_eq!(cluster.timeout, Duration::from_millis(50));
+        assert_eq!(cluster.lease, Duration::from_secs(30));
+        assert!(cluster.url.is_none());
+        assert_eq!(warnings.len(), 1, "an unset variable is a warning");
+        assert!(check("null").unwrap().0.cluster.is_none());
+        let errors =
+            check("{redis_url_env: 'not a name', lease_seconds: 1, timeout_ms: 0, key_prefix: ''}")
+                .unwrap_err();
+        assert_eq!(errors.len(), 1, "a bad name stops there: {errors:?}");
+        let errors = check("{redis_url_env: X, lease_seconds: 2, timeout_ms: 0, key_prefix: ''}")
+            .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "cluster.key_prefix",
+                "cluster.timeout_ms",
+                "cluster.lease_seconds"
+            ]
+        );
+        assert!(serde_yaml::from_str::<PolicyFile>(
+            "version: 1\ncluster: {redis_url_env: X, on_failure: maybe}\n"
+        )
+        .is_err());
     }
 
     fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {

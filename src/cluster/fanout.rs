@@ -1,0 +1,316 @@
+//! Revocations shared by the fleet: each is stored as a key with its TTL
+//! (`<prefix>revoked:sub:<value>` or `…:jti:<value>`, holding its expiry as Unix seconds)
+//! and published on `<prefix>revocations`. Every gate subscribes (its own connection,
+//! re-established after a failure or when the store comes back), loads the revocations
+//! still in force each time it (re)subscribes, and applies each message: revoke and close
+//! the matching connections, or lift.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{Cluster, Store, StoreError};
+use crate::registry::Filter;
+use crate::revocations::Revoked;
+
+/// Keys read per SCAN while loading the revocations in force.
+const SCAN_COUNT: usize = 1_000;
+/// After the subscription fails, how long before it is tried again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+
+/// One message on the channel.
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    op: Op,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at_unix: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    Revoke,
+    Lift,
+}
+
+impl Message {
+    fn new(op: Op, which: &Revoked, expires_at_unix: Option<u64>) -> Message {
+        let (sub, jti) = match which {
+            Revoked::Sub(s) => (Some(s.clone()), None),
+            Revoked::Jti(j) => (None, Some(j.clone())),
+        };
+        Message {
+            op,
+            sub,
+            jti,
+            expires_at_unix,
+        }
+    }
+
+    fn which(&self) -> Option<Revoked> {
+        match (&self.sub, &self.jti) {
+            (Some(s), None) => Some(Revoked::Sub(s.clone())),
+            (None, Some(j)) => Some(Revoked::Jti(j.clone())),
+            _ => None,
+        }
+    }
+}
+
+fn key(prefix: &str, which: &Revoked) -> String {
+    let (kind, value) = which.parts();
+    format!("{prefix}revoked:{kind}:{value}")
+}
+
+fn channel(prefix: &str) -> String {
+    format!("{prefix}revocations")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Cluster {
+    /// Whether a store is configured (revocations are then shared).
+    pub fn configured(&self) -> bool {
+        self.store.load().is_some()
+    }
+
+    /// Store a revocation made on this gate and publish it to the others.
+    pub async fn share_revocation(
+        &self,
+        which: &Revoked,
+        ttl: Duration,
+        expires_at_unix: u64,
+    ) -> Result<(), StoreError> {
+        let message = Message::new(Op::Revoke, which, Some(expires_at_unix));
+        self.publish(message, |pipe, prefix| {
+            pipe.set_ex(key(prefix, which), expires_at_unix, ttl.as_secs())
+                .ignore();
+        })
+        .await
+    }
+
+    /// Remove a revocation from the store and tell the other gates.
+    pub async fn share_lift(&self, which: &Revoked) -> Result<(), StoreError> {
+        let message = Message::new(Op::Lift, which, None);
+        self.publish(message, |pipe, prefix| {
+            pipe.del(key(prefix, which)).ignore();
+        })
+        .await
+    }
+
+    async fn publish(
+        &self,
+        message: Message,
+        write: impl FnOnce(&mut redis::Pipeline, &str),
+    ) -> Result<(), StoreError> {
+        let store = self.store.load_full().ok_or(StoreError::NoUrl)?;
+        let mut conn = store.conn.clone().ok_or(StoreError::NoUrl)?;
+        let prefix = &store.config.key_prefix;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        write(&mut pipe, prefix);
+        let payload = serde_json::to_string(&message).unwrap_or_default();
+        pipe.publish(channel(prefix), payload).ignore();
+        self.bounded(
+            "revocation",
+            store.background_bound(),
+            pipe.query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// Follow the channel of `store` until the store is replaced or the gate stops.
+    pub(super) async fn subscribe(self: Arc<Self>, store: Arc<Store>) {
+        loop {
+            match self.follow(&store).await {
+                Ok(()) => {}
+                Err(e) => self.health.failed("revocation", &e),
+            }
+            tokio::select! {
+                () = store.stop.cancelled() => return,
+                () = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+            }
+        }
+    }
+
+    /// Subscribe, load what is in force, then apply messages; returns when the
+    /// subscription ends, or `Ok` when the store comes back after being down (so that a
+    /// subscription that silently died is replaced) or is replaced.
+    async fn follow(&self, store: &Store) -> Result<(), StoreError> {
+        let client = store.client.as_ref().ok_or(StoreError::NoUrl)?;
+        let within = store.background_bound();
+        let bounded = |e: tokio::time::error::Elapsed| {
+            let _ = e;
+            StoreError::Timeout(within)
+        };
+        let mut pubsub = tokio::time::timeout(within, client.get_async_pubsub())
+            .await
+            .map_err(bounded)??;
+        tokio::time::timeout(within, pubsub.subscribe(channel(&store.config.key_prefix)))
+            .await
+            .map_err(bounded)??;
+        // After subscribing: a revocation published meanwhile is both loaded and received.
+        self.load(store).await?;
+        // From here on (the load's own success may have been the store's way back up): the
+        // next time the store comes back after being down, this subscription, which may
+        // have died silently with it, is replaced.
+        let back = self.health.back.notified();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                () = store.stop.cancelled() => return Ok(()),
+                () = &mut back => return Ok(()),
+                message = messages.next() => match message {
+                    Some(message) => self.apply(message.get_payload_bytes()),
+                    None => return Err(StoreError::SubscriptionEnded),
+                },
+            }
+        }
+    }
+
+    /// Apply every revocation the store holds (SCAN, then MGET of their expiries).
+    async fn load(&self, store: &Store) -> Result<(), StoreError> {
+        let Some(mut conn) = store.conn.clone() else {
+            return Err(StoreError::NoUrl);
+        };
+        let within = store.background_bound();
+        let prefix = &store.config.key_prefix;
+        let pattern = format!("{prefix}revoked:*");
+        let now = unix_now();
+        let mut cursor: u64 = 0;
+        let mut loaded = 0usize;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let scanned = scan.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn);
+            let (next, keys) = self.bounded("revocation", within, scanned).await?;
+            if !keys.is_empty() {
+                let mut get = redis::cmd("MGET");
+                get.arg(&keys);
+                let got = get.query_async::<Vec<Option<u64>>>(&mut conn);
+                let expiries = self.bounded("revocation", within, got).await?;
+                for (key, expiry) in keys.iter().zip(expiries) {
+                    let Some(expires) = expiry.filter(|e| *e > now) else {
+                        continue;
+                    };
+                    let Some(which) = parse_key(prefix, key) else {
+                        continue;
+                    };
+                    if self.revoke(which, expires - now).is_err() {
+                        tracing::warn!("cluster: the revocation list is full; not all shared revocations are applied");
+                        return Ok(());
+                    }
+                    loaded += 1;
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if loaded > 0 {
+            tracing::info!(
+                loaded,
+                "cluster: revocations in force loaded from the store"
+            );
+        }
+        Ok(())
+    }
+
+    /// Apply one message from the channel (a malformed one is ignored).
+    fn apply(&self, payload: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Message>(payload) else {
+            tracing::warn!("cluster: ignoring a malformed revocation message");
+            return;
+        };
+        let Some(which) = message.which() else {
+            return;
+        };
+        match message.op {
+            Op::Revoke => {
+                let now = unix_now();
+                let Some(expires) = message.expires_at_unix.filter(|e| *e > now) else {
+                    return;
+                };
+                if self.revoke(which, expires - now).is_err() {
+                    tracing::warn!(
+                        "cluster: the revocation list is full; a shared revocation is not applied"
+                    );
+                }
+            }
+            Op::Lift => {
+                self.revocations.lift(&which);
+            }
+        }
+    }
+
+    /// Revoke here and close the matching connections.
+    fn revoke(&self, which: Revoked, ttl_seconds: u64) -> Result<(), crate::revocations::Full> {
+        self.revocations
+            .add(which.clone(), Duration::from_secs(ttl_seconds))?;
+        let filter = match &which {
+            Revoked::Sub(s) => Filter {
+                sub: Some(s.clone()),
+                ..Filter::default()
+            },
+            Revoked::Jti(j) => Filter {
+                jti: Some(j.clone()),
+                ..Filter::default()
+            },
+        };
+        let closed = self.registry.close(&filter);
+        if closed > 0 {
+            let (kind, value) = which.parts();
+            tracing::info!(
+                kind,
+                value,
+                closed,
+                "cluster: revoked on another gate; connections closed"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The revocation a stored key names.
+fn parse_key(prefix: &str, key: &[u8]) -> Option<Revoked> {
+    let key = std::str::from_utf8(key).ok()?;
+    let rest = key.strip_prefix(prefix)?.strip_prefix("revoked:")?;
+    if let Some(sub) = rest.strip_prefix("sub:") {
+        return Some(Revoked::Sub(sub.to_owned()));
+    }
+    rest.strip_prefix("jti:")
+        .map(|jti| Revoked::Jti(jti.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let which = Revoked::Sub("a:b".into());
+        let k = key("wsgate:", &which);
+        assert_eq!(parse_key("wsgate:", k.as_bytes()), Some(which));
+        assert_eq!(parse_key("other:", k.as_bytes()), None);
+        let m = Message::new(Op::Revoke, &Revoked::Jti("j".into()), Some(5));
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Message = serde_json::from_slice(json.as_bytes()).unwrap();
+        assert_eq!(back.which(), Some(Revoked::Jti("j".into())));
+    }
+}

@@ -1,0 +1,600 @@
+//! The cluster store (`cluster:` in the policy): the per-IP upgrade rate and the per-IP and
+//! per-subject connection caps counted across every gate that shares one Redis and key
+//! prefix, and revocations fanned out to every gate ([`fanout`]).
+//!
+//! - The upgrade rate and the per-IP lease are one Lua script call ([`scripts::ADMIT`]);
+//!   the per-subject lease, after the token verifies, is another ([`scripts::LEASE`]).
+//! - A lease is a member `gate-id:lease-id` of a sorted set per key, scored by its expiry.
+//!   [`Lease`] is an RAII slot: dropping it queues its release (bounded queue; the
+//!   connection's close path never waits for the store). The upkeep task renews every
+//!   lease this gate holds every `lease_seconds / 3` in one pipelined batch, which also
+//!   re-registers them after the store lost them; a killed gate's leases expire.
+//! - Every call on the upgrade path is bounded by `timeout_ms`; the background ones
+//!   (renewal, release, revocations) by `timeout_ms` or one second, the longer.
+//! - Health: every failure sets `wsgate_cluster_up` to 0 and that call falls back;
+//!   [`DOWN_AFTER`] in a row mark the store down (logged once); while it is down upgrades
+//!   do not wait for it (`on_failure` decides at once) and the upkeep task probes it every
+//!   [`PROBE_EVERY`]; the first success marks it up again (logged once), renews the
+//!   leases and reloads the revocations.
+
+mod fanout;
+pub mod scripts;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, OpLabel};
+use crate::policy::{Cluster as Config, OnFailure};
+use crate::registry::Registry;
+use crate::revocations::Revocations;
+
+/// While the store is down, how often the upkeep task asks it whether it is back.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// The shortest bound of a background call (renewal, release, revocations).
+const BACKGROUND_BOUND: Duration = Duration::from_secs(1);
+/// Releases waiting to be sent; beyond this a release is dropped and its lease expires.
+const RELEASE_QUEUE: usize = 65_536;
+/// Releases sent in one pipeline.
+const RELEASE_BATCH: usize = 1_000;
+/// How long the first release of a batch waits for others: under load, one round trip
+/// then carries many releases instead of one each; a slot is free again a few
+/// milliseconds later than its connection's end.
+const RELEASE_LINGER: Duration = Duration::from_millis(5);
+/// Leases renewed by one script call (a renewal is one pipeline of such calls).
+const REFRESH_CHUNK: usize = 1_000;
+
+/// Why the store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the cluster store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the cluster store failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("the cluster store's URL variable is not set")]
+    NoUrl,
+    #[error("the cluster store is down (probing it every {PROBE_EVERY:?})")]
+    Down,
+    #[error("the cluster store's subscription ended")]
+    SubscriptionEnded,
+}
+
+/// The store of the policy in force, rebuilt when the policy's `cluster` changes.
+struct Store {
+    config: Config,
+    /// `None` when the URL variable is unset.
+    client: Option<redis::Client>,
+    conn: Option<ConnectionManager>,
+    /// Ends this store's subscriber when the store is replaced.
+    stop: CancellationToken,
+}
+
+impl Store {
+    fn keys(&self) -> Keys<'_> {
+        Keys(&self.config.key_prefix)
+    }
+
+    /// Background calls: a renewal of thousands of leases may take longer than one
+    /// upgrade's round trip.
+    fn background_bound(&self) -> Duration {
+        self.config.timeout.max(BACKGROUND_BOUND)
+    }
+}
+
+/// The key names, all under the prefix.
+struct Keys<'a>(&'a str);
+
+impl Keys<'_> {
+    fn rate(&self, route: &str, client: &str) -> String {
+        format!("{}rate:{route}:{client}", self.0)
+    }
+    fn ip(&self, route: &str, client: &str) -> String {
+        format!("{}ip:{route}:{client}", self.0)
+    }
+    fn subject(&self, route: &str, subject: &str) -> String {
+        format!("{}sub:{route}:{subject}", self.0)
+    }
+}
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// Consecutive failures that mark the store down. One slow answer in a burst (an
+/// upgrade's call that missed `timeout_ms`) falls back alone; a store that is really gone
+/// fails three calls in a row within milliseconds.
+const DOWN_AFTER: u32 = 3;
+
+/// Whether the store answers, with the metrics that say so; each change is logged once.
+struct Health {
+    state: AtomicU8,
+    /// Failures since the last success.
+    failures: AtomicU32,
+    metrics: Arc<Metrics>,
+    /// Woken on each down → up change (the subscriber reconnects and reloads).
+    back: Notify,
+}
+
+impl Health {
+    fn ok(&self) {
+        self.failures.store(0, Ordering::Release);
+        let before = self.state.swap(UP, Ordering::AcqRel);
+        self.metrics.cluster_up.set(1);
+        match before {
+            DOWN => {
+                tracing::info!("cluster store reachable again: shared limits resume");
+                self.back.notify_waiters();
+            }
+            UNKNOWN => tracing::info!("cluster store connected"),
+            _ => {}
+        }
+    }
+
+    fn failed(&self, op: &'static str, error: &StoreError) {
+        self.metrics
+            .cluster_errors
+            .get_or_create(&OpLabel { op })
+            .inc();
+        self.metrics.cluster_up.set(0);
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures < DOWN_AFTER {
+            return;
+        }
+        let before = self.state.swap(DOWN, Ordering::AcqRel);
+        if before != DOWN {
+            let detail = match error {
+                StoreError::Redis(e) => e.to_string(),
+                other => other.to_string(),
+            };
+            tracing::warn!(
+                op,
+                error = %detail,
+                "cluster store unreachable: upgrades are decided by cluster.on_failure until it answers again"
+            );
+        }
+    }
+
+    fn down(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DOWN
+    }
+
+    /// No store configured: neither up nor down.
+    fn reset(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.state.store(UNKNOWN, Ordering::Release);
+        self.metrics.cluster_up.set(0);
+    }
+}
+
+/// A lease this gate holds in the store.
+#[derive(Debug, Clone)]
+struct Held {
+    key: String,
+    member: String,
+}
+
+/// This gate's leases, for the renewal, and the queue of releases.
+struct Leases {
+    gate_id: String,
+    next: AtomicU64,
+    held: Mutex<HashMap<u64, Held>>,
+    releases: mpsc::Sender<Held>,
+    /// `wsgate_cluster_errors_total{op="release"}`: counts releases dropped on a full queue.
+    dropped: Counter,
+}
+
+impl Leases {
+    fn member(&self) -> (u64, String) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        (id, format!("{}:{id}", self.gate_id))
+    }
+
+    fn hold(self: &Arc<Self>, id: u64, key: String, member: String) -> Lease {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Held { key, member });
+        Lease {
+            leases: self.clone(),
+            id,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One connection's slot under a shared cap, released (asynchronously) when dropped.
+pub struct Lease {
+    leases: Arc<Leases>,
+    id: u64,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({})", self.id)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let held = self
+            .leases
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if let Some(held) = held {
+            // Full queue: the lease is no longer renewed and expires by itself.
+            if self.leases.releases.try_send(held).is_err() {
+                self.leases.dropped.inc();
+            }
+        }
+    }
+}
+
+/// The store could not decide: `cluster.on_failure` applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable(pub OnFailure);
+
+/// The store's answer for an upgrade: the rate's verdict (`Err`: retry after) and the
+/// per-IP lease (`None`: the cap is full, or the rate refused it and it was not asked).
+#[derive(Debug)]
+pub struct UpgradeVerdict {
+    pub rate: Result<(), Duration>,
+    pub lease: Option<Lease>,
+}
+
+/// The per-IP limits of one route, as the store applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct IpLimits {
+    pub upgrades_per_second: f64,
+    pub burst: u32,
+    pub max_connections: u32,
+}
+
+/// The cluster store of one gate.
+pub struct Cluster {
+    store: ArcSwapOption<Store>,
+    health: Arc<Health>,
+    leases: Arc<Leases>,
+    releases: Mutex<Option<mpsc::Receiver<Held>>>,
+    /// Woken when the store is replaced (the upkeep task re-reads its period).
+    replaced: Notify,
+    revocations: Arc<Revocations>,
+    registry: Arc<Registry>,
+}
+
+impl Cluster {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        revocations: Arc<Revocations>,
+        registry: Arc<Registry>,
+    ) -> Cluster {
+        let (releases, receiver) = mpsc::channel(RELEASE_QUEUE);
+        let dropped = metrics
+            .cluster_errors
+            .get_or_create(&OpLabel { op: "release" })
+            .clone();
+        Cluster {
+            store: ArcSwapOption::empty(),
+            health: Arc::new(Health {
+                state: AtomicU8::new(UNKNOWN),
+                failures: AtomicU32::new(0),
+                metrics,
+                back: Notify::new(),
+            }),
+            leases: Arc::new(Leases {
+                gate_id: gate_id(),
+                next: AtomicU64::new(0),
+                held: Mutex::new(HashMap::new()),
+                releases,
+                dropped,
+            }),
+            releases: Mutex::new(Some(receiver)),
+            replaced: Notify::new(),
+            revocations,
+            registry,
+        }
+    }
+
+    /// Follow the policy's `cluster`: a changed one gets a new store (and subscriber);
+    /// `None` drops the store. Spawns the upkeep task the first time.
+    pub fn sync(
+        self: &Arc<Self>,
+        config: Option<&Config>,
+        tasks: &crate::shutdown::Tasks,
+        stop: &CancellationToken,
+    ) {
+        if let Some(receiver) = self
+            .releases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            tasks.spawn(self.clone().upkeep(receiver, stop.clone()));
+        }
+        let current = self.store.load();
+        if current.as_ref().map(|s| &s.config) == config {
+            return;
+        }
+        if let Some(old) = current.as_ref() {
+            old.stop.cancel();
+        }
+        let Some(config) = config else {
+            self.store.store(None);
+            self.health.reset();
+            self.replaced.notify_waiters();
+            return;
+        };
+        let client = config
+            .url
+            .as_ref()
+            .and_then(|url| redis::Client::open(url.expose()).ok());
+        let conn = client.as_ref().and_then(|client| {
+            // Reconnects by itself; each attempt is bounded, and every call is bounded
+            // again by the caller.
+            let settings = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.timeout.max(BACKGROUND_BOUND)))
+                .set_number_of_retries(1)
+                .set_max_delay(PROBE_EVERY);
+            ConnectionManager::new_lazy_with_config(client.clone(), settings).ok()
+        });
+        if conn.is_none() {
+            tracing::warn!(
+                env = %config.redis_url_env,
+                "cluster: no store URL; upgrades are decided by cluster.on_failure"
+            );
+        }
+        let store = Arc::new(Store {
+            config: config.clone(),
+            client,
+            conn,
+            stop: stop.child_token(),
+        });
+        self.health.reset();
+        self.store.store(Some(store.clone()));
+        self.replaced.notify_waiters();
+        if store.client.is_some() {
+            tasks.spawn(self.clone().subscribe(store));
+        }
+    }
+
+    /// The store, unless it is down (then the caller decides by `on_failure` at once).
+    fn usable(&self) -> Result<(Arc<Store>, ConnectionManager), Unavailable> {
+        let store = self.store.load_full().ok_or(Unavailable(OnFailure::Open))?;
+        let on_failure = Unavailable(store.config.on_failure);
+        if self.health.down() {
+            return Err(on_failure);
+        }
+        match store.conn.clone() {
+            Some(conn) => Ok((store, conn)),
+            None => {
+                self.health.failed("rate", &StoreError::NoUrl);
+                Err(on_failure)
+            }
+        }
+    }
+
+    /// Run one store call under `within`, keeping the health up to date.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        within: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let error = match tokio::time::timeout(within, call).await {
+            Ok(Ok(value)) => {
+                self.health.ok();
+                return Ok(value);
+            }
+            Ok(Err(e)) => StoreError::Redis(e),
+            Err(_) => StoreError::Timeout(within),
+        };
+        self.health.failed(op, &error);
+        Err(error)
+    }
+
+    /// The upgrade's shared checks, in one round trip: the per-IP upgrade rate, then (if
+    /// it passed, or `report`) a lease under the per-IP cap. `client` is the client key.
+    pub async fn upgrade(
+        &self,
+        route: &str,
+        client: &str,
+        limits: IpLimits,
+        report: bool,
+    ) -> Result<UpgradeVerdict, Unavailable> {
+        let (store, mut conn) = self.usable()?;
+        let keys = store.keys();
+        let (id, member) = self.leases.member();
+        let interval_us = if limits.upgrades_per_second > 0.0 {
+            (1_000_000.0 / limits.upgrades_per_second).ceil() as u64
+        } else {
+            u64::MAX / 4
+        };
+        let lease_key = keys.ip(route, client);
+        let mut call = scripts::ADMIT.prepare_invoke();
+        call.key(keys.rate(route, client))
+            .key(&lease_key)
+            .arg(interval_us)
+            .arg(limits.burst)
+            .arg(&member)
+            .arg(limits.max_connections)
+            .arg(store.config.lease.as_millis() as u64)
+            .arg(u8::from(report));
+        let answer: (i64, i64, i64) = self
+            .bounded("rate", store.config.timeout, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| Unavailable(store.config.on_failure))?;
+        let (rate_ok, retry_us, leased) = answer;
+        let rate = match rate_ok {
+            1 => Ok(()),
+            _ => Err(Duration::from_micros(retry_us.max(0) as u64)),
+        };
+        let lease = (leased == 1).then(|| self.leases.hold(id, lease_key, member));
+        Ok(UpgradeVerdict { rate, lease })
+    }
+
+    /// A lease under the per-subject cap (`None`: the cap is full).
+    pub async fn subject(
+        &self,
+        route: &str,
+        subject: &str,
+        max: u32,
+    ) -> Result<Option<Lease>, Unavailable> {
+        let (store, mut conn) = self.usable()?;
+        let key = store.keys().subject(route, subject);
+        let (id, member) = self.leases.member();
+        let mut call = scripts::LEASE.prepare_invoke();
+        call.key(&key)
+            .arg(&member)
+            .arg(max)
+            .arg(store.config.lease.as_millis() as u64);
+        let leased: i64 = self
+            .bounded("lease", store.config.timeout, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| Unavailable(store.config.on_failure))?;
+        Ok((leased == 1).then(|| self.leases.hold(id, key, member)))
+    }
+
+    /// A lease for a connection admitted on this process's own limits while the store was
+    /// down: held here only, so that the first renewal once the store is back registers
+    /// it and the shared caps count it. `None` without a store.
+    pub fn unregistered_ip(&self, route: &str, client: &str) -> Option<Lease> {
+        let store = self.store.load_full()?;
+        let (id, member) = self.leases.member();
+        Some(self.leases.hold(id, store.keys().ip(route, client), member))
+    }
+
+    /// As [`Cluster::unregistered_ip`], for the per-subject cap.
+    pub fn unregistered_subject(&self, route: &str, subject: &str) -> Option<Lease> {
+        let store = self.store.load_full()?;
+        let (id, member) = self.leases.member();
+        Some(
+            self.leases
+                .hold(id, store.keys().subject(route, subject), member),
+        )
+    }
+
+    /// Renew every lease this gate holds, in one pipeline (chunks of [`REFRESH_CHUNK`]
+    /// leases per script call); with none held, a PING keeps the health current.
+    async fn refresh(&self, store: &Store, conn: &mut ConnectionManager) {
+        let held = self.leases.snapshot();
+        let within = store.background_bound();
+        if held.is_empty() {
+            let ping = redis::cmd("PING");
+            let _ = self
+                .bounded("refresh", within, ping.query_async::<()>(conn))
+                .await;
+            return;
+        }
+        let lease_ms = store.config.lease.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        // Loaded in the same batch: the store may have restarted and lost the script.
+        pipe.load_script(&scripts::REFRESH).ignore();
+        for chunk in held.chunks(REFRESH_CHUNK) {
+            let mut call = scripts::REFRESH.prepare_invoke();
+            call.arg(lease_ms);
+            for lease in chunk {
+                call.key(&lease.key).arg(&lease.member);
+            }
+            pipe.invoke_script(&call).ignore();
+        }
+        let _ = self
+            .bounded("refresh", within, pipe.query_async::<()>(conn))
+            .await;
+    }
+
+    /// Send queued releases, in one pipeline.
+    async fn release(&self, batch: Vec<Held>) {
+        let Some(store) = self.store.load_full() else {
+            return;
+        };
+        let Some(mut conn) = store.conn.clone() else {
+            return;
+        };
+        if self.health.down() {
+            // Not renewed any more: they expire within lease_seconds.
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for held in &batch {
+            pipe.zrem(&held.key, &held.member).ignore();
+        }
+        let within = store.background_bound();
+        let _ = self
+            .bounded("release", within, pipe.query_async::<()>(&mut conn))
+            .await;
+    }
+
+    /// Releases, renewals every `lease_seconds / 3`, and probes while the store is down.
+    /// One task does all three, so a release is never overtaken by the renewal of the
+    /// lease it releases.
+    async fn upkeep(self: Arc<Self>, mut releases: mpsc::Receiver<Held>, stop: CancellationToken) {
+        let mut next_refresh = tokio::time::Instant::now();
+        loop {
+            let store = self.store.load_full();
+            let period = store
+                .as_ref()
+                .map_or(Duration::from_secs(1), |s| s.config.lease / 3);
+            let now = tokio::time::Instant::now();
+            let wake = if self.health.down() {
+                next_refresh.min(now + PROBE_EVERY)
+            } else {
+                next_refresh
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                Some(first) = releases.recv() => {
+                    tokio::time::sleep(RELEASE_LINGER).await;
+                    let mut batch = vec![first];
+                    while batch.len() < RELEASE_BATCH {
+                        match releases.try_recv() {
+                            Ok(held) => batch.push(held),
+                            Err(_) => break,
+                        }
+                    }
+                    self.release(batch).await;
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    let Some(store) = store else {
+                        next_refresh = tokio::time::Instant::now() + period;
+                        continue;
+                    };
+                    let Some(mut conn) = store.conn.clone() else {
+                        next_refresh = tokio::time::Instant::now() + period;
+                        continue;
+                    };
+                    // A probe that succeeds renews (re-registers) everything at once.
+                    self.refresh(&store, &mut conn).await;
+                    next_refresh = tokio::time::Instant::now() + period;
+                }
+                () = self.replaced.notified() => {
+                    next_refresh = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// This process's id in lease members: unique per start (host name, pid, start time).
+fn gate_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{host}/{}/{nanos:x}", std::process::id())
+}

@@ -1,0 +1,874 @@
+//! The cluster store on a real `redis-server` (Debian's package; `.ci/run` installs it),
+//! started by each test on a free loopback port and stopped by PID, shared by real gate
+//! processes (the `wsgate` binary, so that one can be killed with SIGKILL). A test is
+//! skipped, with a note, when `redis-server` is not installed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+use tokio_tungstenite::tungstenite;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+/// The lease of these tests: a killed gate's slots are free after this.
+const LEASE_SECONDS: u64 = 3;
+const TIMEOUT_MS: u64 = 50;
+
+/// A `redis-server` of its own, killed (by PID) when dropped.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    /// `None` when redis-server is not installed.
+    async fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            eprintln!("redis-server is not installed: skipping (apt-get install redis-server)");
+            return None;
+        }
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.resume().await;
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Start (again) on the same port, and wait until it answers.
+    async fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping().await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let connected = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        )
+        .await;
+        match connected {
+            Ok(Ok(mut conn)) => redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok(),
+            _ => false,
+        }
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Kill it (SIGKILL, by PID) and wait for it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One `wsgate run` process, killed when dropped.
+struct Gate {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    policy_path: PathBuf,
+    /// Its log lines (the last [`KEEP_LINES`]).
+    logs: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+const KEEP_LINES: usize = 10_000;
+
+fn policy(upstream: &str, prefix: &str, on_failure: &str, rate: &str) -> String {
+    format!(
+        "version: 1\n\
+         trusted_proxies: [127.0.0.1/32]\n\
+         cluster:\n  \
+           redis_url_env: WSGATE_REDIS_URL\n  \
+           key_prefix: \"{prefix}\"\n  \
+           on_failure: {on_failure}\n  \
+           timeout_ms: {TIMEOUT_MS}\n  \
+           lease_seconds: {LEASE_SECONDS}\n\
+         defaults:\n  \
+           upstream: {upstream}\n  \
+           origin: {{allow_missing: true}}\n  \
+           rate: {rate}\n  \
+           auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\n\
+         routes:\n  \
+           - path: /ws\n    name: ws\n"
+    )
+}
+
+const OPEN_RATE: &str = "{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 1000, max_connections_per_subject: 2}";
+
+impl Gate {
+    fn start(policy: &str, redis_url: &str) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, policy).unwrap();
+        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+        Gate::spawn(&path, &token, redis_url, dir)
+    }
+
+    fn spawn(policy: &Path, token: &PathBuf, redis_url: &str, dir: tempfile::TempDir) -> Gate {
+        let mut child = Command::new(BIN)
+            .args(["run", "--plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--log-format", "text"])
+            .arg("--admin-token-file")
+            .arg(token)
+            .arg("--policy")
+            .arg(policy)
+            .env("WSGATE_REDIS_URL", redis_url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if std::env::var_os("CLUSTER_TEST_LOGS").is_some() {
+                    eprintln!("gate: {line}");
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the gate never said it was listening");
+            if line.contains("listening") {
+                break line;
+            }
+        };
+        // Keep the rest (bounded), so the gate never blocks on a full pipe.
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = rx.recv() {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() == KEEP_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        let field = |name: &str| -> SocketAddr {
+            let rest = line.split(name).nth(1).unwrap();
+            let rest = rest.trim_start_matches("Some(");
+            let end = rest.find([' ', ')']).unwrap_or(rest.len());
+            rest[..end].parse().unwrap()
+        };
+        Gate {
+            addr: field(" addr="),
+            admin: field(" admin="),
+            policy_path: policy.to_path_buf(),
+            logs,
+            child,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(
+        &self,
+        sub: &str,
+        ip: &str,
+    ) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://127.0.0.1:{}/ws", self.addr.port())
+            .into_client_request()
+            .unwrap();
+        let headers = request.headers_mut();
+        headers.insert(
+            "authorization",
+            header_value(&format!("Bearer {}", hs256(sub))),
+        );
+        headers.insert("x-forwarded-for", header_value(ip));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let (ws, response) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::client_async(request, ClientStream::Plain(tcp)),
+        )
+        .await
+        .expect("handshake in time")?;
+        Ok((ws, response))
+    }
+
+    async fn open(&self, sub: &str, ip: &str) -> Client {
+        self.connect(sub, ip)
+            .await
+            .unwrap_or_else(|e| panic!("{sub} from {ip}: {e}"))
+            .0
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        metric_at(self.admin, series).await
+    }
+
+    /// Wait until `wsgate_cluster_up` is `up`.
+    async fn wait_up(&self, up: bool) {
+        let want = if up { 1.0 } else { 0.0 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric("wsgate_cluster_up").await != want {
+            assert!(Instant::now() < deadline, "wsgate_cluster_up never {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many of its log lines so far contain `text`.
+    fn logged(&self, text: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
+    /// Replace the policy file (write + rename); the gate reloads it.
+    fn write_policy(&self, policy: &str) {
+        let tmp = self.policy_path.with_extension("tmp");
+        std::fs::write(&tmp, policy).unwrap();
+        std::fs::rename(&tmp, &self.policy_path).unwrap();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn prefix() -> String {
+    format!("t{}:", std::process::id() ^ (free_port() as u32))
+}
+
+/// Retry `attempt` until it is admitted, at most `within`; how long that took.
+async fn admitted_within(gate: &Gate, sub: &str, ip: &str, within: Duration) -> (Client, Duration) {
+    let started = Instant::now();
+    loop {
+        match gate.connect(sub, ip).await {
+            Ok((ws, _)) => return (ws, started.elapsed()),
+            Err(e) => assert!(
+                started.elapsed() < within,
+                "{sub} still refused after {within:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_cap_holds_across_three_gates_and_frees_on_close() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let gates: Vec<Gate> = (0..3).map(|_| Gate::start(&p, &redis.url())).collect();
+    for g in &gates {
+        g.wait_up(true).await;
+    }
+    let mut first = gates[0].open("alice", "10.0.0.1").await;
+    let _second = gates[1].open("alice", "10.0.0.2").await;
+    let (status, headers, body) = refusal(gates[2].connect("alice", "10.0.0.3").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    // Another subject is not affected.
+    let _bob = gates[2].open("bob", "10.0.0.3").await;
+    first.close(None).await.unwrap();
+    let (_third, took) =
+        admitted_within(&gates[2], "alice", "10.0.0.3", Duration::from_secs(2)).await;
+    eprintln!("slot freed on another gate after the close: {took:?}");
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_upgrade_rate_holds_across_three_gates() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    // 3 upgrades at once, then one every 100 s: the fourth anywhere is refused.
+    let rate = "{upgrades_per_second: 0.01, burst: 3, max_connections_per_ip: 1000, max_connections_per_subject: 100}";
+    let p = policy(&upstream.url(), &prefix(), "closed", rate);
+    let gates: Vec<Gate> = (0..3).map(|_| Gate::start(&p, &redis.url())).collect();
+    for g in &gates {
+        g.wait_up(true).await;
+    }
+    let mut open = Vec::new();
+    for g in &gates {
+        open.push(g.open("u", "10.1.0.1").await);
+    }
+    for g in &gates {
+        let (status, headers, body) = refusal(g.connect("u", "10.1.0.1").await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (429, Some("rate_limited"))
+        );
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((90..=101).contains(&retry), "Retry-After {retry}");
+    }
+    // Another address has its own bucket.
+    open.push(gates[1].open("u", "10.1.0.2").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gates_slots_expire_within_the_lease() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let mut a = Gate::start(&p, &redis.url());
+    let b = Gate::start(&p, &redis.url());
+    a.wait_up(true).await;
+    b.wait_up(true).await;
+    let _one = a.open("carol", "10.2.0.1").await;
+    let _two = a.open("carol", "10.2.0.1").await;
+    let (status, _, _) = refusal(b.connect("carol", "10.2.0.2").await);
+    assert_eq!(status, 429);
+    // Leases renewed by a live gate outlast their lease.
+    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS + 1)).await;
+    let (status, _, _) = refusal(b.connect("carol", "10.2.0.2").await);
+    assert_eq!(status, 429, "a live gate's leases were not renewed");
+    a.kill();
+    let (_c, took) = admitted_within(
+        &b,
+        "carol",
+        "10.2.0.2",
+        Duration::from_secs(LEASE_SECONDS + 2),
+    )
+    .await;
+    eprintln!("the killed gate's slots were free after {took:?} (lease {LEASE_SECONDS} s)");
+    assert!(took <= Duration::from_secs(LEASE_SECONDS + 1));
+}
+
+/// `open` admits on local limits and `closed` refuses with 503, quickly, while the store
+/// is down; both use it again once it is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_open_falls_back_closed_refuses_and_both_recover() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let open = Gate::start(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
+        &redis.url(),
+    );
+    let closed = Gate::start(
+        &policy(&upstream.url(), &prefix, "closed", OPEN_RATE),
+        &redis.url(),
+    );
+    open.wait_up(true).await;
+    closed.wait_up(true).await;
+    let _held = open.open("dave", "10.3.0.1").await;
+    redis.stop();
+
+    let started = Instant::now();
+    let (status, headers, body) = refusal(closed.connect("erin", "10.3.0.2").await);
+    let took = started.elapsed();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("limits_unavailable"))
+    );
+    assert_eq!(headers["retry-after"], "1");
+    eprintln!("closed, store down: 503 in {took:?}");
+    assert!(took < Duration::from_millis(TIMEOUT_MS + 450), "{took:?}");
+
+    let started = Instant::now();
+    let _local = open.open("erin", "10.3.0.2").await;
+    let took = started.elapsed();
+    eprintln!("open, store down: admitted on local limits in {took:?}");
+    assert!(took < Duration::from_millis(TIMEOUT_MS + 450), "{took:?}");
+    // The local per-subject cap (2) still holds: dave has one here already.
+    let _dave2 = open.open("dave", "10.3.0.1").await;
+    let (status, _, _) = refusal(open.connect("dave", "10.3.0.1").await);
+    assert_eq!(status, 429, "the local cap applies while the store is down");
+    assert!(open.metric("wsgate_cluster_fallbacks_total").await >= 1.0);
+    assert!(
+        open.metric("wsgate_cluster_errors_total").await >= 1.0 || {
+            let (_, text) = admin_fetch(open.admin, "/metrics").await;
+            metric_total(&text, "wsgate_cluster_errors_total") >= 1.0
+        }
+    );
+    open.wait_up(false).await;
+    // Logged once for the change, not once per upgrade; each decision says it was local.
+    for _ in 0..5 {
+        let _more = open.open("frank", "10.3.0.9").await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open.logged("cluster store unreachable"), 1);
+    assert!(
+        open.logged("limits=\"local\"") >= 5,
+        "the upgrade line says limits=local"
+    );
+
+    redis.resume().await;
+    open.wait_up(true).await;
+    closed.wait_up(true).await;
+    let _back = closed.open("erin", "10.3.0.3").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(open.logged("cluster store reachable again"), 1);
+    assert!(closed.logged("limits=\"shared\"") >= 1);
+    // The open gate's connections were re-registered: dave's two count across gates again.
+    let (status, _, body) = refusal(closed.connect("dave", "10.3.0.4").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+}
+
+/// A store that accepts TCP but never answers bounds an upgrade the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_never_answers_is_bounded() {
+    let upstream = Upstream::start().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // With a password: /policy must never show it.
+    let url = format!("redis://:hunter2@{}/", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            if held.len() < 64 {
+                held.push(socket);
+            }
+        }
+    });
+    let prefix = prefix();
+    let closed = Gate::start(&policy(&upstream.url(), &prefix, "closed", OPEN_RATE), &url);
+    let open = Gate::start(&policy(&upstream.url(), &prefix, "open", OPEN_RATE), &url);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, _, body) = refusal(closed.connect("f", "10.4.0.1").await);
+        let took = started.elapsed();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("limits_unavailable"))
+        );
+        assert!(took < Duration::from_millis(TIMEOUT_MS + 450), "{took:?}");
+        let started = Instant::now();
+        let _ws = open.open("g", "10.4.0.2").await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(TIMEOUT_MS + 450), "{took:?}");
+        eprintln!("silent store: closed refused and open admitted within {took:?}");
+    }
+    assert_eq!(open.metric("wsgate_cluster_up").await, 0.0);
+    assert_eq!(admin_get(open.admin, "/readyz").await, 200);
+    assert_eq!(admin_get(closed.admin, "/readyz").await, 200);
+    let (status, shown) = admin_fetch(open.admin, "/policy").await;
+    assert_eq!(status, 200);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["cluster"]["redis_url_env"], "WSGATE_REDIS_URL");
+    assert_eq!(
+        shown["cluster"]["redis_url"].as_str().unwrap(),
+        url.replace(":hunter2", "***")
+    );
+    assert_eq!(shown["cluster"]["on_failure"], "open");
+    assert_eq!(shown["cluster"]["timeout_ms"], TIMEOUT_MS);
+    holder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_gate_closes_the_socket_on_another_within_a_second() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let a = Gate::start(&p, &redis.url());
+    let c = Gate::start(&p, &redis.url());
+    a.wait_up(true).await;
+    c.wait_up(true).await;
+    // The subscription is set up right after the store answers: give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut victim = c.open("mallory", "10.5.0.1").await;
+    let started = Instant::now();
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "mallory", "ttl_seconds": 600}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["shared"], true);
+    let (code, reason) = next_close(&mut victim).await;
+    let took = started.elapsed();
+    eprintln!("revoked on gate A, closed on gate C after {took:?}");
+    assert_eq!((code, reason.as_str()), (1008, "revoked"));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let (status, _, body) = refusal(c.connect("mallory", "10.5.0.2").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_revoked"))
+    );
+
+    // A gate started later applies the revocations still in force.
+    let late = Gate::start(&p, &redis.url());
+    late.wait_up(true).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match late.connect("mallory", "10.5.0.3").await {
+            Err(tungstenite::Error::Http(r)) if r.status() == 401 => break,
+            _ => assert!(
+                Instant::now() < deadline,
+                "the late gate admits a revoked token"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Lifted on C: A admits again.
+    let (status, _) = operator(c.admin, "DELETE", "/revocations", json!({"sub": "mallory"})).await;
+    assert_eq!(status, 200);
+    admitted_within(&a, "mallory", "10.5.0.4", Duration::from_secs(1)).await;
+}
+
+/// 200,000 distinct client keys through the upgrade script leave nothing in Redis once
+/// their TTLs pass; the peak and the end are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_flood_leaves_redis_memory_bounded() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let mut conn = redis.conn().await;
+    let used = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = used(
+        redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let script = &wsgate::cluster::scripts::ADMIT;
+    // 50 ms emission interval, burst 100, cap 200, lease 3 s (the tests' lease).
+    let lease_ms = LEASE_SECONDS * 1000;
+    for batch in 0..200u32 {
+        let mut pipe = redis::pipe();
+        pipe.load_script(script).ignore();
+        for i in 0..1000u32 {
+            let n = batch * 1000 + i;
+            let client = format!("10.{}.{}.{}/32", n >> 16, (n >> 8) & 255, n & 255);
+            let mut call = script.prepare_invoke();
+            call.key(format!("flood:rate:ws:{client}"))
+                .key(format!("flood:ip:ws:{client}"))
+                .arg(50_000u64)
+                .arg(100u32)
+                .arg(format!("gate:{n}"))
+                .arg(200u32)
+                .arg(lease_ms)
+                .arg(0u8);
+            pipe.invoke_script(&call).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    let flood_took = started.elapsed();
+    let info = || async {
+        let mut conn = redis.conn().await;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        (used(info), keys)
+    };
+    let (peak, peak_keys) = info().await;
+    // Every key expires within the lease.
+    tokio::time::sleep(Duration::from_millis(lease_ms + 1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (end, end_keys) = loop {
+        let (end, keys) = info().await;
+        if keys == 0 || Instant::now() > deadline {
+            break (end, keys);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "200,000 client keys in {flood_took:?}: Redis used_memory {before} B before, \
+         {peak} B with {peak_keys} keys right after, {end} B with {end_keys} keys {} s later",
+        LEASE_SECONDS + 1
+    );
+    assert_eq!(end_keys, 0, "keys without a TTL remain");
+    assert!(
+        end < before + 1024 * 1024,
+        "{end} B after, {before} B before"
+    );
+}
+
+/// `cluster` is hot-reloadable: a gate that starts without it shares the limits once a
+/// reload adds it, and goes back to its own when a reload removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_can_be_added_and_removed_by_a_reload() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let shared = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let alone = shared.split("cluster:").next().unwrap().to_owned()
+        + &shared[shared.find("defaults:").unwrap()..];
+    let a = Gate::start(&shared, &redis.url());
+    let b = Gate::start(&alone, &redis.url());
+    a.wait_up(true).await;
+    let _one = a.open("zed", "10.6.0.1").await;
+    let _two = a.open("zed", "10.6.0.1").await;
+    // b counts only its own.
+    let _three = b.open("zed", "10.6.0.2").await;
+    b.write_policy(&shared);
+    b.wait_up(true).await;
+    // Now b's own connection is not registered (admitted before), but a's two are.
+    let (status, _, body) = refusal(b.connect("zed", "10.6.0.2").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    b.write_policy(&alone);
+    b.wait_up(false).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, shown) = admin_fetch(b.admin, "/policy").await;
+        if shown.contains("\"cluster\":null") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload without cluster never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _four = b.open("zed", "10.6.0.2").await;
+}
+
+/// The renewal of 9,000 leases, as a gate holding 9,000 connections sends it every
+/// `lease_seconds / 3`: one pipeline of nine script calls. Reports what it costs Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_9000_leases_is_one_pipelined_batch() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let mut conn = redis.conn().await;
+    let script = &wsgate::cluster::scripts::REFRESH;
+    let renew = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut pipe = redis::pipe();
+        pipe.load_script(script).ignore();
+        for chunk in 0..9u32 {
+            let mut call = script.prepare_invoke();
+            call.arg(30_000u64);
+            for i in 0..1000u32 {
+                let n = chunk * 1000 + i;
+                call.key(format!("renew:sub:ws:user{n}"))
+                    .arg(format!("gate:{n}"));
+            }
+            pipe.invoke_script(&call).ignore();
+        }
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<()>(&mut conn).await }
+    };
+    renew(&mut conn).await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let rounds = 5;
+    for _ in 0..rounds {
+        renew(&mut conn).await.unwrap();
+    }
+    let took = started.elapsed() / rounds;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let evalsha = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .unwrap_or("cmdstat_evalsha: none")
+        .to_owned();
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    eprintln!(
+        "renewing 9,000 leases: {took:?} per batch (one pipeline: SCRIPT LOAD + 9 EVALSHA); \
+         {keys} lease keys; {evalsha}"
+    );
+    assert_eq!(keys, 9000);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+/// `wsgate check` on `cluster`: an unset variable is a warning (exit 0), a `rediss://` URL
+/// an error that does not repeat the URL.
+#[test]
+fn check_warns_about_an_unset_url_and_refuses_rediss() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults: {auth: {required: false}}\nroutes: [{path: /ws}]\n\
+         cluster: {redis_url_env: WSGATE_TEST_REDIS_URL}\n",
+    )
+    .unwrap();
+    let check = |url: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check")
+            .arg(&path)
+            .env_remove("WSGATE_TEST_REDIS_URL");
+        if let Some(url) = url {
+            cmd.env("WSGATE_TEST_REDIS_URL", url);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let (code, text) = check(None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("cluster.redis_url_env: warning: WSGATE_TEST_REDIS_URL is not set"),
+        "{text}"
+    );
+    let (code, text) = check(Some("rediss://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("not supported yet") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let (code, text) = check(Some("redis://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+/// `wsgate explain` with `cluster` set never contacts the store (here one that would never
+/// answer) and says that the fleet's counts are not consulted.
+#[test]
+fn explain_does_not_contact_the_store() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        policy("ws://127.0.0.1:9", &prefix(), "closed", OPEN_RATE).replace(
+            "auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret}]}",
+            "auth: {required: false}",
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("explain")
+        .arg("--policy")
+        .arg(&path)
+        .arg("--url")
+        .arg("ws://gate.example/ws")
+        .env("WSGATE_REDIS_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("explain did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("explain does not contact the store"),
+        "{text}"
+    );
+    assert!(silent.accept().is_err(), "explain connected to the store");
+}
