@@ -143,7 +143,8 @@ def run_client_leg(exe, peer, work, cases, through_gate, bearer):
     procs = Procs(work / "logs")
     try:
         up = free_port()
-        procs.spawn("echo", peer.program + ["serve", "--listen", f"127.0.0.1:{up}"], up)
+        procs.spawn("echo", peer.program + ["serve", "--listen", f"127.0.0.1:{up}"], up,
+                    start_seconds=60)
         url = f"ws://127.0.0.1:{up}/"
         if through_gate:
             gate_policy(work / "policy" / "policy.yaml", up)
@@ -170,8 +171,9 @@ def run_upstream_leg(exe, peer, work, cases, through_gate, bearer):
         spec = {"url": f"ws://127.0.0.1:{up}", "outdir": str(work / "report"),
                 "cases": cases, "exclude-cases": [], "exclude-agent-cases": {}}
         (work / "spec.json").write_text(json.dumps(spec))
+        # wstest (Python 2.7, Twisted) takes seconds to listen on a loaded machine.
         procs.spawn("wstest", [str(exe), "-m", "fuzzingserver", "-s", str(work / "spec.json"),
-                               "--webport", "0"], up, cwd=work)
+                               "--webport", "0"], up, cwd=work, start_seconds=60)
         url, headers = f"ws://127.0.0.1:{up}", []
         if through_gate:
             gate_policy(work / "policy" / "policy.yaml", up)

@@ -68,7 +68,7 @@ class Procs:
         self.procs = {}
         self.ports = {}
 
-    def spawn(self, name, cmd, port, log=True, cwd=None, env=None):
+    def spawn(self, name, cmd, port, log=True, cwd=None, env=None, start_seconds=10):
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab") if log else subprocess.DEVNULL
         proc = subprocess.Popen(self.prefix + list(cmd), stdout=out, stderr=out,
@@ -76,7 +76,7 @@ class Procs:
                                 env=env)
         self.procs[name] = proc
         if port is not None:
-            if not wait_port(port, proc):
+            if not wait_port(port, proc, start_seconds):
                 self.stop()
                 sys.exit(f"{name} did not start (see {self.logs / (name + '.log')})")
             self.ports[name] = port
