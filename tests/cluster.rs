@@ -1,7 +1,8 @@
 //! The cluster store on a real `redis-server` (Debian's package; `.ci/run` installs it),
 //! started by each test on a free loopback port and stopped by PID, shared by real gate
 //! processes (the `wsgate` binary, so that one can be killed with SIGKILL). A test is
-//! skipped, with a note, when `redis-server` is not installed.
+//! skipped, with a note, when `redis-server` is not installed, except under `CI=true`,
+//! where `.ci/run` has installed it and its absence fails the test.
 
 mod support;
 
@@ -44,6 +45,11 @@ impl Redis {
             .status()
             .is_err()
         {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "redis-server is not installed (CI=true: .ci/run installs Debian's redis-server)"
+            );
             eprintln!("redis-server is not installed: skipping (apt-get install redis-server)");
             return None;
         }
