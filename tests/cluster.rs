@@ -24,6 +24,8 @@ const TIMEOUT_MS: u64 = 50;
 /// A `redis-server` of its own, killed (by PID) when dropped.
 struct Redis {
     port: u16,
+    /// Serving TLS only (`rediss://`), with the development certificate for localhost.
+    tls: bool,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -39,6 +41,11 @@ fn free_port() -> u16 {
 impl Redis {
     /// `None` when redis-server is not installed.
     async fn start() -> Option<Redis> {
+        Redis::start_with(false).await
+    }
+
+    /// [`Redis::start`], serving TLS only when `tls`.
+    async fn start_with(tls: bool) -> Option<Redis> {
         if Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -55,6 +62,7 @@ impl Redis {
         }
         let mut redis = Redis {
             port: free_port(),
+            tls,
             child: None,
             dir: tempfile::tempdir().unwrap(),
         };
@@ -62,14 +70,48 @@ impl Redis {
         Some(redis)
     }
 
+    /// The URL the gates get (a `rediss://` one verifies the certificate: the gates
+    /// trust the development CA through `SSL_CERT_FILE`).
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.tls {
+            true => format!("rediss://localhost:{}/", self.port),
+            false => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// The test's own client, trusting the development CA for a TLS store.
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match self.tls {
+            true => {
+                let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.pem");
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                };
+                redis::Client::build_with_tls(self.url(), certs)
+            }
+            false => redis::Client::open(self.url()),
+        }
     }
 
     /// Start (again) on the same port, and wait until it answers.
     async fn resume(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let mut command = Command::new("redis-server");
+        match self.tls {
+            true => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(certs.join("localhost.pem"))
+                .arg("--tls-key-file")
+                .arg(certs.join("localhost.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("dev-ca.pem"))
+                .args(["--tls-auth-clients", "no"]),
+            false => command.args(["--port", &self.port.to_string()]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -89,7 +131,7 @@ impl Redis {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
+        let Ok(client) = self.client() else {
             return false;
         };
         let connected = tokio::time::timeout(
@@ -107,7 +149,7 @@ impl Redis {
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        self.client()
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -184,6 +226,11 @@ impl Gate {
             .arg("--policy")
             .arg(policy)
             .env("WSGATE_REDIS_URL", redis_url)
+            // A rediss:// store's certificate is signed by the development CA.
+            .env(
+                "SSL_CERT_FILE",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.pem"),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -360,6 +407,41 @@ async fn subject_cap_holds_across_three_gates_and_frees_on_close() {
         admitted_within(&gates[2], "alice", "10.0.0.3", Duration::from_secs(2)).await;
     eprintln!("slot freed on another gate after the close: {took:?}");
     drop(redis);
+}
+
+/// A `rediss://` store: two gates reach it over TLS, verifying its certificate (signed by
+/// the development CA they trust through `SSL_CERT_FILE`), and share the per-subject cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_store_is_shared_over_rediss() {
+    let Some(redis) = Redis::start_with(true).await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE);
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::start(&p, &redis.url())).collect();
+    for g in &gates {
+        g.wait_up(true).await;
+    }
+    let mut first = gates[0].open("alice", "10.0.0.1").await;
+    let _second = gates[0].open("alice", "10.0.0.2").await;
+    let (status, _, body) = refusal(gates[1].connect("alice", "10.0.0.3").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    first.close(None).await.unwrap();
+    admitted_within(&gates[1], "alice", "10.0.0.3", Duration::from_secs(2)).await;
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*sub:ws:alice")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.len(),
+        1,
+        "the subject's leases are in the TLS store: {keys:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -782,10 +864,10 @@ async fn renewing_9000_leases_is_one_pipelined_batch() {
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
 
-/// `wsgate check` on `cluster`: an unset variable is a warning (exit 0), a `rediss://` URL
-/// an error that does not repeat the URL.
+/// `wsgate check` on `cluster`: an unset variable is a warning (exit 0); a `rediss://` URL
+/// is accepted unless it turns verification off, and no error repeats the URL.
 #[test]
-fn check_warns_about_an_unset_url_and_refuses_rediss() {
+fn check_warns_about_an_unset_url_and_refuses_an_unverified_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
     std::fs::write(
@@ -813,10 +895,19 @@ fn check_warns_about_an_unset_url_and_refuses_rediss() {
         text.contains("cluster.redis_url_env: warning: WSGATE_TEST_REDIS_URL is not set"),
         "{text}"
     );
-    let (code, text) = check(Some("rediss://:hunter2@redis:6379/0"));
+    let (code, text) = check(Some("rediss://:hunter2@redis:6379/0#insecure"));
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains("not supported yet") && !text.contains("hunter2"),
+        text.contains("without certificate verification") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let (code, text) = check(Some("rediss://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let (code, text) = check(Some("http://:hunter2@redis:6379/0"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("does not hold a redis:// or rediss:// URL") && !text.contains("hunter2"),
         "{text}"
     );
     let (code, text) = check(Some("redis://:hunter2@redis:6379/0"));

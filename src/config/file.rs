@@ -54,9 +54,10 @@ pub struct PolicyFile {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
-    /// The environment variable holding the store's `redis://` URL (required; the URL,
-    /// which may carry a password, is never written in the policy). `rediss://` is not
-    /// supported yet.
+    /// The environment variable holding the store's `redis://` or `rediss://` (TLS) URL
+    /// (required; the URL, which may carry a password, is never written in the policy).
+    /// A `rediss://` store's certificate is verified against the system's roots, or the
+    /// bundle named by `SSL_CERT_FILE`.
     pub redis_url_env: String,
     /// Prefix of every key and channel the gate uses (default `wsgate:`): gates with the
     /// same store and prefix share their limits.

@@ -971,12 +971,12 @@ impl Validator<'_> {
         };
         // The variable's value is never repeated (a wrong name could point at a secret).
         if let Some(url) = &url {
-            let why = if url.starts_with("rediss://") {
-                Some("holds a rediss:// URL: TLS to the store is not supported yet")
-            } else if !url.starts_with("redis://") {
-                Some("does not hold a redis:// URL")
+            let why = if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                Some("does not hold a redis:// or rediss:// URL")
+            } else if url.contains("#insecure") {
+                Some("asks for TLS without certificate verification (#insecure), refused")
             } else if redis::Client::open(url.as_str()).is_err() {
-                Some("does not hold a valid redis:// URL")
+                Some("does not hold a valid redis:// or rediss:// URL")
             } else {
                 None
             };
