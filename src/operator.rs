@@ -157,17 +157,7 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
                 .revocations
                 .add(which.clone(), ttl)
                 .map_err(|_| Refusal::TooManyRevocations)?;
-            let filter = match &which {
-                Revoked::Sub(s) => Filter {
-                    sub: Some(s.clone()),
-                    ..Filter::default()
-                },
-                Revoked::Jti(j) => Filter {
-                    jti: Some(j.clone()),
-                    ..Filter::default()
-                },
-            };
-            let closed = operator.registry.close(&filter);
+            let closed = operator.registry.close(&Filter::revoked(&which));
             let (kind, value) = which.parts();
             tracing::info!(
                 kind,

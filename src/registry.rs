@@ -126,6 +126,21 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The connections whose token a revocation of `which` matches.
+    pub fn revoked(which: &crate::revocations::Revoked) -> Filter {
+        use crate::revocations::Revoked;
+        match which {
+            Revoked::Sub(s) => Filter {
+                sub: Some(s.clone()),
+                ..Filter::default()
+            },
+            Revoked::Jti(j) => Filter {
+                jti: Some(j.clone()),
+                ..Filter::default()
+            },
+        }
+    }
+
     pub fn matches(&self, entry: &Entry) -> bool {
         let o = &entry.opened;
         self.id.is_none_or(|id| id == entry.id)

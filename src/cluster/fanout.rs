@@ -263,17 +263,7 @@ impl Cluster {
     fn revoke(&self, which: Revoked, ttl_seconds: u64) -> Result<(), crate::revocations::Full> {
         self.revocations
             .add(which.clone(), Duration::from_secs(ttl_seconds))?;
-        let filter = match &which {
-            Revoked::Sub(s) => Filter {
-                sub: Some(s.clone()),
-                ..Filter::default()
-            },
-            Revoked::Jti(j) => Filter {
-                jti: Some(j.clone()),
-                ..Filter::default()
-            },
-        };
-        let closed = self.registry.close(&filter);
+        let closed = self.registry.close(&Filter::revoked(&which));
         if closed > 0 {
             let (kind, value) = which.parts();
             tracing::info!(
