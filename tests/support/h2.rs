@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -268,21 +268,7 @@ pub async fn echoes(ws: &mut H2Socket, text: &str) {
 
 /// Read until the close frame, reply, and return its code and reason.
 pub async fn close_of(ws: &mut H2Socket) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("no close in time")
-        {
-            Some(Ok(Message::Close(frame))) => {
-                let _ = ws.flush().await;
-                return frame.map_or((1005, String::new()), |f| {
-                    (f.code.into(), f.reason.to_string())
-                });
-            }
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
+    super::next_close(ws).await
 }
 
 /// The next close frame read off the stream without tungstenite, which refuses to parse

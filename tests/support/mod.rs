@@ -636,7 +636,10 @@ pub async fn next_message(client: &mut Client) -> Message {
 
 /// Read until the close frame arrives and send the close reply, as a well-behaved client
 /// does; returns the frame's code and reason.
-pub async fn next_close(client: &mut Client) -> (u16, String) {
+pub async fn next_close<S>(client: &mut WebSocketStream<S>) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match tokio::time::timeout(DEADLINE, client.next())
             .await
