@@ -28,6 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -340,10 +341,13 @@ impl Cluster {
             self.replaced.notify_waiters();
             return;
         };
-        let client = config
-            .url
-            .as_ref()
-            .and_then(|url| redis::Client::open(url.expose()).ok());
+        let client = config.url.as_ref().and_then(|url| {
+            // Without TCP_NODELAY (the crate's default is off), an upgrade's script call
+            // written while another's answer is due waits in the kernel for that answer.
+            let info = url.expose().into_connection_info().ok()?;
+            let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+            redis::Client::open(info.set_tcp_settings(tcp)).ok()
+        });
         let conn = client.as_ref().and_then(|client| {
             // Reconnects by itself; each attempt is bounded, and every call is bounded
             // again by the caller.
