@@ -123,9 +123,12 @@ fn sweep(listener: &std::net::TcpListener, gate: &Arc<Gate>) -> u32 {
 fn spawn_connection(gate: &Arc<Gate>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let opening = gate.shutdown.opening();
+    // Boxed: the connection's future is large (about 13 KiB: the TLS handshake, HTTP/1.1,
+    // HTTP/2 and the admission all live in it), and the runtime moves a task's future by
+    // value when it spawns it and again when it completes; moving a box moves a pointer.
     gate.shutdown
         .tracker()
-        .spawn(connection(gate.clone(), tcp, peer, opening));
+        .spawn(Box::pin(connection(gate.clone(), tcp, peer, opening)));
 }
 
 /// One accepted connection. `opening` is held until its first request has been answered
