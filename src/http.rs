@@ -65,10 +65,13 @@ pub async fn handle(
     let (response, admitted) = answer(&gate, conn, Asked::Upgrade(parts)).await;
     if let Some(admitted) = admitted {
         gate.shutdown.tracker().spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => admitted.relay(relay::Client::upgraded(upgraded)).await,
-                Err(e) => tracing::debug!(error = %e, "client upgrade did not complete"),
-            }
+            // (Not a `match` around the relay's await: its scrutinee would be kept beside
+            // the relay for the connection's life.)
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => return tracing::debug!(error = %e, "client upgrade did not complete"),
+            };
+            admitted.relay(relay::Client::upgraded(upgraded)).await;
             drop(hold);
         });
     }
@@ -437,19 +440,33 @@ pub struct Admitted {
 impl Admitted {
     /// Relay between the client's socket and the upstream until the connection ends; the
     /// relay counts and logs the close.
-    pub async fn relay(self, client: relay::Client) {
+    ///
+    /// Not an `async fn`, whose future would keep its arguments (the boxed `Held`, the
+    /// client) and what was moved out of them beside the relay's own state for the
+    /// connection's whole life: the parts are handed on before the future exists, and it
+    /// keeps only the relay, the caps and the registry place (`-Zprint-type-sizes`).
+    pub fn relay(self, client: relay::Client) -> impl std::future::Future<Output = ()> + Send {
+        use futures_util::FutureExt;
         let Admitted {
             held,
             route,
             shutdown,
             ..
         } = self;
-        let (_, ended) = relay::run(client, held.socket, route, shutdown, held.connection).await;
-        // The connection's slots go as it is logged closed; its sockets linger a while
-        // (boxed, as the relay's closing is: for a few seconds, not the connection's life).
-        drop(held.slots);
-        drop(held.registered);
-        Box::pin(ended.linger()).await;
+        let Held {
+            socket,
+            connection,
+            slots,
+            registered,
+        } = *held;
+        relay::run(client, socket, route, shutdown, connection).then(move |(_, ended)| {
+            // The connection's slots go as it is logged closed; its sockets linger a while
+            // (boxed, as the relay's closing is: for a few seconds, not the connection's
+            // life).
+            drop(slots);
+            drop(registered);
+            Box::pin(ended.linger())
+        })
     }
 }
 
