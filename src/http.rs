@@ -409,8 +409,8 @@ async fn switch(
         protocol: conn.protocol,
     };
     let shutdown = gate.shutdown.token();
-    // What the task needs, in one allocation: the task itself then stays small for the
-    // connection's whole life (its captures are kept beside every later state).
+    // What the relay needs, in one allocation until the upgrade completes: the task's
+    // captures are kept beside every later state, so they stay a pointer.
     let held = Box::new(Held {
         socket,
         connection,
@@ -460,18 +460,18 @@ impl Admitted {
             registered,
         } = *held;
         relay::run(client, socket, route, shutdown, connection).then(move |(_, ended)| {
-            // The connection's slots go as it is logged closed; its sockets linger a while
-            // (boxed, as the relay's closing is: for a few seconds, not the connection's
-            // life).
+            // The connection's slots go as it is logged closed; its sockets then linger a
+            // while, in the place the relay's future had (no larger than it).
             drop(slots);
             drop(registered);
-            Box::pin(ended.linger())
+            ended.linger()
         })
     }
 }
 
-/// What an upgraded connection's task holds until its close line: the parts the relay
-/// takes, and the caps.
+/// What an admitted upgrade waits with until the client's upgrade completes: the parts the
+/// relay takes, and the caps and registry place that the task then keeps until its close
+/// line.
 struct Held {
     socket: crate::upstream::UpstreamSocket,
     connection: relay::Connection,
