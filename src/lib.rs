@@ -174,7 +174,10 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         options.sighup,
         &gate.shutdown,
     );
-    tracing::info!(%addr, tls = gate.tls.is_some(), admin = ?admin_addr, "listening");
+    match admin_addr {
+        Some(admin) => tracing::info!(%addr, tls = gate.tls.is_some(), %admin, "listening"),
+        None => tracing::info!(%addr, tls = gate.tls.is_some(), admin = "off", "listening"),
+    }
     Ok(Running {
         addr,
         admin_addr,

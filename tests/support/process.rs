@@ -95,9 +95,9 @@ impl Proc {
             .unwrap();
         proc.addr = addr.parse().unwrap();
         proc.admin = line
-            .split("admin=Some(")
+            .split("admin=")
             .nth(1)
-            .and_then(|s| s.split(')').next())
+            .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse().ok());
         proc
     }
