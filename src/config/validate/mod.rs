@@ -22,9 +22,6 @@ use crate::policy::{
     OriginPattern, OriginRules, Policy, Rate, Route, Timeouts, TokenSource, Upstream, UpstreamTls,
 };
 
-/// Smallest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash.
-const MIN_HMAC_SECRET_BYTES: usize = 32;
-
 /// Whether a URL carries user information (`user:password@host`). wsgate never sends it
 /// (no Basic auth to an upstream or a key server), and URLs are logged and shown by
 /// `/policy`.
@@ -124,30 +121,6 @@ pub fn validate(
     Ok((policy, v.warnings))
 }
 
-/// The key families a route's `auth.algorithms` names, for the keys it lists.
-struct Families<'a> {
-    names: HashSet<KeyFamily>,
-    /// Where the algorithms were set, and the route (`routes[i]`) they apply to.
-    field: String,
-    route: &'a str,
-}
-
-impl Families<'_> {
-    /// The warning for a key no algorithm of the route can use.
-    fn unused(&self, family: KeyFamily) -> String {
-        let what = match family {
-            KeyFamily::Hmac => "an HMAC secret, but no HS* algorithm",
-            KeyFamily::Rsa => "an RSA key, but no RS*/PS* algorithm",
-            KeyFamily::Ec => "an EC key, but no ES* algorithm",
-            KeyFamily::Ed => "an Ed25519 key, but no EdDSA algorithm",
-        };
-        format!(
-            "{what} is in {} (for {}): the key is never used",
-            self.field, self.route
-        )
-    }
-}
-
 struct Validator<'a> {
     errors: Vec<FieldError>,
     warnings: Vec<FieldWarning>,
@@ -194,6 +167,9 @@ macro_rules! pick {
         )
     };
 }
+
+// After `pick!`, which it uses (a macro is in scope only below its definition).
+mod auth;
 
 impl Validator<'_> {
     fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
@@ -429,337 +405,6 @@ impl Validator<'_> {
             config: Arc::new(config),
             server_name,
         })
-    }
-
-    fn auth(&mut self, p: &Pick<'_>) -> Auth {
-        let required = pick!(p, auth.required).map(|(b, _)| *b).unwrap_or(true);
-
-        let token_sources = match pick!(p, auth.token_sources) {
-            Some((list, field)) => self.token_sources(&field, list),
-            None => DEFAULT_TOKEN_SOURCES
-                .iter()
-                .filter_map(|s| parse_token_source(s).ok())
-                .collect(),
-        };
-        if required && token_sources.is_empty() {
-            self.err(
-                p.path("auth.token_sources"),
-                "auth is required but no token source is listed",
-            );
-        }
-
-        let (algorithms, alg_field) = match pick!(p, auth.algorithms) {
-            Some((list, field)) => (self.algorithms(&field, list), field),
-            None => (
-                DEFAULT_ALGORITHMS
-                    .iter()
-                    .filter_map(|a| Algorithm::from_str(a).ok())
-                    .collect(),
-                p.path("auth.algorithms"),
-            ),
-        };
-        // HMAC and public-key algorithms may be listed together (an issuer moving from
-        // HS256 to RS256): a token is only ever tried against keys of its `alg`'s family,
-        // so a public key never serves as an HMAC secret (admission::token::try_keys).
-        let families = Families {
-            names: algorithms.iter().map(|a| KeyFamily::of(*a)).collect(),
-            field: alg_field,
-            route: p.at,
-        };
-
-        let mut keys = Vec::new();
-        let mut jwks_urls = Vec::new();
-        let mut unusable = 0;
-        let keys_field = pick!(p, auth.keys).map(|(list, field)| {
-            for (i, k) in list.iter().enumerate() {
-                unusable += self.key(
-                    &format!("{field}[{i}]"),
-                    k,
-                    &families,
-                    &mut keys,
-                    &mut jwks_urls,
-                );
-            }
-            field
-        });
-        if required && keys.is_empty() && jwks_urls.is_empty() {
-            self.err(
-                keys_field.unwrap_or_else(|| p.path("auth.keys")),
-                if unusable > 0 {
-                    "auth is required but no configured key is of a family auth.algorithms names"
-                } else {
-                    "auth is required but no keys are configured"
-                },
-            );
-        }
-
-        let issuer = pick!(p, auth.issuer)
-            .map(|(l, _)| l.clone())
-            .unwrap_or_default();
-        let audience = pick!(p, auth.audience)
-            .map(|(l, _)| l.clone())
-            .unwrap_or_default();
-        let leeway_seconds = pick!(p, auth.leeway_seconds)
-            .map(|(n, _)| *n)
-            .unwrap_or(DEFAULT_LEEWAY_SECONDS);
-        if leeway_seconds > 3600 {
-            self.err(p.path("auth.leeway_seconds"), "must be at most 3600");
-        }
-
-        let require_claims = self.claim_values(pick!(p, auth.require_claims), "accepted");
-        let deny_claims = self.claim_values(pick!(p, auth.deny_claims), "denied");
-        let mut forward_claims = Vec::new();
-        if let Some((map, field)) = pick!(p, auth.forward_claims) {
-            for (claim, header) in map {
-                match HeaderName::from_str(header) {
-                    Ok(h) if !crate::upstream::is_reserved_header(&h) => {
-                        forward_claims.push((claim.clone(), h))
-                    }
-                    Ok(_) => self.err(
-                        format!("{field}.{claim}"),
-                        format!("{header:?} is a header wsgate sets itself"),
-                    ),
-                    Err(_) => self.err(
-                        format!("{field}.{claim}"),
-                        format!("{header:?} is not a valid header name"),
-                    ),
-                }
-            }
-        }
-        let close_on_expiry = pick!(p, auth.close_on_expiry)
-            .map(|(b, _)| *b)
-            .unwrap_or(true);
-        let forward_token = pick!(p, auth.forward_token)
-            .map(|(b, _)| *b)
-            .unwrap_or(false);
-
-        Auth {
-            required,
-            token_sources,
-            algorithms,
-            keys,
-            jwks_urls,
-            issuer,
-            audience,
-            leeway_seconds,
-            require_claims,
-            deny_claims,
-            forward_claims,
-            close_on_expiry,
-            forward_token,
-        }
-    }
-
-    /// `require_claims` or `deny_claims`: claim → values, each with at least one value.
-    fn claim_values(
-        &mut self,
-        picked: Option<(&BTreeMap<String, Vec<String>>, String)>,
-        kind: &str,
-    ) -> Vec<(String, Vec<String>)> {
-        let Some((map, field)) = picked else {
-            return Vec::new();
-        };
-        map.iter()
-            .map(|(claim, values)| {
-                if values.is_empty() {
-                    self.err(
-                        format!("{field}.{claim}"),
-                        format!("needs at least one {kind} value"),
-                    );
-                }
-                (claim.clone(), values.clone())
-            })
-            .collect()
-    }
-
-    fn token_sources(&mut self, field: &str, list: &[String]) -> Vec<TokenSource> {
-        let mut out = Vec::new();
-        for (i, s) in list.iter().enumerate() {
-            match parse_token_source(s) {
-                Ok(src) => out.push(src),
-                Err(e) => self.err(format!("{field}[{i}]"), e),
-            }
-        }
-        out
-    }
-
-    fn algorithms(&mut self, field: &str, list: &[String]) -> Vec<Algorithm> {
-        let mut out = Vec::new();
-        for (i, name) in list.iter().enumerate() {
-            if name.eq_ignore_ascii_case("none") {
-                self.err(
-                    format!("{field}[{i}]"),
-                    "\"none\" is never accepted: tokens must be signed",
-                );
-                continue;
-            }
-            match Algorithm::from_str(name) {
-                Ok(a) => out.push(a),
-                Err(_) => self.err(
-                    format!("{field}[{i}]"),
-                    format!(
-                        "unknown algorithm {name:?} (known: HS256 HS384 HS512 RS256 RS384 RS512 \
-                         PS256 PS384 PS512 ES256 ES384 EdDSA)"
-                    ),
-                ),
-            }
-        }
-        out
-    }
-
-    /// Load one `auth.keys` entry into `keys` (or `jwks_urls`). Returns how many of its
-    /// keys were left out, with a warning, for being of a family no algorithm names.
-    fn key(
-        &mut self,
-        at: &str,
-        k: &file::KeyFile,
-        families: &Families<'_>,
-        keys: &mut Vec<Key>,
-        jwks_urls: &mut Vec<JwksUrl>,
-    ) -> usize {
-        let sources = [
-            k.hmac_secret_env.is_some(),
-            k.hmac_secret_file.is_some(),
-            k.public_key_file.is_some(),
-            k.jwks_file.is_some(),
-            k.jwks_url.is_some(),
-        ];
-        if sources.iter().filter(|s| **s).count() != 1 {
-            self.err(
-                at,
-                "exactly one of hmac_secret_env, hmac_secret_file, public_key_file, jwks_file, \
-                 jwks_url must be set",
-            );
-            return 0;
-        }
-        if k.refresh_seconds.is_some() && k.jwks_url.is_none() {
-            self.err(format!("{at}.refresh_seconds"), "only applies to jwks_url");
-        }
-        if k.kid.is_some() && (k.jwks_file.is_some() || k.jwks_url.is_some()) {
-            self.err(format!("{at}.kid"), "a JWKS names its keys itself");
-        }
-        let mut unusable = 0;
-        let mut check_family = |v: &mut Self, field: &str, family: KeyFamily| {
-            let usable = families.names.contains(&family);
-            if !usable {
-                unusable += 1;
-                v.warn(field, families.unused(family));
-            }
-            usable
-        };
-
-        if let Some(var) = &k.hmac_secret_env {
-            let field = format!("{at}.hmac_secret_env");
-            match std::env::var(var) {
-                Ok(secret) => {
-                    self.hmac_key(&field, secret.into_bytes(), k, keys, &mut check_family)
-                }
-                Err(_) => self.err(field, format!("environment variable {var} is not set")),
-            }
-        } else if let Some(path) = &k.hmac_secret_file {
-            let field = format!("{at}.hmac_secret_file");
-            match std::fs::read(self.resolve(path)) {
-                Ok(mut secret) => {
-                    while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                        secret.pop();
-                    }
-                    self.hmac_key(&field, secret, k, keys, &mut check_family)
-                }
-                Err(e) => self.err(field, format!("cannot read {path}: {e}")),
-            }
-        } else if let Some(path) = &k.public_key_file {
-            let field = format!("{at}.public_key_file");
-            let pem = match std::fs::read(self.resolve(path)) {
-                Ok(pem) => pem,
-                Err(e) => {
-                    self.err(field, format!("cannot read {path}: {e}"));
-                    return 0;
-                }
-            };
-            let parsed = DecodingKey::from_rsa_pem(&pem)
-                .map(|k| (KeyFamily::Rsa, k))
-                .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (KeyFamily::Ec, k)))
-                .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|k| (KeyFamily::Ed, k)));
-            match parsed {
-                Ok((family, decoding)) => {
-                    if check_family(self, &field, family) {
-                        keys.push(Key {
-                            kid: k.kid.clone(),
-                            family,
-                            alg: None,
-                            decoding,
-                        });
-                    }
-                }
-                Err(_) => self.err(
-                    field,
-                    format!("{path} is not an RSA, EC or Ed25519 public key PEM"),
-                ),
-            }
-        } else if let Some(path) = &k.jwks_file {
-            let field = format!("{at}.jwks_file");
-            let text = match std::fs::read(self.resolve(path)) {
-                Ok(text) => text,
-                Err(e) => {
-                    self.err(field, format!("cannot read {path}: {e}"));
-                    return 0;
-                }
-            };
-            match parse_jwks(&text) {
-                Ok(found) if found.is_empty() => self.err(field, "the key set has no usable keys"),
-                Ok(found) => {
-                    for key in found {
-                        if check_family(self, &field, key.family) {
-                            keys.push(key);
-                        }
-                    }
-                }
-                Err(e) => self.err(field, e),
-            }
-        } else if let Some(url) = &k.jwks_url {
-            match Uri::from_str(url) {
-                Ok(uri) if has_userinfo(&uri) => self.err(format!("{at}.jwks_url"), NO_CREDENTIALS),
-                Ok(_) if url.starts_with("https://") => {}
-                _ => self.err(format!("{at}.jwks_url"), "must be an https:// URL"),
-            }
-            let refresh = k.refresh_seconds.unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
-            if refresh == 0 {
-                self.err(format!("{at}.refresh_seconds"), "must be at least 1");
-            }
-            jwks_urls.push(JwksUrl {
-                url: url.clone(),
-                refresh: Duration::from_secs(refresh),
-            });
-        }
-        unusable
-    }
-
-    fn hmac_key(
-        &mut self,
-        field: &str,
-        secret: Vec<u8>,
-        k: &file::KeyFile,
-        keys: &mut Vec<Key>,
-        check_family: &mut impl FnMut(&mut Self, &str, KeyFamily) -> bool,
-    ) {
-        if secret.len() < MIN_HMAC_SECRET_BYTES {
-            self.err(
-                field,
-                format!(
-                    "HMAC secret is {} bytes; at least {MIN_HMAC_SECRET_BYTES} are required",
-                    secret.len()
-                ),
-            );
-            return;
-        }
-        if check_family(self, field, KeyFamily::Hmac) {
-            keys.push(Key {
-                kid: k.kid.clone(),
-                family: KeyFamily::Hmac,
-                alg: None,
-                decoding: DecodingKey::from_secret(&secret),
-            });
-        }
     }
 
     fn origin(&mut self, p: &Pick<'_>) -> OriginRules {
@@ -1052,31 +697,6 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
         .or_else(|| std::net::IpAddr::from_str(s).ok().map(IpNet::from))
 }
 
-fn parse_token_source(s: &str) -> Result<TokenSource, String> {
-    let named = |rest: &str, kind: &str| {
-        if rest.is_empty() {
-            Err(format!(
-                "{kind}: needs a name, e.g. \"{kind}:access_token\""
-            ))
-        } else {
-            Ok(rest.to_owned())
-        }
-    };
-    if s == "header" {
-        Ok(TokenSource::Header)
-    } else if let Some(rest) = s.strip_prefix("query:") {
-        named(rest, "query").map(TokenSource::Query)
-    } else if let Some(rest) = s.strip_prefix("cookie:") {
-        named(rest, "cookie").map(TokenSource::Cookie)
-    } else if let Some(rest) = s.strip_prefix("subprotocol:") {
-        named(rest, "subprotocol").map(TokenSource::Subprotocol)
-    } else {
-        Err(format!(
-            "unknown token source {s:?} (header, query:NAME, cookie:NAME, subprotocol:PREFIX)"
-        ))
-    }
-}
-
 /// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
 pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     let lower = s.trim().to_ascii_lowercase();
@@ -1236,15 +856,5 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(errors[0].field, "defaults.messages.max_frame_bytes");
-    }
-
-    #[test]
-    fn token_sources() {
-        assert_eq!(
-            parse_token_source("query:t"),
-            Ok(TokenSource::Query("t".into()))
-        );
-        assert!(parse_token_source("query:").is_err());
-        assert!(parse_token_source("body").is_err());
     }
 }
