@@ -346,11 +346,12 @@ async fn switch(
         Handshake::H2 => response.status(StatusCode::OK),
     };
     // A browser fails a handshake whose non-empty offer got no answer: when the upstream
-    // selects nothing, the client's token entry is selected (the upstream never sees it).
+    // selects nothing, the client's token entry is selected (the upstream never sees it,
+    // unless the route forwards the token; then it was offered the entry and chose none).
     let token_entry = || {
         protocols
             .iter()
-            .find(|p| !to_upstream.contains(p))
+            .find(|p| upstream::is_token_protocol(p, &route.auth.token_sources))
             .and_then(|p| HeaderValue::from_str(p).ok())
     };
     if let Some(protocol) = socket.protocol.clone().or_else(token_entry) {

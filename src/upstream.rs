@@ -211,14 +211,24 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
         out.insert(header::COOKIE, joined);
     }
 
-    let xff_peer = fwd.peer.to_string();
-    let xff = match client.get(HeaderName::from_static("x-forwarded-for")) {
-        Some(prior) if fwd.peer_trusted => match prior.to_str() {
-            Ok(p) if !p.trim().is_empty() => format!("{}, {xff_peer}", p.trim()),
-            _ => xff_peer,
-        },
-        _ => xff_peer,
-    };
+    // A trusted proxy's chain is extended, every field of it in order (RFC 9110 §5.3: the
+    // fields are one comma-separated list; HAProxy's `option forwardfor` adds a field of its
+    // own), so the upstream sees the chain the client IP was taken from.
+    let mut xff = String::new();
+    if fwd.peer_trusted {
+        for prior in client.get_all(HeaderName::from_static("x-forwarded-for")) {
+            match prior.to_str().map(str::trim) {
+                Ok("") => {}
+                Ok(p) => {
+                    xff.push_str(p);
+                    xff.push_str(", ");
+                }
+                // Not text: dropped, as a single such field always was.
+                Err(_) => {}
+            }
+        }
+    }
+    xff.push_str(&fwd.peer.to_string());
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
@@ -239,11 +249,12 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     out
 }
 
+/// `Bearer <token>`, or a bare `Bearer` (an empty carrier, removed like a full one).
 fn is_bearer(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+    let v = value.as_bytes();
+    v.get(..6)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer"))
+        && v.get(6).is_none_or(|&b| b == b' ')
 }
 
 /// Cookie header values as one value, in order, separated by "; ".
@@ -309,12 +320,15 @@ pub fn strip_token_protocols<'p>(protocols: &[&'p str], sources: &[TokenSource])
     protocols
         .iter()
         .copied()
-        .filter(|p| {
-            !sources.iter().any(
-                |s| matches!(s, TokenSource::Subprotocol(prefix) if p.starts_with(prefix.as_str())),
-            )
-        })
+        .filter(|p| !is_token_protocol(p, sources))
         .collect()
+}
+
+/// Whether an offered subprotocol is a token entry (starts with a `subprotocol:` prefix).
+pub fn is_token_protocol(protocol: &str, sources: &[TokenSource]) -> bool {
+    sources.iter().any(
+        |s| matches!(s, TokenSource::Subprotocol(prefix) if protocol.starts_with(prefix.as_str())),
+    )
 }
 
 /// An upstream WebSocket, handshake completed.
@@ -742,5 +756,36 @@ mod tests {
             forward_headers(&h, &fwd)["x-forwarded-for"],
             "1.2.3.4, 10.0.0.1"
         );
+        // Every field of the chain, in order (a proxy that adds a field of its own).
+        h.append("x-forwarded-for", HeaderValue::from_static(" "));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("5.6.7.8, 9.9.9.9"),
+        );
+        assert_eq!(
+            forward_headers(&h, &fwd)["x-forwarded-for"],
+            "1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.1"
+        );
+        fwd.peer_trusted = false;
+        assert_eq!(forward_headers(&h, &fwd)["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn bearer_carriers_full_or_empty() {
+        for (value, carrier) in [
+            ("Bearer abc", true),
+            ("bearer abc", true),
+            ("Bearer", true),
+            ("BEARER ", true),
+            ("Bearerish x", false),
+            ("Basic YTpi", false),
+            ("Bear", false),
+        ] {
+            assert_eq!(
+                is_bearer(&HeaderValue::from_static(value)),
+                carrier,
+                "{value}"
+            );
+        }
     }
 }

@@ -293,6 +293,28 @@ async fn trusted_proxy_forwarded_for_is_extended() {
         upstream.last_seen().headers["x-forwarded-for"],
         "203.0.113.7, 127.0.0.1"
     );
+
+    // A chain in several fields (a client's forged one, then its proxy's own, as HAProxy's
+    // `option forwardfor` adds it) reaches the upstream whole: the app sees the address
+    // the gate admitted, not only the first field's.
+    let mut request = gate.request("/ws");
+    let headers = request.headers_mut();
+    headers.append("x-forwarded-for", header_value("8.8.8.8"));
+    headers.append("x-forwarded-for", header_value("198.51.100.9"));
+    let (_client, _) = gate.connect_request(request).await.unwrap();
+    assert_eq!(
+        upstream.last_seen().headers["x-forwarded-for"],
+        "8.8.8.8, 198.51.100.9, 127.0.0.1"
+    );
+    assert_eq!(
+        upstream
+            .last_seen()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]

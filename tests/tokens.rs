@@ -533,6 +533,35 @@ async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
     assert!(header_values(&seen.headers, "sec-websocket-protocol").is_empty());
 }
 
+/// The same with `forward_token: true`: the upstream is offered the entry and selects
+/// nothing, and the 101 still answers the client's offer with it (Node `ws` and browsers
+/// fail a handshake whose offer got no answer).
+#[tokio::test]
+async fn the_token_entry_is_selected_when_a_forwarding_route_s_upstream_selects_nothing() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "forward_token: true").await;
+    let token = hs256(&claims(json!({})));
+    let entry = format!("bearer.{token}");
+    let mut req = gate.request("/ws");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", header_value(&entry));
+    let (mut client, response) = gate
+        .connect_request(req)
+        .await
+        .expect("the handshake must complete");
+    assert_eq!(response.headers()["sec-websocket-protocol"], entry.as_str());
+    client.send(tungstenite::Message::text("hi")).await.unwrap();
+    assert_eq!(
+        next_message(&mut client).await,
+        tungstenite::Message::text("hi")
+    );
+    let seen = upstream.last_seen();
+    assert_eq!(
+        header_values(&seen.headers, "sec-websocket-protocol"),
+        vec![entry]
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. No token
 
