@@ -262,6 +262,19 @@ pub enum TokenSource {
     Subprotocol(String),
 }
 
+/// The source as a policy names it: `header`, `query:NAME`, `cookie:NAME`,
+/// `subprotocol:PREFIX`.
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Header => f.write_str("header"),
+            TokenSource::Query(name) => write!(f, "query:{name}"),
+            TokenSource::Cookie(name) => write!(f, "cookie:{name}"),
+            TokenSource::Subprotocol(prefix) => write!(f, "subprotocol:{prefix}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum KeyFamily {
     Hmac,
@@ -350,7 +363,7 @@ pub struct JwksUrl {
 #[derive(Debug, Serialize)]
 pub struct Auth {
     pub required: bool,
-    #[serde(skip)]
+    #[serde(serialize_with = "shown::display_each")]
     pub token_sources: Vec<TokenSource>,
     pub algorithms: Vec<Algorithm>,
     pub keys: Vec<Key>,
@@ -358,13 +371,13 @@ pub struct Auth {
     pub issuer: Vec<String>,
     pub audience: Vec<String>,
     pub leeway_seconds: u64,
-    #[serde(skip)]
+    #[serde(serialize_with = "shown::pairs")]
     pub require_claims: Vec<(String, Vec<String>)>,
     /// Claim → values: a token with any of them is refused (the opposite of
     /// `require_claims`, judged by the same rule).
-    #[serde(skip)]
+    #[serde(serialize_with = "shown::pairs")]
     pub deny_claims: Vec<(String, Vec<String>)>,
-    #[serde(skip)]
+    #[serde(serialize_with = "shown::forwarded_claims")]
     pub forward_claims: Vec<(String, HeaderName)>,
     pub close_on_expiry: bool,
     /// Keep the carrier of the verified token on the request upstream (for upstreams that
@@ -394,9 +407,29 @@ pub enum OriginPattern {
     },
 }
 
+/// The pattern as an operator writes it (`/policy` shows it so).
+impl std::fmt::Display for OriginPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OriginPattern::Exact(origin) => f.write_str(origin),
+            OriginPattern::Subdomains {
+                scheme,
+                domain,
+                port,
+            } => {
+                write!(f, "{scheme}://*.{domain}")?;
+                match port {
+                    Some(port) => write!(f, ":{port}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct OriginRules {
-    #[serde(serialize_with = "shown::debug_each")]
+    #[serde(serialize_with = "shown::display_each")]
     pub allow: Vec<OriginPattern>,
     pub allow_missing: bool,
 }
@@ -511,11 +544,17 @@ mod shown {
         s.collect_seq(items.iter().map(|i| i.to_string()))
     }
 
-    pub fn debug_each<S: Serializer, T: std::fmt::Debug>(
-        items: &[T],
+    /// Claim → values, as a map.
+    pub fn pairs<S: Serializer>(pairs: &[(String, Vec<String>)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
+    }
+
+    /// Claim → header name, as a map.
+    pub fn forwarded_claims<S: Serializer>(
+        pairs: &[(String, http::HeaderName)],
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(items.iter().map(|i| format!("{i:?}")))
+        s.collect_map(pairs.iter().map(|(k, v)| (k, v.as_str())))
     }
 }
 

@@ -143,7 +143,7 @@ async fn report_violations_are_counted_by_route_and_reason() {
 async fn policy_endpoint_shows_the_policy_and_no_secret() {
     let upstream = Upstream::start().await;
     let policy = format!(
-        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow: [\"https://app.example.com\"]}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret, kid: k1}}]}}\nroutes:\n  - path: /ws\n    name: chat\n",
+        "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow: [\"https://app.example.com\", \"https://*.Example.com:8443\"]}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret, kid: k1}}], token_sources: [header, \"query:t\"], require_claims: {{role: [a, b]}}, forward_claims: {{sub: X-Sub}}}}\nroutes:\n  - path: /ws\n    name: chat\n",
         upstream.url()
     );
     let gate = TestGate::start(&policy).await;
@@ -156,6 +156,25 @@ async fn policy_endpoint_shows_the_policy_and_no_secret() {
     assert_eq!(json["routes"][0]["name"], "chat");
     assert_eq!(json["routes"][0]["auth"]["keys"][0]["kid"], "k1");
     assert_eq!(json["file"]["routes"][0]["path"], "/ws");
+    // Resolved values read as the operator writes them, never as Rust's Debug output.
+    assert_eq!(
+        json["routes"][0]["origin"]["allow"],
+        serde_json::json!(["https://app.example.com", "https://*.example.com:8443"])
+    );
+    let auth = &json["routes"][0]["auth"];
+    assert_eq!(
+        auth["token_sources"],
+        serde_json::json!(["header", "query:t"])
+    );
+    assert_eq!(
+        auth["require_claims"],
+        serde_json::json!({"role": ["a", "b"]})
+    );
+    assert_eq!(auth["deny_claims"], serde_json::json!({}));
+    assert_eq!(auth["forward_claims"], serde_json::json!({"sub": "x-sub"}));
+    for debug in ["Some(", "None", "Exact(", "Subdomains", "{ "] {
+        assert!(!body.contains(debug), "{debug:?} in /policy: {body}");
+    }
     assert!(
         !body.contains(SECRET),
         "the HMAC secret leaked into /policy"
