@@ -58,12 +58,28 @@ async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Bod
         "/metrics" => {
             // Expired revocations leave `wsgate_revocations_active` before it is read.
             gate.operator.revocations.evict();
-            return Ok(Response::builder()
-                .header(
-                    http::header::CONTENT_TYPE,
+            // OpenMetrics for a scraper that asks for it (Prometheus does), Prometheus'
+            // text format 0.0.4 otherwise, as Prometheus' own client libraries answer.
+            let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.to_ascii_lowercase()
+                        .contains("application/openmetrics-text")
+                })
+            });
+            let (content_type, text) = if openmetrics {
+                (
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    gate.metrics.encode(),
                 )
-                .body(full(Bytes::from(gate.metrics.encode())))
+            } else {
+                (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    gate.metrics.encode_prometheus_text(),
+                )
+            };
+            return Ok(Response::builder()
+                .header(http::header::CONTENT_TYPE, content_type)
+                .body(full(Bytes::from(text)))
                 .unwrap_or_default());
         }
         "/policy" => {

@@ -222,12 +222,19 @@ impl Metrics {
     }
 
     /// The text exposition (OpenMetrics) of every metric.
+    /// The exposition in OpenMetrics' text format (prometheus-client's own).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The exposition in Prometheus' text format 0.0.4, for a scraper that does not ask
+    /// for OpenMetrics (see [`to_prometheus_text`]).
+    pub fn encode_prometheus_text(&self) -> String {
+        to_prometheus_text(&self.encode())
     }
 
     pub fn upgrade(&self, route: &str, result: &'static str) {
@@ -349,5 +356,71 @@ impl ConnectionMetrics {
 impl Drop for ConnectionMetrics {
     fn drop(&mut self) {
         self.active.dec();
+    }
+}
+
+/// OpenMetrics text as Prometheus' text format 0.0.4: a counter's `# HELP` and `# TYPE`
+/// lines name its `_total` series (OpenMetrics names the family without the suffix, which
+/// a 0.0.4 parser reads as a different, empty metric), `unknown` becomes `untyped`, and
+/// the `# UNIT` and `# EOF` lines go. Samples are the same in both formats.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 1024);
+    // prometheus-client writes a family's HELP line just before its TYPE line; the HELP
+    // waits here until the TYPE says whether the name needs its suffix.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(waiting) = help.replace(rest) {
+                push_line(&mut out, &["# HELP ", waiting]);
+            }
+            continue;
+        }
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|t| t.split_once(' ')) {
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", kind),
+                "unknown" => ("", "untyped"),
+                _ => ("", kind),
+            };
+            if let Some(waiting) = help.take() {
+                match waiting.split_once(' ') {
+                    Some((of, text)) if of == name => {
+                        push_line(&mut out, &["# HELP ", name, suffix, " ", text]);
+                    }
+                    _ => push_line(&mut out, &["# HELP ", waiting]),
+                }
+            }
+            push_line(&mut out, &["# TYPE ", name, suffix, " ", kind]);
+            continue;
+        }
+        if let Some(waiting) = help.take() {
+            push_line(&mut out, &["# HELP ", waiting]);
+        }
+        push_line(&mut out, &[line]);
+    }
+    if let Some(waiting) = help {
+        push_line(&mut out, &["# HELP ", waiting]);
+    }
+    out
+}
+
+fn push_line(out: &mut String, parts: &[&str]) {
+    parts.iter().for_each(|p| out.push_str(p));
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod text_format_tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_are_named_by_their_series_and_eof_goes() {
+        let om = "# HELP wsgate_upgrades Upgrade requests.\n# TYPE wsgate_upgrades counter\nwsgate_upgrades_total{route=\"ws\",result=\"accepted\"} 3\n# HELP wsgate_connections_active Open connections.\n# TYPE wsgate_connections_active gauge\nwsgate_connections_active{route=\"ws\"} 1\n# TYPE x unknown\nx 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP wsgate_upgrades_total Upgrade requests.\n# TYPE wsgate_upgrades_total counter\nwsgate_upgrades_total{route=\"ws\",result=\"accepted\"} 3\n# HELP wsgate_connections_active Open connections.\n# TYPE wsgate_connections_active gauge\nwsgate_connections_active{route=\"ws\"} 1\n# TYPE x untyped\nx 1\n"
+        );
     }
 }

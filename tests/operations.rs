@@ -116,7 +116,39 @@ async fn metrics_carry_every_spec_name_after_traffic() {
     );
     // Families without a series yet (no report-mode violation here) are not exposed;
     // report_violations_are_counted_by_route_and_reason covers that one.
-    assert!(m.trim_end().ends_with("# EOF"));
+
+    // Without an Accept for OpenMetrics: Prometheus' text format 0.0.4, where a counter's
+    // HELP and TYPE lines name its `_total` series, and no `# EOF`.
+    assert!(
+        m.contains("\n# TYPE wsgate_upgrades_total counter\n"),
+        "{m}"
+    );
+    assert!(m.contains("\n# HELP wsgate_closes_total "), "{m}");
+    assert!(!m.contains("# TYPE wsgate_upgrades counter"), "{m}");
+    assert!(!m.contains("# EOF"), "{m}");
+    // A scraper asking for OpenMetrics (as Prometheus does) gets it.
+    let (status, head, om) = admin_request(
+        gate.admin,
+        "GET",
+        "/metrics",
+        &["Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(om.contains("\n# TYPE wsgate_upgrades counter\n"), "{om}");
+    assert!(om.trim_end().ends_with("# EOF"));
+    let (_, head, _) = admin_request(gate.admin, "GET", "/metrics", &[], b"").await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
 }
 
 #[tokio::test]
