@@ -25,6 +25,10 @@ use crate::cluster::Cluster;
 use crate::registry::{Filter, Registry};
 use crate::revocations::{Revocations, Revoked, MAX_REVOCATIONS, MAX_TTL_SECONDS};
 
+/// How long a request's body may take to arrive once its head has: an operator's client
+/// sends 16 KiB at most, and a body that never ends must not hold the connection.
+const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The largest request body accepted (16 KiB).
 pub const MAX_BODY: usize = 16 * 1024;
 /// `limit` of `GET /connections` when none is given, and the most it may be.
@@ -221,10 +225,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(Refusal::TooLarge);
     }
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(Refusal::TooLarge),
-        Err(_) => return Err(bad("the body could not be read")),
+    let body = tokio::time::timeout(BODY_WAIT, Limited::new(req.into_body(), MAX_BODY).collect());
+    let bytes = match body.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(Refusal::TooLarge)
+        }
+        Ok(Err(_)) => return Err(bad("the body could not be read")),
+        Err(_) => return Err(bad("the body did not arrive within 5 seconds")),
     };
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("the body is not valid JSON: {e}")))
 }

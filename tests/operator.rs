@@ -184,6 +184,33 @@ async fn without_a_token_file_the_operator_api_is_off() {
     assert_eq!(admin_get(gate.admin, "/metrics").await, 200);
 }
 
+/// A body that never finishes is answered (400) within the body's deadline, not held.
+#[tokio::test]
+async fn a_body_that_never_ends_is_refused_in_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
+    let mut tcp = tokio::net::TcpStream::connect(gate.admin).await.unwrap();
+    let head = format!(
+        "POST /revocations HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"sub\":"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut out))
+        .await
+        .expect("the gate held the request past its body deadline")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains(r#""error":"bad_request""#), "{text}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn malformed_oversized_and_misdirected_requests() {
     let upstream = Upstream::start().await;
