@@ -141,7 +141,8 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             let body: CloseBody = read_json(req).await?;
             let filter = body.filter()?;
             let closed = operator.registry.close(&filter);
-            tracing::info!(?filter, closed, "operator: connections closed");
+            let (kind, value) = filter.parts();
+            tracing::info!(kind, %value, closed, "operator: connections closed");
             Ok(serde_json::json!({ "closed": closed }))
         }
         ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),

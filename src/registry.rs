@@ -126,6 +126,24 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// What the filter matches on, for a log line: its first field that is set (an
+    /// operator's close sets exactly one), as `("sub", "alice")`.
+    pub fn parts(&self) -> (&'static str, String) {
+        if let Some(id) = self.id {
+            ("id", id.to_string())
+        } else if let Some(route) = &self.route {
+            ("route", route.clone())
+        } else if let Some(sub) = &self.sub {
+            ("sub", sub.clone())
+        } else if let Some(jti) = &self.jti {
+            ("jti", jti.clone())
+        } else if let Some(ip) = &self.ip {
+            ("ip", ip.to_string())
+        } else {
+            ("all", String::new())
+        }
+    }
+
     /// The connections whose token a revocation of `which` matches.
     pub fn revoked(which: &crate::revocations::Revoked) -> Filter {
         use crate::revocations::Revoked;
