@@ -360,6 +360,20 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
+    // Both listeners set SO_REUSEPORT (a replacement process can bind beside this one), so
+    // the kernel would let them share an address and split its requests between them.
+    if let Some(admin) = admin {
+        let overlap = admin.ip() == args.listen.ip()
+            || admin.ip().is_unspecified()
+            || args.listen.ip().is_unspecified();
+        if admin.port() != 0 && admin.port() == args.listen.port() && overlap {
+            eprintln!(
+                "--admin {admin} and --listen {} are the same address: give the admin listener a port of its own",
+                args.listen
+            );
+            return ExitCode::from(2);
+        }
+    }
     let listener = match wsgate::listener::bind(args.listen) {
         Ok(l) => l,
         Err(e) => {

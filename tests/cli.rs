@@ -223,6 +223,39 @@ fn run_refuses_a_bad_policy_before_binding() {
     assert!(!stderr.contains("listening"), "{stderr}");
 }
 
+/// The admin listener on the gate's own address would share it (both set SO_REUSEPORT)
+/// and take half its requests: refused before anything is bound.
+#[test]
+fn run_refuses_the_admin_listener_on_the_gate_s_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {required: false}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (listen, admin) in [
+        (format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")),
+        (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}")),
+    ] {
+        let out = Command::new(BIN)
+            .args(["run", "--plaintext", "--listen", &listen, "--admin", &admin])
+            .arg("--policy")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{listen} {admin}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("same address"), "{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
+}
+
 #[test]
 fn run_needs_tls_or_plaintext() {
     let out = Command::new(BIN)
