@@ -21,9 +21,9 @@ use serde::Serialize;
 
 use crate::admission::origin::{self, Allowed};
 use crate::admission::{self, Attempt, Kind, Outcome, Rejection, Step, Trace};
-use crate::http::{check_upgrade, offered_protocols, route};
+use crate::http::{check_upgrade, is_upgrade, offered_protocols, route};
 use crate::metrics::Metrics;
-use crate::policy::{OriginPattern, Policy, Route, TokenSource};
+use crate::policy::{HttpMode, OriginPattern, Policy, Route, TokenSource};
 
 /// The request to explain, as given on the command line.
 pub struct Request {
@@ -92,6 +92,18 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
             route.name, route.path
         ),
     ));
+    // A request whose `Upgrade` is not `websocket` (a `--header` replaced it) is plain
+    // HTTP to the gate, as it is here.
+    if !is_upgrade(&parts.headers) {
+        if route.http != HttpMode::Pass {
+            let rejection = Rejection::NotWebsocket("this route only accepts WebSocket upgrades");
+            lines.push(line("handshake", "fail", rejection.to_string()));
+            return Ok(refused(lines, rejection));
+        }
+        return Err(BadInput(
+            "without `Upgrade: websocket` this is a plain request, which this http: pass route proxies; explain follows upgrades".to_owned(),
+        ));
+    }
     if let Err(rejection) = check_upgrade(&parts) {
         lines.push(line("handshake", "fail", rejection.to_string()));
         return Ok(refused(lines, rejection));
@@ -266,11 +278,17 @@ impl Context<'_> {
         let key = admission::ip::client_key(client_ip, route.rate.ipv6_prefix);
         match step {
             Step::Ip => {
-                let source = if self.attempt.peer.trusted {
+                let forwarded = self
+                    .attempt
+                    .headers
+                    .contains_key(HeaderName::from_static("x-forwarded-for"));
+                let source = if self.attempt.peer.trusted && forwarded {
                     format!(
                         "from X-Forwarded-For (the peer {} is a trusted proxy)",
                         self.request.peer
                     )
+                } else if self.attempt.peer.trusted {
+                    "the TCP peer, a trusted proxy that sent no X-Forwarded-For".to_owned()
                 } else {
                     "the TCP peer".to_owned()
                 };

@@ -82,20 +82,20 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct ExplainArgs {
-    #[arg(long)]
+    #[arg(long, env = "WSGATE_POLICY")]
     policy: PathBuf,
     /// The URL the client opens (ws://, wss://, http:// or https://).
-    #[arg(long)]
+    #[arg(long, env = "WSGATE_URL")]
     url: String,
     /// A request header, 'Name: value' (repeatable); replaces the handshake header of the
     /// same name.
-    #[arg(long = "header")]
+    #[arg(long = "header", env = "WSGATE_HEADER")]
     headers: Vec<String>,
     /// The TCP peer's address.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, env = "WSGATE_PEER", default_value = "127.0.0.1")]
     peer: std::net::IpAddr,
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, env = "WSGATE_JSON")]
     json: bool,
 }
 

@@ -147,6 +147,12 @@ async fn every_request_only_refusal_is_decided_alike_by_the_gate_and_explain() {
             vec![ORIGIN, auth(&admin), ("sec-websocket-version", "8")],
             (426, "not_websocket"),
         ),
+        // Not `Upgrade: websocket`: plain HTTP, and this route takes upgrades only.
+        (
+            "/ws",
+            vec![ORIGIN, auth(&admin), ("upgrade", "h2c")],
+            (426, "not_websocket"),
+        ),
         ("/ws/a;b", vec![ORIGIN], (400, "bad_request")),
         ("/nowhere", vec![ORIGIN], (404, "no_route")),
         ("/closed", vec![ORIGIN], (403, "ip_denied")),
@@ -311,6 +317,40 @@ async fn report_mode_shows_the_failures_it_lets_through() {
         text.contains("decision: admitted, 101 (report mode: 1 failed check(s) let through)"),
         "{text}"
     );
+}
+
+/// Every flag also reads its `WSGATE_*` variable.
+#[test]
+fn the_flags_read_their_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ntrusted_proxies: [127.0.0.1]\ndefaults: {auth: {required: false}, origin: {allow: [\"https://ok.example\"]}}\nroutes: [{path: /ws, ip: {deny: [203.0.113.0/24]}}]\n",
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .arg("explain")
+            .env("WSGATE_POLICY", &path)
+            .env("WSGATE_URL", "wss://h/ws")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = run(&[("WSGATE_HEADER", "Origin: https://ok.example")]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("origin_not_allowed"), "{text}");
+    let (code, text) = run(&[("WSGATE_PEER", "203.0.113.5"), ("WSGATE_JSON", "true")]);
+    assert_eq!(code, Some(1), "{text}");
+    let json: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["decision"]["reason"], "ip_denied");
 }
 
 #[test]
