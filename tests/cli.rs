@@ -168,7 +168,9 @@ fn check_refuses_route_paths_no_request_could_match() {
            - path: /%61pi\n  \
            - path: /x;y\n  \
            - path: /ok/%c3%a9\n  \
-           - path: /fine/%C3%A9\n",
+           - path: /fine/%C3%A9\n  \
+           - path: /w\u{df}\n  \
+           - path: /a b\n",
     )
     .unwrap();
     let (code, text) = check(&path);
@@ -184,6 +186,9 @@ fn check_refuses_route_paths_no_request_could_match() {
             "routes[3].path",
             "must be written in normal form: \"/ok/%C3%A9\"",
         ),
+        // What a client sends for them (`/w%C3%9F`, `/a%20b`) never matches a raw spelling.
+        ("routes[5].path", "percent-encoded: \"/w%C3%9F\""),
+        ("routes[6].path", "percent-encoded: \"/a%20b\""),
     ] {
         let line = text
             .lines()
@@ -192,6 +197,41 @@ fn check_refuses_route_paths_no_request_could_match() {
         assert!(line.contains(says), "{field}: {line}");
     }
     assert!(!text.contains("routes[4]"), "{text}");
+}
+
+/// A wrong value a route inherits is reported once, where it is written; a key that fails
+/// to load is not followed by a misleading "no keys"; a byte-order mark is not content.
+#[test]
+fn check_reports_an_inherited_error_once_at_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inherited.yaml");
+    std::fs::write(
+        &path,
+        "\u{feff}version: 1\n\
+         defaults:\n  \
+           auth: {leeway_seconds: 5000, algorithms: [HS256], keys: [{hmac_secret_env: WSGATE_TEST_UNSET_SECRET}]}\n  \
+           rate: {upgrades_per_second: 0, ipv6_prefix: 0}\n  \
+           messages: {per_second: 0}\n\
+         routes:\n  - path: /a\n  - path: /b\n  - path: /c\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    for field in [
+        "defaults.auth.leeway_seconds",
+        "defaults.rate.upgrades_per_second",
+        "defaults.rate.ipv6_prefix",
+        "defaults.messages.per_second",
+        "defaults.auth.keys[0].hmac_secret_env",
+    ] {
+        assert_eq!(
+            text.matches(&format!(": {field}: ")).count(),
+            1,
+            "{field}: {text}"
+        );
+    }
+    assert!(!text.contains("routes["), "{text}");
+    assert!(!text.contains("no keys are configured"), "{text}");
 }
 
 #[test]

@@ -169,8 +169,10 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
     };
     // Plain YAML first: it refuses a key repeated in a map (`require_claims`,
     // `forward_claims`), which the typed parse would let replace the earlier one silently.
-    let document: serde_yaml::Value = serde_yaml::from_slice(bytes).map_err(syntax)?;
-    let parsed: file::PolicyFile = serde_yaml::from_slice(bytes).map_err(syntax)?;
+    // A byte-order mark (some Windows editors write one) is not YAML content.
+    let yaml = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
+    let parsed: file::PolicyFile = serde_yaml::from_slice(yaml).map_err(syntax)?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let (policy, warnings) = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
         path: path.to_owned(),

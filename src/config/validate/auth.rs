@@ -34,8 +34,9 @@ impl Validator<'_> {
     pub(super) fn auth(&mut self, p: &Pick<'_>) -> Auth {
         let required = pick!(p, auth.required).map(|(b, _)| *b).unwrap_or(true);
 
-        let token_sources = match pick!(p, auth.token_sources) {
-            Some((list, field)) => self.token_sources(&field, list),
+        let picked = pick!(p, auth.token_sources);
+        let token_sources = match &picked {
+            Some((list, field)) => self.token_sources(field, list),
             None => DEFAULT_TOKEN_SOURCES
                 .iter()
                 .filter_map(|s| parse_token_source(s).ok())
@@ -43,7 +44,7 @@ impl Validator<'_> {
         };
         if required && token_sources.is_empty() {
             self.err(
-                p.path("auth.token_sources"),
+                picked.map_or_else(|| p.path("auth.token_sources"), |(_, field)| field),
                 "auth is required but no token source is listed",
             );
         }
@@ -70,6 +71,7 @@ impl Validator<'_> {
         let mut keys = Vec::new();
         let mut jwks_urls = Vec::new();
         let mut unusable = 0;
+        let errors_before = self.errors.len();
         let keys_field = pick!(p, auth.keys).map(|(list, field)| {
             for (i, k) in list.iter().enumerate() {
                 unusable += self.key(
@@ -82,7 +84,9 @@ impl Validator<'_> {
             }
             field
         });
-        if required && keys.is_empty() && jwks_urls.is_empty() {
+        // A listed key that failed to load has its own error; "no keys" would only mislead.
+        let failed_keys = self.errors.len() > errors_before;
+        if required && keys.is_empty() && jwks_urls.is_empty() && !failed_keys {
             self.err(
                 keys_field.unwrap_or_else(|| p.path("auth.keys")),
                 if unusable > 0 {
@@ -99,11 +103,12 @@ impl Validator<'_> {
         let audience = pick!(p, auth.audience)
             .map(|(l, _)| l.clone())
             .unwrap_or_default();
-        let leeway_seconds = pick!(p, auth.leeway_seconds)
-            .map(|(n, _)| *n)
-            .unwrap_or(DEFAULT_LEEWAY_SECONDS);
+        let (leeway_seconds, field) = pick!(p, auth.leeway_seconds).map_or_else(
+            || (DEFAULT_LEEWAY_SECONDS, p.path("auth.leeway_seconds")),
+            |(n, field)| (*n, field),
+        );
         if leeway_seconds > 3600 {
-            self.err(p.path("auth.leeway_seconds"), "must be at most 3600");
+            self.err(field, "must be at most 3600");
         }
 
         let require_claims = self.claim_values(pick!(p, auth.require_claims), "accepted");

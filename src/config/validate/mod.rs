@@ -215,6 +215,13 @@ impl Validator<'_> {
                 format!("{at}.path"),
                 "must not end with '/' (prefixes match whole segments)",
             );
+        } else if let Some(encoded) = percent_encoded_target(&r.path) {
+            // A request target carries no raw space, control or non-ASCII byte: a client
+            // sends `/w%C3%9F` for `/wß`, which a route written raw would never match.
+            self.err(
+                format!("{at}.path"),
+                format!("must be written as a request carries it, percent-encoded: {encoded:?}"),
+            );
         } else {
             // Requests are routed on their normal form: a route in any other spelling
             // could never match.
@@ -426,22 +433,24 @@ impl Validator<'_> {
     }
 
     fn rate(&mut self, p: &Pick<'_>) -> Rate {
-        let ups = pick!(p, rate.upgrades_per_second);
-        let upgrades_per_second = ups
-            .as_ref()
-            .map(|(n, _)| **n)
-            .unwrap_or(DEFAULT_UPGRADES_PER_SECOND);
+        let (upgrades_per_second, field) = pick!(p, rate.upgrades_per_second).map_or_else(
+            || {
+                (
+                    DEFAULT_UPGRADES_PER_SECOND,
+                    p.path("rate.upgrades_per_second"),
+                )
+            },
+            |(n, field)| (*n, field),
+        );
         if !(upgrades_per_second.is_finite() && upgrades_per_second > 0.0) {
-            self.err(
-                p.path("rate.upgrades_per_second"),
-                "must be a positive number",
-            );
+            self.err(field, "must be a positive number");
         }
-        let ipv6_prefix = pick!(p, rate.ipv6_prefix)
-            .map(|(n, _)| *n)
-            .unwrap_or(DEFAULT_IPV6_PREFIX);
+        let (ipv6_prefix, field) = pick!(p, rate.ipv6_prefix).map_or_else(
+            || (DEFAULT_IPV6_PREFIX, p.path("rate.ipv6_prefix")),
+            |(n, field)| (*n, field),
+        );
         if !(1..=128).contains(&ipv6_prefix) {
-            self.err(p.path("rate.ipv6_prefix"), "must be between 1 and 128");
+            self.err(field, "must be between 1 and 128");
         }
         Rate {
             upgrades_per_second,
@@ -489,11 +498,12 @@ impl Validator<'_> {
             }
             None => max_message_bytes,
         };
-        let per_second = pick!(p, messages.per_second)
-            .map(|(n, _)| *n)
-            .unwrap_or(DEFAULT_MESSAGES_PER_SECOND);
+        let (per_second, field) = pick!(p, messages.per_second).map_or_else(
+            || (DEFAULT_MESSAGES_PER_SECOND, p.path("messages.per_second")),
+            |(n, field)| (*n, field),
+        );
         if !(per_second.is_finite() && per_second > 0.0) {
-            self.err(p.path("messages.per_second"), "must be a positive number");
+            self.err(field, "must be a positive number");
         }
         let (mut allow_text, mut allow_binary) = (true, true);
         if let Some((types, field)) = pick!(p, messages.types) {
@@ -686,6 +696,25 @@ impl Validator<'_> {
         }
         out
     }
+}
+
+/// The path with every byte a request target cannot carry as it is (RFC 3986 §3.3: only
+/// unreserved characters, sub-delimiters, `:`, `@`, `/` and `%` escapes) percent-encoded;
+/// `None` when there is none.
+fn percent_encoded_target(path: &str) -> Option<String> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b);
+    if path.bytes().all(allowed) {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len() * 3);
+    for b in path.bytes() {
+        if allowed(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
 }
 
 /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
