@@ -291,9 +291,13 @@ fn token(args: TokenArgs) -> ExitCode {
             println!("{token}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(e @ mint::MintError::Sign(_)) => {
             eprintln!("cannot mint a token: {e}");
             ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot mint a token: {e}");
+            ExitCode::from(2)
         }
     }
 }

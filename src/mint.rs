@@ -15,7 +15,39 @@ pub struct TokenSpec<'a> {
     pub extra: &'a [(String, String)],
 }
 
-pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+/// Why no token was minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("the secret is {0} bytes; wsgate refuses HMAC secrets under 32 bytes (RFC 7518 §3.2), so a token signed with it would never be accepted")]
+    ShortSecret(usize),
+    #[error("--sub must not be empty: the gate keys per-subject caps and revocations by it")]
+    EmptySubject,
+    #[error("--claim {0}=…: {0} is set by {1}")]
+    Reserved(String, &'static str),
+    #[error(transparent)]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// The smallest HMAC secret the gate accepts (RFC 7518 §3.2: at least the hash's size).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, MintError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(MintError::ShortSecret(secret.len()));
+    }
+    if spec.sub.is_empty() {
+        return Err(MintError::EmptySubject);
+    }
+    for (k, _) in spec.extra {
+        let by = match k.as_str() {
+            "sub" => "--sub",
+            "iat" | "exp" => "--ttl (the token always has iat and exp)",
+            "aud" => "--aud",
+            "iss" => "--iss",
+            _ => continue,
+        };
+        return Err(MintError::Reserved(k.clone(), by));
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -34,11 +66,11 @@ pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, jsonwebtoken
         let value = serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.clone()));
         claims.insert(k.clone(), value);
     }
-    encode(
+    Ok(encode(
         &Header::default(),
         &claims,
         &EncodingKey::from_secret(secret),
-    )
+    )?)
 }
 
 /// `90`, `45s`, `30m`, `1h`, `2d`.

@@ -459,6 +459,24 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_SET_ANYWHERE_XYZ"));
+    // No token the gate would refuse anyway, and no claim that undoes a flag: exit 2.
+    for (secret, args, says) in [
+        ("short", vec!["--sub", "a"], "32 bytes"),
+        (SECRET, vec!["--sub", ""], "--sub"),
+        (SECRET, vec!["--sub", "a", "--claim", "sub=bob"], "--sub"),
+        (SECRET, vec!["--sub", "a", "--claim", "exp=1"], "--ttl"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["token", "--secret-env", "TEST_SECRET"])
+            .args(&args)
+            .env("TEST_SECRET", secret)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
 
 async fn handshake_with(

@@ -102,7 +102,7 @@ pub enum MintError {
     #[error("no randomness available")]
     NoRandomness,
     #[error(transparent)]
-    Jwt(#[from] jsonwebtoken::errors::Error),
+    Mint(#[from] mint::MintError),
 }
 
 /// Serve the demo server on `listener` until the process exits. WebSocket upgrades on any

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Smallest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long as the hash.
-const MIN_HMAC_SECRET_BYTES: usize = 32;
+const MIN_HMAC_SECRET_BYTES: usize = crate::mint::MIN_SECRET_BYTES;
 
 /// The key families a route's `auth.algorithms` names, for the keys it lists.
 struct Families<'a> {
