@@ -100,13 +100,22 @@ fn check_reports_unknown_fields_with_their_location() {
     let path = dir.path().join("typo.yaml");
     std::fs::write(
         &path,
-        "version: 1\nroutes:\n  - path: /ws\n    auth: {requried: false}\n",
+        "version: 1\nroutes:\n  - path: /ws\n    auth: {requried: false}\n  - path: /b\n    nmae: b\ndefaults:\n  rate: {burts: 3}\n",
     )
     .unwrap();
     let (code, text) = check(&path);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains(&format!("{}:4:", path.display())), "{text}");
     assert!(text.contains("unknown field `requried`"), "{text}");
+    // Every other unknown field too, at its field path, each once.
+    for field in ["routes[1].nmae", "defaults.rate.burts"] {
+        assert_eq!(
+            text.matches(&format!(": {field}: unknown field")).count(),
+            1,
+            "{field}: {text}"
+        );
+    }
+    assert_eq!(text.matches("`requried`").count(), 1, "{text}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! collects every semantic error instead of stopping at the first.
 
 pub(crate) mod file;
+mod unknown;
 mod validate;
 
 use std::fmt;
@@ -81,13 +82,15 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The YAML parser (or the schema, for unknown fields and wrong types) rejected it.
-    #[error("{path}:{line}:{column}: {message}")]
+    /// The YAML parser (or the schema, for unknown fields and wrong types) rejected it;
+    /// `more` are the other unknown fields the file has, at their field paths.
+    #[error("{path}:{line}:{column}: {message}{}", Tail { path, errors: more })]
     Syntax {
         path: PathBuf,
         line: usize,
         column: usize,
         message: String,
+        more: Vec<FieldError>,
     },
     /// Parsed, but the YAML gave no location for the error.
     #[error("{path}: {message}")]
@@ -136,6 +139,21 @@ impl fmt::Display for FieldErrors<'_> {
     }
 }
 
+/// Field errors after a first error's line, one per line.
+struct Tail<'a> {
+    path: &'a Path,
+    errors: &'a [FieldError],
+}
+
+impl fmt::Display for Tail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in self.errors {
+            write!(f, "\n{}: {}: {}", self.path.display(), e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
 /// Read, parse and fully validate the policy at `path` (key and JWKS files included). The
 /// warnings of a valid policy are logged, and kept in [`Loaded::warnings`].
 ///
@@ -161,6 +179,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
             line: loc.line(),
             column: loc.column(),
             message: strip_location(&e.to_string()),
+            more: Vec::new(),
         },
         None => ConfigError::SyntaxNoLocation {
             path: path.to_owned(),
@@ -172,7 +191,20 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
     // A byte-order mark (some Windows editors write one) is not YAML content.
     let yaml = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
-    let parsed: file::PolicyFile = serde_yaml::from_slice(yaml).map_err(syntax)?;
+    let parsed: file::PolicyFile = match serde_yaml::from_slice(yaml) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let mut error = syntax(e);
+            // The typed parse stops at its first error: name every other unknown field.
+            if let ConfigError::Syntax { message, more, .. } = &mut error {
+                *more = unknown::unknown_fields(&schema_value(), &document)
+                    .into_iter()
+                    .filter(|f| !reported(message, &f.field))
+                    .collect();
+            }
+            return Err(error);
+        }
+    };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let (policy, warnings) = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
         path: path.to_owned(),
@@ -200,6 +232,25 @@ pub fn schema() -> String {
     let mut text = serde_json::to_string_pretty(&schema).expect("a JSON value serializes");
     text.push('\n');
     text
+}
+
+/// The schema as a value to walk (see `unknown`).
+fn schema_value() -> serde_json::Value {
+    schemars::schema_for!(file::PolicyFile).to_value()
+}
+
+/// Whether serde's `message` ("routes[0]: unknown field `upstrem`, expected …") is the
+/// error about `field` (`routes[0].upstrem`).
+fn reported(message: &str, field: &str) -> bool {
+    let (parent, key) = match field.rsplit_once('.') {
+        Some((parent, key)) => (Some(parent), key),
+        None => (None, field),
+    };
+    let about = format!("unknown field `{key}`");
+    match parent {
+        Some(parent) => message.starts_with(&format!("{parent}: {about}")),
+        None => message.starts_with(&about),
+    }
 }
 
 /// Descriptions come from hard-wrapped doc comments; editors show them in hovers, where

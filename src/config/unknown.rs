@@ -1,0 +1,176 @@
+//! Every unknown field of a policy file, not only the first.
+//!
+//! The typed parse (`deny_unknown_fields` at every level) stops at the first field it does
+//! not know, so a file with three typos would take three rounds of `wsgate check`. When
+//! the typed parse fails, the plain YAML document is walked against the policy's JSON
+//! Schema (generated from the same structs, so it knows the same fields) and every key the
+//! schema has no place for is reported at its field path.
+
+use serde_json::Value as Json;
+use serde_yaml::Value as Yaml;
+
+use super::FieldError;
+
+/// The keys of `document` that the schema `root` does not allow, at their field paths.
+pub fn unknown_fields(root: &Json, document: &Yaml) -> Vec<FieldError> {
+    let mut found = Vec::new();
+    walk(root, root, document, "", &mut found);
+    found
+}
+
+/// Where a map's keys lead: the schema of each known property, the schema of any other
+/// key (a map such as `require_claims`), or no other key at all.
+#[derive(Default)]
+struct Keys<'a> {
+    properties: Vec<&'a serde_json::Map<String, Json>>,
+    other: Option<&'a Json>,
+    /// Some branch takes keys it does not name.
+    open: bool,
+    items: Option<&'a Json>,
+}
+
+impl Keys<'_> {
+    /// Only the named properties are allowed.
+    fn closed(&self) -> bool {
+        !self.properties.is_empty() && !self.open && self.other.is_none()
+    }
+}
+
+fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<FieldError>) {
+    let mut keys = Keys::default();
+    branches(root, schema, &mut keys, 0);
+    match value {
+        Yaml::Mapping(map) => {
+            for (key, child) in map {
+                let Some(key) = key.as_str() else { continue };
+                let path = if at.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{at}.{key}")
+                };
+                if let Some(sub) = keys.properties.iter().find_map(|p| p.get(key)) {
+                    walk(root, sub, child, &path, found);
+                } else if let Some(other) = keys.other {
+                    walk(root, other, child, &path, found);
+                } else if keys.closed() {
+                    let mut names: Vec<&str> = keys
+                        .properties
+                        .iter()
+                        .flat_map(|p| p.keys().map(String::as_str))
+                        .collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    found.push(FieldError {
+                        field: path,
+                        message: format!(
+                            "unknown field `{key}`, expected one of {}",
+                            names
+                                .iter()
+                                .map(|n| format!("`{n}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        Yaml::Sequence(items) => {
+            if let Some(item) = keys.items {
+                for (i, child) in items.iter().enumerate() {
+                    walk(root, item, child, &format!("{at}[{i}]"), found);
+                }
+            }
+        }
+        Yaml::Tagged(tagged) => walk(root, schema, &tagged.value, at, found),
+        _ => {}
+    }
+}
+
+/// Gather what `schema` allows, following `$ref` and every `anyOf`/`oneOf`/`allOf`
+/// branch (an optional field, an untagged enum of key kinds). A map is closed only when
+/// no branch takes other keys.
+fn branches<'a>(root: &'a Json, schema: &'a Json, keys: &mut Keys<'a>, depth: usize) {
+    // Refs only point at definitions, which do not refer to themselves without an object
+    // in between; the bound guards a malformed schema anyway.
+    if depth > 16 {
+        return;
+    }
+    let Some(object) = schema.as_object() else {
+        return;
+    };
+    if let Some(target) = object.get("$ref").and_then(Json::as_str) {
+        if let Some(resolved) = resolve(root, target) {
+            branches(root, resolved, keys, depth + 1);
+        }
+    }
+    for combinator in ["anyOf", "oneOf", "allOf"] {
+        if let Some(list) = object.get(combinator).and_then(Json::as_array) {
+            for branch in list {
+                branches(root, branch, keys, depth + 1);
+            }
+        }
+    }
+    let properties = object.get("properties").and_then(Json::as_object);
+    if let Some(properties) = properties {
+        keys.properties.push(properties);
+    }
+    match object.get("additionalProperties") {
+        Some(Json::Bool(false)) => {}
+        Some(other @ Json::Object(_)) => keys.other = Some(other),
+        // Properties without `additionalProperties: false` (no `deny_unknown_fields`).
+        Some(_) => keys.open = true,
+        None if properties.is_some() => keys.open = true,
+        None => {}
+    }
+    if let Some(items) = object.get("items") {
+        keys.items = Some(items);
+    }
+}
+
+/// `#/$defs/Name` in `root`.
+fn resolve<'a>(root: &'a Json, target: &str) -> Option<&'a Json> {
+    let pointer = target.strip_prefix('#')?;
+    root.pointer(pointer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unknown(yaml: &str) -> Vec<String> {
+        let schema = serde_json::to_value(super::super::schema_value()).unwrap();
+        let document: Yaml = serde_yaml::from_str(yaml).unwrap();
+        unknown_fields(&schema, &document)
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn every_unknown_field_at_every_level() {
+        assert_eq!(
+            unknown(
+                "version: 1\nmod: report\ndefaults:\n  auth: {requird: true, keys: [{hmac_secret_env: X, kidd: a}]}\n  rate: {burst: 1}\nroutes:\n  - path: /ws\n    upstrem: ws://x\n  - path: /b\n    nmae: b\n    auth: {require_claims: {role: [a]}}\n"
+            ),
+            [
+                "mod",
+                "defaults.auth.requird",
+                "defaults.auth.keys[0].kidd",
+                "routes[0].upstrem",
+                "routes[1].nmae"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_shipped_policy_has_none() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert_eq!(unknown(&text), Vec::<String>::new(), "{}", path.display());
+            }
+        }
+    }
+}
