@@ -262,6 +262,8 @@ fn the_schema_accepts_what_the_parser_accepts() {
         "  timeouts: {idle_seconds: 0.5, max_lifetime_seconds: 0}",
         "  messages: {compression: off, types: [text]}",
         "  auth: {required: false, require_claims: {role: [a, b]}, forward_claims: {sub: X-Sub}}",
+        // YAML numbers and booleans as claim values (compared as text).
+        "  auth: {required: false, require_claims: {email_verified: [true], level: [5, 2.5]}, deny_claims: {banned: [true]}}",
     ] {
         let yaml = with(line);
         let errors = schema_errors(&yaml);

@@ -200,10 +200,12 @@ pub struct Auth {
     pub leeway_seconds: Option<u64>,
     /// Claim -> accepted values: every listed claim must match one (an array claim: any
     /// element), or 403 `claims_denied`. Default `{}`.
+    #[schemars(with = "Option<BTreeMap<String, Vec<ClaimValue>>>")]
     pub require_claims: Option<BTreeMap<String, Vec<String>>>,
     /// Claim -> denied values: a token with any listed claim matching one (an array
     /// claim: any element) gets 403 `claims_denied`, and a reload that adds a match closes
     /// the open connections holding such a token. Default `{}`.
+    #[schemars(with = "Option<BTreeMap<String, Vec<ClaimValue>>>")]
     pub deny_claims: Option<BTreeMap<String, Vec<String>>>,
     /// Claim -> request header sent upstream, scalar claims only (default `{}`).
     pub forward_claims: Option<BTreeMap<String, String>>,
@@ -328,4 +330,16 @@ pub struct Heartbeat {
     /// No frame from the client within this long after a ping: 1001 "heartbeat timeout"
     /// (default 10).
     pub timeout_seconds: Option<f64>,
+}
+
+/// A claim value as a policy writes it, for the schema only: YAML reads `5` and `true` as a
+/// number and a boolean, and the parser takes them as the text it compares with the
+/// token's claim (`email_verified: [true]`).
+#[derive(schemars::JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum ClaimValue {
+    Text(String),
+    Number(f64),
+    Flag(bool),
 }
