@@ -992,6 +992,17 @@ async fn issuer_must_match_and_be_present() {
     invalid(&gate, &hs256(&claims(json!({})))).await;
 }
 
+/// `sub` is a string (RFC 7519): a numeric one would escape the per-subject cap and a
+/// revocation by `sub`.
+#[tokio::test]
+async fn a_sub_that_is_not_a_string_is_an_invalid_token() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    invalid(&gate, &hs256(&claims(json!({"sub": 123})))).await;
+    invalid(&gate, &hs256(&claims(json!({"sub": ["alice"]})))).await;
+    admitted(&gate, &hs256(&claims(json!({"sub": null})))).await;
+}
+
 #[tokio::test]
 async fn audience_must_match_and_be_present() {
     let upstream = Upstream::start().await;

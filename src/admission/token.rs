@@ -361,6 +361,11 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     if !auth.audience.is_empty() && !listed(&aud, &auth.audience) {
         return Err(Failure::Invalid);
     }
+    // RFC 7519 §4.1.2: `sub` is a string. A number would slip past the per-subject cap and
+    // a revocation by `sub`, which key on the string; Envoy's jwt_authn refuses it too.
+    if !matches!(map.get("sub"), None | Some(Value::Null | Value::String(_))) {
+        return Err(Failure::Invalid);
+    }
     Ok(Claims {
         map: Arc::new(map),
         exp,
@@ -585,6 +590,24 @@ mod tests {
             }
         }
         assert!(compared > 20_000);
+    }
+
+    #[test]
+    fn a_sub_that_is_not_a_string_is_invalid() {
+        use base64::Engine as _;
+        let now = jsonwebtoken::get_current_timestamp();
+        let route = auth(&[], &[], 0);
+        for (sub, valid) in [
+            (serde_json::json!("alice"), true),
+            (serde_json::json!(null), true),
+            (serde_json::json!(123), false),
+            (serde_json::json!(["alice"]), false),
+            (serde_json::json!({"id": 1}), false),
+        ] {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::json!({"exp": now + 100, "sub": sub}).to_string());
+            assert_eq!(validate(&payload, &route, now).is_ok(), valid, "{sub}");
+        }
     }
 
     /// The signature is checked with the header decoded once: a good token passes, a
