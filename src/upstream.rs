@@ -568,9 +568,25 @@ async fn relay_refusal(
         raw.truncate(want);
         raw.freeze()
     };
+    // Its end-to-end headers go to the client (`Location`, `Set-Cookie`, `Cache-Control`, …,
+    // as nginx and Envoy relay them); the framing is the gate's own (the body may have
+    // been cut at 64 KiB), and the handshake headers mean nothing on a refusal.
+    let mut headers = head.headers;
+    strip_hop_by_hop(&mut headers);
+    for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    let handshake: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("sec-websocket-"))
+        .cloned()
+        .collect();
+    for name in handshake {
+        headers.remove(name);
+    }
     Rejection::UpstreamStatus(Box::new(UpstreamRefusal {
         status: head.status,
-        headers: head.headers,
+        headers,
         body,
     }))
 }

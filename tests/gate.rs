@@ -214,6 +214,18 @@ async fn upstream_refusal_is_relayed_with_its_body() {
     assert_eq!(status, 403);
     assert_eq!(body, serde_json::Value::String("not for you".into()));
     assert_eq!(headers["content-type"], "text/plain");
+    // Its end-to-end headers too (a redirect to a login page, a cookie), as nginx and
+    // Envoy relay them; not its hop-by-hop or handshake headers, and the framing is the
+    // gate's.
+    assert_eq!(headers["location"], "/login");
+    assert_eq!(headers["set-cookie"], "next=/ws; Path=/");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+    assert!(
+        headers.get("sec-websocket-version").is_none(),
+        "{headers:?}"
+    );
+    assert_eq!(headers["content-length"], "11");
 }
 
 #[tokio::test]

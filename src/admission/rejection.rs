@@ -157,12 +157,16 @@ impl Rejection {
             _ => {}
         }
         if let Rejection::UpstreamStatus(refusal) = self {
-            for name in [http::header::CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE] {
-                for value in refusal.headers.get_all(&name) {
-                    headers.append(name.clone(), value.clone());
-                }
+            // Already without hop-by-hop and framing headers (`upstream::relay_refusal`).
+            let UpstreamRefusal {
+                headers: relayed,
+                body,
+                ..
+            } = *refusal;
+            for (name, value) in &relayed {
+                headers.append(name.clone(), value.clone());
             }
-            return builder.body(full(refusal.body)).unwrap_or_default();
+            return builder.body(full(body)).unwrap_or_default();
         }
         let json = serde_json::json!({ "error": self.reason(), "message": self.to_string() });
         headers.insert(
@@ -275,6 +279,8 @@ mod tests {
         .into_response();
         assert_eq!(response.status(), 403);
         assert_eq!(response.headers()["content-type"], "text/plain");
-        assert!(response.headers().get("set-cookie").is_none());
+        // End to end, as on the 101 (`upstream::relay_refusal` has removed the rest).
+        assert_eq!(response.headers()["set-cookie"], "internal=1");
+        assert_eq!(response.headers()["connection"], "close");
     }
 }

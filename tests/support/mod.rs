@@ -243,6 +243,11 @@ async fn upstream_service(
         return Ok(Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "text/plain")
+            .header(header::LOCATION, "/login")
+            .header(header::SET_COOKIE, "next=/ws; Path=/")
+            .header(header::CACHE_CONTROL, "no-store")
+            .header("keep-alive", "timeout=5")
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap());
     }
