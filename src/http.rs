@@ -698,7 +698,7 @@ pub fn warm_up() {
 }
 
 /// The client's `X-Request-Id` when it is sane (1–128 visible ASCII characters), or a new one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get("x-request-id") {
         let b = id.as_bytes();
         if (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {

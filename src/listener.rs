@@ -218,10 +218,15 @@ async fn serve_http<I>(
             drop(opening);
             gate.metrics
                 .upgrade(crate::metrics::NO_ROUTE, rejection.reason());
+            // The same fields as every other refusal's line; the head was not parsed, so
+            // its id is a fresh one and there is no path.
+            let request_id = crate::http::request_id(&http::HeaderMap::new());
             tracing::info!(
-                client_ip = %info.peer.ip(), route = crate::metrics::NO_ROUTE,
-                result = rejection.reason(), status = rejection.status().as_u16(),
-                "request refused"
+                request_id = %request_id.to_str().unwrap_or("-"), client_ip = %info.peer.ip(),
+                route = crate::metrics::NO_ROUTE, result = rejection.reason(),
+                status = rejection.status().as_u16(),
+                latency_ms = info.accepted.elapsed().as_secs_f64() * 1000.0,
+                protocol = info.protocol.as_str(), "request refused"
             );
             if head::refuse(&mut io, rejection).await.is_ok() {
                 linger::close(&mut io, deadline.max(Instant::now() + linger::LINGER_TIME)).await;

@@ -962,3 +962,36 @@ fn open_policy_file(upstream: &Upstream) -> (tempfile::TempDir, std::path::PathB
     std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
     (dir, policy)
 }
+
+/// A head refused before it is parsed (431 here) is logged like every other refusal: a
+/// request id, the client, the reason and status, the latency and the protocol.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_refused_unparsed_is_logged_with_every_field() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream);
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let huge = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let _ = tcp.write_all(huge.as_bytes()).await;
+    let mut answer = vec![0; 64];
+    let n = tcp.read(&mut answer).await.unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        &answer[..n]
+    );
+    let line = gate.wait_line("request refused");
+    for field in [
+        "request_id=",
+        "client_ip=127.0.0.1",
+        "status=431",
+        "latency_ms=",
+        "protocol=",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+}
