@@ -409,7 +409,7 @@ async fn switch(
             .unwrap_or_else(|_| request_id.clone()),
         protocol: conn.protocol,
     };
-    let shutdown = gate.shutdown.token();
+    let stop = gate.shutdown.relay_stop();
     // What the relay needs, in one allocation until the upgrade completes: the task's
     // captures are kept beside every later state, so they stay a pointer.
     let held = Box::new(Held {
@@ -423,7 +423,7 @@ async fn switch(
         Admitted {
             held,
             route,
-            shutdown,
+            stop,
             limits,
         },
     ))
@@ -433,7 +433,7 @@ async fn switch(
 pub struct Admitted {
     held: Box<Held>,
     route: Arc<Route>,
-    shutdown: tokio_util::sync::CancellationToken,
+    stop: crate::shutdown::Stop,
     /// Whose limits admitted it (the upgrade line's `limits`).
     limits: admission::Limits,
 }
@@ -449,10 +449,7 @@ impl Admitted {
     pub fn relay(self, client: relay::Client) -> impl std::future::Future<Output = ()> + Send {
         use futures_util::FutureExt;
         let Admitted {
-            held,
-            route,
-            shutdown,
-            ..
+            held, route, stop, ..
         } = self;
         let Held {
             socket,
@@ -460,7 +457,7 @@ impl Admitted {
             slots,
             registered,
         } = *held;
-        relay::run(client, socket, route, shutdown, connection).then(move |(_, ended)| {
+        relay::run(client, socket, route, stop, connection).then(move |(_, ended)| {
             // The connection's slots go as it is logged closed; its sockets then linger a
             // while, in the place the relay's future had (no larger than it).
             drop(slots);

@@ -248,6 +248,13 @@ impl Running {
             .is_ok()
     }
 
+    /// The drain's deadline has passed: connections still closing stop waiting for their
+    /// peers and log their close; waits for them at most `within`.
+    pub async fn cut(&self, within: Duration) {
+        self.gate.shutdown.cut();
+        let _ = tokio::time::timeout(within, self.gate.shutdown.finished()).await;
+    }
+
     /// The last step, after the drain: stop the gate's own tasks (the admin listener
     /// included) and wait for them, at most `within`. Returns whether all ended.
     pub async fn exit(&self, within: Duration) -> bool {

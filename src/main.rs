@@ -186,6 +186,10 @@ fn main() -> ExitCode {
 /// JWKS refreshers) to stop once the connections have drained.
 const TASKS_EXIT: Duration = Duration::from_secs(1);
 
+/// How long the exit waits, once the drain's deadline has passed, for the connections
+/// still closing to give up and log their close.
+const CUT_WAIT: Duration = Duration::from_millis(500);
+
 /// How long the exit waits for blocking work still under way once the gate has drained.
 /// Dropping the runtime would wait for it without a bound: a policy reload stuck opening a
 /// file (a FIFO, a hung network mount) or a slow DNS lookup would hold the exit forever.
@@ -454,6 +458,7 @@ async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
             open = running.gate.admission.connections.active(),
             "drain deadline reached; exiting"
         );
+        running.cut(CUT_WAIT).await;
     }
     if !running.exit(TASKS_EXIT).await {
         tracing::warn!(

@@ -56,6 +56,16 @@ impl Tasks {
     }
 }
 
+/// The gate's shutdown as a relay sees it.
+#[derive(Clone)]
+pub struct Stop {
+    /// The drain has begun: close both sides with 1001 "going away".
+    pub drain: CancellationToken,
+    /// The drain's deadline has passed: a close handshake still under way is given up
+    /// (the close is still logged, before the process exits).
+    pub cut: CancellationToken,
+}
+
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
@@ -67,6 +77,8 @@ pub struct Shutdown {
     opening: TaskTracker,
     /// The gate's own tasks.
     pub tasks: Tasks,
+    /// The drain's deadline has passed (see [`Shutdown::cut`]).
+    cut: CancellationToken,
 }
 
 impl Shutdown {
@@ -119,6 +131,21 @@ impl Shutdown {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// The drain's deadline has passed: relays still closing give up waiting for their
+    /// peers and log their close, so that no connection ends unlogged when the process
+    /// exits.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+
+    /// What a relay watches: the drain, and its deadline.
+    pub fn relay_stop(&self) -> Stop {
+        Stop {
+            drain: self.token.clone(),
+            cut: self.cut.clone(),
+        }
     }
 
     pub fn token(&self) -> CancellationToken {

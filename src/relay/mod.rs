@@ -32,7 +32,6 @@ use http::HeaderValue;
 
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
-use tokio_util::sync::CancellationToken;
 
 pub use close::{CloseFrame, CloseReason, Side};
 
@@ -41,6 +40,7 @@ use crate::linger;
 use crate::metrics::{ConnectionMetrics, MessageCounters, Metrics};
 use crate::policy::{Mode, PolicyHandle, Route};
 use crate::registry::{Entry, LiveCounts};
+use crate::shutdown::Stop;
 use crate::upstream::UpstreamSocket;
 use close::Ending;
 use deadlines::{Deadlines, Heartbeat};
@@ -402,7 +402,7 @@ struct Relay {
     request_id: HeaderValue,
     protocol: Protocol,
     metrics: ConnectionMetrics,
-    shutdown: CancellationToken,
+    stop: Stop,
 }
 
 /// Relay between the two legs until one ends, then close both as the close table says.
@@ -412,7 +412,7 @@ pub fn run(
     client: Client,
     upstream: UpstreamSocket,
     route: Arc<Route>,
-    shutdown: CancellationToken,
+    stop: Stop,
     conn: Connection,
 ) -> impl std::future::Future<Output = (Outcome, Ended)> + Send {
     let started = Instant::now();
@@ -473,7 +473,7 @@ pub fn run(
         metrics: conn.metrics,
         request_id: conn.request_id,
         protocol: conn.protocol,
-        shutdown,
+        stop,
     });
     relay.run(conn.changes)
 }
@@ -525,7 +525,7 @@ impl Relay {
             route,
             policy,
             standing,
-            shutdown,
+            stop,
             ..
         } = &mut *self;
         // The one timer of this connection, always set to the earliest deadline.
@@ -535,7 +535,7 @@ impl Relay {
         // Both waits live as long as the loop: re-creating them per message would register
         // and unregister a waiter (under the channel's and the token's locks) every time.
         let mut policy_change = Box::pin(next_change(changes));
-        let cancelled = shutdown.cancelled();
+        let cancelled = stop.drain.cancelled();
         tokio::pin!(cancelled);
         let revoked = c2u.entry.revoked().clone().cancelled_owned();
         tokio::pin!(revoked);
@@ -592,8 +592,12 @@ impl Relay {
         let deadline = Instant::now() + deadlines.write();
         // Boxed: the closing futures (the drain and both ends) would otherwise be part of
         // every connection's task for all its life.
-        let (client_finish, upstream_finish) =
-            Box::pin(close_both(client, upstream, c2u, u2c, &reason, deadline)).await;
+        let closing = Box::pin(close_both(client, upstream, c2u, u2c, &reason, deadline));
+        let (client_finish, upstream_finish) = tokio::select! {
+            finishes = closing => finishes,
+            // The process is about to exit: no more waiting for a peer's close reply.
+            () = stop.cut.cancelled() => (Finish::Drop, Finish::Drop),
+        };
         (reason, client_finish, upstream_finish)
     }
 }
