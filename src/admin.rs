@@ -54,6 +54,22 @@ async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Bod
     if crate::operator::is_operator_path(req.uri().path()) {
         return Ok(crate::operator::respond(&gate.operator, req).await);
     }
+    let known = matches!(
+        req.uri().path(),
+        "/metrics" | "/policy" | "/healthz" | "/readyz"
+    );
+    if known && !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+        let json = serde_json::json!({
+            "error": "method_not_allowed",
+            "message": "this endpoint allows GET, HEAD",
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header(http::header::ALLOW, "GET, HEAD")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(full(Bytes::from(json.to_string())))
+            .unwrap_or_default());
+    }
     match req.uri().path() {
         "/metrics" => {
             // Expired revocations leave `wsgate_revocations_active` before it is read.

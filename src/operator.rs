@@ -135,8 +135,10 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (path.as_str(), &method) {
-        ("/connections", &Method::GET) => list(&operator.registry, req.uri().query()),
-        ("/connections", _) => Err(Refusal::MethodNotAllowed("GET")),
+        ("/connections", &Method::GET | &Method::HEAD) => {
+            list(&operator.registry, req.uri().query())
+        }
+        ("/connections", _) => Err(Refusal::MethodNotAllowed("GET, HEAD")),
         ("/connections/close", &Method::POST) => {
             let body: CloseBody = read_json(req).await?;
             let filter = body.filter()?;
@@ -146,7 +148,9 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             Ok(serde_json::json!({ "closed": closed }))
         }
         ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),
-        ("/revocations", &Method::GET) => Ok(list_revocations(&operator.revocations)),
+        ("/revocations", &Method::GET | &Method::HEAD) => {
+            Ok(list_revocations(&operator.revocations))
+        }
         ("/revocations", &Method::POST) => {
             let body: RevocationBody = read_json(req).await?;
             let which = body.which()?;
@@ -199,7 +203,7 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             }
             Ok(answer)
         }
-        ("/revocations", _) => Err(Refusal::MethodNotAllowed("GET, POST, DELETE")),
+        ("/revocations", _) => Err(Refusal::MethodNotAllowed("GET, HEAD, POST, DELETE")),
         _ => Err(bad("no such operator endpoint")),
     }
 }

@@ -330,9 +330,14 @@ async fn malformed_oversized_and_misdirected_requests() {
     }
     // A method the endpoint does not have.
     for (method, path, allow) in [
-        ("POST", "/connections", "GET"),
+        ("POST", "/connections", "GET, HEAD"),
         ("GET", "/connections/close", "POST"),
-        ("PUT", "/revocations", "GET, POST, DELETE"),
+        ("PUT", "/revocations", "GET, HEAD, POST, DELETE"),
+        // The read-only endpoints too, with or without the token.
+        ("POST", "/metrics", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+        ("POST", "/policy", "GET, HEAD"),
     ] {
         let (status, head, text) = admin_request(gate.admin, method, path, &[&auth], b"{}").await;
         assert_eq!(status, 405, "{method} {path}");
@@ -341,6 +346,12 @@ async fn malformed_oversized_and_misdirected_requests() {
             serde_json::from_str::<Value>(&text).unwrap()["error"],
             "method_not_allowed"
         );
+    }
+    // HEAD wherever GET is: the GET's status, no body.
+    for path in ["/connections", "/revocations", "/metrics", "/healthz", "/policy"] {
+        let (status, _, text) = admin_request(gate.admin, "HEAD", path, &[&auth], b"").await;
+        assert_eq!(status, 200, "HEAD {path}");
+        assert!(text.is_empty(), "HEAD {path}: {text}");
     }
 }
 
