@@ -581,19 +581,52 @@ pub struct Loaded {
     pub source: PathBuf,
 }
 
-/// `url` with any user information replaced by `***` (`https://***@host/…`): the form in
-/// which a URL may reach a log line or `/policy`. Validation refuses credentials in the
-/// policy's URLs; this keeps them out of sight should one ever get through.
+/// `url` with any user information and every query value replaced by `***`
+/// (`https://***@host/jwks?api_key=***`): the form in which a URL may reach a log line or
+/// `/policy`. Validation refuses user information in the policy's URLs; a key server may
+/// still take a key in its query (`?api_key=…`), and `/policy` has no authentication.
 pub fn redact_userinfo(url: &str) -> Cow<'_, str> {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return Cow::Borrowed(url);
     };
     let rest = &url[start..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    match authority.rfind('@') {
-        Some(at) => Cow::Owned(format!("{}***{}", &url[..start], &rest[at..])),
-        None => Cow::Borrowed(url),
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority.rfind('@');
+    let query = rest.find('?').map(|q| {
+        let end = rest[q..].find('#').map_or(rest.len(), |h| q + h);
+        (q, end)
+    });
+    let query_has_values = query.is_some_and(|(q, end)| rest[q..end].contains('='));
+    if userinfo.is_none() && !query_has_values {
+        return Cow::Borrowed(url);
     }
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..start]);
+    let after_authority = match userinfo {
+        Some(at) => {
+            out.push_str("***");
+            out.push_str(&authority[at..]);
+            authority_end
+        }
+        None => 0,
+    };
+    match query {
+        Some((q, end)) => {
+            out.push_str(&rest[after_authority..=q]);
+            let pairs: Vec<String> = rest[q + 1..end]
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) => format!("{name}=***"),
+                    None => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&pairs.join("&"));
+            out.push_str(&rest[end..]);
+        }
+        None => out.push_str(&rest[after_authority..]),
+    }
+    Cow::Owned(out)
 }
 
 /// Every string in `value` through [`redact_userinfo`].
@@ -705,7 +738,12 @@ mod tests {
     fn userinfo_is_redacted() {
         assert_eq!(
             redact_userinfo("https://u:pass@keys.example/jwks.json?a=b@c"),
-            "https://***@keys.example/jwks.json?a=b@c"
+            "https://***@keys.example/jwks.json?a=***"
+        );
+        // A key in the query is a credential too.
+        assert_eq!(
+            redact_userinfo("https://keys.example/jwks.json?api_key=SECRET&tenant=x&flag#f"),
+            "https://keys.example/jwks.json?api_key=***&tenant=***&flag#f"
         );
         assert_eq!(redact_userinfo("ws://svc:pass@up:8080"), "ws://***@up:8080");
         assert_eq!(redact_userinfo("ws://user@up"), "ws://***@up");
@@ -715,7 +753,7 @@ mod tests {
         for url in [
             "ws://up:8080",
             "https://keys.example/a@b",
-            "https://keys.example?x=@",
+            "https://keys.example?flag",
             "https://keys.example#@",
             "alice@example.com",
             "",
