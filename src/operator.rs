@@ -381,6 +381,10 @@ struct Cached {
     token: Arc<[u8]>,
 }
 
+/// An admin token shorter than this is warned about at start-up (the operator API can close
+/// every connection and revoke tokens).
+const SHORT_TOKEN: usize = 16;
+
 /// What tells a changed file: device, inode, size, modification time.
 #[derive(Clone, PartialEq, Eq)]
 struct Stamp(u64, u64, u64, Option<SystemTime>);
@@ -402,6 +406,12 @@ impl AdminToken {
     /// Read the token file once now, so that a missing or empty file is a start-up error.
     pub fn load(path: PathBuf) -> Result<AdminToken, TokenFileError> {
         let cached = read_token(&path)?;
+        if cached.token.len() < SHORT_TOKEN {
+            tracing::warn!(
+                path = %path.display(), bytes = cached.token.len(),
+                "the admin token is short: anyone who can reach the admin listener can guess it; use at least 32 random bytes (openssl rand -hex 32)"
+            );
+        }
         Ok(AdminToken {
             path,
             current: Mutex::new(Some(cached)),

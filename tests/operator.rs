@@ -348,7 +348,13 @@ async fn malformed_oversized_and_misdirected_requests() {
         );
     }
     // HEAD wherever GET is: the GET's status, no body.
-    for path in ["/connections", "/revocations", "/metrics", "/healthz", "/policy"] {
+    for path in [
+        "/connections",
+        "/revocations",
+        "/metrics",
+        "/healthz",
+        "/policy",
+    ] {
         let (status, _, text) = admin_request(gate.admin, "HEAD", path, &[&auth], b"").await;
         assert_eq!(status, 200, "HEAD {path}");
         assert!(text.is_empty(), "HEAD {path}: {text}");
