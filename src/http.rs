@@ -46,7 +46,7 @@ pub async fn handle(
     gate: Arc<Gate>,
     conn: ConnInfo,
     mut req: Request<Incoming>,
-    hold: Option<TaskTrackerToken>,
+    stream: Option<H2Stream>,
 ) -> Result<Response<Body>, Infallible> {
     let upgrade = match conn.protocol {
         Protocol::Http1 => is_upgrade(req.headers()),
@@ -71,7 +71,13 @@ pub async fn handle(
                 Ok(upgraded) => upgraded,
                 Err(e) => return tracing::debug!(error = %e, "client upgrade did not complete"),
             };
-            admitted.relay(relay::Client::upgraded(upgraded)).await;
+            let (hold, revoked) = match stream {
+                Some(H2Stream { hold, revoked }) => (Some(hold), Some(revoked)),
+                None => (None, None),
+            };
+            admitted
+                .relay(relay::Client::upgraded(upgraded), revoked)
+                .await;
             drop(hold);
         });
     }
@@ -429,6 +435,14 @@ async fn switch(
     ))
 }
 
+/// A WebSocket on an HTTP/2 stream: the connection's hold on it (the drain waits for its
+/// streams), and the connection's signal that a revocation closed one of them (then
+/// GOAWAY: the connection takes no new stream).
+pub struct H2Stream {
+    pub hold: TaskTrackerToken,
+    pub revoked: tokio_util::sync::CancellationToken,
+}
+
 /// An admitted upgrade: what its relay needs once the 101 is on its way.
 pub struct Admitted {
     held: Box<Held>,
@@ -446,7 +460,13 @@ impl Admitted {
     /// client) and what was moved out of them beside the relay's own state for the
     /// connection's whole life: the parts are handed on before the future exists, and it
     /// keeps only the relay, the caps and the registry place (`-Zprint-type-sizes`).
-    pub fn relay(self, client: relay::Client) -> impl std::future::Future<Output = ()> + Send {
+    /// `revoked` (an HTTP/2 connection's) is cancelled when the operator's revocation is
+    /// what closed it.
+    pub fn relay(
+        self,
+        client: relay::Client,
+        revoked: Option<tokio_util::sync::CancellationToken>,
+    ) -> impl std::future::Future<Output = ()> + Send {
         use futures_util::FutureExt;
         let Admitted {
             held, route, stop, ..
@@ -457,7 +477,10 @@ impl Admitted {
             slots,
             registered,
         } = *held;
-        relay::run(client, socket, route, stop, connection).then(move |(_, ended)| {
+        relay::run(client, socket, route, stop, connection).then(move |(outcome, ended)| {
+            if let (relay::CloseReason::Revoked, Some(revoked)) = (&outcome.reason, revoked) {
+                revoked.cancel();
+            }
             // The connection's slots go as it is logged closed; its sockets then linger a
             // while, in the place the relay's future had (no larger than it).
             drop(slots);

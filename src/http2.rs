@@ -27,10 +27,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{handle, ConnInfo};
+use crate::http::{handle, ConnInfo, H2Stream};
 use crate::relay::Protocol;
 use crate::Gate;
 
@@ -98,10 +99,13 @@ pub async fn serve<I>(
     // This connection's streams that are still being answered or relayed.
     let streams = TaskTracker::new();
     let started = Arc::new(AtomicU64::new(0));
+    // Cancelled when a revocation closes one of its WebSockets.
+    let revoked = CancellationToken::new();
     let service = {
         let gate = gate.clone();
         let streams = streams.clone();
         let started = started.clone();
+        let revoked = revoked.clone();
         let opening = Mutex::new(Some(opening));
         service_fn(move |req| {
             if started.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -113,7 +117,11 @@ pub async fn serve<I>(
                 protocol: Protocol::H2,
                 ..info
             };
-            handle(gate.clone(), info, req, Some(streams.token()))
+            let stream = H2Stream {
+                hold: streams.token(),
+                revoked: revoked.clone(),
+            };
+            handle(gate.clone(), info, req, Some(stream))
         })
     };
     let conn = http2::Builder::new(Spawner(gate.shutdown.tracker().clone()))
@@ -139,10 +147,17 @@ pub async fn serve<I>(
     };
     let mut check = deadline;
     let mut seen = 0;
+    let mut going_away = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => return ended(result),
             () = shutdown.cancelled() => break,
+            // A revocation closed one of its WebSockets (with 1008, like any other): GOAWAY,
+            // so that the connection takes no new stream; the others finish as they go.
+            () = revoked.cancelled(), if !going_away => {
+                going_away = true;
+                conn.as_mut().graceful_shutdown();
+            }
             () = sleep_until(check) => {
                 let now = started.load(Ordering::Relaxed);
                 if now == 0 {

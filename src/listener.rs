@@ -252,7 +252,7 @@ async fn serve_http<I>(
                     drop(opening);
                     if let Ok(Ok(())) = written {
                         let client = relay::Client::new(io, &head[len..]);
-                        gate.shutdown.tracker().spawn(admitted.relay(client));
+                        gate.shutdown.tracker().spawn(admitted.relay(client, None));
                     }
                     return;
                 }

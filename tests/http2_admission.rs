@@ -584,8 +584,10 @@ async fn the_upstreams_101_headers_reach_the_h2_client() {
 
 /// The operator API treats a stream as a connection: listed with `protocol: "h2"`, and a
 /// revocation closes the revoked subject's stream with 1008 "revoked" (upstream 1001) while
-/// another subject's stream on the same HTTP/2 connection echoes on; the subject's next
-/// extended CONNECT is refused with 401 `token_revoked`.
+/// another subject's stream on the same HTTP/2 connection echoes on; then the connection
+/// gets GOAWAY (it takes no new stream, and ends once the other stream has), and the
+/// subject's next extended CONNECT, on a new connection, is refused with 401
+/// `token_revoked`.
 #[tokio::test]
 async fn a_revocation_closes_one_h2_stream_and_spares_its_neighbour() {
     let upstream = Upstream::start().await;
@@ -630,7 +632,8 @@ async fn a_revocation_closes_one_h2_stream_and_spares_its_neighbour() {
         Ended::Close(1001, String::new())
     );
     echoes(&mut bob_ws, "still here").await;
-    let headers = h2
+    let mut fresh = gate.h2().await;
+    let headers = fresh
         .refused(
             "/ws",
             &[("authorization", alice.as_str())],
@@ -640,5 +643,14 @@ async fn a_revocation_closes_one_h2_stream_and_spares_its_neighbour() {
         .await;
     assert_eq!(headers["www-authenticate"], INVALID_TOKEN_CHALLENGE);
     echoes(&mut bob_ws, "and still").await;
+    // GOAWAY was sent: the connection ends as soon as bob's stream has (an HTTP/2
+    // connection is otherwise kept for a minute of idleness).
     assert!(h2.ended_within(Duration::from_millis(50)).await.is_none());
+    bob_ws.close(None).await.unwrap();
+    while futures_util::StreamExt::next(&mut bob_ws).await.is_some() {}
+    assert_eq!(
+        h2.ended_within(Duration::from_secs(5)).await,
+        Some(Ok(())),
+        "the connection did not end after its last stream: no GOAWAY"
+    );
 }
