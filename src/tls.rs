@@ -24,7 +24,9 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path}: no PEM private key found")]
     NoKey { path: PathBuf },
-    #[error("certificate and key do not make a usable pair: {0}")]
+    #[error("{path}: the private key is encrypted; wsgate needs it unencrypted (openssl pkey -in {path} -out plain.key), readable only by the gate's user")]
+    EncryptedKey { path: PathBuf },
+    #[error("certificate and key do not make a usable pair: {0} (the certificate file must start with the server's own certificate, then its intermediates, and the key must be that certificate's)")]
     Config(#[from] rustls::Error),
 }
 
@@ -50,8 +52,19 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         path: path.to_owned(),
         source,
     })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey {
-        path: path.to_owned(),
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
+        // `BEGIN ENCRYPTED PRIVATE KEY` (PKCS#8) or `Proc-Type: 4,ENCRYPTED` (OpenSSL's
+        // legacy PEM): a key is there, but not one that can be used without a password.
+        let text = String::from_utf8_lossy(&bytes);
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            TlsError::EncryptedKey {
+                path: path.to_owned(),
+            }
+        } else {
+            TlsError::NoKey {
+                path: path.to_owned(),
+            }
+        }
     })
 }
 
