@@ -182,6 +182,9 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
                     .cluster
                     .share_revocation(&which, ttl, expires_at_unix)
                     .await;
+                if shared.is_ok() {
+                    operator.revocations.mark_shared(&which);
+                }
                 answer["shared"] = shared_field(shared);
             }
             Ok(answer)

@@ -39,6 +39,12 @@ impl Revoked {
 struct Expiry {
     at: Instant,
     unix: u64,
+    /// Known to the cluster store (made through it, or shared once made here): a reload
+    /// from the store that no longer holds it lifts it (it was lifted while this gate was
+    /// cut off). One made here while the store was unreachable stays until it expires.
+    shared: bool,
+    /// When it was added, so that a reload drops only what it could have seen.
+    added: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -108,7 +114,70 @@ impl Revocations {
             at: now + ttl,
             // Rounded up: the revocation is in force at least until then.
             unix: unix_now_secs_f64().add_ceil(ttl),
+            shared: false,
+            added: now,
         };
+        self.insert(which, expiry, now)
+    }
+
+    /// Revoke `which` until `expires_at_unix`, as the cluster store has it (shared).
+    pub fn add_shared(&self, which: Revoked, expires_at_unix: u64) -> Result<u64, Full> {
+        let now = Instant::now();
+        let left = (expires_at_unix as f64 - unix_now_secs_f64().0).max(0.0);
+        let expiry = Expiry {
+            at: now + Duration::from_secs_f64(left),
+            unix: expires_at_unix,
+            shared: true,
+            added: now,
+        };
+        self.insert(which, expiry, now)
+    }
+
+    /// The store took a revocation made here: a later reload may lift it.
+    pub fn mark_shared(&self, which: &Revoked) {
+        let mut maps = self.lock();
+        let (map, key) = maps.map(which);
+        if let Some(expiry) = map.get_mut(key) {
+            expiry.shared = true;
+        }
+    }
+
+    /// After a full reload from the store, which found `present`: lift the shared
+    /// revocations added before `since` that it no longer holds (lifted on another gate
+    /// while this one was cut off). Returns how many.
+    pub fn keep_only_shared(&self, present: &[Revoked], since: Instant) -> usize {
+        let (subs, jtis): (
+            std::collections::HashSet<&str>,
+            std::collections::HashSet<&str>,
+        ) = (
+            present
+                .iter()
+                .filter_map(|r| match r {
+                    Revoked::Sub(s) => Some(s.as_str()),
+                    Revoked::Jti(_) => None,
+                })
+                .collect(),
+            present
+                .iter()
+                .filter_map(|r| match r {
+                    Revoked::Jti(j) => Some(j.as_str()),
+                    Revoked::Sub(_) => None,
+                })
+                .collect(),
+        );
+        let mut maps = self.lock();
+        let before = maps.len();
+        let stale = |e: &Expiry| e.shared && e.added < since;
+        maps.subs
+            .retain(|k, e| !stale(e) || subs.contains(k.as_str()));
+        maps.jtis
+            .retain(|k, e| !stale(e) || jtis.contains(k.as_str()));
+        let lifted = before - maps.len();
+        self.counted(&maps);
+        lifted
+    }
+
+    fn insert(&self, which: Revoked, expiry: Expiry, now: Instant) -> Result<u64, Full> {
         let mut maps = self.lock();
         let present = {
             let (map, key) = maps.map(&which);
@@ -204,6 +273,47 @@ impl UnixNow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload from the store lifts the shared revocations it no longer holds (lifted on
+    /// another gate meanwhile), and keeps those made here unshared and those added since.
+    #[test]
+    fn a_reload_lifts_what_the_store_no_longer_holds() {
+        let r = Revocations::new(Gauge::default());
+        let far = unix_now_secs_f64().add_ceil(Duration::from_secs(600));
+        r.add_shared(Revoked::Sub("lifted-elsewhere".into()), far)
+            .unwrap();
+        r.add_shared(Revoked::Jti("still-there".into()), far)
+            .unwrap();
+        r.add(
+            Revoked::Sub("made-here-unshared".into()),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        r.add(
+            Revoked::Sub("made-here-shared".into()),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        r.mark_shared(&Revoked::Sub("made-here-shared".into()));
+        let since = Instant::now();
+        r.add_shared(Revoked::Sub("added-during-the-load".into()), far)
+            .unwrap();
+        let lifted = r.keep_only_shared(&[Revoked::Jti("still-there".into())], since);
+        assert_eq!(lifted, 2);
+        assert!(!r.revoked(Some("lifted-elsewhere"), None));
+        assert!(!r.revoked(Some("made-here-shared"), None));
+        assert!(r.revoked(None, Some("still-there")));
+        assert!(r.revoked(Some("made-here-unshared"), None));
+        assert!(r.revoked(Some("added-during-the-load"), None));
+        // The store's expiry is kept exactly (not re-rounded from a TTL).
+        let listed = r.list();
+        assert!(listed
+            .iter()
+            .all(|(_, unix)| *unix == far || *unix >= far - 1));
+        assert!(listed
+            .iter()
+            .any(|(w, unix)| *w == Revoked::Jti("still-there".into()) && *unix == far));
+    }
 
     #[test]
     fn add_check_lift_expire() {

@@ -969,3 +969,150 @@ fn explain_does_not_contact_the_store() {
     );
     assert!(silent.accept().is_err(), "explain connected to the store");
 }
+
+/// A TCP relay to the store that can be cut (every connection through it dropped, new
+/// ones refused) and restored: one gate cut off while the others still reach the store.
+struct Cutter {
+    port: u16,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Cutter {
+    async fn start(target: u16) -> Cutter {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (on2, relays2) = (on.clone(), relays.clone());
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !on2.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                relays2.lock().unwrap().push(relay);
+            }
+        });
+        Cutter {
+            port,
+            on,
+            relays,
+            accepting,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn cut(&self) {
+        self.on.store(false, std::sync::atomic::Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
+    }
+}
+
+/// Until `gate` answers an upgrade of `sub` with `status` (101 for admitted), at most
+/// `within`.
+async fn answers_within(gate: &Gate, sub: &str, ip: &str, status: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = match gate.connect(sub, ip).await {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("{sub}: {e}"),
+        };
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sub}: still {got}, not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A revocation lifted while a gate was cut off from the store is lifted there when it
+/// reconnects (its reload finds the store no longer holds it); and a store that lost its
+/// data (restarted empty) gets the revocations in force back from the gates, rather than
+/// the gates lifting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_is_refilled() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "open", OPEN_RATE);
+    let cutter = Cutter::start(redis.port).await;
+    let a = Gate::start(&p, &redis.url());
+    let b = Gate::start(&p, &cutter.url());
+    a.wait_up(true).await;
+    b.wait_up(true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "ivy", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    answers_within(&b, "ivy", "10.7.0.1", 401, Duration::from_secs(2)).await;
+
+    cutter.cut();
+    b.wait_up(false).await;
+    let (status, answer) = operator(a.admin, "DELETE", "/revocations", json!({"sub": "ivy"})).await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    answers_within(&a, "ivy", "10.7.0.2", 101, Duration::from_secs(1)).await;
+    // B missed the lift; once it reaches the store again, it lifts it too.
+    cutter.restore();
+    b.wait_up(true).await;
+    answers_within(&b, "ivy", "10.7.0.3", 101, Duration::from_secs(5)).await;
+
+    // The store restarts empty: the gates store what is in force again, so that a gate
+    // started afterwards still refuses the revoked subject, and the gates still do.
+    let (status, _) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "zed", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    answers_within(&b, "zed", "10.7.0.4", 401, Duration::from_secs(2)).await;
+    redis.stop();
+    a.wait_up(false).await;
+    redis.resume().await;
+    a.wait_up(true).await;
+    b.wait_up(true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for gate in [&a, &b] {
+        answers_within(gate, "zed", "10.7.0.5", 401, Duration::from_secs(1)).await;
+    }
+    let late = Gate::start(&p, &redis.url());
+    late.wait_up(true).await;
+    answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
+}

@@ -4,6 +4,12 @@
 //! re-established after a failure or when the store comes back), loads the revocations
 //! still in force each time it (re)subscribes, and applies each message: revoke and close
 //! the matching connections, or lift.
+//!
+//! A gate that was cut off from the store misses the lifts made meanwhile; its reload
+//! lifts the shared revocations the store no longer holds. Unless the store itself lost
+//! them (restarted empty): `<prefix>revocations:epoch`, a value the first gate to load sets,
+//! tells the two apart. When it is not the value this gate saw at its last load, the store
+//! is new to it, and the revocations in force here are stored again instead of lifted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +20,10 @@ use serde::{Deserialize, Serialize};
 use super::{Cluster, Store, StoreError};
 use crate::registry::Filter;
 use crate::revocations::Revoked;
+
+/// How long the epoch key lives without a load refreshing it (every gate refreshes it at
+/// each load): the longest a revocation can last.
+const EPOCH_SECONDS: u64 = crate::revocations::MAX_TTL_SECONDS;
 
 /// Keys read per SCAN while loading the revocations in force.
 const SCAN_COUNT: usize = 1_000;
@@ -188,8 +198,20 @@ impl Cluster {
         let prefix = &store.config.key_prefix;
         let pattern = format!("{prefix}revoked:*");
         let now = unix_now();
+        let started = std::time::Instant::now();
+        let epoch = self.epoch(store, &mut conn, within).await?;
+        let known_store = {
+            let mut last = self
+                .revocation_epoch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let known = last.as_deref() == Some(epoch.as_str());
+            *last = Some(epoch);
+            known
+        };
         let mut cursor: u64 = 0;
         let mut loaded = 0usize;
+        let mut present = Vec::new();
         loop {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor)
@@ -211,7 +233,8 @@ impl Cluster {
                     let Some(which) = parse_key(prefix, key) else {
                         continue;
                     };
-                    if self.revoke(which, expires - now).is_err() {
+                    present.push(which.clone());
+                    if self.revoke(which, expires).is_err() {
                         tracing::warn!("cluster: the revocation list is full; not all shared revocations are applied");
                         return Ok(());
                     }
@@ -229,7 +252,70 @@ impl Cluster {
                 "cluster: revocations in force loaded from the store"
             );
         }
+        if known_store {
+            // What the store no longer holds was lifted (or expired) while this gate was
+            // not following it: lifted here too. Revocations made here while it was
+            // unreachable were never shared, and stay.
+            let lifted = self.revocations.keep_only_shared(&present, started);
+            if lifted > 0 {
+                tracing::info!(
+                    lifted,
+                    "cluster: revocations lifted on another gate while this one was cut off are lifted here"
+                );
+            }
+            return Ok(());
+        }
+        // A store this gate has not loaded from before (its first load, or the store lost
+        // its data): what is in force here and missing there is stored again.
+        let missing: Vec<(Revoked, u64)> = self
+            .revocations
+            .list()
+            .into_iter()
+            .filter(|(which, unix)| *unix > now && !present.contains(which))
+            .collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for (which, unix) in &missing {
+                pipe.set_ex(key(prefix, which), *unix, unix - now).ignore();
+            }
+            let stored = pipe.query_async::<()>(&mut conn);
+            self.bounded("revocation", within, stored).await?;
+            for (which, _) in &missing {
+                self.revocations.mark_shared(which);
+            }
+            tracing::info!(
+                stored = missing.len(),
+                "cluster: revocations in force here stored again in a store that had lost them"
+            );
+        }
         Ok(())
+    }
+
+    /// The store's revocation epoch: set (to a fresh value) by the first gate to ask, and
+    /// kept alive by every load.
+    async fn epoch(
+        &self,
+        store: &Store,
+        conn: &mut redis::aio::ConnectionManager,
+        within: Duration,
+    ) -> Result<String, StoreError> {
+        let name = format!("{}revocations:epoch", store.config.key_prefix);
+        // Unique enough: host, process and the time to the nanosecond.
+        let fresh = super::gate_id();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&name)
+            .arg(&fresh)
+            .arg("NX")
+            .arg("EX")
+            .arg(EPOCH_SECONDS)
+            .ignore()
+            .expire(&name, EPOCH_SECONDS as i64)
+            .ignore()
+            .get(&name);
+        let got = pipe.query_async::<(Option<String>,)>(conn);
+        let (epoch,) = self.bounded("revocation", within, got).await?;
+        Ok(epoch.unwrap_or(fresh))
     }
 
     /// Apply one message from the channel (a malformed one is ignored).
@@ -247,7 +333,7 @@ impl Cluster {
                 let Some(expires) = message.expires_at_unix.filter(|e| *e > now) else {
                     return;
                 };
-                if self.revoke(which, expires - now).is_err() {
+                if self.revoke(which, expires).is_err() {
                     tracing::warn!(
                         "cluster: the revocation list is full; a shared revocation is not applied"
                     );
@@ -259,10 +345,11 @@ impl Cluster {
         }
     }
 
-    /// Revoke here and close the matching connections.
-    fn revoke(&self, which: Revoked, ttl_seconds: u64) -> Result<(), crate::revocations::Full> {
+    /// Revoke here until `expires_at_unix` (the store's expiry, kept exactly) and close the
+    /// matching connections.
+    fn revoke(&self, which: Revoked, expires_at_unix: u64) -> Result<(), crate::revocations::Full> {
         self.revocations
-            .add(which.clone(), Duration::from_secs(ttl_seconds))?;
+            .add_shared(which.clone(), expires_at_unix)?;
         let closed = self.registry.close(&Filter::revoked(&which));
         if closed > 0 {
             let (kind, value) = which.parts();

@@ -277,6 +277,8 @@ pub struct Cluster {
     replaced: Notify,
     revocations: Arc<Revocations>,
     registry: Arc<Registry>,
+    /// The store's revocation epoch at this gate's last load (see `fanout`).
+    revocation_epoch: Mutex<Option<String>>,
 }
 
 impl Cluster {
@@ -309,6 +311,7 @@ impl Cluster {
             replaced: Notify::new(),
             revocations,
             registry,
+            revocation_epoch: Mutex::new(None),
         }
     }
 
