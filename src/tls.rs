@@ -160,3 +160,33 @@ impl Acceptor {
         self.configs.store(Arc::new(Configs::new(config)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key that is there but encrypted says so, rather than "no key found".
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pem) in [
+            (
+                "p8.key",
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIGbMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAgAAAAAAAAAAAICCAAw\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            ),
+            (
+                "sec1.key",
+                "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00000000000000000000000000000000\n\nAAAA\n-----END EC PRIVATE KEY-----\n",
+            ),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            let error = read_key(&path).unwrap_err();
+            assert!(matches!(error, TlsError::EncryptedKey { .. }), "{name}: {error}");
+            assert!(error.to_string().contains("encrypted"), "{error}");
+        }
+        let path = dir.path().join("none.key");
+        std::fs::write(&path, "not a key").unwrap();
+        assert!(matches!(read_key(&path), Err(TlsError::NoKey { .. })));
+    }
+}
