@@ -1,6 +1,7 @@
 //! Live policy and certificate: one watcher over the policy file's directory and the
 //! certificate's (directories, so a Kubernetes ConfigMap's or Secret's `..data` symlink swap
-//! is seen), and SIGHUP. On a change, what changed is re-read, validated fully, and swapped
+//! is seen) and over their parents (so a directory replaced whole is seen, and watched
+//! again), and SIGHUP. On a change, what changed is re-read, validated fully, and swapped
 //! in: the policy into the [`PolicyHandle`], the certificate pair into the TLS acceptor for
 //! new handshakes. Anything invalid is refused with its location, and the old one stays.
 
@@ -43,6 +44,8 @@ pub struct Certificate {
 /// What changed since the last reload (bits, set by the watcher and SIGHUP).
 const POLICY: u8 = 1;
 const CERTIFICATE: u8 = 2;
+/// A watched directory was replaced: watch the new one.
+const REWATCH: u8 = 4;
 
 /// What the reloader keeps current.
 pub struct Reloader {
@@ -73,7 +76,7 @@ async fn reload_loop(
     mut rx: mpsc::Receiver<()>,
     stop: CancellationToken,
     // Kept alive for as long as the loop runs.
-    _watcher: Option<RecommendedWatcher>,
+    mut watching: Option<Watching>,
 ) {
     loop {
         tokio::select! {
@@ -84,6 +87,11 @@ async fn reload_loop(
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
         let what = changed.swap(0, Ordering::AcqRel);
+        if what & REWATCH != 0 {
+            if let Some(watching) = watching.as_mut() {
+                watching.rewatch();
+            }
+        }
         let reloads = async {
             if what & POLICY != 0 {
                 reload_policy(&reloader).await;
@@ -161,13 +169,36 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// One watcher over every directory that holds a watched file. A directory that cannot be
-/// watched is logged (its file is then reloaded by SIGHUP only); `None` if none can be.
+/// The watcher and the directories it watches for files.
+struct Watching {
+    watcher: RecommendedWatcher,
+    dirs: Vec<PathBuf>,
+}
+
+impl Watching {
+    /// Watch the directories again: one replaced whole (renamed over) is a new directory,
+    /// which the old watch does not see.
+    fn rewatch(&mut self) {
+        for dir in &self.dirs {
+            let _ = self.watcher.unwatch(dir);
+            match self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "watching a replaced directory"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a replaced directory; reload with SIGHUP")
+                }
+            }
+        }
+    }
+}
+
+/// One watcher over every directory that holds a watched file, and over their parents. A
+/// directory that cannot be watched is logged (its file is then reloaded by SIGHUP only);
+/// `None` if none can be.
 fn start_watcher(
     reloader: &Reloader,
     tx: mpsc::Sender<()>,
     changed: Arc<AtomicU8>,
-) -> Option<RecommendedWatcher> {
+) -> Option<Watching> {
     let policy_name = reloader
         .path
         .file_name()
@@ -180,17 +211,36 @@ fn start_watcher(
         .filter_map(|p| p.file_name().map(|n| n.to_owned()))
         .collect();
     let policy = reloader.policy.clone();
+    // Absolute (not resolved: a symlinked directory stays the link), so that the parent's
+    // events, which name the directory, compare equal.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let policy_dir = absolute(parent_dir(&reloader.path));
+    let mut certificate_dirs: Vec<PathBuf> = reloader
+        .certificate
+        .iter()
+        .flat_map(|c| [absolute(parent_dir(&c.cert)), absolute(parent_dir(&c.key))])
+        .collect();
+    certificate_dirs.dedup();
+    let (policy_home, certificate_homes) = (policy_dir.clone(), certificate_dirs.clone());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
         let mut what = 0;
-        if concerns_policy(&event.paths, &policy_name, &policy) {
-            what |= POLICY;
-        }
-        if !certificate_names.is_empty() && concerns(&event.paths, &certificate_names) {
-            what |= CERTIFICATE;
+        // A watched directory itself, replaced or removed (seen from its parent).
+        let replaced = |dir: &PathBuf| event.paths.iter().any(|p| p == dir);
+        if replaced(&policy_home) {
+            what |= POLICY | REWATCH;
+        } else if certificate_homes.iter().any(replaced) {
+            what |= CERTIFICATE | REWATCH;
+        } else {
+            if concerns_policy(&event.paths, &policy_name, &policy) {
+                what |= POLICY;
+            }
+            if !certificate_names.is_empty() && concerns(&event.paths, &certificate_names) {
+                what |= CERTIFICATE;
+            }
         }
         if what != 0 {
             changed.fetch_or(what, Ordering::AcqRel);
@@ -204,20 +254,32 @@ fn start_watcher(
             return None;
         }
     };
-    let policy_dir = parent_dir(&reloader.path);
     if let Err(e) = watcher.watch(&policy_dir, RecursiveMode::NonRecursive) {
         tracing::warn!(path = %reloader.path.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
     }
-    if let Some(c) = &reloader.certificate {
-        let mut dirs = vec![parent_dir(&c.cert), parent_dir(&c.key)];
-        dirs.dedup();
-        for dir in dirs.iter().filter(|d| **d != policy_dir) {
-            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(error = %e, "cannot watch the certificate files; reload them with SIGHUP");
-            }
+    for dir in certificate_dirs.iter().filter(|d| **d != policy_dir) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, "cannot watch the certificate files; reload them with SIGHUP");
         }
     }
-    Some(watcher)
+    let mut dirs = vec![policy_dir];
+    dirs.extend(certificate_dirs);
+    dirs.dedup();
+    // Their parents, for a directory replaced whole; not watched if it is one of them, or
+    // the directory has none.
+    let mut parents: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| d.parent().map(Path::to_path_buf))
+        .filter(|p| !dirs.contains(p))
+        .collect();
+    parents.sort();
+    parents.dedup();
+    for parent in &parents {
+        if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+            tracing::debug!(dir = %parent.display(), error = %e, "cannot watch a parent directory: a directory replaced whole is seen on SIGHUP only");
+        }
+    }
+    Some(Watching { watcher, dirs })
 }
 
 /// Whether a change in a watched directory can change the policy: the policy file

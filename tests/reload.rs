@@ -147,6 +147,34 @@ async fn configmap_data_symlink_swap_takes_effect() {
     assert_still_echoes(&mut open, "still here").await;
 }
 
+/// The policy's directory replaced whole (the old one renamed away, a new one renamed into
+/// its place, as some deploy tools do): the new file takes effect, and so does a later
+/// write into the new directory, which the old directory's watch could not see.
+#[tokio::test]
+async fn a_directory_replaced_whole_is_watched_again() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("policies");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(live.join("policy.yaml"), open_policy(&upstream.url(), "")).unwrap();
+    let policy_path = live.join("policy.yaml");
+    let gate = TestGate::start_at(dir, policy_path, true).await;
+    assert!(gate.connect("/v2").await.is_err());
+
+    let base = gate.dir.path();
+    let next = base.join("policies.next");
+    std::fs::create_dir(&next).unwrap();
+    std::fs::write(next.join("policy.yaml"), with_v2(&upstream.url())).unwrap();
+    std::fs::rename(base.join("policies"), base.join("policies.old")).unwrap();
+    std::fs::rename(&next, base.join("policies")).unwrap();
+    within_two_seconds(&gate, "/v2", true).await;
+
+    // Written in place in the new directory: seen too.
+    let without_v2 = open_policy(&upstream.url(), "");
+    std::fs::write(base.join("policies/policy.yaml"), without_v2).unwrap();
+    within_two_seconds(&gate, "/v2", false).await;
+}
+
 #[tokio::test]
 async fn established_connections_keep_their_admitted_limits() {
     let upstream = Upstream::start().await;
