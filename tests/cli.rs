@@ -1028,3 +1028,22 @@ async fn a_close_cut_short_by_the_drain_deadline_is_still_logged() {
     );
     drop(silent);
 }
+
+/// An inherited `upstream_tls` that meets a route's own ws:// upstream names that route.
+#[test]
+fn check_names_the_route_whose_upstream_an_inherited_upstream_tls_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {required: false}\n  upstream: wss://secure.example:443\n  upstream_tls: {server_name: secure.example}\nroutes:\n  - path: /ok\n  - path: /plain\n    upstream: ws://127.0.0.1:8080\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains(": defaults.upstream_tls: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("routes[1].upstream"), "{line}");
+}

@@ -352,7 +352,12 @@ impl Validator<'_> {
 
         let tls = match (secure, tls_section) {
             (false, Some(tls_field)) => {
-                self.err(tls_field, "upstream_tls is only for wss:// upstreams");
+                // Name the upstream too: an inherited `upstream_tls` may meet a route's own
+                // ws:// upstream, and the route is the place to look.
+                self.err(
+                    tls_field,
+                    format!("upstream_tls is only for wss:// upstreams, and {field} is {url:?}"),
+                );
                 return None;
             }
             (false, None) => None,
