@@ -3,9 +3,11 @@
 //! every other refusal. The bytes read are handed to hyper in front of the socket
 //! ([`Prefixed`]).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -207,15 +209,50 @@ fn http_date(out: &mut Vec<u8>) {
     });
 }
 
-/// A socket with bytes already read from it in front: hyper reads `prefix` first.
+/// A socket with bytes already read from it in front: hyper reads `prefix` first. Its
+/// writes have a deadline: a peer that accepts no byte for `write_limit` fails them
+/// (`TimedOut`), so that a client that stops reading a response cannot hold the
+/// connection (and its upstream's) for ever, as nginx's `send_timeout` drops it.
 pub struct Prefixed<T> {
     prefix: Bytes,
     io: T,
+    write_limit: Duration,
+    /// Armed while a write is refused; boxed, and only then, so that an idle connection
+    /// holds no timer.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Prefixed<T> {
-    pub fn new(prefix: Bytes, io: T) -> Prefixed<T> {
-        Prefixed { prefix, io }
+    pub fn new(prefix: Bytes, io: T, write_limit: Duration) -> Prefixed<T> {
+        Prefixed {
+            prefix,
+            io,
+            write_limit,
+            stalled: None,
+        }
+    }
+
+    /// `Pending` from a write: past the deadline it becomes `TimedOut`.
+    fn deadline<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.write_limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer accepted no bytes within write_seconds",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// The bytes hyper has not read yet, and the socket.
@@ -247,20 +284,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.deadline(cx, polled)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.deadline(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.deadline(cx, polled)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)

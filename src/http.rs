@@ -224,6 +224,11 @@ async fn respond(
         route,
         path,
     } = routed;
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400 (HTTP/2 has `:authority`,
+    // copied into Host on arrival; HTTP/1.0 need not send one).
+    if req.version() == http::Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        return Err(Rejection::BadRequest("the Host header is missing"));
+    }
     if route.http != HttpMode::Pass {
         return Err(Rejection::NotWebsocket(
             "this route only accepts WebSocket upgrades",

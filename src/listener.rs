@@ -211,7 +211,7 @@ async fn serve_http<I>(
     let head = match head {
         Some(Ok(Ok(Head::Complete(head)))) => head,
         Some(Ok(Ok(Head::Preface(read)))) => {
-            let io = Prefixed::new(read, io);
+            let io = Prefixed::new(read, io, write_limit(&gate));
             return http2::serve(gate, io, info, deadline, opening).await;
         }
         Some(Ok(Ok(Head::Refused(rejection)))) => {
@@ -260,7 +260,7 @@ async fn serve_http<I>(
             }
         }
     }
-    let io = Prefixed::new(head, io);
+    let io = Prefixed::new(head, io, write_limit(&gate));
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() && decided.is_none() {
         return;
@@ -304,6 +304,20 @@ async fn serve_http<I>(
             let _ = conn.await;
         }
     }
+}
+
+/// The write deadline of a connection hyper serves (plain requests, HTTP/2): the longest
+/// `write_seconds` of the policy's routes, since the route is not known for the connection
+/// as a whole, and no route's own deadline is cut short.
+fn write_limit(gate: &Gate) -> Duration {
+    gate.policy
+        .load()
+        .policy
+        .routes
+        .iter()
+        .map(|r| r.timeouts.write)
+        .max()
+        .unwrap_or(crate::config::DEFAULT_WRITE)
 }
 
 #[cfg(test)]

@@ -104,6 +104,11 @@ pub async fn forward(
         }
         Err(_) => return Err(Rejection::UpstreamTimeout),
     };
+    // A 101 to a request that asked for no upgrade opens nothing the gate would relay.
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        tracing::debug!(upstream = %route.upstream.url, "upstream answered a plain request with 101");
+        return Err(Rejection::UpstreamUnavailable);
+    }
     let (mut parts, body) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed_unsync()))

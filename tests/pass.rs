@@ -194,3 +194,120 @@ async fn the_upstreams_101_headers_reach_the_client() {
     client.send(Message::text("ok")).await.unwrap();
     assert_eq!(next_message(&mut client).await, Message::text("ok"));
 }
+
+/// An HTTP/1.1 request without Host is refused, 400 (RFC 9112 §3.2), as nginx refuses it;
+/// an HTTP/1.0 one need not send Host.
+#[tokio::test]
+async fn an_http_1_1_request_without_host_is_400() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let (status, error, _) = send(&gate, "GET /app/x HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!((status, error.as_deref()), (400, Some("bad_request")));
+    let (status, _, response) = send(&gate, "GET /app/x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200, "{response}");
+}
+
+/// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
+#[tokio::test]
+async fn a_101_to_a_plain_request_is_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: tunnel\r\n\r\n")
+                    .await;
+                let _ = tcp.read(&mut byte).await;
+            });
+        }
+    });
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n"
+    );
+    let gate = TestGate::start(&policy).await;
+    let (status, error, response) = send(&gate, &get("/app/x", "")).await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (502, Some("upstream_unavailable")),
+        "{response}"
+    );
+    server.abort();
+}
+
+/// A client that stops reading a response is dropped after `write_seconds`, and the
+/// upstream's connection with it (nginx's `send_timeout`): neither is held for ever.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_dropped() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Bytes the upstream wrote before its connection failed; u64::MAX while it writes.
+    let written = Arc::new(AtomicU64::new(u64::MAX));
+    let seen = written.clone();
+    let server = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 4096];
+        let _ = tcp.read(&mut head).await;
+        let _ = tcp
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut total = 0u64;
+        while tcp.write_all(&chunk).await.is_ok() {
+            total += chunk.len() as u64;
+        }
+        seen.store(total, Ordering::SeqCst);
+    });
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\n  timeouts: {{write_seconds: 1}}\nroutes:\n  - path: /app\n    http: pass\n"
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let mut client = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    client
+        .write_all(b"GET /app/big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing. The gate's writes stall once the socket buffers are full.
+    let started = std::time::Instant::now();
+    while written.load(Ordering::SeqCst) == u64::MAX {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the upstream is still being read for a client that reads nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "upstream cut after {:?}, {} bytes",
+        started.elapsed(),
+        written.load(Ordering::SeqCst)
+    );
+    // The client's connection is closed too: reading it to the end finishes.
+    let mut sink = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the client's connection stayed open");
+    server.abort();
+}
