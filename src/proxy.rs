@@ -21,13 +21,19 @@ use crate::body::Body;
 use crate::policy::{Route, Upstream};
 use crate::upstream::{self, UpstreamStream};
 
-/// How long the upstream may take to send a response head (nginx's proxy_read_timeout).
+/// How long the upstream may take to send a response head once the request body is sent
+/// (nginx's `proxy_read_timeout`).
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// While the request body is sent: the longest the client may leave it without a byte
+/// (nginx's `client_body_timeout`: 408), and the longest the upstream may leave it unread
+/// (nginx's `proxy_send_timeout`: 504).
+pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-pub type PassClient = Client<Connector, Incoming>;
+pub type PassClient = Client<Connector, Upload>;
 
 /// The pooled clients of the `http: pass` routes, one per route, made on first use. The
 /// gate owns them; a route replaced by a reload keeps its client while a request it
@@ -88,11 +94,30 @@ pub async fn forward(
         request.headers_mut().insert(header::HOST, host);
     }
     let client = clients.of(route);
-    let response = match tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, client.request(request)).await
-    {
+    let (parts, body) = request.into_parts();
+    let (upload, progress) = Upload::new(body, BODY_STALL_TIMEOUT);
+    let sent = client.request(Request::from_parts(parts, upload));
+    tokio::pin!(sent);
+    // The response head's deadline starts once the body is sent: an upload of any length
+    // goes through as long as its bytes keep moving both ways.
+    let answered = tokio::select! {
+        answered = &mut sent => Some(answered),
+        () = progress.sent(BODY_STALL_TIMEOUT) => None,
+    };
+    let answered = match answered {
+        Some(answered) => Ok(answered),
+        None if progress.is_stalled_upstream(BODY_STALL_TIMEOUT) => {
+            return Err(Rejection::UpstreamTimeout)
+        }
+        None => tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sent).await,
+    };
+    let response = match answered {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
             tracing::debug!(upstream = %route.upstream.url, error = %e, "pass-through request failed");
+            if source_is::<BodyStalled>(&e) {
+                return Err(Rejection::BodyTimeout);
+            }
             let timed_out = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<io::Error>())
                 .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
@@ -112,6 +137,175 @@ pub async fn forward(
     let (mut parts, body) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// Whether `error`'s chain holds a `T`.
+fn source_is<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<T>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The client stopped sending its request body for [`BODY_STALL_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stopped arriving")]
+pub struct BodyStalled;
+
+/// A request body on its way upstream, watched: it fails ([`BodyStalled`]) when the client
+/// leaves it without a byte for too long, and tells [`Progress`] when it has all gone and
+/// when the upstream last took some of it.
+pub struct Upload<B = Incoming> {
+    body: B,
+    stall: Duration,
+    /// The client's deadline for the next bytes: made at the first wait, reset at each
+    /// later one, armed only while the client owes bytes.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    shared: Arc<Shared>,
+}
+
+/// What the request's task reads of its upload.
+pub struct Progress {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// When the upload was created (tokio's clock, which tests can pause).
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` at which the upstream's side last asked for more.
+    polled_ms: std::sync::atomic::AtomicU64,
+    /// The client owes the next bytes (its stall is the upload's own deadline's).
+    client_owes: std::sync::atomic::AtomicBool,
+    done: tokio::sync::Notify,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl<B: hyper::body::Body> Upload<B> {
+    fn new(body: B, stall: Duration) -> (Upload<B>, Progress) {
+        // A request without a body (a GET) is sent as soon as its head is.
+        let empty = hyper::body::Body::is_end_stream(&body);
+        let shared = Arc::new(Shared {
+            start: tokio::time::Instant::now(),
+            polled_ms: std::sync::atomic::AtomicU64::new(0),
+            client_owes: std::sync::atomic::AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            finished: std::sync::atomic::AtomicBool::new(empty),
+        });
+        let progress = Progress {
+            shared: shared.clone(),
+        };
+        (
+            Upload {
+                body,
+                stall,
+                waiting: None,
+                armed: false,
+                shared,
+            },
+            progress,
+        )
+    }
+
+    fn finish(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.shared.finished.swap(true, Ordering::AcqRel) {
+            self.shared.done.notify_one();
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Upload<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::sync::atomic::Ordering;
+        let this = self.get_mut();
+        let elapsed = this.shared.start.elapsed().as_millis() as u64;
+        this.shared.polled_ms.store(elapsed, Ordering::Release);
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.armed = false;
+                this.shared.client_owes.store(false, Ordering::Release);
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => {
+                this.armed = false;
+                this.shared.client_owes.store(false, Ordering::Release);
+                Poll::Ready(Some(frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                this.shared.client_owes.store(true, Ordering::Release);
+                let deadline = tokio::time::Instant::now() + this.stall;
+                let waiting = match (&mut this.waiting, this.armed) {
+                    (Some(waiting), true) => waiting,
+                    (Some(waiting), false) => {
+                        waiting.as_mut().reset(deadline);
+                        waiting
+                    }
+                    (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.armed = true;
+                match waiting.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.body.is_end_stream();
+        if end {
+            self.finish();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Progress {
+    /// Resolves once the whole body has gone upstream, or when the upstream has left it
+    /// unread for `stall` (see [`Progress::is_stalled_upstream`]).
+    async fn sent(&self, stall: Duration) {
+        use std::sync::atomic::Ordering;
+        loop {
+            if self.shared.finished.load(Ordering::Acquire) || self.is_stalled_upstream(stall) {
+                return;
+            }
+            let check = stall / 4;
+            let _ = tokio::time::timeout(check, self.shared.done.notified()).await;
+        }
+    }
+
+    /// The upstream has not asked for more of the body for `stall`, while the client owed
+    /// it nothing (the client's own stall is the upload's deadline).
+    fn is_stalled_upstream(&self, stall: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.shared.finished.load(Ordering::Acquire)
+            || self.shared.client_owes.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let polled = Duration::from_millis(self.shared.polled_ms.load(Ordering::Acquire));
+        self.shared.start.elapsed().saturating_sub(polled) > stall
+    }
 }
 
 /// Dials the route's upstream whatever the URI says (the URI only keys the pool).
@@ -177,5 +371,101 @@ impl hyper::rt::Write for PassConn {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A client body: `frames` chunks, one per poll, then the end (or, with `stall`,
+    /// nothing more for ever).
+    struct Client {
+        frames: usize,
+        stall: bool,
+    }
+
+    impl hyper::body::Body for Client {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+            if self.frames > 0 {
+                self.frames -= 1;
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                    bytes::Bytes::from_static(b"chunk"),
+                ))));
+            }
+            if self.stall {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_is_sent_whole_and_says_so() {
+        let (upload, progress) = Upload::new(
+            Client {
+                frames: 3,
+                stall: false,
+            },
+            BODY_STALL_TIMEOUT,
+        );
+        let collected = upload.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"chunkchunkchunk");
+        tokio::time::timeout(Duration::from_millis(1), progress.sent(BODY_STALL_TIMEOUT))
+            .await
+            .expect("the end of the body is seen at once");
+        assert!(!progress.is_stalled_upstream(BODY_STALL_TIMEOUT));
+    }
+
+    /// A client that stops sending mid-body fails the upload after the stall timeout (408
+    /// to it), not the upstream (504).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_mid_body_fails_the_upload() {
+        let (mut upload, progress) = Upload::new(
+            Client {
+                frames: 2,
+                stall: true,
+            },
+            BODY_STALL_TIMEOUT,
+        );
+        let started = tokio::time::Instant::now();
+        let mut chunks = 0;
+        let error = loop {
+            match upload.frame().await {
+                Some(Ok(_)) => chunks += 1,
+                Some(Err(e)) => break e,
+                None => panic!("the stalled body ended"),
+            }
+        };
+        assert_eq!(chunks, 2);
+        assert!(error.is::<BodyStalled>(), "{error}");
+        assert_eq!(started.elapsed(), BODY_STALL_TIMEOUT);
+        // The client owed the bytes: not the upstream's stall.
+        assert!(!progress.is_stalled_upstream(BODY_STALL_TIMEOUT));
+    }
+
+    /// An upstream that takes none of the body (nobody polls it) is caught by the request's
+    /// wait, as an upstream timeout.
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_reads_nothing_is_seen() {
+        let (_upload, progress) = Upload::new(
+            Client {
+                frames: 2,
+                stall: false,
+            },
+            BODY_STALL_TIMEOUT,
+        );
+        let started = tokio::time::Instant::now();
+        progress.sent(BODY_STALL_TIMEOUT).await;
+        assert!(progress.is_stalled_upstream(BODY_STALL_TIMEOUT));
+        assert!(started.elapsed() > BODY_STALL_TIMEOUT);
+        assert!(started.elapsed() < BODY_STALL_TIMEOUT * 2);
     }
 }

@@ -23,6 +23,10 @@ pub enum Rejection {
     /// reason `bad_request`.
     #[error("the request head is larger than 16 KiB or has more than 100 fields")]
     HeadTooLarge,
+    /// A request body that stopped arriving (nginx's `client_body_timeout`): 408, with the
+    /// JSON reason `bad_request`.
+    #[error("the request body stopped arriving")]
+    BodyTimeout,
     #[error("no route for this path")]
     NoRoute,
     #[error("client address is not allowed")]
@@ -78,6 +82,7 @@ impl Rejection {
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::IpDenied | Rejection::OriginNotAllowed | Rejection::ClaimsDenied => {
                 StatusCode::FORBIDDEN
@@ -103,9 +108,10 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotWebsocket(_) => "not_websocket",
-            Rejection::BadRequest(_) | Rejection::UriTooLong | Rejection::HeadTooLarge => {
-                "bad_request"
-            }
+            Rejection::BadRequest(_)
+            | Rejection::UriTooLong
+            | Rejection::HeadTooLarge
+            | Rejection::BodyTimeout => "bad_request",
             Rejection::NoRoute => "no_route",
             Rejection::IpDenied => "ip_denied",
             Rejection::RateLimited { .. } => "rate_limited",
