@@ -735,3 +735,52 @@ async fn an_upstream_host_name_is_dialled_upgrade_after_upgrade() {
     }
     assert_eq!(upstream.seen_count(), 3);
 }
+
+/// An upstream that sends a message every few milliseconds to a TLS client that reads
+/// nothing: the client is dropped at write_seconds, not twice it. (Each message wakes the
+/// relay; plaintext taken into the TLS stream's own buffer while its socket takes nothing
+/// was counted as the client's progress, which restarted the deadline once.)
+#[tokio::test]
+async fn a_tls_client_that_stops_reading_a_trickle_is_dropped_at_write_seconds() {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    let upstream = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let chunk = Message::binary(vec![7u8; 64 * 1024]);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if ws.send(chunk.clone()).await.is_err() {
+                        break;
+                    }
+                }
+                got = ws.next() => match got {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        let _ = ended_tx.send(std::time::Instant::now());
+    });
+    let extra = "    timeouts: {write_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&format!("ws://{addr}"), extra)).await;
+    assert!(gate.pki.is_some(), "the client leg is TLS");
+    let (_client, _) = gate.connect("/ws").await.unwrap();
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), ended_rx)
+        .await
+        .expect("the stalled client was never dropped")
+        .unwrap();
+    let took = ended - started;
+    // The buffers fill within a few hundred milliseconds of the start, then write_seconds.
+    assert!(
+        took >= std::time::Duration::from_millis(900)
+            && took < std::time::Duration::from_millis(1900),
+        "dropped after {took:?}"
+    );
+    upstream.abort();
+}

@@ -80,6 +80,9 @@ pub(crate) struct Direction {
     last_pong: Option<Instant>,
     /// A pong was read that the heartbeat has not looked at yet.
     pong_unseen: bool,
+    /// The stall is the destination's flush (a TLS connection's buffered records): nothing
+    /// more is read from the source, nor counted as taken, until it completes.
+    flush_stalled: bool,
     metrics: MessageCounters,
     /// The connection's registry entry, where `counts` is published for the operator API.
     entry: Arc<Entry>,
@@ -112,6 +115,7 @@ impl Direction {
             inbound,
             last_pong: None,
             pong_unseen: false,
+            flush_stalled: false,
             metrics,
             entry,
         }
@@ -120,8 +124,27 @@ impl Direction {
     /// Relay from `src` to `dst` until one of them would block.
     fn poll(&mut self, src: &mut Leg, dst: &mut Leg, cx: &mut Context<'_>) -> Poll<Event> {
         let to = self.from.other();
+        // A flush that was pending comes first: until the destination has taken what was
+        // relayed, the source is not read (a TLS stream would otherwise keep taking
+        // plaintext into its own buffer while its socket takes nothing, which the write
+        // deadline would count as the peer's progress).
+        if self.flush_stalled {
+            match dst.poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.flush_stalled = false;
+                    self.stalled_since = None;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Event::End(CloseReason::Lost(to))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         loop {
-            match dst.poll_owed(cx) {
+            let before = dst.written;
+            let owed = dst.poll_owed(cx);
+            if dst.written != before {
+                self.progressed(dst);
+            }
+            match owed {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return Poll::Ready(Event::End(CloseReason::Lost(to))),
                 Poll::Pending => return self.stall(dst),
@@ -138,7 +161,10 @@ impl Direction {
         match dst.poll_flush(cx) {
             Poll::Ready(Ok(())) => self.stalled_since = None,
             Poll::Ready(Err(_)) => return Poll::Ready(Event::End(CloseReason::Lost(to))),
-            Poll::Pending => return self.stall(dst),
+            Poll::Pending => {
+                self.flush_stalled = true;
+                return self.stall(dst);
+            }
         }
         Poll::Pending
     }
@@ -324,6 +350,17 @@ impl Direction {
             return Poll::Ready(Event::Stalled);
         }
         Poll::Pending
+    }
+
+    /// A stalled destination just accepted some bytes (and may refuse the rest): its write
+    /// deadline starts again from this moment, not from whenever the deadline next looks
+    /// (which would give a peer that took a few bytes right after the stall began nearly
+    /// two `write_seconds`: seen over TLS, whose buffer flushes late).
+    fn progressed(&mut self, dst: &Leg) {
+        if self.stalled_since.is_some() {
+            self.stalled_since = Some(Instant::now());
+            self.stall_written = dst.written;
+        }
     }
 
     /// A stalled destination that accepted some bytes since is not stalled for long: its
