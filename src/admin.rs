@@ -59,16 +59,7 @@ async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Bod
         "/metrics" | "/policy" | "/healthz" | "/readyz"
     );
     if known && !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
-        let json = serde_json::json!({
-            "error": "method_not_allowed",
-            "message": "this endpoint allows GET, HEAD",
-        });
-        return Ok(Response::builder()
-            .status(StatusCode::METHOD_NOT_ALLOWED)
-            .header(http::header::ALLOW, "GET, HEAD")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(full(Bytes::from(json.to_string())))
-            .unwrap_or_default());
+        return Ok(crate::operator::method_not_allowed("GET, HEAD"));
     }
     match req.uri().path() {
         "/metrics" => {

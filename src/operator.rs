@@ -106,6 +106,12 @@ impl Refusal {
     }
 }
 
+/// 405 in the operator API's shape (`Allow` and the JSON body), for the admin listener's
+/// other endpoints too.
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    Refusal::MethodNotAllowed(allow).into_response()
+}
+
 fn bad(message: impl Into<String>) -> Refusal {
     Refusal::BadRequest(message.into())
 }

@@ -6,7 +6,7 @@
 //! Admission asks on every verified token: with none in force the answer is one atomic
 //! load; otherwise one lock and one or two hash lookups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -146,25 +146,13 @@ impl Revocations {
     /// revocations added before `since` that it no longer holds (lifted on another gate
     /// while this one was cut off). Returns how many.
     pub fn keep_only_shared(&self, present: &[Revoked], since: Instant) -> usize {
-        let (subs, jtis): (
-            std::collections::HashSet<&str>,
-            std::collections::HashSet<&str>,
-        ) = (
-            present
-                .iter()
-                .filter_map(|r| match r {
-                    Revoked::Sub(s) => Some(s.as_str()),
-                    Revoked::Jti(_) => None,
-                })
-                .collect(),
-            present
-                .iter()
-                .filter_map(|r| match r {
-                    Revoked::Jti(j) => Some(j.as_str()),
-                    Revoked::Sub(_) => None,
-                })
-                .collect(),
-        );
+        let (mut subs, mut jtis) = (HashSet::new(), HashSet::new());
+        for which in present {
+            match which {
+                Revoked::Sub(s) => subs.insert(s.as_str()),
+                Revoked::Jti(j) => jtis.insert(j.as_str()),
+            };
+        }
         let mut maps = self.lock();
         let before = maps.len();
         let stale = |e: &Expiry| e.shared && e.added < since;

@@ -402,6 +402,13 @@ async fn sigterm_exits_at_the_drain_deadline_when_a_client_never_answers() {
     let _silent = gate.connect("/ws").await.unwrap(); // never reads, never answers the close
     let sent = Instant::now();
     gate.signal("TERM");
+    // Its close is given up at the deadline and logged before the exit: no connection
+    // ends unlogged.
+    let line = gate.wait_line("duration_ms=");
+    assert!(
+        line.contains("reason=\"shutdown\"") || line.contains("reason=shutdown"),
+        "{line}"
+    );
     let (code, _) = gate.wait_exit(Duration::from_secs(4));
     assert_eq!(code, 0);
     let took = sent.elapsed();
@@ -994,39 +1001,6 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
     ] {
         assert!(line.contains(field), "{field}: {line}");
     }
-}
-
-/// A connection still closing when the drain's deadline passes (its client never answers
-/// the 1001) is given up and logged before the process exits: no connection ends unlogged.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_close_cut_short_by_the_drain_deadline_is_still_logged() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        open_policy(&upstream.url(), "    timeouts: {write_seconds: 30}\n"),
-    )
-    .unwrap();
-    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &["--drain-seconds", "1"]);
-    // Never read: its close reply never comes.
-    let silent = gate.connect("/ws").await.unwrap();
-    gate.wait_line("accepted");
-    let sent = Instant::now();
-    gate.signal("TERM");
-    let line = gate.wait_line("duration_ms=");
-    assert!(
-        line.contains("reason=\"shutdown\"") || line.contains("reason=shutdown"),
-        "{line}"
-    );
-    let (code, _) = gate.wait_exit(Duration::from_secs(5));
-    assert_eq!(code, 0);
-    assert!(
-        sent.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        sent.elapsed()
-    );
-    drop(silent);
 }
 
 /// An inherited `upstream_tls` that meets a route's own ws:// upstream names that route.

@@ -512,8 +512,19 @@ async fn subprotocol_token_is_accepted_and_the_real_subprotocol_negotiated() {
 /// sees the entry.
 #[tokio::test]
 async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
+    let (entry, seen) = token_entry_only_offer("").await;
+    assert!(
+        header_values(&seen.headers, "sec-websocket-protocol").is_empty(),
+        "{entry}"
+    );
+}
+
+/// Offer only a `bearer.` token entry, on a route with `auth_extra`, to an upstream that
+/// selects nothing: the handshake completes with the entry selected and the socket
+/// echoes. Returns the entry and what the upstream saw.
+async fn token_entry_only_offer(auth_extra: &str) -> (String, Seen) {
     let upstream = Upstream::start().await;
-    let gate = hmac_gate(&upstream, "").await;
+    let gate = hmac_gate(&upstream, auth_extra).await;
     let token = hs256(&claims(json!({})));
     let entry = format!("bearer.{token}");
     let mut req = gate.request("/ws");
@@ -529,8 +540,7 @@ async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
         next_message(&mut client).await,
         tungstenite::Message::text("hi")
     );
-    let seen = upstream.last_seen();
-    assert!(header_values(&seen.headers, "sec-websocket-protocol").is_empty());
+    (entry, upstream.last_seen())
 }
 
 /// The same with `forward_token: true`: the upstream is offered the entry and selects
@@ -538,24 +548,7 @@ async fn the_token_entry_is_selected_when_the_upstream_selects_nothing() {
 /// fail a handshake whose offer got no answer).
 #[tokio::test]
 async fn the_token_entry_is_selected_when_a_forwarding_route_s_upstream_selects_nothing() {
-    let upstream = Upstream::start().await;
-    let gate = hmac_gate(&upstream, "forward_token: true").await;
-    let token = hs256(&claims(json!({})));
-    let entry = format!("bearer.{token}");
-    let mut req = gate.request("/ws");
-    req.headers_mut()
-        .insert("sec-websocket-protocol", header_value(&entry));
-    let (mut client, response) = gate
-        .connect_request(req)
-        .await
-        .expect("the handshake must complete");
-    assert_eq!(response.headers()["sec-websocket-protocol"], entry.as_str());
-    client.send(tungstenite::Message::text("hi")).await.unwrap();
-    assert_eq!(
-        next_message(&mut client).await,
-        tungstenite::Message::text("hi")
-    );
-    let seen = upstream.last_seen();
+    let (entry, seen) = token_entry_only_offer("forward_token: true").await;
     assert_eq!(
         header_values(&seen.headers, "sec-websocket-protocol"),
         vec![entry]

@@ -103,10 +103,7 @@ impl Validator<'_> {
         let audience = pick!(p, auth.audience)
             .map(|(l, _)| l.clone())
             .unwrap_or_default();
-        let (leeway_seconds, field) = pick!(p, auth.leeway_seconds).map_or_else(
-            || (DEFAULT_LEEWAY_SECONDS, p.path("auth.leeway_seconds")),
-            |(n, field)| (*n, field),
-        );
+        let (leeway_seconds, field) = pick_or!(p, auth.leeway_seconds, DEFAULT_LEEWAY_SECONDS);
         if leeway_seconds > 3600 {
             self.err(field, "must be at most 3600");
         }

@@ -168,7 +168,23 @@ macro_rules! pick {
     };
 }
 
-// After `pick!`, which it uses (a macro is in scope only below its definition).
+/// `pick!`, or the built-in default (reported at the route): the value and its field.
+macro_rules! pick_or {
+    ($p:expr, $section:ident . $leaf:ident, $default:expr) => {
+        pick!($p, $section.$leaf).map_or_else(
+            || {
+                (
+                    $default,
+                    $p.path(concat!(stringify!($section), ".", stringify!($leaf))),
+                )
+            },
+            |(value, field)| (*value, field),
+        )
+    };
+}
+
+// After `pick!` and `pick_or!`, which it uses (a macro is in scope only below its
+// definition).
 mod auth;
 
 impl Validator<'_> {
@@ -438,22 +454,12 @@ impl Validator<'_> {
     }
 
     fn rate(&mut self, p: &Pick<'_>) -> Rate {
-        let (upgrades_per_second, field) = pick!(p, rate.upgrades_per_second).map_or_else(
-            || {
-                (
-                    DEFAULT_UPGRADES_PER_SECOND,
-                    p.path("rate.upgrades_per_second"),
-                )
-            },
-            |(n, field)| (*n, field),
-        );
+        let (upgrades_per_second, field) =
+            pick_or!(p, rate.upgrades_per_second, DEFAULT_UPGRADES_PER_SECOND);
         if !(upgrades_per_second.is_finite() && upgrades_per_second > 0.0) {
             self.err(field, "must be a positive number");
         }
-        let (ipv6_prefix, field) = pick!(p, rate.ipv6_prefix).map_or_else(
-            || (DEFAULT_IPV6_PREFIX, p.path("rate.ipv6_prefix")),
-            |(n, field)| (*n, field),
-        );
+        let (ipv6_prefix, field) = pick_or!(p, rate.ipv6_prefix, DEFAULT_IPV6_PREFIX);
         if !(1..=128).contains(&ipv6_prefix) {
             self.err(field, "must be between 1 and 128");
         }
@@ -503,10 +509,7 @@ impl Validator<'_> {
             }
             None => max_message_bytes,
         };
-        let (per_second, field) = pick!(p, messages.per_second).map_or_else(
-            || (DEFAULT_MESSAGES_PER_SECOND, p.path("messages.per_second")),
-            |(n, field)| (*n, field),
-        );
+        let (per_second, field) = pick_or!(p, messages.per_second, DEFAULT_MESSAGES_PER_SECOND);
         if !(per_second.is_finite() && per_second > 0.0) {
             self.err(field, "must be a positive number");
         }
