@@ -7,11 +7,9 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::net::TcpListener;
 use wsgate::{config, demo, mint, shutdown, tls, Options};
 
 #[derive(Parser)]
@@ -470,74 +468,17 @@ async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
 }
 
 async fn run_demo(listen: SocketAddr) -> ExitCode {
-    let mut secret_bytes = [0u8; 32];
-    if aws_lc_rs::rand::fill(&mut secret_bytes).is_err() {
-        eprintln!("no randomness available");
-        return ExitCode::FAILURE;
-    }
-    let secret: String = secret_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let (upstream, listener) = match (
-        TcpListener::bind("127.0.0.1:0").await,
-        wsgate::listener::bind(listen),
-    ) {
-        (Ok(u), Ok(l)) => (u, l),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("cannot listen on {listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (Ok(upstream_addr), Ok(gate_addr)) = (upstream.local_addr(), listener.local_addr()) else {
-        return ExitCode::FAILURE;
-    };
-    let server = Arc::new(demo::Demo::new(secret.clone(), gate_addr));
-    let token = match server.mint(demo::PRINTED_TOKEN_TTL) {
-        Ok((token, _)) => token,
-        Err(e) => {
-            eprintln!("cannot mint the demo token: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tokio::spawn(demo::serve(upstream, server.clone()));
-    let dir = std::env::temp_dir().join(format!("wsgate-demo-{}", std::process::id()));
-    let policy_path = match demo::write_policy(&dir, gate_addr, upstream_addr, &secret) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("cannot write the demo policy in {}: {e}", dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let loaded = match config::load(&policy_path) {
-        Ok(l) => l,
+    let demo = match demo::start(listen).await {
+        Ok(demo) => demo,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let tls = match demo_tls() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("development certificate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let options = Options {
-        policy_path: policy_path.clone(),
-        listener,
-        admin: None,
-        tls: Some(tls),
-        sighup: true,
-        tls_files: None,
-        jwks_roots: Vec::new(),
-        admin_token_file: None,
-    };
-    let Ok(running) = wsgate::start(loaded, options) else {
-        return ExitCode::FAILURE;
-    };
-    server.set_gate(running.gate.clone());
-    println!("{}", demo::banner(gate_addr.port(), &policy_path, &token));
+    println!("{}", demo.banner);
     shutdown::signal().await;
-    let code = drain(&running, Duration::from_secs(5)).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let code = drain(&demo.running, Duration::from_secs(5)).await;
+    demo.remove_files();
     code
 }
 
@@ -554,18 +495,4 @@ fn extra_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
             Vec::new()
         }
     }
-}
-
-fn demo_tls() -> Result<rustls::ServerConfig, tls::TlsError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(demo::DEV_CERT.as_bytes())
-        .filter_map(Result::ok)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(demo::DEV_KEY.as_bytes()).map_err(|_| {
-        tls::TlsError::NoKey {
-            path: "certs/localhost.key".into(),
-        }
-    })?;
-    tls::server_config_from(certs, key)
 }

@@ -26,6 +26,9 @@ use crate::body::{full, Body};
 use crate::{mint, Gate};
 
 mod reflect;
+mod start;
+
+pub use start::{start, StartError, Started};
 
 /// The development certificate and key (certs/), for the quick start only.
 pub const DEV_CERT: &str = include_str!("../../certs/localhost.pem");
