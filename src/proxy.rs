@@ -136,6 +136,7 @@ pub async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);
+    upstream::rewrite_location(&mut parts.headers, &route.upstream);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 

@@ -160,6 +160,44 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// nginx's `proxy_redirect default`: a `Location` that points at the upstream's own
+/// address (the Host the gate sent it, or the address it dials, under the scheme the app
+/// was reached by) becomes the same path on the client's origin, so that a redirect never
+/// sends a browser to an address only the gate can reach. Any other `Location` is kept.
+pub fn rewrite_location(headers: &mut HeaderMap, upstream: &Upstream) {
+    let Some(location) = headers.get(header::LOCATION) else {
+        return;
+    };
+    let scheme: &[u8] = if upstream.tls.is_some() {
+        b"https://"
+    } else {
+        b"http://"
+    };
+    let Some(rest) = strip_prefix_ignore_case(location.as_bytes(), scheme) else {
+        return;
+    };
+    let path = [&upstream.host_header, &upstream.authority]
+        .into_iter()
+        .filter_map(|host| strip_prefix_ignore_case(rest, host.as_bytes()))
+        .find(|path| matches!(path.first(), None | Some(b'/' | b'?' | b'#')));
+    let Some(path) = path else {
+        return;
+    };
+    let rewritten = match path.first() {
+        Some(b'/') => HeaderValue::from_bytes(path),
+        _ => HeaderValue::from_bytes(&[b"/", path].concat()),
+    };
+    if let Ok(rewritten) = rewritten {
+        headers.insert(header::LOCATION, rewritten);
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let head = bytes.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &bytes[prefix.len()..])
+}
+
 /// Headers only wsgate sets upstream; a client's copy is dropped and `forward_claims`
 /// may not name them.
 pub fn is_reserved_header(name: &HeaderName) -> bool {
@@ -400,7 +438,7 @@ async fn handshake(
         if response.status.is_informational() {
             return Err(Rejection::UpstreamUnavailable);
         }
-        return Err(relay_refusal(stream, response, rest, deadline).await);
+        return Err(relay_refusal(stream, response, rest, &route.upstream, deadline).await);
     }
     let accept = response.headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
@@ -535,6 +573,7 @@ async fn relay_refusal(
     mut stream: UpstreamStream,
     head: Head,
     mut raw: BytesMut,
+    upstream: &Upstream,
     deadline: Instant,
 ) -> Rejection {
     let chunked = head
@@ -573,6 +612,7 @@ async fn relay_refusal(
     // been cut at 64 KiB), and the handshake headers mean nothing on a refusal.
     let mut headers = head.headers;
     strip_hop_by_hop(&mut headers);
+    rewrite_location(&mut headers, upstream);
     for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
@@ -651,6 +691,38 @@ mod tests {
         );
         let (body, done) = dechunk(big.as_bytes());
         assert_eq!((body.len(), done), (MAX_RELAYED_BODY, true));
+    }
+
+    #[test]
+    fn a_location_at_the_upstreams_own_address_becomes_a_path() {
+        let upstream = Upstream {
+            authority: "app:80".into(),
+            host_header: "app".into(),
+            tls: None,
+            url: "ws://app".into(),
+            resolved: Default::default(),
+            handshake_lines: crate::policy::handshake_lines("app"),
+        };
+        let rewritten = |location: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::LOCATION, HeaderValue::from_str(location).unwrap());
+            rewrite_location(&mut headers, &upstream);
+            headers[header::LOCATION].to_str().unwrap().to_owned()
+        };
+        assert_eq!(rewritten("http://app/login?next=%2F"), "/login?next=%2F");
+        assert_eq!(rewritten("HTTP://APP:80/a"), "/a");
+        assert_eq!(rewritten("http://app"), "/");
+        assert_eq!(rewritten("http://app?x=1"), "/?x=1");
+        // Not the upstream: another host, a longer name, another scheme, a relative path.
+        for kept in [
+            "http://application/a",
+            "http://app.example.com/a",
+            "https://app/a",
+            "https://idp.example.com/authorize",
+            "/already/relative",
+        ] {
+            assert_eq!(rewritten(kept), kept);
+        }
     }
 
     #[test]

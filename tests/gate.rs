@@ -216,7 +216,8 @@ async fn upstream_refusal_is_relayed_with_its_body() {
     assert_eq!(headers["content-type"], "text/plain");
     // Its end-to-end headers too (a redirect to a login page, a cookie), as nginx and
     // Envoy relay them; not its hop-by-hop or handshake headers, and the framing is the
-    // gate's.
+    // gate's. The redirect pointed at the app's own address (`http://127.0.0.1:PORT/login`):
+    // it becomes a path on the gate's origin, as nginx's `proxy_redirect default` does.
     assert_eq!(headers["location"], "/login");
     assert_eq!(headers["set-cookie"], "next=/ws; Path=/");
     assert_eq!(headers["cache-control"], "no-store");

@@ -198,6 +198,21 @@ async fn the_upstreams_101_headers_reach_the_client() {
 /// An HTTP/1.1 request without Host is refused, 400 (RFC 9112 §3.2), as nginx refuses it;
 /// an HTTP/1.0 one need not send Host.
 #[tokio::test]
+async fn a_redirect_to_the_apps_own_address_becomes_a_path_on_the_gate() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let (status, _, response) = send(&gate, &get("/public/old", "")).await;
+    assert_eq!(status, 302, "{response}");
+    // The app wrote `http://127.0.0.1:PORT/app/new?from=old`, an address only the gate
+    // can reach.
+    assert!(
+        response.contains("\r\nlocation: /app/new?from=old\r\n"),
+        "{response}"
+    );
+    assert!(!response.contains(&upstream.addr.to_string()), "{response}");
+}
+
+#[tokio::test]
 async fn an_http_1_1_request_without_host_is_400() {
     let upstream = Upstream::start().await;
     let policy = format!(

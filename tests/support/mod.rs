@@ -221,6 +221,21 @@ async fn upstream_service(
         target: target.clone(),
         headers: req.headers().clone(),
     });
+    // Redirects are absolute, at the Host the app was reached by, as app frameworks write
+    // them.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let own = format!("http://{}", host.unwrap_or("-"));
+    let own_url = |path: &str| format!("{own}{path}");
+    if target.ends_with("/old") {
+        return Ok(Response::builder()
+            .status(302)
+            .header(header::LOCATION, own_url("/app/new?from=old"))
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         // Plain HTTP: say what arrived, echo the body, and add a hop-by-hop header.
         let method = req.method().to_string();
@@ -243,7 +258,7 @@ async fn upstream_service(
         return Ok(Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "text/plain")
-            .header(header::LOCATION, "/login")
+            .header(header::LOCATION, own_url("/login"))
             .header(header::SET_COOKIE, "next=/ws; Path=/")
             .header(header::CACHE_CONTROL, "no-store")
             .header("keep-alive", "timeout=5")
