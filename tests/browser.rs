@@ -365,8 +365,8 @@ fn find_chromium() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A headless Chromium with a fresh profile and DevTools on an ephemeral port; killed on
-/// drop.
+/// A headless Chromium with a fresh profile and DevTools on an ephemeral port; stopped (SIGTERM)
+/// on drop.
 struct Browser {
     child: Child,
     profile: tempfile::TempDir,
@@ -391,6 +391,8 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            // Its scratch directories too, which it leaves behind even after SIGTERM.
+            .env("TMPDIR", profile.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -438,8 +440,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::process::terminate(&mut self.child, Duration::from_secs(3));
     }
 }
 
@@ -450,7 +451,7 @@ async fn page_log(chromium: &Path, url: &str, done: impl Fn(&[&str]) -> bool) ->
     page.wait_text("log", |log| done(&lines(log))).await
 }
 
-/// One page in a fresh headless Chromium, driven over DevTools; the browser is killed on
+/// One page in a fresh headless Chromium, driven over DevTools; the browser is stopped on
 /// drop. Every call is bounded: a browser that stops answering fails the test.
 struct Page {
     cdp: Cdp,
@@ -636,7 +637,7 @@ impl Cdp {
 // ---------------------------------------------------------------------------------------
 // The demo, and a plain HTTP origin that is not allowed
 
-/// `wsgate demo --listen 127.0.0.1:0` with JSON logs (stderr is a pipe) collected; killed
+/// `wsgate demo --listen 127.0.0.1:0` with JSON logs (stderr is a pipe) collected; stopped
 /// on drop.
 struct Demo {
     child: Child,
@@ -726,8 +727,7 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::process::terminate(&mut self.child, Duration::from_secs(3));
     }
 }
 

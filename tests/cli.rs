@@ -476,7 +476,7 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _guard = KillOnDrop(child);
+    let _guard = StopOnDrop(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -633,12 +633,11 @@ async fn demo_serves_its_page_and_echoes_with_the_printed_token() {
     }
 }
 
-struct KillOnDrop(Child);
+struct StopOnDrop(Child);
 
-impl Drop for KillOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        support::process::terminate(&mut self.0, Duration::from_secs(3));
     }
 }
 

@@ -204,3 +204,24 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Stop `child` as kubelet stops a container: SIGTERM, then SIGKILL if it is still there
+/// after `grace`. What it cleans up on the way out (the demo's temporary directory and
+/// the secret in it, a browser's profile) is then not left behind in /tmp.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(None) = child.try_wait() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
