@@ -7,11 +7,12 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// The `route` label before a route is chosen.
@@ -53,6 +54,23 @@ pub struct OpLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
+}
+
+/// A family whose `# HELP` and `# TYPE` lines are written before its first series too:
+/// prometheus-client leaves an empty family out, and every documented name is exposed
+/// from the start, so that a dashboard or an `absent()` alert finds it on a fresh gate
+/// (a family with no sample is valid in both text formats).
+#[derive(Debug)]
+struct Exposed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Exposed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -130,32 +148,32 @@ impl Metrics {
         registry.register(
             "wsgate_connections_active",
             "Open WebSocket connections",
-            m.connections_active.clone(),
+            Exposed(m.connections_active.clone()),
         );
         registry.register(
             "wsgate_upgrades",
             "Upgrade requests by result: accepted or the refusal reason",
-            m.upgrades.clone(),
+            Exposed(m.upgrades.clone()),
         );
         registry.register(
             "wsgate_messages",
             "Relayed text and binary messages",
-            m.messages.clone(),
+            Exposed(m.messages.clone()),
         );
         registry.register(
             "wsgate_message_bytes",
             "Payload bytes of relayed messages",
-            m.message_bytes.clone(),
+            Exposed(m.message_bytes.clone()),
         );
         registry.register(
             "wsgate_message_inflated_bytes",
             "Inflated payload bytes of relayed compressed (permessage-deflate) messages",
-            m.message_inflated_bytes.clone(),
+            Exposed(m.message_inflated_bytes.clone()),
         );
         registry.register(
             "wsgate_closes",
             "Relayed connections closed, by reason",
-            m.closes.clone(),
+            Exposed(m.closes.clone()),
         );
         registry.register(
             "wsgate_policy_reloads",
@@ -165,7 +183,7 @@ impl Metrics {
         registry.register(
             "wsgate_report_violations",
             "Violations let through in report mode",
-            m.report_violations.clone(),
+            Exposed(m.report_violations.clone()),
         );
         registry.register(
             "wsgate_upgrade_duration_seconds",
@@ -175,12 +193,12 @@ impl Metrics {
         registry.register(
             "wsgate_ping_rtt_seconds",
             "Heartbeat ping to pong round trip",
-            m.ping_rtt.clone(),
+            Exposed(m.ping_rtt.clone()),
         );
         registry.register(
             "wsgate_connection_duration_seconds",
             "Lifetime of relayed connections",
-            m.connection_duration.clone(),
+            Exposed(m.connection_duration.clone()),
         );
         registry.register(
             "wsgate_tls_reloads",
@@ -200,7 +218,7 @@ impl Metrics {
         registry.register(
             "wsgate_cluster_errors",
             "Cluster store operations that failed or timed out, by operation",
-            m.cluster_errors.clone(),
+            Exposed(m.cluster_errors.clone()),
         );
         registry.register(
             "wsgate_cluster_fallbacks",

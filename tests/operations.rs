@@ -114,8 +114,6 @@ async fn metrics_carry_every_spec_name_after_traffic() {
         metric_sample(&m, "wsgate_ping_rtt_seconds_count{route=\"ws\"}").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
-    // Families without a series yet (no report-mode violation here) are not exposed;
-    // report_violations_are_counted_by_route_and_reason covers that one.
 
     // Without an Accept for OpenMetrics: Prometheus' text format 0.0.4, where a counter's
     // HELP and TYPE lines name its `_total` series, and no `# EOF`.
@@ -149,6 +147,54 @@ async fn metrics_carry_every_spec_name_after_traffic() {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
+}
+
+/// Every documented name, as a 0.0.4 scraper sees it.
+const EXPOSED: [(&str, &str); 17] = [
+    ("wsgate_connections_active", "gauge"),
+    ("wsgate_upgrades_total", "counter"),
+    ("wsgate_messages_total", "counter"),
+    ("wsgate_message_bytes_total", "counter"),
+    ("wsgate_message_inflated_bytes_total", "counter"),
+    ("wsgate_closes_total", "counter"),
+    ("wsgate_policy_reloads_total", "counter"),
+    ("wsgate_report_violations_total", "counter"),
+    ("wsgate_upgrade_duration_seconds", "histogram"),
+    ("wsgate_ping_rtt_seconds", "histogram"),
+    ("wsgate_connection_duration_seconds", "histogram"),
+    ("wsgate_tls_reloads_total", "counter"),
+    ("wsgate_revocations_active", "gauge"),
+    ("wsgate_cluster_up", "gauge"),
+    ("wsgate_cluster_errors_total", "counter"),
+    ("wsgate_cluster_fallbacks_total", "counter"),
+    ("wsgate_client_connections_total", "counter"),
+];
+
+#[tokio::test]
+async fn every_name_is_exposed_before_its_first_series() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (status, m) = admin_fetch(gate.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for (name, kind) in EXPOSED {
+        assert!(
+            m.contains(&format!("\n# TYPE {name} {kind}\n")),
+            "{name}\n{m}"
+        );
+        assert!(m.contains(&format!("# HELP {name} ")), "{name}\n{m}");
+    }
+    // Names, not invented series: no connection has been seen yet.
+    assert!(!m.contains("wsgate_connections_active{"), "{m}");
+    let (_, _, om) = admin_request(
+        gate.admin,
+        "GET",
+        "/metrics",
+        &["Accept: application/openmetrics-text;version=1.0.0"],
+        b"",
+    )
+    .await;
+    assert!(om.contains("\n# TYPE wsgate_closes counter\n"), "{om}");
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
 }
 
 #[tokio::test]
