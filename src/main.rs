@@ -57,7 +57,7 @@ struct RunArgs {
     #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Serve ws:// without TLS (TLS done by a mesh).
-    #[arg(long, env = "WSGATE_PLAINTEXT")]
+    #[arg(long, env = "WSGATE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
     plaintext: bool,
     /// Admin listener address, or "off".
     #[arg(long, env = "WSGATE_ADMIN", default_value = "127.0.0.1:9901")]
@@ -93,7 +93,7 @@ struct ExplainArgs {
     #[arg(long, env = "WSGATE_PEER", default_value = "127.0.0.1")]
     peer: std::net::IpAddr,
     /// Print JSON instead of text.
-    #[arg(long, env = "WSGATE_JSON")]
+    #[arg(long, env = "WSGATE_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     json: bool,
 }
 

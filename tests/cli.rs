@@ -315,6 +315,55 @@ fn run_needs_tls_or_plaintext() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
 }
 
+#[test]
+fn plaintext_takes_the_usual_boolean_spellings_from_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {required: false}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let start = |value: &str| {
+        Command::new(BIN)
+            .args(["run", "--listen", "127.0.0.1:0", "--admin", "off"])
+            .arg("--policy")
+            .arg(&policy)
+            .env("WSGATE_PLAINTEXT", value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // As Kubernetes manifests write them.
+    for on in ["1", "yes", "on", "true"] {
+        let mut child = start(on);
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let listening = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+            .any(|line| line.contains("listening"));
+        support::process::terminate(&mut child, Duration::from_secs(3));
+        assert!(
+            listening,
+            "WSGATE_PLAINTEXT={on} did not start a plaintext gate"
+        );
+    }
+    for off in ["0", "no", "off", "false"] {
+        let out = start(off).wait_with_output().unwrap();
+        assert!(!out.status.success(), "WSGATE_PLAINTEXT={off}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--tls-cert"),
+            "WSGATE_PLAINTEXT={off}"
+        );
+    }
+}
+
 /// The binary running in the background; killed when dropped.
 
 #[tokio::test(flavor = "multi_thread")]

@@ -351,6 +351,11 @@ fn the_flags_read_their_environment_variables() {
     assert_eq!(code, Some(1), "{text}");
     let json: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["decision"]["reason"], "ip_denied");
+    // The usual boolean spellings of a variable.
+    let (_, text) = run(&[("WSGATE_PEER", "203.0.113.5"), ("WSGATE_JSON", "1")]);
+    assert!(serde_json::from_str::<Value>(&text).is_ok(), "{text}");
+    let (_, text) = run(&[("WSGATE_PEER", "203.0.113.5"), ("WSGATE_JSON", "no")]);
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
 }
 
 #[test]
