@@ -73,25 +73,47 @@ pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, MintError> {
     )?)
 }
 
-/// `90`, `45s`, `30m`, `1h`, `2d`.
+/// `90`, `45s`, `30m`, `1h`, `2d`, or parts of them together, largest first: `1h30m`,
+/// `2d12h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30m or 1h"))?;
-    let unit_secs: u64 = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h, d)")),
-    };
-    n.checked_mul(unit_secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long a duration"))
+    let malformed = || format!("{s:?} is not a duration like 30m, 1h or 1h30m");
+    if s.is_empty() {
+        return Err(malformed());
+    }
+    let mut rest = s;
+    let mut total: u64 = 0;
+    // The size of the last unit read: each part must be of a smaller unit than the one
+    // before (`30m1h` and `1h1h` are typing mistakes, not durations).
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().map_err(|_| malformed())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let unit_secs: u64 = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h, d)")),
+        };
+        if unit_secs >= last_unit {
+            return Err(malformed());
+        }
+        last_unit = unit_secs;
+        total = n
+            .checked_mul(unit_secs)
+            .and_then(|part| total.checked_add(part))
+            .ok_or_else(|| format!("{s:?} is too long a duration"))?;
+    }
+    Ok(Duration::from_secs(total))
 }
 
 #[cfg(test)]
@@ -105,5 +127,11 @@ mod tests {
         assert!(parse_duration("18446744073709551615d").is_err());
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d12h"), Ok(Duration::from_secs(216_000)));
+        assert_eq!(parse_duration("1m30"), Ok(Duration::from_secs(90)));
+        for bad in ["", "30m1h", "1h1h", "1h 30m", "1.5h", "-1h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -411,6 +411,24 @@ async fn sighup_reloads_the_policy() {
     gate.wait_line("policy reloaded");
     open.send(Message::text("still open")).await.unwrap();
     assert_eq!(next_message(&mut open).await, Message::text("still open"));
+
+    // A policy that no longer admits it: the line that says so names the connection's
+    // request id, as its close line does, so the two can be tied together.
+    std::fs::write(
+        &real,
+        open_policy(&upstream.url(), "    ip: {deny: [127.0.0.0/8]}\n"),
+    )
+    .unwrap();
+    gate.signal("HUP");
+    assert_eq!(next_close(&mut open).await, (1008, "policy changed".into()));
+    let request_id = |line: &str| {
+        let id = line.split("request_id=").nth(1).unwrap_or_default();
+        id.split_whitespace().next().unwrap_or_default().to_owned()
+    };
+    let cut = request_id(&gate.wait_line("no longer admits"));
+    let closed = request_id(&gate.wait_line("policy_changed"));
+    assert!(!cut.is_empty());
+    assert_eq!(cut, closed);
 }
 
 #[tokio::test(flavor = "multi_thread")]

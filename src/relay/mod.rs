@@ -563,6 +563,7 @@ impl Relay {
             policy,
             standing,
             stop,
+            request_id,
             ..
         } = &mut *self;
         // The one timer of this connection, always set to the earliest deadline.
@@ -613,10 +614,12 @@ impl Relay {
                     let loaded = policy.load();
                     if let Err(why) = admission::recheck(&loaded.policy, standing) {
                         let (route, ip) = (&route.name, standing.client_ip);
+                        // The request id ties it to the connection's upgrade and close lines.
+                        let request_id = request_id.to_str().unwrap_or("-");
                         if loaded.policy.mode == Mode::Report {
-                            tracing::warn!(route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
+                            tracing::warn!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
                         } else {
-                            tracing::info!(route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
+                            tracing::info!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
                             break CloseReason::PolicyChanged;
                         }
                     }
