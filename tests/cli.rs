@@ -135,6 +135,30 @@ fn check_reports_every_semantic_error_with_its_field_path() {
 }
 
 #[test]
+fn a_misspelt_algorithm_is_one_error_not_a_cascade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alg.yaml");
+    std::fs::write(
+        &dir.path().join("secret"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+    for algorithms in ["[HS257]", "[none]"] {
+        std::fs::write(
+            &path,
+            format!("version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n    auth: {{algorithms: {algorithms}}}\n"),
+        )
+        .unwrap();
+        let (code, text) = check(&path);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("routes[0].auth.algorithms[0]"), "{text}");
+        // Not "no configured key is of a family auth.algorithms names", nor a warning
+        // that the secret is never used: which family was meant is unknown.
+        assert_eq!(text.trim().lines().count(), 1, "{text}");
+    }
+}
+
+#[test]
 fn check_refuses_credentials_in_urls_without_printing_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("credentials.yaml");

@@ -49,6 +49,7 @@ impl Validator<'_> {
             );
         }
 
+        let errors_before = self.errors.len();
         let (algorithms, alg_field) = match pick!(p, auth.algorithms) {
             Some((list, field)) => (self.algorithms(&field, list), field),
             None => (
@@ -62,8 +63,19 @@ impl Validator<'_> {
         // HMAC and public-key algorithms may be listed together (an issuer moving from
         // HS256 to RS256): a token is only ever tried against keys of its `alg`'s family,
         // so a public key never serves as an HMAC secret (admission::token::try_keys).
+        // With a misspelt algorithm, which family it meant is unknown: the keys are not
+        // judged by the rest (its error is the one to read, not "no key of a family").
         let families = Families {
-            names: algorithms.iter().map(|a| KeyFamily::of(*a)).collect(),
+            names: if self.errors.len() > errors_before {
+                HashSet::from([
+                    KeyFamily::Hmac,
+                    KeyFamily::Rsa,
+                    KeyFamily::Ec,
+                    KeyFamily::Ed,
+                ])
+            } else {
+                algorithms.iter().map(|a| KeyFamily::of(*a)).collect()
+            },
             field: alg_field,
             route: p.at,
         };
@@ -71,7 +83,6 @@ impl Validator<'_> {
         let mut keys = Vec::new();
         let mut jwks_urls = Vec::new();
         let mut unusable = 0;
-        let errors_before = self.errors.len();
         let keys_field = pick!(p, auth.keys).map(|(list, field)| {
             for (i, k) in list.iter().enumerate() {
                 unusable += self.key(
@@ -84,7 +95,8 @@ impl Validator<'_> {
             }
             field
         });
-        // A listed key that failed to load has its own error; "no keys" would only mislead.
+        // A listed key that failed to load, or an algorithm that did not parse, has its own
+        // error; "no keys" would only mislead.
         let failed_keys = self.errors.len() > errors_before;
         if required && keys.is_empty() && jwks_urls.is_empty() && !failed_keys {
             self.err(
