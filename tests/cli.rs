@@ -139,7 +139,7 @@ fn a_misspelt_algorithm_is_one_error_not_a_cascade() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("alg.yaml");
     std::fs::write(
-        &dir.path().join("secret"),
+        dir.path().join("secret"),
         "0123456789abcdef0123456789abcdef",
     )
     .unwrap();
