@@ -129,8 +129,10 @@ pub async fn answer(
     // The path only: a query may carry a token, and tokens are never logged.
     let path = uri.path().to_owned();
     let upgrade = matches!(asked, Asked::Upgrade(_));
+    // For a plain request's access line (standard methods are copied without allocating).
+    let method = method.clone();
 
-    let routed = route(&loaded.policy, method, uri, headers);
+    let routed = route(&loaded.policy, &method, uri, headers);
     let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
     let result = match routed {
         Ok((route, path)) => {
@@ -166,6 +168,14 @@ pub async fn answer(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                     route = route_name, path = %path, result = "accepted", latency_ms,
                     protocol = conn.protocol.as_str(), limits, "upgrade"
+                );
+            } else {
+                // nginx's access line: what the upstream answered, and when its head came.
+                tracing::info!(
+                    request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
+                    route = route_name, method = %method, path = %path,
+                    status = answer.0.status().as_u16(), latency_ms,
+                    protocol = conn.protocol.as_str(), "request passed"
                 );
             }
             answer

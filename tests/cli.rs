@@ -1093,6 +1093,42 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
     }
 }
 
+/// A plain request proxied on an `http: pass` route gets nginx's access line: who, what,
+/// the upstream's status and the time to its head; never the query (it may hold a token).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passed_request_is_logged_like_an_access_line() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "    http: pass\n")).unwrap();
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /ws/page?access_token=secret-ish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let line = gate.wait_line("request passed");
+    for field in [
+        "request_id=",
+        "client_ip=127.0.0.1",
+        "route=\"ws\"",
+        "method=GET",
+        "path=/ws/page",
+        "status=200",
+        "latency_ms=",
+        "protocol=\"http/1.1\"",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+    assert!(!line.contains("secret-ish"), "{line}");
+}
+
 /// An inherited `upstream_tls` that meets a route's own ws:// upstream names that route.
 #[test]
 fn check_names_the_route_whose_upstream_an_inherited_upstream_tls_does_not_fit() {
