@@ -195,7 +195,8 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
         Ok(parsed) => parsed,
         Err(e) => {
             let mut error = syntax(e);
-            // The typed parse stops at its first error: name every other unknown field.
+            // The typed parse stops at its first error: name every other unknown field
+            // and value.
             if let ConfigError::Syntax { message, more, .. } = &mut error {
                 *more = unknown::unknown_fields(&schema_value(), &document)
                     .into_iter()
@@ -239,9 +240,13 @@ fn schema_value() -> serde_json::Value {
     schemars::schema_for!(file::PolicyFile).to_value()
 }
 
-/// Whether serde's `message` ("routes[0]: unknown field `upstrem`, expected …") is the
-/// error about `field` (`routes[0].upstrem`).
+/// Whether serde's `message` ("routes[0]: unknown field `upstrem`, expected …", "mode:
+/// unknown variant `enforcee`, …") is the error about `field` (`routes[0].upstrem`,
+/// `mode`).
 fn reported(message: &str, field: &str) -> bool {
+    if message.starts_with(&format!("{field}: unknown variant")) {
+        return true;
+    }
     let (parent, key) = match field.rsplit_once('.') {
         Some((parent, key)) => (Some(parent), key),
         None => (None, field),

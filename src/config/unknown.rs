@@ -1,10 +1,12 @@
-//! Every unknown field of a policy file, not only the first.
+//! Every unknown field of a policy file, and every unknown value of a field with a fixed
+//! list (`mode`, `http`, `compression`, `on_failure`), not only the first.
 //!
 //! The typed parse (`deny_unknown_fields` at every level) stops at the first field it does
 //! not know, so a file with three typos would take three rounds of `wsgate check`. When
 //! the typed parse fails, the plain YAML document is walked against the policy's JSON
 //! Schema (generated from the same structs, so it knows the same fields) and every key the
-//! schema has no place for is reported at its field path.
+//! schema has no place for, and every string none of its choices names, is reported at its
+//! field path.
 
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -27,6 +29,10 @@ struct Keys<'a> {
     /// Some branch takes keys it does not name.
     open: bool,
     items: Option<&'a Json>,
+    /// The strings the branches name (`const`, `enum`).
+    variants: Vec<&'a str>,
+    /// Some branch takes any string.
+    any_string: bool,
 }
 
 impl Keys<'_> {
@@ -82,6 +88,23 @@ fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<Fiel
             }
         }
         Yaml::Tagged(tagged) => walk(root, schema, &tagged.value, at, found),
+        Yaml::String(value)
+            if !keys.variants.is_empty()
+                && !keys.any_string
+                && !keys.variants.contains(&value.as_str()) =>
+        {
+            found.push(FieldError {
+                field: at.to_owned(),
+                message: format!(
+                    "unknown variant `{value}`, expected one of {}",
+                    keys.variants
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         _ => {}
     }
 }
@@ -125,6 +148,23 @@ fn branches<'a>(root: &'a Json, schema: &'a Json, keys: &mut Keys<'a>, depth: us
     if let Some(items) = object.get("items") {
         keys.items = Some(items);
     }
+    let named = object.get("const").into_iter().chain(
+        object
+            .get("enum")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten(),
+    );
+    let before = keys.variants.len();
+    keys.variants.extend(named.filter_map(Json::as_str));
+    let takes_string = match object.get("type") {
+        Some(Json::String(t)) => t == "string",
+        Some(Json::Array(types)) => types.iter().any(|t| t == "string"),
+        _ => false,
+    };
+    if takes_string && keys.variants.len() == before {
+        keys.any_string = true;
+    }
 }
 
 /// `#/$defs/Name` in `root`.
@@ -158,6 +198,21 @@ mod tests {
                 "defaults.auth.keys[0].kidd",
                 "routes[0].upstrem",
                 "routes[1].nmae"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_unknown_value_of_a_fixed_list() {
+        assert_eq!(
+            unknown(
+                "version: 1\nmode: enforcee\ndefaults:\n  messages: {types: [text], compression: of}\n  http: pass\nroutes:\n  - path: /ws\n    http: passs\n    name: report\ncluster: {redis_url_env: R, on_failure: opne}\n"
+            ),
+            [
+                "mode",
+                "defaults.messages.compression",
+                "routes[0].http",
+                "cluster.on_failure"
             ]
         );
     }
