@@ -106,7 +106,8 @@ pub struct Metrics {
     pub cluster_up: Gauge,
     /// Failed or timed-out cluster store operations by `op`.
     pub cluster_errors: Family<OpLabel, Counter>,
-    /// Upgrades decided on this process's own limits because the store was unreachable.
+    /// Upgrade decisions (the address checks, the subject's cap) taken on this process's own
+    /// limits because the store was unreachable: up to two per upgrade.
     pub cluster_fallbacks: Counter,
     /// `wsgate_client_connections_total{protocol}`'s two series, made once: HTTP/1.1, h2.
     client_connections: [Counter; 2],
@@ -222,7 +223,7 @@ impl Metrics {
         );
         registry.register(
             "wsgate_cluster_fallbacks",
-            "Upgrades decided on this process's own limits because the cluster store was unreachable",
+            "Upgrade decisions (the address checks, the subject's cap) taken on this process's own limits because the cluster store was unreachable",
             m.cluster_fallbacks.clone(),
         );
         registry.register(

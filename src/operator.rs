@@ -248,6 +248,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         Ok(Err(_)) => return Err(bad("the body could not be read")),
         Err(_) => return Err(bad("the body did not arrive within 5 seconds")),
     };
+    // serde would take an array for a struct, field by field in order: `[null, "bob"]`
+    // would revoke a jti by its place in the list, not by a name the operator wrote.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(bad("the body must be a JSON object"));
+    }
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("the body is not valid JSON: {e}")))
 }
 
@@ -267,8 +272,13 @@ impl CloseBody {
             + usize::from(self.sub.is_some())
             + usize::from(self.ip.is_some())
             + usize::from(self.route.is_some());
-        if given != 1 {
-            return Err(bad("exactly one of id, sub, ip and route is required"));
+        let empty = [&self.sub, &self.ip, &self.route]
+            .into_iter()
+            .any(|s| s.as_deref() == Some(""));
+        if given != 1 || empty {
+            return Err(bad(
+                "exactly one of id, sub, ip and route, not empty, is required",
+            ));
         }
         Ok(Filter {
             id: self.id,

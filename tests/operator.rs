@@ -229,6 +229,11 @@ async fn malformed_oversized_and_misdirected_requests() {
         ("POST", "/connections/close", br#"{"user": "a"}"#),
         ("POST", "/connections/close", br#"{"ip": "not-an-ip"}"#),
         ("POST", "/connections/close", br#"{"id": "seven"}"#),
+        // An array would fill the fields by their order, not by name.
+        ("POST", "/connections/close", br#"[null, "bob"]"#),
+        ("POST", "/revocations", br#"[null, "bob", 5]"#),
+        ("POST", "/connections/close", br#"{"sub": ""}"#),
+        ("POST", "/connections/close", br#"{"route": ""}"#),
         ("POST", "/revocations", br#"{"sub": "a"}"#),
         ("POST", "/revocations", br#"{"sub": "a", "ttl_seconds": 0}"#),
         (
