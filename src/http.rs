@@ -346,7 +346,17 @@ async fn switch(
         Compression::Pass => Offers::from_request(&parts.headers),
         Compression::Off => Offers::default(),
     };
-    let mut socket = upstream::open(&route, &target, headers, &to_upstream, &offers).await?;
+    let mut socket = match upstream::open(&route, &target, headers, &to_upstream, &offers).await {
+        Ok(socket) => socket,
+        Err(rejection) => {
+            if let Some(cluster) = &gate.admission.cluster {
+                std::mem::take(&mut ticket.slots)
+                    .release(cluster.round_trip())
+                    .await;
+            }
+            return Err(rejection);
+        }
+    };
 
     let mut response = Response::builder();
     if let Some(headers) = response.headers_mut() {

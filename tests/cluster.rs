@@ -409,6 +409,41 @@ async fn subject_cap_holds_across_three_gates_and_frees_on_close() {
     drop(redis);
 }
 
+/// An upgrade refused after its address's shared slot was taken (here at the subject's
+/// cap) frees that slot before it is answered: the client's next upgrade, at once and on
+/// either gate, does not find the slot still held (it got a false 429 for the address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_frees_its_address_slot_before_the_answer() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let rate = "{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 2, max_connections_per_subject: 1}";
+    let p = policy(&upstream.url(), &prefix(), "closed", rate);
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::start(&p, &redis.url())).collect();
+    for g in &gates {
+        g.wait_up(true).await;
+    }
+    let mut open = Vec::new();
+    for round in 0..5 {
+        let ip = format!("10.0.1.{round}");
+        let holder = format!("held{round}");
+        open.push(gates[0].open(&holder, &ip).await);
+        let (status, _, body) = refusal(gates[1].connect(&holder, &ip).await);
+        assert_eq!(
+            (status, body["message"].as_str()),
+            (429, Some("too many open connections for this subject")),
+            "round {round}"
+        );
+        // One of the address's two slots is in use: another subject gets the other.
+        let other = gates[round % 2]
+            .connect(&format!("other{round}"), &ip)
+            .await;
+        open.push(other.unwrap_or_else(|e| panic!("round {round}: {e}")).0);
+    }
+    drop(redis);
+}
+
 /// A `rediss://` store: two gates reach it over TLS, verifying its certificate (signed by
 /// the development CA they trust through `SSL_CERT_FILE`), and share the per-subject cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,6 +135,22 @@ pub struct Slots {
     _shared_subject: Option<Lease>,
 }
 
+impl Slots {
+    /// Free them now, the shared ones waiting (at most `within` each) until the store has
+    /// heard: for an upgrade that fails after its admission (the upstream refused or is
+    /// down), whose client may try again at once.
+    pub async fn release(self, within: std::time::Duration) {
+        let Slots {
+            _shared_ip,
+            _shared_subject,
+            ..
+        } = self;
+        for lease in [_shared_ip, _shared_subject].into_iter().flatten() {
+            lease.release(within).await;
+        }
+    }
+}
+
 /// Whose limits decided an upgrade's rate and caps (the upgrade log line's `limits`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Limits {
@@ -341,6 +357,28 @@ pub async fn admit<'a>(
     kind: Kind,
     trace: Option<&Trace>,
 ) -> Result<Ticket, Rejection> {
+    let mut shared_ip = None;
+    let admitted = checks(state, policy, route, attempt, kind, trace, &mut shared_ip).await;
+    if let (Err(_), Some(lease), Some(cluster)) = (&admitted, shared_ip, &state.cluster) {
+        // Refused after the address's shared slot was taken (Origin, token, claims, the
+        // subject's cap): the store hears of its release before the client hears the
+        // refusal, so that the client's next upgrade does not find the slot still held.
+        lease.release(cluster.round_trip()).await;
+    }
+    admitted
+}
+
+/// [`admit`]'s checks; the address's shared lease is kept in `shared_ip` until the ticket
+/// takes it, so that a refusal can release it at once.
+async fn checks<'a>(
+    state: &State,
+    policy: &Policy,
+    route: &'a Arc<Route>,
+    attempt: &Attempt<'a>,
+    kind: Kind,
+    trace: Option<&Trace>,
+    shared_ip: &mut Option<Lease>,
+) -> Result<Ticket, Rejection> {
     let upgrade = kind == Kind::Upgrade;
     let client_ip = attempt.peer.client_ip;
     let report = policy.mode == Mode::Report;
@@ -354,7 +392,6 @@ pub async fn admit<'a>(
     v.check(Step::Ip, ip_rule(route, client_ip))?;
     let mut global = None;
     let mut ip_slot = None;
-    let mut shared_ip = None;
     let mut shared_subject = None;
     // The store is asked only by a running gate whose policy has `cluster`.
     let cluster = state
@@ -398,7 +435,7 @@ pub async fn admit<'a>(
                     None => Err(Rejection::TooManyConnections("address", CAP_RETRY_AFTER)),
                 };
                 v.check(Step::IpCap, ip_cap)?;
-                shared_ip = verdict.lease;
+                *shared_ip = verdict.lease;
                 // Counted here too, never refused here: if the store goes down, this
                 // process's own cap knows its open connections.
                 ip_slot = state.caps.try_ip(&route.name, key, u32::MAX);
@@ -418,7 +455,7 @@ pub async fn admit<'a>(
                 };
                 v.check(Step::IpCap, ip_cap)?;
                 if let Some(cluster) = cluster {
-                    shared_ip = cluster.unregistered_ip(&route.name, &key.to_string());
+                    *shared_ip = cluster.unregistered_ip(&route.name, &key.to_string());
                 }
             }
         }
@@ -524,7 +561,7 @@ pub async fn admit<'a>(
             _global: global,
             _ip: ip_slot,
             _subject: subject_slot,
-            _shared_ip: shared_ip,
+            _shared_ip: shared_ip.take(),
             _shared_subject: shared_subject,
         },
         verified_source: claims

@@ -29,7 +29,7 @@ use arc_swap::ArcSwapOption;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::IntoConnectionInfo;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, OpLabel};
@@ -181,12 +181,18 @@ struct Held {
     member: String,
 }
 
+/// A lease on its way out of the store, and who waits for it to be gone.
+struct Release {
+    held: Held,
+    done: Option<oneshot::Sender<()>>,
+}
+
 /// This gate's leases, for the renewal, and the queue of releases.
 struct Leases {
     gate_id: String,
     next: AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
-    releases: mpsc::Sender<Held>,
+    releases: mpsc::Sender<Release>,
     /// `wsgate_cluster_errors_total{op="release"}`: counts releases dropped on a full queue.
     dropped: Counter,
 }
@@ -206,6 +212,24 @@ impl Leases {
             leases: self.clone(),
             id,
         }
+    }
+
+    /// Stop renewing lease `id` and queue its release, with `done` told once it is sent.
+    fn release(&self, id: u64, done: Option<oneshot::Sender<()>>) -> bool {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        let Some(held) = held else {
+            return false;
+        };
+        // Full queue: the lease is no longer renewed and expires by itself.
+        if self.releases.try_send(Release { held, done }).is_err() {
+            self.dropped.inc();
+            return false;
+        }
+        true
     }
 
     fn snapshot(&self) -> Vec<Held> {
@@ -230,20 +254,22 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+impl Lease {
+    /// Release it now and wait, at most `within`, until the store has been told: for an
+    /// upgrade refused after its slot was taken, so that the client's next upgrade does
+    /// not find the slot still held (a dropped lease goes in the next batch, a few
+    /// milliseconds later).
+    pub async fn release(self, within: Duration) {
+        let (done, sent) = oneshot::channel();
+        if self.leases.release(self.id, Some(done)) {
+            let _ = tokio::time::timeout(within, sent).await;
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        let held = self
-            .leases
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-        if let Some(held) = held {
-            // Full queue: the lease is no longer renewed and expires by itself.
-            if self.leases.releases.try_send(held).is_err() {
-                self.leases.dropped.inc();
-            }
-        }
+        self.leases.release(self.id, None);
     }
 }
 
@@ -272,7 +298,7 @@ pub struct Cluster {
     store: ArcSwapOption<Store>,
     health: Arc<Health>,
     leases: Arc<Leases>,
-    releases: Mutex<Option<mpsc::Receiver<Held>>>,
+    releases: Mutex<Option<mpsc::Receiver<Release>>>,
     /// Woken when the store is replaced (the upkeep task re-reads its period).
     replaced: Notify,
     revocations: Arc<Revocations>,
@@ -455,6 +481,14 @@ impl Cluster {
         Ok(UpgradeVerdict { rate, lease })
     }
 
+    /// The bound of one store round trip on the upgrade path (`timeout_ms`).
+    pub fn round_trip(&self) -> Duration {
+        self.store
+            .load()
+            .as_ref()
+            .map_or(Duration::ZERO, |store| store.config.timeout)
+    }
+
     /// A lease under the per-subject cap (`None`: the cap is full).
     pub async fn subject(
         &self,
@@ -526,7 +560,7 @@ impl Cluster {
     }
 
     /// Send queued releases, in one pipeline.
-    async fn release(&self, batch: Vec<Held>) {
+    async fn release(&self, batch: &[Release]) {
         let Some(store) = self.store.load_full() else {
             return;
         };
@@ -538,8 +572,8 @@ impl Cluster {
             return;
         }
         let mut pipe = redis::pipe();
-        for held in &batch {
-            pipe.zrem(&held.key, &held.member).ignore();
+        for release in batch {
+            pipe.zrem(&release.held.key, &release.held.member).ignore();
         }
         let within = store.background_bound();
         let _ = self
@@ -550,7 +584,11 @@ impl Cluster {
     /// Releases, renewals every `lease_seconds / 3`, and probes while the store is down.
     /// One task does all three, so a release is never overtaken by the renewal of the
     /// lease it releases.
-    async fn upkeep(self: Arc<Self>, mut releases: mpsc::Receiver<Held>, stop: CancellationToken) {
+    async fn upkeep(
+        self: Arc<Self>,
+        mut releases: mpsc::Receiver<Release>,
+        stop: CancellationToken,
+    ) {
         let mut next_refresh = tokio::time::Instant::now();
         loop {
             let store = self.store.load_full();
@@ -566,7 +604,10 @@ impl Cluster {
             tokio::select! {
                 () = stop.cancelled() => return,
                 Some(first) = releases.recv() => {
-                    tokio::time::sleep(RELEASE_LINGER).await;
+                    // A release someone waits for goes at once.
+                    if first.done.is_none() {
+                        tokio::time::sleep(RELEASE_LINGER).await;
+                    }
                     let mut batch = vec![first];
                     while batch.len() < RELEASE_BATCH {
                         match releases.try_recv() {
@@ -574,7 +615,12 @@ impl Cluster {
                             Err(_) => break,
                         }
                     }
-                    self.release(batch).await;
+                    self.release(&batch).await;
+                    for release in batch {
+                        if let Some(done) = release.done {
+                            let _ = done.send(());
+                        }
+                    }
                 }
                 () = tokio::time::sleep_until(wake) => {
                     let Some(store) = store else {
