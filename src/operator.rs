@@ -3,8 +3,8 @@
 //! bearer token of `--admin-token-file` (compared in constant time; the file is re-read
 //! when it changes); without that flag they answer 403 `admin_token_not_configured`.
 //!
-//! Bodies are JSON of at most [`MAX_BODY`] bytes (413 beyond, with the reason
-//! `bad_request`); refusals have the admission refusals' JSON shape,
+//! Bodies are JSON objects of at most [`MAX_BODY`] bytes (a larger one is a malformed
+//! body too: 400 `bad_request`); refusals have the admission refusals' JSON shape,
 //! `{"error": …, "message": …}`.
 
 use std::net::IpAddr;
@@ -72,8 +72,9 @@ impl Refusal {
         match self {
             Refusal::NotConfigured => StatusCode::FORBIDDEN,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            // The contract's one status for a body it does not take, whatever is wrong
+            // with it (nginx would say 413 for the size).
+            Refusal::BadRequest(_) | Refusal::TooLarge => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::TooManyRevocations => StatusCode::INSUFFICIENT_STORAGE,
         }
