@@ -182,13 +182,12 @@ async fn close_codes_a_peer_may_not_send_are_its_protocol_error() {
 #[tokio::test]
 async fn upstream_close_codes_it_may_not_send_are_1014_to_the_client() {
     // An upstream's invalid close code is the upstream's failure: the client is told
-    // 1014 "upstream unavailable", not a 1002 that blames it. (1014 itself is a code only
-    // a gateway sends, and tungstenite reads it as one a peer may not send.)
-    for code in [999u16, 1004, 1014, 2999] {
+    // 1014 "upstream unavailable", not a 1002 that blames it.
+    for code in [999u16, 1004, 1015, 2999] {
         let up = raw_upstream(match code {
             999 => |a: &str| upstream_close(a, 999),
             1004 => |a: &str| upstream_close(a, 1004),
-            1014 => |a: &str| upstream_close(a, 1014),
+            1015 => |a: &str| upstream_close(a, 1015),
             _ => |a: &str| upstream_close(a, 2999),
         })
         .await;
@@ -200,6 +199,41 @@ async fn upstream_close_codes_it_may_not_send_are_1014_to_the_client() {
             "upstream close code {code}"
         );
     }
+}
+
+/// 1014 is a code a peer may send: an upstream that is itself a gateway has it relayed,
+/// and a client that echoes the gate's own 1014 (as Python `websockets` does) completes the
+/// close handshake at once rather than being held to the close deadline as a protocol
+/// error.
+#[tokio::test]
+async fn a_1014_is_relayed_and_a_client_echoing_it_is_let_go_at_once() {
+    let up = raw_upstream(|a: &str| upstream_close(a, 1014)).await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    assert_eq!(close_code(&mut tcp).await, 1014);
+    // An upstream failing its frames: the gate's own 1014, echoed.
+    let up = raw_upstream(|accept: &str| {
+        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        out.extend_from_slice(&[0xC1, 0x01, b'x']);
+        out
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let mut tcp = upgrade_raw(&gate).await;
+    assert_eq!(close_code(&mut tcp).await, 1014);
+    tcp.write_all(&frame(0x88, &1014u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the gate held the socket {:?} after the echoed 1014",
+        started.elapsed()
+    );
+    // Nothing more was written: no 1002 for the echo.
+    assert!(rest.is_empty(), "{rest:?}");
 }
 
 /// A 101, then at once a close frame with `code`.

@@ -503,10 +503,12 @@ impl CloseError {
 }
 
 /// Whether a peer may send `code` in a close frame (RFC 6455 §7.4.1–7.4.2 and the IANA
-/// registry): 1000–1003, 1007–1013 and 3000–4999, as the relay reads codes today. 1014
-/// ("Bad Gateway") is for gateways such as this one to send, not to receive.
+/// registry): 1000–1003, 1007–1014 and 3000–4999. 1014 ("Bad Gateway") comes from a
+/// gateway, and also back from a client echoing the gate's own 1014 (Python `websockets`
+/// does), or from an upstream that is itself a proxy; 1004–1006 and 1015 never go on the
+/// wire.
 pub fn code_may_be_sent(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Read an (unmasked) close payload.
