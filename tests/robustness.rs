@@ -236,6 +236,40 @@ async fn a_1014_is_relayed_and_a_client_echoing_it_is_let_go_at_once() {
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+/// The close line names the codes sent to each side, and no code for a side that was cut
+/// off inside a frame and got none: here the client's large text frame turns out not to be
+/// UTF-8 after its first chunk has gone to the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_close_line_has_no_code_for_a_side_cut_off_inside_a_frame() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    let mut tcp = upgrade_raw_at(gate.addr).await;
+    // A clean close first: both codes.
+    tcp.write_all(&frame(0x88, &4000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut tcp).await, 4000);
+    let line = gate.wait_line("reason=\"client_closed\"");
+    assert!(line.contains("client_code=4000"), "{line}");
+    assert!(line.contains("upstream_code=4000"), "{line}");
+
+    let mut tcp = upgrade_raw_at(gate.addr).await;
+    let mut payload = vec![b'a'; 200 * 1024];
+    payload[150 * 1024] = 0xff;
+    let bytes = frame(0x81, &payload, true);
+    // The first part alone, so that it is relayed before the bad byte arrives.
+    tcp.write_all(&bytes[..100 * 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.write_all(&bytes[100 * 1024..]).await.unwrap();
+    assert_eq!(close_code(&mut tcp).await, 1007);
+    let line = gate.wait_line("reason=\"client_protocol_error\"");
+    assert!(line.contains("client_code=1007"), "{line}");
+    assert!(!line.contains("upstream_code="), "{line}");
+}
+
 /// A 101, then at once a close frame with `code`.
 fn upstream_close(accept: &str, code: u16) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();

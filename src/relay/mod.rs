@@ -528,6 +528,10 @@ impl Relay {
             report_violations: self.c2u.inbound.as_ref().map_or(0, |i| i.violations),
         };
         let (client_code, upstream_code) = outcome.reason.codes();
+        // A side whose close frame never went (cut off inside a frame, lost, stalled, or
+        // the process stopping first) is logged without a code: none reached it.
+        let client_code = client_code.filter(|_| self.client.close_sent);
+        let upstream_code = upstream_code.filter(|_| self.upstream.close_sent);
         tracing::info!(
             request_id = %self.request_id.to_str().unwrap_or("-"),
             client_ip = %self.standing.client_ip, route = %self.route.name,
