@@ -264,7 +264,9 @@ async fn the_close_line_has_no_code_for_a_side_cut_off_inside_a_frame() {
     tcp.write_all(&bytes[..100 * 1024]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     tcp.write_all(&bytes[100 * 1024..]).await.unwrap();
-    assert_eq!(close_code(&mut tcp).await, 1007);
+    let (_, close) = server_frame(&mut tcp).await;
+    assert_eq!(close[..2], 1007u16.to_be_bytes());
+    assert_eq!(&close[2..], b"invalid payload data");
     let line = gate.wait_line("reason=\"client_protocol_error\"");
     assert!(line.contains("client_code=1007"), "{line}");
     assert!(!line.contains("upstream_code="), "{line}");

@@ -205,9 +205,11 @@ impl CloseReason {
             CloseReason::TooBig(Upstream) => {
                 (going_away(), refuse(MESSAGE_TOO_BIG, "message too big"))
             }
-            CloseReason::Protocol(Client, code) => (refuse(*code, "protocol error"), going_away()),
+            CloseReason::Protocol(Client, code) => {
+                (refuse(*code, protocol_text(*code)), going_away())
+            }
             CloseReason::Protocol(Upstream, code) => {
-                (unavailable(), refuse(*code, "protocol error"))
+                (unavailable(), refuse(*code, protocol_text(*code)))
             }
             CloseReason::Lost(Client) | CloseReason::Stalled(Client) => {
                 (Ending::Drop, going_away())
@@ -243,6 +245,16 @@ impl CloseReason {
                 going_away(),
             ),
         }
+    }
+}
+
+/// The close reason for a protocol failure's code: 1007 is bad data inside a message
+/// (invalid UTF-8, a corrupt deflate stream, a close reason that is not UTF-8), 1002 a
+/// broken frame.
+fn protocol_text(code: u16) -> &'static str {
+    match code {
+        1007 => "invalid payload data",
+        _ => "protocol error",
     }
 }
 
