@@ -458,7 +458,7 @@ async fn sighup_reloads_the_policy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_with_1001_and_exits_0() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
     let mut a = gate.connect("/ws").await.unwrap();
     let mut b = gate.connect("/ws").await.unwrap();
@@ -521,7 +521,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start_limited(&policy, &[], Some(64));
 
     // Far more connections than the gate has descriptors for.
@@ -799,7 +799,7 @@ async fn readyz_becomes(admin: std::net::SocketAddr, want: u16, within: Duration
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start_at(
         &policy,
         "127.0.0.1:0",
@@ -847,7 +847,7 @@ async fn shutdown_delay_keeps_serving_while_readiness_is_503() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_cuts_the_shutdown_delay_short() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start_at(
         &policy,
         "127.0.0.1:0",
@@ -870,7 +870,7 @@ async fn a_second_signal_cuts_the_shutdown_delay_short() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_gate_exits_promptly_on_sigterm() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
     // It has served, and nothing is open now.
     let mut client = gate.connect("/ws").await.unwrap();
@@ -897,7 +897,7 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
-    let (dir, policy) = open_policy_file(&upstream);
+    let (dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start(&policy, &[]);
     // A FIFO renamed over the policy: the reload blocks in it for good (opening it until a
     // writer comes, then reading, since the writer never writes).
@@ -1053,20 +1053,13 @@ async fn a_replacement_binds_beside_a_draining_gate_and_no_client_is_refused() {
 
 /// `open_policy` in front of `upstream`, written to a fresh directory (kept alive by the
 /// returned guard).
-fn open_policy_file(upstream: &Upstream) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
-    (dir, policy)
-}
-
 /// A head refused before it is parsed (431 here) is logged like every other refusal: a
 /// request id, the client, the reason and status, the latency and the protocol.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_refused_unparsed_is_logged_with_every_field() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream);
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
     let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let huge = format!(
@@ -1098,9 +1091,7 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_passed_request_is_logged_like_an_access_line() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "    http: pass\n")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream, "    http: pass\n");
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();

@@ -242,9 +242,7 @@ async fn a_1014_is_relayed_and_a_client_echoing_it_is_let_go_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_close_line_has_no_code_for_a_side_cut_off_inside_a_frame() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, open_policy(&upstream.url(), "")).unwrap();
+    let (_dir, policy) = open_policy_file(&upstream, "");
     let mut gate = Proc::start(&policy, &[]);
     let mut tcp = upgrade_raw_at(gate.addr).await;
     // A clean close first: both codes.

@@ -452,6 +452,15 @@ pub fn open_policy(upstream: &str, route_extra: &str) -> String {
     )
 }
 
+/// [`open_policy`] for `upstream`, written to `policy.yaml` in a directory of its own, for
+/// a gate run as a process.
+pub fn open_policy_file(upstream: &Upstream, route_extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy(&upstream.url(), route_extra)).unwrap();
+    (dir, policy)
+}
+
 impl TestGate {
     /// The gate over TLS with `policy`.
     pub async fn start(policy: &str) -> TestGate {
