@@ -8,8 +8,9 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use support::wire::{accept_upgrade, frame, read_frame, upgrade_raw_path};
 use support::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -181,4 +182,43 @@ async fn the_drain_ends_with_the_close_handshakes_not_the_linger() {
         "the drain took {took:?}"
     );
     drop(client);
+}
+
+/// A side whose close handshake is done is let go at once, not when the other side's
+/// ends: on shutdown, an upstream that answers its 1001 gets the gate's FIN right away
+/// even while a silent client holds its own close open until the write deadline.
+#[tokio::test]
+async fn an_upstream_that_answers_is_let_go_while_a_silent_client_is_still_waited_for() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}", listener.local_addr().unwrap());
+    let policy = open_policy(&upstream, "    timeouts: {write_seconds: 10}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let (_silent, mut upstream) = tokio::join!(
+        upgrade_raw_path(gate.addr, "/ws"),
+        accept_upgrade(&listener)
+    );
+    gate.running.begin_shutdown();
+    let close = read_frame(&mut upstream).await.unwrap();
+    assert_eq!(
+        (close.opcode, &close.payload[..2]),
+        (8, &1001u16.to_be_bytes()[..])
+    );
+    // The reply, as a server sends it: unmasked.
+    upstream
+        .write_all(&frame(0x88, &1001u16.to_be_bytes(), false))
+        .await
+        .unwrap();
+    let answered = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), upstream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "no FIN {:?} after the close handshake: {read:?}",
+        answered.elapsed()
+    );
+    assert!(
+        answered.elapsed() < Duration::from_secs(2),
+        "FIN after {:?}",
+        answered.elapsed()
+    );
 }

@@ -669,10 +669,23 @@ async fn close_both(
         }
         None => {}
     }
+    // Each side is shut as soon as its own close is done: an upstream that answered is
+    // not kept open while a silent client is waited for.
     tokio::join!(
-        end(client, to_client, deadline),
-        end(upstream, to_upstream, deadline)
+        end_and_shut(client, to_client, deadline),
+        end_and_shut(upstream, to_upstream, deadline)
     )
+}
+
+/// [`end`], then, after a completed close handshake, the write side shut at once.
+async fn end_and_shut(leg: &mut Leg, ending: Ending, deadline: Instant) -> Finish {
+    match end(leg, ending, deadline).await {
+        Finish::Shutdown => {
+            linger::shutdown(&mut leg.io, Instant::now() + linger::LINGER_TIME).await;
+            Finish::Shut
+        }
+        finish => finish,
+    }
 }
 
 /// How a leg's socket is let go once its close frames are done.
@@ -683,6 +696,8 @@ enum Finish {
     /// The close handshake completed, so the peer sends nothing more: TLS close_notify
     /// and FIN, then the socket goes.
     Shutdown,
+    /// As `Shutdown`, already done: only the socket's drop is left.
+    Shut,
     /// Our close frame may still be unread behind the peer's input: close_notify and FIN,
     /// then input is discarded until the peer closes ([`linger::close`]).
     Linger,
@@ -710,7 +725,7 @@ impl Ended {
 
 async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
     match finish {
-        Finish::Drop => {}
+        Finish::Drop | Finish::Shut => {}
         Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
         Finish::Linger => linger::close(&mut leg.io, deadline).await,
     }
