@@ -5,14 +5,15 @@
 //! and the connection's own deadlines (first request, idle, drain).
 //!
 //! The limits (see the README, "HTTP/2"): streams open at once (`http2.max_concurrent_streams`),
-//! a 16 KiB header list (as for an HTTP/1.1 head), 20 streams reset by the client before
+//! a 16 KiB header list and 100 fields (as for an HTTP/1.1 head; checked by the gate, which
+//! answers 431 in JSON, with h2's own limit at 64 KiB behind it), 20 streams reset by the client before
 //! they were answered (rapid reset, CVE-2023-44487: past that the connection is closed
 //! with ENHANCE_YOUR_CALM), 256 KiB of receive window per stream and 1 MiB per connection
 //! (what a client can make the gate hold for a stream or a connection that is not being
 //! read), 64 KiB of send buffer per stream, and keep-alive pings after 20 s without a
 //! request, data or pong, to be answered within 20 s (which also ends a connection stuck
 //! in a header block that never ends). h2 itself caps a header block at 5 CONTINUATION
-//! frames and closes a connection whose header list passes 64 KiB; SETTINGS and PING
+//! frames and closes a connection whose header list passes 256 KiB; SETTINGS and PING
 //! floods stall on their own acknowledgements, which h2 writes before it reads on. A
 //! rapid reset paced slower than h2 counts is an ordinary open-and-close, bounded by the
 //! per-IP upgrade rate.
@@ -35,9 +36,11 @@ use crate::http::{handle, ConnInfo, H2Stream};
 use crate::relay::Protocol;
 use crate::Gate;
 
-/// The most header bytes (HPACK-decoded, as RFC 9113 counts them) in one request: the
-/// HTTP/1.1 head's limit (the listener's `MAX_HEAD_BYTES`).
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The header list (HPACK-decoded, as RFC 9113 counts it) h2 lets through to the gate:
+/// 4 times the 16 KiB an HTTP/1.1 head may have, which the gate checks itself so that a
+/// list over it gets the same JSON 431 as an HTTP/1.1 head. Past this h2 answers a bare
+/// 431, and past 4 times this (h2's abuse limit) it closes the connection.
+pub const PEER_HEADER_LIST: u32 = 64 * 1024;
 
 /// Streams the client may reset before the gate has answered them, at once (hyper's
 /// default, made explicit: the rapid-reset bound).
@@ -128,7 +131,7 @@ pub async fn serve<I>(
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(MAX_HEADER_LIST)
+        .max_header_list_size(PEER_HEADER_LIST)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_ERROR_RESETS)
         .initial_stream_window_size(STREAM_WINDOW)

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::admission::Rejection;
 use crate::head::{self, Head, Prefixed};
 use crate::http::{answer, handle, is_upgrade, Asked, ConnInfo};
 use crate::relay::Protocol;
@@ -147,6 +148,23 @@ async fn connection(
     let deadline = accepted + handshake;
     match &gate.tls {
         Some(acceptor) => {
+            // nginx's answer to plain HTTP on its TLS port, rather than a TLS alert that an
+            // HTTP client shows as an empty reply.
+            let plain = timeout_at(deadline, sent_plain_http(&tcp));
+            if let Some(Ok(true)) = unless_draining(&gate, plain).await {
+                drop(opening);
+                gate.metrics.client_connection(false);
+                let info = ConnInfo {
+                    peer,
+                    tls: false,
+                    accepted,
+                    protocol: Protocol::Http1,
+                };
+                let refusal = Rejection::BadRequest(
+                    "plain HTTP was sent to the TLS port: use https:// or wss://",
+                );
+                return refuse_unparsed(&gate, tcp, info, refusal).await;
+            }
             let handshake = timeout_at(deadline, acceptor.current(h2).accept(tcp));
             match unless_draining(&gate, handshake).await {
                 Some(Ok(Ok(stream))) => {
@@ -177,6 +195,38 @@ async fn connection(
             serve_http(gate, tcp, info, deadline, opening, h2).await
         }
     }
+}
+
+/// Answer a connection whose request was refused before it could be parsed (a head over
+/// the limits, or not HTTP/1.1 at all, or plain HTTP on the TLS port) with `rejection`,
+/// count and log it as every other refusal, and close it gracefully.
+async fn refuse_unparsed<I>(gate: &Gate, mut io: I, info: ConnInfo, rejection: Rejection)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    gate.metrics
+        .upgrade(crate::metrics::NO_ROUTE, rejection.reason());
+    // The same fields as every other refusal's line; the head was not parsed, so its id
+    // is a fresh one and there is no path.
+    let request_id = crate::http::request_id(&http::HeaderMap::new());
+    tracing::info!(
+        request_id = %request_id.to_str().unwrap_or("-"), client_ip = %info.peer.ip(),
+        route = crate::metrics::NO_ROUTE, result = rejection.reason(),
+        status = rejection.status().as_u16(),
+        latency_ms = info.accepted.elapsed().as_secs_f64() * 1000.0,
+        protocol = info.protocol.as_str(), "request refused"
+    );
+    if head::refuse(&mut io, rejection).await.is_ok() {
+        linger::close(&mut io, Instant::now() + linger::LINGER_TIME).await;
+    }
+}
+
+/// Whether a connection to the TLS port opened with plain HTTP: a request line starts with
+/// a method's capital letter, where a TLS record starts with its content type (22, a
+/// handshake). Waits for the first byte (the caller bounds the wait).
+async fn sent_plain_http(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
 }
 
 /// `work`, unless the drain begins first: a connection that has not sent its request by
@@ -216,22 +266,7 @@ async fn serve_http<I>(
         }
         Some(Ok(Ok(Head::Refused(rejection)))) => {
             drop(opening);
-            gate.metrics
-                .upgrade(crate::metrics::NO_ROUTE, rejection.reason());
-            // The same fields as every other refusal's line; the head was not parsed, so
-            // its id is a fresh one and there is no path.
-            let request_id = crate::http::request_id(&http::HeaderMap::new());
-            tracing::info!(
-                request_id = %request_id.to_str().unwrap_or("-"), client_ip = %info.peer.ip(),
-                route = crate::metrics::NO_ROUTE, result = rejection.reason(),
-                status = rejection.status().as_u16(),
-                latency_ms = info.accepted.elapsed().as_secs_f64() * 1000.0,
-                protocol = info.protocol.as_str(), "request refused"
-            );
-            if head::refuse(&mut io, rejection).await.is_ok() {
-                linger::close(&mut io, deadline.max(Instant::now() + linger::LINGER_TIME)).await;
-            }
-            return;
+            return refuse_unparsed(&gate, io, info, rejection).await;
         }
         // Closed, failed, too slow (slowloris) or still silent when the drain began:
         // dropped without an answer.

@@ -75,6 +75,34 @@ async fn a_malformed_extended_connect_is_400_bad_request() {
     echoes(&mut ws, "after the refusals").await;
 }
 
+/// A header list over 16 KiB (as HTTP/2 counts it, after HPACK decoding) or with more
+/// than 100 fields is 431 `bad_request` in JSON, counted under `route="none"`, as an
+/// HTTP/1.1 head over the same limits is; the connection goes on, and a list just under
+/// the limit is admitted.
+#[tokio::test]
+async fn a_header_list_over_16_kib_or_100_fields_is_431_bad_request() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let big = "a".repeat(17 * 1024);
+    h2.refused("/ws", &[("x-big", &big)], 431, "bad_request")
+        .await;
+    let names: Vec<String> = (0..101).map(|i| format!("x-field-{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    h2.refused("/ws", &many, 431, "bad_request").await;
+    assert_eq!(upstream.seen_count(), 0);
+    let counted = "wsgate_upgrades_total{route=\"none\",result=\"bad_request\"}";
+    assert_eq!(gate.metric(counted).await, 2.0);
+    // Under both limits: admitted on the same connection.
+    let under = "a".repeat(15 * 1024);
+    let (mut ws, _) = h2
+        .websocket("/ws", &[("x-big", &under), ("x-other", "1")])
+        .await
+        .expect("a 15 KiB header list is admitted");
+    echoes(&mut ws, "after the 431s").await;
+    assert_eq!(upstream.seen_count(), 1);
+}
+
 /// A path no route matches is 404 `no_route`.
 #[tokio::test]
 async fn an_unknown_path_is_404_no_route() {

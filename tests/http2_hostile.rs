@@ -703,9 +703,10 @@ async fn ping_flood_stalls_and_is_dropped_at_the_handshake_deadline() {
 
 /// `x-bomb: bbb…` (4,000 bytes) is put in the gate's dynamic table (4,038 of its 4,096
 /// bytes) once, then referenced by one-byte indexed fields: each reference decodes to
-/// 4 KiB. Past the 16 KiB header list the stream gets 431 (the connection lives on, its
-/// HPACK state intact); past 64 KiB (h2's abuse limit, 4 times the list) the connection is
-/// closed with ENHANCE_YOUR_CALM.
+/// 4 KiB. Past the 16 KiB header list the stream gets the gate's 431 with its JSON body
+/// (the connection lives on, its HPACK state intact); past 64 KiB h2's own bare 431, before
+/// the gate sees the request; past 256 KiB (h2's abuse limit, 4 times its list) the
+/// connection is closed with ENHANCE_YOUR_CALM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hpack_bomb_is_refused_with_431_then_enhance_your_calm() {
     const BOMB_TABLE_ENTRY: usize = 62;
@@ -732,17 +733,22 @@ async fn hpack_bomb_is_refused_with_431_then_enhance_your_calm() {
         .await
         .unwrap();
     assert_eq!(answer(&mut rx, 1).await, Answer::Status(431));
+    let body = next_frame(&mut rx, DEADLINE, |f| f.kind == DATA && f.stream == 1)
+        .await
+        .expect("the 431's body");
+    let body = String::from_utf8_lossy(&body.payload);
+    assert!(body.contains(r#""error":"bad_request""#), "{body}");
     // The connection and its dynamic table still work.
     wr.write_all(&frame(HEADERS, END_HEADERS, 3, &bench.connect_block()))
         .await
         .unwrap();
     assert_eq!(answer(&mut rx, 3).await, Answer::Status(200));
-    // A burst of streams each decoding to just under 64 KiB (15 references in 150 bytes):
-    // a refused stream holds its slot until its 431 is written, so past
+    // A burst of streams each decoding to 80 KiB (20 references in 200 bytes), refused by
+    // h2 itself: a refused stream holds its slot until its 431 is written, so past
     // `max_concurrent_streams` in one burst the rest are refused at once.
     let started = Instant::now();
     let burst: Vec<u8> = (0..BURST)
-        .flat_map(|i| frame(HEADERS, END_HEADERS, 5 + 2 * i, &bomb(15)))
+        .flat_map(|i| frame(HEADERS, END_HEADERS, 5 + 2 * i, &bomb(20)))
         .collect();
     let fresh = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -778,7 +784,7 @@ async fn hpack_bomb_is_refused_with_431_then_enhance_your_calm() {
     let took = started.elapsed();
     let cost = cost.end().await;
     eprintln!(
-        "HPACK bomb: a burst of {BURST} streams of 15 references: {too_large} answered 431, {refused} refused, in {took_burst:?}; 10,000 references: {closed:?} after {took:?}"
+        "HPACK bomb: a burst of {BURST} streams of 20 references: {too_large} answered 431, {refused} refused, in {took_burst:?}; 10,000 references: {closed:?} after {took:?}"
     );
     assert!(too_large >= 50, "only {too_large} streams got their 431");
     assert_eq!(

@@ -505,18 +505,37 @@ async fn more_than_100_header_fields_are_431() {
     assert_eq!(upstream.seen_count(), 0, "the upstream saw the request");
 }
 
+/// Plain HTTP on the TLS port gets nginx's answer, a 400 that says so (in the JSON of
+/// every refusal, counted under `route="none"`), rather than a TLS alert that an HTTP
+/// client shows as an empty reply; the connection is closed and the upstream never sees it.
 #[tokio::test]
-async fn plain_http_to_the_tls_port_is_dropped_and_the_gate_serves_on() {
+async fn plain_http_to_the_tls_port_is_400_bad_request_and_the_gate_serves_on() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), true).await;
     let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
-    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n")
         .await
         .unwrap();
     let mut out = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
     assert!(ended.is_ok(), "the gate kept a non-TLS connection open");
-    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 101"));
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert!(out.contains(r#""error":"bad_request""#), "{out}");
+    assert!(out.contains("plain HTTP was sent to the TLS port"), "{out}");
+    let counted = "wsgate_upgrades_total{route=\"none\",result=\"bad_request\"}";
+    assert_eq!(gate.metric(counted).await, 1.0);
+    // A ClientHello that does not start like a request still goes to TLS (and fails there).
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x00, 0x02, 0x01, 0x00])
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(ended.is_ok(), "the gate kept a broken TLS connection open");
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1"));
+    assert_eq!(upstream.seen_count(), 0);
     assert_still_serving(&gate).await;
 }
 
