@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::ModifyKind;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -228,8 +229,10 @@ fn start_watcher(
             return;
         }
         let mut what = 0;
-        // A watched directory itself, replaced or removed (seen from its parent).
-        let replaced = |dir: &PathBuf| event.paths.iter().any(|p| p == dir);
+        // A watched directory itself, replaced or removed (seen from its parent); not its
+        // mode or times changed (a chmod is no reason to reload).
+        let metadata = matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)));
+        let replaced = |dir: &PathBuf| !metadata && event.paths.iter().any(|p| p == dir);
         if replaced(&policy_home) {
             what |= POLICY | REWATCH;
         } else if certificate_homes.iter().any(replaced) {

@@ -208,15 +208,23 @@ async fn unrelated_files_in_the_directory_do_not_reload() {
         std::fs::write(&log, format!("line {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Nor does a chmod of the directory (seen from the directory and from its parent,
+    // where it names the directory as a replacement would).
+    let dir = gate.dir.path();
+    let mode = std::fs::metadata(dir).unwrap().permissions();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::set_permissions(dir, mode).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
     // Then a second policy write as a marker: events arrive in order and reloads run one
-    // at a time, so once the marker's reload is counted, any reload the log writes caused
-    // (the first of them 400 ms before the marker, beyond the debounce) is counted too.
+    // at a time, so once the marker's reload is counted, any reload the log writes or the
+    // chmods caused (the last 400 ms before the marker, beyond the debounce) is counted too.
     gate.write_policy(&policy);
     gate.wait_metric(SUCCESS, 2.0, TWO_SECONDS, dead).await;
     let reloads = gate.metric(SUCCESS).await + gate.metric(FAILURE).await;
     assert_eq!(
         reloads, 2.0,
-        "only the two policy writes may reload; the log file's writes did too"
+        "only the two policy writes may reload; the log file's writes or the chmod did too"
     );
 }
 
