@@ -15,6 +15,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::admission::Rejection;
 
+/// Largest request head (request line and headers) accepted; larger gets 431. An
+/// HTTP/2 header list is held to the same size, counted as RFC 9113 §6.5.2 counts it.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
 /// Most header fields in a request head (hyper's limit too); more gets 431.
 pub const MAX_HEADERS: usize = 100;
 

@@ -602,7 +602,7 @@ fn check_header_list(
         .chain(headers.iter().map(|(n, v)| (n.as_str().len(), v.len())))
         .map(|(name, value)| name + value + FIELD_OVERHEAD)
         .sum();
-    if size > crate::listener::MAX_HEAD_BYTES {
+    if size > crate::head::MAX_HEAD_BYTES {
         return Err(Rejection::HeadTooLarge);
     }
     Ok(())

@@ -25,13 +25,10 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::admission::Rejection;
-use crate::head::{self, Head, Prefixed};
+use crate::head::{self, Head, Prefixed, MAX_HEAD_BYTES};
 use crate::http::{answer, handle, is_upgrade, Asked, ConnInfo};
 use crate::relay::Protocol;
 use crate::{http2, linger, relay, Gate};
-
-/// Largest request head (request line and headers) accepted; larger gets 431.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// The longest the gate waits to write a 101 it answered itself (a few hundred bytes into
 /// a fresh socket's buffer: only a peer that reads nothing at all could hold it up).
