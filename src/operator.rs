@@ -261,10 +261,30 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloseBody {
+    #[serde(default, deserialize_with = "number_or_digits")]
     id: Option<u64>,
     sub: Option<String>,
     ip: Option<String>,
     route: Option<String>,
+}
+
+/// A connection id as listed (`812`) or as its decimal string (`"812"`), which is how
+/// clients that keep ids as strings send them back; anything else is refused.
+fn number_or_digits<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Number(u64),
+        Digits(String),
+    }
+    match Option::<Id>::deserialize(de)? {
+        None => Ok(None),
+        Some(Id::Number(n)) => Ok(Some(n)),
+        Some(Id::Digits(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("id {s:?} is not a connection id"))),
+    }
 }
 
 impl CloseBody {

@@ -657,6 +657,13 @@ async fn close_by_id_sub_ip_and_route() {
     // A close request is not a revocation: the same subject may come back at once.
     let mut back = open(&gate, "/ws", "erin", "10.1.0.1").await;
     echoes(&mut back).await;
+    // An id sent back as its decimal string, as clients that keep ids as strings do.
+    let listing = wait_total(&gate, "?sub=erin", 1).await;
+    let id = listing["connections"][0]["id"].to_string();
+    let (status, answer) =
+        operator(gate.admin, "POST", "/connections/close", json!({"id": id})).await;
+    assert_eq!((status, answer), (200, json!({"closed": 1})), "id {id:?}");
+    assert_eq!(next_close(&mut back).await, (1008, "revoked".to_owned()));
 }
 
 /// In report mode a revoked token is a violation like an invalid one: logged and counted,
