@@ -261,29 +261,32 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloseBody {
-    #[serde(default, deserialize_with = "number_or_digits")]
-    id: Option<u64>,
+    id: Option<Id>,
     sub: Option<String>,
     ip: Option<String>,
     route: Option<String>,
 }
 
 /// A connection id as listed (`812`) or as its decimal string (`"812"`), which is how
-/// clients that keep ids as strings send them back; anything else is refused.
-fn number_or_digits<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Id {
-        Number(u64),
-        Digits(String),
-    }
-    match Option::<Id>::deserialize(de)? {
-        None => Ok(None),
-        Some(Id::Number(n)) => Ok(Some(n)),
-        Some(Id::Digits(s)) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| serde::de::Error::custom(format!("id {s:?} is not a connection id"))),
+/// clients that keep ids as strings send them back.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "id must be a connection id: a number or its decimal string"
+)]
+enum Id {
+    Number(u64),
+    Digits(String),
+}
+
+impl Id {
+    fn number(self) -> Result<u64, Refusal> {
+        match self {
+            Id::Number(n) => Ok(n),
+            Id::Digits(s) => s
+                .parse()
+                .map_err(|_| bad(format!("{s:?} is not a connection id"))),
+        }
     }
 }
 
@@ -302,7 +305,7 @@ impl CloseBody {
             ));
         }
         Ok(Filter {
-            id: self.id,
+            id: self.id.map(Id::number).transpose()?,
             sub: self.sub,
             route: self.route,
             ip: self.ip.as_deref().map(parse_net).transpose()?,
