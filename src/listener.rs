@@ -162,7 +162,7 @@ async fn connection(
                 );
                 return refuse_unparsed(&gate, tcp, info, refusal).await;
             }
-            let handshake = timeout_at(deadline, acceptor.current(h2).accept(tcp));
+            let handshake = timeout_at(deadline, acceptor.accept(tcp, h2));
             match unless_draining(&gate, handshake).await {
                 Some(Ok(Ok(stream))) => {
                     let info = ConnInfo {

@@ -696,6 +696,89 @@ async fn a_returning_client_resumes_its_tls_session() {
     }
 }
 
+/// The gate answers in its own cipher suite order, AES-128-GCM first, whatever the client
+/// prefers (OpenSSL and rustls clients put AES-256-GCM first), unless the client puts
+/// ChaCha20 first: then the client's order. TLS 1.3 and 1.2 alike; a client that offers
+/// only AES-256-GCM still gets it, and the WebSocket works on each.
+#[tokio::test]
+async fn the_cipher_suite_is_aes_128_unless_the_client_puts_chacha20_first() {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let pki = gate.pki.as_ref().unwrap();
+    let cases = [
+        (
+            &rustls::version::TLS13,
+            vec![
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS13,
+            vec![
+                TLS13_CHACHA20_POLY1305_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_AES_128_GCM_SHA256,
+            ],
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            &rustls::version::TLS13,
+            vec![TLS13_AES_256_GCM_SHA384],
+            TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS12,
+            vec![
+                TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            vec![
+                TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            ],
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    for (version, offered, expected) in cases {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: offered.clone(),
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let chosen = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+        assert_eq!(
+            chosen,
+            Some(expected.suite()),
+            "{version:?} offering {offered:?}"
+        );
+        let (mut client, _) = tokio_tungstenite::client_async(gate.url("/ws"), tls)
+            .await
+            .unwrap();
+        client.send(Message::text("suite")).await.unwrap();
+        assert_eq!(next_message_any(&mut client).await, Message::text("suite"));
+    }
+}
+
 /// `n` clients of their own (each a full TLS handshake), one after another.
 async fn others(gate: &TestGate, n: usize) {
     let pki = gate.pki.as_ref().unwrap();
