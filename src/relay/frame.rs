@@ -3,12 +3,14 @@
 //! and fragments, read a close payload, and ([`Reader`]) walk a stream of frames read by
 //! read, saying which bytes pass on and which control frames arrived; where
 //! permessage-deflate was agreed, the reader also inflates compressed messages to check
-//! them ([`super::inflate`]). No I/O, and no allocation but that inflate state: the relay
-//! drives these over the bytes of each read as they pass through.
+//! them ([`super::inflate`]), or recalls the verdict on the same bytes
+//! ([`super::checked`]). No I/O, and no allocation but that inflate state and that memory:
+//! the relay drives these over the bytes of each read as they pass through.
 //!
 //! Proven on its own by the unit tests here and the properties in
 //! `tests/frame_properties.rs`.
 
+use super::checked;
 pub use super::inflate::Deflate;
 use super::inflate::{Inflater, InvalidDeflate};
 
@@ -680,6 +682,12 @@ impl Reader {
                     None => messages.payload(chunk)?,
                 }
             } else if self.messages.inflates_payload() {
+                if done && offset == 0 && header.fin && header.opcode != OpCode::Continuation {
+                    // A compressed message of one frame, whole in this read.
+                    self.current = None;
+                    self.check_whole_compressed(chunk, key, header.opcode == OpCode::Text)?;
+                    return Ok(Step::Payload(n));
+                }
                 self.inflate(chunk, key, offset)?;
             }
             if done {
@@ -743,6 +751,57 @@ impl Reader {
             }
         }
         self.messages.frame_end(fin)
+    }
+
+    /// Check a compressed message whose one frame is whole in `payload`: a message
+    /// compressed as a stream of its own that this thread has already found good takes
+    /// that verdict without being inflated again ([`super::checked`]); any other is
+    /// inflated as a streamed one would be, and remembered if good.
+    fn check_whole_compressed(
+        &mut self,
+        payload: &[u8],
+        key: Option<[u8; 4]>,
+        text: bool,
+    ) -> Result<(), Violation> {
+        let window = self
+            .inflater
+            .as_ref()
+            .and_then(|inflater| inflater.window_for_a_stream_of_its_own());
+        let Some(window_bits) = window.filter(|_| payload.len() <= checked::MAX_BYTES) else {
+            self.inflate(payload, key, 0)?;
+            return self.frame_end(true);
+        };
+        match key {
+            None => self.check_stream_of_its_own(payload, text, window_bits),
+            // A client's payload is compared and inflated unmasked: a copy, in the
+            // thread's scratch space (the bytes themselves go on masked, as they came).
+            Some(key) => checked::with_scratch(|copy| {
+                copy.clear();
+                copy.extend_from_slice(payload);
+                apply_mask(copy, key, 0);
+                self.check_stream_of_its_own(copy, text, window_bits)
+            }),
+        }
+    }
+
+    /// [`Reader::check_whole_compressed`] for a message compressed as a stream of its own,
+    /// its payload unmasked.
+    fn check_stream_of_its_own(
+        &mut self,
+        plain: &[u8],
+        text: bool,
+        window_bits: u8,
+    ) -> Result<(), Violation> {
+        let message = checked::Message::new(plain, text, window_bits);
+        if let Some(size) = checked::recall(&message).filter(|&size| size <= self.max_message) {
+            self.inflated += size;
+            return self.messages.frame_end(true);
+        }
+        let before = self.inflated;
+        self.inflate(plain, None, 0)?;
+        self.frame_end(true)?;
+        checked::remember(&message, self.inflated - before);
+        Ok(())
     }
 
     /// Inflate a compressed message's payload chunk (unmasking a copy of a client's, a
@@ -1018,5 +1077,102 @@ mod tests {
         }
         assert_eq!(parse_close(&[0x03, 0xE8, 0xFF]), Err(CloseError::Reason));
         assert_eq!(CloseError::Reason.code(), 1007);
+    }
+
+    /// One compressed message as permessage-deflate sends it without context takeover:
+    /// a raw deflate stream of its own, sync-flushed, its 00 00 FF FF removed.
+    fn compressed(data: &[u8]) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut state = Compress::new(Compression::default(), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        state
+            .compress_vec(data, &mut out, FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xFF, 0xFF]));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    /// `payload` as a one-frame compressed message, masked when from a client.
+    fn compressed_frame(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut h = header(true, opcode, mask, payload.len() as u64);
+        h.compressed = true;
+        let mut head = [0u8; MAX_HEADER];
+        let n = write_header(&h, &mut head);
+        let mut wire = head[..n].to_vec();
+        let start = wire.len();
+        wire.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut wire[start..], key, 0);
+        }
+        wire
+    }
+
+    /// Read `wire` as one read: the first violation, if any.
+    fn read_whole(reader: &mut Reader, wire: &[u8]) -> Result<(), Violation> {
+        let mut at = 0;
+        while at < wire.len() {
+            at += match reader.next(&wire[at..])? {
+                Step::Incomplete => panic!("a whole frame read as incomplete"),
+                Step::DataHeader { len, .. } => len,
+                Step::Payload(n) | Step::Control(n, _) => n,
+            };
+        }
+        Ok(())
+    }
+
+    fn reader(from: From, max_message: u64, context_takeover: bool) -> Reader {
+        Reader::new(from, max_message, max_message).with_deflate(Some(Deflate {
+            context_takeover,
+            window_bits: 15,
+        }))
+    }
+
+    #[test]
+    fn a_compressed_message_checked_once_is_recalled_only_as_it_was_checked() {
+        let text = "{\"price\": 10, \"symbol\": \"ÅÄÖ\"}".repeat(40);
+        let payload = compressed(text.as_bytes());
+        let inflated = text.len() as u64;
+        let window = 15;
+        // From a client (masked), then the same bytes from an upstream: one entry.
+        let mut first = reader(From::Client, 1 << 20, false);
+        let client = compressed_frame(OpCode::Text, &payload, Some([1, 2, 3, 4]));
+        assert_eq!(read_whole(&mut first, &client), Ok(()));
+        assert_eq!(first.inflated(), inflated);
+        let message = checked::Message::new(&payload, true, window);
+        assert_eq!(checked::recall(&message), Some(inflated));
+        let mut second = reader(From::Server, 1 << 20, false);
+        let upstream = compressed_frame(OpCode::Text, &payload, None);
+        assert_eq!(read_whole(&mut second, &upstream), Ok(()));
+        assert_eq!(second.inflated(), inflated);
+        // A remembered size over a route's lower limit is inflated again and refused.
+        let mut small = reader(From::Server, inflated - 1, false);
+        assert_eq!(read_whole(&mut small, &upstream), Err(Violation::TooBig));
+
+        // Bytes found good as binary are checked again as text.
+        let not_utf8 = compressed(&[0xFF, 0xFE, 0x80].repeat(100));
+        let mut binary = reader(From::Server, 1 << 20, false);
+        let frame = compressed_frame(OpCode::Binary, &not_utf8, None);
+        assert_eq!(read_whole(&mut binary, &frame), Ok(()));
+        let mut as_text = reader(From::Server, 1 << 20, false);
+        let frame = compressed_frame(OpCode::Text, &not_utf8, None);
+        assert_eq!(
+            read_whole(&mut as_text, &frame),
+            Err(Violation::InvalidUtf8)
+        );
+        assert_eq!(
+            checked::recall(&checked::Message::new(&not_utf8, true, window)),
+            None
+        );
+
+        // With context takeover a message depends on those before it: never remembered.
+        let other = compressed("another message, another verdict".as_bytes());
+        let mut takeover = reader(From::Server, 1 << 20, true);
+        let frame = compressed_frame(OpCode::Text, &other, None);
+        assert_eq!(read_whole(&mut takeover, &frame), Ok(()));
+        assert_eq!(
+            checked::recall(&checked::Message::new(&other, true, window)),
+            None
+        );
     }
 }

@@ -94,6 +94,14 @@ impl Inflater {
         self.state.is_some()
     }
 
+    /// The inflate window of a message about to begin, when it will be inflated from an
+    /// empty state and nothing of it kept after it (no context takeover): what it
+    /// inflates to then depends on its bytes alone (see [`super::checked`]).
+    pub fn window_for_a_stream_of_its_own(&self) -> Option<u8> {
+        let afresh = !self.deflate.context_takeover && self.state.is_none() && !self.ended;
+        afresh.then(|| self.deflate.inflate_bits())
+    }
+
     /// Inflate the next (unmasked) payload bytes of a compressed message, handing the
     /// inflated bytes to `sink` as they come; stops at the first error, the sink's or the
     /// data's.

@@ -15,6 +15,7 @@
 //! taken everything relayed so far, so at most one read (32 KiB) is held per direction,
 //! and only while the destination is behind.
 
+mod checked;
 mod close;
 mod deadlines;
 pub mod frame;
