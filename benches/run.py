@@ -105,6 +105,11 @@ def tests(smoke):
         # (inflated) bytes, the wire's beside it.
         ("echo 16 KiB JSON compressed C=50", "echo", ["-c", "50", "-s", "16384", "--deflate"] + d,
          ECHO_TARGETS, "mb_per_s"),
+        # The same with 1,024 different messages sent in turn: more than wsgate remembers
+        # as already checked (32 per worker thread), so that it inflates every one.
+        ("echo 16 KiB JSON compressed, all distinct C=50", "echo",
+         ["-c", "50", "-s", "16384", "--deflate", "--distinct", "1024"] + d, ECHO_TARGETS,
+         "mb_per_s"),
         ("echo 1 MiB C=10", "echo", ["-c", "10", "-s", "1048576"] + d, ECHO_TARGETS, "mb_per_s"),
         ("connect C=16", "connect", ["-c", "16"] + d, ECHO_TARGETS + list(AUTH),
          "upgrades_per_s"),

@@ -267,7 +267,9 @@ pub(crate) async fn hold(
     // Idle connections never carry more than pings: a small read buffer keeps the
     // load generator itself at a few KiB per connection.
     let dialer = Dialer::new(&target, 1024)?;
-    let messages = deflate.map(crate::deflate::messages).transpose()?;
+    let messages = deflate
+        .map(|size| crate::deflate::messages(size, crate::deflate::DISTINCT))
+        .transpose()?;
     let settle = || tokio::time::sleep(Duration::from_secs(1));
     settle().await;
     let rss_before = pid.and_then(rss_kib);

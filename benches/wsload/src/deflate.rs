@@ -34,8 +34,8 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 const MAX_MESSAGE: u64 = 64 << 20;
 /// The largest request or response head either side reads.
 const MAX_HEAD: usize = 16 * 1024;
-/// How many distinct messages a load sends in turn.
-const DISTINCT: usize = 8;
+/// How many distinct messages a load sends in turn, unless told otherwise.
+pub(crate) const DISTINCT: usize = 8;
 /// The largest frame the upstream takes (each is buffered whole), as tungstenite's.
 const MAX_FRAME: u64 = 64 << 20;
 /// The upstream sends what it has once this much is waiting.
@@ -61,10 +61,10 @@ pub(crate) struct Message {
     frame: Vec<u8>,
 }
 
-/// DISTINCT JSON-like texts of `size` bytes, compressed; each checked to inflate back.
-pub(crate) fn messages(size: usize) -> Result<Arc<Vec<Message>>, String> {
-    let mut out = Vec::with_capacity(DISTINCT);
-    for seed in 0..DISTINCT as u64 {
+/// `distinct` JSON-like texts of `size` bytes, compressed; each checked to inflate back.
+pub(crate) fn messages(size: usize, distinct: usize) -> Result<Arc<Vec<Message>>, String> {
+    let mut out = Vec::with_capacity(distinct);
+    for seed in 0..distinct.max(1) as u64 {
         let text = json_like(size, seed);
         let wire = deflate(&text)?;
         if inflate(&wire, size).map_err(|e| format!("deflate: {e}"))? != text {
@@ -660,16 +660,18 @@ async fn close(mut c: Conn) {
 }
 
 /// `echo --deflate`: C connections in a closed loop, one compressed S-byte JSON-like text
-/// message in flight each.
+/// message in flight each, `distinct` different messages sent in turn (connection i
+/// starts at the i-th).
 pub(crate) async fn echo(
     target: Target,
     connections: usize,
     size: usize,
     seconds: Duration,
     warmup: Duration,
+    distinct: usize,
 ) -> Result<Value, String> {
     let dialer = Dialer::new(&target, 4096)?;
-    let messages = messages(size)?;
+    let messages = messages(size, distinct)?;
     let read_buffer = (size / 2).clamp(4096, 256 * 1024);
     let mut conns = Vec::with_capacity(connections);
     for i in 0..connections {
@@ -716,6 +718,7 @@ pub(crate) async fn echo(
         "deflate": OFFER,
         "connections": connections,
         "size": size,
+        "distinct": messages.len(),
         "wire_size": wire as f64 / messages.len() as f64,
         "compression_ratio": text as f64 / wire.max(1) as f64,
         "seconds": s,

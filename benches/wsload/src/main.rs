@@ -81,6 +81,11 @@ enum Mode {
         /// wire_mb_per_s (compressed) beside mb_per_s (message bytes).
         #[arg(long)]
         deflate: bool,
+        /// With --deflate, how many different messages are sent in turn (compressed
+        /// before the load). 8 by default; more than a proxy could remember makes every
+        /// message one it has not seen.
+        #[arg(long, value_name = "N", default_value_t = deflate::DISTINCT)]
+        distinct: usize,
         /// Open the C WebSockets as RFC 8441 streams over N HTTP/2 connections (stream i
         /// on connection i mod N): h2c with prior knowledge for ws://, ALPN h2 for wss://.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -350,6 +355,7 @@ fn main() {
                 seconds,
                 warmup,
                 deflate,
+                distinct,
                 h2,
                 h2_end,
                 pid,
@@ -358,7 +364,9 @@ fn main() {
                 let h2 = h2.map(|n| (usize::from(n), h2_end));
                 match (deflate, h2) {
                     (true, Some(_)) => Err("--deflate is HTTP/1.1 only (no --h2)".into()),
-                    (true, None) => deflate::echo(target, connections, size, seconds, warmup).await,
+                    (true, None) => {
+                        deflate::echo(target, connections, size, seconds, warmup, distinct).await
+                    }
                     (false, _) => echo(target, connections, size, seconds, warmup, h2, pid).await,
                 }
             }
