@@ -4,7 +4,8 @@
 //! way held to the route's rules: bombs (in one frame or split across fragments, either
 //! way) cut with 1009/1001 at the limit while the gate's memory stays flat, invalid
 //! deflate data 1007, RSV1 where it has no meaning 1002, and an upstream answer no offer
-//! allowed 502. `compression: off` strips the offer.
+//! allowed 502; messages sent again byte for byte (as broadcasts are) pass and are still
+//! judged by their kind. `compression: off` strips the offer.
 //!
 //! The Python peers need `target/pyclients` (made by `.ci/run`); without it those tests
 //! are skipped, except under `CI=true`.
@@ -498,4 +499,70 @@ async fn the_gates_own_frames_are_never_compressed() {
         .expect("a ping in time")
         .unwrap();
     assert_eq!(first[0], 0x89, "a ping, FIN set, no RSV bit");
+}
+
+/// Messages compressed without context takeover and sent again byte for byte, as a
+/// broadcasting server sends them (the gate checks such a message once and then
+/// recognises it): each still passes unchanged and is counted at its inflated size, and
+/// bytes that were good as a binary message are still refused as text (1007 to the
+/// upstream that sent them, 1014 to the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_compressed_messages_pass_and_are_still_judged_by_their_kind() {
+    let (url, upstream) = raw_deflate_upstream(
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    )
+    .await;
+    let policy = open_policy(&url, "    messages: {max_message_bytes: 65536}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let (mut client, head) = raw_deflate_client(
+        gate.addr,
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, mut up) = upstream.await.unwrap();
+
+    let text = "{\"symbol\":\"NVDA\",\"price\":131.5,\"note\":\"ÅÄÖ\"}".repeat(400);
+    let payload = deflate(text.as_bytes());
+    let not_utf8 = deflate(&[0xFF, 0xFE, 0x80].repeat(100));
+    for round in 0..3 {
+        let sent = frame(0x80 | 0x40 | 0x1, &payload, true);
+        client.write_all(&sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        up.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, sent, "round {round}, client to upstream");
+        let sent = frame(0x80 | 0x40 | 0x1, &payload, false);
+        up.write_all(&sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, sent, "round {round}, upstream to client");
+    }
+    // Good as binary, both ways.
+    let sent = frame(0x80 | 0x40 | 0x2, &not_utf8, true);
+    client.write_all(&sent).await.unwrap();
+    let mut got = vec![0u8; sent.len()];
+    up.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, sent);
+    let inflated = 3.0 * text.len() as f64 + 300.0;
+    gate.wait_metric(
+        "wsgate_message_inflated_bytes_total{route=\"ws\",direction=\"client_to_upstream\"}",
+        inflated,
+        Duration::from_secs(5),
+        "inflated bytes in",
+    )
+    .await;
+    gate.wait_metric(
+        "wsgate_message_inflated_bytes_total{route=\"ws\",direction=\"upstream_to_client\"}",
+        3.0 * text.len() as f64,
+        Duration::from_secs(5),
+        "inflated bytes out",
+    )
+    .await;
+    // The same bytes as text from the upstream: not UTF-8.
+    up.write_all(&frame(0x80 | 0x40 | 0x1, &not_utf8, false))
+        .await
+        .unwrap();
+    assert_eq!(upstream_close_code(&mut up).await, 1007);
+    // The upstream broke the protocol: the client is told its upstream failed.
+    assert_eq!(close_code(&mut client).await, 1014);
 }
