@@ -172,13 +172,16 @@ struct Configs {
     http1: Orders,
 }
 
+/// One config in two cipher suite orders: the gate's ([`SUITES`]), for most clients, and
+/// the client's own, for a client whose first known suite is ChaCha20.
 struct Orders {
     gates: Arc<ServerConfig>,
     clients: Arc<ServerConfig>,
 }
 
 impl Orders {
-    fn new(gates: ServerConfig) -> Orders {
+    fn new(mut gates: ServerConfig) -> Orders {
+        gates.ignore_client_order = true;
         let mut clients = gates.clone();
         clients.ignore_client_order = false;
         Orders {
