@@ -344,10 +344,13 @@ async fn closes(gate: &TestGate, reason: &str) -> f64 {
     metric_sample(&metrics, &series).unwrap_or(0.0)
 }
 
-/// A heartbeat ten times faster than the write deadline (which is generous, so that a
-/// slow reader on a busy machine still takes some bytes within it).
+/// A heartbeat much faster than the write deadline (which is generous, so that a slow
+/// reader on a busy machine still takes some bytes within it). Its timeout leaves a slow
+/// reader whose test thread the machine starves for a moment time for the gate's writes
+/// to it to stall (the sign that it is behind, not dead): at 0.2 s one CI run in many
+/// closed it.
 const FAST_HEARTBEAT: &str =
-    "    timeouts: {write_seconds: 2}\n    heartbeat: {interval_seconds: 0.2, timeout_seconds: 0.2}\n";
+    "    timeouts: {write_seconds: 2}\n    heartbeat: {interval_seconds: 0.2, timeout_seconds: 0.5}\n";
 
 #[tokio::test]
 async fn a_slow_reader_outlives_many_heartbeat_timeouts() {
