@@ -987,7 +987,7 @@ async fn stalled_stream(bench: &Bench) -> (WriteHalf<Conn>, UnboundedReceiver<Fr
 /// upstream take, plus the stream's 256 KiB window, and then gets no more window; the
 /// gate's memory stays flat. At `write_seconds` (3 s here) the gate gives up on the
 /// upstream and closes the stream with 1014. A second client ignores flow control: it gets
-/// FLOW_CONTROL_ERROR.
+/// FLOW_CONTROL_ERROR (GOAWAY, or RST_STREAM when only the stream's window was broken).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_for_an_upstream_that_does_not_read_is_held_by_the_windows() {
     let bench = Bench::start(Limits { write: 3, ..LIMITS }, false).await;
@@ -1065,7 +1065,14 @@ async fn data_for_an_upstream_that_does_not_read_is_held_by_the_windows() {
         "closed {closed_after:?} after the last window granted"
     );
     assert_eq!(answer2.code(), FLOW_CONTROL_ERROR, "{answer2:?}");
-    assert!(flooded.written < 64 * MIB, "{flooded:?}");
+    // A frame past the connection's window is a connection error: GOAWAY ends the flood. A
+    // frame that breaks only the stream's window (when the gate had just credited the
+    // connection's) resets the stream alone; h2 then reads and drops that stream's DATA,
+    // crediting the connection window back, so the flood may be written whole, at no
+    // memory cost to the gate (checked below).
+    if answer2.kind == GOAWAY {
+        assert!(flooded.written < 64 * MIB, "{flooded:?}");
+    }
     let row = "DATA flood on a stalled upstream";
     assert_unharmed(row, healthy, fresh, &cost, CLOSED_QUICKLY).await;
 }
