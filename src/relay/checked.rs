@@ -51,6 +51,7 @@ impl<'a> Message<'a> {
     }
 }
 
+#[derive(Default)]
 struct Entry {
     hash: u32,
     text: bool,
@@ -119,29 +120,26 @@ pub fn remember(message: &Message<'_>, inflated: u64) {
         return;
     }
     with_memory(|memory| {
+        // Already there when a remembered size was over a route's limit and the message
+        // was inflated again.
         if memory.entries.iter().any(|entry| entry.is(message)) {
             return;
         }
-        let fresh = Entry {
-            hash: message.hash,
-            text: message.text,
-            window_bits: message.window_bits,
-            inflated,
-            bytes: Vec::new(),
-        };
         let entry = if memory.entries.len() < ENTRIES {
-            memory.entries.push(fresh);
+            memory.entries.push(Entry::default());
             memory.entries.last_mut()
         } else {
             let at = memory.next;
             memory.next = (at + 1) % ENTRIES;
-            let mut old = std::mem::replace(&mut memory.entries[at], fresh);
-            // Its buffer is reused: the memory allocates only while it fills or grows.
-            old.bytes.clear();
-            memory.entries[at].bytes = old.bytes;
             memory.entries.get_mut(at)
         };
         if let Some(entry) = entry {
+            // An entry's buffer is reused: the memory allocates only while it fills or grows.
+            entry.hash = message.hash;
+            entry.text = message.text;
+            entry.window_bits = message.window_bits;
+            entry.inflated = inflated;
+            entry.bytes.clear();
             entry.bytes.extend_from_slice(message.bytes);
         }
     });
