@@ -150,7 +150,9 @@ impl Inflater {
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let fed = self.feed(&TAIL, sink);
-        if !self.deflate.context_takeover || std::mem::take(&mut self.ended) {
+        // Taken whatever the context: a final block ends this message's stream only.
+        let ended = std::mem::take(&mut self.ended);
+        if !self.deflate.context_takeover || ended {
             // A final block ends the sender's stream; a next message starts a new one.
             self.release();
         }
@@ -306,6 +308,23 @@ mod tests {
         });
         assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
         assert!(!inflater.holds_state());
+    }
+
+    #[test]
+    fn a_final_block_without_context_takeover_leaves_the_next_message_checked() {
+        let mut inflater = Inflater::new(Deflate {
+            context_takeover: false,
+            window_bits: 15,
+        });
+        for _ in 0..2 {
+            let text = json(50);
+            let mut sender = Compress::new(Compression::default(), false);
+            let mut payload = Vec::with_capacity(4096);
+            sender
+                .compress_vec(&text, &mut payload, FlushCompress::Finish)
+                .unwrap();
+            assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
+        }
     }
 
     #[test]
