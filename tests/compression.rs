@@ -21,7 +21,7 @@ use std::time::Duration;
 use flate2::{Compress, Compression, FlushCompress};
 use serde_json::Value;
 use support::process::{rss_kib, Proc};
-use support::wire::{accept_value, close_code, frame, read_head};
+use support::wire::{accept_value, close_code, frame, read_frame, read_head};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -333,6 +333,79 @@ async fn an_upstream_bomb_is_cut_at_the_limit() {
     let grown = rss_kib(gate.child.id()).saturating_sub(before);
     assert!(grown < 2048, "the gate grew by {grown} KiB");
     eprintln!("upstream bomb: the gate grew by {grown} KiB");
+}
+
+/// A message whose deflate data ends with a final block, as RFC 7692 §7.2.3.4 has it sent:
+/// the block, then the octet that starts an empty stored block.
+fn with_final_block(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    Compress::new(Compression::default(), false)
+        .compress_vec(data, &mut out, FlushCompress::Finish)
+        .unwrap();
+    out.push(0x00);
+    out
+}
+
+/// A final block hides nothing: what follows it in the message starts a new deflate stream,
+/// which Chromium's inflater delivers, so the gate inflates it and holds it to the limit
+/// (1009). Without context takeover a message must end at a block boundary: one that stops
+/// inside a stored block would have a receiver that keeps its state (Chromium's) read the
+/// next message as that block's rest, unchecked (1007). Both ways, the other side gets
+/// 1001 (1014 for the client when the upstream sent bad data); a message ending with a
+/// final block as the RFC has it passes first, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_block_hides_nothing_and_messages_end_at_a_block_boundary() {
+    let good = with_final_block(b"{\"hello\":1}");
+    // The final block, then a new stream straight after it (no octet between).
+    let mut bomb_after_final = with_final_block(b"ok");
+    bomb_after_final.pop();
+    bomb_after_final.extend_from_slice(&gigabyte_bomb());
+    let open_stored = vec![0x00, 0xFF, 0xFF, 0x00, 0x00, b'h', b'i'];
+    let cases = [
+        ("bomb after a final block", false, bomb_after_final, 1009),
+        ("stops inside a stored block", true, open_stored, 1007),
+    ];
+    for (what, no_takeover, payload, code) in cases {
+        for from_client in [true, false] {
+            let answer = match (no_takeover, from_client) {
+                (false, _) => "permessage-deflate",
+                (true, true) => "permessage-deflate; client_no_context_takeover",
+                (true, false) => "permessage-deflate; server_no_context_takeover",
+            };
+            let (url, upstream) = raw_deflate_upstream(answer).await;
+            let dir = tempfile::tempdir().unwrap();
+            let gate = Proc::start(&bomb_policy(&url, &dir), &[]);
+            let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+            assert!(head.starts_with("HTTP/1.1 101"), "{what}: {head}");
+            let (_, mut up) = upstream.await.unwrap();
+            let (sender, receiver) = match from_client {
+                true => (&mut client, &mut up),
+                false => (&mut up, &mut client),
+            };
+            sender
+                .write_all(&frame(0xC1, &good, from_client))
+                .await
+                .unwrap();
+            let passed = tokio::time::timeout(Duration::from_secs(10), read_frame(receiver))
+                .await
+                .expect("the good message in time")
+                .expect("the good message");
+            assert_eq!((passed.opcode, &passed.payload), (0x1, &good), "{what}");
+            // The gate may close while the message is still being written.
+            let _ = sender.write_all(&frame(0xC2, &payload, from_client)).await;
+            let codes = (
+                close_code(&mut client).await,
+                upstream_close_code(&mut up).await,
+            );
+            let expected = match (from_client, code) {
+                (true, _) => (code, 1001),
+                (false, 1009) => (1001, 1009),
+                // An upstream that breaks the protocol: the client is told 1014.
+                (false, _) => (1014, code),
+            };
+            assert_eq!(codes, expected, "{what}, from the client: {from_client}");
+        }
+    }
 }
 
 /// Compressed frames cross the gate byte for byte, both ways; the inflated size is what

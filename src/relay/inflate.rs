@@ -65,6 +65,31 @@ fn give_back(mut state: Decompress, bits: u8) {
     }
 }
 
+/// Start a new deflate stream in `state` after a final block, with the same window.
+fn restart(state: &mut Decompress, bits: u8) {
+    if bits == SPARE_BITS {
+        state.reset(false);
+    } else {
+        // flate2 resets to the default window; a smaller one is made anew.
+        *state = Decompress::new_with_window_bits(false, bits);
+    }
+}
+
+/// An empty final stored block (RFC 1951 §3.2.4): what a stream waiting for a block
+/// header, and only such a stream, inflates to its end with no output.
+const LAST_EMPTY_BLOCK: [u8; 5] = [0x01, 0x00, 0x00, 0xFF, 0xFF];
+
+/// Whether `state` stands between two blocks, a new block's header next. Feeds it an
+/// empty final block, so only for a state about to be let go.
+fn at_block_boundary(state: &mut Decompress) -> bool {
+    let (read, written) = (state.total_in(), state.total_out());
+    let mut out = [0u8; 1];
+    let result = state.decompress(&LAST_EMPTY_BLOCK, &mut out, FlushDecompress::Finish);
+    matches!(result, Ok(Status::StreamEnd))
+        && state.total_out() == written
+        && state.total_in() - read == LAST_EMPTY_BLOCK.len() as u64
+}
+
 /// The compressed bytes are not a deflate stream (1007 to their sender).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a compressed message is not valid deflate data")]
@@ -74,9 +99,6 @@ pub struct InvalidDeflate;
 pub struct Inflater {
     deflate: Deflate,
     state: Option<Decompress>,
-    /// The current message's deflate data ended with a final block: whatever else the
-    /// message carries is not inflated (zlib's inflate ignores it the same way).
-    ended: bool,
 }
 
 impl Inflater {
@@ -84,7 +106,6 @@ impl Inflater {
         Inflater {
             deflate,
             state: None,
-            ended: false,
         }
     }
 
@@ -98,7 +119,7 @@ impl Inflater {
     /// empty state and nothing of it kept after it (no context takeover): what it
     /// inflates to then depends on its bytes alone (see [`super::checked`]).
     pub fn window_for_a_stream_of_its_own(&self) -> Option<u8> {
-        let afresh = !self.deflate.context_takeover && self.state.is_none() && !self.ended;
+        let afresh = !self.deflate.context_takeover && self.state.is_none();
         afresh.then(|| self.deflate.inflate_bits())
     }
 
@@ -110,9 +131,6 @@ impl Inflater {
         mut input: &[u8],
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        if self.ended {
-            return Ok(());
-        }
         let bits = self.deflate.inflate_bits();
         let state = self.state.get_or_insert_with(|| take_state(bits));
         let mut out = [0u8; PIECE];
@@ -129,10 +147,10 @@ impl Inflater {
                 sink(&out[..produced])?;
             }
             match result.map_err(|_| InvalidDeflate)? {
-                Status::StreamEnd => {
-                    self.ended = true;
-                    return Ok(());
-                }
+                // A final block ends the sender's deflate stream, not its message: what
+                // follows starts a new stream (RFC 7692 §7.2.3.4), and receivers such as
+                // Chromium's inflate it, so it is inflated and held to the rules here too.
+                Status::StreamEnd => restart(state, bits),
                 // The output buffer was filled: more may be waiting even with no input.
                 Status::Ok if produced == out.len() => {}
                 Status::Ok | Status::BufError if input.is_empty() || consumed + produced == 0 => {
@@ -149,11 +167,15 @@ impl Inflater {
         &mut self,
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let fed = self.feed(&TAIL, sink);
-        // Taken whatever the context: a final block ends this message's stream only.
-        let ended = std::mem::take(&mut self.ended);
-        if !self.deflate.context_takeover || ended {
-            // A final block ends the sender's stream; a next message starts a new one.
+        let mut fed = self.feed(&TAIL, sink);
+        if !self.deflate.context_takeover {
+            // The next message starts afresh here, but not at every receiver: Chromium's,
+            // for one, keeps inflating where this message left off. A message that stops
+            // inside a block (RFC 7692 §7.2.1 has its sender end it at a block boundary)
+            // would have them read the next one differently from the gate: refused.
+            if fed.is_ok() && !self.state.as_mut().is_some_and(at_block_boundary) {
+                fed = Err(InvalidDeflate.into());
+            }
             self.release();
         }
         fed
@@ -294,37 +316,94 @@ mod tests {
         assert_eq!(inflater.feed(&[0xFF, 0xFF], &mut sink), Err(InvalidDeflate));
     }
 
-    #[test]
-    fn a_final_block_ends_the_message_stream() {
-        let text = json(50);
+    /// A message whose deflate data ends with a final block, as RFC 7692 §7.2.3.4 has it
+    /// sent: the block, then one octet that starts an empty stored block (which the
+    /// receiver's appended tail completes).
+    fn with_final_block(text: &[u8]) -> Vec<u8> {
         let mut sender = Compress::new(Compression::default(), false);
-        let mut payload = Vec::with_capacity(4096);
+        let mut payload = Vec::with_capacity(text.len() + 64);
         sender
-            .compress_vec(&text, &mut payload, FlushCompress::Finish)
+            .compress_vec(text, &mut payload, FlushCompress::Finish)
             .unwrap();
-        let mut inflater = Inflater::new(Deflate {
-            context_takeover: true,
-            window_bits: 15,
-        });
-        assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
-        assert!(!inflater.holds_state());
+        payload.push(0x00);
+        payload
+    }
+
+    fn finish_alone(inflater: &mut Inflater, payload: &[u8]) -> Result<usize, InvalidDeflate> {
+        let mut seen = 0;
+        let mut sink = |piece: &[u8]| -> Result<(), InvalidDeflate> {
+            seen += piece.len();
+            Ok(())
+        };
+        inflater.feed(payload, &mut sink)?;
+        inflater.finish(&mut sink)?;
+        Ok(seen)
     }
 
     #[test]
-    fn a_final_block_without_context_takeover_leaves_the_next_message_checked() {
-        let mut inflater = Inflater::new(Deflate {
-            context_takeover: false,
-            window_bits: 15,
-        });
-        for _ in 0..2 {
-            let text = json(50);
-            let mut sender = Compress::new(Compression::default(), false);
-            let mut payload = Vec::with_capacity(4096);
-            sender
-                .compress_vec(&text, &mut payload, FlushCompress::Finish)
-                .unwrap();
-            assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
+    fn messages_ending_with_a_final_block_inflate_with_and_without_context_takeover() {
+        for takeover in [true, false] {
+            let mut inflater = Inflater::new(Deflate {
+                context_takeover: takeover,
+                window_bits: 15,
+            });
+            for n in [50, 80, 20] {
+                let text = json(n);
+                let payload = with_final_block(&text);
+                assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
+                assert_eq!(inflater.holds_state(), takeover);
+            }
         }
+    }
+
+    #[test]
+    fn what_follows_a_final_block_is_inflated_and_counted() {
+        // A final block of 2 bytes, then a stream of 4 MiB of zeros: a receiver that starts
+        // a new stream after the final block (Chromium's does) gets all of it.
+        let mut payload = Vec::with_capacity(16 * 1024);
+        Compress::new(Compression::default(), false)
+            .compress_vec(b"ok", &mut payload, FlushCompress::Finish)
+            .unwrap();
+        let mut sender = Compress::new(Compression::best(), false);
+        payload.extend(compress(&mut sender, &vec![0u8; 4 << 20]));
+        for (takeover, window_bits) in [(true, 15), (false, 15), (false, 10)] {
+            let mut inflater = Inflater::new(Deflate {
+                context_takeover: takeover,
+                window_bits,
+            });
+            let seen = finish_alone(&mut inflater, &payload);
+            assert_eq!(seen, Ok(2 + (4 << 20)), "window {window_bits}");
+        }
+    }
+
+    #[test]
+    fn a_message_that_stops_inside_a_block_is_refused_without_context_takeover() {
+        let deflate = |context_takeover| Deflate {
+            context_takeover,
+            window_bits: 15,
+        };
+        // A stored block that announces 65,535 bytes and carries 2: a receiver that keeps
+        // its state (Chromium's) would read the next message's bytes as the rest of it.
+        let open_stored = [0x00, 0xFF, 0xFF, 0x00, 0x00, b'h', b'i'];
+        // A final block without the octet that follows it: the appended tail then starts
+        // a stored block's header that the next message would finish.
+        let mut bare_final = with_final_block(b"hello");
+        bare_final.pop();
+        for payload in [&open_stored[..], &bare_final] {
+            let mut inflater = Inflater::new(deflate(false));
+            assert_eq!(finish_alone(&mut inflater, payload), Err(InvalidDeflate));
+            assert!(!inflater.holds_state());
+            // With context takeover every receiver reads on from where this one stops,
+            // as the gate does.
+            let mut inflater = Inflater::new(deflate(true));
+            assert!(finish_alone(&mut inflater, payload).is_ok());
+        }
+        // The inflater is good for the next message after a refusal.
+        let mut inflater = Inflater::new(deflate(false));
+        let _ = finish_alone(&mut inflater, &open_stored);
+        let text = json(30);
+        let payload = compress(&mut Compress::new(Compression::default(), false), &text);
+        assert_eq!(inflate_all(&mut inflater, &payload, 3), text);
     }
 
     #[test]
