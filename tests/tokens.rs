@@ -821,8 +821,21 @@ async fn a_route_listing_hs256_and_rs256_accepts_both_and_keeps_the_families_apa
     assert_eq!(upstream.seen_count(), 2);
 }
 
-/// A key no algorithm of its route can use is a warning, not an error; a route left with
-/// no usable key at all is still an error.
+/// A route that requires auth and has no key of a family its algorithms name loads (with
+/// warnings) and refuses every token: the HMAC secret it lists verifies nothing.
+#[tokio::test]
+async fn a_route_left_without_a_usable_key_refuses_every_token() {
+    let upstream = Upstream::start().await;
+    let auth = "{algorithms: [RS256], keys: [{hmac_secret_file: secret}]}";
+    let gate = TestGate::start(&auth_policy(&upstream.url(), auth)).await;
+    invalid(&gate, &hs256(&claims(json!({})))).await;
+    let rs256 = signed(Algorithm::RS256, "rsa.key", None, &claims(json!({})));
+    invalid(&gate, &rs256).await;
+    assert_eq!(upstream.seen_count(), 0);
+}
+
+/// A key no algorithm of its route can use is a warning, not an error, even when it leaves
+/// a route that requires auth with no usable key (one more warning; every token refused).
 #[test]
 fn a_key_of_a_family_no_algorithm_names_is_a_warning() {
     let dir = tempfile::tempdir().unwrap();
@@ -849,12 +862,17 @@ fn a_key_of_a_family_no_algorithm_names_is_a_warning() {
         "ws://127.0.0.1:9",
         "{algorithms: [RS256], keys: [{hmac_secret_file: secret}]}",
     );
-    let err = match wsgate::config::load_bytes(&policy_path, only_hmac.as_bytes()) {
-        Ok(_) => panic!("a route with no usable key was accepted"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("defaults.auth.keys"), "{err}");
-    assert!(err.contains("no configured key"), "{err}");
+    let loaded = wsgate::config::load_bytes(&policy_path, only_hmac.as_bytes())
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+    let warnings: Vec<(&str, &str)> = loaded
+        .warnings
+        .iter()
+        .map(|w| (w.field.as_str(), w.message.as_str()))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert_eq!(warnings[0].0, "defaults.auth.keys[0].hmac_secret_file");
+    assert_eq!(warnings[1].0, "defaults.auth.keys");
+    assert!(warnings[1].1.contains("every token"), "{warnings:?}");
 }
 
 #[tokio::test]

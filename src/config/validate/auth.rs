@@ -99,14 +99,19 @@ impl Validator<'_> {
         // error; "no keys" would only mislead.
         let failed_keys = self.errors.len() > errors_before;
         if required && keys.is_empty() && jwks_urls.is_empty() && !failed_keys {
-            self.err(
-                keys_field.unwrap_or_else(|| p.path("auth.keys")),
-                if unusable > 0 {
-                    "auth is required but no configured key is of a family auth.algorithms names"
-                } else {
-                    "auth is required but no keys are configured"
-                },
-            );
+            let field = keys_field.unwrap_or_else(|| p.path("auth.keys"));
+            if unusable > 0 {
+                // Keys of the wrong family are a warning, however many: the route loads
+                // and refuses every token (fail closed), as a route whose keys all
+                // rotated away would.
+                self.warn(
+                    field,
+                    "auth is required but no configured key is of a family auth.algorithms \
+                     names: every token on this route is refused",
+                );
+            } else {
+                self.err(field, "auth is required but no keys are configured");
+            }
         }
 
         let issuer = pick!(p, auth.issuer)
