@@ -1120,6 +1120,30 @@ async fn a_passed_request_is_logged_like_an_access_line() {
     assert!(!line.contains("secret-ish"), "{line}");
 }
 
+/// An `upstream_tls` with every field null (as the policy's reference form shows it) says
+/// nothing and is no error beside a ws:// upstream; one field set is.
+#[test]
+fn an_upstream_tls_of_nulls_fits_a_ws_upstream_and_one_field_set_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.yaml");
+    for (tls, expected) in [
+        ("{ca_file: null, server_name: null}", 0),
+        ("{}", 0),
+        ("{ca_file: null, server_name: gate.example}", 1),
+    ] {
+        std::fs::write(
+            &path,
+            format!("version: 1\ndefaults:\n  auth: {{required: false}}\n  upstream: ws://127.0.0.1:8080\n  upstream_tls: {tls}\nroutes:\n  - path: /ws\n"),
+        )
+        .unwrap();
+        let (code, text) = check(&path);
+        assert_eq!(code, expected, "{tls}: {text}");
+        if expected == 1 {
+            assert!(text.contains("defaults.upstream_tls"), "{text}");
+        }
+    }
+}
+
 /// An inherited `upstream_tls` that meets a route's own ws:// upstream names that route.
 #[test]
 fn check_names_the_route_whose_upstream_an_inherited_upstream_tls_does_not_fit() {

@@ -366,7 +366,11 @@ impl Validator<'_> {
             authority.clone()
         };
 
-        let tls = match (secure, tls_section) {
+        // An `upstream_tls` whose fields are all null or absent says nothing, and is no
+        // error beside a ws:// upstream (the policy's reference form shows it so).
+        let tls_says_something = pick!(p, upstream_tls.ca_file).is_some()
+            || pick!(p, upstream_tls.server_name).is_some();
+        let tls = match (secure, tls_section.filter(|_| tls_says_something)) {
             (false, Some(tls_field)) => {
                 // Name the upstream too: an inherited `upstream_tls` may meet a route's own
                 // ws:// upstream, and the route is the place to look.
