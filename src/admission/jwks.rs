@@ -1,5 +1,5 @@
 //! Key sets fetched from `jwks_url`s over HTTPS: cached across reloads, refreshed every
-//! `refresh_seconds`, refetched at most once per 30 s when a token names an unknown `kid`.
+//! `refresh_seconds`, refetched when a token names an unknown `kid` (at most 4 times in 30 s).
 //! A failed refresh keeps the last good set; until the first fetch succeeds the route's
 //! tokens get 503 `keys_unavailable` and the fetch is retried with backoff.
 
@@ -25,8 +25,11 @@ use crate::policy::{redact_userinfo, Key, Policy};
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest key set accepted.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
-/// An unknown `kid` triggers at most one refetch per URL in this period.
-pub const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
+/// Unknown `kid`s trigger at most [`UNKNOWN_KID_REFETCHES`] refetches per URL in this
+/// period: enough for a rotation seen right after a token signed with a key not yet
+/// published, too few for random `kid`s to make the gate hammer the issuer.
+pub const UNKNOWN_KID_WINDOW: Duration = Duration::from_secs(30);
+pub const UNKNOWN_KID_REFETCHES: usize = 4;
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -48,11 +51,38 @@ pub enum FetchError {
     Parse(String),
 }
 
+/// When the last unknown-`kid` refetches of one URL ended, and how the latest went.
+#[derive(Default)]
+struct Refetches {
+    /// A ring of end times; `next` is the oldest slot, the one written next.
+    ended: [Option<Instant>; UNKNOWN_KID_REFETCHES],
+    next: usize,
+    latest_succeeded: bool,
+}
+
+impl Refetches {
+    fn latest(&self) -> Option<Instant> {
+        let newest = (self.next + UNKNOWN_KID_REFETCHES - 1) % UNKNOWN_KID_REFETCHES;
+        self.ended[newest]
+    }
+
+    /// Whether one more refetch fits the budget now.
+    fn allowed(&self) -> bool {
+        self.ended[self.next].is_none_or(|t| t.elapsed() >= UNKNOWN_KID_WINDOW)
+    }
+
+    fn record(&mut self, succeeded: bool) {
+        self.ended[self.next] = Some(Instant::now());
+        self.next = (self.next + 1) % UNKNOWN_KID_REFETCHES;
+        self.latest_succeeded = succeeded;
+    }
+}
+
 struct Entry {
     url: String,
     keys: ArcSwapOption<Vec<Key>>,
     refresh: Mutex<Duration>,
-    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    refetches: tokio::sync::Mutex<Refetches>,
     stop: CancellationToken,
     /// The cache's [`JwksCache::generation`], moved on when this set is stored.
     generation: Arc<AtomicU64>,
@@ -120,7 +150,7 @@ impl JwksCache {
                 url: url.to_owned(),
                 keys: ArcSwapOption::empty(),
                 refresh: Mutex::new(refresh),
-                last_refetch: tokio::sync::Mutex::new(None),
+                refetches: Default::default(),
                 stop: tasks.exit().child_token(),
                 generation: self.generation.clone(),
             });
@@ -141,8 +171,10 @@ impl JwksCache {
         entries.get(url)?.keys.load_full()
     }
 
-    /// Refetch `url` now because a token named a key it does not have, unless that was
-    /// done less than 30 s ago. Returns whether a fetch happened and succeeded.
+    /// Refetch `url` now because a token named a key it does not have, unless the budget
+    /// of [`UNKNOWN_KID_REFETCHES`] per [`UNKNOWN_KID_WINDOW`] is spent. Returns whether a
+    /// fetch happened (this one, or one that ended while this request waited for it) and
+    /// succeeded.
     pub async fn refetch(&self, url: &str) -> bool {
         let entry = {
             let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -151,13 +183,16 @@ impl JwksCache {
                 None => return false,
             }
         };
-        // Concurrent requests with the same unknown kid wait for one fetch.
-        let mut last = entry.last_refetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_REFETCH) {
+        let asked = Instant::now();
+        // Concurrent requests with unknown kids wait for one fetch, and take its outcome.
+        let mut refetches = entry.refetches.lock().await;
+        if refetches.latest().is_some_and(|ended| ended >= asked) {
+            return refetches.latest_succeeded;
+        }
+        if !refetches.allowed() {
             return false;
         }
-        *last = Some(Instant::now());
-        match fetch(&entry.url, &self.tls).await {
+        let succeeded = match fetch(&entry.url, &self.tls).await {
             Ok(keys) => {
                 tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS refetched for an unknown kid");
                 entry.store(keys);
@@ -167,7 +202,9 @@ impl JwksCache {
                 tracing::warn!(url = %redact_userinfo(&entry.url), error = %e, "JWKS refetch failed; keeping the last good key set");
                 false
             }
-        }
+        };
+        refetches.record(succeeded);
+        succeeded
     }
 }
 
