@@ -229,3 +229,36 @@ async fn a_heartbeat_ping_behind_a_long_frame_is_not_a_dead_client() {
     // Then the ping that waited, not a close.
     assert_eq!(after.opcode, 0x9, "{after:?}");
 }
+
+#[tokio::test]
+async fn a_client_sending_one_long_frame_is_not_a_dead_client() {
+    // The client trickles one 64 KiB frame for longer than a heartbeat interval and its
+    // timeout (a browser uploading on a slow link: browsers never fragment). It cannot
+    // answer the gate's ping before the frame ends, and its bytes arriving prove it alive:
+    // the frame reaches the upstream whole, and the client gets pings, not a close.
+    let heartbeat = "    heartbeat: {interval_seconds: 1, timeout_seconds: 1}\n";
+    let (_gate, mut client, mut upstream) = through_gate(heartbeat).await;
+    let payload = vec![7u8; 64 * 1024];
+    let bytes = frame(0x82, &payload, true);
+    let receiver = tokio::spawn(async move { (next_frame(&mut upstream).await, upstream) });
+    for chunk in bytes.chunks(bytes.len() / 16 + 1) {
+        client.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(220)).await;
+    }
+    let (got, _upstream) = timeout(Duration::from_secs(10), receiver)
+        .await
+        .expect("the upstream got nothing")
+        .unwrap();
+    assert_eq!(got, data(true, 0x2, &payload, true));
+    // What waited for the client: pings only; answered, the connection stays.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(frame) = tokio::time::timeout_at(until, read_frame(&mut client)).await {
+        let frame = frame.expect("the connection ended");
+        assert_eq!(frame.opcode, 0x9, "{frame:?}");
+        pings += 1;
+        let pong = support::wire::frame(0x8A, &frame.payload, true);
+        client.write_all(&pong).await.unwrap();
+    }
+    assert!(pings >= 1, "no ping reached the client");
+}

@@ -16,9 +16,8 @@ use crate::policy::Route;
 pub(super) enum Heartbeat {
     /// Send the next ping at this time.
     PingAt(Instant),
-    /// A ping went out (or was due, if the client was taking no bytes) at `sent`; by then
-    /// `frames` client frames had been read and writes to the client had stalled `stalls`
-    /// times.
+    /// A ping went out at `sent`; by then `frames` client frames (and payload pieces) had
+    /// been read and writes to the client had stalled `stalls` times.
     Awaiting {
         sent: Instant,
         frames: u64,
@@ -148,15 +147,19 @@ impl Deadlines {
             }
             Heartbeat::PingAt(t) if now >= t => {
                 // Queue the ping only if the client takes bytes now (the upstream → client
-                // direction writes it at the next frame boundary); a client that does not
-                // is the write deadline's to drop.
-                if client.caught_up() {
+                // direction writes it at the next frame boundary). One that does not is the
+                // write deadline's to drop, and this ping is skipped: a client never pinged
+                // owes no pong.
+                let interval = self.route.heartbeat.interval;
+                self.heartbeat = if client.caught_up() {
                     client.queue_ping();
-                }
-                self.heartbeat = Heartbeat::Awaiting {
-                    sent: now,
-                    frames: c2u.frames,
-                    stalls: u2c.stalls,
+                    Heartbeat::Awaiting {
+                        sent: now,
+                        frames: c2u.frames,
+                        stalls: u2c.stalls,
+                    }
+                } else {
+                    Heartbeat::ping_at(now + interval, interval)
                 };
             }
             _ => {}

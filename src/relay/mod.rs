@@ -71,7 +71,9 @@ pub(crate) struct Direction {
     /// a client the gate had to wait for, and that took bytes since, is reading).
     stalls: u64,
     counts: Counts,
-    /// Frames of any kind read from the source (heartbeat liveness).
+    /// Frames of any kind read from the source, and pieces of a data frame's payload
+    /// (heartbeat liveness: a client sending a large frame cannot pong until its end,
+    /// and its bytes arriving prove it alive).
     frames: u64,
     /// When text or binary bytes last passed (idle timeout).
     last_data: Instant,
@@ -240,6 +242,7 @@ impl Direction {
                     len
                 }
                 Step::Payload(len) => {
+                    self.frames += 1;
                     self.last_data = now;
                     if !src.reader.in_data_frame() {
                         frame_start = None;
