@@ -221,6 +221,9 @@ fn frames() -> impl Strategy<Value = Vec<Frame>> {
 /// gets (RFC 6455 §5.4 fragmentation, the two limits, UTF-8 of text).
 fn reference(frames: &[Frame], max_frame: u64, max_message: u64) -> Result<(), u16> {
     let mut open: Option<(OpCode, Vec<u8>)> = None;
+    // The message's size as the limit counts it: an empty frame that does not end the
+    // message counts as one byte.
+    let mut counted = 0u64;
     for (fin, opcode, payload, _) in frames {
         if *opcode == OpCode::Ping {
             continue;
@@ -234,11 +237,16 @@ fn reference(frames: &[Frame], max_frame: u64, max_message: u64) -> Result<(), u
         }
         if !continuation {
             open = Some((*opcode, Vec::new()));
+            counted = 0;
         }
         let Some((kind, text)) = open.as_mut() else {
             return Err(0);
         };
-        if (text.len() + payload.len()) as u64 > max_message {
+        counted += match payload.len() {
+            0 if !fin => 1,
+            len => len as u64,
+        };
+        if counted > max_message {
             return Err(1009);
         }
         text.extend_from_slice(payload);

@@ -348,7 +348,8 @@ pub struct Messages {
 #[derive(Debug, Clone, Copy)]
 struct Open {
     opcode: OpCode,
-    /// The payload bytes its frames have declared so far.
+    /// The payload bytes its frames have declared so far (an empty frame that does not
+    /// end the message counts as one).
     declared: u64,
     /// Its first frame had RSV1 set (permessage-deflate).
     compressed: bool,
@@ -395,8 +396,14 @@ impl Messages {
             }
         };
         // A compressed message is held to the limit on the wire too (its inflated size is
-        // counted as it inflates).
-        let total = so_far.saturating_add(header.len);
+        // counted as it inflates). An empty frame that does not end its message counts as
+        // one byte, so that a message has at most as many frames as the limit allows
+        // bytes: endless empty fragments would otherwise pass unmetered.
+        let weight = match header.len {
+            0 if !header.fin => 1,
+            len => len,
+        };
+        let total = so_far.saturating_add(weight);
         if total > max_message {
             return Err(Violation::TooBig);
         }
@@ -1048,6 +1055,34 @@ mod tests {
             m.header(&frame(true, OpCode::Continuation, 1), 10, 20)
                 .map_err(Violation::code),
             Err(1002)
+        );
+        // Empty fragments that do not end the message count one byte each: a message
+        // cannot go on in them for ever. An empty last fragment counts nothing.
+        let mut m = Messages::default();
+        assert_eq!(m.header(&frame(false, OpCode::Binary, 18), 20, 20), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        for _ in 0..2 {
+            assert_eq!(
+                m.header(&frame(false, OpCode::Continuation, 0), 20, 20),
+                Ok(())
+            );
+            assert_eq!(m.frame_end(false), Ok(()));
+        }
+        assert_eq!(
+            m.header(&frame(true, OpCode::Continuation, 0), 20, 20),
+            Ok(())
+        );
+        assert_eq!(m.frame_end(true), Ok(()));
+        assert_eq!(m.header(&frame(false, OpCode::Binary, 19), 20, 20), Ok(()));
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(
+            m.header(&frame(false, OpCode::Continuation, 0), 20, 20),
+            Ok(())
+        );
+        assert_eq!(m.frame_end(false), Ok(()));
+        assert_eq!(
+            m.header(&frame(false, OpCode::Continuation, 0), 20, 20),
+            Err(Violation::TooBig)
         );
         // Text split inside a character is fine; ending inside one is 1007.
         let mut m = Messages::default();
