@@ -75,6 +75,26 @@ async fn rsv_bits_without_an_extension_are_1002() {
 }
 
 #[tokio::test]
+async fn a_length_not_in_its_shortest_encoding_is_1002() {
+    // RFC 6455 §5.2: 5 bytes announced in the 16-bit form, then in the 64-bit form.
+    let key = [1u8, 2, 3, 4];
+    let masked: Vec<u8> = b"hello"
+        .iter()
+        .zip(key.iter().cycle())
+        .map(|(b, k)| b ^ k)
+        .collect();
+    let mut short16 = vec![0x82, 0x80 | 126, 0, 5];
+    short16.extend_from_slice(&key);
+    short16.extend_from_slice(&masked);
+    assert_closed_with(short16, &[1002]).await;
+    let mut short64 = vec![0x82, 0x80 | 127];
+    short64.extend_from_slice(&5u64.to_be_bytes());
+    short64.extend_from_slice(&key);
+    short64.extend_from_slice(&masked);
+    assert_closed_with(short64, &[1002]).await;
+}
+
+#[tokio::test]
 async fn reserved_opcode_is_1002() {
     assert_closed_with(frame(0x83, b"x", true), &[1002]).await;
 }

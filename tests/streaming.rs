@@ -262,3 +262,16 @@ async fn a_client_sending_one_long_frame_is_not_a_dead_client() {
     }
     assert!(pings >= 1, "no ping reached the client");
 }
+
+#[tokio::test]
+async fn an_upstream_length_not_in_its_shortest_encoding_is_1002_and_1014_to_the_client() {
+    // Browsers fail a connection whose server sends a length in a longer form than needed
+    // (RFC 6455 §5.2): the gate refuses it instead of passing it on.
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    upstream
+        .write_all(&[0x82, 126, 0, 5, b'h', b'e', b'l', b'l', b'o'])
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&next_frame(&mut client).await), 1014);
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1002);
+}

@@ -91,6 +91,8 @@ pub enum HeaderError {
     ControlTooLong,
     #[error("the 64-bit length has its most significant bit set")]
     LengthTooLarge,
+    #[error("the payload length is not in its shortest encoding")]
+    NonMinimalLength,
     #[error("a client frame is not masked")]
     Unmasked,
     #[error("a server frame is masked")]
@@ -135,8 +137,13 @@ pub fn parse_header(
         _ => {}
     }
     let (len, mut at) = match b1 & 0x7F {
+        // RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the length"
+        // (browsers fail a connection whose server does otherwise).
         126 => match buf.get(2..4) {
-            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            Some(b) => match u16::from_be_bytes([b[0], b[1]]) {
+                len @ 126.. => (u64::from(len), 4),
+                _ => return Err(HeaderError::NonMinimalLength),
+            },
             None => return Ok(None),
         },
         127 => match buf.get(2..10) {
@@ -146,6 +153,9 @@ pub fn parse_header(
                 let len = u64::from_be_bytes(be);
                 if len >> 63 != 0 {
                     return Err(HeaderError::LengthTooLarge);
+                }
+                if len <= u64::from(u16::MAX) {
+                    return Err(HeaderError::NonMinimalLength);
                 }
                 (len, 10)
             }
@@ -938,6 +948,27 @@ mod tests {
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
         assert_eq!(client(&huge), Err(HeaderError::LengthTooLarge));
+        // Lengths not in their shortest form, either side; the shortest forms pass.
+        let server = |bytes: &[u8]| parse_header(bytes, From::Server, false);
+        assert_eq!(
+            server(&[0x82, 0x7E, 0, 5]),
+            Err(HeaderError::NonMinimalLength)
+        );
+        assert_eq!(
+            server(&[0x82, 0x7E, 0, 125]),
+            Err(HeaderError::NonMinimalLength)
+        );
+        assert!(matches!(server(&[0x82, 0x7E, 0, 126]), Ok(Some(_))));
+        assert_eq!(
+            client(&[0x82, 0xFE, 0, 5, 1, 2, 3, 4]),
+            Err(HeaderError::NonMinimalLength)
+        );
+        let mut long = vec![0x82, 0x7F];
+        long.extend_from_slice(&65_535u64.to_be_bytes());
+        assert_eq!(server(&long), Err(HeaderError::NonMinimalLength));
+        let mut long = vec![0x82, 0x7F];
+        long.extend_from_slice(&65_536u64.to_be_bytes());
+        assert!(matches!(server(&long), Ok(Some(_))));
     }
 
     #[test]
