@@ -817,11 +817,22 @@ async fn end(leg: &mut Leg, ending: Ending, deadline: Instant) -> Finish {
     finished.unwrap_or(Finish::Linger)
 }
 
-/// Send our close frame after what is still owed to `leg`. Returns whether it went: it
-/// cannot once a close is sent, nor while the relayed stream stops inside a frame (a peer
-/// cut off mid-frame reads the rest of the connection as that frame's payload, so it gets
-/// a FIN and no close frame).
+/// Send our close frame after what is still owed to `leg` (or the rest of one begun
+/// before). Returns whether it went: it cannot once a close is sent whole, nor while the
+/// relayed stream stops inside a frame (a peer cut off mid-frame reads the rest of the
+/// connection as that frame's payload, so it gets a FIN and no close frame).
 async fn send_close(leg: &mut Leg, frame: Option<CloseFrame>) -> bool {
+    if leg.close_sent && !leg.caught_up() {
+        // Our close frame was begun and the peer took only part of it (a drain that timed
+        // out): nothing is written after it, so what is left is its rest. Finish it rather
+        // than leave the peer a truncated frame before the FIN.
+        return poll_fn(|cx| {
+            std::task::ready!(leg.poll_owed(cx))?;
+            leg.poll_flush(cx)
+        })
+        .await
+        .is_ok();
+    }
     if leg.close_sent || leg.mid_frame {
         return false;
     }
