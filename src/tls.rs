@@ -22,6 +22,8 @@ pub enum TlsError {
     },
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: PathBuf },
+    #[error("{path}: a certificate in it cannot be read ({reason}); a chain served without it would fail strict clients")]
+    BadCertificate { path: PathBuf, reason: String },
     #[error("{path}: no PEM private key found")]
     NoKey { path: PathBuf },
     #[error("{path}: the private key is encrypted; wsgate needs it unencrypted (openssl pkey -in {path} -out plain.key), readable only by the gate's user")]
@@ -30,15 +32,20 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// Every certificate in a PEM file.
+/// Every certificate in a PEM file. A block that does not decode (a chain copied in
+/// half, a corrupted intermediate) fails the whole file rather than being skipped: the
+/// chain would be served short, and only strict clients would notice.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
-        .filter_map(Result::ok)
-        .collect();
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
             path: path.to_owned(),

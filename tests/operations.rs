@@ -606,6 +606,30 @@ async fn a_rotated_certificate_is_used_for_new_handshakes() {
         handshake_with(gate.addr, &new.client).await,
         "the working certificate was dropped"
     );
+
+    // So is a chain whose second block was copied in half: served short, it would fail
+    // every client that checks the chain.
+    let cut = &new.cert_pem[..new.cert_pem.len() / 2];
+    write_atomically(
+        &gate.dir.path().join("cert.pem"),
+        &format!("{}{cut}", new.cert_pem),
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, m) = admin_fetch(gate.admin, "/metrics").await;
+        if metric_sample(&m, "wsgate_tls_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the chain cut in half was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        handshake_with(gate.addr, &new.client).await,
+        "the working certificate was dropped"
+    );
 }
 
 #[tokio::test]
