@@ -40,8 +40,8 @@ pub struct ConnInfo {
 
 /// hyper's service function: every request gets a response, never an error. An upgrade's
 /// relay starts once hyper has written the 101 (or, on HTTP/2, the 200) and handed the
-/// stream back; `hold` (an HTTP/2 connection's count of its WebSockets) is kept until the
-/// relay ends.
+/// stream back; `hold` (an HTTP/2 connection's count of its open streams) is kept until the
+/// relay ends, or for a plain request until its response body has been sent.
 pub async fn handle(
     gate: Arc<Gate>,
     conn: ConnInfo,
@@ -58,7 +58,10 @@ pub async fn handle(
     };
     if !upgrade {
         let (response, _) = answer(&gate, conn, Asked::Plain(req)).await;
-        return Ok(response);
+        return Ok(match stream {
+            Some(H2Stream { hold, .. }) => response.map(|body| crate::body::held(body, hold)),
+            None => response,
+        });
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
@@ -244,6 +247,11 @@ async fn respond(
         return Err(Rejection::NotWebsocket(
             "this route only accepts WebSocket upgrades",
         ));
+    }
+    // As an upgrade is: an HTTP/2 connection kept for its WebSockets' close handshakes, or
+    // an HTTP/1.1 one whose next request arrived as the drain began, starts nothing new.
+    if gate.shutdown.is_draining() {
+        return Err(Rejection::Draining);
     }
     let attempt = Attempt {
         path: &path,
@@ -461,8 +469,9 @@ async fn switch(
     ))
 }
 
-/// A WebSocket on an HTTP/2 stream: the connection's hold on it (the drain waits for its
-/// streams), and the connection's signal that a revocation closed one of them (then
+/// A stream of an HTTP/2 connection: the connection's hold on it (kept while its
+/// WebSocket is relayed or its response body is being sent; the drain and the idle check
+/// wait for the connection's streams), and the connection's signal that a revocation closed one of them (then
 /// GOAWAY: the connection takes no new stream).
 pub struct H2Stream {
     pub hold: TaskTrackerToken,

@@ -8,9 +8,10 @@
 //! a 16 KiB header list and 100 fields (as for an HTTP/1.1 head; checked by the gate, which
 //! answers 431 in JSON, with h2's own limit at 64 KiB behind it), 20 streams reset by the client before
 //! they were answered (rapid reset, CVE-2023-44487: past that the connection is closed
-//! with ENHANCE_YOUR_CALM), 256 KiB of receive window per stream and 1 MiB per connection
-//! (what a client can make the gate hold for a stream or a connection that is not being
-//! read), 64 KiB of send buffer per stream, and keep-alive pings after 20 s without a
+//! with ENHANCE_YOUR_CALM), 64 KiB of receive window per stream (what a client can make
+//! the gate hold for a stream that is not being read) and room for all of them in the
+//! connection's window (so stalled streams cannot starve their siblings), 64 KiB of send
+//! buffer per stream, and keep-alive pings after 20 s without a
 //! request, data or pong, to be answered within 20 s (which also ends a connection stuck
 //! in a header block that never ends). h2 itself caps a header block at 5 CONTINUATION
 //! frames and closes a connection whose header list passes 256 KiB; SETTINGS and PING
@@ -50,10 +51,20 @@ const MAX_PENDING_RESETS: usize = 20;
 /// connection (h2's default, made explicit).
 const MAX_ERROR_RESETS: usize = 1024;
 
-/// Receive windows: how much a client may send that the gate has not read yet, per stream
-/// and per connection.
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Receive window per stream: how much a client may send on a stream that the gate has not
+/// read yet (nginx's `http2_body_preread_size`). The connection's window is this times
+/// the streams it may have open ([`connection_window`]).
+const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// The connection's receive window: room for every stream's full window, so that streams
+/// whose upstreams have stopped reading (the relay then stops reading them) cannot use up
+/// the window the connection's other streams need for their data and pongs. What a client
+/// can make the gate hold is bounded per stream, and streams count against the
+/// connection caps as HTTP/1.1 connections do (a socket's own receive buffer holds more).
+fn connection_window(max_streams: u32) -> u32 {
+    // RFC 9113 §6.9.1: a window is at most 2^31 - 1.
+    (u64::from(max_streams.max(1)) * u64::from(STREAM_WINDOW)).min((1 << 31) - 1) as u32
+}
 
 /// Data a stream may have queued for sending beyond what the client's window admits.
 const SEND_BUFFER: usize = 64 * 1024;
@@ -135,7 +146,7 @@ pub async fn serve<I>(
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_ERROR_RESETS)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(limits.max_concurrent_streams))
         .max_send_buf_size(SEND_BUFFER)
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE)
@@ -170,10 +181,16 @@ pub async fn serve<I>(
                 }
                 if now == seen && streams.is_empty() {
                     conn.as_mut().graceful_shutdown();
-                    if let Ok(result) = timeout(GOAWAY_GRACE, conn.as_mut()).await {
-                        ended(result);
+                    // A stream that raced the GOAWAY is served to its end (its relay and
+                    // its response have deadlines of their own); an idle connection that
+                    // does not close is dropped after the grace.
+                    loop {
+                        match timeout(GOAWAY_GRACE, conn.as_mut()).await {
+                            Ok(result) => return ended(result),
+                            Err(_) if streams.is_empty() => return,
+                            Err(_) => {}
+                        }
                     }
-                    return;
                 }
                 seen = now;
                 check = Instant::now() + IDLE_CHECK;

@@ -172,7 +172,11 @@ async fn connection(
                         protocol: Protocol::Http1,
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        http2::serve(gate, stream, info, deadline, opening).await
+                        // Bounded writes as for h2c: a client that stops reading is
+                        // dropped after `write_seconds`, not at the keep-alive's ping.
+                        let limit = write_limit(&gate);
+                        let io = Prefixed::new(bytes::Bytes::new(), stream, limit);
+                        http2::serve(gate, io, info, deadline, opening).await
                     } else {
                         serve_http(gate, stream, info, deadline, opening, false).await
                     }

@@ -547,7 +547,7 @@ async fn two_streams_count_as_two_connections_and_two_upgrades() {
 fn policy_file(upstream: &Upstream) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
-    std::fs::write(&path, open_policy(&upstream.url(), "")).unwrap();
+    std::fs::write(&path, pass_policy(upstream, "")).unwrap();
     (dir, path)
 }
 
@@ -579,7 +579,8 @@ async fn the_upgrade_and_close_lines_say_the_protocol() {
 }
 
 /// SIGTERM on a gate process with two streams open on one h2c connection: both get 1001
-/// "going away" (their upstreams too), a new stream meanwhile gets 503 `draining`, then
+/// "going away" (their upstreams too), a new stream meanwhile gets 503 `draining` (a
+/// WebSocket or a plain request on a pass route), then
 /// the connection ends (GOAWAY) and the process exits 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_each_stream_1001_then_goaway_and_exit_0() {
@@ -596,8 +597,11 @@ async fn sigterm_closes_each_stream_1001_then_goaway_and_exit_0() {
     let sent = Instant::now();
     assert_eq!(close_of(&mut a).await, (1001, "going away".into()));
     // b has not answered its close yet: the connection is still served, and a new
-    // WebSocket on it is refused.
+    // WebSocket on it is refused, as is a plain request on a pass route.
     h2.refused("/ws", &[], 503, "draining").await;
+    let (status, _, body) = h2.get("/static/page", &[]).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status.as_u16(), &json["error"]), (503, &"draining".into()));
     assert_eq!(close_of(&mut b).await, (1001, "going away".into()));
     drop((a, b));
     for i in 0..2 {

@@ -1076,3 +1076,98 @@ async fn data_for_an_upstream_that_does_not_read_is_held_by_the_windows() {
     let row = "DATA flood on a stalled upstream";
     assert_unharmed(row, healthy, fresh, &cost, CLOSED_QUICKLY).await;
 }
+
+/// Streams whose upstreams have stopped reading cannot starve their siblings: four such
+/// streams on one connection take every byte of window the gate grants them, and a fifth
+/// stream on the same connection still has window to send on and echoes. (With a
+/// connection window smaller than the streams' windows together, the four used it up and
+/// the fifth could send nothing, not even a pong.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_leave_their_siblings_room_to_send() {
+    let bench = Bench::start(LIMITS, false).await;
+    let (rd, mut wr) = bench.raw().await;
+    let mut rx = frames(rd);
+    let settings = next_frame(&mut rx, DEADLINE, |f| {
+        f.kind == SETTINGS && f.flags & ACK == 0
+    })
+    .await
+    .expect("the gate's SETTINGS");
+    let stream_window = settings
+        .payload
+        .chunks(6)
+        .find(|s| u16::from_be_bytes([s[0], s[1]]) == INITIAL_WINDOW_SIZE)
+        .map_or(65_535, |s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    wr.write_all(&settings_ack()).await.unwrap();
+    let update = next_frame(&mut rx, DEADLINE, |f| {
+        f.kind == WINDOW_UPDATE && f.stream == 0
+    })
+    .await
+    .expect("the gate's connection window");
+    let mut conn_window = 65_535 + i64::from(update.code());
+    let stalled = [1u32, 3, 5, 7];
+    let mut windows = std::collections::HashMap::new();
+    for &id in stalled.iter().chain([9].iter()) {
+        wr.write_all(&frame(HEADERS, END_HEADERS, id, &bench.connect_block()))
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut rx, id).await, Answer::Status(200));
+        windows.insert(id, i64::from(stream_window));
+    }
+    for &id in &stalled {
+        let stall = support::wire::frame(0x81, b"stall", true);
+        wr.write_all(&frame(DATA, 0, id, &stall)).await.unwrap();
+        conn_window -= stall.len() as i64;
+        *windows.get_mut(&id).unwrap() -= stall.len() as i64;
+    }
+    let payload = support::wire::frame(0x82, &[7; 16_376], true);
+    let size = payload.len() as i64;
+    let mut sent = 0i64;
+    let grant =
+        |f: &Frame, windows: &mut std::collections::HashMap<u32, i64>, conn: &mut i64| match (
+            f.kind, f.stream,
+        ) {
+            (WINDOW_UPDATE, 0) => *conn += i64::from(f.code()),
+            (WINDOW_UPDATE, id) => *windows.entry(id).or_default() += i64::from(f.code()),
+            (RST_STREAM | GOAWAY, _) => panic!("a stream ended while flooding: {f:?}"),
+            _ => {}
+        };
+    // Flood the four stalled streams, keeping to flow control, until the gate grants no
+    // more window for 1.5 s.
+    loop {
+        while let Ok(f) = rx.try_recv() {
+            grant(&f, &mut windows, &mut conn_window);
+        }
+        let ready = stalled
+            .iter()
+            .copied()
+            .find(|id| windows[id] >= size && conn_window >= size);
+        if let Some(id) = ready {
+            wr.write_all(&frame(DATA, 0, id, &payload)).await.unwrap();
+            *windows.get_mut(&id).unwrap() -= size;
+            conn_window -= size;
+            sent += size;
+            assert!(sent < 160 * MIB as i64, "the windows never closed");
+            continue;
+        }
+        match next_frame(&mut rx, Duration::from_millis(1500), |_| true).await {
+            Some(f) => grant(&f, &mut windows, &mut conn_window),
+            None => break,
+        }
+    }
+    // The fifth stream can still send, and its upstream answers.
+    let hello = support::wire::frame(0x81, b"still here", true);
+    assert!(
+        conn_window >= hello.len() as i64,
+        "{} KiB sent on the stalled streams left the connection {conn_window} bytes of window",
+        sent / 1024
+    );
+    wr.write_all(&frame(DATA, 0, 9, &hello)).await.unwrap();
+    let echo = next_frame(&mut rx, DEADLINE, |f| f.kind == DATA && f.stream == 9)
+        .await
+        .expect("the fifth stream's echo");
+    assert_eq!(&echo.payload[..], b"\x81\x0astill here", "{echo:?}");
+    eprintln!(
+        "{} KiB taken by four stalled streams; {conn_window} bytes of connection window left",
+        sent / 1024
+    );
+}
