@@ -126,12 +126,14 @@ pub async fn answer(
     let started = Instant::now();
     let (method, uri, headers) = asked.head();
     let request_id = request_id(headers);
-    let loaded = gate.policy.load();
+    let upgrade = matches!(asked, Asked::Upgrade(_));
+    // An upgrade's relay re-checks the connection on every later swap: watched from before
+    // the policy it is admitted under is read.
+    let (loaded, changes) = gate.policy.load_watched();
     let peer = admission::peer(&loaded.policy, conn.peer.ip(), headers);
     let client_ip = peer.client_ip;
     // The path only: a query may carry a token, and tokens are never logged.
     let path = uri.path().to_owned();
-    let upgrade = matches!(asked, Asked::Upgrade(_));
     // For a plain request's access line (standard methods are copied without allocating).
     let method = method.clone();
 
@@ -150,7 +152,7 @@ pub async fn answer(
             };
             match asked {
                 Asked::Plain(req) => respond(gate, request, req).await.map(|r| (r, None)),
-                Asked::Upgrade(parts) => switch(gate, request, &parts)
+                Asked::Upgrade(parts) => switch(gate, request, &parts, changes)
                     .await
                     .map(|(r, admitted)| (r, Some(admitted))),
             }
@@ -307,6 +309,7 @@ async fn switch(
     gate: &Arc<Gate>,
     routed: Routed<'_>,
     parts: &http::request::Parts,
+    policy_changes: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(Response<Body>, Admitted), Rejection> {
     let Routed {
         policy,
@@ -328,8 +331,6 @@ async fn switch(
         query: parts.uri.query(),
         protocols: &protocols,
     };
-    // Subscribed before the upstream handshake, so a reload during it is not missed.
-    let policy_changes = gate.policy.subscribe();
     let mut ticket = admission::admit(
         &gate.admission,
         policy,

@@ -707,6 +707,14 @@ impl PolicyHandle {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+
+    /// The policy in force now, and a receiver that will see every swap after it: taken in
+    /// that order, so that a swap landing between the two is never missed (at worst it is
+    /// seen once more than needed).
+    pub fn load_watched(&self) -> (Arc<Loaded>, watch::Receiver<u64>) {
+        let changes = self.subscribe();
+        (self.load(), changes)
+    }
 }
 
 #[cfg(test)]
