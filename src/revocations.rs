@@ -120,13 +120,18 @@ impl Revocations {
         self.insert(which, expiry, now)
     }
 
-    /// Revoke `which` until `expires_at_unix`, as the cluster store has it (shared).
+    /// Revoke `which` until `expires_at_unix`, as the cluster store has it (shared). The
+    /// store is not trusted with the bound: an expiry past the longest revocation any gate
+    /// makes counts as that long from now.
     pub fn add_shared(&self, which: Revoked, expires_at_unix: u64) -> Result<u64, Full> {
         let now = Instant::now();
-        let left = (expires_at_unix as f64 - unix_now_secs_f64().0).max(0.0);
+        let left =
+            (expires_at_unix as f64 - unix_now_secs_f64().0).clamp(0.0, MAX_TTL_SECONDS as f64);
         let expiry = Expiry {
-            at: now + Duration::from_secs_f64(left),
-            unix: expires_at_unix,
+            at: now
+                + Duration::try_from_secs_f64(left).unwrap_or(Duration::from_secs(MAX_TTL_SECONDS)),
+            unix: expires_at_unix
+                .min(unix_now_secs_f64().add_ceil(Duration::from_secs(MAX_TTL_SECONDS))),
             shared: true,
             added: now,
         };
@@ -261,6 +266,23 @@ impl UnixNow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An expiry from the store past anything a gate makes (a value written by hand, or
+    /// by another fleet sharing the Redis) is held to the longest revocation, not an
+    /// overflow.
+    #[test]
+    fn an_expiry_from_the_store_is_held_to_the_longest_revocation() {
+        let r = Revocations::new(Gauge::default());
+        let until = r
+            .add_shared(Revoked::Sub("forever".into()), u64::MAX)
+            .unwrap();
+        assert!(r.revoked(Some("forever"), None));
+        let longest = unix_now_secs_f64().add_ceil(Duration::from_secs(MAX_TTL_SECONDS));
+        assert!(until <= longest, "{until} past {longest}");
+        r.add_shared(Revoked::Jti("far".into()), 18_000_000_000_000_000_000)
+            .unwrap();
+        assert!(r.revoked(None, Some("far")));
+    }
 
     /// A reload from the store lifts the shared revocations it no longer holds (lifted on
     /// another gate meanwhile), and keeps those made here unshared and those added since.

@@ -148,6 +148,27 @@ async fn over_the_upgrade_rate_is_429_rate_limited_with_retry_after() {
     assert_eq!(upstream.seen_count(), 2);
 }
 
+/// Any positive rate is a valid policy: one so small that its period would overflow a
+/// clock (1e-30 a second) admits its burst and then refuses, as a rate of one a year would.
+#[tokio::test]
+async fn a_vanishing_upgrade_rate_admits_its_burst_then_refuses() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    rate: {upgrades_per_second: 1.0e-30, burst: 1}\n",
+    ))
+    .await;
+    let _a = gate.connect("/ws").await.unwrap();
+    let (status, headers, body) = refusal(gate.connect("/ws").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert_eq!(upstream.seen_count(), 1);
+}
+
 /// With the built-in rate and caps, a reconnect storm of 100 clients behind one address
 /// (an office NAT after a restart) gets through at once and stays connected, while the
 /// same address flooding afterwards is held to the steady rate.
