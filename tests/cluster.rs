@@ -620,6 +620,54 @@ async fn store_down_open_falls_back_closed_refuses_and_both_recover() {
     );
 }
 
+/// A store that stalls for a moment (every client paused) is marked down by the upgrades
+/// that time out meanwhile; once it answers again, the gate uses it within a probe or
+/// two (500 ms apart), not at its next lease renewal (10 s apart here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stalled_is_used_again_within_a_second() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let policy = policy(&upstream.url(), &prefix, "closed", OPEN_RATE).replace(
+        &format!("lease_seconds: {LEASE_SECONDS}"),
+        "lease_seconds: 30",
+    );
+    let closed = Gate::start(&policy, &redis.url());
+    closed.wait_up(true).await;
+    let _ws = closed.open("before", "10.6.0.1").await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg("700")
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    for i in 0..3 {
+        let (status, _, body) = refusal(closed.connect(&format!("stalled{i}"), "10.6.0.2").await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("limits_unavailable"))
+        );
+    }
+    assert!(
+        paused.elapsed() < Duration::from_millis(700),
+        "the pause ended before the store was marked down"
+    );
+    closed.wait_up(false).await;
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(paused.elapsed())).await;
+    let back = Instant::now();
+    answers_within(&closed, "after", "10.6.0.3", 101, Duration::from_secs(3)).await;
+    eprintln!(
+        "the store was used again {:?} after its pause",
+        back.elapsed()
+    );
+    closed.wait_up(true).await;
+}
+
 /// A store that accepts TCP but never answers bounds an upgrade the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_never_answers_is_bounded() {

@@ -41,6 +41,9 @@ use crate::revocations::Revocations;
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// The shortest bound of a background call (renewal, release, revocations).
 const BACKGROUND_BOUND: Duration = Duration::from_secs(1);
+/// How long a store connection may be silent before the kernel probes it, and how long
+/// data written to it may go unacknowledged before the kernel ends it.
+const DEAD_SOCKET: Duration = Duration::from_secs(10);
 /// Releases waiting to be sent; beyond this a release is dropped and its lease expires.
 const RELEASE_QUEUE: usize = 65_536;
 /// Releases sent in one pipeline.
@@ -121,6 +124,9 @@ struct Health {
     metrics: Arc<Metrics>,
     /// Woken on each down → up change (the subscriber reconnects and reloads).
     back: Notify,
+    /// Woken on each change to down (the upkeep task starts probing at once, not at its
+    /// next renewal).
+    gone: Notify,
 }
 
 impl Health {
@@ -150,6 +156,7 @@ impl Health {
         }
         let before = self.state.swap(DOWN, Ordering::AcqRel);
         if before != DOWN {
+            self.gone.notify_one();
             let detail = match error {
                 StoreError::Redis(e) => e.to_string(),
                 other => other.to_string(),
@@ -325,6 +332,7 @@ impl Cluster {
                 failures: AtomicU32::new(0),
                 metrics,
                 back: Notify::new(),
+                gone: Notify::new(),
             }),
             leases: Arc::new(Leases {
                 gate_id: gate_id(),
@@ -374,7 +382,20 @@ impl Cluster {
             // Without TCP_NODELAY (the crate's default is off), an upgrade's script call
             // written while another's answer is due waits in the kernel for that answer.
             let info = url.expose().into_connection_info().ok()?;
-            let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+            // A connection that dies silently (Redis's host gone, a NAT or load balancer
+            // forgetting an idle subscription) is noticed by the kernel and replaced:
+            // keep-alive probes after 10 s of silence, and data left unacknowledged for
+            // 10 s ends it. Without them a timed-out call leaves the socket in use, and
+            // the gate waits out TCP's retransmissions (about 15 minutes).
+            use redis::io::tcp::socket2::TcpKeepalive;
+            let keepalive = TcpKeepalive::new()
+                .with_time(DEAD_SOCKET)
+                .with_interval(Duration::from_secs(5))
+                .with_retries(3);
+            let tcp = redis::io::tcp::TcpSettings::default()
+                .set_nodelay(true)
+                .set_keepalive(keepalive)
+                .set_user_timeout(DEAD_SOCKET);
             redis::Client::open(info.set_tcp_settings(tcp)).ok()
         });
         let conn = client.as_ref().and_then(|client| {
@@ -453,11 +474,11 @@ impl Cluster {
         let (store, mut conn) = self.usable()?;
         let keys = store.keys();
         let (id, member) = self.leases.member();
-        let interval_us = if limits.upgrades_per_second > 0.0 {
-            (1_000_000.0 / limits.upgrades_per_second).ceil() as u64
-        } else {
-            u64::MAX / 4
-        };
+        // In whole microseconds, rounded up, as the script counts.
+        let interval_us = crate::admission::rate::period(limits.upgrades_per_second)
+            .as_nanos()
+            .div_ceil(1000)
+            .max(1) as u64;
         let lease_key = keys.ip(route, client);
         let mut call = scripts::ADMIT.prepare_invoke();
         call.key(keys.rate(route, client))
@@ -602,7 +623,9 @@ impl Cluster {
                 next_refresh
             };
             tokio::select! {
-                () = stop.cancelled() => return,
+                // Releases first: those of the last connections to close are sent before
+                // the exit's stop is taken.
+                biased;
                 Some(first) = releases.recv() => {
                     // A release someone waits for goes at once.
                     if first.done.is_none() {
@@ -622,6 +645,7 @@ impl Cluster {
                         }
                     }
                 }
+                () = stop.cancelled() => return,
                 () = tokio::time::sleep_until(wake) => {
                     let Some(store) = store else {
                         next_refresh = tokio::time::Instant::now() + period;
@@ -638,6 +662,8 @@ impl Cluster {
                 () = self.replaced.notified() => {
                     next_refresh = tokio::time::Instant::now();
                 }
+                // Marked down by the upgrade path: probe from now on.
+                () = self.health.gone.notified() => {}
             }
         }
     }
