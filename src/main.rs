@@ -431,12 +431,22 @@ async fn run(args: RunArgs) -> ExitCode {
             () = signals.next() => tracing::info!("second signal: the rest of the shutdown delay is skipped"),
         }
     }
-    drain(&running, Duration::from_secs(args.drain_seconds)).await
+    drain(
+        &running,
+        Duration::from_secs(args.drain_seconds),
+        &mut signals,
+    )
+    .await
 }
 
 /// Stop accepting, serve what was accepted, then close every connection with 1001 and
-/// wait for them, `grace` in all.
-async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
+/// wait for them, `grace` in all; another signal meanwhile ends the wait at once (as a
+/// second Ctrl-C does for nginx and Envoy).
+async fn drain(
+    running: &wsgate::Running,
+    grace: Duration,
+    signals: &mut shutdown::Signals,
+) -> ExitCode {
     let deadline = tokio::time::Instant::now() + grace;
     let open = running.gate.admission.connections.active();
     tracing::info!(
@@ -449,13 +459,20 @@ async fn drain(running: &wsgate::Running, grace: Duration) -> ExitCode {
         .await;
     running.begin_shutdown();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if running.drain(left).await {
+    let open = || running.gate.admission.connections.active();
+    let drained = tokio::select! {
+        drained = running.drain(left) => drained,
+        () = signals.next() => {
+            tracing::warn!(open = open(), "another signal: the drain is cut short; exiting");
+            false
+        }
+    };
+    if drained {
         tracing::info!("drained; exiting");
     } else {
-        tracing::warn!(
-            open = running.gate.admission.connections.active(),
-            "drain deadline reached; exiting"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(open = open(), "drain deadline reached; exiting");
+        }
         running.cut(CUT_WAIT).await;
     }
     if !running.exit(TASKS_EXIT).await {
@@ -476,8 +493,9 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         }
     };
     println!("{}", demo.banner);
-    shutdown::signal().await;
-    let code = drain(&demo.running, Duration::from_secs(5)).await;
+    let mut signals = shutdown::Signals::new();
+    signals.next().await;
+    let code = drain(&demo.running, Duration::from_secs(5), &mut signals).await;
     demo.remove_files();
     code
 }

@@ -509,6 +509,41 @@ async fn sigterm_exits_at_the_drain_deadline_when_a_client_never_answers() {
     );
 }
 
+/// A second SIGTERM (or SIGINT) during the drain ends it at once, as a second Ctrl-C does
+/// for nginx and Envoy: the connection still closing is given up, logged, and the process
+/// exits 0 long before `--drain-seconds`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        open_policy(&upstream.url(), "    timeouts: {write_seconds: 30}\n"),
+    )
+    .unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "20"]);
+    let _silent = gate.connect("/ws").await.unwrap(); // never reads, never answers the close
+    gate.signal("TERM");
+    gate.wait_line("draining connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    gate.signal("INT");
+    gate.wait_line("the drain is cut short");
+    let line = gate.wait_line("duration_ms=");
+    assert!(
+        line.contains("reason=\"shutdown\"") || line.contains("reason=shutdown"),
+        "{line}"
+    );
+    let (code, _) = gate.wait_exit(Duration::from_secs(4));
+    assert_eq!(code, 0);
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "exit {:?} after the second signal",
+        sent.elapsed()
+    );
+}
+
 /// CPU time (user + system) of a process so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
