@@ -1121,6 +1121,43 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
     }
 }
 
+/// An accepted upgrade's line names the client, the route, the result and the latency;
+/// its close line counts the messages and payload bytes each way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upgrade_and_close_lines_carry_their_fields() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
+    let mut ws = gate.connect("/ws").await.unwrap();
+    let line = gate.wait_line("result=\"accepted\"");
+    for field in [
+        "request_id=",
+        "client_ip=127.0.0.1",
+        "route=\"ws\"",
+        "path=/ws",
+        "latency_ms=",
+        "protocol=\"http/1.1\"",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("hello"));
+    ws.send(Message::binary(vec![1u8; 300])).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::binary(vec![1u8; 300]));
+    ws.close(None).await.unwrap();
+    let line = gate.wait_line("duration_ms=");
+    for field in [
+        "client_ip=127.0.0.1",
+        "route=ws",
+        "messages_in=2",
+        "bytes_in=305",
+        "messages_out=2",
+        "bytes_out=305",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+}
+
 /// A plain request proxied on an `http: pass` route gets nginx's access line: who, what,
 /// the upstream's status and the time to its head; never the query (it may hold a token).
 #[tokio::test(flavor = "multi_thread")]

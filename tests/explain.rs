@@ -392,4 +392,15 @@ fn bad_input_exits_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A policy that exists but does not validate: exit 2, naming the field.
+    std::fs::write(&path, "version: 1\nroutes:\n  - path: ws\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["explain", "--policy"])
+        .arg(&path)
+        .args(["--url", "ws://h/ws"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("p.yaml: routes[0].path:"), "{stderr}");
 }

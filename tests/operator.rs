@@ -702,3 +702,83 @@ async fn report_mode_counts_a_revoked_token_and_lets_it_on() {
     assert_eq!(answer, json!({"closed": 1}));
     assert_eq!(next_close(&mut ivan).await, (1008, "revoked".to_owned()));
 }
+
+/// The table of revocations is bounded: with 100,000 in force, one more is 507
+/// `too_many_revocations`, and the ones in force still hold. (Sent pipelined on one
+/// connection, 100,000 requests in a few seconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_100000_revocations_another_is_507_too_many_revocations() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FULL: usize = 100_000;
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&token_policy(&upstream.url()), false).await;
+    let tcp = tokio::net::TcpStream::connect(gate.admin).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256 * 1024);
+        for i in 0..FULL {
+            let body = format!("{{\"sub\":\"s{i}\",\"ttl_seconds\":600}}");
+            batch.extend_from_slice(
+                format!(
+                    "POST /revocations HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            if batch.len() > 200 * 1024 {
+                wr.write_all(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    // Count the answers' status lines until every request has one.
+    let (mut answered, mut refused, mut tail) = (0, 0, Vec::new());
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while answered < FULL {
+        assert!(std::time::Instant::now() < deadline, "{answered} answered");
+        let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf))
+            .await
+            .expect("answers in time")
+            .unwrap();
+        assert!(n > 0, "closed after {answered} answers");
+        tail.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&tail);
+        let mut consumed = 0;
+        while let Some(at) = text[consumed..].find("HTTP/1.1 ") {
+            let start = consumed + at;
+            if text.len() < start + 12 {
+                break;
+            }
+            answered += 1;
+            if &text[start + 9..start + 12] != "200" {
+                refused += 1;
+            }
+            consumed = start + 12;
+        }
+        tail.drain(..consumed);
+    }
+    let _wr = writer.await.unwrap();
+    assert_eq!(refused, 0, "revocations refused below the bound");
+    let (status, json) = operator(
+        gate.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "one-too-many", "ttl_seconds": 600}),
+    )
+    .await;
+    assert_eq!(
+        (status, &json["error"]),
+        (507, &json!("too_many_revocations"))
+    );
+    assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    // Those in force still hold: a revoked subject is refused.
+    let refused = connect_as(&gate, "/ws", &hs256("s99999"), "10.9.0.1").await;
+    let (status, _, body) = refusal(refused);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_revoked"))
+    );
+}
