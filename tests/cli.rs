@@ -544,6 +544,115 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
     );
 }
 
+/// Every flag of `run` read from its environment variable (`WSGATE_` + the flag in upper
+/// snake case), with no flag on the command line: the policy, the TLS pair, the listen and
+/// admin addresses, the admin token file, the log format, the shutdown delay and the
+/// drain's deadline each show in what the gate does.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_run_flag_reads_its_environment_variable() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        open_policy(&upstream.url(), "    timeouts: {write_seconds: 30}\n"),
+    )
+    .unwrap();
+    let pki = Pki::generate();
+    let (cert, key) = pki.write(dir.path());
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("run")
+        .env("WSGATE_POLICY", &policy)
+        .env("WSGATE_LISTEN", "127.0.0.1:0")
+        .env("WSGATE_ADMIN", "127.0.0.1:0")
+        .env("WSGATE_TLS_CERT", &cert)
+        .env("WSGATE_TLS_KEY", &key)
+        .env("WSGATE_ADMIN_TOKEN_FILE", &token_file)
+        .env("WSGATE_LOG_FORMAT", "json")
+        .env("WSGATE_SHUTDOWN_DELAY_SECONDS", "1")
+        .env("WSGATE_DRAIN_SECONDS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _kill = KillPid(child.id());
+    let (tx, lines) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_line = |needle: &str| loop {
+        let line = lines
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    // JSON lines, the listener and the admin listener where the variables put them.
+    let listening: serde_json::Value = serde_json::from_str(&wait_line("listening")).unwrap();
+    let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
+    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    // TLS with the pair named by the variables.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the certificate from WSGATE_TLS_CERT");
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", addr.port()),
+        ClientStream::Tls(Box::new(tls)),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::text("env")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("env"));
+    // The operator API takes the token from the file the variable names.
+    let (status, _) = operator(admin, "GET", "/connections", serde_json::Value::Null).await;
+    assert_eq!(status, 200);
+    // SIGTERM: 1 s of delay (still serving), then 1 s of drain for a client that never
+    // answers its close.
+    let sent = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_line("not ready, still serving");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "exit {took:?} after SIGTERM: delay 1 s + drain 1 s"
+    );
+    drop(ws);
+}
+
+/// Kills a process by its id when dropped (for a child whose handle is waited on
+/// elsewhere), so that a failing test leaves nothing running.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// CPU time (user + system) of a process so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -492,6 +492,32 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
             .map(|v| v.to_str().unwrap()),
         None
     );
+    // Every flag from its environment variable instead: the gate requires the audience,
+    // the issuer and the claim, so each was read.
+    let out = Command::new(BIN)
+        .arg("token")
+        .env("WSGATE_SECRET_ENV", "TEST_SECRET")
+        .env("WSGATE_SUB", "bob")
+        .env("WSGATE_TTL", "10m")
+        .env("WSGATE_AUD", "chat")
+        .env("WSGATE_ISS", "wsgate-dev")
+        .env("WSGATE_CLAIM", "role=tester")
+        .env("TEST_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    let (mut client, _) = gate.connect_request(request).await.unwrap();
+    client.send(Message::text("from env")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("from env"));
     // A missing secret variable is a clear error, not a token.
     let out = Command::new(BIN)
         .args([
