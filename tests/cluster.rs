@@ -1203,3 +1203,71 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     late.wait_up(true).await;
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
+
+/// A TCP relay to `target` that holds every chunk from it for `delay` before passing it
+/// on: a store slower than `timeout_ms` but within a second.
+async fn slow_relay(target: u16, delay: Duration) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepting = tokio::spawn(async move {
+        let mut relays = tokio::task::JoinSet::new();
+        while let Ok((inbound, _)) = listener.accept().await {
+            relays.spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                let (mut from_gate, mut to_gate) = inbound.into_split();
+                let (mut from_store, mut to_store) = outbound.into_split();
+                let up = async move {
+                    let _ = tokio::io::copy(&mut from_gate, &mut to_store).await;
+                };
+                let down = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = from_store.read(&mut buf).await {
+                        tokio::time::sleep(delay).await;
+                        if to_gate.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (port, accepting)
+}
+
+/// A store that answers, but slower than `timeout_ms` (150 ms against 50 here): the
+/// upgrades' calls time out and mark it down, and it stays down (its probes must answer
+/// within `timeout_ms`), rather than being marked up by each renewal that took 150 ms and
+/// down again by the next three upgrades, logging, resubscribing and reloading each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slower_than_timeout_ms_stays_down_without_swinging() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let (port, relay) = slow_relay(redis.port, Duration::from_millis(150)).await;
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let open = Gate::start(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
+        &format!("redis://127.0.0.1:{port}/"),
+    );
+    // Its first call (connecting) is bounded by a second: it comes up.
+    open.wait_up(true).await;
+    let mut held = Vec::new();
+    for i in 0..20 {
+        held.push(open.open(&format!("slow{i}"), "10.7.0.1").await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(open.metric("wsgate_cluster_up").await, 0.0);
+    assert_eq!(open.logged("cluster store unreachable"), 1);
+    assert_eq!(
+        open.logged("cluster store reachable again"),
+        0,
+        "the store swung back up"
+    );
+    relay.abort();
+}

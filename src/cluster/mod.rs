@@ -580,6 +580,13 @@ impl Cluster {
             .await;
     }
 
+    /// Whether the store answers a PING within the upgrade path's bound.
+    async fn answers_in(&self, store: &Store, conn: &mut ConnectionManager) -> bool {
+        let ping = redis::cmd("PING");
+        let answer = tokio::time::timeout(store.config.timeout, ping.query_async::<()>(conn));
+        matches!(answer.await, Ok(Ok(())))
+    }
+
     /// Send queued releases, in one pipeline.
     async fn release(&self, batch: &[Release]) {
         let Some(store) = self.store.load_full() else {
@@ -655,6 +662,14 @@ impl Cluster {
                         next_refresh = tokio::time::Instant::now() + period;
                         continue;
                     };
+                    // While down, the store counts as back only once it answers within an
+                    // upgrade's `timeout_ms`: one slower than that (but within the renewal's
+                    // 1 s) would be marked down again by the next three upgrades, and each
+                    // swing resubscribes and reloads the revocations.
+                    if self.health.down() && !self.answers_in(&store, &mut conn).await {
+                        next_refresh = tokio::time::Instant::now() + period;
+                        continue;
+                    }
                     // A probe that succeeds renews (re-registers) everything at once.
                     self.refresh(&store, &mut conn).await;
                     next_refresh = tokio::time::Instant::now() + period;
