@@ -229,6 +229,31 @@ async fn upstream_refusal_is_relayed_with_its_body() {
     assert_eq!(headers["content-length"], "11");
 }
 
+/// An upstream refusal's body is relayed up to 64 KiB: a longer one (by Content-Length) is
+/// cut there, and the client's Content-Length says what it gets.
+#[tokio::test]
+async fn upstream_refusal_body_is_cut_at_64_kib() {
+    let long: &'static str = Box::leak("x".repeat(100 * 1024).into_boxed_str());
+    let upstream = Upstream::start_with(UpstreamOptions {
+        refuse: Some((403, long)),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    // Read raw: a WebSocket client keeps only the body bytes of its first read.
+    let answer = gate
+        .raw(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 65536"),
+        "{head}"
+    );
+    assert_eq!(body.len(), 64 * 1024);
+    assert!(body.bytes().all(|b| b == b'x'));
+}
+
 #[tokio::test]
 async fn subprotocol_chosen_by_the_upstream_is_returned() {
     let upstream = Upstream::start_with(UpstreamOptions {
