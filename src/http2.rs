@@ -16,8 +16,8 @@
 //! in a header block that never ends). h2 itself caps a header block at 5 CONTINUATION
 //! frames and closes a connection whose header list passes 256 KiB; SETTINGS and PING
 //! floods stall on their own acknowledgements, which h2 writes before it reads on. A
-//! rapid reset paced slower than h2 counts is an ordinary open-and-close, bounded by the
-//! per-IP upgrade rate.
+//! rapid reset paced slower than h2 counts (each stream reset once the gate is answering
+//! it) is counted here: past 100 cancelled streams the connection is closed.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,16 @@ pub const PEER_HEADER_LIST: u32 = 64 * 1024;
 /// Streams the client may reset before the gate has answered them, at once (hyper's
 /// default, made explicit: the rapid-reset bound).
 const MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the client may cancel (reset while the gate was still answering them: checking,
+/// connecting upstream) over the connection's life before it is closed (GOAWAY). h2 counts only
+/// the streams reset before they were accepted; a rapid reset paced just slower than that
+/// would otherwise make the gate admit, and dial the upstream for, every stream it is sent,
+/// for the price of two frames each (nginx closes after `keepalive_requests`, 1,000).
+const MAX_CANCELLED: u64 = 100;
+
+/// How long a connection closed for cancelling too many streams has to write its GOAWAY.
+const CALM_FLUSH: Duration = Duration::from_millis(250);
 
 /// Streams the gate may reset because of the client's errors before it closes the
 /// connection (h2's default, made explicit).
@@ -115,11 +125,14 @@ pub async fn serve<I>(
     let started = Arc::new(AtomicU64::new(0));
     // Cancelled when a revocation closes one of its WebSockets.
     let revoked = CancellationToken::new();
+    // Cancelled when the client has cancelled more than `MAX_CANCELLED` streams.
+    let calm = Cancels::new();
     let service = {
         let gate = gate.clone();
         let streams = streams.clone();
         let started = started.clone();
         let revoked = revoked.clone();
+        let calm = calm.clone();
         let opening = Mutex::new(Some(opening));
         service_fn(move |req| {
             if started.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -135,7 +148,13 @@ pub async fn serve<I>(
                 hold: streams.token(),
                 revoked: revoked.clone(),
             };
-            handle(gate.clone(), info, req, Some(stream))
+            let answering = calm.answering();
+            let answer = handle(gate.clone(), info, req, Some(stream));
+            async move {
+                let answer = answer.await;
+                answering.done();
+                answer
+            }
         })
     };
     let conn = http2::Builder::new(Spawner(gate.shutdown.tracker().clone()))
@@ -171,6 +190,17 @@ pub async fn serve<I>(
             () = revoked.cancelled(), if !going_away => {
                 going_away = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            // As h2 treats a rapid reset it counts itself: a connection error. GOAWAY, a
+            // moment to write it, and the connection is closed with its streams (a
+            // client that ignores the GOAWAY's ping would keep opening streams).
+            () = calm.over.cancelled() => {
+                tracing::info!(%peer, cancelled = MAX_CANCELLED + 1, "HTTP/2 client cancelled too many streams: closed");
+                conn.as_mut().graceful_shutdown();
+                if let Ok(result) = timeout(CALM_FLUSH, conn.as_mut()).await {
+                    ended(result);
+                }
+                return;
             }
             () = sleep_until(check) => {
                 let now = started.load(Ordering::Relaxed);
@@ -208,5 +238,46 @@ pub async fn serve<I>(
     conn.as_mut().graceful_shutdown();
     if let Ok(result) = timeout(GOAWAY_GRACE, conn.as_mut()).await {
         ended(result);
+    }
+}
+
+/// A connection's count of the streams its client cancelled, and the signal once there
+/// were more than [`MAX_CANCELLED`].
+#[derive(Clone)]
+struct Cancels {
+    count: Arc<AtomicU64>,
+    over: CancellationToken,
+}
+
+impl Cancels {
+    fn new() -> Cancels {
+        Cancels {
+            count: Arc::new(AtomicU64::new(0)),
+            over: CancellationToken::new(),
+        }
+    }
+
+    /// Held while a stream is being answered: dropped before [`Answering::done`], the
+    /// stream was cancelled (h2 drops the answer's future when the client resets it).
+    fn answering(&self) -> Answering {
+        Answering(Some(self.clone()))
+    }
+}
+
+struct Answering(Option<Cancels>);
+
+impl Answering {
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Some(cancels) = self.0.take() {
+            if cancels.count.fetch_add(1, Ordering::Relaxed) >= MAX_CANCELLED {
+                cancels.over.cancel();
+            }
+        }
     }
 }

@@ -1171,3 +1171,92 @@ async fn stalled_streams_leave_their_siblings_room_to_send() {
         sent / 1024
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Rapid reset, paced
+
+/// A rapid reset paced slower than h2 counts: each stream is reset only once the gate has
+/// begun answering it (admitted, its upstream dialled, the upstream's answer awaited), so
+/// h2's count of streams reset before they were accepted never grows. The gate counts the
+/// streams its client cancelled: past 100, GOAWAY and the connection is closed; the upstream
+/// is dialled about 100 times, not once per pair the client cares to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_rapid_reset_gets_goaway_after_100_cancelled_streams() {
+    use std::sync::atomic::AtomicUsize;
+    let upstream = Upstream::start().await;
+    // An upstream that accepts and never answers: every stream waits on it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let dialled = Arc::new(AtomicUsize::new(0));
+    let holder = {
+        let dialled = dialled.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                dialled.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  rate: {{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 100000}}\nroutes:\n  - path: /ws\n  - path: /hang\n    upstream: ws://{silent_addr}\n",
+            upstream.url()
+        ),
+    )
+    .unwrap();
+    let gate = Proc::start(&policy, &[]);
+    let (rd, mut wr) = tokio::io::split(h2raw::connect(gate.addr, None).await);
+    let mut rx = frames(rd);
+    next_frame(&mut rx, DEADLINE, |f| {
+        f.kind == SETTINGS && f.flags & ACK == 0
+    })
+    .await
+    .expect("the gate's SETTINGS");
+    wr.write_all(&settings_ack()).await.unwrap();
+    let block = connect_block(false, &format!("localhost:{}", gate.addr.port()), "/hang");
+    let (mut pairs, mut goaway) = (0u32, None);
+    for i in 0..300u32 {
+        while let Ok(f) = rx.try_recv() {
+            if f.kind == GOAWAY {
+                goaway = Some(f);
+            }
+        }
+        if goaway.is_some() {
+            break;
+        }
+        let id = 2 * i + 1;
+        wr.write_all(&frame(HEADERS, END_HEADERS, id, &block))
+            .await
+            .unwrap();
+        // Reset once the gate is answering it: its upstream has been dialled.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while dialled.load(Ordering::SeqCst) <= i as usize && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wr.write_all(&rst_stream(id, CANCEL)).await.unwrap();
+        pairs += 1;
+    }
+    let goaway = match goaway {
+        Some(f) => f,
+        None => next_frame(&mut rx, DEADLINE, |f| f.kind == GOAWAY)
+            .await
+            .expect("no GOAWAY after 300 cancelled streams"),
+    };
+    // The connection ends: nothing is left open on it.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while rx.recv().await.is_some() {}
+    })
+    .await;
+    let dialled = dialled.load(Ordering::SeqCst);
+    eprintln!(
+        "paced rapid reset: {pairs} pairs sent, GOAWAY {goaway:?}, the upstream dialled {dialled} times"
+    );
+    assert!(ended.is_ok(), "the connection stayed open after its GOAWAY");
+    assert!(pairs <= 110, "{pairs} pairs before the GOAWAY");
+    assert!(dialled <= 110, "the upstream was dialled {dialled} times");
+    holder.abort();
+}
