@@ -442,6 +442,18 @@ pub struct IpRules {
     pub deny: Vec<IpNet>,
 }
 
+/// The longest time between two upgrades a rate can mean: a rate below one a year (any
+/// positive number is a valid policy) counts as one a year, the same in practice, where
+/// its exact period would overflow the limiters' clocks.
+pub const LONGEST_UPGRADE_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The time between two upgrades at `upgrades_per_second`, at most
+/// [`LONGEST_UPGRADE_PERIOD`] (the local limiter and the cluster's script both count it).
+pub fn upgrade_period(upgrades_per_second: f64) -> Duration {
+    Duration::try_from_secs_f64(1.0 / upgrades_per_second)
+        .map_or(LONGEST_UPGRADE_PERIOD, |p| p.min(LONGEST_UPGRADE_PERIOD))
+}
+
 #[derive(Debug, Serialize)]
 pub struct Rate {
     pub upgrades_per_second: f64,

@@ -10,7 +10,7 @@
 pub(crate) mod ip;
 pub mod jwks;
 pub mod origin;
-pub(crate) mod rate;
+mod rate;
 mod rejection;
 pub mod token;
 pub mod verified;

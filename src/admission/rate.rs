@@ -48,7 +48,7 @@ impl Limiters {
     }
 
     fn limiter(&self, route: &Route) -> Arc<DefaultKeyedRateLimiter<IpNet>> {
-        let period = period(route.rate.upgrades_per_second);
+        let period = crate::policy::upgrade_period(route.rate.upgrades_per_second);
         let id = LimiterId {
             route: route.name.clone(),
             period_nanos: period.as_nanos(),
@@ -119,17 +119,6 @@ impl Caps {
                 .unwrap_or_else(PoisonError::into_inner)
                 .len()
     }
-}
-
-/// The longest time between two upgrades a rate can mean: a rate below one a year (any
-/// positive number is a valid policy) counts as one a year, the same in practice, where
-/// its exact period would overflow the limiter's clock.
-pub const LONGEST_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// The time between two upgrades at `upgrades_per_second`, at most [`LONGEST_PERIOD`].
-pub fn period(upgrades_per_second: f64) -> Duration {
-    Duration::try_from_secs_f64(1.0 / upgrades_per_second)
-        .map_or(LONGEST_PERIOD, |p| p.min(LONGEST_PERIOD))
 }
 
 fn acquire<K: Hash + Eq + Clone>(table: &Mutex<HashMap<K, u32>>, key: &K, max: u32) -> bool {

@@ -475,7 +475,7 @@ impl Cluster {
         let keys = store.keys();
         let (id, member) = self.leases.member();
         // In whole microseconds, rounded up, as the script counts.
-        let interval_us = crate::admission::rate::period(limits.upgrades_per_second)
+        let interval_us = crate::policy::upgrade_period(limits.upgrades_per_second)
             .as_nanos()
             .div_ceil(1000)
             .max(1) as u64;
