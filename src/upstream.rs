@@ -311,23 +311,26 @@ fn join_cookies(mut values: Vec<HeaderValue>) -> Option<HeaderValue> {
 
 /// The Cookie header without the token cookies; `None` if nothing is left.
 fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderValue> {
-    let is_token = |name: &str| {
+    let is_token = |name: &[u8]| {
         sources
             .iter()
-            .any(|s| matches!(s, TokenSource::Cookie(c) if c == name))
+            .any(|s| matches!(s, TokenSource::Cookie(c) if c.as_bytes() == name))
     };
-    let Ok(s) = value.to_str() else {
-        return Some(value.clone());
-    };
-    let kept: Vec<&str> = s
-        .split(';')
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !is_token(c.split('=').next().unwrap_or("").trim()))
+    // As bytes: another cookie's unencoded UTF-8 value must not keep the token cookie in.
+    fn name_of(c: &[u8]) -> &[u8] {
+        let end = c.iter().position(|&b| b == b'=').unwrap_or(c.len());
+        c[..end].trim_ascii()
+    }
+    let kept: Vec<&[u8]> = value
+        .as_bytes()
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !is_token(name_of(c)))
         .collect();
     if kept.is_empty() {
         None
     } else {
-        HeaderValue::from_str(&kept.join("; ")).ok()
+        HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()
     }
 }
 

@@ -479,6 +479,42 @@ async fn cookie_token_is_accepted_and_only_that_cookie_is_removed() {
     assert!(cookies.contains("lang=en"), "cookies upstream: {cookies}");
 }
 
+/// Browsers send a cookie's UTF-8 value unencoded (`document.cookie = "pref=café"`): such
+/// a byte elsewhere in the header neither hides the token cookie nor keeps it going
+/// upstream, and the other cookies go on byte for byte.
+#[tokio::test]
+async fn a_cookie_header_with_utf8_values_still_yields_and_loses_its_token() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    let mut req = gate.request("/ws");
+    let cookie = format!("pref=caf\u{e9}; access_token={token}; lang=en");
+    req.headers_mut().insert(
+        "cookie",
+        http::HeaderValue::from_bytes(cookie.as_bytes()).unwrap(),
+    );
+    let (_client, response) = gate.connect_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let seen = upstream.last_seen();
+    let cookies: Vec<String> = seen
+        .headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let cookies = cookies.join("; ");
+    assert!(!cookies.contains(&token), "cookies upstream: {cookies}");
+    assert!(
+        !cookies.contains("access_token"),
+        "cookies upstream: {cookies}"
+    );
+    assert!(
+        cookies.contains("pref=caf\u{e9}"),
+        "cookies upstream: {cookies}"
+    );
+    assert!(cookies.contains("lang=en"), "cookies upstream: {cookies}");
+}
+
 #[tokio::test]
 async fn subprotocol_token_is_accepted_and_the_real_subprotocol_negotiated() {
     let upstream = Upstream::start_with(UpstreamOptions {

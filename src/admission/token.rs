@@ -49,14 +49,19 @@ pub fn extract<'a>(
                     .find(|(k, _)| query_name_is(k, name))
                     .map(|(_, v)| (v, None))
             }),
+            // Read as bytes: browsers send other cookies' UTF-8 values unencoded, and
+            // such a byte anywhere in the header must not hide the token cookie.
             TokenSource::Cookie(name) => headers
                 .get_all(header::COOKIE)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|c| c.trim().split_once('='))
-                .find(|(k, _)| k.trim() == name)
-                .map(|(_, v)| (v.trim(), None)),
+                .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+                .filter_map(|c| {
+                    let eq = c.iter().position(|&b| b == b'=')?;
+                    Some((&c[..eq], &c[eq + 1..]))
+                })
+                .find(|(k, _)| k.trim_ascii() == name.as_bytes())
+                .and_then(|(_, v)| std::str::from_utf8(v.trim_ascii()).ok())
+                .map(|v| (v, None)),
             TokenSource::Subprotocol(prefix) => protocols
                 .iter()
                 .find_map(|p| p.strip_prefix(prefix.as_str()).map(|t| (t, Some(*p)))),
