@@ -290,7 +290,7 @@ fn upstream_request(
     headers: &HeaderMap,
 ) -> (HeaderMap, String) {
     let fwd = Forwarding {
-        peer: conn.peer.ip(),
+        peer: admission::canonical(conn.peer.ip()),
         peer_trusted: ticket.peer.trusted,
         tls: conn.tls,
         request_id,

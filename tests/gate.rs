@@ -893,3 +893,28 @@ async fn a_tls_client_that_stops_reading_a_trickle_is_dropped_at_write_seconds()
     );
     upstream.abort();
 }
+
+/// On a dual-stack listener (`[::]:PORT`, as on IPv6 Kubernetes clusters), an IPv4 client
+/// arrives as `::ffff:a.b.c.d`; the upstream is told its IPv4 address, as admission sees
+/// it, not the mapped form.
+#[tokio::test]
+async fn an_ipv4_client_on_a_dual_stack_listener_is_forwarded_as_ipv4() {
+    let Ok(listener) = tokio::net::TcpListener::bind("[::]:0").await else {
+        eprintln!("skipped: no IPv6 on this machine");
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_listening(&open_policy(&upstream.url(), ""), listener).await;
+    let port = gate.addr.port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (_ws, response) = tokio_tungstenite::client_async(
+        format!("ws://127.0.0.1:{port}/ws"),
+        ClientStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(upstream.last_seen().headers["x-forwarded-for"], "127.0.0.1");
+}
