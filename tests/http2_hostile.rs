@@ -953,6 +953,20 @@ async fn streams_past_the_limit_are_refused_and_the_others_echo_on() {
 /// the gate's SETTINGS acknowledged; returns the stream's send window (the gate's
 /// SETTINGS_INITIAL_WINDOW_SIZE) and the connection's, as the gate announced them.
 async fn stalled_stream(bench: &Bench) -> (WriteHalf<Conn>, UnboundedReceiver<Frame>, i64, i64) {
+    let (mut wr, mut rx, stream_window, conn_window) = settled(bench).await;
+    wr.write_all(&frame(HEADERS, END_HEADERS, 1, &bench.connect_block()))
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut rx, 1).await, Answer::Status(200));
+    let stall = support::wire::frame(0x81, b"stall", true);
+    wr.write_all(&frame(DATA, 0, 1, &stall)).await.unwrap();
+    let sent = stall.len() as i64;
+    (wr, rx, stream_window - sent, conn_window - sent)
+}
+
+/// A raw connection whose SETTINGS exchange is done: the gate's stream window (its
+/// SETTINGS_INITIAL_WINDOW_SIZE) and connection window, as it announced them.
+async fn settled(bench: &Bench) -> (WriteHalf<Conn>, UnboundedReceiver<Frame>, i64, i64) {
     let (rd, mut wr) = bench.raw().await;
     let mut rx = frames(rd);
     let settings = next_frame(&mut rx, DEADLINE, |f| {
@@ -972,14 +986,7 @@ async fn stalled_stream(bench: &Bench) -> (WriteHalf<Conn>, UnboundedReceiver<Fr
     .await
     .expect("the gate's connection window");
     let conn_window = 65_535 + i64::from(update.code());
-    wr.write_all(&frame(HEADERS, END_HEADERS, 1, &bench.connect_block()))
-        .await
-        .unwrap();
-    assert_eq!(answer(&mut rx, 1).await, Answer::Status(200));
-    let stall = support::wire::frame(0x81, b"stall", true);
-    wr.write_all(&frame(DATA, 0, 1, &stall)).await.unwrap();
-    let sent = stall.len() as i64;
-    (wr, rx, i64::from(stream_window) - sent, conn_window - sent)
+    (wr, rx, i64::from(stream_window), conn_window)
 }
 
 /// A client that keeps to flow control sends 16 KiB binary messages on a WebSocket stream
@@ -1085,25 +1092,7 @@ async fn data_for_an_upstream_that_does_not_read_is_held_by_the_windows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_streams_leave_their_siblings_room_to_send() {
     let bench = Bench::start(LIMITS, false).await;
-    let (rd, mut wr) = bench.raw().await;
-    let mut rx = frames(rd);
-    let settings = next_frame(&mut rx, DEADLINE, |f| {
-        f.kind == SETTINGS && f.flags & ACK == 0
-    })
-    .await
-    .expect("the gate's SETTINGS");
-    let stream_window = settings
-        .payload
-        .chunks(6)
-        .find(|s| u16::from_be_bytes([s[0], s[1]]) == INITIAL_WINDOW_SIZE)
-        .map_or(65_535, |s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
-    wr.write_all(&settings_ack()).await.unwrap();
-    let update = next_frame(&mut rx, DEADLINE, |f| {
-        f.kind == WINDOW_UPDATE && f.stream == 0
-    })
-    .await
-    .expect("the gate's connection window");
-    let mut conn_window = 65_535 + i64::from(update.code());
+    let (mut wr, mut rx, stream_window, mut conn_window) = settled(&bench).await;
     let stalled = [1u32, 3, 5, 7];
     let mut windows = std::collections::HashMap::new();
     for &id in stalled.iter().chain([9].iter()) {
@@ -1111,7 +1100,7 @@ async fn stalled_streams_leave_their_siblings_room_to_send() {
             .await
             .unwrap();
         assert_eq!(answer(&mut rx, id).await, Answer::Status(200));
-        windows.insert(id, i64::from(stream_window));
+        windows.insert(id, stream_window);
     }
     for &id in &stalled {
         let stall = support::wire::frame(0x81, b"stall", true);
