@@ -622,25 +622,29 @@ fn token_extraction_never_panics_on_garbage() {
             };
             prop_assert!(!found.token.is_empty());
             prop_assert!(sources.contains(found.source));
-            let texts = |name| {
+            // Headers as bytes: a cookie header may carry other cookies' raw UTF-8, and
+            // the token is still read from it.
+            let values = |name| {
                 headers
                     .get_all(name)
                     .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .map(str::to_owned)
+                    .map(|v| v.as_bytes().to_vec())
                     .collect::<Vec<_>>()
             };
             let carrier = match found.source {
-                TokenSource::Header => texts(AUTHORIZATION),
-                TokenSource::Query(_) => query.iter().cloned().collect(),
-                TokenSource::Cookie(_) => texts(COOKIE),
+                TokenSource::Header => values(AUTHORIZATION),
+                TokenSource::Query(_) => query.iter().map(|q| q.as_bytes().to_vec()).collect(),
+                TokenSource::Cookie(_) => values(COOKIE),
                 TokenSource::Subprotocol(prefix) => {
                     let entry = found.entry.unwrap_or_default();
                     prop_assert_eq!(entry, format!("{prefix}{}", found.token));
-                    vec![entry.to_owned()]
+                    vec![entry.as_bytes().to_vec()]
                 }
             };
-            prop_assert!(carrier.iter().any(|c| c.contains(found.token)));
+            let token = found.token.as_bytes();
+            prop_assert!(carrier
+                .iter()
+                .any(|c| c.windows(token.len()).any(|w| w == token)));
             Ok(())
         },
     );
@@ -1937,6 +1941,17 @@ fn regression_a_binary_forwarded_line_stops_the_walk() {
     headers.append("x-forwarded-for", binary);
     let peer = IpAddr::V6(Ipv6Addr::LOCALHOST);
     assert_eq!(client_ip(&policy, peer, &headers), peer);
+}
+
+/// A cookie token beside another cookie's raw (non-ASCII) bytes is read from the header's
+/// bytes; the property once looked for it only in headers that were valid text.
+#[test]
+fn regression_a_cookie_token_beside_raw_bytes_is_found_in_them() {
+    let mut headers = HeaderMap::new();
+    headers.append(COOKIE, HeaderValue::from_bytes(b"=!;\x80").unwrap());
+    let sources = [TokenSource::Cookie(String::new())];
+    let found = token::extract(&sources, &headers, None, &[]).expect("the token cookie");
+    assert_eq!(found.token, "!");
 }
 
 /// A key repeated in a map (`require_claims`) was accepted with the last value silently
