@@ -264,7 +264,7 @@ async fn respond(
     };
     let ticket =
         admission::admit(&gate.admission, policy, &route, &attempt, Kind::Plain, None).await?;
-    let strip = ticket.carriers_to_strip();
+    let strip = ticket.carriers();
     let (headers, target) = upstream_request(
         conn,
         request_id,
@@ -284,7 +284,7 @@ fn upstream_request(
     conn: ConnInfo,
     request_id: &HeaderValue,
     ticket: &admission::Ticket,
-    strip: &[crate::policy::TokenSource],
+    strip: &admission::token::Carriers<'_>,
     path: &str,
     uri: &http::Uri,
     headers: &HeaderMap,
@@ -296,7 +296,7 @@ fn upstream_request(
         request_id,
         claim_headers: &ticket.claim_headers,
         claim_header_names: &ticket.route.auth.forward_claims,
-        token_sources: strip,
+        carriers: *strip,
     };
     let headers = upstream::forward_headers(headers, &fwd);
     let target = upstream::strip_token_params(&crate::path::with_query(path, uri.query()), strip);
@@ -341,7 +341,7 @@ async fn switch(
     )
     .await?;
 
-    let strip = ticket.carriers_to_strip();
+    let strip = ticket.carriers();
     let to_upstream = upstream::strip_token_protocols(&protocols, &strip);
     let (headers, target) = upstream_request(
         conn,

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::admission::token::query_name_is;
+use crate::admission::token::{query_name_is, Carriers};
 use crate::admission::{Rejection, UpstreamRefusal};
 use crate::extensions::{Agreed, Offers};
 use crate::policy::{Route, TokenSource, Upstream};
@@ -122,9 +122,9 @@ pub struct Forwarding<'a> {
     /// Every header the route's `forward_claims` may set: a client's copy is always
     /// dropped, whether or not the token carries that claim, so it cannot be spoofed.
     pub claim_header_names: &'a [(String, HeaderName)],
-    /// The route's token sources: every carrier they name (bearer header, query
-    /// parameter, cookie) is kept from the upstream, whichever one held the token.
-    pub token_sources: &'a [TokenSource],
+    /// The token carriers (bearer header, query parameter, cookie) kept from the upstream,
+    /// whichever one held the token.
+    pub carriers: Carriers<'a>,
 }
 
 /// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded either way.
@@ -226,19 +226,30 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 6);
     let connection_listed = connection_listed(client);
     let mut cookies: Vec<HeaderValue> = Vec::new();
+    let strips_bearer = fwd.carriers.sources.contains(&TokenSource::Header);
+    // The gate verified the first Authorization field's token; only that one may stay.
+    let mut keep_authorization = fwd.carriers.kept == Some(&TokenSource::Header);
+    let mut keep_cookie = match fwd.carriers.kept {
+        Some(TokenSource::Cookie(name)) => Some(name.as_str()),
+        _ => None,
+    };
     for (name, value) in client {
         if is_reserved_header(name)
             || has_underscore(name)
             || connection_listed.contains(name)
             || fwd.claim_header_names.iter().any(|(_, h)| h == name)
-            || (name == header::AUTHORIZATION
-                && is_bearer(value)
-                && fwd.token_sources.contains(&TokenSource::Header))
+        {
+            continue;
+        }
+        if name == header::AUTHORIZATION
+            && strips_bearer
+            && !std::mem::take(&mut keep_authorization)
+            && is_bearer(value)
         {
             continue;
         }
         if name == header::COOKIE {
-            cookies.extend(strip_cookies(value, fwd.token_sources));
+            cookies.extend(strip_cookies(value, fwd.carriers.sources, &mut keep_cookie));
             continue;
         }
         out.append(name, value.clone());
@@ -309,8 +320,14 @@ fn join_cookies(mut values: Vec<HeaderValue>) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&joined).ok()
 }
 
-/// The Cookie header without the token cookies; `None` if nothing is left.
-fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderValue> {
+/// The Cookie header without the token cookies; `None` if nothing is left. `keep` names
+/// the verified token's cookie until its first `name=value` copy, the one the gate read,
+/// has been kept.
+fn strip_cookies(
+    value: &HeaderValue,
+    sources: &[TokenSource],
+    keep: &mut Option<&str>,
+) -> Option<HeaderValue> {
     let is_token = |name: &[u8]| {
         sources
             .iter()
@@ -325,7 +342,14 @@ fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderV
         .as_bytes()
         .split(|&b| b == b';')
         .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty() && !is_token(name_of(c)))
+        .filter(|c| {
+            let name = name_of(c);
+            if c.is_empty() || !is_token(name) {
+                return !c.is_empty();
+            }
+            let verified = keep.is_some_and(|k| k.as_bytes() == name) && c.contains(&b'=');
+            verified && keep.take().is_some()
+        })
         .collect();
     if kept.is_empty() {
         None
@@ -335,19 +359,33 @@ fn strip_cookies(value: &HeaderValue, sources: &[TokenSource]) -> Option<HeaderV
 }
 
 /// The path and query without the token query parameters, however their names are
-/// escaped (`access%5Ftoken` is `access_token` to the upstream).
-pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> String {
+/// escaped (`access%5Ftoken` is `access_token` to the upstream). The verified token's
+/// parameter, when it is forwarded, keeps its first `name=value` copy, the one the gate
+/// read.
+pub fn strip_token_params(path_and_query: &str, carriers: &Carriers<'_>) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
     };
     let is_token = |name: &str| {
-        sources
+        carriers
+            .sources
             .iter()
             .any(|s| matches!(s, TokenSource::Query(q) if query_name_is(name, q)))
     };
+    let mut keep = match carriers.kept {
+        Some(TokenSource::Query(name)) => Some(name.as_str()),
+        _ => None,
+    };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|kv| !kv.is_empty() && !is_token(kv.split('=').next().unwrap_or("")))
+        .filter(|kv| {
+            let name = kv.split('=').next().unwrap_or("");
+            if kv.is_empty() || !is_token(name) {
+                return !kv.is_empty();
+            }
+            let verified = keep.is_some_and(|k| query_name_is(name, k)) && kv.contains('=');
+            verified && keep.take().is_some()
+        })
         .collect();
     if kept.is_empty() {
         path.to_owned()
@@ -356,12 +394,22 @@ pub fn strip_token_params(path_and_query: &str, sources: &[TokenSource]) -> Stri
     }
 }
 
-/// The offered subprotocols without token entries (`subprotocol:` prefixes).
-pub fn strip_token_protocols<'p>(protocols: &[&'p str], sources: &[TokenSource]) -> Vec<&'p str> {
+/// The offered subprotocols without token entries (`subprotocol:` prefixes). The verified
+/// token's entry, when it is forwarded, keeps its first copy, the one the gate read.
+pub fn strip_token_protocols<'p>(protocols: &[&'p str], carriers: &Carriers<'_>) -> Vec<&'p str> {
+    let mut keep = match carriers.kept {
+        Some(TokenSource::Subprotocol(prefix)) => Some(prefix.as_str()),
+        _ => None,
+    };
     protocols
         .iter()
         .copied()
-        .filter(|p| !is_token_protocol(p, sources))
+        .filter(|p| {
+            if !is_token_protocol(p, carriers.sources) {
+                return true;
+            }
+            keep.is_some_and(|k| p.starts_with(k)) && keep.take().is_some()
+        })
         .collect()
 }
 
@@ -769,16 +817,25 @@ mod tests {
     #[test]
     fn token_carriers_removed() {
         let s = sources();
+        let s = Carriers {
+            sources: &s,
+            kept: None,
+        };
         assert_eq!(strip_token_params("/ws?access_token=x&a=1", &s), "/ws?a=1");
         assert_eq!(strip_token_params("/ws?access_token=x", &s), "/ws");
-        assert_eq!(strip_token_params("/ws?a=1", &[]), "/ws?a=1");
+        assert_eq!(strip_token_params("/ws?a=1", &Carriers::NONE), "/ws?a=1");
         assert_eq!(
             strip_token_params("/ws?access%5Ftoken=x&a=1&access%5ftoken=y", &s),
             "/ws?a=1"
         );
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
-        assert_eq!(strip_cookies(&v, &s).unwrap(), "a=1; b=2");
-        assert!(strip_cookies(&HeaderValue::from_static("access_token=x"), &s).is_none());
+        assert_eq!(strip_cookies(&v, s.sources, &mut None).unwrap(), "a=1; b=2");
+        assert!(strip_cookies(
+            &HeaderValue::from_static("access_token=x"),
+            s.sources,
+            &mut None
+        )
+        .is_none());
         // Several Cookie fields (an HTTP/2 client's) go upstream as one.
         let mut h = HeaderMap::new();
         for v in ["a=1", "access_token=x", "b=2; c=3"] {
@@ -792,7 +849,7 @@ mod tests {
             request_id: &id,
             claim_headers: &[],
             claim_header_names: &[],
-            token_sources: &s,
+            carriers: s,
         };
         let cookies: Vec<_> = forward_headers(&h, &fwd)
             .get_all(header::COOKIE)
@@ -803,6 +860,66 @@ mod tests {
         assert_eq!(
             strip_token_protocols(&["bearer.abc", "chat"], &s),
             vec!["chat"]
+        );
+    }
+
+    /// With `forward_token`, the verified carrier's first copy, the one the gate read,
+    /// goes upstream and no later copy does: a last-wins upstream must not read a token
+    /// the gate never checked.
+    #[test]
+    fn a_forwarded_token_keeps_only_its_first_copy() {
+        let s = sources();
+        let keep = |source: &TokenSource| Carriers {
+            sources: &s,
+            kept: Some(s.iter().find(|x| *x == source).unwrap()),
+        };
+        let query = keep(&TokenSource::Query("access_token".into()));
+        assert_eq!(
+            strip_token_params(
+                "/ws?access_token&access_token=A&x=1&access%5Ftoken=B",
+                &query
+            ),
+            "/ws?access_token=A&x=1"
+        );
+        let cookie = keep(&TokenSource::Cookie("access_token".into()));
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer C"));
+        for v in [
+            "a=1; access_token",
+            "access_token=A; access_token=B",
+            "access_token=D",
+        ] {
+            h.append(header::COOKIE, HeaderValue::from_static(v));
+        }
+        let id = HeaderValue::from_static("req-1");
+        let mut fwd = Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            peer_trusted: false,
+            tls: true,
+            request_id: &id,
+            claim_headers: &[],
+            claim_header_names: &[],
+            carriers: cookie,
+        };
+        let out = forward_headers(&h, &fwd);
+        assert_eq!(out[header::COOKIE], "a=1; access_token=A");
+        assert!(out.get(header::AUTHORIZATION).is_none());
+
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer B"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        fwd.carriers = keep(&TokenSource::Header);
+        let out = forward_headers(&h, &fwd);
+        let authorization: Vec<_> = out.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(authorization, ["Bearer C", "Basic eDp5"]);
+        assert_eq!(out[header::COOKIE], "a=1");
+
+        let protocol = keep(&TokenSource::Subprotocol("bearer.".into()));
+        assert_eq!(
+            strip_token_protocols(&["chat", "bearer.A", "bearer.B"], &protocol),
+            vec!["chat", "bearer.A"]
         );
     }
 
@@ -832,7 +949,7 @@ mod tests {
             request_id: &id,
             claim_headers: &claims,
             claim_header_names: &names,
-            token_sources: &[],
+            carriers: Carriers::NONE,
         };
         let out = forward_headers(&h, &fwd);
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");

@@ -130,6 +130,37 @@ async fn forward_token_keeps_the_verified_carrier_only() {
         upstream.last_seen().target,
         format!("/ws?access_token={token}")
     );
+
+    // A second copy of the carrier is not the token the gate verified: an upstream that
+    // reads the last one (Django, PHP, Rack) must never see it.
+    let (mut client, _) = gate
+        .connect(&format!(
+            "/ws?access_token={token}&x=1&access_token=unchecked&access%5Ftoken=unchecked"
+        ))
+        .await
+        .unwrap();
+    client.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("hi"));
+    assert_eq!(
+        upstream.last_seen().target,
+        format!("/ws?access_token={token}&x=1")
+    );
+}
+
+#[tokio::test]
+async fn forward_token_sends_no_second_authorization_upstream() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, ", forward_token: true")).await;
+    let token = hs256("alice");
+    let head = get(
+        "/app/page",
+        &format!("Authorization: Bearer {token}\r\nAuthorization: Bearer unchecked\r\n"),
+    );
+    let (status, _, response) = send(&gate, &head).await;
+    assert_eq!(status, 200, "{response}");
+    let seen = upstream.last_seen();
+    let authorization: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(authorization, [format!("Bearer {token}").as_str()]);
 }
 
 #[tokio::test]

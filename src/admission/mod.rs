@@ -15,7 +15,6 @@ mod rejection;
 pub mod token;
 pub mod verified;
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -197,19 +196,14 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The token carriers to remove from what goes upstream: every one the route names,
-    /// except the verified token's own when the route forwards it (`forward_token`).
-    pub fn carriers_to_strip(&self) -> Cow<'_, [TokenSource]> {
+    /// The token carriers to remove from what goes upstream: every copy of every one the
+    /// route names, except the verified token's own first copy when the route forwards it
+    /// (`forward_token`).
+    pub fn carriers(&self) -> token::Carriers<'_> {
         let auth: &Auth = &self.route.auth;
-        match &self.verified_source {
-            Some(kept) if auth.forward_token => Cow::Owned(
-                auth.token_sources
-                    .iter()
-                    .filter(|s| *s != kept)
-                    .cloned()
-                    .collect(),
-            ),
-            _ => Cow::Borrowed(&auth.token_sources),
+        token::Carriers {
+            sources: &auth.token_sources,
+            kept: self.verified_source.as_ref().filter(|_| auth.forward_token),
         }
     }
 }

@@ -26,6 +26,27 @@ pub struct Found<'a> {
     pub entry: Option<&'a str>,
 }
 
+/// The token carriers of a request that the upstream must not see.
+#[derive(Debug, Clone, Copy)]
+pub struct Carriers<'a> {
+    /// Every carrier the route names: each copy of each is removed, whichever held the
+    /// token.
+    pub sources: &'a [TokenSource],
+    /// The verified token's carrier, when the route forwards the token: its first copy,
+    /// the one the gate read and verified, goes upstream; every later copy is removed, so
+    /// an upstream that reads the last of `?access_token=A&access_token=B` (Django, PHP,
+    /// Rack) cannot act on a token the gate never checked.
+    pub kept: Option<&'a TokenSource>,
+}
+
+impl Carriers<'_> {
+    /// Nothing to remove.
+    pub const NONE: Carriers<'static> = Carriers {
+        sources: &[],
+        kept: None,
+    };
+}
+
 /// The first token found in `sources` order.
 pub fn extract<'a>(
     sources: &'a [TokenSource],
