@@ -14,19 +14,34 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::body::{full, Body};
+use crate::head::Prefixed;
 use crate::Gate;
+
+/// Admin connections open at once. Probes, scrapes and operator calls need a handful; a
+/// client that opens more is closed at once, so that a reachable admin port cannot spend
+/// the file descriptors the proxied connections need.
+pub const MAX_ADMIN_CONNECTIONS: usize = 128;
+
+/// How long a request's head may take to arrive, and a kept-alive connection may wait for
+/// its next request; and how long a response may wait for the client to take a byte.
+pub const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The read buffer of an admin connection: a request head, or a piece of a body (at most
+/// 16 KiB, which the operator API reads in pieces), fits in it.
+const ADMIN_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Serve the admin endpoints until the gate exits. The admin listener stays up through
 /// the shutdown delay and the drain, so that `/readyz` can say 503.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let tasks = gate.shutdown.tasks.clone();
     let exit = tasks.exit();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = exit.cancelled() => return,
         };
-        let (tcp, _) = match accepted {
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -34,14 +49,21 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection refused: {MAX_ADMIN_CONNECTIONS} are open");
+            continue;
+        };
         let gate = gate.clone();
         let exit = exit.clone();
         tasks.spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| respond(gate.clone(), req));
+            let io = Prefixed::new(Bytes::new(), tcp, ADMIN_TIMEOUT);
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service);
+                .header_read_timeout(ADMIN_TIMEOUT)
+                .max_buf_size(ADMIN_BUFFER_BYTES)
+                .serve_connection(TokioIo::new(io), service);
             tokio::select! {
                 _ = connection => {}
                 () = exit.cancelled() => {}

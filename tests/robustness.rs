@@ -1052,3 +1052,71 @@ async fn upgrade_with_a_body_is_400() {
     );
     refused_head(request, 400, "no body").await;
 }
+
+/// The admin listener holds at most 128 connections: the next is closed at once, so a
+/// reachable admin port cannot spend the file descriptors proxied connections need; a
+/// place that frees up is taken again.
+#[tokio::test]
+async fn the_admin_listener_closes_connections_past_its_cap() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut held = Vec::new();
+    for _ in 0..128 {
+        held.push(TcpStream::connect(gate.admin).await.unwrap());
+    }
+    let mut extra = TcpStream::connect(gate.admin).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the 129th admin connection was not closed: {read:?}"
+    );
+    // The held ones are served.
+    held[0]
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    held[0].read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    held.truncate(100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, _) = admin_fetch(gate.admin, "/healthz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no place freed up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An admin client that sends requests and never reads the answers is dropped once no
+/// byte has left for 10 s, as a proxied client is at `write_seconds`.
+#[tokio::test]
+async fn an_admin_client_that_reads_nothing_is_dropped() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut tcp = TcpStream::connect(gate.admin).await.unwrap();
+    // Far more answers than the socket buffers hold.
+    let requests = 4000;
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n".repeat(requests);
+    let (mut rd, mut wr) = tcp.split();
+    let write = async {
+        // The gate stops reading requests once its answers back up: write what it takes.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(13), wr.write_all(pipelined.as_bytes())).await;
+    };
+    let wait = tokio::time::sleep(Duration::from_secs(13));
+    tokio::join!(write, wait);
+    // Now read everything: only what was buffered when the gate gave up comes.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was still open");
+    let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(
+        answers < requests,
+        "every one of {answers} answers was sent"
+    );
+    assert_eq!(admin_get(gate.admin, "/healthz").await, 200);
+}
