@@ -461,9 +461,10 @@ impl AdminToken {
         })
     }
 
-    /// The token in force: re-read if the file changed. A file that cannot be read or is
-    /// empty keeps the last good token (logged), as a bad policy edit keeps the last
-    /// good policy.
+    /// The token in force: re-read if the file changed. A file that was emptied, removed
+    /// or cannot be read holds no token, and none is accepted until it holds one again:
+    /// emptying or removing it is how an operator takes a leaked token back, so the last
+    /// token it held is not kept, as a bad policy edit keeps the last good policy.
     async fn current(&self) -> Option<Arc<[u8]>> {
         let path = self.path.clone();
         let stamp = tokio::task::spawn_blocking(move || stamp(&path)).await.ok();
@@ -489,10 +490,13 @@ impl AdminToken {
                 Some(token)
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "admin token file unusable; keeping the last good token");
-                known.map(|k| k.token)
+                let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+                if current.take().is_some() {
+                    tracing::warn!(error = %e, "admin token file unusable; the operator API refuses every token until it holds one");
+                }
+                None
             }
-            Err(_) => known.map(|k| k.token),
+            Err(_) => None,
         }
     }
 
@@ -582,9 +586,13 @@ mod tests {
         std::fs::rename(&tmp, &path).unwrap();
         assert!(token.allows(Some(&bearer("second"))).await);
         assert!(!token.allows(Some(&bearer("first"))).await);
-        // Emptied: the last good token stays.
+        // Emptied, or removed: no token is accepted until the file holds one again.
         std::fs::write(&path, "").unwrap();
-        assert!(token.allows(Some(&bearer("second"))).await);
-        assert!(AdminToken::load(path).is_err());
+        assert!(!token.allows(Some(&bearer("second"))).await);
+        assert!(AdminToken::load(path.clone()).is_err());
+        std::fs::write(&path, "third").unwrap();
+        assert!(token.allows(Some(&bearer("third"))).await);
+        std::fs::remove_file(&path).unwrap();
+        assert!(!token.allows(Some(&bearer("third"))).await);
     }
 }

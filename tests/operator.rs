@@ -169,6 +169,22 @@ async fn a_changed_token_file_takes_effect() {
     )
     .await;
     assert_eq!(new, 200);
+
+    // Emptied, to take a leaked token back: no token is accepted until it holds one.
+    std::fs::write(&file, "").unwrap();
+    let (emptied, _, body) = admin_request(
+        gate.admin,
+        "GET",
+        "/connections",
+        &["Authorization: Bearer rotated-token"],
+        b"",
+    )
+    .await;
+    assert_eq!(emptied, 401, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
+        "unauthorized"
+    );
 }
 
 #[tokio::test]
