@@ -57,7 +57,9 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         let exit = exit.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| respond(gate.clone(), req));
+            let service = service_fn(move |req| {
+                respond(gate.clone(), req, crate::admission::canonical(peer.ip()))
+            });
             let io = Prefixed::new(Bytes::new(), tcp, ADMIN_TIMEOUT);
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -72,9 +74,13 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     }
 }
 
-async fn respond(gate: Arc<Gate>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn respond(
+    gate: Arc<Gate>,
+    req: Request<Incoming>,
+    peer: std::net::IpAddr,
+) -> Result<Response<Body>, Infallible> {
     if crate::operator::is_operator_path(req.uri().path()) {
-        return Ok(crate::operator::respond(&gate.operator, req).await);
+        return Ok(crate::operator::respond(&gate.operator, req, peer).await);
     }
     let known = matches!(
         req.uri().path(),

@@ -127,14 +127,26 @@ fn json_response(status: StatusCode, json: &serde_json::Value) -> Response<Body>
 }
 
 /// Answer one request to an operator endpoint (see [`is_operator_path`]).
-pub async fn respond(operator: &Operator, req: Request<Incoming>) -> Response<Body> {
-    match serve(operator, req).await {
+/// Answer an operator request from `peer`. A request refused for its token is logged with
+/// the caller's address, and so is every change made.
+pub async fn respond(operator: &Operator, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    match serve(operator, req, peer).await {
         Ok(json) => json_response(StatusCode::OK, &json),
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            if matches!(refusal, Refusal::Unauthorized) {
+                tracing::warn!(%peer, %method, path, "operator: request refused without a valid admin token");
+            }
+            refusal.into_response()
+        }
     }
 }
 
-async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json::Value, Refusal> {
+async fn serve(
+    operator: &Operator,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<serde_json::Value, Refusal> {
     let token = operator.token.as_ref().ok_or(Refusal::NotConfigured)?;
     if !token.allows(req.headers().get(AUTHORIZATION)).await {
         return Err(Refusal::Unauthorized);
@@ -151,7 +163,7 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             let filter = body.filter()?;
             let closed = operator.registry.close(&filter);
             let (kind, value) = filter.parts();
-            tracing::info!(kind, %value, closed, "operator: connections closed");
+            tracing::info!(%peer, kind, %value, closed, "operator: connections closed");
             Ok(serde_json::json!({ "closed": closed }))
         }
         ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),
@@ -176,6 +188,7 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             let closed = operator.registry.close(&Filter::revoked(&which));
             let (kind, value) = which.parts();
             tracing::info!(
+                %peer,
                 kind,
                 value,
                 ttl_seconds = ttl.as_secs(),
@@ -201,6 +214,7 @@ async fn serve(operator: &Operator, req: Request<Incoming>) -> Result<serde_json
             let which = body.which()?;
             let lifted = operator.revocations.lift(&which);
             tracing::info!(
+                %peer,
                 kind = which.parts().0,
                 value = which.parts().1,
                 lifted,

@@ -1343,3 +1343,47 @@ fn check_names_the_route_whose_upstream_an_inherited_upstream_tls_does_not_fit()
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("routes[1].upstream"), "{line}");
 }
+
+/// An operator request refused for its token is logged with the caller's address (and
+/// never the token presented); a change is logged with it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_requests_are_logged_with_the_callers_address() {
+    let upstream = Upstream::start().await;
+    let (dir, policy) = open_policy_file(&upstream, "");
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    let mut gate = Proc::start_at(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--admin-token-file", token_file.to_str().unwrap()],
+    );
+    let admin = gate.admin.unwrap();
+    let guess = "guessed-admin-token-0123456789";
+    let (status, _, _) = admin_request(
+        admin,
+        "GET",
+        "/connections",
+        &[&format!("Authorization: Bearer {guess}")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let line = gate.wait_line("request refused without a valid admin token");
+    assert!(line.contains("peer=127.0.0.1"), "{line}");
+    assert!(line.contains("/connections"), "{line}");
+    assert!(!line.contains(guess), "{line}");
+
+    let body = br#"{"sub": "mallory", "ttl_seconds": 60}"#;
+    let (status, _, _) = admin_request(
+        admin,
+        "POST",
+        "/revocations",
+        &[&format!("Authorization: Bearer {ADMIN_TOKEN}")],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let line = gate.wait_line("operator: token revoked");
+    assert!(line.contains("peer=127.0.0.1"), "{line}");
+}
