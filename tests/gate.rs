@@ -397,6 +397,7 @@ async fn plain_http_on_a_reject_route_is_426() {
     assert!(response.starts_with("HTTP/1.1 426"), "{response}");
     let lower = response.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{response}");
+    assert!(lower.contains("connection: upgrade, close"), "{response}");
     assert!(lower.contains("sec-websocket-version: 13"), "{response}");
     assert!(
         response.contains("\"error\":\"not_websocket\""),

@@ -142,6 +142,12 @@ impl Rejection {
         let retry = |d: &Duration| HeaderValue::from(d.as_secs_f64().ceil().max(1.0) as u64);
         match &self {
             Rejection::NotWebsocket(_) => {
+                // RFC 9110 §7.8: whoever sends Upgrade lists it in Connection, so that no
+                // intermediary forwards it.
+                headers.insert(
+                    http::header::CONNECTION,
+                    HeaderValue::from_static("Upgrade, close"),
+                );
                 headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
                 headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             }
@@ -258,6 +264,10 @@ mod tests {
                 "not_websocket" => Some(("sec-websocket-version", "13")),
                 _ => None,
             };
+            let connection = match reason {
+                "not_websocket" => "Upgrade, close",
+                _ => "close",
+            };
             let (got, headers, body) = parts(rejection).await;
             assert_eq!(got, status, "{reason}");
             assert_eq!(body["error"], reason);
@@ -265,7 +275,7 @@ mod tests {
             if let Some((name, value)) = extra {
                 assert_eq!(headers[name], value, "{reason}");
             }
-            assert_eq!(headers["connection"], "close");
+            assert_eq!(headers["connection"], connection, "{reason}");
         }
     }
 
