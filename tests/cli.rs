@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use support::process::{rss_kib, Proc};
+use support::process::{rss_kib, Log, Proc};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -579,23 +579,8 @@ async fn every_run_flag_reads_its_environment_variable() {
         .spawn()
         .unwrap();
     let _kill = KillPid(child.id());
-    let (tx, lines) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let wait_line = |needle: &str| loop {
-        let line = lines
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    };
+    let log = Log::follow(&mut child);
+    let wait_line = |needle: &str| log.wait_line(needle);
     // JSON lines, the listener and the admin listener where the variables put them.
     let listening: serde_json::Value = serde_json::from_str(&wait_line("listening")).unwrap();
     let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();

@@ -12,13 +12,13 @@ mod support;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use support::h2::H2;
 use support::h2raw::{self, *};
-use support::process::{rss_kib, Proc};
+use support::process::{rss_kib, Log, Proc};
 use support::*;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -201,28 +201,15 @@ fn start_tls(policy: &std::path::Path, dir: &std::path::Path) -> (Child, std::ne
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let log = Log::follow(&mut child);
     let child = TlsChild(child);
-    let (tx, rx) = mpsc::channel();
-    // Read the log to its end, so that the gate never blocks on a full pipe.
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + DEADLINE;
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the TLS gate never said it was listening");
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let line = log.wait_line("addr=");
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("the listening line's address");
     (Child::Tls(child, pki), addr)
 }
 

@@ -3,11 +3,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
+use support::process::Log;
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -295,19 +295,13 @@ async fn tokens_never_reach_the_logs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let stderr = Log::follow(&mut child);
     let pid = child.id();
     // Stops the gate even if an assertion below fails first.
     let mut child = KillOnDrop(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let mut log = Vec::new();
     let addr: std::net::SocketAddr = loop {
-        let line = rx.recv_timeout(DEADLINE).expect("no listening line");
+        let line = stderr.next_line(DEADLINE).expect("no listening line");
         log.push(line.clone());
         if line.contains("listening") {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -387,9 +381,9 @@ async fn tokens_never_reach_the_logs() {
             .is_ok_and(|v| v["fields"]["message"] == "close" || v["message"] == "close")
     };
     while log.iter().filter(|l| is_close(l)).count() < 4 {
-        let line = rx
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("not four close lines:\n{}", log.join("\n")));
+        let line = stderr
+            .next_line(DEADLINE)
+            .unwrap_or_else(|| panic!("not four close lines:\n{}", log.join("\n")));
         log.push(line);
     }
     let _ = Command::new("kill")
@@ -397,7 +391,7 @@ async fn tokens_never_reach_the_logs() {
         .arg(pid.to_string())
         .status();
     let _ = child.0.wait();
-    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+    while let Some(line) = stderr.next_line(Duration::from_millis(500)) {
         log.push(line);
     }
     let all = log.join("\n");

@@ -14,10 +14,62 @@ use super::{Client, ClientStream, DEADLINE};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
+/// A child's stderr, read to its end by a thread of its own, line by line: the thread reads
+/// on after the `Log` is dropped, so that the child never blocks on a full pipe.
+pub struct Log(mpsc::Receiver<String>);
+
+impl Log {
+    /// Take `child`'s stderr, which must be piped.
+    pub fn follow(child: &mut Child) -> Log {
+        let stderr = child.stderr.take().expect("a piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Log(lines)
+    }
+
+    /// The next line, if one comes within `within`.
+    pub fn next_line(&self, within: Duration) -> Option<String> {
+        self.0.recv_timeout(within).ok()
+    }
+
+    /// The next line containing `needle`; panics after [`DEADLINE`] without one.
+    pub fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+
+    /// Watch the log for `window` and fail if a line containing `needle` arrives in it.
+    pub fn no_line(&self, needle: &str, window: Duration) {
+        let end = Instant::now() + window;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => {
+                    panic!("unexpected log line containing {needle:?}: {line}")
+                }
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => return,
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the process's log ended"),
+            }
+        }
+    }
+}
+
 /// A `wsgate run --plaintext` child on 127.0.0.1:0; its stderr lines are collected.
 pub struct Proc {
     pub child: Child,
-    lines: mpsc::Receiver<String>,
+    log: Log,
     pub addr: SocketAddr,
     /// The admin listener's address, when it has one.
     pub admin: Option<SocketAddr>,
@@ -72,18 +124,10 @@ impl Proc {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let log = Log::follow(&mut child);
         let mut proc = Proc {
             child,
-            lines,
+            log,
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: None,
         };
@@ -103,31 +147,12 @@ impl Proc {
     }
 
     pub fn wait_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no log line containing {needle:?}"),
-            }
-        }
+        self.log.wait_line(needle)
     }
 
     /// Watch the log for `window` and fail if a line containing `needle` arrives in it.
     pub fn no_line(&mut self, needle: &str, window: Duration) {
-        let end = Instant::now() + window;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => {
-                    panic!("unexpected log line containing {needle:?}: {line}")
-                }
-                Ok(_) => continue,
-                Err(mpsc::RecvTimeoutError::Timeout) => return,
-                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the process's log ended"),
-            }
-        }
+        self.log.no_line(needle, window)
     }
 
     pub fn signal(&self, sig: &str) {
