@@ -438,6 +438,28 @@ async fn tokens_never_reach_the_logs() {
     );
 }
 
+/// The token `wsgate token` printed, run as `command`; fails on any other outcome.
+fn minted(command: &mut Command) -> String {
+    let out = command.env("TEST_SECRET", SECRET).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `text` goes through `gate` on /ws on a connection admitted with `token`.
+async fn echoes_with(gate: &TestGate, token: &str, text: &str) {
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    let (mut client, _) = gate.connect_request(request).await.unwrap();
+    client.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text(text));
+}
+
 #[tokio::test]
 async fn wsgate_token_mints_a_token_the_gate_accepts() {
     let upstream = Upstream::start().await;
@@ -446,38 +468,22 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
         upstream.url()
     );
     let gate = TestGate::start(&policy).await;
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "--secret-env",
-            "TEST_SECRET",
-            "--sub",
-            "alice",
-            "--ttl",
-            "10m",
-            "--aud",
-            "chat",
-            "--iss",
-            "wsgate-dev",
-            "--claim",
-            "role=tester",
-        ])
-        .env("TEST_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let mut request = gate.request("/ws");
-    request
-        .headers_mut()
-        .insert("authorization", header_value(&format!("Bearer {token}")));
-    let (mut client, _) = gate.connect_request(request).await.unwrap();
-    client.send(Message::text("minted")).await.unwrap();
-    assert_eq!(next_message(&mut client).await, Message::text("minted"));
+    let token = minted(Command::new(BIN).args([
+        "token",
+        "--secret-env",
+        "TEST_SECRET",
+        "--sub",
+        "alice",
+        "--ttl",
+        "10m",
+        "--aud",
+        "chat",
+        "--iss",
+        "wsgate-dev",
+        "--claim",
+        "role=tester",
+    ]));
+    echoes_with(&gate, &token, "minted").await;
     assert_eq!(
         upstream
             .last_seen()
@@ -488,30 +494,17 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
     );
     // Every flag from its environment variable instead: the gate requires the audience,
     // the issuer and the claim, so each was read.
-    let out = Command::new(BIN)
-        .arg("token")
-        .env("WSGATE_SECRET_ENV", "TEST_SECRET")
-        .env("WSGATE_SUB", "bob")
-        .env("WSGATE_TTL", "10m")
-        .env("WSGATE_AUD", "chat")
-        .env("WSGATE_ISS", "wsgate-dev")
-        .env("WSGATE_CLAIM", "role=tester")
-        .env("TEST_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let token = minted(
+        Command::new(BIN)
+            .arg("token")
+            .env("WSGATE_SECRET_ENV", "TEST_SECRET")
+            .env("WSGATE_SUB", "bob")
+            .env("WSGATE_TTL", "10m")
+            .env("WSGATE_AUD", "chat")
+            .env("WSGATE_ISS", "wsgate-dev")
+            .env("WSGATE_CLAIM", "role=tester"),
     );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let mut request = gate.request("/ws");
-    request
-        .headers_mut()
-        .insert("authorization", header_value(&format!("Bearer {token}")));
-    let (mut client, _) = gate.connect_request(request).await.unwrap();
-    client.send(Message::text("from env")).await.unwrap();
-    assert_eq!(next_message(&mut client).await, Message::text("from env"));
+    echoes_with(&gate, &token, "from env").await;
     // A missing secret variable is a clear error, not a token.
     let out = Command::new(BIN)
         .args([
