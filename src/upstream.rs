@@ -715,6 +715,19 @@ fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
 mod tests {
     use super::*;
 
+    /// What a plain client's request from 10.0.0.1 over TLS is forwarded with.
+    fn forwarding<'a>(id: &'a HeaderValue, carriers: Carriers<'a>) -> Forwarding<'a> {
+        Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            peer_trusted: false,
+            tls: true,
+            request_id: id,
+            claim_headers: &[],
+            claim_header_names: &[],
+            carriers,
+        }
+    }
+
     fn sources() -> Vec<TokenSource> {
         vec![
             TokenSource::Header,
@@ -842,15 +855,7 @@ mod tests {
             h.append(header::COOKIE, HeaderValue::from_static(v));
         }
         let id = HeaderValue::from_static("req-1");
-        let fwd = Forwarding {
-            peer: "10.0.0.1".parse().unwrap(),
-            peer_trusted: false,
-            tls: true,
-            request_id: &id,
-            claim_headers: &[],
-            claim_header_names: &[],
-            carriers: s,
-        };
+        let fwd = forwarding(&id, s);
         let cookies: Vec<_> = forward_headers(&h, &fwd)
             .get_all(header::COOKIE)
             .iter()
@@ -892,15 +897,7 @@ mod tests {
             h.append(header::COOKIE, HeaderValue::from_static(v));
         }
         let id = HeaderValue::from_static("req-1");
-        let mut fwd = Forwarding {
-            peer: "10.0.0.1".parse().unwrap(),
-            peer_trusted: false,
-            tls: true,
-            request_id: &id,
-            claim_headers: &[],
-            claim_header_names: &[],
-            carriers: cookie,
-        };
+        let mut fwd = forwarding(&id, cookie);
         let out = forward_headers(&h, &fwd);
         assert_eq!(out[header::COOKIE], "a=1; access_token=A");
         assert!(out.get(header::AUTHORIZATION).is_none());
@@ -943,13 +940,9 @@ mod tests {
             ("role".to_owned(), HeaderName::from_static("x-auth-role")),
         ];
         let mut fwd = Forwarding {
-            peer: "10.0.0.1".parse().unwrap(),
-            peer_trusted: false,
-            tls: true,
-            request_id: &id,
             claim_headers: &claims,
             claim_header_names: &names,
-            carriers: Carriers::NONE,
+            ..forwarding(&id, Carriers::NONE)
         };
         let out = forward_headers(&h, &fwd);
         assert_eq!(out["x-forwarded-for"], "10.0.0.1");
