@@ -233,11 +233,14 @@ fn start_watcher(
         // mode or times changed (a chmod is no reason to reload).
         let metadata = matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)));
         let replaced = |dir: &PathBuf| !metadata && event.paths.iter().any(|p| p == dir);
+        // Independent: a directory the policy and the certificate share is both.
         if replaced(&policy_home) {
             what |= POLICY | REWATCH;
-        } else if certificate_homes.iter().any(replaced) {
+        }
+        if certificate_homes.iter().any(replaced) {
             what |= CERTIFICATE | REWATCH;
-        } else {
+        }
+        if what == 0 {
             if concerns_policy(&event.paths, &policy_name, &policy) {
                 what |= POLICY;
             }

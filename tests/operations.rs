@@ -689,6 +689,57 @@ async fn a_kubernetes_secret_swap_rotates_the_certificate() {
     running.begin_shutdown();
 }
 
+/// The policy and the certificate in one directory, replaced whole (the old one renamed
+/// away, a new one renamed in, as a deploy tool does): both are read again.
+#[tokio::test]
+async fn a_directory_shared_by_policy_and_certificate_replaced_whole_reloads_both() {
+    let upstream = Upstream::start().await;
+    let base = tempfile::tempdir().unwrap();
+    let config = |name: &str, pki: &Pki, route: &str| {
+        let dir = base.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("policy.yaml"), open_policy(&upstream.url(), route)).unwrap();
+        std::fs::write(dir.join("cert.pem"), &pki.cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &pki.key_pem).unwrap();
+        dir
+    };
+    let first = Pki::generate();
+    let dir = config("cfg", &first, "");
+    let (policy_path, cert, key) = (
+        dir.join("policy.yaml"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let running = wsgate::start(
+        wsgate::config::load(&policy_path).unwrap(),
+        wsgate::Options {
+            policy_path: policy_path.clone(),
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: None,
+            tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
+            sighup: false,
+            tls_files: Some((cert, key)),
+            jwks_roots: Vec::new(),
+            admin_token_file: None,
+        },
+    )
+    .unwrap();
+    assert!(handshake_with(running.addr, &first.client).await);
+    let second = Pki::generate();
+    let sha = |r: &wsgate::Running| r.gate.policy.load().describe()["sha256"].clone();
+    let before = sha(&running);
+    let next = config("cfg.next", &second, "# the next version\n");
+    std::fs::rename(&dir, base.path().join("cfg.old")).unwrap();
+    std::fs::rename(&next, &dir).unwrap();
+    wait_for_certificate(running.addr, &second.client).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sha(&running) == before {
+        assert!(Instant::now() < deadline, "the new policy was not loaded");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    running.begin_shutdown();
+}
+
 /// Kills the child process when dropped, so a failing test leaves nothing running.
 struct KillOnDrop(std::process::Child);
 
