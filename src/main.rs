@@ -447,7 +447,10 @@ async fn drain(
     grace: Duration,
     signals: &mut shutdown::Signals,
 ) -> ExitCode {
-    let deadline = tokio::time::Instant::now() + grace;
+    // `--drain-seconds 18446744073709551615` waits as long as a clock can say, not panics.
+    let deadline = tokio::time::Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400));
     let open = running.gate.admission.connections.active();
     tracing::info!(
         open,

@@ -1372,3 +1372,23 @@ async fn operator_requests_are_logged_with_the_callers_address() {
     let line = gate.wait_line("operator: token revoked");
     assert!(line.contains("peer=127.0.0.1"), "{line}");
 }
+
+/// The longest `--drain-seconds` there is drains like any other: with nothing open, the
+/// exit is at once and clean, not a panic on the deadline's arithmetic.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_drain_seconds_exits_cleanly() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut gate = Proc::start(
+        &policy,
+        &[
+            "--drain-seconds",
+            "18446744073709551615",
+            "--shutdown-delay-seconds",
+            "0",
+        ],
+    );
+    gate.signal("TERM");
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+}
