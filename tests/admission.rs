@@ -47,6 +47,22 @@ async fn denied_ip_is_403_ip_denied() {
     assert_eq!(upstream.seen_count(), 0);
 }
 
+/// A deny entry written IPv4-mapped, as `ss` shows a client on a dual-stack socket,
+/// denies that IPv4 client: it used to be accepted and never match.
+#[tokio::test]
+async fn an_ipv4_mapped_deny_entry_denies_the_ipv4_client() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(
+        &upstream,
+        "",
+        "    ip: {deny: [\"::ffff:127.0.0.0/104\"]}\n",
+    ))
+    .await;
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_denied")));
+    assert_eq!(upstream.seen_count(), 0);
+}
+
 #[tokio::test]
 async fn allow_list_admits_only_listed_networks() {
     let upstream = Upstream::start().await;

@@ -131,6 +131,12 @@ impl Validator<'_> {
         if let Some((map, field)) = pick!(p, auth.forward_claims) {
             for (claim, header) in map {
                 match HeaderName::from_str(header) {
+                    // Content-Length frames the request: from a claim it would make the
+                    // upstream read the first frames' bytes as a body.
+                    Ok(h) if h == http::header::CONTENT_LENGTH => self.err(
+                        format!("{field}.{claim}"),
+                        format!("{header:?} frames the request; a claim cannot set it"),
+                    ),
                     Ok(h) if !crate::upstream::is_reserved_header(&h) => {
                         forward_claims.push((claim.clone(), h))
                     }
@@ -338,6 +344,13 @@ impl Validator<'_> {
         } else if let Some(url) = &k.jwks_url {
             match Uri::from_str(url) {
                 Ok(uri) if has_userinfo(&uri) => self.err(format!("{at}.jwks_url"), NO_CREDENTIALS),
+                Ok(uri) if uri.host().is_none_or(str::is_empty) => {
+                    self.err(format!("{at}.jwks_url"), "has no host")
+                }
+                Ok(uri) if port_error(&uri).is_some() => self.err(
+                    format!("{at}.jwks_url"),
+                    port_error(&uri).unwrap_or_default(),
+                ),
                 Ok(_) if url.starts_with("https://") => {}
                 _ => self.err(format!("{at}.jwks_url"), "must be an https:// URL"),
             }

@@ -338,6 +338,10 @@ impl Validator<'_> {
         }
         // The form the messages below, the logs and /policy show.
         let url = redact_userinfo(url);
+        if let Some(error) = port_error(&uri) {
+            self.err(field, format!("{url:?} {error}"));
+            return None;
+        }
         let secure = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
@@ -729,13 +733,46 @@ fn percent_encoded_target(path: &str) -> Option<String> {
     Some(out)
 }
 
-/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128). An IPv4-mapped
+/// entry (`::ffff:203.0.113.0/120`, as `ss` shows a client on a dual-stack socket) is the
+/// IPv4 network it maps (`203.0.113.0/24`): client addresses are compared in their IPv4
+/// form, so as written it would never match, and a deny would let them in.
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
     let s = s.trim();
     IpNet::from_str(s)
         .map(|n| n.trunc())
         .ok()
         .or_else(|| std::net::IpAddr::from_str(s).ok().map(IpNet::from))
+        .map(unmapped)
+}
+
+/// An IPv6 network inside `::ffff:0:0/96` as the IPv4 network it maps; any other as it is.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        _ => net,
+    }
+}
+
+/// What is wrong with the port `uri`'s authority names, if anything: `:99999` or `:x`
+/// parse as a URI, and a port that is not one would quietly mean the scheme's default.
+pub(super) fn port_error(uri: &Uri) -> Option<&'static str> {
+    let authority = uri.authority()?.as_str();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let after_host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => host_port.find(':').map_or("", |at| &host_port[at..]),
+    };
+    let port = after_host.strip_prefix(':').unwrap_or(after_host);
+    match port.parse::<u16>() {
+        _ if port.is_empty() => None,
+        Ok(1..) => None,
+        _ => Some("has a port that is not 1 to 65535"),
+    }
 }
 
 /// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
@@ -819,6 +856,40 @@ mod tests {
         );
         assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        // IPv4-mapped entries are the IPv4 networks they map.
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.0/120"),
+            Some("203.0.113.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            parse_cidr("::ffff:10.1.2.3"),
+            Some("10.1.2.3/32".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("::/0"), Some("::/0".parse().unwrap()));
+    }
+
+    #[test]
+    fn ports_that_are_not_ports() {
+        let error = |url: &str| port_error(&Uri::from_str(url).unwrap());
+        for good in [
+            "ws://up",
+            "ws://up:8080",
+            "wss://[::1]:443",
+            "wss://[::1]",
+            "ws://u@up:1",
+            "https://keys:65535/jwks",
+        ] {
+            assert_eq!(error(good), None, "{good}");
+        }
+        for bad in [
+            "ws://up:99999",
+            "wss://up:70000",
+            "ws://up:0",
+            "wss://[::1]:65536",
+            "https://keys:99999/jwks",
+        ] {
+            assert!(error(bad).is_some(), "{bad}");
+        }
     }
 
     /// `cluster`: defaults, range errors, the variable's name. (A variable that is set is
@@ -860,6 +931,43 @@ mod tests {
             "version: 1\ncluster: {redis_url_env: X, on_failure: maybe}\n"
         )
         .is_err());
+    }
+
+    /// Values that parse but would quietly mean something else are errors at their field.
+    #[test]
+    fn values_that_would_mean_something_else_are_refused() {
+        let fields = |route: &str| {
+            let yaml = format!("version: 1\nroutes:\n  - path: /ws\n{route}");
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            match validate(&file, Path::new(".")) {
+                Ok(_) => Vec::new(),
+                Err(errors) => errors.into_iter().map(|e| e.field).collect::<Vec<_>>(),
+            }
+        };
+        // Dialled at :80 and :443, the scheme's defaults, before.
+        assert_eq!(
+            fields("    upstream: ws://127.0.0.1:99999\n    auth: {required: false}\n"),
+            ["routes[0].upstream"]
+        );
+        let jwks = |url: &str| {
+            fields(&format!(
+                "    auth: {{algorithms: [RS256], keys: [{{jwks_url: \"{url}\"}}]}}\n"
+            ))
+        };
+        assert_eq!(
+            jwks("https://keys:99999/jwks"),
+            ["routes[0].auth.keys[0].jwks_url"]
+        );
+        assert_eq!(
+            jwks("https://:8443/jwks"),
+            ["routes[0].auth.keys[0].jwks_url"]
+        );
+        assert_eq!(jwks("https://keys:8443/jwks"), Vec::<String>::new());
+        // A claim as the request's framing header.
+        assert_eq!(
+            fields("    auth: {required: false, forward_claims: {sub: Content-Length}}\n"),
+            ["routes[0].auth.forward_claims.sub"]
+        );
     }
 
     fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
