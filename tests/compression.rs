@@ -481,6 +481,13 @@ async fn what_cannot_be_inflated_or_has_rsv1_where_it_means_nothing_is_refused()
             1007,
         ),
         (
+            // Each `03 00` an empty final block: 2 bytes, a restart, nothing inflated.
+            "a message of 65 deflate streams",
+            "permessage-deflate",
+            frame(0xC2, &[[0x03, 0x00].repeat(65), vec![0x00]].concat(), true),
+            1007,
+        ),
+        (
             "invalid UTF-8 inflated",
             "permessage-deflate",
             frame(0xC1, &bad_utf8, true),

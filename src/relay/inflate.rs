@@ -33,10 +33,11 @@ impl Deflate {
         self.window_bits.clamp(9, 15)
     }
 
-    /// The heap an inflate state for this sender holds at most, in bytes: zlib-rs's state
-    /// (about 7 KiB of tables and bookkeeping) plus its window, rounded up.
+    /// The heap an inflate state holds, in bytes: zlib-rs makes one allocation of its
+    /// state (about 14 KiB of tables and bookkeeping) and a 32 KiB window, whatever the
+    /// window bits (47,552 bytes with zlib-rs 0.6, counted), rounded up.
     pub fn memory_bound(self) -> usize {
-        8 * 1024 + (1 << self.inflate_bits())
+        48 * 1024
     }
 }
 
@@ -75,6 +76,13 @@ fn restart(state: &mut Decompress, bits: u8) {
     }
 }
 
+/// The most deflate streams one message may hold. A final block ends a stream and what
+/// follows starts another (RFC 7692 §7.2.3.4); senders end a message with one at most,
+/// but each restart costs the gate an inflate reset (or, under a narrowed window, a new
+/// 47 KiB state) and inflates nothing, so a message of 2-byte empty streams would cost
+/// far more than its inflated size says. Past this it is refused as invalid (1007).
+pub const MAX_STREAMS_PER_MESSAGE: u32 = 64;
+
 /// An empty final stored block (RFC 1951 §3.2.4): what a stream waiting for a block
 /// header, and only such a stream, inflates to its end with no output.
 const LAST_EMPTY_BLOCK: [u8; 5] = [0x01, 0x00, 0x00, 0xFF, 0xFF];
@@ -99,6 +107,8 @@ pub struct InvalidDeflate;
 pub struct Inflater {
     deflate: Deflate,
     state: Option<Decompress>,
+    /// Deflate streams ended so far in the message being inflated.
+    streams: u32,
 }
 
 impl Inflater {
@@ -106,6 +116,7 @@ impl Inflater {
         Inflater {
             deflate,
             state: None,
+            streams: 0,
         }
     }
 
@@ -150,7 +161,13 @@ impl Inflater {
                 // A final block ends the sender's deflate stream, not its message: what
                 // follows starts a new stream (RFC 7692 §7.2.3.4), and receivers such as
                 // Chromium's inflate it, so it is inflated and held to the rules here too.
-                Status::StreamEnd => restart(state, bits),
+                Status::StreamEnd => {
+                    self.streams += 1;
+                    if self.streams > MAX_STREAMS_PER_MESSAGE {
+                        return Err(InvalidDeflate.into());
+                    }
+                    restart(state, bits);
+                }
                 // The output buffer was filled: more may be waiting even with no input.
                 Status::Ok if produced == out.len() => {}
                 Status::Ok | Status::BufError if input.is_empty() || consumed + produced == 0 => {
@@ -168,6 +185,7 @@ impl Inflater {
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut fed = self.feed(&TAIL, sink);
+        self.streams = 0;
         if !self.deflate.context_takeover {
             // The next message starts afresh here, but not at every receiver: Chromium's,
             // for one, keeps inflating where this message left off. A message that stops
@@ -414,6 +432,38 @@ mod tests {
         };
         assert_eq!(d(8).inflate_bits(), 9);
         assert_eq!(d(15).inflate_bits(), 15);
-        assert_eq!(d(15).memory_bound(), 40 * 1024);
+        assert_eq!(d(15).memory_bound(), 48 * 1024);
+    }
+
+    /// A message of empty deflate streams, 2 bytes each, inflates to nothing and would
+    /// cost a reset each: past 64 streams it is refused; the next message starts afresh.
+    #[test]
+    fn a_message_of_many_empty_streams_is_refused() {
+        let deflate = |context_takeover| Deflate {
+            context_takeover,
+            window_bits: 15,
+        };
+        for context_takeover in [true, false] {
+            let mut inflater = Inflater::new(deflate(context_takeover));
+            // Each `03 00` an empty final block; a message's last byte `00` is the header
+            // of the empty stored block whose rest its sender removed (RFC 7692 §7.2.1).
+            let empty_streams = |n: u32| [0x03u8, 0x00].repeat(n as usize);
+            let mut sink = |_: &[u8]| Ok::<(), InvalidDeflate>(());
+            assert_eq!(
+                inflater.feed(
+                    &[empty_streams(MAX_STREAMS_PER_MESSAGE), vec![0]].concat(),
+                    &mut sink
+                ),
+                Ok(())
+            );
+            assert_eq!(inflater.finish(&mut sink), Ok(()));
+            let mut inflater = Inflater::new(deflate(context_takeover));
+            let mut fed = Ok(());
+            // Across fragments too: the count is the message's.
+            for _ in 0..4 {
+                fed = fed.and(inflater.feed(&empty_streams(20), &mut sink));
+            }
+            assert_eq!(fed, Err(InvalidDeflate));
+        }
     }
 }
