@@ -374,15 +374,6 @@ impl Validator<'_> {
         // error beside a ws:// upstream (the policy's reference form shows it so).
         let tls_says_something = pick!(p, upstream_tls.ca_file).is_some()
             || pick!(p, upstream_tls.server_name).is_some();
-        // A route with a ws:// upstream of its own does not inherit the defaults'
-        // `upstream_tls`, which is for the defaults' wss:// upstream: only its own block,
-        // when that says something, is an error there.
-        let route_says_something = p
-            .route
-            .upstream_tls
-            .is_some_and(|t| t.ca_file.is_some() || t.server_name.is_some());
-        let inherited_only = p.route.upstream.is_some() && !route_says_something;
-        let tls_says_something = tls_says_something && (secure || !inherited_only);
         let tls = match (secure, tls_section.filter(|_| tls_says_something)) {
             (false, Some(tls_field)) => {
                 // Name the upstream too: an inherited `upstream_tls` may meet a route's own
@@ -972,25 +963,6 @@ mod tests {
             ["routes[0].auth.keys[0].jwks_url"]
         );
         assert_eq!(jwks("https://keys:8443/jwks"), Vec::<String>::new());
-        // The defaults' upstream_tls is for the defaults' wss:// upstream: a route with a
-        // ws:// upstream of its own does not inherit it, but its own block still counts.
-        let with_tls_defaults = |route: &str| {
-            let yaml = format!(
-                "version: 1\ndefaults:\n  upstream: wss://up.example\n  upstream_tls: {{server_name: up.internal}}\n  auth: {{required: false}}\nroutes:\n  - path: /ws\n{route}"
-            );
-            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
-            validate(&file, Path::new("."))
-        };
-        let (policy, _) = with_tls_defaults("    upstream: ws://127.0.0.1:9000\n").unwrap();
-        assert!(policy.routes[0].upstream.tls.is_none());
-        assert!(with_tls_defaults(
-            "    upstream: ws://127.0.0.1:9000\n    upstream_tls: {server_name: null}\n"
-        )
-        .is_ok());
-        assert!(with_tls_defaults(
-            "    upstream: ws://127.0.0.1:9000\n    upstream_tls: {server_name: x}\n"
-        )
-        .is_err());
         // A claim as the request's framing header.
         assert_eq!(
             fields("    auth: {required: false, forward_claims: {sub: Content-Length}}\n"),
