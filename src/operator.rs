@@ -348,10 +348,11 @@ impl RevocationBody {
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.
+/// As the policy reads its CIDRs: an IPv4-mapped one (`::ffff:10.0.0.1`) is the IPv4
+/// network it maps, since client addresses are kept in their IPv4 form.
 fn parse_net(s: &str) -> Result<IpNet, Refusal> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| bad(format!("{s:?} is not an address or a CIDR block")))
+    crate::config::parse_cidr(s)
+        .ok_or_else(|| bad(format!("{s:?} is not an address or a CIDR block")))
 }
 
 /// `GET /connections`: the filters from the query, newest first, at most `limit`.

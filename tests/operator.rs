@@ -414,6 +414,8 @@ async fn listing_a_thousand_connections() {
     // i in 500..750 with i % 4 == 1: 501, 505, …, 749.
     wait_total(&gate, "?sub=user1&ip=10.0.2.0/24&limit=1000", 63).await;
     wait_total(&gate, "?ip=10.0.3.7", 1).await;
+    // Written IPv4-mapped, as `ss` shows a dual-stack socket's client: the same one.
+    wait_total(&gate, "?ip=::ffff:10.0.3.7", 1).await;
     wait_total(&gate, "?route=ws&limit=1", 1000).await;
     wait_total(&gate, "?route=other", 0).await;
 
