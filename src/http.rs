@@ -31,8 +31,9 @@ use crate::{relay, Gate};
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// When the TCP connection was accepted, or for an HTTP/2 stream when its request
-    /// arrived (`wsgate_upgrade_duration_seconds` starts here).
+    /// When the TCP connection was accepted, or for an HTTP/2 stream or a later request
+    /// on a kept-alive HTTP/1.1 connection when its request arrived
+    /// (`wsgate_upgrade_duration_seconds` starts here).
     pub accepted: Instant,
     /// `http/1.1` or `h2`, for the upgrade and close log lines.
     pub protocol: Protocol,

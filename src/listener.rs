@@ -313,6 +313,15 @@ async fn serve_http<I>(
             .and_then(|mut f| f.take())
             .map_or((None, None), |(opening, decided)| (Some(opening), decided));
         let gate = service_gate.clone();
+        // A later request on a kept-alive connection is timed from its own arrival, as an
+        // HTTP/2 stream is, not from the TCP accept: the idle time between is no one's.
+        let info = match first {
+            Some(_) => info,
+            None => ConnInfo {
+                accepted: Instant::now(),
+                ..info
+            },
+        };
         async move {
             let answered = match decided {
                 Some(response) => Ok(response),

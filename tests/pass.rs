@@ -351,3 +351,35 @@ async fn a_client_that_stops_reading_a_response_is_dropped() {
     assert!(drained.is_ok(), "the client's connection stayed open");
     server.abort();
 }
+
+/// An upgrade that follows a plain request on a kept-alive connection is timed from its
+/// own request, not from the TCP accept: the pause between is not upgrade latency.
+#[tokio::test]
+async fn an_upgrade_after_a_kept_alive_request_is_timed_from_its_own_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), "    http: pass\n"), false).await;
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("pass GET /ws/page") {
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let sum = gate.metric("wsgate_upgrade_duration_seconds_sum").await;
+    assert!(
+        sum > 0.0 && sum < 1.0,
+        "the upgrade took {sum} s by the histogram"
+    );
+}
