@@ -71,17 +71,20 @@ pub async fn handle(
         gate.shutdown.tracker().spawn(async move {
             // (Not a `match` around the relay's await: its scrutinee would be kept beside
             // the relay for the connection's life.)
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => return tracing::debug!(error = %e, "client upgrade did not complete"),
+            // Counted accepted already: a client gone before its upgrade completed is ended
+            // by the relay like any lost client, its close logged and the upstream told.
+            let client = match on_upgrade.await {
+                Ok(upgraded) => relay::Client::upgraded(upgraded),
+                Err(e) => {
+                    tracing::debug!(error = %e, "client upgrade did not complete");
+                    relay::Client::gone()
+                }
             };
             let (hold, revoked) = match stream {
                 Some(H2Stream { hold, revoked }) => (Some(hold), Some(revoked)),
                 None => (None, None),
             };
-            admitted
-                .relay(relay::Client::upgraded(upgraded), revoked)
-                .await;
+            admitted.relay(client, revoked).await;
             drop(hold);
         });
     }

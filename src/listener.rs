@@ -286,10 +286,14 @@ async fn serve_http<I>(
                     let headers = response.into_parts().0.headers;
                     let written = timeout(SWITCH_WRITE, head::switch(&mut io, &headers)).await;
                     drop(opening);
-                    if let Ok(Ok(())) = written {
-                        let client = relay::Client::new(io, &head[len..]);
-                        gate.shutdown.tracker().spawn(admitted.relay(client, None));
-                    }
+                    // Counted accepted already: a client gone before its 101 is ended by
+                    // the relay like any lost client, its close logged and the upstream
+                    // told.
+                    let client = match written {
+                        Ok(Ok(())) => relay::Client::new(io, &head[len..]),
+                        _ => relay::Client::gone(),
+                    };
+                    gate.shutdown.tracker().spawn(admitted.relay(client, None));
                     return;
                 }
                 None => decided = Some(response),

@@ -1120,3 +1120,53 @@ async fn an_admin_client_that_reads_nothing_is_dropped() {
     );
     assert_eq!(admin_get(gate.admin, "/healthz").await, 200);
 }
+
+/// A client that resets its socket while the upstream is still answering its upgrade was
+/// counted accepted; its 101 cannot be written, and the connection still ends as a lost
+/// client's does: the upstream gets 1001 and the close is counted.
+#[tokio::test]
+async fn a_client_gone_before_its_101_is_closed_like_any_lost_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let upstream = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut tcp).await.unwrap();
+        // Slow to answer: the client is gone by then.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let accept = accept_value(&head);
+        tcp.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        loop {
+            match read_frame(&mut tcp).await {
+                Some(f) if f.opcode == 0x8 => {
+                    break u16::from_be_bytes([f.payload[0], f.payload[1]])
+                }
+                Some(_) => {}
+                None => break 0,
+            }
+        }
+    });
+    let gate = TestGate::start_with(&open_policy(&url, ""), false).await;
+    let mut tcp = TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A reset, not a FIN: the gate's write of the 101 fails.
+    tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(tcp);
+    let code = tokio::time::timeout(Duration::from_secs(10), upstream)
+        .await
+        .expect("the upstream was never closed")
+        .unwrap();
+    assert_eq!(code, 1001);
+    gate.wait_metric(
+        "wsgate_closes_total{route=\"ws\",reason=\"client_lost\"}",
+        1.0,
+        Duration::from_secs(5),
+        "the lost client's close",
+    )
+    .await;
+    assert_eq!(gate.metric("wsgate_connections_active").await, 0.0);
+}

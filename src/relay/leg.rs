@@ -55,6 +55,10 @@ pub enum Io {
     /// A stream of another type (none today): left as hyper gave it.
     Upgraded(TokioIo<Upgraded>),
     Upstream(UpstreamStream),
+    /// A client that left before its 101 or 200 was written: read at its end, refusing
+    /// writes, so that the relay finds it lost at once and ends the connection as for any
+    /// lost client (1001 to the upstream, the close line and its count).
+    Gone,
 }
 
 /// The client's socket as the relay takes it, with the bytes already read past the request
@@ -96,6 +100,16 @@ impl Client {
         }
     }
 
+    /// A client whose upgrade did not complete: the 101 could not be written, or hyper
+    /// could not hand the socket back. The upgrade was counted accepted, so the relay
+    /// still ends the connection, at once.
+    pub fn gone() -> Client {
+        Client {
+            io: Io::Gone,
+            read_ahead: Vec::new(),
+        }
+    }
+
     /// A socket the listener answered itself, and what it read past the head.
     pub fn new(io: impl Into<Io>, read_ahead: &[u8]) -> Client {
         Client {
@@ -128,6 +142,7 @@ impl AsyncRead for Io {
             Io::Tls(io) => Pin::new(io).poll_read(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
             Io::Upstream(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Gone => Poll::Ready(Ok(())),
         }
     }
 }
@@ -143,6 +158,7 @@ impl AsyncWrite for Io {
             Io::Tls(io) => Pin::new(io).poll_write(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
             Io::Upstream(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Gone => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -151,6 +167,7 @@ impl AsyncWrite for Io {
             Io::Tls(io) => Pin::new(io).poll_flush(cx),
             Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
             Io::Upstream(io) => Pin::new(io).poll_flush(cx),
+            Io::Gone => Poll::Ready(Ok(())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -159,6 +176,7 @@ impl AsyncWrite for Io {
             Io::Tls(io) => Pin::new(io).poll_shutdown(cx),
             Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
             Io::Upstream(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Gone => Poll::Ready(Ok(())),
         }
     }
 }
