@@ -1154,7 +1154,7 @@ async fn a_client_gone_before_its_101_is_closed_like_any_lost_client() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A reset, not a FIN: the gate's write of the 101 fails.
-    tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    tcp.set_zero_linger().unwrap();
     drop(tcp);
     let code = tokio::time::timeout(Duration::from_secs(10), upstream)
         .await
