@@ -234,7 +234,14 @@ impl Cluster {
                         continue;
                     };
                     present.push(which.clone());
-                    if self.revoke(which, expires).is_err() {
+                    if self
+                        .revoke(
+                            which,
+                            expires,
+                            "cluster: revocation loaded from the store; connections closed",
+                        )
+                        .is_err()
+                    {
                         tracing::warn!("cluster: the revocation list is full; not all shared revocations are applied");
                         return Ok(());
                     }
@@ -333,7 +340,14 @@ impl Cluster {
                 let Some(expires) = message.expires_at_unix.filter(|e| *e > now) else {
                     return;
                 };
-                if self.revoke(which, expires).is_err() {
+                if self
+                    .revoke(
+                        which,
+                        expires,
+                        "cluster: revoked on another gate; connections closed",
+                    )
+                    .is_err()
+                {
                     tracing::warn!(
                         "cluster: the revocation list is full; a shared revocation is not applied"
                     );
@@ -346,19 +360,19 @@ impl Cluster {
     }
 
     /// Revoke here until `expires_at_unix` (the store's expiry, kept exactly) and close the
-    /// matching connections.
-    fn revoke(&self, which: Revoked, expires_at_unix: u64) -> Result<(), crate::revocations::Full> {
+    /// matching connections, logging `said` when some were.
+    fn revoke(
+        &self,
+        which: Revoked,
+        expires_at_unix: u64,
+        said: &'static str,
+    ) -> Result<(), crate::revocations::Full> {
         self.revocations
             .add_shared(which.clone(), expires_at_unix)?;
         let closed = self.registry.close(&Filter::revoked(&which));
         if closed > 0 {
             let (kind, value) = which.parts();
-            tracing::info!(
-                kind,
-                value,
-                closed,
-                "cluster: revoked on another gate; connections closed"
-            );
+            tracing::info!(kind, value, closed, "{said}");
         }
         Ok(())
     }
