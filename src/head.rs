@@ -93,19 +93,44 @@ fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
         return Err(Rejection::BadRequest("the request target is malformed"));
     }
     let mut content_length = false;
+    // The last transfer coding named, across every Transfer-Encoding field.
+    let mut last_coding: Option<&[u8]> = None;
     for field in request.headers.iter() {
         if field.name.eq_ignore_ascii_case("content-length") {
-            // One plain number, once: a list ("0, 0") or a repeat is refused, as nginx
-            // refuses it, rather than reconciled.
-            if content_length
-                || field.value.is_empty()
-                || !field.value.iter().all(u8::is_ascii_digit)
-            {
+            // One plain number that fits in 64 bits, once: a list ("0, 0") or a repeat
+            // is refused, as nginx refuses it, rather than reconciled.
+            let fits = std::str::from_utf8(field.value)
+                .ok()
+                .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some();
+            if content_length || !fits {
                 return Err(Rejection::BadRequest(
                     "the Content-Length header is malformed",
                 ));
             }
             content_length = true;
+        } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            last_coding = field
+                .value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|c| !c.is_empty())
+                .or(last_coding);
+        }
+    }
+    // What hyper refuses with a bare 400 (RFC 9112 §6.1: a request whose final coding is
+    // not chunked cannot be framed; HTTP/1.0 has no transfer codings) gets the JSON one.
+    if let Some(coding) = last_coding {
+        if request.version == Some(0) {
+            return Err(Rejection::BadRequest(
+                "an HTTP/1.0 request cannot carry Transfer-Encoding",
+            ));
+        }
+        if !coding.eq_ignore_ascii_case(b"chunked") {
+            return Err(Rejection::BadRequest(
+                "the Transfer-Encoding does not end in chunked",
+            ));
         }
     }
     Ok(true)

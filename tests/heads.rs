@@ -39,6 +39,13 @@ async fn unparseable_heads_get_the_json_400() {
         format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0, 0\r\n{UPGRADE}\r\n"),
         format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: 0\r\n{UPGRADE}\r\n"),
         "GET /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: x\r\n\r\n".to_owned(),
+        // What hyper refuses with a bare 400: a length past 64 bits, a final transfer
+        // coding that is not chunked, transfer codings on HTTP/1.0.
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n{UPGRADE}\r\n"),
         "GET /ws HTTP/2.0\r\nHost: localhost\r\n\r\n".to_owned(),
         "not http at all\r\n\r\n".to_owned(),
     ] {
