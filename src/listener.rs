@@ -335,9 +335,12 @@ async fn serve_http<I>(
             answered
         }
     });
+    // Each later head gets `handshake_seconds` of its own, whatever the first one took;
+    // the first is already read.
+    let next_head = gate.policy.load().policy.handshake_timeout;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(remaining.max(Duration::from_millis(1)))
+        .header_read_timeout(next_head.max(Duration::from_millis(1)))
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -383,3 +383,38 @@ async fn an_upgrade_after_a_kept_alive_request_is_timed_from_its_own_request() {
         "the upgrade took {sum} s by the histogram"
     );
 }
+
+/// A kept-alive connection gets `handshake_seconds` to send each next head, however long
+/// its first one took: a first request sent late does not shorten the wait for the next.
+#[tokio::test]
+async fn a_late_first_request_leaves_the_next_its_whole_handshake_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(
+        &open_policy(
+            &upstream.url(),
+            "    http: pass\n    timeouts: {handshake_seconds: 2}\n",
+        ),
+        false,
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    // Two requests, the first 1.5 s after the accept, the second 1 s after its answer.
+    for (pause, path) in [(1500, "/ws/one"), (1000, "/ws/two")] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains(&format!("pass GET {path}")) {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.unwrap_or(0);
+            assert!(
+                n > 0,
+                "{path}: closed: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
