@@ -298,12 +298,14 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     out
 }
 
-/// `Bearer <token>`, or a bare `Bearer` (an empty carrier, removed like a full one).
+/// `Bearer <token>`, or a bare `Bearer` (an empty carrier, removed like a full one). A tab
+/// after the scheme counts too: the gate reads no token there, but DRF, SimpleJWT and
+/// Flask-JWT-Extended split the value on any whitespace and would read one nobody checked.
 fn is_bearer(value: &HeaderValue) -> bool {
     let v = value.as_bytes();
     v.get(..6)
         .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer"))
-        && v.get(6).is_none_or(|&b| b == b' ')
+        && v.get(6).is_none_or(|&b| b == b' ' || b == b'\t')
 }
 
 /// Cookie header values as one value, in order, separated by "; ".
@@ -978,6 +980,7 @@ mod tests {
             ("bearer abc", true),
             ("Bearer", true),
             ("BEARER ", true),
+            ("Bearer\tabc", true),
             ("Bearerish x", false),
             ("Basic YTpi", false),
             ("Bear", false),

@@ -92,6 +92,16 @@ async fn a_plain_request_with_a_token_reaches_the_app_with_the_identity_not_the_
     assert_eq!(seen.headers["x-auth-subject"], "alice");
     assert!(seen.headers.get("authorization").is_none());
     assert_eq!(seen.headers["cookie"], "theme=dark");
+
+    // A bearer value after a tab is no token to the gate, but one to an app that splits on
+    // any whitespace (DRF, SimpleJWT): it never goes upstream either.
+    let head = get(
+        "/app/page",
+        &format!("Authorization: Bearer\tforged\r\nCookie: access_token={token}\r\n"),
+    );
+    let (status, _, response) = send(&gate, &head).await;
+    assert_eq!(status, 200, "{response}");
+    assert!(upstream.last_seen().headers.get("authorization").is_none());
 }
 
 #[tokio::test]
