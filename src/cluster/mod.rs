@@ -452,7 +452,13 @@ impl Cluster {
     ) -> Result<T, StoreError> {
         let error = match tokio::time::timeout(within, call).await {
             Ok(Ok(value)) => {
-                self.health.ok();
+                // While the store is down, only the upkeep's probe brings it back (a PING
+                // within `timeout_ms`): a slower call that succeeds, such as a revocation
+                // reload's next round trip, would mark it up for the next upgrades to mark
+                // down again.
+                if !self.health.down() {
+                    self.health.ok();
+                }
                 return Ok(value);
             }
             Ok(Err(e)) => StoreError::Redis(e),
@@ -580,11 +586,16 @@ impl Cluster {
             .await;
     }
 
-    /// Whether the store answers a PING within the upgrade path's bound.
+    /// Whether the store answers a PING within the upgrade path's bound; if it does, it is
+    /// up again.
     async fn answers_in(&self, store: &Store, conn: &mut ConnectionManager) -> bool {
         let ping = redis::cmd("PING");
         let answer = tokio::time::timeout(store.config.timeout, ping.query_async::<()>(conn));
-        matches!(answer.await, Ok(Ok(())))
+        let answers = matches!(answer.await, Ok(Ok(())));
+        if answers {
+            self.health.ok();
+        }
+        answers
     }
 
     /// Send queued releases, in one pipeline.
