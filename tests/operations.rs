@@ -645,6 +645,29 @@ async fn a_rotated_certificate_is_used_for_new_handshakes() {
     );
 }
 
+/// A gate in this process on TLS with `cert` and `key`, watching them and its policy file
+/// for changes (no SIGHUP, no admin listener).
+async fn start_watching(
+    policy_path: &std::path::Path,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+) -> wsgate::Running {
+    wsgate::start(
+        wsgate::config::load(policy_path).unwrap(),
+        wsgate::Options {
+            policy_path: policy_path.to_owned(),
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: None,
+            tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
+            sighup: false,
+            tls_files: Some((cert, key)),
+            jwks_roots: Vec::new(),
+            admin_token_file: None,
+        },
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_kubernetes_secret_swap_rotates_the_certificate() {
     let upstream = Upstream::start().await;
@@ -668,20 +691,7 @@ async fn a_kubernetes_secret_swap_rotates_the_certificate() {
     std::os::unix::fs::symlink("..data/tls.crt", secret.join("tls.crt")).unwrap();
     std::os::unix::fs::symlink("..data/tls.key", secret.join("tls.key")).unwrap();
     let (cert, key) = (secret.join("tls.crt"), secret.join("tls.key"));
-    let running = wsgate::start(
-        wsgate::config::load(&policy_path).unwrap(),
-        wsgate::Options {
-            policy_path: policy_path.clone(),
-            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: None,
-            tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
-            sighup: false,
-            tls_files: Some((cert, key)),
-            jwks_roots: Vec::new(),
-            admin_token_file: None,
-        },
-    )
-    .unwrap();
+    let running = start_watching(&policy_path, cert, key).await;
     assert!(handshake_with(running.addr, &first.client).await);
     let second = Pki::generate();
     version("..2026_11_21_16_05_00.2", &second);
@@ -710,20 +720,7 @@ async fn a_directory_shared_by_policy_and_certificate_replaced_whole_reloads_bot
         dir.join("cert.pem"),
         dir.join("key.pem"),
     );
-    let running = wsgate::start(
-        wsgate::config::load(&policy_path).unwrap(),
-        wsgate::Options {
-            policy_path: policy_path.clone(),
-            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: None,
-            tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
-            sighup: false,
-            tls_files: Some((cert, key)),
-            jwks_roots: Vec::new(),
-            admin_token_file: None,
-        },
-    )
-    .unwrap();
+    let running = start_watching(&policy_path, cert, key).await;
     assert!(handshake_with(running.addr, &first.client).await);
     let second = Pki::generate();
     let sha = |r: &wsgate::Running| r.gate.policy.load().describe()["sha256"].clone();

@@ -342,17 +342,17 @@ impl Validator<'_> {
                 Err(e) => self.err(field, e),
             }
         } else if let Some(url) = &k.jwks_url {
-            match Uri::from_str(url) {
-                Ok(uri) if has_userinfo(&uri) => self.err(format!("{at}.jwks_url"), NO_CREDENTIALS),
-                Ok(uri) if uri.host().is_none_or(str::is_empty) => {
-                    self.err(format!("{at}.jwks_url"), "has no host")
+            let not_https = "must be an https:// URL";
+            let problem = match Uri::from_str(url) {
+                Ok(uri) if has_userinfo(&uri) => Some(NO_CREDENTIALS),
+                Ok(uri) if uri.host().is_none_or(str::is_empty) => Some("has no host"),
+                Ok(uri) => {
+                    port_error(&uri).or_else(|| (!url.starts_with("https://")).then_some(not_https))
                 }
-                Ok(uri) if port_error(&uri).is_some() => self.err(
-                    format!("{at}.jwks_url"),
-                    port_error(&uri).unwrap_or_default(),
-                ),
-                Ok(_) if url.starts_with("https://") => {}
-                _ => self.err(format!("{at}.jwks_url"), "must be an https:// URL"),
+                Err(_) => Some(not_https),
+            };
+            if let Some(problem) = problem {
+                self.err(format!("{at}.jwks_url"), problem);
             }
             let refresh = k.refresh_seconds.unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
             if refresh == 0 {
