@@ -23,7 +23,9 @@ use serde::Deserialize;
 use crate::body::{full, Body};
 use crate::cluster::Cluster;
 use crate::registry::{Filter, Registry};
-use crate::revocations::{Revocations, Revoked, MAX_REVOCATIONS, MAX_TTL_SECONDS};
+use crate::revocations::{
+    Revocations, Revoked, MAX_REVOCATIONS, MAX_REVOKED_BYTES, MAX_TTL_SECONDS,
+};
 
 /// How long a request's body may take to arrive once its head has: an operator's client
 /// sends 16 KiB at most, and a body that never ends must not hold the connection.
@@ -339,11 +341,19 @@ struct RevocationBody {
 
 impl RevocationBody {
     fn which(&self) -> Result<Revoked, Refusal> {
-        match (&self.sub, &self.jti) {
-            (Some(s), None) if !s.is_empty() => Ok(Revoked::Sub(s.clone())),
-            (None, Some(j)) if !j.is_empty() => Ok(Revoked::Jti(j.clone())),
-            _ => Err(bad("exactly one of sub and jti, not empty, is required")),
+        let (field, revoked) = match (&self.sub, &self.jti) {
+            (Some(s), None) if !s.is_empty() => ("sub", Revoked::Sub(s.clone())),
+            (None, Some(j)) if !j.is_empty() => ("jti", Revoked::Jti(j.clone())),
+            _ => return Err(bad("exactly one of sub and jti, not empty, is required")),
+        };
+        let (Revoked::Sub(name) | Revoked::Jti(name)) = &revoked;
+        if name.len() > MAX_REVOKED_BYTES {
+            return Err(bad(format!(
+                "{field} is {} bytes; at most {MAX_REVOKED_BYTES} are accepted",
+                name.len()
+            )));
         }
+        Ok(revoked)
     }
 }
 

@@ -21,6 +21,11 @@ pub const MAX_REVOCATIONS: usize = 100_000;
 /// The longest a revocation can last: 30 days.
 pub const MAX_TTL_SECONDS: u64 = 2_592_000;
 
+/// The longest `sub` or `jti` a revocation names, in bytes: with [`MAX_REVOCATIONS`] in
+/// force the table then holds about 100 MiB at most. Issuers' subjects and token ids are
+/// far shorter (a UUID is 36 bytes, an Auth0 `sub` about 40).
+pub const MAX_REVOKED_BYTES: usize = 1024;
+
 /// What a revocation names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {

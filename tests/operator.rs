@@ -271,6 +271,37 @@ async fn malformed_oversized_and_misdirected_requests() {
         assert_eq!(json["error"], "bad_request");
         assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    // A revoked sub or jti of more than 1,024 bytes is refused; 1,024 are accepted.
+    for (method, field) in [("POST", "sub"), ("POST", "jti"), ("DELETE", "sub")] {
+        let ttl = if method == "POST" {
+            r#", "ttl_seconds": 5"#
+        } else {
+            ""
+        };
+        let long = format!(r#"{{"{field}": "{}"{ttl}}}"#, "x".repeat(1025));
+        let (status, _, text) = admin_request(
+            gate.admin,
+            method,
+            "/revocations",
+            &[&auth],
+            long.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 400, "{method} {field}: {text}");
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["error"], "bad_request");
+        assert!(json["message"].as_str().unwrap().contains("1024"), "{text}");
+    }
+    let longest = format!(r#"{{"jti": "{}", "ttl_seconds": 5}}"#, "x".repeat(1024));
+    let (status, _, text) = admin_request(
+        gate.admin,
+        "POST",
+        "/revocations",
+        &[&auth],
+        longest.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
     // Larger than 16 KiB: 400 bad_request; exactly 16 KiB is read (and parsed).
     let big = format!(r#"{{"sub": "{}"}}"#, "a".repeat(17 * 1024));
     let (status, _, text) = admin_request(
