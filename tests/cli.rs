@@ -75,6 +75,24 @@ fn check_warns_about_a_key_no_algorithm_uses_and_exits_0() {
     assert!(text.contains("valid (1 routes"), "{text}");
 }
 
+/// `none` is the route label of requests that matched no route: a route named so is valid,
+/// with a warning that its series mix with those.
+#[test]
+fn check_warns_about_a_route_named_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults: {auth: {required: false}}\nroutes:\n  - path: /ws\n  - path: /other\n    name: none\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    let expected = format!("{}: routes[1].name: warning: ", path.display());
+    assert!(text.contains(&expected), "{text}");
+    assert!(text.contains("matched no route"), "{text}");
+}
+
 #[test]
 fn check_reports_syntax_errors_with_line_and_column() {
     let dir = tempfile::tempdir().unwrap();

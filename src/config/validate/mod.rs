@@ -256,6 +256,15 @@ impl Validator<'_> {
         if name.is_empty() {
             self.err(format!("{at}.name"), "must not be empty");
         }
+        if name == crate::metrics::NO_ROUTE {
+            self.warn(
+                format!("{at}.name"),
+                format!(
+                    "{name:?} is also the metrics' route label of requests that matched no \
+                     route; this route's series will be added to theirs"
+                ),
+            );
+        }
         let p = Pick {
             route,
             defaults,
