@@ -1,14 +1,16 @@
-//! Log lines to stderr in batches: an event appends its line to a buffer, and the buffer
-//! is written with one write(2) when it passes 16 KiB, by a flusher thread every 100 ms,
-//! and at exit. Two log lines per connection written one syscall each cost the gate a
-//! tenth of its connect rate.
+//! Log lines to stderr in batches: an event appends its line to a buffer, and a flusher
+//! thread writes the buffer with one write(2) every 100 ms, or sooner once it passes
+//! 16 KiB, and at exit. Two log lines per connection written one syscall each cost the gate
+//! a tenth of its connect rate.
 //!
-//! Bounded: if stderr stops accepting (a blocked pipe), lines past 1 MiB are dropped and
-//! counted rather than buffered, and the event loop never waits on the write.
+//! Bounded, and never waited on: only the flusher thread writes, so a stderr that stops
+//! accepting (a pipe nobody reads) blocks that thread alone; lines past 1 MiB are then
+//! dropped and counted rather than buffered, and the exit's last flush waits a bounded time.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 const FLUSH_AT: usize = 16 * 1024;
@@ -20,6 +22,8 @@ pub struct Batched {
     /// Held while writing, so that batches reach stderr in order.
     writing: Mutex<()>,
     dropped: AtomicU64,
+    /// The flusher thread, woken when the buffer passes [`FLUSH_AT`].
+    flusher: Option<Thread>,
 }
 
 static GLOBAL: OnceLock<Batched> = OnceLock::new();
@@ -28,16 +32,19 @@ impl Batched {
     /// The process's stderr batcher; the first call starts its flusher thread.
     pub fn stderr() -> &'static Batched {
         GLOBAL.get_or_init(|| {
-            let _ = std::thread::Builder::new()
+            let flusher = std::thread::Builder::new()
                 .name("wsgate-log".into())
                 .spawn(|| loop {
-                    std::thread::sleep(EVERY);
+                    std::thread::park_timeout(EVERY);
                     Batched::stderr().flush();
-                });
+                })
+                .ok()
+                .map(|handle| handle.thread().clone());
             Batched {
                 lines: Mutex::new(Vec::with_capacity(FLUSH_AT * 2)),
                 writing: Mutex::new(()),
                 dropped: AtomicU64::new(0),
+                flusher,
             }
         })
     }
@@ -46,6 +53,21 @@ impl Batched {
     pub fn flush(&self) {
         let guard = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.write_out(guard);
+    }
+
+    /// Writes out what is buffered, waiting at most `within` for stderr to take it (the
+    /// exit's last flush: a pipe nobody reads must not hold the process).
+    pub fn flush_within(&'static self, within: Duration) {
+        let (done, finished) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("wsgate-log-exit".into())
+            .spawn(move || {
+                self.flush();
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = finished.recv_timeout(within);
+        }
     }
 
     fn write_out(&self, _writing: MutexGuard<'_, ()>) {
@@ -84,13 +106,16 @@ impl Batched {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            let was_below = lines.len() < FLUSH_AT;
             lines.extend_from_slice(line);
-            lines.len() >= FLUSH_AT
+            was_below && lines.len() >= FLUSH_AT
         };
-        // Write inline only if no other write is under way: never wait on stderr here.
+        // Wake the flusher once as the buffer passes the mark; the event loop never writes.
         if full {
-            if let Ok(guard) = self.writing.try_lock() {
-                self.write_out(guard);
+            match &self.flusher {
+                Some(flusher) => flusher.unpark(),
+                // No thread could be started: write here, as the only way lines get out.
+                None => self.flush(),
             }
         }
     }

@@ -166,7 +166,7 @@ fn main() -> ExitCode {
             let runtime = runtime();
             let code = runtime.block_on(run(args));
             runtime.shutdown_timeout(EXIT_WAIT);
-            wsgate::logbuf::Batched::stderr().flush();
+            wsgate::logbuf::Batched::stderr().flush_within(LOG_EXIT_WAIT);
             code
         }
         Command::Demo { listen } => {
@@ -174,11 +174,15 @@ fn main() -> ExitCode {
             let runtime = runtime();
             let code = runtime.block_on(run_demo(listen));
             runtime.shutdown_timeout(EXIT_WAIT);
-            wsgate::logbuf::Batched::stderr().flush();
+            wsgate::logbuf::Batched::stderr().flush_within(LOG_EXIT_WAIT);
             code
         }
     }
 }
+
+/// How long the exit waits for stderr to take the last log lines (a pipe nobody reads
+/// must not hold the process once it has drained).
+const LOG_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the exit waits for the gate's own tasks (the admin listener, the reloader,
 /// JWKS refreshers) to stop once the connections have drained.

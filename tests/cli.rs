@@ -1041,6 +1041,39 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
     assert!(took < Duration::from_secs(1), "exit took {took:?}");
 }
 
+/// A log pipe nobody reads (a stalled log collector) holds neither the gate's work nor
+/// its exit: only the log thread waits on it, lines past its buffer are dropped, and the
+/// exit's last flush waits a bounded time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_holds_neither_the_gate_nor_its_exit() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    gate.stop_reading_log();
+    let admin = gate.admin.unwrap();
+    // Each refusal logs a line of about 250 bytes: 2,000 are 500 KB, far past what the
+    // pipe (64 KiB) and the batch (16 KiB) hold.
+    for _ in 0..2000 {
+        let (status, _) = admin_fetch(gate.addr, "/nowhere").await;
+        assert_eq!(status, 404);
+    }
+    let (status, _) = tokio::time::timeout(DEADLINE, admin_fetch(admin, "/healthz"))
+        .await
+        .expect("/healthz answers while stderr takes nothing");
+    assert_eq!(status, 200);
+    let mut client = gate.connect("/ws").await.unwrap();
+    client.send(Message::text("still relaying")).await.unwrap();
+    assert_eq!(
+        next_message(&mut client).await,
+        Message::text("still relaying")
+    );
+    drop(client);
+    gate.signal("TERM");
+    let (code, took) = gate.exited(Duration::from_secs(10)).await;
+    assert_eq!(code, 0);
+    eprintln!("exited {took:?} after SIGTERM with its log pipe full");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;

@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -16,19 +17,30 @@ const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
 /// A child's stderr, read to its end by a thread of its own, line by line: the thread reads
 /// on after the `Log` is dropped, so that the child never blocks on a full pipe.
-pub struct Log(mpsc::Receiver<String>);
+pub struct Log(mpsc::Receiver<String>, Arc<AtomicBool>);
 
 impl Log {
     /// Take `child`'s stderr, which must be piped.
     pub fn follow(child: &mut Child) -> Log {
         let stderr = child.stderr.take().expect("a piped stderr");
         let (tx, lines) = mpsc::channel();
+        let paused = Arc::new(AtomicBool::new(false));
+        let reading = paused.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                while reading.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let _ = tx.send(line);
             }
         });
-        Log(lines)
+        Log(lines, paused)
+    }
+
+    /// Stop reading the child's stderr (after at most one more line), as a log pipe
+    /// nobody drains: the pipe fills and the child's writes to it block.
+    pub fn stop_reading(&self) {
+        self.1.store(true, Ordering::Relaxed);
     }
 
     /// The next line, if one comes within `within`.
@@ -148,6 +160,11 @@ impl Proc {
 
     pub fn wait_line(&mut self, needle: &str) -> String {
         self.log.wait_line(needle)
+    }
+
+    /// See [`Log::stop_reading`].
+    pub fn stop_reading_log(&self) {
+        self.log.stop_reading()
     }
 
     /// Watch the log for `window` and fail if a line containing `needle` arrives in it.
