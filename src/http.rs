@@ -299,7 +299,7 @@ fn upstream_request(
         tls: conn.tls,
         request_id,
         claim_headers: &ticket.claim_headers,
-        claim_header_names: &ticket.route.auth.forward_claims,
+        claim_header_names: &ticket.route.claim_header_names,
         carriers: *strip,
     };
     let headers = upstream::forward_headers(headers, &fwd);

@@ -170,6 +170,11 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub heartbeat: Heartbeat,
     pub http: HttpMode,
+    /// Every header name any route's `forward_claims` sets, this one's and the others':
+    /// a client's copy never goes upstream, so that a header one route sets from a token
+    /// cannot be sent by a client of another route to an upstream they share.
+    #[serde(skip)]
+    pub claim_header_names: Arc<[HeaderName]>,
 }
 
 /// Where a route's connections go.

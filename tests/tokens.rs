@@ -1269,6 +1269,50 @@ async fn forward_claims_set_headers_that_cannot_be_spoofed() {
     );
 }
 
+/// A route whose `forward_claims` replaces the inherited one still drops the client's
+/// copies of the headers other routes set: the routes may share an upstream that trusts
+/// every one of them.
+#[tokio::test]
+async fn a_claim_header_another_route_sets_cannot_be_spoofed_either() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /admin\n    auth: {{forward_claims: {{sub: X-Auth-Subject}}}}\n",
+        auth_policy(
+            &upstream.url(),
+            &hmac_auth("forward_claims: {tenant: X-Auth-Tenant}")
+        )
+    );
+    let gate = TestGate::start(&policy).await;
+    let token = hs256(&claims(json!({"sub": "user-42", "tenant": "acme"})));
+    let mut req = bearer(&gate, "/admin", &token);
+    req.headers_mut()
+        .append("x-auth-tenant", header_value("victim-tenant"));
+    let (_client, response) = gate.connect_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let seen = upstream.last_seen();
+    assert_eq!(
+        header_values(&seen.headers, "x-auth-subject"),
+        vec!["user-42".to_owned()]
+    );
+    assert!(
+        seen.headers.get("x-auth-tenant").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    // On the route that sets it, the header is the token's.
+    let mut req = bearer(&gate, "/ws", &token);
+    req.headers_mut()
+        .append("x-auth-tenant", header_value("victim-tenant"));
+    let (_client, response) = gate.connect_request(req).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let seen = upstream.last_seen();
+    assert_eq!(
+        header_values(&seen.headers, "x-auth-tenant"),
+        vec!["acme".to_owned()]
+    );
+    assert!(seen.headers.get("x-auth-subject").is_none());
+}
+
 #[tokio::test]
 async fn underscored_spellings_of_identity_headers_are_dropped() {
     // CGI, WSGI and Rack read X_Auth_Subject as X-Auth-Subject (CVE-2015-0219).

@@ -86,7 +86,7 @@ pub fn validate(
                     );
                 }
                 if let Some(route) = v.route(&at, r, name, r.fields(), defaults) {
-                    routes.push(Arc::new(route));
+                    routes.push(route);
                 }
             }
         }
@@ -98,6 +98,22 @@ pub fn validate(
         v.errors.retain(|e| seen.insert(e.clone()));
         return Err(v.errors);
     }
+    let mut claim_header_names: Vec<HeaderName> = Vec::new();
+    for (_, name) in routes.iter().flat_map(|r| &r.auth.forward_claims) {
+        if !claim_header_names.contains(name) {
+            claim_header_names.push(name.clone());
+        }
+    }
+    let claim_header_names: Arc<[HeaderName]> = claim_header_names.into();
+    let mut routes: Vec<Arc<Route>> = routes
+        .into_iter()
+        .map(|route| {
+            Arc::new(Route {
+                claim_header_names: claim_header_names.clone(),
+                ..route
+            })
+        })
+        .collect();
     routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
     v.files.sort();
     v.files.dedup();
@@ -319,6 +335,7 @@ impl Validator<'_> {
             timeouts,
             heartbeat,
             http,
+            claim_header_names: Arc::from([]),
         })
     }
 
