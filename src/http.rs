@@ -190,7 +190,21 @@ pub async fn answer(
             }
             answer
         }
-        Err(rejection) => {
+        Err(mut rejection) => {
+            // On HTTP/2 a 2xx to an extended CONNECT is the tunnel's success (RFC 8441 §5):
+            // an upstream that answered a WebSocket handshake with one (an app's catch-all
+            // page) would look like an open WebSocket that then ends. Over HTTP/1.1 only a
+            // 101 opens one, so its 200 is relayed as the refusal it is.
+            if upgrade
+                && conn.protocol == crate::relay::Protocol::H2
+                && rejection.status().is_success()
+            {
+                tracing::debug!(
+                    status = rejection.status().as_u16(),
+                    "upstream answered the WebSocket handshake with a success status, not 101"
+                );
+                rejection = Rejection::UpstreamUnavailable;
+            }
             gate.metrics.upgrade(route_name, rejection.reason());
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,

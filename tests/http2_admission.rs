@@ -402,6 +402,22 @@ async fn the_upstreams_own_refusal_is_relayed_with_its_body() {
     assert_eq!(headers["content-type"], "text/plain");
 }
 
+/// An upstream that answers the handshake with 200 (an app's catch-all page) has not
+/// opened a WebSocket; over HTTP/2 a 200 would tell the client it had (RFC 8441 §5), so
+/// the gate answers 502 `upstream_unavailable` instead.
+#[tokio::test]
+async fn an_upstreams_200_to_the_handshake_is_502_upstream_unavailable() {
+    let upstream = Upstream::start_with(UpstreamOptions {
+        refuse: Some((200, "<html>the app</html>")),
+        ..Default::default()
+    })
+    .await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    h2.refused("/ws", &[], 502, "upstream_unavailable").await;
+    assert_eq!(upstream.seen_count(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Subprotocols, tokens and what goes upstream
 
