@@ -1239,6 +1239,34 @@ async fn slow_relay(target: u16, delay: Duration) -> (u16, tokio::task::JoinHand
     (port, accepting)
 }
 
+/// A store that takes 600 ms per answer, within `timeout_ms: 5000`, is used: the store
+/// client's own response timeout (500 ms by default) does not cut the policy's bound short.
+/// (An upgrade's first call may take a few round trips: the scripts are loaded then.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slower_than_half_a_second_but_within_timeout_ms_is_used() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let (port, relay) = slow_relay(redis.port, Duration::from_millis(600)).await;
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE)
+        .replace(&format!("timeout_ms: {TIMEOUT_MS}"), "timeout_ms: 5000");
+    let gate = Gate::start(&p, &format!("redis://127.0.0.1:{port}/"));
+    gate.wait_up(true).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(gate.open(&format!("slow{i}"), "10.7.0.1").await);
+    }
+    // Log lines reach stderr in batches: wait for the third.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate.logged("limits=\"shared\"") < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gate.logged("limits=\"shared\""), 3);
+    assert_eq!(gate.metric("wsgate_cluster_up").await, 1.0);
+    relay.abort();
+}
+
 /// A store that answers, but slower than `timeout_ms` (150 ms against 50 here): the
 /// upgrades' calls time out and mark it down, and it stays down (its probes must answer
 /// within `timeout_ms`), rather than being marked up by each renewal that took 150 ms and

@@ -403,6 +403,8 @@ impl Cluster {
             // again by the caller.
             let settings = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.timeout.max(BACKGROUND_BOUND)))
+                // The crate's own default (500 ms) would cut a `timeout_ms` above it short.
+                .set_response_timeout(Some(config.timeout.max(BACKGROUND_BOUND)))
                 .set_number_of_retries(1)
                 .set_max_delay(PROBE_EVERY);
             ConnectionManager::new_lazy_with_config(client.clone(), settings).ok()
