@@ -705,10 +705,11 @@ fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
         raw = &raw[eol + 2..];
         let take = size.min(raw.len()).min(MAX_RELAYED_BODY - out.len());
         out.extend_from_slice(&raw[..take]);
-        if raw.len() < size + 2 {
-            return (out, false);
+        // The size is the upstream's: `ffffffffffffffff` must not overflow.
+        match size.checked_add(2) {
+            Some(end) if raw.len() >= end => raw = &raw[end..],
+            _ => return (out, false),
         }
-        raw = &raw[size + 2..];
     }
     (out, true)
 }
@@ -716,6 +717,16 @@ fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dechunk_takes_any_chunk_size_an_upstream_sends() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n0\r\n\r\n"), (b"abc".to_vec(), true));
+        assert_eq!(
+            dechunk(b"ffffffffffffffff\r\nabc"),
+            (b"abc".to_vec(), false)
+        );
+        assert_eq!(dechunk(b"fffffffffffffffff\r\nabc"), (Vec::new(), true));
+    }
 
     /// What a plain client's request from 10.0.0.1 over TLS is forwarded with.
     fn forwarding<'a>(id: &'a HeaderValue, carriers: Carriers<'a>) -> Forwarding<'a> {
