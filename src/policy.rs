@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use ipnet::IpNet;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -329,10 +329,22 @@ pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
             // Symmetric keys do not belong in a published key set.
             AlgorithmParameters::OctetKey(_) => continue,
         };
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| Algorithm::from_str(&a.to_string()).ok());
+        // A key published for encryption (Keycloak's `RSA-OAEP` key, `"use": "enc"`) never
+        // verifies a signature, and neither does one whose `alg` is not a JWS algorithm
+        // the gate verifies with (RFC 7517 §4.2, §4.4).
+        if matches!(
+            jwk.common.public_key_use,
+            Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+        ) {
+            continue;
+        }
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => match Algorithm::from_str(&a.to_string()) {
+                Ok(alg) => Some(alg),
+                Err(_) => continue,
+            },
+        };
         match DecodingKey::from_jwk(jwk) {
             Ok(decoding) => keys.push(Key {
                 kid: jwk.common.key_id.clone(),

@@ -694,6 +694,38 @@ async fn jwks_file_keys_are_chosen_by_kid() {
     invalid(&gate, &es256("ec2.key", Some("k1"))).await;
 }
 
+/// A published key meant for encryption (`"use": "enc"`, as Keycloak publishes its
+/// `RSA-OAEP` key) or whose `alg` is not a signature algorithm verifies no token.
+#[tokio::test]
+async fn jwks_keys_for_encryption_verify_nothing() {
+    let upstream = Upstream::start().await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let jwk = |key_file: &str, kid: &str| {
+        let ek = encoding_key(Algorithm::ES256, key_file);
+        let mut jwk = Jwk::from_encoding_key(&ek, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        jwk
+    };
+    let mut enc = jwk("ec.key", "enc");
+    enc.common.key_algorithm = None;
+    enc.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
+    let mut oaep = jwk("ec2.key", "oaep");
+    oaep.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::RSA_OAEP);
+    let set = JwkSet {
+        keys: vec![jwk("ec.key", "sig"), enc, oaep],
+    };
+    let jwks = keys_dir.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(&set).unwrap()).unwrap();
+    let auth = format!(
+        "{{algorithms: [ES256], keys: [{{jwks_file: \"{}\"}}]}}",
+        jwks.display()
+    );
+    let gate = TestGate::start(&auth_policy(&upstream.url(), &auth)).await;
+    admitted(&gate, &es256("ec.key", Some("sig"))).await;
+    invalid(&gate, &es256("ec.key", Some("enc"))).await;
+    invalid(&gate, &es256("ec2.key", Some("oaep"))).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. JWKS URL
 
