@@ -1197,6 +1197,52 @@ async fn require_claims_array_claim_matches_any_element() {
     refused(&gate, &hs256(&claims(json!({}))), 403, "claims_denied").await;
 }
 
+/// `scope` (RFC 8693 §4.2, as Auth0 and Keycloak send it) and `scp` (Azure AD) are
+/// space-delimited lists in one string: required and denied values match any word of it.
+#[tokio::test]
+async fn scope_and_scp_claims_match_by_their_words() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(
+        &upstream,
+        "require_claims: {scope: [chat:write]}, deny_claims: {scp: [Admin.All]}",
+    )
+    .await;
+    let scoped = |scope: &str, scp: &str| hs256(&claims(json!({"scope": scope, "scp": scp})));
+    admitted(&gate, &scoped("openid chat:write profile", "User.Read")).await;
+    admitted(&gate, &scoped("chat:write", "")).await;
+    refused(
+        &gate,
+        &scoped("openid chat:read", "User.Read"),
+        403,
+        "claims_denied",
+    )
+    .await;
+    // Words, not substrings.
+    refused(
+        &gate,
+        &scoped("openid chat:writer", ""),
+        403,
+        "claims_denied",
+    )
+    .await;
+    refused(
+        &gate,
+        &scoped("chat:write", "User.Read Admin.All"),
+        403,
+        "claims_denied",
+    )
+    .await;
+    // Other claims are matched whole, as before.
+    let gate = hmac_gate(&upstream, "require_claims: {role: [admin]}").await;
+    refused(
+        &gate,
+        &hs256(&claims(json!({"role": "user admin"}))),
+        403,
+        "claims_denied",
+    )
+    .await;
+}
+
 /// `deny_claims`: a string claim equal to a denied value, or an array claim holding one,
 /// is 403 `claims_denied`; other values and an absent claim pass.
 #[tokio::test]

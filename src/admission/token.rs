@@ -398,14 +398,25 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     })
 }
 
+/// Claims that hold a space-delimited list in one string (RFC 8693 §4.2 `scope`; Azure
+/// AD's `scp`): `"openid chat:write"` matches `chat:write`, as Istio reads them.
+const SPACE_DELIMITED: [&str; 2] = ["scope", "scp"];
+
 /// Every `require_claims` entry must match and no `deny_claims` entry may. An entry
 /// matches a string claim equal to one of its values, or an array claim with any element
-/// equal to one of them.
+/// equal to one of them; a `scope` or `scp` string also matches by any of its
+/// space-delimited words.
 pub fn claims_allowed(claims: &Claims, auth: &Auth) -> bool {
     let has = |name: &String, values: &[String]| {
         let matches = |v: &Value| values.iter().any(|a| scalar_text(v).as_deref() == Some(a));
         match claims.map.get(name) {
             Some(Value::Array(items)) => items.iter().any(matches),
+            Some(Value::String(list)) if SPACE_DELIMITED.contains(&name.as_str()) => {
+                values.iter().any(|a| a == list)
+                    || list
+                        .split_ascii_whitespace()
+                        .any(|word| values.iter().any(|a| a == word))
+            }
             Some(v) => matches(v),
             None => false,
         }
