@@ -241,10 +241,12 @@ fn start_watcher(
             what |= CERTIFICATE | REWATCH;
         }
         if what == 0 {
-            if concerns_policy(&event.paths, &policy_name, &policy) {
+            if concerns_policy(&event.paths, &policy_name, &policy_home, &policy) {
                 what |= POLICY;
             }
-            if !certificate_names.is_empty() && concerns(&event.paths, &certificate_names) {
+            if !certificate_names.is_empty()
+                && concerns(&event.paths, &certificate_names, &certificate_homes)
+            {
                 what |= CERTIFICATE;
             }
         }
@@ -289,12 +291,13 @@ fn start_watcher(
 }
 
 /// Whether a change in a watched directory can change the policy: the policy file
-/// itself, Kubernetes' atomic-writer entries (`..data`, `..2026_…`), or a key, JWKS or CA
-/// file the policy in force names. Anything else in the directory (a log file, say) is
-/// not a reason to reload.
+/// itself or Kubernetes' atomic-writer entries (`..data`, `..2026_…`) in the policy's
+/// directory, or a key, JWKS or CA file the policy in force names. Anything else (a log
+/// file, a Secret's swap in the certificate's directory) is not a reason to reload.
 fn concerns_policy(
     paths: &[PathBuf],
     policy_name: &std::ffi::OsStr,
+    home: &Path,
     policy: &PolicyHandle,
 ) -> bool {
     if paths.is_empty() {
@@ -305,8 +308,7 @@ fn concerns_policy(
         let Some(name) = p.file_name() else {
             return true;
         };
-        name == policy_name
-            || name.to_string_lossy().starts_with("..")
+        ((name == policy_name || is_atomic_writer_entry(name)) && in_dir(p, home))
             || loaded
                 .policy
                 .files
@@ -315,13 +317,27 @@ fn concerns_policy(
     })
 }
 
-/// Whether a change concerns one of `names` (or Kubernetes' atomic-writer entries).
-fn concerns(paths: &[PathBuf], names: &[OsString]) -> bool {
+/// Whether a change concerns one of `names`, or Kubernetes' atomic-writer entries, in
+/// one of `homes` (the certificate's directories).
+fn concerns(paths: &[PathBuf], names: &[OsString], homes: &[PathBuf]) -> bool {
     paths.iter().any(|p| {
         p.file_name().is_some_and(|n| {
-            names.iter().any(|name| name == n) || n.to_string_lossy().starts_with("..")
+            (names.iter().any(|name| name == n) || is_atomic_writer_entry(n))
+                && homes.iter().any(|home| in_dir(p, home))
         })
     })
+}
+
+/// `..data`, `..data_tmp`, `..2026_11_21_16_00_00.1`: what kubelet swaps in a ConfigMap's
+/// or Secret's volume.
+fn is_atomic_writer_entry(name: &std::ffi::OsStr) -> bool {
+    name.to_string_lossy().starts_with("..")
+}
+
+/// Whether `path` is an entry of `dir` (the watcher reports paths under the directory as
+/// it was watched, so they compare as written).
+fn in_dir(path: &Path, dir: &Path) -> bool {
+    path.parent() == Some(dir)
 }
 
 /// SIGHUP reloads the policy and the certificate.

@@ -646,7 +646,7 @@ async fn a_rotated_certificate_is_used_for_new_handshakes() {
 }
 
 /// A gate in this process on TLS with `cert` and `key`, watching them and its policy file
-/// for changes (no SIGHUP, no admin listener).
+/// for changes (no SIGHUP), with an admin listener.
 async fn start_watching(
     policy_path: &std::path::Path,
     cert: std::path::PathBuf,
@@ -657,7 +657,7 @@ async fn start_watching(
         wsgate::Options {
             policy_path: policy_path.to_owned(),
             listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: None,
+            admin: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
             tls: Some(wsgate::tls::server_config(&cert, &key).unwrap()),
             sighup: false,
             tls_files: Some((cert, key)),
@@ -693,9 +693,61 @@ async fn a_kubernetes_secret_swap_rotates_the_certificate() {
     let (cert, key) = (secret.join("tls.crt"), secret.join("tls.key"));
     let running = start_watching(&policy_path, cert, key).await;
     assert!(handshake_with(running.addr, &first.client).await);
+    let policy_before = running.gate.policy.load();
     let second = Pki::generate();
     version("..2026_11_21_16_05_00.2", &second);
     wait_for_certificate(running.addr, &second.client).await;
+    // The Secret's swap is no reason to read the policy again (its directory is another).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        std::sync::Arc::ptr_eq(&policy_before, &running.gate.policy.load()),
+        "the policy was reloaded for a swap in the certificate's directory"
+    );
+    running.begin_shutdown();
+}
+
+/// A ConfigMap's `..data` swap in the policy's directory reloads the policy and not the
+/// certificate in its own directory (a reload would start new session tickets, so every
+/// client would lose TLS resumption on each policy edit).
+#[tokio::test]
+async fn a_configmap_swap_reloads_the_policy_and_not_the_certificate() {
+    let upstream = Upstream::start().await;
+    let base = tempfile::tempdir().unwrap();
+    let (config, tls) = (base.path().join("policy"), base.path().join("tls"));
+    std::fs::create_dir(&config).unwrap();
+    std::fs::create_dir(&tls).unwrap();
+    let pki = Pki::generate();
+    let (cert, key) = pki.write(&tls);
+    let version = |name: &str, extra: &str| {
+        let real = config.join(name);
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(
+            real.join("policy.yaml"),
+            open_policy(&upstream.url(), extra),
+        )
+        .unwrap();
+        let tmp = config.join("..data_tmp");
+        std::os::unix::fs::symlink(name, &tmp).unwrap();
+        std::fs::rename(&tmp, config.join("..data")).unwrap();
+    };
+    version("..2026_11_21_16_00_00.1", "");
+    std::os::unix::fs::symlink("..data/policy.yaml", config.join("policy.yaml")).unwrap();
+    let running = start_watching(&config.join("policy.yaml"), cert, key).await;
+    let sha = |r: &wsgate::Running| r.gate.policy.load().describe()["sha256"].clone();
+    let before = sha(&running);
+    version("..2026_11_21_16_05_00.2", "# the next version\n");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sha(&running) == before {
+        assert!(Instant::now() < deadline, "the new policy was not loaded");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, metrics) = admin_fetch(running.admin_addr.unwrap(), "/metrics").await;
+    assert_eq!(
+        metric_sample(&metrics, "wsgate_tls_reloads_total{result=\"success\"}").unwrap_or(0.0),
+        0.0,
+        "{metrics}"
+    );
     running.begin_shutdown();
 }
 
