@@ -7,11 +7,11 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::ModifyKind;
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,14 @@ use crate::tls;
 
 /// Events closer together than this are one reload (editors write files in several steps).
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// The longest a burst of events postpones its reload.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+/// The longest a reload waits for a writer that has the policy file open (written in place,
+/// `kubectl get cm … > policy.yaml`) to close it: a file read half-way could be a valid
+/// policy without the routes still to come, and its re-check would close their connections.
+const WRITER_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -64,16 +72,18 @@ pub fn spawn(reloader: Reloader, sighup: bool, shutdown: &Shutdown) {
     // Capacity 1: a pending wake-up already means "reload"; `changed` says what.
     let (tx, rx) = mpsc::channel::<()>(1);
     let changed = Arc::new(AtomicU8::new(0));
-    let watcher = start_watcher(&reloader, tx.clone(), changed.clone());
+    let writing = Arc::new(AtomicBool::new(false));
+    let watcher = start_watcher(&reloader, tx.clone(), changed.clone(), writing.clone());
     if sighup {
         spawn_sighup(tasks, tx, changed.clone(), stop.clone());
     }
-    tasks.spawn(reload_loop(reloader, changed, rx, stop, watcher));
+    tasks.spawn(reload_loop(reloader, changed, writing, rx, stop, watcher));
 }
 
 async fn reload_loop(
     reloader: Reloader,
     changed: Arc<AtomicU8>,
+    writing: Arc<AtomicBool>,
     mut rx: mpsc::Receiver<()>,
     stop: CancellationToken,
     // Kept alive for as long as the loop runs.
@@ -84,8 +94,29 @@ async fn reload_loop(
             woke = rx.recv() => if woke.is_none() { break },
             () = stop.cancelled() => break,
         }
-        // Let a burst of events settle into one reload.
-        tokio::time::sleep(DEBOUNCE).await;
+        // Let a burst of events settle into one reload: DEBOUNCE after the last of them
+        // (at most SETTLE_MAX after the first), and not while a writer has the policy
+        // file open (at most WRITER_WAIT).
+        let first = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(DEBOUNCE) => {
+                    if !writing.load(Ordering::Acquire) || first.elapsed() >= WRITER_WAIT {
+                        break;
+                    }
+                }
+                woke = rx.recv() => {
+                    if woke.is_none() {
+                        return;
+                    }
+                    if first.elapsed() >= SETTLE_MAX && !writing.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+        writing.store(false, Ordering::Release);
         while rx.try_recv().is_ok() {}
         let what = changed.swap(0, Ordering::AcqRel);
         if what & REWATCH != 0 {
@@ -199,6 +230,7 @@ fn start_watcher(
     reloader: &Reloader,
     tx: mpsc::Sender<()>,
     changed: Arc<AtomicU8>,
+    writing: Arc<AtomicBool>,
 ) -> Option<Watching> {
     let policy_name = reloader
         .path
@@ -225,8 +257,25 @@ fn start_watcher(
     let (policy_home, certificate_homes) = (policy_dir.clone(), certificate_dirs.clone());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
+        // The policy file written in place: open until its writer closes it.
+        let the_policy_file = || {
+            event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(&policy_name) && in_dir(p, &policy_home))
+        };
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_)) if the_policy_file() => {
+                writing.store(true, Ordering::Release);
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) if the_policy_file() => {
+                writing.store(false, Ordering::Release);
+                // Closed after writing: the reload the writes began may go now.
+                let _ = tx.try_send(());
+                return;
+            }
+            _ if event.kind.is_access() => return,
+            _ => {}
         }
         let mut what = 0;
         // A watched directory itself, replaced or removed (seen from its parent); not its

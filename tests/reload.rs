@@ -66,6 +66,34 @@ async fn in_place_write_takes_effect() {
     within_two_seconds(&gate, "/v2", true).await;
 }
 
+/// A writer slower than the debounce (`kubectl get cm … > policy.yaml`: truncated, then
+/// written in pieces) is waited for: the half-written file, though valid YAML that leaves
+/// out a route, is never swapped in, so the connection on that route stays.
+#[tokio::test]
+async fn a_file_still_being_written_is_not_read_half_way() {
+    use std::io::Write;
+    let upstream = Upstream::start().await;
+    let whole = with_v2(&upstream.url());
+    let gate = TestGate::start(&whole).await;
+    let (mut open, _) = gate.connect("/v2").await.unwrap();
+    let first = open_policy(&upstream.url(), "");
+    assert!(whole.starts_with(&first));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&gate.policy_path)
+        .unwrap();
+    file.write_all(first.as_bytes()).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    file.write_all(&whole.as_bytes()[first.len()..]).unwrap();
+    drop(file);
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, "the written file was not loaded")
+        .await;
+    assert_still_echoes(&mut open, "still here").await;
+    assert_eq!(gate.metric(FAILURE).await, 0.0);
+    assert!(gate.connect("/v2").await.is_ok());
+}
+
 #[tokio::test]
 async fn invalid_policy_is_refused_and_the_old_one_stays() {
     let upstream = Upstream::start().await;
