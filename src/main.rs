@@ -322,9 +322,24 @@ async fn run(args: RunArgs) -> ExitCode {
         }
         _ => {}
     }
+    // The signals first: one that comes while the policy loads (key files on a slow mount)
+    // must not kill the process with its default action. SIGTERM or SIGINT then ends the
+    // start (exit 0, nothing served yet); a SIGHUP is ignored, as the start reads every
+    // file anyway.
+    let mut signals = shutdown::Signals::new();
+    #[cfg(unix)]
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // 1. The policy, before any port is bound.
     let policy_path = args.policy.clone();
-    let loaded = match tokio::task::spawn_blocking(move || config::load(&policy_path)).await {
+    let loading = tokio::task::spawn_blocking(move || config::load(&policy_path));
+    let loaded = tokio::select! {
+        loaded = loading => loaded,
+        () = signals.next() => {
+            tracing::info!("signal while starting: exiting before serving");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let loaded = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
             tracing::error!("invalid policy, not starting:\n{e}");
@@ -414,7 +429,6 @@ async fn run(args: RunArgs) -> ExitCode {
         jwks_roots: extra_roots(),
         admin_token_file: args.admin_token_file.clone(),
     };
-    let mut signals = shutdown::Signals::new();
     let running = match wsgate::start(loaded, options) {
         Ok(r) => r,
         Err(e) => {

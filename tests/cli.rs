@@ -1074,6 +1074,87 @@ async fn a_stderr_nobody_reads_holds_neither_the_gate_nor_its_exit() {
     eprintln!("exited {took:?} after SIGTERM with its log pipe full");
 }
 
+/// A gate whose key file is a FIFO nobody has written yet: its start waits in the policy
+/// load, where signals come as they may.
+fn start_held_in_its_policy_load(dir: &Path) -> (Child, Log, std::path::PathBuf) {
+    let fifo = dir.join("secret");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret}]}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .args(["--log-format", "text", "--policy"])
+        .arg(&policy)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(&mut child);
+    // Let it reach the FIFO.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "exited before loading");
+    (child, log, fifo)
+}
+
+/// Signals that come while the policy loads: SIGHUP does not kill the starting gate (its
+/// default action would), and SIGTERM ends the start with exit 0.
+#[test]
+fn signals_during_start_up_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log, fifo) = start_held_in_its_policy_load(dir.path());
+    let signal = |child: &Child, sig: &str| {
+        let sent = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal(&child, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP during start-up killed the gate"
+    );
+    std::fs::write(&fifo, "a-development-secret-that-is-long-enough-0123").unwrap();
+    log.wait_line("listening");
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _log, _fifo) = start_held_in_its_policy_load(dir.path());
+    signal(&child, "TERM");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "SIGTERM during start-up");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "SIGTERM did not end the start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
