@@ -1204,6 +1204,35 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
 
+/// A `key_prefix` holding glob characters (`[`, `*`) still finds its own revocations when
+/// a gate that starts later loads them (the prefix is matched literally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_with_glob_characters_loads_its_revocations() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(
+        &upstream.url(),
+        &format!("{}[1]*", prefix()),
+        "open",
+        OPEN_RATE,
+    );
+    let a = Gate::start(&p, &redis.url());
+    a.wait_up(true).await;
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "quinn", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    let late = Gate::start(&p, &redis.url());
+    late.wait_up(true).await;
+    answers_within(&late, "quinn", "10.7.0.1", 401, Duration::from_secs(3)).await;
+}
+
 /// A TCP relay to `target` that holds every chunk from it for `delay` before passing it
 /// on: a store slower than `timeout_ms` but within a second.
 async fn slow_relay(target: u16, delay: Duration) -> (u16, tokio::task::JoinHandle<()>) {

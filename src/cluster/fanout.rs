@@ -11,6 +11,7 @@
 //! tells the two apart. When it is not the value this gate saw at its last load, the store
 //! is new to it, and the revocations in force here are stored again instead of lifted.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,7 +197,7 @@ impl Cluster {
         };
         let within = store.background_bound();
         let prefix = &store.config.key_prefix;
-        let pattern = format!("{prefix}revoked:*");
+        let pattern = format!("{}revoked:*", glob_escape(prefix));
         let now = unix_now();
         let started = std::time::Instant::now();
         let epoch = self.epoch(store, &mut conn, within).await?;
@@ -226,6 +227,11 @@ impl Cluster {
                 get.arg(&keys);
                 let got = get.query_async::<Vec<Option<u64>>>(&mut conn);
                 let expiries = self.bounded("revocation", within, got).await?;
+                // The batch's revocations first, then one pass over the open connections
+                // for all of them (not one per revocation: 100,000 of them against 10,000
+                // connections would hold a worker for seconds).
+                let (mut subs, mut jtis) = (HashSet::new(), HashSet::new());
+                let mut full = false;
                 for (key, expiry) in keys.iter().zip(expiries) {
                     let Some(expires) = expiry.filter(|e| *e > now) else {
                         continue;
@@ -234,18 +240,26 @@ impl Cluster {
                         continue;
                     };
                     present.push(which.clone());
-                    if self
-                        .revoke(
-                            which,
-                            expires,
-                            "cluster: revocation loaded from the store; connections closed",
-                        )
-                        .is_err()
-                    {
-                        tracing::warn!("cluster: the revocation list is full; not all shared revocations are applied");
-                        return Ok(());
+                    if self.revocations.add_shared(which.clone(), expires).is_err() {
+                        full = true;
+                        break;
                     }
+                    match which {
+                        Revoked::Sub(sub) => subs.insert(sub),
+                        Revoked::Jti(jti) => jtis.insert(jti),
+                    };
                     loaded += 1;
+                }
+                let closed = self.registry.close_revoked(&subs, &jtis);
+                if closed > 0 {
+                    tracing::info!(
+                        closed,
+                        "cluster: revocations loaded from the store; connections closed"
+                    );
+                }
+                if full {
+                    tracing::warn!("cluster: the revocation list is full; not all shared revocations are applied");
+                    return Ok(());
                 }
             }
             cursor = next;
@@ -378,6 +392,19 @@ impl Cluster {
     }
 }
 
+/// `text` matched literally in a SCAN pattern: Redis's glob characters escaped, so that
+/// a `key_prefix` such as `ws[1]:` matches itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The revocation a stored key names.
 fn parse_key(prefix: &str, key: &[u8]) -> Option<Revoked> {
     let key = std::str::from_utf8(key).ok()?;
@@ -392,6 +419,12 @@ fn parse_key(prefix: &str, key: &[u8]) -> Option<Revoked> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glob_characters_of_a_prefix_are_escaped() {
+        assert_eq!(glob_escape("wsgate:"), "wsgate:");
+        assert_eq!(glob_escape("ws[1]*?\\:"), "ws\\[1\\]\\*\\?\\\\:");
+    }
 
     #[test]
     fn keys_round_trip() {
