@@ -736,7 +736,12 @@ async fn jwks_url_keys_are_used_once_fetched() {
     let gate = TestGate::start(&jwks_url_policy(&upstream, &server.url())).await;
     admitted_once_keys_fetched(&gate, &es256("ec.key", Some("a"))).await;
     assert!(server.requests() >= 1);
-    invalid(&gate, &es256("ec2.key", Some("a"))).await;
+    // A known kid with the wrong signature is a forgery, not a rotation: no refetch.
+    let fetched = server.requests();
+    for _ in 0..3 {
+        invalid(&gate, &es256("ec2.key", Some("a"))).await;
+    }
+    assert_eq!(server.requests(), fetched, "refetched for a kid it has");
 }
 
 /// A rotation is found by refetching on an unknown kid, also right after a token signed with

@@ -221,7 +221,16 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
             Err(Failure::Expired) => return Err(Rejection::TokenExpired),
             Err(Failure::Invalid) => return Err(Rejection::InvalidToken),
             Err(Failure::NoKey) => {
-                if header.kid.is_some() && !refetched && !auth.jwks_urls.is_empty() {
+                // Only a `kid` no loaded key has is a reason to refetch (a rotation): a known
+                // one with a bad signature is a forgery, which must not spend the refetch
+                // budget a rotation needs.
+                let kid_known = header.kid.is_some()
+                    && auth
+                        .keys
+                        .iter()
+                        .chain(fetched.iter().flat_map(|set| set.iter()))
+                        .any(|k| k.kid == header.kid);
+                if header.kid.is_some() && !kid_known && !refetched && !auth.jwks_urls.is_empty() {
                     refetched = true;
                     let mut any = false;
                     for source in &auth.jwks_urls {
