@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -17,6 +18,10 @@ use crate::policy::Route;
 
 /// A limiter tracking more keys than this sweeps out its idle ones before counting a new one.
 pub const MAX_TRACKED_KEYS: usize = 65_536;
+
+/// At most one such inline sweep per this long, gate-wide: keys that are all recent (a
+/// slow quota, many clients) would otherwise make every upgrade walk the whole table.
+const INLINE_SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// `Retry-After` for a refused connection over a cap.
 pub const CAP_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -33,14 +38,18 @@ struct LimiterId {
 #[derive(Default)]
 pub struct Limiters {
     by_route: Mutex<HashMap<LimiterId, Arc<DefaultKeyedRateLimiter<IpNet>>>>,
+    /// When the last inline sweep ran.
+    swept: Mutex<Option<Instant>>,
+    inline_sweeps: AtomicU64,
 }
 
 impl Limiters {
     /// Count an upgrade from `key` on `route`; `Err` carries how long until one is allowed.
     pub fn check(&self, route: &Route, key: IpNet) -> Result<(), Duration> {
         let limiter = self.limiter(route);
-        if limiter.len() >= MAX_TRACKED_KEYS {
+        if limiter.len() >= MAX_TRACKED_KEYS && self.inline_sweep_due() {
             limiter.retain_recent();
+            self.inline_sweeps.fetch_add(1, Ordering::Relaxed);
         }
         limiter
             .check_key(&key)
@@ -74,6 +83,24 @@ impl Limiters {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+    }
+
+    fn inline_sweep_due(&self) -> bool {
+        // Another upgrade is deciding right now: that one sweeps, if it is time.
+        let Ok(mut last) = self.swept.try_lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < INLINE_SWEEP_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    /// Inline sweeps so far (for tests).
+    pub fn inline_sweeps(&self) -> u64 {
+        self.inline_sweeps.load(Ordering::Relaxed)
     }
 
     /// Keys tracked across all limiters (for tests and the flood measurement).
@@ -176,6 +203,36 @@ impl Drop for CapSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past `MAX_TRACKED_KEYS` keys that are all recent (a slow quota), the inline sweep
+    /// finds nothing to drop: it runs at most once per `INLINE_SWEEP_EVERY`, not on every
+    /// upgrade.
+    #[test]
+    fn a_full_table_of_recent_keys_is_not_swept_on_every_upgrade() {
+        let yaml = "version: 1\ndefaults: {auth: {required: false}, rate: {upgrades_per_second: 0.01, burst: 1}}\nroutes:\n  - path: /ws\n";
+        let loaded =
+            crate::config::load_bytes(std::path::Path::new("p.yaml"), yaml.as_bytes()).unwrap();
+        let route = &loaded.policy.routes[0];
+        let limiters = Limiters::default();
+        for i in 0..=MAX_TRACKED_KEYS as u32 {
+            let key = IpNet::from(std::net::IpAddr::from((0x0a00_0000 + i).to_be_bytes()));
+            let _ = limiters.check(route, key);
+        }
+        let started = Instant::now();
+        let key: IpNet = "192.0.2.1/32".parse().unwrap();
+        let before = limiters.inline_sweeps();
+        for _ in 0..500 {
+            let _ = limiters.check(route, key);
+        }
+        let allowed =
+            1 + started.elapsed().as_millis() as u64 / INLINE_SWEEP_EVERY.as_millis() as u64;
+        let swept = limiters.inline_sweeps() - before;
+        assert!(
+            swept <= allowed,
+            "{swept} sweeps for 500 upgrades, at most {allowed}"
+        );
+        assert!(limiters.tracked_keys() > MAX_TRACKED_KEYS);
+    }
 
     #[test]
     fn caps_release_and_evict() {
