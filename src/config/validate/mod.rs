@@ -831,6 +831,18 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         _ => (rest, None),
     };
     let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
+    // Browsers send an internationalised host in its ASCII (punycode) form: written any
+    // other way, the entry would never match.
+    if !host.is_ascii() {
+        return Err(format!(
+            "{s:?}: write the host in its ASCII form (xn--…, as browsers send it in Origin)"
+        ));
+    }
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no host: origins without one (file://) cannot be listed; use allow_missing for clients that send none"
+        ));
+    }
     if let Some(domain) = host.strip_prefix("*.") {
         if domain.is_empty() || domain.contains('*') {
             return Err(format!("{s:?}: \"*.\" must be followed by a domain"));
@@ -872,6 +884,15 @@ mod tests {
         assert!(parse_origin_pattern("https://a*.example.com").is_err());
         assert!(parse_origin_pattern("https://example.com/path").is_err());
         assert!(parse_origin_pattern("example.com").is_err());
+        let idn = parse_origin_pattern("https://bücher.example").unwrap_err();
+        assert!(idn.contains("xn--"), "{idn}");
+        assert_eq!(
+            parse_origin_pattern("https://xn--bcher-kva.example"),
+            Ok(OriginPattern::Exact("https://xn--bcher-kva.example".into()))
+        );
+        assert!(parse_origin_pattern("file://")
+            .unwrap_err()
+            .contains("no host"));
     }
 
     #[test]
