@@ -30,12 +30,58 @@ pub const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// 16 KiB, which the operator API reads in pieces), fits in it.
 const ADMIN_BUFFER_BYTES: usize = 16 * 1024;
 
+/// File descriptors the admin listener keeps in reserve (open on `/dev/null`): when
+/// clients have taken every descriptor the process may have, one is given up to accept a
+/// probe, so that `/healthz` and `/readyz` still answer and the kubelet does not restart
+/// a gate that is merely full. Taken back when that connection ends.
+const RESERVED_FDS: usize = 4;
+
+/// The descriptors held for the admin listener.
+#[derive(Clone)]
+struct Reserve(Arc<std::sync::Mutex<Vec<std::fs::File>>>);
+
+impl Reserve {
+    fn new() -> Reserve {
+        let reserve = Reserve(Arc::default());
+        reserve.refill();
+        reserve
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::fs::File>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Give one descriptor up; whether there was one.
+    fn release(&self) -> bool {
+        self.lock().pop().is_some()
+    }
+
+    /// Take descriptors back up to [`RESERVED_FDS`], as far as the process has them.
+    fn refill(&self) {
+        let mut held = self.lock();
+        while held.len() < RESERVED_FDS {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => held.push(file),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Out of file descriptors (EMFILE for the process, ENFILE for the system).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
 /// Serve the admin endpoints until the gate exits. The admin listener stays up through
 /// the shutdown delay and the drain, so that `/readyz` can say 503.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let tasks = gate.shutdown.tasks.clone();
     let exit = tasks.exit();
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let reserve = Reserve::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -43,9 +89,12 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         };
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
+            // Make room from the reserve and accept again at once.
+            Err(e) if out_of_descriptors(&e) && reserve.release() => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                reserve.refill();
                 continue;
             }
         };
@@ -55,6 +104,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         };
         let gate = gate.clone();
         let exit = exit.clone();
+        let reserve = reserve.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
@@ -70,6 +120,9 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
                 _ = connection => {}
                 () = exit.cancelled() => {}
             }
+            // The connection's descriptor is closed: take it back into the reserve before
+            // a client's accept does.
+            reserve.refill();
         });
     }
 }

@@ -180,6 +180,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// Descriptors the gate needs beside its connections: listeners, the runtime, the
+/// watcher, the admin listener's reserve, key files and the store.
+const FILES_HEADROOM: usize = 64;
+
+/// Warn, as nginx does about `worker_connections`, when the open-file limit cannot hold
+/// `max_connections` proxied connections (two descriptors each, client and upstream):
+/// clients past it wait in the accept queue instead of getting 503 `server_full`.
+fn warn_if_files_short(max_connections: usize) {
+    let Some(limit) = open_files_limit() else {
+        return;
+    };
+    let needed = max_connections
+        .saturating_mul(2)
+        .saturating_add(FILES_HEADROOM);
+    if needed > limit {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = limit,
+            needed,
+            "the open-file limit is below what max_connections needs (two descriptors per \
+             connection and {FILES_HEADROOM} more): raise it (ulimit -n, LimitNOFILE) or \
+             lower max_connections"
+        );
+    }
+}
+
+/// The process's soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// How long the exit waits for stderr to take the last log lines (a pipe nobody reads
 /// must not hold the process once it has drained).
 const LOG_EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -351,6 +388,7 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    warn_if_files_short(loaded.policy.max_connections);
     // The operator API's token, read once now so that a bad file stops the start.
     if let Some(path) = &args.admin_token_file {
         if let Err(e) = wsgate::operator::AdminToken::load(path.clone()) {

@@ -665,6 +665,72 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// An open-file limit below what `max_connections` needs (two descriptors a connection)
+/// is a warning at start-up that names both numbers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_file_limit_below_max_connections_is_a_warning() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut child = Command::new("bash")
+        .args(["-c", "ulimit -n 200 && exec \"$0\" \"$@\"", BIN])
+        .args([
+            "run",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .args(["--log-format", "text", "--policy"])
+        .arg(&policy)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(&mut child);
+    let mut lines = Vec::new();
+    while let Some(line) = log.next_line(DEADLINE) {
+        let listening = line.contains("listening");
+        lines.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = lines
+        .iter()
+        .find(|l| l.contains("open-file limit"))
+        .unwrap_or_else(|| panic!("no warning in {lines:?}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("open_files_limit=200"), "{warning}");
+    assert!(warning.contains("max_connections=10000"), "{warning}");
+}
+
+/// Clients holding every descriptor the process may have do not silence the admin
+/// listener: `/healthz` and `/readyz` answer from descriptors kept in reserve, again and
+/// again, so the kubelet does not restart a gate that is merely full.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_probes_answer_while_clients_hold_every_descriptor() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut gate = Proc::start_limited_with_admin(&policy, 64);
+    let admin = gate.admin.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        held.push(tokio::net::TcpStream::connect(gate.addr).await.unwrap());
+    }
+    gate.wait_line("accept failed");
+    for path in ["/healthz", "/readyz", "/healthz", "/readyz", "/healthz"] {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(3), admin_fetch(admin, path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} unanswered while out of descriptors"));
+        assert_eq!(status, 200, "{path}");
+    }
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
     let upstream = Upstream::start().await;

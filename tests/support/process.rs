@@ -97,6 +97,11 @@ impl Proc {
         Proc::spawn(policy, "127.0.0.1:0", "off", extra, max_files)
     }
 
+    /// [`Proc::start_limited`] with an admin listener on 127.0.0.1.
+    pub fn start_limited_with_admin(policy: &Path, max_files: u32) -> Proc {
+        Proc::spawn(policy, "127.0.0.1:0", "127.0.0.1:0", &[], Some(max_files))
+    }
+
     /// Start listening on `listen`, with the admin listener on `admin` (or "off").
     pub fn start_at(policy: &Path, listen: &str, admin: &str, extra: &[&str]) -> Proc {
         Proc::spawn(policy, listen, admin, extra, None)
