@@ -73,17 +73,54 @@ pub fn spawn(reloader: Reloader, sighup: bool, shutdown: &Shutdown) {
     let (tx, rx) = mpsc::channel::<()>(1);
     let changed = Arc::new(AtomicU8::new(0));
     let writing = Arc::new(AtomicBool::new(false));
-    let watcher = start_watcher(&reloader, tx.clone(), changed.clone(), writing.clone());
+    let awaited = Awaited::default();
+    let watcher = start_watcher(
+        &reloader,
+        tx.clone(),
+        changed.clone(),
+        writing.clone(),
+        awaited.clone(),
+    );
     if sighup {
         spawn_sighup(tasks, tx, changed.clone(), stop.clone());
     }
-    tasks.spawn(reload_loop(reloader, changed, writing, rx, stop, watcher));
+    tasks.spawn(reload_loop(
+        reloader, changed, writing, awaited, rx, stop, watcher,
+    ));
 }
 
+/// The names of the files a refused policy named (a key file it waits for, say): their
+/// appearing or changing tries the reload again. Empty once a reload succeeds.
+#[derive(Clone, Default)]
+struct Awaited(Arc<std::sync::Mutex<Vec<OsString>>>);
+
+impl Awaited {
+    fn set(&self, files: &[PathBuf]) {
+        let names = files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_owned()))
+            .collect();
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = names;
+    }
+
+    fn contains(&self, name: &std::ffi::OsStr) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|n| n == name)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn reload_loop(
     reloader: Reloader,
     changed: Arc<AtomicU8>,
     writing: Arc<AtomicBool>,
+    awaited: Awaited,
     mut rx: mpsc::Receiver<()>,
     stop: CancellationToken,
     // Kept alive for as long as the loop runs.
@@ -126,7 +163,7 @@ async fn reload_loop(
         }
         let reloads = async {
             if what & POLICY != 0 {
-                reload_policy(&reloader).await;
+                reload_policy(&reloader, &awaited).await;
             }
             if let Some(certificate) = reloader.certificate.as_ref() {
                 if what & CERTIFICATE != 0 {
@@ -143,8 +180,12 @@ async fn reload_loop(
     }
 }
 
-async fn reload_policy(reloader: &Reloader) {
+async fn reload_policy(reloader: &Reloader, awaited: &Awaited) {
     let result = reload(&reloader.path, &reloader.policy).await;
+    match &result {
+        Err(ReloadError::Config(config::ConfigError::Invalid { files, .. })) => awaited.set(files),
+        _ => awaited.set(&[]),
+    }
     let label = if result.is_ok() { "success" } else { "failure" };
     reloader
         .metrics
@@ -231,6 +272,7 @@ fn start_watcher(
     tx: mpsc::Sender<()>,
     changed: Arc<AtomicU8>,
     writing: Arc<AtomicBool>,
+    awaited: Awaited,
 ) -> Option<Watching> {
     let policy_name = reloader
         .path
@@ -290,7 +332,12 @@ fn start_watcher(
             what |= CERTIFICATE | REWATCH;
         }
         if what == 0 {
-            if concerns_policy(&event.paths, &policy_name, &policy_home, &policy) {
+            if concerns_policy(&event.paths, &policy_name, &policy_home, &policy)
+                || event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| awaited.contains(n)))
+            {
                 what |= POLICY;
             }
             if !certificate_names.is_empty()

@@ -297,6 +297,40 @@ async fn a_changed_key_file_reloads_the_policy() {
     );
 }
 
+/// A policy refused because a key file it names is not there yet (written before the
+/// key, as a deploy may) is tried again when that file appears, without a SIGHUP.
+#[tokio::test]
+async fn a_policy_waiting_for_its_key_file_loads_when_the_file_appears() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&secret_file_policy(&upstream)).await;
+    gate.write_policy(&secret_file_policy(&upstream).replace("secret}", "secret-2026}"));
+    gate.wait_metric(
+        FAILURE,
+        1.0,
+        TWO_SECONDS,
+        "the policy naming a missing file was not refused",
+    )
+    .await;
+    let rotated = "a-rotated-secret-that-is-also-long-enough-123";
+    std::fs::write(gate.dir.path().join("secret-2026"), rotated).unwrap();
+    gate.wait_metric(
+        SUCCESS,
+        1.0,
+        TWO_SECONDS,
+        "the policy was not loaded once its key file appeared",
+    )
+    .await;
+    let token = hs256_with(
+        rotated,
+        serde_json::json!({"sub": "k", "exp": unix_now() + 300}),
+    );
+    let mut request = gate.request("/ws");
+    request
+        .headers_mut()
+        .insert("authorization", header_value(&format!("Bearer {token}")));
+    assert!(gate.connect_request(request).await.is_ok());
+}
+
 // ----- hostile policy files (issue 7's catalogue) -------------------------------------
 
 #[tokio::test]

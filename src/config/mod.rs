@@ -100,6 +100,9 @@ pub enum ConfigError {
     Invalid {
         path: PathBuf,
         errors: Vec<FieldError>,
+        /// The key, JWKS and CA files the refused policy names: a reload waiting for one
+        /// of them to appear is tried again when it does.
+        files: Vec<PathBuf>,
     },
 }
 
@@ -207,9 +210,10 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
         }
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let (policy, warnings) = validate(&parsed, base).map_err(|errors| ConfigError::Invalid {
+    let (policy, warnings) = validate(&parsed, base).map_err(|refused| ConfigError::Invalid {
         path: path.to_owned(),
-        errors,
+        errors: refused.errors,
+        files: refused.files,
     })?;
     let document = serde_json::to_value(document).unwrap_or_default();
     Ok(Loaded {

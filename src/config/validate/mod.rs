@@ -34,10 +34,16 @@ const NO_CREDENTIALS: &str = "credentials in a URL are not supported (wsgate nev
 
 /// Validate a parsed policy file; relative file paths are resolved against `base`. A valid
 /// policy comes with the warnings found (things that work but are likely mistakes).
-pub fn validate(
-    file: &PolicyFile,
-    base: &Path,
-) -> Result<(Policy, Vec<FieldWarning>), Vec<FieldError>> {
+/// A policy that does not validate: every error found, and the files it names (read or
+/// not), so that the creation of one it waits for is seen.
+#[derive(Debug)]
+pub struct Refused {
+    pub errors: Vec<FieldError>,
+    pub files: Vec<PathBuf>,
+}
+
+/// The policy and its warnings, or why it is refused.
+pub fn validate(file: &PolicyFile, base: &Path) -> Result<(Policy, Vec<FieldWarning>), Refused> {
     let mut v = Validator {
         errors: Vec::new(),
         warnings: Vec::new(),
@@ -96,7 +102,10 @@ pub fn validate(
         // A default that is wrong is reported once, not once per route that inherits it.
         let mut seen = HashSet::new();
         v.errors.retain(|e| seen.insert(e.clone()));
-        return Err(v.errors);
+        return Err(Refused {
+            errors: v.errors,
+            files: v.files,
+        });
     }
     let mut claim_header_names: Vec<HeaderName> = Vec::new();
     for (_, name) in routes.iter().flat_map(|r| &r.auth.forward_claims) {
@@ -948,7 +957,7 @@ mod tests {
                 "version: 1\ndefaults: {{auth: {{required: false}}}}\nroutes: [{{path: /ws}}]\ncluster: {cluster}\n"
             );
             let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
-            validate(&file, Path::new("."))
+            validate(&file, Path::new(".")).map_err(|r| r.errors)
         };
         let (policy, warnings) = check("{redis_url_env: WSGATE_TEST_UNSET_REDIS_URL}").unwrap();
         let cluster = policy.cluster.unwrap();
@@ -988,7 +997,11 @@ mod tests {
             let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
             match validate(&file, Path::new(".")) {
                 Ok(_) => Vec::new(),
-                Err(errors) => errors.into_iter().map(|e| e.field).collect::<Vec<_>>(),
+                Err(refused) => refused
+                    .errors
+                    .into_iter()
+                    .map(|e| e.field)
+                    .collect::<Vec<_>>(),
             }
         };
         // Dialled at :80 and :443, the scheme's defaults, before.
@@ -1019,7 +1032,7 @@ mod tests {
 
     fn messages_of(yaml: &str) -> Result<Vec<(usize, usize)>, Vec<FieldError>> {
         let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
-        let (policy, _) = validate(&file, Path::new("."))?;
+        let (policy, _) = validate(&file, Path::new(".")).map_err(|r| r.errors)?;
         Ok(policy
             .routes
             .iter()
