@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use support::process::{rss_kib, Log, Proc};
+use support::process::{rss_kib, spawn_run, Log, Proc};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -671,24 +671,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 async fn an_open_file_limit_below_max_connections_is_a_warning() {
     let upstream = Upstream::start().await;
     let (_dir, policy) = open_policy_file(&upstream, "");
-    let mut child = Command::new("bash")
-        .args(["-c", "ulimit -n 200 && exec \"$0\" \"$@\"", BIN])
-        .args([
-            "run",
-            "--plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-        ])
-        .args(["--log-format", "text", "--policy"])
-        .arg(&policy)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Log::follow(&mut child);
+    let (mut child, log) = spawn_run(&policy, "127.0.0.1:0", "off", &[], Some(200));
     let mut lines = Vec::new();
     while let Some(line) = log.next_line(DEADLINE) {
         let listening = line.contains("listening");
@@ -1155,23 +1138,7 @@ fn start_held_in_its_policy_load(dir: &Path) -> (Child, Log, std::path::PathBuf)
         "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret}]}\nroutes:\n  - path: /ws\n",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "run",
-            "--plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-        ])
-        .args(["--log-format", "text", "--policy"])
-        .arg(&policy)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Log::follow(&mut child);
+    let (mut child, log) = spawn_run(&policy, "127.0.0.1:0", "off", &[], None);
     // Let it reach the FIFO.
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "exited before loading");

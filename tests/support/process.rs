@@ -78,6 +78,46 @@ impl Log {
     }
 }
 
+/// `wsgate run --plaintext` with text logs at `info`, under an open-file limit of
+/// `max_files` if given, and the follower of its stderr; nothing is waited for.
+pub fn spawn_run(
+    policy: &Path,
+    listen: &str,
+    admin: &str,
+    extra: &[&str],
+    max_files: Option<u32>,
+) -> (Child, Log) {
+    let mut command = match max_files {
+        Some(n) => {
+            let mut c = Command::new("bash");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let mut child = command
+        .args([
+            "run",
+            "--plaintext",
+            "--admin",
+            admin,
+            "--listen",
+            listen,
+            "--log-format",
+            "text",
+        ])
+        .args(extra)
+        .arg("--policy")
+        .arg(policy)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(&mut child);
+    (child, log)
+}
+
 /// A `wsgate run --plaintext` child on 127.0.0.1:0; its stderr lines are collected.
 pub struct Proc {
     pub child: Child,
@@ -114,34 +154,7 @@ impl Proc {
         extra: &[&str],
         max_files: Option<u32>,
     ) -> Proc {
-        let mut command = match max_files {
-            Some(n) => {
-                let mut c = Command::new("bash");
-                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let mut child = command
-            .args([
-                "run",
-                "--plaintext",
-                "--admin",
-                admin,
-                "--listen",
-                listen,
-                "--log-format",
-                "text",
-            ])
-            .args(extra)
-            .arg("--policy")
-            .arg(policy)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let log = Log::follow(&mut child);
+        let (child, log) = spawn_run(policy, listen, admin, extra, max_files);
         let mut proc = Proc {
             child,
             log,
