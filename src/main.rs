@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use wsgate::{config, demo, mint, shutdown, tls, Options};
 
 #[derive(Parser)]
@@ -128,7 +129,14 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Run(args), Some(("run", run))) = (&mut cli.command, matches.subcommand()) {
+        args.prefer_command_line(run);
+    }
     match cli.command {
         Command::Check { path } => match config::load(&path) {
             Ok(loaded) => {
@@ -341,6 +349,27 @@ fn token(args: TokenArgs) -> ExitCode {
         Err(e) => {
             eprintln!("cannot mint a token: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+impl RunArgs {
+    /// TLS files and `--plaintext` chosen from different sources: the command line beats
+    /// the environment, as it does for every other flag, so that
+    /// `podman run -e WSGATE_TLS_CERT=… wsgate run --plaintext` (or an image whose `ENV`
+    /// names its certificate) serves plaintext. Both from the same source stays a usage
+    /// error (see `run`).
+    fn prefer_command_line(&mut self, matches: &clap::ArgMatches) {
+        let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
+        let from_cli = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        if !self.plaintext || self.tls_cert.is_none() {
+            return;
+        }
+        if from_cli("plaintext") && from_env("tls_cert") && from_env("tls_key") {
+            self.tls_cert = None;
+            self.tls_key = None;
+        } else if from_env("plaintext") && from_cli("tls_cert") {
+            self.plaintext = false;
         }
     }
 }

@@ -406,6 +406,118 @@ fn plaintext_takes_the_usual_boolean_spellings_from_its_variable() {
     }
 }
 
+/// Choosing between TLS and `--plaintext`: a flag beats a variable, as for every other
+/// setting (the container image names its certificate in `ENV`, and `wsgate run
+/// --plaintext` after the image name must still serve ws://); both from the same source
+/// is a usage error.
+#[test]
+fn a_flag_beats_a_variable_when_choosing_between_tls_and_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {required: false}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let (cert, key) = (certs.join("localhost.pem"), certs.join("localhost.key"));
+    let gate = |flags: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--admin", "off"])
+            .arg("--policy")
+            .arg(&policy)
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in ["WSGATE_PLAINTEXT", "WSGATE_TLS_CERT", "WSGATE_TLS_KEY"] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        cmd
+    };
+    // The start-up lines up to "listening", or every line of a process that exited.
+    let start_up = |mut cmd: Command| -> (Vec<String>, Option<i32>) {
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+            let listening = line.contains("listening");
+            lines.push(line);
+            if listening {
+                break;
+            }
+        }
+        if lines.last().is_some_and(|l| l.contains("listening")) {
+            support::process::terminate(&mut child, Duration::from_secs(3));
+            return (lines, None);
+        }
+        // Its stderr closed: it is exiting.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                support::process::terminate(&mut child, Duration::from_secs(3));
+                panic!("neither listening nor exited: {lines:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (lines, status.code())
+    };
+    let plaintext_flag = [std::ffi::OsStr::new("--plaintext")];
+    let tls_flags = [
+        std::ffi::OsStr::new("--tls-cert"),
+        cert.as_os_str(),
+        std::ffi::OsStr::new("--tls-key"),
+        key.as_os_str(),
+    ];
+    let tls_env = [
+        ("WSGATE_TLS_CERT", cert.as_os_str()),
+        ("WSGATE_TLS_KEY", key.as_os_str()),
+    ];
+    let plaintext_env = [("WSGATE_PLAINTEXT", std::ffi::OsStr::new("true"))];
+
+    let (lines, code) = start_up(gate(&plaintext_flag, &tls_env));
+    assert_eq!(code, None, "--plaintext with TLS variables: {lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("serving ws://")),
+        "--plaintext with TLS variables did not serve plaintext: {lines:#?}"
+    );
+
+    let (lines, code) = start_up(gate(&tls_flags, &plaintext_env));
+    assert_eq!(code, None, "TLS flags with WSGATE_PLAINTEXT: {lines:#?}");
+    assert!(
+        lines.last().is_some_and(|l| l.contains("listening")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("serving ws://")),
+        "TLS flags with WSGATE_PLAINTEXT served plaintext: {lines:#?}"
+    );
+
+    let both_flags: Vec<_> = plaintext_flag.iter().chain(&tls_flags).copied().collect();
+    let both_env: Vec<_> = plaintext_env.iter().chain(&tls_env).copied().collect();
+    for (flags, env, what) in [
+        (&both_flags[..], &[][..], "both as flags"),
+        (&[][..], &both_env[..], "both as variables"),
+    ] {
+        let (lines, code) = start_up(gate(flags, env));
+        assert_eq!(code, Some(2), "{what}: {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.contains("exclude each other")),
+            "{what}: {lines:#?}"
+        );
+    }
+}
+
 /// The binary running in the background; killed when dropped.
 
 #[tokio::test(flavor = "multi_thread")]

@@ -283,6 +283,28 @@ fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     None
 }
 
+/// The variable `wsgate run --help` names for `--name` (`[env: NAME=value]`).
+fn env_var(entries: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    let shown = help_annotation(entries, name, "env")?;
+    Some(shown.split('=').next().unwrap_or_default().to_owned())
+}
+
+/// What the image runs with for `--name`: the flag in CMD, else its `WSGATE_` variable from
+/// ENV, else the default `wsgate run --help` shows.
+fn image_setting(
+    cmd: &[String],
+    env: &BTreeMap<String, String>,
+    entries: &BTreeMap<String, String>,
+    name: &str,
+) -> String {
+    let var =
+        env_var(entries, name).unwrap_or_else(|| panic!("{name} has no environment variable"));
+    flag_value(cmd, name)
+        .map(str::to_owned)
+        .or_else(|| env.get(&var).cloned())
+        .unwrap_or_else(|| flag_or_default(cmd, entries, name))
+}
+
 /// `flag_value`, or the default `wsgate run --help` shows for it.
 fn flag_or_default(args: &[String], entries: &BTreeMap<String, String>, name: &str) -> String {
     flag_value(args, name)
@@ -913,6 +935,26 @@ impl Stage {
             .unwrap_or_else(|e| panic!("{instr} must be a JSON array (exec form): {rest}: {e}"))
     }
 
+    /// The variables ENV sets (`ENV K=V K2="V 2"`, or the legacy `ENV K V`), later ones
+    /// winning.
+    fn env(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for rest in self.all("ENV") {
+            if !rest.split_whitespace().next().unwrap_or("").contains('=') {
+                let (k, v) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+                out.insert(k.to_owned(), v.trim().to_owned());
+                continue;
+            }
+            for word in rest.split_whitespace() {
+                let (k, v) = word
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("ENV {rest}: {word} is not K=V"));
+                out.insert(k.to_owned(), v.trim_matches('"').to_owned());
+            }
+        }
+        out
+    }
+
     /// USER as (uid, gid); names are refused (the manifests need numbers to check
     /// runAsNonRoot).
     fn user(&self) -> (u64, u64) {
@@ -1244,10 +1286,30 @@ fn containerfile_runtime_stage_holds_only_the_binary_and_the_policy() {
     let cmd = runtime.json_array("CMD");
     let entries = help_entries(&run_help());
     assert_run_args_accepted(&cmd, &entries, "Containerfile CMD");
+    let env = runtime.env();
+    for var in env.keys().filter(|v| v.starts_with("WSGATE_")) {
+        assert!(
+            entries
+                .keys()
+                .any(|flag| env_var(&entries, flag).as_deref() == Some(var)),
+            "ENV {var} is not a variable of `wsgate run`"
+        );
+    }
+    for flag in ["--policy", "--admin", "--tls-cert", "--tls-key"] {
+        assert!(
+            flag_value(&cmd, flag).is_none(),
+            "CMD gives {flag}, which would beat `-e` of its variable: set it with ENV"
+        );
+    }
     assert_eq!(
-        flag_value(&cmd, "--policy"),
-        Some(policy.dest.as_str()),
-        "CMD --policy is not where the policy is copied"
+        image_setting(&cmd, &env, &entries, "--policy"),
+        policy.dest,
+        "the image's policy is not where the policy is copied"
+    );
+    assert!(
+        !image_setting(&cmd, &env, &entries, "--tls-cert").is_empty()
+            && !image_setting(&cmd, &env, &entries, "--tls-key").is_empty(),
+        "the image must name a certificate and key (TLS by default)"
     );
 
     let (uid, gid) = runtime.user();
@@ -1258,11 +1320,15 @@ fn containerfile_runtime_stage_holds_only_the_binary_and_the_policy() {
         .flat_map(str::split_whitespace)
         .map(|p| p.trim_end_matches("/tcp").parse().unwrap())
         .collect();
-    let admin: SocketAddr = flag_or_default(&cmd, &entries, "--admin").parse().unwrap();
-    let listen: SocketAddr = flag_or_default(&cmd, &entries, "--listen").parse().unwrap();
+    let admin: SocketAddr = image_setting(&cmd, &env, &entries, "--admin")
+        .parse()
+        .unwrap();
+    let listen: SocketAddr = image_setting(&cmd, &env, &entries, "--listen")
+        .parse()
+        .unwrap();
     assert!(
         admin.ip().is_unspecified(),
-        "CMD --admin {admin}: unreachable from outside the container"
+        "the image's admin listener {admin} is unreachable from outside the container"
     );
     assert_eq!(exposed, BTreeSet::from([listen.port(), admin.port()]));
     assert_eq!(exposed, BTreeSet::from([8443, 9901]));
