@@ -84,15 +84,33 @@ struct Entry {
     refresh: Mutex<Duration>,
     refetches: tokio::sync::Mutex<Refetches>,
     stop: CancellationToken,
-    /// The cache's [`JwksCache::generation`], moved on when this set is stored.
+    /// The document `keys` was parsed from, to tell a fetch that changed nothing.
+    body: Mutex<Bytes>,
+    /// The cache's [`JwksCache::generation`], moved on when this set changes.
     generation: Arc<AtomicU64>,
 }
 
 impl Entry {
-    fn store(&self, keys: Vec<Key>) {
-        self.keys.store(Some(Arc::new(keys)));
+    /// Keep a fetched set, unless its document is the one in force: a refresh (every
+    /// `refresh_seconds`) or a refetch for an unknown `kid` that brings the same keys must
+    /// not move the generation on, which would make every token in the table of verified
+    /// tokens pay its signature check again. Returns whether the set changed.
+    fn store(&self, fetched: Fetched) -> bool {
+        let mut body = self.body.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.keys.load().is_some() && *body == fetched.body {
+            return false;
+        }
+        self.keys.store(Some(Arc::new(fetched.keys)));
+        *body = fetched.body;
         self.generation.fetch_add(1, Ordering::AcqRel);
+        true
     }
+}
+
+/// A key set and the document it came from.
+pub struct Fetched {
+    pub keys: Vec<Key>,
+    body: Bytes,
 }
 
 /// All key sets the policy in force refers to.
@@ -152,6 +170,7 @@ impl JwksCache {
                 refresh: Mutex::new(refresh),
                 refetches: Default::default(),
                 stop: tasks.exit().child_token(),
+                body: Mutex::new(Bytes::new()),
                 generation: self.generation.clone(),
             });
             entries.insert(url.to_owned(), entry.clone());
@@ -159,8 +178,8 @@ impl JwksCache {
         }
     }
 
-    /// Moved on whenever a key set is stored (every fetch and refetch, changed or not):
-    /// what was verified under an older generation is verified again.
+    /// Moved on whenever a fetch or refetch brings a key set that differs from the one in
+    /// force: what was verified under an older generation is verified again.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -193,9 +212,10 @@ impl JwksCache {
             return false;
         }
         let succeeded = match fetch(&entry.url, &self.tls).await {
-            Ok(keys) => {
-                tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS refetched for an unknown kid");
-                entry.store(keys);
+            Ok(fetched) => {
+                let keys = fetched.keys.len();
+                let changed = entry.store(fetched);
+                tracing::info!(url = %redact_userinfo(&entry.url), keys, changed, "JWKS refetched for an unknown kid");
                 true
             }
             Err(e) => {
@@ -221,9 +241,10 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
     let mut backoff = RETRY_MIN;
     loop {
         let wait = match fetch(&entry.url, &tls).await {
-            Ok(keys) => {
-                tracing::info!(url = %redact_userinfo(&entry.url), keys = keys.len(), "JWKS fetched");
-                entry.store(keys);
+            Ok(fetched) => {
+                let keys = fetched.keys.len();
+                let changed = entry.store(fetched);
+                tracing::info!(url = %redact_userinfo(&entry.url), keys, changed, "JWKS fetched");
                 backoff = RETRY_MIN;
                 *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner)
             }
@@ -246,14 +267,14 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
 }
 
 /// GET a JWKS over HTTPS, all within `FETCH_TIMEOUT`.
-pub async fn fetch(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<Key>, FetchError> {
+pub async fn fetch(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Fetched, FetchError> {
     match timeout(FETCH_TIMEOUT, fetch_inner(url, tls)).await {
         Ok(result) => result,
         Err(_) => Err(FetchError::Timeout(FETCH_TIMEOUT)),
     }
 }
 
-async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<Key>, FetchError> {
+async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Fetched, FetchError> {
     let uri: Uri = url.parse().map_err(|_| FetchError::Url)?;
     let host = uri.host().ok_or(FetchError::Url)?;
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
@@ -293,5 +314,43 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<K
             _ = &mut conn, if !conn_ended => conn_ended = true,
         }
     };
-    parse_jwks(&body).map_err(FetchError::Parse)
+    let keys = parse_jwks(&body).map_err(FetchError::Parse)?;
+    Ok(Fetched { keys, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(body: &'static str) -> Fetched {
+        Fetched {
+            keys: parse_jwks(body.as_bytes()).unwrap(),
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn only_a_changed_key_set_moves_the_generation_on() {
+        let generation = Arc::new(AtomicU64::new(0));
+        let entry = Entry {
+            url: "https://issuer.example/jwks.json".into(),
+            keys: ArcSwapOption::empty(),
+            refresh: Mutex::new(Duration::from_secs(300)),
+            refetches: Default::default(),
+            stop: CancellationToken::new(),
+            body: Mutex::new(Bytes::new()),
+            generation: generation.clone(),
+        };
+        let seen = || generation.load(Ordering::Acquire);
+        // The first set, even an empty document, is a change from none.
+        assert!(entry.store(fetched(r#"{"keys": []}"#)));
+        assert_eq!(seen(), 1);
+        assert!(entry.keys.load().is_some());
+        for _ in 0..3 {
+            assert!(!entry.store(fetched(r#"{"keys": []}"#)));
+        }
+        assert_eq!(seen(), 1, "refreshes that changed nothing");
+        assert!(entry.store(fetched(r#"{"keys": [], "rotated": 1}"#)));
+        assert_eq!(seen(), 2);
+    }
 }
