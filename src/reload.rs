@@ -81,12 +81,38 @@ pub fn spawn(reloader: Reloader, sighup: bool, shutdown: &Shutdown) {
         writing.clone(),
         awaited.clone(),
     );
+    // The start loaded the policy before these watches were in place: a write in between
+    // (or the SIGHUP sent for it) would go unseen until the next one. Compare the file now.
+    tasks.spawn(reload_if_written_since(
+        reloader.path.clone(),
+        reloader.policy.load().sha256.clone(),
+        tx.clone(),
+        changed.clone(),
+    ));
     if sighup {
         spawn_sighup(tasks, tx, changed.clone(), stop.clone());
     }
     tasks.spawn(reload_loop(
         reloader, changed, writing, awaited, rx, stop, watcher,
     ));
+}
+
+/// Wake the reloader if the policy file's bytes are no longer those of `loaded_sha256`.
+async fn reload_if_written_since(
+    path: PathBuf,
+    loaded_sha256: String,
+    tx: mpsc::Sender<()>,
+    changed: Arc<AtomicU8>,
+) {
+    let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+    let Ok(Ok(bytes)) = read else {
+        return;
+    };
+    if config::sha256_hex(&bytes) != loaded_sha256 {
+        tracing::info!("the policy file changed while the gate started: reloading it");
+        changed.fetch_or(POLICY, Ordering::AcqRel);
+        let _ = tx.try_send(());
+    }
 }
 
 /// The names of the files a refused policy named (a key file it waits for, say): their

@@ -1300,6 +1300,29 @@ fn signals_during_start_up_are_handled() {
     }
 }
 
+/// A policy written while the gate starts (after its load read the file, before the watch
+/// was in place) is loaded once it serves, not at the next write.
+#[test]
+fn a_policy_written_during_start_up_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log, fifo) = start_held_in_its_policy_load(dir.path());
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        dir.path().join("secret2"),
+        "another-development-secret-that-is-long-enough",
+    )
+    .unwrap();
+    let v2 = "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {algorithms: [HS256], keys: [{hmac_secret_file: secret2}]}\nroutes:\n  - path: /v2\n";
+    std::fs::write(&policy, v2).unwrap();
+    // The load, which read the first policy, now finishes.
+    std::fs::write(&fifo, "a-development-secret-that-is-long-enough-0123").unwrap();
+    log.wait_line("listening");
+    let reloaded = log.wait_line("policy reloaded");
+    support::process::terminate(&mut child, Duration::from_secs(3));
+    let sha = wsgate::config::sha256_hex(v2.as_bytes());
+    assert!(reloaded.contains(&sha), "{reloaded}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
