@@ -38,6 +38,13 @@ where
     let _ = timeout_at(deadline, discard(io)).await;
 }
 
+/// The second half of [`close`], for a socket whose write side is already shut: discard
+/// input until the peer's EOF, an error, [`LINGER_BYTES`] or [`LINGER_TIME`] (and never
+/// past `deadline`).
+pub async fn discard_until<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) {
+    let _ = timeout_at(deadline.min(Instant::now() + LINGER_TIME), discard(io)).await;
+}
+
 /// End `io` after a completed close handshake, when the peer sends nothing more: flush
 /// and shut the write side (TLS close_notify, then FIN), never past `deadline`.
 pub async fn shutdown<S: AsyncWrite + Unpin>(io: &mut S, deadline: Instant) {

@@ -275,3 +275,73 @@ async fn an_upstream_length_not_in_its_shortest_encoding_is_1002_and_1014_to_the
     assert_eq!(close_code_of(&next_frame(&mut client).await), 1014);
     assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1002);
 }
+
+/// The gate ends a connection (its max lifetime) while it is relaying a large frame to the
+/// client: no close frame can reach a client cut off inside a frame, so it gets its FIN at
+/// once, not once the upstream's close handshake is over (this upstream never answers; it
+/// would take `write_seconds`). Only the payload that crossed is counted.
+#[tokio::test]
+async fn a_client_cut_off_inside_a_frame_gets_its_fin_at_once() {
+    let (gate, mut client, mut upstream) =
+        through_gate("    timeouts: {max_lifetime_seconds: 1, write_seconds: 8}\n").await;
+    // The header of a 100,000-byte binary frame, and 1,000 bytes of it.
+    let mut header = vec![0x82, 127];
+    header.extend_from_slice(&100_000u64.to_be_bytes());
+    upstream.write_all(&header).await.unwrap();
+    upstream.write_all(&[7u8; 1000]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "no FIN within 5 s of the lifetime's end");
+    assert_eq!(
+        got.len(),
+        header.len() + 1000,
+        "the frame's start, then EOF"
+    );
+    assert!(took < Duration::from_secs(3), "FIN after {took:?}");
+    // The upstream was sent its 1001.
+    let close = next_frame(&mut upstream).await;
+    assert_eq!(close_code_of(&close), 1001);
+    assert_eq!(
+        gate.metric("wsgate_message_bytes_total{route=\"ws\",direction=\"upstream_to_client\"}")
+            .await,
+        1000.0
+    );
+}
+
+/// After a close handshake with the upstream, the gate (its client) waits for the upstream
+/// to close TCP first (RFC 6455 §7.1.1), so that the TIME_WAIT is the server's and the
+/// gate's ports toward the upstream are not held for a minute per connection.
+#[tokio::test]
+async fn the_upstream_closes_tcp_first() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    client
+        .write_all(&frame(0x88, &1000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1000);
+    upstream
+        .write_all(&frame(0x88, &1000u16.to_be_bytes(), false))
+        .await
+        .unwrap();
+    // The client gets the reply and the gate's FIN (the gate is its server).
+    assert_eq!(close_code_of(&next_frame(&mut client).await), 1000);
+    let mut rest = Vec::new();
+    timeout(Duration::from_secs(3), client.read_to_end(&mut rest))
+        .await
+        .expect("the gate did not close the client's connection")
+        .unwrap();
+    // The upstream's connection stays open until the upstream closes it.
+    let mut byte = [0u8; 1];
+    let early = timeout(Duration::from_millis(500), upstream.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the gate closed TCP before the upstream: {early:?}"
+    );
+    upstream.shutdown().await.unwrap();
+    let after = timeout(Duration::from_secs(3), upstream.read(&mut byte))
+        .await
+        .expect("the gate did not close after the upstream's FIN");
+    assert_eq!(after.unwrap(), 0);
+}

@@ -201,6 +201,10 @@ impl Direction {
         // Whether the bytes written so far stop inside a data frame.
         let mut open = dst.mid_frame;
         let mut ended = None;
+        // Payload bytes passed on in this read, and of them the current frame's, which go
+        // back if the frame breaks a rule (`wsgate_message_bytes_total` counts what
+        // crosses, not what a header announced).
+        let (mut payload, mut frame_payload) = (0u64, 0u64);
         while r < end {
             let step = match src.reader.next(&buf[r..end]) {
                 Ok(step) => step,
@@ -235,15 +239,16 @@ impl Direction {
                         self.metrics.messages.inc();
                     }
                     self.frames += 1;
-                    self.counts.bytes += header.len;
-                    self.metrics.bytes.inc_by(header.len);
                     self.last_data = now;
                     frame_start = src.reader.in_data_frame().then_some(w);
+                    frame_payload = 0;
                     len
                 }
                 Step::Payload(len) => {
                     self.frames += 1;
                     self.last_data = now;
+                    payload += len as u64;
+                    frame_payload += len as u64;
                     if !src.reader.in_data_frame() {
                         frame_start = None;
                     }
@@ -269,6 +274,15 @@ impl Direction {
             w += len;
             open = src.reader.in_data_frame();
         }
+        if let Some(at) = frame_start.filter(|_| ended.is_some()) {
+            w = at;
+            open = false;
+            payload -= frame_payload;
+        }
+        if payload != 0 {
+            self.counts.bytes += payload;
+            self.metrics.bytes.inc_by(payload);
+        }
         // Once per read, not per message: the operator API's view of this direction.
         self.live().publish(self.counts.messages, self.counts.bytes);
         let inflated = src.reader.inflated();
@@ -277,10 +291,6 @@ impl Direction {
                 .inflated
                 .inc_by(inflated - self.counts.inflated);
             self.counts.inflated = inflated;
-        }
-        if let Some(at) = frame_start.filter(|_| ended.is_some()) {
-            w = at;
-            open = false;
         }
         dst.mid_frame = open;
         if w > start && dst.write(cx, &buf[start..w]).is_err() {
@@ -640,7 +650,12 @@ impl Relay {
         let deadline = Instant::now() + deadlines.write();
         // Boxed: the closing futures (the drain and both ends) would otherwise be part of
         // every connection's task for all its life.
-        let closing = Box::pin(close_both(client, upstream, c2u, u2c, &reason, deadline));
+        // A draining gate does not wait for upstreams to close TCP first: the drain ends
+        // with the close handshakes.
+        let after_peer = !stop.drain.is_cancelled();
+        let closing = Box::pin(close_both(
+            client, upstream, c2u, u2c, &reason, deadline, after_peer,
+        ));
         let (client_finish, upstream_finish) = tokio::select! {
             finishes = closing => finishes,
             // The process is about to exit: no more waiting for a peer's close reply.
@@ -659,6 +674,7 @@ async fn close_both(
     u2c: &mut Direction,
     reason: &CloseReason,
     deadline: Instant,
+    after_peer: bool,
 ) -> (Finish, Finish) {
     let (mut to_client, mut to_upstream) = reason.endings();
     // A violator's peer is closed first, and what it had already sent is still delivered
@@ -676,17 +692,32 @@ async fn close_both(
     // Each side is shut as soon as its own close is done: an upstream that answered is
     // not kept open while a silent client is waited for.
     tokio::join!(
-        end_and_shut(client, to_client, deadline),
-        end_and_shut(upstream, to_upstream, deadline)
+        end_and_shut(client, to_client, deadline, false),
+        end_and_shut(upstream, to_upstream, deadline, after_peer)
     )
 }
 
-/// [`end`], then, after a completed close handshake, the write side shut at once.
-async fn end_and_shut(leg: &mut Leg, ending: Ending, deadline: Instant) -> Finish {
+/// [`end`], then, after a completed close handshake, the write side shut at once (or,
+/// with `after_peer`, once the peer has shut its own: see [`Finish::AfterPeer`]); and at
+/// once for a side cut off inside a relayed frame, which no close frame can reach.
+async fn end_and_shut(
+    leg: &mut Leg,
+    ending: Ending,
+    deadline: Instant,
+    after_peer: bool,
+) -> Finish {
     match end(leg, ending, deadline).await {
+        Finish::Shutdown if after_peer => Finish::AfterPeer,
         Finish::Shutdown => {
             linger::shutdown(&mut leg.io, Instant::now() + linger::LINGER_TIME).await;
             Finish::Shut
+        }
+        // Its FIN goes now, not once the other side's close handshake is done (up to
+        // `write_seconds` later): it learns at once that the connection is over. What it
+        // still sends is discarded while the connection lingers.
+        Finish::Linger if leg.mid_frame && !leg.close_sent => {
+            linger::shutdown(&mut leg.io, deadline).await;
+            Finish::Discard
         }
         finish => finish,
     }
@@ -705,6 +736,14 @@ enum Finish {
     /// Our close frame may still be unread behind the peer's input: close_notify and FIN,
     /// then input is discarded until the peer closes ([`linger::close`]).
     Linger,
+    /// As `Linger`, with close_notify and FIN already sent: only the discarding is left.
+    Discard,
+    /// The close handshake completed with the upstream: wait for its FIN (discarding
+    /// anything else), then send ours. The gate is the upstream's client, and a WebSocket
+    /// client lets the server close TCP first (RFC 6455 §7.1.1), so that the server, not
+    /// the gate, holds the TIME_WAIT: a gate that closed first would keep one of its ports
+    /// toward the upstream for a minute per connection, and run out of them under churn.
+    AfterPeer,
 }
 
 /// The two legs of a relay that has ended, each with how it is let go.
@@ -732,6 +771,11 @@ async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
         Finish::Drop | Finish::Shut => {}
         Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
         Finish::Linger => linger::close(&mut leg.io, deadline).await,
+        Finish::Discard => linger::discard_until(&mut leg.io, deadline).await,
+        Finish::AfterPeer => {
+            linger::discard_until(&mut leg.io, deadline).await;
+            linger::shutdown(&mut leg.io, deadline).await;
+        }
     }
 }
 
