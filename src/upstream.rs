@@ -281,9 +281,20 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
+    // A trusted proxy in front (a mesh or load balancer that terminated TLS, with the gate
+    // on --plaintext) knows the scheme the client used; anyone else's claim is replaced.
+    let proto = client
+        .get(HeaderName::from_static("x-forwarded-proto"))
+        .filter(|_| fwd.peer_trusted)
+        .and_then(|v| match v.as_bytes().trim_ascii() {
+            p if p.eq_ignore_ascii_case(b"https") => Some("https"),
+            p if p.eq_ignore_ascii_case(b"http") => Some("http"),
+            _ => None,
+        })
+        .unwrap_or(if fwd.tls { "https" } else { "http" });
     out.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
+        HeaderValue::from_static(proto),
     );
     if let Some(host) = client.get(header::HOST) {
         out.insert(HeaderName::from_static("x-forwarded-host"), host.clone());

@@ -355,6 +355,39 @@ async fn trusted_proxy_forwarded_for_is_extended() {
     );
 }
 
+/// X-Forwarded-Proto is the gate's own scheme, unless a trusted proxy in front (a mesh
+/// that terminated TLS before a plaintext gate) says which scheme the client used.
+#[tokio::test]
+async fn forwarded_proto_is_kept_only_from_a_trusted_proxy() {
+    let upstream = Upstream::start().await;
+    for (trusted, sent, expected) in [
+        (true, "https", "https"),
+        (true, "HTTP", "http"),
+        (true, "gopher", "http"),
+        (false, "https", "http"),
+    ] {
+        let policy = if trusted {
+            format!(
+                "trusted_proxies: [127.0.0.1/32]\n{}",
+                open_policy(&upstream.url(), "")
+            )
+        } else {
+            open_policy(&upstream.url(), "")
+        };
+        let gate = TestGate::start_with(&policy, false).await;
+        let mut request = gate.request("/ws");
+        request
+            .headers_mut()
+            .insert("x-forwarded-proto", header_value(sent));
+        let (_client, _) = gate.connect_request(request).await.unwrap();
+        assert_eq!(
+            upstream.last_seen().headers["x-forwarded-proto"],
+            expected,
+            "trusted {trusted}, sent {sent}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn unknown_path_is_404_no_route() {
     let upstream = Upstream::start().await;
