@@ -372,9 +372,12 @@ fn strip_cookies(
 }
 
 /// The path and query without the token query parameters, however their names are
-/// escaped (`access%5Ftoken` is `access_token` to the upstream). The verified token's
-/// parameter, when it is forwarded, keeps its first `name=value` copy, the one the gate
-/// read.
+/// escaped (`access%5Ftoken` is `access_token` to the upstream) and whichever separator
+/// comes before them (`;` as well as `&`: Rack and older Python split on both, and would
+/// read a token the gate never saw). The verified token's parameter, when it is forwarded,
+/// keeps its first `name=value` copy, the one the gate read. Everything else goes on
+/// byte for byte, empty pieces and separators included; a query with no token parameter
+/// is not touched.
 pub fn strip_token_params(path_and_query: &str, carriers: &Carriers<'_>) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_owned();
@@ -389,23 +392,46 @@ pub fn strip_token_params(path_and_query: &str, carriers: &Carriers<'_>) -> Stri
         Some(TokenSource::Query(name)) => Some(name.as_str()),
         _ => None,
     };
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|kv| {
-            let name = kv.split('=').next().unwrap_or("");
-            if kv.is_empty() || !is_token(name) {
-                return !kv.is_empty();
-            }
-            let verified = keep.is_some_and(|k| query_name_is(name, k)) && kv.contains('=');
-            verified && keep.take().is_some()
-        })
-        .collect();
-    if kept.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{}", kept.join("&"))
+    let mut removed = false;
+    // Each piece with the separator that ends it (none for the last).
+    let mut kept: Vec<&str> = Vec::new();
+    let mut rest = query;
+    loop {
+        let (piece, sep_len) = match rest.find(QUERY_SEPARATORS) {
+            Some(i) => (&rest[..=i], 1),
+            None => (rest, 0),
+        };
+        let pair = &piece[..piece.len() - sep_len];
+        let name = pair.split('=').next().unwrap_or("");
+        let token = !pair.is_empty() && is_token(name);
+        let verified = token && keep.is_some_and(|k| query_name_is(name, k)) && pair.contains('=');
+        if !token || (verified && keep.take().is_some()) {
+            kept.push(piece);
+        } else {
+            removed = true;
+        }
+        if sep_len == 0 {
+            break;
+        }
+        rest = &rest[piece.len()..];
     }
+    if !removed {
+        return path_and_query.to_owned();
+    }
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    if let Some((last, init)) = kept.split_last() {
+        out.push('?');
+        init.iter().for_each(|piece| out.push_str(piece));
+        // What ended the last kept piece went with the piece removed after it.
+        out.push_str(last.strip_suffix(QUERY_SEPARATORS).unwrap_or(last));
+    }
+    out
 }
+
+/// What separates a query's parameters for the token's purposes: `&`, and the `;` that
+/// some frameworks also split on.
+pub const QUERY_SEPARATORS: [char; 2] = ['&', ';'];
 
 /// The offered subprotocols without token entries (`subprotocol:` prefixes). The verified
 /// token's entry, when it is forwarded, keeps its first copy, the one the gate read.
@@ -865,6 +891,20 @@ mod tests {
             strip_token_params("/ws?access%5Ftoken=x&a=1&access%5ftoken=y", &s),
             "/ws?a=1"
         );
+        // Behind `;` too (Rack, older Python), and the rest byte for byte.
+        assert_eq!(
+            strip_token_params("/ws?a=1;access_token=z&b", &s),
+            "/ws?a=1;b"
+        );
+        assert_eq!(
+            strip_token_params("/ws?x=1&&access_token=z&y=2&", &s),
+            "/ws?x=1&&y=2&"
+        );
+        assert_eq!(strip_token_params("/ws?x=1&access_token=z", &s), "/ws?x=1");
+        // No token parameter: untouched, empty pieces and a bare `?` included.
+        for q in ["/ws?x=1&&y=2&", "/ws?", "/ws?a;b", "/ws"] {
+            assert_eq!(strip_token_params(q, &s), q);
+        }
         let v = HeaderValue::from_static("a=1; access_token=x; b=2");
         assert_eq!(strip_cookies(&v, s.sources, &mut None).unwrap(), "a=1; b=2");
         assert!(strip_cookies(

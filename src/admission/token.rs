@@ -65,7 +65,7 @@ pub fn extract<'a>(
                 })
                 .map(|token| (token, None)),
             TokenSource::Query(name) => query.and_then(|q| {
-                q.split('&')
+                q.split(crate::upstream::QUERY_SEPARATORS)
                     .filter_map(|kv| kv.split_once('='))
                     .find(|(k, _)| query_name_is(k, name))
                     .map(|(_, v)| (v, None))
