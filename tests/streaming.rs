@@ -276,30 +276,55 @@ async fn an_upstream_length_not_in_its_shortest_encoding_is_1002_and_1014_to_the
     assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1002);
 }
 
-/// The gate ends a connection (its max lifetime) while it is relaying a large frame to the
-/// client: no close frame can reach a client cut off inside a frame, so it gets its FIN at
-/// once, not once the upstream's close handshake is over (this upstream never answers; it
-/// would take `write_seconds`). Only the payload that crossed is counted.
-#[tokio::test]
-async fn a_client_cut_off_inside_a_frame_gets_its_fin_at_once() {
-    let (gate, mut client, mut upstream) =
-        through_gate("    timeouts: {max_lifetime_seconds: 1, write_seconds: 8}\n").await;
-    // The header of a 100,000-byte binary frame, and 1,000 bytes of it.
+/// The header of a 100,000-byte binary frame from the upstream.
+fn large_frame_header() -> Vec<u8> {
     let mut header = vec![0x82, 127];
     header.extend_from_slice(&100_000u64.to_be_bytes());
+    header
+}
+
+/// The gate ends a connection (its max lifetime) while it is relaying a large frame to the
+/// client: the frame is finished first, and the client then reads its close frame.
+#[tokio::test]
+async fn a_frame_in_flight_ends_before_the_close_frame() {
+    let (_gate, mut client, mut upstream) =
+        through_gate("    timeouts: {max_lifetime_seconds: 1}\n").await;
+    upstream.write_all(&large_frame_header()).await.unwrap();
+    upstream.write_all(&[7u8; 1000]).await.unwrap();
+    // The rest comes after the lifetime has run out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    upstream.write_all(&[7u8; 99_000]).await.unwrap();
+    let frame = next_frame(&mut client).await;
+    assert_eq!((frame.opcode, frame.payload.len()), (0x2, 100_000));
+    let close = next_frame(&mut client).await;
+    assert_eq!(close_code_of(&close), 1001);
+    assert_eq!(&close.payload[2..], b"max lifetime");
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1001);
+}
+
+/// The same with an upstream that never sends the rest: once the frame has had its time,
+/// no close frame can reach a client cut off inside it, so it gets its FIN, and not only
+/// once the upstream's close handshake is over (this upstream never answers; that would
+/// take `write_seconds`). Only the payload that crossed is counted.
+#[tokio::test]
+async fn a_client_cut_off_inside_a_frame_gets_its_fin() {
+    let (gate, mut client, mut upstream) =
+        through_gate("    timeouts: {max_lifetime_seconds: 1, write_seconds: 10}\n").await;
+    let header = large_frame_header();
     upstream.write_all(&header).await.unwrap();
     upstream.write_all(&[7u8; 1000]).await.unwrap();
     let started = std::time::Instant::now();
     let mut got = Vec::new();
-    let read = timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+    let read = timeout(Duration::from_secs(8), client.read_to_end(&mut got)).await;
     let took = started.elapsed();
-    assert!(read.is_ok(), "no FIN within 5 s of the lifetime's end");
+    assert!(read.is_ok(), "no FIN within 8 s of the connection's start");
     assert_eq!(
         got.len(),
         header.len() + 1000,
         "the frame's start, then EOF"
     );
-    assert!(took < Duration::from_secs(3), "FIN after {took:?}");
+    // The lifetime (1 s), then the 2 s the frame gets to end.
+    assert!(took < Duration::from_millis(4500), "FIN after {took:?}");
     // The upstream was sent its 1001.
     let close = next_frame(&mut upstream).await;
     assert_eq!(close_code_of(&close), 1001);

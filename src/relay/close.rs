@@ -175,6 +175,29 @@ impl CloseReason {
         }
     }
 
+    /// Toward which sides (client, upstream) a frame the relay was in the middle of
+    /// passing on is finished before that side's close frame is sent: where its source is
+    /// still there and trusted (not a violator, a lost or stalled side, or a dead client),
+    /// and the side it goes to is still to be sent a close.
+    pub(super) fn frames_to_finish(&self) -> (bool, bool) {
+        match self {
+            CloseReason::Closed { .. }
+            | CloseReason::PolicyChanged
+            | CloseReason::IdleTimeout
+            | CloseReason::MaxLifetime
+            | CloseReason::TokenExpired
+            | CloseReason::Shutdown
+            | CloseReason::Revoked => (true, true),
+            // The client is refused; the upstream's frame toward it still ends first.
+            CloseReason::RateExceeded | CloseReason::TypeNotAllowed => (true, false),
+            CloseReason::TooBig(_)
+            | CloseReason::Protocol(..)
+            | CloseReason::Lost(_)
+            | CloseReason::Stalled(_)
+            | CloseReason::HeartbeatTimeout => (false, false),
+        }
+    }
+
     /// How each side is ended: (client, upstream). The close table.
     pub(super) fn endings(&self) -> (Ending, Ending) {
         use Side::{Client, Upstream};

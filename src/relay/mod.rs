@@ -677,6 +677,28 @@ async fn close_both(
     after_peer: bool,
 ) -> (Finish, Finish) {
     let (mut to_client, mut to_upstream) = reason.endings();
+    // A side in the middle of a relayed frame can be sent no close frame: the frame is
+    // finished first where its source can finish it.
+    let (to_client_frame, to_upstream_frame) = reason.frames_to_finish();
+    let finish = (
+        to_client_frame && client.mid_frame,
+        to_upstream_frame && upstream.mid_frame,
+    );
+    if finish.0 || finish.1 {
+        let deadline = deadline.min(Instant::now() + FINISH_FRAME);
+        let closed_by = finish_frames(client, upstream, c2u, u2c, finish, deadline).await;
+        // A side that sent its own close meanwhile is answered, not waited on.
+        let reply = |ending: &mut Ending| {
+            if let Ending::Close(frame) = ending {
+                *ending = Ending::Reply(frame.take());
+            }
+        };
+        match closed_by {
+            Some(Side::Client) => reply(&mut to_client),
+            Some(Side::Upstream) => reply(&mut to_upstream),
+            None => {}
+        }
+    }
     // A violator's peer is closed first, and what it had already sent is still delivered
     // to the violator: the messages it sent before the bad frame arrived get their answers
     // (as from an endpoint that had answered them before reading it).
@@ -695,6 +717,59 @@ async fn close_both(
         end_and_shut(client, to_client, deadline, false),
         end_and_shut(upstream, to_upstream, deadline, after_peer)
     )
+}
+
+/// How long a frame begun toward a side gets to end, so that the side's close frame can
+/// follow it, before that side is cut off without one.
+const FINISH_FRAME: Duration = Duration::from_secs(2);
+
+/// Relay on, with every check, toward each side `finish` names that is in the middle of a
+/// frame, until that frame has ended (what follows it in the same read goes too), for at
+/// most until `deadline`. Returns the side whose own close came meanwhile, if one did;
+/// anything else that ends a direction (its source lost or breaking a rule) stops the
+/// finishing, and that side's close fares as it would have.
+async fn finish_frames(
+    client: &mut Leg,
+    upstream: &mut Leg,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    finish: (bool, bool),
+    deadline: Instant,
+) -> Option<Side> {
+    let finished = timeout_at(
+        deadline,
+        poll_fn(|cx| loop {
+            let to_client = finish.0 && client.mid_frame;
+            let to_upstream = finish.1 && upstream.mid_frame;
+            if !to_client && !to_upstream {
+                return Poll::Ready(None);
+            }
+            let mut polled = Poll::Pending;
+            if to_client {
+                polled = u2c.poll(upstream, client, cx);
+            }
+            if polled.is_pending() && to_upstream {
+                polled = c2u.poll(client, upstream, cx);
+            }
+            match polled {
+                Poll::Ready(Event::End(CloseReason::Closed { by, .. })) => {
+                    return Poll::Ready(Some(by))
+                }
+                Poll::Ready(Event::End(_)) => return Poll::Ready(None),
+                // A stall arms nothing here (the deadline bounds it); poll again.
+                Poll::Ready(Event::Stalled | Event::Pong) => continue,
+                Poll::Pending => {
+                    // A direction that ended its frame and then had nothing more to read.
+                    if (!to_client || !client.mid_frame) && (!to_upstream || !upstream.mid_frame) {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }),
+    )
+    .await;
+    finished.unwrap_or(None)
 }
 
 /// [`end`], then, after a completed close handshake, the write side shut at once (or,
