@@ -22,8 +22,9 @@ pub mod frame;
 mod inbound;
 pub mod inflate;
 mod leg;
+mod quiet;
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -596,6 +597,8 @@ impl Relay {
         let revoked = c2u.entry.revoked().clone().cancelled_owned();
         tokio::pin!(revoked);
         let mut watching_policy = true;
+        // Those three waits are polled only after one of them woke (see `quiet`).
+        let quiet = quiet::Quiet::new();
         let reason = loop {
             tokio::select! {
                 event = poll_fn(|cx| {
@@ -623,36 +626,50 @@ impl Relay {
                     }
                     timer.as_mut().reset(deadlines.next(c2u, u2c));
                 },
-                (changed, changes) = &mut policy_change, if watching_policy => {
-                    if changed.is_err() {
-                        watching_policy = false;
-                        continue;
+                signal = poll_fn(|cx| quiet.poll(cx, |cx| {
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Signal::Drain);
                     }
-                    policy_change.set(next_change(changes));
-                    let loaded = policy.load();
-                    if let Err(why) = admission::recheck(&loaded.policy, standing) {
-                        let (route, ip) = (&route.name, standing.client_ip);
-                        // The request id ties it to the connection's upgrade and close lines.
-                        let request_id = request_id.to_str().unwrap_or("-");
-                        if loaded.policy.mode == Mode::Report {
-                            tracing::warn!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
-                        } else {
-                            tracing::info!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
-                            break CloseReason::PolicyChanged;
+                    if revoked.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Signal::Revoked);
+                    }
+                    // Not once its channel has closed: that future has finished.
+                    if !watching_policy {
+                        return Poll::Pending;
+                    }
+                    policy_change.as_mut().poll(cx).map(Signal::Policy)
+                })) => match signal {
+                    Signal::Drain => break CloseReason::Shutdown,
+                    Signal::Revoked => break CloseReason::Revoked,
+                    Signal::Policy((changed, changes)) => {
+                        if changed.is_err() {
+                            watching_policy = false;
+                            continue;
+                        }
+                        policy_change.set(next_change(changes));
+                        let loaded = policy.load();
+                        if let Err(why) = admission::recheck(&loaded.policy, standing) {
+                            let (route, ip) = (&route.name, standing.client_ip);
+                            // The request id ties it to the connection's upgrade and close lines.
+                            let request_id = request_id.to_str().unwrap_or("-");
+                            if loaded.policy.mode == Mode::Report {
+                                tracing::warn!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
+                            } else {
+                                tracing::info!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
+                                break CloseReason::PolicyChanged;
+                            }
                         }
                     }
                 },
-                () = &mut cancelled => break CloseReason::Shutdown,
-                () = &mut revoked => break CloseReason::Revoked,
             }
         };
 
         let deadline = Instant::now() + deadlines.write();
-        // Boxed: the closing futures (the drain and both ends) would otherwise be part of
-        // every connection's task for all its life.
         // A draining gate does not wait for upstreams to close TCP first: the drain ends
         // with the close handshakes.
         let after_peer = !stop.drain.is_cancelled();
+        // Boxed: the closing futures (the drain and both ends) would otherwise be part of
+        // every connection's task for all its life.
         let closing = Box::pin(close_both(
             client, upstream, c2u, u2c, &reason, deadline, after_peer,
         ));
@@ -852,6 +869,16 @@ async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
             linger::shutdown(&mut leg.io, deadline).await;
         }
     }
+}
+
+/// One of the relay's seldom waits finished.
+enum Signal {
+    /// The gate's drain has begun.
+    Drain,
+    /// The operator closed the connection.
+    Revoked,
+    /// The policy changed (or its channel closed), with the receiver for the next wait.
+    Policy((Result<(), watch::error::RecvError>, watch::Receiver<u64>)),
 }
 
 /// The next policy change, owning its receiver so that the wait can outlive one turn of
