@@ -128,7 +128,25 @@ fn parse_claim(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not k=v"))
 }
 
+/// An empty `WSGATE_*` variable of a flag is unset, as `-e WSGATE_TLS_CERT=` or an empty
+/// `value:` in a manifest means: clap would take it as a flag given without its value.
+/// (Before any thread exists: nothing else reads the environment concurrently.)
+fn unset_empty_flag_variables(cli: &clap::Command) {
+    for arg in cli
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .chain(cli.get_arguments())
+    {
+        if let Some(name) = arg.get_env() {
+            if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                std::env::remove_var(name);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    unset_empty_flag_variables(&Cli::command());
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -383,7 +401,11 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
         (true, true) => {
-            eprintln!("--plaintext and --tls-cert/--tls-key exclude each other");
+            eprintln!(
+                "--plaintext and --tls-cert/--tls-key exclude each other (to serve plaintext \
+                 where WSGATE_TLS_CERT and WSGATE_TLS_KEY are set, as in the container \
+                 image, give them empty values)"
+            );
             return ExitCode::from(2);
         }
         _ => {}

@@ -503,6 +503,20 @@ fn a_flag_beats_a_variable_when_choosing_between_tls_and_plaintext() {
         "TLS flags with WSGATE_PLAINTEXT served plaintext: {lines:#?}"
     );
 
+    // Empty variables are unset: the way to serve plaintext from an image whose ENV
+    // names a certificate, with variables only.
+    let emptied = [
+        ("WSGATE_PLAINTEXT", std::ffi::OsStr::new("true")),
+        ("WSGATE_TLS_CERT", std::ffi::OsStr::new("")),
+        ("WSGATE_TLS_KEY", std::ffi::OsStr::new("")),
+    ];
+    let (lines, code) = start_up(gate(&[], &emptied));
+    assert_eq!(code, None, "emptied TLS variables: {lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("serving ws://")),
+        "emptied TLS variables did not serve plaintext: {lines:#?}"
+    );
+
     let both_flags: Vec<_> = plaintext_flag.iter().chain(&tls_flags).copied().collect();
     let both_env: Vec<_> = plaintext_env.iter().chain(&tls_env).copied().collect();
     for (flags, env, what) in [
