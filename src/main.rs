@@ -156,7 +156,7 @@ fn main() -> ExitCode {
         args.prefer_command_line(run);
     }
     match cli.command {
-        Command::Check { path } => match config::load(&path) {
+        Command::Check { path } => match config::check(&path) {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     eprintln!("{}: {}: warning: {}", path.display(), w.field, w.message);

@@ -51,6 +51,58 @@ fn every_shipped_policy_passes_check() {
     );
 }
 
+/// `wsgate check` usually runs where the gate's secrets are not (CI, a laptop): every
+/// shipped policy passes it without `WSGATE_JWT_SECRET`, with a warning naming the
+/// variable; `wsgate run` still refuses a policy whose secret variable is unset.
+#[test]
+fn check_passes_without_the_secret_variable_and_run_does_not() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            continue;
+        }
+        let out = Command::new(BIN)
+            .arg("check")
+            .arg(&path)
+            .env_remove("WSGATE_JWT_SECRET")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{}: {stderr}", path.display());
+        let names_secret = std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("hmac_secret_env: WSGATE_JWT_SECRET");
+        if names_secret {
+            assert!(
+                stderr.contains("warning") && stderr.contains("WSGATE_JWT_SECRET is not set"),
+                "{}: {stderr}",
+                path.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3);
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .arg("--policy")
+        .arg(dir.join("default.yaml"))
+        .env_remove("WSGATE_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WSGATE_JWT_SECRET is not set"), "{stderr}");
+}
+
 #[test]
 fn check_warns_about_a_key_no_algorithm_uses_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -260,7 +312,7 @@ fn check_reports_an_inherited_error_once_at_defaults() {
         &path,
         "\u{feff}version: 1\n\
          defaults:\n  \
-           auth: {leeway_seconds: 5000, algorithms: [HS256], keys: [{hmac_secret_env: WSGATE_TEST_UNSET_SECRET}]}\n  \
+           auth: {leeway_seconds: 5000, algorithms: [HS256], keys: [{hmac_secret_file: no-such-secret}]}\n  \
            rate: {upgrades_per_second: 0, ipv6_prefix: 0}\n  \
            messages: {per_second: 0}\n\
          routes:\n  - path: /a\n  - path: /b\n  - path: /c\n",
@@ -273,7 +325,7 @@ fn check_reports_an_inherited_error_once_at_defaults() {
         "defaults.rate.upgrades_per_second",
         "defaults.rate.ipv6_prefix",
         "defaults.messages.per_second",
-        "defaults.auth.keys[0].hmac_secret_env",
+        "defaults.auth.keys[0].hmac_secret_file",
     ] {
         assert_eq!(
             text.matches(&format!(": {field}: ")).count(),

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::policy::Loaded;
 
-pub use validate::{parse_cidr, parse_origin_pattern, validate};
+pub use validate::{parse_cidr, parse_origin_pattern, validate, validate_for, Purpose};
 
 // Built-in defaults: what a field is when neither the route nor `defaults` sets it.
 // Chosen for safety; docs/policy.md ("Policy reference") documents each.
@@ -162,11 +162,21 @@ impl fmt::Display for Tail<'_> {
 ///
 /// Blocking: call it from `spawn_blocking` inside the runtime.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    load_for(path, Purpose::Run)
+}
+
+/// [`load`] for `wsgate check`, which usually runs where the gate's secrets are not: an
+/// unset `hmac_secret_env` is a warning there (see [`Purpose::Check`]).
+pub fn check(path: &Path) -> Result<Loaded, ConfigError> {
+    load_for(path, Purpose::Check)
+}
+
+fn load_for(path: &Path, purpose: Purpose) -> Result<Loaded, ConfigError> {
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
-    let loaded = load_bytes(path, &bytes)?;
+    let loaded = load_bytes_for(path, &bytes, purpose)?;
     for w in &loaded.warnings {
         tracing::warn!(path = %path.display(), field = %w.field, "policy warning: {}", w.message);
     }
@@ -176,6 +186,10 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parse and validate policy bytes that were read from `path` (relative key paths are
 /// resolved against its directory).
 pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
+    load_bytes_for(path, bytes, Purpose::Run)
+}
+
+fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded, ConfigError> {
     let syntax = |e: serde_yaml::Error| match e.location() {
         Some(loc) => ConfigError::Syntax {
             path: path.to_owned(),
@@ -210,11 +224,12 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
         }
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let (policy, warnings) = validate(&parsed, base).map_err(|refused| ConfigError::Invalid {
-        path: path.to_owned(),
-        errors: refused.errors,
-        files: refused.files,
-    })?;
+    let (policy, warnings) =
+        validate_for(&parsed, base, purpose).map_err(|refused| ConfigError::Invalid {
+            path: path.to_owned(),
+            errors: refused.errors,
+            files: refused.files,
+        })?;
     let document = serde_json::to_value(document).unwrap_or_default();
     Ok(Loaded {
         policy,

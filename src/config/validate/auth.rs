@@ -279,6 +279,18 @@ impl Validator<'_> {
                 Ok(secret) => {
                     self.hmac_key(&field, secret.into_bytes(), k, keys, &mut check_family)
                 }
+                Err(_) if self.purpose == super::Purpose::Check => {
+                    self.warn(
+                        &field,
+                        format!(
+                            "environment variable {var} is not set here: `wsgate run` refuses \
+                             this policy where it is not"
+                        ),
+                    );
+                    // Judged as the key that will be there.
+                    let placeholder = vec![0; MIN_HMAC_SECRET_BYTES];
+                    self.hmac_key(&field, placeholder, k, keys, &mut check_family)
+                }
                 Err(_) => self.err(field, format!("environment variable {var} is not set")),
             }
         } else if let Some(path) = &k.hmac_secret_file {

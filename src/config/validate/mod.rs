@@ -42,13 +42,35 @@ pub struct Refused {
     pub files: Vec<PathBuf>,
 }
 
+/// What a policy is validated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// To be put in force (`wsgate run`, a reload, `explain`): everything it names must be
+    /// there.
+    Run,
+    /// `wsgate check`, which usually runs where the gate's secrets are not (a CI job, an
+    /// operator's laptop): an `hmac_secret_env` variable that is not set is a warning, and
+    /// the key is judged as one that will be there.
+    Check,
+}
+
 /// The policy and its warnings, or why it is refused.
 pub fn validate(file: &PolicyFile, base: &Path) -> Result<(Policy, Vec<FieldWarning>), Refused> {
+    validate_for(file, base, Purpose::Run)
+}
+
+/// [`validate`] for `purpose`.
+pub fn validate_for(
+    file: &PolicyFile,
+    base: &Path,
+    purpose: Purpose,
+) -> Result<(Policy, Vec<FieldWarning>), Refused> {
     let mut v = Validator {
         errors: Vec::new(),
         warnings: Vec::new(),
         base,
         files: Vec::new(),
+        purpose,
     };
     if file.version != 1 {
         v.err(
@@ -152,6 +174,7 @@ struct Validator<'a> {
     base: &'a Path,
     /// Files read while validating.
     files: Vec<PathBuf>,
+    purpose: Purpose,
 }
 
 /// Picks a leaf field from the route, else from `defaults`, remembering which one it was
