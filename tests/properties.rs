@@ -89,7 +89,7 @@ impl fmt::Debug for PolicyBytes {
 /// the variable here would race with other test threads reading the environment. Any file
 /// of 32 bytes or more is a valid secret.
 const SECRET_ENV: &str = "hmac_secret_env: WSGATE_JWT_SECRET";
-const SECRET_FILE: &str = "hmac_secret_file: keys/example-es256.pub.pem";
+const SECRET_FILE: &str = "hmac_secret_file: ../certs/example-jwt/example-es256.pub.pem";
 
 /// Every file in `policies/`, as written and with its comment lines left out (so that
 /// more edits land on fields).
@@ -210,13 +210,13 @@ const VALUES: &[&str] = &[
     "https://issuer/jwks", "http://issuer/jwks", "10.0.0.0/33", "\"::\"",
     "[10.0.0.0/8, bad]", "[\"::ffff:10.0.0.1/128\"]", "/", "/ws/", "/ws", "ws", "enforce",
     "report", "Report", "pass", "reject", "WSGATE_JWT_SECRET", "WSGATE_UNSET_VARIABLE",
-    "keys/example-es256.pub.pem", "keys/example-jwks.json", "keys/missing.pem",
+    "../certs/example-jwt/example-es256.pub.pem", "../certs/example-jwt/example-jwks.json", "keys/missing.pem",
     "../README.md", "/dev/null", "[{hmac_secret_env: WSGATE_JWT_SECRET}]",
     "[{jwks_url: \"https://x/\", refresh_seconds: 0}]",
-    "[{public_key_file: keys/example-es256.pub.pem, kid: a}]",
-    "[{jwks_file: keys/example-jwks.json, kid: a}]", "{role: []}", "{role: [a, b]}",
+    "[{public_key_file: ../certs/example-jwt/example-es256.pub.pem, kid: a}]",
+    "[{jwks_file: ../certs/example-jwt/example-jwks.json, kid: a}]", "{role: []}", "{role: [a, b]}",
     "{sub: Host}", "{sub: \"bad header\"}", "{sub: X-Forwarded-For}", "{sub: X-Ok}",
-    "{ca_file: keys/example-es256.pub.pem}", "{server_name: \"not a name\"}",
+    "{ca_file: ../certs/example-jwt/example-es256.pub.pem}", "{server_name: \"not a name\"}",
     "!!binary aGk=", "!tag x", "&anchor x", "*anchor", "|\n  text", ">", "'", "\"", "[",
     "{", "- x", "? x", ": x", "%TAG", "@x", "`x`", "\t", "\"\\u0000\"", "é", "\u{feff}",
 ];

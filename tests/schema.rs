@@ -1,5 +1,5 @@
 //! `wsgate schema`: the policy's JSON Schema, generated from the structs that parse the
-//! policy. It is draft 2020-12, the copy committed as `policies/policy.schema.json` is
+//! policy. It is draft 2020-12, the copy committed as `schema/policy.schema.json` is
 //! exactly what the binary prints, every shipped policy names that copy on its first line
 //! and passes it, and the schema refuses what the parser refuses (an unknown field, a
 //! wrong type) and accepts what the parser accepts.
@@ -13,9 +13,9 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
 /// What editors read from the first line of every shipped policy.
-const MODELINE: &str = "# yaml-language-server: $schema=./policy.schema.json";
+const MODELINE: &str = "# yaml-language-server: $schema=../schema/policy.schema.json";
 
-const REGENERATE: &str = "cargo run -- schema > policies/policy.schema.json";
+const REGENERATE: &str = "cargo run -- schema > schema/policy.schema.json";
 
 /// `wsgate schema`'s stdout, run once.
 fn printed() -> &'static str {
@@ -118,7 +118,7 @@ fn undescribed_fields(schema: &Value, at: &str, out: &mut Vec<String>) {
 
 #[test]
 fn the_committed_schema_is_what_wsgate_schema_prints() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/policy.schema.json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/policy.schema.json");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == printed(),
