@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::admission::token::{query_name_is, Carriers};
+use crate::admission::token::{query_name_is, Carriers, QUERY_SEPARATORS};
 use crate::admission::{Rejection, UpstreamRefusal};
 use crate::extensions::{Agreed, Offers};
 use crate::policy::{Route, TokenSource, Upstream};
@@ -428,10 +428,6 @@ pub fn strip_token_params(path_and_query: &str, carriers: &Carriers<'_>) -> Stri
     }
     out
 }
-
-/// What separates a query's parameters for the token's purposes: `&`, and the `;` that
-/// some frameworks also split on.
-pub const QUERY_SEPARATORS: [char; 2] = ['&', ';'];
 
 /// The offered subprotocols without token entries (`subprotocol:` prefixes). The verified
 /// token's entry, when it is forwarded, keeps its first copy, the one the gate read.

@@ -65,7 +65,7 @@ pub fn extract<'a>(
                 })
                 .map(|token| (token, None)),
             TokenSource::Query(name) => query.and_then(|q| {
-                q.split(crate::upstream::QUERY_SEPARATORS)
+                q.split(QUERY_SEPARATORS)
                     .filter_map(|kv| kv.split_once('='))
                     .find(|(k, _)| query_name_is(k, name))
                     .map(|(_, v)| (v, None))
@@ -97,6 +97,10 @@ pub fn extract<'a>(
     }
     None
 }
+
+/// What separates a query's parameters for the token's purposes: `&`, and the `;` that
+/// some frameworks also split on (Rack 2, Python before 3.9.2, Go before 1.17).
+pub const QUERY_SEPARATORS: [char; 2] = ['&', ';'];
 
 /// Whether a query parameter name, as sent, is `name`: as it is, or once form-decoded
 /// (`%XX` escapes in either case, `+` as a space), which is how the upstream's query parser
