@@ -409,15 +409,21 @@ fn run_needs_tls_or_plaintext() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
 }
 
-#[test]
-fn plaintext_takes_the_usual_boolean_spellings_from_its_variable() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
+/// A policy with one open route and an upstream nobody listens on, written in `dir`.
+fn open_policy_in(dir: &Path) -> std::path::PathBuf {
+    let policy = dir.join("policy.yaml");
     std::fs::write(
         &policy,
         "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {required: false}\nroutes:\n  - path: /ws\n",
     )
     .unwrap();
+    policy
+}
+
+#[test]
+fn plaintext_takes_the_usual_boolean_spellings_from_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = open_policy_in(dir.path());
     let start = |value: &str| {
         Command::new(BIN)
             .args(["run", "--listen", "127.0.0.1:0", "--admin", "off"])
@@ -465,12 +471,7 @@ fn plaintext_takes_the_usual_boolean_spellings_from_its_variable() {
 #[test]
 fn a_flag_beats_a_variable_when_choosing_between_tls_and_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {required: false}\nroutes:\n  - path: /ws\n",
-    )
-    .unwrap();
+    let policy = open_policy_in(dir.path());
     let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
     let (cert, key) = (certs.join("localhost.pem"), certs.join("localhost.key"));
     let gate = |flags: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]| {
@@ -491,15 +492,9 @@ fn a_flag_beats_a_variable_when_choosing_between_tls_and_plaintext() {
     // The start-up lines up to "listening", or every line of a process that exited.
     let start_up = |mut cmd: Command| -> (Vec<String>, Option<i32>) {
         let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let log = Log::follow(&mut child);
         let mut lines = Vec::new();
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        while let Some(line) = log.next_line(Duration::from_secs(10)) {
             let listening = line.contains("listening");
             lines.push(line);
             if listening {
