@@ -147,6 +147,8 @@ fn unset_empty_flag_variables(cli: &clap::Command) {
 
 fn main() -> ExitCode {
     unset_empty_flag_variables(&Cli::command());
+    // A second `Command`: clap reads each flag's variable when the `Command` is built, so
+    // the first one still holds the empty values just removed.
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
