@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::close::{CloseReason, Side};
+use super::direction::Direction;
 use super::leg::Leg;
-use super::Direction;
 use crate::policy::Route;
 
 /// The heartbeat towards the client.

@@ -1,0 +1,368 @@
+//! Once the relay has ended: each side closed as the close table says (a frame in flight
+//! finished first, a violator's peer closed before the violator), and each socket let go
+//! (close_notify and FIN, lingering, or dropped).
+
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{timeout_at, Instant};
+
+use super::close::{CloseFrame, CloseReason, Ending, Side};
+use super::direction::{Direction, Event};
+use super::frame::{OpCode, Step, MAX_HEADER};
+use super::leg::{with_scratch, Leg};
+use super::Relay;
+use crate::linger;
+
+/// Close both sides as the close table says for `reason`, never past `deadline`; returns
+/// how each leg is then let go.
+pub(super) async fn close_both(
+    client: &mut Leg,
+    upstream: &mut Leg,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    reason: &CloseReason,
+    deadline: Instant,
+    after_peer: bool,
+) -> (Finish, Finish) {
+    let (mut to_client, mut to_upstream) = reason.endings();
+    // A side in the middle of a relayed frame can be sent no close frame: the frame is
+    // finished first where its source can finish it.
+    let (to_client_frame, to_upstream_frame) = reason.frames_to_finish();
+    let finish = (
+        to_client_frame && client.mid_frame,
+        to_upstream_frame && upstream.mid_frame,
+    );
+    if finish.0 || finish.1 {
+        let deadline = deadline.min(Instant::now() + FINISH_FRAME);
+        let closed_by = finish_frames(client, upstream, c2u, u2c, finish, deadline).await;
+        // A side that sent its own close meanwhile is answered, not waited on.
+        let reply = |ending: &mut Ending| {
+            if let Ending::Close(frame) = ending {
+                *ending = Ending::Reply(frame.take());
+            }
+        };
+        match closed_by {
+            Some(Side::Client) => reply(&mut to_client),
+            Some(Side::Upstream) => reply(&mut to_upstream),
+            None => {}
+        }
+    }
+    // A violator's peer is closed first, and what it had already sent is still delivered
+    // to the violator: the messages it sent before the bad frame arrived get their answers
+    // (as from an endpoint that had answered them before reading it).
+    match reason.violator() {
+        Some(Side::Client) => {
+            to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await;
+        }
+        Some(Side::Upstream) => {
+            to_client = drain(client, upstream, c2u, to_client, deadline).await;
+        }
+        None => {}
+    }
+    // Each side is shut as soon as its own close is done: an upstream that answered is
+    // not kept open while a silent client is waited for.
+    tokio::join!(
+        end_and_shut(client, to_client, deadline, false),
+        end_and_shut(upstream, to_upstream, deadline, after_peer)
+    )
+}
+
+/// How long a frame begun toward a side gets to end, so that the side's close frame can
+/// follow it, before that side is cut off without one.
+const FINISH_FRAME: Duration = Duration::from_secs(2);
+
+/// Relay on, with every check, toward each side `finish` names that is in the middle of a
+/// frame, until that frame has ended (what follows it in the same read goes too), for at
+/// most until `deadline`. Returns the side whose own close came meanwhile, if one did;
+/// anything else that ends a direction (its source lost or breaking a rule) stops the
+/// finishing, and that side's close fares as it would have.
+async fn finish_frames(
+    client: &mut Leg,
+    upstream: &mut Leg,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    finish: (bool, bool),
+    deadline: Instant,
+) -> Option<Side> {
+    let finished = timeout_at(
+        deadline,
+        poll_fn(|cx| loop {
+            let to_client = finish.0 && client.mid_frame;
+            let to_upstream = finish.1 && upstream.mid_frame;
+            if !to_client && !to_upstream {
+                return Poll::Ready(None);
+            }
+            let mut polled = Poll::Pending;
+            if to_client {
+                polled = u2c.poll(upstream, client, cx);
+            }
+            if polled.is_pending() && to_upstream {
+                polled = c2u.poll(client, upstream, cx);
+            }
+            match polled {
+                Poll::Ready(Event::End(CloseReason::Closed { by, .. })) => {
+                    return Poll::Ready(Some(by))
+                }
+                Poll::Ready(Event::End(_)) => return Poll::Ready(None),
+                // A stall arms nothing here (the deadline bounds it); poll again.
+                Poll::Ready(Event::Stalled | Event::Pong) => continue,
+                Poll::Pending => {
+                    // A direction that ended its frame and then had nothing more to read.
+                    if (!to_client || !client.mid_frame) && (!to_upstream || !upstream.mid_frame) {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }),
+    )
+    .await;
+    finished.unwrap_or(None)
+}
+
+/// [`end`], then, after a completed close handshake, the write side shut at once (or,
+/// with `after_peer`, once the peer has shut its own: see [`Finish::AfterPeer`]); and at
+/// once for a side cut off inside a relayed frame, which no close frame can reach.
+async fn end_and_shut(
+    leg: &mut Leg,
+    ending: Ending,
+    deadline: Instant,
+    after_peer: bool,
+) -> Finish {
+    match end(leg, ending, deadline).await {
+        Finish::Shutdown if after_peer => Finish::AfterPeer,
+        Finish::Shutdown => {
+            linger::shutdown(&mut leg.io, Instant::now() + linger::LINGER_TIME).await;
+            Finish::Shut
+        }
+        // Its FIN goes now, not once the other side's close handshake is done (up to
+        // `write_seconds` later): it learns at once that the connection is over. What it
+        // still sends is discarded while the connection lingers.
+        Finish::Linger if leg.mid_frame && !leg.close_sent => {
+            linger::shutdown(&mut leg.io, deadline).await;
+            Finish::Discard
+        }
+        finish => finish,
+    }
+}
+
+/// How a leg's socket is let go once its close frames are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Finish {
+    /// Lost or stalled: dropped at once, without a close frame.
+    Drop,
+    /// The close handshake completed, so the peer sends nothing more: TLS close_notify
+    /// and FIN, then the socket goes.
+    Shutdown,
+    /// As `Shutdown`, already done: only the socket's drop is left.
+    Shut,
+    /// Our close frame may still be unread behind the peer's input: close_notify and FIN,
+    /// then input is discarded until the peer closes ([`linger::close`]).
+    Linger,
+    /// As `Linger`, with close_notify and FIN already sent: only the discarding is left.
+    Discard,
+    /// The close handshake completed with the upstream: wait for its FIN (discarding
+    /// anything else), then send ours. The gate is the upstream's client, and a WebSocket
+    /// client lets the server close TCP first (RFC 6455 §7.1.1), so that the server, not
+    /// the gate, holds the TIME_WAIT: a gate that closed first would keep one of its ports
+    /// toward the upstream for a minute per connection, and run out of them under churn.
+    AfterPeer,
+}
+
+/// The two legs of a relay that has ended, each with how it is let go.
+pub struct Ended {
+    pub(super) relay: Box<Relay>,
+    pub(super) client: Finish,
+    pub(super) upstream: Finish,
+}
+
+impl Ended {
+    /// Let both legs go (see [`Finish`]), within the linger bounds; the sockets are
+    /// dropped afterwards.
+    pub async fn linger(mut self) {
+        let deadline = Instant::now() + linger::LINGER_TIME;
+        let relay = &mut *self.relay;
+        tokio::join!(
+            let_go(&mut relay.client, self.client, deadline),
+            let_go(&mut relay.upstream, self.upstream, deadline)
+        );
+    }
+}
+
+async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
+    match finish {
+        Finish::Drop | Finish::Shut => {}
+        Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
+        Finish::Linger => linger::close(&mut leg.io, deadline).await,
+        Finish::Discard => linger::discard_until(&mut leg.io, deadline).await,
+        Finish::AfterPeer => {
+            linger::discard_until(&mut leg.io, deadline).await;
+            linger::shutdown(&mut leg.io, deadline).await;
+        }
+    }
+}
+
+/// How long a violator's peer gets to answer our close before the violator is failed.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Close `peer` (the side that did nothing wrong) with `ending`, after what the violator
+/// had sent it before the violation, relaying what the peer still sends to `violator`
+/// (through `direction`, with every check) until its close reply, for at most [`DRAIN`].
+/// Returns what is left to do with `peer`.
+async fn drain(
+    peer: &mut Leg,
+    violator: &mut Leg,
+    direction: &mut Direction,
+    ending: Ending,
+    deadline: Instant,
+) -> Ending {
+    let Ending::Close(frame) = ending else {
+        return ending;
+    };
+    let from = direction.from;
+    let mut sent = false;
+    let replied = timeout_at(deadline.min(Instant::now() + DRAIN), async {
+        if !send_close(peer, frame.clone()).await {
+            return None;
+        }
+        sent = true;
+        loop {
+            match poll_fn(|cx| direction.poll(peer, violator, cx)).await {
+                Event::Stalled | Event::Pong => continue,
+                Event::End(CloseReason::Closed { by, .. }) if by == from => return Some(()),
+                Event::End(_) => return None,
+            }
+        }
+    })
+    .await;
+    match (sent, replied) {
+        (false, _) => Ending::Close(frame),
+        (true, Ok(Some(()))) => Ending::Done,
+        (true, _) => Ending::AwaitReply,
+    }
+}
+
+/// End one side of a relay, never past `deadline`; returns how its socket is let go.
+/// Closing TCP is our job afterwards: as the server of the client leg, once the
+/// handshake is complete.
+async fn end(leg: &mut Leg, ending: Ending, deadline: Instant) -> Finish {
+    let finished = timeout_at(deadline, async {
+        match ending {
+            Ending::Close(frame) => {
+                if send_close(leg, frame).await && await_close_reply(leg).await {
+                    return Finish::Shutdown;
+                }
+                Finish::Linger
+            }
+            Ending::Reply(frame) => {
+                send_close(leg, frame).await;
+                Finish::Shutdown
+            }
+            Ending::CloseAndDrop(frame) => {
+                send_close(leg, Some(frame)).await;
+                Finish::Linger
+            }
+            Ending::AwaitReply if await_close_reply(leg).await => Finish::Shutdown,
+            Ending::AwaitReply => Finish::Linger,
+            Ending::Done => {
+                let _ = poll_fn(|cx| leg.poll_flush(cx)).await;
+                Finish::Shutdown
+            }
+            Ending::Drop => Finish::Drop,
+        }
+    })
+    .await;
+    finished.unwrap_or(Finish::Linger)
+}
+
+/// Send our close frame after what is still owed to `leg` (or the rest of one begun
+/// before). Returns whether it went: it cannot once a close is sent whole, nor while the
+/// relayed stream stops inside a frame (a peer cut off mid-frame reads the rest of the
+/// connection as that frame's payload, so it gets a FIN and no close frame).
+async fn send_close(leg: &mut Leg, frame: Option<CloseFrame>) -> bool {
+    if leg.close_sent && !leg.caught_up() {
+        // Our close frame was begun and the peer took only part of it (a drain that timed
+        // out): nothing is written after it, so what is left is its rest. Finish it rather
+        // than leave the peer a truncated frame before the FIN.
+        return poll_fn(|cx| {
+            std::task::ready!(leg.poll_owed(cx))?;
+            leg.poll_flush(cx)
+        })
+        .await
+        .is_ok();
+    }
+    if leg.close_sent || leg.mid_frame {
+        return false;
+    }
+    let mut close = Some(frame);
+    let written = poll_fn(|cx| {
+        // What is owed goes first; the close frame once the leg has caught up.
+        loop {
+            std::task::ready!(leg.poll_owed(cx))?;
+            match close.take() {
+                Some(frame) => leg.write_close(cx, frame.as_ref())?,
+                None => break,
+            }
+        }
+        leg.poll_flush(cx)
+    })
+    .await;
+    written.is_ok()
+}
+
+/// Frames read (and discarded) while waiting for a close reply before the gate gives up
+/// and drops the connection: a peer still flooding after our close is not worth the
+/// CPU. A well-behaved peer's in-flight messages fit many times over.
+const CLOSE_WAIT_FRAMES: u64 = 1024;
+
+/// Read (and discard messages already in flight) until the peer's close reply, for at
+/// most [`CLOSE_WAIT_FRAMES`] frames. Returns whether the reply came.
+async fn await_close_reply(leg: &mut Leg) -> bool {
+    let mut frames = 0;
+    poll_fn(|cx| loop {
+        let read = with_scratch(|buf| {
+            let n = match leg.poll_read_into(cx, buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Some(false)),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => return Poll::Pending,
+            };
+            let mut r = leg.reader.uncarry(buf);
+            let end = MAX_HEADER + n;
+            while r < end {
+                match leg.reader.next(&buf[r..end]) {
+                    Err(_) => return Poll::Ready(Some(false)),
+                    Ok(Step::Incomplete) => {
+                        leg.reader.carry(&buf[r..end]);
+                        break;
+                    }
+                    Ok(Step::DataHeader { len, .. }) => {
+                        frames += 1;
+                        r += len;
+                    }
+                    Ok(Step::Payload(len)) => r += len,
+                    Ok(Step::Control(len, control)) => {
+                        r += len;
+                        if let Some(control) = control {
+                            frames += 1;
+                            if control.opcode == OpCode::Close {
+                                return Poll::Ready(Some(true));
+                            }
+                        }
+                    }
+                }
+                if frames >= CLOSE_WAIT_FRAMES {
+                    return Poll::Ready(Some(false));
+                }
+            }
+            Poll::Ready(None)
+        });
+        match read {
+            Poll::Ready(Some(replied)) => return Poll::Ready(replied),
+            Poll::Ready(None) => continue,
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
