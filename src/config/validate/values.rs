@@ -1,0 +1,220 @@
+//! Single values of a policy checked on their own: CIDRs, `origin.allow` entries, the port
+//! and credentials of a URL, a route path as a request target.
+
+use std::str::FromStr;
+
+use http::Uri;
+use ipnet::IpNet;
+
+use crate::policy::OriginPattern;
+
+/// Whether a URL carries user information (`user:password@host`). wsgate never sends it
+/// (no Basic auth to an upstream or a key server), and URLs are logged and shown by
+/// `/policy`.
+pub(super) fn has_userinfo(uri: &Uri) -> bool {
+    uri.authority().is_some_and(|a| a.as_str().contains('@'))
+}
+
+pub(super) const NO_CREDENTIALS: &str =
+    "credentials in a URL are not supported (wsgate never sends them, \
+                              and URLs appear in logs and /policy): remove the user:password@ part";
+
+/// The path with every byte a request target cannot carry as it is (RFC 3986 §3.3: only
+/// unreserved characters, sub-delimiters, `:`, `@`, `/` and `%` escapes) percent-encoded;
+/// `None` when there is none.
+pub(super) fn percent_encoded_target(path: &str) -> Option<String> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b);
+    if path.bytes().all(allowed) {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len() * 3);
+    for b in path.bytes() {
+        if allowed(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128). An IPv4-mapped
+/// entry (`::ffff:203.0.113.0/120`, as `ss` shows a client on a dual-stack socket) is the
+/// IPv4 network it maps (`203.0.113.0/24`): client addresses are compared in their IPv4
+/// form, so as written it would never match, and a deny would let them in.
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    IpNet::from_str(s)
+        .map(|n| n.trunc())
+        .ok()
+        .or_else(|| std::net::IpAddr::from_str(s).ok().map(IpNet::from))
+        .map(unmapped)
+}
+
+/// An IPv6 network inside `::ffff:0:0/96` as the IPv4 network it maps; any other as it is.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        _ => net,
+    }
+}
+
+/// What is wrong with the port `uri`'s authority names, if anything: `:99999` or `:x`
+/// parse as a URI, and a port that is not one would quietly mean the scheme's default.
+pub(super) fn port_error(uri: &Uri) -> Option<&'static str> {
+    let authority = uri.authority()?.as_str();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let after_host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => host_port.find(':').map_or("", |at| &host_port[at..]),
+    };
+    let port = after_host.strip_prefix(':').unwrap_or(after_host);
+    match port.parse::<u16>() {
+        _ if port.is_empty() => None,
+        Ok(1..) => None,
+        _ => Some("has a port that is not 1 to 65535"),
+    }
+}
+
+/// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
+pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    if lower == "*" || lower == "null" {
+        return Err(format!(
+            "{s:?} is not allowed: list the origins (a wildcard origin lets every site in)"
+        ));
+    }
+    let Some((scheme, rest)) = lower.split_once("://") else {
+        return Err(format!("{s:?} must look like https://host[:port]"));
+    };
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return Err(format!("{s:?} has an invalid scheme"));
+    }
+    if rest.contains('/') || rest.contains('?') || rest.contains('#') || rest.contains('@') {
+        return Err(format!("{s:?}: an origin has no path, query or user info"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) if !h.is_empty() => (h, Some(port)),
+            _ if rest.starts_with('[') && rest.ends_with(']') => (rest, None),
+            _ => return Err(format!("{s:?} has an invalid port")),
+        },
+        _ => (rest, None),
+    };
+    let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
+    // Browsers send an internationalised host in its ASCII (punycode) form: written any
+    // other way, the entry would never match.
+    if !host.is_ascii() {
+        return Err(format!(
+            "{s:?}: write the host in its ASCII form (xn--…, as browsers send it in Origin)"
+        ));
+    }
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no host: origins without one (file://) cannot be listed; use allow_missing for clients that send none"
+        ));
+    }
+    if let Some(domain) = host.strip_prefix("*.") {
+        if domain.is_empty() || domain.contains('*') {
+            return Err(format!("{s:?}: \"*.\" must be followed by a domain"));
+        }
+        return Ok(OriginPattern::Subdomains {
+            scheme: scheme.to_owned(),
+            domain: domain.to_owned(),
+            port,
+        });
+    }
+    if host.is_empty() || host.contains('*') {
+        return Err(format!("{s:?}: '*' is only allowed as a leading \"*.\""));
+    }
+    Ok(OriginPattern::Exact(match port {
+        Some(p) => format!("{scheme}://{host}:{p}"),
+        None => format!("{scheme}://{host}"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_patterns() {
+        assert_eq!(
+            parse_origin_pattern("HTTPS://App.Example.com:443"),
+            Ok(OriginPattern::Exact("https://app.example.com".into()))
+        );
+        assert_eq!(
+            parse_origin_pattern("https://*.example.com:8443"),
+            Ok(OriginPattern::Subdomains {
+                scheme: "https".into(),
+                domain: "example.com".into(),
+                port: Some(8443)
+            })
+        );
+        assert!(parse_origin_pattern("*").is_err());
+        assert!(parse_origin_pattern("https://a*.example.com").is_err());
+        assert!(parse_origin_pattern("https://example.com/path").is_err());
+        assert!(parse_origin_pattern("example.com").is_err());
+        let idn = parse_origin_pattern("https://bücher.example").unwrap_err();
+        assert!(idn.contains("xn--"), "{idn}");
+        assert_eq!(
+            parse_origin_pattern("https://xn--bcher-kva.example"),
+            Ok(OriginPattern::Exact("https://xn--bcher-kva.example".into()))
+        );
+        assert!(parse_origin_pattern("file://")
+            .unwrap_err()
+            .contains("no host"));
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("10.1.2.3/8"),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("::1"), Some("::1/128".parse().unwrap()));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        // IPv4-mapped entries are the IPv4 networks they map.
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.0/120"),
+            Some("203.0.113.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            parse_cidr("::ffff:10.1.2.3"),
+            Some("10.1.2.3/32".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("::/0"), Some("::/0".parse().unwrap()));
+    }
+
+    #[test]
+    fn ports_that_are_not_ports() {
+        let error = |url: &str| port_error(&Uri::from_str(url).unwrap());
+        for good in [
+            "ws://up",
+            "ws://up:8080",
+            "wss://[::1]:443",
+            "wss://[::1]",
+            "ws://u@up:1",
+            "https://keys:65535/jwks",
+        ] {
+            assert_eq!(error(good), None, "{good}");
+        }
+        for bad in [
+            "ws://up:99999",
+            "wss://up:70000",
+            "ws://up:0",
+            "wss://[::1]:65536",
+            "https://keys:99999/jwks",
+        ] {
+            assert!(error(bad).is_some(), "{bad}");
+        }
+    }
+}
