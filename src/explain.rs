@@ -2,7 +2,7 @@
 //! put through the gate's own admission code against a policy, with no socket opened:
 //! each step of the admission order with its outcome and the value that decided it, then
 //! the decision. The steps are the ones the gate runs (`http::route`,
-//! `http::check_upgrade`, `admission::admit` with a [`Trace`]), so the two cannot
+//! `handshake::check_upgrade`, `admission::admit` with a [`Trace`]), so the two cannot
 //! disagree; what explain cannot know is said so: it holds no open connection and no rate
 //! history (the caps and the upgrade rate pass as for a first request), and it does not
 //! contact the upstream or fetch a `jwks_url` (tokens for such a route get
@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::admission::origin::{self, Allowed};
 use crate::admission::{self, Attempt, Kind, Outcome, Rejection, Step, Trace};
-use crate::http::{check_upgrade, is_upgrade, offered_protocols, route};
+use crate::handshake::{check_upgrade, is_upgrade, offered_protocols};
+use crate::http::route;
 use crate::metrics::Metrics;
 use crate::policy::{HttpMode, OriginPattern, Policy, Route, TokenSource};
 

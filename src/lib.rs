@@ -10,7 +10,8 @@
 //!
 //! - [`listener`]: accept loop → TLS ([`tls`]) or plaintext → the first head read and
 //!   checked ([`head`]) → hyper HTTP/1.1 with upgrades
-//! - [`http`]: one request: route, upgrade checks, then admission and the upstream
+//! - [`http`]: one request: route, the handshake's checks ([`handshake`]), then admission and
+//!   the upstream
 //! - [`path`]: the request path's normal form, which is routed and sent upstream
 //! - [`admission`]: the checks before the 101, in the order of docs/admission.md; [`admission::Rejection`]
 //! - [`upstream`]: dial, forwarded headers, the upstream's WebSocket handshake
@@ -38,6 +39,7 @@ pub mod config;
 pub mod demo;
 pub mod explain;
 mod extensions;
+mod handshake;
 mod head;
 mod http;
 mod http2;

@@ -25,8 +25,9 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::admission::Rejection;
+use crate::handshake::is_upgrade;
 use crate::head::{self, Head, Prefixed, MAX_HEAD_BYTES};
-use crate::http::{answer, handle, is_upgrade, Asked, ConnInfo};
+use crate::http::{answer, handle, Asked, ConnInfo};
 use crate::relay::Protocol;
 use crate::{http2, linger, relay, Gate};
 
