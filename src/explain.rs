@@ -142,20 +142,32 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
         request,
         attempt: &attempt,
     };
-    for (step, outcome, reason) in trace.steps() {
+    let traced = trace.steps();
+    for (step, outcome, reason) in &traced {
         let result = match outcome {
             Outcome::Pass => "pass",
             Outcome::Fail => "fail",
             Outcome::Reported => "reported",
         };
-        let mut detail = context.detail(step);
+        let mut detail = context.detail(*step);
         if let Some(reason) = reason {
             let _ = write!(detail, " → {reason}");
         }
-        lines.push(line(step_name(step), result, detail));
+        lines.push(line(step_name(*step), result, detail));
     }
     match admitted {
         Ok(_) => {
+            // An admitted request went through every step: those that had nothing to check
+            // (no token, so no claims and no subject) are listed as skipped.
+            for step in [Step::Claims, Step::SubjectCap] {
+                if !traced.iter().any(|(s, ..)| *s == step) {
+                    lines.push(line(
+                        step_name(step),
+                        "skipped",
+                        "no verified token: nothing to check".to_owned(),
+                    ));
+                }
+            }
             lines.push(line(
                 "upstream",
                 "skipped",

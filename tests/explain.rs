@@ -293,6 +293,38 @@ async fn explain_holds_no_state_and_says_so() {
     );
 }
 
+/// A route that needs no token, asked without one, still lists every step: the claims
+/// and the per-subject cap, with nothing to check, are `skipped`.
+#[tokio::test]
+async fn an_admitted_request_without_a_token_lists_every_step() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let (code, explained) = explain(&gate, "/ws", &[]);
+    assert_eq!(code, 0, "{explained}");
+    let steps: Vec<(&str, &str)> = explained["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("route", "pass"),
+            ("handshake", "pass"),
+            ("ip", "pass"),
+            ("global_cap", "pass"),
+            ("upgrade_rate", "pass"),
+            ("ip_cap", "pass"),
+            ("origin", "pass"),
+            ("token", "pass"),
+            ("claims", "skipped"),
+            ("subject_cap", "skipped"),
+            ("upstream", "skipped")
+        ]
+    );
+}
+
 /// Report mode: a failed check is shown as `reported` and the request admitted.
 #[tokio::test]
 async fn report_mode_shows_the_failures_it_lets_through() {
