@@ -94,7 +94,9 @@ pub fn server_config_from(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `http/1.0` too, as nginx lists it: a client offering only that (`curl --http1.0`)
+    // would otherwise get a TLS alert instead of the gate's HTTP answer.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     config.ignore_client_order = true;
     // Resumption skips the certificate signature and the key exchange's verification on
     // both sides: a client reconnecting within the ticket's life pays a fraction of a

@@ -397,6 +397,28 @@ async fn with_http2_disabled_alpn_negotiates_http1() {
     assert_eq!(next_message_any(&mut ws).await, Message::text("http/1.1"));
 }
 
+/// A client that offers only ALPN `http/1.0` (`curl --http1.0 https://…`) completes its
+/// TLS handshake and gets the gate's HTTP answer: 400 `bad_request` for an HTTP/1.0
+/// upgrade, not a TLS alert.
+#[tokio::test]
+async fn alpn_http10_is_answered_over_http() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut tls = gate.tls_offering(&[b"http/1.0"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    tls.write_all(b"GET /ws HTTP/1.0\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, tls.read_to_end(&mut response))
+        .await
+        .expect("the answer in time")
+        .ok();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.0 400"), "{response}");
+    assert!(response.contains(r#""error":"bad_request""#), "{response}");
+}
+
 /// The HTTP/2 preface and a SETTINGS frame, as an h2c client with prior knowledge sends
 /// them.
 const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
