@@ -183,7 +183,7 @@ async fn respond(
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if !gate.shutdown.is_ready() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+        _ => return Ok(crate::operator::not_found()),
     };
     Ok(Response::builder()
         .status(status)

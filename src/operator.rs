@@ -65,6 +65,8 @@ enum Refusal {
     TooLarge,
     #[error("this endpoint allows {0}")]
     MethodNotAllowed(&'static str),
+    #[error("no such endpoint on the admin listener")]
+    NotFound,
     #[error("{MAX_REVOCATIONS} revocations are already in force")]
     TooManyRevocations,
 }
@@ -74,10 +76,13 @@ impl Refusal {
         match self {
             Refusal::NotConfigured => StatusCode::FORBIDDEN,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
-            // The contract's one status for a body it does not take, whatever is wrong
-            // with it (nginx would say 413 for the size).
-            Refusal::BadRequest(_) | Refusal::TooLarge => StatusCode::BAD_REQUEST,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // As nginx and Envoy answer a body over their limit, and as the listener
+            // answers a head over 16 KiB (431): the status says what is wrong, the JSON
+            // reason stays `bad_request`.
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::TooManyRevocations => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
@@ -88,6 +93,7 @@ impl Refusal {
             Refusal::Unauthorized => "unauthorized",
             Refusal::BadRequest(_) | Refusal::TooLarge => "bad_request",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::NotFound => "not_found",
             Refusal::TooManyRevocations => "too_many_revocations",
         }
     }
@@ -113,6 +119,11 @@ impl Refusal {
 /// other endpoints too.
 pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
     Refusal::MethodNotAllowed(allow).into_response()
+}
+
+/// 404 in the operator API's shape, for any path the admin listener does not serve.
+pub fn not_found() -> Response<Body> {
+    Refusal::NotFound.into_response()
 }
 
 fn bad(message: impl Into<String>) -> Refusal {

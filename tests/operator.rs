@@ -302,7 +302,7 @@ async fn malformed_oversized_and_misdirected_requests() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
-    // Larger than 16 KiB: 400 bad_request; exactly 16 KiB is read (and parsed).
+    // Larger than 16 KiB: 413 (reason bad_request); exactly 16 KiB is read (and parsed).
     let big = format!(r#"{{"sub": "{}"}}"#, "a".repeat(17 * 1024));
     let (status, _, text) = admin_request(
         gate.admin,
@@ -312,7 +312,7 @@ async fn malformed_oversized_and_misdirected_requests() {
         big.as_bytes(),
     )
     .await;
-    assert_eq!(status, 400, "{text}");
+    assert_eq!(status, 413, "{text}");
     assert_eq!(
         serde_json::from_str::<Value>(&text).unwrap()["error"],
         "bad_request"
@@ -345,7 +345,7 @@ async fn malformed_oversized_and_misdirected_requests() {
     let mut out = Vec::new();
     let _ = tcp.read_to_end(&mut out).await;
     assert!(
-        out.starts_with(b"HTTP/1.1 400"),
+        out.starts_with(b"HTTP/1.1 413"),
         "{:?}",
         String::from_utf8_lossy(&out)
     );
@@ -385,6 +385,17 @@ async fn malformed_oversized_and_misdirected_requests() {
         assert_eq!(
             serde_json::from_str::<Value>(&text).unwrap()["error"],
             "method_not_allowed"
+        );
+    }
+    // A path the admin listener does not serve: 404 in the same JSON shape.
+    for path in ["/nope", "/connections/x", "/revocations/x"] {
+        let (status, head, text) = admin_request(gate.admin, "GET", path, &[&auth], b"").await;
+        assert_eq!(status, 404, "{path}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap()["error"],
+            "not_found",
+            "{path}"
         );
     }
     // HEAD wherever GET is: the GET's status, no body.
