@@ -16,10 +16,13 @@ use tokio::time::{timeout_at, Instant};
 /// `lingering_timeout` is 5 s; a peer that reads its close frame closes in a round trip).
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// The most the gate reads and discards from a peer after its own close: a message
-/// refused at its header (up to a few MiB in flight) fits; a peer that floods past this
-/// is cut off with a reset, as it would be without the linger.
-pub const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+/// The most the gate reads and discards from a peer after its own close: the largest
+/// message a policy may allow (64 MiB), refused at its header with all of it in flight,
+/// fits, and so does a client library's send queue of a few such messages written before
+/// it reads (nginx bounds its lingering close by time alone). Discarding costs the gate a
+/// read per 16 KiB and no memory; a peer that floods past this within [`LINGER_TIME`] is
+/// cut off with a reset, as it would be without the linger.
+pub const LINGER_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What each read while lingering takes at most (allocated only for the linger).
 const LINGER_READ: usize = 16 * 1024;

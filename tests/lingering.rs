@@ -95,6 +95,28 @@ async fn a_flooding_client_reads_its_1008_every_time() {
     );
 }
 
+/// A client library that queued tens of megabytes before reading (Node's `ws`, Python's
+/// `websockets` with `send` in a loop) still reads its 1008: the gate discards that much
+/// while its close waits to be read, rather than resetting the connection after the first
+/// few megabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_queued_megabytes_reads_its_1008() {
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    messages: {per_second: 1, burst: 2}\n    rate: {upgrades_per_second: 100000, burst: 100000}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    for run in 0..3 {
+        let (mut client, _) = gate.connect("/ws").await.unwrap();
+        // 10 MiB: message 3 breaks the rate, the rest is in flight behind it.
+        let started = std::time::Instant::now();
+        let code = flood_then_read(&mut client, texts(40, 256 * 1024)).await;
+        eprintln!("run {run}: {:?}", started.elapsed());
+        assert_eq!(code, Ok(1008), "run {run}");
+    }
+}
+
 /// A message refused at its header (over `max_frame_bytes`) while the client is still
 /// sending more: the client reads its 1009.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
