@@ -810,6 +810,31 @@ async fn jwks_url_never_fetched_is_503_keys_unavailable() {
     assert_eq!(upstream.seen_count(), 0);
 }
 
+/// Beside a `jwks_url` never fetched, an HS256 token that the route's secret does not
+/// verify is 401 `invalid_token`, not 503: a key set never holds an HMAC secret, so the
+/// fetch could not change the answer, and a forger is not told to retry.
+#[tokio::test]
+async fn an_hmac_token_is_judged_without_waiting_for_a_key_set() {
+    let upstream = Upstream::start().await;
+    let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = down.local_addr().unwrap().port();
+    drop(down);
+    let url = format!("https://localhost:{port}/jwks.json");
+    let auth = format!(
+        "{{algorithms: [ES256, HS256], keys: [{{jwks_url: \"{url}\"}}, {{hmac_secret_file: secret}}]}}"
+    );
+    let gate = TestGate::start(&auth_policy(&upstream.url(), &auth)).await;
+    admitted(&gate, &hs256(&claims(json!({})))).await;
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(json!({})),
+        &EncodingKey::from_secret(&[b'x'; 40]),
+    )
+    .unwrap();
+    invalid(&gate, &forged).await;
+    refused(&gate, &es256("ec.key", None), 503, "keys_unavailable").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Attacks
 

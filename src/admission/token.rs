@@ -244,7 +244,10 @@ pub async fn verify(token: &str, auth: &Auth, jwks: &JwksCache) -> Result<Claims
                         continue;
                     }
                 }
-                if never_fetched {
+                // Only keys a key set can hold are missing: a JWKS never gives an HMAC
+                // secret, so an HS* token that no configured secret verifies is invalid
+                // now and will be once the sets are fetched.
+                if never_fetched && KeyFamily::of(header.alg) != KeyFamily::Hmac {
                     return Err(Rejection::KeysUnavailable {
                         retry_after: KEYS_RETRY_AFTER,
                     });
@@ -345,7 +348,17 @@ fn numeric(value: Option<&Value>) -> Parsed<u64> {
     }
 }
 
-/// `iss` or `aud`: a string, or an array of strings (`null`: absent).
+/// `iss`: one string (RFC 7519 §4.1.1: a StringOrURI), as Envoy's jwt_authn requires;
+/// an array, which jsonwebtoken would search, is unreadable (`null`: absent).
+fn issuer(value: Option<&Value>) -> Parsed<Vec<&str>> {
+    match value {
+        None | Some(Value::Null) => Parsed::Absent,
+        Some(Value::String(s)) => Parsed::Is(vec![s.as_str()]),
+        Some(_) => Parsed::Unreadable,
+    }
+}
+
+/// `aud`: a string, or an array of strings (`null`: absent).
 fn names(value: Option<&Value>) -> Parsed<Vec<&str>> {
     match value {
         None | Some(Value::Null) => Parsed::Absent,
@@ -361,7 +374,9 @@ fn names(value: Option<&Value>) -> Parsed<Vec<&str>> {
 
 /// The payload's claims, checked as jsonwebtoken's `Validation` checks them, in its order:
 /// `exp` required (and `iss`/`aud` when the route names them), `exp` and `nbf` against
-/// `now` with the leeway, then issuer and audience (any one listed value matching).
+/// `now` with the leeway, then issuer and audience (any one listed value matching). Two
+/// differences, both stricter: a token is expired from `exp + leeway` on, and an `iss`
+/// must be one string.
 fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     use base64::Engine as _;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -371,7 +386,7 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     let Parsed::Is(exp) = numeric(map.get("exp")) else {
         return Err(Failure::Invalid);
     };
-    let iss = names(map.get("iss"));
+    let iss = issuer(map.get("iss"));
     let aud = names(map.get("aud"));
     let required = |claim: &Parsed<Vec<&str>>, configured: &[String]| {
         configured.is_empty() || matches!(claim, Parsed::Is(_))
@@ -383,7 +398,11 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     if matches!(nbf, Parsed::Unreadable) {
         return Err(Failure::Invalid);
     }
-    if exp < now.saturating_sub(auth.leeway_seconds) {
+    // Expired once `exp + leeway` is reached (RFC 7519 §4.1.4: the current time must be
+    // before `exp`), not a second later: `now` is whole seconds, and a connection admitted
+    // within that second would be closed at once by the relay's expiry timer, which keeps
+    // exact time. (jsonwebtoken still admits at `exp + leeway == now`.)
+    if exp.saturating_add(auth.leeway_seconds) <= now {
         return Err(Failure::Expired);
     }
     if matches!(nbf, Parsed::Is(nbf) if nbf > now.saturating_add(auth.leeway_seconds)) {
@@ -626,6 +645,14 @@ mod tests {
                                 }
                                 Err(_) => Err(Failure::Invalid),
                             };
+                            // Stricter than jsonwebtoken: an `iss` array is refused
+                            // where the route names issuers.
+                            let theirs = match iss {
+                                Some(Value::Array(_)) if !route.issuer.is_empty() => {
+                                    Err(Failure::Invalid)
+                                }
+                                _ => theirs,
+                            };
                             let ours = validate(payload, route, now).map(|_| ());
                             assert_eq!(
                                 ours,
@@ -640,6 +667,55 @@ mod tests {
             }
         }
         assert!(compared > 20_000);
+    }
+
+    /// Expired from `exp + leeway` on, in whole seconds: a token is never admitted in the
+    /// second its connection would be closed for expiry.
+    #[test]
+    fn a_token_is_expired_from_exp_plus_leeway_on() {
+        use base64::Engine as _;
+        let now = jsonwebtoken::get_current_timestamp();
+        for (leeway, exp, expired) in [
+            (0, now, true),
+            (0, now + 1, false),
+            (30, now - 30, true),
+            (30, now - 29, false),
+        ] {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::json!({ "exp": exp }).to_string());
+            let verdict = validate(&payload, &auth(&[], &[], leeway), now).map(|_| ());
+            let want = if expired {
+                Err(Failure::Expired)
+            } else {
+                Ok(())
+            };
+            assert_eq!(
+                verdict,
+                want,
+                "exp now{:+} leeway {leeway}",
+                exp as i64 - now as i64
+            );
+        }
+    }
+
+    /// `iss` is one string: an array is refused even when an element is listed.
+    #[test]
+    fn an_issuer_array_is_invalid() {
+        use base64::Engine as _;
+        let now = jsonwebtoken::get_current_timestamp();
+        let route = auth(&["https://a.example"], &[], 0);
+        for (iss, valid) in [
+            (serde_json::json!("https://a.example"), true),
+            (
+                serde_json::json!(["https://evil.example", "https://a.example"]),
+                false,
+            ),
+            (serde_json::json!(["https://a.example"]), false),
+        ] {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::json!({"exp": now + 100, "iss": iss}).to_string());
+            assert_eq!(validate(&payload, &route, now).is_ok(), valid, "{iss}");
+        }
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl Verified {
         };
         let current = Weak::as_ptr(&entry.route) == Arc::as_ptr(route)
             && entry.keys == keys
-            && entry.claims.exp.saturating_add(route.auth.leeway_seconds) >= now_unix;
+            && entry.claims.exp.saturating_add(route.auth.leeway_seconds) > now_unix;
         if current {
             return Ok(entry.claims.clone());
         }
