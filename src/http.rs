@@ -61,7 +61,14 @@ pub async fn handle(
         }
     };
     if !upgrade {
-        let (response, _) = answer(&gate, conn, Asked::Plain(req)).await;
+        let head = req.method() == Method::HEAD;
+        let (mut response, _) = answer(&gate, conn, Asked::Plain(req)).await;
+        // A response to HEAD has no body (RFC 9110 §9.3.2): hyper's HTTP/1.1 leaves it out
+        // by itself, its HTTP/2 would send it as DATA, which clients take for a protocol
+        // error. (What an upstream answers a passed HEAD has none anyway.)
+        if head {
+            *response.body_mut() = full(Bytes::new());
+        }
         return Ok(match stream {
             Some(H2Stream { hold, .. }) => response.map(|body| crate::body::held(body, hold)),
             None => response,

@@ -344,6 +344,25 @@ async fn a_get_on_a_pass_route_is_proxied() {
     echoes(&mut ws, "beside").await;
 }
 
+/// A HEAD that the gate answers itself (a refusal) gets the status and headers and no
+/// body: DATA on a HEAD response is a protocol error to HTTP/2 clients (`curl -I`).
+#[tokio::test]
+async fn a_head_the_gate_refuses_has_no_body() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let mut h2 = gate.h2().await;
+    for (path, status) in [("/ws", 426), ("/nowhere", 404)] {
+        let (got, headers, body) = h2.request(http::Method::HEAD, path, &[]).await;
+        assert_eq!(got, status, "{path}");
+        assert!(body.is_empty(), "{path}: {body:?}");
+        assert_eq!(headers["content-type"], "application/json", "{path}");
+    }
+    // The connection is still good.
+    let (status, _, body) = h2.get("/ws", &[]).await;
+    assert_eq!(status, 426);
+    assert!(!body.is_empty());
+}
+
 /// A GET on a `reject` route is 426 `not_websocket`, naming version 13.
 #[tokio::test]
 async fn a_get_on_a_reject_route_is_426_not_websocket() {

@@ -211,14 +211,24 @@ impl H2 {
         response_headers
     }
 
-    /// A plain request on the connection: status, headers and body.
+    /// A plain GET on the connection: status, headers and body.
     pub async fn get(
         &mut self,
         path: &str,
         headers: &[(&str, &str)],
     ) -> (StatusCode, HeaderMap, Bytes) {
+        self.request(Method::GET, path, headers).await
+    }
+
+    /// A plain request without a body on the connection: status, headers and body.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, Bytes) {
         let mut request = Request::builder()
-            .method(Method::GET)
+            .method(method)
             .uri(format!("{}{path}", self.origin));
         for (name, value) in headers {
             request = request.header(*name, *value);
