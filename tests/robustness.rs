@@ -390,6 +390,49 @@ async fn ping_and_pong_floods_past_the_message_rate_are_1008() {
     }
 }
 
+/// The pongs a client library sends to the gate's own heartbeat pings (RFC 6455 obliges
+/// it) are not its messages: a client keeping under its message rate is not cut off with
+/// 1008 for answering them.
+#[tokio::test]
+async fn the_pongs_our_heartbeat_asks_for_are_not_metered() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    messages: {per_second: 1, burst: 1}\n    heartbeat: {interval_seconds: 1, timeout_seconds: 1}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let (client, _) = gate.connect("/ws").await.unwrap();
+    let (mut tx, mut rx) = client.split();
+    // The reader answers every ping at once (tungstenite does) and keeps what came.
+    let reader = tokio::spawn(async move {
+        let mut echoes = 0;
+        while let Some(Ok(message)) = rx.next().await {
+            match message {
+                Message::Text(_) => echoes += 1,
+                Message::Close(frame) => return (echoes, frame.map(|f| u16::from(f.code))),
+                _ => {}
+            }
+        }
+        (echoes, None)
+    });
+    // 0.8 messages a second for 6 s, against a rate of 1: six heartbeat pings meanwhile.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1250)).await;
+        tx.send(Message::text("m")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.send(Message::Close(None)).await.unwrap();
+    let (echoes, code) = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the close in time")
+        .unwrap();
+    // Our close's answer (tungstenite may end the stream on it instead of showing it).
+    assert_eq!(echoes, 5);
+    assert!(matches!(code, None | Some(1000)), "closed with {code:?}");
+}
+
 /// Writes `frames` pings, `batch` at a time with `pause` between batches, until the gate
 /// stops taking them; meanwhile reads until the gate's close frame. Returns the close code
 /// and how long the gate kept the connection open after it (to EOF or a reset).

@@ -2,6 +2,7 @@
 //! in it checked and passed on to its destination in one write, and what it has relayed
 //! (counts, the last data, the last pong, whether the destination keeps up).
 
+use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -286,8 +287,13 @@ impl Direction {
                 Err(e) => CloseReason::Protocol(self.from, e.code()),
             }),
             OpCode::Ping | OpCode::Pong => {
-                if let Some(reason) = self.admit(Kind::Control, now) {
-                    return Some(reason);
+                // The pong our heartbeat asked for is not the client's doing: only pings
+                // and unasked-for pongs take a token of its message rate.
+                let asked_for = opcode == OpCode::Pong && mem::take(&mut src.pong_due);
+                if !asked_for {
+                    if let Some(reason) = self.admit(Kind::Control, now) {
+                        return Some(reason);
+                    }
                 }
                 if opcode == OpCode::Ping {
                     if src.answer_ping(cx, payload).is_err() {

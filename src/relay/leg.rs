@@ -208,6 +208,9 @@ pub struct Leg {
     owed: Owed,
     /// Our close frame is written; nothing more is.
     pub(super) close_sent: bool,
+    /// A heartbeat ping was queued here and its pong has not come yet: that pong, which
+    /// RFC 6455 obliges the peer to send, is not metered as one of its messages.
+    pub(super) pong_due: bool,
     needs_flush: bool,
     /// Bytes that arrived before the relay began (after the handshake's head).
     read_ahead: Vec<u8>,
@@ -225,6 +228,7 @@ impl Leg {
             mid_frame: false,
             owed: Owed::default(),
             close_sent: false,
+            pong_due: false,
             needs_flush: false,
             read_ahead,
             reader,
@@ -262,6 +266,7 @@ impl Leg {
 
     pub fn queue_ping(&mut self) {
         self.owed.ping = true;
+        self.pong_due = true;
     }
 
     /// Whether a heartbeat ping is still waiting for a frame boundary (the upstream is
