@@ -467,6 +467,62 @@ async fn compressed_frames_pass_unchanged_and_the_limit_is_on_the_inflated_size(
     assert_eq!(upstream_close_code(&mut up).await, 1001);
 }
 
+/// A compressed message that arrives over several reads and inflates past the limit only
+/// in a later one: the sender gets 1009 and the other side, which was passed the message's
+/// first reads as fragments of their own, still gets its 1001 close frame (not a FIN in
+/// the middle of a frame, which its library reports as 1006). Both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_found_over_the_limit_in_a_later_read_leaves_the_other_side_its_close() {
+    // 90,000 bytes that barely compress, then 50,000 that vanish: about 90 KB on the wire
+    // (under the 100,000-byte limit), 140,000 inflated (over it, from the third read on).
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut plain: Vec<u8> = (0..90_000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            b'a' + (seed % 26) as u8
+        })
+        .collect();
+    plain.extend_from_slice(&[b'x'; 50_000]);
+    let compressed = deflate(&plain);
+    assert!(
+        (40_000..100_000).contains(&compressed.len()),
+        "{}",
+        compressed.len()
+    );
+    for from_client in [true, false] {
+        let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
+        let policy = open_policy(&url, "    messages: {max_message_bytes: 100000}\n");
+        let gate = TestGate::start_with(&policy, false).await;
+        let (mut client, head) = raw_deflate_client(gate.addr, "permessage-deflate").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let (_, mut up) = upstream.await.unwrap();
+        let wire = frame(0x80 | 0x40 | 0x1, &compressed, from_client);
+        let sender = if from_client { &mut client } else { &mut up };
+        // In three writes apart, so that the gate reads it in three or more pieces.
+        for piece in wire.chunks(wire.len().div_ceil(3)) {
+            sender.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (to_client, to_upstream) = if from_client {
+            (1009, 1001)
+        } else {
+            (1001, 1009)
+        };
+        assert_eq!(
+            close_code(&mut client).await,
+            to_client,
+            "from client {from_client}"
+        );
+        assert_eq!(
+            upstream_close_code(&mut up).await,
+            to_upstream,
+            "from client {from_client}"
+        );
+    }
+}
+
 /// What the gate cannot inflate or read: invalid deflate data 1007, compressed text that
 /// inflates to invalid UTF-8 1007, RSV1 on a control or continuation frame 1002, and RSV1
 /// where no extension was agreed 1002; the upstream gets 1001 each time.

@@ -9,7 +9,9 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 
 use super::close::{CloseFrame, CloseReason, Side};
-use super::frame::{parse_close, ClosePayload, Control, OpCode, Step, Violation, MAX_HEADER};
+use super::frame::{
+    parse_close, write_header, ClosePayload, Control, OpCode, Step, Violation, MAX_HEADER,
+};
 use super::inbound::{Inbound, Kind};
 use super::leg::{with_scratch, Leg};
 use super::Counts;
@@ -152,7 +154,7 @@ impl Direction {
             Poll::Pending => return Poll::Pending,
         };
         let now = Instant::now();
-        let start = src.reader.uncarry(buf);
+        let mut start = src.reader.uncarry(buf);
         let end = MAX_HEADER + n;
         // Data frames are compacted in place over the control frames cut out of the
         // stream (rare), so what goes on is `buf[start..w]`.
@@ -187,6 +189,7 @@ impl Direction {
                     len,
                     header,
                     starts,
+                    piece,
                 } => {
                     if starts {
                         let kind = match header.opcode {
@@ -203,6 +206,34 @@ impl Direction {
                     self.frames += 1;
                     self.last_data = now;
                     frame_start = src.reader.in_data_frame().then_some(w);
+                    frame_payload = 0;
+                    if let Some(piece) = piece {
+                        // The fragment's header in place of the frame's own (never longer).
+                        let mut head = [0u8; MAX_HEADER];
+                        let h = write_header(&piece, &mut head);
+                        buf[w..w + h].copy_from_slice(&head[..h]);
+                        r += len;
+                        w += h;
+                        open = src.reader.in_data_frame();
+                        continue;
+                    }
+                    len
+                }
+                Step::Piece { len, header } => {
+                    // The first step of a read (nothing carried, nothing written yet): the
+                    // fragment's header goes in the room kept before the read's bytes.
+                    let mut head = [0u8; MAX_HEADER];
+                    let h = write_header(&header, &mut head);
+                    if w != start || start < h {
+                        // Not where a piece can be: the reader promises otherwise.
+                        ended = Some(CloseReason::Protocol(self.from, 1011));
+                        break;
+                    }
+                    start -= h;
+                    buf[start..w].copy_from_slice(&head[..h]);
+                    self.frames += 1;
+                    self.last_data = now;
+                    payload += len as u64;
                     frame_payload = 0;
                     len
                 }

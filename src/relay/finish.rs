@@ -341,7 +341,7 @@ async fn await_close_reply(leg: &mut Leg) -> bool {
                         frames += 1;
                         r += len;
                     }
-                    Ok(Step::Payload(len)) => r += len,
+                    Ok(Step::Payload(len) | Step::Piece { len, .. }) => r += len,
                     Ok(Step::Control(len, control)) => {
                         r += len;
                         if let Some(control) = control {

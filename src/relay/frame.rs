@@ -219,17 +219,23 @@ pub fn write_header(header: &Header, out: &mut [u8; MAX_HEADER]) -> usize {
     at
 }
 
-/// XOR `data` with the mask `key`, where `data` starts `offset` bytes into the payload
-/// (so a payload can be (un)masked chunk by chunk as it arrives). Masking and unmasking
-/// are the same operation. Eight bytes at a time, without `unsafe`.
-pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: u64) {
+/// The key that masks a payload's bytes from `offset` on as `key` masks them from the
+/// start: what a fragment cut from a masked frame at `offset` carries.
+pub fn mask_from(key: [u8; 4], offset: u64) -> [u8; 4] {
     let shift = (offset % 4) as usize;
-    let rotated = [
+    [
         key[shift],
         key[(shift + 1) % 4],
         key[(shift + 2) % 4],
         key[(shift + 3) % 4],
-    ];
+    ]
+}
+
+/// XOR `data` with the mask `key`, where `data` starts `offset` bytes into the payload
+/// (so a payload can be (un)masked chunk by chunk as it arrives). Masking and unmasking
+/// are the same operation. Eight bytes at a time, without `unsafe`.
+pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: u64) {
+    let rotated = mask_from(key, offset);
     let wide = u64::from_ne_bytes([
         rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
         rotated[3],
@@ -595,14 +601,23 @@ pub enum Step {
     /// The bytes left are an incomplete header (or a data frame's header with none of its
     /// payload yet): carry them to the next read.
     Incomplete,
-    /// A data frame's header of `len` bytes, to forward; `starts` a new message.
+    /// A data frame's header of `len` bytes, to forward; `starts` a new message. With
+    /// `piece`, the frame is a compressed one whose payload goes on as it arrives, one
+    /// fragment per read: `piece` is the header to forward in place of the frame's own,
+    /// for the payload that follows it in this read.
     DataHeader {
         len: usize,
         header: Header,
         starts: bool,
+        piece: Option<Header>,
     },
     /// This many payload bytes of the current data frame, checked, to forward.
     Payload(usize),
+    /// This many payload bytes of a compressed frame that goes on one fragment per read
+    /// (the first step of a read), checked, to forward behind `header`: a continuation
+    /// frame of their length, masked with the frame's key where the piece starts, final
+    /// if the frame was and this piece ends it.
+    Piece { len: usize, header: Header },
     /// This many bytes of a control frame, consumed; the frame once it is complete.
     Control(usize, Option<Control>),
 }
@@ -614,6 +629,11 @@ struct Current {
     remaining: u64,
     /// Payload bytes already seen (the mask key's phase).
     offset: u64,
+    /// A compressed frame split into one fragment per read (see [`Reader::next`]).
+    split: bool,
+    /// Payload bytes of this read already announced by the piece header that replaced the
+    /// frame's own.
+    covered: u64,
 }
 
 /// Where the frames read from a leg stand: the header bytes carried from the last read,
@@ -666,14 +686,26 @@ impl Reader {
 
     /// Whether the destination's byte stream stops inside a data frame (its header was
     /// forwarded, some of its payload was not): no frame of the gate's may go there now.
+    /// A split compressed frame is inside a fragment only until the read that began it
+    /// is passed on.
     pub fn in_data_frame(&self) -> bool {
-        self.current.is_some_and(|c| !c.header.opcode.is_control())
+        self.current
+            .is_some_and(|c| !c.header.opcode.is_control() && (!c.split || c.covered > 0))
     }
 
     /// Read the next step from `data`, the unread bytes of this read.
     pub fn next(&mut self, data: &[u8]) -> Result<Step, Violation> {
         if let Some(current) = &mut self.current {
-            let n = current.remaining.min(data.len() as u64) as usize;
+            let mut n = current.remaining.min(data.len() as u64) as usize;
+            // A split frame's piece: the rest of this read, or what its header announced.
+            let piece = match current.split {
+                true if current.covered > 0 => {
+                    n = n.min(current.covered as usize);
+                    current.covered -= n as u64;
+                    false
+                }
+                split => split,
+            };
             let chunk = &data[..n];
             let key = current.header.mask;
             let offset = current.offset;
@@ -681,6 +713,19 @@ impl Reader {
             current.offset += n as u64;
             let done = current.remaining == 0;
             let header = current.header;
+            let step = match piece {
+                true => Step::Piece {
+                    len: n,
+                    header: Header {
+                        fin: done && header.fin,
+                        opcode: OpCode::Continuation,
+                        mask: key.map(|k| mask_from(k, offset)),
+                        len: n as u64,
+                        compressed: false,
+                    },
+                },
+                false => Step::Payload(n),
+            };
             if header.opcode.is_control() {
                 let control = self
                     .partial
@@ -703,7 +748,7 @@ impl Reader {
                     // A compressed message of one frame, whole in this read.
                     self.current = None;
                     self.check_whole_compressed(chunk, key, header.opcode == OpCode::Text)?;
-                    return Ok(Step::Payload(n));
+                    return Ok(step);
                 }
                 self.inflate(chunk, key, offset)?;
             }
@@ -711,16 +756,18 @@ impl Reader {
                 self.current = None;
                 self.frame_end(header.fin)?;
             }
-            return Ok(Step::Payload(n));
+            return Ok(step);
         }
         let deflate = self.inflater.is_some();
         let Some((header, len)) = parse_header(data, self.from, deflate)? else {
             return Ok(Step::Incomplete);
         };
-        let current = Current {
+        let mut current = Current {
             header,
             remaining: header.len,
             offset: 0,
+            split: false,
+            covered: 0,
         };
         if header.opcode.is_control() {
             // A control frame that arrived whole is read where it lies.
@@ -741,6 +788,22 @@ impl Reader {
             return Ok(Step::Incomplete);
         }
         self.messages = messages;
+        // A compressed frame whose payload does not all come in this read goes on as one
+        // fragment per read (RFC 6455 §5.4 lets an intermediary that knows the extension
+        // refragment; RFC 7692 §6.1 keeps RSV1 on the first): its inflated size is only
+        // known as it arrives, and a message found over the limit part way must still be
+        // followed by a close frame, which no frame left unfinished would allow.
+        let mut piece = None;
+        let available = (data.len() - len) as u64;
+        if self.messages.inflates_payload() && header.len > available {
+            current.split = true;
+            current.covered = available;
+            piece = Some(Header {
+                fin: false,
+                len: available,
+                ..header
+            });
+        }
         if header.len == 0 {
             self.frame_end(header.fin)?;
         } else {
@@ -751,6 +814,7 @@ impl Reader {
             len,
             header,
             starts,
+            piece,
         })
     }
 
@@ -1181,7 +1245,7 @@ mod tests {
             at += match reader.next(&wire[at..])? {
                 Step::Incomplete => panic!("a whole frame read as incomplete"),
                 Step::DataHeader { len, .. } => len,
-                Step::Payload(n) | Step::Control(n, _) => n,
+                Step::Payload(n) | Step::Piece { len: n, .. } | Step::Control(n, _) => n,
             };
         }
         Ok(())
