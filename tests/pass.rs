@@ -104,6 +104,32 @@ async fn a_plain_request_with_a_token_reaches_the_app_with_the_identity_not_the_
     assert!(upstream.last_seen().headers.get("authorization").is_none());
 }
 
+/// A public pass route reads no token from a plain request: with `forward_token: true`
+/// the carriers reach the upstream, which verifies them itself; with `false` they never do.
+#[tokio::test]
+async fn a_public_route_forwarding_tokens_leaves_a_plain_requests_carriers_alone() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: {}\nroutes:\n  - path: /api\n    http: pass\n    auth: {{required: false, forward_token: true}}\n  - path: /public\n    http: pass\n    auth: {{required: false}}\n",
+        upstream.url()
+    );
+    let gate = TestGate::start(&policy).await;
+    let carriers =
+        "Authorization: Bearer opaque-for-the-app\r\nCookie: access_token=c; theme=dark\r\n";
+    let (status, _, response) = send(&gate, &get("/api/x?access_token=q&x=1", carriers)).await;
+    assert_eq!(status, 200, "{response}");
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/api/x?access_token=q&x=1");
+    assert_eq!(seen.headers["authorization"], "Bearer opaque-for-the-app");
+    assert_eq!(seen.headers["cookie"], "access_token=c; theme=dark");
+    let (status, _, response) = send(&gate, &get("/public/x?access_token=q&x=1", carriers)).await;
+    assert_eq!(status, 200, "{response}");
+    let seen = upstream.last_seen();
+    assert_eq!(seen.target, "/public/x?x=1");
+    assert!(seen.headers.get("authorization").is_none());
+    assert_eq!(seen.headers["cookie"], "theme=dark");
+}
+
 #[tokio::test]
 async fn forward_token_keeps_the_verified_carrier_only() {
     let upstream = Upstream::start().await;

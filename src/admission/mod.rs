@@ -201,6 +201,12 @@ impl Ticket {
     /// (`forward_token`).
     pub fn carriers(&self) -> token::Carriers<'_> {
         let auth: &Auth = &self.route.auth;
+        // A public route that forwards tokens, with none verified (a plain request there
+        // is not asked for one, and an upgrade had none): the carriers go on as they came,
+        // for the upstream that verifies them itself.
+        if auth.forward_token && !auth.required && self.verified_source.is_none() {
+            return token::Carriers::NONE;
+        }
         token::Carriers {
             sources: &auth.token_sources,
             kept: self.verified_source.as_ref().filter(|_| auth.forward_token),
