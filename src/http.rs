@@ -433,9 +433,13 @@ async fn switch(
         .body(full(Bytes::new()))
         .map_err(|_| Rejection::UpstreamUnavailable)?;
 
-    // The caps stay with the task until the close line; the rest of the ticket goes to
-    // the relay.
+    // The caps go to the relay, which frees them as the connection ends.
     let slots = std::mem::take(&mut ticket.slots);
+    let release_within = gate
+        .admission
+        .cluster
+        .as_ref()
+        .map_or(std::time::Duration::ZERO, |cluster| cluster.round_trip());
     let limits = ticket.limits;
     let claim = |name| {
         ticket
@@ -477,6 +481,8 @@ async fn switch(
         request_id: HeaderValue::from_bytes(request_id.as_bytes())
             .unwrap_or_else(|_| request_id.clone()),
         protocol: conn.protocol,
+        slots,
+        release_within,
     };
     let stop = gate.shutdown.relay_stop();
     // What the relay needs, in one allocation until the upgrade completes: the task's
@@ -484,7 +490,6 @@ async fn switch(
     let held = Box::new(Held {
         socket,
         connection,
-        slots,
         registered,
     });
     Ok((
@@ -538,16 +543,14 @@ impl Admitted {
         let Held {
             socket,
             connection,
-            slots,
             registered,
         } = *held;
         relay::run(client, socket, route, stop, connection).then(move |(outcome, ended)| {
             if let (relay::CloseReason::Revoked, Some(revoked)) = (&outcome.reason, revoked) {
                 revoked.cancel();
             }
-            // The connection's slots go as it is logged closed; its sockets then linger a
+            // Its registry place goes as it is logged closed; its sockets then linger a
             // while, in the place the relay's future had (no larger than it).
-            drop(slots);
             drop(registered);
             ended.linger()
         })
@@ -555,12 +558,11 @@ impl Admitted {
 }
 
 /// What an admitted upgrade waits with until the client's upgrade completes: the parts the
-/// relay takes, and the caps and registry place that the task then keeps until its close
-/// line.
+/// relay takes (the caps with them), and the registry place that the task then keeps until
+/// its close line.
 struct Held {
     socket: crate::upstream::UpstreamSocket,
     connection: relay::Connection,
-    slots: crate::admission::Slots,
     /// Its place in the registry of open connections, left as the close is logged.
     registered: crate::registry::Registered,
 }

@@ -409,6 +409,35 @@ async fn subject_cap_holds_across_three_gates_and_frees_on_close() {
     drop(redis);
 }
 
+/// A connection's shared slots are freed before its close handshake ends: a client that
+/// reconnects the moment it has its close reply is admitted, on the same gate or another
+/// (the release used to be sent a few milliseconds after the close, and such a reconnect
+/// got 429).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_is_free_once_its_close_is_answered() {
+    use futures_util::StreamExt;
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let rate = "{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 1, max_connections_per_subject: 1}";
+    let p = policy(&upstream.url(), &prefix(), "closed", rate);
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::start(&p, &redis.url())).collect();
+    for g in &gates {
+        g.wait_up(true).await;
+    }
+    for round in 0..8 {
+        // Every round reconnects at once, alternately on the same gate and the other.
+        let mut ws = gates[round / 2 % 2].open("alice", "10.0.2.1").await;
+        ws.close(None).await.unwrap();
+        let answered = async { while let Some(Ok(_)) = ws.next().await {} };
+        tokio::time::timeout(Duration::from_secs(5), answered)
+            .await
+            .expect("the close answered");
+    }
+    drop(redis);
+}
+
 /// An upgrade refused after its address's shared slot was taken (here at the subject's
 /// cap) frees that slot before it is answered: the client's next upgrade, at once and on
 /// either gate, does not find the slot still held (it got a false 429 for the address).

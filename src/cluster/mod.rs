@@ -5,8 +5,9 @@
 //! - The upgrade rate and the per-IP lease are one Lua script call ([`scripts::ADMIT`]);
 //!   the per-subject lease, after the token verifies, is another ([`scripts::LEASE`]).
 //! - A lease is a member `gate-id:lease-id` of a sorted set per key, scored by its expiry.
-//!   [`Lease`] is an RAII slot: dropping it queues its release (bounded queue; the
-//!   connection's close path never waits for the store). The upkeep task renews every
+//!   [`Lease`] is an RAII slot: dropping it queues its release (bounded queue), and
+//!   [`Lease::release`] waits, at most a round trip's bound, until it is sent (a
+//!   connection's end does, before its close handshakes). The upkeep task renews every
 //!   lease this gate holds every `lease_seconds / 3` in one pipelined batch, which also
 //!   re-registers them after the store lost them; a killed gate's leases expire.
 //! - Every call on the upgrade path is bounded by `timeout_ms`; the background ones
@@ -49,8 +50,8 @@ const RELEASE_QUEUE: usize = 65_536;
 /// Releases sent in one pipeline.
 const RELEASE_BATCH: usize = 1_000;
 /// How long the first release of a batch waits for others: under load, one round trip
-/// then carries many releases instead of one each; a slot is free again a few
-/// milliseconds later than its connection's end.
+/// then carries many releases instead of one each (a connection's close frames wait this
+/// much longer).
 const RELEASE_LINGER: Duration = Duration::from_millis(5);
 /// Leases renewed by one script call (a renewal is one pipeline of such calls).
 const REFRESH_CHUNK: usize = 1_000;

@@ -41,7 +41,7 @@ use tokio::time::{sleep_until, Instant};
 
 pub use close::{CloseFrame, CloseReason, Side};
 
-use crate::admission::{self, Standing};
+use crate::admission::{self, Slots, Standing};
 use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::policy::{Mode, PolicyHandle, Route};
 use crate::registry::Entry;
@@ -96,6 +96,10 @@ pub struct Connection {
     /// Its entry in the gate's registry of open connections: the live counts, and the
     /// operator's close request.
     pub entry: Arc<Entry>,
+    /// The caps it holds (global, per IP, per subject; shared ones under `cluster`).
+    pub slots: Slots,
+    /// How long freeing a shared cap may wait for the store (zero without `cluster`).
+    pub release_within: Duration,
 }
 
 /// The protocol a relayed connection came on (the close line's `protocol`).
@@ -132,6 +136,8 @@ struct Relay {
     protocol: Protocol,
     metrics: ConnectionMetrics,
     stop: Stop,
+    slots: Slots,
+    release_within: Duration,
 }
 
 /// Relay between the two legs until one ends, then close both as the close table says.
@@ -203,6 +209,8 @@ pub fn run(
         request_id: conn.request_id,
         protocol: conn.protocol,
         stop,
+        slots: conn.slots,
+        release_within: conn.release_within,
     });
     relay.run(conn.changes)
 }
@@ -260,6 +268,8 @@ impl Relay {
             standing,
             stop,
             request_id,
+            slots,
+            release_within,
             ..
         } = &mut *self;
         // The one timer of this connection, always set to the earliest deadline.
@@ -341,6 +351,11 @@ impl Relay {
             }
         };
 
+        // The caps are freed before the close handshakes, not after them: a client that
+        // reconnects as soon as it has its close reply finds its slot free, on any gate of
+        // a cluster (a shared one waits, at most one store round trip, until the store has
+        // heard; it was freed a few milliseconds after the client saw the close).
+        mem::take(slots).release(*release_within).await;
         let deadline = Instant::now() + deadlines.write();
         // A draining gate does not wait for upstreams to close TCP first: the drain ends
         // with the close handshakes.
