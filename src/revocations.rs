@@ -167,6 +167,20 @@ impl Revocations {
         }
     }
 
+    /// The gate follows another store (its URL or key prefix changed): the revocations it
+    /// shared with the old one are that fleet's and are lifted here, so that they are
+    /// neither applied against the new fleet's view nor written into its store. Those
+    /// never shared (made here while no store took them) stay. Returns how many.
+    pub fn forget_shared(&self) -> usize {
+        let mut maps = self.lock();
+        let before = maps.len();
+        maps.subs.retain(|_, e| !e.shared);
+        maps.jtis.retain(|_, e| !e.shared);
+        let forgotten = before - maps.len();
+        self.counted(&maps);
+        forgotten
+    }
+
     /// After a full reload from the store, which found `present`: lift the shared
     /// revocations added before `since` that it no longer holds (lifted on another gate
     /// while this one was cut off). Returns how many.

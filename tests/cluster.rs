@@ -1233,6 +1233,44 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
 
+/// A reload to another `key_prefix` moves the gate to another fleet: the revocations it
+/// shared with the old one are lifted there, and none is written into the new fleet's
+/// keys (they were, so the new fleet's gates disagreed on whom to admit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_prefix_is_another_fleet_for_revocations() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let (old, new) = (prefix(), format!("{}x:", prefix()));
+    let a = Gate::start(
+        &policy(&upstream.url(), &old, "open", OPEN_RATE),
+        &redis.url(),
+    );
+    a.wait_up(true).await;
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "bob", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    answers_within(&a, "bob", "10.9.0.1", 401, Duration::from_secs(1)).await;
+    a.write_policy(&policy(&upstream.url(), &new, "open", OPEN_RATE));
+    answers_within(&a, "bob", "10.9.0.1", 101, Duration::from_secs(5)).await;
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{new}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !keys.iter().any(|k| k.contains("revoked")),
+        "the new fleet's store got the old one's revocations: {keys:?}"
+    );
+}
+
 /// A `key_prefix` holding glob characters (`[`, `*`) still finds its own revocations when
 /// a gate that starts later loads them (the prefix is matched literally).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

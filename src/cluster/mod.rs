@@ -372,6 +372,16 @@ impl Cluster {
         }
         if let Some(old) = current.as_ref() {
             old.stop.cancel();
+            // Another store is another fleet: what the old one shared is not carried over.
+            if config.is_some() {
+                let forgotten = self.revocations.forget_shared();
+                if forgotten > 0 {
+                    tracing::info!(
+                        forgotten,
+                        "cluster: another store: the old store's revocations are lifted here"
+                    );
+                }
+            }
         }
         let Some(config) = config else {
             self.store.store(None);
