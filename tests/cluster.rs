@@ -1233,6 +1233,42 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
 
+/// A gate that starts later refuses the fleet's revoked tokens from its very first
+/// upgrade: it waits (at most `timeout_ms`) for the store's revocations before judging a
+/// token by them (it admitted one right after it started listening, then closed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_started_later_refuses_revoked_tokens_from_its_first_upgrade() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    // A store 20 ms away, and `timeout_ms` long enough to wait for its revocations (a
+    // load is a few round trips: subscribe, the epoch, SCAN, MGET).
+    let p = policy(&upstream.url(), &prefix(), "open", OPEN_RATE)
+        .replace(&format!("timeout_ms: {TIMEOUT_MS}"), "timeout_ms: 1000");
+    let a = Gate::start(&p, &redis.url());
+    a.wait_up(true).await;
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "bob", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    let (port, _relay) = slow_relay(redis.port, Duration::from_millis(20)).await;
+    let slow = format!("redis://127.0.0.1:{port}");
+    for round in 0..4 {
+        let late = Gate::start(&p, &slow);
+        let got = match late.connect("bob", "10.9.1.1").await {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("round {round}: {e}"),
+        };
+        assert_eq!(got, 401, "round {round}");
+    }
+}
+
 /// A reload to another `key_prefix` moves the gate to another fleet: the revocations it
 /// shared with the old one are lifted there, and none is written into the new fleet's
 /// keys (they were, so the new fleet's gates disagreed on whom to admit).

@@ -488,23 +488,36 @@ async fn checks<'a>(
             v.check(Step::Token, claims_rule(auth, None))?;
             None
         }
-        Some(found) => match state.verified.verify(found.token, route, &state.jwks).await {
-            // A revoked token is refused as an invalid one is (and in report mode, let on
-            // as one that did not verify).
-            Ok(claims) if revoked(&state.revocations, &claims) => {
-                v.fail(Step::Token, Rejection::TokenRevoked)?;
-                None
+        Some(found) => {
+            let verified = state.verified.verify(found.token, route, &state.jwks).await;
+            // Under `cluster`, the fleet's revocations are in force here before a token is
+            // judged by them (a gate just started has not read them yet): waited for at
+            // most `timeout_ms`, then `on_failure` decides.
+            if let (Ok(_), Some(cluster)) = (&verified, cluster) {
+                v.shared(
+                    Step::Token,
+                    cluster.revocations_in_force().await,
+                    &mut limits_used,
+                )?;
             }
-            Ok(claims) => {
-                v.pass(Step::Token);
-                v.check(Step::Claims, claims_rule(auth, Some(&claims)))?;
-                Some(claims)
+            match verified {
+                // A revoked token is refused as an invalid one is (and in report mode, let on
+                // as one that did not verify).
+                Ok(claims) if revoked(&state.revocations, &claims) => {
+                    v.fail(Step::Token, Rejection::TokenRevoked)?;
+                    None
+                }
+                Ok(claims) => {
+                    v.pass(Step::Token);
+                    v.check(Step::Claims, claims_rule(auth, Some(&claims)))?;
+                    Some(claims)
+                }
+                Err(rejection) => {
+                    v.fail(Step::Token, rejection)?;
+                    None
+                }
             }
-            Err(rejection) => {
-                v.fail(Step::Token, rejection)?;
-                None
-            }
-        },
+        }
     };
     let subject = claims
         .as_ref()

@@ -12,6 +12,7 @@
 //! is new to it, and the revocations in force here are stored again instead of lifted.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,6 +172,9 @@ impl Cluster {
             .map_err(bounded)??;
         // After subscribing: a revocation published meanwhile is both loaded and received.
         self.load(store).await?;
+        if !store.revocations_loaded.swap(true, Ordering::AcqRel) {
+            store.loaded.notify_waiters();
+        }
         // From here on (the load's own success may have been the store's way back up): the
         // next time the store comes back after being down, this subscription, which may
         // have died silently with it, is replaced.

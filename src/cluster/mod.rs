@@ -22,7 +22,7 @@ mod fanout;
 pub mod scripts;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -79,6 +79,10 @@ struct Store {
     conn: Option<ConnectionManager>,
     /// Ends this store's subscriber when the store is replaced.
     stop: CancellationToken,
+    /// Its revocations have been loaded once (by this gate's subscriber), and the wake-up
+    /// of the upgrades waiting for that.
+    revocations_loaded: AtomicBool,
+    loaded: Notify,
 }
 
 impl Store {
@@ -431,6 +435,8 @@ impl Cluster {
             client,
             conn,
             stop: stop.child_token(),
+            revocations_loaded: AtomicBool::new(false),
+            loaded: Notify::new(),
         });
         self.health.reset();
         self.store.store(Some(store.clone()));
@@ -438,6 +444,33 @@ impl Cluster {
         if store.client.is_some() {
             tasks.spawn(self.clone().subscribe(store));
         }
+    }
+
+    /// Whether the fleet's revocations are in force here: the store's have been loaded
+    /// once, waiting for that at most `timeout_ms` (a gate just started, or moved to
+    /// another store, must not admit a token the fleet has revoked before it has read
+    /// the fleet's revocations). `Err` (decided by `on_failure`) if they are not by then,
+    /// or the store is down; `Ok` without a store URL, where nothing can be loaded.
+    pub async fn revocations_in_force(&self) -> Result<(), Unavailable> {
+        let Some(store) = self.store.load_full() else {
+            return Ok(());
+        };
+        if store.client.is_none() {
+            return Ok(());
+        }
+        let loaded = store.loaded.notified();
+        tokio::pin!(loaded);
+        loaded.as_mut().enable();
+        if store.revocations_loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !self.health.down() {
+            let _ = tokio::time::timeout(store.config.timeout, loaded).await;
+            if store.revocations_loaded.load(Ordering::Acquire) {
+                return Ok(());
+            }
+        }
+        Err(Unavailable(store.config.on_failure))
     }
 
     /// The store, unless it is down (then the caller decides by `on_failure` at once).
