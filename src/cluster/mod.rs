@@ -455,7 +455,7 @@ impl Cluster {
         let Some(store) = self.store.load_full() else {
             return Ok(());
         };
-        if store.client.is_none() {
+        if store.client.is_none() || store.revocations_loaded.load(Ordering::Acquire) {
             return Ok(());
         }
         let loaded = store.loaded.notified();
