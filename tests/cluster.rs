@@ -1149,16 +1149,21 @@ impl Drop for Cutter {
     }
 }
 
+/// The status `gate` answers an upgrade of `sub` from `ip` with (101 for admitted).
+async fn upgrade_status(gate: &Gate, sub: &str, ip: &str) -> u16 {
+    match gate.connect(sub, ip).await {
+        Ok(_) => 101,
+        Err(tungstenite::Error::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("{sub}: {e}"),
+    }
+}
+
 /// Until `gate` answers an upgrade of `sub` with `status` (101 for admitted), at most
 /// `within`.
 async fn answers_within(gate: &Gate, sub: &str, ip: &str, status: u16, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let got = match gate.connect(sub, ip).await {
-            Ok(_) => 101,
-            Err(tungstenite::Error::Http(r)) => r.status().as_u16(),
-            Err(e) => panic!("{sub}: {e}"),
-        };
+        let got = upgrade_status(gate, sub, ip).await;
         if got == status {
             return;
         }
@@ -1260,11 +1265,7 @@ async fn a_gate_started_later_refuses_revoked_tokens_from_its_first_upgrade() {
     let slow = format!("redis://127.0.0.1:{port}");
     for round in 0..4 {
         let late = Gate::start(&p, &slow);
-        let got = match late.connect("bob", "10.9.1.1").await {
-            Ok(_) => 101,
-            Err(tungstenite::Error::Http(r)) => r.status().as_u16(),
-            Err(e) => panic!("round {round}: {e}"),
-        };
+        let got = upgrade_status(&late, "bob", "10.9.1.1").await;
         assert_eq!(got, 401, "round {round}");
     }
 }
