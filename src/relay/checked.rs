@@ -28,7 +28,7 @@ use std::cell::Cell;
 pub const MAX_BYTES: usize = 8 * 1024;
 
 /// How many messages a worker thread remembers.
-const ENTRIES: usize = 32;
+const ENTRIES: usize = 128;
 
 /// A compressed message as the memory knows it: its unmasked payload, whether it is
 /// text (checked as UTF-8) or binary, and its sender's inflate window.

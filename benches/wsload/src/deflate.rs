@@ -660,8 +660,11 @@ async fn close(mut c: Conn) {
 }
 
 /// `echo --deflate`: C connections in a closed loop, one compressed S-byte JSON-like text
-/// message in flight each, `distinct` different messages sent in turn (connection i
-/// starts at the i-th).
+/// message in flight each, `distinct` different messages sent in turn. Connection i
+/// starts at the (i × distinct / C)-th, so that the connections spread over the messages
+/// and a message comes back about `distinct` messages later, whoever sends it (starting
+/// at the i-th, message m went out from C connections in C consecutive rounds: traffic
+/// shaped like a broadcast, which a gate that remembers recent messages recognises).
 pub(crate) async fn echo(
     target: Target,
     connections: usize,
@@ -684,12 +687,13 @@ pub(crate) async fn echo(
     let start = Instant::now() + warmup;
     let end = start + seconds;
     let mut tasks = Vec::with_capacity(connections);
+    let spread = messages.len() / connections.max(1);
     for (i, mut c) in conns.into_iter().enumerate() {
         let messages = messages.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::new();
             let mut echo = Vec::with_capacity(size);
-            for k in i.. {
+            for k in i * spread.max(1).. {
                 let t = Instant::now();
                 if t >= end {
                     break;
