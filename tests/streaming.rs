@@ -370,3 +370,79 @@ async fn the_upstream_closes_tcp_first() {
         .expect("the gate did not close after the upstream's FIN");
     assert_eq!(after.unwrap(), 0);
 }
+
+/// A client that closes may still receive what the upstream sent before it read that
+/// close (RFC 6455 §7.1): the gate passes the close on and relays the upstream's last
+/// messages to the client until the upstream's close reply, and only then answers the
+/// client, as a direct connection (or a blind proxy) would deliver them.
+#[tokio::test]
+async fn messages_sent_before_the_upstream_reads_a_clients_close_reach_the_client() {
+    let (gate, mut client, mut upstream) = through_gate("").await;
+    client
+        .write_all(&frame(0x88, &close_payload(4000, "bye"), true))
+        .await
+        .unwrap();
+    let close = next_frame(&mut upstream).await;
+    assert_eq!(close_code_of(&close), 4000);
+    assert_eq!(&close.payload[2..], b"bye");
+    // What the upstream had queued before it read the close, then its reply.
+    let mut last = frame(0x81, b"last words", false);
+    last.extend(frame(0x88, &close_payload(4000, "bye"), false));
+    upstream.write_all(&last).await.unwrap();
+    assert_eq!(
+        next_frame(&mut client).await,
+        data(true, 0x1, b"last words", false)
+    );
+    let reply = next_frame(&mut client).await;
+    assert_eq!(
+        (close_code_of(&reply), &reply.payload[2..]),
+        (4000, &b"bye"[..])
+    );
+    assert_eq!(
+        gate.metric("wsgate_messages_total{route=\"ws\",direction=\"upstream_to_client\"}")
+            .await,
+        1.0
+    );
+}
+
+/// The same the other way: the client's messages sent before it read the upstream's close
+/// reach the upstream, then the client's reply.
+#[tokio::test]
+async fn messages_sent_before_the_client_reads_an_upstreams_close_reach_the_upstream() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    upstream
+        .write_all(&frame(0x88, &close_payload(1000, ""), false))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&next_frame(&mut client).await), 1000);
+    let mut last = frame(0x82, b"late", true);
+    last.extend(frame(0x88, &close_payload(1000, ""), true));
+    client.write_all(&last).await.unwrap();
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(true, 0x2, b"late", true)
+    );
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1000);
+}
+
+/// An upstream that never answers a client's close does not keep the client waiting for
+/// its reply longer than a second.
+#[tokio::test]
+async fn a_client_closing_in_front_of_a_silent_upstream_gets_its_reply_within_a_second() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    let started = std::time::Instant::now();
+    client
+        .write_all(&frame(0x88, &close_payload(1000, ""), true))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1000);
+    assert_eq!(close_code_of(&next_frame(&mut client).await), 1000);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "reply after {took:?}");
+}
+
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    payload
+}

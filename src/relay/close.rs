@@ -175,6 +175,17 @@ impl CloseReason {
         }
     }
 
+    /// The side that is still relayed what the other sends, until the other's close reply:
+    /// a violator (what its peer had sent before the violation still reaches it), or the
+    /// side that closed first (RFC 6455 §7.1: an endpoint that has sent its close may still
+    /// receive data until the peer's close; a direct connection would deliver it).
+    pub(super) fn relayed_until_reply(&self) -> Option<Side> {
+        match self {
+            CloseReason::Closed { by, .. } => Some(*by),
+            _ => self.violator(),
+        }
+    }
+
     /// Toward which sides (client, upstream) a frame the relay was in the middle of
     /// passing on is finished before that side's close frame is sent: where its source is
     /// still there and trusted (not a violator, a lost or stalled side, or a dead client),

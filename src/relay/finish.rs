@@ -51,8 +51,9 @@ pub(super) async fn close_both(
     }
     // A violator's peer is closed first, and what it had already sent is still delivered
     // to the violator: the messages it sent before the bad frame arrived get their answers
-    // (as from an endpoint that had answered them before reading it).
-    match reason.violator() {
+    // (as from an endpoint that had answered them before reading it). So is what a side
+    // that closed first is still sent before its peer's close reply.
+    match reason.relayed_until_reply() {
         Some(Side::Client) => {
             to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await;
         }
@@ -204,16 +205,17 @@ async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
     }
 }
 
-/// How long a violator's peer gets to answer our close before the violator is failed.
+/// How long a peer gets to answer our close, while what it sends is relayed, before the
+/// other side is failed (a violator) or answered (a side that closed first).
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// Close `peer` (the side that did nothing wrong) with `ending`, after what the violator
-/// had sent it before the violation, relaying what the peer still sends to `violator`
+/// Close `peer` (the side that did nothing wrong, or did not close first) with `ending`,
+/// after what the other side had sent it, relaying what the peer still sends to `other`
 /// (through `direction`, with every check) until its close reply, for at most [`DRAIN`].
 /// Returns what is left to do with `peer`.
 async fn drain(
     peer: &mut Leg,
-    violator: &mut Leg,
+    other: &mut Leg,
     direction: &mut Direction,
     ending: Ending,
     deadline: Instant,
@@ -229,7 +231,7 @@ async fn drain(
         }
         sent = true;
         loop {
-            match poll_fn(|cx| direction.poll(peer, violator, cx)).await {
+            match poll_fn(|cx| direction.poll(peer, other, cx)).await {
                 Event::Stalled | Event::Pong => continue,
                 Event::End(CloseReason::Closed { by, .. }) if by == from => return Some(()),
                 Event::End(_) => return None,
