@@ -203,6 +203,33 @@ async fn invalid_utf8_after_a_valid_chunk_is_never_forwarded() {
     assert!(!rest.contains(&(0xFF ^ 0x12)), "{rest:?}");
 }
 
+/// A message refused in its first read (bad UTF-8 from the upstream) never crossed:
+/// `wsgate_messages_total` does not count it, as it does not count its bytes.
+#[tokio::test]
+async fn a_message_refused_before_any_of_it_crossed_is_not_counted() {
+    let (gate, mut client, mut upstream) = through_gate("").await;
+    upstream
+        .write_all(&frame(0x81, b"ok", false))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut client).await, data(true, 0x1, b"ok", false));
+    upstream
+        .write_all(&frame(0x81, b"abc\xff\xfe", false))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1007);
+    let series = "{route=\"ws\",direction=\"upstream_to_client\"}";
+    assert_eq!(
+        gate.metric(&format!("wsgate_messages_total{series}")).await,
+        1.0
+    );
+    assert_eq!(
+        gate.metric(&format!("wsgate_message_bytes_total{series}"))
+            .await,
+        2.0
+    );
+}
+
 #[tokio::test]
 async fn a_heartbeat_ping_behind_a_long_frame_is_not_a_dead_client() {
     // The upstream trickles one 64 KiB frame for longer than a heartbeat interval and its

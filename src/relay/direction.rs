@@ -169,6 +169,9 @@ impl Direction {
         // back if the frame breaks a rule (`wsgate_message_bytes_total` counts what
         // crosses, not what a header announced).
         let (mut payload, mut frame_payload) = (0u64, 0u64);
+        // Messages begun in this read, and whether the current frame began one: a message
+        // whose first frame goes back is not counted either.
+        let (mut messages, mut frame_begins_message) = (0u64, false);
         while r < end {
             let step = match src.reader.next(&buf[r..end]) {
                 Ok(step) => step,
@@ -200,9 +203,9 @@ impl Direction {
                             ended = Some(reason);
                             break;
                         }
-                        self.counts.messages += 1;
-                        self.metrics.messages.inc();
+                        messages += 1;
                     }
+                    frame_begins_message = starts;
                     self.frames += 1;
                     self.last_data = now;
                     frame_start = src.reader.in_data_frame().then_some(w);
@@ -271,6 +274,13 @@ impl Direction {
             w = at;
             open = false;
             payload -= frame_payload;
+            if frame_begins_message {
+                messages -= 1;
+            }
+        }
+        if messages != 0 {
+            self.counts.messages += messages;
+            self.metrics.messages.inc_by(messages);
         }
         if payload != 0 {
             self.counts.bytes += payload;
