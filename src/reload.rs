@@ -104,7 +104,7 @@ async fn reload_if_written_since(
     tx: mpsc::Sender<()>,
     changed: Arc<AtomicU8>,
 ) {
-    let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+    let read = tokio::task::spawn_blocking(move || config::read_policy(&path)).await;
     let Ok(Ok(bytes)) = read else {
         return;
     };

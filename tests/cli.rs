@@ -337,6 +337,83 @@ fn check_reports_an_inherited_error_once_at_defaults() {
     assert!(!text.contains("no keys are configured"), "{text}");
 }
 
+/// A URL written where a field names something else (the variable that holds the Redis
+/// URL, an origin) is refused without its password appearing in the error.
+#[test]
+fn check_does_not_print_a_password_in_a_value_it_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("misplaced.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         cluster: {redis_url_env: \"redis://admin:S3cretPass@redis:6379/0\"}\n\
+         defaults:\n  \
+           upstream: ws://127.0.0.1:9\n  \
+           auth: {required: false}\n  \
+           origin: {allow: [\"https://u:originpw@a.example\"]}\n\
+         routes:\n  \
+           - path: /ws\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("cluster.redis_url_env"), "{text}");
+    assert!(text.contains("origin.allow"), "{text}");
+    for secret in ["S3cretPass", "originpw"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+}
+
+/// YAML merge keys share a block between routes, as hand-written YAML does.
+#[test]
+fn check_applies_yaml_merge_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("merge.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         defaults:\n  \
+           upstream: ws://127.0.0.1:9\n\
+         routes:\n  \
+           - path: /a\n    \
+             auth: &open {required: false}\n    \
+             messages: &small {max_message_bytes: 4096}\n  \
+           - path: /b\n    \
+             auth: *open\n    \
+             messages: {<<: *small, max_frame_bytes: 1024}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    // A wrong type behind a merge key is still an error.
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {required: false}\n\
+         routes:\n  - path: /a\n    messages: &small {max_message_bytes: lots}\n  \
+         - path: /b\n    messages: {<<: *small}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("invalid type: string \"lots\""), "{text}");
+    assert!(text.contains("merge keys"), "{text}");
+}
+
+/// A file far larger than any policy is refused without being read whole.
+#[test]
+fn check_refuses_a_file_larger_than_16_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.yaml");
+    let mut text = String::from("version: 1\nroutes:\n  - path: /ws\n");
+    text.push_str(&format!("# {}\n", "x".repeat(17 << 20)));
+    std::fs::write(&path, text).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("larger than 16 MiB"), "{text}");
+    let (code, text) = check(Path::new("/dev/zero"));
+    assert_eq!(code, 1, "{text}");
+}
+
 #[test]
 fn check_exits_2_when_unreadable() {
     let (code, text) = check(Path::new("/nonexistent/policy.yaml"));
@@ -644,6 +721,24 @@ async fn sighup_reloads_the_policy() {
     let closed = request_id(&gate.wait_line("policy_changed"));
     assert!(!cut.is_empty());
     assert_eq!(cut, closed);
+}
+
+/// Text logs are one line per event: a route name with a line break or quotes in it is
+/// quoted on the close line as on the upgrade line.
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_quote_a_route_name_on_every_line() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let yaml = open_policy(&upstream.url(), "").replace("name: ws", "name: \"a\\nb x=\\\"y\"");
+    std::fs::write(&policy, yaml).unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    let mut client = gate.connect("/ws").await.unwrap();
+    client.close(None).await.unwrap();
+    let upgrade = gate.wait_line("accepted");
+    assert!(upgrade.contains(r#"route="a\nb x=\"y""#), "{upgrade}");
+    let close = gate.wait_line("client_closed");
+    assert!(close.contains(r#"route="a\nb x=\"y""#), "{close}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

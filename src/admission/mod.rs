@@ -338,7 +338,7 @@ impl Verdicts<'_> {
             .metrics
             .report_violation(&self.route.name, rejection.reason());
         tracing::warn!(
-            route = %self.route.name, client_ip = %self.client_ip, reason = rejection.reason(),
+            route = self.route.name.as_str(), client_ip = %self.client_ip, reason = rejection.reason(),
             "report mode: this upgrade would have been refused"
         );
         Ok(())

@@ -171,8 +171,23 @@ pub fn check(path: &Path) -> Result<Loaded, ConfigError> {
     load_for(path, Purpose::Check)
 }
 
+/// The largest policy file the gate reads. A policy is a few KiB (a thousand routes are
+/// about 200 KiB); a larger file is a mistake (a log, `/dev/zero`) and is not read whole.
+pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The policy file's bytes, at most one past [`MAX_POLICY_BYTES`] (which
+/// [`load_bytes`] refuses).
+pub fn read_policy(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_POLICY_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn load_for(path: &Path, purpose: Purpose) -> Result<Loaded, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|source| ConfigError::Unreadable {
+    let bytes = read_policy(path).map_err(|source| ConfigError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
@@ -203,15 +218,44 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             message: e.to_string(),
         },
     };
+    if bytes.len() > MAX_POLICY_BYTES {
+        return Err(ConfigError::SyntaxNoLocation {
+            path: path.to_owned(),
+            message: format!(
+                "the file is larger than {} MiB: not a policy",
+                MAX_POLICY_BYTES >> 20
+            ),
+        });
+    }
     // Plain YAML first: it refuses a key repeated in a map (`require_claims`,
     // `forward_claims`), which the typed parse would let replace the earlier one silently.
     // A byte-order mark (some Windows editors write one) is not YAML content.
     let yaml = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
-    let parsed: file::PolicyFile = match serde_yaml::from_slice(yaml) {
+    let mut document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
+    // YAML merge keys (`<<: *defaults`), which shared blocks in hand-written YAML use, are
+    // applied to the document, and the policy is read from it; the typed parse of the
+    // file's text then gives no line and column for a wrong type, so it is used only for
+    // files without them.
+    let merges = has_merge_keys(&document);
+    if merges {
+        document.apply_merge().map_err(syntax)?;
+    }
+    let typed = match merges {
+        true => serde_yaml::from_value(document.clone()),
+        false => serde_yaml::from_slice(yaml),
+    };
+    let parsed: file::PolicyFile = match typed {
         Ok(parsed) => parsed,
         Err(e) => {
             let mut error = syntax(e);
+            if let ConfigError::SyntaxNoLocation { message, .. } = &mut error {
+                if merges {
+                    message.push_str(
+                        " (after YAML merge keys are applied the parser gives no place for \
+                         an error)",
+                    );
+                }
+            }
             // The typed parse stops at its first error: name every other unknown field
             // and value.
             if let ConfigError::Syntax { message, more, .. } = &mut error {
@@ -239,6 +283,18 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
         loaded_at: SystemTime::now(),
         source: path.to_owned(),
     })
+}
+
+/// Whether a map anywhere in `value` has a `<<` key.
+fn has_merge_keys(value: &serde_yaml::Value) -> bool {
+    match value {
+        serde_yaml::Value::Mapping(map) => map
+            .iter()
+            .any(|(key, value)| key.as_str() == Some("<<") || has_merge_keys(value)),
+        serde_yaml::Value::Sequence(items) => items.iter().any(has_merge_keys),
+        serde_yaml::Value::Tagged(tagged) => has_merge_keys(&tagged.value),
+        _ => false,
+    }
 }
 
 /// The policy's JSON Schema (draft 2020-12) as `wsgate schema` prints it: pretty JSON and a

@@ -90,7 +90,7 @@ impl Inbound {
         if self.violations == 1 {
             // Once per connection: a flood in report mode must not flood the log.
             tracing::warn!(
-                route = %self.route.name,
+                route = self.route.name.as_str(),
                 client_ip = %self.client_ip,
                 reason = violation.label(),
                 "report mode: this message would have closed the connection"

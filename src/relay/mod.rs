@@ -234,7 +234,7 @@ impl Relay {
         let upstream_code = upstream_code.filter(|_| self.upstream.close_sent);
         tracing::info!(
             request_id = %self.request_id.to_str().unwrap_or("-"),
-            client_ip = %self.standing.client_ip, route = %self.route.name,
+            client_ip = %self.standing.client_ip, route = self.route.name.as_str(),
             reason = outcome.reason.label(), side = outcome.reason.side(),
             client_code, upstream_code,
             duration_ms = outcome.duration.as_millis() as u64,
@@ -340,9 +340,9 @@ impl Relay {
                             // The request id ties it to the connection's upgrade and close lines.
                             let request_id = request_id.to_str().unwrap_or("-");
                             if loaded.policy.mode == Mode::Report {
-                                tracing::warn!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
+                                tracing::warn!(request_id = %request_id, route = route.as_str(), client_ip = %ip, reason = why.reason(), "report mode: the new policy would close this connection");
                             } else {
-                                tracing::info!(request_id = %request_id, route = %route, client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
+                                tracing::info!(request_id = %request_id, route = route.as_str(), client_ip = %ip, reason = why.reason(), "the new policy no longer admits this connection");
                                 break CloseReason::PolicyChanged;
                             }
                         }

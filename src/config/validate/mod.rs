@@ -546,7 +546,11 @@ impl Validator<'_> {
         if !valid_name {
             self.err(
                 "cluster.redis_url_env",
-                format!("{env:?} is not an environment variable name (letters, digits, _)"),
+                format!(
+                    "{:?} is not an environment variable name (letters, digits, _): the field \
+                     names the variable that holds the URL",
+                    values::hide_userinfo(env)
+                ),
             );
             return None;
         }

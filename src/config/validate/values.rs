@@ -1,6 +1,7 @@
 //! Single values of a policy checked on their own: CIDRs, `origin.allow` entries, the port
 //! and credentials of a URL, a route path as a request target.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 
 use http::Uri;
@@ -80,32 +81,50 @@ pub(super) fn port_error(uri: &Uri) -> Option<&'static str> {
     }
 }
 
+/// `s` as an error message may show it: user information in what looks like a URL's
+/// authority (`https://user:password@host`) as `***`, since a value in the wrong field can
+/// be a URL with a password in it, and `check`'s errors and a refused reload's log line
+/// show the values they are about.
+pub(super) fn hide_userinfo(s: &str) -> Cow<'_, str> {
+    let start = s.find("://").map_or(0, |i| i + 3);
+    let end = s[start..]
+        .find(['/', '?', '#'])
+        .map_or(s.len(), |i| start + i);
+    match s[start..end].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***{}", &s[..start], &s[start + at..])),
+        None => Cow::Borrowed(s),
+    }
+}
+
 /// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
 pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     let lower = s.trim().to_ascii_lowercase();
+    let shown = hide_userinfo(s);
     if lower == "*" || lower == "null" {
         return Err(format!(
-            "{s:?} is not allowed: list the origins (a wildcard origin lets every site in)"
+            "{shown:?} is not allowed: list the origins (a wildcard origin lets every site in)"
         ));
     }
     let Some((scheme, rest)) = lower.split_once("://") else {
-        return Err(format!("{s:?} must look like https://host[:port]"));
+        return Err(format!("{shown:?} must look like https://host[:port]"));
     };
     if scheme.is_empty()
         || !scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     {
-        return Err(format!("{s:?} has an invalid scheme"));
+        return Err(format!("{shown:?} has an invalid scheme"));
     }
     if rest.contains('/') || rest.contains('?') || rest.contains('#') || rest.contains('@') {
-        return Err(format!("{s:?}: an origin has no path, query or user info"));
+        return Err(format!(
+            "{shown:?}: an origin has no path, query or user info"
+        ));
     }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
             Ok(port) if !h.is_empty() => (h, Some(port)),
             _ if rest.starts_with('[') && rest.ends_with(']') => (rest, None),
-            _ => return Err(format!("{s:?} has an invalid port")),
+            _ => return Err(format!("{shown:?} has an invalid port")),
         },
         _ => (rest, None),
     };
@@ -114,17 +133,17 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     // other way, the entry would never match.
     if !host.is_ascii() {
         return Err(format!(
-            "{s:?}: write the host in its ASCII form (xn--…, as browsers send it in Origin)"
+            "{shown:?}: write the host in its ASCII form (xn--…, as browsers send it in Origin)"
         ));
     }
     if host.is_empty() {
         return Err(format!(
-            "{s:?} has no host: origins without one (file://) cannot be listed; use allow_missing for clients that send none"
+            "{shown:?} has no host: origins without one (file://) cannot be listed; use allow_missing for clients that send none"
         ));
     }
     if let Some(domain) = host.strip_prefix("*.") {
         if domain.is_empty() || domain.contains('*') {
-            return Err(format!("{s:?}: \"*.\" must be followed by a domain"));
+            return Err(format!("{shown:?}: \"*.\" must be followed by a domain"));
         }
         return Ok(OriginPattern::Subdomains {
             scheme: scheme.to_owned(),
@@ -133,7 +152,9 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         });
     }
     if host.is_empty() || host.contains('*') {
-        return Err(format!("{s:?}: '*' is only allowed as a leading \"*.\""));
+        return Err(format!(
+            "{shown:?}: '*' is only allowed as a leading \"*.\""
+        ));
     }
     Ok(OriginPattern::Exact(match port {
         Some(p) => format!("{scheme}://{host}:{p}"),
@@ -216,5 +237,24 @@ mod tests {
         ] {
             assert!(error(bad).is_some(), "{bad}");
         }
+    }
+
+    #[test]
+    fn user_information_is_not_shown_in_errors() {
+        for (value, hidden) in [
+            ("https://u:originpw@a.com", "https://***@a.com"),
+            ("u:pw@a.com", "***@a.com"),
+            (
+                "redis://admin:S3cret@redis:6379/0",
+                "redis://***@redis:6379/0",
+            ),
+            ("https://a.com/path@x", "https://a.com/path@x"),
+        ] {
+            assert_eq!(hide_userinfo(value), hidden);
+        }
+        let err = parse_origin_pattern("https://u:originpw@a.com").unwrap_err();
+        assert!(!err.contains("originpw"), "{err}");
+        let err = parse_origin_pattern("u:originpw@a.com").unwrap_err();
+        assert!(!err.contains("originpw"), "{err}");
     }
 }
