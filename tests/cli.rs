@@ -364,6 +364,25 @@ fn check_does_not_print_a_password_in_a_value_it_refuses() {
     }
 }
 
+/// A variable name no process can have is an error, not a warning that it is unset.
+#[test]
+fn check_refuses_an_empty_secret_variable_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blank.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  \
+         auth: {algorithms: [HS256], keys: [{hmac_secret_env: ''}]}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("hmac_secret_env: \"\" cannot name an environment variable"),
+        "{text}"
+    );
+}
+
 /// YAML merge keys share a block between routes, as hand-written YAML does.
 #[test]
 fn check_applies_yaml_merge_keys() {
