@@ -148,12 +148,8 @@ async fn respond(
             gate.operator.revocations.evict();
             // OpenMetrics for a scraper that asks for it (Prometheus does), Prometheus'
             // text format 0.0.4 otherwise, as Prometheus' own client libraries answer.
-            let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.to_ascii_lowercase()
-                        .contains("application/openmetrics-text")
-                })
-            });
+            let accept = req.headers().get_all(http::header::ACCEPT);
+            let openmetrics = wants_openmetrics(accept.iter().filter_map(|v| v.to_str().ok()));
             let (content_type, text) = if openmetrics {
                 (
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -190,4 +186,55 @@ async fn respond(
         .header(http::header::CONTENT_TYPE, "text/plain")
         .body(full(Bytes::from_static(body.as_bytes())))
         .unwrap_or_default())
+}
+
+/// Whether an `Accept` header (its values) prefers OpenMetrics to Prometheus' text format:
+/// OpenMetrics with a quality above 0 and at least that of `text/plain` (or `text/*`,
+/// `*/*`), as Prometheus' client libraries negotiate. Prometheus asks for OpenMetrics
+/// first; `curl` (`*/*`) gets the text format.
+fn wants_openmetrics<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+    for range in values.flat_map(|v| v.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, q)| q.trim().parse::<f32>().unwrap_or(0.0));
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    openmetrics > 0.0 && openmetrics >= text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn openmetrics_is_chosen_by_quality() {
+        for (accept, openmetrics) in [
+            ("application/openmetrics-text", true),
+            (
+                "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,\
+                 application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;\
+                 escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                true,
+            ),
+            ("text/plain;q=0.1,application/openmetrics-text;q=0", false),
+            ("text/plain, application/openmetrics-text;q=0.5", false),
+            ("*/*", false),
+            ("", false),
+            ("Application/OpenMetrics-Text; Q=0.9", true),
+        ] {
+            assert_eq!(
+                wants_openmetrics([accept].into_iter()),
+                openmetrics,
+                "{accept}"
+            );
+        }
+    }
 }
