@@ -1717,7 +1717,7 @@ async fn the_upgrade_and_close_lines_carry_their_fields() {
     let line = gate.wait_line("duration_ms=");
     for field in [
         "client_ip=127.0.0.1",
-        "route=ws",
+        "route=\"ws\"",
         "messages_in=2",
         "bytes_in=305",
         "messages_out=2",
