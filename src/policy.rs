@@ -6,6 +6,7 @@
 //! was admitted with.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -108,8 +109,8 @@ pub struct Policy {
     pub mode: Mode,
     pub trusted_proxies: Vec<IpNet>,
     pub max_connections: usize,
-    /// Sorted longest path first, so the first match is the longest prefix.
-    pub routes: Vec<Arc<Route>>,
+    /// Longest path first, indexed by path.
+    pub routes: Routes,
     /// Every key, JWKS and CA file the policy read: a change to one of them reloads it.
     pub files: Vec<PathBuf>,
     /// The smallest handshake timeout of any route: it bounds the TLS handshake and
@@ -134,7 +135,7 @@ impl Policy {
     ///
     /// `/ws` matches `/ws` and `/ws/x` but not `/wsx`; `/` matches everything.
     pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
-        self.routes.iter().find(|r| path_has_prefix(path, &r.path))
+        self.routes.longest_prefix(path)
     }
 
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
@@ -142,13 +143,78 @@ impl Policy {
     }
 }
 
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    if prefix == "/" {
-        return true;
+/// A policy's routes, longest path first, with an index by path: finding a request's
+/// route costs a lookup per segment of its path, however many routes there are.
+#[derive(Default)]
+pub struct Routes {
+    sorted: Vec<Arc<Route>>,
+    /// Each route's position in `sorted`, by its path (validation makes paths unique).
+    by_path: HashMap<String, usize>,
+    /// The longest route path: no longer prefix of a request's path is looked up.
+    longest: usize,
+}
+
+impl Routes {
+    /// The route whose path is `path` or its longest whole-segment prefix: `path`
+    /// itself, then each shorter prefix ending before a `/`, then `/` (which matches
+    /// everything).
+    fn longest_prefix(&self, path: &str) -> Option<&Arc<Route>> {
+        let mut prefix = path;
+        loop {
+            if prefix.len() <= self.longest {
+                if let Some(&at) = self.by_path.get(prefix) {
+                    return self.sorted.get(at);
+                }
+            }
+            match prefix.rfind('/') {
+                Some(cut) if cut > 0 => prefix = &prefix[..cut],
+                _ => break,
+            }
+        }
+        let &at = self.by_path.get("/")?;
+        self.sorted.get(at)
     }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
+}
+
+impl From<Vec<Arc<Route>>> for Routes {
+    fn from(mut sorted: Vec<Arc<Route>>) -> Routes {
+        sorted.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+        let by_path = sorted
+            .iter()
+            .enumerate()
+            .map(|(at, r)| (r.path.clone(), at))
+            .collect();
+        let longest = sorted.first().map_or(0, |r| r.path.len());
+        Routes {
+            sorted,
+            by_path,
+            longest,
+        }
+    }
+}
+
+/// The routes, longest path first; the index is derived from them (and a `HashMap`'s
+/// order would make two equal policies print differently).
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.sorted).finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a Routes {
+    type Item = &'a Arc<Route>;
+    type IntoIter = std::slice::Iter<'a, Arc<Route>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.sorted.iter()
+    }
+}
+
+impl std::ops::Deref for Routes {
+    type Target = [Arc<Route>];
+
+    fn deref(&self) -> &[Arc<Route>] {
+        &self.sorted
     }
 }
 
@@ -769,6 +835,73 @@ mod tests {
                 "an answer KEEP old is looked up again"
             );
         }
+    }
+
+    /// The indexed lookup answers as a scan of every route for the longest whole-segment
+    /// prefix would: `/ws` matches `/ws` and `/ws/x`, not `/wsx`; `/` matches everything.
+    #[test]
+    fn route_lookup_finds_the_longest_whole_segment_prefix() {
+        let paths = ["/", "/a", "/a/b", "/a/b/c", "/ab", "/b/c", "/x/y/z/w"];
+        let mut yaml = String::from("version: 1\ndefaults: {auth: {required: false}}\nroutes:\n");
+        for path in paths {
+            yaml.push_str(&format!("  - path: {path}\n"));
+        }
+        let loaded =
+            crate::config::load_bytes(std::path::Path::new("policy.yaml"), yaml.as_bytes())
+                .expect("the policy is valid");
+        let policy = &loaded.policy;
+        let without_root: Routes = policy
+            .routes
+            .iter()
+            .filter(|r| r.path != "/")
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        let requests = [
+            "/",
+            "/a",
+            "/a/",
+            "/a/b",
+            "/a/bc",
+            "/a/b/",
+            "/a/b/c",
+            "/a/b/c/d/e",
+            "/ab",
+            "/ab/c",
+            "/abc",
+            "/b",
+            "/b/c",
+            "/b/cd",
+            "/b/c/d",
+            "/x/y/z",
+            "/x/y/z/w/v",
+            "/x/y/z/ww",
+            "/z",
+        ];
+        for routes in [&policy.routes, &without_root] {
+            for request in requests {
+                let scanned = routes
+                    .iter()
+                    .filter(|r| {
+                        r.path == "/"
+                            || request
+                                .strip_prefix(r.path.as_str())
+                                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                    })
+                    .max_by_key(|r| r.path.len())
+                    .map(|r| r.path.as_str());
+                let found = routes.longest_prefix(request).map(|r| r.path.as_str());
+                assert_eq!(found, scanned, "the route for {request}");
+            }
+        }
+        assert_eq!(
+            policy.route_for("/a/b/c/d").map(|r| r.path.as_str()),
+            Some("/a/b/c")
+        );
+        assert_eq!(
+            without_root.longest_prefix("/z").map(|r| r.path.as_str()),
+            None
+        );
     }
 
     #[test]

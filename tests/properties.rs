@@ -1093,7 +1093,7 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
         mode: Mode::Enforce,
         trusted_proxies: nets.to_vec(),
         max_connections: 1,
-        routes: Vec::<Arc<Route>>::new(),
+        routes: Vec::<Arc<Route>>::new().into(),
         files: Vec::new(),
         handshake_timeout: std::time::Duration::from_secs(10),
         http2: wsgate::policy::Http2 {

@@ -126,7 +126,7 @@ pub fn validate_for(
         }
     }
     let claim_header_names: Arc<[HeaderName]> = claim_header_names.into();
-    let mut routes: Vec<Arc<Route>> = routes
+    let routes: Vec<Arc<Route>> = routes
         .into_iter()
         .map(|route| {
             Arc::new(Route {
@@ -135,7 +135,6 @@ pub fn validate_for(
             })
         })
         .collect();
-    routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
     v.files.sort();
     v.files.dedup();
     let mut seen = HashSet::new();
@@ -149,7 +148,7 @@ pub fn validate_for(
         mode,
         trusted_proxies,
         max_connections: max_connections as usize,
-        routes,
+        routes: routes.into(),
         files: v.files,
         handshake_timeout,
         http2,
