@@ -366,7 +366,7 @@ fn check_does_not_print_a_password_in_a_value_it_refuses() {
 
 /// A variable name no process can have is an error, not a warning that it is unset.
 #[test]
-fn check_refuses_an_empty_secret_variable_name() {
+fn check_refuses_what_cannot_name_an_environment_variable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("blank.yaml");
     std::fs::write(
@@ -378,9 +378,41 @@ fn check_refuses_an_empty_secret_variable_name() {
     let (code, text) = check(&path);
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.contains("hmac_secret_env: \"\" cannot name an environment variable"),
+        text.contains("hmac_secret_env: is empty: it must name an environment variable"),
         "{text}"
     );
+
+    // A secret pasted where its variable's name belongs is refused, and not printed.
+    let secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==";
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  \
+             auth: {{algorithms: [HS256], keys: [{{hmac_secret_env: '{secret}'}}]}}\n\
+             routes:\n  - path: /ws\n"
+        ),
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("is not an environment variable name"),
+        "{text}"
+    );
+    assert!(!text.contains(secret), "{text}");
+
+    // Names Kubernetes lets a container have ('-', '.') are names: unset, only a warning.
+    std::fs::write(
+        &path,
+        "version: 1\ncluster: {redis_url_env: redis-url.prod}\ndefaults:\n  \
+         upstream: ws://127.0.0.1:9\n  auth: {algorithms: [HS256], \
+         keys: [{hmac_secret_env: jwt-secret.v2}]}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("redis-url.prod is not set"), "{text}");
+    assert!(text.contains("jwt-secret.v2 is not set here"), "{text}");
 }
 
 /// YAML merge keys share a block between routes, as hand-written YAML does.

@@ -275,14 +275,13 @@ impl Validator<'_> {
 
         if let Some(var) = &k.hmac_secret_env {
             let field = format!("{at}.hmac_secret_env");
-            // No process can have a variable by such a name: `check` would only warn that
-            // it is not set, and every `run` would refuse the policy.
-            let unnameable = var.is_empty() || var.contains(['=', '\0']);
+            // A name no deployment can set: `check` would only warn that it is not set,
+            // and every `run` would refuse the policy.
+            if let Some(why) = values::env_name_error(var) {
+                self.err(field, why);
+                return 0;
+            }
             match std::env::var(var) {
-                _ if unnameable => self.err(
-                    field,
-                    format!("{var:?} cannot name an environment variable"),
-                ),
                 Ok(secret) => {
                     self.hmac_key(&field, secret.into_bytes(), k, keys, &mut check_family)
                 }

@@ -537,20 +537,8 @@ impl Validator<'_> {
     /// runs as with the store unreachable, and `on_failure` applies.
     fn cluster(&mut self, file: &file::ClusterFile) -> Option<crate::policy::Cluster> {
         let env = file.redis_url_env.as_str();
-        let valid_name = env
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid_name {
-            self.err(
-                "cluster.redis_url_env",
-                format!(
-                    "{:?} is not an environment variable name (letters, digits, _): the field \
-                     names the variable that holds the URL",
-                    values::hide_userinfo(env)
-                ),
-            );
+        if let Some(why) = values::env_name_error(env) {
+            self.err("cluster.redis_url_env", why);
             return None;
         }
         let url = match std::env::var(env) {

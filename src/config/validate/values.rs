@@ -96,6 +96,36 @@ pub(super) fn hide_userinfo(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// Why `name` cannot name the environment variable a field points at, if it cannot: the
+/// rule Kubernetes applies to a container's `env` names (printable ASCII without `=`),
+/// less the space, which no shell can export, and less a URL, which is a value. The value itself is never repeated in the
+/// error, since a field that should name a variable is where a secret gets pasted.
+pub(super) fn env_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("is empty: it must name an environment variable".to_owned());
+    }
+    if name.contains("://") {
+        return Some(
+            "is a URL (not shown here, in case it holds a password), not the name of the \
+             environment variable that holds one"
+                .to_owned(),
+        );
+    }
+    let bad = name.chars().find(|c| !c.is_ascii_graphic() || *c == '=')?;
+    let what = match bad {
+        '=' => "'='".to_owned(),
+        ' ' => "a space".to_owned(),
+        c if c.is_ascii_control() => "a control character".to_owned(),
+        _ => "a non-ASCII character".to_owned(),
+    };
+    Some(format!(
+        "is not an environment variable name: its {} characters include {what} (a name is \
+         printable ASCII without spaces or '='; the field names the variable, and the value \
+         is not shown here in case it is the secret itself)",
+        name.chars().count()
+    ))
+}
+
 /// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
 pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     let lower = s.trim().to_ascii_lowercase();
@@ -165,6 +195,36 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any name a Kubernetes `env` entry or a shell can set is accepted; what no process
+    /// could have, or what is a value rather than a name, is refused without repeating it.
+    #[test]
+    fn environment_variable_names() {
+        for name in [
+            "WSGATE_JWT_SECRET",
+            "_x",
+            "x",
+            "jwt-secret.v2",
+            "9LIVES",
+            "a:b/c",
+        ] {
+            assert_eq!(env_name_error(name), None, "{name}");
+        }
+        for (name, says) in [
+            ("", "is empty"),
+            ("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0=", "include '='"),
+            ("JWT SECRET", "include a space"),
+            ("JWT\tSECRET", "include a control character"),
+            ("SECRET\0", "include a control character"),
+            ("GEHEIMNIS_SCHLÜSSEL", "include a non-ASCII character"),
+            ("redis://admin:hunter2@redis:6379", "is a URL"),
+        ] {
+            let why = env_name_error(name).unwrap_or_default();
+            assert!(why.contains(says), "{name:?}: {why}");
+            assert!(name.is_empty() || !why.contains(name), "{why}");
+            assert!(!why.contains("hunter2"), "{why}");
+        }
+    }
 
     #[test]
     fn origin_patterns() {
