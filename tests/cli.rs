@@ -188,6 +188,37 @@ fn check_reports_unknown_fields_with_their_location() {
     assert_eq!(text.matches("`requried`").count(), 1, "{text}");
 }
 
+/// Values of the wrong type are all named in one run, not one per run.
+#[test]
+fn check_reports_every_value_of_the_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("types.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nmax_connections: lots\ndefaults:\n  upstream: ws://127.0.0.1:9\n  \
+         auth: {required: false, leeway_seconds: soon}\n  rate: {burst: -3}\nroutes:\n  \
+         - path: /ws\n    messages: {types: text}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:2:18: max_connections: invalid type",
+            path.display()
+        )),
+        "{text}"
+    );
+    for field in [
+        "defaults.auth.leeway_seconds: invalid type",
+        "defaults.rate.burst: invalid value",
+        "routes[0].messages.types: invalid type",
+    ] {
+        assert_eq!(text.matches(field).count(), 1, "{field}: {text}");
+    }
+    assert_eq!(text.matches("max_connections").count(), 1, "{text}");
+}
+
 #[test]
 fn check_reports_every_semantic_error_with_its_field_path() {
     let dir = tempfile::tempdir().unwrap();

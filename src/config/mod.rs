@@ -256,10 +256,10 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
                     );
                 }
             }
-            // The typed parse stops at its first error: name every other unknown field
-            // and value.
+            // The typed parse stops at its first error: name every other unknown field,
+            // unknown value and value of the wrong type.
             if let ConfigError::Syntax { message, more, .. } = &mut error {
-                *more = unknown::unknown_fields(&schema_value(), &document)
+                *more = schema_errors(&document)
                     .into_iter()
                     .filter(|f| !reported(message, &f.field))
                     .collect();
@@ -283,6 +283,13 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
         loaded_at: SystemTime::now(),
         source: path.to_owned(),
     })
+}
+
+/// What the policy's JSON Schema finds wrong in a parsed YAML document: every unknown
+/// field, unknown value of a fixed list, and value of the wrong type or range, at its
+/// field path. Empty for every file the typed parse accepts.
+pub fn schema_errors(document: &serde_yaml::Value) -> Vec<FieldError> {
+    unknown::unknown_fields(&schema_value(), document)
 }
 
 /// Whether a map anywhere in `value` has a `<<` key.
@@ -316,11 +323,13 @@ fn schema_value() -> serde_json::Value {
 }
 
 /// Whether serde's `message` ("routes[0]: unknown field `upstrem`, expected …", "mode:
-/// unknown variant `enforcee`, …") is the error about `field` (`routes[0].upstrem`,
-/// `mode`).
+/// unknown variant `enforcee`, …", "max_connections: invalid type: …") is the error about
+/// `field` (`routes[0].upstrem`, `mode`, `max_connections`).
 fn reported(message: &str, field: &str) -> bool {
-    if message.starts_with(&format!("{field}: unknown variant")) {
-        return true;
+    for what in ["unknown variant", "invalid type", "invalid value"] {
+        if message.starts_with(&format!("{field}: {what}")) {
+            return true;
+        }
     }
     let (parent, key) = match field.rsplit_once('.') {
         Some((parent, key)) => (Some(parent), key),

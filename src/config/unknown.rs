@@ -1,12 +1,13 @@
-//! Every unknown field of a policy file, and every unknown value of a field with a fixed
-//! list (`mode`, `http`, `compression`, `on_failure`), not only the first.
+//! Every unknown field of a policy file, every unknown value of a field with a fixed list
+//! (`mode`, `http`, `compression`, `on_failure`) and every value of the wrong type or out
+//! of its type's range, not only the first.
 //!
 //! The typed parse (`deny_unknown_fields` at every level) stops at the first field it does
-//! not know, so a file with three typos would take three rounds of `wsgate check`. When
-//! the typed parse fails, the plain YAML document is walked against the policy's JSON
-//! Schema (generated from the same structs, so it knows the same fields) and every key the
-//! schema has no place for, and every string none of its choices names, is reported at its
-//! field path.
+//! not know or cannot read, so a file with three typos would take three rounds of `wsgate
+//! check`. When the typed parse fails, the plain YAML document is walked against the
+//! policy's JSON Schema (generated from the same structs, so it knows the same fields and
+//! types) and every key the schema has no place for, every string none of its choices
+//! names and every value none of its types takes is reported at its field path.
 
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -33,6 +34,14 @@ struct Keys<'a> {
     variants: Vec<&'a str>,
     /// Some branch takes any string.
     any_string: bool,
+    /// The JSON types the branches name; `untyped` when some branch takes any value.
+    types: Vec<&'a str>,
+    untyped: bool,
+    /// The loosest bounds of the numeric branches (`None`: some branch has none).
+    minimum: Option<f64>,
+    maximum: Option<f64>,
+    unbounded_below: bool,
+    unbounded_above: bool,
 }
 
 impl Keys<'_> {
@@ -45,6 +54,13 @@ impl Keys<'_> {
 fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<FieldError>) {
     let mut keys = Keys::default();
     branches(root, schema, &mut keys, 0);
+    if let Some(message) = type_error(&keys, value) {
+        found.push(FieldError {
+            field: at.to_owned(),
+            message,
+        });
+        return;
+    }
     match value {
         Yaml::Mapping(map) => {
             for (key, child) in map {
@@ -109,6 +125,74 @@ fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<Fiel
     }
 }
 
+/// Why none of the types `keys` gathered takes `value`, if none does: serde's wording
+/// ("invalid type: string \"lots\", expected an integer").
+fn type_error(keys: &Keys<'_>, value: &Yaml) -> Option<String> {
+    let value = match value {
+        Yaml::Tagged(tagged) => &tagged.value,
+        other => other,
+    };
+    if keys.untyped || keys.types.is_empty() {
+        return None;
+    }
+    let (kind, shown) = match value {
+        Yaml::Null => ("null", "null".to_owned()),
+        Yaml::Bool(b) => ("boolean", format!("boolean `{b}`")),
+        Yaml::Number(n) if n.is_f64() => ("number", format!("floating point `{n}`")),
+        Yaml::Number(n) => ("integer", format!("integer `{n}`")),
+        Yaml::String(_) => ("string", "string".to_owned()),
+        Yaml::Sequence(_) => ("array", "sequence".to_owned()),
+        Yaml::Mapping(_) => ("object", "map".to_owned()),
+        Yaml::Tagged(_) => return None,
+    };
+    let takes = |t: &str| keys.types.contains(&t);
+    // The YAML parser reads any scalar into a string field (`name: 7` is "7", `~` too).
+    let scalar = matches!(kind, "boolean" | "number" | "integer" | "null");
+    let typed =
+        takes(kind) || (kind == "integer" && takes("number")) || (scalar && takes("string"));
+    if !typed {
+        let mut expected: Vec<&str> = keys
+            .types
+            .iter()
+            .filter(|t| **t != "null")
+            .map(|t| match *t {
+                "integer" => "an integer",
+                "number" => "a number",
+                "string" => "a string",
+                "boolean" => "a boolean",
+                "array" => "a list",
+                "object" => "a map",
+                _ => "a value of another type",
+            })
+            .collect();
+        expected.sort_unstable();
+        expected.dedup();
+        let shown = match value {
+            Yaml::String(s) if s.chars().count() <= 64 => format!("string {s:?}"),
+            _ => shown,
+        };
+        return Some(format!(
+            "invalid type: {shown}, expected {}",
+            expected.join(" or ")
+        ));
+    }
+    let Yaml::Number(n) = value else {
+        return None;
+    };
+    let number = n.as_f64()?;
+    let (min, max) = (
+        keys.minimum.filter(|_| !keys.unbounded_below),
+        keys.maximum.filter(|_| !keys.unbounded_above),
+    );
+    let expected = match (min, max) {
+        (Some(min), Some(max)) if number < min || number > max => format!("{min} to {max}"),
+        (Some(min), None) if number < min => format!("at least {min}"),
+        (None, Some(max)) if number > max => format!("at most {max}"),
+        _ => return None,
+    };
+    Some(format!("invalid value: {n}, expected {expected}"))
+}
+
 /// Gather what `schema` allows, following `$ref` and every `anyOf`/`oneOf`/`allOf`
 /// branch (an optional field, an untagged enum of key kinds). A map is closed only when
 /// no branch takes other keys.
@@ -119,8 +203,11 @@ fn branches<'a>(root: &'a Json, schema: &'a Json, keys: &mut Keys<'a>, depth: us
         return;
     }
     let Some(object) = schema.as_object() else {
+        // `true` takes anything.
+        keys.untyped |= schema.as_bool() == Some(true);
         return;
     };
+    gather_types(object, keys);
     if let Some(target) = object.get("$ref").and_then(Json::as_str) {
         if let Some(resolved) = resolve(root, target) {
             branches(root, resolved, keys, depth + 1);
@@ -165,6 +252,56 @@ fn branches<'a>(root: &'a Json, schema: &'a Json, keys: &mut Keys<'a>, depth: us
     if takes_string && keys.variants.len() == before {
         keys.any_string = true;
     }
+}
+
+/// The types, and the bounds of the numeric ones, that one schema object names itself.
+fn gather_types<'a>(object: &'a serde_json::Map<String, Json>, keys: &mut Keys<'a>) {
+    let named: Vec<&str> = match object.get("type") {
+        Some(Json::String(t)) => vec![t.as_str()],
+        Some(Json::Array(types)) => types.iter().filter_map(Json::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let constant = object.get("const").into_iter().chain(
+        object
+            .get("enum")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten(),
+    );
+    let mut constant_types: Vec<&str> = constant
+        .map(|c| match c {
+            Json::Null => "null",
+            Json::Bool(_) => "boolean",
+            Json::Number(_) => "number",
+            Json::String(_) => "string",
+            Json::Array(_) => "array",
+            Json::Object(_) => "object",
+        })
+        .collect();
+    let composite = ["$ref", "anyOf", "oneOf", "allOf"]
+        .iter()
+        .any(|k| object.contains_key(*k));
+    if named.is_empty() && constant_types.is_empty() {
+        // A schema that names no type of its own takes anything, unless its branches say.
+        keys.untyped |= !composite;
+        return;
+    }
+    if named.iter().any(|t| *t == "integer" || *t == "number") {
+        let min = object.get("minimum").and_then(Json::as_f64);
+        let max = object.get("maximum").and_then(Json::as_f64);
+        keys.unbounded_below |= min.is_none();
+        keys.unbounded_above |= max.is_none();
+        keys.minimum = match (keys.minimum, min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        keys.maximum = match (keys.maximum, max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    keys.types.extend(named);
+    keys.types.append(&mut constant_types);
 }
 
 /// `#/$defs/Name` in `root`.
@@ -213,6 +350,37 @@ mod tests {
                 "defaults.messages.compression",
                 "routes[0].http",
                 "cluster.on_failure"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_value_of_the_wrong_type() {
+        let schema = serde_json::to_value(super::super::schema_value()).unwrap();
+        let document: Yaml = serde_yaml::from_str(
+            "version: 1\nmax_connections: lots\ntrusted_proxies: 10.0.0.0/8\ndefaults:\n  \
+             auth: {required: 'yes', leeway_seconds: 1.5, keys: [{hmac_secret_env: [X]}]}\n  \
+             rate: {burst: -3, ipv6_prefix: 300, upgrades_per_second: 0.5}\n  \
+             timeouts: {idle_seconds: 2.5, write_seconds: 3}\n  \
+             heartbeat: {interval_seconds: null}\nroutes:\n  - path: 7\n    \
+             messages: {types: text}\n    auth: {require_claims: {role: [admin, 7, true]}}\n",
+        )
+        .unwrap();
+        let found: Vec<String> = unknown_fields(&schema, &document)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "max_connections: invalid type: string \"lots\", expected an integer",
+                "trusted_proxies: invalid type: string \"10.0.0.0/8\", expected a list",
+                "defaults.auth.required: invalid type: string \"yes\", expected a boolean",
+                "defaults.auth.leeway_seconds: invalid type: floating point `1.5`, expected an integer",
+                "defaults.auth.keys[0].hmac_secret_env: invalid type: sequence, expected a string",
+                "defaults.rate.burst: invalid value: -3, expected at least 0",
+                "defaults.rate.ipv6_prefix: invalid value: 300, expected 0 to 255",
+                "routes[0].messages.types: invalid type: string \"text\", expected a list",
             ]
         );
     }
