@@ -186,6 +186,13 @@ fn check_reports_unknown_fields_with_their_location() {
         );
     }
     assert_eq!(text.matches("`requried`").count(), 1, "{text}");
+    // Each at its key's line and column.
+    for at in [":6:5: routes[1].nmae", ":8:10: defaults.rate.burts"] {
+        assert!(
+            text.contains(&format!("{}{at}", path.display())),
+            "{at}: {text}"
+        );
+    }
 }
 
 /// Values of the wrong type are all named in one run, not one per run.
@@ -210,9 +217,9 @@ fn check_reports_every_value_of_the_wrong_type() {
         "{text}"
     );
     for field in [
-        "defaults.auth.leeway_seconds: invalid type",
-        "defaults.rate.burst: invalid value",
-        "routes[0].messages.types: invalid type",
+        ":5:43: defaults.auth.leeway_seconds: invalid type",
+        ":6:17: defaults.rate.burst: invalid value",
+        ":9:23: routes[0].messages.types: invalid type",
     ] {
         assert_eq!(text.matches(field).count(), 1, "{field}: {text}");
     }

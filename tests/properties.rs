@@ -338,13 +338,34 @@ fn error_is_located(e: &ConfigError, input: &PolicyBytes) -> TestCaseResult {
         "{shown:?} does not name the file"
     );
     match e {
-        ConfigError::Syntax { line, column, .. } => {
+        ConfigError::Syntax {
+            line, column, more, ..
+        } => {
             // libyaml puts the end of the input on a line of its own.
             let lines = yaml_lines(&input.bytes) + 1;
             prop_assert!(
                 (1..=lines).contains(line) && *column >= 1,
                 "{shown:?}: {line}:{column} is outside the file's {lines} lines"
             );
+            // The errors after the first: a field path each, and a place in the file when
+            // they have one.
+            for after in more {
+                // An unknown field's own name is the file's; where it sits is a field path.
+                let field = after.error.field.as_str();
+                let known = match after.error.message.starts_with("unknown field") {
+                    true => field
+                        .rsplit_once('.')
+                        .map_or("version", |(parent, _)| parent),
+                    false => field,
+                };
+                prop_assert!(is_field_path(known), "{:?} is not a field path", field);
+                if let Some((line, column)) = after.at {
+                    prop_assert!(
+                        (1..=lines).contains(&line) && column >= 1,
+                        "{shown:?}: {line}:{column} is outside the file's {lines} lines"
+                    );
+                }
+            }
         }
         ConfigError::Invalid { errors, .. } => {
             prop_assert!(!errors.is_empty(), "invalid, but no error listed");

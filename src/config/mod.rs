@@ -5,6 +5,7 @@
 //! collects every semantic error instead of stopping at the first.
 
 pub(crate) mod file;
+mod locate;
 mod unknown;
 mod validate;
 
@@ -83,14 +84,15 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The YAML parser (or the schema, for unknown fields and wrong types) rejected it;
-    /// `more` are the other unknown fields the file has, at their field paths.
+    /// `more` are the file's other unknown fields and values of the wrong type, at their
+    /// field paths and, where the text shows them, lines and columns.
     #[error("{path}:{line}:{column}: {message}{}", Tail { path, errors: more })]
     Syntax {
         path: PathBuf,
         line: usize,
         column: usize,
         message: String,
-        more: Vec<FieldError>,
+        more: Vec<LocatedError>,
     },
     /// Parsed, but the YAML gave no location for the error.
     #[error("{path}: {message}")]
@@ -125,6 +127,13 @@ pub struct FieldError {
 
 pub use crate::policy::FieldWarning;
 
+/// A field error and the line and column of its value, when the file's text shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocatedError {
+    pub at: Option<(usize, usize)>,
+    pub error: FieldError,
+}
+
 struct FieldErrors<'a> {
     path: &'a Path,
     errors: &'a [FieldError],
@@ -145,17 +154,25 @@ impl fmt::Display for FieldErrors<'_> {
 /// Field errors after a first error's line, one per line.
 struct Tail<'a> {
     path: &'a Path,
-    errors: &'a [FieldError],
+    errors: &'a [LocatedError],
 }
 
 impl fmt::Display for Tail<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for e in self.errors {
-            write!(f, "\n{}: {}: {}", self.path.display(), e.field, e.message)?;
+        for LocatedError { at, error } in self.errors {
+            write!(f, "\n{}", self.path.display())?;
+            if let Some((line, column)) = at {
+                write!(f, ":{line}:{column}")?;
+            }
+            write!(f, ": {}: {}", error.field, error.message)?;
         }
         Ok(())
     }
 }
+
+/// How many bytes of policy text may be read again to locate the errors after the first:
+/// a small file's errors are all located, a 16 MiB one's only the first few.
+const LOCATE_BUDGET_BYTES: usize = 64 << 20;
 
 /// Read, parse and fully validate the policy at `path` (key and JWKS files included). The
 /// warnings of a valid policy are logged, and kept in [`Loaded::warnings`].
@@ -259,9 +276,18 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             // The typed parse stops at its first error: name every other unknown field,
             // unknown value and value of the wrong type.
             if let ConfigError::Syntax { message, more, .. } = &mut error {
+                let mut budget = LOCATE_BUDGET_BYTES;
                 *more = schema_errors(&document)
                     .into_iter()
                     .filter(|f| !reported(message, &f.field))
+                    .map(|error| {
+                        let at = budget.checked_sub(yaml.len()).and_then(|left| {
+                            budget = left;
+                            let key = error.message.starts_with("unknown field");
+                            locate::locate(yaml, &error.field, key)
+                        });
+                        LocatedError { at, error }
+                    })
                     .collect();
             }
             return Err(error);
@@ -326,6 +352,11 @@ fn schema_value() -> serde_json::Value {
 /// unknown variant `enforcee`, …", "max_connections: invalid type: …") is the error about
 /// `field` (`routes[0].upstrem`, `mode`, `max_connections`).
 fn reported(message: &str, field: &str) -> bool {
+    // The document itself of the wrong type (a list, a string) is the typed parse's first
+    // error whatever else is wrong.
+    if field.is_empty() {
+        return true;
+    }
     for what in ["unknown variant", "invalid type", "invalid value"] {
         if message.starts_with(&format!("{field}: {what}")) {
             return true;

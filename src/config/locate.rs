@@ -1,0 +1,266 @@
+//! Where a field path's value sits in a policy file's text, for the errors that the schema
+//! walk finds by field path after the typed parse has stopped at its first.
+//!
+//! The plain YAML document keeps no positions, but the parser marks every error raised
+//! while it reads a node with that node's line and column. So the text is read again with
+//! a visitor that follows the path (`routes[1].messages.types`: key, index, key, key),
+//! skips everything else, and raises an error on the node it was looking for: that
+//! error's mark is the answer. One read per path; a path that goes through a merge key, or
+//! a key with a `.` in it, is not found and keeps only its field path.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// The error raised on the node found; anything else means it was not.
+const FOUND: &str = "\u{0}wsgate: the node looked for";
+
+enum Step<'p> {
+    Key(&'p str),
+    Index(usize),
+}
+
+/// `routes[1].messages.types` as its steps; `None` for what is not a field path.
+fn steps(path: &str) -> Option<Vec<Step<'_>>> {
+    let mut steps = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if key.is_empty() {
+            return None;
+        }
+        steps.push(Step::Key(key));
+        while let Some(index) = rest.strip_prefix('[') {
+            let end = index.find(']')?;
+            steps.push(Step::Index(index[..end].parse().ok()?));
+            rest = &index[end + 1..];
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+    }
+    Some(steps)
+}
+
+/// The line and column (1-based) where the value at `path` starts in `text`, or with
+/// `key`, where the key that names it is (an unknown field is its key).
+pub fn locate(text: &[u8], path: &str, key: bool) -> Option<(usize, usize)> {
+    let steps = steps(path)?;
+    let error = Locator { steps: &steps, key }
+        .deserialize(serde_yaml::Deserializer::from_slice(text))
+        .err()?;
+    if !error.to_string().contains(FOUND) {
+        return None;
+    }
+    let at = error.location()?;
+    Some((at.line(), at.column()))
+}
+
+#[derive(Clone, Copy)]
+struct Locator<'s, 'p> {
+    steps: &'s [Step<'p>],
+    /// The last step's key is the node looked for, not its value.
+    key: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Locator<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Locator<'_, '_> {
+    /// A scalar: the node looked for when the path ends here, or a dead end.
+    fn scalar<E: de::Error>(self) -> Result<(), E> {
+        match self.steps {
+            [] => Err(E::custom(FOUND)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Locator<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (key, rest) = match self.steps {
+            [] => return Err(de::Error::custom(FOUND)),
+            [Step::Key(key), rest @ ..] => (*key, rest),
+            [Step::Index(_), ..] => return Ok(()),
+        };
+        let seed = Key {
+            name: key,
+            found: self.key && rest.is_empty(),
+        };
+        while let Some(matched) = map.next_key_seed(seed)? {
+            if matched {
+                map.next_value_seed(Locator {
+                    steps: rest,
+                    ..self
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (index, rest) = match self.steps {
+            [] => return Err(de::Error::custom(FOUND)),
+            [Step::Index(index), rest @ ..] => (*index, rest),
+            [Step::Key(_), ..] => return Ok(()),
+        };
+        let mut at = 0;
+        loop {
+            let more = if at == index {
+                seq.next_element_seed(Locator {
+                    steps: rest,
+                    ..self
+                })?
+            } else {
+                seq.next_element::<IgnoredAny>()?.map(|_| ())
+            };
+            if more.is_none() {
+                return Ok(());
+            }
+            at += 1;
+        }
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.scalar()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): where the path ends, it is the node.
+        self.scalar()
+    }
+}
+
+/// A map's key: whether it is `name`; with `found`, a key that is raises the error that
+/// marks it.
+#[derive(Clone, Copy)]
+struct Key<'p> {
+    name: &'p str,
+    found: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map's key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        match key == self.name {
+            true if self.found => Err(E::custom(FOUND)),
+            matched => Ok(matched),
+        }
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<bool, A::Error> {
+        IgnoredAny.visit_map(map).map(|_| false)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<bool, A::Error> {
+        IgnoredAny.visit_seq(seq).map(|_| false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_each_kind_of_node_in_block_and_flow_style() {
+        let text = b"version: 1\nmax_connections: lots\ndefaults:\n  auth: {required: false, leeway_seconds: soon}\n  rate:\n    burst: -3\nroutes:\n  - path: /a\n  - path: /b\n    messages:\n      types: text\n    ip: {deny: [10.0.0.0/8, x]}\n";
+        let text = &text[..];
+        for (path, at) in [
+            ("max_connections", Some((2, 18))),
+            ("defaults.auth.leeway_seconds", Some((4, 43))),
+            ("defaults.rate.burst", Some((6, 12))),
+            ("defaults.rate", Some((6, 5))),
+            ("routes[1].messages.types", Some((11, 14))),
+            ("routes[1].ip.deny[1]", Some((12, 29))),
+            ("routes[1]", Some((9, 5))),
+            ("routes[2]", None),
+            ("routes.x", None),
+            ("defaults.auth.keys", None),
+            ("", None),
+            ("routes[x]", None),
+        ] {
+            assert_eq!(locate(text, path, false), at, "{path}");
+        }
+        // An unknown field is its key.
+        assert_eq!(
+            locate(text, "defaults.auth.leeway_seconds", true),
+            Some((4, 27))
+        );
+        assert_eq!(locate(text, "routes[1].messages", true), Some((10, 5)));
+        assert_eq!(locate(text, "version", true), Some((1, 1)));
+        assert_eq!(locate(text, "routes[1].nmae", true), None);
+    }
+}
