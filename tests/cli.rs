@@ -451,6 +451,22 @@ fn check_refuses_what_cannot_name_an_environment_variable() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("redis-url.prod is not set"), "{text}");
     assert!(text.contains("jwt-secret.v2 is not set here"), "{text}");
+
+    // A secret without '=' reads as a name, but one that looks like a secret is not shown.
+    let secret = "q8ZfT3mW9xLp2RkV7nBy4CsD6hJ";
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  \
+             auth: {{algorithms: [HS256], keys: [{{hmac_secret_env: {secret}}}]}}\n\
+             routes:\n  - path: /ws\n"
+        ),
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("looks like a secret"), "{text}");
+    assert!(!text.contains(secret), "{text}");
 }
 
 /// YAML merge keys share a block between routes, as hand-written YAML does.

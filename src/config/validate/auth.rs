@@ -281,6 +281,7 @@ impl Validator<'_> {
                 self.err(field, why);
                 return 0;
             }
+            let shown = values::env_name_shown(var);
             match std::env::var(var) {
                 Ok(secret) => {
                     self.hmac_key(&field, secret.into_bytes(), k, keys, &mut check_family)
@@ -289,7 +290,7 @@ impl Validator<'_> {
                     self.warn(
                         &field,
                         format!(
-                            "environment variable {var} is not set here: `wsgate run` refuses \
+                            "environment variable {shown} is not set here: `wsgate run` refuses \
                              this policy where it is not"
                         ),
                     );
@@ -297,7 +298,7 @@ impl Validator<'_> {
                     let placeholder = vec![0; MIN_HMAC_SECRET_BYTES];
                     self.hmac_key(&field, placeholder, k, keys, &mut check_family)
                 }
-                Err(_) => self.err(field, format!("environment variable {var} is not set")),
+                Err(_) => self.err(field, format!("environment variable {shown} is not set")),
             }
         } else if let Some(path) = &k.hmac_secret_file {
             let field = format!("{at}.hmac_secret_file");

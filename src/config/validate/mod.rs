@@ -541,13 +541,14 @@ impl Validator<'_> {
             self.err("cluster.redis_url_env", why);
             return None;
         }
+        let shown = values::env_name_shown(env);
         let url = match std::env::var(env) {
             Ok(url) if !url.is_empty() => Some(url),
             _ => {
                 self.warn(
                     "cluster.redis_url_env",
                     format!(
-                        "{env} is not set: the cluster store is unreachable for this gate and \
+                        "{shown} is not set: the cluster store is unreachable for this gate and \
                          cluster.on_failure applies"
                     ),
                 );
@@ -566,7 +567,7 @@ impl Validator<'_> {
                 None
             };
             if let Some(why) = why {
-                self.err("cluster.redis_url_env", format!("{env} {why}"));
+                self.err("cluster.redis_url_env", format!("{shown} {why}"));
             }
         }
         let key_prefix = file

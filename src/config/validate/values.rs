@@ -126,6 +126,26 @@ pub(super) fn env_name_error(name: &str) -> Option<String> {
     ))
 }
 
+/// `name`, a valid environment variable name, as a message may show it: itself, unless it
+/// looks like a secret pasted where the name belongs (24 or more characters mixing
+/// lowercase, uppercase and digits, without the `_` that names use), which is described
+/// instead of shown.
+pub(super) fn env_name_shown(name: &str) -> Cow<'_, str> {
+    let has = |f: fn(&char) -> bool| name.chars().any(|c| f(&c));
+    let secret_like = name.len() >= 24
+        && !name.contains('_')
+        && has(char::is_ascii_lowercase)
+        && has(char::is_ascii_uppercase)
+        && has(char::is_ascii_digit);
+    match secret_like {
+        true => Cow::Owned(format!(
+            "(a {}-character value that looks like a secret, not a name; not shown)",
+            name.len()
+        )),
+        false => Cow::Borrowed(name),
+    }
+}
+
 /// An `origin.allow` entry: `https://app.example.com`, `https://*.example.com:8443`.
 pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     let lower = s.trim().to_ascii_lowercase();
@@ -223,6 +243,24 @@ mod tests {
             assert!(why.contains(says), "{name:?}: {why}");
             assert!(name.is_empty() || !why.contains(name), "{why}");
             assert!(!why.contains("hunter2"), "{why}");
+        }
+    }
+
+    /// What looks like a pasted secret is described, never shown; names are shown.
+    #[test]
+    fn secret_like_names_are_not_shown() {
+        for name in [
+            "WSGATE_JWT_SECRET",
+            "jwt-secret.v2",
+            "Redis-URL-Prod-2026",
+            "X",
+        ] {
+            assert_eq!(env_name_shown(name), name);
+        }
+        for secret in ["9fQz2LmW8xKp4RtY7vBn3CsD", "kT5mN8qR2wX7zA4bC9dE1fG6hJ3"] {
+            let shown = env_name_shown(secret);
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains("looks like a secret"), "{shown}");
         }
     }
 
