@@ -502,6 +502,20 @@ fn check_applies_yaml_merge_keys() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("invalid type: string \"lots\""), "{text}");
     assert!(text.contains("merge keys"), "{text}");
+    // Every place it reaches is named, with the line and column where the text has it.
+    let shown = path.display();
+    assert!(
+        text.contains(&format!(
+            "{shown}:7:42: routes[0].messages.max_message_bytes: invalid type"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{shown}: routes[1].messages.max_message_bytes: invalid type"
+        )),
+        "{text}"
+    );
 }
 
 /// A file far larger than any policy is refused without being read whole.

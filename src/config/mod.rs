@@ -94,9 +94,14 @@ pub enum ConfigError {
         message: String,
         more: Vec<LocatedError>,
     },
-    /// Parsed, but the YAML gave no location for the error.
-    #[error("{path}: {message}")]
-    SyntaxNoLocation { path: PathBuf, message: String },
+    /// Parsed, but the YAML gave no location for the error (a file with merge keys);
+    /// `more` as for `Syntax`.
+    #[error("{path}: {message}{}", Tail { path, errors: more })]
+    SyntaxNoLocation {
+        path: PathBuf,
+        message: String,
+        more: Vec<LocatedError>,
+    },
     /// Well-formed YAML that does not make a valid policy; every problem found is listed.
     #[error("{}", FieldErrors { path, errors })]
     Invalid {
@@ -233,6 +238,7 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
         None => ConfigError::SyntaxNoLocation {
             path: path.to_owned(),
             message: e.to_string(),
+            more: Vec::new(),
         },
     };
     if bytes.len() > MAX_POLICY_BYTES {
@@ -242,6 +248,7 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
                 "the file is larger than {} MiB: not a policy",
                 MAX_POLICY_BYTES >> 20
             ),
+            more: Vec::new(),
         });
     }
     // Plain YAML first: it refuses a key repeated in a map (`require_claims`,
@@ -274,22 +281,26 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
                 }
             }
             // The typed parse stops at its first error: name every other unknown field,
-            // unknown value and value of the wrong type.
-            if let ConfigError::Syntax { message, more, .. } = &mut error {
-                let mut budget = LOCATE_BUDGET_BYTES;
-                *more = schema_errors(&document)
-                    .into_iter()
-                    .filter(|f| !reported(message, &f.field))
-                    .map(|error| {
-                        let at = budget.checked_sub(yaml.len()).and_then(|left| {
-                            budget = left;
-                            let key = error.message.starts_with("unknown field");
-                            locate::locate(yaml, &error.field, key)
-                        });
-                        LocatedError { at, error }
-                    })
-                    .collect();
-            }
+            // unknown value and value of the wrong type. After merges, serde's error has
+            // no field path to tell which of them it is: all are listed.
+            let (ConfigError::Syntax { message, more, .. }
+            | ConfigError::SyntaxNoLocation { message, more, .. }) = &mut error
+            else {
+                return Err(error);
+            };
+            let mut budget = LOCATE_BUDGET_BYTES;
+            *more = schema_errors(&document)
+                .into_iter()
+                .filter(|f| !reported(message, &f.field))
+                .map(|error| {
+                    let at = budget.checked_sub(yaml.len()).and_then(|left| {
+                        budget = left;
+                        let key = error.message.starts_with("unknown field");
+                        locate::locate(yaml, &error.field, key)
+                    });
+                    LocatedError { at, error }
+                })
+                .collect();
             return Err(error);
         }
     };
