@@ -150,8 +150,6 @@ pub struct Routes {
     sorted: Vec<Arc<Route>>,
     /// Each route's position in `sorted`, by its path (validation makes paths unique).
     by_path: HashMap<String, usize>,
-    /// The longest route path: no longer prefix of a request's path is looked up.
-    longest: usize,
 }
 
 impl Routes {
@@ -159,9 +157,11 @@ impl Routes {
     /// itself, then each shorter prefix ending before a `/`, then `/` (which matches
     /// everything).
     fn longest_prefix(&self, path: &str) -> Option<&Arc<Route>> {
+        // No prefix longer than the longest route is looked up.
+        let longest = self.sorted.first().map_or(0, |r| r.path.len());
         let mut prefix = path;
         loop {
-            if prefix.len() <= self.longest {
+            if prefix.len() <= longest {
                 if let Some(&at) = self.by_path.get(prefix) {
                     return self.sorted.get(at);
                 }
@@ -184,12 +184,7 @@ impl From<Vec<Arc<Route>>> for Routes {
             .enumerate()
             .map(|(at, r)| (r.path.clone(), at))
             .collect();
-        let longest = sorted.first().map_or(0, |r| r.path.len());
-        Routes {
-            sorted,
-            by_path,
-            longest,
-        }
+        Routes { sorted, by_path }
     }
 }
 

@@ -37,11 +37,10 @@ struct Keys<'a> {
     /// The JSON types the branches name; `untyped` when some branch takes any value.
     types: Vec<&'a str>,
     untyped: bool,
-    /// The loosest bounds of the numeric branches (`None`: some branch has none).
+    /// The loosest bounds of the numeric branches (infinite where one has none; `None`
+    /// when no branch is numeric).
     minimum: Option<f64>,
     maximum: Option<f64>,
-    unbounded_below: bool,
-    unbounded_above: bool,
 }
 
 impl Keys<'_> {
@@ -180,15 +179,16 @@ fn type_error(keys: &Keys<'_>, value: &Yaml) -> Option<String> {
         return None;
     };
     let number = n.as_f64()?;
-    let (min, max) = (
-        keys.minimum.filter(|_| !keys.unbounded_below),
-        keys.maximum.filter(|_| !keys.unbounded_above),
-    );
-    let expected = match (min, max) {
-        (Some(min), Some(max)) if number < min || number > max => format!("{min} to {max}"),
-        (Some(min), None) if number < min => format!("at least {min}"),
-        (None, Some(max)) if number > max => format!("at most {max}"),
-        _ => return None,
+    let min = keys.minimum.unwrap_or(f64::NEG_INFINITY);
+    let max = keys.maximum.unwrap_or(f64::INFINITY);
+    // NaN is within no bounds, and the parser reads `.nan` into any float field.
+    if number.is_nan() || (min..=max).contains(&number) {
+        return None;
+    }
+    let expected = match (min.is_finite(), max.is_finite()) {
+        (true, true) => format!("{min} to {max}"),
+        (true, false) => format!("at least {min}"),
+        _ => format!("at most {max}"),
     };
     Some(format!("invalid value: {n}, expected {expected}"))
 }
@@ -235,40 +235,36 @@ fn branches<'a>(root: &'a Json, schema: &'a Json, keys: &mut Keys<'a>, depth: us
     if let Some(items) = object.get("items") {
         keys.items = Some(items);
     }
-    let named = object.get("const").into_iter().chain(
-        object
-            .get("enum")
-            .and_then(Json::as_array)
-            .into_iter()
-            .flatten(),
-    );
     let before = keys.variants.len();
-    keys.variants.extend(named.filter_map(Json::as_str));
-    let takes_string = match object.get("type") {
-        Some(Json::String(t)) => t == "string",
-        Some(Json::Array(types)) => types.iter().any(|t| t == "string"),
-        _ => false,
-    };
-    if takes_string && keys.variants.len() == before {
+    keys.variants
+        .extend(constants(object).filter_map(Json::as_str));
+    if named_types(object).contains(&"string") && keys.variants.len() == before {
         keys.any_string = true;
+    }
+}
+
+/// The values a schema object's `const` and `enum` name.
+fn constants(object: &serde_json::Map<String, Json>) -> impl Iterator<Item = &Json> {
+    let listed = object.get("enum").and_then(Json::as_array);
+    object
+        .get("const")
+        .into_iter()
+        .chain(listed.into_iter().flatten())
+}
+
+/// The JSON types a schema object's `type` names.
+fn named_types(object: &serde_json::Map<String, Json>) -> Vec<&str> {
+    match object.get("type") {
+        Some(Json::String(t)) => vec![t.as_str()],
+        Some(Json::Array(types)) => types.iter().filter_map(Json::as_str).collect(),
+        _ => Vec::new(),
     }
 }
 
 /// The types, and the bounds of the numeric ones, that one schema object names itself.
 fn gather_types<'a>(object: &'a serde_json::Map<String, Json>, keys: &mut Keys<'a>) {
-    let named: Vec<&str> = match object.get("type") {
-        Some(Json::String(t)) => vec![t.as_str()],
-        Some(Json::Array(types)) => types.iter().filter_map(Json::as_str).collect(),
-        _ => Vec::new(),
-    };
-    let constant = object.get("const").into_iter().chain(
-        object
-            .get("enum")
-            .and_then(Json::as_array)
-            .into_iter()
-            .flatten(),
-    );
-    let mut constant_types: Vec<&str> = constant
+    let named = named_types(object);
+    let mut constant_types: Vec<&str> = constants(object)
         .map(|c| match c {
             Json::Null => "null",
             Json::Bool(_) => "boolean",
@@ -287,18 +283,16 @@ fn gather_types<'a>(object: &'a serde_json::Map<String, Json>, keys: &mut Keys<'
         return;
     }
     if named.iter().any(|t| *t == "integer" || *t == "number") {
-        let min = object.get("minimum").and_then(Json::as_f64);
-        let max = object.get("maximum").and_then(Json::as_f64);
-        keys.unbounded_below |= min.is_none();
-        keys.unbounded_above |= max.is_none();
-        keys.minimum = match (keys.minimum, min) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // A branch without a bound makes the loosest bound infinite.
+        let bound = |name: &str, unbounded: f64| {
+            object.get(name).and_then(Json::as_f64).unwrap_or(unbounded)
         };
-        keys.maximum = match (keys.maximum, max) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        let (min, max) = (
+            bound("minimum", f64::NEG_INFINITY),
+            bound("maximum", f64::INFINITY),
+        );
+        keys.minimum = Some(keys.minimum.map_or(min, |m| m.min(min)));
+        keys.maximum = Some(keys.maximum.map_or(max, |m| m.max(max)));
     }
     keys.types.extend(named);
     keys.types.append(&mut constant_types);

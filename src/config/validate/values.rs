@@ -98,8 +98,9 @@ pub(super) fn hide_userinfo(s: &str) -> Cow<'_, str> {
 
 /// Why `name` cannot name the environment variable a field points at, if it cannot: the
 /// rule Kubernetes applies to a container's `env` names (printable ASCII without `=`),
-/// less the space, which no shell can export, and less a URL, which is a value. The value itself is never repeated in the
-/// error, since a field that should name a variable is where a secret gets pasted.
+/// less the space, which no shell can export, and less a URL, which is a value. The value
+/// itself is never repeated in the error, since a field that should name a variable is
+/// where a secret gets pasted.
 pub(super) fn env_name_error(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("is empty: it must name an environment variable".to_owned());
@@ -113,10 +114,10 @@ pub(super) fn env_name_error(name: &str) -> Option<String> {
     }
     let bad = name.chars().find(|c| !c.is_ascii_graphic() || *c == '=')?;
     let what = match bad {
-        '=' => "'='".to_owned(),
-        ' ' => "a space".to_owned(),
-        c if c.is_ascii_control() => "a control character".to_owned(),
-        _ => "a non-ASCII character".to_owned(),
+        '=' => "'='",
+        ' ' => "a space",
+        c if c.is_ascii_control() => "a control character",
+        _ => "a non-ASCII character",
     };
     Some(format!(
         "is not an environment variable name: its {} characters include {what} (a name is \
