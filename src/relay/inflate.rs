@@ -4,14 +4,19 @@
 //! to the route's rules. No I/O; inflated bytes go to a caller's sink piece by piece
 //! (at most [`PIECE`] at a time, from a buffer on the stack) and are never kept.
 //!
-//! Memory: one inflate state (zlib-rs through flate2) per direction, made at that
-//! direction's first compressed message. When the sender takes its compression context
-//! over from one message to the next (RFC 7692 §7.1.1), the state and its window stay for
-//! the connection's life; when it does not (`*_no_context_takeover`), the state is freed
-//! at the end of every message, so an idle connection holds none. A freed state with the
-//! full 15-bit window is kept, reset, as the worker thread's one spare and handed to the
-//! next message that needs one, so a connection without context takeover costs no
-//! allocation per message (and the spare is the thread's, bounded: one per worker).
+//! Memory: one inflate state (zlib-rs through flate2, about 47 KiB whatever the window)
+//! per direction while a compressed message passes. When the sender does not take its
+//! compression context over from one message to the next (`*_no_context_takeover`), the
+//! state is freed at the end of every message, so an idle connection holds none. When it
+//! does (RFC 7692 §7.1.1), the next message may refer to the last bytes the earlier ones
+//! inflated to, up to the sender's window: while those are at most [`SHORT_HISTORY`]
+//! bytes (always, for windows of 13 bits or fewer; for the first few kilobytes of a
+//! connection, for larger ones), they alone are kept between messages and given to a
+//! fresh state as its dictionary when the next message begins; past that, the state
+//! stays for the connection's life. A freed state with the full 15-bit window is kept,
+//! reset, as the worker thread's one spare and handed to the next message that needs
+//! one, so freeing it costs no allocation per message (and the spare is the thread's,
+//! bounded: one per worker).
 
 use std::cell::Cell;
 
@@ -40,6 +45,12 @@ impl Deflate {
         48 * 1024
     }
 }
+
+/// The most history (the sender's last inflated bytes, within its window) kept between
+/// messages in place of the inflate state: copying it into a fresh state's window at the
+/// next message costs little up to here, and saves the state's 47 KiB while the
+/// connection idles.
+pub const SHORT_HISTORY: usize = 8 * 1024;
 
 /// The window of the states kept as spares: the default, which most peers use and which
 /// flate2 resets without reallocating.
@@ -109,6 +120,11 @@ pub struct Inflater {
     state: Option<Decompress>,
     /// Deflate streams ended so far in the message being inflated.
     streams: u32,
+    /// With context takeover, while it is short: the last bytes inflated since the
+    /// sender's deflate stream began, as many as its window reaches, kept in place of the
+    /// state between messages. `None` without context takeover (nothing is kept), and
+    /// once it outgrew [`SHORT_HISTORY`] (the state is kept instead).
+    history: Option<Vec<u8>>,
 }
 
 impl Inflater {
@@ -117,13 +133,37 @@ impl Inflater {
             deflate,
             state: None,
             streams: 0,
+            history: deflate.context_takeover.then(Vec::new),
         }
     }
 
     /// Whether an inflate state is held now (between messages: only with context
-    /// takeover).
+    /// takeover, once the history outgrew [`SHORT_HISTORY`]).
     pub fn holds_state(&self) -> bool {
         self.state.is_some()
+    }
+
+    /// How many bytes of history are kept in place of the state, if any is.
+    pub fn history_len(&self) -> Option<usize> {
+        self.history.as_ref().map(Vec::len)
+    }
+
+    /// Hold a state for the next bytes of a message: the one held, or a fresh one that
+    /// starts from the history kept.
+    fn hold_state(&mut self) -> Result<(), InvalidDeflate> {
+        if self.state.is_some() {
+            return Ok(());
+        }
+        let bits = self.deflate.inflate_bits();
+        let mut state = take_state(bits);
+        if let Some(history) = self.history.as_deref().filter(|h| !h.is_empty()) {
+            if state.set_dictionary(history).is_err() {
+                give_back(state, bits);
+                return Err(InvalidDeflate);
+            }
+        }
+        self.state = Some(state);
+        Ok(())
     }
 
     /// The inflate window of a message about to begin, when it will be inflated from an
@@ -143,7 +183,11 @@ impl Inflater {
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let bits = self.deflate.inflate_bits();
-        let state = self.state.get_or_insert_with(|| take_state(bits));
+        let window = 1usize << bits;
+        self.hold_state()?;
+        let (Some(state), history) = (&mut self.state, &mut self.history) else {
+            return Err(InvalidDeflate.into());
+        };
         let mut out = [0u8; PIECE];
         loop {
             let (read, written) = (state.total_in(), state.total_out());
@@ -156,6 +200,7 @@ impl Inflater {
             // arrived.
             if produced > 0 {
                 sink(&out[..produced])?;
+                remember(history, &out[..produced], window);
             }
             match result.map_err(|_| InvalidDeflate)? {
                 // A final block ends the sender's deflate stream, not its message: what
@@ -167,6 +212,10 @@ impl Inflater {
                         return Err(InvalidDeflate.into());
                     }
                     restart(state, bits);
+                    // A new stream refers to nothing before it.
+                    if let Some(history) = history {
+                        history.clear();
+                    }
                 }
                 // The output buffer was filled: more may be waiting even with no input.
                 Status::Ok if produced == out.len() => {}
@@ -179,14 +228,18 @@ impl Inflater {
     }
 
     /// The compressed message ended: inflate the tail its sender removed, then keep the
-    /// state for the next message (context takeover) or free it.
+    /// history or the state for the next message (context takeover), or neither.
     pub fn finish<E: std::convert::From<InvalidDeflate>>(
         &mut self,
         sink: &mut impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut fed = self.feed(&TAIL, sink);
         self.streams = 0;
-        if !self.deflate.context_takeover {
+        if self.deflate.context_takeover {
+            if self.history.is_some() {
+                self.release();
+            }
+        } else {
             // The next message starts afresh here, but not at every receiver: Chromium's,
             // for one, keeps inflating where this message left off. A message that stops
             // inside a block (RFC 7692 §7.2.1 has its sender end it at a block boundary)
@@ -204,6 +257,26 @@ impl Inflater {
             give_back(state, self.deflate.inflate_bits());
         }
     }
+}
+
+/// Add a message's inflated `piece` to the sender's history, which keeps the last
+/// `window` bytes; drop the history (the state is kept instead) once it would hold more
+/// than [`SHORT_HISTORY`].
+fn remember(history: &mut Option<Vec<u8>>, piece: &[u8], window: usize) {
+    let Some(kept) = history else { return };
+    let wanted = (kept.len() + piece.len()).min(window);
+    if wanted > SHORT_HISTORY {
+        *history = None;
+        return;
+    }
+    let piece = &piece[piece.len().saturating_sub(window)..];
+    kept.drain(..(kept.len() + piece.len() - wanted));
+    if kept.capacity() < wanted {
+        // Grown by doubling, never past what the window can need.
+        let room = wanted.max(2 * kept.capacity()).min(window);
+        kept.reserve_exact(room - kept.len());
+    }
+    kept.extend_from_slice(piece);
 }
 
 impl Drop for Inflater {
@@ -269,6 +342,7 @@ mod tests {
             };
             let mut sender = Compress::new(Compression::default(), false);
             let mut inflater = Inflater::new(deflate);
+            let mut inflated = 0;
             for (i, cut) in [0, 1, 7, 100, 5000].into_iter().enumerate() {
                 let text = json(200 + i * 50);
                 let payload = compress(&mut sender, &text);
@@ -276,7 +350,15 @@ mod tests {
                     sender.reset();
                 }
                 assert_eq!(inflate_all(&mut inflater, &payload, cut), text, "cut {cut}");
-                assert_eq!(inflater.holds_state(), takeover);
+                // With context takeover, the first message's 6 KiB are kept as history in
+                // place of the state; from the second on, the state is kept.
+                inflated += text.len();
+                let long = takeover && inflated > SHORT_HISTORY;
+                assert_eq!(inflater.holds_state(), long, "message {i}");
+                assert_eq!(
+                    inflater.history_len(),
+                    (takeover && !long).then_some(inflated)
+                );
                 // A state let go waits, reset, as the thread's spare for the next message.
                 let spare = SPARE.with(|s| {
                     let v = s.take();
@@ -284,8 +366,69 @@ mod tests {
                     s.set(v);
                     held
                 });
-                assert_eq!(spare, !takeover);
+                assert_eq!(spare, !long);
             }
+        }
+    }
+
+    /// With context takeover, a sender's later messages refer back to its earlier ones;
+    /// the history kept in place of the state carries those references.
+    #[test]
+    fn a_short_history_stands_in_for_the_state_between_messages() {
+        for bits in [15u8, 12, 10, 9] {
+            let deflate = Deflate {
+                context_takeover: true,
+                window_bits: bits,
+            };
+            let window = 1usize << bits;
+            let mut sender = Compress::new_with_window_bits(Compression::default(), false, bits);
+            let mut inflater = Inflater::new(deflate);
+            let mut inflated = 0;
+            for i in 0..60 {
+                // Repeated messages, which the sender sends as back-references alone.
+                let text = json(5 + i % 3);
+                let payload = compress(&mut sender, &text);
+                if i >= 3 {
+                    assert!(payload.len() * 4 < text.len(), "bits {bits}, message {i}");
+                }
+                assert_eq!(
+                    inflate_all(&mut inflater, &payload, i % 5),
+                    text,
+                    "bits {bits}"
+                );
+                inflated += text.len();
+                let kept = inflated.min(window);
+                if kept <= SHORT_HISTORY {
+                    assert_eq!(inflater.history_len(), Some(kept), "bits {bits}");
+                    assert!(!inflater.holds_state());
+                } else {
+                    assert_eq!(inflater.history_len(), None, "bits {bits}");
+                    assert!(inflater.holds_state());
+                }
+            }
+        }
+    }
+
+    /// A history at its window's size moves on with each piece inflated: the dictionary
+    /// given to the next message's state is the sender's last window, however the message
+    /// was cut into pieces.
+    #[test]
+    fn a_full_history_keeps_the_senders_last_window() {
+        let deflate = Deflate {
+            context_takeover: true,
+            window_bits: 10,
+        };
+        let mut sender = Compress::new_with_window_bits(Compression::best(), false, 10);
+        let mut inflater = Inflater::new(deflate);
+        let mut all = Vec::new();
+        for n in [3, 40, 1, 400, 2, 7] {
+            let text = json(n);
+            let payload = compress(&mut sender, &text);
+            assert_eq!(inflate_all(&mut inflater, &payload, 1), text);
+            all.extend_from_slice(&text);
+            let history = inflater.history.as_deref().unwrap();
+            assert_eq!(history, &all[all.len().saturating_sub(1024)..]);
+            assert!(inflater.history.as_ref().unwrap().capacity() <= 1024);
         }
     }
 
@@ -369,7 +512,9 @@ mod tests {
                 let text = json(n);
                 let payload = with_final_block(&text);
                 assert_eq!(inflate_all(&mut inflater, &payload, 10), text);
-                assert_eq!(inflater.holds_state(), takeover);
+                // The final block ended the sender's stream: nothing is kept for the next.
+                assert!(!inflater.holds_state());
+                assert_eq!(inflater.history_len(), takeover.then_some(0));
             }
         }
     }
