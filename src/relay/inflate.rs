@@ -139,31 +139,15 @@ impl Inflater {
 
     /// Whether an inflate state is held now (between messages: only with context
     /// takeover, once the history outgrew [`SHORT_HISTORY`]).
-    pub fn holds_state(&self) -> bool {
+    #[cfg(test)]
+    fn holds_state(&self) -> bool {
         self.state.is_some()
     }
 
     /// How many bytes of history are kept in place of the state, if any is.
-    pub fn history_len(&self) -> Option<usize> {
+    #[cfg(test)]
+    fn history_len(&self) -> Option<usize> {
         self.history.as_ref().map(Vec::len)
-    }
-
-    /// Hold a state for the next bytes of a message: the one held, or a fresh one that
-    /// starts from the history kept.
-    fn hold_state(&mut self) -> Result<(), InvalidDeflate> {
-        if self.state.is_some() {
-            return Ok(());
-        }
-        let bits = self.deflate.inflate_bits();
-        let mut state = take_state(bits);
-        if let Some(history) = self.history.as_deref().filter(|h| !h.is_empty()) {
-            if state.set_dictionary(history).is_err() {
-                give_back(state, bits);
-                return Err(InvalidDeflate);
-            }
-        }
-        self.state = Some(state);
-        Ok(())
     }
 
     /// The inflate window of a message about to begin, when it will be inflated from an
@@ -184,10 +168,8 @@ impl Inflater {
     ) -> Result<(), E> {
         let bits = self.deflate.inflate_bits();
         let window = 1usize << bits;
-        self.hold_state()?;
-        let (Some(state), history) = (&mut self.state, &mut self.history) else {
-            return Err(InvalidDeflate.into());
-        };
+        let state = hold_state(self.deflate, &mut self.state, &self.history)?;
+        let history = &mut self.history;
         let mut out = [0u8; PIECE];
         loop {
             let (read, written) = (state.total_in(), state.total_out());
@@ -257,6 +239,27 @@ impl Inflater {
             give_back(state, self.deflate.inflate_bits());
         }
     }
+}
+
+/// The state for a message's next bytes: the one `held`, or a fresh one that starts from
+/// the `history` kept.
+fn hold_state<'a>(
+    deflate: Deflate,
+    held: &'a mut Option<Decompress>,
+    history: &Option<Vec<u8>>,
+) -> Result<&'a mut Decompress, InvalidDeflate> {
+    if let Some(state) = held {
+        return Ok(state);
+    }
+    let bits = deflate.inflate_bits();
+    let mut fresh = take_state(bits);
+    if let Some(history) = history.as_deref().filter(|h| !h.is_empty()) {
+        if fresh.set_dictionary(history).is_err() {
+            give_back(fresh, bits);
+            return Err(InvalidDeflate);
+        }
+    }
+    Ok(held.insert(fresh))
 }
 
 /// Add a message's inflated `piece` to the sender's history, which keeps the last
