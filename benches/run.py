@@ -106,7 +106,7 @@ def tests(smoke):
         ("echo 16 KiB JSON compressed C=50", "echo", ["-c", "50", "-s", "16384", "--deflate"] + d,
          ECHO_TARGETS, "mb_per_s"),
         # The same with 1,024 different messages sent in turn: more than wsgate remembers
-        # as already checked (32 per worker thread), so that it inflates every one.
+        # as already checked (128 per worker thread), so that it inflates every one.
         ("echo 16 KiB JSON compressed, all distinct C=50", "echo",
          ["-c", "50", "-s", "16384", "--deflate", "--distinct", "1024"] + d, ECHO_TARGETS,
          "mb_per_s"),
