@@ -127,10 +127,13 @@ pub struct Forwarding<'a> {
     pub carriers: Carriers<'a>,
 }
 
-/// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded either way.
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded either way;
+/// `Proxy-Connection` is the old non-standard spelling of `Connection` that RFC 9110 has
+/// intermediaries remove as well.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,

@@ -143,6 +143,32 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         .is_ok());
 }
 
+/// Headers that belong to the client's connection (RFC 9110 §7.6.1) stay at the gate:
+/// the upstream gets its own handshake's, not the client's.
+#[tokio::test]
+async fn hop_by_hop_request_headers_do_not_go_upstream() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&policy(&upstream, "", "")).await;
+    let mut request = gate.request("/ws");
+    let headers = request.headers_mut();
+    headers.insert("connection", header_value("Upgrade, x-hop"));
+    for (name, value) in [
+        ("x-hop", "secret"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "trailers"),
+        ("x-end-to-end", "kept"),
+    ] {
+        headers.insert(name, header_value(value));
+    }
+    let (_client, _) = gate.connect_request(request).await.unwrap();
+    let seen = upstream.last_seen().headers;
+    for absent in ["x-hop", "keep-alive", "proxy-connection", "te"] {
+        assert!(seen.get(absent).is_none(), "{absent}: {seen:?}");
+    }
+    assert_eq!(seen["x-end-to-end"], "kept");
+}
+
 #[tokio::test]
 async fn over_the_upgrade_rate_is_429_rate_limited_with_retry_after() {
     let upstream = Upstream::start().await;

@@ -222,6 +222,7 @@ async fn upstream_refusal_is_relayed_with_its_body() {
     assert_eq!(headers["set-cookie"], "next=/ws; Path=/");
     assert_eq!(headers["cache-control"], "no-store");
     assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+    assert!(headers.get("proxy-connection").is_none(), "{headers:?}");
     assert!(
         headers.get("sec-websocket-version").is_none(),
         "{headers:?}"

@@ -617,6 +617,7 @@ async fn the_upstreams_101_headers_reach_the_h2_client() {
     for absent in [
         "x-hop",
         "keep-alive",
+        "proxy-connection",
         "connection",
         "upgrade",
         "sec-websocket-accept",

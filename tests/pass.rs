@@ -250,6 +250,7 @@ async fn the_upstreams_101_headers_reach_the_client() {
     // Hop-by-hop ones do not, and the handshake headers are the gate's own, once.
     assert!(headers.get("x-hop").is_none(), "{headers:?}");
     assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+    assert!(headers.get("proxy-connection").is_none(), "{headers:?}");
     assert_eq!(headers.get_all("sec-websocket-accept").iter().count(), 1);
     assert_eq!(headers.get_all("connection").iter().count(), 1);
     client.send(Message::text("ok")).await.unwrap();

@@ -262,6 +262,7 @@ async fn upstream_service(
             .header(header::SET_COOKIE, "next=/ws; Path=/")
             .header(header::CACHE_CONTROL, "no-store")
             .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
             .header(header::SEC_WEBSOCKET_VERSION, "13")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap());
@@ -373,7 +374,8 @@ async fn upstream_service(
         .header(header::SET_COOKIE, "affinity=pod-7; Path=/")
         .header("x-upstream", "yes")
         .header("x-hop", "secret")
-        .header("keep-alive", "timeout=5");
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive");
     if let Some(p) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
