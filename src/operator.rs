@@ -181,6 +181,16 @@ async fn serve(
         }
         ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),
         ("/revocations", &Method::GET | &Method::HEAD) => {
+            if let Some(pair) = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find(|p| !p.is_empty()))
+            {
+                let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+                return Err(bad(format!(
+                    "unknown query parameter {key:?} (GET /revocations takes none)"
+                )));
+            }
             Ok(list_revocations(&operator.revocations))
         }
         ("/revocations", &Method::POST) => {
@@ -388,12 +398,13 @@ fn list(registry: &Registry, query: Option<&str>) -> Result<serde_json::Value, R
             "route" => filter.route = Some(value),
             "sub" => filter.sub = Some(value),
             "ip" => filter.ip = Some(parse_net(&value)?),
-            "limit" => {
+            // Any whole number, however many digits: past 1,000 it counts as 1,000.
+            "limit" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
                 limit = value
                     .parse::<usize>()
-                    .map_err(|_| bad("limit must be a whole number"))?
-                    .min(MAX_LIMIT);
+                    .map_or(MAX_LIMIT, |n| n.min(MAX_LIMIT));
             }
+            "limit" => return Err(bad("limit must be a whole number")),
             other => {
                 return Err(bad(format!(
                     "unknown query parameter {other:?} (route, sub, ip and limit are known)"

@@ -351,23 +351,28 @@ async fn malformed_oversized_and_misdirected_requests() {
     );
 
     // Query parameters.
-    for query in [
-        "?limit=lots",
-        "?limit=-1",
-        "?who=me",
-        "?ip=10.0.0.0/33",
-        "?sub=%ff",
+    for path in [
+        "/connections?limit=lots",
+        "/connections?limit=-1",
+        "/connections?limit=",
+        "/connections?who=me",
+        "/connections?ip=10.0.0.0/33",
+        "/connections?sub=%ff",
+        "/revocations?sub=me",
     ] {
-        let (status, json) = operator(
-            gate.admin,
-            "GET",
-            &format!("/connections{query}"),
-            Value::Null,
-        )
-        .await;
-        assert_eq!(status, 400, "{query}");
+        let (status, json) = operator(gate.admin, "GET", path, Value::Null).await;
+        assert_eq!(status, 400, "{path}");
         assert_eq!(json["error"], "bad_request");
     }
+    // A limit too large for any integer type is still a whole number: 1,000 at most.
+    let (status, json) = operator(
+        gate.admin,
+        "GET",
+        "/connections?limit=100000000000000000000000",
+        Value::Null,
+    )
+    .await;
+    assert_eq!((status, json["total"].as_u64()), (200, Some(0)), "{json}");
     // A method the endpoint does not have.
     for (method, path, allow) in [
         ("POST", "/connections", "GET, HEAD"),
