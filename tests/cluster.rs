@@ -156,6 +156,18 @@ impl Redis {
             .unwrap()
     }
 
+    /// Stop (true) or continue (false) the server's process: its clients' commands wait
+    /// in their sockets meanwhile and run when it continues.
+    fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Kill it (SIGKILL, by PID) and wait for it.
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -695,6 +707,51 @@ async fn a_store_that_stalled_is_used_again_within_a_second() {
         back.elapsed()
     );
     closed.wait_up(true).await;
+}
+
+/// Upgrades refused while the store stalled leave no slot behind: their script calls, which
+/// timed out at the gate, ran in the store once it answered again and took the address's
+/// slots; the gate releases them then, not when their lease (30 s here) would expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_refused_while_the_store_stalled_leave_no_slot_behind() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let rate = "{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 2, max_connections_per_subject: 100}";
+    let policy = policy(&upstream.url(), &prefix, "closed", rate).replace(
+        &format!("lease_seconds: {LEASE_SECONDS}"),
+        "lease_seconds: 30",
+    );
+    let closed = Gate::start(&policy, &redis.url());
+    closed.wait_up(true).await;
+    // The store has run the gate's scripts once: during the stall the calls are sent as
+    // they are, by hash, and run when the store continues.
+    let _before = closed.open("before", "10.7.0.9").await;
+    redis.freeze(true);
+    for i in 0..3 {
+        let (status, _, body) = refusal(closed.connect(&format!("stalled{i}"), "10.7.0.1").await);
+        if status != 503 {
+            redis.freeze(false);
+        }
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("limits_unavailable"))
+        );
+    }
+    redis.freeze(false);
+    closed.wait_up(true).await;
+    // The address holds no connection: both of its slots are free again.
+    let (_first, took) =
+        admitted_within(&closed, "first", "10.7.0.1", Duration::from_secs(3)).await;
+    let _second = closed.open("second", "10.7.0.1").await;
+    eprintln!("the address's slots were free {took:?} after the store was back");
+    let (status, _, body) = refusal(closed.connect("third", "10.7.0.1").await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
 }
 
 /// A store that accepts TCP but never answers bounds an upgrade the same way.

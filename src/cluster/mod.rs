@@ -10,6 +10,10 @@
 //!   connection's end does, before its close handshakes). The upkeep task renews every
 //!   lease this gate holds every `lease_seconds / 3` in one pipelined batch, which also
 //!   re-registers them after the store lost them; a killed gate's leases expire.
+//! - A release the store did not take (it was down, or the call failed) is kept, bounded,
+//!   and sent with the next renewal, or as soon as the store answers again; so is the
+//!   release of a lease an upgrade's call may have taken before it timed out. Its slot is
+//!   then free again when the store comes back, not `lease_seconds` later.
 //! - Every call on the upgrade path is bounded by `timeout_ms`; the background ones
 //!   (renewal, release, revocations) by `timeout_ms` or one second, the longer.
 //! - Health: every failure sets `wsgate_cluster_up` to 0 and that call falls back;
@@ -49,6 +53,9 @@ const DEAD_SOCKET: Duration = Duration::from_secs(10);
 const RELEASE_QUEUE: usize = 65_536;
 /// Releases sent in one pipeline.
 const RELEASE_BATCH: usize = 1_000;
+/// Releases kept while the store does not take them, to be sent once it answers; beyond
+/// this a release is dropped and its lease expires.
+const UNSENT: usize = 65_536;
 /// How long the first release of a batch waits for others: under load, one round trip
 /// then carries many releases instead of one each (a connection's close frames wait this
 /// much longer).
@@ -205,6 +212,8 @@ struct Leases {
     next: AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
     releases: mpsc::Sender<Release>,
+    /// Releases the store did not take, sent again once it answers (at most [`UNSENT`]).
+    unsent: Mutex<Vec<Held>>,
     /// `wsgate_cluster_errors_total{op="release"}`: counts releases dropped on a full queue.
     dropped: Counter,
 }
@@ -242,6 +251,30 @@ impl Leases {
             return false;
         }
         true
+    }
+
+    /// Release a lease that an upgrade's call which failed may have taken in the store (a
+    /// call that timed out may still run there): a member no one else uses, so removing
+    /// it is harmless when the call never ran. Sent with the next renewal, or once the
+    /// store answers again: not at once, to a store that is failing calls already.
+    fn forget(&self, key: String, member: String) {
+        self.keep_unsent(vec![Held { key, member }]);
+    }
+
+    /// Keep releases the store did not take, to send once it answers.
+    fn keep_unsent(&self, batch: Vec<Held>) {
+        let mut unsent = self.unsent.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = UNSENT.saturating_sub(unsent.len());
+        let over = batch.len().saturating_sub(room);
+        unsent.extend(batch.into_iter().take(room));
+        drop(unsent);
+        if over > 0 {
+            self.dropped.inc_by(over as u64);
+        }
+    }
+
+    fn take_unsent(&self) -> Vec<Held> {
+        std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn snapshot(&self) -> Vec<Held> {
@@ -344,6 +377,7 @@ impl Cluster {
                 next: AtomicU64::new(0),
                 held: Mutex::new(HashMap::new()),
                 releases,
+                unsent: Mutex::new(Vec::new()),
                 dropped,
             }),
             releases: Mutex::new(Some(receiver)),
@@ -541,10 +575,16 @@ impl Cluster {
             .arg(limits.max_connections)
             .arg(store.config.lease.as_millis() as u64)
             .arg(u8::from(report));
-        let answer: (i64, i64, i64) = self
+        let answer: (i64, i64, i64) = match self
             .bounded("rate", store.config.timeout, call.invoke_async(&mut conn))
             .await
-            .map_err(|_| Unavailable(store.config.on_failure))?;
+        {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.leases.forget(lease_key, member);
+                return Err(Unavailable(store.config.on_failure));
+            }
+        };
         let (rate_ok, retry_us, leased) = answer;
         let rate = match rate_ok {
             1 => Ok(()),
@@ -577,10 +617,16 @@ impl Cluster {
             .arg(&member)
             .arg(max)
             .arg(store.config.lease.as_millis() as u64);
-        let leased: i64 = self
+        let leased: i64 = match self
             .bounded("lease", store.config.timeout, call.invoke_async(&mut conn))
             .await
-            .map_err(|_| Unavailable(store.config.on_failure))?;
+        {
+            Ok(leased) => leased,
+            Err(_) => {
+                self.leases.forget(key, member);
+                return Err(Unavailable(store.config.on_failure));
+            }
+        };
         Ok((leased == 1).then(|| self.leases.hold(id, key, member)))
     }
 
@@ -644,8 +690,9 @@ impl Cluster {
         answers
     }
 
-    /// Send queued releases, in one pipeline.
-    async fn release(&self, batch: &[Release]) {
+    /// Send releases, in one pipeline; those the store does not take (it is down, or the
+    /// call fails) are kept and sent again once it answers.
+    async fn release(&self, batch: Vec<Held>) {
         let Some(store) = self.store.load_full() else {
             return;
         };
@@ -653,17 +700,20 @@ impl Cluster {
             return;
         };
         if self.health.down() {
-            // Not renewed any more: they expire within lease_seconds.
+            self.leases.keep_unsent(batch);
             return;
         }
         let mut pipe = redis::pipe();
-        for release in batch {
-            pipe.zrem(&release.held.key, &release.held.member).ignore();
+        for held in &batch {
+            pipe.zrem(&held.key, &held.member).ignore();
         }
         let within = store.background_bound();
-        let _ = self
+        let sent = self
             .bounded("release", within, pipe.query_async::<()>(&mut conn))
             .await;
+        if sent.is_err() {
+            self.leases.keep_unsent(batch);
+        }
     }
 
     /// Releases, renewals every `lease_seconds / 3`, and probes while the store is down.
@@ -702,11 +752,11 @@ impl Cluster {
                             Err(_) => break,
                         }
                     }
-                    self.release(&batch).await;
-                    for release in batch {
-                        if let Some(done) = release.done {
-                            let _ = done.send(());
-                        }
+                    let (batch, waiting): (Vec<Held>, Vec<_>) =
+                        batch.into_iter().map(|r| (r.held, r.done)).unzip();
+                    self.release(batch).await;
+                    for done in waiting.into_iter().flatten() {
+                        let _ = done.send(());
                     }
                 }
                 () = stop.cancelled() => return,
@@ -727,8 +777,15 @@ impl Cluster {
                         next_refresh = tokio::time::Instant::now() + period;
                         continue;
                     }
-                    // A probe that succeeds renews (re-registers) everything at once.
+                    // A probe that succeeds renews (re-registers) everything at once; then
+                    // the releases the store did not take are sent.
                     self.refresh(&store, &mut conn).await;
+                    let mut unsent = self.leases.take_unsent();
+                    while !unsent.is_empty() {
+                        let rest = unsent.split_off(unsent.len().min(RELEASE_BATCH));
+                        self.release(unsent).await;
+                        unsent = rest;
+                    }
                     next_refresh = tokio::time::Instant::now() + period;
                 }
                 () = self.replaced.notified() => {
