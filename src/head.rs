@@ -93,8 +93,7 @@ fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
         return Err(Rejection::BadRequest("the request target is malformed"));
     }
     let mut content_length = false;
-    // The last transfer coding named, across every Transfer-Encoding field.
-    let mut last_coding: Option<&[u8]> = None;
+    let mut transfer_encoding = false;
     for field in request.headers.iter() {
         if field.name.eq_ignore_ascii_case("content-length") {
             // One plain number that fits in 64 bits, once: a list ("0, 0") or a repeat
@@ -111,29 +110,42 @@ fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
             }
             content_length = true;
         } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
-            last_coding = field
-                .value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .rfind(|c| !c.is_empty())
-                .or(last_coding);
+            transfer_encoding = true;
         }
     }
-    // What hyper refuses with a bare 400 (RFC 9112 §6.1: a request whose final coding is
-    // not chunked cannot be framed; HTTP/1.0 has no transfer codings) gets the JSON one.
-    if let Some(coding) = last_coding {
+    if transfer_encoding {
+        // HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
         if request.version == Some(0) {
             return Err(Rejection::BadRequest(
                 "an HTTP/1.0 request cannot carry Transfer-Encoding",
             ));
         }
-        if !coding.eq_ignore_ascii_case(b"chunked") {
-            return Err(Rejection::BadRequest(
-                "the Transfer-Encoding does not end in chunked",
-            ));
-        }
+        let codings = request
+            .headers
+            .iter()
+            .filter(|field| field.name.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|field| field.value);
+        transfer_codings(codings).map_err(Rejection::BadRequest)?;
     }
     Ok(true)
+}
+
+/// Check a request's `Transfer-Encoding` field values: one coding in all, `chunked`, is
+/// what the gate reads. A final coding other than chunked leaves the request without a
+/// framing (RFC 9112 §6.1, which hyper refuses with a bare 400); any other coding before
+/// it (`gzip, chunked`, or chunked twice) the gate would undo only in part, handing the
+/// upstream a body re-framed as chunked but still gzip with nothing to say so. nginx
+/// refuses both.
+pub fn transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), &'static str> {
+    let mut codings = values
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match (codings.next(), codings.next()) {
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        (None, _) => Ok(()),
+        _ => Err("only one transfer coding, chunked, is supported"),
+    }
 }
 
 /// Write `rejection` as a complete HTTP/1.1 response (for a head hyper never saw).

@@ -273,6 +273,14 @@ async fn respond(
     if req.version() == http::Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
         return Err(Rejection::BadRequest("the Host header is missing"));
     }
+    // A connection's first request was checked as it arrived (`crate::head`); a later one
+    // on a kept connection is checked here.
+    let codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    crate::head::transfer_codings(codings).map_err(Rejection::BadRequest)?;
     if route.http != HttpMode::Pass {
         return Err(Rejection::NotWebsocket(
             "this route only accepts WebSocket upgrades",

@@ -118,6 +118,10 @@ pub async fn forward(
             if source_is::<BodyStalled>(&e) {
                 return Err(Rejection::BodyTimeout);
             }
+            // The client's side, not the upstream's: a malformed chunk, or a body cut short.
+            if source_is::<BadBody>(&e) {
+                return Err(Rejection::BadRequest("the request body could not be read"));
+            }
             let timed_out = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<io::Error>())
                 .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
@@ -151,6 +155,12 @@ fn source_is<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
     }
     false
 }
+
+/// The client's request body could not be read: a malformed chunk, or the connection
+/// ended before the body did.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+pub struct BadBody(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 /// The client stopped sending its request body for [`BODY_STALL_TIMEOUT`].
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +256,9 @@ where
             Poll::Ready(Some(frame)) => {
                 this.armed = false;
                 this.shared.client_owes.store(false, Ordering::Release);
-                Poll::Ready(Some(frame.map_err(Into::into)))
+                Poll::Ready(Some(
+                    frame.map_err(|e| Box::new(BadBody(e.into())) as Self::Error),
+                ))
             }
             Poll::Pending => {
                 this.shared.client_owes.store(true, Ordering::Release);

@@ -44,6 +44,10 @@ async fn unparseable_heads_get_the_json_400() {
         "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_owned(),
         "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".to_owned(),
         "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n".to_owned(),
+        // What hyper would take and half undo: a coding before chunked (the upstream would
+        // get the body re-framed but still gzip, with nothing to say so), chunked twice.
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(),
         "POST /ws/x HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
         format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n{UPGRADE}\r\n"),
         "GET /ws HTTP/2.0\r\nHost: localhost\r\n\r\n".to_owned(),

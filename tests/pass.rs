@@ -47,6 +47,35 @@ fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n")
 }
 
+/// A request whose body cannot be read is the client's fault: 400 `bad_request`, not the
+/// upstream's 502 (nginx: "client sent invalid chunked body"). A later request on a kept
+/// connection is held to the same transfer codings as the first.
+#[tokio::test]
+async fn a_malformed_request_body_or_coding_is_400_not_the_upstreams_fault() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    for body in ["zz\r\nabc\r\n0\r\n\r\n", "3\r\nabcXX0\r\n\r\n"] {
+        let head = format!(
+            "POST /public/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+        );
+        let (status, error, response) = send(&gate, &head).await;
+        assert_eq!(
+            (status, error.as_deref()),
+            (400, Some("bad_request")),
+            "{body:?}: {response}"
+        );
+    }
+    let kept = "GET /public/a HTTP/1.1\r\nHost: localhost\r\n\r\n\
+                POST /public/b HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n";
+    let response = gate.raw(kept.as_bytes()).await;
+    let (first, second) = response
+        .split_once("HTTP/1.1 400")
+        .unwrap_or_else(|| panic!("no 400 for the second request: {response}"));
+    assert!(first.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(second.contains("\"bad_request\""), "{response}");
+    assert_eq!(upstream.last_seen().target, "/public/a");
+}
+
 #[tokio::test]
 async fn a_plain_request_without_a_token_is_401_and_never_reaches_the_app() {
     let upstream = Upstream::start().await;
