@@ -208,7 +208,10 @@ pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, R
         (Some(key), None) if is_valid_key(key.as_bytes()) => Ok(Handshake::Http1 {
             key: String::from_utf8_lossy(key.as_bytes()).into_owned(),
         }),
-        _ => Err(Rejection::BadRequest(
+        (None, _) => Err(Rejection::BadRequest("Sec-WebSocket-Key is missing")),
+        // RFC 6455 §11.3.1: it must not appear more than once.
+        (Some(_), Some(_)) => Err(Rejection::BadRequest("Sec-WebSocket-Key must appear once")),
+        (Some(_), None) => Err(Rejection::BadRequest(
             "Sec-WebSocket-Key must be 16 bytes in base64",
         )),
     }

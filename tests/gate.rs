@@ -463,11 +463,13 @@ async fn websocket_version_8_is_426() {
 async fn malformed_upgrades_are_400_bad_request() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
-    let cases: [&[u8]; 5] = [
+    let cases: [&[u8]; 6] = [
         // no key
         b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n",
         // a key that is not 16 bytes of base64
         b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
+        // two keys, each valid (RFC 6455 §11.3.1: once)
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         // not GET
         b"POST /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 0\r\n\r\n",
         // HTTP/1.0
@@ -483,6 +485,15 @@ async fn malformed_upgrades_are_400_bad_request() {
             String::from_utf8_lossy(case)
         );
         assert!(response.contains("\"error\":\"bad_request\""), "{response}");
+    }
+    // Each key fault says which it is.
+    for (case, message) in cases[..3].iter().zip([
+        "Sec-WebSocket-Key is missing",
+        "Sec-WebSocket-Key must be 16 bytes in base64",
+        "Sec-WebSocket-Key must appear once",
+    ]) {
+        let response = gate.raw(case).await;
+        assert!(response.contains(message), "{message}: {response}");
     }
     assert_eq!(upstream.seen_count(), 0);
 }
