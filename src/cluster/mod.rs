@@ -214,7 +214,8 @@ struct Leases {
     releases: mpsc::Sender<Release>,
     /// Releases the store did not take, sent again once it answers (at most [`UNSENT`]).
     unsent: Mutex<Vec<Held>>,
-    /// `wsgate_cluster_errors_total{op="release"}`: counts releases dropped on a full queue.
+    /// `wsgate_cluster_errors_total{op="release"}`: counts releases dropped on a full queue
+    /// or past [`UNSENT`].
     dropped: Counter,
 }
 
@@ -691,17 +692,17 @@ impl Cluster {
     }
 
     /// Send releases, in one pipeline; those the store does not take (it is down, or the
-    /// call fails) are kept and sent again once it answers.
-    async fn release(&self, batch: Vec<Held>) {
+    /// call fails) are kept and sent again once it answers. Returns whether they went.
+    async fn release(&self, batch: Vec<Held>) -> bool {
         let Some(store) = self.store.load_full() else {
-            return;
+            return false;
         };
         let Some(mut conn) = store.conn.clone() else {
-            return;
+            return false;
         };
         if self.health.down() {
             self.leases.keep_unsent(batch);
-            return;
+            return false;
         }
         let mut pipe = redis::pipe();
         for held in &batch {
@@ -713,7 +714,9 @@ impl Cluster {
             .await;
         if sent.is_err() {
             self.leases.keep_unsent(batch);
+            return false;
         }
+        true
     }
 
     /// Releases, renewals every `lease_seconds / 3`, and probes while the store is down.
@@ -783,7 +786,11 @@ impl Cluster {
                     let mut unsent = self.leases.take_unsent();
                     while !unsent.is_empty() {
                         let rest = unsent.split_off(unsent.len().min(RELEASE_BATCH));
-                        self.release(unsent).await;
+                        // One batch the store did not take: the rest waits with it.
+                        if !self.release(unsent).await {
+                            self.leases.keep_unsent(rest);
+                            break;
+                        }
                         unsent = rest;
                     }
                     next_refresh = tokio::time::Instant::now() + period;
