@@ -186,14 +186,14 @@ pub async fn answer(
                 let limits = answer.1.as_ref().map_or("process", |a| a.limits.as_str());
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                    route = route_name, path = %path, result = "accepted", latency_ms,
+                    route = route_name, path = %crate::path::for_log(&path), result = "accepted", latency_ms,
                     protocol = conn.protocol.as_str(), limits, "upgrade"
                 );
             } else {
                 // nginx's access line: what the upstream answered, and when its head came.
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                    route = route_name, method = %method, path = %path,
+                    route = route_name, method = %method, path = %crate::path::for_log(&path),
                     status = answer.0.status().as_u16(), latency_ms,
                     protocol = conn.protocol.as_str(), "request passed"
                 );
@@ -218,7 +218,7 @@ pub async fn answer(
             gate.metrics.upgrade(route_name, rejection.reason());
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                route = route_name, path = %path, result = rejection.reason(),
+                route = route_name, path = %crate::path::for_log(&path), result = rejection.reason(),
                 status = rejection.status().as_u16(), latency_ms, protocol = conn.protocol.as_str(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );

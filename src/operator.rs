@@ -148,7 +148,8 @@ pub async fn respond(operator: &Operator, req: Request<Incoming>, peer: IpAddr) 
         Ok(json) => json_response(StatusCode::OK, &json),
         Err(refusal) => {
             if matches!(refusal, Refusal::Unauthorized) {
-                tracing::warn!(%peer, %method, path, "operator: request refused without a valid admin token");
+                let path = crate::path::for_log(&path);
+                tracing::warn!(%peer, %method, %path, "operator: request refused without a valid admin token");
             }
             refusal.into_response()
         }

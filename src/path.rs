@@ -19,6 +19,38 @@
 
 use std::borrow::Cow;
 
+/// `path` as a log line shows it: every run that looks like a JWT (`eyJ` and base64url
+/// characters joined by dots) is `***`. The query is never logged, since it may carry a
+/// token; a client that puts one in the path instead (`/ws;access_token=…`, an encoded
+/// `?`, a segment of its own) must not see it written to the logs either.
+pub fn for_log(path: &str) -> Cow<'_, str> {
+    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let mut shown: Option<String> = None;
+    let (mut copied, mut from) = (0, 0);
+    while let Some(found) = path[from..].find("eyJ") {
+        let start = from + found;
+        let len = path.as_bytes()[start..]
+            .iter()
+            .position(|b| !is_token_byte(b))
+            .unwrap_or(path.len() - start);
+        let end = start + len;
+        if path[start..end].contains('.') {
+            let out = shown.get_or_insert_with(String::new);
+            out.push_str(&path[copied..start]);
+            out.push_str("***");
+            copied = end;
+        }
+        from = end;
+    }
+    match shown {
+        None => Cow::Borrowed(path),
+        Some(mut out) => {
+            out.push_str(&path[copied..]);
+            Cow::Owned(out)
+        }
+    }
+}
+
 /// The path in normal form (borrowed when it already is), or why it is refused (400).
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
     let bytes = path.as_bytes();
@@ -121,6 +153,30 @@ pub fn with_query<'p>(path: &'p str, query: Option<&str>) -> Cow<'p, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_a_logged_path_is_masked() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+        for (path, shown) in [
+            (
+                format!("/ws;access_token={jwt}"),
+                "/ws;access_token=***".to_owned(),
+            ),
+            (format!("/ws/{jwt}/x"), "/ws/***/x".to_owned()),
+            (
+                format!("/a%3Ft={jwt}&u={jwt}"),
+                "/a%3Ft=***&u=***".to_owned(),
+            ),
+            (
+                "/ws/eyJust-a-name".to_owned(),
+                "/ws/eyJust-a-name".to_owned(),
+            ),
+            ("/ws/eyJ".to_owned(), "/ws/eyJ".to_owned()),
+        ] {
+            assert_eq!(for_log(&path), shown);
+        }
+        assert!(matches!(for_log("/ws/chat"), Cow::Borrowed(_)));
+    }
 
     fn normal(path: &str) -> String {
         normalize(path)

@@ -370,6 +370,15 @@ async fn tokens_never_reach_the_logs() {
     )
     .await
     .is_err());
+    // A token where no carrier reads it, in the path, is refused and not logged either.
+    let in_path: Vec<String> = (5..8).map(|i| hs256(&format!("user{i}"))).collect();
+    for path in [
+        format!("/ws;access_token={}", in_path[0]),
+        format!("/ws%3Faccess_token={}", in_path[1]),
+        format!("/ws/{}", in_path[2]),
+    ] {
+        assert!(connect(Box::new(|_| {}), path).await.is_err());
+    }
     for c in [&mut c1, &mut c2, &mut c3, &mut c4] {
         c.send(Message::text("hi")).await.unwrap();
         assert_eq!(next_message_any(c).await, Message::text("hi"));
@@ -418,7 +427,7 @@ async fn tokens_never_reach_the_logs() {
         };
         assert_eq!(protocol, "http/1.1", "{line}");
     }
-    for (i, token) in tokens.iter().enumerate().take(4) {
+    for (i, token) in tokens.iter().take(4).chain(&in_path).enumerate() {
         assert!(
             !all.contains(token.as_str()),
             "token {i} appears in the log"
@@ -433,9 +442,11 @@ async fn tokens_never_reach_the_logs() {
     assert!(!all.contains(&bad), "the refused token appears in the log");
     assert!(!all.contains(SECRET), "the HMAC secret appears in the log");
     assert!(
-        !all.contains("access_token="),
+        !all.contains("?access_token="),
         "a token query string appears in the log"
     );
+    // The path is still logged, the token in it masked.
+    assert!(all.contains("/ws;access_token=***"), "{all}");
 }
 
 /// The token `wsgate token` printed, run as `command`; fails on any other outcome.
