@@ -245,7 +245,8 @@ pub struct KeyFile {
 #[serde(deny_unknown_fields)]
 pub struct Origin {
     /// `scheme://host[:port]` entries; `https://*.example.com` allows any subdomain.
-    /// `"*"` and `null` are refused. Default none: every request with an Origin is refused.
+    /// `"*"`, `null` and a whole top-level domain (`https://*.com`) are refused. Default
+    /// none: every request with an Origin is refused.
     pub allow: Option<Vec<String>>,
     /// Whether requests without an Origin header (non-browser clients) may upgrade
     /// (default false).

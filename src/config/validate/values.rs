@@ -196,6 +196,13 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         if domain.is_empty() || domain.contains('*') {
             return Err(format!("{shown:?}: \"*.\" must be followed by a domain"));
         }
+        // `*.com` is every .com site: as open as `*` for a cross-site attacker. Every name
+        // under `localhost` is this machine (RFC 6761), so `*.localhost` stays allowed.
+        if !domain.contains('.') && domain != "localhost" {
+            return Err(format!(
+                "{shown:?} is not allowed: a wildcard over a whole top-level domain lets every site in it (write the site's domain, *.example.com)"
+            ));
+        }
         return Ok(OriginPattern::Subdomains {
             scheme: scheme.to_owned(),
             domain: domain.to_owned(),
@@ -280,6 +287,11 @@ mod tests {
             })
         );
         assert!(parse_origin_pattern("*").is_err());
+        for tld in ["https://*.com", "https://*.example", "http://*.io:8080"] {
+            let refused = parse_origin_pattern(tld).unwrap_err();
+            assert!(refused.contains("top-level domain"), "{tld}: {refused}");
+        }
+        assert!(parse_origin_pattern("https://*.localhost").is_ok());
         assert!(parse_origin_pattern("https://a*.example.com").is_err());
         assert!(parse_origin_pattern("https://example.com/path").is_err());
         assert!(parse_origin_pattern("example.com").is_err());
