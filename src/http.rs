@@ -146,8 +146,9 @@ pub async fn answer(
     let (loaded, changes) = gate.policy.load_watched();
     let peer = admission::peer(&loaded.policy, conn.peer.ip(), headers);
     let client_ip = peer.client_ip;
-    // The path only: a query may carry a token, and tokens are never logged.
-    let path = uri.path().to_owned();
+    // The path only, as logs show it: a query may carry a token, and tokens are never
+    // logged (one in the path is masked).
+    let path = crate::path::for_log(uri.path()).into_owned();
     // For a plain request's access line (standard methods are copied without allocating).
     let method = method.clone();
 
@@ -186,14 +187,14 @@ pub async fn answer(
                 let limits = answer.1.as_ref().map_or("process", |a| a.limits.as_str());
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                    route = route_name, path = %crate::path::for_log(&path), result = "accepted", latency_ms,
+                    route = route_name, path = %path, result = "accepted", latency_ms,
                     protocol = conn.protocol.as_str(), limits, "upgrade"
                 );
             } else {
                 // nginx's access line: what the upstream answered, and when its head came.
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                    route = route_name, method = %method, path = %crate::path::for_log(&path),
+                    route = route_name, method = %method, path = %path,
                     status = answer.0.status().as_u16(), latency_ms,
                     protocol = conn.protocol.as_str(), "request passed"
                 );
@@ -218,7 +219,7 @@ pub async fn answer(
             gate.metrics.upgrade(route_name, rejection.reason());
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                route = route_name, path = %crate::path::for_log(&path), result = rejection.reason(),
+                route = route_name, path = %path, result = rejection.reason(),
                 status = rejection.status().as_u16(), latency_ms, protocol = conn.protocol.as_str(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
