@@ -20,27 +20,53 @@
 use std::borrow::Cow;
 
 /// `path` as a log line shows it: every run that looks like a JWT (`eyJ` and base64url
-/// characters joined by dots) is `***`. The query is never logged, since it may carry a
-/// token; a client that puts one in the path instead (`/ws;access_token=…`, an encoded
-/// `?`, a segment of its own) must not see it written to the logs either.
+/// characters joined by dots) is `***`, read as a client's parser reads it, so that
+/// `%2E` for a dot or `%65` for the `e` does not hide one. The query is never logged,
+/// since it may carry a token; a client that puts one in the path instead
+/// (`/ws;access_token=…`, an encoded `?`, a segment of its own) must not see it written
+/// to the logs either.
 pub fn for_log(path: &str) -> Cow<'_, str> {
-    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
-    let mut shown: Option<String> = None;
-    let (mut copied, mut from) = (0, 0);
-    while let Some(found) = path[from..].find("eyJ") {
-        let start = from + found;
-        let len = path.as_bytes()[start..]
-            .iter()
-            .position(|b| !is_token_byte(b))
-            .unwrap_or(path.len() - start);
-        let end = start + len;
-        if path[start..end].contains('.') {
-            let out = shown.get_or_insert_with(String::new);
-            out.push_str(&path[copied..start]);
-            out.push_str("***");
-            copied = end;
+    if !path.contains("eyJ") && !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let raw = path.as_bytes();
+    // Each byte as decoded (one `%XX` is one byte), with where it starts in `raw`.
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], hex_digit(raw, i + 1), hex_digit(raw, i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi << 4 | lo, i));
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push((byte, i));
+                i += 1;
+            }
         }
-        from = end;
+    }
+    let is_token_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let raw_at = |at: usize| decoded.get(at).map_or(raw.len(), |&(_, i)| i);
+    let mut shown: Option<String> = None;
+    let (mut copied, mut at) = (0, 0);
+    while at + 3 <= decoded.len() {
+        if decoded[at..at + 3].iter().map(|&(b, _)| b).ne(*b"eyJ") {
+            at += 1;
+            continue;
+        }
+        let len = decoded[at..]
+            .iter()
+            .position(|&(b, _)| !is_token_byte(b))
+            .unwrap_or(decoded.len() - at);
+        let run = &decoded[at..at + len];
+        if run.iter().any(|&(b, _)| b == b'.') {
+            let (from, to) = (raw_at(at), raw_at(at + len));
+            let out = shown.get_or_insert_with(String::new);
+            out.push_str(&path[copied..from]);
+            out.push_str("***");
+            copied = to;
+        }
+        at += len;
     }
     match shown {
         None => Cow::Borrowed(path),
@@ -172,6 +198,18 @@ mod tests {
                 "/ws/eyJust-a-name".to_owned(),
             ),
             ("/ws/eyJ".to_owned(), "/ws/eyJ".to_owned()),
+            // Dots, or the token's first letters, percent-encoded.
+            (
+                format!("/ws/{}/x", jwt.replace('.', "%2E")),
+                "/ws/***/x".to_owned(),
+            ),
+            (
+                format!("/ws/{}", jwt.replace('.', "%2e")),
+                "/ws/***".to_owned(),
+            ),
+            (format!("/ws/%65%79J{}", &jwt[3..]), "/ws/***".to_owned()),
+            ("/ws/%2E%zz%".to_owned(), "/ws/%2E%zz%".to_owned()),
+            ("/ws/caf%C3%A9".to_owned(), "/ws/caf%C3%A9".to_owned()),
         ] {
             assert_eq!(for_log(&path), shown);
         }

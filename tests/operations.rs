@@ -371,11 +371,12 @@ async fn tokens_never_reach_the_logs() {
     .await
     .is_err());
     // A token where no carrier reads it, in the path, is refused and not logged either.
-    let in_path: Vec<String> = (5..8).map(|i| hs256(&format!("user{i}"))).collect();
+    let in_path: Vec<String> = (5..9).map(|i| hs256(&format!("user{i}"))).collect();
     for path in [
         format!("/ws;access_token={}", in_path[0]),
         format!("/ws%3Faccess_token={}", in_path[1]),
         format!("/ws/{}", in_path[2]),
+        format!("/ws/{}", in_path[3].replace('.', "%2E")),
     ] {
         assert!(connect(Box::new(|_| {}), path).await.is_err());
     }
