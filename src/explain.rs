@@ -243,6 +243,9 @@ fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
         header::SEC_WEBSOCKET_KEY,
         HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
     );
+    // The first `--header` of a name replaces the handshake's own; later ones of the same
+    // name are more fields, as a client that sends the header twice sends them.
+    let mut given_names: Vec<HeaderName> = Vec::new();
     for given in &request.headers {
         let (name, v) = given
             .split_once(':')
@@ -251,7 +254,12 @@ fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
             .map_err(|_| BadInput(format!("{name:?} is not a header name")))?;
         let v = HeaderValue::from_str(v.trim())
             .map_err(|_| BadInput(format!("the value of {name} is not a header value")))?;
-        headers.insert(name, v);
+        if given_names.contains(&name) {
+            headers.append(name, v);
+        } else {
+            headers.insert(name.clone(), v);
+            given_names.push(name);
+        }
     }
     let mut builder = http::Request::builder()
         .method(Method::GET)
