@@ -361,6 +361,20 @@ async fn connections_per_subject_are_capped_across_addresses() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // An empty `sub` names no subject, as a token without one: it has no cap.
+    let nobody = hs256_with(
+        SECRET,
+        serde_json::json!({"sub": "", "exp": unix_now() + 300}),
+    );
+    let mut held = Vec::new();
+    for ip in ["192.0.2.3", "192.0.2.4"] {
+        let mut r = with_xff(&gate, ip);
+        r.headers_mut()
+            .insert("authorization", header_value(&format!("Bearer {nobody}")));
+        let admitted = gate.connect_request(r).await;
+        assert!(admitted.is_ok(), "an empty sub was capped: {ip}");
+        held.push(admitted);
+    }
 }
 
 #[tokio::test]

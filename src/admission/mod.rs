@@ -519,10 +519,7 @@ async fn checks<'a>(
             }
         }
     };
-    let subject = claims
-        .as_ref()
-        .and_then(|c| c.map.get("sub"))
-        .and_then(|s| s.as_str());
+    let subject = claims.as_ref().and_then(|c| c.claim_str("sub"));
     let subject_slot = match subject.filter(|_| upgrade) {
         Some(sub) => {
             let max = route.rate.max_connections_per_subject;

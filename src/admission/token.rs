@@ -143,9 +143,14 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// A string claim (`sub`, `jti`, …), if the token has it as a string.
+    /// A string claim (`sub`, `jti`, …), if the token has it as a string that is not
+    /// empty: `"sub": ""` names no subject (no subject cap, nothing to revoke or close by),
+    /// as a token without `sub` does.
     pub fn claim_str(&self, name: &str) -> Option<&str> {
-        self.map.get(name).and_then(Value::as_str)
+        self.map
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     /// When a connection admitted with this token must close: `exp` plus `leeway`, as a
