@@ -441,11 +441,17 @@ impl Context<'_> {
                     .join("; ")
             }
         };
+        let payload = self.payload();
+        let unforwardable = payload
+            .as_ref()
+            .and_then(|map| crate::admission::token::unforwardable_claim(map, auth))
+            .map_or(String::new(), |claim| {
+                format!("; forward_claims: {claim} cannot be sent as a header value")
+            });
         format!(
-            "claims {}; require_claims: {}; deny_claims: {}",
-            self.payload()
-                .map_or("(unreadable)".into(), |c| serde_json::Value::Object(c)
-                    .to_string()),
+            "claims {}; require_claims: {}; deny_claims: {}{unforwardable}",
+            payload.map_or("(unreadable)".into(), |c| serde_json::Value::Object(c)
+                .to_string()),
             rules(&auth.require_claims),
             rules(&auth.deny_claims)
         )

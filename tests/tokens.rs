@@ -1375,6 +1375,27 @@ async fn forward_claims_set_headers_that_cannot_be_spoofed() {
         "{:?}",
         seen.headers
     );
+    // Non-ASCII text is a header value (obs-text); a control character cannot be one, and
+    // the upstream would get the connection without the identity: refused.
+    let token = hs256(&claims(json!({"sub": "José"})));
+    let (_client, _) = gate
+        .connect_request(bearer(&gate, "/ws", &token))
+        .await
+        .unwrap();
+    let seen = upstream.last_seen();
+    assert_eq!(seen.headers["x-auth-subject"].as_bytes(), "José".as_bytes());
+    for sub in ["a\r\nX-Injected: yes", "a\u{0}b", "a\u{7f}"] {
+        let token = hs256(&claims(json!({"sub": sub})));
+        refused(&gate, &token, 403, "claims_denied").await;
+        let token = hs256(&claims(json!({"sub": "user-1", "role": sub})));
+        refused(&gate, &token, 403, "claims_denied").await;
+    }
+    // A claim that is not forwarded may hold anything.
+    let token = hs256(&claims(json!({"sub": "user-1", "note": "a\r\nb"})));
+    assert!(gate
+        .connect_request(bearer(&gate, "/ws", &token))
+        .await
+        .is_ok());
 }
 
 /// A route whose `forward_claims` replaces the inherited one still drops the client's

@@ -645,7 +645,12 @@ fn origin_rule(route: &Route, origin: Option<&str>) -> Result<(), Rejection> {
 fn claims_rule(auth: &Auth, claims: Option<&Claims>) -> Result<(), Rejection> {
     match claims {
         None if auth.required => Err(Rejection::MissingToken),
-        Some(claims) if !token::claims_allowed(claims, auth) => Err(Rejection::ClaimsDenied),
+        Some(claims)
+            if !token::claims_allowed(claims, auth)
+                || token::unforwardable_claim(&claims.map, auth).is_some() =>
+        {
+            Err(Rejection::ClaimsDenied)
+        }
         _ => Ok(()),
     }
 }

@@ -467,6 +467,19 @@ pub fn claims_allowed(claims: &Claims, auth: &Auth) -> bool {
             .any(|(name, values)| has(name, values))
 }
 
+/// The first `forward_claims` claim that the token has as a scalar whose text cannot be a
+/// header value (a control character: CR, LF, NUL, DEL). Sent without it, the connection
+/// would reach the upstream without the identity the gate vouches for, so the claims step
+/// refuses such a token.
+pub fn unforwardable_claim<'a>(claims: &Map<String, Value>, auth: &'a Auth) -> Option<&'a str> {
+    auth.forward_claims.iter().find_map(|(claim, _)| {
+        let text = scalar_text(claims.get(claim)?)?;
+        HeaderValue::from_str(&text)
+            .is_err()
+            .then_some(claim.as_str())
+    })
+}
+
 /// The `forward_claims` headers for these claims (scalar claims only).
 pub fn claim_headers(claims: &Claims, auth: &Auth) -> Vec<(HeaderName, HeaderValue)> {
     auth.forward_claims
