@@ -12,7 +12,7 @@ mod support;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
@@ -784,6 +784,30 @@ async fn jwks_url_rotation_refetches_for_unknown_kids_within_a_budget() {
     );
     // The old key is gone with the rotation.
     invalid(&gate, &es256("ec.key", Some("a"))).await;
+}
+
+/// A refetch for an unknown kid that succeeds while fetches are failing ends the failure's
+/// retries: the next fetch is `refresh_seconds` after it.
+#[tokio::test]
+async fn a_refetch_that_succeeds_ends_the_failure_retries() {
+    let upstream = Upstream::start().await;
+    let server = KeyServer::start("not a key set".into()).await;
+    let gate = TestGate::start(&jwks_url_policy(&upstream, &server.url())).await;
+    // The first fetch fails, and its retry 1 s later; the next retry is due 2 s after that.
+    let started = Instant::now();
+    while server.requests() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no retry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.serve(ec_jwks(&[("ec.key", "a")]));
+    admitted(&gate, &es256("ec.key", Some("a"))).await;
+    assert_eq!(server.requests(), 3, "one refetch for kid a");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(
+        server.requests(),
+        3,
+        "a failure's retry after the refetch that succeeded"
+    );
 }
 
 #[tokio::test]

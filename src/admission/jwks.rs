@@ -88,6 +88,9 @@ struct Entry {
     body: Mutex<Bytes>,
     /// The cache's [`JwksCache::generation`], moved on when this set changes.
     generation: Arc<AtomicU64>,
+    /// Told when an unknown-`kid` refetch succeeds: the refresher's next fetch is then
+    /// `refresh_seconds` after it, not a failure's retry.
+    refetched: tokio::sync::Notify,
 }
 
 impl Entry {
@@ -172,6 +175,7 @@ impl JwksCache {
                 stop: tasks.exit().child_token(),
                 body: Mutex::new(Bytes::new()),
                 generation: self.generation.clone(),
+                refetched: tokio::sync::Notify::new(),
             });
             entries.insert(url.to_owned(), entry.clone());
             tasks.spawn(refresher(entry, self.tls.clone()));
@@ -216,10 +220,15 @@ impl JwksCache {
                 let keys = fetched.keys.len();
                 let changed = entry.store(fetched);
                 tracing::info!(url = %redact_userinfo(&entry.url), keys, changed, "JWKS refetched for an unknown kid");
+                entry.refetched.notify_waiters();
                 true
             }
             Err(e) => {
-                tracing::warn!(url = %redact_userinfo(&entry.url), error = %e, "JWKS refetch failed; keeping the last good key set");
+                let have = entry.keys.load().is_some();
+                tracing::warn!(
+                    url = %redact_userinfo(&entry.url), error = %e, keeping_last_good = have,
+                    "JWKS refetch for an unknown kid failed"
+                );
                 false
             }
         };
@@ -259,9 +268,17 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
                 wait
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = entry.stop.cancelled() => break,
+        let mut until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                () = entry.refetched.notified() => {
+                    backoff = RETRY_MIN;
+                    let refresh = *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner);
+                    until = tokio::time::Instant::now() + refresh;
+                }
+                () = entry.stop.cancelled() => return,
+            }
         }
     }
 }
