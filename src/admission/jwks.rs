@@ -357,6 +357,7 @@ mod tests {
             stop: CancellationToken::new(),
             body: Mutex::new(Bytes::new()),
             generation: generation.clone(),
+            refetched: tokio::sync::Notify::new(),
         };
         let seen = || generation.load(Ordering::Acquire);
         // The first set, even an empty document, is a change from none.
