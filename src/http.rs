@@ -210,17 +210,16 @@ pub async fn answer(
                 && conn.protocol == crate::relay::Protocol::H2
                 && rejection.status().is_success()
             {
-                tracing::debug!(
-                    status = rejection.status().as_u16(),
-                    "upstream answered the WebSocket handshake with a success status, not 101"
+                rejection = crate::upstream::bad_answer(
+                    "a success status, not 101, to the WebSocket handshake",
                 );
-                rejection = Rejection::UpstreamUnavailable;
             }
             gate.metrics.upgrade(route_name, rejection.reason());
             tracing::info!(
                 request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
                 route = route_name, path = %path, result = rejection.reason(),
                 status = rejection.status().as_u16(), latency_ms, protocol = conn.protocol.as_str(),
+                cause = rejection.cause().as_deref(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
             (rejection.into_response(), None)
@@ -440,7 +439,7 @@ async fn switch(
     }
     let response = response
         .body(full(Bytes::new()))
-        .map_err(|_| Rejection::UpstreamUnavailable)?;
+        .map_err(|_| crate::upstream::bad_answer("a 101 whose headers cannot be relayed"))?;
 
     // The caps go to the relay, which frees them as the connection ends.
     let slots = std::mem::take(&mut ticket.slots);

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::admission::Rejection;
+use crate::admission::{Rejection, UpstreamFault};
 use crate::body::Body;
 use crate::policy::{Route, Upstream};
 use crate::upstream::{self, UpstreamStream};
@@ -114,7 +114,6 @@ pub async fn forward(
     let response = match answered {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            tracing::debug!(upstream = %route.upstream.url, error = %e, "pass-through request failed");
             if source_is::<BodyStalled>(&e) {
                 return Err(Rejection::BodyTimeout);
             }
@@ -125,18 +124,30 @@ pub async fn forward(
             let timed_out = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<io::Error>())
                 .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+            let cause = || {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                text
+            };
             return Err(if timed_out {
                 Rejection::UpstreamTimeout
+            } else if e.is_connect() {
+                Rejection::UpstreamUnavailable(UpstreamFault::Connect(io::Error::other(cause())))
             } else {
-                Rejection::UpstreamUnavailable
+                Rejection::UpstreamUnavailable(UpstreamFault::Answer(cause().into()))
             });
         }
         Err(_) => return Err(Rejection::UpstreamTimeout),
     };
     // A 101 to a request that asked for no upgrade opens nothing the gate would relay.
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        tracing::debug!(upstream = %route.upstream.url, "upstream answered a plain request with 101");
-        return Err(Rejection::UpstreamUnavailable);
+        return Err(upstream::bad_answer(
+            "a 101 to a request that asked for no upgrade",
+        ));
     }
     let (mut parts, body) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);

@@ -18,7 +18,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
 use crate::admission::token::{query_name_is, Carriers, QUERY_SEPARATORS};
-use crate::admission::{Rejection, UpstreamRefusal};
+use crate::admission::{Rejection, UpstreamFault, UpstreamRefusal};
 use crate::extensions::{Agreed, Offers};
 use crate::policy::{Route, TokenSource, Upstream};
 
@@ -494,6 +494,11 @@ pub async fn open(
     }
 }
 
+/// A refusal for an upstream answer that broke the handshake's rules.
+pub fn bad_answer(what: &'static str) -> Rejection {
+    Rejection::UpstreamUnavailable(UpstreamFault::Answer(what.into()))
+}
+
 async fn handshake(
     route: &Route,
     path_and_query: &str,
@@ -502,10 +507,9 @@ async fn handshake(
     offers: &Offers,
     deadline: Instant,
 ) -> Result<UpstreamSocket, Rejection> {
-    let stream = dial(&route.upstream).await.map_err(|e| {
-        tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream connect failed");
-        Rejection::UpstreamUnavailable
-    })?;
+    let stream = dial(&route.upstream)
+        .await
+        .map_err(|e| Rejection::UpstreamUnavailable(UpstreamFault::Connect(e)))?;
     let key = generate_key();
     let uri = Uri::from_str(path_and_query)
         .map_err(|_| Rejection::BadRequest("invalid request target"))?;
@@ -515,37 +519,35 @@ async fn handshake(
         stream.write_all(&head).await?;
         stream.flush().await
     };
-    sent.await.map_err(|e| {
-        tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream handshake failed");
-        Rejection::UpstreamUnavailable
-    })?;
-    let (response, rest) = read_head(&mut stream).await.map_err(|e| {
-        tracing::debug!(upstream = %route.upstream.url, error = %e, "upstream handshake failed");
-        Rejection::UpstreamUnavailable
-    })?;
+    let broken = |what: &str, e: io::Error| {
+        Rejection::UpstreamUnavailable(UpstreamFault::Answer(format!("{what}: {e}").into()))
+    };
+    sent.await.map_err(|e| broken("sending the handshake", e))?;
+    let (response, rest) = read_head(&mut stream)
+        .await
+        .map_err(|e| broken("reading the handshake's answer", e))?;
     if response.status != StatusCode::SWITCHING_PROTOCOLS {
         if response.status.is_informational() {
-            return Err(Rejection::UpstreamUnavailable);
+            return Err(bad_answer("an informational status to the handshake"));
         }
         return Err(relay_refusal(stream, response, rest, &route.upstream, deadline).await);
     }
     let accept = response.headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|a| a.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
-        tracing::warn!(upstream = %route.upstream.url, "upstream 101 with a wrong Sec-WebSocket-Accept");
-        return Err(Rejection::UpstreamUnavailable);
+        return Err(bad_answer("a 101 with a wrong Sec-WebSocket-Accept"));
     }
-    let deflate = offers.accept(&response.headers).map_err(|_| {
-        tracing::warn!(upstream = %route.upstream.url, "upstream selected an extension or parameter it was not offered");
-        Rejection::UpstreamUnavailable
-    })?;
+    let deflate = offers
+        .accept(&response.headers)
+        .map_err(|_| bad_answer("a 101 selecting an extension or parameter it was not offered"))?;
     let protocol = response
         .headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .cloned();
     if let Some(p) = &protocol {
         if !protocols.iter().any(|o| p.as_bytes() == o.as_bytes()) {
-            tracing::warn!(upstream = %route.upstream.url, "upstream selected a subprotocol it was not offered");
-            return Err(Rejection::UpstreamUnavailable);
+            return Err(bad_answer(
+                "a 101 selecting a subprotocol it was not offered",
+            ));
         }
     }
     let mut passed = response.headers;

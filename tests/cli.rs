@@ -1101,6 +1101,70 @@ async fn health_probes_answer_while_clients_hold_every_descriptor() {
     drop(held);
 }
 
+/// An upgrade refused for the upstream's fault (502 `upstream_unavailable`) says which fault
+/// in its log line, beside the request id: a connection refused (or the gate out of file
+/// descriptors) is not an upstream whose answer broke the handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_fault_is_logged_with_its_cause() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A port nothing listens on, and an upstream whose 101 has a wrong accept key.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wrong = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                          Connection: Upgrade\r\nSec-WebSocket-Accept: d3Jvbmc=\r\n\r\n",
+                    )
+                    .await;
+                let _ = tcp.read(&mut head).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}  - path: /down\n    upstream: ws://{closed}\n  - path: /wrong\n    upstream: ws://{wrong}\n",
+            open_policy(&format!("ws://{closed}"), "")
+        ),
+    )
+    .unwrap();
+    let mut gate = Proc::start(&policy, &[]);
+    for (path, message, cause) in [
+        (
+            "/down",
+            "the upstream could not be reached",
+            "cause=\"connect: Connection refused",
+        ),
+        (
+            "/wrong",
+            "the upstream did not complete the exchange",
+            "cause=\"a 101 with a wrong Sec-WebSocket-Accept\"",
+        ),
+    ] {
+        let (status, _, body) = refusal(gate.connect(path).await.map(|c| (c, Default::default())));
+        assert_eq!(
+            (status, body["error"].as_str(), body["message"].as_str()),
+            (502, Some("upstream_unavailable"), Some(message)),
+            "{path}"
+        );
+        let line = gate.wait_line("upgrade refused");
+        assert!(line.contains(&format!("path={path}")), "{line}");
+        assert!(line.contains("request_id="), "{line}");
+        assert!(line.contains(cause), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn accept_backs_off_when_out_of_file_descriptors_and_recovers() {
     let upstream = Upstream::start().await;

@@ -23,7 +23,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use rustls_pki_types::CertificateDer;
 
 pub use ip::{canonical, client_ip, peer, Peer};
-pub use rejection::{Rejection, UpstreamRefusal};
+pub use rejection::{Rejection, UpstreamFault, UpstreamRefusal};
 pub use token::Claims;
 
 use crate::cluster::{Cluster, IpLimits, Lease, Unavailable};

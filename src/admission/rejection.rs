@@ -1,6 +1,7 @@
 //! Every way an upgrade can be refused, as one enum: its status, its JSON `error` reason,
 //! its human message and its extra headers all come from here (the table in docs/admission.md).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,13 +58,44 @@ pub enum Rejection {
     /// `cluster.on_failure: closed` and the cluster store unreachable.
     #[error("the shared limits cannot be checked right now; retry later")]
     LimitsUnavailable { retry_after: Duration },
-    #[error("the upstream could not be reached")]
-    UpstreamUnavailable,
+    /// The upstream could not be reached, or its answer broke the exchange: 502. What went
+    /// wrong is the refusal log line's `cause`; the client is told less.
+    #[error("{}", .0.message())]
+    UpstreamUnavailable(UpstreamFault),
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
     /// The upstream answered the upgrade with another status: relayed as it came.
     #[error("the upstream refused the upgrade with {}", .0.status)]
     UpstreamStatus(Box<UpstreamRefusal>),
+}
+
+/// What made the upstream unusable for one upgrade or request.
+#[derive(Debug)]
+pub enum UpstreamFault {
+    /// Connecting failed: refused, unreachable, or this process out of file descriptors
+    /// (the OS error says which).
+    Connect(std::io::Error),
+    /// It was reached, but the connection broke or its answer broke the rules of the
+    /// exchange (a wrong `Sec-WebSocket-Accept`, an extension it was not offered, …).
+    Answer(Cow<'static, str>),
+}
+
+impl UpstreamFault {
+    /// The refusal's `message`, for the client.
+    fn message(&self) -> &'static str {
+        match self {
+            UpstreamFault::Connect(_) => "the upstream could not be reached",
+            UpstreamFault::Answer(_) => "the upstream did not complete the exchange",
+        }
+    }
+
+    /// The fault as the refusal's log line gives it.
+    pub fn cause(&self) -> String {
+        match self {
+            UpstreamFault::Connect(e) => format!("connect: {e}"),
+            UpstreamFault::Answer(what) => what.to_string(),
+        }
+    }
 }
 
 /// An upstream's non-101 answer to the upgrade, relayed to the client.
@@ -98,9 +130,17 @@ impl Rejection {
             | Rejection::InvalidToken
             | Rejection::TokenExpired
             | Rejection::TokenRevoked => StatusCode::UNAUTHORIZED,
-            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamStatus(refusal) => refusal.status,
+        }
+    }
+
+    /// What went wrong beyond the reason, for the refusal's log line: the upstream's fault.
+    pub fn cause(&self) -> Option<String> {
+        match self {
+            Rejection::UpstreamUnavailable(fault) => Some(fault.cause()),
+            _ => None,
         }
     }
 
@@ -126,7 +166,7 @@ impl Rejection {
             Rejection::KeysUnavailable { .. } => "keys_unavailable",
             Rejection::ClaimsDenied => "claims_denied",
             Rejection::LimitsUnavailable { .. } => "limits_unavailable",
-            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::UpstreamStatus(_) => "upstream_status",
         }
@@ -248,7 +288,11 @@ mod tests {
                 503,
                 "limits_unavailable",
             ),
-            (Rejection::UpstreamUnavailable, 502, "upstream_unavailable"),
+            (
+                Rejection::UpstreamUnavailable(UpstreamFault::Answer("test".into())),
+                502,
+                "upstream_unavailable",
+            ),
             (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (rejection, status, reason) in rows {
