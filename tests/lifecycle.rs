@@ -134,6 +134,28 @@ async fn idle_connections_close_and_chatty_ones_stay() {
     assert!(matches!(upstream.wait_ended(0).await, Ended::Close(1001, r) if r == "idle timeout"));
 }
 
+/// A message that arrives slowly is traffic, not idleness: its bytes reset the idle timeout
+/// as they come, so a large message on a slow link is not cut off.
+#[tokio::test]
+async fn a_message_arriving_slowly_is_not_idle() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let extra = "    timeouts: {idle_seconds: 0.6}\n";
+    let gate = TestGate::start_with(&open_policy(&upstream.url(), extra), false).await;
+    let mut tcp = wire::upgrade_raw_path(gate.addr, "/ws").await;
+    let bytes = wire::frame(0x82, b"slow-bytes", true);
+    // The header and the key at once, then the payload a byte every 0.25 s: 2.5 s in all,
+    // four idle timeouts.
+    let (head, payload) = bytes.split_at(6);
+    tcp.write_all(head).await.unwrap();
+    for byte in payload {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        tcp.write_all(&[*byte]).await.unwrap();
+    }
+    let (opcode, echoed) = wire::server_frame(&mut tcp).await;
+    assert_eq!((opcode, echoed.as_slice()), (2, &b"slow-bytes"[..]));
+}
+
 #[tokio::test]
 async fn max_lifetime_closes_both_sides() {
     let upstream = Upstream::start().await;
