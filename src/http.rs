@@ -40,6 +40,18 @@ pub struct ConnInfo {
     pub accepted: Instant,
     /// `http/1.1` or `h2`, for the upgrade and close log lines.
     pub protocol: Protocol,
+    /// The connection's first request (an HTTP/2 connection's first stream): the one the
+    /// drain waits to answer. A later one that arrives once the listener has stopped gets
+    /// 503 `draining`.
+    pub first: bool,
+}
+
+impl ConnInfo {
+    /// Whether the drain refuses this request: any once the drain has begun, and from the
+    /// moment the listener stops, any but a connection's first.
+    fn refused_by_drain(&self, gate: &Gate) -> bool {
+        gate.shutdown.is_draining() || (!self.first && gate.shutdown.stopped_accepting())
+    }
 }
 
 /// hyper's service function: every request gets a response, never an error. An upgrade's
@@ -288,7 +300,7 @@ async fn respond(
     }
     // As an upgrade is: an HTTP/2 connection kept for its WebSockets' close handshakes, or
     // an HTTP/1.1 one whose next request arrived as the drain began, starts nothing new.
-    if gate.shutdown.is_draining() {
+    if conn.refused_by_drain(gate) {
         return Err(Rejection::Draining);
     }
     let attempt = Attempt {
@@ -356,7 +368,7 @@ async fn switch(
         path,
     } = routed;
     let handshake = check_upgrade(parts)?;
-    if gate.shutdown.is_draining() {
+    if conn.refused_by_drain(gate) {
         return Err(Rejection::Draining);
     }
     let protocols = offered_protocols(&parts.headers);

@@ -135,13 +135,15 @@ pub async fn serve<I>(
         let calm = calm.clone();
         let opening = Mutex::new(Some(opening));
         service_fn(move |req| {
-            if started.fetch_add(1, Ordering::Relaxed) == 0 {
+            let first = started.fetch_add(1, Ordering::Relaxed) == 0;
+            if first {
                 gate.metrics.client_connection(true);
                 drop(opening.lock().ok().and_then(|mut o| o.take()));
             }
             let info = ConnInfo {
                 accepted: Instant::now(),
                 protocol: Protocol::H2,
+                first,
                 ..info
             };
             let stream = H2Stream {

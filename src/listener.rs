@@ -157,6 +157,7 @@ async fn connection(
                     tls: false,
                     accepted,
                     protocol: Protocol::Http1,
+                    first: true,
                 };
                 let refusal = Rejection::BadRequest(
                     "plain HTTP was sent to the TLS port: use https:// or wss://",
@@ -171,6 +172,7 @@ async fn connection(
                         tls: true,
                         accepted,
                         protocol: Protocol::Http1,
+                        first: true,
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         // Bounded writes as for h2c: a client that stops reading is
@@ -193,6 +195,7 @@ async fn connection(
                 tls: false,
                 accepted,
                 protocol: Protocol::Http1,
+                first: true,
             };
             serve_http(gate, tcp, info, deadline, opening, h2).await
         }
@@ -324,6 +327,7 @@ async fn serve_http<I>(
             Some(_) => info,
             None => ConnInfo {
                 accepted: Instant::now(),
+                first: false,
                 ..info
             },
         };

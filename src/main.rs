@@ -571,7 +571,9 @@ async fn drain(
         .await;
     running.begin_shutdown();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let open = || running.gate.admission.connections.active();
+    // Connections still running, closing ones included (an admitted connection leaves the
+    // admission count as its close begins).
+    let open = || running.gate.shutdown.tracker().len();
     let drained = tokio::select! {
         drained = running.drain(left) => drained,
         () = signals.next() => {

@@ -129,6 +129,11 @@ impl Shutdown {
         self.token.cancel();
     }
 
+    /// Whether the listener has been told to stop (the end of `--shutdown-delay-seconds`).
+    pub fn stopped_accepting(&self) -> bool {
+        self.accepting.is_cancelled()
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

@@ -883,6 +883,72 @@ async fn sigterm_drains_with_1001_and_exits_0() {
     }
 }
 
+/// Once the listener has stopped, a later request on a kept-alive connection gets 503
+/// `draining`, also while the drain still waits for another connection's first answer: it
+/// is not upgraded only to be sent 1001 at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_request_on_a_kept_alive_connection_gets_503_draining() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    // An upstream that answers the handshake after 800 ms: an upgrade to it is a first
+    // answer the drain waits for.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = wire::read_head(&mut tcp).await else {
+                    return;
+                };
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let accept = wire::accept_value(&head);
+                let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let mut rest = [0u8; 1024];
+                while matches!(tcp.read(&mut rest).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}  - path: /slow\n    upstream: ws://{slow}\n",
+            open_policy(&upstream.url(), "    http: pass\n")
+        ),
+    )
+    .unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
+    let mut kept = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    kept.write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("pass GET /ws/page") {
+        let mut chunk = [0u8; 1024];
+        let n = kept.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let slow_upgrade = tokio::spawn(wire::upgrade_raw_path(gate.addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.signal("TERM");
+    gate.wait_line("draining connections");
+    kept.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut refused = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), kept.read_to_end(&mut refused)).await;
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("\"draining\""), "{refused}");
+    // The first answer the drain waited for was given, and the gate then exits.
+    drop(slow_upgrade.await.unwrap());
+    let (code, _) = gate.wait_exit(Duration::from_secs(6));
+    assert_eq!(code, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_at_the_drain_deadline_when_a_client_never_answers() {
     let upstream = Upstream::start().await;
@@ -934,7 +1000,9 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
     gate.signal("INT");
-    gate.wait_line("the drain is cut short");
+    let cut = gate.wait_line("the drain is cut short");
+    // The connection given up is counted, although its close has begun.
+    assert!(cut.contains("open=1"), "{cut}");
     let line = gate.wait_line("duration_ms=");
     assert!(
         line.contains("reason=\"shutdown\"") || line.contains("reason=shutdown"),
