@@ -164,6 +164,33 @@ fn check_reports_syntax_errors_with_line_and_column() {
     );
 }
 
+/// A key given twice in one map is reported where it is repeated (the YAML parser marks
+/// the map's start), at the top level, under `defaults` and in a route.
+#[test]
+fn check_reports_a_repeated_key_where_it_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dup.yaml");
+    for (text, at) in [
+        (
+            "version: 1\ndefaults:\n  messages:\n    per_second: 100\n    max_message_bytes: 10\n    max_message_bytes: 20\nroutes:\n  - path: /ws\n",
+            ":6:5: defaults.messages: duplicate entry with key \"max_message_bytes\"",
+        ),
+        (
+            "version: 1\nroutes:\n  - path: /a\n  - path: /ws\n    name: a\n    name: b\n",
+            ":6:5: routes[1]: duplicate entry with key \"name\"",
+        ),
+        (
+            "version: 1\ndefaults: {}\nroutes:\n  - path: /ws\ndefaults: {}\n",
+            ":5:1: duplicate entry with key \"defaults\"",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let (code, out) = check(&path);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(&format!("{}{at}", path.display())), "{out}");
+    }
+}
+
 #[test]
 fn check_reports_unknown_fields_with_their_location() {
     let dir = tempfile::tempdir().unwrap();

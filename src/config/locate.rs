@@ -44,10 +44,25 @@ fn steps(path: &str) -> Option<Vec<Step<'_>>> {
 /// The line and column (1-based) where the value at `path` starts in `text`, or with
 /// `key`, where the key that names it is (an unknown field is its key).
 pub fn locate(text: &[u8], path: &str, key: bool) -> Option<(usize, usize)> {
+    find(text, path, key, 0)
+}
+
+/// Where the second occurrence of the key that ends `path` is, in the map `path` leads
+/// to: the place to edit for a "duplicate entry" error, which the parser marks at the
+/// map's start.
+pub fn locate_repeated_key(text: &[u8], path: &str) -> Option<(usize, usize)> {
+    find(text, path, true, 1)
+}
+
+fn find(text: &[u8], path: &str, key: bool, skip: usize) -> Option<(usize, usize)> {
     let steps = steps(path)?;
-    let error = Locator { steps: &steps, key }
-        .deserialize(serde_yaml::Deserializer::from_slice(text))
-        .err()?;
+    let error = Locator {
+        steps: &steps,
+        key,
+        skip,
+    }
+    .deserialize(serde_yaml::Deserializer::from_slice(text))
+    .err()?;
     if !error.to_string().contains(FOUND) {
         return None;
     }
@@ -60,6 +75,8 @@ struct Locator<'s, 'p> {
     steps: &'s [Step<'p>],
     /// The last step's key is the node looked for, not its value.
     key: bool,
+    /// With `key`, how many occurrences of the last key to pass over first.
+    skip: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for Locator<'_, '_> {
@@ -93,12 +110,21 @@ impl<'de> Visitor<'de> for Locator<'_, '_> {
             [Step::Key(key), rest @ ..] => (*key, rest),
             [Step::Index(_), ..] => return Ok(()),
         };
-        let seed = Key {
-            name: key,
-            found: self.key && rest.is_empty(),
-        };
-        while let Some(matched) = map.next_key_seed(seed)? {
-            if matched {
+        let last = self.key && rest.is_empty();
+        let mut skip = self.skip;
+        loop {
+            let seed = Key {
+                name: key,
+                found: last && skip == 0,
+            };
+            let Some(matched) = map.next_key_seed(seed)? else {
+                break;
+            };
+            if matched && last {
+                // An occurrence passed over.
+                skip = skip.saturating_sub(1);
+                map.next_value::<IgnoredAny>()?;
+            } else if matched {
                 map.next_value_seed(Locator {
                     steps: rest,
                     ..self
@@ -233,6 +259,19 @@ impl<'de> Visitor<'de> for Key<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_key_is_found_at_its_second_occurrence() {
+        let text = b"version: 1\ndefaults:\n  messages:\n    per_second: 100\n    max_message_bytes: 1\n    burst: 3\n    max_message_bytes: 2\nroutes:\n  - path: /a\n  - {path: /b, name: x, name: y}\ndefaults: {}\n";
+        let text = &text[..];
+        assert_eq!(
+            locate_repeated_key(text, "defaults.messages.max_message_bytes"),
+            Some((7, 5))
+        );
+        assert_eq!(locate_repeated_key(text, "routes[1].name"), Some((10, 25)));
+        assert_eq!(locate_repeated_key(text, "defaults"), Some((11, 1)));
+        assert_eq!(locate_repeated_key(text, "version"), None);
+    }
 
     #[test]
     fn finds_each_kind_of_node_in_block_and_flow_style() {

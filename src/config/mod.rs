@@ -228,13 +228,21 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
 
 fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded, ConfigError> {
     let syntax = |e: serde_yaml::Error| match e.location() {
-        Some(loc) => ConfigError::Syntax {
-            path: path.to_owned(),
-            line: loc.line(),
-            column: loc.column(),
-            message: strip_location(&e.to_string()),
-            more: Vec::new(),
-        },
+        Some(loc) => {
+            let message = strip_location(&e.to_string());
+            // The parser marks a repeated key at its map's start; the place to edit is the
+            // key's second occurrence.
+            let (line, column) = repeated_key(&message)
+                .and_then(|key| locate::locate_repeated_key(bytes, &key))
+                .unwrap_or((loc.line(), loc.column()));
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+                more: Vec::new(),
+            }
+        }
         None => ConfigError::SyntaxNoLocation {
             path: path.to_owned(),
             message: e.to_string(),
@@ -395,6 +403,23 @@ fn one_line_paragraphs(schema: &mut schemars::Schema) {
 }
 
 /// serde_yaml appends " at line L column C" to its messages; we print the location first.
+/// The field path of the key a "duplicate entry" error names (`defaults.messages:
+/// duplicate entry with key "burst"` is `defaults.messages.burst`), when it can be one.
+fn repeated_key(message: &str) -> Option<String> {
+    let (map, key) = match message.split_once(": duplicate entry with key \"") {
+        Some((map, key)) => (Some(map), key),
+        None => (None, message.strip_prefix("duplicate entry with key \"")?),
+    };
+    let key = key.strip_suffix('"')?;
+    if key.is_empty() || key.contains(['"', '\\', '.', '[']) {
+        return None;
+    }
+    Some(match map {
+        Some(map) => format!("{map}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
 fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
