@@ -33,6 +33,11 @@ const SETTLE_MAX: Duration = Duration::from_secs(1);
 /// policy without the routes still to come, and its re-check would close their connections.
 const WRITER_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest a reload's reads (the policy and the files it names, or the certificate
+/// pair) may take: a FIFO or a hung mount in their place must not stall every later
+/// reload without a word.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -40,6 +45,40 @@ pub enum ReloadError {
     Config(#[from] config::ConfigError),
     #[error("policy loader stopped: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("reading took longer than {READ_TIMEOUT:?} (a FIFO or a hung mount?): abandoned")]
+    TimedOut,
+    #[error(
+        "{STUCK_MAX} earlier reads that took too long have not returned (a FIFO or a hung mount?)"
+    )]
+    StillReading,
+}
+
+/// How many reads that outlived [`READ_TIMEOUT`] may still be blocked before reloads of
+/// their kind are refused instead of started.
+const STUCK_MAX: usize = 4;
+
+/// Blocking reads that outlived [`READ_TIMEOUT`] and have not returned (a thread stuck in
+/// a FIFO's or a hung mount's `open`): a reload still starts beside them, since the file
+/// may have been put right since, but at most [`STUCK_MAX`] are left blocked, not one per
+/// reload.
+struct Pending<T>(Vec<tokio::task::JoinHandle<T>>);
+
+impl<T: Send + 'static> Pending<T> {
+    /// `read` on the blocking pool, for at most [`READ_TIMEOUT`].
+    async fn run(&mut self, read: impl FnOnce() -> T + Send + 'static) -> Result<T, ReloadError> {
+        self.0.retain(|h| !h.is_finished());
+        if self.0.len() >= STUCK_MAX {
+            return Err(ReloadError::StillReading);
+        }
+        let mut handle = tokio::task::spawn_blocking(read);
+        match tokio::time::timeout(READ_TIMEOUT, &mut handle).await {
+            Ok(done) => Ok(done?),
+            Err(_) => {
+                self.0.push(handle);
+                Err(ReloadError::TimedOut)
+            }
+        }
+    }
 }
 
 /// The server certificate kept current: its files, and the acceptor that new handshakes
@@ -104,7 +143,11 @@ async fn reload_if_written_since(
     tx: mpsc::Sender<()>,
     changed: Arc<AtomicU8>,
 ) {
-    let read = tokio::task::spawn_blocking(move || config::read_policy(&path)).await;
+    let read = tokio::task::spawn_blocking(move || {
+        regular_file(&path)?;
+        config::read_policy(&path)
+    })
+    .await;
     let Ok(Ok(bytes)) = read else {
         return;
     };
@@ -152,6 +195,8 @@ async fn reload_loop(
     // Kept alive for as long as the loop runs.
     mut watching: Option<Watching>,
 ) {
+    let mut policy_read = Pending(Vec::new());
+    let mut certificate_read = Pending(Vec::new());
     loop {
         tokio::select! {
             woke = rx.recv() => if woke.is_none() { break },
@@ -189,11 +234,11 @@ async fn reload_loop(
         }
         let reloads = async {
             if what & POLICY != 0 {
-                reload_policy(&reloader, &awaited).await;
+                reload_policy(&reloader, &awaited, &mut policy_read).await;
             }
             if let Some(certificate) = reloader.certificate.as_ref() {
                 if what & CERTIFICATE != 0 {
-                    reload_certificate(certificate, &reloader.metrics).await;
+                    reload_certificate(certificate, &reloader.metrics, &mut certificate_read).await;
                 }
             }
         };
@@ -206,8 +251,12 @@ async fn reload_loop(
     }
 }
 
-async fn reload_policy(reloader: &Reloader, awaited: &Awaited) {
-    let result = reload(&reloader.path, &reloader.policy).await;
+async fn reload_policy(
+    reloader: &Reloader,
+    awaited: &Awaited,
+    read: &mut Pending<Result<crate::policy::Loaded, config::ConfigError>>,
+) {
+    let result = reload(&reloader.path, &reloader.policy, read).await;
     match &result {
         Err(ReloadError::Config(config::ConfigError::Invalid { files, .. })) => awaited.set(files),
         _ => awaited.set(&[]),
@@ -224,9 +273,21 @@ async fn reload_policy(reloader: &Reloader, awaited: &Awaited) {
 }
 
 /// Load and validate `path` (and the key files it names), then swap it in.
-pub async fn reload(path: &Path, policy: &PolicyHandle) -> Result<(), ReloadError> {
+async fn reload(
+    path: &Path,
+    policy: &PolicyHandle,
+    read: &mut Pending<Result<crate::policy::Loaded, config::ConfigError>>,
+) -> Result<(), ReloadError> {
     let owned = path.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || config::load(&owned)).await??;
+    let loaded = read
+        .run(move || {
+            regular_file(&owned).map_err(|source| config::ConfigError::Unreadable {
+                path: owned.clone(),
+                source,
+            })?;
+            config::load(&owned)
+        })
+        .await??;
     tracing::info!(
         path = %path.display(), sha256 = %loaded.sha256, routes = loaded.policy.routes.len(),
         "policy reloaded"
@@ -237,9 +298,13 @@ pub async fn reload(path: &Path, policy: &PolicyHandle) -> Result<(), ReloadErro
 
 /// Load the certificate pair and use it for new handshakes; an unusable pair is logged
 /// and counted, and the old one stays.
-async fn reload_certificate(certificate: &Certificate, metrics: &Metrics) {
+async fn reload_certificate(
+    certificate: &Certificate,
+    metrics: &Metrics,
+    read: &mut Pending<Result<rustls::ServerConfig, tls::TlsError>>,
+) {
     let (cert, key) = (certificate.cert.clone(), certificate.key.clone());
-    let loaded = tokio::task::spawn_blocking(move || tls::server_config(&cert, &key)).await;
+    let loaded = read.run(move || tls::server_config(&cert, &key)).await;
     let result = match loaded {
         Ok(Ok(config)) => {
             certificate.acceptor.store(config);
@@ -251,7 +316,7 @@ async fn reload_certificate(certificate: &Certificate, metrics: &Metrics) {
             "failure"
         }
         Err(e) => {
-            tracing::error!(error = %e, "certificate loader failed");
+            tracing::error!(error = %e, "certificate reload refused; the previous certificate stays in use");
             "failure"
         }
     };
@@ -259,6 +324,15 @@ async fn reload_certificate(certificate: &Certificate, metrics: &Metrics) {
         .tls_reloads
         .get_or_create_owned(&ResultLabel { result })
         .inc();
+}
+
+/// A reload reads only a regular file: opening a FIFO put in the policy's place would wait
+/// for a writer. (Whatever cannot be read is left for the read to report.)
+fn regular_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(std::io::Error::other("not a regular file")),
+        _ => Ok(()),
+    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

@@ -413,6 +413,68 @@ async fn a_deleted_policy_file_keeps_the_policy_and_its_return_takes_effect() {
     assert_still_echoes(&mut open, "after re-create").await;
 }
 
+/// A FIFO in the policy's place is not opened (opening it would wait for a writer, and
+/// every later reload with it): the reload is refused, and the regular file that replaces
+/// it is loaded as usual.
+#[tokio::test]
+async fn a_fifo_in_place_of_the_policy_does_not_stall_reloads() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    std::fs::remove_file(&gate.policy_path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&gate.policy_path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let unseen = "the FIFO did not start a reload, or its reload did not fail";
+    gate.wait_metric(FAILURE, 1.0, TWO_SECONDS, unseen).await;
+    std::fs::remove_file(&gate.policy_path).unwrap();
+    std::fs::write(&gate.policy_path, with_v2(&upstream.url())).unwrap();
+    within_two_seconds(&gate, "/v2", true).await;
+}
+
+/// A key file whose read never returns (a FIFO here; a hung mount alike) fails its reload
+/// after 10 s, loudly, and the next reload, once the file is put right, goes ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_never_returns_fails_the_reload_and_the_next_goes_ahead() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&secret_file_policy(&upstream)).await;
+    let secret = gate.dir.path().join("secret");
+    let fifo = gate.dir.path().join("stuck");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::rename(&fifo, &secret).unwrap();
+    let started = Instant::now();
+    gate.wait_metric(
+        FAILURE,
+        1.0,
+        Duration::from_secs(14),
+        "the stuck read did not fail the reload",
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // The FIFO moved aside (its reader still waits on it), a regular secret in its place.
+    std::fs::rename(&secret, &fifo).unwrap();
+    let rotated = "a-rotated-secret-that-is-also-long-enough-123";
+    std::fs::write(&secret, rotated).unwrap();
+    gate.wait_metric(
+        SUCCESS,
+        1.0,
+        TWO_SECONDS,
+        "the reload after the stuck one did not go ahead",
+    )
+    .await;
+    // Release the stuck reader, so that the runtime can end.
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+}
+
 #[tokio::test]
 async fn a_key_file_gone_keeps_the_old_keys_until_it_returns() {
     let upstream = Upstream::start().await;
