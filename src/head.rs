@@ -96,11 +96,13 @@ fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
     let mut transfer_encoding = false;
     for field in request.headers.iter() {
         if field.name.eq_ignore_ascii_case("content-length") {
-            // One plain number that fits in 64 bits, once: a list ("0, 0") or a repeat
-            // is refused, as nginx refuses it, rather than reconciled.
+            // One plain number of at most 19 digits, once: a list ("0, 0") or a repeat is
+            // refused, as nginx refuses it, rather than reconciled, and so is a number
+            // of 20 digits, even with leading zeros (hyper, which reads the body, takes
+            // no larger one).
             let fits = std::str::from_utf8(field.value)
                 .ok()
-                .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|v| v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|v| v.parse::<u64>().ok())
                 .is_some();
             if content_length || !fits {
@@ -420,6 +422,8 @@ mod tests {
             "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 0, 0\r\n\r\n",
             "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
             "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nContent-Length: 00000000000000000003\r\n\r\n",
             "GET /ws HTTP/2.0\r\nHost: h\r\n\r\n",
             "hello\r\n\r\n",
         ] {

@@ -150,9 +150,49 @@ pub async fn forward(
         ));
     }
     let (mut parts, body) = response.into_parts();
+    response_framing(&mut parts.headers)?;
     upstream::strip_hop_by_hop(&mut parts.headers);
     upstream::rewrite_location(&mut parts.headers, &route.upstream);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// The upstream response's framing, as the client will get it. hyper has read the body by
+/// `Transfer-Encoding` (then re-framed toward the client) or by `Content-Length`; like
+/// nginx, a response with both, or with a transfer coding other than `chunked` (which
+/// would reach the client undone and unlabelled), is 502. A `Content-Length` list of one
+/// repeated value (`5, 5`, or two fields), which hyper accepts (RFC 9110 §8.6), goes on
+/// as that one value: the gate refuses such lists from clients and sends none.
+fn response_framing(headers: &mut http::HeaderMap) -> Result<(), Rejection> {
+    let codings = headers.get_all(header::TRANSFER_ENCODING);
+    if codings.iter().next().is_some() {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(upstream::bad_answer(
+                "a response with both Content-Length and Transfer-Encoding",
+            ));
+        }
+        crate::head::transfer_codings(codings.iter().map(HeaderValue::as_bytes))
+            .map_err(|_| upstream::bad_answer("a response transfer coding other than chunked"))?;
+    }
+    let lengths = headers.get_all(header::CONTENT_LENGTH);
+    let mut values = lengths.iter();
+    if let Some(first) = values.next() {
+        let plain = first.as_bytes().iter().all(u8::is_ascii_digit);
+        if !plain || values.next().is_some() {
+            let one = first
+                .as_bytes()
+                .split(|&b| b == b',')
+                .next()
+                .map(<[u8]>::trim_ascii)
+                .and_then(|v| HeaderValue::from_bytes(v).ok());
+            match one {
+                Some(one) => {
+                    headers.insert(header::CONTENT_LENGTH, one);
+                }
+                None => return Err(upstream::bad_answer("a malformed Content-Length")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `error`'s chain holds a `T`.

@@ -317,9 +317,11 @@ async fn an_http_1_1_request_without_host_is_400() {
     assert_eq!(status, 200, "{response}");
 }
 
-/// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
-#[tokio::test]
-async fn a_101_to_a_plain_request_is_502() {
+/// A raw upstream that answers each request with `answer(its request line)`, then closes;
+/// and a gate whose route `/app` passes plain requests to it.
+async fn raw_upstream(
+    answer: fn(&str) -> &'static [u8],
+) -> (TestGate, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -334,9 +336,9 @@ async fn a_101_to_a_plain_request_is_502() {
                     }
                     head.push(byte[0]);
                 }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: tunnel\r\n\r\n")
-                    .await;
+                let head = String::from_utf8_lossy(&head);
+                let line = head.lines().next().unwrap_or("");
+                let _ = tcp.write_all(answer(line)).await;
                 let _ = tcp.read(&mut byte).await;
             });
         }
@@ -344,13 +346,54 @@ async fn a_101_to_a_plain_request_is_502() {
     let policy = format!(
         "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n"
     );
-    let gate = TestGate::start(&policy).await;
+    (TestGate::start(&policy).await, server)
+}
+
+/// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
+#[tokio::test]
+async fn a_101_to_a_plain_request_is_502() {
+    let (gate, server) = raw_upstream(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: tunnel\r\n\r\n"
+    })
+    .await;
     let (status, error, response) = send(&gate, &get("/app/x", "")).await;
     assert_eq!(
         (status, error.as_deref()),
         (502, Some("upstream_unavailable")),
         "{response}"
     );
+    server.abort();
+}
+
+/// An upstream response framed two ways (Content-Length and Transfer-Encoding), or with a
+/// transfer coding other than chunked, is 502, as nginx answers it (the client would get
+/// a length its body does not have, or gzip bytes unlabelled); a Content-Length list of
+/// one repeated value reaches the client as that one value.
+#[tokio::test]
+async fn an_upstream_response_framed_ambiguously_is_502() {
+    let (gate, server) = raw_upstream(|line| {
+        if line.contains("/app/both") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else if line.contains("/app/gzip") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+        }
+    })
+    .await;
+    for path in ["/app/both", "/app/gzip"] {
+        let (status, error, response) = send(&gate, &get(path, "")).await;
+        assert_eq!(
+            (status, error.as_deref()),
+            (502, Some("upstream_unavailable")),
+            "{path}: {response}"
+        );
+    }
+    let (status, _, response) = send(&gate, &get("/app/list", "")).await;
+    assert_eq!(status, 200, "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("content-length: 5\r\n"), "{response}");
+    assert!(response.ends_with("\r\n\r\nhello"), "{response}");
     server.abort();
 }
 
