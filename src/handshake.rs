@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Version};
 
 use crate::admission::Rejection;
+use crate::http::ConnInfo;
 use crate::relay::Protocol;
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).
@@ -61,33 +62,41 @@ pub(crate) fn check_head(
 /// pseudo-headers included; `:authority` by the Host it became), and 100 fields. h2 itself
 /// lets lists up to 4 times that through (`http2::PEER_HEADER_LIST`), so that one just
 /// over the limit gets this JSON answer, logged and counted, and not h2's bare 431.
-/// (An HTTP/1.1 head was checked as it was read.)
+/// An HTTP/1.1 connection's first head was checked as it was read; a later one, which
+/// hyper read (and whose buffer lets a head pipelined behind the first grow past 16 KiB),
+/// is counted here as it was sent: its request line and each `name: value` line.
 pub(crate) fn check_header_list(
-    protocol: Protocol,
+    conn: &ConnInfo,
     method: &Method,
     uri: &http::Uri,
     headers: &HeaderMap,
 ) -> Result<(), Rejection> {
-    const FIELD_OVERHEAD: usize = 32;
-    if protocol != Protocol::H2 {
-        return Ok(());
-    }
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let (start, per_field) = match conn.protocol {
+        Protocol::H2 => {
+            const FIELD_OVERHEAD: usize = 32;
+            let pseudo = [
+                ":method".len() + method.as_str().len(),
+                ":path".len() + target,
+                ":scheme".len() + uri.scheme_str().map_or(0, str::len),
+            ];
+            (
+                pseudo.iter().map(|p| p + FIELD_OVERHEAD).sum::<usize>(),
+                FIELD_OVERHEAD,
+            )
+        }
+        // `GET /path HTTP/1.1\r\n`, then `name: value\r\n` each, and the blank line.
+        Protocol::Http1 if !conn.first => (method.as_str().len() + target + 14, 4),
+        Protocol::Http1 => return Ok(()),
+    };
     if headers.len() > crate::head::MAX_HEADERS {
         return Err(Rejection::HeadTooLarge);
     }
-    let pseudo = [
-        (":method".len(), method.as_str().len()),
-        (
-            ":path".len(),
-            uri.path_and_query().map_or(0, |p| p.as_str().len()),
-        ),
-        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
-    ];
-    let size: usize = pseudo
-        .into_iter()
-        .chain(headers.iter().map(|(n, v)| (n.as_str().len(), v.len())))
-        .map(|(name, value)| name + value + FIELD_OVERHEAD)
-        .sum();
+    let size: usize = start
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + per_field)
+            .sum::<usize>();
     if size > crate::head::MAX_HEAD_BYTES {
         return Err(Rejection::HeadTooLarge);
     }

@@ -76,6 +76,40 @@ async fn a_malformed_request_body_or_coding_is_400_not_the_upstreams_fault() {
     assert_eq!(upstream.last_seen().target, "/public/a");
 }
 
+/// A head pipelined behind the first in one write is held to the same 16 KiB as the first:
+/// the JSON 431, and nothing of it upstream; one of exactly 16 KiB goes through.
+#[tokio::test]
+async fn a_pipelined_head_over_16_kib_is_431() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let first = "GET /public/a HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // `GET /public/b HTTP/1.1` + Host + Connection + X-Pad + the blank line.
+    let fixed =
+        "GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: \r\n\r\n".len();
+    for (size, expected) in [(16 * 1024, "HTTP/1.1 200"), (16 * 1024 + 1, "HTTP/1.1 431")] {
+        let pad = "p".repeat(size - fixed);
+        let second = format!(
+            "GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: {pad}\r\n\r\n"
+        );
+        assert_eq!(second.len(), size);
+        let response = gate.raw(format!("{first}{second}").as_bytes()).await;
+        let (one, two) = response[12..]
+            .split_once("HTTP/1.1 ")
+            .unwrap_or_else(|| panic!("one answer only: {response}"));
+        assert!(response.starts_with("HTTP/1.1 200"), "{one}");
+        assert!(
+            format!("HTTP/1.1 {two}").starts_with(expected),
+            "{size}: {two}"
+        );
+        if expected.ends_with("431") {
+            assert!(two.contains("\"bad_request\""), "{two}");
+            assert_eq!(upstream.last_seen().target, "/public/a");
+        } else {
+            assert_eq!(upstream.last_seen().target, "/public/b");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_plain_request_without_a_token_is_401_and_never_reaches_the_app() {
     let upstream = Upstream::start().await;
