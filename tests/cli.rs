@@ -1760,17 +1760,29 @@ fn a_policy_written_during_start_up_is_loaded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
     let upstream = Upstream::start().await;
-    let (dir, policy) = open_policy_file(&upstream, "");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version: 1\ndefaults:\n  upstream: {}\n  origin: {{allow_missing: true}}\n  auth: {{algorithms: [HS256], keys: [{{hmac_secret_file: secret}}]}}\nroutes:\n  - path: /ws\n",
+            upstream.url()
+        ),
+    )
+    .unwrap();
     let mut gate = Proc::start(&policy, &[]);
-    // A FIFO renamed over the policy: the reload blocks in it for good (opening it until a
-    // writer comes, then reading, since the writer never writes).
+    // A FIFO renamed over the key file (a policy file that is not a regular file is not
+    // read): the reload blocks in it for good (opening it until a writer comes, then
+    // reading, since the writer never writes).
     let fifo = dir.path().join("fifo");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
         .status()
         .unwrap()
         .success());
-    std::fs::rename(&fifo, &policy).unwrap();
+    std::fs::rename(&fifo, &secret).unwrap();
     // Wait until the reload has the FIFO open: only then does a non-blocking open for
     // writing succeed (ENXIO before). The writer is held and never writes, so the reload
     // stays blocked reading.
@@ -1781,7 +1793,7 @@ async fn a_reload_stuck_reading_a_file_does_not_hold_the_exit() {
         match std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(O_NONBLOCK)
-            .open(&policy)
+            .open(&secret)
         {
             Ok(writer) => break writer,
             Err(e) => assert!(
