@@ -214,6 +214,11 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
         || n == "x-request-id"
 }
 
+/// Headers with which some app servers let a request name another path than its own
+/// (Symfony and IIS read `X-Original-URL` and `X-Rewrite-URL` as the request's URL): the
+/// upstream would route it past the route the gate chose, and checked, by its path.
+const ROUTING_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
 /// A header name with an underscore. CGI, WSGI and Rack turn `-` into `_` when they make
 /// a header into a variable, so `X_Auth_Subject` would reach the app as `X-Auth-Subject`
 /// does (CVE-2015-0219): a client's copy is dropped, like nginx's `underscores_in_headers
@@ -239,6 +244,7 @@ pub fn forward_headers(client: &HeaderMap, fwd: &Forwarding<'_>) -> HeaderMap {
     for (name, value) in client {
         if is_reserved_header(name)
             || has_underscore(name)
+            || ROUTING_OVERRIDES.contains(&name.as_str())
             || connection_listed.contains(name)
             || fwd.claim_header_names.contains(name)
         {

@@ -538,6 +538,41 @@ async fn plain_http_is_proxied_on_a_pass_route() {
     assert_eq!(seen.headers["x-forwarded-proto"], "https");
 }
 
+/// Headers with which Symfony and IIS let a request name another URL than its own are
+/// dropped, on upgrades and plain requests: the app would route past the gate's route.
+#[tokio::test]
+async fn url_override_headers_never_reach_the_app() {
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /static\n    http: pass\n",
+        open_policy(&upstream.url(), "")
+    );
+    let gate = TestGate::start(&policy).await;
+    let response = gate
+        .raw(b"GET /static/page HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Original-URL: /admin\r\nx-rewrite-url: /admin\r\nX-Other: kept\r\n\r\n")
+        .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let plain = upstream.last_seen();
+    assert_eq!(plain.headers["x-other"], "kept");
+    let mut upgrade = gate.request("/ws");
+    for name in ["x-original-url", "x-rewrite-url"] {
+        upgrade.headers_mut().insert(name, header_value("/admin"));
+    }
+    let (_client, _) = gate.connect_request(upgrade).await.unwrap();
+    for seen in [plain, upstream.last_seen()] {
+        assert!(
+            seen.headers.get("x-original-url").is_none(),
+            "{:?}",
+            seen.headers
+        );
+        assert!(
+            seen.headers.get("x-rewrite-url").is_none(),
+            "{:?}",
+            seen.headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn underscored_headers_are_dropped_on_a_pass_route() {
     // CGI, WSGI and Rack read X_Auth_Subject as X-Auth-Subject (CVE-2015-0219).
