@@ -79,6 +79,14 @@ pub struct Cluster {
     pub lease: Duration,
 }
 
+impl Cluster {
+    /// Whether `other` names the same store: the same URL and key prefix, the same fleet
+    /// (the timeouts, the lease and `on_failure` only say how this gate uses it).
+    pub fn same_store(&self, other: &Cluster) -> bool {
+        self.url == other.url && self.key_prefix == other.key_prefix
+    }
+}
+
 /// A store URL, which may carry a password: its `Debug` and serialized forms mask the
 /// user information; only [`RedisUrl::expose`] gives the URL itself (to the client).
 #[derive(Clone, PartialEq, Eq)]

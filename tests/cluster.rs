@@ -1365,6 +1365,51 @@ async fn another_prefix_is_another_fleet_for_revocations() {
     );
 }
 
+/// The same store under other settings (`timeout_ms`, `on_failure`) is the same fleet: a
+/// reload that changes only them keeps the shared revocations in force here, also while
+/// the store is stalled and cannot be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_settings_for_the_same_store_keep_its_revocations() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let a = Gate::start(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
+        &redis.url(),
+    );
+    a.wait_up(true).await;
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "bob", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
+    answers_within(&a, "bob", "10.9.0.1", 401, Duration::from_secs(1)).await;
+    redis.freeze(true);
+    a.write_policy(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE)
+            .replace(&format!("timeout_ms: {TIMEOUT_MS}"), "timeout_ms: 70"),
+    );
+    let success = "wsgate_policy_reloads_total{result=\"success\"}";
+    let started = Instant::now();
+    while a.metric(success).await < 1.0 {
+        if started.elapsed() > Duration::from_secs(3) {
+            redis.freeze(false);
+            panic!("the reload did not happen");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = upgrade_status(&a, "bob", "10.9.0.1").await;
+    let (_, listed) = operator(a.admin, "GET", "/revocations", json!(null)).await;
+    redis.freeze(false);
+    assert_eq!(status, 401, "a revoked token was admitted after the reload");
+    assert_eq!(listed["total"], json!(1), "{listed}");
+}
+
 /// A `key_prefix` holding glob characters (`[`, `*`) still finds its own revocations when
 /// a gate that starts later loads them (the prefix is matched literally).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

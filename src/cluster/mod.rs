@@ -409,10 +409,16 @@ impl Cluster {
         if current.as_ref().map(|s| &s.config) == config {
             return;
         }
+        // The same store under new settings (`timeout_ms`, `on_failure`, the lease): its
+        // revocations stay in force here, loaded as they were.
+        let same_store = current
+            .as_ref()
+            .zip(config)
+            .is_some_and(|(old, new)| old.config.same_store(new));
         if let Some(old) = current.as_ref() {
             old.stop.cancel();
             // Another store is another fleet: what the old one shared is not carried over.
-            if config.is_some() {
+            if config.is_some() && !same_store {
                 let forgotten = self.revocations.forget_shared();
                 if forgotten > 0 {
                     tracing::info!(
@@ -470,7 +476,12 @@ impl Cluster {
             client,
             conn,
             stop: stop.child_token(),
-            revocations_loaded: AtomicBool::new(false),
+            revocations_loaded: AtomicBool::new(
+                same_store
+                    && current
+                        .as_ref()
+                        .is_some_and(|old| old.revocations_loaded.load(Ordering::Acquire)),
+            ),
             loaded: Notify::new(),
         });
         self.health.reset();
