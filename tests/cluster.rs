@@ -1295,6 +1295,46 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
 
+/// A revocation made on a gate while the store was down, stored there once the store is
+/// back empty, reaches a gate that loaded the emptied store before: it is published, not
+/// only stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stored_again_reaches_a_gate_that_loaded_the_empty_store() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let p = policy(&upstream.url(), &prefix(), "open", OPEN_RATE);
+    let cutter = Cutter::start(redis.port).await;
+    let a = Gate::start(&p, &cutter.url());
+    let b = Gate::start(&p, &redis.url());
+    a.wait_up(true).await;
+    b.wait_up(true).await;
+    redis.stop();
+    a.wait_up(false).await;
+    let (status, answer) = operator(
+        a.admin,
+        "POST",
+        "/revocations",
+        json!({"sub": "dot", "ttl_seconds": 3600}),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["shared"]),
+        (200, &json!(false)),
+        "{answer}"
+    );
+    // The store comes back empty; B loads it (nothing) while A still cannot reach it.
+    cutter.cut();
+    redis.resume().await;
+    b.wait_up(true).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    answers_within(&b, "dot", "10.7.1.1", 101, Duration::from_secs(1)).await;
+    cutter.restore();
+    a.wait_up(true).await;
+    answers_within(&b, "dot", "10.7.1.2", 401, Duration::from_secs(3)).await;
+}
+
 /// A gate that starts later refuses the fleet's revoked tokens from its very first
 /// upgrade: it waits (at most `timeout_ms`) for the store's revocations before judging a
 /// token by them (it admitted one right after it started listening, then closed it).

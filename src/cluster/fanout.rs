@@ -291,7 +291,9 @@ impl Cluster {
             return Ok(());
         }
         // A store this gate has not loaded from before (its first load, or the store lost
-        // its data): what is in force here and missing there is stored again.
+        // its data): what is in force here and missing there is stored again, and
+        // published, since gates that loaded the emptied store before this one found
+        // nothing to load.
         let missing: Vec<(Revoked, u64)> = self
             .revocations
             .list()
@@ -302,6 +304,9 @@ impl Cluster {
             let mut pipe = redis::pipe();
             for (which, unix) in &missing {
                 pipe.set_ex(key(prefix, which), *unix, unix - now).ignore();
+                let message = Message::new(Op::Revoke, which, Some(*unix));
+                let payload = serde_json::to_string(&message).unwrap_or_default();
+                pipe.publish(channel(prefix), payload).ignore();
             }
             let stored = pipe.query_async::<()>(&mut conn);
             self.bounded("revocation", within, stored).await?;
@@ -310,7 +315,7 @@ impl Cluster {
             }
             tracing::info!(
                 stored = missing.len(),
-                "cluster: revocations in force here stored again in a store that had lost them"
+                "cluster: revocations in force here stored again (and published) in a store that had lost them"
             );
         }
         Ok(())
