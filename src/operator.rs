@@ -292,7 +292,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(bad("the body must be a JSON object"));
     }
-    serde_json::from_slice(&bytes).map_err(|e| bad(format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        bad(match e.classify() {
+            serde_json::error::Category::Data => format!("the body is not a valid request: {e}"),
+            _ => format!("the body is not valid JSON: {e}"),
+        })
+    })
 }
 
 /// `POST /connections/close`: exactly one of the fields.

@@ -270,6 +270,17 @@ async fn malformed_oversized_and_misdirected_requests() {
         let json: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["error"], "bad_request");
         assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        // JSON that is not the request is not called invalid JSON.
+        if serde_json::from_slice::<Value>(body).is_ok() {
+            assert!(
+                !json["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not valid JSON"),
+                "{method} {path} {:?}: {text}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
     // A revoked sub or jti of more than 1,024 bytes is refused; 1,024 are accepted.
     for (method, field) in [("POST", "sub"), ("POST", "jti"), ("DELETE", "sub")] {
