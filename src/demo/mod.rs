@@ -408,15 +408,27 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     rest.find('"').map(|end| &rest[..end])
 }
 
-/// Write the demo's policy and secret into `dir`; returns the policy path.
+/// Write the demo's policy and secret into `dir`, which must not exist yet: it is made
+/// private (0700) and its files 0600, so that no other user reads the secret or swaps in a
+/// policy or a symlink of theirs. Returns the policy path.
 pub fn write_policy(
     dir: &Path,
     gate: SocketAddr,
     upstream: SocketAddr,
     secret: &str,
 ) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("jwt-secret"), secret)?;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let create = |path: &Path, contents: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?
+            .write_all(contents.as_bytes())
+    };
+    create(&dir.join("jwt-secret"), secret)?;
     let port = gate.port();
     let policy = format!(
         r#"# wsgate demo policy (generated). Edit it while the demo runs: it is reloaded live.
@@ -457,7 +469,7 @@ routes:
 "#
     );
     let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy)?;
+    create(&path, &policy)?;
     Ok(path)
 }
 
@@ -509,10 +521,17 @@ mod tests {
     #[test]
     fn the_policy_opens_the_demo_helpers_to_loopback_clients_only() {
         let dir = std::env::temp_dir().join(format!("wsgate-demo-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let gate: SocketAddr = ([0, 0, 0, 0], 8443).into();
         let upstream: SocketAddr = ([127, 0, 0, 1], 9000).into();
         let path = write_policy(&dir, gate, upstream, &"ab".repeat(32)).unwrap();
         let loaded = crate::config::load(&path);
+        // Private, and never reused.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("jwt-secret")), 0o600);
+        assert!(write_policy(&dir, gate, upstream, "x").is_err());
         let _ = std::fs::remove_dir_all(&dir);
         let policy = loaded.unwrap().policy;
         let helpers = policy.route_for("/demo/token").unwrap();

@@ -66,7 +66,11 @@ pub async fn start(listen: SocketAddr) -> Result<Started, StartError> {
     let gate_addr = listener.local_addr().map_err(StartError::Gate)?;
     let server = Arc::new(Demo::new(secret.clone(), gate_addr));
     let (token, _) = server.mint(PRINTED_TOKEN_TTL)?;
-    let dir = std::env::temp_dir().join(format!("wsgate-demo-{}", std::process::id()));
+    // A name no other user can guess and take first (the directory must not exist).
+    let mut nonce = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| StartError::NoRandomness)?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("wsgate-demo-{}-{nonce}", std::process::id()));
     let policy_path = write_policy(&dir, gate_addr, upstream_addr, &secret).map_err(|source| {
         StartError::Policy {
             dir: dir.clone(),
