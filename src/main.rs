@@ -163,30 +163,32 @@ fn main() -> ExitCode {
                 for w in &loaded.warnings {
                     eprintln!("{}: {}: warning: {}", path.display(), w.field, w.message);
                 }
-                println!(
-                    "{}: valid ({} routes, sha256 {})",
+                let valid = format!(
+                    "{}: valid ({} routes, sha256 {})\n",
                     path.display(),
                     loaded.policy.routes.len(),
                     loaded.sha256
                 );
-                ExitCode::SUCCESS
+                match write_stdout(&valid) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("cannot write to stdout: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(e.exit_code())
             }
         },
-        Command::Schema => {
-            use std::io::Write;
-            // Not `print!`, which panics when stdout is closed early (`wsgate schema | head`).
-            match std::io::stdout().write_all(config::schema().as_bytes()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cannot write the schema: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Schema => match write_stdout(&config::schema()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cannot write the schema: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Token(args) => token(args),
         Command::Explain(args) => explain(args),
         Command::Run(args) => {
@@ -324,13 +326,16 @@ fn explain(args: ExplainArgs) -> ExitCode {
     let explained = runtime.block_on(wsgate::explain::explain(&loaded.policy, &request));
     match explained {
         Ok(explanation) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
-                );
+            let text = if args.json {
+                let mut json = serde_json::to_string_pretty(&explanation).unwrap_or_default();
+                json.push('\n');
+                json
             } else {
-                print!("{}", wsgate::explain::to_text(&explanation));
+                wsgate::explain::to_text(&explanation)
+            };
+            if let Err(e) = write_stdout(&text) {
+                eprintln!("cannot write to stdout: {e}");
+                return ExitCode::from(2);
             }
             if explanation.decision.admitted {
                 ExitCode::SUCCESS
@@ -358,10 +363,13 @@ fn token(args: TokenArgs) -> ExitCode {
         extra: &args.claims,
     };
     match mint::hs256(secret.as_bytes(), &spec) {
-        Ok(token) => {
-            println!("{token}");
-            ExitCode::SUCCESS
-        }
+        Ok(token) => match write_stdout(&format!("{token}\n")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cannot write to stdout: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e @ mint::MintError::Sign(_)) => {
             eprintln!("cannot mint a token: {e}");
             ExitCode::FAILURE
@@ -598,6 +606,14 @@ async fn drain(
     ExitCode::SUCCESS
 }
 
+/// Write `text` to stdout. Not `print!`, which panics when stdout is closed early
+/// (`wsgate token | head -c 10`, `> /dev/full`): the error is said on stderr instead.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush())
+}
+
 async fn run_demo(listen: SocketAddr) -> ExitCode {
     let demo = match demo::start(listen).await {
         Ok(demo) => demo,
@@ -606,7 +622,10 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", demo.banner);
+    // The demo serves on whether or not its banner could be shown.
+    if let Err(e) = write_stdout(&format!("{}\n", demo.banner)) {
+        eprintln!("cannot write to stdout: {e}");
+    }
     let mut signals = shutdown::Signals::new();
     signals.next().await;
     let code = drain(&demo.running, Duration::from_secs(5), &mut signals).await;

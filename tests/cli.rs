@@ -164,6 +164,50 @@ fn check_reports_syntax_errors_with_line_and_column() {
     );
 }
 
+/// A stdout that cannot be written (a full disk, a pipe closed early) is an error said on
+/// stderr with an exit code, never a panic: for `token`, `check`, `explain` and `schema`.
+#[test]
+fn an_unwritable_stdout_is_an_error_not_a_panic() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml");
+    let runs: [(&[&str], i32); 4] = [
+        (
+            &["token", "--secret-env", "WSGATE_TEST_SECRET", "--sub", "a"],
+            1,
+        ),
+        (&["check", policy.to_str().unwrap()], 1),
+        (
+            &[
+                "explain",
+                "--policy",
+                policy.to_str().unwrap(),
+                "--url",
+                "wss://localhost:8443/ws",
+            ],
+            2,
+        ),
+        (&["schema"], 1),
+    ];
+    for (args, code) in runs {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("WSGATE_TEST_SECRET", SECRET)
+            .env("WSGATE_JWT_SECRET", SECRET)
+            .stdout(full())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.contains("cannot write"), "{args:?}: {stderr}");
+    }
+}
+
 /// A key given twice in one map is reported where it is repeated (the YAML parser marks
 /// the map's start), at the top level, under `defaults` and in a route.
 #[test]
