@@ -452,7 +452,7 @@ async fn run(args: RunArgs) -> ExitCode {
     warn_if_files_short(loaded.policy.max_connections);
     // The operator API's token, read once now so that a bad file stops the start.
     if let Some(path) = &args.admin_token_file {
-        if let Err(e) = wsgate::operator::AdminToken::load(path.clone()) {
+        if let Err(e) = wsgate::operator::AdminToken::check(path) {
             eprintln!("--admin-token-file: {e}");
             return ExitCode::from(2);
         }

@@ -8,7 +8,7 @@
 //! `{"error": …, "message": …}`.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -499,6 +499,12 @@ pub enum TokenFileError {
 }
 
 impl AdminToken {
+    /// Whether the token file can serve (read, and not empty), without keeping it: the
+    /// start's check before the gate loads it, which warns about a short token once.
+    pub fn check(path: &Path) -> Result<(), TokenFileError> {
+        read_token(path).map(drop)
+    }
+
     /// Read the token file once now, so that a missing or empty file is a start-up error.
     pub fn load(path: PathBuf) -> Result<AdminToken, TokenFileError> {
         let cached = read_token(&path)?;

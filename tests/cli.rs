@@ -164,6 +164,35 @@ fn check_reports_syntax_errors_with_line_and_column() {
     );
 }
 
+/// A short operator token is warned about once at start-up, not once per read of it.
+#[tokio::test]
+async fn a_short_admin_token_is_warned_about_once() {
+    let upstream = Upstream::start().await;
+    let (dir, policy) = open_policy_file(&upstream, "");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "short\n").unwrap();
+    let (mut child, log) = spawn_run(
+        &policy,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--admin-token-file", token.to_str().unwrap()],
+        None,
+    );
+    let mut warned = 0;
+    loop {
+        let line = log
+            .next_line(Duration::from_secs(10))
+            .expect("the gate never said it was listening");
+        warned += usize::from(line.contains("the admin token is short"));
+        if line.contains("listening") {
+            break;
+        }
+    }
+    log.no_line("the admin token is short", Duration::from_millis(300));
+    support::process::terminate(&mut child, Duration::from_secs(3));
+    assert_eq!(warned, 1);
+}
+
 /// A stdout that cannot be written (a full disk, a pipe closed early) is an error said on
 /// stderr with an exit code, never a panic: for `token`, `check`, `explain` and `schema`.
 #[test]
