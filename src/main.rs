@@ -429,7 +429,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // 1. The policy, before any port is bound.
     let policy_path = args.policy.clone();
-    let loading = tokio::task::spawn_blocking(move || config::load(&policy_path));
+    let loading = tokio::task::spawn_blocking(move || config::load_file(&policy_path));
     let loaded = tokio::select! {
         loaded = loading => loaded,
         () = signals.next() => {

@@ -144,7 +144,7 @@ async fn reload_if_written_since(
     changed: Arc<AtomicU8>,
 ) {
     let read = tokio::task::spawn_blocking(move || {
-        regular_file(&path)?;
+        config::regular_file(&path)?;
         config::read_policy(&path)
     })
     .await;
@@ -279,15 +279,7 @@ async fn reload(
     read: &mut Pending<Result<crate::policy::Loaded, config::ConfigError>>,
 ) -> Result<(), ReloadError> {
     let owned = path.to_owned();
-    let loaded = read
-        .run(move || {
-            regular_file(&owned).map_err(|source| config::ConfigError::Unreadable {
-                path: owned.clone(),
-                source,
-            })?;
-            config::load(&owned)
-        })
-        .await??;
+    let loaded = read.run(move || config::load_file(&owned)).await??;
     tracing::info!(
         path = %path.display(), sha256 = %loaded.sha256, routes = loaded.policy.routes.len(),
         "policy reloaded"
@@ -324,15 +316,6 @@ async fn reload_certificate(
         .tls_reloads
         .get_or_create_owned(&ResultLabel { result })
         .inc();
-}
-
-/// A reload reads only a regular file: opening a FIFO put in the policy's place would wait
-/// for a writer. (Whatever cannot be read is left for the read to report.)
-fn regular_file(path: &Path) -> std::io::Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => Err(std::io::Error::other("not a regular file")),
-        _ => Ok(()),
-    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

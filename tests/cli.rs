@@ -164,6 +164,45 @@ fn check_reports_syntax_errors_with_line_and_column() {
     );
 }
 
+/// `wsgate run` on a policy path that is a FIFO exits 2 at once (opening it would wait for
+/// a writer, the gate neither serving nor saying why), as it does on an unreadable one.
+#[test]
+fn run_refuses_a_policy_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .arg("--policy")
+        .arg(&fifo)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("wsgate run waited on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2));
+}
+
 /// A short operator token is warned about once at start-up, not once per read of it.
 #[tokio::test]
 async fn a_short_admin_token_is_warned_about_once() {

@@ -187,6 +187,26 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     load_for(path, Purpose::Run)
 }
 
+/// [`load`] for a running gate (its start and its reloads): only from a regular file.
+/// Opening a FIFO put in the policy's place would wait for a writer, without a word;
+/// `wsgate check` still reads one (`wsgate check <(kubectl get cm …)`).
+pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
+    regular_file(path).map_err(|source| ConfigError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    load(path)
+}
+
+/// Whether `path` is a regular file (or a link to one); what cannot be looked at is left
+/// for the read to report.
+pub fn regular_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(std::io::Error::other("not a regular file")),
+        _ => Ok(()),
+    }
+}
+
 /// [`load`] for `wsgate check`, which usually runs where the gate's secrets are not: an
 /// unset `hmac_secret_env` is a warning there (see [`Purpose::Check`]).
 pub fn check(path: &Path) -> Result<Loaded, ConfigError> {
