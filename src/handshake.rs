@@ -7,7 +7,6 @@ use http::header::{self, HeaderMap};
 use http::{Method, Version};
 
 use crate::admission::Rejection;
-use crate::http::ConnInfo;
 use crate::relay::Protocol;
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).
@@ -64,15 +63,17 @@ pub(crate) fn check_head(
 /// over the limit gets this JSON answer, logged and counted, and not h2's bare 431.
 /// An HTTP/1.1 connection's first head was checked as it was read; a later one, which
 /// hyper read (and whose buffer lets a head pipelined behind the first grow past 16 KiB),
-/// is counted here as it was sent: its request line and each `name: value` line.
+/// is counted here as it was sent: its request line and each `name: value` line. `first`:
+/// whether the request is its connection's first.
 pub(crate) fn check_header_list(
-    conn: &ConnInfo,
+    protocol: Protocol,
+    first: bool,
     method: &Method,
     uri: &http::Uri,
     headers: &HeaderMap,
 ) -> Result<(), Rejection> {
     let target = uri.path_and_query().map_or(0, |p| p.as_str().len());
-    let (start, per_field) = match conn.protocol {
+    let (start, per_field) = match protocol {
         Protocol::H2 => {
             const FIELD_OVERHEAD: usize = 32;
             let pseudo = [
@@ -86,7 +87,7 @@ pub(crate) fn check_header_list(
             )
         }
         // `GET /path HTTP/1.1\r\n`, then `name: value\r\n` each, and the blank line.
-        Protocol::Http1 if !conn.first => (method.as_str().len() + target + 14, 4),
+        Protocol::Http1 if !first => (method.as_str().len() + target + 14, 4),
         Protocol::Http1 => return Ok(()),
     };
     if headers.len() > crate::head::MAX_HEADERS {

@@ -164,7 +164,7 @@ pub async fn answer(
     // For a plain request's access line (standard methods are copied without allocating).
     let method = method.clone();
 
-    let routed = check_header_list(&conn, &method, uri, headers)
+    let routed = check_header_list(conn.protocol, conn.first, &method, uri, headers)
         .and_then(|()| route(&loaded.policy, &method, uri, headers));
     let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
     let result = match routed {
