@@ -169,26 +169,14 @@ fn main() -> ExitCode {
                     loaded.policy.routes.len(),
                     loaded.sha256
                 );
-                match write_stdout(&valid) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("cannot write to stdout: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                print_or(&valid, ExitCode::FAILURE)
             }
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(e.exit_code())
             }
         },
-        Command::Schema => match write_stdout(&config::schema()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cannot write the schema: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Schema => print_or(&config::schema(), ExitCode::FAILURE),
         Command::Token(args) => token(args),
         Command::Explain(args) => explain(args),
         Command::Run(args) => {
@@ -333,8 +321,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
             } else {
                 wsgate::explain::to_text(&explanation)
             };
-            if let Err(e) = write_stdout(&text) {
-                eprintln!("cannot write to stdout: {e}");
+            if !write_stdout(&text) {
                 return ExitCode::from(2);
             }
             if explanation.decision.admitted {
@@ -363,13 +350,7 @@ fn token(args: TokenArgs) -> ExitCode {
         extra: &args.claims,
     };
     match mint::hs256(secret.as_bytes(), &spec) {
-        Ok(token) => match write_stdout(&format!("{token}\n")) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cannot write to stdout: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Ok(token) => print_or(&format!("{token}\n"), ExitCode::FAILURE),
         Err(e @ mint::MintError::Sign(_)) => {
             eprintln!("cannot mint a token: {e}");
             ExitCode::FAILURE
@@ -606,12 +587,27 @@ async fn drain(
     ExitCode::SUCCESS
 }
 
-/// Write `text` to stdout. Not `print!`, which panics when stdout is closed early
-/// (`wsgate token | head -c 10`, `> /dev/full`): the error is said on stderr instead.
-fn write_stdout(text: &str) -> std::io::Result<()> {
+/// Write `text` to stdout; whether it could be. Not `print!`, which panics when stdout is
+/// closed early (`wsgate token | head -c 10`, `> /dev/full`): the error is said on stderr.
+fn write_stdout(text: &str) -> bool {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes()).and_then(|()| out.flush())
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
+/// Success once `text` is on stdout; `failed` if it could not be written.
+fn print_or(text: &str, failed: ExitCode) -> ExitCode {
+    if write_stdout(text) {
+        ExitCode::SUCCESS
+    } else {
+        failed
+    }
 }
 
 async fn run_demo(listen: SocketAddr) -> ExitCode {
@@ -623,9 +619,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         }
     };
     // The demo serves on whether or not its banner could be shown.
-    if let Err(e) = write_stdout(&format!("{}\n", demo.banner)) {
-        eprintln!("cannot write to stdout: {e}");
-    }
+    write_stdout(&format!("{}\n", demo.banner));
     let mut signals = shutdown::Signals::new();
     signals.next().await;
     let code = drain(&demo.running, Duration::from_secs(5), &mut signals).await;

@@ -1367,18 +1367,11 @@ async fn a_gate_started_later_refuses_revoked_tokens_from_its_first_upgrade() {
     }
 }
 
-/// A reload to another `key_prefix` moves the gate to another fleet: the revocations it
-/// shared with the old one are lifted there, and none is written into the new fleet's
-/// keys (they were, so the new fleet's gates disagreed on whom to admit).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_prefix_is_another_fleet_for_revocations() {
-    let Some(redis) = Redis::start().await else {
-        return;
-    };
-    let upstream = Upstream::start().await;
-    let (old, new) = (prefix(), format!("{}x:", prefix()));
+/// A gate on `redis` under `prefix` that has revoked the subject "bob" for the fleet (its
+/// upgrades refused 401).
+async fn gate_that_revoked_bob(redis: &Redis, upstream: &Upstream, prefix: &str) -> Gate {
     let a = Gate::start(
-        &policy(&upstream.url(), &old, "open", OPEN_RATE),
+        &policy(&upstream.url(), prefix, "open", OPEN_RATE),
         &redis.url(),
     );
     a.wait_up(true).await;
@@ -1391,6 +1384,20 @@ async fn another_prefix_is_another_fleet_for_revocations() {
     .await;
     assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
     answers_within(&a, "bob", "10.9.0.1", 401, Duration::from_secs(1)).await;
+    a
+}
+
+/// A reload to another `key_prefix` moves the gate to another fleet: the revocations it
+/// shared with the old one are lifted there, and none is written into the new fleet's
+/// keys (they were, so the new fleet's gates disagreed on whom to admit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_prefix_is_another_fleet_for_revocations() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let (old, new) = (prefix(), format!("{}x:", prefix()));
+    let a = gate_that_revoked_bob(&redis, &upstream, &old).await;
     a.write_policy(&policy(&upstream.url(), &new, "open", OPEN_RATE));
     answers_within(&a, "bob", "10.9.0.1", 101, Duration::from_secs(5)).await;
     let mut conn = redis.conn().await;
@@ -1415,20 +1422,7 @@ async fn new_settings_for_the_same_store_keep_its_revocations() {
     };
     let upstream = Upstream::start().await;
     let prefix = prefix();
-    let a = Gate::start(
-        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
-        &redis.url(),
-    );
-    a.wait_up(true).await;
-    let (status, answer) = operator(
-        a.admin,
-        "POST",
-        "/revocations",
-        json!({"sub": "bob", "ttl_seconds": 3600}),
-    )
-    .await;
-    assert_eq!((status, &answer["shared"]), (200, &json!(true)), "{answer}");
-    answers_within(&a, "bob", "10.9.0.1", 401, Duration::from_secs(1)).await;
+    let a = gate_that_revoked_bob(&redis, &upstream, &prefix).await;
     redis.freeze(true);
     a.write_policy(
         &policy(&upstream.url(), &prefix, "open", OPEN_RATE)

@@ -83,6 +83,12 @@ fn channel(prefix: &str) -> String {
     format!("{prefix}revocations")
 }
 
+/// Add the publication of `message` on the channel of `prefix` to `pipe`.
+fn publish_in(pipe: &mut redis::Pipeline, prefix: &str, message: &Message) {
+    let payload = serde_json::to_string(message).unwrap_or_default();
+    pipe.publish(channel(prefix), payload).ignore();
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -130,8 +136,7 @@ impl Cluster {
         let mut pipe = redis::pipe();
         pipe.atomic();
         write(&mut pipe, prefix);
-        let payload = serde_json::to_string(&message).unwrap_or_default();
-        pipe.publish(channel(prefix), payload).ignore();
+        publish_in(&mut pipe, prefix, &message);
         self.bounded(
             "revocation",
             store.background_bound(),
@@ -304,9 +309,11 @@ impl Cluster {
             let mut pipe = redis::pipe();
             for (which, unix) in &missing {
                 pipe.set_ex(key(prefix, which), *unix, unix - now).ignore();
-                let message = Message::new(Op::Revoke, which, Some(*unix));
-                let payload = serde_json::to_string(&message).unwrap_or_default();
-                pipe.publish(channel(prefix), payload).ignore();
+                publish_in(
+                    &mut pipe,
+                    prefix,
+                    &Message::new(Op::Revoke, which, Some(*unix)),
+                );
             }
             let stored = pipe.query_async::<()>(&mut conn);
             self.bounded("revocation", within, stored).await?;

@@ -422,7 +422,6 @@ fn one_line_paragraphs(schema: &mut schemars::Schema) {
     schemars::transform::transform_subschemas(&mut one_line_paragraphs, schema);
 }
 
-/// serde_yaml appends " at line L column C" to its messages; we print the location first.
 /// The field path of the key a "duplicate entry" error names (`defaults.messages:
 /// duplicate entry with key "burst"` is `defaults.messages.burst`), when it can be one.
 fn repeated_key(message: &str) -> Option<String> {
@@ -440,6 +439,7 @@ fn repeated_key(message: &str) -> Option<String> {
     })
 }
 
+/// serde_yaml appends " at line L column C" to its messages; we print the location first.
 fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
