@@ -229,6 +229,15 @@ fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
     let authority = uri
         .authority()
         .ok_or_else(|| BadInput(format!("{:?} has no host", request.url)))?;
+    // `http` parses any digits as a port and reads one above 65535 as none at all.
+    let text = authority.as_str();
+    let port = text.rfind(':').map(|i| &text[i + 1..]);
+    if port.is_some_and(|p| !p.is_empty() && !p.contains(']')) && authority.port_u16().is_none() {
+        return Err(BadInput(format!(
+            "{:?}: the port is not a number from 0 to 65535",
+            request.url
+        )));
+    }
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut headers = HeaderMap::new();
     let value = |v: &str| HeaderValue::from_str(v).map_err(|_| BadInput(format!("{v:?}")));

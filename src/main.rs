@@ -123,9 +123,11 @@ enum LogFormat {
 }
 
 fn parse_claim(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{s:?} is not k=v"))
+    match s.split_once('=') {
+        Some(("", _)) => Err(format!("{s:?} has no claim name before '='")),
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => Err(format!("{s:?} is not k=v")),
+    }
 }
 
 /// An empty `WSGATE_*` variable of a flag is unset, as `-e WSGATE_TLS_CERT=` or an empty

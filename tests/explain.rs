@@ -423,6 +423,7 @@ fn bad_input_exits_2() {
     for args in [
         vec!["--url", "not a url"],
         vec!["--url", "ftp://host/ws"],
+        vec!["--url", "wss://host:99999/ws"],
         vec!["--url", "wss://host/ws", "--header", "no colon"],
     ] {
         let out = Command::new(BIN)
