@@ -244,3 +244,44 @@ async fn an_upstream_that_answers_is_let_go_while_a_silent_client_is_still_waite
         answered.elapsed()
     );
 }
+
+/// An upstream that closes first and has its reply is let go within the linger time of
+/// that reply, not after the client's close handshake: here the client never answers
+/// the relayed close, and the gate would wait for it until the write deadline.
+#[tokio::test]
+async fn an_upstream_that_closed_first_is_let_go_while_a_silent_client_is_still_waited_for() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}", listener.local_addr().unwrap());
+    let policy = open_policy(&upstream, "    timeouts: {write_seconds: 10}\n");
+    let gate = TestGate::start_with(&policy, false).await;
+    let (_silent, mut upstream) = tokio::join!(
+        upgrade_raw_path(gate.addr, "/ws"),
+        accept_upgrade(&listener)
+    );
+    let mut close = 4003u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"bye");
+    upstream
+        .write_all(&frame(0x88, &close, false))
+        .await
+        .unwrap();
+    // The gate's reply (after at most a second given to the client), then nothing: this
+    // upstream never closes TCP itself.
+    let reply = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut upstream))
+        .await
+        .expect("no close reply")
+        .unwrap();
+    assert_eq!((reply.opcode, &reply.payload[..]), (8, &close[..]));
+    let answered = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), upstream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "no FIN {:?} after the close reply: {read:?}",
+        answered.elapsed()
+    );
+    let took = answered.elapsed();
+    assert!(
+        took > Duration::from_millis(1500) && took < Duration::from_secs(4),
+        "FIN {took:?} after the close reply (the linger time is 2 s)"
+    );
+}

@@ -2,7 +2,8 @@
 //! finished first, a violator's peer closed before the violator), and each socket let go
 //! (close_notify and FIN, lingering, or dropped).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::sync::OnceLock;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -63,11 +64,42 @@ pub(super) async fn close_both(
         None => {}
     }
     // Each side is shut as soon as its own close is done: an upstream that answered is
-    // not kept open while a silent client is waited for.
-    tokio::join!(
-        end_and_shut(client, to_client, deadline, false),
-        end_and_shut(upstream, to_upstream, deadline, after_peer)
-    )
+    // not kept open while a silent client is waited for. Its FIN is awaited here too,
+    // for at most the linger time from its close reply; if the client's close ends
+    // first, the rest of that wait is left to the linger (the close is logged first).
+    let fin_wait_until = OnceLock::new();
+    let client_end = end_and_shut(client, to_client, deadline, false);
+    let upstream_end = async {
+        let finish = end_and_shut(upstream, to_upstream, deadline, after_peer).await;
+        if finish != Finish::AfterPeer(None) {
+            return finish;
+        }
+        let until = Instant::now() + linger::LINGER_TIME;
+        let _ = fin_wait_until.set(until);
+        linger::discard_until(&mut upstream.io, until).await;
+        linger::shutdown(&mut upstream.io, until).await;
+        Finish::Shut
+    };
+    tokio::pin!(client_end, upstream_end);
+    let (mut client_finish, mut upstream_finish) = (None, None);
+    poll_fn(|cx| {
+        if client_finish.is_none() {
+            if let Poll::Ready(finish) = client_end.as_mut().poll(cx) {
+                client_finish = Some(finish);
+            }
+        }
+        if upstream_finish.is_none() {
+            if let Poll::Ready(finish) = upstream_end.as_mut().poll(cx) {
+                upstream_finish = Some(finish);
+            }
+        }
+        match (client_finish, upstream_finish, fin_wait_until.get()) {
+            (Some(c), Some(u), _) => Poll::Ready((c, u)),
+            (Some(c), None, Some(&until)) => Poll::Ready((c, Finish::AfterPeer(Some(until)))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// How long a frame begun toward a side gets to end, so that the side's close frame can
@@ -133,7 +165,7 @@ async fn end_and_shut(
     after_peer: bool,
 ) -> Finish {
     match end(leg, ending, deadline).await {
-        Finish::Shutdown if after_peer => Finish::AfterPeer,
+        Finish::Shutdown if after_peer => Finish::AfterPeer(None),
         Finish::Shutdown => {
             linger::shutdown(&mut leg.io, Instant::now() + linger::LINGER_TIME).await;
             Finish::Shut
@@ -169,7 +201,9 @@ pub(super) enum Finish {
     /// client lets the server close TCP first (RFC 6455 §7.1.1), so that the server, not
     /// the gate, holds the TIME_WAIT: a gate that closed first would keep one of its ports
     /// toward the upstream for a minute per connection, and run out of them under churn.
-    AfterPeer,
+    /// The wait ends at the instant given, if it began before the relay ended (at most
+    /// the linger time after the upstream's close reply).
+    AfterPeer(Option<Instant>),
 }
 
 /// The two legs of a relay that has ended, each with how it is let go.
@@ -198,7 +232,8 @@ async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
         Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
         Finish::Linger => linger::close(&mut leg.io, deadline).await,
         Finish::Discard => linger::discard_until(&mut leg.io, deadline).await,
-        Finish::AfterPeer => {
+        Finish::AfterPeer(until) => {
+            let deadline = until.map_or(deadline, |until| until.min(deadline));
             linger::discard_until(&mut leg.io, deadline).await;
             linger::shutdown(&mut leg.io, deadline).await;
         }
