@@ -12,15 +12,66 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::body::{full, Body};
 use crate::head::Prefixed;
 use crate::Gate;
 
-/// Admin connections open at once. Probes, scrapes and operator calls need a handful; a
-/// client that opens more is closed at once, so that a reachable admin port cannot spend
-/// the file descriptors the proxied connections need.
+/// Admin connections open at once. Probes, scrapes and operator calls need a handful; past
+/// it the oldest connection is closed to make room, so that a reachable admin port cannot
+/// spend the file descriptors the proxied connections need, and so that connections held
+/// open by someone else cannot keep a probe out.
 pub const MAX_ADMIN_CONNECTIONS: usize = 128;
+
+/// How often, at most, closing the oldest admin connection is logged as a warning.
+const EVICTION_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The admin connections open, oldest first, each with what closes it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    connections: std::collections::VecDeque<(u64, CancellationToken)>,
+    warned_at: Option<std::time::Instant>,
+}
+
+impl Open {
+    /// Admit a connection: its id and what closes it. At the cap, the oldest connection
+    /// is closed first.
+    fn admit(&mut self, peer: std::net::SocketAddr) -> (u64, CancellationToken) {
+        if self.connections.len() >= MAX_ADMIN_CONNECTIONS {
+            if let Some((_, oldest)) = self.connections.pop_front() {
+                oldest.cancel();
+            }
+            let now = std::time::Instant::now();
+            if self
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= EVICTION_WARNING_EVERY)
+            {
+                self.warned_at = Some(now);
+                tracing::warn!(%peer, "{MAX_ADMIN_CONNECTIONS} admin connections are open: the oldest was closed to make room (logged at most once a minute)");
+            } else {
+                tracing::debug!(%peer, "admin connections at their cap: the oldest was closed");
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let close = CancellationToken::new();
+        self.connections.push_back((id, close.clone()));
+        (id, close)
+    }
+
+    fn lock(open: &std::sync::Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
+        open.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(at) = self.connections.iter().position(|(i, _)| *i == id) {
+            self.connections.remove(at);
+        }
+    }
+}
 
 /// How long a request's head may take to arrive, and a kept-alive connection may wait for
 /// its next request; and how long a response may wait for the client to take a byte.
@@ -80,7 +131,7 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let tasks = gate.shutdown.tasks.clone();
     let exit = tasks.exit();
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
     let reserve = Reserve::new();
     loop {
         let accepted = tokio::select! {
@@ -98,15 +149,12 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
                 continue;
             }
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "admin connection refused: {MAX_ADMIN_CONNECTIONS} are open");
-            continue;
-        };
+        let (id, closed) = Open::lock(&open).admit(peer);
         let gate = gate.clone();
         let exit = exit.clone();
         let reserve = reserve.clone();
+        let open = open.clone();
         tasks.spawn(async move {
-            let _permit = permit;
             let service = service_fn(move |req| {
                 respond(gate.clone(), req, crate::admission::canonical(peer.ip()))
             });
@@ -119,7 +167,9 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
             tokio::select! {
                 _ = connection => {}
                 () = exit.cancelled() => {}
+                () = closed.cancelled() => {}
             }
+            Open::lock(&open).remove(id);
             // The connection's descriptor is closed: take it back into the reserve before
             // a client's accept does.
             reserve.refill();
