@@ -591,7 +591,9 @@ fn compressed_messages_are_checked_the_same_however_they_are_cut() {
                 let payload = deflated(&mut sender, plain);
                 let text = *text && std::str::from_utf8(plain).is_ok();
                 if verdict.is_none()
-                    && (plain.len() as u64 > max_message || payload.len() as u64 > max_message)
+                    && (plain.len() as u64 > max_message
+                        || payload.len() as u64
+                            > wsgate::relay::frame::with_deflate_room(max_message))
                 {
                     verdict = Some(1009);
                 }

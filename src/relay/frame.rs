@@ -373,6 +373,15 @@ struct Open {
     inflated: u64,
 }
 
+/// A limit on a compressed message's wire bytes: the limit on its inflated bytes, plus
+/// 1/64 of it and 1 KiB. Deflate makes data that does not compress (random bytes, images,
+/// already compressed files) a little larger: 5 bytes per stored block, more when the
+/// sender flushes often; zlib's own bound is about 1/4096. Without a wire limit, endless
+/// empty deflate blocks would pass unmetered.
+pub fn with_deflate_room(limit: u64) -> u64 {
+    limit.saturating_add(limit / 64).saturating_add(1024)
+}
+
 impl Messages {
     /// A frame header arrived: may the frame go on?
     pub fn header(
@@ -385,6 +394,17 @@ impl Messages {
             self.in_data_frame = false;
             return Ok(());
         }
+        // A compressed message's wire bytes get deflate's room over the limits (data that
+        // does not compress comes out a little larger); its inflated size is held to
+        // `max_message` exactly, as it inflates.
+        let compressed = match self.open {
+            Some(open) => open.compressed,
+            None => header.compressed,
+        };
+        let (max_frame, max_message) = match compressed {
+            true => (with_deflate_room(max_frame), with_deflate_room(max_message)),
+            false => (max_frame, max_message),
+        };
         if header.len > max_frame {
             return Err(Violation::TooBig);
         }
@@ -411,8 +431,8 @@ impl Messages {
                 0
             }
         };
-        // A compressed message is held to the limit on the wire too (its inflated size is
-        // counted as it inflates). An empty frame that does not end its message counts as
+        // A compressed message is held to the limit on the wire too, with deflate's room
+        // (its inflated size is counted as it inflates). An empty frame that does not end its message counts as
         // one byte, so that a message has at most as many frames as the limit allows
         // bytes: endless empty fragments would otherwise pass unmetered.
         let weight = match header.len {
