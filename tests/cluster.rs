@@ -631,6 +631,19 @@ async fn store_down_open_falls_back_closed_refuses_and_both_recover() {
         "{text}"
     );
     open.wait_up(false).await;
+    // The probe while the store is down (every 500 ms) is counted as `refresh`.
+    let refresh = |text: &str| {
+        metric_sample(text, "wsgate_cluster_errors_total{op=\"refresh\"}").unwrap_or(0.0)
+    };
+    let (_, before) = admin_fetch(open.admin, "/metrics").await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (_, after) = admin_fetch(open.admin, "/metrics").await;
+    assert!(
+        refresh(&after) >= refresh(&before) + 2.0,
+        "probes not counted: {} then {}",
+        refresh(&before),
+        refresh(&after)
+    );
     // Logged once for the change, not once per upgrade; each decision says it was local.
     // Held, each its own subject: a connection dropped here is released asynchronously
     // (after its upstream's close), and the next one under the same subject could meet

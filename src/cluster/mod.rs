@@ -692,10 +692,19 @@ impl Cluster {
 
     /// Whether the store answers a PING within the upgrade path's bound; if it does, it is
     /// up again.
+    /// A probe that fails is counted as a `refresh` error, as a failed renewal is.
     async fn answers_in(&self, store: &Store, conn: &mut ConnectionManager) -> bool {
         let ping = redis::cmd("PING");
         let answer = tokio::time::timeout(store.config.timeout, ping.query_async::<()>(conn));
-        let answers = matches!(answer.await, Ok(Ok(())));
+        let failed = match answer.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(StoreError::Redis(e)),
+            Err(_) => Some(StoreError::Timeout(store.config.timeout)),
+        };
+        if let Some(error) = &failed {
+            self.health.failed("refresh", error);
+        }
+        let answers = failed.is_none();
         if answers {
             self.health.ok();
         }
