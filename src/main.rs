@@ -275,7 +275,11 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_tracing(format: Option<LogFormat>) {
     use tracing_subscriber::EnvFilter;
     let terminal = std::io::stderr().is_terminal();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns about what a client sent (an IP address as SNI, a handshake it
+    // failed): anyone could fill the log with those; the gate logs failed handshakes at
+    // debug itself.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(wsgate::logbuf::Timestamp)

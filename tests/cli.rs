@@ -2250,3 +2250,51 @@ async fn the_largest_drain_seconds_exits_cleanly() {
     let (code, _) = gate.exited(Duration::from_secs(5)).await;
     assert_eq!(code, 0);
 }
+
+/// rustls warns about what a client sent (here an IP address as SNI, which RFC 6066
+/// forbids): with the default log filter none of it reaches the log, where any client
+/// could otherwise write a line per handshake.
+#[test]
+fn a_client_sending_an_ip_as_sni_writes_no_log_line() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl missing: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy("ws://127.0.0.1:9", "")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["run", "--admin", "off", "--log-format", "json", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls-cert")
+        .arg(root.join("certs/localhost.pem"))
+        .arg("--tls-key")
+        .arg(root.join("certs/localhost.key"))
+        .arg("--policy")
+        .arg(&policy)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(&mut child);
+    log.wait_line("listening");
+    for _ in 0..3 {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-servername", "10.0.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
+            "no handshake"
+        );
+    }
+    log.no_line("SNI", Duration::from_millis(500));
+    let _ = child.kill();
+    let _ = child.wait();
+}
