@@ -278,6 +278,42 @@ fn an_unwritable_stdout_is_an_error_not_a_panic() {
 
 /// A key given twice in one map is reported where it is repeated (the YAML parser marks
 /// the map's start), at the top level, under `defaults` and in a route.
+/// A policy ending with `---` (as `helm template` and `kubectl` output do) is one policy;
+/// a file nested absurdly deep is refused at once with its place, before the YAML parser
+/// spends a minute on it.
+#[test]
+fn check_reads_a_trailing_document_marker_and_refuses_deep_nesting_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    let policy = "version: 1\ndefaults: {auth: {required: false}}\nroutes:\n  - path: /ws\n";
+    for tail in ["---\n", "---", "--- # the end\n\n# more\n"] {
+        std::fs::write(&path, format!("{policy}{tail}")).unwrap();
+        let (code, out) = check(&path);
+        assert_eq!(code, 0, "{tail:?}: {out}");
+    }
+    // A second document that is not empty is still refused.
+    std::fs::write(&path, format!("{policy}---\n{policy}")).unwrap();
+    assert_eq!(check(&path).0, 1);
+
+    let n = 100_000;
+    let deep = format!(
+        "version: 1\nx: {}1{}\nroutes: [{{path: /ws}}]\n",
+        "{a: ".repeat(n),
+        "}".repeat(n)
+    );
+    std::fs::write(&path, deep).unwrap();
+    let started = Instant::now();
+    let (code, out) = check(&path);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("p.yaml:2:"), "{out}");
+    assert!(out.contains("nested more than 64 deep"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn check_reports_a_repeated_key_where_it_repeats() {
     let dir = tempfile::tempdir().unwrap();

@@ -240,6 +240,66 @@ fn load_for(path: &Path, purpose: Purpose) -> Result<Loaded, ConfigError> {
     Ok(loaded)
 }
 
+/// How deep `[` and `{` may nest in a policy file. A policy needs three or four levels;
+/// the YAML parser's work per token grows with the depth (a 500 KB file nested 100,000
+/// deep took over a minute of CPU), so a deeper file is refused before it is parsed.
+const MAX_FLOW_DEPTH: usize = 64;
+
+/// Where `[` and `{` first nest deeper than [`MAX_FLOW_DEPTH`] (line and column, from 1).
+/// Brackets in quoted strings and comments count too: a file needs dozens of unclosed
+/// ones there before this refuses it, and no policy has them.
+fn nested_too_deep(yaml: &[u8]) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut line_start) = (0usize, 1usize, 0usize);
+    for (at, byte) in yaml.iter().enumerate() {
+        match byte {
+            b'\n' => {
+                line += 1;
+                line_start = at + 1;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some((line, at - line_start + 1));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `yaml` without a last document marker (`---`) that only blank lines and comments
+/// follow.
+fn without_empty_last_document(yaml: &[u8]) -> &[u8] {
+    let mut end = yaml.len();
+    loop {
+        let before = &yaml[..end];
+        let before = before.strip_suffix(b"\n").unwrap_or(before);
+        let start = before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let text = before[start..].trim_ascii();
+        if text.is_empty() || text.starts_with(b"#") {
+            if start == 0 {
+                return yaml;
+            }
+            end = start;
+            continue;
+        }
+        let marker = text.strip_prefix(b"---").is_some_and(|rest| {
+            let rest = rest.trim_ascii();
+            rest.is_empty() || rest.starts_with(b"#")
+        });
+        return if marker && start > 0 {
+            &yaml[..start]
+        } else {
+            yaml
+        };
+    }
+}
+
 /// Parse and validate policy bytes that were read from `path` (relative key paths are
 /// resolved against its directory).
 pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded, ConfigError> {
@@ -283,6 +343,20 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
     // `forward_claims`), which the typed parse would let replace the earlier one silently.
     // A byte-order mark (some Windows editors write one) is not YAML content.
     let yaml = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // A `---` with nothing after it (as `helm template` and `kubectl` output end) starts
+    // no second policy.
+    let yaml = without_empty_last_document(yaml);
+    if let Some((line, column)) = nested_too_deep(yaml) {
+        return Err(ConfigError::Syntax {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!(
+                "flow collections ('[', '{{') nested more than {MAX_FLOW_DEPTH} deep: not a policy"
+            ),
+            more: Vec::new(),
+        });
+    }
     let mut document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
     // YAML merge keys (`<<: *defaults`), which shared blocks in hand-written YAML use, are
     // applied to the document, and the policy is read from it; the typed parse of the
