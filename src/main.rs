@@ -449,6 +449,8 @@ async fn run(args: RunArgs) -> ExitCode {
         (Some(cert), Some(key)) => match tls::server_config(cert, key) {
             Ok(config) => Some(config),
             Err(e) => {
+                // As an invalid policy: a JSON log pipeline sees the error too.
+                tracing::error!("unusable TLS certificate or key, not starting: {e}");
                 eprintln!("TLS: {e}");
                 return ExitCode::FAILURE;
             }

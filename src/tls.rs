@@ -44,7 +44,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadCertificate {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: pem_reason(&e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -52,6 +52,22 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         });
     }
     Ok(certs)
+}
+
+/// A PEM error in words (the library's own message shows its markers as lists of bytes).
+fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line: the file is cut short",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "a malformed \"-----BEGIN\" line: {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {

@@ -2334,3 +2334,36 @@ fn a_client_sending_an_ip_as_sni_writes_no_log_line() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A certificate cut short refuses the start (exit 1) with an error a JSON log pipeline
+/// sees, in words: the missing end line, not the parser's list of bytes.
+#[test]
+fn a_certificate_cut_short_is_an_error_line_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy("ws://127.0.0.1:9", "")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pem = std::fs::read(root.join("certs/localhost.pem")).unwrap();
+    let cut = dir.path().join("cut.pem");
+    std::fs::write(&cut, &pem[..300]).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--admin", "off", "--log-format", "json"])
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cut)
+        .arg("--tls-key")
+        .arg(root.join("certs/localhost.key"))
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no JSON error line: {stderr}"));
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("-----END CERTIFICATE-----"), "{message}");
+    assert!(message.contains("cut.pem"), "{message}");
+}
