@@ -339,6 +339,31 @@ fn check_reports_a_repeated_key_where_it_repeats() {
     }
 }
 
+/// The errors after the first state the ranges `check` enforces (taken from the schema,
+/// which states them too), not those of the integer types underneath.
+#[test]
+fn check_states_the_real_ranges_of_whole_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  rate: {burst: x, ipv6_prefix: 300, max_connections_per_ip: -1}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("defaults.rate.ipv6_prefix: invalid value: 300, expected 1 to 128"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "defaults.rate.max_connections_per_ip: invalid value: -1, expected at least 1"
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn check_reports_unknown_fields_with_their_location() {
     let dir = tempfile::tempdir().unwrap();

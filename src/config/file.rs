@@ -34,6 +34,7 @@ pub struct PolicyFile {
     pub trusted_proxies: Option<Vec<String>>,
     /// The global cap on open WebSocket connections, across all routes (default 10000, at
     /// least 1); an upgrade above it gets 503 `server_full`.
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u64>,
     /// What every route inherits, field by field: any route field except `path` and `name`.
     /// A list or map a route sets replaces the inherited one whole.
@@ -68,9 +69,11 @@ pub struct ClusterFile {
     pub on_failure: Option<OnFailure>,
     /// The longest one store round trip may take on the upgrade path, in milliseconds
     /// (default 50, 1 to 10000).
+    #[schemars(range(min = 1, max = 10000))]
     pub timeout_ms: Option<u64>,
     /// How long a connection slot outlives the gate that held it, in seconds (default 30,
     /// 3 to 3600): a live gate renews its slots every third of this.
+    #[schemars(range(min = 3, max = 3600))]
     pub lease_seconds: Option<u64>,
 }
 
@@ -83,6 +86,7 @@ pub struct Http2 {
     pub enabled: Option<bool>,
     /// Streams one HTTP/2 connection may have open at once, requests and WebSockets
     /// together (default 100, at least 1).
+    #[schemars(range(min = 1))]
     pub max_concurrent_streams: Option<u32>,
 }
 
@@ -197,6 +201,7 @@ pub struct Auth {
     /// Accepted `aud` values, any of (default: not checked).
     pub audience: Option<Vec<String>>,
     /// Clock skew allowed on `exp` and `nbf`, whole seconds (default 30, at most 3600).
+    #[schemars(range(max = 3600))]
     pub leeway_seconds: Option<u64>,
     /// Claim -> accepted values: every listed claim must match one (an array claim: any
     /// element), or 403 `claims_denied`. Default `{}`.
@@ -235,6 +240,7 @@ pub struct KeyFile {
     pub jwks_url: Option<String>,
     /// How often a `jwks_url` is refetched, whole seconds (default 300, at least 1; only
     /// with `jwks_url`).
+    #[schemars(range(min = 1))]
     pub refresh_seconds: Option<u64>,
     /// Names a single (non-JWKS) key, so tokens carrying a `kid` can select it.
     pub kid: Option<String>,
@@ -271,13 +277,17 @@ pub struct Rate {
     /// above it 429 `rate_limited`.
     pub upgrades_per_second: Option<f64>,
     /// The upgrade bucket's size (default 100, at least 1).
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
     /// Open connections per client key (default 200, at least 1); above it 429
     /// `too_many_connections`.
+    #[schemars(range(min = 1))]
     pub max_connections_per_ip: Option<u32>,
     /// Open connections per token `sub`, across addresses (default 10, at least 1).
+    #[schemars(range(min = 1))]
     pub max_connections_per_subject: Option<u32>,
     /// IPv6 clients are keyed by this prefix length (default 64, 1-128).
+    #[schemars(range(min = 1, max = 128))]
     pub ipv6_prefix: Option<u8>,
 }
 
@@ -287,14 +297,17 @@ pub struct Rate {
 pub struct Messages {
     /// The largest frame accepted from the client (default: the route's
     /// `max_message_bytes`; at most that, 1 to 64 MiB); above it 1009.
+    #[schemars(range(min = 1, max = 67108864))]
     pub max_frame_bytes: Option<u64>,
     /// The largest reassembled message, in both directions (default 1048576, 1 to 64 MiB);
     /// above it 1009.
+    #[schemars(range(min = 1, max = 67108864))]
     pub max_message_bytes: Option<u64>,
     /// Client messages per second per connection, pings and pongs included, a token bucket
     /// (default 100); above it 1008 "message rate exceeded".
     pub per_second: Option<f64>,
     /// The message bucket's size (default 200, at least 1).
+    #[schemars(range(min = 1))]
     pub burst: Option<u32>,
     /// The message types the client may send: `text` and/or `binary` (default both).
     pub types: Option<Vec<String>>,
