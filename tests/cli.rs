@@ -440,6 +440,20 @@ fn check_reports_every_semantic_error_with_its_field_path() {
     assert!(text.contains("routes[1].ip.deny[1]"), "{text}");
     assert!(text.contains("routes[1].upstream"), "{text}");
     assert!(text.contains("routes[1].auth.algorithms[0]"), "{text}");
+    // A relative key file that cannot be read: where it was looked for (beside the
+    // policy file, not in the working directory).
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {algorithms: [RS256], keys: [{public_key_file: nokey.pem}]}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    let looked = dir.path().join("nokey.pem");
+    assert!(
+        text.contains(&format!("cannot read nokey.pem ({})", looked.display())),
+        "{text}"
+    );
 }
 
 #[test]

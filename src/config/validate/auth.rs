@@ -302,21 +302,23 @@ impl Validator<'_> {
             }
         } else if let Some(path) = &k.hmac_secret_file {
             let field = format!("{at}.hmac_secret_file");
-            match std::fs::read(self.resolve(path)) {
+            let resolved = self.resolve(path);
+            match std::fs::read(&resolved) {
                 Ok(mut secret) => {
                     while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
                         secret.pop();
                     }
                     self.hmac_key(&field, secret, k, keys, &mut check_family)
                 }
-                Err(e) => self.err(field, format!("cannot read {path}: {e}")),
+                Err(e) => self.err(field, cannot_read(path, &resolved, &e)),
             }
         } else if let Some(path) = &k.public_key_file {
             let field = format!("{at}.public_key_file");
-            let pem = match std::fs::read(self.resolve(path)) {
+            let resolved = self.resolve(path);
+            let pem = match std::fs::read(&resolved) {
                 Ok(pem) => pem,
                 Err(e) => {
-                    self.err(field, format!("cannot read {path}: {e}"));
+                    self.err(field, cannot_read(path, &resolved, &e));
                     return 0;
                 }
             };
@@ -342,10 +344,11 @@ impl Validator<'_> {
             }
         } else if let Some(path) = &k.jwks_file {
             let field = format!("{at}.jwks_file");
-            let text = match std::fs::read(self.resolve(path)) {
+            let resolved = self.resolve(path);
+            let text = match std::fs::read(&resolved) {
                 Ok(text) => text,
                 Err(e) => {
-                    self.err(field, format!("cannot read {path}: {e}"));
+                    self.err(field, cannot_read(path, &resolved, &e));
                     return 0;
                 }
             };
@@ -451,5 +454,15 @@ mod tests {
         );
         assert!(parse_token_source("query:").is_err());
         assert!(parse_token_source("body").is_err());
+    }
+}
+
+/// A key file that cannot be read: as written, and where a relative path led (beside the
+/// policy file).
+fn cannot_read(path: &str, resolved: &std::path::Path, e: &std::io::Error) -> String {
+    if std::path::Path::new(path) == resolved {
+        format!("cannot read {path}: {e}")
+    } else {
+        format!("cannot read {path} ({}): {e}", resolved.display())
     }
 }
