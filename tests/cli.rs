@@ -454,6 +454,18 @@ fn check_reports_every_semantic_error_with_its_field_path() {
         text.contains(&format!("cannot read nokey.pem ({})", looked.display())),
         "{text}"
     );
+    // A frame limit in `defaults` above one route's own message limit names the route.
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {required: false}\n  messages: {max_frame_bytes: 5000}\nroutes:\n  - path: /a\n  - path: /b\n    messages: {max_message_bytes: 100}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("defaults.messages.max_frame_bytes: must not exceed messages.max_message_bytes: routes[1] inherits it"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -421,11 +421,11 @@ impl Validator<'_> {
             }
             n.clamp(1, MAX_MESSAGE_BYTES_LIMIT) as usize
         };
-        let max_message_bytes = bytes(
-            self,
-            pick!(p, messages.max_message_bytes),
-            DEFAULT_MAX_MESSAGE_BYTES,
-        );
+        let message_limit = pick!(p, messages.max_message_bytes);
+        let message_limit_inherited = message_limit
+            .as_ref()
+            .is_none_or(|(_, field)| field.starts_with("defaults."));
+        let max_message_bytes = bytes(self, message_limit, DEFAULT_MAX_MESSAGE_BYTES);
         // Unset in the route and in `defaults`, the frame limit is the route's resolved
         // message limit (a route that raises only max_message_bytes raises both).
         let max_frame_bytes = match pick!(p, messages.max_frame_bytes) {
@@ -433,7 +433,17 @@ impl Validator<'_> {
                 let field = found.1.clone();
                 let n = bytes(self, Some(found), DEFAULT_MAX_MESSAGE_BYTES);
                 if n > max_message_bytes {
-                    self.err(field, "must not exceed messages.max_message_bytes");
+                    // A frame limit from `defaults` over one route's own message limit:
+                    // the route is the place to look.
+                    let message = if field.starts_with("defaults.") && !message_limit_inherited {
+                        format!(
+                            "must not exceed messages.max_message_bytes: {} inherits it with a message limit of {max_message_bytes}",
+                            p.at
+                        )
+                    } else {
+                        "must not exceed messages.max_message_bytes".to_owned()
+                    };
+                    self.err(field, message);
                 }
                 n
             }
