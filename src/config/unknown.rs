@@ -372,8 +372,8 @@ mod tests {
                 "defaults.auth.required: invalid type: string \"yes\", expected a boolean",
                 "defaults.auth.leeway_seconds: invalid type: floating point `1.5`, expected an integer",
                 "defaults.auth.keys[0].hmac_secret_env: invalid type: sequence, expected a string",
-                "defaults.rate.burst: invalid value: -3, expected at least 0",
-                "defaults.rate.ipv6_prefix: invalid value: 300, expected 0 to 255",
+                "defaults.rate.burst: invalid value: -3, expected at least 1",
+                "defaults.rate.ipv6_prefix: invalid value: 300, expected 1 to 128",
                 "routes[0].messages.types: invalid type: string \"text\", expected a list",
             ]
         );
