@@ -314,6 +314,8 @@ impl Resolved {
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
     pub server_name: rustls_pki_types::ServerName<'static>,
+    /// The CA bundle as the policy names it (`None`: the webpki roots), for `/policy`.
+    pub ca_file: Option<String>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -768,10 +770,26 @@ impl Loaded {
             "max_connections": self.policy.max_connections,
             "http2": self.policy.http2,
             "cluster": self.policy.cluster,
-            "routes": self.policy.routes.iter().map(|r| &**r).collect::<Vec<&Route>>(),
+            "routes": self.policy.routes.iter().map(|r| described_route(r)).collect::<Vec<_>>(),
             "file": self.document,
         })
     }
+}
+
+/// A route as `GET /policy` shows it, with its resolved `upstream_tls` for a wss://
+/// upstream (`ca_file` as written, `null` for the webpki roots; the server name checked).
+fn described_route(route: &Route) -> serde_json::Value {
+    let mut value = serde_json::to_value(route).unwrap_or_default();
+    if let (Some(tls), Some(map)) = (&route.upstream.tls, value.as_object_mut()) {
+        map.insert(
+            "upstream_tls".to_owned(),
+            serde_json::json!({
+                "ca_file": tls.ca_file,
+                "server_name": tls.server_name.to_str(),
+            }),
+        );
+    }
+    value
 }
 
 /// The policy in force. Cheap to clone; reads are lock-free.

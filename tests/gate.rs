@@ -670,6 +670,12 @@ async fn wss_upstream_is_verified_against_upstream_tls_ca_file() {
     let (mut client, _) = gate.connect("/ws").await.unwrap();
     client.send(Message::text("over wss")).await.unwrap();
     assert_eq!(next_message(&mut client).await, Message::text("over wss"));
+    // `/policy` shows the route's resolved upstream_tls.
+    let (_, shown) = admin_fetch(gate.admin, "/policy").await;
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let tls = &shown["routes"][0]["upstream_tls"];
+    assert_eq!(tls["ca_file"], ca.display().to_string(), "{shown}");
+    assert_eq!(tls["server_name"], "localhost", "{shown}");
 
     // Without the CA the upstream's certificate is not trusted: 502.
     let untrusted = TestGate::start(&open_policy(&upstream.wss_url(), "")).await;

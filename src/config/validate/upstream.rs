@@ -95,6 +95,7 @@ impl Validator<'_> {
     /// picked per field like everything else.
     fn upstream_tls(&mut self, p: &Pick<'_>, host: &str) -> Option<UpstreamTls> {
         let mut roots = rustls::RootCertStore::empty();
+        let ca_file = pick!(p, upstream_tls.ca_file).map(|(ca, _)| ca.clone());
         match pick!(p, upstream_tls.ca_file) {
             Some((ca, ca_field)) => {
                 let certs = match crate::tls::read_certs(&self.resolve(ca)) {
@@ -131,6 +132,7 @@ impl Validator<'_> {
         Some(UpstreamTls {
             config: Arc::new(config),
             server_name,
+            ca_file,
         })
     }
 }
