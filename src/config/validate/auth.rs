@@ -442,6 +442,16 @@ fn parse_token_source(s: &str) -> Result<TokenSource, String> {
     }
 }
 
+/// A key file that cannot be read: as written, and where a relative path led (beside the
+/// policy file).
+fn cannot_read(path: &str, resolved: &std::path::Path, e: &std::io::Error) -> String {
+    if std::path::Path::new(path) == resolved {
+        format!("cannot read {path}: {e}")
+    } else {
+        format!("cannot read {path} ({}): {e}", resolved.display())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,15 +464,5 @@ mod tests {
         );
         assert!(parse_token_source("query:").is_err());
         assert!(parse_token_source("body").is_err());
-    }
-}
-
-/// A key file that cannot be read: as written, and where a relative path led (beside the
-/// policy file).
-fn cannot_read(path: &str, resolved: &std::path::Path, e: &std::io::Error) -> String {
-    if std::path::Path::new(path) == resolved {
-        format!("cannot read {path}: {e}")
-    } else {
-        format!("cannot read {path} ({}): {e}", resolved.display())
     }
 }
