@@ -362,6 +362,18 @@ fn check_states_the_real_ranges_of_whole_numbers() {
         ),
         "{text}"
     );
+    // The parser's first error speaks of the policy, not of Rust types.
+    assert!(
+        text.contains("defaults.rate.burst: invalid type: string \"x\", expected a whole number"),
+        "{text}"
+    );
+    std::fs::write(&path, "version: 1\nroutes:\n  - /ws\n").unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("expected a route (a map with `path`)"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -325,7 +325,7 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
         }
         None => ConfigError::SyntaxNoLocation {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: in_words(&e.to_string()),
             more: Vec::new(),
         },
     };
@@ -516,9 +516,51 @@ fn repeated_key(message: &str) -> Option<String> {
 /// serde_yaml appends " at line L column C" to its messages; we print the location first.
 fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
+        Some(i) => in_words(&message[..i]),
+        None => in_words(message),
     }
+}
+
+/// A parser message with the Rust type names it may hold (`expected struct RouteFile`,
+/// `expected u32`) in the policy's words.
+fn in_words(message: &str) -> String {
+    if message.contains(" as u128") {
+        return "a number too large to be a value here".to_owned();
+    }
+    let mut out = message.to_owned();
+    for (rust, words) in [
+        (
+            "struct PolicyFile",
+            "a policy (a map with `version` and `routes`)",
+        ),
+        ("struct RouteFile", "a route (a map with `path`)"),
+        (
+            "struct KeyFile",
+            "a key (a map such as `{public_key_file: ...}`)",
+        ),
+    ] {
+        out = out.replace(rust, words);
+    }
+    // Any other section is a map of its fields.
+    while let Some(at) = out.find("expected struct ") {
+        let name_end = out[at + 16..]
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .map_or(out.len(), |n| at + 16 + n);
+        out.replace_range(at + 9..name_end, "a map");
+    }
+    for (rust, words) in [
+        ("expected u8", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ] {
+        if let Some(rest) = out.strip_suffix(rust) {
+            out = format!("{rest}{words}");
+        }
+    }
+    out
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
