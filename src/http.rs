@@ -29,6 +29,12 @@ use crate::relay::Protocol;
 use crate::upstream::{self, Forwarding};
 use crate::{relay, Gate};
 
+/// A duration for a log line's `latency_ms`: milliseconds to the microsecond (a float
+/// product would print `0.025507000000000002`).
+pub fn log_millis(elapsed: std::time::Duration) -> f64 {
+    elapsed.as_micros() as f64 / 1000.0
+}
+
 /// What the listener knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -189,7 +195,7 @@ pub async fn answer(
     let route_name = matched
         .as_ref()
         .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let latency_ms = log_millis(started.elapsed());
     match result {
         Ok(answer) => {
             if upgrade {

@@ -218,7 +218,7 @@ where
         request_id = %request_id.to_str().unwrap_or("-"), client_ip = %info.peer.ip(),
         route = crate::metrics::NO_ROUTE, result = rejection.reason(),
         status = rejection.status().as_u16(),
-        latency_ms = info.accepted.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = crate::http::log_millis(info.accepted.elapsed()),
         protocol = info.protocol.as_str(), "request refused"
     );
     if head::refuse(&mut io, rejection).await.is_ok() {
