@@ -2430,3 +2430,24 @@ fn a_certificate_cut_short_is_an_error_line_in_words() {
     assert!(message.contains("-----END CERTIFICATE-----"), "{message}");
     assert!(message.contains("cut.pem"), "{message}");
 }
+
+/// `check` (and `explain`) read a pipe (`wsgate check <(kubectl get cm …)`), but a FIFO no
+/// one writes to is unreadable after 10 s (exit 2), not a wait without end.
+#[test]
+fn check_gives_up_on_a_fifo_with_no_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.yaml");
+    if !Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("mkfifo missing: skipped");
+        return;
+    }
+    let started = Instant::now();
+    let (code, text) = check(&fifo);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("a FIFO with no writer?"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

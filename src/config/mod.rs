@@ -219,7 +219,34 @@ pub const MAX_POLICY_BYTES: usize = 16 * 1024 * 1024;
 
 /// The policy file's bytes, at most one past [`MAX_POLICY_BYTES`] (which
 /// [`load_bytes`] refuses).
+/// A path that is not a regular file (a pipe: `wsgate check <(kubectl get cm …)`) is read
+/// for at most [`PIPE_READ_WAIT`]: a FIFO with no writer would otherwise wait forever.
 pub fn read_policy(path: &Path) -> std::io::Result<Vec<u8>> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let owned = path.to_owned();
+        std::thread::Builder::new()
+            .name("policy-read".into())
+            .spawn(move || {
+                let _ = tx.send(read_whole(&owned));
+            })?;
+        return rx.recv_timeout(PIPE_READ_WAIT).unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "nothing came in {} s (a FIFO with no writer?)",
+                    PIPE_READ_WAIT.as_secs()
+                ),
+            ))
+        });
+    }
+    read_whole(path)
+}
+
+/// How long [`read_policy`] waits for a policy that is not a regular file.
+pub const PIPE_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn read_whole(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
