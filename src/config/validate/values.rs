@@ -214,6 +214,28 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
             "{shown:?}: '*' is only allowed as a leading \"*.\""
         ));
     }
+    // An IPv6 literal, written as browsers serialise it in Origin (compressed lowercase
+    // hex, RFC 5952 as the URL standard does it), so that it can match.
+    let bracketed;
+    let host = if host.contains(['[', ']', ':']) {
+        let address = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+            .ok_or_else(|| {
+                format!("{shown:?}: an IPv6 host is written in brackets, as in http://[2001:db8::1]:8080")
+            })?;
+        bracketed = match address.to_ipv4_mapped() {
+            Some(_) => {
+                let s = address.segments();
+                format!("[::ffff:{:x}:{:x}]", s[6], s[7])
+            }
+            None => format!("[{address}]"),
+        };
+        bracketed.as_str()
+    } else {
+        host
+    };
     Ok(OriginPattern::Exact(match port {
         Some(p) => format!("{scheme}://{host}:{p}"),
         None => format!("{scheme}://{host}"),
@@ -304,6 +326,33 @@ mod tests {
         assert!(parse_origin_pattern("file://")
             .unwrap_err()
             .contains("no host"));
+        // IPv6 literals as browsers serialise them, or refused.
+        for (written, origin) in [
+            ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
+            ("http://[::1]:80", "http://[::1]"),
+            ("https://[2001:DB8::1]:443", "https://[2001:db8::1]"),
+            ("http://[2001:0db8::1]", "http://[2001:db8::1]"),
+            (
+                "http://[::ffff:127.0.0.1]:8081",
+                "http://[::ffff:7f00:1]:8081",
+            ),
+        ] {
+            assert_eq!(
+                parse_origin_pattern(written),
+                Ok(OriginPattern::Exact(origin.into())),
+                "{written}"
+            );
+        }
+        for bad in [
+            "http://[::1",
+            "http://::1:8080",
+            "http://[]",
+            "http://[v1.x]",
+            "http://[1.2.3.4]",
+            "http://[fe80::1%25eth0]",
+        ] {
+            assert!(parse_origin_pattern(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
