@@ -466,6 +466,16 @@ fn check_reports_every_semantic_error_with_its_field_path() {
         text.contains(&format!("cannot read nokey.pem ({})", looked.display())),
         "{text}"
     );
+    // An upstream whose bracketed host is no IPv6 address (a zone id) is refused, not
+    // left to fail every upgrade with a name lookup.
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults: {auth: {required: false}, upstream: \"ws://[::1%25lo]:9\"}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("not an IPv6 address"), "{text}");
     // A frame limit in `defaults` above one route's own message limit names the route.
     std::fs::write(
         &path,

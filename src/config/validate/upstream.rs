@@ -45,6 +45,18 @@ impl Validator<'_> {
             self.err(field, format!("{url:?} has no host"));
             return None;
         };
+        // A bracketed host must be an IPv6 address (a zone id, `[fe80::1%25eth0]`, would
+        // be looked up as a name and fail every upgrade).
+        if let Some(inner) = host.strip_prefix('[') {
+            let address = inner.strip_suffix(']').unwrap_or(inner);
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                self.err(
+                    field,
+                    format!("{url:?}: the host in brackets is not an IPv6 address (zone ids are not supported)"),
+                );
+                return None;
+            }
+        }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             self.err(
                 field,
