@@ -482,6 +482,23 @@ pub fn default_port(scheme: &str) -> Option<u16> {
     }
 }
 
+/// An Origin's bracketed IPv6 host (`[0:0::1]`) as browsers serialise it (`[::1]`:
+/// compressed lowercase hex, a mapped IPv4 address in hex too); `None` if it is not one.
+pub fn ipv6_origin_host(host: &str) -> Option<String> {
+    let address = host
+        .strip_prefix('[')?
+        .strip_suffix(']')?
+        .parse::<std::net::Ipv6Addr>()
+        .ok()?;
+    Some(match address.to_ipv4_mapped() {
+        Some(_) => {
+            let s = address.segments();
+            format!("[::ffff:{:x}:{:x}]", s[6], s[7])
+        }
+        None => format!("[{address}]"),
+    })
+}
+
 /// One `origin.allow` entry, lower-cased.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OriginPattern {

@@ -25,6 +25,12 @@ pub fn matching<'r>(rules: &'r OriginRules, origin: Option<&str>) -> Option<Allo
     let (scheme, rest) = origin.split_once("://")?;
     let (host, port) = split_port(rest);
     let port = port.filter(|p| Some(*p) != crate::policy::default_port(scheme));
+    // An IPv6 host compared in the form the rules keep (browsers send it so already).
+    let canonical = host
+        .starts_with('[')
+        .then(|| crate::policy::ipv6_origin_host(host))
+        .flatten();
+    let host = canonical.as_deref().unwrap_or(host);
     rules
         .allow
         .iter()

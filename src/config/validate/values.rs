@@ -218,20 +218,11 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     // hex, RFC 5952 as the URL standard does it), so that it can match.
     let bracketed;
     let host = if host.contains(['[', ']', ':']) {
-        let address = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
-            .ok_or_else(|| {
-                format!("{shown:?}: an IPv6 host is written in brackets, as in http://[2001:db8::1]:8080")
-            })?;
-        bracketed = match address.to_ipv4_mapped() {
-            Some(_) => {
-                let s = address.segments();
-                format!("[::ffff:{:x}:{:x}]", s[6], s[7])
-            }
-            None => format!("[{address}]"),
-        };
+        bracketed = crate::policy::ipv6_origin_host(host).ok_or_else(|| {
+            format!(
+                "{shown:?}: an IPv6 host is written in brackets, as in http://[2001:db8::1]:8080"
+            )
+        })?;
         bracketed.as_str()
     } else {
         host
