@@ -211,14 +211,7 @@ async fn the_drain_ends_with_the_close_handshakes_not_the_linger() {
 /// even while a silent client holds its own close open until the write deadline.
 #[tokio::test]
 async fn an_upstream_that_answers_is_let_go_while_a_silent_client_is_still_waited_for() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("ws://{}", listener.local_addr().unwrap());
-    let policy = open_policy(&upstream, "    timeouts: {write_seconds: 10}\n");
-    let gate = TestGate::start_with(&policy, false).await;
-    let (_silent, mut upstream) = tokio::join!(
-        upgrade_raw_path(gate.addr, "/ws"),
-        accept_upgrade(&listener)
-    );
+    let (gate, _silent, mut upstream) = raw_pair("    timeouts: {write_seconds: 10}\n").await;
     gate.running.begin_shutdown();
     let close = read_frame(&mut upstream).await.unwrap();
     assert_eq!(
@@ -250,14 +243,7 @@ async fn an_upstream_that_answers_is_let_go_while_a_silent_client_is_still_waite
 /// the relayed close, and the gate would wait for it until the write deadline.
 #[tokio::test]
 async fn an_upstream_that_closed_first_is_let_go_while_a_silent_client_is_still_waited_for() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("ws://{}", listener.local_addr().unwrap());
-    let policy = open_policy(&upstream, "    timeouts: {write_seconds: 10}\n");
-    let gate = TestGate::start_with(&policy, false).await;
-    let (_silent, mut upstream) = tokio::join!(
-        upgrade_raw_path(gate.addr, "/ws"),
-        accept_upgrade(&listener)
-    );
+    let (_gate, _silent, mut upstream) = raw_pair("    timeouts: {write_seconds: 10}\n").await;
     let mut close = 4003u16.to_be_bytes().to_vec();
     close.extend_from_slice(b"bye");
     upstream
@@ -283,5 +269,56 @@ async fn an_upstream_that_closed_first_is_let_go_while_a_silent_client_is_still_
     assert!(
         took > Duration::from_millis(1500) && took < Duration::from_secs(4),
         "FIN {took:?} after the close reply (the linger time is 2 s)"
+    );
+}
+
+/// A gate (with `route_extra` on its route) and one connection through it, both ends
+/// raw sockets that do only what the test makes them: (gate, client, upstream).
+async fn raw_pair(route_extra: &str) -> (TestGate, tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}", listener.local_addr().unwrap());
+    let gate = TestGate::start_with(&open_policy(&upstream, route_extra), false).await;
+    let (client, upstream) = tokio::join!(
+        upgrade_raw_path(gate.addr, "/ws"),
+        accept_upgrade(&listener)
+    );
+    (gate, client, upstream)
+}
+
+/// A side that floods past the gate's close is cut off after the frames the gate reads
+/// for its reply, and let go (FIN, lingering) at once, not when the other side's close
+/// ends: here the upstream never answers its 1001, and would hold the client's close
+/// open until the write deadline (10 s).
+#[tokio::test]
+async fn a_client_flooding_past_the_close_is_let_go_while_the_upstream_is_still_waited_for() {
+    let (_gate, mut client, _silent) =
+        raw_pair("    timeouts: {idle_seconds: 1, write_seconds: 10}\n").await;
+    let close = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("no idle close")
+        .unwrap();
+    assert_eq!(
+        (close.opcode, &close.payload[..2]),
+        (8, &1001u16.to_be_bytes()[..])
+    );
+    let closed = tokio::time::Instant::now();
+    // Frames, never the close reply, until the gate's FIN (or 6 s).
+    let flood = frame(0x82, b"0123456789", true).repeat(256);
+    let (mut reader, mut writer) = client.split();
+    let writing = async {
+        while closed.elapsed() < Duration::from_secs(6) && writer.write_all(&flood).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let mut rest = Vec::new();
+    let fin = tokio::select! {
+        read = reader.read_to_end(&mut rest) => read,
+        () = writing => Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    assert!(matches!(fin, Ok(0)), "no FIN from the gate: {fin:?}");
+    let took = closed.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "FIN {took:?} after the close (the upstream's close would end at 10 s)"
     );
 }

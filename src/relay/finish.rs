@@ -63,22 +63,20 @@ pub(super) async fn close_both(
         }
         None => {}
     }
-    // Each side is shut as soon as its own close is done: an upstream that answered is
-    // not kept open while a silent client is waited for. Its FIN is awaited here too,
-    // for at most the linger time from its close reply; if the client's close ends
-    // first, the rest of that wait is left to the linger (the close is logged first).
-    let fin_wait_until = OnceLock::new();
-    let client_end = end_and_shut(client, to_client, deadline, false);
+    // Each side is let go as soon as its own close is done, not when the other side's
+    // ends: an upstream that answered is not kept open while a silent client is waited
+    // for, and a client that flooded past our close gets its FIN while an upstream that
+    // does not answer is still waited for. If one side's close ends while the other is
+    // still being let go, the rest of that is left to the linger (the close is logged
+    // first).
+    let (client_rest, upstream_rest) = (OnceLock::new(), OnceLock::new());
+    let client_end = async {
+        let finish = end_and_shut(client, to_client, deadline, false).await;
+        let_go_now(client, finish, &client_rest).await
+    };
     let upstream_end = async {
         let finish = end_and_shut(upstream, to_upstream, deadline, after_peer).await;
-        if finish != Finish::AfterPeer(None) {
-            return finish;
-        }
-        let until = Instant::now() + linger::LINGER_TIME;
-        let _ = fin_wait_until.set(until);
-        linger::discard_until(&mut upstream.io, until).await;
-        linger::shutdown(&mut upstream.io, until).await;
-        Finish::Shut
+        let_go_now(upstream, finish, &upstream_rest).await
     };
     tokio::pin!(client_end, upstream_end);
     let (mut client_finish, mut upstream_finish) = (None, None);
@@ -93,13 +91,29 @@ pub(super) async fn close_both(
                 upstream_finish = Some(finish);
             }
         }
-        match (client_finish, upstream_finish, fin_wait_until.get()) {
-            (Some(c), Some(u), _) => Poll::Ready((c, u)),
-            (Some(c), None, Some(&until)) => Poll::Ready((c, Finish::AfterPeer(Some(until)))),
+        let client_finish = client_finish.or_else(|| client_rest.get().copied());
+        let upstream_finish = upstream_finish.or_else(|| upstream_rest.get().copied());
+        match (client_finish, upstream_finish) {
+            (Some(c), Some(u)) => Poll::Ready((c, u)),
             _ => Poll::Pending,
         }
     })
     .await
+}
+
+/// Let `leg` go at once if `finish` has it wait on its peer (the lingering close, or the
+/// upstream's FIN): recorded in `rest` first is what is left of that for [`Ended::linger`]
+/// should the other side's close end meanwhile.
+async fn let_go_now(leg: &mut Leg, finish: Finish, rest: &OnceLock<Finish>) -> Finish {
+    let until = Instant::now() + linger::LINGER_TIME;
+    let left = match finish {
+        Finish::AfterPeer(None) => Finish::AfterPeer(Some(until)),
+        Finish::Linger | Finish::Discard => Finish::LingerUntil(until),
+        finish => return finish,
+    };
+    let _ = rest.set(left);
+    let_go(leg, finish, until).await;
+    Finish::Shut
 }
 
 /// How long a frame begun toward a side gets to end, so that the side's close frame can
@@ -196,6 +210,9 @@ pub(super) enum Finish {
     Linger,
     /// As `Linger`, with close_notify and FIN already sent: only the discarding is left.
     Discard,
+    /// The rest of a `Linger` or `Discard` begun before the relay ended: until the
+    /// instant given (close_notify and FIN again are no-ops if they went).
+    LingerUntil(Instant),
     /// The close handshake completed with the upstream: wait for its FIN (discarding
     /// anything else), then send ours. The gate is the upstream's client, and a WebSocket
     /// client lets the server close TCP first (RFC 6455 §7.1.1), so that the server, not
@@ -232,6 +249,7 @@ async fn let_go(leg: &mut Leg, finish: Finish, deadline: Instant) {
         Finish::Shutdown => linger::shutdown(&mut leg.io, deadline).await,
         Finish::Linger => linger::close(&mut leg.io, deadline).await,
         Finish::Discard => linger::discard_until(&mut leg.io, deadline).await,
+        Finish::LingerUntil(until) => linger::close(&mut leg.io, until.min(deadline)).await,
         Finish::AfterPeer(until) => {
             let deadline = until.map_or(deadline, |until| until.min(deadline));
             linger::discard_until(&mut leg.io, deadline).await;
