@@ -316,7 +316,7 @@ impl Metrics {
                     .get_or_create_owned(&direction("upstream_to_client")),
             },
             ping_rtt: self.ping_rtt.get_or_create_owned(&label),
-            active,
+            active: Some(active),
             route: route.to_owned(),
             metrics: self.clone(),
         }
@@ -344,14 +344,19 @@ pub struct ConnectionMetrics {
     pub client_to_upstream: MessageCounters,
     pub upstream_to_client: MessageCounters,
     pub ping_rtt: Histogram,
-    active: Gauge,
+    /// Its place in `wsgate_connections_active`, left when the close is counted.
+    active: Option<Gauge>,
     route: String,
     metrics: Arc<Metrics>,
 }
 
 impl ConnectionMetrics {
-    /// Count the close and the connection's lifetime.
-    pub fn closed(&self, reason: &'static str, seconds: f64) {
+    /// Count the close and the connection's lifetime; it leaves
+    /// `wsgate_connections_active` with them, not once its sockets have lingered.
+    pub fn closed(&mut self, reason: &'static str, seconds: f64) {
+        if let Some(active) = self.active.take() {
+            active.dec();
+        }
         self.metrics
             .closes
             .get_or_create_owned(&ReasonLabels {
@@ -374,7 +379,9 @@ impl ConnectionMetrics {
 
 impl Drop for ConnectionMetrics {
     fn drop(&mut self) {
-        self.active.dec();
+        if let Some(active) = self.active.take() {
+            active.dec();
+        }
     }
 }
 

@@ -322,3 +322,48 @@ async fn a_client_flooding_past_the_close_is_let_go_while_the_upstream_is_still_
         "FIN {took:?} after the close (the upstream's close would end at 10 s)"
     );
 }
+
+/// A connection leaves `wsgate_connections_active` when its close is counted, not once
+/// its sockets have lingered: here the refused client never closes its side, and the
+/// gate discards what it might still send for 2 s after the close.
+#[tokio::test]
+async fn a_lingering_connection_is_no_longer_counted_active() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(
+        &open_policy(&upstream.url(), "    messages: {max_message_bytes: 1024}\n"),
+        false,
+    )
+    .await;
+    let mut client = upgrade_raw_path(gate.addr, "/ws").await;
+    gate.wait_metric(
+        "wsgate_connections_active{route=\"ws\"}",
+        1.0,
+        Duration::from_secs(5),
+        "the open connection",
+    )
+    .await;
+    client
+        .write_all(&frame(0x82, &[7u8; 2048], true))
+        .await
+        .unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("no close")
+        .unwrap();
+    assert_eq!(
+        (close.opcode, &close.payload[..2]),
+        (8, &1009u16.to_be_bytes()[..])
+    );
+    gate.wait_metric(
+        "wsgate_closes_total{route=\"ws\",reason=\"client_message_too_big\"}",
+        1.0,
+        Duration::from_secs(5),
+        "the close",
+    )
+    .await;
+    assert_eq!(
+        gate.metric("wsgate_connections_active{route=\"ws\"}").await,
+        0.0
+    );
+    drop(client);
+}
