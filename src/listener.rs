@@ -347,6 +347,7 @@ async fn serve_http<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(next_head.max(Duration::from_millis(1)))
         .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(LATER_HEAD_FIELDS)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -362,6 +363,12 @@ async fn serve_http<I>(
         }
     }
 }
+
+/// How many fields hyper parses in a later head on a kept-alive connection, so that the
+/// gate's own check (100 fields, as for a first head) answers with its JSON 431: at
+/// hyper's default of 100 it would answer a bare 431 itself. The index is allocated per
+/// later request (about 64 bytes a field), and freed with it.
+const LATER_HEAD_FIELDS: usize = 512;
 
 /// The write deadline of a connection hyper serves (plain requests, HTTP/2): the longest
 /// `write_seconds` of the policy's routes, since the route is not known for the connection

@@ -110,6 +110,35 @@ async fn a_pipelined_head_over_16_kib_is_431() {
     }
 }
 
+/// A later head with more than 100 fields gets the same JSON 431 as a first one (hyper's
+/// own cap, higher, would answer a bare 431), pipelined or sent after the first answer.
+#[tokio::test]
+async fn a_later_head_over_100_fields_is_the_json_431() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let first = "GET /public/a HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    for (fields, expected) in [
+        // The upstream (hyper) takes 100 fields, the gate's forwarding headers included.
+        (90, "HTTP/1.1 200"),
+        (101, "HTTP/1.1 431"),
+        (150, "HTTP/1.1 431"),
+    ] {
+        // Host and Connection are two of them.
+        let more: String = (2..fields).map(|i| format!("X-{i}: v\r\n")).collect();
+        let second =
+            format!("GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{more}\r\n");
+        let response = gate.raw(format!("{first}{second}").as_bytes()).await;
+        let (_, two) = response[12..]
+            .split_once("HTTP/1.1 ")
+            .unwrap_or_else(|| panic!("one answer only: {response}"));
+        let two = format!("HTTP/1.1 {two}");
+        assert!(two.starts_with(expected), "{fields} fields: {two}");
+        if expected.ends_with("431") {
+            assert!(two.contains("\"bad_request\""), "{fields} fields: {two}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_plain_request_without_a_token_is_401_and_never_reaches_the_app() {
     let upstream = Upstream::start().await;
