@@ -722,6 +722,56 @@ async fn a_store_that_stalled_is_used_again_within_a_second() {
     closed.wait_up(true).await;
 }
 
+/// A connection's end waits for the store to have its releases at most `timeout_ms` in
+/// all, not once per lease (it holds two: its address's and its subject's), before the
+/// close reply goes; here the store stalls for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_waits_at_most_timeout_ms_for_a_stalled_store() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let policy = policy(&upstream.url(), &prefix(), "open", OPEN_RATE)
+        .replace(&format!("timeout_ms: {TIMEOUT_MS}"), "timeout_ms: 400");
+    let gate = Gate::start(&policy, &redis.url());
+    gate.wait_up(true).await;
+    let mut ws = gate.open("stalled", "10.6.0.9").await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg("3000")
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let closing = Instant::now();
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+    let took = closing.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "the close reply came {took:?} after the close (timeout_ms is 400)"
+    );
+}
+
+/// In report mode with `on_failure: closed`, an upgrade the store could not decide is let
+/// through on local limits and reported once, not once per call it could not make (the
+/// address, the subject, the revocations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_reports_limits_unavailable_once_per_upgrade() {
+    let upstream = Upstream::start().await;
+    let policy = policy(&upstream.url(), &prefix(), "closed", OPEN_RATE)
+        .replace("version: 1\n", "version: 1\nmode: report\n");
+    // Nothing listens there.
+    let gate = Gate::start(&policy, &format!("redis://127.0.0.1:{}/", free_port()));
+    let series = "wsgate_report_violations_total{route=\"ws\",reason=\"limits_unavailable\"}";
+    for (i, sub) in ["first", "second"].iter().enumerate() {
+        let _ws = gate.open(sub, "10.6.1.1").await;
+        let reported = gate.metric(series).await;
+        assert_eq!(reported, (i + 1) as f64, "after {} upgrades", i + 1);
+    }
+}
+
 /// Upgrades refused while the store stalled leave no slot behind: their script calls, which
 /// timed out at the gate, ran in the store once it answered again and took the address's
 /// slots; the gate releases them then, not when their lease (30 s here) would expire.
@@ -1521,6 +1571,41 @@ async fn slow_relay(target: u16, delay: Duration) -> (u16, tokio::task::JoinHand
     (port, accepting)
 }
 
+/// As above, with every connection closed after its upgrade: the releases (bounded at a
+/// second, so they succeed in 150 ms) do not count as the store answering in time, which
+/// would clear the upgrades' failures each time and keep a slow store up for good, every
+/// upgrade waiting out `timeout_ms` twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slower_than_timeout_ms_is_marked_down_while_connections_come_and_go() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let (port, relay) = slow_relay(redis.port, Duration::from_millis(150)).await;
+    let upstream = Upstream::start().await;
+    let gate = Gate::start(
+        &policy(&upstream.url(), &prefix(), "open", OPEN_RATE),
+        &format!("redis://127.0.0.1:{port}/"),
+    );
+    let mut slowest = Duration::ZERO;
+    for i in 0..12 {
+        let started = Instant::now();
+        drop(gate.open(&format!("slow{i}"), "10.7.0.1").await);
+        if i >= 8 {
+            slowest = slowest.max(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(gate.metric("wsgate_cluster_up").await, 0.0);
+    assert_eq!(gate.logged("cluster store unreachable"), 1);
+    assert_eq!(gate.logged("cluster store reachable again"), 0);
+    // Down, the upgrades do not wait for it (2 × timeout_ms would be 100 ms).
+    assert!(
+        slowest < Duration::from_millis(2 * TIMEOUT_MS),
+        "an upgrade took {slowest:?} with the store down"
+    );
+    relay.abort();
+}
+
 /// A store that takes 600 ms per answer, within `timeout_ms: 5000`, is used: the store
 /// client's own response timeout (500 ms by default) does not cut the policy's bound short.
 /// (An upgrade's first call may take a few round trips: the scripts are loaded then.)
@@ -1565,8 +1650,8 @@ async fn a_store_slower_than_timeout_ms_stays_down_without_swinging() {
         &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
         &format!("redis://127.0.0.1:{port}/"),
     );
-    // Its first call (connecting) is bounded by a second: it comes up.
-    open.wait_up(true).await;
+    // No call of its answers within `timeout_ms`: it is never up, not even at first
+    // (connecting and the first renewal are bounded by a second, and succeed).
     let mut held = Vec::new();
     for i in 0..20 {
         held.push(open.open(&format!("slow{i}"), "10.7.0.1").await);

@@ -135,18 +135,22 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// Free them now, the shared ones waiting (at most `within` each) until the store has
-    /// heard: for an upgrade that fails after its admission (the upstream refused or is
-    /// down), whose client may try again at once.
+    /// Free them now, the shared ones waiting (at most `within` for both: they are queued
+    /// together and go in one batch) until the store has heard: for a connection's end,
+    /// and an upgrade that fails after its admission (the upstream refused or is down),
+    /// whose client may try again at once.
     pub async fn release(self, within: std::time::Duration) {
         let Slots {
             _shared_ip,
             _shared_subject,
             ..
         } = self;
-        for lease in [_shared_ip, _shared_subject].into_iter().flatten() {
-            lease.release(within).await;
-        }
+        let release = |lease: Option<Lease>| async move {
+            if let Some(lease) = lease {
+                lease.release(within).await;
+            }
+        };
+        tokio::join!(release(_shared_ip), release(_shared_subject));
     }
 }
 
@@ -309,8 +313,11 @@ impl Verdicts<'_> {
         match answer {
             Ok(value) => Ok(Some(value)),
             Err(Unavailable(on_failure)) => {
+                // In report mode one upgrade's `limits_unavailable` is reported once, not
+                // once per call that could not be made (address, subject, revocations).
+                let first = *limits != Limits::Local;
                 *limits = Limits::Local;
-                if on_failure == OnFailure::Closed {
+                if on_failure == OnFailure::Closed && first {
                     let refusal = Rejection::LimitsUnavailable {
                         retry_after: LIMITS_RETRY_AFTER,
                     };

@@ -104,19 +104,30 @@ impl Store {
     }
 }
 
-/// The key names, all under the prefix.
+/// The key names, all under the prefix: `<prefix><kind>:<route>:<client or subject>`,
+/// the route name with its `%` and `:` escaped, so that the key names one route and one
+/// client (route `a` with subject `b:c` is not route `a:b` with subject `c`).
 struct Keys<'a>(&'a str);
 
 impl Keys<'_> {
     fn rate(&self, route: &str, client: &str) -> String {
-        format!("{}rate:{route}:{client}", self.0)
+        format!("{}rate:{}:{client}", self.0, key_part(route))
     }
     fn ip(&self, route: &str, client: &str) -> String {
-        format!("{}ip:{route}:{client}", self.0)
+        format!("{}ip:{}:{client}", self.0, key_part(route))
     }
     fn subject(&self, route: &str, subject: &str) -> String {
-        format!("{}sub:{route}:{subject}", self.0)
+        format!("{}sub:{}:{subject}", self.0, key_part(route))
     }
+}
+
+/// A route name as a key part: `%` and `:` percent-encoded (most names have neither, and
+/// are kept as they are).
+fn key_part(route: &str) -> std::borrow::Cow<'_, str> {
+    if !route.contains([':', '%']) {
+        return route.into();
+    }
+    route.replace('%', "%25").replace(':', "%3A").into()
 }
 
 const UNKNOWN: u8 = 0;
@@ -542,13 +553,23 @@ impl Cluster {
         within: Duration,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
         let error = match tokio::time::timeout(within, call).await {
             Ok(Ok(value)) => {
+                // Only an answer within an upgrade's `timeout_ms` shows the store usable.
+                // A slower one (a renewal's or a release's, bounded at a second) would
+                // clear the failures of the upgrades that timed out meanwhile, and a slow
+                // store would never be marked down, each upgrade paying its bound twice.
                 // While the store is down, only the upkeep's probe brings it back (a PING
                 // within `timeout_ms`): a slower call that succeeds, such as a revocation
                 // reload's next round trip, would mark it up for the next upgrades to mark
                 // down again.
-                if !self.health.down() {
+                let in_time = self
+                    .store
+                    .load()
+                    .as_ref()
+                    .is_none_or(|store| started.elapsed() <= store.config.timeout);
+                if in_time && !self.health.down() {
                     self.health.ok();
                 }
                 return Ok(value);
@@ -832,4 +853,19 @@ fn gate_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{host}/{}/{nanos:x}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_name_with_a_colon_keeps_its_keys_apart() {
+        let keys = Keys("p:");
+        assert_ne!(keys.subject("a", "b:c"), keys.subject("a:b", "c"));
+        assert_ne!(keys.ip("a", "b:1"), keys.ip("a:b", "1"));
+        assert_eq!(keys.subject("chat", "alice"), "p:sub:chat:alice");
+        assert_eq!(keys.ip("a:b%", "1.2.3.4"), "p:ip:a%3Ab%25:1.2.3.4");
+        assert_eq!(keys.rate("a%3Ab", "1.2.3.4"), "p:rate:a%253Ab:1.2.3.4");
+    }
 }
