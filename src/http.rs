@@ -96,7 +96,7 @@ pub async fn handle(
     let (parts, _) = req.into_parts();
     let (response, admitted) = answer(&gate, conn, Asked::Upgrade(parts)).await;
     if let Some(admitted) = admitted {
-        gate.shutdown.tracker().spawn(async move {
+        gate.shutdown.spawn_relay(async move {
             // (Not a `match` around the relay's await: its scrutinee would be kept beside
             // the relay for the connection's life.)
             // Counted accepted already: a client gone before its upgrade completed is ended

@@ -297,7 +297,7 @@ async fn serve_http<I>(
                         Ok(Ok(())) => relay::Client::new(io, &head[len..]),
                         _ => relay::Client::gone(),
                     };
-                    gate.shutdown.tracker().spawn(admitted.relay(client, None));
+                    gate.shutdown.spawn_relay(admitted.relay(client, None));
                     return;
                 }
                 None => decided = Some(response),

@@ -568,9 +568,9 @@ async fn drain(
         .await;
     running.begin_shutdown();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    // Connections still running, closing ones included (an admitted connection leaves the
+    // WebSockets still relayed, closing ones included (an admitted connection leaves the
     // admission count as its close begins).
-    let open = || running.gate.shutdown.tracker().len();
+    let open = || running.gate.shutdown.relays_open();
     let drained = tokio::select! {
         drained = running.drain(left) => drained,
         () = signals.next() => {

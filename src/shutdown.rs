@@ -70,6 +70,9 @@ pub struct Stop {
 pub struct Shutdown {
     token: CancellationToken,
     tracker: TaskTracker,
+    /// The relays among `tracker`'s tasks (a connection's other tasks, such as an HTTP/2
+    /// connection's own and its streams', are not WebSockets).
+    relays: TaskTracker,
     draining: Arc<AtomicBool>,
     unready: Arc<AtomicBool>,
     accepting: CancellationToken,
@@ -155,6 +158,20 @@ impl Shutdown {
 
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
+    }
+
+    /// Run a WebSocket's relay as a task the drain waits for, counted in
+    /// [`Shutdown::relays_open`].
+    pub fn spawn_relay<F>(&self, relay: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(self.relays.track_future(relay));
+    }
+
+    /// WebSockets still relayed, closing and lingering ones included.
+    pub fn relays_open(&self) -> usize {
+        self.relays.len()
     }
 
     pub fn tracker(&self) -> &TaskTracker {

@@ -705,3 +705,25 @@ async fn during_the_shutdown_delay_new_streams_are_admitted_then_drained() {
     let (code, _) = gate.exited(Duration::from_secs(5)).await;
     assert_eq!(code, 0);
 }
+
+/// A drain cut short counts the WebSockets still open, not the tasks under them: one
+/// stream whose client never answers its 1001 is `open=1`, as over HTTP/1.1, although
+/// its HTTP/2 connection has tasks of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_cut_short_counts_an_h2_websocket_once() {
+    let upstream = Upstream::start().await;
+    let (_dir, path) = policy_file(&upstream);
+    let mut gate = Proc::start(&path, &["--drain-seconds", "20"]);
+    let mut h2 = H2::h2c(gate.addr).await;
+    // Never read: its 1001 is never answered.
+    let (_silent, _) = h2.websocket("/ws", &[]).await.unwrap();
+    gate.signal("TERM");
+    let line = gate.wait_line("draining connections");
+    assert!(line.contains("open=1"), "{line}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.signal("INT");
+    let cut = gate.wait_line("the drain is cut short");
+    assert!(cut.contains("open=1"), "{cut}");
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+}
