@@ -36,13 +36,19 @@ impl Params {
         let mut p = Params::default();
         for part in parts {
             let (name, value) = match part.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                Some((n, v)) => (n.trim(), Some(unquoted(v.trim())?)),
                 None => (part, None),
             };
+            // RFC 7692 §7.1.2: a decimal integer from 8 to 15 without leading zeroes
+            // (`08` too is declined, as Python `websockets` and Node `ws` decline it).
             let bits = |v: Option<&str>| {
-                v.filter(|v| (1..=2).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u8>().ok())
-                    .filter(|b| (8..=15).contains(b))
+                v.filter(|v| {
+                    (1..=2).contains(&v.len())
+                        && !v.starts_with('0')
+                        && v.bytes().all(|b| b.is_ascii_digit())
+                })
+                .and_then(|v| v.parse::<u8>().ok())
+                .filter(|b| (8..=15).contains(b))
             };
             match name.to_ascii_lowercase().as_str() {
                 "server_no_context_takeover"
@@ -116,6 +122,37 @@ impl Params {
     }
 }
 
+/// A parameter's value as a token or a quoted string (RFC 9110 §5.6.6); `None` for a
+/// quote that does not close, or one inside a token. A value of this extension is digits
+/// either way, so a quoted-pair is not unescaped (its backslash fails the value).
+fn unquoted(value: &str) -> Option<&str> {
+    match value.strip_prefix('"') {
+        Some(rest) => rest.strip_suffix('"').filter(|inner| !inner.contains('"')),
+        None => (!value.contains('"')).then_some(value),
+    }
+}
+
+/// The elements of a `Sec-WebSocket-Extensions` value: split at the commas that are not
+/// inside a quoted string (`a; x="1,2"` is one element).
+fn elements(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                out.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&value[start..]);
+    out
+}
+
 /// permessage-deflate as negotiated for the messages one side sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deflate {
@@ -142,7 +179,7 @@ impl Offers {
             .get_all(SEC_WEBSOCKET_EXTENSIONS)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .flat_map(elements)
             .filter_map(Params::parse)
             .take(MAX_OFFERS)
             .collect();
@@ -243,6 +280,43 @@ mod tests {
             None
         );
         assert_eq!(Offers::from_request(&HeaderMap::new()).header_value(), None);
+    }
+
+    /// Values as RFC 7692 writes them: no leading zero, a quoted string closed and
+    /// never split at a comma inside it (found by an audit: `08` was taken as 8, and a
+    /// quoted comma made half a value an offer of its own).
+    #[test]
+    fn malformed_values_and_quoted_commas_are_declined() {
+        for declined in [
+            "permessage-deflate; server_max_window_bits=08",
+            "permessage-deflate; client_max_window_bits=\"09\"",
+            "permessage-deflate; server_max_window_bits=\"10",
+            "permessage-deflate; server_max_window_bits=10\"",
+            "permessage-deflate; server_max_window_bits=\"1\"0\"",
+            "permessage-deflate; server_max_window_bits=\"10, permessage-deflate\"",
+            "x-other; a=\"1,permessage-deflate,2\"",
+            "x-other; a=\"\\\",permessage-deflate,\"",
+        ] {
+            assert_eq!(
+                Offers::from_request(&request(&[declined])).header_value(),
+                None,
+                "{declined}"
+            );
+        }
+        let offers = Offers::from_request(&request(&[
+            "x-other; a=\"1,2\", permessage-deflate; server_max_window_bits=\"10\"",
+        ]));
+        assert_eq!(
+            offers.header_value().as_deref(),
+            Some("permessage-deflate; server_max_window_bits=10")
+        );
+        let any = Offers::from_request(&request(&["permessage-deflate"]));
+        for answer in [
+            "permessage-deflate; server_max_window_bits=08",
+            "permessage-deflate; server_max_window_bits=\"10",
+        ] {
+            assert_eq!(any.accept(&request(&[answer])), Err(Unoffered), "{answer}");
+        }
     }
 
     #[test]
