@@ -39,6 +39,23 @@ pub(crate) fn check_head(
     if method.as_str().len() + 1 + target + 9 > MAX_REQUEST_LINE {
         return Err(Rejection::UriTooLong);
     }
+    // An absolute-form target (RFC 9112 §3.2.2), whose authority the listener made the
+    // Host: a web scheme, and no user information (RFC 9110 §4.2.4).
+    if let Some(scheme) = uri.scheme_str() {
+        if !["http", "https", "ws", "wss"]
+            .iter()
+            .any(|web| scheme.eq_ignore_ascii_case(web))
+        {
+            return Err(Rejection::BadRequest(
+                "the request target's scheme is not http, https, ws or wss",
+            ));
+        }
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(Rejection::BadRequest(
+            "the request target's authority has user information",
+        ));
+    }
     let mut hosts = headers.get_all(header::HOST).iter();
     if let Some(host) = hosts.next() {
         if hosts.next().is_some() {

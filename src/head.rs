@@ -198,7 +198,14 @@ pub fn parts(head: &Bytes) -> Option<(http::request::Parts, usize)> {
             http::HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?,
         );
     }
-    let (parts, ()) = builder.body(()).ok()?.into_parts();
+    let (mut parts, ()) = builder.body(()).ok()?.into_parts();
+    // An absolute-form target's authority is the host (RFC 9112 §3.2.2), as for the
+    // requests hyper reads (`http::handle`); a Host is still required.
+    if parts.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = crate::http::authority_host(&parts.uri) {
+            parts.headers.insert(http::header::HOST, authority);
+        }
+    }
     Some((parts, len))
 }
 

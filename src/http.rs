@@ -71,7 +71,14 @@ pub async fn handle(
     stream: Option<H2Stream>,
 ) -> Result<Response<Body>, Infallible> {
     let upgrade = match conn.protocol {
-        Protocol::Http1 => is_upgrade(req.headers()),
+        Protocol::Http1 => {
+            // RFC 9112 §3.2.2: an absolute-form target's authority is the request's host,
+            // whatever Host says (one is still required, as RFC 9112 §3.2 says).
+            if req.headers().contains_key(header::HOST) {
+                authority_as_host(&mut req);
+            }
+            is_upgrade(req.headers())
+        }
         Protocol::H2 => {
             authority_as_host(&mut req);
             // Every CONNECT is taken for a WebSocket: `check_upgrade` refuses the others.
@@ -120,16 +127,18 @@ pub async fn handle(
 }
 
 /// RFC 9113 §8.3.1: an HTTP/2 request names its host in `:authority`, which takes the
-/// place of Host (and wins over a Host header sent beside it). Everything after this
-/// reads the Host header, as for HTTP/1.1.
+/// place of Host (and wins over a Host header sent beside it); so does the authority of
+/// an HTTP/1.1 absolute-form target. Everything after this reads the Host header.
 fn authority_as_host(req: &mut Request<Incoming>) {
-    let authority = req
-        .uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    if let Some(authority) = authority {
+    if let Some(authority) = authority_host(req.uri()) {
         req.headers_mut().insert(header::HOST, authority);
     }
+}
+
+/// The target's authority as a Host value, when it has one (see [`authority_as_host`]).
+pub(crate) fn authority_host(uri: &http::Uri) -> Option<HeaderValue> {
+    uri.authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
 /// A request as the listener has it: a plain one whole (its body may go upstream), an

@@ -113,6 +113,42 @@ async fn an_invalid_host_is_400() {
     }
 }
 
+/// An absolute-form target (RFC 9112 §3.2.2): its authority is the request's host, not
+/// the Host header (as nginx and Envoy take it); a scheme that is not a web one, or user
+/// information, is refused.
+#[tokio::test]
+async fn an_absolute_form_target_names_the_host() {
+    let (gate, upstream) = gate().await;
+    for target in [
+        "ftp://localhost/ws",
+        "http://user:pw@localhost/ws",
+        "http://evil/x?y",
+    ] {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+        let (status, body) = answer(&gate, &head).await;
+        let expected = if target.starts_with("http://evil") {
+            (404, Some("no_route"))
+        } else {
+            (400, Some("bad_request"))
+        };
+        assert_eq!((status, body["error"].as_str()), expected, "{target}");
+    }
+    assert_eq!(upstream.seen_count(), 0);
+    for target in ["http://other.example:8080/ws", "wss://other.example/ws"] {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+            .await
+            .unwrap();
+        let response = wire::read_head(&mut tcp).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 101"), "{target}: {response}");
+        let seen = upstream.last_seen();
+        let host = target.split('/').nth(2).unwrap();
+        assert_eq!(seen.headers["x-forwarded-host"], host, "{target}");
+        assert_eq!(seen.target, "/ws", "{target}");
+    }
+}
+
 /// Two Origin headers: which one would be checked? Refused.
 #[tokio::test]
 async fn two_origin_headers_are_400() {
