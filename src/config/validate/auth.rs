@@ -106,8 +106,11 @@ impl Validator<'_> {
                 // rotated away would.
                 self.warn(
                     field,
-                    "auth is required but no configured key is of a family auth.algorithms \
-                     names: every token on this route is refused",
+                    format!(
+                        "auth is required but no configured key is of a family \
+                         auth.algorithms names: every token on {} is refused",
+                        p.at
+                    ),
                 );
             } else {
                 self.err(field, "auth is required but no keys are configured");
