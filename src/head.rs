@@ -202,11 +202,18 @@ pub fn parts(head: &Bytes) -> Option<(http::request::Parts, usize)> {
     // An absolute-form target's authority is the host (RFC 9112 §3.2.2), as for the
     // requests hyper reads (`http::handle`); a Host is still required.
     if parts.headers.contains_key(http::header::HOST) {
-        if let Some(authority) = crate::http::authority_host(&parts.uri) {
+        if let Some(authority) = authority_host(&parts.uri) {
             parts.headers.insert(http::header::HOST, authority);
         }
     }
     Some((parts, len))
+}
+
+/// The target's authority as a Host value, when it has one: an absolute-form target's
+/// (RFC 9112 §3.2.2) or an HTTP/2 request's `:authority`, which take the place of Host.
+pub(crate) fn authority_host(uri: &http::Uri) -> Option<http::HeaderValue> {
+    uri.authority()
+        .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
 }
 
 /// Write a `101 Switching Protocols` head as hyper writes one: the status line, the

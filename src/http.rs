@@ -130,15 +130,9 @@ pub async fn handle(
 /// place of Host (and wins over a Host header sent beside it); so does the authority of
 /// an HTTP/1.1 absolute-form target. Everything after this reads the Host header.
 fn authority_as_host(req: &mut Request<Incoming>) {
-    if let Some(authority) = authority_host(req.uri()) {
+    if let Some(authority) = crate::head::authority_host(req.uri()) {
         req.headers_mut().insert(header::HOST, authority);
     }
-}
-
-/// The target's authority as a Host value, when it has one (see [`authority_as_host`]).
-pub(crate) fn authority_host(uri: &http::Uri) -> Option<HeaderValue> {
-    uri.authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
 /// A request as the listener has it: a plain one whole (its body may go upstream), an
