@@ -173,6 +173,8 @@ async fn serve(
         }
         ("/connections", _) => Err(Refusal::MethodNotAllowed("GET, HEAD")),
         ("/connections/close", &Method::POST) => {
+            // A selector put in the URL by mistake must not leave the body's alone.
+            no_query(req.uri(), "the selector goes in the JSON body")?;
             let body: CloseBody = read_json(req).await?;
             let filter = body.filter()?;
             let closed = operator.registry.close(&filter);
@@ -182,19 +184,11 @@ async fn serve(
         }
         ("/connections/close", _) => Err(Refusal::MethodNotAllowed("POST")),
         ("/revocations", &Method::GET | &Method::HEAD) => {
-            if let Some(pair) = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find(|p| !p.is_empty()))
-            {
-                let key = pair.split_once('=').map_or(pair, |(key, _)| key);
-                return Err(bad(format!(
-                    "unknown query parameter {key:?} (GET /revocations takes none)"
-                )));
-            }
+            no_query(req.uri(), "GET /revocations takes none")?;
             Ok(list_revocations(&operator.revocations))
         }
         ("/revocations", &Method::POST) => {
+            no_query(req.uri(), "the revocation goes in the JSON body")?;
             let body: RevocationBody = read_json(req).await?;
             let which = body.which()?;
             let ttl = match body.ttl_seconds {
@@ -234,6 +228,7 @@ async fn serve(
             Ok(answer)
         }
         ("/revocations", &Method::DELETE) => {
+            no_query(req.uri(), "the revocation goes in the JSON body")?;
             let body: RevocationBody = read_json(req).await?;
             let which = body.which()?;
             let lifted = operator.revocations.lift(&which);
@@ -392,12 +387,32 @@ fn parse_net(s: &str) -> Result<IpNet, Refusal> {
         .ok_or_else(|| bad(format!("{s:?} is not an address or a CIDR block")))
 }
 
+/// 400 for a request whose query has a parameter (`why` says where it belongs).
+fn no_query(uri: &http::Uri, why: &str) -> Result<(), Refusal> {
+    match uri
+        .query()
+        .and_then(|q| q.split('&').find(|p| !p.is_empty()))
+    {
+        Some(pair) => {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            Err(bad(format!("unknown query parameter {key:?} ({why})")))
+        }
+        None => Ok(()),
+    }
+}
+
 /// `GET /connections`: the filters from the query, newest first, at most `limit`.
 fn list(registry: &Registry, query: Option<&str>) -> Result<serde_json::Value, Refusal> {
     let mut filter = Filter::default();
     let mut limit = DEFAULT_LIMIT;
+    let mut seen: Vec<&str> = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // Which of two values would count? Neither: each filter is given once.
+        if seen.contains(&key) {
+            return Err(bad(format!("the query parameter {key:?} is given twice")));
+        }
+        seen.push(key);
         let value = percent_decode(value)
             .ok_or_else(|| bad(format!("the query parameter {key:?} is not valid UTF-8")))?;
         match key {

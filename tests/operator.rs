@@ -369,11 +369,33 @@ async fn malformed_oversized_and_misdirected_requests() {
         "/connections?who=me",
         "/connections?ip=10.0.0.0/33",
         "/connections?sub=%ff",
+        "/connections?route=chat&route=open",
         "/revocations?sub=me",
     ] {
         let (status, json) = operator(gate.admin, "GET", path, Value::Null).await;
         assert_eq!(status, 400, "{path}");
         assert_eq!(json["error"], "bad_request");
+    }
+    // The body endpoints take no query: a selector put in the URL is not left out.
+    for (method, path, body) in [
+        (
+            "POST",
+            "/connections/close?sub=alice",
+            json!({"route": "ws"}),
+        ),
+        (
+            "POST",
+            "/revocations?x=1",
+            json!({"sub": "q", "ttl_seconds": 60}),
+        ),
+        ("DELETE", "/revocations?x=1", json!({"sub": "q"})),
+    ] {
+        let (status, json) = operator(gate.admin, method, path, body).await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (400, Some("bad_request")),
+            "{method} {path}: {json}"
+        );
     }
     // A limit too large for any integer type is still a whole number: 1,000 at most.
     let (status, json) = operator(
