@@ -1757,3 +1757,51 @@ async fn a_kept_token_is_refused_once_a_reload_changes_the_key() {
     .await;
     invalid(&gate, &token).await;
 }
+
+/// Policies that would load and then not do what they say are refused by `check`: a
+/// private key where the public key goes (every token would be refused), a forwarded
+/// claim's header with an underscore (its dash spelling, which a client may send, is what
+/// CGI, WSGI and Rack servers read) or shared by two claims (one would be lost). And a
+/// `trusted_proxies` entry that trusts every peer is a warning.
+#[test]
+fn check_refuses_policies_that_would_not_do_what_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    let refused = |auth: &str, expected: &str| {
+        let policy = auth_policy("ws://127.0.0.1:9", auth);
+        let error = match wsgate::config::load_bytes(&policy_path, policy.as_bytes()) {
+            Ok(_) => panic!("{auth}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains(expected), "{auth}: {error}");
+    };
+    refused(
+        &format!(
+            "{{algorithms: [RS256], keys: [{{public_key_file: \"{}\"}}]}}",
+            key_path("rsa.key")
+        ),
+        "is a private key",
+    );
+    refused(
+        "{algorithms: [HS256], keys: [{hmac_secret_file: secret}], forward_claims: {sub: X_User}}",
+        "\"X-User\", a header any client can send",
+    );
+    refused(
+        "{algorithms: [HS256], keys: [{hmac_secret_file: secret}], forward_claims: {role: x-auth, tenant: X-Auth}}",
+        "one of them would be lost",
+    );
+
+    let open = auth_policy(
+        "ws://127.0.0.1:9",
+        "{algorithms: [HS256], keys: [{hmac_secret_file: secret}]}",
+    )
+    .replace(
+        "version: 1\n",
+        "version: 1\ntrusted_proxies: [10.0.0.0/8, 0.0.0.0/0, \"::/0\"]\n",
+    );
+    let loaded = wsgate::config::load_bytes(&policy_path, open.as_bytes())
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+    let fields: Vec<&str> = loaded.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["trusted_proxies[1]", "trusted_proxies[2]"]);
+}

@@ -130,10 +130,31 @@ impl Validator<'_> {
 
         let require_claims = self.claim_values(pick!(p, auth.require_claims), "accepted");
         let deny_claims = self.claim_values(pick!(p, auth.deny_claims), "denied");
-        let mut forward_claims = Vec::new();
+        let mut forward_claims: Vec<(String, HeaderName)> = Vec::new();
         if let Some((map, field)) = pick!(p, auth.forward_claims) {
             for (claim, header) in map {
                 match HeaderName::from_str(header) {
+                    // A client header with an underscore is dropped, but its dash spelling
+                    // is not: CGI, WSGI and Rack servers read both as one variable, so a
+                    // client could set the identity the gate vouches for.
+                    Ok(_) if header.contains('_') => self.err(
+                        format!("{field}.{claim}"),
+                        format!(
+                            "{header:?} has an underscore, which servers behind CGI, WSGI or Rack \
+                             read as {:?}, a header any client can send: write that",
+                            header.replace('_', "-")
+                        ),
+                    ),
+                    Ok(h) if forward_claims.iter().any(|(_, other)| *other == h) => {
+                        let other = forward_claims
+                            .iter()
+                            .find(|(_, other)| *other == h)
+                            .map_or("", |(c, _)| c.as_str());
+                        self.err(
+                            format!("{field}.{claim}"),
+                            format!("{header:?} is already the header of the claim {other:?}: one of them would be lost"),
+                        )
+                    }
                     // Content-Length frames the request: from a claim it would make the
                     // upstream read the first frames' bytes as a body.
                     Ok(h) if h == http::header::CONTENT_LENGTH => self.err(
@@ -325,6 +346,22 @@ impl Validator<'_> {
                     return 0;
                 }
             };
+            // jsonwebtoken takes an RSA private key's PEM as a key, which then verifies
+            // nothing: every token would be refused, and a signing key be mounted in the
+            // gate that has no use for it.
+            if pem
+                .windows(b"PRIVATE KEY-----".len())
+                .any(|w| w == b"PRIVATE KEY-----")
+            {
+                self.err(
+                    field,
+                    format!(
+                        "{path} is a private key: give the public key (openssl pkey -in {path} -pubout); \
+                         the gate only verifies tokens"
+                    ),
+                );
+                return 0;
+            }
             let parsed = DecodingKey::from_rsa_pem(&pem)
                 .map(|k| (KeyFamily::Rsa, k))
                 .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (KeyFamily::Ec, k)))

@@ -70,6 +70,19 @@ pub fn validate_for(
     }
     let mode = file.mode.unwrap_or(Mode::Enforce);
     let trusted_proxies = v.cidrs("trusted_proxies", file.trusted_proxies.as_deref());
+    // Every peer trusted: any client names its own address in X-Forwarded-For, and the
+    // IP lists, rates and caps judge that instead.
+    for (i, net) in trusted_proxies.iter().enumerate() {
+        if net.prefix_len() == 0 {
+            v.warn(
+                format!("trusted_proxies[{i}]"),
+                format!(
+                    "{net} trusts every peer: any client can name its own address in \
+                     X-Forwarded-For; list the proxies in front of wsgate instead"
+                ),
+            );
+        }
+    }
     let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if max_connections == 0 {
         v.err("max_connections", "must be at least 1");
