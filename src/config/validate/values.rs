@@ -193,8 +193,18 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         ));
     }
     if let Some(domain) = host.strip_prefix("*.") {
-        if domain.is_empty() || domain.contains('*') {
+        // No empty label: `*.com.` (a trailing dot, which browsers keep in Origin) would
+        // slip past the rule below.
+        if domain.is_empty() || domain.contains('*') || domain.split('.').any(str::is_empty) {
             return Err(format!("{shown:?}: \"*.\" must be followed by a domain"));
+        }
+        if domain
+            .split('.')
+            .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(format!(
+                "{shown:?}: an IP address has no subdomains (list the origins with their addresses)"
+            ));
         }
         // `*.com` is every .com site: as open as `*` for a cross-site attacker. Every name
         // under `localhost` is this machine (RFC 6761), so `*.localhost` stays allowed.
@@ -212,6 +222,13 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     if host.is_empty() || host.contains('*') {
         return Err(format!(
             "{shown:?}: '*' is only allowed as a leading \"*.\""
+        ));
+    }
+    // A name's labels are not empty: no leading or double dot (a trailing one is a name's
+    // fully qualified form, which a browser keeps when the page was reached by it).
+    if host.starts_with('.') || host.contains("..") {
+        return Err(format!(
+            "{shown:?}: the host is not a name (an empty label)"
         ));
     }
     // An IPv6 literal, written as browsers serialise it in Origin (compressed lowercase
@@ -306,6 +323,20 @@ mod tests {
         }
         assert!(parse_origin_pattern("https://*.localhost").is_ok());
         assert!(parse_origin_pattern("https://a*.example.com").is_err());
+        // Empty labels and wildcards over addresses (an audit found `*.com.` passing the
+        // top-level rule, and `*.0.0.1` letting 127.0.0.1 and 10.0.0.1 in).
+        for odd in [
+            "https://*.com.",
+            "https://*.example.com.",
+            "https://*..example.com",
+            "https://*.0.0.1",
+            "https://*.1",
+            "https://.example.com",
+            "https://a..example.com",
+        ] {
+            assert!(parse_origin_pattern(odd).is_err(), "{odd}");
+        }
+        assert!(parse_origin_pattern("https://example.com.").is_ok());
         assert!(parse_origin_pattern("https://example.com/path").is_err());
         assert!(parse_origin_pattern("example.com").is_err());
         let idn = parse_origin_pattern("https://bücher.example").unwrap_err();
