@@ -432,6 +432,7 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
         Err(e) => {
+            tracing::error!("policy loader failed, not starting: {e}");
             eprintln!("policy loader failed: {e}");
             return ExitCode::FAILURE;
         }
@@ -440,6 +441,7 @@ async fn run(args: RunArgs) -> ExitCode {
     // The operator API's token, read once now so that a bad file stops the start.
     if let Some(path) = &args.admin_token_file {
         if let Err(e) = wsgate::operator::AdminToken::check(path) {
+            tracing::error!("unusable --admin-token-file, not starting: {e}");
             eprintln!("--admin-token-file: {e}");
             return ExitCode::from(2);
         }
@@ -490,6 +492,9 @@ async fn run(args: RunArgs) -> ExitCode {
     let listener = match wsgate::listener::bind(args.listen) {
         Ok(l) => l,
         Err(e) => {
+            // Every fatal start-up error is a log line too (JSON with `--log-format json`),
+            // beside the plain one for a person reading the terminal.
+            tracing::error!(addr = %args.listen, error = %e, "cannot listen, not starting");
             eprintln!("cannot listen on {}: {e}", args.listen);
             return ExitCode::FAILURE;
         }
@@ -500,6 +505,7 @@ async fn run(args: RunArgs) -> ExitCode {
         Some(addr) => match wsgate::listener::bind(addr) {
             Ok(l) => Some(l),
             Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen on the admin address, not starting");
                 eprintln!("cannot listen on {addr} (admin): {e}");
                 return ExitCode::FAILURE;
             }

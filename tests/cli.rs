@@ -2461,3 +2461,45 @@ fn check_gives_up_on_a_fifo_with_no_writer() {
     assert!(text.contains("a FIFO with no writer?"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// An address already taken refuses the start (exit 1) with an error a JSON log pipeline
+/// sees, not only a plain line: for the listener and for the admin listener.
+#[test]
+fn an_address_in_use_is_a_json_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy("ws://127.0.0.1:9", "")).unwrap();
+    // A socket without SO_REUSEPORT: the gate's own cannot share its port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    for (listen, admin, addr) in [
+        (taken.as_str(), "off", taken.as_str()),
+        ("127.0.0.1:0", taken.as_str(), taken.as_str()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["run", "--plaintext", "--log-format", "json"])
+            .args(["--listen", listen, "--admin", admin, "--policy"])
+            .arg(&policy)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "--listen {listen} --admin {admin}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let error = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["level"] == "ERROR")
+            .unwrap_or_else(|| panic!("no JSON error line: {stderr}"));
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cannot listen"),
+            "{error}"
+        );
+        assert_eq!(error["addr"], addr, "{error}");
+    }
+}
