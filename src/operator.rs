@@ -191,7 +191,7 @@ async fn serve(
             no_query(req.uri(), "the revocation goes in the JSON body")?;
             let body: RevocationBody = read_json(req).await?;
             let which = body.which()?;
-            let ttl = match body.ttl_seconds {
+            let ttl = match body.ttl_seconds.as_ref().and_then(whole_number) {
                 Some(t) if (1..=MAX_TTL_SECONDS).contains(&t) => Duration::from_secs(t),
                 _ => {
                     return Err(bad(format!(
@@ -358,7 +358,19 @@ impl CloseBody {
 struct RevocationBody {
     sub: Option<String>,
     jti: Option<String>,
-    ttl_seconds: Option<u64>,
+    /// A JSON number: `60.0` (as Python's `json.dumps(60.0)` writes it) is the whole
+    /// number 60.
+    ttl_seconds: Option<serde_json::Number>,
+}
+
+/// A JSON number that is a whole number at least 0, written as an integer or not
+/// (`60`, `60.0`, `6e1`).
+fn whole_number(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    })
 }
 
 impl RevocationBody {

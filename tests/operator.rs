@@ -256,6 +256,16 @@ async fn malformed_oversized_and_misdirected_requests() {
             br#"{"sub": "a", "jti": "b", "ttl_seconds": 5}"#,
         ),
         ("POST", "/revocations", br#"{"sub": "", "ttl_seconds": 5}"#),
+        (
+            "POST",
+            "/revocations",
+            br#"{"sub": "a", "ttl_seconds": 5.5}"#,
+        ),
+        (
+            "POST",
+            "/revocations",
+            br#"{"sub": "a", "ttl_seconds": "5"}"#,
+        ),
         ("POST", "/revocations", b"\xff\xfe"),
         ("DELETE", "/revocations", br#"{"ttl_seconds": 5}"#),
     ];
@@ -281,6 +291,19 @@ async fn malformed_oversized_and_misdirected_requests() {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+    // A whole number written as a JSON float (Python's `json.dumps(60.0)`) is one.
+    for ttl in ["60.0", "6e1"] {
+        let body = format!(r#"{{"sub": "float-ttl", "ttl_seconds": {ttl}}}"#);
+        let (status, _, text) = admin_request(
+            gate.admin,
+            "POST",
+            "/revocations",
+            &[&auth],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{ttl}: {text}");
     }
     // A revoked sub or jti of more than 1,024 bytes is refused; 1,024 are accepted.
     for (method, field) in [("POST", "sub"), ("POST", "jti"), ("DELETE", "sub")] {
