@@ -427,6 +427,10 @@ fn list(registry: &Registry, query: Option<&str>) -> Result<serde_json::Value, R
         seen.push(key);
         let value = percent_decode(value)
             .ok_or_else(|| bad(format!("the query parameter {key:?} is not valid UTF-8")))?;
+        if value.is_empty() && matches!(key, "route" | "sub" | "ip") {
+            // As an empty selector in a close request: it would match nothing.
+            return Err(bad(format!("the filter {key:?} is empty")));
+        }
         match key {
             "route" => filter.route = Some(value),
             "sub" => filter.sub = Some(value),

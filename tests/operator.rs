@@ -393,6 +393,8 @@ async fn malformed_oversized_and_misdirected_requests() {
         "/connections?ip=10.0.0.0/33",
         "/connections?sub=%ff",
         "/connections?route=chat&route=open",
+        "/connections?sub=",
+        "/connections?route=",
         "/revocations?sub=me",
     ] {
         let (status, json) = operator(gate.admin, "GET", path, Value::Null).await;
