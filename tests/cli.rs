@@ -2503,3 +2503,40 @@ fn an_address_in_use_is_a_json_error_line() {
         assert_eq!(error["addr"], addr, "{error}");
     }
 }
+
+/// An HMAC secret from a variable is judged without the whitespace around it, as one from
+/// a file is: 40 spaces are no secret.
+#[test]
+fn a_whitespace_secret_from_a_variable_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "version: 1\ndefaults:\n  upstream: ws://127.0.0.1:9\n  auth: {algorithms: [HS256], keys: [{hmac_secret_env: WS_TEST_SECRET}]}\nroutes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    for (secret, refused) in [
+        (" ".repeat(40), true),
+        (format!("  {}  ", "s".repeat(31)), true),
+        (format!("  {}  ", "s".repeat(32)), false),
+    ] {
+        let out = Command::new(BIN)
+            .arg("check")
+            .arg(&policy)
+            .env("WS_TEST_SECRET", &secret)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if refused { 1 } else { 0 }),
+            "{stderr}"
+        );
+        if refused {
+            assert!(
+                stderr.contains("without the whitespace around it"),
+                "{stderr}"
+            );
+        }
+    }
+}

@@ -446,6 +446,19 @@ impl Validator<'_> {
             );
             return;
         }
+        // Whitespace around it is no secret: 32 spaces in a variable would pass the length
+        // (a secret file is trimmed before this, and such a file is refused).
+        let meaningful = secret.trim_ascii().len();
+        if meaningful < MIN_HMAC_SECRET_BYTES {
+            self.err(
+                field,
+                format!(
+                    "HMAC secret is {meaningful} bytes without the whitespace around it; at least \
+                     {MIN_HMAC_SECRET_BYTES} are required"
+                ),
+            );
+            return;
+        }
         if check_family(self, field, KeyFamily::Hmac) {
             keys.push(Key {
                 kid: k.kid.clone(),
