@@ -817,6 +817,35 @@ async fn upgrades_refused_while_the_store_stalled_leave_no_slot_behind() {
     );
 }
 
+/// A connection admitted on local limits while the store stalled (not long enough to be
+/// marked down), then closed, leaves no slot behind: the store runs the upgrade's
+/// timed-out call once it continues, and the gate releases what it may have taken within
+/// half a second, not at the next renewal (10 s here), so the address is not refused as
+/// full with nothing open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_taken_late_by_a_stalled_store_is_released_soon() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let rate = "{upgrades_per_second: 100000, burst: 100000, max_connections_per_ip: 1, max_connections_per_subject: 100}";
+    let policy = policy(&upstream.url(), &prefix(), "open", rate).replace(
+        &format!("lease_seconds: {LEASE_SECONDS}"),
+        "lease_seconds: 30",
+    );
+    let gate = Gate::start(&policy, &redis.url());
+    gate.wait_up(true).await;
+    // The scripts are loaded: during the stall the call is sent by hash and runs later.
+    drop(gate.open("warm", "10.7.1.9").await);
+    redis.freeze(true);
+    let local = gate.open("during", "10.7.1.1").await;
+    drop(local);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.freeze(false);
+    let (_after, took) = admitted_within(&gate, "after", "10.7.1.1", Duration::from_secs(3)).await;
+    eprintln!("the address's slot was free {took:?} after the store continued");
+}
+
 /// A store that accepts TCP but never answers bounds an upgrade the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_never_answers_is_bounded() {

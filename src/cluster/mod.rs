@@ -267,8 +267,9 @@ impl Leases {
 
     /// Release a lease that an upgrade's call which failed may have taken in the store (a
     /// call that timed out may still run there): a member no one else uses, so removing
-    /// it is harmless when the call never ran. Sent with the next renewal, or once the
-    /// store answers again: not at once, to a store that is failing calls already.
+    /// it is harmless when the call never ran. Sent by the upkeep within [`PROBE_EVERY`]
+    /// (on the same connection, so after the call it undoes), or once the store answers
+    /// again if it is down: not at once, to a store that is failing calls already.
     fn forget(&self, key: String, member: String) {
         self.keep_unsent(vec![Held { key, member }]);
     }
@@ -283,6 +284,14 @@ impl Leases {
         if over > 0 {
             self.dropped.inc_by(over as u64);
         }
+    }
+
+    fn has_unsent(&self) -> bool {
+        !self
+            .unsent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 
     fn take_unsent(&self) -> Vec<Held> {
@@ -775,7 +784,10 @@ impl Cluster {
                 .as_ref()
                 .map_or(Duration::from_secs(1), |s| s.config.lease / 3);
             let now = tokio::time::Instant::now();
-            let wake = if self.health.down() {
+            // Down: probe. Up with releases the store did not take (a slot an upgrade's
+            // timed-out call may have taken after all): send them soon, not at the next
+            // renewal (`lease_seconds / 3`), or the address is refused as full meanwhile.
+            let wake = if self.health.down() || self.leases.has_unsent() {
                 next_refresh.min(now + PROBE_EVERY)
             } else {
                 next_refresh
@@ -806,6 +818,9 @@ impl Cluster {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep_until(wake) => {
                     let Some(store) = store else {
+                        // No store any more (a reload removed `cluster`): releases for the
+                        // one before cannot be sent; its leases expire by themselves.
+                        drop(self.leases.take_unsent());
                         next_refresh = tokio::time::Instant::now() + period;
                         continue;
                     };
@@ -817,13 +832,18 @@ impl Cluster {
                     // upgrade's `timeout_ms`: one slower than that (but within the renewal's
                     // 1 s) would be marked down again by the next three upgrades, and each
                     // swing resubscribes and reloads the revocations.
-                    if self.health.down() && !self.answers_in(&store, &mut conn).await {
+                    let was_down = self.health.down();
+                    if was_down && !self.answers_in(&store, &mut conn).await {
                         next_refresh = tokio::time::Instant::now() + period;
                         continue;
                     }
-                    // A probe that succeeds renews (re-registers) everything at once; then
-                    // the releases the store did not take are sent.
-                    self.refresh(&store, &mut conn).await;
+                    // A probe that succeeds renews (re-registers) everything at once, as a
+                    // renewal that is due does; then the releases the store did not take
+                    // are sent (alone, when that is all the wake was for).
+                    let renew = was_down || tokio::time::Instant::now() >= next_refresh;
+                    if renew {
+                        self.refresh(&store, &mut conn).await;
+                    }
                     let mut unsent = self.leases.take_unsent();
                     while !unsent.is_empty() {
                         let rest = unsent.split_off(unsent.len().min(RELEASE_BATCH));
@@ -834,7 +854,9 @@ impl Cluster {
                         }
                         unsent = rest;
                     }
-                    next_refresh = tokio::time::Instant::now() + period;
+                    if renew {
+                        next_refresh = tokio::time::Instant::now() + period;
+                    }
                 }
                 () = self.replaced.notified() => {
                     next_refresh = tokio::time::Instant::now();
