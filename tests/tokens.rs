@@ -1798,10 +1798,23 @@ fn check_refuses_policies_that_would_not_do_what_they_say() {
     )
     .replace(
         "version: 1\n",
-        "version: 1\ntrusted_proxies: [10.0.0.0/8, 0.0.0.0/0, \"::/0\"]\n",
+        "version: 1\ntrusted_proxies: [10.0.0.0/8, 0.0.0.0/0, \"::/0\", \"::ffff:0.0.0.0/96\"]\n",
     );
     let loaded = wsgate::config::load_bytes(&policy_path, open.as_bytes())
         .unwrap_or_else(|e| panic!("refused: {e}"));
     let fields: Vec<&str> = loaded.warnings.iter().map(|w| w.field.as_str()).collect();
-    assert_eq!(fields, ["trusted_proxies[1]", "trusted_proxies[2]"]);
+    assert_eq!(
+        fields,
+        [
+            "trusted_proxies[1]",
+            "trusted_proxies[2]",
+            "trusted_proxies[3]"
+        ]
+    );
+    // Named as written, not as the IPv4 network it is kept as.
+    assert!(
+        loaded.warnings[2].message.starts_with("::ffff:0.0.0.0/96 "),
+        "{:?}",
+        loaded.warnings
+    );
 }

@@ -72,12 +72,15 @@ pub fn validate_for(
     let trusted_proxies = v.cidrs("trusted_proxies", file.trusted_proxies.as_deref());
     // Every peer trusted: any client names its own address in X-Forwarded-For, and the
     // IP lists, rates and caps judge that instead.
-    for (i, net) in trusted_proxies.iter().enumerate() {
-        if net.prefix_len() == 0 {
+    // (An IPv4-mapped entry is kept as the IPv4 network it maps: `::ffff:0.0.0.0/96` is
+    // `0.0.0.0/0`; the warning names the entry as written.)
+    let written = file.trusted_proxies.as_deref().unwrap_or_default();
+    for (i, text) in written.iter().enumerate() {
+        if parse_cidr(text).is_some_and(|net| net.prefix_len() == 0) {
             v.warn(
                 format!("trusted_proxies[{i}]"),
                 format!(
-                    "{net} trusts every peer: any client can name its own address in \
+                    "{text} trusts every peer: any client can name its own address in \
                      X-Forwarded-For; list the proxies in front of wsgate instead"
                 ),
             );

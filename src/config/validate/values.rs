@@ -173,7 +173,7 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
     }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
-            Ok(port) if !h.is_empty() => (h, Some(port)),
+            Ok(port) if !h.is_empty() && port != 0 => (h, Some(port)),
             _ if rest.starts_with('[') && rest.ends_with(']') => (rest, None),
             _ => return Err(format!("{shown:?} has an invalid port")),
         },
@@ -193,15 +193,24 @@ pub fn parse_origin_pattern(s: &str) -> Result<OriginPattern, String> {
         ));
     }
     if let Some(domain) = host.strip_prefix("*.") {
-        // No empty label: `*.com.` (a trailing dot, which browsers keep in Origin) would
-        // slip past the rule below.
-        if domain.is_empty() || domain.contains('*') || domain.split('.').any(str::is_empty) {
+        if domain.is_empty() || domain.contains('*') {
             return Err(format!("{shown:?}: \"*.\" must be followed by a domain"));
         }
-        if domain
-            .split('.')
-            .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
-        {
+        // No empty label: `*.com.` (a trailing dot, which browsers keep in Origin) would
+        // slip past the top-level rule below.
+        if domain.split('.').any(str::is_empty) {
+            return Err(format!(
+                "{shown:?}: the domain after \"*.\" has an empty label (a trailing or double dot): write it as *.example.com"
+            ));
+        }
+        // A host whose last label is a number is an IPv4 address to a browser (the URL
+        // standard's "ends in a number": `1.2.3.4`, `0x7f.1`): it has no subdomains.
+        let last = domain.rsplit('.').next().unwrap_or(domain);
+        let number = last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if number {
             return Err(format!(
                 "{shown:?}: an IP address has no subdomains (list the origins with their addresses)"
             ));
@@ -333,10 +342,17 @@ mod tests {
             "https://*.1",
             "https://.example.com",
             "https://a..example.com",
+            "https://*.0x7f.1",
+            "https://*.example.0x1f",
+            "https://a.com:0",
         ] {
             assert!(parse_origin_pattern(odd).is_err(), "{odd}");
         }
         assert!(parse_origin_pattern("https://example.com.").is_ok());
+        assert!(parse_origin_pattern("https://*.1password.com").is_ok());
+        assert!(parse_origin_pattern("https://*.example.0xyz").is_ok());
+        let trailing = parse_origin_pattern("https://*.com.").unwrap_err();
+        assert!(trailing.contains("empty label"), "{trailing}");
         assert!(parse_origin_pattern("https://example.com/path").is_err());
         assert!(parse_origin_pattern("example.com").is_err());
         let idn = parse_origin_pattern("https://bücher.example").unwrap_err();
