@@ -2430,12 +2430,7 @@ fn a_certificate_cut_short_is_an_error_line_in_words() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let error = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["level"] == "ERROR")
-        .unwrap_or_else(|| panic!("no JSON error line: {stderr}"));
+    let error = json_error_line(&out.stderr);
     let message = error["message"].as_str().unwrap_or_default();
     assert!(message.contains("-----END CERTIFICATE-----"), "{message}");
     assert!(message.contains("cut.pem"), "{message}");
@@ -2487,12 +2482,7 @@ fn an_address_in_use_is_a_json_error_line() {
             Some(1),
             "--listen {listen} --admin {admin}"
         );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let error = stderr
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["level"] == "ERROR")
-            .unwrap_or_else(|| panic!("no JSON error line: {stderr}"));
+        let error = json_error_line(&out.stderr);
         assert!(
             error["message"]
                 .as_str()
@@ -2539,4 +2529,14 @@ fn a_whitespace_secret_from_a_variable_is_refused() {
             );
         }
     }
+}
+
+/// The first JSON log line at level ERROR in `stderr` (a start-up refusal's).
+fn json_error_line(stderr: &[u8]) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(stderr);
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no JSON error line: {stderr}"))
 }
