@@ -133,46 +133,33 @@ impl Validator<'_> {
         let mut forward_claims: Vec<(String, HeaderName)> = Vec::new();
         if let Some((map, field)) = pick!(p, auth.forward_claims) {
             for (claim, header) in map {
-                match HeaderName::from_str(header) {
+                let at = format!("{field}.{claim}");
+                let Ok(h) = HeaderName::from_str(header) else {
+                    self.err(at, format!("{header:?} is not a valid header name"));
+                    continue;
+                };
+                let why = if header.contains('_') {
                     // A client header with an underscore is dropped, but its dash spelling
                     // is not: CGI, WSGI and Rack servers read both as one variable, so a
                     // client could set the identity the gate vouches for.
-                    Ok(_) if header.contains('_') => self.err(
-                        format!("{field}.{claim}"),
-                        format!(
-                            "{header:?} has an underscore, which servers behind CGI, WSGI or Rack \
-                             read as {:?}, a header any client can send: write that",
-                            header.replace('_', "-")
-                        ),
-                    ),
-                    Ok(h) if forward_claims.iter().any(|(_, other)| *other == h) => {
-                        let other = forward_claims
-                            .iter()
-                            .find(|(_, other)| *other == h)
-                            .map_or("", |(c, _)| c.as_str());
-                        self.err(
-                            format!("{field}.{claim}"),
-                            format!("{header:?} is already the header of the claim {other:?}: one of them would be lost"),
-                        )
-                    }
+                    format!(
+                        "{header:?} has an underscore, which servers behind CGI, WSGI or Rack \
+                         read as {:?}, a header any client can send: write that",
+                        header.replace('_', "-")
+                    )
+                } else if let Some((other, _)) = forward_claims.iter().find(|(_, o)| *o == h) {
+                    format!("{header:?} is already the header of the claim {other:?}: one of them would be lost")
+                } else if h == http::header::CONTENT_LENGTH {
                     // Content-Length frames the request: from a claim it would make the
                     // upstream read the first frames' bytes as a body.
-                    Ok(h) if h == http::header::CONTENT_LENGTH => self.err(
-                        format!("{field}.{claim}"),
-                        format!("{header:?} frames the request; a claim cannot set it"),
-                    ),
-                    Ok(h) if !crate::upstream::is_reserved_header(&h) => {
-                        forward_claims.push((claim.clone(), h))
-                    }
-                    Ok(_) => self.err(
-                        format!("{field}.{claim}"),
-                        format!("{header:?} is a header wsgate sets itself"),
-                    ),
-                    Err(_) => self.err(
-                        format!("{field}.{claim}"),
-                        format!("{header:?} is not a valid header name"),
-                    ),
-                }
+                    format!("{header:?} frames the request; a claim cannot set it")
+                } else if crate::upstream::is_reserved_header(&h) {
+                    format!("{header:?} is a header wsgate sets itself")
+                } else {
+                    forward_claims.push((claim.clone(), h));
+                    continue;
+                };
+                self.err(at, why);
             }
         }
         let close_on_expiry = pick!(p, auth.close_on_expiry)
