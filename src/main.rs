@@ -105,7 +105,7 @@ struct TokenArgs {
     secret_env: String,
     #[arg(long, env = "WSGATE_SUB")]
     sub: String,
-    #[arg(long, env = "WSGATE_TTL", default_value = "1h", value_parser = mint::parse_duration)]
+    #[arg(long, env = "WSGATE_TTL", default_value = "1h", value_parser = mint::parse_ttl)]
     ttl: Duration,
     #[arg(long, env = "WSGATE_AUD")]
     aud: Option<String>,

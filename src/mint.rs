@@ -116,6 +116,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// A token's lifetime: a duration of at least one second (`0` would mint a token that has
+/// already expired, which every gate refuses).
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        ttl if ttl.is_zero() => Err(format!("{s:?}: a token lives at least 1s")),
+        ttl => Ok(ttl),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -536,6 +536,8 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
         (SECRET, vec!["--sub", ""], "--sub"),
         (SECRET, vec!["--sub", "a", "--claim", "sub=bob"], "--sub"),
         (SECRET, vec!["--sub", "a", "--claim", "exp=1"], "--ttl"),
+        (SECRET, vec!["--sub", "a", "--ttl", "0"], "at least 1s"),
+        (SECRET, vec!["--sub", "a", "--ttl", "0h0m"], "at least 1s"),
         (SECRET, vec!["--sub", "a", "--claim", "=v"], "no claim name"),
     ] {
         let out = Command::new(BIN)
