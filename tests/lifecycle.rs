@@ -410,6 +410,34 @@ async fn a_slow_reader_outlives_many_heartbeat_timeouts() {
 }
 
 #[tokio::test]
+async fn a_slow_reader_of_a_backlog_the_socket_buffers_hold_is_alive() {
+    let upstream = Upstream::start().await;
+    let extra = "    heartbeat: {interval_seconds: 0.3, timeout_seconds: 1}\n";
+    let gate = TestGate::start(&open_policy(&upstream.url(), extra)).await;
+    let (mut client, _) = gate.connect("/ws").await.unwrap();
+    // One burst of 5 MB, which the kernel's socket buffers take nearly whole: the gate's
+    // writes finish at once and then see no progress, and each ping waits behind seconds
+    // of backlog. The kernel still sees the client acknowledge bytes as it reads them.
+    client.send(Message::text("flood 320 16384")).await.unwrap();
+    let started = Instant::now();
+    for got in 0..320 {
+        match tokio::time::timeout(DEADLINE, client.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => assert_eq!(b.len(), 16384),
+            other => panic!(
+                "after {:.2} s and {got} messages: {other:?}",
+                secs(started.elapsed())
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    // Read at about 2 MB/s: the backlog took far longer than the heartbeat timeout.
+    assert!(started.elapsed() > Duration::from_secs(2));
+    client.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("still here"));
+    assert_eq!(closes(&gate, "heartbeat_timeout").await, 0.0);
+}
+
+#[tokio::test]
 async fn a_reader_that_stops_is_dropped_at_write_seconds_not_by_the_heartbeat() {
     let upstream = Upstream::start().await;
     let gate = TestGate::start(&open_policy(&upstream.url(), FAST_HEARTBEAT)).await;

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::close::{CloseReason, Side};
 use super::direction::Direction;
 use super::leg::Leg;
+use super::sendq::SendQueue;
 use crate::policy::Route;
 
 /// The heartbeat towards the client.
@@ -16,12 +17,15 @@ use crate::policy::Route;
 pub(super) enum Heartbeat {
     /// Send the next ping at this time.
     PingAt(Instant),
-    /// A ping went out at `sent`; by then `frames` client frames (and payload pieces) had
-    /// been read and writes to the client had stalled `stalls` times.
+    /// A ping went out at `sent` and its pong is due by `due`; by then `frames` client
+    /// frames (and payload pieces) had been read and writes to the client had stalled
+    /// `stalls` times. `kernel`: the client socket's send queue at the last late look.
     Awaiting {
         sent: Instant,
+        due: Instant,
         frames: u64,
         stalls: u64,
+        kernel: Option<SendQueue>,
     },
 }
 
@@ -68,7 +72,7 @@ impl Deadlines {
         }
         next = next.min(match self.heartbeat {
             Heartbeat::PingAt(t) => t,
-            Heartbeat::Awaiting { sent, .. } => sent + self.route.heartbeat.timeout,
+            Heartbeat::Awaiting { due, .. } => due,
         });
         for since in [c2u.stalled_since, u2c.stalled_since].into_iter().flatten() {
             next = next.min(since + self.write());
@@ -121,9 +125,11 @@ impl Deadlines {
         match self.heartbeat {
             Heartbeat::Awaiting {
                 sent,
+                due,
                 frames,
                 stalls,
-            } if now >= sent + self.route.heartbeat.timeout => {
+                kernel,
+            } if now >= due => {
                 // While the upstream takes nothing the gate reads nothing from the client,
                 // so its pong may be waiting unread: the write deadline judges that case.
                 let upstream_behind = c2u.stalled_since.is_some();
@@ -137,7 +143,20 @@ impl Deadlines {
                 // reached the client: nothing is owed yet.
                 let ping_unsent = client.ping_waiting();
                 if c2u.frames == frames && !upstream_behind && !client_behind && !ping_unsent {
-                    return Some(CloseReason::HeartbeatTimeout);
+                    // The last witness: bytes the kernel took may still be on their way to
+                    // a client that reads them slowly, the ping behind them.
+                    let queue = client.send_queue();
+                    if !still_reading(kernel, queue) {
+                        return Some(CloseReason::HeartbeatTimeout);
+                    }
+                    self.heartbeat = Heartbeat::Awaiting {
+                        sent,
+                        due: now + self.route.heartbeat.timeout,
+                        frames,
+                        stalls,
+                        kernel: queue,
+                    };
+                    return None;
                 }
                 if let Some(rtt) = c2u.last_pong.filter(|p| *p >= sent).map(|p| p - sent) {
                     self.ping_rtt.observe(rtt.as_secs_f64());
@@ -155,8 +174,10 @@ impl Deadlines {
                     client.queue_ping();
                     Heartbeat::Awaiting {
                         sent: now,
+                        due: now + self.route.heartbeat.timeout,
                         frames: c2u.frames,
                         stalls: u2c.stalls,
+                        kernel: None,
                     }
                 } else {
                     Heartbeat::ping_at(now + interval, interval)
@@ -165,6 +186,20 @@ impl Deadlines {
             _ => {}
         }
         None
+    }
+}
+
+/// Whether the client's socket shows it reading, at a late pong's deadline (`now`) after
+/// the look before (`before`, at the previous deadline of the same ping, if any). Bytes
+/// still unacknowledged earn one more timeout to show progress; acknowledgements since the
+/// last look earn another, also the one that took the last of them (with the ping, which
+/// the client then still has to read out of its own buffers). A kernel that cannot say
+/// leaves the timeout as it was.
+fn still_reading(before: Option<SendQueue>, now: Option<SendQueue>) -> bool {
+    match (before, now) {
+        (_, None) => false,
+        (None, Some(now)) => now.queued > 0,
+        (Some(before), Some(now)) => now.acked > before.acked && before.queued > 0,
     }
 }
 
@@ -198,6 +233,22 @@ mod tests {
         let mut distinct = times.clone();
         distinct.dedup();
         assert!(distinct.len() <= 6, "{} slots for 500 ms", distinct.len());
+    }
+
+    #[test]
+    fn a_late_pong_waits_only_while_the_kernel_sees_the_client_read() {
+        let q = |queued, acked| Some(SendQueue { queued, acked });
+        // Nothing held for the client, or no answer from the kernel: the pong is late.
+        assert!(!still_reading(None, q(0, 100)));
+        assert!(!still_reading(None, None));
+        assert!(!still_reading(q(10, 100), None));
+        // Bytes held: one more timeout; then only if acknowledgements moved.
+        assert!(still_reading(None, q(10, 100)));
+        assert!(still_reading(q(10, 100), q(5, 105)));
+        assert!(!still_reading(q(10, 100), q(10, 100)));
+        // The queue emptied since: one timeout to read the ping out of its buffers.
+        assert!(still_reading(q(10, 100), q(0, 110)));
+        assert!(!still_reading(q(0, 110), q(0, 110)));
     }
 
     #[test]

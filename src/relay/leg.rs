@@ -269,6 +269,16 @@ impl Leg {
         self.pong_due = true;
     }
 
+    /// The kernel's send queue toward this leg, when it is a TCP socket (with or without
+    /// TLS) and the kernel answers.
+    pub fn send_queue(&self) -> Option<super::sendq::SendQueue> {
+        match &self.io {
+            Io::Tcp(tcp) => super::sendq::probe(tcp),
+            Io::Tls(tls) => super::sendq::probe(tls.get_ref().0),
+            _ => None,
+        }
+    }
+
     /// Whether a heartbeat ping is still waiting for a frame boundary (the upstream is
     /// sending the client one large frame).
     pub fn ping_waiting(&self) -> bool {

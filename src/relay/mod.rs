@@ -4,7 +4,8 @@
 //! Read in this order: [`frame`] (the codec: headers, masks, UTF-8, close payloads, the
 //! message rules, over byte slices), [`leg`] (a socket, what is owed to it, and the frames
 //! read from it), [`direction`] (one read relayed: frames checked and forwarded as they
-//! arrive), [`inbound`] (the client's message policy), [`deadlines`] (the one timer), this
+//! arrive), [`inbound`] (the client's message policy), [`deadlines`] (the one timer, and
+//! [`sendq`], what it asks the kernel when a pong is late), this
 //! file's [`Relay`] (the `select!` loop over all of them), [`close`] (why a connection
 //! ended and what each side is sent) and [`finish`] (the close handshakes, and how each
 //! socket is let go).
@@ -27,6 +28,7 @@ mod inbound;
 pub mod inflate;
 mod leg;
 mod quiet;
+mod sendq;
 
 use std::future::{poll_fn, Future};
 use std::mem;
