@@ -204,12 +204,17 @@ async fn reload_loop(
         }
         // Let a burst of events settle into one reload: DEBOUNCE after the last of them
         // (at most SETTLE_MAX after the first), and not while a writer has the policy
-        // file open (at most WRITER_WAIT).
+        // file open or has just truncated it to write it anew (at most WRITER_WAIT).
         let first = tokio::time::Instant::now();
+        let written = || async {
+            !writing.load(Ordering::Acquire)
+                && !(changed.load(Ordering::Acquire) & POLICY != 0
+                    && truncated(&reloader.path).await)
+        };
         loop {
             tokio::select! {
                 () = tokio::time::sleep(DEBOUNCE) => {
-                    if !writing.load(Ordering::Acquire) || first.elapsed() >= WRITER_WAIT {
+                    if first.elapsed() >= WRITER_WAIT || written().await {
                         break;
                     }
                 }
@@ -217,7 +222,7 @@ async fn reload_loop(
                     if woke.is_none() {
                         return;
                     }
-                    if first.elapsed() >= SETTLE_MAX && !writing.load(Ordering::Acquire) {
+                    if first.elapsed() >= SETTLE_MAX && written().await {
                         break;
                     }
                 }
@@ -249,6 +254,14 @@ async fn reload_loop(
             () = stop.cancelled() => break,
         }
     }
+}
+
+/// Whether the policy file is empty: no policy, but a writer that truncated it
+/// (`cat new.yaml > policy.yaml`) a moment before its first write, which the reload waits
+/// for as for an open writer. A file that stays empty is read, and refused, at WRITER_WAIT.
+async fn truncated(path: &Path) -> bool {
+    let metadata = tokio::time::timeout(DEBOUNCE, tokio::fs::metadata(path)).await;
+    matches!(metadata, Ok(Ok(m)) if m.is_file() && m.len() == 0)
 }
 
 async fn reload_policy(

@@ -94,6 +94,27 @@ async fn a_file_still_being_written_is_not_read_half_way() {
     assert!(gate.connect("/v2").await.is_ok());
 }
 
+/// `cat new.yaml > policy.yaml` truncates the file before writing it: a reload that
+/// caught the empty file between the two would refuse it and count a failure. An empty
+/// policy file waits for its writes; one left empty is still refused, later.
+#[tokio::test]
+async fn a_truncated_file_waits_for_its_writes() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    std::fs::write(&gate.policy_path, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::write(&gate.policy_path, with_v2(&upstream.url())).unwrap();
+    gate.wait_metric(SUCCESS, 1.0, TWO_SECONDS, "the written file was not loaded")
+        .await;
+    assert!(gate.connect("/v2").await.is_ok());
+    assert_eq!(gate.metric(FAILURE).await, 0.0);
+    std::fs::write(&gate.policy_path, "").unwrap();
+    let left_empty = "an empty policy was not refused";
+    gate.wait_metric(FAILURE, 1.0, Duration::from_secs(8), left_empty)
+        .await;
+    assert!(gate.connect("/v2").await.is_ok());
+}
+
 #[tokio::test]
 async fn invalid_policy_is_refused_and_the_old_one_stays() {
     let upstream = Upstream::start().await;
