@@ -215,7 +215,7 @@ pub async fn answer(
                 // nginx's access line: what the upstream answered, and when its head came.
                 tracing::info!(
                     request_id = %request_id.to_str().unwrap_or("-"), client_ip = %client_ip,
-                    route = route_name, method = %method, path = %path,
+                    route = route_name, method = %method, path = %path, result = "passed",
                     status = answer.0.status().as_u16(), latency_ms,
                     protocol = conn.protocol.as_str(), "request passed"
                 );

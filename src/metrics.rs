@@ -106,8 +106,9 @@ pub struct Metrics {
     pub cluster_up: Gauge,
     /// Failed or timed-out cluster store operations by `op`.
     pub cluster_errors: Family<OpLabel, Counter>,
-    /// Upgrade decisions (the address checks, the subject's cap) taken on this process's own
-    /// limits because the store was unreachable: up to two per upgrade.
+    /// Upgrade decisions (the address checks, the subject's cap, the revocations not loaded
+    /// yet) taken on this process's own limits because the store was unreachable: up to
+    /// three per upgrade.
     pub cluster_fallbacks: Counter,
     /// `wsgate_client_connections_total{protocol}`'s two series, made once: HTTP/1.1, h2.
     client_connections: [Counter; 2],
@@ -223,7 +224,7 @@ impl Metrics {
         );
         registry.register(
             "wsgate_cluster_fallbacks",
-            "Upgrade decisions (the address checks, the subject's cap) taken on this process's own limits because the cluster store was unreachable",
+            "Upgrade decisions (the address checks, the subject's cap, the revocations not loaded yet) taken on this process's own limits because the cluster store was unreachable",
             m.cluster_fallbacks.clone(),
         );
         registry.register(

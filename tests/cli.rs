@@ -2244,6 +2244,7 @@ async fn a_passed_request_is_logged_like_an_access_line() {
         "route=\"ws\"",
         "method=GET",
         "path=/ws/page",
+        "result=\"passed\"",
         "status=200",
         "latency_ms=",
         "protocol=\"http/1.1\"",
