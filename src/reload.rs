@@ -207,9 +207,11 @@ async fn reload_loop(
         // file open or has just truncated it to write it anew (at most WRITER_WAIT).
         let first = tokio::time::Instant::now();
         let written = || async {
-            !writing.load(Ordering::Acquire)
-                && !(changed.load(Ordering::Acquire) & POLICY != 0
-                    && truncated(&reloader.path).await)
+            if writing.load(Ordering::Acquire) {
+                return false;
+            }
+            let policy_changed = changed.load(Ordering::Acquire) & POLICY != 0;
+            !policy_changed || !truncated(&reloader.path).await
         };
         loop {
             tokio::select! {
