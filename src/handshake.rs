@@ -75,7 +75,8 @@ pub(crate) fn check_head(
 
 /// An HTTP/2 request's header list is held to an HTTP/1.1 head's limits: 16 KiB, counted
 /// as RFC 9113 §6.5.2 counts it (each field's name and value and 32 more, the
-/// pseudo-headers included; `:authority` by the Host it became), and 100 fields. h2 itself
+/// pseudo-headers included, `:protocol` too; `:authority` by the Host it became), and 100
+/// fields. h2 itself
 /// lets lists up to 4 times that through (`http2::PEER_HEADER_LIST`), so that one just
 /// over the limit gets this JSON answer, logged and counted, and not h2's bare 431.
 /// An HTTP/1.1 connection's first head was checked as it was read; a later one, which
@@ -85,23 +86,27 @@ pub(crate) fn check_head(
 pub(crate) fn check_header_list(
     protocol: Protocol,
     first: bool,
-    method: &Method,
-    uri: &http::Uri,
-    headers: &HeaderMap,
+    (method, uri, extended, headers): (&Method, &http::Uri, Option<&str>, &HeaderMap),
 ) -> Result<(), Rejection> {
     let target = uri.path_and_query().map_or(0, |p| p.as_str().len());
     let (start, per_field) = match protocol {
         Protocol::H2 => {
             const FIELD_OVERHEAD: usize = 32;
             let pseudo = [
-                ":method".len() + method.as_str().len(),
-                ":path".len() + target,
-                ":scheme".len() + uri.scheme_str().map_or(0, str::len),
+                Some(":method".len() + method.as_str().len()),
+                Some(":path".len() + target),
+                Some(":scheme".len() + uri.scheme_str().map_or(0, str::len)),
+                extended.map(|p| ":protocol".len() + p.len()),
             ];
-            (
-                pseudo.iter().map(|p| p + FIELD_OVERHEAD).sum::<usize>(),
-                FIELD_OVERHEAD,
-            )
+            // The Host header `:authority` became counts by the longer name it came under.
+            let authority = match uri.authority() {
+                Some(_) if headers.contains_key(http::header::HOST) => {
+                    ":authority".len() - "host".len()
+                }
+                _ => 0,
+            };
+            let pseudo = pseudo.iter().flatten().map(|p| p + FIELD_OVERHEAD);
+            (pseudo.sum::<usize>() + authority, FIELD_OVERHEAD)
         }
         // `GET /path HTTP/1.1\r\n`, then `name: value\r\n` each, and the blank line.
         Protocol::Http1 if !first => (method.as_str().len() + target + 14, 4),

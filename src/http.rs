@@ -149,6 +149,17 @@ impl Asked {
             Asked::Upgrade(parts) => (&parts.method, &parts.uri, &parts.headers),
         }
     }
+
+    /// An HTTP/2 extended CONNECT's `:protocol` (RFC 8441).
+    fn protocol(&self) -> Option<&str> {
+        let extensions = match self {
+            Asked::Plain(req) => req.extensions(),
+            Asked::Upgrade(parts) => &parts.extensions,
+        };
+        extensions
+            .get::<hyper::ext::Protocol>()
+            .map(hyper::ext::Protocol::as_str)
+    }
 }
 
 /// Route, check and admit a request, log and count the decision, and answer it: the
@@ -173,7 +184,8 @@ pub async fn answer(
     // For a plain request's access line (standard methods are copied without allocating).
     let method = method.clone();
 
-    let routed = check_header_list(conn.protocol, conn.first, &method, uri, headers)
+    let list = (&method, uri, asked.protocol(), headers);
+    let routed = check_header_list(conn.protocol, conn.first, list)
         .and_then(|()| route(&loaded.policy, &method, uri, headers));
     let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
     let result = match routed {

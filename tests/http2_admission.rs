@@ -103,6 +103,32 @@ async fn a_header_list_over_16_kib_or_100_fields_is_431_bad_request() {
     assert_eq!(upstream.seen_count(), 1);
 }
 
+/// The 16 KiB is RFC 9113 §6.5.2's count of the whole list: every pseudo-header
+/// (`:protocol` and `:authority` included) and field, each with 32 bytes more. A list of
+/// exactly 16,384 bytes is admitted and one of 16,385 refused.
+#[tokio::test]
+async fn the_header_list_limit_counts_every_pseudo_header() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut h2 = gate.h2().await;
+    let (scheme, authority) = h2.origin.split_once("://").unwrap();
+    let field = |name: &str, value: usize| name.len() + value + 32;
+    let fixed = field(":method", "CONNECT".len())
+        + field(":protocol", "websocket".len())
+        + field(":scheme", scheme.len())
+        + field(":path", "/ws".len())
+        + field(":authority", authority.len())
+        + field("sec-websocket-version", 2)
+        + field("x-big", 0);
+    let exact = "a".repeat(16 * 1024 - fixed);
+    h2.websocket("/ws", &[("x-big", &exact)])
+        .await
+        .expect("a list of exactly 16 KiB is admitted");
+    let over = "a".repeat(16 * 1024 - fixed + 1);
+    h2.refused("/ws", &[("x-big", &over)], 431, "bad_request")
+        .await;
+}
+
 /// A path no route matches is 404 `no_route`.
 #[tokio::test]
 async fn an_unknown_path_is_404_no_route() {
