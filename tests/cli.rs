@@ -364,7 +364,21 @@ fn check_states_the_real_ranges_of_whole_numbers() {
     );
     // The parser's first error speaks of the policy, not of Rust types.
     assert!(
-        text.contains("defaults.rate.burst: invalid type: string \"x\", expected a whole number"),
+        text.contains(
+            "defaults.rate.burst: invalid type: string \"x\", expected a whole number, 0 or more"
+        ),
+        "{text}"
+    );
+    // A negative number is a whole number too: the message says which ones are meant.
+    std::fs::write(
+        &path,
+        "version: 1\ndefaults:\n  auth: {leeway_seconds: -1}\nroutes: [{path: /ws}]\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("expected a whole number, 0 or more"),
         "{text}"
     );
     std::fs::write(&path, "version: 1\nroutes:\n  - /ws\n").unwrap();

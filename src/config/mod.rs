@@ -576,11 +576,11 @@ fn in_words(message: &str) -> String {
         out.replace_range(at + 9..name_end, "a map");
     }
     for (rust, words) in [
-        ("expected u8", "expected a whole number"),
-        ("expected u16", "expected a whole number"),
-        ("expected u32", "expected a whole number"),
-        ("expected u64", "expected a whole number"),
-        ("expected usize", "expected a whole number"),
+        ("expected u8", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
         ("expected f64", "expected a number"),
     ] {
         if let Some(rest) = out.strip_suffix(rust) {
