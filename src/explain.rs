@@ -119,6 +119,7 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
     let peer = admission::peer(policy, request.peer, headers);
     let protocols = offered_protocols(headers);
     let attempt = Attempt {
+        request_id: "-",
         path: &path,
         peer,
         headers,

@@ -325,6 +325,7 @@ async fn respond(
         return Err(Rejection::Draining);
     }
     let attempt = Attempt {
+        request_id: request_id.to_str().unwrap_or("-"),
         path: &path,
         peer,
         headers: req.headers(),
@@ -394,6 +395,7 @@ async fn switch(
     }
     let protocols = offered_protocols(&parts.headers);
     let attempt = Attempt {
+        request_id: request_id.to_str().unwrap_or("-"),
         path: &path,
         peer,
         headers: &parts.headers,

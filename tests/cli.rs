@@ -2196,6 +2196,30 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
     }
 }
 
+/// A report-mode violation's warn line carries the request id, as the upgrade line the
+/// same request then gets does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_mode_line_names_its_request() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "    ip: {deny: [127.0.0.0/8]}\n");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replacen("version: 1\n", "version: 1\nmode: report\n", 1),
+    )
+    .unwrap();
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
+    let _ws = gate.connect("/ws").await.unwrap();
+    let warned = gate.wait_line("would have been refused");
+    assert!(warned.contains("reason=\"ip_denied\""), "{warned}");
+    let id = |line: &str| {
+        let at = line.find("request_id=").expect("a request_id") + "request_id=".len();
+        line[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    let upgraded = gate.wait_line("result=\"accepted\"");
+    assert_eq!(id(&warned), id(&upgraded), "{warned}\n{upgraded}");
+}
+
 /// An accepted upgrade's line names the client, the route, the result and the latency;
 /// its close line counts the messages and payload bytes each way.
 #[tokio::test(flavor = "multi_thread")]

@@ -105,6 +105,8 @@ impl Drop for ConnectionGuard {
 /// peer, the headers (HTTP/2's lowercase names are the same `HeaderMap`), the query and the
 /// offered subprotocols.
 pub struct Attempt<'a> {
+    /// The request's `X-Request-Id` (kept or generated), for report mode's log lines.
+    pub request_id: &'a str,
     /// The path's normal form (the one that was routed, re-checked and sent upstream).
     pub path: &'a str,
     pub peer: Peer,
@@ -270,6 +272,7 @@ impl Trace {
 struct Verdicts<'a> {
     state: &'a State,
     report: bool,
+    request_id: &'a str,
     route: &'a Route,
     client_ip: IpAddr,
     trace: Option<&'a Trace>,
@@ -345,7 +348,8 @@ impl Verdicts<'_> {
             .metrics
             .report_violation(&self.route.name, rejection.reason());
         tracing::warn!(
-            route = self.route.name.as_str(), client_ip = %self.client_ip, reason = rejection.reason(),
+            request_id = %self.request_id, route = self.route.name.as_str(),
+            client_ip = %self.client_ip, reason = rejection.reason(),
             "report mode: this upgrade would have been refused"
         );
         Ok(())
@@ -392,6 +396,7 @@ async fn checks<'a>(
     let v = Verdicts {
         state,
         report,
+        request_id: attempt.request_id,
         route,
         client_ip,
         trace,
