@@ -11,12 +11,7 @@ use crate::relay::Protocol;
 
 /// `Upgrade: websocket` (any case, possibly among other tokens).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+    crate::head::lists_token(headers, header::UPGRADE, "websocket")
 }
 
 /// Longest request line accepted (nginx's default `large_client_header_buffers` size);
@@ -226,13 +221,7 @@ pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, R
     if has_body {
         return Err(Rejection::BadRequest("a WebSocket upgrade has no body"));
     }
-    let connection_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !connection_upgrade {
+    if !crate::head::lists_token(headers, header::CONNECTION, "upgrade") {
         return Err(Rejection::BadRequest("Connection: Upgrade is missing"));
     }
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();

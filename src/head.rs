@@ -238,6 +238,17 @@ pub async fn switch<I: AsyncWrite + Unpin>(
 
 /// Header fields as they go on the wire, `name: value` and CRLF each, in the map's order
 /// (values cannot hold CR or LF: `HeaderValue` refuses them).
+/// Whether the comma-separated lists of `name`'s fields hold `token` (ASCII case-insensitive),
+/// as `Connection: keep-alive, Upgrade` holds `upgrade`.
+pub fn lists_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 pub fn write_fields(out: &mut Vec<u8>, headers: &http::HeaderMap) {
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());

@@ -538,9 +538,22 @@ async fn handshake(
         }
         return Err(relay_refusal(stream, response, rest, &route.upstream, deadline).await);
     }
-    let accept = response.headers.get(header::SEC_WEBSOCKET_ACCEPT);
-    if accept.map(|a| a.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
-        return Err(bad_answer("a 101 with a wrong Sec-WebSocket-Accept"));
+    // RFC 6455 §4.1: a 101 that does not switch to WebSocket, or whose one
+    // Sec-WebSocket-Accept is not the key's, fails the connection.
+    let lists = |name, token| crate::head::lists_token(&response.headers, name, token);
+    if !lists(header::UPGRADE, "websocket") || !lists(header::CONNECTION, "upgrade") {
+        return Err(bad_answer(
+            "a 101 without Upgrade: websocket and Connection: Upgrade",
+        ));
+    }
+    let mut accepts = response
+        .headers
+        .get_all(header::SEC_WEBSOCKET_ACCEPT)
+        .iter();
+    let expected = derive_accept_key(key.as_bytes());
+    match (accepts.next(), accepts.next()) {
+        (Some(accept), None) if accept.as_bytes() == expected.as_bytes() => {}
+        _ => return Err(bad_answer("a 101 with a wrong Sec-WebSocket-Accept")),
     }
     let deflate = offers
         .accept(&response.headers)

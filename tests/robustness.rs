@@ -651,6 +651,35 @@ async fn upstream_101_with_a_wrong_accept_is_502() {
     .await;
 }
 
+/// RFC 6455 §4.1: a 101 that does not say it switches to WebSocket, or that carries a
+/// second Sec-WebSocket-Accept, fails the connection.
+#[tokio::test]
+async fn upstream_101_without_upgrade_websocket_or_with_two_accepts_is_502() {
+    assert_upstream_unavailable(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+    })
+    .await;
+    assert_upstream_unavailable(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+    })
+    .await;
+    assert_upstream_unavailable(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+    })
+    .await;
+    assert_upstream_unavailable(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n").into_bytes()
+    })
+    .await;
+    // Case and lists are as RFC 9110 has them.
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, UPGRADE\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    assert!(gate.connect("/ws").await.is_ok());
+}
+
 #[tokio::test]
 async fn upstream_101_with_an_unoffered_extension_is_502() {
     assert_upstream_unavailable(|accept| {
