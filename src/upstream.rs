@@ -697,6 +697,10 @@ async fn relay_refusal(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<usize>().ok());
     let bodiless = head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED;
+    if !bodiless && chunked && head.headers.contains_key(header::CONTENT_LENGTH) {
+        // RFC 9112 §6.3: framing a smuggler would use; `http: pass` refuses it too.
+        return bad_answer("a refusal with both Content-Length and Transfer-Encoding");
+    }
     // Chunk framing comes on top of the data: read a little past the cap.
     let want = match (bodiless, chunked, length) {
         (true, _, _) => 0,
@@ -704,12 +708,34 @@ async fn relay_refusal(
         (false, false, Some(n)) => n.min(MAX_RELAYED_BODY),
         (false, false, None) => MAX_RELAYED_BODY,
     };
+    // Whether the body came whole (or up to the cap): a refusal cut short is not passed
+    // on as if it were complete.
+    let mut whole = bodiless || raw.len() >= want;
     while raw.len() < want && !(chunked && dechunk(&raw).1) {
         raw.reserve((want - raw.len()).min(16 * 1024));
         match timeout_at(deadline, stream.read_buf(&mut raw)).await {
             Ok(Ok(n)) if n > 0 => {}
-            _ => break,
+            // A body without length or chunks ends where the upstream closes.
+            Ok(Ok(_)) => {
+                whole = !chunked && length.is_none();
+                break;
+            }
+            Ok(Err(_)) => break,
+            // One that never closes is passed on as far as it came by the deadline (its
+            // status is the answer); a body of announced size still short is a timeout.
+            Err(_) if !chunked && length.is_none() => {
+                whole = true;
+                break;
+            }
+            Err(_) => return Rejection::UpstreamTimeout,
         }
+        whole = raw.len() >= want;
+    }
+    if chunked {
+        whole = dechunk(&raw).1 || raw.len() >= want;
+    }
+    if !whole {
+        return bad_answer("a refusal whose body was cut short");
     }
     let body = if chunked {
         Bytes::from(dechunk(&raw).0)

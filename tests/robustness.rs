@@ -741,6 +741,51 @@ async fn upstream_200_and_500_are_relayed_as_they_came() {
     assert_eq!((status, body), (500, serde_json::json!("oops")));
 }
 
+/// A refusal whose body is cut short is not passed on as if it were whole: the client
+/// could not tell. Closed early it is 502; still short at the deadline, 504; framed both
+/// by length and by chunks (a smuggler's framing), 502 at once.
+#[tokio::test]
+async fn upstream_refusal_cut_short_is_not_relayed_as_whole() {
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing_url = format!("ws://{}", closing.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = closing.accept().await {
+            let _ = read_head(&mut tcp).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n0123456789")
+                .await;
+        }
+    });
+    let (status, body, _) = upgrade_through(&closing_url).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+    let short = "    timeouts: {upstream_connect_seconds: 1}\n";
+    for answer in [
+        (|_: &str| b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n0123456789".to_vec())
+            as fn(&str) -> Vec<u8>,
+        |_| b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
+    ] {
+        let gate =
+            TestGate::start_with(&open_policy(&raw_upstream(answer).await, short), false).await;
+        let (status, _, body) = refusal(gate.connect("/ws").await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (504, Some("upstream_timeout"))
+        );
+    }
+    assert_upstream_unavailable(|_| {
+        b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
+    })
+    .await;
+    // Without length or chunks the body ends where the upstream closes: whole.
+    let up = raw_upstream(|_| b"HTTP/1.1 403 Forbidden\r\n\r\nno".to_vec()).await;
+    let gate = TestGate::start_with(&open_policy(&up, short), false).await;
+    let (status, _, body) = refusal(gate.connect("/ws").await);
+    assert_eq!((status, body), (403, serde_json::json!("no")));
+}
+
 #[tokio::test]
 async fn upstream_masked_frame_closes_the_client_with_1014() {
     let up = raw_upstream(|accept| {
