@@ -33,7 +33,11 @@ pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-pub type PassClient = Client<Connector, Upload>;
+/// A request's body as it goes upstream: the client's, or none when a request without a
+/// body is sent again (see [`forward`]).
+pub type UploadBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
+pub type PassClient = Client<Connector, Upload<UploadBody>>;
 
 /// The pooled clients of the `http: pass` routes, one per route, made on first use. The
 /// gate owns them; a route replaced by a reload keeps its client while a request it
@@ -95,6 +99,80 @@ pub async fn forward(
     }
     let client = clients.of(route);
     let (parts, body) = request.into_parts();
+    // As nginx gives a request one more try when a kept-alive upstream connection fails
+    // under it: an upstream may close an idle connection just as a request goes out on
+    // it. Only a request without a body, of an idempotent method, is sent again.
+    let again = (idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body))
+        .then(|| same_head(&parts));
+    let answered = exchange(&client, parts, http_body_util::Either::Left(body)).await?;
+    let answered = match (answered, again) {
+        (Err(e), Some(parts)) if closed_under_request(&e) => {
+            let nothing = http_body_util::Either::Right(http_body_util::Empty::new());
+            exchange(&client, parts, nothing).await?
+        }
+        (answered, _) => answered,
+    };
+    answer(route, answered)
+}
+
+/// RFC 9110 §9.2.2's idempotent methods, as nginx's `proxy_next_upstream` has them.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// A request head to send again (`Parts` holds extensions, which are not `Clone`).
+fn same_head(parts: &http::request::Parts) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.uri = parts.uri.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
+    head
+}
+
+/// Whether the upstream connection closed (or was reset) after the request went out and
+/// before any of a response came: what a kept-alive connection the upstream had just
+/// given up does.
+fn closed_under_request(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut next = std::error::Error::source(e);
+    while let Some(s) = next {
+        if let Some(hyper) = s.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        next = s.source();
+    }
+    false
+}
+
+/// One exchange with the upstream: the request sent (its body as the client sends it) and
+/// the response head, or the client's or the upstream's stall as a refusal.
+async fn exchange(
+    client: &PassClient,
+    parts: http::request::Parts,
+    body: UploadBody,
+) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, Rejection> {
     let (upload, progress) = Upload::new(body, BODY_STALL_TIMEOUT);
     let sent = client.request(Request::from_parts(parts, upload));
     tokio::pin!(sent);
@@ -104,16 +182,23 @@ pub async fn forward(
         answered = &mut sent => Some(answered),
         () = progress.sent(BODY_STALL_TIMEOUT) => None,
     };
-    let answered = match answered {
+    match answered {
         Some(answered) => Ok(answered),
-        None if progress.is_stalled_upstream(BODY_STALL_TIMEOUT) => {
-            return Err(Rejection::UpstreamTimeout)
-        }
-        None => tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sent).await,
-    };
+        None if progress.is_stalled_upstream(BODY_STALL_TIMEOUT) => Err(Rejection::UpstreamTimeout),
+        None => tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sent)
+            .await
+            .map_err(|_| Rejection::UpstreamTimeout),
+    }
+}
+
+/// The upstream's answer as the client gets it, or the refusal its failure makes.
+fn answer(
+    route: &Route,
+    answered: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+) -> Result<Response<Body>, Rejection> {
     let response = match answered {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
+        Ok(response) => response,
+        Err(e) => {
             if source_is::<BodyStalled>(&e) {
                 return Err(Rejection::BodyTimeout);
             }
@@ -141,7 +226,6 @@ pub async fn forward(
                 Rejection::UpstreamUnavailable(UpstreamFault::Answer(cause().into()))
             });
         }
-        Err(_) => return Err(Rejection::UpstreamTimeout),
     };
     // A 101 to a request that asked for no upgrade opens nothing the gate would relay.
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {

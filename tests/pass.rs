@@ -412,6 +412,63 @@ async fn raw_upstream(
     (TestGate::start(&policy).await, server)
 }
 
+/// An upstream that answers the first request of each connection and keeps it alive, then
+/// closes the connection under the next request without answering: a kept-alive
+/// connection it gave up just as the gate used it again. A request without a body, of an
+/// idempotent method, is sent once more on a new connection (as nginx does); one with a
+/// body is not, and is 502.
+#[tokio::test]
+async fn a_kept_alive_upstream_connection_closed_under_a_get_is_tried_once_more() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                for answered in [true, false] {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    got.clear();
+                    if !answered {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if tcp.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n"
+    );
+    let gate = TestGate::start(&policy).await;
+    for _ in 0..3 {
+        let (status, _, response) = send(&gate, &get("/app/x", "")).await;
+        assert_eq!(status, 200, "{response}");
+    }
+    let post = "POST /app/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi";
+    let (status, error, response) = send(&gate, post).await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (502, Some("upstream_unavailable")),
+        "{response}"
+    );
+    // Each GET after the first met a connection given up and went out again on a new one.
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+    server.abort();
+}
+
 /// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
 #[tokio::test]
 async fn a_101_to_a_plain_request_is_502() {
