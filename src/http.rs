@@ -122,8 +122,29 @@ pub async fn handle(
             admitted.relay(client, revoked).await;
             drop(hold);
         });
+    } else if stream.is_none() {
+        close_after_refusal(on_upgrade);
     }
     Ok(response)
+}
+
+/// The longest a refused upgrade's connection is given to end cleanly after its answer.
+const REFUSED_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// End the connection of a refused HTTP/1.1 upgrade as every other answered connection
+/// ends: hyper hands an upgrade request's socket to its (never claimed) upgrade once the
+/// refusal is written, and dropped there a TLS connection would end without close_notify,
+/// which strict clients read as a truncated answer. Taken and shut down here instead.
+pub fn close_after_refusal(on_upgrade: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let closed = async {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            }
+        };
+        let _ = tokio::time::timeout(REFUSED_CLOSE, closed).await;
+    });
 }
 
 /// RFC 9113 §8.3.1: an HTTP/2 request names its host in `:authority`, which takes the

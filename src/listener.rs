@@ -314,7 +314,7 @@ async fn serve_http<I>(
     // What the first request has: the drain's hold on the connection, released once it
     // is answered, and the answer already decided (a refused upgrade), if any.
     let first = std::sync::Mutex::new(Some((opening, decided)));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let (first, decided) = first
             .lock()
             .ok()
@@ -333,7 +333,10 @@ async fn serve_http<I>(
         };
         async move {
             let answered = match decided {
-                Some(response) => Ok(response),
+                Some(response) => {
+                    crate::http::close_after_refusal(hyper::upgrade::on(&mut req));
+                    Ok(response)
+                }
                 None => handle(gate, info, req, None).await,
             };
             drop(first);

@@ -694,3 +694,32 @@ async fn path_parameters_and_malformed_escapes_are_400() {
     assert!(response.contains("\"error\":\"bad_request\""), "{response}");
     assert_eq!(upstream.seen_count(), 0, "the upstream saw a refused path");
 }
+
+/// A refused upgrade's TLS connection ends as every answered one does, with close_notify
+/// after the answer: strict clients (OpenSSL, Python's `ssl`) take an end without it for
+/// a truncated answer.
+#[tokio::test]
+async fn a_refused_upgrade_over_tls_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let upgrade = |path: &str, version: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+        )
+    };
+    for (request, status) in [
+        (upgrade("/nope", "13"), "404"),
+        (upgrade("/ws", "8"), "426"),
+    ] {
+        let mut tls = gate.stream().await;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        // rustls reports an end without close_notify as an UnexpectedEof error.
+        let read = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(matches!(read, Ok(Ok(_))), "{status}: {read:?} after {answer:?}");
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+    }
+}
