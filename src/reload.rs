@@ -87,6 +87,10 @@ pub struct Certificate {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub acceptor: tls::Acceptor,
+    /// The digest of the pair in use ([`tls::pair_digest`]): a re-read that finds the same
+    /// bytes (a SIGHUP for a policy key file, a `touch`) keeps the config, and with it the
+    /// clients' sessions.
+    pub in_use: std::sync::Mutex<Option<String>>,
 }
 
 /// What changed since the last reload (bits, set by the watcher and SIGHUP).
@@ -303,18 +307,36 @@ async fn reload(
     Ok(())
 }
 
+/// A certificate re-read: `None` when the pair is the one in use, else its config and
+/// digest.
+type CertificateRead = Result<Option<(rustls::ServerConfig, Option<String>)>, tls::TlsError>;
+
 /// Load the certificate pair and use it for new handshakes; an unusable pair is logged
 /// and counted, and the old one stays.
 async fn reload_certificate(
     certificate: &Certificate,
     metrics: &Metrics,
-    read: &mut Pending<Result<rustls::ServerConfig, tls::TlsError>>,
+    read: &mut Pending<CertificateRead>,
 ) {
     let (cert, key) = (certificate.cert.clone(), certificate.key.clone());
-    let loaded = read.run(move || tls::server_config(&cert, &key)).await;
+    let in_use = lock(&certificate.in_use).clone();
+    let loaded = read
+        .run(move || {
+            let digest = tls::pair_digest(&cert, &key);
+            if digest.is_some() && digest == in_use {
+                return Ok(None);
+            }
+            tls::server_config(&cert, &key).map(|config| Some((config, digest)))
+        })
+        .await;
     let result = match loaded {
-        Ok(Ok(config)) => {
+        Ok(Ok(None)) => {
+            tracing::info!(cert = %certificate.cert.display(), "certificate unchanged: kept, with its sessions");
+            "success"
+        }
+        Ok(Ok(Some((config, digest)))) => {
             certificate.acceptor.store(config);
+            *lock(&certificate.in_use) = digest;
             tracing::info!(cert = %certificate.cert.display(), "certificate reloaded: new handshakes use it");
             "success"
         }
@@ -331,6 +353,12 @@ async fn reload_certificate(
         .tls_reloads
         .get_or_create_owned(&ResultLabel { result })
         .inc();
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

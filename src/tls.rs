@@ -98,6 +98,15 @@ pub const SESSION_CACHE: usize = 10_000;
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
 /// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
 /// session resumption on.
+/// A digest of the certificate and key files' bytes, to tell a re-read of the same pair;
+/// `None` when either cannot be read.
+pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
+    let mut both = std::fs::read(cert).ok()?;
+    both.extend_from_slice(b"\0");
+    both.extend_from_slice(&std::fs::read(key).ok()?);
+    Some(crate::config::sha256_hex(&both))
+}
+
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     server_config_from(read_certs(cert)?, read_key(key)?)
 }

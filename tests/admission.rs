@@ -719,7 +719,13 @@ async fn a_refused_upgrade_over_tls_ends_with_close_notify() {
         // rustls reports an end without close_notify as an UnexpectedEof error.
         let read = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer)).await;
         let answer = String::from_utf8_lossy(&answer);
-        assert!(matches!(read, Ok(Ok(_))), "{status}: {read:?} after {answer:?}");
-        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "{status}: {read:?} after {answer:?}"
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
     }
 }

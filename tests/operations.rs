@@ -586,6 +586,55 @@ async fn wait_for_certificate(
     started.elapsed()
 }
 
+/// The kind of a TLS handshake a client with `client`'s session cache makes.
+async fn handshake_kind(
+    addr: std::net::SocketAddr,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+) -> Option<rustls::HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let connector = tokio_rustls::TlsConnector::from(client.clone());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.ok()?;
+    // An exchange, so that the session ticket sent after the handshake is read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    tls.write_all(request).await.ok()?;
+    let _ = tls.read_to_end(&mut Vec::new()).await;
+    tls.get_ref().1.handshake_kind()
+}
+
+/// A re-read of the same pair (a SIGHUP sent for a policy key file, a `touch`) keeps the
+/// certificate and with it the clients' sessions: a returning client still resumes.
+#[tokio::test]
+async fn an_unchanged_certificate_reread_keeps_the_sessions() {
+    use rustls::HandshakeKind;
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let client = gate.pki.as_ref().unwrap().client.clone();
+    assert_eq!(
+        handshake_kind(gate.addr, &client).await,
+        Some(HandshakeKind::Full)
+    );
+    assert_eq!(
+        handshake_kind(gate.addr, &client).await,
+        Some(HandshakeKind::Resumed)
+    );
+    let cert = gate.dir.path().join("cert.pem");
+    write_atomically(&cert, &std::fs::read_to_string(&cert).unwrap());
+    let reloaded = "wsgate_tls_reloads_total{result=\"success\"}";
+    gate.wait_metric(
+        reloaded,
+        1.0,
+        Duration::from_secs(2),
+        "the re-read was not seen",
+    )
+    .await;
+    assert_eq!(
+        handshake_kind(gate.addr, &client).await,
+        Some(HandshakeKind::Resumed)
+    );
+}
+
 #[tokio::test]
 async fn a_rotated_certificate_is_used_for_new_handshakes() {
     let upstream = Upstream::start().await;
