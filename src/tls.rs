@@ -26,6 +26,8 @@ pub enum TlsError {
     BadCertificate { path: PathBuf, reason: String },
     #[error("{path}: no PEM private key found")]
     NoKey { path: PathBuf },
+    #[error("{path}: the private key in it cannot be read ({reason})")]
+    BadKey { path: PathBuf, reason: String },
     #[error("{path}: the private key is encrypted; wsgate needs it unencrypted (openssl pkey -in {path} -out plain.key), readable only by the gate's user")]
     EncryptedKey { path: PathBuf },
     #[error("certificate and key do not make a usable pair: {0} (the certificate file must start with the server's own certificate, then its intermediates, and the key must be that certificate's)")]
@@ -75,17 +77,20 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         path: path.to_owned(),
         source,
     })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
         // `BEGIN ENCRYPTED PRIVATE KEY` (PKCS#8) or `Proc-Type: 4,ENCRYPTED` (OpenSSL's
         // legacy PEM): a key is there, but not one that can be used without a password.
         let text = String::from_utf8_lossy(&bytes);
+        let path = path.to_owned();
         if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
-            TlsError::EncryptedKey {
-                path: path.to_owned(),
-            }
+            TlsError::EncryptedKey { path }
+        } else if matches!(e, rustls_pki_types::pem::Error::NoItemsFound) {
+            TlsError::NoKey { path }
         } else {
-            TlsError::NoKey {
-                path: path.to_owned(),
+            // A key block is there but does not decode (damaged base64, a cut file).
+            TlsError::BadKey {
+                path,
+                reason: pem_reason(&e),
             }
         }
     })
@@ -95,9 +100,6 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// first. TLS 1.3 resumes with tickets, which the gate does not store.
 pub const SESSION_CACHE: usize = 10_000;
 
-/// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
-/// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
-/// session resumption on.
 /// A digest of the certificate and key files' bytes, to tell a re-read of the same pair;
 /// `None` when either cannot be read.
 pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
@@ -107,6 +109,9 @@ pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
     Some(crate::config::sha256_hex(&both))
 }
 
+/// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
+/// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
+/// session resumption on.
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     server_config_from(read_certs(cert)?, read_key(key)?)
 }
@@ -302,7 +307,7 @@ mod tests {
         assert!(!prefers_chacha(&[]));
     }
 
-    /// A key that is there but encrypted says so, rather than "no key found".
+    /// A key that is there but encrypted, or damaged, says so, rather than "no key found".
     #[test]
     fn an_encrypted_key_is_named_as_such() {
         let dir = tempfile::tempdir().unwrap();
@@ -325,5 +330,9 @@ mod tests {
         let path = dir.path().join("none.key");
         std::fs::write(&path, "not a key").unwrap();
         assert!(matches!(read_key(&path), Err(TlsError::NoKey { .. })));
+        // A key block that does not decode is there, but cannot be read: not "no key".
+        let damaged = "-----BEGIN PRIVATE KEY-----\n!!!!not base64\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&path, damaged).unwrap();
+        assert!(matches!(read_key(&path), Err(TlsError::BadKey { .. })));
     }
 }
