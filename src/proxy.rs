@@ -234,6 +234,9 @@ fn answer(
         ));
     }
     let (mut parts, body) = response.into_parts();
+    // RFC 9110 §6.2: an intermediary sends its own version. An HTTP/1.0 upstream's would
+    // tell an HTTP/1.1 client to give up its kept-alive connection.
+    parts.version = http::Version::HTTP_11;
     response_framing(&mut parts.headers)?;
     upstream::strip_hop_by_hop(&mut parts.headers);
     upstream::rewrite_location(&mut parts.headers, &route.upstream);

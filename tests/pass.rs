@@ -469,6 +469,18 @@ async fn a_kept_alive_upstream_connection_closed_under_a_get_is_tried_once_more(
     server.abort();
 }
 
+/// The gate answers in its own HTTP version (RFC 9110 §6.2), whatever the upstream
+/// spoke: an HTTP/1.0 app's answer does not end the client's kept-alive connection.
+#[tokio::test]
+async fn an_http_1_0_upstreams_answer_goes_out_as_http_1_1() {
+    let (gate, server) =
+        raw_upstream(|_| b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello").await;
+    let (status, _, response) = send(&gate, &get("/app/x", "")).await;
+    assert_eq!(status, 200, "{response}");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    server.abort();
+}
+
 /// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
 #[tokio::test]
 async fn a_101_to_a_plain_request_is_502() {
