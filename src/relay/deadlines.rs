@@ -53,6 +53,8 @@ const PING_GRID: Duration = Duration::from_millis(100);
 pub(super) struct Deadlines {
     /// Its timeouts and heartbeat settings (read from the route, not copied per connection).
     pub route: Arc<Route>,
+    /// Bytes the client's socket had taken when the last ping was queued.
+    pub written_at_ping: u64,
     pub lifetime_end: Option<Instant>,
     pub expires_at: Option<Instant>,
     pub heartbeat: Heartbeat,
@@ -172,12 +174,17 @@ impl Deadlines {
                 let interval = self.route.heartbeat.interval;
                 self.heartbeat = if client.caught_up() {
                     client.queue_ping();
+                    // After a burst, the ping may wait behind it in the socket buffers: ask
+                    // the kernel how much, so that a late pong can be judged by how much of
+                    // it the client has taken since. (Never for an idle connection.)
+                    let burst = client.written.saturating_sub(self.written_at_ping) > BACKLOG;
+                    self.written_at_ping = client.written;
                     Heartbeat::Awaiting {
                         sent: now,
                         due: now + self.route.heartbeat.timeout,
                         frames: c2u.frames,
                         stalls: u2c.stalls,
-                        kernel: None,
+                        kernel: if burst { client.send_queue() } else { None },
                     }
                 } else {
                     Heartbeat::ping_at(now + interval, interval)
@@ -189,17 +196,24 @@ impl Deadlines {
     }
 }
 
+/// The backlog in the client's socket that makes a late pong a question for the kernel:
+/// more than a few segments that a client's delayed acknowledgements hold back (64 KiB
+/// each on loopback), so that a trickle into a client that reads nothing proves nothing.
+const BACKLOG: u64 = 256 * 1024;
+
 /// Whether the client's socket shows it reading, at a late pong's deadline (`now`) after
-/// the look before (`before`, at the previous deadline of the same ping, if any). Bytes
-/// still unacknowledged earn one more timeout to show progress; acknowledgements since the
-/// last look earn another, also the one that took the last of them (with the ping, which
-/// the client then still has to read out of its own buffers). A kernel that cannot say
-/// leaves the timeout as it was.
+/// the look before (`before`: when the ping was queued after a burst, or the previous
+/// deadline of the same ping). A backlog the client's kernel is acknowledging, however
+/// slowly, earns one more timeout at each look, also at the look that finds it taken whole
+/// (the ping with it, which the client then still has to read out of its own buffers).
+/// A backlog first seen at a deadline earns one timeout to show progress. Anything else,
+/// or a kernel that cannot say, leaves the timeout as it was.
 fn still_reading(before: Option<SendQueue>, now: Option<SendQueue>) -> bool {
+    let backlog = |q: SendQueue| u64::from(q.queued) > BACKLOG;
     match (before, now) {
         (_, None) => false,
-        (None, Some(now)) => now.queued > 0,
-        (Some(before), Some(now)) => now.acked > before.acked && before.queued > 0,
+        (None, Some(now)) => backlog(now),
+        (Some(before), Some(now)) => backlog(before) && now.acked > before.acked,
     }
 }
 
@@ -238,16 +252,21 @@ mod tests {
     #[test]
     fn a_late_pong_waits_only_while_the_kernel_sees_the_client_read() {
         let q = |queued, acked| Some(SendQueue { queued, acked });
+        let big = 1 << 20;
         // Nothing held for the client, or no answer from the kernel: the pong is late.
         assert!(!still_reading(None, q(0, 100)));
         assert!(!still_reading(None, None));
-        assert!(!still_reading(q(10, 100), None));
-        // Bytes held: one more timeout; then only if acknowledgements moved.
-        assert!(still_reading(None, q(10, 100)));
-        assert!(still_reading(q(10, 100), q(5, 105)));
-        assert!(!still_reading(q(10, 100), q(10, 100)));
-        // The queue emptied since: one timeout to read the ping out of its buffers.
-        assert!(still_reading(q(10, 100), q(0, 110)));
+        assert!(!still_reading(q(big, 100), None));
+        // A few segments held back by delayed acknowledgements (a trickle into a client
+        // that reads nothing, its kernel taking each): no sign of reading.
+        assert!(!still_reading(None, q(2000, 100)));
+        assert!(!still_reading(q(2000, 100), q(1000, 3100)));
+        // A backlog: one more timeout; then only if acknowledgements moved.
+        assert!(still_reading(None, q(big, 100)));
+        assert!(still_reading(q(big, 100), q(big - 5, 105)));
+        assert!(!still_reading(q(big, 100), q(big, 100)));
+        // The backlog taken whole since: one timeout to read the ping out of its buffers.
+        assert!(still_reading(q(big, 100), q(0, big as u64 + 100)));
         assert!(!still_reading(q(0, 110), q(0, 110)));
     }
 

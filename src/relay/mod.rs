@@ -192,6 +192,7 @@ pub fn run(
     );
     let deadlines = Deadlines {
         route: route.clone(),
+        written_at_ping: 0,
         lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
         expires_at: conn.expires_at,
         heartbeat: Heartbeat::ping_at(started + route.heartbeat.interval, route.heartbeat.interval),
