@@ -418,7 +418,16 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
                 return Err(error);
             };
             let mut budget = LOCATE_BUDGET_BYTES;
-            *more = schema_errors(&document)
+            let found = schema_errors(&document);
+            // A number out of range is told in the schema's words ("expected at least 1"),
+            // not in those of the integer type underneath ("a whole number", which -1 is).
+            if let Some(range) = found
+                .iter()
+                .find(|f| f.message.starts_with("invalid value") && reported(message, &f.field))
+            {
+                *message = format!("{}: {}", range.field, range.message);
+            }
+            *more = found
                 .into_iter()
                 .filter(|f| !reported(message, &f.field))
                 .map(|error| {
@@ -576,11 +585,11 @@ fn in_words(message: &str) -> String {
         out.replace_range(at + 9..name_end, "a map");
     }
     for (rust, words) in [
-        ("expected u8", "expected a whole number, 0 or more"),
-        ("expected u16", "expected a whole number, 0 or more"),
-        ("expected u32", "expected a whole number, 0 or more"),
-        ("expected u64", "expected a whole number, 0 or more"),
-        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u8", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
         ("expected f64", "expected a number"),
     ] {
         if let Some(rest) = out.strip_suffix(rust) {
