@@ -686,21 +686,33 @@ async fn relay_refusal(
     upstream: &Upstream,
     deadline: Instant,
 ) -> Rejection {
-    let chunked = head
-        .headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .any(|v| v.as_bytes().to_ascii_lowercase().ends_with(b"chunked"));
-    let length = head
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
+    let codings = head.headers.get_all(header::TRANSFER_ENCODING);
+    let chunked = codings.iter().next().is_some();
     let bodiless = head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED;
+    // RFC 9112 §6.3, as `http: pass` answers them: framing a smuggler would use, a coding
+    // the client would get undone and unlabelled, or lengths that disagree, is 502.
     if !bodiless && chunked && head.headers.contains_key(header::CONTENT_LENGTH) {
-        // RFC 9112 §6.3: framing a smuggler would use; `http: pass` refuses it too.
         return bad_answer("a refusal with both Content-Length and Transfer-Encoding");
     }
+    if chunked && crate::head::transfer_codings(codings.iter().map(HeaderValue::as_bytes)).is_err()
+    {
+        return bad_answer("a refusal transfer coding other than chunked");
+    }
+    let mut lengths = head
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|v| {
+            std::str::from_utf8(v.trim_ascii())
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        });
+    let length = match lengths.next() {
+        None => None,
+        Some(Some(n)) if lengths.all(|other| other == Some(n)) => Some(n),
+        Some(_) => return bad_answer("a malformed Content-Length"),
+    };
     // Chunk framing comes on top of the data: read a little past the cap.
     let want = match (bodiless, chunked, length) {
         (true, _, _) => 0,

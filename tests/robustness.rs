@@ -779,6 +779,20 @@ async fn upstream_refusal_cut_short_is_not_relayed_as_whole() {
         b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
     })
     .await;
+    // Lengths that disagree, or a coding the client would get undone and unlabelled: 502,
+    // as `http: pass` answers them. One length repeated is that length.
+    assert_upstream_unavailable(|_| {
+        b"HTTP/1.1 403 No\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".to_vec()
+    })
+    .await;
+    assert_upstream_unavailable(|_| {
+        b"HTTP/1.1 403 No\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".to_vec()
+    })
+    .await;
+    let up =
+        raw_upstream(|_| b"HTTP/1.1 403 No\r\nContent-Length: 5, 5\r\n\r\nhello".to_vec()).await;
+    let (status, body, _) = upgrade_through(&up).await;
+    assert_eq!((status, body), (403, serde_json::json!("hello")));
     // Without length or chunks the body ends where the upstream closes: whole.
     let up = raw_upstream(|_| b"HTTP/1.1 403 Forbidden\r\n\r\nno".to_vec()).await;
     let gate = TestGate::start_with(&open_policy(&up, short), false).await;
