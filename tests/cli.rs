@@ -2199,7 +2199,8 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_mode_line_names_its_request() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream, "    ip: {deny: [127.0.0.0/8]}\n");
+    let extra = "    http: pass\n    ip: {deny: [127.0.0.0/8]}\n";
+    let (_dir, policy) = open_policy_file(&upstream, extra);
     let text = std::fs::read_to_string(&policy).unwrap();
     std::fs::write(
         &policy,
@@ -2208,7 +2209,7 @@ async fn a_report_mode_line_names_its_request() {
     .unwrap();
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
     let _ws = gate.connect("/ws").await.unwrap();
-    let warned = gate.wait_line("would have been refused");
+    let warned = gate.wait_line("this upgrade would have been refused");
     assert!(warned.contains("reason=\"ip_denied\""), "{warned}");
     let id = |line: &str| {
         let at = line.find("request_id=").expect("a request_id") + "request_id=".len();
@@ -2216,6 +2217,15 @@ async fn a_report_mode_line_names_its_request() {
     };
     let upgraded = gate.wait_line("result=\"accepted\"");
     assert_eq!(id(&warned), id(&upgraded), "{warned}\n{upgraded}");
+    // A plain request on the `http: pass` route is a request, not an upgrade.
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let get =
+        "GET /ws/page HTTP/1.1\r\nHost: x\r\nX-Request-Id: plain-1\r\nConnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, get.as_bytes())
+        .await
+        .unwrap();
+    let warned = gate.wait_line("this request would have been refused");
+    assert_eq!(id(&warned), "plain-1", "{warned}");
 }
 
 /// An accepted upgrade's line names the client, the route, the result and the latency;

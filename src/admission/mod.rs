@@ -272,6 +272,8 @@ impl Trace {
 struct Verdicts<'a> {
     state: &'a State,
     report: bool,
+    /// An upgrade, or a plain request on an `http: pass` route (for the log's words).
+    upgrade: bool,
     request_id: &'a str,
     route: &'a Route,
     client_ip: IpAddr,
@@ -347,11 +349,15 @@ impl Verdicts<'_> {
         self.state
             .metrics
             .report_violation(&self.route.name, rejection.reason());
-        tracing::warn!(
-            request_id = %self.request_id, route = self.route.name.as_str(),
-            client_ip = %self.client_ip, reason = rejection.reason(),
-            "report mode: this upgrade would have been refused"
-        );
+        let (id, route, ip) = (self.request_id, self.route.name.as_str(), self.client_ip);
+        let reason = rejection.reason();
+        if self.upgrade {
+            tracing::warn!(request_id = %id, route, client_ip = %ip, reason,
+                "report mode: this upgrade would have been refused");
+        } else {
+            tracing::warn!(request_id = %id, route, client_ip = %ip, reason,
+                "report mode: this request would have been refused");
+        }
         Ok(())
     }
 }
@@ -396,6 +402,7 @@ async fn checks<'a>(
     let v = Verdicts {
         state,
         report,
+        upgrade,
         request_id: attempt.request_id,
         route,
         client_ip,
