@@ -106,7 +106,8 @@ pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
     let mut both = std::fs::read(cert).ok()?;
     both.extend_from_slice(b"\0");
     both.extend_from_slice(&std::fs::read(key).ok()?);
-    Some(crate::config::sha256_hex(&both))
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &both);
+    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
