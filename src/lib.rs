@@ -162,7 +162,7 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         .clone()
         .zip(options.tls_files)
         .map(|(acceptor, (cert, key))| reload::Certificate {
-            in_use: std::sync::Mutex::new(tls::pair_digest(&cert, &key)),
+            in_use: std::sync::Mutex::new(reload::pair_digest(&cert, &key)),
             cert,
             key,
             acceptor,

@@ -146,24 +146,14 @@ fn closed_under_request(e: &hyper_util::client::legacy::Error) -> bool {
     if e.is_connect() {
         return false;
     }
-    let mut next = std::error::Error::source(e);
-    while let Some(s) = next {
-        if let Some(hyper) = s.downcast_ref::<hyper::Error>() {
-            if hyper.is_incomplete_message() {
-                return true;
-            }
-        }
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            ) {
-                return true;
-            }
-        }
-        next = s.source();
-    }
-    false
+    let incomplete = in_chain::<hyper::Error>(e).is_some_and(hyper::Error::is_incomplete_message);
+    let reset = in_chain::<io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    });
+    incomplete || reset
 }
 
 /// One exchange with the upstream: the request sent (its body as the client sends it) and
@@ -284,14 +274,21 @@ fn response_framing(headers: &mut http::HeaderMap) -> Result<(), Rejection> {
 
 /// Whether `error`'s chain holds a `T`.
 fn source_is<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    in_chain::<T>(error).is_some()
+}
+
+/// The first `T` in `error`'s chain (itself included).
+fn in_chain<'e, T: std::error::Error + 'static>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
     let mut next = Some(error);
     while let Some(e) = next {
-        if e.is::<T>() {
-            return true;
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
         next = e.source();
     }
-    false
+    None
 }
 
 /// The client's request body could not be read: a malformed chunk, or the connection

@@ -87,7 +87,7 @@ pub struct Certificate {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub acceptor: tls::Acceptor,
-    /// The digest of the pair in use ([`tls::pair_digest`]): a re-read that finds the same
+    /// The digest of the pair in use ([`pair_digest`]): a re-read that finds the same
     /// bytes (a SIGHUP for a policy key file, a `touch`) keeps the config, and with it the
     /// clients' sessions.
     pub in_use: std::sync::Mutex<Option<String>>,
@@ -307,6 +307,15 @@ async fn reload(
     Ok(())
 }
 
+/// A digest of the certificate and key files' bytes, to tell a re-read of the same pair;
+/// `None` when either cannot be read.
+pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
+    let mut both = std::fs::read(cert).ok()?;
+    both.extend_from_slice(b"\0");
+    both.extend_from_slice(&std::fs::read(key).ok()?);
+    Some(config::sha256_hex(&both))
+}
+
 /// A certificate re-read: `None` when the pair is the one in use, else its config and
 /// digest.
 type CertificateRead = Result<Option<(rustls::ServerConfig, Option<String>)>, tls::TlsError>;
@@ -322,7 +331,7 @@ async fn reload_certificate(
     let in_use = lock(&certificate.in_use).clone();
     let loaded = read
         .run(move || {
-            let digest = tls::pair_digest(&cert, &key);
+            let digest = pair_digest(&cert, &key);
             if digest.is_some() && digest == in_use {
                 return Ok(None);
             }

@@ -100,16 +100,6 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// first. TLS 1.3 resumes with tickets, which the gate does not store.
 pub const SESSION_CACHE: usize = 10_000;
 
-/// A digest of the certificate and key files' bytes, to tell a re-read of the same pair;
-/// `None` when either cannot be read.
-pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
-    let mut both = std::fs::read(cert).ok()?;
-    both.extend_from_slice(b"\0");
-    both.extend_from_slice(&std::fs::read(key).ok()?);
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &both);
-    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
 /// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
 /// session resumption on.

@@ -720,32 +720,27 @@ async fn relay_refusal(
         (false, false, Some(n)) => n.min(MAX_RELAYED_BODY),
         (false, false, None) => MAX_RELAYED_BODY,
     };
-    // Whether the body came whole (or up to the cap): a refusal cut short is not passed
-    // on as if it were complete.
-    let mut whole = bodiless || raw.len() >= want;
+    let close_delimited = !bodiless && !chunked && length.is_none();
+    let mut failed = false;
     while raw.len() < want && !(chunked && dechunk(&raw).1) {
         raw.reserve((want - raw.len()).min(16 * 1024));
         match timeout_at(deadline, stream.read_buf(&mut raw)).await {
             Ok(Ok(n)) if n > 0 => {}
-            // A body without length or chunks ends where the upstream closes.
-            Ok(Ok(_)) => {
-                whole = !chunked && length.is_none();
+            Ok(Ok(_)) => break,
+            Ok(Err(_)) => {
+                failed = true;
                 break;
             }
-            Ok(Err(_)) => break,
             // One that never closes is passed on as far as it came by the deadline (its
             // status is the answer); a body of announced size still short is a timeout.
-            Err(_) if !chunked && length.is_none() => {
-                whole = true;
-                break;
-            }
+            Err(_) if close_delimited => break,
             Err(_) => return Rejection::UpstreamTimeout,
         }
-        whole = raw.len() >= want;
     }
-    if chunked {
-        whole = dechunk(&raw).1 || raw.len() >= want;
-    }
+    // Whether the body came whole (or up to the cap): a refusal cut short is not passed
+    // on as if it were complete. One without length or chunks ends where the upstream
+    // closes.
+    let whole = raw.len() >= want || (chunked && dechunk(&raw).1) || (close_delimited && !failed);
     if !whole {
         return bad_answer("a refusal whose body was cut short");
     }
