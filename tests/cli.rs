@@ -2228,6 +2228,41 @@ async fn a_report_mode_line_names_its_request() {
     assert_eq!(id(&warned), "plain-1", "{warned}");
 }
 
+/// A report-mode message violation's warn line carries the connection's request id, as its
+/// upgrade line does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_mode_message_line_names_its_request() {
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "    messages: {types: [text]}\n");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replacen("version: 1\n", "version: 1\nmode: report\n", 1),
+    )
+    .unwrap();
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
+    let mut ws = gate.connect("/ws").await.unwrap();
+    ws.send(Message::Binary(vec![1u8, 2, 3].into()))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(echoed, Ok(Some(Ok(Message::Binary(_))))),
+        "{echoed:?}"
+    );
+    let upgraded = gate.wait_line("result=\"accepted\"");
+    let warned = gate.wait_line("would have closed the connection");
+    assert!(
+        warned.contains("reason=\"message_type_not_allowed\""),
+        "{warned}"
+    );
+    let id = |line: &str| {
+        let at = line.find("request_id=").expect("a request_id") + "request_id=".len();
+        line[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    assert_eq!(id(&warned), id(&upgraded), "{warned}\n{upgraded}");
+}
+
 /// An accepted upgrade's line names the client, the route, the result and the latency;
 /// its close line counts the messages and payload bytes each way.
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::close::CloseReason;
@@ -26,8 +27,10 @@ pub(super) struct Inbound {
     burst: f64,
     tokens: f64,
     refilled: Instant,
-    /// In report mode violations are counted and the message is relayed.
-    report: bool,
+    /// In report mode violations are counted and the message is relayed; the connection's
+    /// request id is kept for its log line (on the heap, and only then: a connection in
+    /// enforce mode pays one pointer).
+    report: Option<Box<HeaderValue>>,
     pub(super) violations: u64,
     /// For the report-mode log line and counter.
     route: Arc<Route>,
@@ -40,7 +43,7 @@ impl Inbound {
         route: Arc<Route>,
         metrics: Arc<Metrics>,
         client_ip: IpAddr,
-        report: bool,
+        report: Option<Box<HeaderValue>>,
         now: Instant,
     ) -> Inbound {
         let m = &route.messages;
@@ -81,15 +84,16 @@ impl Inbound {
             None
         };
         let violation = violation?;
-        if !self.report {
+        let Some(request_id) = &self.report else {
             return Some(violation);
-        }
+        };
         self.violations += 1;
         self.metrics
             .report_violation(&self.route.name, violation.label());
         if self.violations == 1 {
             // Once per connection: a flood in report mode must not flood the log.
             tracing::warn!(
+                request_id = %request_id.to_str().unwrap_or("-"),
                 route = self.route.name.as_str(),
                 client_ip = %self.client_ip,
                 reason = violation.label(),

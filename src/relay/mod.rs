@@ -173,7 +173,7 @@ pub fn run(
         route.clone(),
         conn.registry.clone(),
         conn.standing.client_ip,
-        conn.report,
+        conn.report.then(|| Box::new(conn.request_id.clone())),
         started,
     );
     let c2u = Direction::new(
