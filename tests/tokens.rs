@@ -1817,4 +1817,26 @@ fn check_refuses_policies_that_would_not_do_what_they_say() {
         "{:?}",
         loaded.warnings
     );
+    // Every address made of halves, in either family, is warned about as well; a list that
+    // leaves any address out is not.
+    for (list, warned) in [
+        ("[0.0.0.0/1, 10.0.0.1, 128.0.0.0/1]", true),
+        ("[\"::/1\", \"8000::/1\"]", true),
+        ("[0.0.0.0/1, 128.0.0.0/2, 192.0.0.0/3, 224.0.0.0/4]", false),
+        ("[0.0.0.0/1, \"8000::/1\"]", false),
+    ] {
+        let policy = auth_policy(
+            "ws://127.0.0.1:9",
+            "{algorithms: [HS256], keys: [{hmac_secret_file: secret}]}",
+        )
+        .replace(
+            "version: 1\n",
+            &format!("version: 1\ntrusted_proxies: {list}\n"),
+        );
+        let loaded = wsgate::config::load_bytes(&policy_path, policy.as_bytes())
+            .unwrap_or_else(|e| panic!("refused: {e}"));
+        let fields: Vec<&str> = loaded.warnings.iter().map(|w| w.field.as_str()).collect();
+        let expected: &[&str] = if warned { &["trusted_proxies"] } else { &[] };
+        assert_eq!(fields, expected, "{list}");
+    }
 }
