@@ -34,6 +34,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{handle, ConnInfo, H2Stream};
+use crate::linger::LINGER_TIME;
 use crate::relay::Protocol;
 use crate::Gate;
 
@@ -231,14 +232,17 @@ pub async fn serve<I>(
     }
     // Draining: each WebSocket stream has been told to close (its relay watches the same
     // token) and finishes its close handshake over this connection, which keeps being
-    // served; once they are all done, GOAWAY.
+    // served; once they are all done, GOAWAY. A graceful HTTP/2 shutdown waits for the
+    // answer to the GOAWAY's PING before it closes; a client that falls silent after its
+    // close handshakes is given what an HTTP/1.1 client is after its own, the lingering
+    // close's time, not the idle connection's grace.
     streams.close();
     tokio::select! {
         result = conn.as_mut() => return ended(result),
         () = streams.wait() => {}
     }
     conn.as_mut().graceful_shutdown();
-    if let Ok(result) = timeout(GOAWAY_GRACE, conn.as_mut()).await {
+    if let Ok(result) = timeout(LINGER_TIME, conn.as_mut()).await {
         ended(result);
     }
 }

@@ -1236,3 +1236,40 @@ async fn a_paced_rapid_reset_gets_goaway_after_100_cancelled_streams() {
     assert!(dialled <= 110, "the upstream was dialled {dialled} times");
     holder.abort();
 }
+
+/// The drain over HTTP/2: once the last WebSocket stream of a connection has finished its
+/// close handshake, the connection is closed within the lingering close's 2 s of its
+/// GOAWAY, also when the client sends nothing more (not even the answer to the GOAWAY's
+/// PING, which a graceful HTTP/2 shutdown otherwise waits for), and the process exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_connection_whose_client_falls_silent_is_closed_within_the_linger() {
+    let mut bench = Bench::start(LIMITS, false).await;
+    let (rd, mut wr) = bench.raw().await;
+    let mut rx = frames(rd);
+    wr.write_all(&frame(HEADERS, END_HEADERS, 1, &bench.connect_block()))
+        .await
+        .unwrap();
+    assert_eq!(answers(&mut rx, &[1]).await, [Answer::Status(200)]);
+    echo_streams(&mut wr, &mut rx, &[1]).await;
+    let Child::Plain(gate) = &mut bench.child else {
+        unreachable!("an h2c bench")
+    };
+    gate.signal("TERM");
+    let close = next_frame(&mut rx, DEADLINE, |f| f.kind == DATA && f.stream == 1)
+        .await
+        .expect("a close frame on the stream");
+    assert_eq!(close.payload.first(), Some(&0x88), "{close:?}");
+    let answer = support::wire::frame(0x88, &1001u16.to_be_bytes(), true);
+    wr.write_all(&frame(DATA, 0, 1, &answer)).await.unwrap();
+    let answered = Instant::now();
+    let closed = closed_after(&mut rx, Duration::from_secs(10)).await;
+    let took = answered.elapsed();
+    assert!(closed.ended, "{closed:?}");
+    assert!(closed.goaway.is_some(), "{closed:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "closed {took:?} after the close handshake"
+    );
+    let (code, _) = gate.exited(Duration::from_secs(5)).await;
+    assert_eq!(code, 0);
+}
