@@ -2194,19 +2194,25 @@ async fn a_head_refused_unparsed_is_logged_with_every_field() {
     }
 }
 
+/// The open policy of [`open_policy_file`] in report mode.
+fn report_policy_file(
+    upstream: &Upstream,
+    route_extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, policy) = open_policy_file(upstream, route_extra);
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let report = text.replacen("version: 1\n", "version: 1\nmode: report\n", 1);
+    std::fs::write(&policy, report).unwrap();
+    (dir, policy)
+}
+
 /// A report-mode violation's warn line carries the request id, as the upgrade line the
 /// same request then gets does.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_mode_line_names_its_request() {
     let upstream = Upstream::start().await;
     let extra = "    http: pass\n    ip: {deny: [127.0.0.0/8]}\n";
-    let (_dir, policy) = open_policy_file(&upstream, extra);
-    let text = std::fs::read_to_string(&policy).unwrap();
-    std::fs::write(
-        &policy,
-        text.replacen("version: 1\n", "version: 1\nmode: report\n", 1),
-    )
-    .unwrap();
+    let (_dir, policy) = report_policy_file(&upstream, extra);
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
     let _ws = gate.connect("/ws").await.unwrap();
     let warned = gate.wait_line("this upgrade would have been refused");
@@ -2233,13 +2239,7 @@ async fn a_report_mode_line_names_its_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_mode_message_line_names_its_request() {
     let upstream = Upstream::start().await;
-    let (_dir, policy) = open_policy_file(&upstream, "    messages: {types: [text]}\n");
-    let text = std::fs::read_to_string(&policy).unwrap();
-    std::fs::write(
-        &policy,
-        text.replacen("version: 1\n", "version: 1\nmode: report\n", 1),
-    )
-    .unwrap();
+    let (_dir, policy) = report_policy_file(&upstream, "    messages: {types: [text]}\n");
     let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "off", &[]);
     let mut ws = gate.connect("/ws").await.unwrap();
     ws.send(Message::Binary(vec![1u8, 2, 3].into()))
