@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::admission::origin::{self, Allowed};
 use crate::admission::{self, Attempt, Kind, Outcome, Rejection, Step, Trace};
-use crate::handshake::{check_upgrade, is_upgrade, offered_protocols};
+use crate::handshake::{check_head, check_upgrade, is_upgrade, offered_protocols};
 use crate::http::route;
 use crate::metrics::Metrics;
 use crate::policy::{HttpMode, OriginPattern, Policy, Route, TokenSource};
@@ -78,6 +78,12 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
         },
     };
 
+    // The head's own sanity (one Host, one Origin, a web target) comes before the route:
+    // a failure there is the request's, not the route's.
+    if let Err(rejection) = check_head(&parts.method, &parts.uri, &parts.headers) {
+        lines.push(line("request", "fail", rejection.to_string()));
+        return Ok(refused(lines, rejection));
+    }
     let (route, path) = match route(policy, &parts.method, &parts.uri, &parts.headers) {
         Ok(routed) => routed,
         Err(rejection) => {

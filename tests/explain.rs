@@ -223,6 +223,22 @@ async fn a_jwks_url_not_fetched_is_keys_unavailable_for_both() {
     assert!(!detail.contains(token), "the token was printed: {detail}");
 }
 
+/// A head the gate refuses before routing it (here two Origin headers) fails explain's
+/// `request` step, the first, not the route's.
+#[tokio::test]
+async fn a_bad_head_fails_the_request_step() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, "")).await;
+    let headers = [ORIGIN, ("origin", "https://b.example.org")];
+    let explained = same_decision(&gate, "/ws", &headers, (400, "bad_request")).await;
+    let steps = explained["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "{explained:#}");
+    assert_eq!(steps[0]["step"], "request");
+    assert_eq!(steps[0]["result"], "fail");
+    let detail = steps[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("more than one Origin"), "{detail}");
+}
+
 /// Each step says what decided it: the matched route, the client, the Origin pattern that
 /// matched, the token's alg and claims (never the token), the claim rules.
 #[tokio::test]
