@@ -75,10 +75,8 @@ pub fn validate_for(
     // (An IPv4-mapped entry is kept as the IPv4 network it maps: `::ffff:0.0.0.0/96` is
     // `0.0.0.0/0`; the warning names the entry as written.)
     let written = file.trusted_proxies.as_deref().unwrap_or_default();
-    let mut whole = false;
     for (i, text) in written.iter().enumerate() {
         if parse_cidr(text).is_some_and(|net| net.prefix_len() == 0) {
-            whole = true;
             v.warn(
                 format!("trusted_proxies[{i}]"),
                 format!(
@@ -88,9 +86,9 @@ pub fn validate_for(
             );
         }
     }
-    // The same made of pieces (`0.0.0.0/1` and `128.0.0.0/1`).
+    // The same made of pieces (`0.0.0.0/1` and `128.0.0.0/1`), when no entry says it whole.
     let nets: Vec<IpNet> = written.iter().filter_map(|t| parse_cidr(t)).collect();
-    if !whole
+    if !nets.iter().any(|net| net.prefix_len() == 0)
         && IpNet::aggregate(&nets)
             .iter()
             .any(|net| net.prefix_len() == 0)
