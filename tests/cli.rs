@@ -537,12 +537,24 @@ fn check_refuses_credentials_in_urls_without_printing_them() {
            auth: {keys: [{jwks_url: \"https://u:hunter2@keys.example/jwks.json\"}]}\n\
          routes:\n  \
            - path: /ws\n    \
-             upstream: ws://svc:hunter2@127.0.0.1:8080\n",
+             upstream: ws://svc:hunter2@127.0.0.1:8080\n  \
+           - path: /tls\n    \
+             upstream: ws://svc:hunter2@127.0.0.1:8080\n    \
+             upstream_tls: {server_name: svc.internal}\n",
     )
     .unwrap();
     let (code, text) = check(&path);
     assert_eq!(code, 1, "{text}");
-    for field in ["routes[0].upstream", "defaults.auth.keys[0].jwks_url"] {
+    // The URL's other mistakes are still named: the credentials do not hide them.
+    assert!(
+        text.contains(": routes[1].upstream_tls: upstream_tls is only for wss:// upstreams"),
+        "{text}"
+    );
+    for field in [
+        "routes[0].upstream",
+        "routes[1].upstream",
+        "defaults.auth.keys[0].jwks_url",
+    ] {
         let line = text
             .lines()
             .find(|l| l.contains(&format!(": {field}: ")))

@@ -23,9 +23,11 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if has_userinfo(&uri) {
-            self.err(field, NO_CREDENTIALS);
-            return None;
+        // Credentials are refused, and the rest of the upstream still checked, so that
+        // one `check` names every mistake in it (an `upstream_tls` beside a ws:// URL too).
+        let credentials = has_userinfo(&uri);
+        if credentials {
+            self.err(field.as_str(), NO_CREDENTIALS);
         }
         // The form the messages below, the logs and /policy show.
         let url = redact_userinfo(url);
@@ -93,6 +95,9 @@ impl Validator<'_> {
                 Some(self.upstream_tls(p, bare_host)?)
             }
         };
+        if credentials {
+            return None;
+        }
         Some(Upstream {
             authority,
             tls,
