@@ -28,6 +28,10 @@ pub const MAX_RELAYED_BODY: usize = 64 * 1024;
 /// Largest upstream response head (the client's is capped at 16 KiB the same way).
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
+/// Interim responses (`100 Continue`, `103 Early Hints`) read past before the upstream's
+/// final answer; more are a broken upstream, not a slow one.
+const MAX_INTERIM: u32 = 8;
+
 /// A connection to an upstream, plain or TLS.
 pub enum UpstreamStream {
     Plain(TcpStream),
@@ -529,13 +533,23 @@ async fn handshake(
         Rejection::UpstreamUnavailable(UpstreamFault::Answer(format!("{what}: {e}").into()))
     };
     sent.await.map_err(|e| broken("sending the handshake", e))?;
-    let (response, rest) = read_head(&mut stream)
+    let (mut response, mut rest) = read_head(&mut stream, BytesMut::new())
         .await
         .map_err(|e| broken("reading the handshake's answer", e))?;
-    if response.status != StatusCode::SWITCHING_PROTOCOLS {
-        if response.status.is_informational() {
-            return Err(bad_answer("an informational status to the handshake"));
+    // RFC 9110 §15.2: a client must read past interim responses (`100 Continue`,
+    // `103 Early Hints`) to the final one. They are not passed on: a WebSocket client
+    // expects its 101 first. At most `MAX_INTERIM`, all within the handshake's deadline.
+    let mut interim = 0;
+    while response.status.is_informational() && response.status != StatusCode::SWITCHING_PROTOCOLS {
+        interim += 1;
+        if interim > MAX_INTERIM {
+            return Err(bad_answer("too many interim responses to the handshake"));
         }
+        (response, rest) = read_head(&mut stream, rest)
+            .await
+            .map_err(|e| broken("reading the handshake's answer", e))?;
+    }
+    if response.status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(relay_refusal(stream, response, rest, &route.upstream, deadline).await);
     }
     // RFC 6455 §4.1: a 101 that does not switch to WebSocket, or whose one
@@ -642,14 +656,17 @@ struct Head {
 }
 
 /// Reads and parses a response head of at most `MAX_RESPONSE_HEAD` bytes (and 64 header
-/// fields); returns it with whatever arrived after it.
-async fn read_head(stream: &mut UpstreamStream) -> io::Result<(Head, BytesMut)> {
+/// fields), starting with the bytes in `buf` (what came after an interim response);
+/// returns it with whatever arrived after it.
+async fn read_head(stream: &mut UpstreamStream, mut buf: BytesMut) -> io::Result<(Head, BytesMut)> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut parse_first = !buf.is_empty();
     loop {
-        buf.reserve(1024);
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        if !std::mem::take(&mut parse_first) {
+            buf.reserve(1024);
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut response = httparse::Response::new(&mut slots);

@@ -680,6 +680,37 @@ async fn upstream_101_without_upgrade_websocket_or_with_two_accepts_is_502() {
     assert!(gate.connect("/ws").await.is_ok());
 }
 
+/// RFC 9110 §15.2: interim responses before the 101 (`100 Continue`, `103 Early Hints`)
+/// are read past, and the frames that came right behind the 101 still reach the client; a
+/// ninth interim response is a broken upstream.
+#[tokio::test]
+async fn upstream_interim_responses_before_the_101_are_read_past() {
+    use tokio_tungstenite::tungstenite::Message;
+    let up = raw_upstream(|accept| {
+        let mut out = format!(
+            "HTTP/1.1 100 Continue\r\n\r\n\
+             HTTP/1.1 103 Early Hints\r\nLink: </app.js>; rel=preload\r\n\r\n\
+             HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(&[0x81, 0x02, b'h', b'i']);
+        out
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let (mut ws, response) = gate.connect("/ws").await.expect("upgrade");
+    assert_eq!(response.status(), 101);
+    assert!(response.headers().get("link").is_none());
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+
+    assert_upstream_unavailable(|accept| {
+        let mut out = "HTTP/1.1 103 Early Hints\r\n\r\n".repeat(9).into_bytes();
+        out.extend_from_slice(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes());
+        out
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn upstream_101_with_an_unoffered_extension_is_502() {
     assert_upstream_unavailable(|accept| {
