@@ -139,13 +139,21 @@ fn check(buf: &[u8], max_bytes: usize) -> Result<bool, Rejection> {
 /// upstream a body re-framed as chunked but still gzip with nothing to say so. nginx
 /// refuses both.
 pub fn transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), &'static str> {
-    let mut codings = values
-        .flat_map(|value| value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty());
-    match (codings.next(), codings.next()) {
-        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => Ok(()),
-        (None, _) => Ok(()),
+    let (mut count, mut chunked) = (0, false);
+    for coding in values.flat_map(|value| value.split(|&b| b == b',')) {
+        let coding = coding.trim_ascii();
+        // An empty element (`chunked,`, or an empty field beside one that says `chunked`):
+        // hyper takes the last element for the final coding and refuses with a bare 400,
+        // and nginx refuses any value but `chunked`. Refused here, with the JSON 400.
+        if coding.is_empty() {
+            return Err("the Transfer-Encoding header is malformed");
+        }
+        count += 1;
+        chunked = coding.eq_ignore_ascii_case(b"chunked");
+    }
+    match count {
+        0 => Ok(()),
+        1 if chunked => Ok(()),
         _ => Err("only one transfer coding, chunked, is supported"),
     }
 }

@@ -49,6 +49,11 @@ async fn unparseable_heads_get_the_json_400() {
         "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_owned(),
         "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(),
         "POST /ws/x HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+        // Empty list elements, which hyper takes for a final coding that is not chunked.
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: , chunked\r\n\r\n0\r\n\r\n".to_owned(),
+        "POST /ws/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding:\r\nContent-Length: 3\r\n\r\nabc".to_owned(),
         format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n{UPGRADE}\r\n"),
         "GET /ws HTTP/2.0\r\nHost: localhost\r\n\r\n".to_owned(),
         "not http at all\r\n\r\n".to_owned(),
