@@ -70,6 +70,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
     stream: Option<H2Stream>,
 ) -> Result<Response<Body>, Infallible> {
+    let http10 = req.version() == http::Version::HTTP_10;
     let upgrade = match conn.protocol {
         Protocol::Http1 => {
             // RFC 9112 §3.2.2: an absolute-form target's authority is the request's host,
@@ -94,6 +95,9 @@ pub async fn handle(
         if head {
             *response.body_mut() = full(Bytes::new());
         }
+        if http10 {
+            closing_for_http10(&mut response);
+        }
         return Ok(match stream {
             Some(H2Stream { hold, .. }) => response.map(|body| crate::body::held(body, hold)),
             None => response,
@@ -101,7 +105,10 @@ pub async fn handle(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, _) = req.into_parts();
-    let (response, admitted) = answer(&gate, conn, Asked::Upgrade(parts)).await;
+    let (mut response, admitted) = answer(&gate, conn, Asked::Upgrade(parts)).await;
+    if http10 {
+        closing_for_http10(&mut response);
+    }
     if let Some(admitted) = admitted {
         gate.shutdown.spawn_relay(async move {
             // (Not a `match` around the relay's await: its scrutinee would be kept beside
@@ -180,6 +187,16 @@ impl Asked {
         extensions
             .get::<hyper::ext::Protocol>()
             .map(hyper::ext::Protocol::as_str)
+    }
+}
+
+/// A response that closes its connection (a refusal's `Connection: close`), to an HTTP/1.0
+/// request, goes out as HTTP/1.0: hyper adds `keep-alive` to an HTTP/1.1 response's
+/// `Connection` when the request asked for it, which would read `close, keep-alive`.
+fn closing_for_http10(response: &mut Response<Body>) {
+    let closes = crate::head::lists_token(response.headers(), header::CONNECTION, "close");
+    if closes {
+        *response.version_mut() = http::Version::HTTP_10;
     }
 }
 

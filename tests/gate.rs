@@ -421,6 +421,38 @@ async fn longest_prefix_wins_on_whole_segments() {
     assert_eq!(a.seen_count(), 1);
 }
 
+/// A refusal to an HTTP/1.0 client that asked for keep-alive says `close` alone (not
+/// `close, keep-alive`) and closes.
+#[tokio::test]
+async fn refusals_to_http10_keep_alive_requests_say_close_alone() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    for (request, connection) in [
+        (
+            "GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            "close",
+        ),
+        (
+            "GET /ws HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            "upgrade, close",
+        ),
+    ] {
+        let mut stream = gate.stream().await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out));
+        assert!(read.await.is_ok(), "{request:?}: the connection was kept");
+        let response = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let said: Vec<&str> = response
+            .lines()
+            .filter_map(|l| l.strip_prefix("connection: "))
+            .collect();
+        assert_eq!(said, [connection], "{request:?}: {response}");
+    }
+}
+
 #[tokio::test]
 async fn plain_http_on_a_reject_route_is_426() {
     let upstream = Upstream::start().await;
