@@ -154,6 +154,23 @@ async fn an_absolute_form_target_names_the_host() {
     }
 }
 
+/// A fragment in the target (which a client never sends, RFC 9112 §3.2) is dropped, as nginx
+/// drops it: the request is routed, and forwarded, without it.
+#[tokio::test]
+async fn a_fragment_in_the_target_is_dropped() {
+    let (gate, upstream) = gate().await;
+    for (target, forwarded) in [("/ws/room#frag", "/ws/room"), ("/ws#?x=1", "/ws")] {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+            .await
+            .unwrap();
+        let response = wire::read_head(&mut tcp).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 101"), "{target}: {response}");
+        assert_eq!(upstream.last_seen().target, forwarded, "{target}");
+    }
+}
+
 /// Two Origin headers: which one would be checked? Refused.
 #[tokio::test]
 async fn two_origin_headers_are_400() {
