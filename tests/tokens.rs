@@ -619,6 +619,30 @@ async fn non_bearer_authorization_is_a_missing_token() {
     assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
 }
 
+/// A query parameter is read at its first copy, also when that copy is empty or bare
+/// (`?access_token`, which URL parsers read as an empty value): a later copy is not tried.
+#[tokio::test]
+async fn an_empty_or_bare_first_query_copy_is_a_missing_token() {
+    let upstream = Upstream::start().await;
+    let gate = hmac_gate(&upstream, "").await;
+    let token = hs256(&claims(json!({})));
+    for query in [
+        format!("access_token=&access_token={token}"),
+        format!("access_token&access_token={token}"),
+        format!("x=1;access_token&access_token={token}"),
+    ] {
+        let req = gate.request(&format!("/ws?{query}"));
+        refused_request(&gate, req, 401, "missing_token").await;
+    }
+    assert_eq!(upstream.seen_count(), 0);
+    // A bare parameter of another name is no copy of the token's.
+    let (_, response) = gate
+        .connect(&format!("/ws?x&access_token={token}"))
+        .await
+        .expect("a token after a bare parameter of another name is read");
+    assert_eq!(response.status(), 101);
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Every key kind
 

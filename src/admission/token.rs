@@ -65,8 +65,10 @@ pub fn extract<'a>(
                 })
                 .map(|token| (token, None)),
             TokenSource::Query(name) => query.and_then(|q| {
+                // A bare name (`?access_token`) is the parameter with an empty value, as
+                // URL parsers (WHATWG, Go's, Python's with blanks kept) read it.
                 q.split(QUERY_SEPARATORS)
-                    .filter_map(|kv| kv.split_once('='))
+                    .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
                     .find(|(k, _)| query_name_is(k, name))
                     .map(|(_, v)| (v, None))
             }),
