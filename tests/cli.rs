@@ -612,6 +612,69 @@ fn check_refuses_route_paths_no_request_could_match() {
     assert!(!text.contains("routes[4]"), "{text}");
 }
 
+/// A text field takes text only, as the schema says (the YAML parser alone would read
+/// `kid: 7` as "7" and `~` as "~"), and a value outside a fixed list is named whatever its
+/// type, also after another error.
+#[test]
+fn check_refuses_numbers_and_booleans_where_text_or_a_name_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("types.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         defaults:\n  \
+           auth: {algorithms: [HS256], keys: [{hmac_secret_env: S, kid: 7}], require_claims: {role: [~]}}\n\
+         routes:\n  - path: /ws\n    name: 123\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    for (at, field) in [
+        (
+            ":3:",
+            "defaults.auth.keys[0].kid: invalid type: integer `7`",
+        ),
+        (
+            ":3:",
+            "defaults.auth.require_claims.role[0]: invalid type: null",
+        ),
+        (":6:", "routes[0].name: invalid type: integer `123`"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(at) && l.contains(field)),
+            "{field}: {text}"
+        );
+    }
+    // Quoted, the same values are text and the file is valid.
+    std::fs::write(
+        &path,
+        "version: 1\n\
+         defaults:\n  \
+           auth: {algorithms: [HS256], keys: [{hmac_secret_env: S, kid: \"7\"}], require_claims: {role: [\"~\", 5, true]}}\n\
+         routes:\n  - path: /ws\n    name: \"123\"\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    // A boolean or a number in a fixed list, behind another error, is still named.
+    std::fs::write(
+        &path,
+        "version: 1\nmode: false\nmax_connections: -5\n\
+         defaults: {http: true, messages: {compression: 1}}\n\
+         routes:\n  - path: /ws\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    for field in [
+        "mode: unknown variant `false`",
+        "defaults.http: unknown variant `true`",
+        "defaults.messages.compression: unknown variant `1`",
+    ] {
+        assert!(text.contains(field), "{field}: {text}");
+    }
+}
+
 /// A wrong value a route inherits is reported once, where it is written; a key that fails
 /// to load is not followed by a misleading "no keys"; a byte-order mark is not content.
 #[test]

@@ -442,6 +442,36 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             return Err(error);
         }
     };
+    // The typed parse reads a number, a boolean or `~` into a text field (`kid: 7` as
+    // "7", `require_claims: {role: [~]}` as "~"); the schema takes only text there, and
+    // so does the policy, as `wsgate schema` tells an editor. (A value out of its range is
+    // left to the validation below, which names every one.)
+    let mut found = schema_errors(&document)
+        .into_iter()
+        .filter(|f| f.message.starts_with("invalid type"));
+    if let Some(first) = found.next() {
+        let message = format!("{}: {}", first.field, first.message);
+        let more = found
+            .map(|error| LocatedError {
+                at: locate::locate(yaml, &error.field, false),
+                error,
+            })
+            .collect();
+        return Err(match locate::locate(yaml, &first.field, false) {
+            Some((line, column)) => ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+                more,
+            },
+            None => ConfigError::SyntaxNoLocation {
+                path: path.to_owned(),
+                message,
+                more,
+            },
+        });
+    }
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let (policy, warnings) =
         validate_for(&parsed, base, purpose).map_err(|refused| ConfigError::Invalid {

@@ -53,6 +53,20 @@ impl Keys<'_> {
 fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<FieldError>) {
     let mut keys = Keys::default();
     branches(root, schema, &mut keys, 0);
+    // A number or a boolean where a fixed list of names is expected (`compression: false`)
+    // is an unknown variant, in the typed parse's words.
+    let scalar = match value {
+        Yaml::Bool(b) => Some(b.to_string()),
+        Yaml::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    if let Some(scalar) = scalar.filter(|_| !keys.variants.is_empty() && !keys.any_string) {
+        found.push(FieldError {
+            field: at.to_owned(),
+            message: unknown_variant(&scalar, &keys.variants),
+        });
+        return;
+    }
     if let Some(message) = type_error(&keys, value) {
         found.push(FieldError {
             field: at.to_owned(),
@@ -110,18 +124,20 @@ fn walk(root: &Json, schema: &Json, value: &Yaml, at: &str, found: &mut Vec<Fiel
         {
             found.push(FieldError {
                 field: at.to_owned(),
-                message: format!(
-                    "unknown variant `{value}`, expected one of {}",
-                    keys.variants
-                        .iter()
-                        .map(|n| format!("`{n}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                message: unknown_variant(value, &keys.variants),
             });
         }
         _ => {}
     }
+}
+
+/// serde's wording for a value none of a fixed list's names is.
+fn unknown_variant(value: &str, variants: &[&str]) -> String {
+    let names: Vec<String> = variants.iter().map(|n| format!("`{n}`")).collect();
+    format!(
+        "unknown variant `{value}`, expected one of {}",
+        names.join(", ")
+    )
 }
 
 /// Why none of the types `keys` gathered takes `value`, if none does: serde's wording
@@ -145,10 +161,9 @@ fn type_error(keys: &Keys<'_>, value: &Yaml) -> Option<String> {
         Yaml::Tagged(_) => return None,
     };
     let takes = |t: &str| keys.types.contains(&t);
-    // The YAML parser reads any scalar into a string field (`name: 7` is "7", `~` too).
-    let scalar = matches!(kind, "boolean" | "number" | "integer" | "null");
-    let typed =
-        takes(kind) || (kind == "integer" && takes("number")) || (scalar && takes("string"));
+    // The YAML parser would read any scalar into a string field (`name: 7` as "7", `~` as
+    // "~"); the schema takes only text there, and so does the policy (see `load_bytes`).
+    let typed = takes(kind) || (kind == "integer" && takes("number"));
     if !typed {
         let mut expected: Vec<&str> = keys
             .types
@@ -357,7 +372,8 @@ mod tests {
              rate: {burst: -3, ipv6_prefix: 300, upgrades_per_second: 0.5}\n  \
              timeouts: {idle_seconds: 2.5, write_seconds: 3}\n  \
              heartbeat: {interval_seconds: null}\nroutes:\n  - path: 7\n    \
-             messages: {types: text}\n    auth: {require_claims: {role: [admin, 7, true]}}\n",
+             messages: {types: text}\n    auth: {require_claims: {role: [admin, 7, true, null]}}\n    \
+             name: 12\n  - path: /b\n    http: false\n    auth: {issuer: [3], keys: [{hmac_secret_env: X, kid: ~}]}\n",
         )
         .unwrap();
         let found: Vec<String> = unknown_fields(&schema, &document)
@@ -374,7 +390,12 @@ mod tests {
                 "defaults.auth.keys[0].hmac_secret_env: invalid type: sequence, expected a string",
                 "defaults.rate.burst: invalid value: -3, expected at least 1",
                 "defaults.rate.ipv6_prefix: invalid value: 300, expected 1 to 128",
+                "routes[0].path: invalid type: integer `7`, expected a string",
                 "routes[0].messages.types: invalid type: string \"text\", expected a list",
+                "routes[0].auth.require_claims.role[3]: invalid type: null, expected a boolean or a number or a string",
+                "routes[0].name: invalid type: integer `12`, expected a string",
+                "routes[1].http: unknown variant `false`, expected one of `reject`, `pass`",
+                "routes[1].auth.issuer[0]: invalid type: integer `3`, expected a string",
             ]
         );
     }
