@@ -26,8 +26,9 @@ pub struct PolicyFile {
     #[schemars(extend("const" = 1))]
     pub version: u32,
     /// `enforce` (default): refusals are enforced. `report`: admission failures other than
-    /// `server_full` and `draining`, and message-rate and message-type violations, are
-    /// logged and counted but let through; size limits and timeouts are always enforced.
+    /// `no_route`, `server_full` and `draining`, and message-rate and message-type
+    /// violations, are logged and counted but let through; size limits and timeouts are
+    /// always enforced.
     pub mode: Option<Mode>,
     /// CIDRs or bare IPs (default none). X-Forwarded-For is believed only when the TCP peer
     /// is in this list.
