@@ -22,6 +22,15 @@ async fn answer(gate: &TestGate, head: &str) -> (u16, serde_json::Value) {
     (status, json)
 }
 
+/// The head of the gate's answer to `head`, the connection left open (an upgrade's 101).
+async fn answer_head(gate: &TestGate, head: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    wire::read_head(&mut tcp).await.unwrap()
+}
+
 async fn gate() -> (TestGate, Upstream) {
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), false).await;
@@ -104,11 +113,7 @@ async fn an_invalid_host_is_400() {
         "gate.example.com",
     ] {
         let head = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\n{UPGRADE}\r\n");
-        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
-            .await
-            .unwrap();
-        let response = wire::read_head(&mut tcp).await.unwrap();
+        let response = answer_head(&gate, &head).await;
         assert!(
             response.starts_with("HTTP/1.1 101"),
             "Host: {host}: {response}"
@@ -141,11 +146,7 @@ async fn an_absolute_form_target_names_the_host() {
     assert_eq!(upstream.seen_count(), 0);
     for target in ["http://other.example:8080/ws", "wss://other.example/ws"] {
         let head = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
-        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
-            .await
-            .unwrap();
-        let response = wire::read_head(&mut tcp).await.unwrap();
+        let response = answer_head(&gate, &head).await;
         assert!(response.starts_with("HTTP/1.1 101"), "{target}: {response}");
         let seen = upstream.last_seen();
         let host = target.split('/').nth(2).unwrap();
@@ -161,11 +162,7 @@ async fn a_fragment_in_the_target_is_dropped() {
     let (gate, upstream) = gate().await;
     for (target, forwarded) in [("/ws/room#frag", "/ws/room"), ("/ws#?x=1", "/ws")] {
         let head = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
-        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
-            .await
-            .unwrap();
-        let response = wire::read_head(&mut tcp).await.unwrap();
+        let response = answer_head(&gate, &head).await;
         assert!(response.starts_with("HTTP/1.1 101"), "{target}: {response}");
         assert_eq!(upstream.last_seen().target, forwarded, "{target}");
     }
@@ -188,11 +185,7 @@ async fn two_origin_headers_are_400() {
     let head = format!(
         "GET /ws HTTP/1.1\r\nHost: localhost\r\nOrigin: https://app.example.com\r\n{UPGRADE}\r\n"
     );
-    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
-        .await
-        .unwrap();
-    let response = wire::read_head(&mut tcp).await.unwrap();
+    let response = answer_head(&gate, &head).await;
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
 }
 
