@@ -417,7 +417,6 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             else {
                 return Err(error);
             };
-            let mut budget = LOCATE_BUDGET_BYTES;
             let found = schema_errors(&document);
             // A number out of range is told in the schema's words ("expected at least 1"),
             // not in those of the integer type underneath ("a whole number", which -1 is).
@@ -427,23 +426,15 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             {
                 *message = format!("{}: {}", range.field, range.message);
             }
-            *more = found
-                .into_iter()
-                .filter(|f| !reported(message, &f.field))
-                .map(|error| {
-                    let at = budget.checked_sub(yaml.len()).and_then(|left| {
-                        budget = left;
-                        let key = error.message.starts_with("unknown field");
-                        locate::locate(yaml, &error.field, key)
-                    });
-                    LocatedError { at, error }
-                })
-                .collect();
+            *more = located(
+                yaml,
+                found.into_iter().filter(|f| !reported(message, &f.field)),
+            );
             return Err(error);
         }
     };
     // The typed parse reads a number, a boolean or `~` into a text field (`kid: 7` as
-    // "7", `require_claims: {role: [~]}` as "~"); the schema takes only text there, and
+    // the text "7"); the schema takes only text there, and
     // so does the policy, as `wsgate schema` tells an editor. (A value out of its range is
     // left to the validation below, which names every one.)
     let mut found = schema_errors(&document)
@@ -451,12 +442,7 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
         .filter(|f| f.message.starts_with("invalid type"));
     if let Some(first) = found.next() {
         let message = format!("{}: {}", first.field, first.message);
-        let more = found
-            .map(|error| LocatedError {
-                at: locate::locate(yaml, &error.field, false),
-                error,
-            })
-            .collect();
+        let more = located(yaml, found);
         return Err(match locate::locate(yaml, &first.field, false) {
             Some((line, column)) => ConfigError::Syntax {
                 path: path.to_owned(),
@@ -495,6 +481,22 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
 /// field path. Empty for every file the typed parse accepts.
 pub fn schema_errors(document: &serde_yaml::Value) -> Vec<FieldError> {
     unknown::unknown_fields(&schema_value(), document)
+}
+
+/// `errors` with the `line:column` of each (an unknown field's key, another error's value),
+/// as far as [`LOCATE_BUDGET_BYTES`] of scanning goes; the rest by field path alone.
+fn located(yaml: &[u8], errors: impl Iterator<Item = FieldError>) -> Vec<LocatedError> {
+    let mut budget = LOCATE_BUDGET_BYTES;
+    errors
+        .map(|error| {
+            let at = budget.checked_sub(yaml.len()).and_then(|left| {
+                budget = left;
+                let key = error.message.starts_with("unknown field");
+                locate::locate(yaml, &error.field, key)
+            });
+            LocatedError { at, error }
+        })
+        .collect()
 }
 
 /// Whether a map anywhere in `value` has a `<<` key.

@@ -161,8 +161,8 @@ fn type_error(keys: &Keys<'_>, value: &Yaml) -> Option<String> {
         Yaml::Tagged(_) => return None,
     };
     let takes = |t: &str| keys.types.contains(&t);
-    // The YAML parser would read any scalar into a string field (`name: 7` as "7", `~` as
-    // "~"); the schema takes only text there, and so does the policy (see `load_bytes`).
+    // The YAML parser would read any scalar into a string field (`name: 7` as the text
+    // "7"); the schema takes only text there, and so does the policy (see `load_bytes`).
     let typed = takes(kind) || (kind == "integer" && takes("number"));
     if !typed {
         let mut expected: Vec<&str> = keys
