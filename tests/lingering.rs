@@ -323,6 +323,62 @@ async fn a_client_flooding_past_the_close_is_let_go_while_the_upstream_is_still_
     );
 }
 
+/// A side that is lost (here: its FIN, with no close frame) is dropped at once, not once
+/// the other side's close handshake has ended: its peer learns the connection is over,
+/// and the gate holds no descriptor for it. Here the other side never answers its close,
+/// which would keep the lost side open until the write deadline (10 s).
+#[tokio::test]
+async fn a_lost_side_is_dropped_at_once_while_the_other_is_still_waited_for() {
+    // The client leaves; the upstream never answers its 1001.
+    let (_gate, mut client, mut upstream) = raw_pair("    timeouts: {write_seconds: 10}\n").await;
+    client.shutdown().await.unwrap();
+    let left = tokio::time::Instant::now();
+    let close = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut upstream))
+        .await
+        .expect("no close to the upstream")
+        .unwrap();
+    assert_eq!(
+        (close.opcode, &close.payload[..2]),
+        (8, &1001u16.to_be_bytes()[..])
+    );
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(8), client.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "the lost client's socket still open {:?} after its FIN: {end:?}",
+        left.elapsed()
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "the lost client's socket closed {:?} after its FIN",
+        left.elapsed()
+    );
+
+    // The upstream leaves; the client never answers its 1014.
+    let (_gate, mut client, mut upstream) = raw_pair("    timeouts: {write_seconds: 10}\n").await;
+    upstream.shutdown().await.unwrap();
+    let left = tokio::time::Instant::now();
+    let close = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("no close to the client")
+        .unwrap();
+    assert_eq!(
+        (close.opcode, &close.payload[..2]),
+        (8, &1014u16.to_be_bytes()[..])
+    );
+    let end = tokio::time::timeout(Duration::from_secs(8), upstream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "the lost upstream's socket still open {:?} after its FIN: {end:?}",
+        left.elapsed()
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "the lost upstream's socket closed {:?} after its FIN",
+        left.elapsed()
+    );
+}
+
 /// A connection leaves `wsgate_connections_active` when its close is counted, not once
 /// its sockets have lingered: here the refused client never closes its side, and the
 /// gate discards what it might still send for 2 s after the close.

@@ -12,7 +12,7 @@ use tokio::time::{timeout_at, Instant};
 use super::close::{CloseFrame, CloseReason, Ending, Side};
 use super::direction::{Direction, Event};
 use super::frame::{OpCode, Step, MAX_HEADER};
-use super::leg::{with_scratch, Leg};
+use super::leg::{with_scratch, Io, Leg};
 use super::Relay;
 use crate::linger;
 
@@ -103,12 +103,20 @@ pub(super) async fn close_both(
 
 /// Let `leg` go at once if `finish` has it wait on its peer (the lingering close, or the
 /// upstream's FIN): recorded in `rest` first is what is left of that for [`Ended::linger`]
-/// should the other side's close end meanwhile.
+/// should the other side's close end meanwhile. A leg to be dropped is dropped now.
 async fn let_go_now(leg: &mut Leg, finish: Finish, rest: &OnceLock<Finish>) -> Finish {
     let until = Instant::now() + linger::LINGER_TIME;
     let left = match finish {
         Finish::AfterPeer(None) => Finish::AfterPeer(Some(until)),
         Finish::Linger | Finish::Discard => Finish::LingerUntil(until),
+        // Lost, or accepting nothing: nothing more goes to it, so its socket is closed now
+        // rather than when the other side's close handshake has ended (up to
+        // `write_seconds` and a linger later), which would hold the descriptor and leave a
+        // peer that half-closed waiting for our FIN.
+        Finish::Drop => {
+            leg.io = Io::Gone;
+            return Finish::Drop;
+        }
         finish => return finish,
     };
     let _ = rest.set(left);
