@@ -84,6 +84,15 @@ pub struct Gate {
     pub operator: operator::Operator,
 }
 
+impl Gate {
+    /// Readiness turns 503, the listener stops, and every relay is told to close with
+    /// 1001 "going away" (a relay that starts later sees the drain begun).
+    fn begin_drain(&self) {
+        self.shutdown.begin();
+        self.operator.registry.raise_all(registry::Signal::Drain);
+    }
+}
+
 /// How to run a gate: already bound sockets, so nothing here can fail on a port.
 pub struct Options {
     pub policy_path: PathBuf,
@@ -173,6 +182,7 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
             policy: gate.policy.clone(),
             certificate,
             metrics: gate.metrics.clone(),
+            registry: gate.operator.registry.clone(),
         },
         options.sighup,
         &gate.shutdown,
@@ -241,7 +251,7 @@ impl Running {
 
     /// Readiness turns 503, the listener stops, every relay sends 1001 "going away".
     pub fn begin_shutdown(&self) {
-        self.gate.shutdown.begin();
+        self.gate.begin_drain();
     }
 
     /// Wait for every connection to finish closing, at most `grace`. Returns whether all did.
@@ -261,7 +271,7 @@ impl Running {
     /// The last step, after the drain: stop the gate's own tasks (the admin listener
     /// included) and wait for them, at most `within`. Returns whether all ended.
     pub async fn exit(&self, within: Duration) -> bool {
-        self.gate.shutdown.begin();
+        self.gate.begin_drain();
         self.gate.shutdown.tasks.end(within).await
     }
 }

@@ -317,9 +317,10 @@ impl Metrics {
                     .get_or_create_owned(&direction("upstream_to_client")),
             },
             ping_rtt: self.ping_rtt.get_or_create_owned(&label),
-            active: Some(active),
-            route: route.to_owned(),
-            metrics: self.clone(),
+            open: OpenConnection {
+                active: Some(active),
+                metrics: self.clone(),
+            },
         }
     }
 }
@@ -340,45 +341,46 @@ impl MessageCounters {
     }
 }
 
-/// One open connection's metrics; dropping it takes it out of `wsgate_connections_active`.
+/// One open connection's metrics, taken apart by the relay: each direction's counters go
+/// to that direction, the round-trip histogram to the heartbeat.
 pub struct ConnectionMetrics {
     pub client_to_upstream: MessageCounters,
     pub upstream_to_client: MessageCounters,
     pub ping_rtt: Histogram,
-    /// Its place in `wsgate_connections_active`, left when the close is counted.
+    pub open: OpenConnection,
+}
+
+/// A connection's place in `wsgate_connections_active`, left when its close is counted
+/// (or when this drops).
+pub struct OpenConnection {
     active: Option<Gauge>,
-    route: String,
     metrics: Arc<Metrics>,
 }
 
-impl ConnectionMetrics {
+impl OpenConnection {
     /// Count the close and the connection's lifetime; it leaves
     /// `wsgate_connections_active` with them, not once its sockets have lingered.
-    pub fn closed(&mut self, reason: &'static str, seconds: f64) {
+    pub fn closed(&mut self, route: &str, reason: &'static str, seconds: f64) {
         if let Some(active) = self.active.take() {
             active.dec();
         }
         self.metrics
             .closes
             .get_or_create_owned(&ReasonLabels {
-                route: self.route.clone(),
+                route: route.to_owned(),
                 reason,
             })
             .inc();
         self.metrics
             .connection_duration
             .get_or_create_owned(&RouteLabel {
-                route: self.route.clone(),
+                route: route.to_owned(),
             })
             .observe(seconds);
     }
-
-    pub fn report_violation(&self, reason: &'static str) {
-        self.metrics.report_violation(&self.route, reason);
-    }
 }
 
-impl Drop for ConnectionMetrics {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         if let Some(active) = self.active.take() {
             active.dec();

@@ -6,17 +6,22 @@
 //! is admitted, and removed once, when its relay ends (a sharded `Mutex<HashMap>`, touched
 //! only then and by the operator's requests). The relay publishes its message and byte
 //! counts into the entry's atomics once per read from a socket — plain relaxed stores of
-//! the counts it already keeps — and learns of a close request through the entry's
-//! [`CancellationToken`], one more wait in its `select!` loop, as it learns of a policy
-//! change or the shutdown.
+//! the counts it already keeps.
+//!
+//! The entry is also how the relay hears of what it seldom waits for: the operator's close
+//! request, the shutdown and a policy change are [`Signal`]s raised on it (the last two on
+//! every entry at once), which wake the relay's task. An idle connection so holds one
+//! waker slot for all three instead of a waiter on each of their sources, and its relay
+//! checks one atomic when it wakes for a message.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use ipnet::IpNet;
-use tokio_util::sync::CancellationToken;
 
 /// Shards of the registry's map: concurrent opens and closes rarely wait on each other.
 const SHARDS: usize = 16;
@@ -57,7 +62,38 @@ pub struct Opened {
     pub protocol: &'static str,
 }
 
-/// One open connection: what it is, its live counts, and its close request.
+/// What a connection's relay is asked to do besides relaying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// The operator closed it (1008 "revoked"). Stays raised.
+    Revoked,
+    /// The gate is shutting down (1001 "going away"). Stays raised.
+    Drain,
+    /// A new policy is in force: re-check the connection against it. Taken once per raise.
+    Policy,
+}
+
+impl Signal {
+    fn bit(self) -> u8 {
+        match self {
+            Signal::Revoked => 1,
+            Signal::Drain => 2,
+            Signal::Policy => 4,
+        }
+    }
+}
+
+/// The signals raised on an entry, as its relay took them.
+#[derive(Debug, Clone, Copy)]
+pub struct Raised(u8);
+
+impl Raised {
+    pub fn has(self, signal: Signal) -> bool {
+        self.0 & signal.bit() != 0
+    }
+}
+
+/// One open connection: what it is, its live counts, and the signals for its relay.
 #[derive(Debug)]
 pub struct Entry {
     pub id: u64,
@@ -67,34 +103,58 @@ pub struct Entry {
     pub inbound: LiveCounts,
     /// Upstream → client ("out").
     pub outbound: LiveCounts,
-    revoke: CancellationToken,
+    /// [`Signal`] bits raised and not yet taken.
+    signals: AtomicU8,
+    /// The relay's task, woken when a signal is raised.
+    task: AtomicWaker,
 }
 
 impl Entry {
-    /// An entry in no registry (a relay nobody lists).
-    pub fn detached(opened: Opened) -> Arc<Entry> {
-        Arc::new(Entry {
-            id: 0,
+    fn new(id: u64, opened: Opened) -> Entry {
+        Entry {
+            id,
             opened,
             opened_at_unix: unix_now(),
             inbound: LiveCounts::default(),
             outbound: LiveCounts::default(),
-            revoke: CancellationToken::new(),
-        })
+            signals: AtomicU8::new(0),
+            task: AtomicWaker::new(),
+        }
     }
 
-    /// Cancelled when the operator closes this connection.
-    pub fn revoked(&self) -> &CancellationToken {
-        &self.revoke
+    /// An entry in no registry (a relay nobody lists).
+    pub fn detached(opened: Opened) -> Arc<Entry> {
+        Arc::new(Entry::new(0, opened))
+    }
+
+    /// Raise `signal` and wake the relay; whether it was not raised already.
+    pub fn raise(&self, signal: Signal) -> bool {
+        let before = self.signals.fetch_or(signal.bit(), Ordering::AcqRel);
+        self.task.wake();
+        before & signal.bit() == 0
+    }
+
+    /// Whether `signal` is raised (and not taken).
+    pub fn is_raised(&self, signal: Signal) -> bool {
+        Raised(self.signals.load(Ordering::Acquire)).has(signal)
+    }
+
+    /// The signals raised, taking [`Signal::Policy`]; pending, with the task woken at the
+    /// next raise, while there are none. One atomic load when none is raised.
+    pub fn poll_raised(&self, cx: &mut Context<'_>) -> Poll<Raised> {
+        self.task.register(cx.waker());
+        if self.signals.load(Ordering::Acquire) == 0 {
+            return Poll::Pending;
+        }
+        let raised = self
+            .signals
+            .fetch_and(!Signal::Policy.bit(), Ordering::AcqRel);
+        Poll::Ready(Raised(raised))
     }
 
     /// Ask the relay to close this connection; whether this request was the first.
     fn revoke(&self) -> bool {
-        if self.revoke.is_cancelled() {
-            return false;
-        }
-        self.revoke.cancel();
-        true
+        self.raise(Signal::Revoked)
     }
 
     pub fn listing(&self) -> serde_json::Value {
@@ -197,14 +257,7 @@ impl Registry {
     /// Register an open connection; it leaves the registry when the returned guard drops.
     pub fn register(self: &Arc<Self>, opened: Opened) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry {
-            id,
-            opened,
-            opened_at_unix: unix_now(),
-            inbound: LiveCounts::default(),
-            outbound: LiveCounts::default(),
-            revoke: CancellationToken::new(),
-        });
+        let entry = Arc::new(Entry::new(id, opened));
         self.shard(id).insert(id, entry.clone());
         Registered {
             registry: self.clone(),
@@ -248,6 +301,16 @@ impl Registry {
             );
         }
         found.iter().filter(|e| e.revoke()).count()
+    }
+
+    /// Raise `signal` on every open connection (the shutdown, a new policy).
+    pub fn raise_all(&self, signal: Signal) {
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in shard.values() {
+                entry.raise(signal);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -324,11 +387,52 @@ mod tests {
         assert_eq!(registry.matching(&net)[0].id, a.entry().id);
         assert_eq!(registry.close(&alice), 1);
         assert_eq!(registry.close(&alice), 0, "already closing");
-        assert!(a.entry().revoked().is_cancelled());
-        assert!(!b.entry().revoked().is_cancelled());
+        assert!(a.entry().is_raised(Signal::Revoked));
+        assert!(!b.entry().is_raised(Signal::Revoked));
         drop(a);
         assert_eq!(registry.len(), 1);
         drop(b);
         assert!(registry.is_empty());
+    }
+
+    /// A relay sees each raise: a policy change once per raise, the drain and a close for
+    /// good; the raise wakes the task that last polled.
+    #[test]
+    fn signals_wake_the_relay_and_a_policy_change_is_taken_once() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Wake, Waker};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let registry = Arc::new(Registry::default());
+        let a = registry.register(opened("alice", "10.0.0.1"));
+        let entry = a.entry().clone();
+        assert!(entry.poll_raised(&mut cx).is_pending());
+
+        registry.raise_all(Signal::Policy);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        let Poll::Ready(raised) = entry.poll_raised(&mut cx) else {
+            panic!("a policy change not seen");
+        };
+        assert!(raised.has(Signal::Policy) && !raised.has(Signal::Drain));
+        assert!(entry.poll_raised(&mut cx).is_pending(), "taken once");
+
+        registry.raise_all(Signal::Drain);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        for _ in 0..2 {
+            let Poll::Ready(raised) = entry.poll_raised(&mut cx) else {
+                panic!("the drain not seen");
+            };
+            assert!(raised.has(Signal::Drain) && !raised.has(Signal::Policy));
+        }
+        assert!(entry.raise(Signal::Revoked), "a first close");
+        assert!(!entry.raise(Signal::Revoked), "already closing");
     }
 }

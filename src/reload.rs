@@ -105,6 +105,8 @@ pub struct Reloader {
     pub policy: PolicyHandle,
     pub certificate: Option<Certificate>,
     pub metrics: Arc<Metrics>,
+    /// The open connections, each re-checked against a new policy.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 /// Start watching (and listening for SIGHUP, when asked) and reload on each change until
@@ -276,6 +278,9 @@ async fn reload_policy(
     read: &mut Pending<Result<crate::policy::Loaded, config::ConfigError>>,
 ) {
     let result = reload(&reloader.path, &reloader.policy, read).await;
+    if result.is_ok() {
+        reloader.registry.raise_all(crate::registry::Signal::Policy);
+    }
     match &result {
         Err(ReloadError::Config(config::ConfigError::Invalid { files, .. })) => awaited.set(files),
         _ => awaited.set(&[]),

@@ -27,10 +27,9 @@ pub mod frame;
 mod inbound;
 pub mod inflate;
 mod leg;
-mod quiet;
 mod sendq;
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::mem;
 use std::sync::Arc;
 use std::task::Poll;
@@ -44,9 +43,9 @@ use tokio::time::{sleep_until, Instant};
 pub use close::{CloseFrame, CloseReason, Side};
 
 use crate::admission::{self, Slots, Standing};
-use crate::metrics::{ConnectionMetrics, Metrics};
+use crate::metrics::{ConnectionMetrics, Metrics, OpenConnection};
 use crate::policy::{Mode, PolicyHandle, Route};
-use crate::registry::Entry;
+use crate::registry::{Entry, Signal};
 use crate::shutdown::Stop;
 use crate::upstream::UpstreamSocket;
 use deadlines::{Deadlines, Heartbeat};
@@ -136,7 +135,8 @@ struct Relay {
     standing: Standing,
     request_id: HeaderValue,
     protocol: Protocol,
-    metrics: ConnectionMetrics,
+    /// Its place in `wsgate_connections_active` (the counters went to the directions).
+    open: OpenConnection,
     stop: Stop,
     slots: Slots,
     release_within: Duration,
@@ -180,14 +180,14 @@ pub fn run(
         Side::Client,
         started,
         Some(Box::new(inbound)),
-        conn.metrics.client_to_upstream.clone(),
+        conn.metrics.client_to_upstream,
         conn.entry.clone(),
     );
     let u2c = Direction::new(
         Side::Upstream,
         started,
         None,
-        conn.metrics.upstream_to_client.clone(),
+        conn.metrics.upstream_to_client,
         conn.entry.clone(),
     );
     let deadlines = Deadlines {
@@ -196,7 +196,7 @@ pub fn run(
         lifetime_end: route.timeouts.max_lifetime.map(|l| started + l),
         expires_at: conn.expires_at,
         heartbeat: Heartbeat::ping_at(started + route.heartbeat.interval, route.heartbeat.interval),
-        ping_rtt: conn.metrics.ping_rtt.clone(),
+        ping_rtt: conn.metrics.ping_rtt,
     };
     let relay = Box::new(Relay {
         client,
@@ -208,21 +208,32 @@ pub fn run(
         route,
         policy: conn.policy,
         standing: conn.standing,
-        metrics: conn.metrics,
+        open: conn.metrics.open,
         request_id: conn.request_id,
         protocol: conn.protocol,
         stop,
         slots: conn.slots,
         release_within: conn.release_within,
     });
-    relay.run(conn.changes)
+    // What happened before the relay began, which the registry's broadcasts may have
+    // found it too early for: a policy swapped in since the one it was admitted under, the
+    // drain begun. (Its entry was registered at admission; every later swap and the drain
+    // are raised on it.)
+    if conn.changes.has_changed().unwrap_or(false) {
+        conn.entry.raise(Signal::Policy);
+    }
+    if relay.stop.drain.is_cancelled() {
+        conn.entry.raise(Signal::Drain);
+    }
+    relay.run()
 }
 
 impl Relay {
-    async fn run(mut self: Box<Self>, changes: watch::Receiver<u64>) -> (Outcome, Ended) {
-        let (reason, linger_client, linger_upstream) = self.relay(changes).await;
+    async fn run(mut self: Box<Self>) -> (Outcome, Ended) {
+        let (reason, linger_client, linger_upstream) = self.relay().await;
         let duration = self.started.elapsed();
-        self.metrics.closed(reason.label(), duration.as_secs_f64());
+        self.open
+            .closed(&self.route.name, reason.label(), duration.as_secs_f64());
         let outcome = Outcome {
             reason,
             client_to_upstream: self.c2u.counts,
@@ -259,7 +270,7 @@ impl Relay {
 
     /// The relay loop, then the close of both sides: why it ended, and how each leg is let
     /// go.
-    async fn relay(&mut self, changes: watch::Receiver<u64>) -> (CloseReason, Finish, Finish) {
+    async fn relay(&mut self) -> (CloseReason, Finish, Finish) {
         let Relay {
             client,
             upstream,
@@ -279,16 +290,9 @@ impl Relay {
         let timer = sleep_until(deadlines.next(c2u, u2c));
         tokio::pin!(timer);
 
-        // Both waits live as long as the loop: re-creating them per message would register
-        // and unregister a waiter (under the channel's and the token's locks) every time.
-        let mut policy_change = Box::pin(next_change(changes));
-        let cancelled = stop.drain.cancelled();
-        tokio::pin!(cancelled);
-        let revoked = c2u.entry.revoked().clone().cancelled_owned();
-        tokio::pin!(revoked);
-        let mut watching_policy = true;
-        // Those three waits are polled only after one of them woke (see `quiet`).
-        let quiet = quiet::Quiet::new();
+        // The drain, the operator's close and a policy change arrive as signals raised on
+        // the connection's registry entry (see `registry`): one waker slot for the three.
+        let entry = c2u.entry.clone();
         let reason = loop {
             tokio::select! {
                 event = poll_fn(|cx| {
@@ -316,27 +320,14 @@ impl Relay {
                     }
                     timer.as_mut().reset(deadlines.next(c2u, u2c));
                 },
-                signal = poll_fn(|cx| quiet.poll(cx, |cx| {
-                    if cancelled.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Signal::Drain);
+                raised = poll_fn(|cx| entry.poll_raised(cx)) => {
+                    if raised.has(Signal::Drain) {
+                        break CloseReason::Shutdown;
                     }
-                    if revoked.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Signal::Revoked);
+                    if raised.has(Signal::Revoked) {
+                        break CloseReason::Revoked;
                     }
-                    // Not once its channel has closed: that future has finished.
-                    if !watching_policy {
-                        return Poll::Pending;
-                    }
-                    policy_change.as_mut().poll(cx).map(Signal::Policy)
-                })) => match signal {
-                    Signal::Drain => break CloseReason::Shutdown,
-                    Signal::Revoked => break CloseReason::Revoked,
-                    Signal::Policy((changed, changes)) => {
-                        if changed.is_err() {
-                            watching_policy = false;
-                            continue;
-                        }
-                        policy_change.set(next_change(changes));
+                    if raised.has(Signal::Policy) {
                         let loaded = policy.load();
                         if let Err(why) = admission::recheck(&loaded.policy, standing) {
                             let (route, ip) = (&route.name, standing.client_ip);
@@ -377,23 +368,4 @@ impl Relay {
         };
         (reason, client_finish, upstream_finish)
     }
-}
-
-/// One of the relay's seldom waits finished.
-enum Signal {
-    /// The gate's drain has begun.
-    Drain,
-    /// The operator closed the connection.
-    Revoked,
-    /// The policy changed (or its channel closed), with the receiver for the next wait.
-    Policy((Result<(), watch::error::RecvError>, watch::Receiver<u64>)),
-}
-
-/// The next policy change, owning its receiver so that the wait can outlive one turn of
-/// the relay loop; the receiver comes back for the wait after.
-async fn next_change(
-    mut changes: watch::Receiver<u64>,
-) -> (Result<(), watch::error::RecvError>, watch::Receiver<u64>) {
-    let changed = changes.changed().await;
-    (changed, changes)
 }
