@@ -122,11 +122,6 @@ impl Entry {
         }
     }
 
-    /// An entry in no registry (a relay nobody lists).
-    pub fn detached(opened: Opened) -> Arc<Entry> {
-        Arc::new(Entry::new(0, opened))
-    }
-
     /// Raise `signal` and wake the relay; whether it was not raised already.
     pub fn raise(&self, signal: Signal) -> bool {
         let before = self.signals.fetch_or(signal.bit(), Ordering::AcqRel);
