@@ -11,8 +11,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseResult, TestRunner};
 use wsgate::relay::frame::{
     apply_mask, code_may_be_sent, parse_close, parse_header, write_header, From, Header, Messages,
-    OpCode, Reader, Step, Utf8, Violation, MAX_HEADER,
+    OpCode, Utf8, Violation, MAX_HEADER,
 };
+use wsgate::relay::reader::{Reader, Step};
 
 fn check<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value) -> TestCaseResult) {
     let config = Config {

@@ -9,11 +9,10 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 
 use super::close::{CloseFrame, CloseReason, Side};
-use super::frame::{
-    parse_close, write_header, ClosePayload, Control, OpCode, Step, Violation, MAX_HEADER,
-};
+use super::frame::{parse_close, write_header, ClosePayload, OpCode, Violation, MAX_HEADER};
 use super::inbound::{Inbound, Kind};
 use super::leg::{with_scratch, Leg};
+use super::reader::{Control, Step};
 use super::Counts;
 use crate::metrics::MessageCounters;
 use crate::registry::{Entry, LiveCounts};

@@ -11,8 +11,9 @@ use tokio::time::{timeout_at, Instant};
 
 use super::close::{CloseFrame, CloseReason, Ending, Side};
 use super::direction::{Direction, Event};
-use super::frame::{OpCode, Step, MAX_HEADER};
+use super::frame::{OpCode, MAX_HEADER};
 use super::leg::{with_scratch, Io, Leg};
+use super::reader::Step;
 use super::Relay;
 use crate::linger;
 

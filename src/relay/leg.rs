@@ -18,9 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::close::CloseFrame;
-use super::frame::{
-    apply_mask, write_header, Control, Header, OpCode, Reader, MAX_CONTROL_PAYLOAD, MAX_HEADER,
-};
+use super::frame::{apply_mask, write_header, Header, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER};
+use super::reader::{Control, Reader};
 use crate::head::Prefixed;
 use crate::upstream::UpstreamStream;
 

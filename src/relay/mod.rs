@@ -2,8 +2,9 @@
 //! `select!` loop per connection, and close both sides with the right codes.
 //!
 //! Read in this order: [`frame`] (the codec: headers, masks, UTF-8, close payloads, the
-//! message rules, over byte slices), [`leg`] (a socket, what is owed to it, and the frames
-//! read from it), [`direction`] (one read relayed: frames checked and forwarded as they
+//! message rules, over byte slices), [`reader`] (a leg's reads walked frame by frame: what
+//! passes on, what control frames arrived), [`leg`] (a socket, what is owed to it, and the
+//! frames read from it), [`direction`] (one read relayed: frames checked and forwarded as they
 //! arrive), [`inbound`] (the client's message policy), [`deadlines`] (the one timer, and
 //! [`sendq`], what it asks the kernel when a pong is late), this
 //! file's [`Relay`] (the `select!` loop over all of them), [`close`] (why a connection
@@ -27,6 +28,7 @@ pub mod frame;
 mod inbound;
 pub mod inflate;
 mod leg;
+pub mod reader;
 mod sendq;
 
 use std::future::poll_fn;
@@ -52,10 +54,10 @@ use deadlines::{Deadlines, Heartbeat};
 use direction::{Direction, Event};
 pub use finish::Ended;
 use finish::{close_both, Finish};
-use frame::Reader;
 use inbound::Inbound;
 use leg::Leg;
 pub use leg::{Client, Io};
+use reader::Reader;
 
 /// Messages and bytes relayed in one direction.
 #[derive(Debug, Default, Clone, Copy)]
