@@ -91,14 +91,24 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
             return Ok(refused(lines, rejection));
         }
     };
-    lines.push(line(
-        "route",
-        "pass",
-        format!(
-            "{path} is routed to \"{}\" (prefix {})",
-            route.name, route.path
-        ),
-    ));
+    lines.push(if route.unrouted {
+        line(
+            "route",
+            "reported",
+            format!(
+                "{path} matches no route → no_route; report mode lets it through under `defaults`"
+            ),
+        )
+    } else {
+        line(
+            "route",
+            "pass",
+            format!(
+                "{path} is routed to \"{}\" (prefix {})",
+                route.name, route.path
+            ),
+        )
+    });
     // A request whose `Upgrade` is not `websocket` (a `--header` replaced it) is plain
     // HTTP to the gate, as it is here.
     if !is_upgrade(&parts.headers) {

@@ -299,7 +299,8 @@ pub async fn answer(
 }
 
 /// The head's sanity, then the route of the path's normal form (the form that is routed,
-/// re-checked on reload and sent upstream: never the raw one).
+/// re-checked on reload and sent upstream: never the raw one). In report mode a path that
+/// matches no route gets the policy's `unrouted` (admission reports its `no_route`).
 pub(crate) fn route(
     policy: &crate::policy::Policy,
     method: &Method,
@@ -310,7 +311,11 @@ pub(crate) fn route(
     let path = crate::path::normalize(uri.path())
         .map_err(Rejection::BadRequest)?
         .into_owned();
-    let route = policy.route_for(&path).cloned().ok_or(Rejection::NoRoute)?;
+    let route = policy
+        .route_for(&path)
+        .or(policy.unrouted.as_ref())
+        .cloned()
+        .ok_or(Rejection::NoRoute)?;
     Ok((route, path))
 }
 

@@ -119,6 +119,9 @@ pub struct Policy {
     pub max_connections: usize,
     /// Longest path first, indexed by path.
     pub routes: Routes,
+    /// In report mode, what a request that matches no route is let through to: `defaults`,
+    /// named `none` (the metrics' label for no route). `None` in enforce mode (404).
+    pub unrouted: Option<Arc<Route>>,
     /// Every key, JWKS and CA file the policy read: a change to one of them reloads it.
     pub files: Vec<PathBuf>,
     /// The smallest handshake timeout of any route: it bounds the TLS handshake and
@@ -244,6 +247,9 @@ pub struct Route {
     /// cannot be sent by a client of another route to an upstream they share.
     #[serde(skip)]
     pub claim_header_names: Arc<[HeaderName]>,
+    /// This is the policy's `unrouted`: no route matched, and report mode let it through.
+    #[serde(skip)]
+    pub unrouted: bool,
 }
 
 /// Where a route's connections go.

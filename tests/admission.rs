@@ -503,6 +503,60 @@ async fn report_mode_lets_violations_through_but_not_caps() {
     assert_eq!((status, body["error"].as_str()), (503, Some("server_full")));
 }
 
+/// Report mode lets a path that matches no route through as well, to `defaults`' upstream
+/// under the label of no route (`none`); enforce mode answers the same request 404.
+#[tokio::test]
+async fn report_mode_lets_a_path_with_no_route_through_to_the_defaults() {
+    let fallback = Upstream::start().await;
+    let routed = Upstream::start().await;
+    let policy = |mode: &str| {
+        format!(
+            "version: 1\nmode: {mode}\ndefaults:\n  upstream: {}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\nroutes:\n  - path: /ws\n    name: chat\n    upstream: {}\n",
+            fallback.url(),
+            routed.url()
+        )
+    };
+    let gate = TestGate::start(&policy("report")).await;
+    let (mut client, _) = gate.connect("/elsewhere/x?a=1").await.unwrap();
+    client.send(Message::text("unrouted")).await.unwrap();
+    assert_eq!(next_message(&mut client).await, Message::text("unrouted"));
+    assert_eq!((fallback.seen_count(), routed.seen_count()), (1, 0));
+    assert_eq!(fallback.last_seen().target, "/elsewhere/x?a=1");
+    for (series, value) in [
+        (
+            "wsgate_report_violations_total{route=\"none\",reason=\"no_route\"}",
+            1.0,
+        ),
+        (
+            "wsgate_upgrades_total{route=\"none\",result=\"accepted\"}",
+            1.0,
+        ),
+        ("wsgate_connections_active{route=\"none\"}", 1.0),
+        (
+            "wsgate_upgrades_total{route=\"none\",result=\"no_route\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(gate.metric(series).await, value, "{series}");
+    }
+    // A routed path still goes to its own route.
+    let (_chat, _) = gate.connect("/ws").await.unwrap();
+    assert_eq!((fallback.seen_count(), routed.seen_count()), (1, 1));
+
+    // The same request under enforce: 404, and the upstream never sees it.
+    gate.write_policy(&policy("enforce"));
+    gate.wait_metric(
+        "wsgate_policy_reloads_total{result=\"success\"}",
+        1.0,
+        Duration::from_secs(2),
+        "the enforce policy was not loaded",
+    )
+    .await;
+    let (status, _, body) = refusal(gate.connect("/elsewhere").await);
+    assert_eq!((status, body["error"].as_str()), (404, Some("no_route")));
+    assert_eq!(fallback.seen_count(), 1);
+}
+
 #[tokio::test]
 async fn reload_cuts_off_a_newly_denied_client_and_keeps_the_others() {
     let upstream = Upstream::start().await;

@@ -370,6 +370,9 @@ async fn report_mode_shows_the_failures_it_lets_through() {
     let gate = TestGate::start(&policy).await;
     let explained = same_decision(&gate, "/ws", &[ORIGIN], (101, "accepted")).await;
     assert_eq!(step(&explained, "token")["result"], "reported");
+    // No route is reported too: the request goes on under `defaults`.
+    let explained = same_decision(&gate, "/nowhere", &[ORIGIN], (101, "accepted")).await;
+    assert_eq!(step(&explained, "route")["result"], "reported");
     let text = Command::new(BIN)
         .args(["explain", "--policy"])
         .arg(&gate.policy_path)

@@ -1146,6 +1146,7 @@ fn policy_trusting(nets: &[IpNet]) -> Policy {
         trusted_proxies: nets.to_vec(),
         max_connections: 1,
         routes: Vec::<Arc<Route>>::new().into(),
+        unrouted: None,
         files: Vec::new(),
         handshake_timeout: std::time::Duration::from_secs(10),
         http2: wsgate::policy::Http2 {

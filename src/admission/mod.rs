@@ -346,6 +346,12 @@ impl Verdicts<'_> {
         if !self.report {
             return Err(rejection);
         }
+        self.report(&rejection);
+        Ok(())
+    }
+
+    /// A failure let through in report mode: counted and logged.
+    fn report(&self, rejection: &Rejection) {
         self.state
             .metrics
             .report_violation(&self.route.name, rejection.reason());
@@ -358,7 +364,6 @@ impl Verdicts<'_> {
             tracing::warn!(request_id = %id, route, client_ip = %ip, reason,
                 "report mode: this request would have been refused");
         }
-        Ok(())
     }
 }
 
@@ -408,6 +413,10 @@ async fn checks<'a>(
         client_ip,
         trace,
     };
+    if route.unrouted {
+        // Report mode's stand-in for no route (the route step is the caller's).
+        v.report(&Rejection::NoRoute);
+    }
     v.check(Step::Ip, ip_rule(route, client_ip))?;
     let mut global = None;
     let mut ip_slot = None;

@@ -26,9 +26,9 @@ pub struct PolicyFile {
     #[schemars(extend("const" = 1))]
     pub version: u32,
     /// `enforce` (default): refusals are enforced. `report`: admission failures other than
-    /// `no_route`, `server_full` and `draining`, and message-rate and message-type
-    /// violations, are logged and counted but let through; size limits and timeouts are
-    /// always enforced.
+    /// `server_full` and `draining`, and message-rate and message-type violations, are
+    /// logged and counted but let through (a path that matches no route goes on under
+    /// `defaults`); size limits and timeouts are always enforced.
     pub mode: Option<Mode>,
     /// CIDRs or bare IPs (default none). X-Forwarded-For is believed only when the TCP peer
     /// is in this list.
@@ -41,7 +41,8 @@ pub struct PolicyFile {
     /// A list or map a route sets replaces the inherited one whole.
     pub defaults: Option<RouteFields>,
     /// The routes (required, at least one). The longest prefix on whole path segments
-    /// wins; a request that matches none gets 404 `no_route`.
+    /// wins; a request that matches none gets 404 `no_route` (in report mode it goes on
+    /// under `defaults`).
     pub routes: Option<Vec<RouteFile>>,
     /// The listener's HTTP/2 (WebSockets over extended CONNECT, RFC 8441).
     pub http2: Option<Http2>,

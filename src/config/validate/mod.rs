@@ -133,12 +133,25 @@ pub fn validate_for(
                         format!("duplicate route name {name:?}"),
                     );
                 }
-                if let Some(route) = v.route(&at, r, name, r.fields(), defaults) {
+                if let Some(route) = v.route(&at, &r.path, name, r.fields(), defaults) {
                     routes.push(route);
                 }
             }
         }
     }
+    // Report mode lets through a request that matches no route, as every other admission
+    // failure it reports: to what `defaults` says, under the label of no route.
+    let unrouted = if mode == Mode::Report {
+        let fields = RouteFieldsRef::default();
+        v.route("defaults", "/", "defaults".to_owned(), fields, defaults)
+            .map(|route| Route {
+                name: crate::metrics::NO_ROUTE.to_owned(),
+                unrouted: true,
+                ..route
+            })
+    } else {
+        None
+    };
 
     if !v.errors.is_empty() {
         // A default that is wrong is reported once, not once per route that inherits it.
@@ -156,15 +169,14 @@ pub fn validate_for(
         }
     }
     let claim_header_names: Arc<[HeaderName]> = claim_header_names.into();
-    let routes: Vec<Arc<Route>> = routes
-        .into_iter()
-        .map(|route| {
-            Arc::new(Route {
-                claim_header_names: claim_header_names.clone(),
-                ..route
-            })
+    let with_claim_headers = |route| {
+        Arc::new(Route {
+            claim_header_names: claim_header_names.clone(),
+            ..route
         })
-        .collect();
+    };
+    let unrouted = unrouted.map(with_claim_headers);
+    let routes: Vec<Arc<Route>> = routes.into_iter().map(with_claim_headers).collect();
     v.files.sort();
     v.files.dedup();
     let mut seen = HashSet::new();
@@ -179,6 +191,7 @@ pub fn validate_for(
         trusted_proxies,
         max_connections: max_connections as usize,
         routes: routes.into(),
+        unrouted,
         files: v.files,
         handshake_timeout,
         http2,
@@ -290,20 +303,20 @@ impl Validator<'_> {
     fn route(
         &mut self,
         at: &str,
-        r: &file::RouteFile,
+        path: &str,
         name: String,
         route: RouteFieldsRef<'_>,
         defaults: RouteFieldsRef<'_>,
     ) -> Option<Route> {
         let errors_before = self.errors.len();
-        if !r.path.starts_with('/') {
+        if !path.starts_with('/') {
             self.err(format!("{at}.path"), "must start with '/'");
-        } else if r.path.len() > 1 && r.path.ends_with('/') {
+        } else if path.len() > 1 && path.ends_with('/') {
             self.err(
                 format!("{at}.path"),
                 "must not end with '/' (prefixes match whole segments)",
             );
-        } else if let Some(encoded) = percent_encoded_target(&r.path) {
+        } else if let Some(encoded) = percent_encoded_target(path) {
             // A request target carries no raw space, control or non-ASCII byte: a client
             // sends `/w%C3%9F` for `/wß`, which a route written raw would never match.
             self.err(
@@ -313,8 +326,8 @@ impl Validator<'_> {
         } else {
             // Requests are routed on their normal form: a route in any other spelling
             // could never match.
-            match crate::path::normalize(&r.path) {
-                Ok(normal) if normal != r.path.as_str() => self.err(
+            match crate::path::normalize(path) {
+                Ok(normal) if normal != path => self.err(
                     format!("{at}.path"),
                     format!("must be written in normal form: {normal:?}"),
                 ),
@@ -380,7 +393,7 @@ impl Validator<'_> {
             return None;
         }
         Some(Route {
-            path: r.path.clone(),
+            path: path.to_owned(),
             name,
             upstream: upstream?,
             auth,
@@ -392,6 +405,7 @@ impl Validator<'_> {
             heartbeat,
             http,
             claim_header_names: Arc::from([]),
+            unrouted: false,
         })
     }
 
