@@ -28,7 +28,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use crate::http::{handle, ConnInfo, H2Stream};
 use crate::linger::LINGER_TIME;
 use crate::relay::Protocol;
-use crate::Gate;
+use crate::{shutdown, Gate};
 
 /// The header list (HPACK-decoded, as RFC 9113 counts it) h2 lets through to the gate:
 /// 4 times the 16 KiB an HTTP/1.1 head may have, which the gate checks itself so that a
@@ -128,18 +128,22 @@ pub async fn serve<I>(
     let revoked = CancellationToken::new();
     // Cancelled when the client has cancelled more than `MAX_CANCELLED` streams.
     let calm = Cancels::new();
+    let opening = Arc::new(Mutex::new(Some(opening)));
+    let release = |opening: &Mutex<Option<TaskTrackerToken>>| {
+        drop(opening.lock().ok().and_then(|mut o| o.take()));
+    };
     let service = {
         let gate = gate.clone();
         let streams = streams.clone();
         let started = started.clone();
         let revoked = revoked.clone();
         let calm = calm.clone();
-        let opening = Mutex::new(Some(opening));
+        let opening = opening.clone();
         service_fn(move |req| {
             let first = started.fetch_add(1, Ordering::Relaxed) == 0;
             if first {
                 gate.metrics.client_connection(true);
-                drop(opening.lock().ok().and_then(|mut o| o.take()));
+                release(&opening);
             }
             let info = ConnInfo {
                 accepted: Instant::now(),
@@ -184,10 +188,23 @@ pub async fn serve<I>(
     let mut check = deadline;
     let mut seen = 0;
     let mut going_away = false;
+    // The listener has stopped and a moment passed: a connection with no stream yet no
+    // longer holds the drain back (the drain's GOAWAY closes it).
+    let accepting = gate.shutdown.accepting();
+    let stopped = async {
+        accepting.cancelled().await;
+        sleep(shutdown::SILENT_GRACE).await;
+    };
+    tokio::pin!(stopped);
+    let mut silent_released = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => return ended(result),
             () = shutdown.cancelled() => break,
+            () = &mut stopped, if !silent_released => {
+                silent_released = true;
+                release(&opening);
+            }
             // A revocation closed one of its WebSockets (with 1008, like any other): GOAWAY,
             // so that the connection takes no new stream; the others finish as they go.
             () = revoked.cancelled(), if !going_away => {

@@ -9,8 +9,8 @@
 //!
 //! Listeners share their port (`SO_REUSEPORT`) so a replacement process can bind beside a
 //! draining one. When the gate stops accepting, the listener takes what is already queued
-//! and closes; a connection still silent (TLS handshake or first head) when the drain
-//! begins is dropped rather than waited for.
+//! and closes; a connection still silent (TLS handshake or first head) a moment after is
+//! dropped rather than waited for.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use crate::handshake::is_upgrade;
 use crate::head::{self, Head, Prefixed, MAX_HEAD_BYTES};
 use crate::http::{answer, handle, Asked, ConnInfo};
 use crate::relay::Protocol;
-use crate::{http2, linger, relay, Gate};
+use crate::{http2, linger, relay, shutdown, Gate};
 
 /// The longest the gate waits to write a 101 it answered itself (a few hundred bytes into
 /// a fresh socket's buffer: only a peer that reads nothing at all could hold it up).
@@ -149,7 +149,7 @@ async fn connection(
             // nginx's answer to plain HTTP on its TLS port, rather than a TLS alert that an
             // HTTP client shows as an empty reply.
             let plain = timeout_at(deadline, sent_plain_http(&tcp));
-            if let Some(Ok(true)) = unless_draining(&gate, plain).await {
+            if let Some(Ok(true)) = unless_stopped(&gate, plain).await {
                 drop(opening);
                 gate.metrics.client_connection(false);
                 let info = ConnInfo {
@@ -165,7 +165,7 @@ async fn connection(
                 return refuse_unparsed(&gate, tcp, info, refusal).await;
             }
             let handshake = timeout_at(deadline, acceptor.accept(tcp, h2));
-            match unless_draining(&gate, handshake).await {
+            match unless_stopped(&gate, handshake).await {
                 Some(Ok(Ok(stream))) => {
                     let info = ConnInfo {
                         peer,
@@ -234,13 +234,19 @@ async fn sent_plain_http(tcp: &tokio::net::TcpStream) -> bool {
     matches!(tcp.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
 }
 
-/// `work`, unless the drain begins first: a connection that has not sent its request by
-/// then is dropped rather than holding the drain for its handshake timeout.
-async fn unless_draining<F: std::future::Future>(gate: &Gate, work: F) -> Option<F::Output> {
-    let draining = gate.shutdown.token();
+/// `work` (a TLS handshake, a first request head), unless the listener has stopped and
+/// [`shutdown::SILENT_GRACE`] has passed: a connection that has not sent its request by
+/// then is dropped rather than holding the drain (and every WebSocket's 1001) for its
+/// handshake timeout or the first answers' wait.
+async fn unless_stopped<F: std::future::Future>(gate: &Gate, work: F) -> Option<F::Output> {
+    let accepting = gate.shutdown.accepting();
+    let stopped = async {
+        accepting.cancelled().await;
+        sleep(shutdown::SILENT_GRACE).await;
+    };
     tokio::select! {
         out = work => Some(out),
-        () = draining.cancelled() => None,
+        () = stopped => None,
     }
 }
 
@@ -258,7 +264,7 @@ async fn serve_http<I>(
 {
     let mut io = io;
     let first = timeout_at(deadline, head::read_first(&mut io, MAX_HEAD_BYTES, h2c));
-    let head = unless_draining(&gate, first).await;
+    let head = unless_stopped(&gate, first).await;
     // Counted once it has sent a request (an HTTP/2 one, at its first stream).
     if let Some(Ok(Ok(Head::Complete(_) | Head::Refused(_)))) = head {
         gate.metrics.client_connection(false);

@@ -18,6 +18,12 @@ use tokio_util::task::TaskTracker;
 /// request to be answered before the drain begins.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
+/// When the listener closes, how long a connection it accepted that has not yet sent its
+/// request (a TLS handshake or a request head still under way; an HTTP/2 connection with
+/// no stream yet) gets before it is dropped rather than waited for: enough for one taken
+/// from the accept queue as the listener closed, whose client is sending it.
+pub const SILENT_GRACE: Duration = Duration::from_millis(200);
+
 /// The gate's own tasks — the listener, the admin listener and its connections, the
 /// reloader, the upkeep loop, the JWKS refreshers — on one tracker, so that at exit they
 /// are told to stop and waited for, and none outlives the gate.

@@ -1218,6 +1218,38 @@ async fn sigterm_drains_with_1001_and_exits_0() {
     }
 }
 
+/// Connections that have sent no request when the listener stops (one that sent nothing at
+/// all, an HTTP/2 one with its preface and no stream) are let go after a moment, not waited
+/// for as first requests are (up to 1 s): they do not hold back the WebSockets' 1001.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_sent_no_request_do_not_hold_the_drain_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let (_dir, policy) = open_policy_file(&upstream, "");
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
+    let mut ws = gate.connect("/ws").await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    // The h2c preface and an empty SETTINGS frame: an HTTP/2 connection with no stream.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = Instant::now();
+    gate.signal("TERM");
+    assert_eq!(next_close(&mut ws).await, (1001, "going away".into()));
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_millis(700), "1001 after {took:?}");
+    // Both were closed by the gate (the HTTP/2 one after its SETTINGS and GOAWAY).
+    for (name, tcp) in [("silent", &mut silent), ("h2", &mut h2)] {
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "{name}: still open");
+    }
+    assert_eq!(gate.wait_exit(Duration::from_secs(5)).0, 0);
+}
+
 /// Once the listener has stopped, a later request on a kept-alive connection gets 503
 /// `draining`, also while the drain still waits for another connection's first answer: it
 /// is not upgraded only to be sent 1001 at once.
