@@ -56,6 +56,36 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The server's certificate chain: [`read_certs`], and every certificate in it well-formed
+/// DER. A block whose base64 decodes to bytes that are not a certificate (lines lost from
+/// the middle of an intermediate) would be served, since rustls parses only the first
+/// certificate itself, and every client would then fail the handshake. (CA bundles are not
+/// held to this: a system bundle may hold a certificate rustls cannot parse, which it
+/// skips.)
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = read_certs(path)?;
+    for (i, cert) in certs.iter().enumerate() {
+        // Only a broken encoding: a well-formed certificate that rustls's verifier would
+        // not accept (a version 1 one, an unknown critical extension) is the clients' to
+        // judge, as OpenSSL's may.
+        if let Err(
+            e
+            @ (webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_)),
+        ) = webpki::EndEntityCert::try_from(cert)
+        {
+            return Err(TlsError::BadCertificate {
+                path: path.to_owned(),
+                reason: format!(
+                    "certificate {} of {} is not well-formed DER: {e:?}",
+                    i + 1,
+                    certs.len()
+                ),
+            });
+        }
+    }
+    Ok(certs)
+}
+
 /// A PEM error in words (the library's own message shows its markers as lists of bytes).
 fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
     use rustls_pki_types::pem::Error;
@@ -104,7 +134,7 @@ pub const SESSION_CACHE: usize = 10_000;
 /// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
 /// session resumption on.
 pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
-    server_config_from(read_certs(cert)?, read_key(key)?)
+    server_config_from(read_chain(cert)?, read_key(key)?)
 }
 
 pub fn server_config_from(
@@ -296,6 +326,26 @@ mod tests {
         ]));
         assert!(!prefers_chacha(&[grease]));
         assert!(!prefers_chacha(&[]));
+    }
+
+    /// A chain whose intermediate lost lines from the middle of its base64 (still valid
+    /// base64, with its END line) is refused, not served for every handshake to fail.
+    #[test]
+    fn a_chain_with_a_damaged_intermediate_is_refused() {
+        let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let leaf = std::fs::read_to_string(certs.join("localhost.pem")).unwrap();
+        let ca = std::fs::read_to_string(certs.join("dev-ca.pem")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chain.pem");
+        std::fs::write(&path, format!("{leaf}{ca}")).unwrap();
+        assert_eq!(read_chain(&path).unwrap().len(), 2);
+        let mut lines: Vec<&str> = ca.lines().collect();
+        lines.drain(3..5);
+        std::fs::write(&path, format!("{leaf}{}\n", lines.join("\n"))).unwrap();
+        assert_eq!(read_certs(&path).unwrap().len(), 2);
+        let error = read_chain(&path).unwrap_err();
+        assert!(matches!(error, TlsError::BadCertificate { .. }), "{error}");
+        assert!(error.to_string().contains("certificate 2 of 2"), "{error}");
     }
 
     /// A key that is there but encrypted, or damaged, says so, rather than "no key found".

@@ -707,6 +707,31 @@ async fn a_rotated_certificate_is_used_for_new_handshakes() {
         handshake_with(gate.addr, &new.client).await,
         "the working certificate was dropped"
     );
+
+    // And one whose second block lost two lines from the middle: still base64 with its
+    // END line, but not a certificate; served, every handshake would fail.
+    let mut lines: Vec<&str> = new.cert_pem.lines().collect();
+    lines.drain(2..4);
+    write_atomically(
+        &gate.dir.path().join("cert.pem"),
+        &format!("{}{}\n", new.cert_pem, lines.join("\n")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, m) = admin_fetch(gate.admin, "/metrics").await;
+        if metric_sample(&m, "wsgate_tls_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the damaged intermediate was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        handshake_with(gate.addr, &new.client).await,
+        "the working certificate was dropped"
+    );
 }
 
 /// A gate in this process on TLS with `cert` and `key`, watching them and its policy file
