@@ -13,6 +13,7 @@
 //! dropped rather than waited for.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::time::{sleep, timeout, timeout_at, Instant};
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::admission::Rejection;
@@ -320,7 +321,10 @@ async fn serve_http<I>(
     // What the first request has: the drain's hold on the connection, released once it
     // is answered, and the answer already decided (a refused upgrade), if any.
     let first = std::sync::Mutex::new(Some((opening, decided)));
+    let busy = Busy::default();
+    let answering = busy.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let answering = answering.begin();
         let (first, decided) = first
             .lock()
             .ok()
@@ -346,30 +350,90 @@ async fn serve_http<I>(
                 None => handle(gate, info, req, None).await,
             };
             drop(first);
-            answered
+            answered.map(|r| r.map(|body| crate::body::held(body, answering)))
         }
     });
     // Each later head gets `handshake_seconds` of its own, whatever the first one took;
-    // the first is already read.
+    // the first is already read. The connection idle that long (no request being
+    // answered) is closed here, gracefully: over TLS with close_notify, which a strict
+    // client's pool expects rather than a bare FIN. hyper's own timeout, twice as long,
+    // ends a later head that trickles in (slowloris) without one.
     let next_head = gate.policy.load().policy.handshake_timeout;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(next_head.max(Duration::from_millis(1)))
+        .header_read_timeout((next_head * 2).max(Duration::from_millis(1)))
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(LATER_HEAD_FIELDS)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(peer = %info.peer, error = %e, "HTTP connection ended with an error");
+    let mut check = Instant::now() + next_head;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %info.peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
             }
+            () = shutdown.cancelled() => break,
+            () = sleep_until(check) => match busy.idle_since() {
+                Some(since) if since + next_head <= Instant::now() => break,
+                Some(since) => check = since + next_head,
+                None => check = Instant::now() + next_head,
+            },
         }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    }
+    // Idle past its time, or draining: hyper closes an idle connection at once (its
+    // writes bounded by the write deadline) and finishes a request under way first.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// The requests of one HTTP/1.1 connection still being answered, their response bodies
+/// included, and when the last of them ended.
+#[derive(Clone)]
+struct Busy(Arc<BusyState>);
+
+struct BusyState {
+    answering: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<Instant>,
+}
+
+impl Default for Busy {
+    fn default() -> Busy {
+        Busy(Arc::new(BusyState {
+            answering: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(Instant::now()),
+        }))
+    }
+}
+
+impl Busy {
+    /// A request is being answered until the guard (held by its response body) drops.
+    fn begin(&self) -> Answering {
+        self.0.answering.fetch_add(1, Ordering::AcqRel);
+        Answering(self.clone())
+    }
+
+    /// Since when no request has been answered; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.0.answering.load(Ordering::Acquire) > 0 {
+            return None;
         }
+        self.0.idle_since.lock().ok().map(|since| *since)
+    }
+}
+
+struct Answering(Busy);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let state = &(self.0).0;
+        if let Ok(mut since) = state.idle_since.lock() {
+            *since = Instant::now();
+        }
+        state.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

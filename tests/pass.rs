@@ -659,3 +659,43 @@ async fn a_late_first_request_leaves_the_next_its_whole_handshake_time() {
         }
     }
 }
+
+/// A kept-alive connection idle for `handshake_seconds` is closed gracefully: over TLS with
+/// close_notify, so that a strict client's pool sees the connection end, not a truncation.
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    http: pass\n    timeouts: {handshake_seconds: 1}\n",
+    );
+    let gate = TestGate::start(&policy).await;
+    let mut tls = gate.stream().await;
+    tls.write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("pass GET /ws/page") {
+        let mut chunk = [0u8; 1024];
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let idle = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the idle connection was not closed");
+    // Without close_notify, rustls reports the end as `UnexpectedEof`.
+    assert!(read.is_ok(), "{read:?}");
+    let took = idle.elapsed();
+    assert!(
+        took > std::time::Duration::from_millis(800)
+            && took < std::time::Duration::from_millis(2500),
+        "closed after {took:?}"
+    );
+}
