@@ -110,7 +110,8 @@ where
 /// Serve one HTTP/2 connection (after its TLS handshake chose `h2`, or after its h2c
 /// preface) until it ends, is idle, or the drain closes it. `deadline`: its first request
 /// must arrive by then. `opening` is the drain's hold on a connection that has not been
-/// answered yet, released at its first request.
+/// answered yet, released once its first stream is answered, or 200 ms after the listener
+/// stops while it has none.
 pub async fn serve<I>(
     gate: Arc<Gate>,
     io: I,
@@ -141,10 +142,14 @@ pub async fn serve<I>(
         let opening = opening.clone();
         service_fn(move |req| {
             let first = started.fetch_add(1, Ordering::Relaxed) == 0;
-            if first {
+            // The drain's hold, kept until the first stream is answered (as an HTTP/1.1
+            // connection's first request is), so that the drain does not begin under it.
+            let opened = if first {
                 gate.metrics.client_connection(true);
-                release(&opening);
-            }
+                opening.lock().ok().and_then(|mut o| o.take())
+            } else {
+                None
+            };
             let info = ConnInfo {
                 accepted: Instant::now(),
                 protocol: Protocol::H2,
@@ -160,6 +165,7 @@ pub async fn serve<I>(
             async move {
                 let answer = answer.await;
                 answering.done();
+                drop(opened);
                 answer
             }
         })

@@ -150,7 +150,12 @@ async fn connection(
             // nginx's answer to plain HTTP on its TLS port, rather than a TLS alert that an
             // HTTP client shows as an empty reply.
             let plain = timeout_at(deadline, sent_plain_http(&tcp));
-            if let Some(Ok(true)) = unless_stopped(&gate, plain).await {
+            let plain = unless_stopped(&gate, plain).await;
+            if plain.is_none() {
+                tracing::debug!(%peer, "dropped before its TLS handshake: the listener has stopped");
+                return;
+            }
+            if let Some(Ok(true)) = plain {
                 drop(opening);
                 gate.metrics.client_connection(false);
                 let info = ConnInfo {

@@ -727,3 +727,44 @@ async fn a_drain_cut_short_counts_an_h2_websocket_once() {
     let (code, _) = gate.exited(Duration::from_secs(5)).await;
     assert_eq!(code, 0);
 }
+
+/// When the listener stops, an HTTP/2 connection's first stream, sent a moment after, is
+/// answered as an HTTP/1.1 connection's first request is, not with 503 `draining`: the
+/// connection keeps the drain waiting until that stream is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_stream_sent_as_the_listener_stops_is_answered() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&pass_policy(&upstream, ""), false).await;
+    let mut h2 = H2::h2c(gate.addr).await;
+    // As `wsgate run` does on SIGTERM: the first answers, then the drain.
+    let drain = async {
+        gate.running.stop_accepting(Duration::from_secs(1)).await;
+        gate.running.begin_shutdown();
+    };
+    let first = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h2.get("/static/page", &[]).await
+    };
+    let ((), (status, _, body)) = tokio::join!(drain, first);
+    assert_eq!(status.as_u16(), 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// On the TLS port, a connection that has sent nothing is let go 200 ms after the listener
+/// stops (not once for the plain-HTTP check and again for the handshake).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_on_the_tls_port_is_let_go_after_200_ms() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&open_policy(&upstream.url(), "")).await;
+    let mut silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = Instant::now();
+    assert!(gate.running.stop_accepting(Duration::from_secs(1)).await);
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_millis(350),
+        "the listener's first answers took {took:?}"
+    );
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the silent connection is still open");
+}
