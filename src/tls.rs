@@ -56,31 +56,55 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// The server's certificate chain: [`read_certs`], and every certificate in it well-formed
-/// DER. A block whose base64 decodes to bytes that are not a certificate (lines lost from
-/// the middle of an intermediate) would be served, since rustls parses only the first
-/// certificate itself, and every client would then fail the handshake. (CA bundles are not
-/// held to this: a system bundle may hold a certificate rustls cannot parse, which it
-/// skips.)
+/// PEM labels OpenSSL reads as certificates but the gate does not: a chain holding one
+/// would be served without it.
+const UNREAD_LABELS: [&str; 2] = ["TRUSTED CERTIFICATE", "X509 CERTIFICATE"];
+
+/// The longest certificate webpki parses (its DER lengths take at most two bytes).
+const LONGEST_PARSED: usize = 4 + 0xFFFF;
+
+/// The server's certificate chain: [`read_certs`], and every certificate in it an X.509
+/// certificate. A block whose base64 decodes to bytes that are not one (lines lost from
+/// the middle of an intermediate, a CSR) would be served, since rustls parses only the
+/// first certificate itself, and every client would then fail the handshake. (CA bundles
+/// are not held to this: a system bundle may hold a certificate rustls cannot parse,
+/// which it skips.)
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = read_certs(path)?;
+    let bad = |reason: String| TlsError::BadCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    if let Ok(text) = std::fs::read(path) {
+        let text = String::from_utf8_lossy(&text);
+        if let Some(label) = UNREAD_LABELS
+            .iter()
+            .find(|label| text.contains(&format!("-----BEGIN {label}-----")))
+        {
+            return Err(bad(format!(
+                "a \"{label}\" block is not read as part of the chain: write it as a \
+                 \"CERTIFICATE\" block (openssl x509 -in it -out plain.pem)"
+            )));
+        }
+    }
     for (i, cert) in certs.iter().enumerate() {
-        // Only a broken encoding: a well-formed certificate that rustls's verifier would
-        // not accept (a version 1 one, an unknown critical extension) is the clients' to
-        // judge, as OpenSSL's may.
+        if cert.len() > LONGEST_PARSED {
+            continue;
+        }
+        // As a trust anchor is parsed: version 1 certificates and unknown critical
+        // extensions are taken, since OpenSSL's clients may accept them. Only what is not
+        // a certificate at all is refused.
         if let Err(
             e
             @ (webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_)),
-        ) = webpki::EndEntityCert::try_from(cert)
+        ) = webpki::anchor_from_trusted_cert(cert)
         {
-            return Err(TlsError::BadCertificate {
-                path: path.to_owned(),
-                reason: format!(
-                    "certificate {} of {} is not well-formed DER: {e:?}",
-                    i + 1,
-                    certs.len()
-                ),
-            });
+            return Err(bad(format!(
+                "certificate {} of {} is not an X.509 certificate (its DER does not parse: \
+                 {e:?})",
+                i + 1,
+                certs.len()
+            )));
         }
     }
     Ok(certs)
@@ -329,9 +353,10 @@ mod tests {
     }
 
     /// A chain whose intermediate lost lines from the middle of its base64 (still valid
-    /// base64, with its END line) is refused, not served for every handshake to fail.
+    /// base64, with its END line), or holds a certificate request, or a block OpenSSL's
+    /// way that the gate would skip, is refused, not served for every handshake to fail.
     #[test]
-    fn a_chain_with_a_damaged_intermediate_is_refused() {
+    fn a_chain_holding_what_is_not_a_certificate_is_refused() {
         let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
         let leaf = std::fs::read_to_string(certs.join("localhost.pem")).unwrap();
         let ca = std::fs::read_to_string(certs.join("dev-ca.pem")).unwrap();
@@ -346,6 +371,37 @@ mod tests {
         let error = read_chain(&path).unwrap_err();
         assert!(matches!(error, TlsError::BadCertificate { .. }), "{error}");
         assert!(error.to_string().contains("certificate 2 of 2"), "{error}");
+
+        // Well-formed DER that is not a certificate: a certificate request.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let csr = params.serialize_request(&key).unwrap();
+        let block = pem_block("CERTIFICATE", csr.der());
+        std::fs::write(&path, format!("{leaf}{block}")).unwrap();
+        let error = read_chain(&path).unwrap_err();
+        assert!(error.to_string().contains("certificate 2 of 2"), "{error}");
+
+        // OpenSSL's "TRUSTED CERTIFICATE" form would be skipped: refused, and named.
+        let trusted = ca.replace("BEGIN CERTIFICATE", "BEGIN TRUSTED CERTIFICATE");
+        let trusted = trusted.replace("END CERTIFICATE", "END TRUSTED CERTIFICATE");
+        std::fs::write(&path, format!("{leaf}{trusted}")).unwrap();
+        let error = read_chain(&path).unwrap_err();
+        assert!(error.to_string().contains("TRUSTED CERTIFICATE"), "{error}");
+    }
+
+    /// `der` as a PEM block labelled `label`.
+    fn pem_block(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
     }
 
     /// A key that is there but encrypted, or damaged, says so, rather than "no key found".
