@@ -140,15 +140,32 @@ pub fn validate_for(
         }
     }
     // Report mode lets through a request that matches no route, as every other admission
-    // failure it reports: to what `defaults` says, under the label of no route.
+    // failure it reports: to what `defaults` says, under the label of no route. Where
+    // `defaults` alone is not a valid route (every route sets its own upstream or keys),
+    // that request is refused as in enforce mode, and `wsgate check` says why: a policy
+    // valid in enforce mode is never refused for being in report mode.
     let unrouted = if mode == Mode::Report {
+        let errors_before = v.errors.len();
         let fields = RouteFieldsRef::default();
-        v.route("defaults", "/", "defaults".to_owned(), fields, defaults)
-            .map(|route| Route {
-                name: crate::metrics::NO_ROUTE.to_owned(),
-                unrouted: true,
-                ..route
-            })
+        let route = v.route("defaults", "/", "defaults".to_owned(), fields, defaults);
+        let mut found = v.errors.split_off(errors_before);
+        // One the routes met too is already an error.
+        found.retain(|e| !v.errors.contains(e));
+        for e in found {
+            v.warn(
+                e.field,
+                format!(
+                    "{}; so in report mode a path that matches no route gets 404 no_route \
+                     instead of going on under `defaults`",
+                    e.message
+                ),
+            );
+        }
+        route.map(|route| Route {
+            name: crate::metrics::NO_ROUTE.to_owned(),
+            unrouted: true,
+            ..route
+        })
     } else {
         None
     };
@@ -686,6 +703,35 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Report mode lets unrouted paths through under `defaults` when `defaults` alone is a
+    /// valid route; when it is not (every route sets its own upstream and keys), the policy
+    /// is still valid, unrouted paths get 404, and a warning says why.
+    #[test]
+    fn report_mode_routes_the_unrouted_to_defaults_only_when_they_make_a_route() {
+        let check = |mode: &str, defaults: &str| {
+            let yaml = format!(
+                "version: 1\nmode: {mode}\ndefaults: {{{defaults}}}\nroutes: [{{path: /ws, upstream: \"ws://127.0.0.1:9/\", auth: {{required: false}}}}]\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            validate(&file, Path::new(".")).map_err(|r| r.errors)
+        };
+        let (policy, warnings) = check("report", "auth: {required: false}").unwrap();
+        let unrouted = policy.unrouted.expect("defaults make a route");
+        assert_eq!((unrouted.name.as_str(), unrouted.unrouted), ("none", true));
+        assert!(warnings.is_empty(), "{warnings:?}");
+
+        // Built-in defaults require a token and name no key: no route of their own.
+        let (policy, warnings) = check("report", "").unwrap();
+        assert!(policy.unrouted.is_none());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].field, "defaults.auth.keys");
+        assert!(warnings[0].message.contains("404 no_route"), "{warnings:?}");
+
+        // Enforce mode builds none, and warns of nothing.
+        let (policy, warnings) = check("enforce", "").unwrap();
+        assert!(policy.unrouted.is_none() && warnings.is_empty());
+    }
 
     /// `cluster`: defaults, range errors, the variable's name. (A variable that is set is
     /// exercised by tests/cluster.rs, with no process-wide environment change here.)
