@@ -258,14 +258,19 @@ pub async fn serve<I>(
     // served; once they are all done, GOAWAY. A graceful HTTP/2 shutdown waits for the
     // answer to the GOAWAY's PING before it closes; a client that falls silent after its
     // close handshakes is given what an HTTP/1.1 client is after its own, the lingering
-    // close's time, not the idle connection's grace.
+    // close's time, not the idle connection's grace. One that never opened a stream is
+    // given what a silent HTTP/1.1 connection is, so that it does not hold the exit.
     streams.close();
     tokio::select! {
         result = conn.as_mut() => return ended(result),
         () = streams.wait() => {}
     }
     conn.as_mut().graceful_shutdown();
-    if let Ok(result) = timeout(LINGER_TIME, conn.as_mut()).await {
+    let linger = match started.load(Ordering::Relaxed) {
+        0 => shutdown::SILENT_GRACE,
+        _ => LINGER_TIME,
+    };
+    if let Ok(result) = timeout(linger, conn.as_mut()).await {
         ended(result);
     }
 }

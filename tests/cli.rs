@@ -1220,7 +1220,8 @@ async fn sigterm_drains_with_1001_and_exits_0() {
 
 /// Connections that have sent no request when the listener stops (one that sent nothing at
 /// all, an HTTP/2 one with its preface and no stream) are let go after a moment, not waited
-/// for as first requests are (up to 1 s): they do not hold back the WebSockets' 1001.
+/// for as first requests are (up to 1 s): they do not hold back the WebSockets' 1001, nor
+/// the exit.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_that_sent_no_request_do_not_hold_the_drain_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1247,7 +1248,11 @@ async fn connections_that_sent_no_request_do_not_hold_the_drain_back() {
         let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut sink)).await;
         assert!(read.is_ok(), "{name}: still open");
     }
+    // Nor do they hold the exit (the HTTP/2 one is not given the lingering close's 2 s
+    // to answer its GOAWAY's PING).
     assert_eq!(gate.wait_exit(Duration::from_secs(5)).0, 0);
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_millis(1500), "exit after {took:?}");
 }
 
 /// Once the listener has stopped, a later request on a kept-alive connection gets 503
