@@ -24,6 +24,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path}: a certificate in it cannot be read ({reason}); a chain served without it would fail strict clients")]
     BadCertificate { path: PathBuf, reason: String },
+    #[error("{path}: the server's certificate (the first) is X.509 version 1; rustls serves version 3 only: issue it with extensions (openssl x509 -req ... -extfile with subjectAltName)")]
+    VersionOne { path: PathBuf },
     #[error("{path}: no PEM private key found")]
     NoKey { path: PathBuf },
     #[error("{path}: the private key in it cannot be read ({reason})")]
@@ -86,6 +88,14 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
                  \"CERTIFICATE\" block (openssl x509 -in it -out plain.pem)"
             )));
         }
+    }
+    // rustls serves a version 3 certificate only, and would say its refusal of another
+    // as if the key did not match it.
+    let leaf = certs.first().map(webpki::EndEntityCert::try_from);
+    if let Some(Err(webpki::Error::UnsupportedCertVersion)) = leaf {
+        return Err(TlsError::VersionOne {
+            path: path.to_owned(),
+        });
     }
     for (i, cert) in certs.iter().enumerate() {
         if cert.len() > LONGEST_PARSED {
@@ -387,6 +397,15 @@ mod tests {
         std::fs::write(&path, format!("{leaf}{trusted}")).unwrap();
         let error = read_chain(&path).unwrap_err();
         assert!(error.to_string().contains("TRUSTED CERTIFICATE"), "{error}");
+    }
+
+    /// A version 1 server certificate is named as such, not taken for a key mismatch.
+    #[test]
+    fn a_version_1_server_certificate_is_named() {
+        let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+        let error = server_config(&keys.join("v1-localhost.pem"), &keys.join("ec.key"));
+        let error = error.expect_err("a version 1 certificate was taken");
+        assert!(matches!(error, TlsError::VersionOne { .. }), "{error}");
     }
 
     /// `der` as a PEM block labelled `label`.
