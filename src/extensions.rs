@@ -198,11 +198,17 @@ impl Offers {
         (!out.is_empty()).then_some(out)
     }
 
-    /// Check the upstream's answer: `Ok(None)` when it selected no extension, the agreed
-    /// compression when it accepted one of the offers as RFC 7692 allows, `Err` for
-    /// anything else (another extension, two answers, a parameter no offer allows).
+    /// Check the upstream's answer: `Ok(None)` when it selected no extension (no header,
+    /// or one with an empty value, as some servers send), the agreed compression when it
+    /// accepted one of the offers as RFC 7692 allows, `Err` for anything else (another
+    /// extension, two answers, a parameter no offer allows).
     pub fn accept(&self, answer: &HeaderMap) -> Result<Option<Agreed>, Unoffered> {
-        let mut values = answer.get_all(SEC_WEBSOCKET_EXTENSIONS).iter();
+        // An empty list is no extension (RFC 9110 §5.6.1: a recipient accepts empty list
+        // elements), not an unoffered one.
+        let mut values = answer
+            .get_all(SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter(|v| !v.as_bytes().trim_ascii().is_empty());
         let Some(first) = values.next() else {
             return Ok(None);
         };
@@ -347,6 +353,9 @@ mod tests {
             "permessage-deflate; server_no_context_takeover; client_max_window_bits=12"
         );
         assert_eq!(browser.accept(&HeaderMap::new()), Ok(None));
+        assert_eq!(browser.accept(&request(&[""])), Ok(None));
+        assert_eq!(browser.accept(&request(&[" ", ""])), Ok(None));
+        assert_eq!(Offers::default().accept(&request(&[""])), Ok(None));
         for bad in [
             "x-webkit-deflate-frame",
             "permessage-deflate, permessage-deflate",
