@@ -717,6 +717,14 @@ async fn upstream_101_with_an_unoffered_extension_is_502() {
         format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n").into_bytes()
     })
     .await;
+    // An empty value selects nothing: the upgrade goes on, with no extension.
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: \r\n\r\n").into_bytes()
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let (_ws, response) = gate.connect("/ws").await.expect("upgrade");
+    assert!(response.headers().get("sec-websocket-extensions").is_none());
 }
 
 #[tokio::test]
