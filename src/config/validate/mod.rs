@@ -144,7 +144,19 @@ pub fn validate_for(
     // `defaults` alone is not a valid route (every route sets its own upstream or keys),
     // that request is refused as in enforce mode, and `wsgate check` says why: a policy
     // valid in enforce mode is never refused for being in report mode.
-    let unrouted = if mode == Mode::Report {
+    // Nor does an upstream the file never names: with routes that each name their own and
+    // `defaults` none, the built-in one is no upstream of this policy's.
+    let routes_name_their_own = file.routes.iter().flatten().any(|r| r.upstream.is_some());
+    let unrouted = if mode != Mode::Report {
+        None
+    } else if defaults.upstream.is_none() && routes_name_their_own {
+        v.warn(
+            "defaults.upstream",
+            "not set, while routes set their own: so in report mode a path that matches no \
+             route gets 404 no_route (set it to let such a path go on under `defaults`)",
+        );
+        None
+    } else {
         let errors_before = v.errors.len();
         let fields = RouteFieldsRef::default();
         let route = v.route("defaults", "/", "defaults".to_owned(), fields, defaults);
@@ -166,8 +178,6 @@ pub fn validate_for(
             unrouted: true,
             ..route
         })
-    } else {
-        None
     };
 
     if !v.errors.is_empty() {
@@ -705,31 +715,45 @@ mod tests {
     use super::*;
 
     /// Report mode lets unrouted paths through under `defaults` when `defaults` alone is a
-    /// valid route; when it is not (every route sets its own upstream and keys), the policy
-    /// is still valid, unrouted paths get 404, and a warning says why.
+    /// valid route; when it is not (its keys missing, or no upstream named while the
+    /// routes name their own), the policy is still valid, unrouted paths get 404, and a
+    /// warning says why.
     #[test]
     fn report_mode_routes_the_unrouted_to_defaults_only_when_they_make_a_route() {
-        let check = |mode: &str, defaults: &str| {
+        let check = |mode: &str, defaults: &str, route: &str| {
             let yaml = format!(
-                "version: 1\nmode: {mode}\ndefaults: {{{defaults}}}\nroutes: [{{path: /ws, upstream: \"ws://127.0.0.1:9/\", auth: {{required: false}}}}]\n"
+                "version: 1\nmode: {mode}\ndefaults: {{{defaults}}}\nroutes: [{{path: /ws{route}}}]\n"
             );
             let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
-            validate(&file, Path::new(".")).map_err(|r| r.errors)
+            validate(&file, Path::new(".")).unwrap()
         };
-        let (policy, warnings) = check("report", "auth: {required: false}").unwrap();
-        let unrouted = policy.unrouted.expect("defaults make a route");
-        assert_eq!((unrouted.name.as_str(), unrouted.unrouted), ("none", true));
-        assert!(warnings.is_empty(), "{warnings:?}");
+        let open = "auth: {required: false}";
+        let own = ", upstream: \"ws://127.0.0.1:9/\", auth: {required: false}";
+        let named = "upstream: \"ws://127.0.0.1:9/\"";
+
+        // Upstream and auth from defaults (the built-in upstream when no route names one).
+        for defaults in [format!("{named}, {open}"), open.to_owned()] {
+            let (policy, warnings) = check("report", &defaults, "");
+            let unrouted = policy.unrouted.expect("defaults make a route");
+            assert_eq!((unrouted.name.as_str(), unrouted.unrouted), ("none", true));
+            assert!(warnings.is_empty(), "{warnings:?}");
+        }
 
         // Built-in defaults require a token and name no key: no route of their own.
-        let (policy, warnings) = check("report", "").unwrap();
+        let (policy, warnings) = check("report", named, own);
         assert!(policy.unrouted.is_none());
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].field, "defaults.auth.keys");
         assert!(warnings[0].message.contains("404 no_route"), "{warnings:?}");
 
+        // Routes that name their own upstream, and `defaults` none: not the built-in one.
+        let (policy, warnings) = check("report", open, own);
+        assert!(policy.unrouted.is_none());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].field, "defaults.upstream");
+
         // Enforce mode builds none, and warns of nothing.
-        let (policy, warnings) = check("enforce", "").unwrap();
+        let (policy, warnings) = check("enforce", "", own);
         assert!(policy.unrouted.is_none() && warnings.is_empty());
     }
 
