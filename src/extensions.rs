@@ -203,22 +203,18 @@ impl Offers {
     /// accepted one of the offers as RFC 7692 allows, `Err` for anything else (another
     /// extension, two answers, a parameter no offer allows).
     pub fn accept(&self, answer: &HeaderMap) -> Result<Option<Agreed>, Unoffered> {
-        // An empty list is no extension (RFC 9110 §5.6.1: a recipient accepts empty list
-        // elements), not an unoffered one.
-        let mut values = answer
-            .get_all(SEC_WEBSOCKET_EXTENSIONS)
-            .iter()
-            .filter(|v| !v.as_bytes().trim_ascii().is_empty());
-        let Some(first) = values.next() else {
-            return Ok(None);
+        // Empty list elements are ignored (RFC 9110 §5.6.1.2), so an empty list is no
+        // extension, not an unoffered one.
+        let mut selected = Vec::new();
+        for value in answer.get_all(SEC_WEBSOCKET_EXTENSIONS) {
+            let value = value.to_str().map_err(|_| Unoffered)?;
+            selected.extend(elements(value).into_iter().filter(|e| !e.trim().is_empty()));
+        }
+        let text = match selected[..] {
+            [] => return Ok(None),
+            [one] => one.trim(),
+            _ => return Err(Unoffered),
         };
-        if values.next().is_some() {
-            return Err(Unoffered);
-        }
-        let text = first.to_str().map_err(|_| Unoffered)?;
-        if text.contains(',') {
-            return Err(Unoffered);
-        }
         let params = Params::parse(text).ok_or(Unoffered)?;
         if !self.offers.iter().any(|offer| params.accepts(offer)) {
             return Err(Unoffered);
@@ -355,7 +351,20 @@ mod tests {
         assert_eq!(browser.accept(&HeaderMap::new()), Ok(None));
         assert_eq!(browser.accept(&request(&[""])), Ok(None));
         assert_eq!(browser.accept(&request(&[" ", ""])), Ok(None));
+        assert_eq!(browser.accept(&request(&[",", " , "])), Ok(None));
         assert_eq!(Offers::default().accept(&request(&[""])), Ok(None));
+        for padded in [
+            "permessage-deflate,",
+            ", permessage-deflate",
+            " permessage-deflate ,,",
+        ] {
+            let agreed = browser.accept(&request(&[padded]));
+            assert_eq!(
+                agreed.map(|a| a.map(|a| a.header)),
+                Ok(Some(HeaderValue::from_static("permessage-deflate"))),
+                "{padded}"
+            );
+        }
         for bad in [
             "x-webkit-deflate-frame",
             "permessage-deflate, permessage-deflate",
