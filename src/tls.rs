@@ -72,11 +72,11 @@ const LONGEST_PARSED: usize = 4 + 0xFFFF;
 /// are not held to this: a system bundle may hold a certificate rustls cannot parse,
 /// which it skips.)
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = read_certs(path)?;
     let bad = |reason: String| TlsError::BadCertificate {
         path: path.to_owned(),
         reason,
     };
+    // Before the certificates are read: a file of such blocks alone has none that is.
     if let Ok(text) = std::fs::read(path) {
         let text = String::from_utf8_lossy(&text);
         if let Some(label) = UNREAD_LABELS
@@ -89,6 +89,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
             )));
         }
     }
+    let certs = read_certs(path)?;
     // rustls serves a version 3 certificate only, and would say its refusal of another
     // as if the key did not match it.
     let leaf = certs.first().map(webpki::EndEntityCert::try_from);
@@ -395,6 +396,9 @@ mod tests {
         let trusted = ca.replace("BEGIN CERTIFICATE", "BEGIN TRUSTED CERTIFICATE");
         let trusted = trusted.replace("END CERTIFICATE", "END TRUSTED CERTIFICATE");
         std::fs::write(&path, format!("{leaf}{trusted}")).unwrap();
+        let error = read_chain(&path).unwrap_err();
+        assert!(error.to_string().contains("TRUSTED CERTIFICATE"), "{error}");
+        std::fs::write(&path, &trusted).unwrap();
         let error = read_chain(&path).unwrap_err();
         assert!(error.to_string().contains("TRUSTED CERTIFICATE"), "{error}");
     }
