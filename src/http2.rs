@@ -130,9 +130,6 @@ pub async fn serve<I>(
     // Cancelled when the client has cancelled more than `MAX_CANCELLED` streams.
     let calm = Cancels::new();
     let opening = Arc::new(Mutex::new(Some(opening)));
-    let release = |opening: &Mutex<Option<TaskTrackerToken>>| {
-        drop(opening.lock().ok().and_then(|mut o| o.take()));
-    };
     let service = {
         let gate = gate.clone();
         let streams = streams.clone();
@@ -209,7 +206,7 @@ pub async fn serve<I>(
             () = shutdown.cancelled() => break,
             () = &mut stopped, if !silent_released => {
                 silent_released = true;
-                release(&opening);
+                drop(opening.lock().ok().and_then(|mut o| o.take()));
             }
             // A revocation closed one of its WebSockets (with 1008, like any other): GOAWAY,
             // so that the connection takes no new stream; the others finish as they go.

@@ -13,7 +13,6 @@
 //! dropped rather than waited for.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -398,35 +397,27 @@ async fn serve_http<I>(
 /// The requests of one HTTP/1.1 connection still being answered, their response bodies
 /// included, and when the last of them ended.
 #[derive(Clone)]
-struct Busy(Arc<BusyState>);
-
-struct BusyState {
-    answering: std::sync::atomic::AtomicUsize,
-    idle_since: std::sync::Mutex<Instant>,
-}
+struct Busy(Arc<std::sync::Mutex<(usize, Instant)>>);
 
 impl Default for Busy {
     fn default() -> Busy {
-        Busy(Arc::new(BusyState {
-            answering: std::sync::atomic::AtomicUsize::new(0),
-            idle_since: std::sync::Mutex::new(Instant::now()),
-        }))
+        Busy(Arc::new(std::sync::Mutex::new((0, Instant::now()))))
     }
 }
 
 impl Busy {
     /// A request is being answered until the guard (held by its response body) drops.
     fn begin(&self) -> Answering {
-        self.0.answering.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut state) = self.0.lock() {
+            state.0 += 1;
+        }
         Answering(self.clone())
     }
 
     /// Since when no request has been answered; `None` while one is.
     fn idle_since(&self) -> Option<Instant> {
-        if self.0.answering.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        self.0.idle_since.lock().ok().map(|since| *since)
+        let state = self.0.lock().ok()?;
+        (state.0 == 0).then_some(state.1)
     }
 }
 
@@ -434,11 +425,9 @@ struct Answering(Busy);
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        let state = &(self.0).0;
-        if let Ok(mut since) = state.idle_since.lock() {
-            *since = Instant::now();
+        if let Ok(mut state) = (self.0).0.lock() {
+            *state = (state.0.saturating_sub(1), Instant::now());
         }
-        state.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

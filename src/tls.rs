@@ -40,11 +40,19 @@ pub enum TlsError {
 /// half, a corrupted intermediate) fails the whole file rather than being skipped: the
 /// chain would be served short, and only strict clients would notice.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+    certs_in(path, &read(path)?)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    })
+}
+
+/// The certificates of `bytes`, the contents of `path`.
+fn certs_in(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadCertificate {
             path: path.to_owned(),
@@ -76,20 +84,19 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         path: path.to_owned(),
         reason,
     };
+    let bytes = read(path)?;
     // Before the certificates are read: a file of such blocks alone has none that is.
-    if let Ok(text) = std::fs::read(path) {
-        let text = String::from_utf8_lossy(&text);
-        if let Some(label) = UNREAD_LABELS
-            .iter()
-            .find(|label| text.contains(&format!("-----BEGIN {label}-----")))
-        {
-            return Err(bad(format!(
-                "a \"{label}\" block is not read as part of the chain: write it as a \
-                 \"CERTIFICATE\" block (openssl x509 -in it -out plain.pem)"
-            )));
-        }
+    let text = String::from_utf8_lossy(&bytes);
+    if let Some(label) = UNREAD_LABELS
+        .iter()
+        .find(|label| text.contains(&format!("-----BEGIN {label}-----")))
+    {
+        return Err(bad(format!(
+            "a \"{label}\" block is not read as part of the chain: write it as a \
+             \"CERTIFICATE\" block (openssl x509 -in it -out plain.pem)"
+        )));
     }
-    let certs = read_certs(path)?;
+    let certs = certs_in(path, &bytes)?;
     // rustls serves a version 3 certificate only, and would say its refusal of another
     // as if the key did not match it.
     let leaf = certs.first().map(webpki::EndEntityCert::try_from);
@@ -138,10 +145,7 @@ fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = read(path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
         // `BEGIN ENCRYPTED PRIVATE KEY` (PKCS#8) or `Proc-Type: 4,ENCRYPTED` (OpenSSL's
         // legacy PEM): a key is there, but not one that can be used without a password.

@@ -1,8 +1,8 @@
 //! The WebSocket frame codec (RFC 6455 §5) as plain functions over byte slices: parse a
 //! frame header, write one, mask or unmask a payload in chunks, validate UTF-8 across chunks
 //! and fragments, apply the message rules (fragmentation, limits) and read a close payload.
-//! No I/O and no allocation: [`super::reader`] drives these over the bytes of each read as
-//! they pass through.
+//! No I/O and no allocation: the relay's reader (`reader.rs`) drives these over the bytes
+//! of each read as they pass through.
 //!
 //! Proven on its own by the unit tests here and the properties in
 //! `tests/frame_properties.rs`.
