@@ -353,14 +353,17 @@ fn error_is_located(e: &ConfigError, input: &PolicyBytes) -> TestCaseResult {
                 // An unknown field's own name is the file's; where it sits is a field path.
                 // (That name may hold dots itself: `routes[1]..essages` is the key
                 // `.essages` of `routes[1]`.) A name with no field path before it is a
-                // top-level key.
+                // top-level key, and may look like a path itself: the key `routes[0]`.
                 let field = after.error.field.as_str();
-                let located = match after.error.message.starts_with("unknown field") {
+                let message = after.error.message.as_str();
+                let located = match message.starts_with("unknown field") {
                     true => {
                         let parents: Vec<&str> =
                             field.match_indices('.').map(|(i, _)| &field[..i]).collect();
                         let first = field.split(['.', '[']).next().unwrap_or("");
-                        parents.iter().any(|p| is_field_path(p)) || !is_field_path(first)
+                        parents.iter().any(|p| is_field_path(p))
+                            || !is_field_path(first)
+                            || message.starts_with(&format!("unknown field `{field}`"))
                     }
                     false => is_field_path(field),
                 };
@@ -859,8 +862,9 @@ fn scheme() -> impl Strategy<Value = &'static str> {
     select(&["https", "http", "wss", "app"][..])
 }
 
+/// A port an origin can name: 0 is no port, and a rule naming it is refused.
 fn port() -> impl Strategy<Value = Option<u16>> {
-    prop::option::of(prop_oneof![select(&[80u16, 443, 8443][..]), any::<u16>()])
+    prop::option::of(prop_oneof![select(&[80u16, 443, 8443][..]), 1..=u16::MAX])
 }
 
 /// A serialised origin (RFC 6454 §6.2): scheme, host and the port when it is not the
@@ -2039,4 +2043,28 @@ async fn regression_a_repeated_version_or_a_missing_host_is_refused() {
     assert_eq!(status_of(gate.addr, no_host.as_bytes()).await, 400);
     let good = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{version}{rest}");
     assert_eq!(status_of(gate.addr, good.as_bytes()).await, 101);
+}
+
+/// An origin's generator named port 0, which a rule may not: the property tripped on its
+/// own input (`https://0:0`). The rule is refused by name; an origin naming port 0 is
+/// allowed by no rule.
+#[test]
+fn regression_a_rule_naming_port_0_is_refused() {
+    let refused = parse_origin_pattern("https://0:0").expect_err("port 0 accepted");
+    assert!(refused.contains("invalid port"), "{refused}");
+    let rule = rules(&["https://0"], false);
+    assert!(!origin::allowed(&rule, Some("https://0:0")));
+}
+
+/// A top-level key written like a field path (`routes[0]:`) is reported under its own
+/// name; the property took that name for a path the gate had made up.
+#[test]
+fn regression_a_key_that_looks_like_a_path_is_located() {
+    let input = PolicyBytes {
+        path: PathBuf::from("policy.yaml"),
+        bytes: b"&aversion: \nroutes[0]: \n".to_vec(),
+    };
+    let e = config::load_bytes(&input.path, &input.bytes).expect_err("an unknown key accepted");
+    assert!(e.to_string().contains("unknown field `routes[0]`"), "{e}");
+    error_is_located(&e, &input).unwrap();
 }
