@@ -2068,3 +2068,19 @@ fn regression_a_key_that_looks_like_a_path_is_located() {
     assert!(e.to_string().contains("unknown field `routes[0]`"), "{e}");
     error_is_located(&e, &input).unwrap();
 }
+
+/// A value of the wrong type under a claim name holding dots or brackets (Auth0 names its
+/// claims `https://app.example.com/roles`) had no line and column: the name was read as a
+/// path of its own.
+#[test]
+fn regression_a_claim_name_with_dots_is_located() {
+    for (claim, at) in [("\"https://app.example.com/roles\"", 40), ("routes[0]", 18)] {
+        let policy =
+            format!("version: 1\ndefaults:\n  auth:\n    forward_claims:\n      {claim}: 0\n");
+        match config::load_bytes(Path::new("policy.yaml"), policy.as_bytes()) {
+            Err(ConfigError::Syntax { line, column, .. }) => assert_eq!((line, column), (5, at)),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a number accepted as a header name"),
+        }
+    }
+}

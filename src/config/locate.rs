@@ -5,8 +5,9 @@
 //! while it reads a node with that node's line and column. So the text is read again with
 //! a visitor that follows the path (`routes[1].messages.types`: key, index, key, key),
 //! skips everything else, and raises an error on the node it was looking for: that
-//! error's mark is the answer. One read per path; a path that goes through a merge key, or
-//! a key with a `.` in it, is not found and keeps only its field path.
+//! error's mark is the answer. One read per reading of the path; a path that goes through
+//! a merge key, or a key with a `.` in it outside the claim maps, is not found and keeps
+//! only its field path.
 
 use std::fmt;
 
@@ -15,9 +16,43 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 /// The error raised on the node found; anything else means it was not.
 const FOUND: &str = "\u{0}wsgate: the node looked for";
 
+#[derive(Clone)]
 enum Step<'p> {
     Key(&'p str),
     Index(usize),
+}
+
+/// The maps whose keys are the file's own claim names, which may hold `.`, `[` and `]`
+/// (`https://app.example.com/roles`, as Auth0 names its claims).
+const CLAIM_MAPS: [&str; 3] = [".require_claims.", ".deny_claims.", ".forward_claims."];
+
+/// The ways to read `path` as steps, most likely first: a claim name is the rest of the
+/// path, or the rest but a last `[n]` (an element of `require_claims`' value list).
+fn readings(path: &str) -> Vec<Vec<Step<'_>>> {
+    let Some((map_end, _)) = CLAIM_MAPS
+        .iter()
+        .filter_map(|map| path.find(map).map(|at| (at + map.len() - 1, at)))
+        .min_by_key(|&(_, at)| at)
+    else {
+        return steps(path).into_iter().collect();
+    };
+    let (map, claim) = (&path[..map_end], &path[map_end + 1..]);
+    let Some(to_map) = steps(map) else {
+        return Vec::new();
+    };
+    let with = |name, index: Option<usize>| {
+        let mut steps = to_map.clone();
+        steps.push(Step::Key(name));
+        steps.extend(index.map(Step::Index));
+        steps
+    };
+    let mut readings = vec![with(claim, None)];
+    if let Some((name, index)) = claim.strip_suffix(']').and_then(|c| c.rsplit_once('[')) {
+        if let Ok(index) = index.parse() {
+            readings.push(with(name, Some(index)));
+        }
+    }
+    readings
 }
 
 /// `routes[1].messages.types` as its steps; `None` for what is not a field path.
@@ -55,19 +90,20 @@ pub fn locate_repeated_key(text: &[u8], path: &str) -> Option<(usize, usize)> {
 }
 
 fn find(text: &[u8], path: &str, key: bool, skip: usize) -> Option<(usize, usize)> {
-    let steps = steps(path)?;
-    let error = Locator {
-        steps: &steps,
-        key,
-        skip,
-    }
-    .deserialize(serde_yaml::Deserializer::from_slice(text))
-    .err()?;
-    if !error.to_string().contains(FOUND) {
-        return None;
-    }
-    let at = error.location()?;
-    Some((at.line(), at.column()))
+    readings(path).into_iter().find_map(|steps| {
+        let error = Locator {
+            steps: &steps,
+            key,
+            skip,
+        }
+        .deserialize(serde_yaml::Deserializer::from_slice(text))
+        .err()?;
+        if !error.to_string().contains(FOUND) {
+            return None;
+        }
+        let at = error.location()?;
+        Some((at.line(), at.column()))
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -301,5 +337,25 @@ mod tests {
         assert_eq!(locate(text, "routes[1].messages", true), Some((10, 5)));
         assert_eq!(locate(text, "version", true), Some((1, 1)));
         assert_eq!(locate(text, "routes[1].nmae", true), None);
+    }
+
+    #[test]
+    fn a_claim_name_is_one_key_whatever_it_holds() {
+        let text = b"version: 1\ndefaults:\n  auth:\n    forward_claims:\n      \"https://app.example.com/roles\": 0\n      routes[0]: 1\n    require_claims:\n      a.b[0]: [x, 2]\n      a.b: 3\nroutes:\n  - path: /a\n    auth: {deny_claims: {x.y: [1, 2]}}\n";
+        let text = &text[..];
+        for (path, at) in [
+            (
+                "defaults.auth.forward_claims.https://app.example.com/roles",
+                Some((5, 40)),
+            ),
+            ("defaults.auth.forward_claims.routes[0]", Some((6, 18))),
+            ("defaults.auth.require_claims.a.b[0][1]", Some((8, 19))),
+            ("defaults.auth.require_claims.a.b", Some((9, 12))),
+            ("defaults.auth.require_claims.a.b[0]", Some((8, 15))),
+            ("routes[0].auth.deny_claims.x.y[1]", Some((12, 35))),
+            ("defaults.auth.forward_claims.none", None),
+        ] {
+            assert_eq!(locate(text, path, false), at, "{path}");
+        }
     }
 }
