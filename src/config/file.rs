@@ -63,7 +63,8 @@ pub struct ClusterFile {
     /// bundle named by `SSL_CERT_FILE`.
     pub redis_url_env: String,
     /// Prefix of every key and channel the gate uses (default `wsgate:`): gates with the
-    /// same store and prefix share their limits.
+    /// same store and prefix share their limits. 1 to 64 characters.
+    #[schemars(length(min = 1, max = 64))]
     pub key_prefix: Option<String>,
     /// What an upgrade that needs the store gets while the store is unreachable: `open`
     /// (default) falls back to this process's own limits, `closed` refuses with 503

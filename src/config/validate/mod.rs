@@ -655,7 +655,7 @@ impl Validator<'_> {
             .key_prefix
             .clone()
             .unwrap_or_else(|| DEFAULT_CLUSTER_KEY_PREFIX.to_owned());
-        if key_prefix.is_empty() || key_prefix.len() > 64 {
+        if key_prefix.is_empty() || key_prefix.chars().count() > 64 {
             self.err("cluster.key_prefix", "must be 1 to 64 characters");
         }
         let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_CLUSTER_TIMEOUT_MS);
@@ -792,6 +792,11 @@ mod tests {
                 "cluster.lease_seconds"
             ]
         );
+        // Characters, not bytes: 64 two-byte letters are a prefix, 65 are not.
+        let prefix = |n| format!("{{redis_url_env: X, key_prefix: '{}'}}", "é".repeat(n));
+        assert!(check(&prefix(64)).is_ok());
+        let errors = check(&prefix(65)).unwrap_err();
+        assert_eq!(errors[0].field, "cluster.key_prefix");
         assert!(serde_yaml::from_str::<PolicyFile>(
             "version: 1\ncluster: {redis_url_env: X, on_failure: maybe}\n"
         )
