@@ -17,6 +17,7 @@ use wsgate::{config, demo, mint, shutdown, tls, Options};
 #[command(
     name = "wsgate",
     version,
+    propagate_version = true,
     about = "TLS-terminating WebSocket policy sidecar"
 )]
 struct Cli {

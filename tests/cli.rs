@@ -874,6 +874,24 @@ fn check_exits_2_when_unreadable() {
     assert_eq!(code, 2, "{text}");
 }
 
+/// `--version` answers on every subcommand as on the binary (`wsgate run --version`).
+#[test]
+fn every_subcommand_answers_version() {
+    for command in ["run", "check", "token", "explain", "schema", "demo"] {
+        let out = Command::new(BIN)
+            .args([command, "--version"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command}: {out:?}");
+        assert!(stdout.starts_with("wsgate"), "{command}: {stdout}");
+        assert!(
+            stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{command}: {stdout}"
+        );
+    }
+}
+
 #[test]
 fn run_refuses_a_bad_policy_before_binding() {
     let dir = tempfile::tempdir().unwrap();
