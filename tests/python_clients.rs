@@ -51,6 +51,33 @@ async fn a_slow_python_reader_is_not_closed_as_dead() {
     assert!(result["received"].as_u64().unwrap_or(0) > 100, "{result}");
 }
 
+/// A burst the socket buffers take whole (the client's kernel acknowledges all of it at
+/// once, Python's client reading ahead), read slower than the heartbeat timeout allows:
+/// the client's kernel took the backlog, so the client has `write_seconds` to read it out
+/// and answer the ping behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_reader_slower_than_the_heartbeat_timeout_is_not_closed_as_dead() {
+    let Some(python) = python() else { return };
+    let upstream = Upstream::start().await;
+    let policy = open_policy(
+        &upstream.url(),
+        "    timeouts: {write_seconds: 20}\n    heartbeat: {interval_seconds: 1, timeout_seconds: 1}\n",
+    );
+    let gate = TestGate::start_with(&policy, false).await;
+    let url = format!("ws://127.0.0.1:{}/ws", gate.addr.port());
+    let args = ["burst_reader", &url, "4000", "1000", "0.001"];
+    let result = run(
+        python,
+        args.map(String::from).to_vec(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(result["close"], Value::Null, "{result}");
+    assert_eq!(result["echo"], "still here", "{result}");
+    // The burst took longer to read than two heartbeat timeouts.
+    assert!(result["seconds"].as_f64().unwrap_or(0.0) > 2.0, "{result}");
+}
+
 /// Python's asyncio client floods past its message rate, then reads: it gets its 1008.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_python_client_reads_its_1008() {

@@ -19,13 +19,15 @@ pub(super) enum Heartbeat {
     PingAt(Instant),
     /// A ping went out at `sent` and its pong is due by `due`; by then `frames` client
     /// frames (and payload pieces) had been read and writes to the client had stalled
-    /// `stalls` times. `kernel`: the client socket's send queue at the last late look.
+    /// `stalls` times. `kernel`: the client socket's send queue at the last late look;
+    /// `read_at`: the last look that saw the client's kernel take a backlog.
     Awaiting {
         sent: Instant,
         due: Instant,
         frames: u64,
         stalls: u64,
         kernel: Option<SendQueue>,
+        read_at: Option<Instant>,
     },
 }
 
@@ -131,6 +133,7 @@ impl Deadlines {
                 frames,
                 stalls,
                 kernel,
+                read_at,
             } if now >= due => {
                 // While the upstream takes nothing the gate reads nothing from the client,
                 // so its pong may be waiting unread: the write deadline judges that case.
@@ -148,15 +151,19 @@ impl Deadlines {
                     // The last witness: bytes the kernel took may still be on their way to
                     // a client that reads them slowly, the ping behind them.
                     let queue = client.send_queue();
-                    if !still_reading(kernel, queue) {
+                    let timeout = self.route.heartbeat.timeout;
+                    let Some((due, read_at)) =
+                        late_pong(kernel, queue, read_at, now, timeout, self.write())
+                    else {
                         return Some(CloseReason::HeartbeatTimeout);
-                    }
+                    };
                     self.heartbeat = Heartbeat::Awaiting {
                         sent,
-                        due: now + self.route.heartbeat.timeout,
+                        due,
                         frames,
                         stalls,
                         kernel: queue,
+                        read_at,
                     };
                     return None;
                 }
@@ -185,6 +192,7 @@ impl Deadlines {
                         frames: c2u.frames,
                         stalls: u2c.stalls,
                         kernel: if burst { client.send_queue() } else { None },
+                        read_at: None,
                     }
                 } else {
                     Heartbeat::ping_at(now + interval, interval)
@@ -201,19 +209,36 @@ impl Deadlines {
 /// each on loopback), so that a trickle into a client that reads nothing proves nothing.
 const BACKLOG: u64 = 256 * 1024;
 
-/// Whether the client's socket shows it reading, at a late pong's deadline (`now`) after
-/// the look before (`before`: when the ping was queued after a burst, or the previous
-/// deadline of the same ping). A backlog the client's kernel is acknowledging, however
-/// slowly, earns one more timeout at each look, also at the look that finds it taken whole
-/// (the ping with it, which the client then still has to read out of its own buffers).
-/// A backlog first seen at a deadline earns one timeout to show progress. Anything else,
-/// or a kernel that cannot say, leaves the timeout as it was.
-fn still_reading(before: Option<SendQueue>, now: Option<SendQueue>) -> bool {
+/// A late pong's look at its deadline `now`, from the client socket's send queue at the
+/// look before (`before`: when the ping was queued after a burst, or the previous deadline
+/// of the same ping) and now, and the last look that saw the client's kernel take a backlog
+/// (`read_at`). The next deadline and `read_at`, or `None`: the pong is late.
+///
+/// - A backlog that the client's kernel acknowledged some of since the look before shows
+///   the client reading, however slowly: from then on it has `write` (`write_seconds`, the
+///   time a client that takes nothing gets) to read out what its own buffers hold, the ping
+///   behind it, and answer; looked at again every `timeout`.
+/// - A backlog first seen at a deadline earns one `timeout` to show progress.
+/// - Anything else, or a kernel that cannot say, leaves the timeout as it was.
+fn late_pong(
+    before: Option<SendQueue>,
+    queue: Option<SendQueue>,
+    read_at: Option<Instant>,
+    now: Instant,
+    timeout: Duration,
+    write: Duration,
+) -> Option<(Instant, Option<Instant>)> {
     let backlog = |q: SendQueue| u64::from(q.queued) > BACKLOG;
-    match (before, now) {
-        (_, None) => false,
-        (None, Some(now)) => backlog(now),
-        (Some(before), Some(now)) => backlog(before) && now.acked > before.acked,
+    let taking = match (before, queue) {
+        (Some(before), Some(queue)) => backlog(before) && queue.acked > before.acked,
+        _ => false,
+    };
+    let read_at = if taking { Some(now) } else { read_at };
+    match read_at {
+        Some(t) if now < t + write => Some(((now + timeout).min(t + write), read_at)),
+        Some(_) => None,
+        None if before.is_none() && queue.is_some_and(backlog) => Some((now + timeout, None)),
+        None => None,
     }
 }
 
@@ -253,21 +278,35 @@ mod tests {
     fn a_late_pong_waits_only_while_the_kernel_sees_the_client_read() {
         let q = |queued, acked| Some(SendQueue { queued, acked });
         let big = 1 << 20;
+        let (timeout, write) = (Duration::from_secs(1), Duration::from_secs(10));
+        let now = Instant::now();
+        let look = |before, queue, read_at| late_pong(before, queue, read_at, now, timeout, write);
         // Nothing held for the client, or no answer from the kernel: the pong is late.
-        assert!(!still_reading(None, q(0, 100)));
-        assert!(!still_reading(None, None));
-        assert!(!still_reading(q(big, 100), None));
+        assert_eq!(look(None, q(0, 100), None), None);
+        assert_eq!(look(None, None, None), None);
+        assert_eq!(look(q(big, 100), None, None), None);
         // A few segments held back by delayed acknowledgements (a trickle into a client
         // that reads nothing, its kernel taking each): no sign of reading.
-        assert!(!still_reading(None, q(2000, 100)));
-        assert!(!still_reading(q(2000, 100), q(1000, 3100)));
-        // A backlog: one more timeout; then only if acknowledgements moved.
-        assert!(still_reading(None, q(big, 100)));
-        assert!(still_reading(q(big, 100), q(big - 5, 105)));
-        assert!(!still_reading(q(big, 100), q(big, 100)));
-        // The backlog taken whole since: one timeout to read the ping out of its buffers.
-        assert!(still_reading(q(big, 100), q(0, big as u64 + 100)));
-        assert!(!still_reading(q(0, 110), q(0, 110)));
+        assert_eq!(look(None, q(2000, 100), None), None);
+        assert_eq!(look(q(2000, 100), q(1000, 3100), None), None);
+        // A backlog first seen: one more timeout to show progress; none shown, late.
+        assert_eq!(look(None, q(big, 100), None), Some((now + timeout, None)));
+        assert_eq!(look(q(big, 100), q(big, 100), None), None);
+        // The kernel took some of it, or all of it (the ping with it): the client reads,
+        // and has write_seconds from now, looked at every timeout.
+        let reading = Some((now + timeout, Some(now)));
+        assert_eq!(look(q(big, 100), q(big - 5, 105), None), reading);
+        assert_eq!(look(q(big, 100), q(0, big as u64 + 100), None), reading);
+        // Seen reading 9.5 s ago and nothing since: the last half second; at 10 s, late,
+        // whatever the kernel says now.
+        let earlier = now - Duration::from_millis(9500);
+        assert_eq!(
+            look(q(0, 110), q(0, 110), Some(earlier)),
+            Some((earlier + write, Some(earlier)))
+        );
+        let long_ago = now - write;
+        assert_eq!(look(q(0, 110), None, Some(long_ago)), None);
+        assert_eq!(look(None, q(big, 100), Some(long_ago)), None);
     }
 
     #[test]

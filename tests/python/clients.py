@@ -40,6 +40,32 @@ async def slow_reader(url, seconds):
     done({"received": received, "close": None, "reason": None})
 
 
+async def burst_reader(url, count, size, pause):
+    """One burst that the socket buffers hold whole, read a message at a time with a pause
+    after each; then one echo to show the connection is still open."""
+    received = 0
+    async with connect(url, max_size=None, ping_interval=None, max_queue=4) as ws:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ws.send(f"flood {count} {size}")
+        try:
+            while received < count:
+                await asyncio.wait_for(ws.recv(), timeout=5)
+                received += 1
+                await asyncio.sleep(pause)
+            await ws.send("still here")
+            echo = await asyncio.wait_for(ws.recv(), timeout=5)
+        except ConnectionClosed as e:
+            rcvd = e.rcvd
+            return done({"received": received, "close": rcvd.code if rcvd else None,
+                         "reason": rcvd.reason if rcvd else str(e),
+                         "seconds": loop.time() - started})
+        except asyncio.TimeoutError:
+            return done({"received": received, "close": None, "reason": "stalled"})
+        done({"received": received, "close": None, "echo": echo,
+              "seconds": loop.time() - started})
+
+
 async def flood_then_read(url):
     async with connect(url, max_size=None) as ws:
         try:
@@ -58,6 +84,9 @@ if __name__ == "__main__":
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "slow_reader":
         asyncio.run(slow_reader(url, float(sys.argv[3])))
+    elif mode == "burst_reader":
+        count, size, pause = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+        asyncio.run(burst_reader(url, count, size, pause))
     elif mode == "flood_then_read":
         asyncio.run(flood_then_read(url))
     else:
