@@ -7,6 +7,8 @@
 //!
 //! - a percent-encoded unreserved character (`A-Z a-z 0-9 - _ ~`) is decoded, RFC 3986
 //!   §6.2.2.2; any other percent-encoding is kept, with uppercase hex (§6.2.2.1);
+//! - a byte outside ASCII (a character sent raw: `/wß`) is percent-encoded with uppercase
+//!   hex (`/w%C3%9F`), as browsers send it and as RFC 3986 §2.1 requires of a URI;
 //! - runs of `/` are merged into one, as nginx's `merge_slashes` does;
 //! - refused: a malformed percent-encoding (`%zz`, `%4` at the end); an encoded `.`, `/`,
 //!   `\`, `;` or NUL (`%2E`, `%2F`, `%5C`, `%3B`, `%00`, either case); a literal `\` or
@@ -100,7 +102,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
                 if is_unreserved(byte) {
                     rewrite(&mut out, bytes, i).push(byte);
                 } else {
-                    let upper = [b'%', HEX[usize::from(hi)], HEX[usize::from(lo)]];
+                    let upper = percent_encoded(byte);
                     if bytes[i..i + 3] != upper {
                         rewrite(&mut out, bytes, i).extend_from_slice(&upper);
                     } else if let Some(out) = &mut out {
@@ -123,6 +125,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
             }
             b';' => return Err("the path has a ';' parameter"),
             b'\\' => return Err("the path has a backslash"),
+            high @ 0x80.. => {
+                rewrite(&mut out, bytes, i).extend_from_slice(&percent_encoded(high));
+                i += 1;
+            }
             other => {
                 if let Some(out) = &mut out {
                     out.push(other);
@@ -146,6 +152,15 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, &'static str> {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
+/// `%XX` for `byte`, uppercase hex.
+fn percent_encoded(byte: u8) -> [u8; 3] {
+    [
+        b'%',
+        HEX[usize::from(byte >> 4)],
+        HEX[usize::from(byte & 0xF)],
+    ]
+}
+
 /// The value of the hex digit at `bytes[at]`, if there is one.
 fn hex_digit(bytes: &[u8], at: usize) -> Option<u8> {
     let c = *bytes.get(at)?;
@@ -168,12 +183,26 @@ fn rewrite<'o>(out: &'o mut Option<Vec<u8>>, bytes: &[u8], at: usize) -> &'o mut
     })
 }
 
-/// `path?query`, or `path` when there is no query.
+/// `path?query`, or `path` when there is no query; a byte of the query outside ASCII
+/// percent-encoded, as in the path.
 pub fn with_query<'p>(path: &'p str, query: Option<&str>) -> Cow<'p, str> {
-    match query {
-        Some(query) => Cow::Owned(format!("{path}?{query}")),
-        None => Cow::Borrowed(path),
+    let Some(query) = query else {
+        return Cow::Borrowed(path);
+    };
+    let mut out = String::with_capacity(path.len() + 1 + query.len());
+    out.push_str(path);
+    out.push('?');
+    for c in query.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut utf8 = [0; 4];
+            for &byte in c.encode_utf8(&mut utf8).as_bytes() {
+                out.extend(percent_encoded(byte).map(char::from));
+            }
+        }
     }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -240,7 +269,9 @@ mod tests {
         assert_eq!(normal("/%7e%7E%2d%5F%30"), "/~~-_0");
         assert_eq!(normal("/a/%c3%a9%3a%20"), "/a/%C3%A9%3A%20");
         assert_eq!(normal("/a/%25%2561"), "/a/%25%2561");
-        assert_eq!(normal("/é//x"), "/é/x");
+        // A character sent raw is sent on encoded, as browsers send it.
+        assert_eq!(normal("/é//x"), "/%C3%A9/x");
+        assert_eq!(normal("/a/ß%c3%a9"), "/a/%C3%9F%C3%A9");
     }
 
     #[test]
@@ -275,7 +306,7 @@ mod tests {
 
     #[test]
     fn normalizing_is_idempotent() {
-        for path in ["/api//%61dmin/", "/%c3%a9", "//", "/a/%25"] {
+        for path in ["/api//%61dmin/", "/%c3%a9", "//", "/a/%25", "/wß"] {
             let once = normal(path);
             assert!(matches!(normalize(&once), Ok(Cow::Borrowed(p)) if p == once));
         }
@@ -286,5 +317,6 @@ mod tests {
         assert_eq!(with_query("/ws", Some("a=1")), "/ws?a=1");
         assert_eq!(with_query("/ws", Some("")), "/ws?");
         assert_eq!(with_query("/ws", None), "/ws");
+        assert_eq!(with_query("/ws", Some("q=é&r=1")), "/ws?q=%C3%A9&r=1");
     }
 }

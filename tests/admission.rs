@@ -697,6 +697,36 @@ async fn the_upstream_gets_the_path_that_was_routed() {
     );
 }
 
+/// A character sent raw (a hand-written client, not a browser, which encodes it) goes
+/// upstream percent-encoded, in the path and the query: an upstream that parses URIs
+/// strictly (Python's `websockets`) refused the raw bytes, and the client got 502.
+#[tokio::test]
+async fn a_character_sent_raw_goes_upstream_percent_encoded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&split_policy(&upstream, "")).await;
+    let upgrade = "GET /api/é//ß?q=é&r=1 HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n";
+    let mut stream = gate.stream().await;
+    stream.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    assert_eq!(
+        upstream.last_seen().target,
+        "/api/%C3%A9/%C3%9F?q=%C3%A9&r=1"
+    );
+    let response = gate
+        .raw("GET /files/é?q=ü HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".as_bytes())
+        .await;
+    assert!(
+        response.contains("pass GET /files/%C3%A9?q=%C3%BC\n"),
+        "{response}"
+    );
+}
+
 #[tokio::test]
 async fn a_reload_rechecks_the_route_that_was_routed() {
     let upstream = Upstream::start().await;

@@ -1888,7 +1888,13 @@ fn modelled_normal(raw: &str) -> String {
         rest = &rest[at + escape.len()..];
     }
     out.push_str(rest);
-    out
+    // A character sent raw goes on percent-encoded, byte by byte.
+    out.chars()
+        .map(|c| match c.is_ascii() {
+            true => c.to_string(),
+            false => c.to_string().bytes().map(|b| format!("%{b:02X}")).collect(),
+        })
+        .collect()
 }
 
 /// What the gate admits it routes as every reading of what it sends upstream would be, and
@@ -1936,6 +1942,7 @@ fn normalize_answers_normal_paths_or_refuses() {
             return Ok(());
         };
         prop_assert!(normal.starts_with('/'), "{raw:?} -> {normal:?}");
+        prop_assert!(normal.is_ascii(), "{raw:?} -> {normal:?}");
         prop_assert!(
             !normal.contains("//") && !normal.contains([';', '\\']),
             "{raw:?} -> {normal:?}"
