@@ -179,6 +179,8 @@ async fn serve(
             let filter = body.filter()?;
             let closed = operator.registry.close(&filter);
             let (kind, value) = filter.parts();
+            // A JWT pasted as the `sub` by mistake is still a token: never logged.
+            let value = crate::path::for_log(&value);
             tracing::info!(%peer, kind, %value, closed, "operator: connections closed");
             Ok(serde_json::json!({ "closed": closed }))
         }
@@ -208,7 +210,7 @@ async fn serve(
             tracing::info!(
                 %peer,
                 kind,
-                value,
+                value = %crate::path::for_log(value),
                 ttl_seconds = ttl.as_secs(),
                 closed,
                 "operator: token revoked"
@@ -235,7 +237,7 @@ async fn serve(
             tracing::info!(
                 %peer,
                 kind = which.parts().0,
-                value = which.parts().1,
+                value = %crate::path::for_log(which.parts().1),
                 lifted,
                 "operator: revocation lifted"
             );

@@ -26,7 +26,8 @@ use std::borrow::Cow;
 /// `%2E` for a dot or `%65` for the `e` does not hide one. The query is never logged,
 /// since it may carry a token; a client that puts one in the path instead
 /// (`/ws;access_token=…`, an encoded `?`, a segment of its own) must not see it written
-/// to the logs either.
+/// to the logs either. The operator API's logged `sub` and `jti` go through it too: a
+/// token pasted there by mistake is a token.
 pub fn for_log(path: &str) -> Cow<'_, str> {
     if !path.contains("eyJ") && !path.contains('%') {
         return Cow::Borrowed(path);

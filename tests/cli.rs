@@ -2550,6 +2550,33 @@ async fn operator_requests_are_logged_with_the_callers_address() {
     assert_eq!(status, 200);
     let line = gate.wait_line("operator: token revoked");
     assert!(line.contains("peer=127.0.0.1"), "{line}");
+
+    // A token pasted as the `sub` by mistake is a token: never written to the log.
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLW9mLWEtdG9rZW4";
+    let sub = format!(r#"{{"sub": "{jwt}"}}"#);
+    let revoke = format!(r#"{{"sub": "{jwt}", "ttl_seconds": 60}}"#);
+    for (method, path, body, said) in [
+        (
+            "POST",
+            "/connections/close",
+            &sub,
+            "operator: connections closed",
+        ),
+        ("POST", "/revocations", &revoke, "operator: token revoked"),
+        (
+            "DELETE",
+            "/revocations",
+            &sub,
+            "operator: revocation lifted",
+        ),
+    ] {
+        let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+        let (status, _, _) = admin_request(admin, method, path, &[&auth], body.as_bytes()).await;
+        assert_eq!(status, 200, "{method} {path}");
+        let line = gate.wait_line(said);
+        assert!(!line.contains("c2lnbmF0dXJl"), "{line}");
+        assert!(line.contains("***"), "{line}");
+    }
 }
 
 /// The longest `--drain-seconds` there is drains like any other: with nothing open, the

@@ -402,7 +402,7 @@ impl Cluster {
         let closed = self.registry.close(&Filter::revoked(&which));
         if closed > 0 {
             let (kind, value) = which.parts();
-            tracing::info!(kind, value, closed, "{said}");
+            tracing::info!(kind, value = %crate::path::for_log(value), closed, "{said}");
         }
         Ok(())
     }
