@@ -428,7 +428,8 @@ async fn run(args: RunArgs) -> ExitCode {
     let loaded = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {
-            tracing::error!("invalid policy, not starting:\n{e}");
+            let error = e.to_string().replace('\n', "; ");
+            tracing::error!(%error, "invalid policy, not starting");
             eprintln!("{e}");
             return ExitCode::from(e.exit_code());
         }

@@ -292,7 +292,9 @@ async fn reload_policy(
         .get_or_create_owned(&ResultLabel { result: label })
         .inc();
     if let Err(e) = result {
-        tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+        // One line per event, in text logs too: the errors after the first follow "; ".
+        let error = e.to_string().replace('\n', "; ");
+        tracing::error!(%error, "policy reload refused; the previous policy stays in force");
     }
 }
 

@@ -1193,6 +1193,17 @@ async fn sighup_reloads_the_policy() {
     let closed = request_id(&gate.wait_line("policy_changed"));
     assert!(!cut.is_empty());
     assert_eq!(cut, closed);
+
+    // A refused policy's errors are one event, so one line, in text logs too.
+    std::fs::write(
+        &real,
+        open_policy(&upstream.url(), "    ip: {deny: [nope, 10.0.0.0/33]}\n"),
+    )
+    .unwrap();
+    gate.signal("HUP");
+    let refused = gate.wait_line("policy reload refused");
+    assert!(refused.contains("deny[0]"), "{refused}");
+    assert!(refused.contains("deny[1]"), "{refused}");
 }
 
 /// Text logs are one line per event: a route name with a line break or quotes in it is
