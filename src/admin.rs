@@ -3,6 +3,7 @@
 //! the admin token.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -66,6 +67,15 @@ impl Open {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Close the oldest connection (its task gives its descriptor back); whether there was
+    /// one.
+    fn close_oldest(&mut self) -> bool {
+        self.connections
+            .pop_front()
+            .map(|(_, oldest)| oldest.cancel())
+            .is_some()
+    }
+
     fn remove(&mut self, id: u64) {
         if let Some(at) = self.connections.iter().position(|(i, _)| *i == id) {
             self.connections.remove(at);
@@ -84,41 +94,48 @@ const ADMIN_BUFFER_BYTES: usize = 16 * 1024;
 /// File descriptors the admin listener keeps in reserve (open on `/dev/null`): when
 /// clients have taken every descriptor the process may have, one is given up to accept a
 /// probe, so that `/healthz` and `/readyz` still answer and the kubelet does not restart
-/// a gate that is merely full. Taken back when that connection ends.
+/// a gate that is merely full. Taken back when that connection ends, and by the gate's
+/// listener before it accepts a client while the reserve is short: a descriptor that
+/// comes free goes to the reserve first.
 const RESERVED_FDS: usize = 4;
 
-/// The descriptors held for the admin listener.
-#[derive(Clone)]
-struct Reserve(Arc<std::sync::Mutex<Vec<std::fs::File>>>);
+/// The descriptors held for the admin listener (one process, one reserve).
+static RESERVE: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
 
-impl Reserve {
-    fn new() -> Reserve {
-        let reserve = Reserve(Arc::default());
-        reserve.refill();
-        reserve
+/// How many [`RESERVE`] holds, read without its lock on the gate's accept path.
+static RESERVED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether an admin listener serves (none with `--admin off`: no reserve then).
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+fn reserve() -> std::sync::MutexGuard<'static, Vec<std::fs::File>> {
+    RESERVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Give one reserved descriptor up; whether there was one.
+fn release_reserved() -> bool {
+    let mut held = reserve();
+    let released = held.pop().is_some();
+    RESERVED.store(held.len(), Ordering::Relaxed);
+    released
+}
+
+/// Take descriptors back up to [`RESERVED_FDS`], as far as the process has them. Costs
+/// nothing while the reserve is full.
+pub fn refill_reserve() {
+    if RESERVED.load(Ordering::Relaxed) >= RESERVED_FDS || !SERVING.load(Ordering::Relaxed) {
+        return;
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::fs::File>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Give one descriptor up; whether there was one.
-    fn release(&self) -> bool {
-        self.lock().pop().is_some()
-    }
-
-    /// Take descriptors back up to [`RESERVED_FDS`], as far as the process has them.
-    fn refill(&self) {
-        let mut held = self.lock();
-        while held.len() < RESERVED_FDS {
-            match std::fs::File::open("/dev/null") {
-                Ok(file) => held.push(file),
-                Err(_) => break,
-            }
+    let mut held = reserve();
+    while held.len() < RESERVED_FDS {
+        match std::fs::File::open("/dev/null") {
+            Ok(file) => held.push(file),
+            Err(_) => break,
         }
     }
+    RESERVED.store(held.len(), Ordering::Relaxed);
 }
 
 /// Out of file descriptors (EMFILE for the process, ENFILE for the system).
@@ -132,7 +149,9 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let tasks = gate.shutdown.tasks.clone();
     let exit = tasks.exit();
     let open = Arc::new(std::sync::Mutex::new(Open::default()));
-    let reserve = Reserve::new();
+    SERVING.store(true, Ordering::Relaxed);
+    refill_reserve();
+    let mut starved_warned_at: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -141,18 +160,35 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             // Make room from the reserve and accept again at once.
-            Err(e) if out_of_descriptors(&e) && reserve.release() => continue,
+            Err(e) if out_of_descriptors(&e) && release_reserved() => continue,
+            // The reserve went to admin connections still open (idle ones, perhaps held
+            // by someone else): the oldest goes, as at the cap, so that they cannot keep a
+            // probe out. Its task closes its socket and takes the descriptor back into the
+            // reserve; then the accept above gets it.
+            Err(e) if out_of_descriptors(&e) && Open::lock(&open).close_oldest() => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                continue;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                // Out of descriptors, this repeats every 100 ms until clients let some go:
+                // warned about at most once a minute.
+                let starved = out_of_descriptors(&e);
+                let now = std::time::Instant::now();
+                if !starved
+                    || starved_warned_at
+                        .is_none_or(|at| now.duration_since(at) >= EVICTION_WARNING_EVERY)
+                {
+                    starved_warned_at = starved.then_some(now).or(starved_warned_at);
+                    tracing::warn!(error = %e, "admin accept failed");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                reserve.refill();
+                refill_reserve();
                 continue;
             }
         };
         let (id, closed) = Open::lock(&open).admit(peer);
         let gate = gate.clone();
         let exit = exit.clone();
-        let reserve = reserve.clone();
         let open = open.clone();
         tasks.spawn(async move {
             let service = service_fn(move |req| {
@@ -172,7 +208,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
             Open::lock(&open).remove(id);
             // The connection's descriptor is closed: take it back into the reserve before
             // a client's accept does.
-            reserve.refill();
+            refill_reserve();
         });
     }
 }

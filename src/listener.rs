@@ -68,6 +68,9 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let _open = gate.shutdown.opening();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
+        // A descriptor that came free goes to the admin listener's reserve before a
+        // client can take it (nothing to do while the reserve is full).
+        crate::admin::refill_reserve();
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,

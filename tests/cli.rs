@@ -1567,6 +1567,19 @@ async fn health_probes_answer_while_clients_hold_every_descriptor() {
             .unwrap_or_else(|_| panic!("{path} unanswered while out of descriptors"));
         assert_eq!(status, 200, "{path}");
     }
+    // Idle admin connections (someone else's) hold the reserve: each probe closes the
+    // oldest of them to take its descriptor, as the connection cap does.
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for path in ["/readyz", "/healthz", "/readyz"] {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(3), admin_fetch(admin, path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} unanswered behind idle admin connections"));
+        assert_eq!(status, 200, "{path}");
+    }
     drop(held);
 }
 
