@@ -28,6 +28,17 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 128;
 /// How often, at most, closing the oldest admin connection is logged as a warning.
 const EVICTION_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Whether a warning that repeats is due (none in the last [`EVICTION_WARNING_EVERY`]);
+/// if so, `warned_at` is now.
+fn warning_due(warned_at: &mut Option<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    let due = warned_at.is_none_or(|at| now.duration_since(at) >= EVICTION_WARNING_EVERY);
+    if due {
+        *warned_at = Some(now);
+    }
+    due
+}
+
 /// The admin connections open, oldest first, each with what closes it.
 #[derive(Default)]
 struct Open {
@@ -41,15 +52,8 @@ impl Open {
     /// is closed first.
     fn admit(&mut self, peer: std::net::SocketAddr) -> (u64, CancellationToken) {
         if self.connections.len() >= MAX_ADMIN_CONNECTIONS {
-            if let Some((_, oldest)) = self.connections.pop_front() {
-                oldest.cancel();
-            }
-            let now = std::time::Instant::now();
-            if self
-                .warned_at
-                .is_none_or(|at| now.duration_since(at) >= EVICTION_WARNING_EVERY)
-            {
-                self.warned_at = Some(now);
+            self.close_oldest();
+            if warning_due(&mut self.warned_at) {
                 tracing::warn!(%peer, "{MAX_ADMIN_CONNECTIONS} admin connections are open: the oldest was closed to make room (logged at most once a minute)");
             } else {
                 tracing::debug!(%peer, "admin connections at their cap: the oldest was closed");
@@ -172,13 +176,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
             Err(e) => {
                 // Out of descriptors, this repeats every 100 ms until clients let some go:
                 // warned about at most once a minute.
-                let starved = out_of_descriptors(&e);
-                let now = std::time::Instant::now();
-                if !starved
-                    || starved_warned_at
-                        .is_none_or(|at| now.duration_since(at) >= EVICTION_WARNING_EVERY)
-                {
-                    starved_warned_at = starved.then_some(now).or(starved_warned_at);
+                if !out_of_descriptors(&e) || warning_due(&mut starved_warned_at) {
                     tracing::warn!(error = %e, "admin accept failed");
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -193,14 +193,10 @@ pub fn with_query<'p>(path: &'p str, query: Option<&str>) -> Cow<'p, str> {
     let mut out = String::with_capacity(path.len() + 1 + query.len());
     out.push_str(path);
     out.push('?');
-    for c in query.chars() {
-        if c.is_ascii() {
-            out.push(c);
-        } else {
-            let mut utf8 = [0; 4];
-            for &byte in c.encode_utf8(&mut utf8).as_bytes() {
-                out.extend(percent_encoded(byte).map(char::from));
-            }
+    for &byte in query.as_bytes() {
+        match byte.is_ascii() {
+            true => out.push(char::from(byte)),
+            false => out.extend(percent_encoded(byte).map(char::from)),
         }
     }
     Cow::Owned(out)
