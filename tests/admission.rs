@@ -136,6 +136,17 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
             .await,
     );
     assert_eq!(status, 403, "trusted hops are skipped from the right");
+    // Empty list elements are skipped, not read as an entry that stops the walk.
+    for xff in ["203.0.113.9,", "203.0.113.9, ,10.1.1.1", "203.0.113.9,,"] {
+        let (status, _, _) = refusal(trusted.connect_request(with_xff(&trusted, xff)).await);
+        assert_eq!(status, 403, "{xff:?}");
+    }
+    let mut lines = with_xff(&trusted, "203.0.113.9");
+    lines
+        .headers_mut()
+        .append("x-forwarded-for", header_value(" "));
+    let (status, _, _) = refusal(trusted.connect_request(lines).await);
+    assert_eq!(status, 403, "an empty X-Forwarded-For line is no entry");
     // A client cannot hide behind an address it writes further left.
     assert!(trusted
         .connect_request(with_xff(&trusted, "203.0.113.9, 198.51.100.1"))

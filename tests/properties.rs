@@ -1256,9 +1256,11 @@ impl Forwarded {
         let mut entries = Vec::new();
         for line in &self.0 {
             match line {
-                Line::Text(hops) => entries.extend(hops.iter().map(|h| match h {
-                    Hop::Address(ip, ..) => Some(*ip),
-                    Hop::Junk(_) => None,
+                Line::Text(hops) => entries.extend(hops.iter().filter_map(|h| match h {
+                    Hop::Address(ip, ..) => Some(Some(*ip)),
+                    // An empty list element is no entry (RFC 9110 §5.6.1).
+                    Hop::Junk(text) if text.trim().is_empty() => None,
+                    Hop::Junk(_) => Some(None),
                 })),
                 Line::Binary => entries.push(None),
             }
@@ -1305,7 +1307,8 @@ fn without_trusted_proxies_the_client_is_the_peer() {
 
 /// With trusted proxies, the documented walk (policies/default.yaml, `trusted_proxies`):
 /// from the right, skip trusted addresses; the first untrusted one is the client; an
-/// entry that is not an address stops the walk at the last trusted address reached.
+/// entry that is not an address stops the walk at the last trusted address reached; an
+/// empty element is skipped.
 #[test]
 fn the_client_is_the_rightmost_untrusted_forwarded_address() {
     let strategy = (trusted_nets(), address(), forwarded());

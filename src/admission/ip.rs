@@ -45,8 +45,10 @@ fn forwarded_client(policy: &Policy, peer: IpAddr, headers: &HeaderMap) -> IpAdd
         .get_all(HeaderName::from_static("x-forwarded-for"))
         .iter()
         // A line that is not text is one entry that does not parse: it stops the walk.
-        .map(|v| v.to_str().unwrap_or(""))
+        .map(|v| v.to_str().unwrap_or("not text"))
         .flat_map(|v| v.split(','))
+        // Empty elements are not entries (RFC 9110 §5.6.1): `a,` and an empty line are `a`.
+        .filter(|hop| !hop.trim().is_empty())
         .collect::<Vec<_>>();
     for hop in hops.iter().rev() {
         match parse_hop(hop) {
