@@ -369,7 +369,7 @@ async fn serve_http<I>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout((next_head * 2).max(Duration::from_millis(1)))
-        .max_buf_size(MAX_HEAD_BYTES)
+        .max_buf_size(LATER_HEAD_BYTES)
         .max_headers(LATER_HEAD_FIELDS)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -433,6 +433,12 @@ impl Drop for Answering {
         }
     }
 }
+
+/// How large a later head on a kept-alive connection hyper reads, so that one over
+/// [`MAX_HEAD_BYTES`] reaches the gate's own check and its JSON 431: at 16 KiB, hyper's
+/// buffer filled before the head ended and it answered a bare 431 itself. Its buffer grows
+/// to this only while such a head arrives.
+const LATER_HEAD_BYTES: usize = 2 * MAX_HEAD_BYTES;
 
 /// How many fields hyper parses in a later head on a kept-alive connection, so that the
 /// gate's own check (100 fields, as for a first head) answers with its JSON 431: at

@@ -110,6 +110,55 @@ async fn a_pipelined_head_over_16_kib_is_431() {
     }
 }
 
+/// A later head sent after the first answer is held to the same 16 KiB: the JSON 431 just
+/// past it, counted, and nothing of it upstream; past 32 KiB hyper's own bare 431.
+#[tokio::test]
+async fn a_later_head_over_16_kib_is_the_json_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&pass_policy(&upstream, "")).await;
+    let fixed =
+        "GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: \r\n\r\n".len();
+    for (size, expected) in [
+        (16 * 1024, "HTTP/1.1 200"),
+        (16 * 1024 + 1, "HTTP/1.1 431"),
+        (24 * 1024, "HTTP/1.1 431"),
+    ] {
+        let mut tcp = gate.stream().await;
+        tcp.write_all(b"GET /public/a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains("pass GET /public/a") {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let pad = "p".repeat(size - fixed);
+        let second = format!(
+            "GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: {pad}\r\n\r\n"
+        );
+        assert_eq!(second.len(), size);
+        tcp.write_all(second.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tcp.read_to_end(&mut out);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), read).await;
+        let two = String::from_utf8_lossy(&out);
+        assert!(two.starts_with(expected), "{size}: {two}");
+        if expected.ends_with("431") {
+            assert!(two.contains("\"bad_request\""), "{size}: {two}");
+            assert_eq!(upstream.last_seen().target, "/public/a");
+        } else {
+            assert_eq!(upstream.last_seen().target, "/public/b");
+        }
+    }
+    let counted = gate
+        .metric(r#"wsgate_upgrades_total{route="none",result="bad_request"}"#)
+        .await;
+    assert_eq!(counted, 2.0, "the two JSON 431s are counted");
+}
+
 /// A later head with more than 100 fields gets the same JSON 431 as a first one (hyper's
 /// own cap, higher, would answer a bare 431), pipelined or sent after the first answer.
 #[tokio::test]
