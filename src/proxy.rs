@@ -223,6 +223,10 @@ fn answer(
             "a 101 to a request that asked for no upgrade",
         ));
     }
+    // hyper reads any three digits; RFC 9110 §15 has statuses end at 599.
+    if response.status().as_u16() >= 600 {
+        return Err(upstream::bad_answer("a status above 599"));
+    }
     let (mut parts, body) = response.into_parts();
     // RFC 9110 §6.2: an intermediary sends its own version. An HTTP/1.0 upstream's would
     // tell an HTTP/1.1 client to give up its kept-alive connection.

@@ -672,8 +672,11 @@ async fn read_head(stream: &mut UpstreamStream, mut buf: BytesMut) -> io::Result
         let mut response = httparse::Response::new(&mut slots);
         match response.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
+                // Three digits, 100 to 599 (RFC 9110 §15): `http` takes up to 999, which
+                // a client would be handed with no meaning and no reason phrase.
                 let status = response
                     .code
+                    .filter(|c| (100..600).contains(c))
                     .and_then(|c| StatusCode::from_u16(c).ok())
                     .ok_or_else(|| invalid("bad status"))?;
                 let mut headers = HeaderMap::with_capacity(response.headers.len());

@@ -549,7 +549,8 @@ async fn a_101_to_a_plain_request_is_502() {
 /// An upstream response framed two ways (Content-Length and Transfer-Encoding), or with a
 /// transfer coding other than chunked, is 502, as nginx answers it (the client would get
 /// a length its body does not have, or gzip bytes unlabelled); a Content-Length list of
-/// one repeated value reaches the client as that one value.
+/// one repeated value reaches the client as that one value. A status past 599 (RFC 9110
+/// §15) is 502 too.
 #[tokio::test]
 async fn an_upstream_response_framed_ambiguously_is_502() {
     let (gate, server) = raw_upstream(|line| {
@@ -557,12 +558,14 @@ async fn an_upstream_response_framed_ambiguously_is_502() {
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         } else if line.contains("/app/gzip") {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else if line.contains("/app/999") {
+            b"HTTP/1.1 999 Weird\r\nContent-Length: 5\r\n\r\nhello"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
         }
     })
     .await;
-    for path in ["/app/both", "/app/gzip"] {
+    for path in ["/app/both", "/app/gzip", "/app/999"] {
         let (status, error, response) = send(&gate, &get(path, "")).await;
         assert_eq!(
             (status, error.as_deref()),

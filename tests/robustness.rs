@@ -651,6 +651,18 @@ async fn upstream_101_with_a_wrong_accept_is_502() {
     .await;
 }
 
+/// A status outside 100–599 (RFC 9110 §15) is no answer to relay: 502, not `999 <none>`.
+#[tokio::test]
+async fn upstream_status_outside_100_to_599_is_502() {
+    assert_upstream_unavailable(|_| b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok".to_vec())
+        .await;
+    assert_upstream_unavailable(|_| b"HTTP/1.1 600 Weird\r\nContent-Length: 0\r\n\r\n".to_vec())
+        .await;
+    // The highest valid status is relayed as it came.
+    let up = raw_upstream(|_| b"HTTP/1.1 599 Odd\r\nContent-Length: 2\r\n\r\nok".to_vec()).await;
+    assert_eq!(upgrade_through(&up).await.0, 599);
+}
+
 /// RFC 6455 §4.1: a 101 that does not say it switches to WebSocket, or that carries a
 /// second Sec-WebSocket-Accept, fails the connection.
 #[tokio::test]
