@@ -110,6 +110,23 @@ async fn a_pipelined_head_over_16_kib_is_431() {
     }
 }
 
+/// Read the kept-alive connection's answers until `expected` has come (the echo upstream
+/// names the request it answered); fails if the connection closes first.
+async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), expected: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains(expected) {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        assert!(
+            n > 0,
+            "{expected}: closed: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// A later head sent after the first answer is held to the same 16 KiB: the JSON 431 just
 /// past it, counted, and nothing of it upstream; past 32 KiB hyper's own bare 431.
 #[tokio::test]
@@ -128,13 +145,7 @@ async fn a_later_head_over_16_kib_is_the_json_431() {
         tcp.write_all(b"GET /public/a HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = Vec::new();
-        while !String::from_utf8_lossy(&answer).contains("pass GET /public/a") {
-            let mut chunk = [0u8; 1024];
-            let n = tcp.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&chunk[..n]);
-        }
+        read_until(&mut tcp, "pass GET /public/a").await;
         let pad = "p".repeat(size - fixed);
         let second = format!(
             "GET /public/b HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: {pad}\r\n\r\n"
@@ -656,13 +667,7 @@ async fn an_upgrade_after_a_kept_alive_request_is_timed_from_its_own_request() {
     tcp.write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    while !String::from_utf8_lossy(&answer).contains("pass GET /ws/page") {
-        let mut chunk = [0u8; 1024];
-        let n = tcp.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut tcp, "pass GET /ws/page").await;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
@@ -681,7 +686,7 @@ async fn an_upgrade_after_a_kept_alive_request_is_timed_from_its_own_request() {
 /// its first one took: a first request sent late does not shorten the wait for the next.
 #[tokio::test]
 async fn a_late_first_request_leaves_the_next_its_whole_handshake_time() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let upstream = Upstream::start().await;
     let gate = TestGate::start_with(
         &open_policy(
@@ -698,17 +703,7 @@ async fn a_late_first_request_leaves_the_next_its_whole_handshake_time() {
         tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
             .await
             .unwrap();
-        let mut answer = Vec::new();
-        while !String::from_utf8_lossy(&answer).contains(&format!("pass GET {path}")) {
-            let mut chunk = [0u8; 1024];
-            let n = tcp.read(&mut chunk).await.unwrap_or(0);
-            assert!(
-                n > 0,
-                "{path}: closed: {}",
-                String::from_utf8_lossy(&answer)
-            );
-            answer.extend_from_slice(&chunk[..n]);
-        }
+        read_until(&mut tcp, &format!("pass GET {path}")).await;
     }
 }
 
@@ -727,13 +722,7 @@ async fn an_idle_kept_alive_connection_is_closed_with_close_notify() {
     tls.write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    while !String::from_utf8_lossy(&answer).contains("pass GET /ws/page") {
-        let mut chunk = [0u8; 1024];
-        let n = tls.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&chunk[..n]);
-    }
+    read_until(&mut tls, "pass GET /ws/page").await;
     let idle = std::time::Instant::now();
     let mut rest = Vec::new();
     let read = tokio::time::timeout(
