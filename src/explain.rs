@@ -87,7 +87,14 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
     let (route, path) = match route(policy, &parts.method, &parts.uri, &parts.headers) {
         Ok(routed) => routed,
         Err(rejection) => {
-            lines.push(line("route", "fail", rejection.to_string()));
+            // A path refused before it could be matched (one the gate will not put in its
+            // normal form: an encoded `/`, `;`, a dot segment) is the request's, like a
+            // bad head; only a path that matches no route fails the route's step.
+            let step = match rejection {
+                Rejection::NoRoute => "route",
+                _ => "request",
+            };
+            lines.push(line(step, "fail", rejection.to_string()));
             return Ok(refused(lines, rejection));
         }
     };

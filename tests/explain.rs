@@ -239,6 +239,22 @@ async fn a_bad_head_fails_the_request_step() {
     assert!(detail.contains("more than one Origin"), "{detail}");
 }
 
+/// A path the gate will not put in its normal form is refused before routing: explain's
+/// `request` step, as for a bad head; a path that matches no route fails `route`.
+#[tokio::test]
+async fn a_path_refused_before_routing_fails_the_request_step() {
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start(&token_policy(&upstream, "")).await;
+    for path in ["/ws%2Fdeep", "/ws;x", "/ws/../ws"] {
+        let explained = same_decision(&gate, path, &[ORIGIN], (400, "bad_request")).await;
+        let steps = explained["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 1, "{path}: {explained:#}");
+        assert_eq!(steps[0]["step"], "request", "{path}");
+    }
+    let explained = same_decision(&gate, "/elsewhere", &[ORIGIN], (404, "no_route")).await;
+    assert_eq!(explained["steps"][0]["step"], "route");
+}
+
 /// Each step says what decided it: the matched route, the client, the Origin pattern that
 /// matched, the token's alg and claims (never the token), the claim rules.
 #[tokio::test]
