@@ -223,8 +223,7 @@ fn answer(
             "a 101 to a request that asked for no upgrade",
         ));
     }
-    // hyper reads any three digits; RFC 9110 §15 has statuses end at 599.
-    if response.status().as_u16() >= 600 {
+    if !upstream::is_status(response.status().as_u16()) {
         return Err(upstream::bad_answer("a status above 599"));
     }
     let (mut parts, body) = response.into_parts();

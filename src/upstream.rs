@@ -504,6 +504,13 @@ pub async fn open(
     }
 }
 
+/// Whether an upstream's status code is one: 100 to 599 (RFC 9110 §15). `http` and hyper
+/// take any three digits, and a `999` would reach the client with no meaning and no reason
+/// phrase.
+pub fn is_status(code: u16) -> bool {
+    (100..600).contains(&code)
+}
+
 /// A refusal for an upstream answer that broke the handshake's rules.
 pub fn bad_answer(what: &'static str) -> Rejection {
     Rejection::UpstreamUnavailable(UpstreamFault::Answer(what.into()))
@@ -672,11 +679,9 @@ async fn read_head(stream: &mut UpstreamStream, mut buf: BytesMut) -> io::Result
         let mut response = httparse::Response::new(&mut slots);
         match response.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
-                // Three digits, 100 to 599 (RFC 9110 §15): `http` takes up to 999, which
-                // a client would be handed with no meaning and no reason phrase.
                 let status = response
                     .code
-                    .filter(|c| (100..600).contains(c))
+                    .filter(|&c| is_status(c))
                     .and_then(|c| StatusCode::from_u16(c).ok())
                     .ok_or_else(|| invalid("bad status"))?;
                 let mut headers = HeaderMap::with_capacity(response.headers.len());

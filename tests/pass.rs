@@ -128,7 +128,8 @@ async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), expected: 
 }
 
 /// A later head sent after the first answer is held to the same 16 KiB: the JSON 431 just
-/// past it, counted, and nothing of it upstream; past 32 KiB hyper's own bare 431.
+/// past it, counted, and nothing of it upstream (hyper's own bare 431 comes only past
+/// 32 KiB).
 #[tokio::test]
 async fn a_later_head_over_16_kib_is_the_json_431() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
