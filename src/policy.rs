@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use ipnet::IpNet;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 // The enums the YAML shares with the validated policy derive `JsonSchema` too: their doc
@@ -394,11 +394,44 @@ pub struct Key {
     pub decoding: DecodingKey,
 }
 
-/// The usable verification keys of a JWKS document.
-pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
-    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("not a JWKS: {e}"))?;
-    let mut keys = Vec::new();
-    for jwk in &set.keys {
+/// What a JWKS document holds for the gate.
+pub struct KeySet {
+    /// The keys a token may be verified with.
+    pub keys: Vec<Key>,
+    /// One line for each member the gate could not read as a key (a `kty` or `crv` it does
+    /// not know, a member missing, material that does not decode): ignored, as RFC 7517 §5
+    /// asks, so that an issuer publishing a new kind of key beside its signing keys does
+    /// not take them all away.
+    pub ignored: Vec<String>,
+}
+
+/// The keys of a JWKS document. Only a document that is not a JWKS at all is an error.
+pub fn parse_jwks(text: &[u8]) -> Result<KeySet, String> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<serde_json::Value>,
+    }
+    let document: Document =
+        serde_json::from_slice(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut set = KeySet {
+        keys: Vec::new(),
+        ignored: Vec::new(),
+    };
+    for member in &document.keys {
+        let jwk = match Jwk::deserialize(member) {
+            Ok(jwk) => jwk,
+            Err(_) => {
+                let why = if member.is_object() {
+                    "not a key type the gate knows (RSA; EC on P-256, P-384 or P-521; OKP \
+                     Ed25519), or a member it needs is missing"
+                } else {
+                    "not a JSON object"
+                };
+                set.ignored
+                    .push(format!("{}: {why}", describe_member(member)));
+                continue;
+            }
+        };
         let family = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
             AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
@@ -422,17 +455,35 @@ pub fn parse_jwks(text: &[u8]) -> Result<Vec<Key>, String> {
                 Err(_) => continue,
             },
         };
-        match DecodingKey::from_jwk(jwk) {
-            Ok(decoding) => keys.push(Key {
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(decoding) => set.keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 family,
                 alg,
                 decoding,
             }),
-            Err(e) => return Err(format!("key {:?}: {e}", jwk.common.key_id)),
+            Err(e) => set.ignored.push(format!(
+                "{}: its material does not decode ({e})",
+                describe_member(member)
+            )),
         }
     }
-    Ok(keys)
+    Ok(set)
+}
+
+/// A JWKS member named by what it says it is: `kid`, `kty` and `crv` (never its material).
+fn describe_member(member: &serde_json::Value) -> String {
+    let field = |name: &str| match member.get(name) {
+        Some(serde_json::Value::String(s)) => format!("{s:?}"),
+        Some(other) => other.to_string(),
+        None => "none".to_owned(),
+    };
+    let mut described = format!("key (kid {}, kty {}", field("kid"), field("kty"));
+    if member.get("crv").is_some() {
+        described.push_str(&format!(", crv {}", field("crv")));
+    }
+    described.push(')');
+    described
 }
 
 impl std::fmt::Debug for Key {

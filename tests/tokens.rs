@@ -750,6 +750,75 @@ async fn jwks_keys_for_encryption_verify_nothing() {
     invalid(&gate, &es256("ec2.key", Some("oaep"))).await;
 }
 
+/// A key set that also publishes members the gate cannot read as keys (a `kty` or `crv`
+/// it does not know, a required member missing, an RSA modulus that is not base64url,
+/// a member that is not an object) still loads, from a file and from a URL: those members
+/// are ignored (RFC 7517 §5), with a warning from `wsgate check` naming each one.
+#[tokio::test]
+async fn jwks_members_the_gate_cannot_read_are_ignored_not_fatal() {
+    let sig = serde_json::to_value(
+        serde_json::from_str::<JwkSet>(&ec_jwks(&[("ec.key", "sig")]))
+            .unwrap()
+            .keys[0]
+            .clone(),
+    )
+    .unwrap();
+    let set = json!({"keys": [
+        {"kty": "AKP", "kid": "pq", "alg": "ML-DSA-65", "pub": "AAAA"},
+        {"kty": "EC", "kid": "k1", "crv": "secp256k1", "x": "AAAA", "y": "AAAA"},
+        {"kty": "OKP", "kid": "xdh", "crv": "X25519", "x": "AAAA"},
+        {"kty": "RSA", "kid": "no-e", "n": "AQAB"},
+        {"kty": "RSA", "kid": "bad-n", "n": "not base64!", "e": "AQAB"},
+        "not a key",
+        sig,
+    ]})
+    .to_string();
+    let upstream = Upstream::start().await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let jwks = keys_dir.path().join("jwks.json");
+    std::fs::write(&jwks, &set).unwrap();
+    let policy = auth_policy(
+        &upstream.url(),
+        &format!(
+            "{{algorithms: [ES256], keys: [{{jwks_file: \"{}\"}}]}}",
+            jwks.display()
+        ),
+    );
+
+    let policy_file = keys_dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, &policy).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("check")
+        .arg(&policy_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for kid in [
+        "\"pq\"",
+        "\"k1\"",
+        "\"xdh\"",
+        "\"no-e\"",
+        "\"bad-n\"",
+        "none",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("warning: key (kid ") && l.contains(&format!("kid {kid}"))),
+            "no warning for kid {kid}: {stderr}"
+        );
+    }
+
+    let gate = TestGate::start(&policy).await;
+    admitted(&gate, &es256("ec.key", Some("sig"))).await;
+    invalid(&gate, &es256("ec2.key", Some("sig"))).await;
+
+    let server = KeyServer::start(set).await;
+    let gate = TestGate::start(&jwks_url_policy(&upstream, &server.url())).await;
+    admitted_once_keys_fetched(&gate, &es256("ec.key", Some("sig"))).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. JWKS URL
 

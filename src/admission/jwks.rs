@@ -113,6 +113,8 @@ impl Entry {
 /// A key set and the document it came from.
 pub struct Fetched {
     pub keys: Vec<Key>,
+    /// Members of the document that are not keys the gate can read (RFC 7517 §5).
+    pub ignored: usize,
     body: Bytes,
 }
 
@@ -217,9 +219,9 @@ impl JwksCache {
         }
         let succeeded = match fetch(&entry.url, &self.tls).await {
             Ok(fetched) => {
-                let keys = fetched.keys.len();
+                let (keys, ignored) = (fetched.keys.len(), fetched.ignored);
                 let changed = entry.store(fetched);
-                tracing::info!(url = %redact_userinfo(&entry.url), keys, changed, "JWKS refetched for an unknown kid");
+                tracing::info!(url = %redact_userinfo(&entry.url), keys, ignored, changed, "JWKS refetched for an unknown kid");
                 entry.refetched.notify_waiters();
                 true
             }
@@ -251,9 +253,9 @@ async fn refresher(entry: Arc<Entry>, tls: Arc<rustls::ClientConfig>) {
     loop {
         let wait = match fetch(&entry.url, &tls).await {
             Ok(fetched) => {
-                let keys = fetched.keys.len();
+                let (keys, ignored) = (fetched.keys.len(), fetched.ignored);
                 let changed = entry.store(fetched);
-                tracing::info!(url = %redact_userinfo(&entry.url), keys, changed, "JWKS fetched");
+                tracing::info!(url = %redact_userinfo(&entry.url), keys, ignored, changed, "JWKS fetched");
                 backoff = RETRY_MIN;
                 *entry.refresh.lock().unwrap_or_else(PoisonError::into_inner)
             }
@@ -331,8 +333,12 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Fetch
             _ = &mut conn, if !conn_ended => conn_ended = true,
         }
     };
-    let keys = parse_jwks(&body).map_err(FetchError::Parse)?;
-    Ok(Fetched { keys, body })
+    let set = parse_jwks(&body).map_err(FetchError::Parse)?;
+    Ok(Fetched {
+        keys: set.keys,
+        ignored: set.ignored.len(),
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -341,7 +347,8 @@ mod tests {
 
     fn fetched(body: &'static str) -> Fetched {
         Fetched {
-            keys: parse_jwks(body.as_bytes()).unwrap(),
+            keys: parse_jwks(body.as_bytes()).unwrap().keys,
+            ignored: 0,
             body: Bytes::from_static(body.as_bytes()),
         }
     }

@@ -380,9 +380,14 @@ impl Validator<'_> {
                 }
             };
             match parse_jwks(&text) {
-                Ok(found) if found.is_empty() => self.err(field, "the key set has no usable keys"),
-                Ok(found) => {
-                    for key in found {
+                Ok(set) => {
+                    for ignored in &set.ignored {
+                        self.warn(&field, format!("{ignored}; ignored"));
+                    }
+                    if set.keys.is_empty() {
+                        self.err(&field, "the key set has no usable keys");
+                    }
+                    for key in set.keys {
                         if check_family(self, &field, key.family) {
                             keys.push(key);
                         }
