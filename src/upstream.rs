@@ -559,6 +559,10 @@ async fn handshake(
     if response.status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(relay_refusal(stream, response, rest, &route.upstream, deadline).await);
     }
+    // RFC 9110 §15.2.2: no HTTP/1.0 server switches protocols; the request was HTTP/1.1.
+    if response.minor_version != 1 {
+        return Err(bad_answer("a 101 in HTTP/1.0"));
+    }
     // RFC 6455 §4.1: a 101 that does not switch to WebSocket, or whose one
     // Sec-WebSocket-Accept is not the key's, fails the connection.
     let lists = |name, token| crate::head::lists_token(&response.headers, name, token);
@@ -579,17 +583,23 @@ async fn handshake(
     let deflate = offers
         .accept(&response.headers)
         .map_err(|_| bad_answer("a 101 selecting an extension or parameter it was not offered"))?;
-    let protocol = response
+    // RFC 6455 §4.1, §11.3.4: one Sec-WebSocket-Protocol at most, naming an offered one.
+    let mut selected = response
         .headers
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .cloned();
-    if let Some(p) = &protocol {
-        if !protocols.iter().any(|o| p.as_bytes() == o.as_bytes()) {
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter();
+    let protocol = match (selected.next(), selected.next()) {
+        (None, _) => None,
+        (Some(p), None) if protocols.iter().any(|o| p.as_bytes() == o.as_bytes()) => {
+            Some(p.clone())
+        }
+        (Some(_), None) => {
             return Err(bad_answer(
                 "a 101 selecting a subprotocol it was not offered",
-            ));
+            ))
         }
-    }
+        (Some(_), Some(_)) => return Err(bad_answer("a 101 selecting two subprotocols")),
+    };
     let mut passed = response.headers;
     strip_hop_by_hop(&mut passed);
     passed.remove(header::CONTENT_LENGTH);
@@ -658,6 +668,8 @@ fn request_head(
 
 /// The upstream's response head.
 struct Head {
+    /// The minor version of the status line's `HTTP/1.x`.
+    minor_version: u8,
     status: StatusCode,
     headers: HeaderMap,
 }
@@ -692,8 +704,16 @@ async fn read_head(stream: &mut UpstreamStream, mut buf: BytesMut) -> io::Result
                         .map_err(|_| invalid("bad header value"))?;
                     headers.append(name, value);
                 }
+                let minor_version = response.version.unwrap_or(0);
                 let rest = buf.split_off(len);
-                return Ok((Head { status, headers }, rest));
+                return Ok((
+                    Head {
+                        minor_version,
+                        status,
+                        headers,
+                    },
+                    rest,
+                ));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
             Ok(httparse::Status::Partial) => return Err(invalid("response head too large")),

@@ -747,6 +747,49 @@ async fn upstream_101_with_an_unoffered_subprotocol_is_502() {
     .await;
 }
 
+/// RFC 6455 §11.3.4: Sec-WebSocket-Protocol appears at most once in the 101, even when
+/// both copies name the protocol the client offered. One copy of it is the upgrade.
+#[tokio::test]
+async fn upstream_101_selecting_a_subprotocol_twice_is_502() {
+    let offering_chat = |gate: &TestGate| {
+        let mut request = gate.request("/ws");
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "chat".parse().unwrap());
+        request
+    };
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: chat\r\n\r\n").into_bytes()
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let (status, _, body) = refusal(gate.connect_request(offering_chat(&gate)).await);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+
+    let up = raw_upstream(|accept| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\n\r\n").into_bytes()
+    })
+    .await;
+    let gate = TestGate::start_with(&open_policy(&up, ""), false).await;
+    let (_ws, response) = gate
+        .connect_request(offering_chat(&gate))
+        .await
+        .expect("upgrade");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
+}
+
+/// RFC 9110 §15.2.2: a server does not switch protocols in HTTP/1.0.
+#[tokio::test]
+async fn upstream_101_in_http_1_0_is_502() {
+    assert_upstream_unavailable(|accept| {
+        format!("HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn upstream_garbage_instead_of_a_response_is_502() {
     assert_upstream_unavailable(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await;
