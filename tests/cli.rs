@@ -520,7 +520,7 @@ fn a_misspelt_algorithm_is_one_error_not_a_cascade() {
         let (code, text) = check(&path);
         assert_eq!(code, 1, "{text}");
         assert!(text.contains("routes[0].auth.algorithms[0]"), "{text}");
-        // Not "no configured key is of a family auth.algorithms names", nor a warning
+        // Not "no configured key verifies an algorithm auth.algorithms names", nor a warning
         // that the secret is never used: which family was meant is unknown.
         assert_eq!(text.trim().lines().count(), 1, "{text}");
     }

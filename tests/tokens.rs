@@ -69,9 +69,12 @@ fn claims(extra: Value) -> Value {
 fn encoding_key(alg: Algorithm, key_file: &str) -> EncodingKey {
     let pem = read_key(key_file);
     match alg {
-        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => {
-            EncodingKey::from_rsa_pem(&pem).unwrap()
-        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem).unwrap(),
         Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem).unwrap(),
         Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem).unwrap(),
         other => panic!("no key file for {other:?}"),
@@ -785,15 +788,8 @@ async fn jwks_members_the_gate_cannot_read_are_ignored_not_fatal() {
         ),
     );
 
-    let policy_file = keys_dir.path().join("policy.yaml");
-    std::fs::write(&policy_file, &policy).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .arg("check")
-        .arg(&policy_file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) = check(keys_dir.path(), &policy);
+    assert_eq!(code, Some(0), "{stderr}");
     for kid in [
         "\"pq\"",
         "\"k1\"",
@@ -817,6 +813,65 @@ async fn jwks_members_the_gate_cannot_read_are_ignored_not_fatal() {
     let server = KeyServer::start(set).await;
     let gate = TestGate::start(&jwks_url_policy(&upstream, &server.url())).await;
     admitted_once_keys_fetched(&gate, &es256("ec.key", Some("sig"))).await;
+}
+
+/// A JWKS key that names its `alg` verifies only that algorithm: one pinned to PS256 on a
+/// route that lists only RS256 is never used, and `wsgate check` says so, as it does for a
+/// key of a family no algorithm names; with PS256 listed, it is used and nothing is said.
+#[tokio::test]
+async fn check_warns_about_a_jwks_key_pinned_to_an_algorithm_not_listed() {
+    let ek = encoding_key(Algorithm::PS256, "rsa.key");
+    let mut jwk = Jwk::from_encoding_key(&ek, Algorithm::PS256).unwrap();
+    jwk.common.key_id = Some("pin".to_owned());
+    let keys_dir = tempfile::tempdir().unwrap();
+    let jwks = keys_dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    let policy = |algorithms: &str| {
+        auth_policy(
+            "ws://127.0.0.1:9",
+            &format!(
+                "{{algorithms: [{algorithms}], keys: [{{jwks_file: \"{}\"}}]}}",
+                jwks.display()
+            ),
+        )
+    };
+
+    let (code, stderr) = check(keys_dir.path(), &policy("RS256"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "defaults.auth.keys[0].jwks_file: warning: a key whose alg is PS256, which is not in \
+             defaults.auth.algorithms (for routes[0]): the key is never used"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("every token on routes[0] is refused"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = check(keys_dir.path(), &policy("RS256, PS256"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// `wsgate check` on `policy`, written into `dir`: its exit code and stderr.
+fn check(dir: &std::path::Path, policy: &str) -> (Option<i32>, String) {
+    let policy_file = dir.join("policy.yaml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("check")
+        .arg(&policy_file)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ const MIN_HMAC_SECRET_BYTES: usize = crate::mint::MIN_SECRET_BYTES;
 /// The key families a route's `auth.algorithms` names, for the keys it lists.
 struct Families<'a> {
     names: HashSet<KeyFamily>,
+    /// The algorithms themselves, for a key pinned to one by its `alg` (`None` when one of
+    /// them did not parse: which it meant is unknown).
+    algorithms: Option<Vec<Algorithm>>,
     /// Where the algorithms were set, and the route (`routes[i]`) they apply to.
     field: String,
     route: &'a str,
@@ -27,6 +30,21 @@ impl Families<'_> {
             "{what} is in {} (for {}): the key is never used",
             self.field, self.route
         )
+    }
+
+    /// Whether a key of `family`, pinned to `alg` if it names one, verifies any algorithm
+    /// of the route; if not, the warning to give.
+    fn judge(&self, family: KeyFamily, alg: Option<Algorithm>) -> Result<(), String> {
+        if !self.names.contains(&family) {
+            return Err(self.unused(family));
+        }
+        match (alg, &self.algorithms) {
+            (Some(alg), Some(algorithms)) if !algorithms.contains(&alg) => Err(format!(
+                "a key whose alg is {alg:?}, which is not in {} (for {}): the key is never used",
+                self.field, self.route
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -65,8 +83,10 @@ impl Validator<'_> {
         // so a public key never serves as an HMAC secret (admission::token::try_keys).
         // With a misspelt algorithm, which family it meant is unknown: the keys are not
         // judged by the rest (its error is the one to read, not "no key of a family").
+        let misspelt = self.errors.len() > errors_before;
         let families = Families {
-            names: if self.errors.len() > errors_before {
+            algorithms: (!misspelt).then(|| algorithms.clone()),
+            names: if misspelt {
                 HashSet::from([
                     KeyFamily::Hmac,
                     KeyFamily::Rsa,
@@ -107,7 +127,7 @@ impl Validator<'_> {
                 self.warn(
                     field,
                     format!(
-                        "auth is required but no configured key is of a family \
+                        "auth is required but no configured key verifies an algorithm \
                          auth.algorithms names: every token on {} is refused",
                         p.at
                     ),
@@ -275,14 +295,15 @@ impl Validator<'_> {
             self.err(format!("{at}.kid"), "a JWKS names its keys itself");
         }
         let mut unusable = 0;
-        let mut check_family = |v: &mut Self, field: &str, family: KeyFamily| {
-            let usable = families.names.contains(&family);
-            if !usable {
-                unusable += 1;
-                v.warn(field, families.unused(family));
-            }
-            usable
-        };
+        let mut check_family =
+            |v: &mut Self, field: &str, family: KeyFamily, alg| match families.judge(family, alg) {
+                Ok(()) => true,
+                Err(warning) => {
+                    unusable += 1;
+                    v.warn(field, warning);
+                    false
+                }
+            };
 
         if let Some(var) = &k.hmac_secret_env {
             let field = format!("{at}.hmac_secret_env");
@@ -355,7 +376,7 @@ impl Validator<'_> {
                 .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|k| (KeyFamily::Ed, k)));
             match parsed {
                 Ok((family, decoding)) => {
-                    if check_family(self, &field, family) {
+                    if check_family(self, &field, family, None) {
                         keys.push(Key {
                             kid: k.kid.clone(),
                             family,
@@ -388,7 +409,7 @@ impl Validator<'_> {
                         self.err(&field, "the key set has no usable keys");
                     }
                     for key in set.keys {
-                        if check_family(self, &field, key.family) {
+                        if check_family(self, &field, key.family, key.alg) {
                             keys.push(key);
                         }
                     }
@@ -426,7 +447,7 @@ impl Validator<'_> {
         secret: Vec<u8>,
         k: &file::KeyFile,
         keys: &mut Vec<Key>,
-        check_family: &mut impl FnMut(&mut Self, &str, KeyFamily) -> bool,
+        check_family: &mut impl FnMut(&mut Self, &str, KeyFamily, Option<Algorithm>) -> bool,
     ) {
         if secret.len() < MIN_HMAC_SECRET_BYTES {
             self.err(
@@ -451,7 +472,7 @@ impl Validator<'_> {
             );
             return;
         }
-        if check_family(self, field, KeyFamily::Hmac) {
+        if check_family(self, field, KeyFamily::Hmac, None) {
             keys.push(Key {
                 kid: k.kid.clone(),
                 family: KeyFamily::Hmac,
