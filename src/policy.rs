@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use ipnet::IpNet;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -439,14 +439,19 @@ pub fn parse_jwks(text: &[u8]) -> Result<KeySet, String> {
             // Symmetric keys do not belong in a published key set.
             AlgorithmParameters::OctetKey(_) => continue,
         };
-        // A key published for encryption (Keycloak's `RSA-OAEP` key, `"use": "enc"`) never
-        // verifies a signature, and neither does one whose `alg` is not a JWS algorithm
-        // the gate verifies with (RFC 7517 §4.2, §4.4).
+        // A key published for encryption (Keycloak's `RSA-OAEP` key, `"use": "enc"`, or
+        // `key_ops` without `verify`) never verifies a signature, and neither does one
+        // whose `alg` is not a JWS algorithm the gate verifies with (RFC 7517 §4.2-4.4).
         if matches!(
             jwk.common.public_key_use,
             Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
         ) {
             continue;
+        }
+        if let Some(operations) = &jwk.common.key_operations {
+            if !operations.contains(&KeyOperations::Verify) {
+                continue;
+            }
         }
         let alg = match jwk.common.key_algorithm {
             None => None,

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyOperations};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use support::*;
@@ -722,7 +722,8 @@ async fn jwks_file_keys_are_chosen_by_kid() {
 }
 
 /// A published key meant for encryption (`"use": "enc"`, as Keycloak publishes its
-/// `RSA-OAEP` key) or whose `alg` is not a signature algorithm verifies no token.
+/// `RSA-OAEP` key, or `key_ops` without `verify`) or whose `alg` is not a signature
+/// algorithm verifies no token.
 #[tokio::test]
 async fn jwks_keys_for_encryption_verify_nothing() {
     let upstream = Upstream::start().await;
@@ -738,8 +739,12 @@ async fn jwks_keys_for_encryption_verify_nothing() {
     enc.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
     let mut oaep = jwk("ec2.key", "oaep");
     oaep.common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::RSA_OAEP);
+    let mut wraps = jwk("ec.key", "wraps");
+    wraps.common.key_operations = Some(vec![KeyOperations::Encrypt, KeyOperations::WrapKey]);
+    let mut verifies = jwk("ec2.key", "verifies");
+    verifies.common.key_operations = Some(vec![KeyOperations::Sign, KeyOperations::Verify]);
     let set = JwkSet {
-        keys: vec![jwk("ec.key", "sig"), enc, oaep],
+        keys: vec![jwk("ec.key", "sig"), enc, oaep, wraps, verifies],
     };
     let jwks = keys_dir.path().join("jwks.json");
     std::fs::write(&jwks, serde_json::to_string(&set).unwrap()).unwrap();
@@ -751,6 +756,8 @@ async fn jwks_keys_for_encryption_verify_nothing() {
     admitted(&gate, &es256("ec.key", Some("sig"))).await;
     invalid(&gate, &es256("ec.key", Some("enc"))).await;
     invalid(&gate, &es256("ec2.key", Some("oaep"))).await;
+    invalid(&gate, &es256("ec.key", Some("wraps"))).await;
+    admitted(&gate, &es256("ec2.key", Some("verifies"))).await;
 }
 
 /// A key set that also publishes members the gate cannot read as keys (a `kty` or `crv`
