@@ -470,15 +470,18 @@ pub fn claims_allowed(claims: &Claims, auth: &Auth) -> bool {
 }
 
 /// The first `forward_claims` claim that the token has as a scalar whose text cannot be a
-/// header value (a control character: CR, LF, NUL, DEL). Sent without it, the connection
-/// would reach the upstream without the identity the gate vouches for, so the claims step
-/// refuses such a token.
+/// header value as it is: a control character (CR, LF, NUL, DEL), which no header value
+/// may hold, or a space or tab at either end, which every HTTP parser strips (RFC 9110
+/// §5.5). Sent without it, the connection would reach the upstream without the identity
+/// the gate vouches for; sent as it is, the upstream would read `alice` where the gate
+/// admitted, capped and would revoke ` alice `. So the claims step refuses such a token.
 pub fn unforwardable_claim<'a>(claims: &Map<String, Value>, auth: &'a Auth) -> Option<&'a str> {
     auth.forward_claims.iter().find_map(|(claim, _)| {
         let text = scalar_text(claims.get(claim)?)?;
-        HeaderValue::from_str(&text)
-            .is_err()
-            .then_some(claim.as_str())
+        let padded = [text.bytes().next(), text.bytes().next_back()]
+            .iter()
+            .any(|end| matches!(end, Some(b' ' | b'\t')));
+        (padded || HeaderValue::from_str(&text).is_err()).then_some(claim.as_str())
     })
 }
 
