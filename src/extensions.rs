@@ -97,8 +97,13 @@ impl Params {
 
     /// Whether this answer accepts `offer` (RFC 7692 §7.1.1–7.1.2): a server may always
     /// add `*_no_context_takeover` and a `server_max_window_bits`, must echo a
-    /// `server_no_context_takeover` it was offered, stays within a window limit it was
-    /// offered, and may name `client_max_window_bits` only when the client offered it.
+    /// `server_no_context_takeover` it was offered, stays within a window limit it names,
+    /// and may name `client_max_window_bits` only when the client offered it.
+    ///
+    /// An answer that leaves out a `server_max_window_bits` the client offered is taken
+    /// (as Node `ws` and aiohttp take it; Python `websockets` refuses it): the server then
+    /// compresses with up to 15 bits, which the gate's inflater covers, and the client,
+    /// which gets the answer as it came, judges whether it accepts that.
     fn accepts(&self, offer: &Params) -> bool {
         if offer.server_no_context_takeover && !self.server_no_context_takeover {
             return false;
@@ -109,9 +114,6 @@ impl Params {
             if bits > limit {
                 return false;
             }
-        }
-        if offer.server_max_window_bits.is_some() && self.server_max_window_bits.is_none() {
-            return false;
         }
         match (offer.client_max_window_bits, self.client_max_window_bits) {
             (_, None) => true,
@@ -389,6 +391,7 @@ mod tests {
             ("permessage-deflate; server_no_context_takeover; server_max_window_bits=10", true),
             ("permessage-deflate; server_no_context_takeover; server_max_window_bits=11", false),
             ("permessage-deflate; server_max_window_bits=10", false),
+            ("permessage-deflate; server_no_context_takeover", true),
             ("permessage-deflate; server_no_context_takeover; server_max_window_bits=9; client_max_window_bits=9", true),
             ("permessage-deflate; server_no_context_takeover; server_max_window_bits=9; client_max_window_bits=10", false),
         ] {

@@ -648,6 +648,54 @@ async fn an_answer_no_offer_allowed_is_502() {
     }
 }
 
+/// An answer that leaves out the `server_max_window_bits` the client offered (aiohttp
+/// answers `server_max_window_bits=15` so) is taken and goes to the client as it came;
+/// the upstream may then compress with a 15-bit window, which the gate inflates: a
+/// message that refers back 12,000 bytes reaches the client whole, not a 1007.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_leaving_out_the_offered_server_window_is_taken() {
+    let (url, upstream) = raw_deflate_upstream("permessage-deflate").await;
+    let gate = TestGate::start_with(&open_policy(&url, ""), false).await;
+    let offer = "permessage-deflate; server_max_window_bits=10";
+    let (mut client, head) = raw_deflate_client(gate.addr, offer).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate\r\n"),
+        "{head}"
+    );
+    let (_, mut up) = upstream.await.unwrap();
+    let mut text: Vec<u8> = (0u32..12_000)
+        .map(|i| b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26)
+        .collect();
+    text.extend_from_slice(&text.clone());
+    let payload = deflate(&text);
+    up.write_all(&frame(0x80 | 0x40 | 0x1, &payload, false))
+        .await
+        .unwrap();
+    // One frame, or one fragment per read of the gate's if it came in several.
+    let message = async {
+        let mut opcodes = Vec::new();
+        let mut received = Vec::new();
+        loop {
+            let frame = support::wire::read_frame(&mut client).await?;
+            opcodes.push(frame.opcode);
+            received.extend_from_slice(&frame.payload);
+            if frame.fin {
+                return Some((opcodes[0], received));
+            }
+        }
+    };
+    let received = tokio::time::timeout(Duration::from_secs(5), message)
+        .await
+        .expect("no message in time");
+    assert_eq!(
+        received,
+        Some((0x1, payload)),
+        "the message did not pass whole"
+    );
+}
+
 /// The gate's own frames are never compressed: its pings on a compressed connection have
 /// no RSV1 bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
