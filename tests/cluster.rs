@@ -1387,6 +1387,142 @@ async fn a_lift_reaches_a_gate_that_was_cut_off_and_a_store_that_lost_its_data_i
     answers_within(&late, "zed", "10.7.0.6", 401, Duration::from_secs(3)).await;
 }
 
+/// A store that loses its data while every connection to it stays up (`FLUSHALL`, or
+/// its keys evicted) gets the revocations in force back from the gates at their next
+/// renewal (`lease_seconds / 3`, 1 s here), so that a gate started afterwards refuses
+/// the revoked subject too (it admitted it: the gates noticed only a broken connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_flushed_while_connected_gets_the_revocations_back() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let a = gate_that_revoked_bob(&redis, &upstream, &prefix).await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+
+    let key = format!("{prefix}revoked:sub:bob");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if ttl > 3500 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} not stored again (TTL {ttl})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.logged("the store lost its revocation epoch"), 1);
+    let late = Gate::start(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
+        &redis.url(),
+    );
+    late.wait_up(true).await;
+    assert_eq!(upgrade_status(&late, "bob", "10.7.2.1").await, 401);
+}
+
+/// A revocation ends when its key in the store does, whatever the clock of the gate
+/// that made it said: a key whose stored expiry is long past (a gate an hour behind) but
+/// whose TTL runs for ten minutes is in force on a gate that loads it, and so is a
+/// published revocation whose `expires_at_unix` is past but whose `ttl_seconds` is not.
+/// `GET /revocations` shows the expiry on the reading gate's clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_end_by_the_stores_ttl_not_a_gates_clock() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let prefix = prefix();
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}revoked:sub:sky"))
+        .arg(unix_now() - 3600)
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let gate = Gate::start(
+        &policy(&upstream.url(), &prefix, "open", OPEN_RATE),
+        &redis.url(),
+    );
+    gate.wait_up(true).await;
+    answers_within(&gate, "sky", "10.7.3.1", 401, Duration::from_secs(2)).await;
+    let (status, listed) =
+        operator(gate.admin, "GET", "/revocations", serde_json::Value::Null).await;
+    assert_eq!(status, 200, "{listed}");
+    let expires = listed.to_string();
+    let shown = listed["revocations"][0]["expires_at_unix"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        shown >= unix_now() + 590 && shown <= unix_now() + 601,
+        "{expires}"
+    );
+
+    let message = json!({"op": "revoke", "sub": "sea", "expires_at_unix": unix_now() - 3600, "ttl_seconds": 600});
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}revocations"))
+        .arg(message.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    answers_within(&gate, "sea", "10.7.3.2", 401, Duration::from_secs(2)).await;
+}
+
+/// A store that answers but refuses the gate's keys (an ACL user kept from them) is down
+/// and stays down: the probe reads a key of the gate's, so it does not mark the store up
+/// for the next call to mark it down again (it swung twice a second on a PING).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_the_gates_keys_stays_down_without_swinging() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "kept",
+                "on",
+                ">kept-password",
+                "~elsewhere:*",
+                "&*",
+                "+@all",
+            ][..],
+        )
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let upstream = Upstream::start().await;
+    let gate = Gate::start(
+        &policy(&upstream.url(), &prefix(), "open", OPEN_RATE),
+        &format!("redis://kept:kept-password@127.0.0.1:{}/", redis.port),
+    );
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(gate.open(&format!("kept{i}"), "10.7.4.1").await);
+    }
+    gate.wait_up(false).await;
+    held.clear();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(gate.metric("wsgate_cluster_up").await, 0.0);
+    // (Its one "unreachable" line may come before "listening", which the test keeps.)
+    assert!(gate.logged("cluster store unreachable") <= 1);
+    assert_eq!(
+        gate.logged("cluster store reachable again"),
+        0,
+        "the store swung back up"
+    );
+}
+
 /// A revocation made on a gate while the store was down, stored there once the store is
 /// back empty, reaches a gate that loaded the emptied store before: it is published, not
 /// only stored.

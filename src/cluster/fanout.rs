@@ -9,7 +9,14 @@
 //! lifts the shared revocations the store no longer holds. Unless the store itself lost
 //! them (restarted empty): `<prefix>revocations:epoch`, a value the first gate to load sets,
 //! tells the two apart. When it is not the value this gate saw at its last load, the store
-//! is new to it, and the revocations in force here are stored again instead of lifted.
+//! is new to it, and the revocations in force here are stored again instead of lifted. A
+//! store that loses its data while its connections stay up (`FLUSHALL`) is found by the
+//! renewals, which read the epoch too, and loaded again at once.
+//!
+//! When a revocation ends is the store's TTL, not the clock of the gate that made it: a
+//! message carries the time left, and a load reads each key's TTL, so gates whose clocks
+//! disagree still agree on it. (The expiry each key holds, and each message's
+//! `expires_at_unix`, are kept for gates that read them.)
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -42,6 +49,9 @@ struct Message {
     jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at_unix: Option<u64>,
+    /// Seconds left, from the store's TTL: what a receiving gate goes by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,7 +62,9 @@ enum Op {
 }
 
 impl Message {
-    fn new(op: Op, which: &Revoked, expires_at_unix: Option<u64>) -> Message {
+    /// A revocation until `expires_at_unix` on this gate's clock, `ttl_seconds` from now
+    /// (`None` for a lift).
+    fn new(op: Op, which: &Revoked, until: Option<(u64, u64)>) -> Message {
         let (sub, jti) = match which {
             Revoked::Sub(s) => (Some(s.clone()), None),
             Revoked::Jti(j) => (None, Some(j.clone())),
@@ -61,7 +73,17 @@ impl Message {
             op,
             sub,
             jti,
-            expires_at_unix,
+            expires_at_unix: until.map(|(unix, _)| unix),
+            ttl_seconds: until.map(|(_, ttl)| ttl),
+        }
+    }
+
+    /// When the revocation ends on this gate's clock: `now` plus the time left, or (from
+    /// a gate that sends no `ttl_seconds`) the sender's expiry.
+    fn expires(&self, now: u64) -> Option<u64> {
+        match self.ttl_seconds {
+            Some(ttl) => Some(now.saturating_add(ttl)),
+            None => self.expires_at_unix,
         }
     }
 
@@ -81,6 +103,11 @@ fn key(prefix: &str, which: &Revoked) -> String {
 
 fn channel(prefix: &str) -> String {
     format!("{prefix}revocations")
+}
+
+/// The key of the store's revocation epoch.
+pub(super) fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}revocations:epoch")
 }
 
 /// Add the publication of `message` on the channel of `prefix` to `pipe`.
@@ -108,7 +135,7 @@ impl Cluster {
         ttl: Duration,
         expires_at_unix: u64,
     ) -> Result<(), StoreError> {
-        let message = Message::new(Op::Revoke, which, Some(expires_at_unix));
+        let message = Message::new(Op::Revoke, which, Some((expires_at_unix, ttl.as_secs())));
         self.publish(message, |pipe, prefix| {
             pipe.set_ex(key(prefix, which), expires_at_unix, ttl.as_secs())
                 .ignore();
@@ -186,11 +213,15 @@ impl Cluster {
         let back = self.health.back.notified();
         tokio::pin!(back);
         back.as_mut().enable();
+        let lost = self.store_lost.notified();
+        tokio::pin!(lost);
+        lost.as_mut().enable();
         let mut messages = pubsub.on_message();
         loop {
             tokio::select! {
                 () = store.stop.cancelled() => return Ok(()),
                 () = &mut back => return Ok(()),
+                () = &mut lost => return Ok(()),
                 message = messages.next() => match message {
                     Some(message) => self.apply(message.get_payload_bytes()),
                     None => return Err(StoreError::SubscriptionEnded),
@@ -199,7 +230,7 @@ impl Cluster {
         }
     }
 
-    /// Apply every revocation the store holds (SCAN, then MGET of their expiries).
+    /// Apply every revocation the store holds (SCAN, then the TTL of each key found).
     async fn load(&self, store: &Store) -> Result<(), StoreError> {
         let Some(mut conn) = store.conn.clone() else {
             return Err(StoreError::NoUrl);
@@ -210,13 +241,14 @@ impl Cluster {
         let now = unix_now();
         let started = std::time::Instant::now();
         let epoch = self.epoch(store, &mut conn, within).await?;
+        let answered = tokio::time::Instant::now();
         let known_store = {
             let mut last = self
                 .revocation_epoch
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let known = last.as_deref() == Some(epoch.as_str());
-            *last = Some(epoch);
+            let known = last.as_ref().is_some_and(|(known, _)| *known == epoch);
+            *last = Some((epoch, answered));
             known
         };
         let mut cursor: u64 = 0;
@@ -232,17 +264,25 @@ impl Cluster {
             let scanned = scan.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn);
             let (next, keys) = self.bounded("revocation", within, scanned).await?;
             if !keys.is_empty() {
-                let mut get = redis::cmd("MGET");
-                get.arg(&keys);
-                let got = get.query_async::<Vec<Option<u64>>>(&mut conn);
-                let expiries = self.bounded("revocation", within, got).await?;
+                let mut ttls = redis::pipe();
+                for key in &keys {
+                    ttls.pttl(key);
+                }
+                let got = ttls.query_async::<Vec<i64>>(&mut conn);
+                // Each ends when its key does: now plus its TTL, rounded up to the second
+                // (a key gone since the SCAN, -2, or one without a TTL, -1, is none).
+                let expiries = self
+                    .bounded("revocation", within, got)
+                    .await?
+                    .into_iter()
+                    .map(|ms| (ms > 0).then(|| now + (ms as u64).div_ceil(1000)));
                 // The batch's revocations first, then one pass over the open connections
                 // for all of them (not one per revocation: 100,000 of them against 10,000
                 // connections would hold a worker for seconds).
                 let (mut subs, mut jtis) = (HashSet::new(), HashSet::new());
                 let mut full = false;
                 for (key, expiry) in keys.iter().zip(expiries) {
-                    let Some(expires) = expiry.filter(|e| *e > now) else {
+                    let Some(expires) = expiry else {
                         continue;
                     };
                     let Some(which) = parse_key(prefix, key) else {
@@ -312,7 +352,7 @@ impl Cluster {
                 publish_in(
                     &mut pipe,
                     prefix,
-                    &Message::new(Op::Revoke, which, Some(*unix)),
+                    &Message::new(Op::Revoke, which, Some((*unix, unix - now))),
                 );
             }
             let stored = pipe.query_async::<()>(&mut conn);
@@ -336,7 +376,7 @@ impl Cluster {
         conn: &mut redis::aio::ConnectionManager,
         within: Duration,
     ) -> Result<String, StoreError> {
-        let name = format!("{}revocations:epoch", store.config.key_prefix);
+        let name = epoch_key(&store.config.key_prefix);
         // Unique enough: host, process and the time to the nanosecond.
         let fresh = super::gate_id();
         let mut pipe = redis::pipe();
@@ -367,7 +407,7 @@ impl Cluster {
         match message.op {
             Op::Revoke => {
                 let now = unix_now();
-                let Some(expires) = message.expires_at_unix.filter(|e| *e > now) else {
+                let Some(expires) = message.expires(now).filter(|e| *e > now) else {
                     return;
                 };
                 if self
@@ -448,9 +488,15 @@ mod tests {
         let k = key("wsgate:", &which);
         assert_eq!(parse_key("wsgate:", k.as_bytes()), Some(which));
         assert_eq!(parse_key("other:", k.as_bytes()), None);
-        let m = Message::new(Op::Revoke, &Revoked::Jti("j".into()), Some(5));
+        let m = Message::new(Op::Revoke, &Revoked::Jti("j".into()), Some((5, 60)));
         let json = serde_json::to_string(&m).unwrap();
         let back: Message = serde_json::from_slice(json.as_bytes()).unwrap();
         assert_eq!(back.which(), Some(Revoked::Jti("j".into())));
+        // The time left decides, whatever the sender's clock said.
+        assert_eq!(back.expires(1_000), Some(1_060));
+        // A message without it (from a gate before `ttl_seconds`): its expiry.
+        let old: Message =
+            serde_json::from_str(r#"{"op":"revoke","jti":"j","expires_at_unix":5}"#).unwrap();
+        assert_eq!(old.expires(1_000), Some(5));
     }
 }

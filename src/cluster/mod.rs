@@ -369,8 +369,13 @@ pub struct Cluster {
     replaced: Notify,
     revocations: Arc<Revocations>,
     registry: Arc<Registry>,
-    /// The store's revocation epoch at this gate's last load (see `fanout`).
-    revocation_epoch: Mutex<Option<String>>,
+    /// The store's revocation epoch at this gate's last load (see `fanout`), and when
+    /// that load had it.
+    revocation_epoch: Mutex<Option<(String, tokio::time::Instant)>>,
+    /// Told when a renewal finds another epoch than that (the store lost its data while
+    /// the connection stayed up): the follower loads the store again. (One permit is
+    /// kept if the follower is not waiting then: it is between loads, and loads again.)
+    store_lost: Notify,
 }
 
 impl Cluster {
@@ -406,6 +411,7 @@ impl Cluster {
             revocations,
             registry,
             revocation_epoch: Mutex::new(None),
+            store_lost: Notify::new(),
         }
     }
 
@@ -692,19 +698,23 @@ impl Cluster {
     }
 
     /// Renew every lease this gate holds, in one pipeline (chunks of [`REFRESH_CHUNK`]
-    /// leases per script call); with none held, a PING keeps the health current.
+    /// leases per script call), reading the revocation epoch in the same batch; with no
+    /// lease held, reading the epoch alone keeps the health current.
     async fn refresh(&self, store: &Store, conn: &mut ConnectionManager) {
         let held = self.leases.snapshot();
         let within = store.background_bound();
+        let epoch_key = fanout::epoch_key(&store.config.key_prefix);
+        let sent = tokio::time::Instant::now();
+        let mut pipe = redis::pipe();
         if held.is_empty() {
-            let ping = redis::cmd("PING");
-            let _ = self
-                .bounded("refresh", within, ping.query_async::<()>(conn))
-                .await;
+            pipe.get(&epoch_key);
+            let read = pipe.query_async::<(Option<String>,)>(conn);
+            if let Ok((epoch,)) = self.bounded("refresh", within, read).await {
+                self.check_epoch(epoch, sent);
+            }
             return;
         }
         let lease_ms = store.config.lease.as_millis() as u64;
-        let mut pipe = redis::pipe();
         // Loaded in the same batch: the store may have restarted and lost the script.
         pipe.load_script(&scripts::REFRESH).ignore();
         for chunk in held.chunks(REFRESH_CHUNK) {
@@ -715,19 +725,56 @@ impl Cluster {
             }
             pipe.invoke_script(&call).ignore();
         }
-        let _ = self
-            .bounded("refresh", within, pipe.query_async::<()>(conn))
-            .await;
+        pipe.get(&epoch_key);
+        let renewed = pipe.query_async::<(Option<String>,)>(conn);
+        if let Ok((epoch,)) = self.bounded("refresh", within, renewed).await {
+            self.check_epoch(epoch, sent);
+        }
     }
 
-    /// Whether the store answers a PING within the upgrade path's bound; if it does, it is
-    /// up again.
+    /// A store whose revocation epoch is not the one this gate loaded under (gone, or set
+    /// afresh by another gate) lost its data without a connection breaking (`FLUSHALL`, or
+    /// the key evicted): the follower loads it again, storing the revocations in force
+    /// here, as after a restart. The epoch this gate knew is forgotten meanwhile, so the
+    /// load takes the store for a new one (and the next renewals say nothing more). Only a
+    /// read `sent` after the last load had its epoch says anything: one sent earlier may
+    /// have reached the store before the load set it.
+    fn check_epoch(&self, epoch: Option<String>, sent: tokio::time::Instant) {
+        let lost = {
+            let mut last = self
+                .revocation_epoch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let lost = last
+                .as_ref()
+                .is_some_and(|(known, read)| *read < sent && epoch.as_ref() != Some(known));
+            if lost {
+                *last = None;
+            }
+            lost
+        };
+        if lost {
+            tracing::warn!(
+                "cluster: the store lost its revocation epoch (its data flushed or evicted); loading it again"
+            );
+            self.store_lost.notify_one();
+        }
+    }
+
+    /// Whether the store answers within the upgrade path's bound; if it does, it is up
+    /// again. The probe reads a key of the gate's (the revocation epoch), not a PING: a
+    /// store that answers but refuses the gate's keys (an ACL user kept from them) stays
+    /// down instead of swinging up at each probe and down at the next call.
     /// A probe that fails is counted as a `refresh` error, as a failed renewal is.
     async fn answers_in(&self, store: &Store, conn: &mut ConnectionManager) -> bool {
-        let ping = redis::cmd("PING");
-        let answer = tokio::time::timeout(store.config.timeout, ping.query_async::<()>(conn));
+        let mut read = redis::cmd("GET");
+        read.arg(fanout::epoch_key(&store.config.key_prefix));
+        let answer = tokio::time::timeout(
+            store.config.timeout,
+            read.query_async::<Option<String>>(conn),
+        );
         let failed = match answer.await {
-            Ok(Ok(())) => None,
+            Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(StoreError::Redis(e)),
             Err(_) => Some(StoreError::Timeout(store.config.timeout)),
         };
