@@ -6,7 +6,7 @@
 //! HTTP/1.1 one first (its `:authority` becomes its Host).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -200,6 +200,36 @@ fn closing_for_http10(response: &mut Response<Body>) {
     }
 }
 
+/// A request whose answer is never reached: its future was dropped while the gate waited
+/// (for the upstream, mostly), because an HTTP/2 client reset the stream (RST_STREAM) or
+/// its connection ended. Logged when dropped armed, as nginx logs its 499, so that such a
+/// request does not vanish from the logs; not counted in `wsgate_upgrades_total`, whose
+/// results are the gate's own decisions. (An HTTP/1.1 client that leaves is not noticed
+/// before the answer: its request ends with the upstream's outcome.)
+struct Abandoned<'a> {
+    request_id: &'a HeaderValue,
+    client_ip: IpAddr,
+    route: &'a str,
+    path: &'a str,
+    started: Instant,
+    protocol: Protocol,
+    upgrade: bool,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(
+                request_id = %self.request_id.to_str().unwrap_or("-"), client_ip = %self.client_ip,
+                route = self.route, path = %self.path, result = "client_lost",
+                latency_ms = log_millis(self.started.elapsed()), protocol = self.protocol.as_str(),
+                "{}", if self.upgrade { "upgrade abandoned by the client" } else { "request abandoned by the client" }
+            );
+        }
+    }
+}
+
 /// Route, check and admit a request, log and count the decision, and answer it: the
 /// response, and for an admitted upgrade what its relay needs once the 101 is written.
 pub async fn answer(
@@ -226,6 +256,19 @@ pub async fn answer(
     let routed = check_header_list(conn.protocol, conn.first, list)
         .and_then(|()| route(&loaded.policy, &method, uri, headers));
     let matched = routed.as_ref().ok().map(|(route, _)| route.clone());
+    let route_name = matched
+        .as_ref()
+        .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
+    let mut abandoned = Abandoned {
+        request_id: &request_id,
+        client_ip,
+        route: route_name,
+        path: &path,
+        started,
+        protocol: conn.protocol,
+        upgrade,
+        armed: true,
+    };
     let result = match routed {
         Ok((route, path)) => {
             let request = Routed {
@@ -245,9 +288,7 @@ pub async fn answer(
         }
         Err(rejection) => Err(rejection),
     };
-    let route_name = matched
-        .as_ref()
-        .map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str());
+    abandoned.armed = false;
     let latency_ms = log_millis(started.elapsed());
     match result {
         Ok(answer) => {

@@ -619,6 +619,42 @@ async fn the_upgrade_and_close_lines_say_the_protocol() {
     h1.close(None).await.unwrap();
 }
 
+/// A WebSocket stream the client resets (RST_STREAM) while the gate waits for an upstream
+/// that never answers ends at once, and is logged as abandoned by the client
+/// (`result="client_lost"`, as nginx logs its 499), not dropped from the logs; it is not
+/// an upgrade decision of the gate's, so no `upstream_timeout` line follows for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_reset_while_the_upstream_is_awaited_is_logged_as_abandoned() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let extra = "    timeouts: {upstream_connect_seconds: 1}\n";
+    std::fs::write(&path, open_policy(&url, extra)).unwrap();
+    let mut gate = Proc::start(&path, &[]);
+    let mut h2 = H2::h2c(gate.addr).await;
+    let waiting = h2.websocket("/ws", &[("x-request-id", "left-early")]);
+    // Dropping the pending request resets its stream.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), waiting)
+            .await
+            .is_err(),
+        "the silent upstream answered"
+    );
+    let line = gate.wait_line("request_id=left-early");
+    assert!(line.contains("upgrade abandoned by the client"), "{line}");
+    assert!(line.contains("result=\"client_lost\""), "{line}");
+    assert!(line.contains("protocol=\"h2\""), "{line}");
+    gate.no_line("request_id=left-early", Duration::from_millis(1500));
+    held.abort();
+}
+
 /// SIGTERM on a gate process with two streams open on one h2c connection: both get 1001
 /// "going away" (their upstreams too), a new stream meanwhile gets 503 `draining` (a
 /// WebSocket or a plain request on a pass route), then
