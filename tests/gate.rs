@@ -184,14 +184,7 @@ async fn upstream_down_is_502() {
 
 #[tokio::test]
 async fn silent_upstream_is_504() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = silent.accept().await {
-            held.push(tcp);
-        }
-    });
+    let (url, held) = silent_upstream().await;
     let extra = "    timeouts: {upstream_connect_seconds: 0.5}\n";
     let gate = TestGate::start(&open_policy(&url, extra)).await;
     let started = std::time::Instant::now();

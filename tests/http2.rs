@@ -625,14 +625,7 @@ async fn the_upgrade_and_close_lines_say_the_protocol() {
 /// an upgrade decision of the gate's, so no `upstream_timeout` line follows for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_reset_while_the_upstream_is_awaited_is_logged_as_abandoned() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = silent.accept().await {
-            held.push(tcp);
-        }
-    });
+    let (url, held) = silent_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
     let extra = "    timeouts: {upstream_connect_seconds: 1}\n";

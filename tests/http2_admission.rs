@@ -391,14 +391,7 @@ async fn an_upstream_down_is_502_upstream_unavailable() {
 /// `upstream_connect_seconds`.
 #[tokio::test]
 async fn a_silent_upstream_is_504_upstream_timeout() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = silent.accept().await {
-            held.push(tcp);
-        }
-    });
+    let (url, held) = silent_upstream().await;
     let extra = "    timeouts: {upstream_connect_seconds: 0.5}\n";
     let gate = TestGate::start(&open_policy(&url, extra)).await;
     let mut h2 = gate.h2().await;

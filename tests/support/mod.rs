@@ -448,6 +448,20 @@ impl tokio::io::AsyncWrite for ClientStream {
 
 /// A policy with auth off, no Origin needed and no practical message-rate limit, in front
 /// of `upstream`, plus `extra` YAML appended under the `/ws` route.
+/// An upstream that accepts connections and never answers: its `ws://` URL, and the task
+/// holding its sockets (abort it to let them go).
+pub async fn silent_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    (url, held)
+}
+
 pub fn open_policy(upstream: &str, route_extra: &str) -> String {
     format!(
         "version: 1\ndefaults:\n  upstream: {upstream}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 100000, burst: 100000}}\nroutes:\n  - path: /ws\n    name: ws\n{route_extra}"
