@@ -186,6 +186,11 @@ pub(crate) enum Handshake {
 /// RFC 6455 §4.2.1 (or RFC 8441 §4–5 on HTTP/2): the checks on a client's opening
 /// handshake.
 pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
+    // On HTTP/2, what is asked for comes first: a CONNECT for another protocol is refused
+    // as that, not as a WebSocket request with a wrong or missing version.
+    if parts.version == Version::HTTP_2 {
+        check_extended_connect(parts)?;
+    }
     let headers = &parts.headers;
     // RFC 6455 §11.3.5: at most once in a request.
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
@@ -201,7 +206,7 @@ pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, R
         ));
     }
     if parts.version == Version::HTTP_2 {
-        return check_extended_connect(parts);
+        return Ok(Handshake::H2);
     }
     if parts.method != Method::GET {
         return Err(Rejection::BadRequest("a WebSocket upgrade must be a GET"));
@@ -242,7 +247,7 @@ pub(crate) fn check_upgrade(parts: &http::request::Parts) -> Result<Handshake, R
 /// the Host it became). h2 has already refused an extended CONNECT without `:scheme` or
 /// `:path`. There is no Sec-WebSocket-Key (one sent anyway is ignored), and the stream's
 /// DATA frames are the WebSocket's bytes, not a body.
-fn check_extended_connect(parts: &http::request::Parts) -> Result<Handshake, Rejection> {
+fn check_extended_connect(parts: &http::request::Parts) -> Result<(), Rejection> {
     if parts.method != Method::CONNECT {
         return Err(Rejection::BadRequest(
             "a WebSocket over HTTP/2 is an extended CONNECT",
@@ -260,7 +265,7 @@ fn check_extended_connect(parts: &http::request::Parts) -> Result<Handshake, Rej
     if !parts.headers.contains_key(header::HOST) {
         return Err(Rejection::BadRequest("the :authority is missing"));
     }
-    Ok(Handshake::H2)
+    Ok(())
 }
 
 /// A base64 encoding of exactly 16 bytes: 22 alphabet characters (the last with its low
