@@ -1628,6 +1628,9 @@ async fn another_prefix_is_another_fleet_for_revocations() {
     let a = gate_that_revoked_bob(&redis, &upstream, &old).await;
     a.write_policy(&policy(&upstream.url(), &new, "open", OPEN_RATE));
     answers_within(&a, "bob", "10.9.0.1", 101, Duration::from_secs(5)).await;
+    // The new store's epoch is not the old one's: no renewal takes it for data lost.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.logged("the store lost its revocation epoch"), 0);
     let mut conn = redis.conn().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{new}*"))

@@ -441,6 +441,14 @@ impl Cluster {
             .as_ref()
             .zip(config)
             .is_some_and(|(old, new)| old.config.same_store(new));
+        if !same_store {
+            // Another store's epoch is not this one's: a renewal must not take the
+            // difference for a store that lost its data.
+            *self
+                .revocation_epoch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
         if let Some(old) = current.as_ref() {
             old.stop.cancel();
             // Another store is another fleet: what the old one shared is not carried over.
