@@ -565,6 +565,36 @@ fn check_refuses_credentials_in_urls_without_printing_them() {
         );
     }
     assert!(!text.contains("hunter2"), "{text}");
+
+    // A URL with a password pasted into a field that takes something else: the value is
+    // echoed in its error, with the password masked, whether the error is the validator's
+    // or the YAML parser's (a wrong type, an unknown name).
+    let url = "http://user:hunter2@h.example";
+    for (field, policy) in [
+        (
+            "trusted_proxies[0]",
+            format!("version: 1\ntrusted_proxies: [\"{url}\"]\nroutes:\n  - path: /ws\n"),
+        ),
+        (
+            "defaults.auth.token_sources[0]",
+            format!("version: 1\ndefaults:\n  auth: {{token_sources: [\"{url}\"]}}\nroutes:\n  - path: /ws\n"),
+        ),
+        (
+            "mode",
+            format!("version: 1\nmode: \"{url}\"\nroutes:\n  - path: /ws\n"),
+        ),
+        (
+            "defaults.auth.required",
+            format!("version: 1\ndefaults:\n  auth: {{required: \"{url}\"}}\nroutes:\n  - path: /ws\n"),
+        ),
+    ] {
+        std::fs::write(&path, policy).unwrap();
+        let (code, text) = check(&path);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains(&format!("{field}: ")), "{field}: {text}");
+        assert!(text.contains("http://***@h.example"), "{field}: {text}");
+        assert!(!text.contains("hunter2"), "{field}: {text}");
+    }
 }
 
 #[test]

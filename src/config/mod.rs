@@ -86,7 +86,7 @@ pub enum ConfigError {
     /// The YAML parser (or the schema, for unknown fields and wrong types) rejected it;
     /// `more` are the file's other unknown fields and values of the wrong type, at their
     /// field paths and, where the text shows them, lines and columns.
-    #[error("{path}:{line}:{column}: {message}{}", Tail { path, errors: more })]
+    #[error("{path}:{line}:{column}: {}{}", hide_userinfo_in(message), Tail { path, errors: more })]
     Syntax {
         path: PathBuf,
         line: usize,
@@ -96,7 +96,7 @@ pub enum ConfigError {
     },
     /// Parsed, but the YAML gave no location for the error (a file with merge keys);
     /// `more` as for `Syntax`.
-    #[error("{path}: {message}{}", Tail { path, errors: more })]
+    #[error("{path}: {}{}", hide_userinfo_in(message), Tail { path, errors: more })]
     SyntaxNoLocation {
         path: PathBuf,
         message: String,
@@ -150,10 +150,46 @@ impl fmt::Display for FieldErrors<'_> {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}: {}: {}", self.path.display(), e.field, e.message)?;
+            write!(
+                f,
+                "{}: {}: {}",
+                self.path.display(),
+                hide_userinfo_in(&e.field),
+                hide_userinfo_in(&e.message)
+            )?;
         }
         Ok(())
     }
+}
+
+/// `text` (an error about a value, which may be a URL with a password in the wrong field)
+/// with the user information of every URL in it shown as `***`: `http://user:pw@host`
+/// becomes `http://***@host`. A URL's authority ends at `/`, `?`, `#`, a quote or
+/// whitespace.
+pub(crate) fn hide_userinfo_in(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("://") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let start = at + 3;
+        out.push_str(&rest[..start]);
+        let authority = &rest[start..];
+        let end = authority
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(authority.len());
+        match authority[..end].rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                out.push_str(&authority[user_end..end]);
+            }
+            None => out.push_str(&authority[..end]),
+        }
+        rest = &authority[end..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Field errors after a first error's line, one per line.
@@ -169,7 +205,12 @@ impl fmt::Display for Tail<'_> {
             if let Some((line, column)) = at {
                 write!(f, ":{line}:{column}")?;
             }
-            write!(f, ": {}: {}", error.field, error.message)?;
+            write!(
+                f,
+                ": {}: {}",
+                hide_userinfo_in(&error.field),
+                hide_userinfo_in(&error.message)
+            )?;
         }
         Ok(())
     }
@@ -634,4 +675,28 @@ fn in_words(message: &str) -> String {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_url_in_a_message_has_its_user_information_hidden() {
+        for (text, hidden) in [
+            ("no url here", "no url here"),
+            (
+                "\"http://u:pw@h.example\" is not a CIDR",
+                "\"http://***@h.example\" is not a CIDR",
+            ),
+            (
+                "`redis://:pw@r:6379/0` and wss://a:b@c/d?e@f",
+                "`redis://***@r:6379/0` and wss://***@c/d?e@f",
+            ),
+            ("https://h.example/a@b", "https://h.example/a@b"),
+            ("x://@ y", "x://***@ y"),
+        ] {
+            assert_eq!(hide_userinfo_in(text), hidden);
+        }
+    }
 }

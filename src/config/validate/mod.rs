@@ -301,9 +301,10 @@ pub use values::{parse_cidr, parse_origin_pattern};
 
 impl Validator<'_> {
     fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let message = message.into();
         self.warnings.push(FieldWarning {
             field: field.into(),
-            message: message.into(),
+            message: super::hide_userinfo_in(&message).into_owned(),
         });
     }
 
