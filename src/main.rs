@@ -25,21 +25,29 @@ struct Cli {
     command: Command,
 }
 
+// `display_name`: each command's `--version` prints `wsgate 0.1.0`, as `wsgate --version`
+// does, not clap's `wsgate-run 0.1.0`.
 #[derive(Subcommand)]
 enum Command {
     /// Run the gate.
+    #[command(display_name = "wsgate")]
     Run(RunArgs),
     /// Validate a policy file: exit 0 valid, 1 invalid, 2 unreadable.
+    #[command(display_name = "wsgate")]
     Check { path: PathBuf },
     /// Print the policy file's JSON Schema (draft 2020-12), for editors and validators.
+    #[command(display_name = "wsgate")]
     Schema,
     /// Mint an HS256 token for local testing.
+    #[command(display_name = "wsgate")]
     Token(TokenArgs),
     /// Put one upgrade request through a policy's admission, step by step, without opening
     /// a socket: exit 0 admitted, 1 refused, 2 bad input.
+    #[command(display_name = "wsgate")]
     Explain(ExplainArgs),
     /// The quick start: the gate on TLS with the development certificate, in front of a
     /// built-in echo upstream that also serves a browser demo page.
+    #[command(display_name = "wsgate")]
     Demo {
         #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
