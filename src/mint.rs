@@ -18,7 +18,7 @@ pub struct TokenSpec<'a> {
 /// Why no token was minted.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
-    #[error("the secret is {0} bytes; wsgate refuses HMAC secrets under 32 bytes (RFC 7518 §3.2), so a token signed with it would never be accepted")]
+    #[error("the secret is {0} bytes without the whitespace around it; wsgate refuses HMAC secrets under 32 bytes (RFC 7518 §3.2), so a token signed with it would never be accepted")]
     ShortSecret(usize),
     #[error("--sub must not be empty: the gate keys per-subject caps and revocations by it")]
     EmptySubject,
@@ -32,8 +32,11 @@ pub enum MintError {
 pub const MIN_SECRET_BYTES: usize = 32;
 
 pub fn hs256(secret: &[u8], spec: &TokenSpec<'_>) -> Result<String, MintError> {
-    if secret.len() < MIN_SECRET_BYTES {
-        return Err(MintError::ShortSecret(secret.len()));
+    // The gate's rule: whitespace around a secret is kept, but is no secret, and does
+    // not count toward the 32 bytes.
+    let meaningful = secret.trim_ascii().len();
+    if meaningful < MIN_SECRET_BYTES {
+        return Err(MintError::ShortSecret(meaningful));
     }
     if spec.sub.is_empty() {
         return Err(MintError::EmptySubject);

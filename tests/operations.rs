@@ -530,9 +530,22 @@ async fn wsgate_token_mints_a_token_the_gate_accepts() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_SET_ANYWHERE_XYZ"));
-    // No token the gate would refuse anyway, and no claim that undoes a flag: exit 2.
+    // No token the gate would refuse anyway, and no claim that undoes a flag: exit 2. (A
+    // secret padded to 32 bytes with spaces is as short as the gate counts it.)
+    let padded = format!("   {}   ", &SECRET[..29]);
+    let spaces = " ".repeat(32);
     for (secret, args, says) in [
         ("short", vec!["--sub", "a"], "32 bytes"),
+        (
+            padded.as_str(),
+            vec!["--sub", "a"],
+            "29 bytes without the whitespace",
+        ),
+        (
+            spaces.as_str(),
+            vec!["--sub", "a"],
+            "0 bytes without the whitespace",
+        ),
         (SECRET, vec!["--sub", ""], "--sub"),
         (SECRET, vec!["--sub", "a", "--claim", "sub=bob"], "--sub"),
         (SECRET, vec!["--sub", "a", "--claim", "exp=1"], "--ttl"),
