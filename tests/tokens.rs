@@ -1293,15 +1293,20 @@ async fn issuer_must_match_and_be_present() {
     invalid(&gate, &hs256(&claims(json!({})))).await;
 }
 
-/// `sub` is a string (RFC 7519): a numeric one would escape the per-subject cap and a
-/// revocation by `sub`.
+/// `sub` and `jti` are strings (RFC 7519 §4.1.2, §4.1.7): a numeric one would escape the
+/// per-subject cap and a revocation by `sub` or `jti` (the operator API names them as
+/// strings).
 #[tokio::test]
-async fn a_sub_that_is_not_a_string_is_an_invalid_token() {
+async fn a_sub_or_jti_that_is_not_a_string_is_an_invalid_token() {
     let upstream = Upstream::start().await;
     let gate = hmac_gate(&upstream, "").await;
     invalid(&gate, &hs256(&claims(json!({"sub": 123})))).await;
     invalid(&gate, &hs256(&claims(json!({"sub": ["alice"]})))).await;
     admitted(&gate, &hs256(&claims(json!({"sub": null})))).await;
+    invalid(&gate, &hs256(&claims(json!({"jti": 777})))).await;
+    invalid(&gate, &hs256(&claims(json!({"jti": ["a"]})))).await;
+    invalid(&gate, &hs256(&claims(json!({"jti": {"id": "a"}})))).await;
+    admitted(&gate, &hs256(&claims(json!({"jti": "777"})))).await;
 }
 
 #[tokio::test]

@@ -426,10 +426,13 @@ fn validate(payload: &str, auth: &Auth, now: u64) -> Result<Claims, Failure> {
     if !auth.audience.is_empty() && !listed(&aud, &auth.audience) {
         return Err(Failure::Invalid);
     }
-    // RFC 7519 §4.1.2: `sub` is a string. A number would slip past the per-subject cap and
-    // a revocation by `sub`, which key on the string; Envoy's jwt_authn refuses it too.
-    if !matches!(map.get("sub"), None | Some(Value::Null | Value::String(_))) {
-        return Err(Failure::Invalid);
+    // RFC 7519 §4.1.2, §4.1.7: `sub` and `jti` are strings. A number would slip past the
+    // per-subject cap and a revocation by `sub` or `jti`, which key on the string (and the
+    // operator API takes only a string); Envoy's jwt_authn refuses such a `sub` too.
+    for name in ["sub", "jti"] {
+        if !matches!(map.get(name), None | Some(Value::Null | Value::String(_))) {
+            return Err(Failure::Invalid);
+        }
     }
     Ok(Claims {
         map: Arc::new(map),
