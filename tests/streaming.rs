@@ -290,6 +290,33 @@ async fn a_client_sending_one_long_frame_is_not_a_dead_client() {
     assert!(pings >= 1, "no ping reached the client");
 }
 
+/// The bytes of a frame's header count as the frame's bytes do: a client whose header
+/// arrives a byte at a time, for longer than the heartbeat's timeout after a ping or than
+/// the idle timeout, is neither dead nor idle, and its frame reaches the upstream.
+#[tokio::test]
+async fn a_frame_header_arriving_a_byte_at_a_time_is_neither_dead_nor_idle() {
+    for extra in [
+        "    heartbeat: {interval_seconds: 1, timeout_seconds: 0.8}\n",
+        "    timeouts: {idle_seconds: 1}\n    heartbeat: {interval_seconds: 60, timeout_seconds: 10}\n",
+    ] {
+        let (_gate, mut client, mut upstream) = through_gate(extra).await;
+        let payload = [5u8; 16];
+        let bytes = frame(0x82, &payload, true);
+        // The 6 bytes of the header (2 + the mask key) over 2.1 s, then the payload. The
+        // client never answers the gate's pings.
+        for byte in &bytes[..6] {
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            client.write_all(std::slice::from_ref(byte)).await.unwrap();
+        }
+        client.write_all(&bytes[6..]).await.unwrap();
+        assert_eq!(
+            next_frame(&mut upstream).await,
+            data(true, 0x2, &payload, true),
+            "{extra}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_length_not_in_its_shortest_encoding_is_1002_and_1014_to_the_client() {
     // Browsers fail a connection whose server sends a length in a longer form than needed

@@ -184,7 +184,15 @@ impl Direction {
             };
             let len = match step {
                 Step::Incomplete => {
-                    src.reader.carry(&buf[r..end]);
+                    // More of a frame begun (a header still arriving, or one waiting for
+                    // its payload's first byte) shows the source alive, as payload bytes
+                    // do; a data frame's (its opcode is in the first byte) is activity.
+                    let rest = &buf[r..end];
+                    self.frames += 1;
+                    if rest[0] & 0x0f < 0x8 {
+                        self.last_data = now;
+                    }
+                    src.reader.carry(rest);
                     break;
                 }
                 Step::DataHeader {
