@@ -290,6 +290,41 @@ async fn a_client_sending_one_long_frame_is_not_a_dead_client() {
     assert!(pings >= 1, "no ping reached the client");
 }
 
+/// A side that closes while the other is still sending it a large frame gets its close
+/// passed on at once (the leg it goes out on is free); the rest of the frame still
+/// reaches it, then the close reply. (The close waited up to 2 s for the frame's end.)
+#[tokio::test]
+async fn a_close_goes_on_at_once_while_the_other_side_sends_a_large_frame() {
+    let (_gate, mut client, mut upstream) = through_gate("").await;
+    let payload = vec![3u8; 64 * 1024];
+    let bytes = frame(0x82, &payload, true);
+    client.write_all(&bytes[..1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    upstream
+        .write_all(&frame(0x88, &[0x0f, 0xa8, b'b', b'y', b'e'], false))
+        .await
+        .unwrap();
+    let sent = tokio::time::Instant::now();
+    let close = next_frame(&mut client).await;
+    assert_eq!(close_code_of(&close), 4008);
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "the close came after {took:?}"
+    );
+    // The client ends its frame, then replies.
+    client.write_all(&bytes[1024..]).await.unwrap();
+    client
+        .write_all(&frame(0x88, &[0x0f, 0xa8], true))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut upstream).await,
+        data(true, 0x2, &payload, true)
+    );
+    assert_eq!(close_code_of(&next_frame(&mut upstream).await), 4008);
+}
+
 /// The bytes of a frame's header count as the frame's bytes do: a client whose header
 /// arrives a byte at a time, for longer than the heartbeat's timeout after a ping or than
 /// the idle timeout, is neither dead nor idle, and its frame reaches the upstream.

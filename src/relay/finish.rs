@@ -30,32 +30,42 @@ pub(super) async fn close_both(
 ) -> (Finish, Finish) {
     let (mut to_client, mut to_upstream) = reason.endings();
     // A side in the middle of a relayed frame can be sent no close frame: the frame is
-    // finished first where its source can finish it.
+    // finished first where its source can finish it. The frame toward a side whose peer
+    // is drained below (the side that closed first, or a violator) is not waited for
+    // here: the drain relays its rest while the peer is being closed, so the peer's close
+    // goes out at once, not after that frame; what is still left of it after the drain
+    // is finished then.
     let (to_client_frame, to_upstream_frame) = reason.frames_to_finish();
+    let drained = reason.relayed_until_reply();
+    let started = Instant::now();
     let finish = (
-        to_client_frame && client.mid_frame,
-        to_upstream_frame && upstream.mid_frame,
+        to_client_frame && client.mid_frame && drained != Some(Side::Client),
+        to_upstream_frame && upstream.mid_frame && drained != Some(Side::Upstream),
     );
-    if finish.0 || finish.1 {
-        let deadline = deadline.min(Instant::now() + FINISH_FRAME);
-        let closed_by = finish_frames(client, upstream, c2u, u2c, finish, deadline).await;
-        // A side that sent its own close meanwhile is answered, not waited on.
-        let reply = |ending: &mut Ending| {
-            if let Ending::Close(frame) = ending {
-                *ending = Ending::Reply(frame.take());
-            }
+    // A side that sent its own close meanwhile is answered, not waited on.
+    let answered = |closed_by: Option<Side>, to_client: &mut Ending, to_upstream: &mut Ending| {
+        let reply = |ending: &mut Ending| match ending {
+            Ending::Close(frame) => *ending = Ending::Reply(frame.take()),
+            // Its close was the reply a drain waited for.
+            Ending::AwaitReply => *ending = Ending::Done,
+            _ => {}
         };
         match closed_by {
-            Some(Side::Client) => reply(&mut to_client),
-            Some(Side::Upstream) => reply(&mut to_upstream),
+            Some(Side::Client) => reply(to_client),
+            Some(Side::Upstream) => reply(to_upstream),
             None => {}
         }
+    };
+    if finish.0 || finish.1 {
+        let deadline = deadline.min(started + FINISH_FRAME);
+        let closed_by = finish_frames(client, upstream, c2u, u2c, finish, deadline).await;
+        answered(closed_by, &mut to_client, &mut to_upstream);
     }
     // A violator's peer is closed first, and what it had already sent is still delivered
     // to the violator: the messages it sent before the bad frame arrived get their answers
     // (as from an endpoint that had answered them before reading it). So is what a side
     // that closed first is still sent before its peer's close reply.
-    match reason.relayed_until_reply() {
+    match drained {
         Some(Side::Client) => {
             to_upstream = drain(upstream, client, u2c, to_upstream, deadline).await;
         }
@@ -63,6 +73,15 @@ pub(super) async fn close_both(
             to_client = drain(client, upstream, c2u, to_client, deadline).await;
         }
         None => {}
+    }
+    let rest = (
+        to_client_frame && client.mid_frame && drained == Some(Side::Client),
+        to_upstream_frame && upstream.mid_frame && drained == Some(Side::Upstream),
+    );
+    if rest.0 || rest.1 {
+        let deadline = deadline.min(started + FINISH_FRAME);
+        let closed_by = finish_frames(client, upstream, c2u, u2c, rest, deadline).await;
+        answered(closed_by, &mut to_client, &mut to_upstream);
     }
     // Each side is let go as soon as its own close is done, not when the other side's
     // ends: an upstream that answered is not kept open while a silent client is waited
