@@ -35,32 +35,13 @@ pub(super) async fn close_both(
     // here: the drain relays its rest while the peer is being closed, so the peer's close
     // goes out at once, not after that frame; what is still left of it after the drain
     // is finished then.
-    let (to_client_frame, to_upstream_frame) = reason.frames_to_finish();
+    let frames = reason.frames_to_finish();
     let drained = reason.relayed_until_reply();
     let started = Instant::now();
-    let finish = (
-        to_client_frame && client.mid_frame && drained != Some(Side::Client),
-        to_upstream_frame && upstream.mid_frame && drained != Some(Side::Upstream),
-    );
-    // A side that sent its own close meanwhile is answered, not waited on.
-    let answered = |closed_by: Option<Side>, to_client: &mut Ending, to_upstream: &mut Ending| {
-        let reply = |ending: &mut Ending| match ending {
-            Ending::Close(frame) => *ending = Ending::Reply(frame.take()),
-            // Its close was the reply a drain waited for.
-            Ending::AwaitReply => *ending = Ending::Done,
-            _ => {}
-        };
-        match closed_by {
-            Some(Side::Client) => reply(to_client),
-            Some(Side::Upstream) => reply(to_upstream),
-            None => {}
-        }
-    };
-    if finish.0 || finish.1 {
-        let deadline = deadline.min(started + FINISH_FRAME);
-        let closed_by = finish_frames(client, upstream, c2u, u2c, finish, deadline).await;
-        answered(closed_by, &mut to_client, &mut to_upstream);
-    }
+    let finish_by = deadline.min(started + FINISH_FRAME);
+    let now = mid_frame_sides(client, upstream, frames, |side| drained != Some(side));
+    let endings = (&mut to_client, &mut to_upstream);
+    finish_and_answer(client, upstream, c2u, u2c, now, finish_by, endings).await;
     // A violator's peer is closed first, and what it had already sent is still delivered
     // to the violator: the messages it sent before the bad frame arrived get their answers
     // (as from an endpoint that had answered them before reading it). So is what a side
@@ -74,15 +55,9 @@ pub(super) async fn close_both(
         }
         None => {}
     }
-    let rest = (
-        to_client_frame && client.mid_frame && drained == Some(Side::Client),
-        to_upstream_frame && upstream.mid_frame && drained == Some(Side::Upstream),
-    );
-    if rest.0 || rest.1 {
-        let deadline = deadline.min(started + FINISH_FRAME);
-        let closed_by = finish_frames(client, upstream, c2u, u2c, rest, deadline).await;
-        answered(closed_by, &mut to_client, &mut to_upstream);
-    }
+    let rest = mid_frame_sides(client, upstream, frames, |side| drained == Some(side));
+    let endings = (&mut to_client, &mut to_upstream);
+    finish_and_answer(client, upstream, c2u, u2c, rest, finish_by, endings).await;
     // Each side is let go as soon as its own close is done, not when the other side's
     // ends: an upstream that answered is not kept open while a silent client is waited
     // for, and a client that flooded past our close gets its FIN while an upstream that
@@ -119,6 +94,47 @@ pub(super) async fn close_both(
         }
     })
     .await
+}
+
+/// The sides among `frames` (toward the client, toward the upstream) that are in the
+/// middle of a frame and that `chosen` picks.
+fn mid_frame_sides(
+    client: &Leg,
+    upstream: &Leg,
+    frames: (bool, bool),
+    chosen: impl Fn(Side) -> bool,
+) -> (bool, bool) {
+    (
+        frames.0 && client.mid_frame && chosen(Side::Client),
+        frames.1 && upstream.mid_frame && chosen(Side::Upstream),
+    )
+}
+
+/// Finish the frames toward the sides `sides` names (see [`finish_frames`]); a side that
+/// sent its own close meanwhile is then answered, not waited on.
+async fn finish_and_answer(
+    client: &mut Leg,
+    upstream: &mut Leg,
+    c2u: &mut Direction,
+    u2c: &mut Direction,
+    sides: (bool, bool),
+    deadline: Instant,
+    (to_client, to_upstream): (&mut Ending, &mut Ending),
+) {
+    if !sides.0 && !sides.1 {
+        return;
+    }
+    let ending = match finish_frames(client, upstream, c2u, u2c, sides, deadline).await {
+        Some(Side::Client) => to_client,
+        Some(Side::Upstream) => to_upstream,
+        None => return,
+    };
+    match ending {
+        Ending::Close(frame) => *ending = Ending::Reply(frame.take()),
+        // Its close was the reply a drain waited for.
+        Ending::AwaitReply => *ending = Ending::Done,
+        _ => {}
+    }
 }
 
 /// Let `leg` go at once if `finish` has it wait on its peer (the lingering close, or the
