@@ -760,6 +760,17 @@ pub struct Loaded {
     pub source: PathBuf,
 }
 
+/// Where the authority at the start of `s` (what follows a URL's `://`) ends, at `/`,
+/// `?`, `#`, a quote or whitespace, and where in it the user information ends (its last
+/// `@`), if it has any: what every form of a URL shown in a log line, `/policy` or an
+/// error hides.
+pub(crate) fn authority_userinfo(s: &str) -> (Option<usize>, usize) {
+    let end = s
+        .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+        .unwrap_or(s.len());
+    (s[..end].rfind('@'), end)
+}
+
 /// `url` with any user information and every query value replaced by `***`
 /// (`https://***@host/jwks?api_key=***`): the form in which a URL may reach a log line or
 /// `/policy`. Validation refuses user information in the policy's URLs; a key server may
@@ -769,9 +780,8 @@ pub fn redact_userinfo(url: &str) -> Cow<'_, str> {
         return Cow::Borrowed(url);
     };
     let rest = &url[start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (userinfo, authority_end) = authority_userinfo(rest);
     let authority = &rest[..authority_end];
-    let userinfo = authority.rfind('@');
     let query = rest.find('?').map(|q| {
         let end = rest[q..].find('#').map_or(rest.len(), |h| q + h);
         (q, end)

@@ -164,8 +164,7 @@ impl fmt::Display for FieldErrors<'_> {
 
 /// `text` (an error about a value, which may be a URL with a password in the wrong field)
 /// with the user information of every URL in it shown as `***`: `http://user:pw@host`
-/// becomes `http://***@host`. A URL's authority ends at `/`, `?`, `#`, a quote or
-/// whitespace.
+/// becomes `http://***@host`.
 pub(crate) fn hide_userinfo_in(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("://") {
         return std::borrow::Cow::Borrowed(text);
@@ -176,10 +175,8 @@ pub(crate) fn hide_userinfo_in(text: &str) -> std::borrow::Cow<'_, str> {
         let start = at + 3;
         out.push_str(&rest[..start]);
         let authority = &rest[start..];
-        let end = authority
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
-            .unwrap_or(authority.len());
-        match authority[..end].rfind('@') {
+        let (userinfo, end) = crate::policy::authority_userinfo(authority);
+        match userinfo {
             Some(user_end) => {
                 out.push_str("***");
                 out.push_str(&authority[user_end..end]);

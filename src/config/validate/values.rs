@@ -87,10 +87,7 @@ pub(super) fn port_error(uri: &Uri) -> Option<&'static str> {
 /// show the values they are about.
 pub(super) fn hide_userinfo(s: &str) -> Cow<'_, str> {
     let start = s.find("://").map_or(0, |i| i + 3);
-    let end = s[start..]
-        .find(['/', '?', '#'])
-        .map_or(s.len(), |i| start + i);
-    match s[start..end].rfind('@') {
+    match crate::policy::authority_userinfo(&s[start..]).0 {
         Some(at) => Cow::Owned(format!("{}***{}", &s[..start], &s[start + at..])),
         None => Cow::Borrowed(s),
     }
