@@ -51,6 +51,30 @@ fn every_shipped_policy_passes_check() {
     );
 }
 
+/// The output docs/running.md shows for `wsgate check policies/default.yaml` is what it
+/// prints for the shipped file, sha256 included (operators compare that hash across pods).
+#[test]
+fn the_documented_check_output_is_the_shipped_policys() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docs = std::fs::read_to_string(root.join("docs/running.md")).unwrap();
+    let shown = docs
+        .lines()
+        .find(|line| line.starts_with("policies/default.yaml: valid ("))
+        .expect("docs/running.md shows the output of checking policies/default.yaml");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("policies/default.yaml")
+        .current_dir(root)
+        .env(
+            "WSGATE_JWT_SECRET",
+            "a-development-secret-that-is-long-enough",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), shown);
+}
+
 /// `wsgate check` usually runs where the gate's secrets are not (CI, a laptop): every
 /// shipped policy passes it without `WSGATE_JWT_SECRET`, with a warning naming the
 /// variable; `wsgate run` still refuses a policy whose secret variable is unset.
