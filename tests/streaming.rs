@@ -391,6 +391,47 @@ async fn a_frame_in_flight_ends_before_the_close_frame() {
     assert_eq!(close_code_of(&next_frame(&mut upstream).await), 1001);
 }
 
+/// When the gate ends a connection during a large frame, only the side that frame goes to
+/// waits for it: the side it comes from is sent its close at once (its leg is free), and
+/// the frame's rest still reaches the other side before that side's close. In both
+/// directions. (The sender's close waited for the frame's end, up to 2 s.)
+#[tokio::test]
+async fn the_side_a_frame_in_flight_comes_from_gets_its_close_at_once() {
+    for from_client in [false, true] {
+        let (_gate, mut client, mut upstream) =
+            through_gate("    timeouts: {max_lifetime_seconds: 1}\n").await;
+        let payload = vec![7u8; 100_000];
+        let (sender, receiver) = match from_client {
+            true => (&mut client, &mut upstream),
+            false => (&mut upstream, &mut client),
+        };
+        let bytes = frame(0x82, &payload, from_client);
+        sender.write_all(&bytes[..1000]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let close = next_frame(sender).await;
+        let took = started.elapsed();
+        assert_eq!(
+            close_code_of(&close),
+            1001,
+            "from the client: {from_client}"
+        );
+        assert_eq!(&close.payload[2..], b"max lifetime");
+        assert!(
+            took < Duration::from_millis(1600),
+            "from the client: {from_client}: the sender's close came after {took:?}"
+        );
+        // The sender ends its frame, then replies.
+        sender.write_all(&bytes[1000..]).await.unwrap();
+        sender
+            .write_all(&frame(0x88, &[0x03, 0xe9], from_client))
+            .await
+            .unwrap();
+        let relayed = next_frame(receiver).await;
+        assert_eq!((relayed.opcode, relayed.payload.len()), (0x2, 100_000));
+        assert_eq!(close_code_of(&next_frame(receiver).await), 1001);
+    }
+}
+
 /// The same with an upstream that never sends the rest: once the frame has had its time,
 /// no close frame can reach a client cut off inside it, so it gets its FIN, and not only
 /// once the upstream's close handshake is over (this upstream never answers; that would

@@ -124,7 +124,27 @@ async fn finish_and_answer(
     if !sides.0 && !sides.1 {
         return;
     }
-    let ending = match finish_frames(client, upstream, c2u, u2c, sides, deadline).await {
+    // Only the side a frame goes to waits for it: the side a lone frame comes from, if it
+    // is to be sent a close, is sent it at once, while the frame's rest is relayed.
+    let source = match sides {
+        (true, false) => Some((Side::Upstream, &mut *to_upstream)),
+        (false, true) => Some((Side::Client, &mut *to_client)),
+        _ => None,
+    };
+    let early = source.and_then(|(side, ending)| match ending {
+        Ending::Close(frame) => Some((side, frame.clone())),
+        _ => None,
+    });
+    let (closed_by, early_sent) =
+        finish_frames(client, upstream, c2u, u2c, sides, early, deadline).await;
+    if let Some(side) = early_sent {
+        let ending = match side {
+            Side::Client => &mut *to_client,
+            Side::Upstream => &mut *to_upstream,
+        };
+        *ending = Ending::AwaitReply;
+    }
+    let ending = match closed_by {
         Some(Side::Client) => to_client,
         Some(Side::Upstream) => to_upstream,
         None => return,
@@ -166,20 +186,49 @@ const FINISH_FRAME: Duration = Duration::from_secs(2);
 
 /// Relay on, with every check, toward each side `finish` names that is in the middle of a
 /// frame, until that frame has ended (what follows it in the same read goes too), for at
-/// most until `deadline`. Returns the side whose own close came meanwhile, if one did;
-/// anything else that ends a direction (its source lost or breaking a rule) stops the
-/// finishing, and that side's close fares as it would have.
+/// most until `deadline`; meanwhile the side `early` names, if free for a frame of ours, is
+/// sent that close frame. Returns the side whose own close came meanwhile, if one did
+/// (anything else that ends a direction, its source lost or breaking a rule, stops the
+/// finishing, and that side's close fares as it would have), and the side `early` names
+/// if its close went whole (one begun and not done is finished by [`send_close`]).
 async fn finish_frames(
     client: &mut Leg,
     upstream: &mut Leg,
     c2u: &mut Direction,
     u2c: &mut Direction,
     finish: (bool, bool),
+    early: Option<(Side, Option<CloseFrame>)>,
     deadline: Instant,
-) -> Option<Side> {
+) -> (Option<Side>, Option<Side>) {
+    let free = |side: Side, client: &Leg, upstream: &Leg| {
+        let leg = if side == Side::Client {
+            client
+        } else {
+            upstream
+        };
+        !leg.mid_frame && !leg.close_sent
+    };
+    // Nothing is relayed toward it here, so it stays free for its close.
+    let (mut early, mut close) = match early.filter(|(side, _)| free(*side, client, upstream)) {
+        Some((side, frame)) => (Some(side), Some(frame)),
+        None => (None, None),
+    };
+    let mut early_sent = None;
     let finished = timeout_at(
         deadline,
         poll_fn(|cx| loop {
+            if let Some(side) = early.filter(|_| early_sent.is_none()) {
+                let leg = match side {
+                    Side::Client => &mut *client,
+                    Side::Upstream => &mut *upstream,
+                };
+                match poll_close(leg, &mut close, cx) {
+                    Poll::Ready(Ok(())) => early_sent = Some(side),
+                    // Its write side is broken: its close fares as it would have.
+                    Poll::Ready(Err(_)) => early = None,
+                    Poll::Pending => {}
+                }
+            }
             let to_client = finish.0 && client.mid_frame;
             let to_upstream = finish.1 && upstream.mid_frame;
             if !to_client && !to_upstream {
@@ -210,7 +259,7 @@ async fn finish_frames(
         }),
     )
     .await;
-    finished.unwrap_or(None)
+    (finished.unwrap_or(None), early_sent)
 }
 
 /// [`end`], then, after a completed close handshake, the write side shut at once (or,
@@ -381,34 +430,31 @@ async fn end(leg: &mut Leg, ending: Ending, deadline: Instant) -> Finish {
 /// relayed stream stops inside a frame (a peer cut off mid-frame reads the rest of the
 /// connection as that frame's payload, so it gets a FIN and no close frame).
 async fn send_close(leg: &mut Leg, frame: Option<CloseFrame>) -> bool {
-    if leg.close_sent && !leg.caught_up() {
-        // Our close frame was begun and the peer took only part of it (a drain that timed
-        // out): nothing is written after it, so what is left is its rest. Finish it rather
-        // than leave the peer a truncated frame before the FIN.
-        return poll_fn(|cx| {
-            std::task::ready!(leg.poll_owed(cx))?;
-            leg.poll_flush(cx)
-        })
-        .await
-        .is_ok();
-    }
-    if leg.close_sent || leg.mid_frame {
+    // Our close frame may have been begun, and the peer taken only part of it (a drain
+    // that timed out, or a close sent while a frame toward the other side was finished):
+    // nothing is written after it, so what is left is its rest. It is finished rather than
+    // leave the peer a truncated frame before the FIN.
+    let mut close = (!leg.close_sent).then_some(frame);
+    if leg.mid_frame && close.is_some() {
         return false;
     }
-    let mut close = Some(frame);
-    let written = poll_fn(|cx| {
-        // What is owed goes first; the close frame once the leg has caught up.
-        loop {
-            std::task::ready!(leg.poll_owed(cx))?;
-            match close.take() {
-                Some(frame) => leg.write_close(cx, frame.as_ref())?,
-                None => break,
-            }
+    poll_fn(|cx| poll_close(leg, &mut close, cx)).await.is_ok()
+}
+
+/// Write what is owed to `leg`, then `close` (taken) once the leg has caught up, and flush.
+fn poll_close(
+    leg: &mut Leg,
+    close: &mut Option<Option<CloseFrame>>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    loop {
+        std::task::ready!(leg.poll_owed(cx))?;
+        match close.take() {
+            Some(frame) => leg.write_close(cx, frame.as_ref())?,
+            None => break,
         }
-        leg.poll_flush(cx)
-    })
-    .await;
-    written.is_ok()
+    }
+    leg.poll_flush(cx)
 }
 
 /// Frames read (and discarded) while waiting for a close reply before the gate gives up
