@@ -443,6 +443,35 @@ fn check_reports_unknown_fields_with_their_location() {
     }
 }
 
+/// An unknown field whose name holds a `.` is named once, not a second time at a field
+/// path read as a deeper key; bytes that are not UTF-8 are an error at their line and
+/// column, not at 1:1.
+#[test]
+fn check_names_a_dotted_unknown_field_once_and_locates_bad_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dotted.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nroutes:\n  - path: /ws\n    \"a.b\": 1\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("{}:4:5:", path.display())), "{text}");
+    assert_eq!(text.matches("unknown field `a.b`").count(), 1, "{text}");
+    let path = dir.path().join("latin1.yaml");
+    std::fs::write(&path, b"version: 1\nroutes:\n  - path: /\xe9t\xe9\n").unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:3:12: invalid UTF-8 (byte 0xE9)",
+            path.display()
+        )),
+        "{text}"
+    );
+}
+
 /// Values of the wrong type are all named in one run, not one per run.
 #[test]
 fn check_reports_every_value_of_the_wrong_type() {

@@ -422,6 +422,19 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
             more: Vec::new(),
         });
     }
+    if let Err(e) = std::str::from_utf8(yaml) {
+        let (line, column) = line_and_column(yaml, e.valid_up_to());
+        return Err(ConfigError::Syntax {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!(
+                "invalid UTF-8 (byte 0x{:02X}): a policy is UTF-8 text",
+                yaml[e.valid_up_to()]
+            ),
+            more: Vec::new(),
+        });
+    }
     let mut document: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(syntax)?;
     // YAML merge keys (`<<: *defaults`), which shared blocks in hand-written YAML use, are
     // applied to the document, and the policy is read from it; the typed parse of the
@@ -567,6 +580,17 @@ fn schema_value() -> serde_json::Value {
     schemars::schema_for!(file::PolicyFile).to_value()
 }
 
+/// The line and column (both from 1, the column in characters) of byte `at` of `text`,
+/// whose bytes before `at` are UTF-8.
+fn line_and_column(text: &[u8], at: usize) -> (usize, usize) {
+    let before = String::from_utf8_lossy(&text[..at]);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
 /// Whether serde's `message` ("routes[0]: unknown field `upstrem`, expected …", "mode:
 /// unknown variant `enforcee`, …", "max_connections: invalid type: …") is the error about
 /// `field` (`routes[0].upstrem`, `mode`, `max_connections`).
@@ -581,15 +605,13 @@ fn reported(message: &str, field: &str) -> bool {
             return true;
         }
     }
-    let (parent, key) = match field.rsplit_once('.') {
-        Some((parent, key)) => (Some(parent), key),
-        None => (None, field),
-    };
-    let about = format!("unknown field `{key}`");
-    match parent {
-        Some(parent) => message.starts_with(&format!("{parent}: {about}")),
-        None => message.starts_with(&about),
-    }
+    // The key may itself hold a `.` (`routes[0].a.b` is the key `a.b`), so every split
+    // of the path is tried.
+    message.starts_with(&format!("unknown field `{field}`"))
+        || field.match_indices('.').any(|(at, _)| {
+            let (parent, key) = (&field[..at], &field[at + 1..]);
+            message.starts_with(&format!("{parent}: unknown field `{key}`"))
+        })
 }
 
 /// Descriptions come from hard-wrapped doc comments; editors show them in hovers, where
