@@ -52,7 +52,13 @@ impl Batched {
     /// Writes out what is buffered; waits for a write already under way.
     pub fn flush(&self) {
         let guard = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_out(guard);
+        let dropped = self.write_out(guard);
+        // Told as an event of its own, in the log's format (a JSON collector reads every
+        // line), once stderr has taken what was held before those lines: it goes out with
+        // the next batch.
+        if dropped > 0 {
+            tracing::warn!(dropped, "log lines dropped: stderr was not accepting them");
+        }
     }
 
     /// Writes out what is buffered, waiting at most `within` for stderr to take it (the
@@ -70,16 +76,11 @@ impl Batched {
         }
     }
 
-    fn write_out(&self, _writing: MutexGuard<'_, ()>) {
+    /// Writes out the batch; returns how many lines were dropped before it was taken.
+    fn write_out(&self, _writing: MutexGuard<'_, ()>) -> u64 {
         let batch = std::mem::take(&mut *self.lock());
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         let mut err = io::stderr().lock();
-        if dropped > 0 {
-            let _ = writeln!(
-                err,
-                "wsgate: {dropped} log lines dropped: stderr was not accepting them"
-            );
-        }
         if !batch.is_empty() {
             let _ = err.write_all(&batch);
         }
@@ -93,6 +94,7 @@ impl Batched {
                 *lines = batch;
             }
         }
+        dropped
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {

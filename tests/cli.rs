@@ -2114,19 +2114,22 @@ async fn an_idle_gate_exits_promptly_on_sigterm() {
 }
 
 /// A log pipe nobody reads (a stalled log collector) holds neither the gate's work nor
-/// its exit: only the log thread waits on it, lines past its buffer are dropped, and the
+/// its exit: only the log thread waits on it, lines past its buffer are dropped (and
+/// counted in a line of the log's own format once stderr takes lines again), and the
 /// exit's last flush waits a bounded time.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stderr_nobody_reads_holds_neither_the_gate_nor_its_exit() {
     let upstream = Upstream::start().await;
     let (_dir, policy) = open_policy_file(&upstream, "");
-    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let json = ["--log-format", "json"];
+    let mut gate = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &json);
     gate.stop_reading_log();
     let admin = gate.admin.unwrap();
-    // Each refusal logs a line of about 250 bytes: 2,000 are 500 KB, far past what the
-    // pipe (64 KiB) and the batch (16 KiB) hold.
-    for _ in 0..2000 {
-        let (status, _) = admin_fetch(gate.addr, "/nowhere").await;
+    // Each refusal logs a line of about 4.3 KB: 500 are 2 MB, far past what the pipe
+    // (64 KiB) and the buffer (1 MiB) hold.
+    let long = format!("/nowhere/{}", "x".repeat(4000));
+    for _ in 0..500 {
+        let (status, _) = admin_fetch(gate.addr, &long).await;
         assert_eq!(status, 404);
     }
     let (status, _) = tokio::time::timeout(DEADLINE, admin_fetch(admin, "/healthz"))
@@ -2140,6 +2143,12 @@ async fn a_stderr_nobody_reads_holds_neither_the_gate_nor_its_exit() {
         Message::text("still relaying")
     );
     drop(client);
+    gate.resume_reading_log();
+    let line = gate.wait_line("log lines dropped");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(event["level"], "WARN", "{line}");
+    assert!(event["dropped"].as_u64() > Some(0), "{line}");
+    gate.stop_reading_log();
     gate.signal("TERM");
     let (code, took) = gate.exited(Duration::from_secs(10)).await;
     assert_eq!(code, 0);

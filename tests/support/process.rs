@@ -43,6 +43,11 @@ impl Log {
         self.1.store(true, Ordering::Relaxed);
     }
 
+    /// Read the child's stderr again after [`Log::stop_reading`].
+    pub fn resume_reading(&self) {
+        self.1.store(false, Ordering::Relaxed);
+    }
+
     /// The next line, if one comes within `within`.
     pub fn next_line(&self, within: Duration) -> Option<String> {
         self.0.recv_timeout(within).ok()
@@ -96,16 +101,12 @@ pub fn spawn_run(
         None => Command::new(BIN),
     };
     let mut child = command
-        .args([
-            "run",
-            "--plaintext",
-            "--admin",
-            admin,
-            "--listen",
-            listen,
-            "--log-format",
-            "text",
-        ])
+        .args(["run", "--plaintext", "--admin", admin, "--listen", listen])
+        // Text logs unless `extra` asks for another format.
+        .args(match extra.contains(&"--log-format") {
+            true => &[][..],
+            false => &["--log-format", "text"][..],
+        })
         .args(extra)
         .arg("--policy")
         .arg(policy)
@@ -162,6 +163,12 @@ impl Proc {
             admin: None,
         };
         let line = proc.wait_line("listening");
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+            let field = |name: &str| event[name].as_str().and_then(|s| s.parse().ok());
+            proc.addr = field("addr").expect("the listening line's addr");
+            proc.admin = field("admin");
+            return proc;
+        }
         let addr = line
             .split("addr=")
             .nth(1)
@@ -183,6 +190,11 @@ impl Proc {
     /// See [`Log::stop_reading`].
     pub fn stop_reading_log(&self) {
         self.log.stop_reading()
+    }
+
+    /// See [`Log::resume_reading`].
+    pub fn resume_reading_log(&self) {
+        self.log.resume_reading()
     }
 
     /// Watch the log for `window` and fail if a line containing `needle` arrives in it.
