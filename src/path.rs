@@ -21,15 +21,18 @@
 
 use std::borrow::Cow;
 
-/// `path` as a log line shows it: every run that looks like a JWT (`eyJ` and base64url
-/// characters joined by dots) is `***`, read as a client's parser reads it, so that
+/// `path` as a log line shows it: every run that looks like a JWT (base64url characters
+/// joined by dots, the first part a JSON object's start: `eyJ`, or `eyAi`, `ewoi` where the
+/// header's JSON has whitespace) is `***`, read as a client's parser reads it, so that
 /// `%2E` for a dot or `%65` for the `e` does not hide one. The query is never logged,
 /// since it may carry a token; a client that puts one in the path instead
 /// (`/ws;access_token=…`, an encoded `?`, a segment of its own) must not see it written
 /// to the logs either. The operator API's logged `sub` and `jti` go through it too: a
 /// token pasted there by mistake is a token.
 pub fn for_log(path: &str) -> Cow<'_, str> {
-    if !path.contains("eyJ") && !path.contains('%') {
+    // A JSON object's `{` is `e` in base64url, and the `"`, space, tab, CR or LF after it
+    // make the next character `y` or `w`.
+    if !path.contains("ey") && !path.contains("ew") && !path.contains('%') {
         return Cow::Borrowed(path);
     }
     let raw = path.as_bytes();
@@ -53,7 +56,7 @@ pub fn for_log(path: &str) -> Cow<'_, str> {
     let mut shown: Option<String> = None;
     let (mut copied, mut at) = (0, 0);
     while at + 3 <= decoded.len() {
-        if decoded[at..at + 3].iter().map(|&(b, _)| b).ne(*b"eyJ") {
+        if decoded[at].0 != b'e' || !matches!(decoded[at + 1].0, b'y' | b'w') {
             at += 1;
             continue;
         }
@@ -62,7 +65,8 @@ pub fn for_log(path: &str) -> Cow<'_, str> {
             .position(|&(b, _)| !is_token_byte(b))
             .unwrap_or(decoded.len() - at);
         let run = &decoded[at..at + len];
-        if run.iter().any(|&(b, _)| b == b'.') {
+        let header = run.iter().position(|&(b, _)| b == b'.');
+        if header.is_some_and(|end| starts_a_json_object(run[..end].iter().map(|&(b, _)| b))) {
             let (from, to) = (raw_at(at), raw_at(at + len));
             let out = shown.get_or_insert_with(String::new);
             out.push_str(&path[copied..from]);
@@ -78,6 +82,36 @@ pub fn for_log(path: &str) -> Cow<'_, str> {
             Cow::Owned(out)
         }
     }
+}
+
+/// Whether base64url `chars` decode to the start of a JSON object with a member: `{`, any
+/// JSON whitespace, then `"` (a JWT's header, whose first member jsonwebtoken reads however
+/// it is spaced).
+fn starts_a_json_object(chars: impl Iterator<Item = u8>) -> bool {
+    let (mut bits, mut held, mut first) = (0u32, 0u32, true);
+    for c in chars {
+        let value = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return false,
+        };
+        bits = (bits << 6 | u32::from(value)) & 0xfff;
+        held += 6;
+        if held >= 8 {
+            held -= 8;
+            let byte = (bits >> held) as u8;
+            match (first, byte) {
+                (true, b'{') => first = false,
+                (false, b' ' | b'\t' | b'\r' | b'\n') => {}
+                (false, b'"') => return true,
+                _ => return false,
+            }
+        }
+    }
+    false
 }
 
 /// The path in normal form (borrowed when it already is), or why it is refused (400).
@@ -236,6 +270,20 @@ mod tests {
             (format!("/ws/%65%79J{}", &jwt[3..]), "/ws/***".to_owned()),
             ("/ws/%2E%zz%".to_owned(), "/ws/%2E%zz%".to_owned()),
             ("/ws/caf%C3%A9".to_owned(), "/ws/caf%C3%A9".to_owned()),
+            // A header whose JSON has whitespace, as jsonwebtoken reads it.
+            (
+                "/ws/eyAiYWxnIjoiSFMyNTYifQ.eyAic3ViIjoieCJ9.c2ln".to_owned(),
+                "/ws/***".to_owned(),
+            ),
+            (
+                "/ws/ewoiYWxnIjoiSFMyNTYifQ.e30.c2ln/x".to_owned(),
+                "/ws/***/x".to_owned(),
+            ),
+            // Words that begin the same way, with a dot after them.
+            (
+                "/keys/key.pem/they.json/eyes.png".to_owned(),
+                "/keys/key.pem/they.json/eyes.png".to_owned(),
+            ),
         ] {
             assert_eq!(for_log(&path), shown);
         }
