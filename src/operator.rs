@@ -76,11 +76,10 @@ impl Refusal {
         match self {
             Refusal::NotConfigured => StatusCode::FORBIDDEN,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
-            // As nginx and Envoy answer a body over their limit, and as the listener
-            // answers a head over 16 KiB (431): the status says what is wrong, the JSON
-            // reason stays `bad_request`.
-            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            // A body over the limit is a bad request like any other the API refuses: the
+            // status goes with the JSON reason, `bad_request`, and the message says what
+            // is wrong.
+            Refusal::BadRequest(_) | Refusal::TooLarge => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::TooManyRevocations => StatusCode::INSUFFICIENT_STORAGE,

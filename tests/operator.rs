@@ -336,7 +336,7 @@ async fn malformed_oversized_and_misdirected_requests() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
-    // Larger than 16 KiB: 413 (reason bad_request); exactly 16 KiB is read (and parsed).
+    // Larger than 16 KiB: 400 bad_request; exactly 16 KiB is read (and parsed).
     let big = format!(r#"{{"sub": "{}"}}"#, "a".repeat(17 * 1024));
     let (status, _, text) = admin_request(
         gate.admin,
@@ -346,11 +346,10 @@ async fn malformed_oversized_and_misdirected_requests() {
         big.as_bytes(),
     )
     .await;
-    assert_eq!(status, 413, "{text}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&text).unwrap()["error"],
-        "bad_request"
-    );
+    assert_eq!(status, 400, "{text}");
+    let refusal = serde_json::from_str::<Value>(&text).unwrap();
+    assert_eq!(refusal["error"], "bad_request");
+    assert_eq!(refusal["message"], "the body is larger than 16 KiB");
     let fits = format!(r#"{{"sub": "{}"}}"#, "a".repeat(16 * 1024 - 11));
     assert_eq!(fits.len(), 16 * 1024);
     let (status, _, text) = admin_request(
@@ -379,7 +378,7 @@ async fn malformed_oversized_and_misdirected_requests() {
     let mut out = Vec::new();
     let _ = tcp.read_to_end(&mut out).await;
     assert!(
-        out.starts_with(b"HTTP/1.1 413"),
+        out.starts_with(b"HTTP/1.1 400"),
         "{:?}",
         String::from_utf8_lossy(&out)
     );

@@ -747,7 +747,7 @@ pub async fn admin_request(
     }
     head.push_str("\r\n");
     tcp.write_all(head.as_bytes()).await.unwrap();
-    // The gate may answer (413) before taking the whole body.
+    // The gate may answer (400) before taking the whole body.
     let _ = tcp.write_all(body).await;
     let mut out = Vec::new();
     let _ = tcp.read_to_end(&mut out).await;
