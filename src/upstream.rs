@@ -602,13 +602,14 @@ async fn handshake(
     };
     let mut passed = response.headers;
     strip_hop_by_hop(&mut passed);
-    passed.remove(header::CONTENT_LENGTH);
-    let own: Vec<HeaderName> = passed
-        .keys()
-        .filter(|n| n.as_str().starts_with("sec-websocket-"))
-        .cloned()
-        .collect();
-    for name in own {
+    // The handshake headers the gate sets itself in the client's 101 (or h2 200) are its
+    // own, never the upstream's copies; any other `Sec-WebSocket-*` header goes on.
+    for name in [
+        header::CONTENT_LENGTH,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::SEC_WEBSOCKET_EXTENSIONS,
+    ] {
         passed.remove(name);
     }
     Ok(UpstreamSocket {

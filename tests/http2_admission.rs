@@ -625,7 +625,7 @@ async fn forwarded_headers_follow_the_spec_over_h2_and_h2c() {
 }
 
 /// The upstream's 101 headers reach the h2 client in the 200 (Set-Cookie included), less
-/// the hop-by-hop ones and the HTTP/1.1 handshake's own.
+/// the hop-by-hop ones and the handshake headers the gate sets itself.
 #[tokio::test]
 async fn the_upstreams_101_headers_reach_the_h2_client() {
     let upstream = Upstream::start().await;
@@ -638,6 +638,7 @@ async fn the_upstreams_101_headers_reach_the_h2_client() {
         ["io=abc123; Path=/; HttpOnly", "affinity=pod-7; Path=/"]
     );
     assert_eq!(headers["x-upstream"], "yes");
+    assert_eq!(headers["sec-websocket-trace"], "t-1");
     for absent in [
         "x-hop",
         "keep-alive",

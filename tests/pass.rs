@@ -400,6 +400,8 @@ async fn the_upstreams_101_headers_reach_the_client() {
         ["io=abc123; Path=/; HttpOnly", "affinity=pod-7; Path=/"]
     );
     assert_eq!(headers["x-upstream"], "yes");
+    // A `Sec-WebSocket-*` header the gate does not set itself goes on too.
+    assert_eq!(headers["sec-websocket-trace"], "t-1");
     // Hop-by-hop ones do not, and the handshake headers are the gate's own, once.
     assert!(headers.get("x-hop").is_none(), "{headers:?}");
     assert!(headers.get("keep-alive").is_none(), "{headers:?}");

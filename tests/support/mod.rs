@@ -373,6 +373,7 @@ async fn upstream_service(
         .header(header::SET_COOKIE, "io=abc123; Path=/; HttpOnly")
         .header(header::SET_COOKIE, "affinity=pod-7; Path=/")
         .header("x-upstream", "yes")
+        .header("sec-websocket-trace", "t-1")
         .header("x-hop", "secret")
         .header("keep-alive", "timeout=5")
         .header("proxy-connection", "keep-alive");
