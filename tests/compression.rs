@@ -348,9 +348,11 @@ fn with_final_block(data: &[u8]) -> Vec<u8> {
 
 /// A final block hides nothing: what follows it in the message starts a new deflate stream,
 /// which Chromium's inflater delivers, so the gate inflates it and holds it to the limit
-/// (1009). Without context takeover a message must end at a block boundary: one that stops
-/// inside a stored block would have a receiver that keeps its state (Chromium's) read the
-/// next message as that block's rest, unchecked (1007). Both ways, the other side gets
+/// (1009). A message must end at a block boundary (without context takeover, and with it
+/// while the gate keeps a short history in place of its state): one that stops inside a
+/// block (or an empty one, which the appended tail leaves inside a stored block's header)
+/// would have a receiver that keeps its state (Chromium's) read the next message as that
+/// block's rest, unchecked (1007). Both ways, the other side gets
 /// 1001 (1014 for the client when the upstream sent bad data); a message ending with a
 /// final block as the RFC has it passes first, unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,7 +365,21 @@ async fn a_final_block_hides_nothing_and_messages_end_at_a_block_boundary() {
     let open_stored = vec![0x00, 0xFF, 0xFF, 0x00, 0x00, b'h', b'i'];
     let cases = [
         ("bomb after a final block", false, bomb_after_final, 1009),
-        ("stops inside a stored block", true, open_stored, 1007),
+        (
+            "stops inside a stored block",
+            true,
+            open_stored.clone(),
+            1007,
+        ),
+        // With context takeover too while the gate keeps a short history in place of
+        // its state, which would start the next message afresh.
+        (
+            "stops inside a stored block, with takeover",
+            false,
+            open_stored,
+            1007,
+        ),
+        ("no deflate data, with takeover", false, Vec::new(), 1007),
     ];
     for (what, no_takeover, payload, code) in cases {
         for from_client in [true, false] {

@@ -217,15 +217,16 @@ impl Inflater {
     ) -> Result<(), E> {
         let mut fed = self.feed(&TAIL, sink);
         self.streams = 0;
-        if self.deflate.context_takeover {
-            if self.history.is_some() {
-                self.release();
-            }
-        } else {
-            // The next message starts afresh here, but not at every receiver: Chromium's,
-            // for one, keeps inflating where this message left off. A message that stops
-            // inside a block (RFC 7692 §7.2.1 has its sender end it at a block boundary)
-            // would have them read the next one differently from the gate: refused.
+        // Kept for the connection's life, the state reads on from where the message
+        // stopped, as every receiver does with context takeover. Let go (no context
+        // takeover, or a short history standing in for it), the next message starts
+        // afresh here but not at every receiver: Chromium's, for one, keeps inflating where
+        // this message left off even without context takeover, and a fresh state from the
+        // history reads nothing of a block left open. So a message that stops inside a
+        // block (RFC 7692 §7.2.1 has its sender end it at a block boundary) would have them
+        // read the next one differently from the gate: refused.
+        let let_go = !self.deflate.context_takeover || self.history.is_some();
+        if let_go {
             if fed.is_ok() && !self.state.as_mut().is_some_and(at_block_boundary) {
                 fed = Err(InvalidDeflate.into());
             }
@@ -542,8 +543,12 @@ mod tests {
         }
     }
 
+    /// Refused where the gate lets its state go after the message (without context
+    /// takeover, and with it while a short history stands in for the state); read on from
+    /// where it stopped once the state is kept, as every receiver with context takeover
+    /// reads on.
     #[test]
-    fn a_message_that_stops_inside_a_block_is_refused_without_context_takeover() {
+    fn a_message_that_stops_inside_a_block_is_refused_where_the_state_is_let_go() {
         let deflate = |context_takeover| Deflate {
             context_takeover,
             window_bits: 15,
@@ -555,13 +560,23 @@ mod tests {
         // a stored block's header that the next message would finish.
         let mut bare_final = with_final_block(b"hello");
         bare_final.pop();
-        for payload in [&open_stored[..], &bare_final] {
-            let mut inflater = Inflater::new(deflate(false));
-            assert_eq!(finish_alone(&mut inflater, payload), Err(InvalidDeflate));
-            assert!(!inflater.holds_state());
-            // With context takeover every receiver reads on from where this one stops,
-            // as the gate does.
+        // No deflate data at all: the appended tail alone opens a stored block.
+        let empty: &[u8] = &[];
+        for payload in [&open_stored[..], &bare_final, empty] {
+            for context_takeover in [false, true] {
+                let mut inflater = Inflater::new(deflate(context_takeover));
+                assert_eq!(finish_alone(&mut inflater, payload), Err(InvalidDeflate));
+                assert!(!inflater.holds_state());
+            }
+            // With context takeover, past the short history (the state kept), the gate
+            // reads on as the receiver does.
+            let mut sender = Compress::new(Compression::default(), false);
             let mut inflater = Inflater::new(deflate(true));
+            let text = json(400);
+            assert!(text.len() > SHORT_HISTORY);
+            let first = compress(&mut sender, &text);
+            assert_eq!(inflate_all(&mut inflater, &first, 5), text);
+            assert!(inflater.holds_state());
             assert!(finish_alone(&mut inflater, payload).is_ok());
         }
         // The inflater is good for the next message after a refusal.
