@@ -19,7 +19,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -296,9 +296,24 @@ async fn serve_http<I>(
     // machinery. A refusal is left for hyper to write (its framing and `Connection: close`
     // handling as for every other answer), and everything else is hyper's from the start.
     let mut decided = None;
+    let mut head = head;
+    let mut early = Vec::new();
     if let Some((parts, len)) = head::parts(&head) {
         if is_upgrade(&parts.headers) {
-            let (response, admitted) = answer(&gate, info, Asked::Upgrade(parts)).await;
+            // Answering may wait for the upstream's handshake (up to
+            // `upstream_connect_seconds`): a client that leaves meanwhile ends the wait, as
+            // nginx answers its 499, so that its caps and its upstream connection are not
+            // held for nobody. Dropping the answer logs it as abandoned.
+            let answering = answer(&gate, info, Asked::Upgrade(parts));
+            let left = client_left(&mut io, &mut early);
+            let (response, admitted) = tokio::select! {
+                biased;
+                answered = answering => answered,
+                () = left => return,
+            };
+            if !early.is_empty() {
+                head = [&head[..], &early].concat().into();
+            }
             match admitted {
                 Some(admitted) => {
                     let headers = response.into_parts().0.headers;
@@ -395,6 +410,28 @@ async fn serve_http<I>(
     // writes bounded by the write deadline) and finishes a request under way first.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// The most a client may send after its upgrade request and before its 101 that is read
+/// and kept for the relay (a WebSocket client sends nothing then, RFC 6455 §4.1; the rest
+/// waits in the socket).
+const EARLY_BYTES: usize = 16 * 1024;
+
+/// Resolves when the client ends its connection (FIN, reset, TLS close, a broken TLS
+/// record) while its upgrade is being answered. What it sends meanwhile is kept in
+/// `early`, at most [`EARLY_BYTES`]; past that its socket is left unread until the answer,
+/// and a departure is no longer noticed. Reading is cancel-safe: a read that has not
+/// returned has taken nothing (rustls keeps what it decrypted for the next read).
+async fn client_left<I: AsyncRead + Unpin>(io: &mut I, early: &mut Vec<u8>) {
+    let mut chunk = [0u8; 512];
+    while early.len() < EARLY_BYTES {
+        let room = chunk.len().min(EARLY_BYTES - early.len());
+        match io.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => early.extend_from_slice(&chunk[..n]),
+        }
+    }
+    std::future::pending().await
 }
 
 /// The requests of one HTTP/1.1 connection still being answered, their response bodies

@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
@@ -275,4 +277,108 @@ async fn the_101_is_framed_as_every_other_answer() {
         dates[0].ends_with(" GMT") && dates[0].len() == 29,
         "{response:?}"
     );
+}
+
+/// A client that leaves (FIN, over TLS too) while the gate waits for the upstream's
+/// handshake ends the wait at once, as nginx answers its 499: the upstream's half-done
+/// connection is closed and the client's place under the per-IP cap is free again, long
+/// before `upstream_connect_seconds`.
+#[tokio::test]
+async fn a_client_that_leaves_while_the_upstream_is_awaited_frees_its_place_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", upstream.local_addr().unwrap());
+    let extra =
+        "    timeouts: {upstream_connect_seconds: 10}\n    rate: {max_connections_per_ip: 1}\n";
+    for tls in [false, true] {
+        let gate = TestGate::start_with(&open_policy(&url, extra), tls).await;
+        let head = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+        let mut client = gate.stream().await;
+        client.write_all(head.as_bytes()).await.unwrap();
+        let (mut held, _) = upstream.accept().await.unwrap();
+        wire::read_head(&mut held).await.unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), held.read_to_end(&mut rest));
+        assert!(
+            closed.await.is_ok(),
+            "tls {tls}: the upstream's connection outlived the client's"
+        );
+        // The place under the cap of 1 is free: the next client is relayed.
+        let mut client = gate.stream().await;
+        client.write_all(head.as_bytes()).await.unwrap();
+        let _upstream_leg = wire::accept_upgrade(&upstream).await;
+        let mut answer = vec![0u8; 12];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 101", "tls {tls}");
+        let accepted = "wsgate_upgrades_total{route=\"ws\",result=\"accepted\"}";
+        assert_eq!(gate.metric(accepted).await, 1.0, "tls {tls}");
+    }
+}
+
+/// What a client sends after its upgrade request while the upstream's handshake is under
+/// way (a frame sent without waiting for the 101) is kept and relayed in order, over TLS
+/// too.
+#[tokio::test]
+async fn bytes_sent_while_the_upstream_is_awaited_are_relayed_after_the_101() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", upstream.local_addr().unwrap());
+    for tls in [false, true] {
+        let gate = TestGate::start_with(&open_policy(&url, ""), tls).await;
+        let head = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{UPGRADE}\r\n");
+        let mut client = gate.stream().await;
+        client.write_all(head.as_bytes()).await.unwrap();
+        let (mut leg, _) = upstream.accept().await.unwrap();
+        let request = wire::read_head(&mut leg).await.unwrap();
+        client
+            .write_all(&wire::frame(0x81, b"sent early", true))
+            .await
+            .unwrap();
+        client
+            .write_all(&wire::frame(0x81, b"and again", true))
+            .await
+            .unwrap();
+        // Long enough for the gate to have read both frames while it waited.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let accept = wire::accept_value(&request);
+        let switch = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+        leg.write_all(switch.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 12];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 101", "tls {tls}");
+        for expected in [&b"sent early"[..], b"and again"] {
+            let frame = tokio::time::timeout(DEADLINE, wire::read_frame(&mut leg))
+                .await
+                .expect("no frame in time")
+                .expect("the upstream's leg ended");
+            assert_eq!((frame.opcode, frame.masked), (1, true), "tls {tls}");
+            assert_eq!(frame.payload, expected, "tls {tls}");
+        }
+    }
+}
+
+/// The departure is logged as nginx logs its 499: `upgrade abandoned by the client`,
+/// `result="client_lost"`, and no `upstream_timeout` line follows for the request.
+#[tokio::test]
+async fn a_client_that_leaves_while_the_upstream_is_awaited_is_logged_as_abandoned() {
+    use tokio::io::AsyncWriteExt;
+    let (url, held) = silent_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let extra = "    timeouts: {upstream_connect_seconds: 1}\n";
+    std::fs::write(&path, open_policy(&url, extra)).unwrap();
+    let mut gate = support::process::Proc::start(&path, &[]);
+    let mut client = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let head =
+        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: left-early\r\n{UPGRADE}\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(client);
+    let line = gate.wait_line("request_id=left-early");
+    assert!(line.contains("upgrade abandoned by the client"), "{line}");
+    assert!(line.contains("result=\"client_lost\""), "{line}");
+    assert!(line.contains("protocol=\"http/1.1\""), "{line}");
+    gate.no_line("request_id=left-early", Duration::from_millis(1500));
+    held.abort();
 }
