@@ -2902,3 +2902,34 @@ fn json_error_line(stderr: &[u8]) -> serde_json::Value {
         .find(|l| l["level"] == "ERROR")
         .unwrap_or_else(|| panic!("no JSON error line: {stderr}"))
 }
+
+/// A file that holds a second YAML document is refused where that document starts: a
+/// `---` or `...` marker, or a line indented less than the first key (the YAML parser says
+/// only that there is more than one document).
+#[test]
+fn check_locates_where_a_second_document_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, at) in [
+        (
+            "indented.yaml",
+            " version: 1\nroutes:\n  - path: /ws\n    upstream: ws://127.0.0.1:9\n",
+            "2:1: this line is indented less than the file's first key",
+        ),
+        (
+            "two.yaml",
+            "# a comment\n---\nversion: 1\nroutes:\n  - path: /ws\n    upstream: ws://127.0.0.1:9\n---\nversion: 1\n",
+            "7:1: a second YAML document starts here",
+        ),
+        (
+            "ended.yaml",
+            "version: 1\nroutes:\n  - path: /ws\n    upstream: ws://127.0.0.1:9\n...\n\nroutes: []\n",
+            "7:1: a second YAML document starts here, after the `...`",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let (code, out) = check(&path);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(&format!("{}:{at}", path.display())), "{out}");
+    }
+}

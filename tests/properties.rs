@@ -388,7 +388,8 @@ fn error_is_located(e: &ConfigError, input: &PolicyBytes) -> TestCaseResult {
             }
         }
         // The one error serde_yaml gives no location for (a location is given
-        // where the YAML parser gives one), e.g. for a first line indented deeper than the next.
+        // where the YAML parser gives one): more than one document, located by the gate
+        // at a `---`, a `...` or a line indented less than the first key, not otherwise.
         ConfigError::SyntaxNoLocation { message, .. }
             if message.contains("more than one document") => {}
         ConfigError::SyntaxNoLocation { .. } | ConfigError::Unreadable { .. } => {

@@ -334,6 +334,62 @@ fn nested_too_deep(yaml: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// Where the second document of a file that holds several begins, and why, as `line`,
+/// `column` (from 1) and a message: the first `---` after the file's first key, or the
+/// first line indented less than that key, which the YAML parser takes as the start of a
+/// new document (a file whose first line was indented by a space, or pasted in).
+fn second_document(yaml: &[u8]) -> Option<(usize, usize, &'static str)> {
+    let text = std::str::from_utf8(yaml).ok()?;
+    let mut first_indent = None;
+    let mut ended = false;
+    for (i, line) in text.split('\n').enumerate() {
+        let content = line.trim_start_matches(' ');
+        let content_trimmed = content.trim_end();
+        if content_trimmed.is_empty() || content_trimmed.starts_with('#') {
+            continue;
+        }
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']));
+        let indent = line.len() - content.len();
+        if ended {
+            return Some((
+                i + 1,
+                indent + 1,
+                "a second YAML document starts here, after the `...` that ends the first: \
+                 a policy file holds one document",
+            ));
+        }
+        if first_indent.is_some() && indent == 0 && content_trimmed == "..." {
+            ended = true;
+            continue;
+        }
+        match first_indent {
+            // A `---` before the first key starts the first document.
+            None if marker => {}
+            None => first_indent = Some(indent),
+            Some(_) if marker => {
+                return Some((
+                    i + 1,
+                    1,
+                    "a second YAML document starts here: a policy file holds one document",
+                ))
+            }
+            Some(first) if indent < first => {
+                return Some((
+                    i + 1,
+                    indent + 1,
+                    "this line is indented less than the file's first key, which ends the \
+                     policy and starts a second YAML document: start every top-level key in \
+                     the first column",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 /// `yaml` without a last document marker (`---`) that only blank lines and comments
 /// follow.
 fn without_empty_last_document(yaml: &[u8]) -> &[u8] {
@@ -388,10 +444,22 @@ fn load_bytes_for(path: &Path, bytes: &[u8], purpose: Purpose) -> Result<Loaded,
                 more: Vec::new(),
             }
         }
-        None => ConfigError::SyntaxNoLocation {
-            path: path.to_owned(),
-            message: in_words(&e.to_string()),
-            more: Vec::new(),
+        None => match second_document(bytes) {
+            // The parser says only that there is more than one document, not where.
+            Some((line, column, message)) if e.to_string().contains("more than one document") => {
+                ConfigError::Syntax {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    message: message.to_owned(),
+                    more: Vec::new(),
+                }
+            }
+            _ => ConfigError::SyntaxNoLocation {
+                path: path.to_owned(),
+                message: in_words(&e.to_string()),
+                more: Vec::new(),
+            },
         },
     };
     if bytes.len() > MAX_POLICY_BYTES {
