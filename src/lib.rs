@@ -99,6 +99,9 @@ pub struct Options {
     pub listener: TcpListener,
     pub admin: Option<TcpListener>,
     pub tls: Option<rustls::ServerConfig>,
+    /// The validity of `tls`'s certificate, exposed as
+    /// `wsgate_tls_certificate_expiry_timestamp_seconds` when known.
+    pub tls_validity: Option<tls::Validity>,
     /// Reload on SIGHUP (the binary; tests reload by writing the file).
     pub sighup: bool,
     /// The certificate and key files behind `tls`, watched for rotation (`None`: the
@@ -128,7 +131,11 @@ pub fn start(loaded: Loaded, options: Options) -> std::io::Result<Running> {
         .map(operator::AdminToken::load)
         .transpose()
         .map_err(std::io::Error::other)?;
-    let metrics = Arc::new(metrics::Metrics::new());
+    let mut metrics = metrics::Metrics::new();
+    if let Some(validity) = options.tls_validity {
+        metrics.expose_certificate_expiry(validity.not_after);
+    }
+    let metrics = Arc::new(metrics);
     let mut admission = admission::State::new(options.jwks_roots, metrics.clone());
     let registry: Arc<registry::Registry> = Arc::default();
     let cluster = Arc::new(cluster::Cluster::new(

@@ -459,7 +459,12 @@ async fn run(args: RunArgs) -> ExitCode {
     // 2. TLS.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => match tls::server_config(cert, key) {
-            Ok(config) => Some(config),
+            Ok((config, validity)) => {
+                if let Some(validity) = validity {
+                    validity.warn(cert);
+                }
+                Some((config, validity))
+            }
             Err(e) => {
                 // As an invalid policy: a JSON log pipeline sees the error too.
                 tracing::error!("unusable TLS certificate or key, not starting: {e}");
@@ -527,7 +532,8 @@ async fn run(args: RunArgs) -> ExitCode {
         policy_path: args.policy,
         listener,
         admin,
-        tls,
+        tls_validity: tls.as_ref().and_then(|(_, validity)| *validity),
+        tls: tls.map(|(config, _)| config),
         sighup: true,
         tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         jwks_roots: extra_roots(),

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub ping_rtt: HistogramFamily<RouteLabel>,
     pub connection_duration: HistogramFamily<RouteLabel>,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    /// The served certificate's notAfter, in Unix seconds (exposed only when known: see
+    /// [`Metrics::expose_certificate_expiry`]).
+    pub tls_certificate_expiry: Gauge,
     /// Revocations in force (the operator API).
     pub revocations_active: Gauge,
     /// 1 when the last cluster store operation succeeded.
@@ -137,6 +140,7 @@ impl Metrics {
             ping_rtt: Family::new_with_constructor(latency_histogram),
             connection_duration: Family::new_with_constructor(duration_histogram),
             tls_reloads: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
             revocations_active: Gauge::default(),
             cluster_up: Gauge::default(),
             cluster_errors: Family::default(),
@@ -239,6 +243,18 @@ impl Metrics {
             m.tls_reloads.get_or_create_owned(&ResultLabel { result });
         }
         Metrics { registry, ..m }
+    }
+
+    /// Expose `wsgate_tls_certificate_expiry_timestamp_seconds`, starting at `not_after`:
+    /// only on a gate serving TLS whose certificate's dates are known, so that a plaintext
+    /// gate shows no expiry of 0 for an alert on it to fire.
+    pub fn expose_certificate_expiry(&mut self, not_after: i64) {
+        self.tls_certificate_expiry.set(not_after);
+        self.registry.register(
+            "wsgate_tls_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate expires (its notAfter), in Unix seconds",
+            self.tls_certificate_expiry.clone(),
+        );
     }
 
     /// The text exposition (OpenMetrics) of every metric.

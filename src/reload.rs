@@ -323,9 +323,10 @@ pub fn pair_digest(cert: &Path, key: &Path) -> Option<String> {
     Some(config::sha256_hex(&both))
 }
 
-/// A certificate re-read: `None` when the pair is the one in use, else its config and
-/// digest.
-type CertificateRead = Result<Option<(rustls::ServerConfig, Option<String>)>, tls::TlsError>;
+/// A pair read for a reload: `None` when it is the pair in use; else its config, its
+/// certificate's validity and its digest.
+type CertificateRead =
+    Result<Option<(rustls::ServerConfig, Option<tls::Validity>, Option<String>)>, tls::TlsError>;
 
 /// Load the certificate pair and use it for new handshakes; an unusable pair is logged
 /// and counted, and the old one stays.
@@ -342,7 +343,8 @@ async fn reload_certificate(
             if digest.is_some() && digest == in_use {
                 return Ok(None);
             }
-            tls::server_config(&cert, &key).map(|config| Some((config, digest)))
+            tls::server_config(&cert, &key)
+                .map(|(config, validity)| Some((config, validity, digest)))
         })
         .await;
     let result = match loaded {
@@ -350,10 +352,14 @@ async fn reload_certificate(
             tracing::info!(cert = %certificate.cert.display(), "certificate unchanged: kept, with its sessions");
             "success"
         }
-        Ok(Ok(Some((config, digest)))) => {
+        Ok(Ok(Some((config, validity, digest)))) => {
             certificate.acceptor.store(config);
             *lock(&certificate.in_use) = digest;
             tracing::info!(cert = %certificate.cert.display(), "certificate reloaded: new handshakes use it");
+            if let Some(validity) = validity {
+                validity.warn(&certificate.cert);
+                metrics.tls_certificate_expiry.set(validity.not_after);
+            }
             "success"
         }
         Ok(Err(e)) => {

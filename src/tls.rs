@@ -171,9 +171,81 @@ pub const SESSION_CACHE: usize = 10_000;
 
 /// A server config for the certificate chain and key in these PEM files: TLS 1.2 and 1.3,
 /// ALPN `h2` then `http/1.1` (the [`Acceptor`] drops `h2` while `http2.enabled` is false),
-/// session resumption on.
-pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
-    server_config_from(read_chain(cert)?, read_key(key)?)
+/// session resumption on; and the server certificate's validity.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<(ServerConfig, Option<Validity>), TlsError> {
+    let chain = read_chain(cert)?;
+    let validity = Validity::of(&chain);
+    Ok((server_config_from(chain, read_key(key)?)?, validity))
+}
+
+/// A certificate this close to its end is warned about when it is loaded.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// When the server certificate (a chain's first) may be used, in Unix seconds. A
+/// certificate outside these dates is still served, as nginx and Envoy serve it, but
+/// clients refuse it: its loading is logged as a warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// The validity of `chain`'s first certificate, if it parses.
+    pub fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+        let validity = cert.validity();
+        Some(Validity {
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    /// What is wrong with serving the certificate at `now` (Unix seconds), or about to be:
+    /// expired, not valid yet, or ending within [`EXPIRY_WARNING_DAYS`].
+    pub fn problem(&self, now: i64) -> Option<String> {
+        if now > self.not_after {
+            Some(format!(
+                "the certificate expired on {}: clients refuse it; install a renewed one",
+                date(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "the certificate is not valid before {}: clients refuse it until then \
+                 (or the clock is wrong)",
+                date(self.not_before)
+            ))
+        } else if self.not_after - now < EXPIRY_WARNING_DAYS * 86_400 {
+            Some(format!(
+                "the certificate expires on {}, in {} days: renew it",
+                date(self.not_after),
+                (self.not_after - now) / 86_400
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Log [`Validity::problem`] for the certificate in `path`, as a warning.
+    pub fn warn(&self, path: &Path) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(problem) = self.problem(now) {
+            tracing::warn!(cert = %path.display(), "{problem}");
+        }
+    }
+}
+
+/// A Unix time as an HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`), within the years
+/// that can write (1970 to 9999: a certificate's dates may lie outside).
+fn date(unix: i64) -> String {
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = u64::try_from(unix).unwrap_or(0).min(LAST);
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 pub fn server_config_from(
@@ -405,6 +477,38 @@ mod tests {
         std::fs::write(&path, &trusted).unwrap();
         let error = read_chain(&path).unwrap_err();
         assert!(error.to_string().contains("TRUSTED CERTIFICATE"), "{error}");
+    }
+
+    /// A certificate is warned about when it has expired, is not valid yet, or ends
+    /// within the warning's days; not otherwise.
+    #[test]
+    fn a_certificate_outside_or_near_the_end_of_its_dates_is_a_problem() {
+        let day = 86_400;
+        let now = 1_800_000_000; // Fri, 15 Jan 2027 08:00:00 GMT
+        let validity = |from: i64, to: i64| Validity {
+            not_before: now + from * day,
+            not_after: now + to * day,
+        };
+        let expired = validity(-90, -1).problem(now).unwrap();
+        assert!(
+            expired.starts_with("the certificate expired on Thu, 14 Jan 2027"),
+            "{expired}"
+        );
+        let early = validity(2, 90).problem(now).unwrap();
+        assert!(
+            early.contains("not valid before Sun, 17 Jan 2027"),
+            "{early}"
+        );
+        let soon = validity(-80, 10).problem(now).unwrap();
+        assert!(soon.contains("in 10 days"), "{soon}");
+        assert_eq!(validity(-10, 80).problem(now), None);
+        // Dates past what an HTTP date can write are not a panic.
+        let far = Validity {
+            not_before: -5,
+            not_after: i64::MAX,
+        };
+        assert_eq!(far.problem(now), None);
+        assert!(date(i64::MAX).contains("9999"));
     }
 
     /// A version 1 server certificate is named as such, not taken for a key mismatch.

@@ -2933,3 +2933,75 @@ fn check_locates_where_a_second_document_starts() {
         assert!(out.contains(&format!("{}:{at}", path.display())), "{out}");
     }
 }
+
+/// A self-signed `localhost` certificate valid from `not_before` to `not_after`, and its
+/// key, as PEM.
+fn certificate_valid(not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// An expired certificate is served (as nginx serves it) but its loading is a warning
+/// with the date it expired; `wsgate_tls_certificate_expiry_timestamp_seconds` shows the
+/// served certificate's notAfter and follows a rotation; a plaintext gate has no such
+/// series.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_certificate_expiry_is_warned_about_and_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, open_policy("ws://127.0.0.1:9", "")).unwrap();
+    let (cert_pem, key_pem) = certificate_valid((2020, 1, 1), (2025, 1, 1));
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "--listen", "127.0.0.1:0"])
+        .arg("--admin")
+        .arg(admin.to_string())
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--policy")
+        .arg(&policy)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(&mut child);
+    let line = log.wait_line("the certificate expired");
+    assert!(line.contains("Wed, 01 Jan 2025 00:00:00 GMT"), "{line}");
+    assert!(line.contains("\"WARN\""), "{line}");
+    log.wait_line("listening");
+    let series = "wsgate_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(metric_at(admin, series).await, 1_735_689_600.0);
+
+    // Renewed: the gauge follows, and the load warns about nothing.
+    let (cert_pem, key_pem) = certificate_valid((2020, 1, 1), (2090, 1, 1));
+    let tmp = dir.path().join("renewed.tmp");
+    std::fs::write(&tmp, &cert_pem).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+    std::fs::rename(&tmp, &cert).unwrap();
+    log.wait_line("certificate reloaded");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_at(admin, series).await != 3_786_912_000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the gauge did not follow the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    log.no_line("the certificate", Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let plain = Proc::start_at(&policy, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let (_, metrics) = admin_fetch(plain.admin.unwrap(), "/metrics").await;
+    assert!(!metrics.contains(series), "{metrics}");
+}

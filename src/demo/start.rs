@@ -83,6 +83,7 @@ pub async fn start(listen: SocketAddr) -> Result<Started, StartError> {
         listener,
         admin: None,
         tls: Some(dev_tls()?),
+        tls_validity: None,
         sighup: true,
         tls_files: None,
         jwks_roots: Vec::new(),

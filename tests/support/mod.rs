@@ -82,6 +82,13 @@ impl Pki {
         wsgate::tls::server_config_from(certs, key).unwrap()
     }
 
+    /// The leaf certificate's validity, as the gate reads it.
+    pub fn validity(&self) -> Option<wsgate::tls::Validity> {
+        use rustls_pki_types::pem::PemObject;
+        let leaf = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap();
+        wsgate::tls::Validity::of(&[leaf])
+    }
+
     pub fn write(&self, dir: &Path) -> (PathBuf, PathBuf) {
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
@@ -547,6 +554,7 @@ impl TestGate {
                 listener,
                 admin: Some(admin),
                 tls: pki.as_ref().map(Pki::server_config),
+                tls_validity: pki.as_ref().and_then(Pki::validity),
                 sighup: false,
                 tls_files,
                 jwks_roots: jwks_roots(),
