@@ -119,11 +119,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// The longest lifetime `wsgate token` mints: ten years. Past it an `exp` soon leaves what
+/// JavaScript and many verifiers read exactly (2^53), and up to the duration's own limit
+/// it would not fit a signed 64-bit time.
+pub const MAX_TTL: Duration = Duration::from_secs(3650 * 86_400);
+
 /// A token's lifetime: a duration of at least one second (`0` would mint a token that has
-/// already expired, which every gate refuses).
+/// already expired, which every gate refuses) and at most [`MAX_TTL`].
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         ttl if ttl.is_zero() => Err(format!("{s:?}: a token lives at least 1s")),
+        ttl if ttl > MAX_TTL => Err(format!("{s:?}: a token lives at most 3650d (ten years)")),
         ttl => Ok(ttl),
     }
 }
@@ -144,6 +150,16 @@ mod tests {
         assert_eq!(parse_duration("1m30"), Ok(Duration::from_secs(90)));
         for bad in ["", "30m1h", "1h1h", "1h 30m", "1.5h", "-1h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A lifetime is at least a second and at most ten years.
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("3650d"), Ok(MAX_TTL));
+        assert_eq!(parse_ttl("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["0s", "3650d1s", "100000000h", "18446744073709551615s"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
         }
     }
 }
