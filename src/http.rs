@@ -202,8 +202,8 @@ fn closing_for_http10(response: &mut Response<Body>) {
 
 /// A request whose answer is never reached: its future was dropped while the gate waited
 /// (for the upstream, mostly), because an HTTP/2 client reset the stream (RST_STREAM), or
-/// the connection ended (on HTTP/1.1, noticed for an upgrade that is the connection's
-/// first request). Logged when dropped armed, as nginx logs its 499, so that such a
+/// the connection ended (on HTTP/1.1, noticed by the listener for an upgrade that is the
+/// connection's first request, and by hyper for every other request). Logged when dropped armed, as nginx logs its 499, so that such a
 /// request does not vanish from the logs; not counted in `wsgate_upgrades_total`, whose
 /// results are the gate's own decisions.
 struct Abandoned<'a> {

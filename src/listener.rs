@@ -340,6 +340,10 @@ async fn serve_http<I>(
     }
     let shutdown = gate.shutdown.token();
     let service_gate = gate.clone();
+    // A refusal decided here is written even to a client that has already shut its
+    // sending side (HTTP/1.1 allows that half-close): hyper would otherwise close the
+    // connection on reading its end, unanswered, while the refusal is logged and counted.
+    let refused = decided.is_some();
     // What the first request has: the drain's hold on the connection, released once it
     // is answered, and the answer already decided (a refused upgrade), if any.
     let first = std::sync::Mutex::new(Some((opening, decided)));
@@ -371,8 +375,15 @@ async fn serve_http<I>(
                 }
                 None => handle(gate, info, req, None).await,
             };
-            drop(first);
-            answered.map(|r| r.map(|body| crate::body::held(body, answering)))
+            // The drain waits for a first answer of known length until it has been sent
+            // (a refusal, a page), so that the process does not exit with it unwritten; for
+            // a streamed one (server-sent events) only until its head is ready.
+            answered.map(|r| {
+                r.map(|body| {
+                    let first = hyper::body::Body::size_hint(&body).exact().and(first);
+                    crate::body::held(body, (answering, first))
+                })
+            })
         }
     });
     // Each later head gets `handshake_seconds` of its own, whatever the first one took;
@@ -383,6 +394,7 @@ async fn serve_http<I>(
     let next_head = gate.policy.load().policy.handshake_timeout;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
+        .half_close(refused)
         .header_read_timeout((next_head * 2).max(Duration::from_millis(1)))
         .max_buf_size(LATER_HEAD_BYTES)
         .max_headers(LATER_HEAD_FIELDS)
@@ -391,7 +403,11 @@ async fn serve_http<I>(
     tokio::pin!(conn);
     let mut check = Instant::now() + next_head;
     loop {
+        // The connection first: its first request is already read (a refusal decided
+        // above, or a request for hyper), and hyper must have begun answering it before a
+        // drain's graceful shutdown, which would otherwise close it unanswered.
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %info.peer, error = %e, "HTTP connection ended with an error");

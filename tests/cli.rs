@@ -3005,3 +3005,42 @@ async fn the_certificate_expiry_is_warned_about_and_exposed() {
     let (_, metrics) = admin_fetch(plain.admin.unwrap(), "/metrics").await;
     assert!(!metrics.contains(series), "{metrics}");
 }
+
+/// An upgrade still waiting for its upstream when SIGTERM comes gets its answer (here
+/// the 504 of an upstream that never answers) before the process exits, also when the
+/// answer comes after the drain has begun: the connection's graceful shutdown lets the
+/// answer be written (it closed about half of them unanswered), and the exit waits for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_awaiting_its_upstream_at_sigterm_gets_its_answer_before_the_exit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, held) = silent_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    // The 504s come after the drain has begun (1 s after the signal).
+    let extra = "    timeouts: {upstream_connect_seconds: 2}\n";
+    std::fs::write(&policy, open_policy(&url, extra)).unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
+    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    // Several, since an answer decided and not yet written was lost only now and then.
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        clients.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.signal("TERM");
+    for (i, tcp) in clients.iter_mut().enumerate() {
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer));
+        assert!(read.await.is_ok(), "client {i}: no end");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 504"), "client {i}: {answer:?}");
+        assert!(
+            answer.contains("upstream_timeout"),
+            "client {i}: {answer:?}"
+        );
+    }
+    assert_eq!(gate.wait_exit(Duration::from_secs(5)).0, 0);
+    held.abort();
+}

@@ -382,3 +382,41 @@ async fn a_client_that_leaves_while_the_upstream_is_awaited_is_logged_as_abandon
     gate.no_line("request_id=left-early", Duration::from_millis(1500));
     held.abort();
 }
+
+/// A client may shut its sending side once its request is out (an HTTP/1.1 half-close):
+/// a refusal the gate decides is still written to it, over TLS too, every time (hyper
+/// alone closed such a connection on reading its end, often before the answer went out).
+#[tokio::test]
+async fn a_refusal_reaches_a_client_that_half_closed_after_its_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/ec.pub.pem");
+    let policy = format!(
+        "{}  - path: /auth\n    name: auth\n    auth: {{required: true, algorithms: [ES256], keys: [{{public_key_file: {key}}}]}}\n",
+        open_policy(&upstream.url(), "")
+    );
+    for tls in [false, true] {
+        let gate = TestGate::start_with(&policy, tls).await;
+        for (path, extra, status) in [
+            ("/auth", "", "401"),
+            ("/ws", "Origin: https://evil.example\r\n", "403"),
+            ("/elsewhere", "", "404"),
+        ] {
+            for i in 0..15 {
+                let head =
+                    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}{UPGRADE}\r\n");
+                let mut client = gate.stream().await;
+                client.write_all(head.as_bytes()).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer)).await;
+                assert!(read.is_ok(), "tls {tls} {path} #{i}: no end");
+                let answer = String::from_utf8_lossy(&answer);
+                assert!(
+                    answer.starts_with(&format!("HTTP/1.1 {status}")),
+                    "tls {tls} {path} #{i}: {answer:?}"
+                );
+            }
+        }
+    }
+}
