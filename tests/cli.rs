@@ -2959,22 +2959,15 @@ async fn the_certificate_expiry_is_warned_about_and_exposed() {
     std::fs::write(&cert, &cert_pem).unwrap();
     std::fs::write(&key, &key_pem).unwrap();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--log-format", "json", "--listen", "127.0.0.1:0"])
-        .arg("--admin")
-        .arg(admin.to_string())
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--policy")
-        .arg(&policy)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Log::follow(&mut child);
+    let tls = [
+        "--log-format",
+        "json",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (mut child, log) = spawn_run(&policy, "127.0.0.1:0", &admin.to_string(), &tls, None);
     let line = log.wait_line("the certificate expired");
     assert!(line.contains("Wed, 01 Jan 2025 00:00:00 GMT"), "{line}");
     assert!(line.contains("\"WARN\""), "{line}");

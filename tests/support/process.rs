@@ -83,7 +83,8 @@ impl Log {
     }
 }
 
-/// `wsgate run --plaintext` with text logs at `info`, under an open-file limit of
+/// `wsgate run --plaintext` (TLS when `extra` gives `--tls-cert` and `--tls-key`) with
+/// text logs at `info` unless `extra` sets a format, under an open-file limit of
 /// `max_files` if given, and the follower of its stderr; nothing is waited for.
 pub fn spawn_run(
     policy: &Path,
@@ -100,8 +101,15 @@ pub fn spawn_run(
         }
         None => Command::new(BIN),
     };
+    // Plaintext unless `extra` gives a certificate.
+    let plaintext = match extra.contains(&"--tls-cert") {
+        true => &[][..],
+        false => &["--plaintext"][..],
+    };
     let mut child = command
-        .args(["run", "--plaintext", "--admin", admin, "--listen", listen])
+        .arg("run")
+        .args(plaintext)
+        .args(["--admin", admin, "--listen", listen])
         // Text logs unless `extra` asks for another format.
         .args(match extra.contains(&"--log-format") {
             true => &[][..],
