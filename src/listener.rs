@@ -344,8 +344,9 @@ async fn serve_http<I>(
     // sending side (HTTP/1.1 allows that half-close): hyper would otherwise close the
     // connection on reading its end, unanswered, while the refusal is logged and counted.
     let refused = decided.is_some();
-    // What the first request has: the drain's hold on the connection, released once it
-    // is answered, and the answer already decided (a refused upgrade), if any.
+    // What the first request has: the drain's hold on the connection, released once its
+    // answer is written (see below), and the answer already decided (a refused upgrade),
+    // if any.
     let first = std::sync::Mutex::new(Some((opening, decided)));
     let busy = Busy::default();
     let answering = busy.clone();
