@@ -203,7 +203,8 @@ fn closing_for_http10(response: &mut Response<Body>) {
 /// A request whose answer is never reached: its future was dropped while the gate waited
 /// (for the upstream, mostly), because an HTTP/2 client reset the stream (RST_STREAM), or
 /// the connection ended (on HTTP/1.1, noticed by the listener for an upgrade that is the
-/// connection's first request, and by hyper for every other request). Logged when dropped armed, as nginx logs its 499, so that such a
+/// connection's first request, and by hyper for every other request), or the drain's
+/// deadline passed. Logged when dropped armed, as nginx logs its 499, so that such a
 /// request does not vanish from the logs; not counted in `wsgate_upgrades_total`, whose
 /// results are the gate's own decisions.
 struct Abandoned<'a> {
@@ -215,18 +216,34 @@ struct Abandoned<'a> {
     protocol: Protocol,
     upgrade: bool,
     armed: bool,
+    /// The gate's shutdown: a request still unanswered when the drain's deadline passes is
+    /// dropped by the gate, not abandoned by its client.
+    shutdown: &'a crate::shutdown::Shutdown,
 }
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            tracing::info!(
-                request_id = %self.request_id.to_str().unwrap_or("-"), client_ip = %self.client_ip,
-                route = self.route, path = %self.path, result = "client_lost",
-                latency_ms = log_millis(self.started.elapsed()), protocol = self.protocol.as_str(),
-                "{}", if self.upgrade { "upgrade abandoned by the client" } else { "request abandoned by the client" }
-            );
+        if !self.armed {
+            return;
         }
+        let (result, message) = match (self.shutdown.is_cut(), self.upgrade) {
+            (true, true) => (
+                "shutdown",
+                "upgrade unanswered: the drain's deadline passed",
+            ),
+            (true, false) => (
+                "shutdown",
+                "request unanswered: the drain's deadline passed",
+            ),
+            (false, true) => ("client_lost", "upgrade abandoned by the client"),
+            (false, false) => ("client_lost", "request abandoned by the client"),
+        };
+        tracing::info!(
+            request_id = %self.request_id.to_str().unwrap_or("-"), client_ip = %self.client_ip,
+            route = self.route, path = %self.path, result,
+            latency_ms = log_millis(self.started.elapsed()), protocol = self.protocol.as_str(),
+            "{message}"
+        );
     }
 }
 
@@ -268,6 +285,7 @@ pub async fn answer(
         protocol: conn.protocol,
         upgrade,
         armed: true,
+        shutdown: &gate.shutdown,
     };
     let result = match routed {
         Ok((route, path)) => {

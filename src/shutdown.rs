@@ -154,6 +154,11 @@ impl Shutdown {
         self.cut.cancel();
     }
 
+    /// Whether the drain's deadline has passed (or a second signal cut it short).
+    pub fn is_cut(&self) -> bool {
+        self.cut.is_cancelled()
+    }
+
     /// What a relay watches: the drain, and its deadline.
     pub fn relay_stop(&self) -> Stop {
         Stop {

@@ -2921,6 +2921,11 @@ fn check_locates_where_a_second_document_starts() {
             "7:1: a second YAML document starts here",
         ),
         (
+            "bom.yaml",
+            "\u{feff} version: 1\nroutes:\n  - path: /ws\n    upstream: ws://127.0.0.1:9\n",
+            "2:1: this line is indented less than the file's first key",
+        ),
+        (
             "ended.yaml",
             "version: 1\nroutes:\n  - path: /ws\n    upstream: ws://127.0.0.1:9\n...\n\nroutes: []\n",
             "7:1: a second YAML document starts here, after the `...`",
@@ -3034,6 +3039,32 @@ async fn an_upgrade_awaiting_its_upstream_at_sigterm_gets_its_answer_before_the_
             "client {i}: {answer:?}"
         );
     }
+    assert_eq!(gate.wait_exit(Duration::from_secs(5)).0, 0);
+    held.abort();
+}
+
+/// An upgrade still waiting for its upstream when the drain's deadline passes is dropped by
+/// the gate, and logged as such (`result="shutdown"`), not as abandoned by its client.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_unanswered_at_the_drain_deadline_is_logged_as_the_gates() {
+    use tokio::io::AsyncWriteExt;
+    let (url, held) = silent_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let extra = "    timeouts: {upstream_connect_seconds: 10}\n";
+    std::fs::write(&policy, open_policy(&url, extra)).unwrap();
+    let mut gate = Proc::start(&policy, &["--drain-seconds", "1"]);
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: at-deadline\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.signal("TERM");
+    let line = gate.wait_line("request_id=at-deadline");
+    assert!(
+        line.contains("upgrade unanswered: the drain's deadline passed"),
+        "{line}"
+    );
+    assert!(line.contains("result=\"shutdown\""), "{line}");
     assert_eq!(gate.wait_exit(Duration::from_secs(5)).0, 0);
     held.abort();
 }

@@ -339,6 +339,7 @@ fn nested_too_deep(yaml: &[u8]) -> Option<(usize, usize)> {
 /// first line indented less than that key, which the YAML parser takes as the start of a
 /// new document (a file whose first line was indented by a space, or pasted in).
 fn second_document(yaml: &[u8]) -> Option<(usize, usize, &'static str)> {
+    let yaml = yaml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(yaml);
     let text = std::str::from_utf8(yaml).ok()?;
     let mut first_indent = None;
     let mut ended = false;
