@@ -184,9 +184,10 @@ pub fn server_config(
 /// A certificate this close to its end is warned about when it is loaded.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
-/// When the server certificate (a chain's first) may be used, in Unix seconds. A
-/// certificate outside these dates is still served, as nginx and Envoy serve it, but
-/// clients refuse it: its loading is logged as a warning.
+/// When a served certificate chain may be used, in Unix seconds: from the latest
+/// notBefore to the earliest notAfter of its certificates (a client refuses the chain when
+/// the server's certificate or an intermediate has expired). A chain outside these dates
+/// is still served, as nginx and Envoy serve it, but its loading is logged as a warning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Validity {
     pub not_before: i64,
@@ -194,20 +195,30 @@ pub struct Validity {
 }
 
 impl Validity {
-    /// The validity of `chain`'s first certificate, if it parses.
+    /// The validity of `chain`, from those of its certificates that parse (all of them,
+    /// once `read_chain` has taken the file); `None` if none does.
     pub fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
-        let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
-        let validity = cert.validity();
-        Some(Validity {
-            not_before: validity.not_before.timestamp(),
-            not_after: validity.not_after.timestamp(),
-        })
+        chain
+            .iter()
+            .filter_map(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                let validity = cert.validity();
+                Some(Validity {
+                    not_before: validity.not_before.timestamp(),
+                    not_after: validity.not_after.timestamp(),
+                })
+            })
+            .reduce(|a, b| Validity {
+                not_before: a.not_before.max(b.not_before),
+                not_after: a.not_after.min(b.not_after),
+            })
     }
 
     /// What is wrong with serving the certificate at `now` (Unix seconds), or about to be:
     /// expired, not valid yet, or ending within [`EXPIRY_WARNING_DAYS`].
     pub fn problem(&self, now: i64) -> Option<String> {
-        if now > self.not_after {
+        let left = self.not_after - now;
+        if left < 0 {
             Some(format!(
                 "the certificate expired on {}: clients refuse it; install a renewed one",
                 date(self.not_after)
@@ -218,11 +229,15 @@ impl Validity {
                  (or the clock is wrong)",
                 date(self.not_before)
             ))
-        } else if self.not_after - now < EXPIRY_WARNING_DAYS * 86_400 {
+        } else if left < EXPIRY_WARNING_DAYS * 86_400 {
+            let (n, unit) = match left / 86_400 {
+                0 => (left / 3600, "hour"),
+                days => (days, "day"),
+            };
+            let plural = if n == 1 { "" } else { "s" };
             Some(format!(
-                "the certificate expires on {}, in {} days: renew it",
-                date(self.not_after),
-                (self.not_after - now) / 86_400
+                "the certificate expires on {}, in {n} {unit}{plural}: renew it",
+                date(self.not_after)
             ))
         } else {
             None
@@ -501,6 +516,16 @@ mod tests {
         );
         let soon = validity(-80, 10).problem(now).unwrap();
         assert!(soon.contains("in 10 days"), "{soon}");
+        let day = Validity {
+            not_before: now - 80 * day,
+            not_after: now + day + 600,
+        };
+        assert!(day.problem(now).unwrap().contains("in 1 day: renew"));
+        let hours = Validity {
+            not_before: now - 80 * 86_400,
+            not_after: now + 7_300,
+        };
+        assert!(hours.problem(now).unwrap().contains("in 2 hours"));
         assert_eq!(validity(-10, 80).problem(now), None);
         // Dates past what an HTTP date can write are not a panic.
         let far = Validity {
@@ -509,6 +534,25 @@ mod tests {
         };
         assert_eq!(far.problem(now), None);
         assert!(date(i64::MAX).contains("9999"));
+    }
+
+    /// A chain is valid from its latest notBefore to its earliest notAfter: an
+    /// intermediate that expires first is the chain's expiry.
+    #[test]
+    fn a_chain_expires_with_its_first_certificate_to_expire() {
+        let made = |from: i32, to: i32| {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(to, 1, 1);
+            let key = rcgen::KeyPair::generate().unwrap();
+            params.self_signed(&key).unwrap().der().clone()
+        };
+        let (leaf, intermediate) = (made(2021, 2090), made(2020, 2030));
+        let validity = Validity::of(&[leaf.clone(), intermediate]).unwrap();
+        assert_eq!(validity.not_before, 1_609_459_200); // 2021-01-01
+        assert_eq!(validity.not_after, 1_893_456_000); // 2030-01-01
+        assert_eq!(Validity::of(&[leaf]).unwrap().not_after, 3_786_912_000);
+        assert_eq!(Validity::of(&[CertificateDer::from(vec![0x30, 0])]), None);
     }
 
     /// A version 1 server certificate is named as such, not taken for a key mismatch.
