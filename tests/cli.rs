@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use support::process::{rss_kib, spawn_run, Log, Proc};
+use support::process::{gate_before_a_silent_upstream, rss_kib, spawn_run, Log, Proc};
 use support::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -3010,21 +3010,13 @@ async fn the_certificate_expiry_is_warned_about_and_exposed() {
 /// answer be written (it closed about half of them unanswered), and the exit waits for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_awaiting_its_upstream_at_sigterm_gets_its_answer_before_the_exit() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (url, held) = silent_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
+    use tokio::io::AsyncReadExt;
     // The 504s come after the drain has begun (1 s after the signal).
-    let extra = "    timeouts: {upstream_connect_seconds: 2}\n";
-    std::fs::write(&policy, open_policy(&url, extra)).unwrap();
-    let mut gate = Proc::start(&policy, &["--drain-seconds", "5"]);
-    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let (mut gate, _dir, held) = gate_before_a_silent_upstream(2, &["--drain-seconds", "5"]).await;
     // Several, since an answer decided and not yet written was lost only now and then.
     let mut clients = Vec::new();
     for _ in 0..40 {
-        let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        clients.push(tcp);
+        clients.push(wire::send_upgrade(gate.addr, "/ws", "").await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     gate.signal("TERM");
@@ -3047,16 +3039,8 @@ async fn an_upgrade_awaiting_its_upstream_at_sigterm_gets_its_answer_before_the_
 /// the gate, and logged as such (`result="shutdown"`), not as abandoned by its client.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_unanswered_at_the_drain_deadline_is_logged_as_the_gates() {
-    use tokio::io::AsyncWriteExt;
-    let (url, held) = silent_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.yaml");
-    let extra = "    timeouts: {upstream_connect_seconds: 10}\n";
-    std::fs::write(&policy, open_policy(&url, extra)).unwrap();
-    let mut gate = Proc::start(&policy, &["--drain-seconds", "1"]);
-    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: at-deadline\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    let (mut gate, _dir, held) = gate_before_a_silent_upstream(10, &["--drain-seconds", "1"]).await;
+    let _waiting = wire::send_upgrade(gate.addr, "/ws", "X-Request-Id: at-deadline\r\n").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     gate.signal("TERM");
     let line = gate.wait_line("request_id=at-deadline");

@@ -362,17 +362,8 @@ async fn bytes_sent_while_the_upstream_is_awaited_are_relayed_after_the_101() {
 /// `result="client_lost"`, and no `upstream_timeout` line follows for the request.
 #[tokio::test]
 async fn a_client_that_leaves_while_the_upstream_is_awaited_is_logged_as_abandoned() {
-    use tokio::io::AsyncWriteExt;
-    let (url, held) = silent_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("policy.yaml");
-    let extra = "    timeouts: {upstream_connect_seconds: 1}\n";
-    std::fs::write(&path, open_policy(&url, extra)).unwrap();
-    let mut gate = support::process::Proc::start(&path, &[]);
-    let mut client = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
-    let head =
-        format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: left-early\r\n{UPGRADE}\r\n");
-    client.write_all(head.as_bytes()).await.unwrap();
+    let (mut gate, _dir, held) = support::process::gate_before_a_silent_upstream(1, &[]).await;
+    let client = wire::send_upgrade(gate.addr, "/ws", "X-Request-Id: left-early\r\n").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(client);
     let line = gate.wait_line("request_id=left-early");

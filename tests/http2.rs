@@ -625,12 +625,7 @@ async fn the_upgrade_and_close_lines_say_the_protocol() {
 /// an upgrade decision of the gate's, so no `upstream_timeout` line follows for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_reset_while_the_upstream_is_awaited_is_logged_as_abandoned() {
-    let (url, held) = silent_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("policy.yaml");
-    let extra = "    timeouts: {upstream_connect_seconds: 1}\n";
-    std::fs::write(&path, open_policy(&url, extra)).unwrap();
-    let mut gate = Proc::start(&path, &[]);
+    let (mut gate, _dir, held) = support::process::gate_before_a_silent_upstream(1, &[]).await;
     let mut h2 = H2::h2c(gate.addr).await;
     let waiting = h2.websocket("/ws", &[("x-request-id", "left-early")]);
     // Dropping the pending request resets its stream.

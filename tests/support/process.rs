@@ -127,6 +127,21 @@ pub fn spawn_run(
     (child, log)
 }
 
+/// A gate process (`extra` flags) in front of an upstream that accepts connections and
+/// never answers, given up on after `upstream_connect_seconds`; the policy's directory and
+/// the upstream's task (abort it to let its sockets go) come with it.
+pub async fn gate_before_a_silent_upstream(
+    upstream_connect_seconds: u32,
+    extra: &[&str],
+) -> (Proc, tempfile::TempDir, tokio::task::JoinHandle<()>) {
+    let (url, held) = super::silent_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let route = format!("    timeouts: {{upstream_connect_seconds: {upstream_connect_seconds}}}\n");
+    std::fs::write(&policy, super::open_policy(&url, &route)).unwrap();
+    (Proc::start(&policy, extra), dir, held)
+}
+
 /// A `wsgate run --plaintext` child on 127.0.0.1:0; its stderr lines are collected.
 pub struct Proc {
     pub child: Child,

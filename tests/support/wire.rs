@@ -15,13 +15,25 @@ pub async fn upgrade_raw_at(addr: SocketAddr) -> TcpStream {
 
 /// A raw socket upgraded on `path` at `addr` (no token, no Origin).
 pub async fn upgrade_raw_path(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut tcp = send_upgrade(addr, path, "").await;
     let head = read_head(&mut tcp).await.expect("no response head");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// An upgrade request for `path` with the `extra` header lines (each ending in CRLF).
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// A raw socket to `addr` that has sent [`upgrade_request`]; its answer is left unread.
+pub async fn send_upgrade(addr: SocketAddr, path: &str, extra: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(upgrade_request(path, extra).as_bytes())
+        .await
+        .unwrap();
     tcp
 }
 
