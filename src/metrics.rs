@@ -100,8 +100,8 @@ pub struct Metrics {
     pub ping_rtt: HistogramFamily<RouteLabel>,
     pub connection_duration: HistogramFamily<RouteLabel>,
     pub tls_reloads: Family<ResultLabel, Counter>,
-    /// The served certificate's notAfter, in Unix seconds (exposed only when known: see
-    /// [`Metrics::expose_certificate_expiry`]).
+    /// When the served chain expires: its certificates' earliest notAfter, in Unix seconds
+    /// (exposed only when known: see [`Metrics::expose_certificate_expiry`]).
     pub tls_certificate_expiry: Gauge,
     /// Revocations in force (the operator API).
     pub revocations_active: Gauge,
@@ -252,7 +252,7 @@ impl Metrics {
         self.tls_certificate_expiry.set(not_after);
         self.registry.register(
             "wsgate_tls_certificate_expiry_timestamp_seconds",
-            "When the served TLS certificate expires (its notAfter), in Unix seconds",
+            "When the served TLS certificate chain expires (its earliest notAfter), in Unix seconds",
             self.tls_certificate_expiry.clone(),
         );
     }
