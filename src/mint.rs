@@ -93,7 +93,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let n: u64 = rest[..digits].parse().map_err(|_| malformed())?;
+        let too_long = || format!("{s:?} is too long a duration");
+        let n: u64 = match rest[..digits].parse() {
+            Ok(n) => n,
+            // All digits, more than 64 bits of them.
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_long()),
+            Err(_) => return Err(malformed()),
+        };
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
@@ -114,7 +120,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total = n
             .checked_mul(unit_secs)
             .and_then(|part| total.checked_add(part))
-            .ok_or_else(|| format!("{s:?} is too long a duration"))?;
+            .ok_or_else(too_long)?;
     }
     Ok(Duration::from_secs(total))
 }
@@ -161,5 +167,8 @@ mod tests {
         for bad in ["0s", "3650d1s", "100000000h", "18446744073709551615s"] {
             assert!(parse_ttl(bad).is_err(), "{bad:?}");
         }
+        // Past 64 bits: too long, not malformed.
+        let huge = parse_ttl("99999999999999999999d").unwrap_err();
+        assert!(huge.contains("too long"), "{huge}");
     }
 }
