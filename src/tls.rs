@@ -255,12 +255,18 @@ impl Validity {
     }
 }
 
-/// A Unix time as an HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`), within the years
-/// that can write (1970 to 9999: a certificate's dates may lie outside).
+/// A Unix time as an HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`), or for a year HTTP
+/// dates cannot write (before 1970: a certificate's dates may lie there) as OpenSSL
+/// writes a certificate's dates (`Jan  1 00:00:00 1969 +00:00`).
 fn date(unix: i64) -> String {
-    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
-    let secs = u64::try_from(unix).unwrap_or(0).min(LAST);
-    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z, the last date X.509 writes
+    match u64::try_from(unix.min(LAST)) {
+        Ok(secs) => {
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        }
+        Err(_) => x509_parser::time::ASN1Time::from_timestamp(unix)
+            .map_or_else(|_| format!("Unix time {unix}"), |t| t.to_string()),
+    }
 }
 
 pub fn server_config_from(
@@ -534,6 +540,9 @@ mod tests {
         };
         assert_eq!(far.problem(now), None);
         assert!(date(i64::MAX).contains("9999"));
+        // Before 1970, written as OpenSSL writes it, not as 1 Jan 1970.
+        assert_eq!(date(-3 * 365 * 86_400), "Jan  2 00:00:00 1967 +00:00");
+        assert!(date(i64::MIN).contains(&i64::MIN.to_string()));
     }
 
     /// A chain is valid from its latest notBefore to its earliest notAfter: an
