@@ -306,7 +306,8 @@ struct CloseBody {
     route: Option<String>,
 }
 
-/// A connection id as listed (`812`) or as its decimal string (`"812"`), which is how
+/// A connection id as listed (`812`), written as a whole number any way JSON allows
+/// (`812.0`, as `ttl_seconds` is), or as its decimal string (`"812"`), which is how
 /// clients that keep ids as strings send them back.
 #[derive(Debug, Deserialize)]
 #[serde(
@@ -314,14 +315,16 @@ struct CloseBody {
     expecting = "id must be a connection id: a number or its decimal string"
 )]
 enum Id {
-    Number(u64),
+    Number(serde_json::Number),
     Digits(String),
 }
 
 impl Id {
     fn number(self) -> Result<u64, Refusal> {
         match self {
-            Id::Number(n) => Ok(n),
+            Id::Number(n) => {
+                whole_number(&n).ok_or_else(|| bad(format!("{n} is not a connection id")))
+            }
             Id::Digits(s) => s
                 .parse()
                 .map_err(|_| bad(format!("{s:?} is not a connection id"))),

@@ -233,6 +233,8 @@ async fn malformed_oversized_and_misdirected_requests() {
         ("POST", "/connections/close", br#"{"user": "a"}"#),
         ("POST", "/connections/close", br#"{"ip": "not-an-ip"}"#),
         ("POST", "/connections/close", br#"{"id": "seven"}"#),
+        ("POST", "/connections/close", br#"{"id": 1.5}"#),
+        ("POST", "/connections/close", br#"{"id": -1}"#),
         // An array would fill the fields by their order, not by name.
         ("POST", "/connections/close", br#"[null, "bob"]"#),
         ("POST", "/revocations", br#"[null, "bob", 5]"#),
@@ -774,6 +776,17 @@ async fn close_by_id_sub_ip_and_route() {
         operator(gate.admin, "POST", "/connections/close", json!({"id": id})).await;
     assert_eq!((status, answer), (200, json!({"closed": 1})), "id {id:?}");
     assert_eq!(next_close(&mut back).await, (1008, "revoked".to_owned()));
+    // And as a whole number written with a fraction, as `json.dumps(812.0)` writes it.
+    let mut again = open(&gate, "/ws", "erin", "10.1.0.1").await;
+    echoes(&mut again).await;
+    let listing = wait_total(&gate, "?sub=erin", 1).await;
+    let id = listing["connections"][0]["id"]
+        .as_u64()
+        .expect("a numeric id") as f64;
+    let (status, answer) =
+        operator(gate.admin, "POST", "/connections/close", json!({"id": id})).await;
+    assert_eq!((status, answer), (200, json!({"closed": 1})), "id {id:?}");
+    assert_eq!(next_close(&mut again).await, (1008, "revoked".to_owned()));
 }
 
 /// In report mode a revoked token is a violation like an invalid one: logged and counted,
