@@ -43,6 +43,7 @@ mod handshake;
 mod head;
 mod http;
 mod http2;
+mod keepalive;
 mod linger;
 pub mod listener;
 pub mod logbuf;

@@ -28,6 +28,7 @@ use crate::admission::Rejection;
 use crate::handshake::is_upgrade;
 use crate::head::{self, Head, Prefixed, MAX_HEAD_BYTES};
 use crate::http::{answer, handle, Asked, ConnInfo};
+use crate::keepalive::{Ending, Requests};
 use crate::relay::Protocol;
 use crate::{http2, linger, relay, shutdown, Gate};
 
@@ -340,18 +341,18 @@ async fn serve_http<I>(
     }
     let shutdown = gate.shutdown.token();
     let service_gate = gate.clone();
-    // A refusal decided here is written even to a client that has already shut its
-    // sending side (HTTP/1.1 allows that half-close): hyper would otherwise close the
-    // connection on reading its end, unanswered, while the refusal is logged and counted.
-    let refused = decided.is_some();
     // What the first request has: the drain's hold on the connection, released once its
     // answer is written (see below), and the answer already decided (a refused upgrade),
     // if any.
     let first = std::sync::Mutex::new(Some((opening, decided)));
-    let busy = Busy::default();
-    let answering = busy.clone();
+    // A client that ends its sending side (an HTTP/1.1 half-close) still gets an answer
+    // the gate decides itself; a request waiting on the upstream is abandoned.
+    let requests = Requests::default();
+    let io = Ending::new(io, requests.clone());
+    let serving = requests.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let answering = answering.begin();
+        let mut answering = serving.begin();
+        let ended = serving.clone();
         let (first, decided) = first
             .lock()
             .ok()
@@ -374,12 +375,25 @@ async fn serve_http<I>(
                     crate::http::close_after_refusal(hyper::upgrade::on(&mut req));
                     Ok(response)
                 }
-                None => handle(gate, info, req, None).await,
+                None => tokio::select! {
+                    biased;
+                    answered = handle(gate, info, req, None) => {
+                        answered.map_err(|never| match never {})
+                    }
+                    () = ended.ended() => Err(ClientEnded),
+                },
             };
             // The drain waits for a first answer of known length until it has been sent
             // (a refusal, a page), so that the process does not exit with it unwritten; for
             // a streamed one (server-sent events) only until its head is ready.
             answered.map(|r| {
+                // The upstream's answer, or a 101 (the relay's from here on): the client's
+                // end cuts it.
+                if r.extensions().get::<crate::proxy::Proxied>().is_some()
+                    || r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    answering.owes_nothing();
+                }
                 r.map(|body| {
                     let first = hyper::body::Body::size_hint(&body).exact().and(first);
                     crate::body::held(body, (answering, first))
@@ -395,7 +409,6 @@ async fn serve_http<I>(
     let next_head = gate.policy.load().policy.handshake_timeout;
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .half_close(refused)
         .header_read_timeout((next_head * 2).max(Duration::from_millis(1)))
         .max_buf_size(LATER_HEAD_BYTES)
         .max_headers(LATER_HEAD_FIELDS)
@@ -416,7 +429,7 @@ async fn serve_http<I>(
                 return;
             }
             () = shutdown.cancelled() => break,
-            () = sleep_until(check) => match busy.idle_since() {
+            () = sleep_until(check) => match requests.idle_since() {
                 Some(since) if since + next_head <= Instant::now() => break,
                 Some(since) => check = since + next_head,
                 None => check = Instant::now() + next_head,
@@ -451,42 +464,18 @@ async fn client_left<I: AsyncRead + Unpin>(io: &mut I, early: &mut Vec<u8>) {
     std::future::pending().await
 }
 
-/// The requests of one HTTP/1.1 connection still being answered, their response bodies
-/// included, and when the last of them ended.
-#[derive(Clone)]
-struct Busy(Arc<std::sync::Mutex<(usize, Instant)>>);
+/// A request abandoned because its client ended its sending side while it waited on the
+/// upstream (hyper ends the connection with it).
+#[derive(Debug)]
+struct ClientEnded;
 
-impl Default for Busy {
-    fn default() -> Busy {
-        Busy(Arc::new(std::sync::Mutex::new((0, Instant::now()))))
+impl std::fmt::Display for ClientEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client ended its sending side while its request waited")
     }
 }
 
-impl Busy {
-    /// A request is being answered until the guard (held by its response body) drops.
-    fn begin(&self) -> Answering {
-        if let Ok(mut state) = self.0.lock() {
-            state.0 += 1;
-        }
-        Answering(self.clone())
-    }
-
-    /// Since when no request has been answered; `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
-        let state = self.0.lock().ok()?;
-        (state.0 == 0).then_some(state.1)
-    }
-}
-
-struct Answering(Busy);
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        if let Ok(mut state) = (self.0).0.lock() {
-            *state = (state.0.saturating_sub(1), Instant::now());
-        }
-    }
-}
+impl std::error::Error for ClientEnded {}
 
 /// How large a later head on a kept-alive connection hyper reads, so that one over
 /// [`MAX_HEAD_BYTES`] reaches the gate's own check and its JSON 431: at 16 KiB, hyper's

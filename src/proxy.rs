@@ -30,6 +30,11 @@ pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// (nginx's `proxy_send_timeout`: 504).
 pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Marks a response as the upstream's, not the gate's own: a client that ends its
+/// sending side cuts it short (see `crate::keepalive`).
+#[derive(Clone, Copy, Debug)]
+pub struct Proxied;
+
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
@@ -233,6 +238,7 @@ fn answer(
     response_framing(&mut parts.headers)?;
     upstream::strip_hop_by_hop(&mut parts.headers);
     upstream::rewrite_location(&mut parts.headers, &route.upstream);
+    parts.extensions.insert(Proxied);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 

@@ -374,6 +374,120 @@ async fn a_client_that_leaves_while_the_upstream_is_awaited_is_logged_as_abandon
     held.abort();
 }
 
+/// The same for plain requests, the first of a connection or a later one on a kept-alive
+/// connection: a 426 for a route that takes only upgrades, a 404 for no route, a 403 for
+/// an Origin, each written whole before the connection closes (hyper alone dropped about
+/// one in twenty of them on reading the client's end).
+#[tokio::test]
+async fn a_plain_refusal_reaches_a_client_that_half_closed_on_any_request() {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    /// One answer: its head, then as many body bytes as its Content-Length says.
+    async fn one_answer<S: AsyncRead + Unpin>(client: &mut S) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(client.read_u8().await.expect("an answer"));
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        client.read_exact(&mut body).await.unwrap();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            let mut chunks = Vec::new();
+            while !(chunks.starts_with(b"0\r\n\r\n") || chunks.ends_with(b"\r\n0\r\n\r\n")) {
+                chunks.push(client.read_u8().await.unwrap());
+            }
+        }
+        head
+    }
+    let upstream = Upstream::start().await;
+    let policy = format!(
+        "{}  - path: /page\n    name: page\n    http: pass\n    origin: {{allow: [\"https://good.example\"], allow_missing: true}}\n",
+        open_policy(&upstream.url(), "")
+    );
+    for tls in [false, true] {
+        let gate = TestGate::start_with(&policy, tls).await;
+        for (path, extra, status) in [
+            ("/ws", "", "426"),
+            ("/elsewhere", "", "404"),
+            ("/page", "Origin: https://evil.example\r\n", "403"),
+        ] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n");
+            for i in 0..15 {
+                let mut client = gate.stream().await;
+                // Every other time, as a later request: a first one (a page from the
+                // upstream) answered and its connection kept.
+                let later = i % 2 == 1;
+                if later {
+                    client
+                        .write_all(b"GET /page HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let first = tokio::time::timeout(DEADLINE, one_answer(&mut client)).await;
+                    let first = first.unwrap_or_else(|_| panic!("tls {tls}: no first answer"));
+                    assert!(
+                        !first.to_ascii_lowercase().contains("connection: close"),
+                        "{first}"
+                    );
+                }
+                client.write_all(request.as_bytes()).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer)).await;
+                assert!(read.is_ok(), "tls {tls} {path} #{i}: no end");
+                let answer = String::from_utf8_lossy(&answer);
+                assert!(
+                    answer.starts_with(&format!("HTTP/1.1 {status}")),
+                    "tls {tls} {path} later {later} #{i}: {answer:?}"
+                );
+                assert!(answer.contains("\"error\":"), "{answer:?}");
+            }
+        }
+    }
+}
+
+/// A half-closed client's plain request waiting on an `http: pass` upstream is abandoned
+/// at once, as nginx answers its 499: the upstream's connection is closed, not held until
+/// the upstream answers.
+#[tokio::test]
+async fn a_half_closed_clients_plain_request_waiting_on_the_upstream_is_abandoned() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that takes the request and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", silent.local_addr().unwrap());
+    let gate = TestGate::start_with(&open_policy(&url, "    http: pass\n"), false).await;
+    let mut client = gate.stream().await;
+    client
+        .write_all(b"GET /ws/page HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut leg, _) = tokio::time::timeout(DEADLINE, silent.accept())
+        .await
+        .expect("the request reached the upstream")
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(leg.read_u8().await.unwrap());
+    }
+    client.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), client.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "the client's connection was held");
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), leg.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the upstream's connection was held");
+}
+
 /// A client may shut its sending side once its request is out (an HTTP/1.1 half-close):
 /// a refusal the gate decides is still written to it, over TLS too, every time (hyper
 /// alone closed such a connection on reading its end, often before the answer went out).
