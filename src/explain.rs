@@ -21,10 +21,14 @@ use serde::Serialize;
 
 use crate::admission::origin::{self, Allowed};
 use crate::admission::{self, Attempt, Kind, Outcome, Rejection, Step, Trace};
-use crate::handshake::{check_head, check_upgrade, is_upgrade, offered_protocols};
+use crate::handshake::{
+    check_head, check_header_list, check_upgrade, is_upgrade, offered_protocols,
+};
 use crate::http::route;
 use crate::metrics::Metrics;
+use crate::path::for_log;
 use crate::policy::{HttpMode, OriginPattern, Policy, Route, TokenSource};
+use crate::relay::Protocol;
 
 /// The request to explain, as given on the command line.
 pub struct Request {
@@ -80,7 +84,16 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
 
     // The head's own sanity (one Host, one Origin, a web target) comes before the route:
     // a failure there is the request's, not the route's.
-    if let Err(rejection) = check_head(&parts.method, &parts.uri, &parts.headers) {
+    // Counted as the client sends it, `name: value` lines under the request line: the
+    // gate's 431 past 16 KiB or 100 fields.
+    let head = check_head(&parts.method, &parts.uri, &parts.headers).and_then(|()| {
+        check_header_list(
+            Protocol::Http1,
+            false,
+            (&parts.method, &parts.uri, None, &parts.headers),
+        )
+    });
+    if let Err(rejection) = head {
         lines.push(line("request", "fail", rejection.to_string()));
         return Ok(refused(lines, rejection));
     }
@@ -103,7 +116,8 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
             "route",
             "reported",
             format!(
-                "{path} matches no route → no_route; report mode lets it through under `defaults`"
+                "{} matches no route → no_route; report mode lets it through under `defaults`",
+                for_log(&path)
             ),
         )
     } else {
@@ -111,8 +125,10 @@ pub async fn explain(policy: &Policy, request: &Request) -> Result<Explanation, 
             "route",
             "pass",
             format!(
-                "{path} is routed to \"{}\" (prefix {})",
-                route.name, route.path
+                "{} is routed to \"{}\" (prefix {})",
+                for_log(&path),
+                route.name,
+                route.path
             ),
         )
     });
@@ -237,34 +253,45 @@ fn step_name(step: Step) -> &'static str {
 /// The request a client would send for `request.url`: GET, HTTP/1.1, Host from the URL,
 /// the WebSocket handshake headers, then the given headers over them.
 fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
-    let uri: Uri = request
-        .url
+    // Repeated in a message without what may be a credential: user information and query
+    // values are `***`, and so is a JWT in the path.
+    let redacted = crate::policy::redact_userinfo(&request.url);
+    let shown = for_log(&redacted);
+    let url = with_path(&request.url);
+    let uri: Uri = url
         .parse()
-        .map_err(|_| BadInput(format!("{:?} is not a URL", request.url)))?;
-    match uri.scheme_str() {
+        .map_err(|_| BadInput(format!("{shown:?} is not a URL")))?;
+    // Schemes are case-insensitive (RFC 3986 §3.1).
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
         Some("ws" | "wss" | "http" | "https") => {}
         _ => {
             return Err(BadInput(format!(
-                "{:?}: the URL must start with ws://, wss://, http:// or https://",
-                request.url
+                "{shown:?}: the URL must start with ws://, wss://, http:// or https://"
             )))
         }
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| BadInput(format!("{:?} has no host", request.url)))?;
+        .ok_or_else(|| BadInput(format!("{shown:?} has no host")))?;
+    // RFC 6455 §3: a WebSocket URI has no user information, and no client sends it.
+    if authority.as_str().contains('@') {
+        return Err(BadInput(format!(
+            "{shown:?}: a WebSocket URL has no user information (user:password@); give \
+             credentials as a --header"
+        )));
+    }
     // `http` parses any digits as a port and reads one above 65535 as none at all.
     let text = authority.as_str();
     let port = text.rfind(':').map(|i| &text[i + 1..]);
     if port.is_some_and(|p| !p.is_empty() && !p.contains(']')) && authority.port_u16().is_none() {
         return Err(BadInput(format!(
-            "{:?}: the port is not a number from 0 to 65535",
-            request.url
+            "{shown:?}: the port is not a number from 0 to 65535"
         )));
     }
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut headers = HeaderMap::new();
-    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| BadInput(format!("{v:?}")));
+    let value =
+        |v: &str| HeaderValue::from_str(v).map_err(|_| BadInput(format!("{:?}", for_log(v))));
     headers.insert(header::HOST, value(authority.as_str())?);
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -282,9 +309,9 @@ fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
     for given in &request.headers {
         let (name, v) = given
             .split_once(':')
-            .ok_or_else(|| BadInput(format!("{given:?} is not 'Name: value'")))?;
+            .ok_or_else(|| BadInput(format!("{:?} is not 'Name: value'", for_log(given))))?;
         let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|_| BadInput(format!("{name:?} is not a header name")))?;
+            .map_err(|_| BadInput(format!("{:?} is not a header name", for_log(name))))?;
         let v = HeaderValue::from_str(v.trim())
             .map_err(|_| BadInput(format!("the value of {name} is not a header value")))?;
         if given_names.contains(&name) {
@@ -306,6 +333,22 @@ fn request_parts(request: &Request) -> Result<http::request::Parts, BadInput> {
         .map_err(|e| BadInput(e.to_string()))?
         .into_parts();
     Ok(parts)
+}
+
+/// `url` with an empty path written as `/` (RFC 3986 §6.2.3: `ws://host?x` is
+/// `ws://host/?x`), which `http`'s parser would refuse before a query.
+fn with_path(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://") else {
+        return url.into();
+    };
+    let rest = &url[scheme_end + 3..];
+    match rest.find(['/', '?', '#']) {
+        Some(end) if rest.as_bytes()[end] != b'/' => {
+            let at = scheme_end + 3 + end;
+            format!("{}/{}", &url[..at], &url[at..]).into()
+        }
+        _ => url.into(),
+    }
 }
 
 /// What the details of the steps are read from.
@@ -387,15 +430,18 @@ impl Context<'_> {
             .headers
             .get(header::ORIGIN)
             .map(|o| o.to_str().unwrap_or("(not text)"));
+        // A token sent as the Origin by mistake is still a token.
+        let shown = sent.map(for_log);
         let rules = &self.route.origin;
         match (sent, origin::matching(rules, sent)) {
             (_, Some(Allowed::Missing)) => "no Origin header, and allow_missing is true".into(),
-            (sent, Some(Allowed::Pattern(p))) => {
-                format!("{:?} matches {}", sent.unwrap_or_default(), pattern(p))
+            (_, Some(Allowed::Pattern(p))) => {
+                format!("{:?} matches {}", shown.unwrap_or_default(), pattern(p))
             }
             (None, None) => "no Origin header, and allow_missing is false".into(),
-            (Some(sent), None) => format!(
-                "{sent:?} matches none of [{}]",
+            (Some(_), None) => format!(
+                "{:?} matches none of [{}]",
+                shown.unwrap_or_default(),
                 rules
                     .allow
                     .iter()
