@@ -125,16 +125,18 @@ pub(super) fn env_name_error(name: &str) -> Option<String> {
 }
 
 /// `name`, a valid environment variable name, as a message may show it: itself, unless it
-/// looks like a secret pasted where the name belongs (24 or more characters mixing
-/// lowercase, uppercase and digits, without the `_` that names use), which is described
-/// instead of shown.
+/// looks like a secret pasted where the name belongs, which is described instead of shown:
+/// 24 or more characters mixing lowercase, uppercase and digits, without the `_` that
+/// names use, or 32 or more hex digits (what `openssl rand -hex` writes).
 pub(super) fn env_name_shown(name: &str) -> Cow<'_, str> {
     let has = |f: fn(&char) -> bool| name.chars().any(|c| f(&c));
-    let secret_like = name.len() >= 24
+    let mixed = name.len() >= 24
         && !name.contains('_')
         && has(char::is_ascii_lowercase)
         && has(char::is_ascii_uppercase)
         && has(char::is_ascii_digit);
+    let hex = name.len() >= 32 && name.chars().all(|c| c.is_ascii_hexdigit());
+    let secret_like = mixed || hex;
     match secret_like {
         true => Cow::Owned(format!(
             "(a {}-character value that looks like a secret, not a name; not shown)",
@@ -301,7 +303,12 @@ mod tests {
         ] {
             assert_eq!(env_name_shown(name), name);
         }
-        for secret in ["9fQz2LmW8xKp4RtY7vBn3CsD", "kT5mN8qR2wX7zA4bC9dE1fG6hJ3"] {
+        for secret in [
+            "9fQz2LmW8xKp4RtY7vBn3CsD",
+            "kT5mN8qR2wX7zA4bC9dE1fG6hJ3",
+            // openssl rand -hex 32
+            "ada44d35c0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8092927",
+        ] {
             let shown = env_name_shown(secret);
             assert!(!shown.contains(secret), "{shown}");
             assert!(shown.contains("looks like a secret"), "{shown}");
