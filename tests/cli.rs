@@ -410,6 +410,34 @@ fn check_states_the_real_ranges_of_whole_numbers() {
         text.contains("expected a route (a map with `path`)"),
         "{text}"
     );
+    // A number past its width is named with the limit, beside an earlier error.
+    std::fs::write(
+        &path,
+        "version: 1\nmode: Report\nroutes:\n  - path: /ws\n    rate: {burst: 4294967296, max_connections_per_ip: 4294967296}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("mode: unknown variant `Report`"), "{text}");
+    for field in ["burst", "max_connections_per_ip"] {
+        assert!(
+            text.contains(&format!(
+                "routes[0].rate.{field}: invalid value: 4294967296, expected at most 4294967295"
+            )),
+            "{text}"
+        );
+    }
+    // Past 64 bits the YAML parser stops: its place, and what to do.
+    std::fs::write(
+        &path,
+        "version: 1\nroutes:\n  - path: /ws\n    auth: {require_claims: {id: [18446744073709551616]}}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("r.yaml:4:"), "{text}");
+    assert!(text.contains("a number past 64 bits"), "{text}");
+    assert!(text.contains("goes in quotes"), "{text}");
 }
 
 #[test]

@@ -638,6 +638,7 @@ fn has_merge_keys(value: &serde_yaml::Value) -> bool {
 pub fn schema() -> String {
     let mut schema = schemars::schema_for!(file::PolicyFile);
     one_line_paragraphs(&mut schema);
+    widths(&mut schema);
     // A schema is a JSON value: serializing it cannot fail.
     let mut text = serde_json::to_string_pretty(&schema).expect("a JSON value serializes");
     text.push('\n');
@@ -646,7 +647,33 @@ pub fn schema() -> String {
 
 /// The schema as a value to walk (see `unknown`).
 fn schema_value() -> serde_json::Value {
-    schemars::schema_for!(file::PolicyFile).to_value()
+    let mut schema = schemars::schema_for!(file::PolicyFile);
+    widths(&mut schema);
+    schema.to_value()
+}
+
+/// A whole number's width as bounds (`format: uint32` is also `maximum: 4294967295`), so
+/// that an editor flags a value the gate cannot hold, and `check` names the limit of each
+/// such value beside every other error rather than stopping at it.
+fn widths(schema: &mut schemars::Schema) {
+    let bounds: Option<(i64, u64)> = match schema.get("format").and_then(|f| f.as_str()) {
+        Some("uint8") => Some((0, u8::MAX.into())),
+        Some("uint16") => Some((0, u16::MAX.into())),
+        Some("uint32") => Some((0, u32::MAX.into())),
+        Some("uint64" | "uint") => Some((0, u64::MAX)),
+        Some("int32") => Some((i32::MIN.into(), i32::MAX as u64)),
+        Some("int64" | "int") => Some((i64::MIN, i64::MAX as u64)),
+        _ => None,
+    };
+    if let Some((min, max)) = bounds.filter(|_| schema.get("const").is_none()) {
+        if schema.get("minimum").is_none() {
+            schema.insert("minimum".to_owned(), min.into());
+        }
+        if schema.get("maximum").is_none() {
+            schema.insert("maximum".to_owned(), max.into());
+        }
+    }
+    schemars::transform::transform_subschemas(&mut widths, schema);
 }
 
 /// The line and column (both from 1, the column in characters) of byte `at` of `text`,
@@ -721,8 +748,12 @@ fn strip_location(message: &str) -> String {
 /// A parser message with the Rust type names it may hold (`expected struct RouteFile`,
 /// `expected u32`) in the policy's words.
 fn in_words(message: &str) -> String {
-    if message.contains(" as u128") {
-        return "a number too large to be a value here".to_owned();
+    // serde_yaml's numbers are 64 bits wide: past them the whole parse stops here.
+    if message.contains(" as u128") || message.contains(" as i128") {
+        return "a number past 64 bits (more than 18446744073709551615, or less than \
+                -9223372036854775808): no field holds one; a claim value this large goes in \
+                quotes, as text"
+            .to_owned();
     }
     let mut out = message.to_owned();
     for (rust, words) in [

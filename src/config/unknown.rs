@@ -200,9 +200,12 @@ fn type_error(keys: &Keys<'_>, value: &Yaml) -> Option<String> {
     if number.is_nan() || (min..=max).contains(&number) {
         return None;
     }
+    // A range a person set (`1 to 128`) is told whole; a number's width (`4294967295`)
+    // only when the value is past it.
+    let set_by_hand = max < f64::from(i32::MAX);
     let expected = match (min.is_finite(), max.is_finite()) {
-        (true, true) => format!("{min} to {max}"),
-        (true, false) => format!("at least {min}"),
+        (true, true) if set_by_hand => format!("{min} to {max}"),
+        (true, _) if number < min => format!("at least {min}"),
         _ => format!("at most {max}"),
     };
     Some(format!("invalid value: {n}, expected {expected}"))
