@@ -292,10 +292,7 @@ fn http_date(out: &mut Vec<u8>) {
 pub struct Prefixed<T> {
     prefix: Bytes,
     io: T,
-    write_limit: Duration,
-    /// Armed while a write is refused; boxed, and only then, so that an idle connection
-    /// holds no timer.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    writes: WriteDeadline,
 }
 
 impl<T> Prefixed<T> {
@@ -303,13 +300,35 @@ impl<T> Prefixed<T> {
         Prefixed {
             prefix,
             io,
-            write_limit,
+            writes: WriteDeadline::new(write_limit),
+        }
+    }
+
+    /// The bytes hyper has not read yet, and the socket.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.io)
+    }
+}
+
+/// A deadline on a socket's writes: a write (or flush) that the peer lets make no
+/// progress for `limit` fails with `TimedOut`, as nginx's `send_timeout` and
+/// `proxy_send_timeout` end such a connection. The timer is boxed, and armed only while a
+/// write waits, so that an idle connection holds none.
+pub struct WriteDeadline {
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    pub fn new(limit: Duration) -> WriteDeadline {
+        WriteDeadline {
+            limit,
             stalled: None,
         }
     }
 
-    /// `Pending` from a write: past the deadline it becomes `TimedOut`.
-    fn deadline<R>(
+    /// `polled`, a write's outcome; `Pending` past the deadline becomes `TimedOut`.
+    pub fn check<R>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<R>>,
@@ -318,22 +337,17 @@ impl<T> Prefixed<T> {
             self.stalled = None;
             return polled;
         }
-        let limit = self.write_limit;
+        let limit = self.limit;
         let stalled = self
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match stalled.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the peer accepted no bytes within write_seconds",
+                "the peer accepted no bytes within the write deadline",
             ))),
             Poll::Pending => Poll::Pending,
         }
-    }
-
-    /// The bytes hyper has not read yet, and the socket.
-    pub fn into_parts(self) -> (Bytes, T) {
-        (self.prefix, self.io)
     }
 }
 
@@ -362,7 +376,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.deadline(cx, polled)
+        this.writes.check(cx, polled)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -371,7 +385,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.deadline(cx, polled)
+        this.writes.check(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -379,7 +393,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_flush(cx);
-        this.deadline(cx, polled)
+        this.writes.check(cx, polled)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)

@@ -446,7 +446,14 @@ impl Progress {
             if self.shared.finished.load(Ordering::Acquire) || self.is_stalled_upstream(stall) {
                 return;
             }
-            let check = stall / 4;
+            // Looked at again when the upstream's stall would reach `stall` (just past it),
+            // or, while the client owes the bytes, a quarter of `stall` on.
+            let polled = Duration::from_millis(self.shared.polled_ms.load(Ordering::Acquire));
+            let quiet = self.shared.start.elapsed().saturating_sub(polled);
+            let check = match self.shared.client_owes.load(Ordering::Acquire) {
+                true => stall / 4,
+                false => stall.saturating_sub(quiet) + Duration::from_millis(5),
+            };
             let _ = tokio::time::timeout(check, self.shared.done.notified()).await;
         }
     }
@@ -486,7 +493,7 @@ impl tower_service::Service<Uri> for Connector {
         let timeout = self.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, upstream::dial(&upstream)).await {
-                Ok(stream) => Ok(PassConn(TokioIo::new(stream?))),
+                Ok(stream) => Ok(PassConn::new(stream?)),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "upstream connect timed out",
@@ -496,8 +503,23 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A pooled pass-through connection.
-pub struct PassConn(TokioIo<UpstreamStream>);
+/// A pooled pass-through connection. Its writes have a deadline, [`BODY_STALL_TIMEOUT`]
+/// without progress (nginx's `proxy_send_timeout`): the connection's task sends a request
+/// body on its own, and would otherwise wait for ever on an upstream that reads none of it
+/// after the request had its 504, holding the socket and what it had queued.
+pub struct PassConn {
+    io: TokioIo<UpstreamStream>,
+    writes: crate::head::WriteDeadline,
+}
+
+impl PassConn {
+    fn new(stream: UpstreamStream) -> PassConn {
+        PassConn {
+            io: TokioIo::new(stream),
+            writes: crate::head::WriteDeadline::new(BODY_STALL_TIMEOUT),
+        }
+    }
+}
 
 impl Connection for PassConn {
     fn connected(&self) -> Connected {
@@ -511,7 +533,7 @@ impl hyper::rt::Read for PassConn {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -521,13 +543,17 @@ impl hyper::rt::Write for PassConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.writes.check(cx, polled)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.writes.check(cx, polled)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -608,8 +634,34 @@ mod tests {
         assert!(!progress.is_stalled_upstream(BODY_STALL_TIMEOUT));
     }
 
+    /// An upstream connection whose peer takes no bytes fails its writes once
+    /// [`BODY_STALL_TIMEOUT`] passes without progress, so that its task, which sends the
+    /// body on its own, ends and closes it.
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_takes_no_bytes_fails_the_connections_writes() {
+        use hyper::rt::Write as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_peer, _) = listener.accept().await.unwrap();
+        let mut conn = PassConn::new(UpstreamStream::Plain(tcp));
+        let chunk = vec![0u8; 64 * 1024];
+        let started = tokio::time::Instant::now();
+        let error = loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut conn).poll_write(cx, &chunk)).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() >= BODY_STALL_TIMEOUT);
+        assert!(started.elapsed() < BODY_STALL_TIMEOUT * 2);
+    }
+
     /// An upstream that takes none of the body (nobody polls it) is caught by the request's
-    /// wait, as an upstream timeout.
+    /// wait, as an upstream timeout, when the stall reaches the timeout (not at the next
+    /// quarter of it).
     #[tokio::test(start_paused = true)]
     async fn an_upstream_that_reads_nothing_is_seen() {
         let (_upload, progress) = Upload::new(
@@ -623,6 +675,10 @@ mod tests {
         progress.sent(BODY_STALL_TIMEOUT).await;
         assert!(progress.is_stalled_upstream(BODY_STALL_TIMEOUT));
         assert!(started.elapsed() > BODY_STALL_TIMEOUT);
-        assert!(started.elapsed() < BODY_STALL_TIMEOUT * 2);
+        assert!(
+            started.elapsed() < BODY_STALL_TIMEOUT + Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
