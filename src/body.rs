@@ -2,9 +2,16 @@
 //! that refusals, the admin listener and the pass proxy share it without depending on the
 //! request pipeline in `http`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -43,6 +50,96 @@ impl<T: Unpin> hyper::body::Body for Held<T> {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The body of a request the gate refused while more of it was still to come, carried in
+/// the refusal's extensions to the HTTP/2 stream that answers it (see [`draining`]).
+#[derive(Clone)]
+pub struct Unread(Arc<Mutex<Option<Incoming>>>);
+
+impl Unread {
+    pub fn new(body: Incoming) -> Unread {
+        Unread(Arc::new(Mutex::new(Some(body))))
+    }
+
+    pub fn take(self) -> Option<Incoming> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// The most of a refused request's body [`draining`] reads, and for how long.
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// `body`, ended only once `unread`, the refused request's body, has arrived and been
+/// discarded (at most [`DRAIN_BYTES`] within [`DRAIN_TIME`] of the answer's last byte). An
+/// HTTP/2 stream whose response ends while its request is still arriving is reset
+/// (RST_STREAM NO_ERROR, RFC 9113 §8.1), and clients such as curl then drop the answer
+/// they were given; nginx too reads and discards the body of a request it refused.
+pub fn draining(body: Body, unread: Incoming) -> Body {
+    Draining {
+        body,
+        ended: false,
+        unread: Some(unread),
+        drained: 0,
+        deadline: None,
+    }
+    .boxed_unsync()
+}
+
+struct Draining {
+    body: Body,
+    /// `body` has given its last frame.
+    ended: bool,
+    unread: Option<Incoming>,
+    drained: usize,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for Draining {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if !this.ended {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(None) => this.ended = true,
+                polled => return polled,
+            }
+        }
+        if let Some(unread) = &mut this.unread {
+            let deadline = this
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_TIME)));
+            loop {
+                if deadline.as_mut().poll(cx).is_ready() || this.drained > DRAIN_BYTES {
+                    break;
+                }
+                match Pin::new(&mut *unread).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        this.drained += frame.data_ref().map_or(0, Bytes::len);
+                    }
+                    Poll::Ready(Some(Err(_)) | None) => break,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            this.unread = None;
+            this.deadline = None;
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.unread.is_none() && (self.ended || self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
 }

@@ -99,7 +99,16 @@ pub async fn handle(
             closing_for_http10(&mut response);
         }
         return Ok(match stream {
-            Some(H2Stream { hold, .. }) => response.map(|body| crate::body::held(body, hold)),
+            Some(H2Stream { hold, .. }) => {
+                let unread = response.extensions_mut().remove::<crate::body::Unread>();
+                response.map(|body| {
+                    let body = match unread.and_then(|u| u.take()) {
+                        Some(unread) => crate::body::draining(body, unread),
+                        None => body,
+                    };
+                    crate::body::held(body, hold)
+                })
+            }
             None => response,
         });
     }
@@ -287,6 +296,8 @@ pub async fn answer(
         armed: true,
         shutdown: &gate.shutdown,
     };
+    // A refused request's body still on its way (HTTP/2 only: see `crate::body::Unread`).
+    let mut unread = None;
     let result = match routed {
         Ok((route, path)) => {
             let request = Routed {
@@ -298,13 +309,20 @@ pub async fn answer(
                 path,
             };
             match asked {
-                Asked::Plain(req) => respond(gate, request, req).await.map(|r| (r, None)),
+                Asked::Plain(req) => respond(gate, request, req, &mut unread)
+                    .await
+                    .map(|r| (r, None)),
                 Asked::Upgrade(parts) => switch(gate, request, &parts, changes)
                     .await
                     .map(|(r, admitted)| (r, Some(admitted))),
             }
         }
-        Err(rejection) => Err(rejection),
+        Err(rejection) => {
+            if let Asked::Plain(req) = asked {
+                unread = Some(req.into_body());
+            }
+            Err(rejection)
+        }
     };
     abandoned.armed = false;
     let latency_ms = log_millis(started.elapsed());
@@ -352,7 +370,14 @@ pub async fn answer(
                 cause = rejection.cause().as_deref(),
                 "{}", if upgrade { "upgrade refused" } else { "request refused" }
             );
-            (rejection.into_response(), None)
+            let mut response = rejection.into_response();
+            let arriving = unread.filter(|body| !hyper::body::Body::is_end_stream(body));
+            if let (Some(body), crate::relay::Protocol::H2) = (arriving, conn.protocol) {
+                response
+                    .extensions_mut()
+                    .insert(crate::body::Unread::new(body));
+            }
+            (response, None)
         }
     }
 }
@@ -389,12 +414,31 @@ struct Routed<'a> {
 }
 
 /// A plain request on an `http: pass` route: admitted as an upgrade is, less the upgrade
-/// rate and the caps, and proxied.
+/// rate and the caps, and proxied. Refused, the request's body is given back in `unread`
+/// when it has more to come (see [`crate::body::Unread`]).
 async fn respond(
     gate: &Arc<Gate>,
     routed: Routed<'_>,
     mut req: Request<Incoming>,
+    unread: &mut Option<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
+    let route = routed.route.clone();
+    match admit_plain(gate, routed, &mut req).await {
+        Ok(target) => crate::proxy::forward(&gate.pass_clients, &route, &target, req).await,
+        Err(rejection) => {
+            *unread = Some(req.into_body());
+            Err(rejection)
+        }
+    }
+}
+
+/// [`respond`]'s admission: the request's headers made those that go upstream; its
+/// target upstream.
+async fn admit_plain(
+    gate: &Arc<Gate>,
+    routed: Routed<'_>,
+    req: &mut Request<Incoming>,
+) -> Result<String, Rejection> {
     let Routed {
         policy,
         conn,
@@ -447,7 +491,7 @@ async fn respond(
         req.headers(),
     );
     *req.headers_mut() = headers;
-    crate::proxy::forward(&gate.pass_clients, &route, &target, req).await
+    Ok(target)
 }
 
 /// What goes upstream for an admitted request: its headers (forwarded, with the gate's

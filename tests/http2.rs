@@ -378,6 +378,61 @@ async fn a_get_on_a_reject_route_is_426_not_websocket() {
 }
 
 /// On HTTP/1.1, `Upgrade: h2c` is not honoured: the request is served as HTTP/1.1.
+/// A refusal of a request whose body is still arriving is answered whole and ended once
+/// the body has arrived, not followed by a RST_STREAM (RFC 9113 §8.1 allows NO_ERROR
+/// there, and curl then drops the answer it was given: exit 92), as nginx reads and
+/// discards such a body.
+#[tokio::test]
+async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset() {
+    use support::h2raw::{self, *};
+    let upstream = Upstream::start().await;
+    let gate = TestGate::start_with(&pass_policy(&upstream, ""), false).await;
+    let authority = format!("localhost:{}", gate.addr.port());
+    // Refused on its route (an upgrade-only one: 426), and before it has one (404).
+    for (path, status, reason) in [("/ws", 426, "not_websocket"), ("/nowhere", 404, "no_route")] {
+        let (rd, mut wr) = tokio::io::split(h2raw::connect(gate.addr, None).await);
+        let mut rx = frames(rd);
+        next_frame(&mut rx, DEADLINE, |f| {
+            f.kind == SETTINGS && f.flags & ACK == 0
+        })
+        .await
+        .expect("the gate's SETTINGS");
+        wr.write_all(&settings_ack()).await.unwrap();
+        let chunk = vec![b'x'; 16 * 1024];
+        let block = post_block(false, &authority, path, 3 * chunk.len());
+        wr.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+            .await
+            .unwrap();
+        wr.write_all(&frame(DATA, 0, 1, &chunk)).await.unwrap();
+        let head = next_frame(&mut rx, DEADLINE, |f| f.kind == HEADERS && f.stream == 1)
+            .await
+            .expect("the refusal's head");
+        assert_eq!(h2raw::status(&head.payload), Some(status), "{path}");
+        // The rest of the body, after the answer's head.
+        wr.write_all(&frame(DATA, 0, 1, &chunk)).await.unwrap();
+        wr.write_all(&frame(DATA, END_STREAM, 1, &chunk))
+            .await
+            .unwrap();
+        let mut body = Vec::new();
+        let mut ended = false;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(f) = next_frame(&mut rx, left, |f| f.stream == 1).await else {
+                break;
+            };
+            assert_ne!(f.kind, RST_STREAM, "{path}: reset with {}", f.code());
+            if f.kind == DATA {
+                body.extend_from_slice(&f.payload);
+                ended |= f.flags & END_STREAM != 0;
+            }
+        }
+        assert!(ended, "{path}: the answer never ended");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], reason, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn an_h2c_upgrade_on_http1_is_served_as_http1() {
     let upstream = Upstream::start().await;

@@ -167,6 +167,14 @@ pub fn get_block(tls: bool, authority: &str, path: &str) -> Vec<u8> {
     out
 }
 
+/// The header block of a POST for `path`, with its body's length.
+pub fn post_block(tls: bool, authority: &str, path: &str, length: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    pseudo(&mut out, "POST", tls, authority, path);
+    literal(&mut out, 0, "content-length", length.to_string().as_bytes());
+    out
+}
+
 /// `:status` of a response header block: its first field, as the gate's encoder writes it
 /// to a client that set `SETTINGS_HEADER_TABLE_SIZE` to 0 (so never from the dynamic
 /// table): an indexed static entry, or a literal whose name is `:status` and whose value
