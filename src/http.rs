@@ -96,6 +96,16 @@ pub async fn handle(
             *response.body_mut() = full(Bytes::new());
         }
         if http10 {
+            // HTTP/1.0 has no chunks: an answer without a length ends with the connection,
+            // which the client is told, as nginx tells it, whatever it asked for.
+            if hyper::body::Body::size_hint(response.body())
+                .exact()
+                .is_none()
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             closing_for_http10(&mut response);
         }
         return Ok(match stream {

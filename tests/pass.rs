@@ -544,6 +544,30 @@ async fn an_http_1_0_upstreams_answer_goes_out_as_http_1_1() {
     server.abort();
 }
 
+/// An HTTP/1.0 client that asked to keep its connection is told `Connection: close` when
+/// its answer has no length (HTTP/1.0 has no chunks: the end of the connection is the end
+/// of the body), as nginx tells it, not `keep-alive` before a close.
+#[tokio::test]
+async fn an_http_1_0_answer_without_a_length_says_the_connection_closes() {
+    let (gate, server) = raw_upstream(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    })
+    .await;
+    let (status, _, response) = send(
+        &gate,
+        "GET /app/x HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{response}");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    assert_eq!(body, "hello");
+    server.abort();
+}
+
 /// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
 #[tokio::test]
 async fn a_101_to_a_plain_request_is_502() {
