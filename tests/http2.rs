@@ -390,14 +390,7 @@ async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset(
     let authority = format!("localhost:{}", gate.addr.port());
     // Refused on its route (an upgrade-only one: 426), and before it has one (404).
     for (path, status, reason) in [("/ws", 426, "not_websocket"), ("/nowhere", 404, "no_route")] {
-        let (rd, mut wr) = tokio::io::split(h2raw::connect(gate.addr, None).await);
-        let mut rx = frames(rd);
-        next_frame(&mut rx, DEADLINE, |f| {
-            f.kind == SETTINGS && f.flags & ACK == 0
-        })
-        .await
-        .expect("the gate's SETTINGS");
-        wr.write_all(&settings_ack()).await.unwrap();
+        let (mut rx, mut wr, _) = h2raw::opened(gate.addr, None).await;
         let chunk = vec![b'x'; 16 * 1024];
         let block = post_block(false, &authority, path, 3 * chunk.len());
         wr.write_all(&frame(HEADERS, END_HEADERS, 1, &block))

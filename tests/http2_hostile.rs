@@ -1185,14 +1185,7 @@ async fn a_paced_rapid_reset_gets_goaway_after_100_cancelled_streams() {
     )
     .unwrap();
     let gate = Proc::start(&policy, &[]);
-    let (rd, mut wr) = tokio::io::split(h2raw::connect(gate.addr, None).await);
-    let mut rx = frames(rd);
-    next_frame(&mut rx, DEADLINE, |f| {
-        f.kind == SETTINGS && f.flags & ACK == 0
-    })
-    .await
-    .expect("the gate's SETTINGS");
-    wr.write_all(&settings_ack()).await.unwrap();
+    let (mut rx, mut wr, _) = h2raw::opened(gate.addr, None).await;
     let block = connect_block(false, &format!("localhost:{}", gate.addr.port()), "/hang");
     let (mut pairs, mut goaway) = (0u32, None);
     for i in 0..300u32 {

@@ -458,6 +458,23 @@ pub fn frames(mut rd: ReadHalf<Conn>) -> UnboundedReceiver<Frame> {
     rx
 }
 
+/// A raw connection past its opening: the gate's SETTINGS read (and returned) and
+/// acknowledged; its frames as [`frames`] gives them, and the side to write on.
+pub async fn opened(
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> (UnboundedReceiver<Frame>, WriteHalf<Conn>, Frame) {
+    let (rd, mut wr) = tokio::io::split(connect(addr, tls).await);
+    let mut rx = frames(rd);
+    let settings = next_frame(&mut rx, DEADLINE, |f| {
+        f.kind == SETTINGS && f.flags & ACK == 0
+    })
+    .await
+    .expect("the gate's SETTINGS");
+    wr.write_all(&settings_ack()).await.unwrap();
+    (rx, wr, settings)
+}
+
 /// The next frame `keep` accepts, skipping the others; `None` at EOF or after `within`.
 pub async fn next_frame(
     rx: &mut UnboundedReceiver<Frame>,
