@@ -35,6 +35,12 @@ pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug)]
 pub struct Proxied;
 
+/// How long a pass connection's write may make no progress before the connection is
+/// closed: past [`BODY_STALL_TIMEOUT`], so that the request that stalled has had its 504
+/// `upstream_timeout` (nginx's `proxy_send_timeout`) first.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(70);
+const _: () = assert!(WRITE_STALL_TIMEOUT.as_secs() > BODY_STALL_TIMEOUT.as_secs());
+
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
@@ -201,9 +207,8 @@ fn answer(
             if source_is::<BadBody>(&e) {
                 return Err(Rejection::BadRequest("the request body could not be read"));
             }
-            let timed_out = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<io::Error>())
-                .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+            let timed_out =
+                in_chain::<io::Error>(&e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
             let cause = || {
                 let mut text = e.to_string();
                 let mut source = std::error::Error::source(&e);
@@ -503,10 +508,10 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A pooled pass-through connection. Its writes have a deadline, [`BODY_STALL_TIMEOUT`]
-/// without progress (nginx's `proxy_send_timeout`): the connection's task sends a request
-/// body on its own, and would otherwise wait for ever on an upstream that reads none of it
-/// after the request had its 504, holding the socket and what it had queued.
+/// A pooled pass-through connection. Its writes have a deadline, [`WRITE_STALL_TIMEOUT`]
+/// without progress: the connection's task sends a request body on its own, and would
+/// otherwise wait for ever on an upstream that reads none of it after the request had its
+/// 504, holding the socket and what it had queued.
 pub struct PassConn {
     io: TokioIo<UpstreamStream>,
     writes: crate::head::WriteDeadline,
@@ -516,7 +521,7 @@ impl PassConn {
     fn new(stream: UpstreamStream) -> PassConn {
         PassConn {
             io: TokioIo::new(stream),
-            writes: crate::head::WriteDeadline::new(BODY_STALL_TIMEOUT),
+            writes: crate::head::WriteDeadline::new(WRITE_STALL_TIMEOUT),
         }
     }
 }
@@ -635,8 +640,8 @@ mod tests {
     }
 
     /// An upstream connection whose peer takes no bytes fails its writes once
-    /// [`BODY_STALL_TIMEOUT`] passes without progress, so that its task, which sends the
-    /// body on its own, ends and closes it.
+    /// [`WRITE_STALL_TIMEOUT`] passes without progress, so that its task, which sends the
+    /// body on its own, ends and closes it; after the request's own 504.
     #[tokio::test(start_paused = true)]
     async fn an_upstream_that_takes_no_bytes_fails_the_connections_writes() {
         use hyper::rt::Write as _;
@@ -655,8 +660,8 @@ mod tests {
             }
         };
         assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
-        assert!(started.elapsed() >= BODY_STALL_TIMEOUT);
-        assert!(started.elapsed() < BODY_STALL_TIMEOUT * 2);
+        assert!(started.elapsed() >= WRITE_STALL_TIMEOUT);
+        assert!(started.elapsed() < WRITE_STALL_TIMEOUT * 2);
     }
 
     /// An upstream that takes none of the body (nobody polls it) is caught by the request's
