@@ -150,32 +150,71 @@ impl Drop for Answering {
 
 /// A connection's socket as hyper reads it: the client's end (a read of nothing, or a
 /// TLS stream cut without its `close_notify`) is held back while an answer is owed.
-pub struct Ending<T> {
-    io: T,
+///
+/// Dropped after hyper has shut it (an answer with `Connection: close`, a refusal above
+/// all) while the client may still be sending, such as a request body the gate did not
+/// read, it lingers as every connection the gate closes does (see [`crate::linger`]):
+/// closed at once, the socket would answer that input with a reset, which destroys the
+/// answer before the client has read it.
+pub struct Ending<T: AsyncRead + Unpin + Send + 'static> {
+    /// Always here but while being dropped.
+    io: Option<T>,
     requests: Requests,
+    /// hyper has shut the write side.
+    shut: bool,
+    /// Read since: someone (the relay, after an upgrade) lingered already.
+    read_after_shut: bool,
 }
 
-impl<T> Ending<T> {
+impl<T: AsyncRead + Unpin + Send + 'static> Ending<T> {
     pub fn new(io: T, requests: Requests) -> Ending<T> {
-        Ending { io, requests }
+        Ending {
+            io: Some(io),
+            requests,
+            shut: false,
+            read_after_shut: false,
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Ending<T> {
+/// What a socket taken away does: fails.
+fn gone() -> io::Error {
+    io::Error::from(io::ErrorKind::NotConnected)
+}
+
+impl<T: AsyncRead + Unpin + Send + 'static> Drop for Ending<T> {
+    fn drop(&mut self) {
+        let lingers =
+            self.shut && !self.read_after_shut && !self.requests.0.ended.load(Ordering::Acquire);
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (true, Some(mut io), Ok(runtime)) = (lingers, self.io.take(), runtime) {
+            runtime.spawn(async move {
+                let deadline = Instant::now() + crate::linger::LINGER_TIME;
+                crate::linger::discard_until(&mut io, deadline).await;
+            });
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin + Send + 'static> AsyncRead for Ending<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.read_after_shut |= this.shut;
+        let Some(io) = this.io.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
         if buf.remaining() == 0 {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            return Pin::new(io).poll_read(cx, buf);
         }
         if this.requests.0.ended.load(Ordering::Acquire) {
             return this.requests.end_read(cx).map(Ok);
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        match Pin::new(io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() == before => {
                 this.requests.end_read(cx).map(Ok)
             }
@@ -187,13 +226,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Ending<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Ending<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Ending<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match self.get_mut().io.as_mut() {
+            Some(io) => Pin::new(io).poll_write(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
     }
 
     fn poll_write_vectored(
@@ -201,18 +243,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Ending<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match self.get_mut().io.as_mut() {
+            Some(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(gone())),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(T::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match self.get_mut().io.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.shut = true;
+        match this.io.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
 }

@@ -464,6 +464,44 @@ async fn a_refusal_reaches_a_client_that_half_closed_after_any_request() {
     }
 }
 
+/// A refusal of a request whose body the gate does not read (here 24 MiB, sent whole
+/// before the client reads, as Python's http.client sends it) reaches the client: the
+/// connection lingers, discarding the body, instead of meeting the rest of it with a reset
+/// that would destroy the answer (nginx's lingering close).
+#[tokio::test]
+async fn a_refusal_reaches_a_client_still_sending_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let body = vec![b'x'; 24 * 1024 * 1024];
+    for tls in [false, true] {
+        let gate = TestGate::start_with(&open_policy(&upstream.url(), ""), tls).await;
+        for (path, status) in [("/ws", "426"), ("/elsewhere", "404")] {
+            let mut client = gate.stream().await;
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            client.write_all(head.as_bytes()).await.unwrap();
+            let sent = tokio::time::timeout(DEADLINE, client.write_all(&body)).await;
+            assert!(
+                matches!(sent, Ok(Ok(()))),
+                "tls {tls} {path}: the body met {sent:?}"
+            );
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer)).await;
+            assert!(
+                matches!(read, Ok(Ok(_))),
+                "tls {tls} {path}: the answer met {read:?}"
+            );
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "tls {tls} {path}: {answer:?}"
+            );
+        }
+    }
+}
+
 /// A half-closed client's plain request waiting on an `http: pass` upstream is abandoned
 /// at once, as nginx answers its 499: the upstream's connection is closed, not held until
 /// the upstream answers.
