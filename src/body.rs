@@ -69,6 +69,68 @@ impl Unread {
     }
 }
 
+/// A request body lent to the upstream's side, given back when that side drops it
+/// before its end: an upstream that cannot be reached, or that failed while the body was
+/// still arriving, leaves the rest of it to be discarded under the gate's own answer (see
+/// [`draining`]), as a refusal's is.
+pub struct Lent {
+    body: Option<Incoming>,
+    back: Unread,
+}
+
+/// `body` lent as [`Lent`], and where it comes back: an [`Unread`] that holds it once the
+/// borrower has dropped it unfinished.
+pub fn lend(body: Incoming) -> (Lent, Unread) {
+    let back = Unread(Arc::new(Mutex::new(None)));
+    (
+        Lent {
+            body: Some(body),
+            back: back.clone(),
+        },
+        back,
+    )
+}
+
+impl hyper::body::Body for Lent {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().body {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if !hyper::body::Body::is_end_stream(&body) {
+            if let Ok(mut slot) = self.back.0.lock() {
+                *slot = Some(body);
+            }
+        }
+    }
+}
+
 /// The most of a refused request's body [`draining`] reads, and for how long.
 const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(2);

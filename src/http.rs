@@ -424,8 +424,8 @@ struct Routed<'a> {
 }
 
 /// A plain request on an `http: pass` route: admitted as an upgrade is, less the upgrade
-/// rate and the caps, and proxied. Refused, the request's body is given back in `unread`
-/// when it has more to come (see [`crate::body::Unread`]).
+/// rate and the caps, and proxied. Refused, or failed by its upstream, the request's body
+/// is given back in `unread` when it has more to come (see [`crate::body::Unread`]).
 async fn respond(
     gate: &Arc<Gate>,
     routed: Routed<'_>,
@@ -434,7 +434,7 @@ async fn respond(
 ) -> Result<Response<Body>, Rejection> {
     let route = routed.route.clone();
     match admit_plain(gate, routed, &mut req).await {
-        Ok(target) => crate::proxy::forward(&gate.pass_clients, &route, &target, req).await,
+        Ok(target) => crate::proxy::forward(&gate.pass_clients, &route, &target, req, unread).await,
         Err(rejection) => {
             *unread = Some(req.into_body());
             Err(rejection)

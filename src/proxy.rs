@@ -46,7 +46,8 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// A request's body as it goes upstream: the client's, or none when a request without a
 /// body is sent again (see [`forward`]).
-pub type UploadBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+pub type UploadBody =
+    http_body_util::Either<crate::body::Lent, http_body_util::Empty<bytes::Bytes>>;
 
 pub type PassClient = Client<Connector, Upload<UploadBody>>;
 
@@ -94,6 +95,7 @@ pub async fn forward(
     route: &Arc<Route>,
     target: &str,
     mut request: Request<Incoming>,
+    unread: &mut Option<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
     let scheme = if route.upstream.tls.is_some() {
         "https"
@@ -115,15 +117,25 @@ pub async fn forward(
     // it. Only a request without a body, of an idempotent method, is sent again.
     let again = (idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body))
         .then(|| same_head(&parts));
-    let answered = exchange(&client, parts, http_body_util::Either::Left(body)).await?;
-    let answered = match (answered, again) {
-        (Err(e), Some(parts)) if closed_under_request(&e) => {
-            let nothing = http_body_util::Either::Right(http_body_util::Empty::new());
-            exchange(&client, parts, nothing).await?
+    // A body the upstream's side drops unfinished (it could not be reached, or failed)
+    // comes back, so that the rest of it can be discarded under the gate's answer.
+    let (body, back) = crate::body::lend(body);
+    let answered = async {
+        let answered = exchange(&client, parts, http_body_util::Either::Left(body)).await?;
+        match (answered, again) {
+            (Err(e), Some(parts)) if closed_under_request(&e) => {
+                let nothing = http_body_util::Either::Right(http_body_util::Empty::new());
+                exchange(&client, parts, nothing).await
+            }
+            (answered, _) => Ok(answered),
         }
-        (answered, _) => answered,
-    };
-    answer(route, answered)
+    }
+    .await
+    .and_then(|answered| answer(route, answered));
+    if answered.is_err() {
+        *unread = back.take();
+    }
+    answered
 }
 
 /// RFC 9110 §9.2.2's idempotent methods, as nginx's `proxy_next_upstream` has them.

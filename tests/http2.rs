@@ -381,15 +381,27 @@ async fn a_get_on_a_reject_route_is_426_not_websocket() {
 /// A refusal of a request whose body is still arriving is answered whole and ended once
 /// the body has arrived, not followed by a RST_STREAM (RFC 9113 §8.1 allows NO_ERROR
 /// there, and curl then drops the answer it was given: exit 92), as nginx reads and
-/// discards such a body.
+/// discards such a body. So is the 502 of a pass route whose upstream cannot be reached.
 #[tokio::test]
 async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset() {
     use support::h2raw::{self, *};
     let upstream = Upstream::start().await;
-    let gate = TestGate::start_with(&pass_policy(&upstream, ""), false).await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!(
+        "  - path: /down\n    http: pass\n    upstream: ws://{}\n",
+        closed.local_addr().unwrap()
+    );
+    drop(closed);
+    let policy = pass_policy(&upstream, "") + &down;
+    let gate = TestGate::start_with(&policy, false).await;
     let authority = format!("localhost:{}", gate.addr.port());
-    // Refused on its route (an upgrade-only one: 426), and before it has one (404).
-    for (path, status, reason) in [("/ws", 426, "not_websocket"), ("/nowhere", 404, "no_route")] {
+    // Refused on its route (an upgrade-only one: 426), before it has one (404), and by
+    // an upstream that is down (502).
+    for (path, status, reason) in [
+        ("/ws", 426, "not_websocket"),
+        ("/nowhere", 404, "no_route"),
+        ("/down/upload", 502, "upstream_unavailable"),
+    ] {
         let (mut rx, mut wr, _) = h2raw::opened(gate.addr, None).await;
         let chunk = vec![b'x'; 16 * 1024];
         let block = post_block(false, &authority, path, 3 * chunk.len());
