@@ -559,6 +559,27 @@ fn check_reports_every_semantic_error_with_its_field_path() {
         text.contains(&format!("cannot read nokey.pem ({})", looked.display())),
         "{text}"
     );
+    // Without routes, `defaults` is still checked: its errors beside the missing routes.
+    for routes in ["routes: []\n", ""] {
+        std::fs::write(
+            &path,
+            format!("version: 1\ndefaults:\n  upstream: http://x:1\n  ip: {{deny: [nope]}}\n  auth: {{algorithms: [none]}}\n{routes}"),
+        )
+        .unwrap();
+        let (code, text) = check(&path);
+        assert_eq!(code, 1, "{text}");
+        for field in [
+            "routes: at least one route",
+            "defaults.upstream:",
+            "defaults.ip.deny[0]:",
+            "defaults.auth.algorithms[0]:",
+        ] {
+            assert!(
+                text.contains(field),
+                "{routes:?}: {field} missing in {text}"
+            );
+        }
+    }
     // An upstream whose bracketed host is no IPv6 address (a zone id) is refused, not
     // left to fail every upgrade with a name lookup.
     std::fs::write(

@@ -116,7 +116,18 @@ pub fn validate_for(
     let mut paths = HashSet::new();
     let mut names = HashSet::new();
     match file.routes.as_deref() {
-        None | Some([]) => v.err("routes", "at least one route is required"),
+        None | Some([]) => {
+            v.err("routes", "at least one route is required");
+            // `defaults` is checked through the routes that inherit it: with none, it is
+            // checked as a route of its own, so that its errors are reported beside this one.
+            v.route(
+                "defaults",
+                "/",
+                "defaults".to_owned(),
+                RouteFieldsRef::default(),
+                defaults,
+            );
+        }
         Some(list) => {
             for (i, r) in list.iter().enumerate() {
                 let at = format!("routes[{i}]");
