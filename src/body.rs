@@ -54,8 +54,10 @@ impl<T: Unpin> hyper::body::Body for Held<T> {
     }
 }
 
-/// The body of a request the gate refused while more of it was still to come, carried in
-/// the refusal's extensions to the HTTP/2 stream that answers it (see [`draining`]).
+/// The body of a request whose answer may end before it has all arrived: one the gate
+/// refused, or one lent to the upstream's side (see [`lend`]). Carried in the answer's
+/// extensions to the HTTP/2 stream, which reads and discards what is left of it before
+/// the answer ends (see [`draining`]).
 #[derive(Clone)]
 pub struct Unread(Arc<Mutex<Option<Incoming>>>);
 
@@ -64,70 +66,98 @@ impl Unread {
         Unread(Arc::new(Mutex::new(Some(body))))
     }
 
+    /// The body, taken from whoever was reading it (a [`Lent`] then fails its reader).
     pub fn take(self) -> Option<Incoming> {
         self.0.lock().ok()?.take()
     }
+
+    /// Some of the body is still to come, and no one has read it to its end.
+    pub fn unfinished(&self) -> bool {
+        self.0.lock().is_ok_and(|slot| {
+            slot.as_ref()
+                .is_some_and(|body| !hyper::body::Body::is_end_stream(body))
+        })
+    }
 }
 
-/// A request body lent to the upstream's side, given back when that side drops it
-/// before its end: an upstream that cannot be reached, or that failed while the body was
-/// still arriving, leaves the rest of it to be discarded under the gate's own answer (see
-/// [`draining`]), as a refusal's is.
+/// A request body lent to the upstream's side, which the gate can take back (its
+/// [`Unread`]): from an upstream that could not be reached, that failed or stopped reading
+/// it, or that answered before reading it all, the rest of it is discarded under the
+/// answer (see [`draining`]), as a refused request's is. Taken back, it fails its reader.
 pub struct Lent {
-    body: Option<Incoming>,
-    back: Unread,
+    slot: Unread,
+    /// Read to its end (and let go).
+    ended: bool,
 }
 
-/// `body` lent as [`Lent`], and where it comes back: an [`Unread`] that holds it once the
-/// borrower has dropped it unfinished.
+/// `body` lent as [`Lent`], and the [`Unread`] that can take it back.
 pub fn lend(body: Incoming) -> (Lent, Unread) {
-    let back = Unread(Arc::new(Mutex::new(None)));
+    let slot = Unread::new(body);
     (
         Lent {
-            body: Some(body),
-            back: back.clone(),
+            slot: slot.clone(),
+            ended: false,
         },
-        back,
+        slot,
     )
 }
 
+/// What a [`Lent`] body's reader gets once the gate has taken the body back.
+#[derive(Debug)]
+pub struct TakenBack;
+
+impl std::fmt::Display for TakenBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body was taken back: the exchange is over")
+    }
+}
+
+impl std::error::Error for TakenBack {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl hyper::body::Body for Lent {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().body {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
         }
+        let Ok(mut slot) = this.slot.0.lock() else {
+            return Poll::Ready(Some(Err(TakenBack.into())));
+        };
+        let Some(body) = slot.as_mut() else {
+            return Poll::Ready(Some(Err(TakenBack.into())));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.ended = true;
+            *slot = None;
+        }
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body
-            .as_ref()
-            .is_none_or(hyper::body::Body::is_end_stream)
+        self.ended
+            || self
+                .slot
+                .0
+                .lock()
+                .is_ok_and(|slot| slot.as_ref().is_some_and(hyper::body::Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        let Some(body) = self.body.take() else {
-            return;
-        };
-        if !hyper::body::Body::is_end_stream(&body) {
-            if let Ok(mut slot) = self.back.0.lock() {
-                *slot = Some(body);
-            }
-        }
+        self.slot
+            .0
+            .lock()
+            .ok()
+            .and_then(|slot| slot.as_ref().map(hyper::body::Body::size_hint))
+            .unwrap_or_default()
     }
 }
 
@@ -135,16 +165,18 @@ impl Drop for Lent {
 const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
-/// `body`, ended only once `unread`, the refused request's body, has arrived and been
-/// discarded (at most [`DRAIN_BYTES`] within [`DRAIN_TIME`] of the answer's last byte). An
-/// HTTP/2 stream whose response ends while its request is still arriving is reset
-/// (RST_STREAM NO_ERROR, RFC 9113 §8.1), and clients such as curl then drop the answer
-/// they were given; nginx too reads and discards the body of a request it refused.
-pub fn draining(body: Body, unread: Incoming) -> Body {
+/// `body`, ended only once `unread`, the request's body, has arrived and been discarded (at
+/// most [`DRAIN_BYTES`] within [`DRAIN_TIME`] of the answer's last byte; a body lent to the
+/// upstream's side is taken back when the answer has ended). An HTTP/2 stream whose
+/// response ends while its request is still arriving is reset (RST_STREAM NO_ERROR, RFC
+/// 9113 §8.1), and clients such as curl then drop the answer they were given; nginx too
+/// reads and discards the body of a request it refused.
+pub fn draining(body: Body, unread: Unread) -> Body {
     Draining {
         body,
         ended: false,
-        unread: Some(unread),
+        owed: Some(unread),
+        unread: None,
         drained: 0,
         deadline: None,
     }
@@ -155,6 +187,9 @@ struct Draining {
     body: Body,
     /// `body` has given its last frame.
     ended: bool,
+    /// The request's body, taken (from the upstream's side, if it was lent) once `body`
+    /// has ended.
+    owed: Option<Unread>,
     unread: Option<Incoming>,
     drained: usize,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -174,6 +209,9 @@ impl hyper::body::Body for Draining {
                 Poll::Ready(None) => this.ended = true,
                 polled => return polled,
             }
+        }
+        if let Some(owed) = this.owed.take() {
+            this.unread = owed.take();
         }
         if let Some(unread) = &mut this.unread {
             let deadline = this
@@ -198,7 +236,7 @@ impl hyper::body::Body for Draining {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.unread.is_none() && (self.ended || self.body.is_end_stream())
+        self.owed.is_none() && self.unread.is_none() && (self.ended || self.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -112,7 +112,7 @@ pub async fn handle(
             Some(H2Stream { hold, .. }) => {
                 let unread = response.extensions_mut().remove::<crate::body::Unread>();
                 response.map(|body| {
-                    let body = match unread.and_then(|u| u.take()) {
+                    let body = match unread {
                         Some(unread) => crate::body::draining(body, unread),
                         None => body,
                     };

@@ -97,6 +97,7 @@ pub async fn forward(
     mut request: Request<Incoming>,
     unread: &mut Option<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
+    let http2 = request.version() == http::Version::HTTP_2;
     let scheme = if route.upstream.tls.is_some() {
         "https"
     } else {
@@ -117,8 +118,9 @@ pub async fn forward(
     // it. Only a request without a body, of an idempotent method, is sent again.
     let again = (idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body))
         .then(|| same_head(&parts));
-    // A body the upstream's side drops unfinished (it could not be reached, or failed)
-    // comes back, so that the rest of it can be discarded under the gate's answer.
+    // A body the upstream's side did not read to its end (it could not be reached, failed,
+    // stopped reading, or answered first) is taken back, so that the rest of it is
+    // discarded under the answer, not cut by a reset.
     let (body, back) = crate::body::lend(body);
     let answered = async {
         let answered = exchange(&client, parts, http_body_util::Either::Left(body)).await?;
@@ -132,10 +134,27 @@ pub async fn forward(
     }
     .await
     .and_then(|answered| answer(route, answered));
-    if answered.is_err() {
-        *unread = back.take();
+    match answered {
+        Ok(mut response) if back.unfinished() => {
+            if http2 {
+                // The stream's answer ends once the body has arrived (`body::draining`).
+                response.extensions_mut().insert(back);
+            } else {
+                // An HTTP/1.1 connection cannot carry another request until this one's body
+                // has arrived: it closes after the answer, and says so (RFC 9112 §9.6), as a
+                // refusal does.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        }
+        Ok(response) => Ok(response),
+        Err(rejection) => {
+            *unread = back.take();
+            Err(rejection)
+        }
     }
-    answered
 }
 
 /// RFC 9110 §9.2.2's idempotent methods, as nginx's `proxy_next_upstream` has them.

@@ -392,15 +392,45 @@ async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset(
         closed.local_addr().unwrap()
     );
     drop(closed);
-    let policy = pass_policy(&upstream, "") + &down;
+    // An upstream that answers as soon as it has the request's head, reading none of its body.
+    let early = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let early_route = format!(
+        "  - path: /early\n    http: pass\n    upstream: ws://{}\n",
+        early.local_addr().unwrap()
+    );
+    let early_server = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut tcp, _)) = early.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let body = br#"{"error":"busy"}"#;
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.write_all(body).await;
+                let _ = tcp.read(&mut byte).await;
+            });
+        }
+    });
+    let policy = pass_policy(&upstream, "") + &down + &early_route;
     let gate = TestGate::start_with(&policy, false).await;
     let authority = format!("localhost:{}", gate.addr.port());
-    // Refused on its route (an upgrade-only one: 426), before it has one (404), and by
-    // an upstream that is down (502).
+    // Refused on its route (an upgrade-only one: 426), before it has one (404), by an
+    // upstream that is down (502), and answered by one that read none of the body.
     for (path, status, reason) in [
         ("/ws", 426, "not_websocket"),
         ("/nowhere", 404, "no_route"),
         ("/down/upload", 502, "upstream_unavailable"),
+        ("/early/upload", 503, "busy"),
     ] {
         let (mut rx, mut wr, _) = h2raw::opened(gate.addr, None).await;
         let chunk = vec![b'x'; 16 * 1024];
@@ -436,6 +466,7 @@ async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset(
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"], reason, "{path}");
     }
+    early_server.abort();
 }
 
 #[tokio::test]

@@ -568,6 +568,49 @@ async fn an_http_1_0_answer_without_a_length_says_the_connection_closes() {
     server.abort();
 }
 
+/// An upstream that answers before it has read the request's body (its own 502, here):
+/// its answer reaches the client, which is told that the connection closes after it, since
+/// the rest of the body is discarded, not read as a next request. Without that, a client
+/// such as Python's `http.client` sends its next request on a connection about to close.
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gate, server) =
+        raw_upstream(|_| b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 4\r\n\r\nbusy").await;
+    let mut stream = gate.stream().await;
+    let size = 8 << 20;
+    stream
+        .write_all(
+            format!(
+                "POST /app/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !response.ends_with(b"busy") {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => response.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no whole answer ({other:?}): {:?}",
+                String::from_utf8_lossy(&response)
+            ),
+        }
+    }
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 502"), "{response}");
+    assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+    // The rest of the body is discarded until the client ends, then the connection closes.
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert!(matches!(end, Ok(Ok(0))), "{end:?} {rest:?}");
+    server.abort();
+}
+
 /// An upstream that answers a plain request with 101 opens nothing: 502, not a bare 101.
 #[tokio::test]
 async fn a_101_to_a_plain_request_is_502() {
