@@ -240,9 +240,18 @@ fn answer(
             }
             let timed_out =
                 in_chain::<io::Error>(&e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+            // The chain under hyper-util's own words ("client error (Connect)"), which
+            // name the step that failed as the fault's kind already does: the system's
+            // error (`Connection refused (os error 111)`), or hyper's.
             let cause = || {
-                let mut text = e.to_string();
                 let mut source = std::error::Error::source(&e);
+                let mut text = match source {
+                    Some(s) => {
+                        source = s.source();
+                        s.to_string()
+                    }
+                    None => e.to_string(),
+                };
                 while let Some(s) = source {
                     text.push_str(&format!(": {s}"));
                     source = s.source();

@@ -1755,7 +1755,7 @@ async fn an_upstream_fault_is_logged_with_its_cause() {
     std::fs::write(
         &policy,
         format!(
-            "{}  - path: /down\n    upstream: ws://{closed}\n  - path: /wrong\n    upstream: ws://{wrong}\n",
+            "{}  - path: /down\n    upstream: ws://{closed}\n  - path: /wrong\n    upstream: ws://{wrong}\n  - path: /pass\n    http: pass\n    upstream: ws://{closed}\n",
             open_policy(&format!("ws://{closed}"), "")
         ),
     )
@@ -1784,6 +1784,19 @@ async fn an_upstream_fault_is_logged_with_its_cause() {
         assert!(line.contains("request_id="), "{line}");
         assert!(line.contains(cause), "{line}");
     }
+    // A plain request on a pass route says it in the same words.
+    let mut tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tcp.write_all(b"GET /pass/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 502"), "{answer:?}");
+    let line = gate.wait_line("request refused");
+    assert!(
+        line.contains("cause=\"connect: Connection refused (os error 111)\""),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
