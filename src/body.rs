@@ -55,9 +55,10 @@ impl<T: Unpin> hyper::body::Body for Held<T> {
 }
 
 /// The body of a request whose answer may end before it has all arrived: one the gate
-/// refused, or one lent to the upstream's side (see [`lend`]). Carried in the answer's
-/// extensions to the HTTP/2 stream, which reads and discards what is left of it before
-/// the answer ends (see [`draining`]).
+/// refused (on HTTP/2), or one lent to the upstream's side (see [`lend`]). Carried in the
+/// answer's extensions to the answer's body, which reads and discards what is left of it
+/// before it ends (see [`draining`]): an HTTP/2 stream is then not reset under its answer,
+/// and an HTTP/1.1 connection is ready for its next request.
 #[derive(Clone)]
 pub struct Unread(Arc<Mutex<Option<Incoming>>>);
 
@@ -169,8 +170,9 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// most [`DRAIN_BYTES`] within [`DRAIN_TIME`] of the answer's last byte; a body lent to the
 /// upstream's side is taken back when the answer has ended). An HTTP/2 stream whose
 /// response ends while its request is still arriving is reset (RST_STREAM NO_ERROR, RFC
-/// 9113 §8.1), and clients such as curl then drop the answer they were given; nginx too
-/// reads and discards the body of a request it refused.
+/// 9113 §8.1), and clients such as curl then drop the answer they were given; an HTTP/1.1
+/// connection is closed, and clients such as Python's `http.client` send their next
+/// request into the close. nginx too reads and discards such a body.
 pub fn draining(body: Body, unread: Unread) -> Body {
     Draining {
         body,
@@ -181,6 +183,46 @@ pub fn draining(body: Body, unread: Unread) -> Body {
         deadline: None,
     }
     .boxed_unsync()
+}
+
+/// `body`, after which `unread`, a lent request body the upstream's side did not read to
+/// its end, is taken back and discarded in a task of its own (at most [`DRAIN_BYTES`]
+/// within [`DRAIN_TIME`]): HTTP/1.1's answer for an upstream that answered first. hyper
+/// reads a request's body after its answer and serves the connection's next request once
+/// the body has ended; dropped unread, the body would close the connection instead. The
+/// answer itself is not held back: a client that stops sending once it has its answer
+/// (curl does) reads all of it at once.
+pub fn discarding_after(body: Body, unread: Unread) -> Body {
+    held(body, DiscardOnDrop(unread))
+}
+
+struct DiscardOnDrop(Unread);
+
+impl Drop for DiscardOnDrop {
+    fn drop(&mut self) {
+        let Some(body) = self.0.clone().take() else {
+            return;
+        };
+        if hyper::body::Body::is_end_stream(&body) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(body));
+        }
+    }
+}
+
+async fn discard(mut body: Incoming) {
+    let reading = async {
+        let mut drained = 0;
+        while drained <= DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => drained += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(_)) | None => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
 }
 
 struct Draining {

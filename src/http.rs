@@ -108,17 +108,17 @@ pub async fn handle(
             }
             closing_for_http10(&mut response);
         }
+        // A request body still arriving: discarded, on HTTP/2 before the answer's stream
+        // ends, on HTTP/1.1 after the answer (see `crate::body::Unread`).
+        if let Some(unread) = response.extensions_mut().remove::<crate::body::Unread>() {
+            response = if stream.is_some() {
+                response.map(|body| crate::body::draining(body, unread))
+            } else {
+                response.map(|body| crate::body::discarding_after(body, unread))
+            };
+        }
         return Ok(match stream {
-            Some(H2Stream { hold, .. }) => {
-                let unread = response.extensions_mut().remove::<crate::body::Unread>();
-                response.map(|body| {
-                    let body = match unread {
-                        Some(unread) => crate::body::draining(body, unread),
-                        None => body,
-                    };
-                    crate::body::held(body, hold)
-                })
-            }
+            Some(H2Stream { hold, .. }) => response.map(|body| crate::body::held(body, hold)),
             None => response,
         });
     }

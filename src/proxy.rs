@@ -97,7 +97,6 @@ pub async fn forward(
     mut request: Request<Incoming>,
     unread: &mut Option<Incoming>,
 ) -> Result<Response<Body>, Rejection> {
-    let http2 = request.version() == http::Version::HTTP_2;
     let scheme = if route.upstream.tls.is_some() {
         "https"
     } else {
@@ -135,21 +134,17 @@ pub async fn forward(
     .await
     .and_then(|answered| answer(route, answered));
     match answered {
-        Ok(mut response) if back.unfinished() => {
-            if http2 {
-                // The stream's answer ends once the body has arrived (`body::draining`).
+        // An answer under way while the body is still being read (by an upstream that
+        // streams, or that answered first): the answer ends once the upstream's side has
+        // read the body or the gate has taken the rest back and discarded it
+        // (`body::draining`), so that an HTTP/1.1 connection can carry the next request
+        // and an HTTP/2 stream is not reset under its answer.
+        Ok(mut response) => {
+            if back.unfinished() {
                 response.extensions_mut().insert(back);
-            } else {
-                // An HTTP/1.1 connection cannot carry another request until this one's body
-                // has arrived: it closes after the answer, and says so (RFC 9112 §9.6), as a
-                // refusal does.
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok(response)
         }
-        Ok(response) => Ok(response),
         Err(rejection) => {
             *unread = back.take();
             Err(rejection)

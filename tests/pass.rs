@@ -569,16 +569,18 @@ async fn an_http_1_0_answer_without_a_length_says_the_connection_closes() {
 }
 
 /// An upstream that answers before it has read the request's body (its own 502, here):
-/// its answer reaches the client, which is told that the connection closes after it, since
-/// the rest of the body is discarded, not read as a next request. Without that, a client
-/// such as Python's `http.client` sends its next request on a connection about to close.
+/// its answer reaches the client at once, the rest of the body is read and discarded (not
+/// taken for a next request), and the connection carries the next request, as nginx's
+/// does. Closing it instead would catch a client such as Python's `http.client` sending
+/// its next request into the close.
 #[tokio::test]
-async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
+async fn an_answer_before_the_body_is_read_leaves_the_connection_usable() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (gate, server) =
         raw_upstream(|_| b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 4\r\n\r\nbusy").await;
     let mut stream = gate.stream().await;
     let size = 8 << 20;
+    let chunk = vec![b'x'; 64 * 1024];
     stream
         .write_all(
             format!(
@@ -588,26 +590,119 @@ async fn an_answer_before_the_body_is_read_says_the_connection_closes() {
         )
         .await
         .unwrap();
-    stream.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    stream.write_all(&chunk).await.unwrap();
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
-    while !response.ends_with(b"busy") {
-        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => response.extend_from_slice(&buf[..n]),
-            other => panic!(
-                "no whole answer ({other:?}): {:?}",
-                String::from_utf8_lossy(&response)
-            ),
+    let mut read_until_busy =
+        async |stream: &mut ClientStream, response: &mut Vec<u8>, n: usize| {
+            while response.windows(4).filter(|w| w == b"busy").count() < n {
+                match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => response.extend_from_slice(&buf[..n]),
+                    other => panic!(
+                        "no whole answer ({other:?}): {:?}",
+                        String::from_utf8_lossy(response)
+                    ),
+                }
+            }
+        };
+    read_until_busy(&mut stream, &mut response, 1).await;
+    let first = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(first.starts_with("http/1.1 502"), "{first}");
+    assert!(!first.contains("connection: close"), "{first}");
+    // The rest of the body, then a second request on the same connection.
+    for _ in 1..size / chunk.len() {
+        stream.write_all(&chunk).await.unwrap();
+    }
+    stream
+        .write_all(b"GET /app/again HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    read_until_busy(&mut stream, &mut response, 2).await;
+    let both = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert_eq!(both.matches("http/1.1 502").count(), 2, "{both}");
+    server.abort();
+}
+
+/// An upstream that streams: it answers at once and echoes the body as it reads it, to
+/// its end. The connection is kept alive for the next request (nothing was left unread).
+#[tokio::test]
+async fn a_streaming_upstreams_answer_keeps_the_connection_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut held = Vec::new();
+                loop {
+                    // One request: its head (with a Content-Length), answered at once.
+                    let end = loop {
+                        if let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match tcp.read(&mut buf).await {
+                            Ok(n) if n > 0 => held.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&held[..end]).to_ascii_lowercase();
+                    let mut left: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                    held.drain(..end);
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    while left > 0 {
+                        if held.is_empty() {
+                            match tcp.read(&mut buf).await {
+                                Ok(n) if n > 0 => held.extend_from_slice(&buf[..n]),
+                                _ => return,
+                            }
+                        }
+                        let take = left.min(held.len());
+                        let chunk: Vec<u8> = held.drain(..take).collect();
+                        left -= take;
+                        let _ = tcp.write_all(format!("{take:x}\r\n").as_bytes()).await;
+                        let _ = tcp.write_all(&chunk).await;
+                        let _ = tcp.write_all(b"\r\n").await;
+                    }
+                    let _ = tcp.write_all(b"0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    let policy = format!(
+        "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n"
+    );
+    let gate = TestGate::start(&policy).await;
+    let mut stream = gate.stream().await;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    for (i, size) in [100, 300_000, 5].into_iter().enumerate() {
+        stream
+            .write_all(
+                format!(
+                    "POST /app/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        stream.write_all(&vec![b'x'; size]).await.unwrap();
+        while response.windows(5).filter(|w| w == b"0\r\n\r\n").count() <= i {
+            match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => response.extend_from_slice(&buf[..n]),
+                other => panic!("request {i}: no whole answer ({other:?})"),
+            }
         }
     }
-    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
-    assert!(response.starts_with("http/1.1 502"), "{response}");
-    assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
-    // The rest of the body is discarded until the client ends, then the connection closes.
-    stream.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
-    assert!(matches!(end, Ok(Ok(0))), "{end:?} {rest:?}");
+    let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert_eq!(text.matches("http/1.1 200").count(), 3);
+    assert!(!text.contains("connection: close"));
+    assert_eq!(text.matches('x').count(), 300_105);
     server.abort();
 }
 
