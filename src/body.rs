@@ -176,11 +176,8 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 pub fn draining(body: Body, unread: Unread) -> Body {
     Draining {
         body,
-        ended: false,
         owed: Some(unread),
-        unread: None,
-        drained: 0,
-        deadline: None,
+        discarding: None,
     }
     .boxed_unsync()
 }
@@ -227,14 +224,10 @@ async fn discard(mut body: Incoming) {
 
 struct Draining {
     body: Body,
-    /// `body` has given its last frame.
-    ended: bool,
-    /// The request's body, taken (from the upstream's side, if it was lent) once `body`
-    /// has ended.
+    /// The request's body until `body` has ended; then taken (from the upstream's side,
+    /// if it was lent) and discarded by `discarding`.
     owed: Option<Unread>,
-    unread: Option<Incoming>,
-    drained: usize,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    discarding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl hyper::body::Body for Draining {
@@ -246,39 +239,23 @@ impl hyper::body::Body for Draining {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if !this.ended {
+        if let Some(owed) = &this.owed {
             match Pin::new(&mut this.body).poll_frame(cx) {
-                Poll::Ready(None) => this.ended = true,
+                Poll::Ready(None) => {}
                 polled => return polled,
             }
+            this.discarding = owed.clone().take().map(|body| Box::pin(discard(body)) as _);
+            this.owed = None;
         }
-        if let Some(owed) = this.owed.take() {
-            this.unread = owed.take();
-        }
-        if let Some(unread) = &mut this.unread {
-            let deadline = this
-                .deadline
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_TIME)));
-            loop {
-                if deadline.as_mut().poll(cx).is_ready() || this.drained > DRAIN_BYTES {
-                    break;
-                }
-                match Pin::new(&mut *unread).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        this.drained += frame.data_ref().map_or(0, Bytes::len);
-                    }
-                    Poll::Ready(Some(Err(_)) | None) => break,
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            this.unread = None;
-            this.deadline = None;
+        if let Some(discarding) = &mut this.discarding {
+            std::task::ready!(discarding.as_mut().poll(cx));
+            this.discarding = None;
         }
         Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.owed.is_none() && self.unread.is_none() && (self.ended || self.body.is_end_stream())
+        self.owed.is_none() && self.discarding.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
