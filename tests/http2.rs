@@ -393,34 +393,11 @@ async fn a_refusal_of_a_request_with_a_body_still_arriving_ends_without_a_reset(
     );
     drop(closed);
     // An upstream that answers as soon as it has the request's head, reading none of its body.
-    let early = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let early_route = format!(
-        "  - path: /early\n    http: pass\n    upstream: ws://{}\n",
-        early.local_addr().unwrap()
-    );
-    let early_server = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        while let Ok((mut tcp, _)) = early.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let body = br#"{"error":"busy"}"#;
-                let answer = format!(
-                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = tcp.write_all(answer.as_bytes()).await;
-                let _ = tcp.write_all(body).await;
-                let _ = tcp.read(&mut byte).await;
-            });
-        }
-    });
+    let (early, early_server) = support::raw_http_upstream(|_| {
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 16\r\n\r\n{\"error\":\"busy\"}"
+    })
+    .await;
+    let early_route = format!("  - path: /early\n    http: pass\n    upstream: ws://{early}\n");
     let policy = pass_policy(&upstream, "") + &down + &early_route;
     let gate = TestGate::start_with(&policy, false).await;
     let authority = format!("localhost:{}", gate.addr.port());

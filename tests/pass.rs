@@ -443,32 +443,13 @@ async fn an_http_1_1_request_without_host_is_400() {
     assert_eq!(status, 200, "{response}");
 }
 
-/// A raw upstream that answers each request with `answer(its request line)`, then closes;
-/// and a gate whose route `/app` passes plain requests to it.
+/// A raw upstream that answers each connection's first request with `answer(its request
+/// line)` ([`support::raw_http_upstream`]), and a gate whose route `/app` passes plain
+/// requests to it.
 async fn raw_upstream(
     answer: fn(&str) -> &'static [u8],
 ) -> (TestGate, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head);
-                let line = head.lines().next().unwrap_or("");
-                let _ = tcp.write_all(answer(line)).await;
-                let _ = tcp.read(&mut byte).await;
-            });
-        }
-    });
+    let (addr, server) = support::raw_http_upstream(answer).await;
     let policy = format!(
         "version: 1\ndefaults:\n  upstream: ws://{addr}\n  auth: {{required: false}}\nroutes:\n  - path: /app\n    http: pass\n"
     );

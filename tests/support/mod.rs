@@ -454,8 +454,6 @@ impl tokio::io::AsyncWrite for ClientStream {
     }
 }
 
-/// A policy with auth off, no Origin needed and no practical message-rate limit, in front
-/// of `upstream`, plus `extra` YAML appended under the `/ws` route.
 /// An upstream that accepts connections and never answers: its `ws://` URL, and the task
 /// holding its sockets (abort it to let them go).
 pub async fn silent_upstream() -> (String, tokio::task::JoinHandle<()>) {
@@ -470,6 +468,38 @@ pub async fn silent_upstream() -> (String, tokio::task::JoinHandle<()>) {
     (url, held)
 }
 
+/// A plain HTTP/1.1 upstream that reads each connection's request head, answers it with
+/// the bytes `answer` gives for its request line, reads none of the request's body and
+/// holds the connection until its peer sends a byte more or leaves: its address, and the
+/// task serving it (abort it to stop).
+pub async fn raw_http_upstream(
+    answer: fn(&str) -> &'static [u8],
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let line = head.lines().next().unwrap_or("");
+                let _ = tcp.write_all(answer(line)).await;
+                let _ = tcp.read(&mut byte).await;
+            });
+        }
+    });
+    (addr, server)
+}
+
+/// A policy with auth off, no Origin needed and no practical message-rate limit, in front
+/// of `upstream`, plus `extra` YAML appended under the `/ws` route.
 pub fn open_policy(upstream: &str, route_extra: &str) -> String {
     format!(
         "version: 1\ndefaults:\n  upstream: {upstream}\n  auth: {{required: false}}\n  origin: {{allow_missing: true}}\n  messages: {{per_second: 100000, burst: 100000}}\nroutes:\n  - path: /ws\n    name: ws\n{route_extra}"
