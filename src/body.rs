@@ -239,13 +239,13 @@ impl hyper::body::Body for Draining {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(owed) = &this.owed {
+        if this.owed.is_some() {
             match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Ready(None) => {}
                 polled => return polled,
             }
-            this.discarding = owed.clone().take().map(|body| Box::pin(discard(body)) as _);
-            this.owed = None;
+            let unread = this.owed.take().and_then(Unread::take);
+            this.discarding = unread.map(|body| Box::pin(discard(body)) as _);
         }
         if let Some(discarding) = &mut this.discarding {
             std::task::ready!(discarding.as_mut().poll(cx));
