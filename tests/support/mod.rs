@@ -480,18 +480,12 @@ pub async fn raw_http_upstream(
     let server = tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head);
+                let Some(head) = wire::read_head(&mut tcp).await else {
+                    return;
+                };
                 let line = head.lines().next().unwrap_or("");
                 let _ = tcp.write_all(answer(line)).await;
-                let _ = tcp.read(&mut byte).await;
+                let _ = tcp.read(&mut [0u8; 1]).await;
             });
         }
     });
